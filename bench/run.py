@@ -1,0 +1,52 @@
+"""Runs the benchmarks of every op (or one) and prints a table per op against its peers.
+
+    python bench/run.py [--op attention|sliding_window|ternary|selective_scan] [--quick] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import add_speedups, environment, format_table, save_results  # noqa: E402
+
+OPS = ("attention", "sliding_window", "ternary", "selective_scan")
+
+
+def run(ops: list[str], quick: bool, out_dir: str | None, tag: str | None = None) -> list[dict]:
+    rows: list[dict] = []
+    env = environment()
+    print(f"device: {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | triton {env['triton']} | {env['date']}")
+    for op in ops:
+        try:
+            module = importlib.import_module(f"bench.bench_{op}")
+        except ModuleNotFoundError as exc:
+            print(f"[{op}] no benchmark module: {exc}")
+            continue
+        print(f"[{op}] running{' (quick)' if quick else ''} ...", flush=True)
+        got = module.run(quick=quick)
+        add_speedups(got)
+        print(format_table(got), flush=True)
+        rows += got
+    if out_dir:
+        print(f"\nresults written to {save_results(rows, out_dir, tag)}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", choices=OPS, action="append", help="only this op (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="a few small cases")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--tag", default=None)
+    args = ap.parse_args(argv)
+    run(args.op or list(OPS), args.quick, None if args.no_save else args.out, args.tag)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+// Every op schema of llmkernels, in one place. Implementations live beside their kernels and attach
+// with TORCH_LIBRARY_IMPL(llmkernels, CPU|CUDA, m); fake (meta) kernels and autograd are registered in
+// Python (llmkernels/ops/*.py). Mutated arguments are marked (a!) so torch.compile and functionalization
+// know about them.
+//
+// Layout conventions: attention tensors are (batch, seqlen, nheads, headdim) as in flash_attn; scan
+// tensors are (batch, dim, seqlen) as in mamba_ssm. A window bound of -1 means unbounded.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common/cpu_features.h"
+
+#ifdef LLMKERNELS_WITH_CUDA
+#include <cuda.h>
+#endif
+
+extern "C" {
+// `import llmkernels._C` loads this library, which runs the static registrations below. No Python
+// bindings live here: every op is reached through torch.ops.llmkernels.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(llmkernels, m) {
+  // The widest instruction set the C++ CPU kernels choose at run time here ("avx512+vnni", "avx2", ...).
+  m.def("cpu_kernel_isa() -> str", &llmkernels::cpu_kernel_isa);
+  // Whether this build compiled the CUDA sources, and for which CUDA version ("" when it did not).
+  m.def("cuda_build_version() -> str", [] {
+#ifdef LLMKERNELS_WITH_CUDA
+    return std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10);
+#else
+    return std::string();
+#endif
+  });
+
+  // ---------------------------------------------------------------------------------------------
+  // Flash attention
+  // ---------------------------------------------------------------------------------------------
+  // q: (b, sq, h, d); k, v: (b, sk, hk, d), h % hk == 0. Key j is visible to query i when
+  // i + sk - sq - window_left <= j <= i + sk - sq + window_right (causal: window_right = 0).
+  // Returns out (b, sq, h, d) in q's dtype and softmax_lse (b, h, sq) fp32, the natural-log
+  // log-sum-exp of each row's scaled (and soft-capped) scores; -inf for rows that see no key.
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left, int window_right, "
+      "float softcap) -> (Tensor out, Tensor softmax_lse)");
+  // Gradients of flash_attn_fwd from dout (b, sq, h, d) and the saved out and softmax_lse.
+  // dk, dv are (b, sk, hk, d): GQA gradients summed over the query heads of each KV head.
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "float softmax_scale, int window_left, int window_right, float softcap) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Attention against a KV cache (decode). k_cache, v_cache: (b, max_seqlen, hk, d); cache_seqlens (b,) int32.
+  // k_new, v_new (b, s_new, hk, d), when given, are first written into the caches at cache_seqlens[i];
+  // then q (b, sq, h, d) attends to the first cache_seqlens[i] + s_new keys, windows aligned bottom-right.
+  m.def(
+      "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
+      "Tensor cache_seqlens, float softmax_scale, int window_left, int window_right, float softcap) -> Tensor");
+
+  // ---------------------------------------------------------------------------------------------
+  // Sliding-window attention over a rolling KV buffer
+  // ---------------------------------------------------------------------------------------------
+  // q: (b, S, h, d) a chunk of S new queries at absolute positions seqlens[i] .. seqlens[i] + S - 1;
+  // k, v: (b, S, hk, d) the chunk's keys/values; k_ring, v_ring: (b, W, hk, d) ring buffers holding
+  // position p in slot p % W; seqlens (b,) int32 tokens seen before this chunk. Each query at p sees
+  // positions p - W + 1 .. p, older ones read in place from the ring. Returns (b, S, h, d).
+  m.def(
+      "rolling_window_attn(Tensor q, Tensor k, Tensor v, Tensor k_ring, Tensor v_ring, Tensor seqlens, "
+      "float softmax_scale, float softcap) -> Tensor");
+  // Writes the chunk's last min(S, W) tokens into the rings at slot (seqlens[i] + t) % W. seqlens is
+  // not advanced here (the Python cache object does it), so the op stays a pure write.
+  m.def("rolling_cache_append(Tensor(a!) k_ring, Tensor(b!) v_ring, Tensor k, Tensor v, Tensor seqlens) -> ()");
+
+  // ---------------------------------------------------------------------------------------------
+  // Ternary linear (BitNet b1.58)
+  // ---------------------------------------------------------------------------------------------
+  // x: (..., in_features) -> x_q int8 (..., in_features), scale fp32 (...): per-token absmax quantisation,
+  // x_q = clamp(round(x * 127 / s), -128, 127), s = max(max|x|, 1e-5).
+  m.def("ternary_quantize_activation(Tensor x) -> (Tensor x_q, Tensor scale)");
+  // int32 accumulator x_q @ W_t^T for x_q int8 (m, in_features) and packed ternary weights; (m, out_features).
+  // Exposed so tests can compare every backend's integer arithmetic exactly.
+  m.def("ternary_matmul_int8(Tensor x_q, Tensor w_packed, int in_features) -> Tensor");
+  // y = (quant(x) @ W_t^T in int32) * w_scale * s / 127 (+ bias), epilogue fp32, y in x's dtype.
+  // x: (m, in_features) fp16/bf16/fp32; w_packed: packed ternary weights; w_scale: fp32 scalar tensor.
+  m.def("ternary_linear_a8(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, int in_features) -> Tensor");
+  // Weight-only: y = (x @ W_t^T) * w_scale (+ bias), accumulated in fp32, y in x's dtype.
+  m.def("ternary_linear_w2(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, int in_features) -> Tensor");
+
+  // ---------------------------------------------------------------------------------------------
+  // Selective scan (Mamba) and causal conv1d
+  // ---------------------------------------------------------------------------------------------
+  // u, delta: (b, dim, L); A: (dim, n) fp32; B, C: (dim, n) or (b, n, L) or (b, g, n, L); D, delta_bias: (dim,)
+  // fp32; z: (b, dim, L); initial_state: (b, dim, n) fp32. Returns out (b, dim, L) in u's dtype and
+  // last_state (b, dim, n) fp32.
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state) -> (Tensor out, Tensor last_state)");
+  // Gradients of selective_scan_fwd, from dout and the gradient of last_state (may be absent). Recomputes
+  // the states instead of storing them. Gradients of absent optional inputs come back as empty tensors.
+  m.def(
+      "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+      "Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state) -> "
+      "(Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
+      "Tensor dinitial_state)");
+  // One decode step: state (b, dim, n) fp32 updated in place; x, dt, z: (b, dim); B, C: (b, n) or (b, g, n).
+  // Returns y (b, dim) in x's dtype.
+  m.def(
+      "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+  // Depthwise causal conv: x (b, dim, L), weight (dim, width), bias (dim,); optional SiLU.
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  m.def(
+      "causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, bool silu) -> "
+      "(Tensor dx, Tensor dweight, Tensor dbias)");
+  // One decode step: x (b, dim), conv_state (b, dim, width) shifted left and appended in place.
+  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+}

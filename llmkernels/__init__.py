@@ -1,0 +1,47 @@
+"""llmkernels: fused kernels for LLM inference.
+
+    flash_attn_func, flash_attn_with_kvcache        IO-aware attention (flash_attn 2.x signatures)
+    RollingKVCache, sliding_window_attn_with_cache  sliding-window attention over a ring buffer (Mistral)
+    ternary_linear, quantize_, ternary.*            BitNet b1.58 ternary linear layers
+    selective_scan_fn, selective_state_update,      Mamba's selective scan (mamba_ssm signatures)
+    causal_conv1d_fn, causal_conv1d_update          and its depthwise causal convolution
+    nn.*                                            drop-in nn.Module layers
+
+Importing never initialises CUDA and never fails for want of the compiled extension: the reference
+backend always runs, and `python -m llmkernels info` says what else is usable and why not.
+"""
+
+from . import _ext
+from ._backend import BACKENDS, BackendError, requested_backend, use_backend
+from .ops.attention import flash_attn_func, flash_attn_with_kvcache
+from .ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
+from .ops.ternary import quantize_, ternary_linear
+from .ops.selective_scan import selective_scan_fn, selective_state_update
+from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from . import ternary, nn  # noqa: E402  (public namespaces: llmkernels.ternary.*, llmkernels.nn.*)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "RollingKVCache",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "flash_attn_func",
+    "flash_attn_with_kvcache",
+    "nn",
+    "quantize_",
+    "requested_backend",
+    "selective_scan_fn",
+    "selective_state_update",
+    "sliding_window_attn_with_cache",
+    "ternary",
+    "ternary_linear",
+    "use_backend",
+]
+
+
+def extension_status() -> str:
+    """Why the compiled extension is or is not available ("loaded" or the import error)."""
+    return "loaded" if _ext.loaded else f"not loaded: {_ext.load_error}"

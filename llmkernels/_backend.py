@@ -1,0 +1,163 @@
+"""Backend choice: reference | cpu | cuda | triton.
+
+Every public op is a `Dispatcher` holding one implementation per backend. A call either runs the
+backend the user forced (`with use_backend("cpu"):` or `LLMKERNELS_BACKEND=cpu`, read at import), which
+raises `BackendError` saying why if it cannot run these inputs, or picks automatically: the first
+backend in the device's preference order that can run the inputs, falling back silently to the
+reference. Every refusal has a reason in words, so `llmkernels info` and error messages can show it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# Auto-dispatch order per device type. An op may override the CUDA order (e.g. Triton first where the
+# benchmarks say it wins). Triton on CPU tensors (the interpreter) is never chosen automatically.
+DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+# (op name, backend) -> reason. Kernels that failed on a GPU are listed here until fixed, so auto-dispatch
+# skips them and `llmkernels info` shows why.
+DISABLED: dict[tuple[str, str], str] = {}
+
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_forced_stack: list[str] = []
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs."""
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown llmkernels backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_ENV_BACKEND = os.environ.get("LLMKERNELS_BACKEND") or None
+if _ENV_BACKEND is not None and _ENV_BACKEND != "auto":
+    _validate(_ENV_BACKEND)
+elif _ENV_BACKEND == "auto":
+    _ENV_BACKEND = None
+
+
+def requested_backend() -> Optional[str]:
+    """The backend forced by `use_backend` (innermost) or LLMKERNELS_BACKEND, or None for automatic."""
+    return _forced_stack[-1] if _forced_stack else _ENV_BACKEND
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every llmkernels op inside the block onto one backend ("auto" restores the automatic choice)."""
+    if name != "auto":
+        _validate(name)
+    _forced_stack.append(name if name != "auto" else None)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def triton_unavailable_reason(device_type: str) -> Optional[str]:
+    if not _TRITON_FOUND:
+        return "triton is not installed"
+    if device_type == "cpu" and not _TRITON_INTERPRET:
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton kernels take CUDA tensors, got {device_type}"
+    return None
+
+
+def _first_device_type(args: tuple, kwargs: dict) -> str:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+class Dispatcher:
+    """One public op: an implementation per backend and the rule that chooses among them."""
+
+    def __init__(self, name: str, cuda_order: tuple[str, ...] | None = None):
+        self.name = name
+        self.impls: dict[str, Callable] = {}
+        self.kernels: dict[str, str] = {}  # backend -> name of the torch.ops.llmkernels op it needs
+        self.supports: dict[str, Callable[..., Optional[str]]] = {}
+        self.order = dict(DEFAULT_ORDER)
+        if cuda_order is not None:
+            self.order["cuda"] = cuda_order
+        REGISTRY[name] = self
+
+    def register(
+        self,
+        backend: str,
+        *,
+        kernel: str | None = None,
+        supports: Callable[..., Optional[str]] | None = None,
+    ) -> Callable[[Callable], Callable]:
+        """Register `fn` as this op's `backend` implementation.
+
+        kernel: for cpu/cuda, the `torch.ops.llmkernels` op whose C++ kernel must be in the build.
+        supports: same arguments as fn; returns why this backend cannot run them, or None.
+        """
+        _validate(backend)
+
+        def wrap(fn: Callable) -> Callable:
+            self.impls[backend] = fn
+            if kernel is not None:
+                self.kernels[backend] = kernel
+            if supports is not None:
+                self.supports[backend] = supports
+            return fn
+
+        return wrap
+
+    def why_not(self, backend: str, *args: Any, **kwargs: Any) -> Optional[str]:
+        """Why `backend` cannot run these inputs, or None if it can."""
+        if backend not in self.impls:
+            return f"{self.name} has no {backend} implementation"
+        if (self.name, backend) in DISABLED:
+            return f"disabled: {DISABLED[(self.name, backend)]}"
+        device = _first_device_type(args, kwargs)
+        if backend in ("cpu", "cuda"):
+            if device != backend:
+                return f"inputs are on {device}, the {backend} backend takes {backend} tensors"
+            if not _ext.loaded:
+                return f"the compiled extension is not loaded ({_ext.load_error})"
+            kernel = self.kernels.get(backend, self.name)
+            if not _ext.has_kernel(kernel, backend.upper()):
+                what = "built without CUDA" if backend == "cuda" and not _ext.cuda_version else "has no such kernel"
+                return f"the build {what}: no {backend.upper()} kernel for llmkernels::{kernel}"
+        elif backend == "triton":
+            reason = triton_unavailable_reason(device)
+            if reason is not None:
+                return reason
+        check = self.supports.get(backend)
+        return check(*args, **kwargs) if check is not None else None
+
+    def choose(self, *args: Any, **kwargs: Any) -> str:
+        forced = requested_backend()
+        if forced is not None:
+            reason = self.why_not(forced, *args, **kwargs)
+            if reason is not None:
+                raise BackendError(f"llmkernels.{self.name}: backend {forced!r} cannot run these inputs: {reason}")
+            return forced
+        for backend in self.order.get(_first_device_type(args, kwargs), ("reference",)):
+            if self.why_not(backend, *args, **kwargs) is None:
+                return backend
+        return "reference"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.impls[self.choose(*args, **kwargs)](*args, **kwargs)
+
+
+REGISTRY: dict[str, Dispatcher] = {}

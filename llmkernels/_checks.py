@@ -1,0 +1,45 @@
+"""Argument checks for the public functions: every message names the function and the argument."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+
+def check_tensor(
+    fn: str,
+    name: str,
+    t: object,
+    *,
+    ndim: Optional[int] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    last_dim_contiguous: bool = False,
+    contiguous: bool = False,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"llmkernels.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"llmkernels.{fn}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"llmkernels.{fn}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"llmkernels.{fn}: {name} must be on {device} like the other inputs, got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"llmkernels.{fn}: {name} must be contiguous (call .contiguous())")
+    if last_dim_contiguous and t.dim() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"llmkernels.{fn}: {name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_shape(fn: str, name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"llmkernels.{fn}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_same_dtype(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"llmkernels.{fn}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")

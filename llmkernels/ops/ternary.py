@@ -1,0 +1,3 @@
+# stub: replaced by the ternary work
+def ternary_linear(*a, **k): raise NotImplementedError
+def quantize_(*a, **k): raise NotImplementedError

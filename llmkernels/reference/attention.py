@@ -1,0 +1,170 @@
+"""Reference flash attention: the definition every attention backend is tested against.
+
+Semantics are flash_attn 2.x's:
+- q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0
+  and query head h reads KV head h // (nheads // nheads_k) (GQA; MQA when nheads_k == 1).
+- scores s_ij = softmax_scale * q_i . k_j, softmax_scale defaulting to headdim ** -0.5; with softcap > 0,
+  s_ij <- softcap * tanh(s_ij / softcap).
+- key j is visible to query i when i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right
+  (window_size = (left, right), -1 meaning unbounded; causal=True means right = 0). The band is aligned to
+  the bottom-right corner, so the last query always sits at the last key.
+- out_i = sum_j softmax(s_i)_j v_j over visible keys; a row that sees no key returns 0 (and its
+  log-sum-exp is -inf).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def normalize_window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
+    """(left, right) with causal folded in as right = 0; -1 stays unbounded."""
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    return left, right
+
+
+def visible_mask(
+    seqlen_q: int, seqlen_k: int, window_left: int, window_right: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(seqlen_q, seqlen_k) bool: True where key j is visible to query i (bottom-right aligned band)."""
+    i = torch.arange(seqlen_q, device=device).unsqueeze(1)
+    j = torch.arange(seqlen_k, device=device).unsqueeze(0)
+    shift = seqlen_k - seqlen_q
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        mask &= j >= i + shift - window_left
+    if window_right >= 0:
+        mask &= j <= i + shift + window_right
+    return mask
+
+
+def attention_scores(
+    q: torch.Tensor, k: torch.Tensor, softmax_scale: float, window_left: int, window_right: int, softcap: float
+) -> torch.Tensor:
+    """Masked, scaled (and soft-capped) scores (batch, nheads, seqlen_q, seqlen_k); -inf where hidden."""
+    nheads, nheads_k = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(nheads // nheads_k, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    mask = visible_mask(q.shape[1], k.shape[1], window_left, window_right, q.device)
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def flash_attn_fwd_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32).
+
+    upcast=True computes in fp32 (fp64 inputs stay fp64): the ground truth. upcast=False computes in the
+    inputs' own precision, which is what "the same-precision PyTorch reference" of the tests means.
+    """
+    dtype = q.dtype
+    if upcast and dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    scores = attention_scores(q, k, softmax_scale, window_left, window_right, softcap)
+    lse = torch.logsumexp(scores.float(), dim=-1)  # -inf for rows that see nothing
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: all-NaN -> 0
+    nheads, nheads_k = q.shape[2], v.shape[2]
+    v = v.repeat_interleave(nheads // nheads_k, dim=2)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
+    return out.to(dtype), lse.float() if lse.dtype != torch.float64 else lse
+
+
+def flash_attn_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Attention with flash_attn_func's arguments; differentiable through autograd. See the module doc."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    left, right = normalize_window(causal, window_size)
+    return flash_attn_fwd_ref(q, k, v, scale, left, right, softcap, upcast)[0]
+
+
+def flash_attn_with_kvcache_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[torch.Tensor | int] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """flash_attn_with_kvcache semantics, one batch row at a time (rows may hold different lengths).
+
+    k_cache, v_cache: (batch, max_seqlen, nheads_k, headdim); cache_seqlens: int or (batch,) int32, the
+    tokens already in each row's cache (the whole cache when None). k, v: (batch, seqlen_new, nheads_k,
+    headdim), written in place at cache_seqlens[i] before attending. q (batch, seqlen_q, nheads, headdim)
+    then attends to keys 0 .. cache_seqlens[i] + seqlen_new - 1, the window aligned bottom-right.
+    """
+    batch = q.shape[0]
+    if cache_seqlens is None:
+        lens = [k_cache.shape[1] - (k.shape[1] if k is not None else 0)] * batch
+    elif isinstance(cache_seqlens, int):
+        lens = [cache_seqlens] * batch
+    else:
+        lens = [int(n) for n in cache_seqlens.tolist()]
+    s_new = k.shape[1] if k is not None else 0
+    if k is not None:
+        for i, n in enumerate(lens):
+            k_cache[i, n : n + s_new] = k[i]
+            v_cache[i, n : n + s_new] = v[i]
+    outs = []
+    for i, n in enumerate(lens):
+        total = n + s_new
+        outs.append(
+            flash_attn_ref(
+                q[i : i + 1], k_cache[i : i + 1, :total], v_cache[i : i + 1, :total],
+                softmax_scale, causal, window_size, softcap, upcast,
+            )
+        )
+    return torch.cat(outs, dim=0)
+
+
+def attention_naive(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0) -> torch.Tensor:
+    """Explicit loops in float64: an independent formulation to test the reference itself (tiny shapes)."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, sq, h, d, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hk)
+            for i in range(sq):
+                scores, values = [], []
+                for j in range(sk):
+                    lo = i + sk - sq - window_left if window_left >= 0 else -math.inf
+                    hi_ = i + sk - sq + window_right if window_right >= 0 else math.inf
+                    if lo <= j <= hi_:
+                        s = softmax_scale * float((q[bi, i, hi].double() * k[bi, j, kh].double()).sum())
+                        if softcap > 0:
+                            s = softcap * math.tanh(s / softcap)
+                        scores.append(s)
+                        values.append(v[bi, j, kh].double())
+                if scores:
+                    m = max(scores)
+                    w = [math.exp(s - m) for s in scores]
+                    z = sum(w)
+                    out[bi, i, hi] = sum(wi / z * vj for wi, vj in zip(w, values))
+    return out

@@ -1,0 +1,59 @@
+"""Compiler flags and source lists shared by setup.py (the real build) and scripts/dev_build.py."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_cuda_home() -> str | None:
+    """CUDA toolkit location from CUDA_HOME / CUDA_PATH / nvcc on PATH / /usr/local/cuda; never from a GPU."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(2, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
+def sources(pattern: str, subdir: str = "") -> list[str]:
+    """Files under csrc/<subdir> matching pattern, relative to the repository root, sorted."""
+    base = os.path.join(ROOT, "csrc", subdir)
+    found = glob.glob(os.path.join(base, "**", pattern), recursive=True)
+    return sorted(os.path.relpath(p, ROOT) for p in found)
+
+
+def cxx_flags(debug: bool = False, with_cuda: bool = False) -> list[str]:
+    flags = ["-O0" if debug else "-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    if debug:
+        flags.append("-g")
+    if with_cuda:
+        flags.append("-DLLMKERNELS_WITH_CUDA=1")
+    return flags
+
+
+def nvcc_flags(debug: bool = False) -> list[str]:
+    flags = [
+        "-O3",
+        "-std=c++20",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "--expt-extended-lambda",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+        "-DLLMKERNELS_WITH_CUDA=1",
+        "-Xptxas=-warn-spills",
+    ]
+    if debug:
+        flags.append("-lineinfo")
+    return flags

@@ -1,0 +1,58 @@
+"""Seeds, markers and the Triton interpreter switch.
+
+Without a GPU, Triton kernels run on CPU tensors under TRITON_INTERPRET=1, which Triton reads when a
+kernel is defined: it is set here, before any llmkernels.triton module is imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import llmkernels  # noqa: E402
+from llmkernels import _ext  # noqa: E402
+
+
+def _cuda_skip_reason():
+    if not HAS_CUDA:
+        return "no CUDA GPU on this machine"
+    if not _ext.loaded:
+        return f"compiled extension not loaded: {_ext.load_error}"
+    if not _ext.cuda_version:
+        return "llmkernels was built without CUDA"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _cuda_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A different seed per test (stable across runs of the same test), so cases do not share inputs.
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield
+
+
+@pytest.fixture
+def device():
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_report_header(config):
+    return [
+        f"llmkernels: extension {llmkernels.extension_status()}, CUDA build '{_ext.cuda_version}', "
+        f"CPU ISA '{_ext.cpu_isa}', GPU: {torch.cuda.get_device_name() if HAS_CUDA else 'none'}",
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}",
+    ]

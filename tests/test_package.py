@@ -1,0 +1,69 @@
+"""The package itself: lean import, backend choice and its error messages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import _backend
+
+
+def test_import_does_not_initialise_cuda():
+    code = (
+        "import torch, llmkernels, llmkernels.nn;"
+        "import sys; assert not torch.cuda.is_initialized(), 'CUDA initialised';"
+        "assert 'triton' not in sys.modules, 'triton imported';"
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_works_without_extension():
+    code = (
+        "import llmkernels, torch;"
+        "assert not llmkernels._ext.loaded and 'nope.so' in llmkernels._ext.load_error;"
+        "q = torch.randn(1, 5, 2, 16); o = llmkernels.flash_attn_func(q, q, q);"
+        "assert o.shape == q.shape"
+    )
+    env = dict(os.environ, LLMKERNELS_EXT_PATH="/nonexistent/nope.so")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown llmkernels backend 'fast'"):
+        with llmkernels.use_backend("fast"):
+            pass
+
+
+def test_forced_backend_that_cannot_run_says_why():
+    q = torch.randn(1, 4, 2, 16)
+    with llmkernels.use_backend("cuda"):
+        with pytest.raises(llmkernels.BackendError, match="inputs are on cpu"):
+            llmkernels.flash_attn_func(q, q, q)
+
+
+def test_env_backend_is_honoured():
+    code = "import llmkernels; assert llmkernels.requested_backend() == 'reference'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, LLMKERNELS_BACKEND="reference"))
+
+
+def test_use_backend_nests():
+    assert llmkernels.requested_backend() in (None, os.environ.get("LLMKERNELS_BACKEND"))
+    with llmkernels.use_backend("reference"):
+        with llmkernels.use_backend("cpu"):
+            assert llmkernels.requested_backend() == "cpu"
+        assert llmkernels.requested_backend() == "reference"
+
+
+def test_every_public_op_has_a_reference_backend():
+    assert _backend.REGISTRY, "no ops registered"
+    for name, op in _backend.REGISTRY.items():
+        assert "reference" in op.impls, f"{name} lacks a reference implementation"
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "llmkernels", "info"], check=True, capture_output=True, text=True)
+    assert "flash_attn_func" in out.stdout and "reference" in out.stdout
