@@ -57,3 +57,30 @@ def nvcc_flags(debug: bool = False) -> list[str]:
     if debug:
         flags.append("-lineinfo")
     return flags
+
+
+def cmake_config(with_cuda: bool) -> str:
+    """`key=value;value` lines for CMakeLists.txt: the same sources and flags setup.py uses."""
+    from torch.utils import cpp_extension
+
+    device = "cuda" if with_cuda else "cpu"
+    cpp = [os.path.join(ROOT, s) for s in sources("*.cpp")]
+    cu = [os.path.join(ROOT, s) for s in sources("*.cu")] if with_cuda else []
+    libs = ["c10", "torch", "torch_cpu", "torch_python"] + (["c10_cuda", "torch_cuda"] if with_cuda else [])
+    lines = {
+        "CPP_SOURCES": cpp,
+        "CU_SOURCES": cu,
+        "INCLUDE_DIRS": cpp_extension.include_paths(device_type=device) + [os.path.join(ROOT, "csrc")],
+        "LIBRARY_DIRS": cpp_extension.library_paths(device_type=device),
+        "LIBRARIES": libs,
+        "CXX_FLAGS": cxx_flags(with_cuda=with_cuda),
+        "CUDA_FLAGS": nvcc_flags() if with_cuda else [],
+    }
+    return "\n".join(f"{k}={'|'.join(v)}" for k, v in lines.items())
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--cmake"]:
+        print(cmake_config(with_cuda=sys.argv[2:3] == ["cuda"]))

@@ -1,0 +1,63 @@
+// Plain-data interface between the ATen host code (attention_cpu.cpp) and the CPU kernel bodies, which are
+// compiled once per instruction set (kernel_avx512.cpp, kernel_avx2.cpp, kernel_scalar.cpp) and chosen at
+// run time. Nothing here includes ATen, so the per-ISA files can enable AVX-512 for everything they define
+// without leaking wide instructions into inline functions shared with other translation units.
+#pragma once
+
+#include <cstdint>
+
+namespace llmkernels::attention_cpu {
+
+enum class ElemType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Strided (batch, seqlen, heads, headdim) view; the last dimension is contiguous.
+struct Tensor4 {
+  const void* data;
+  int64_t batch_stride, seq_stride, head_stride;  // in elements
+};
+
+struct AttnParams {
+  ElemType dtype;  // of q, k, v (and dout / out in the backward)
+  Tensor4 q, k, v;
+  int64_t batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim;
+  // Per-batch number of keys (the KV-cache op: cache_seqlens + new tokens); null means seqlen_k for all.
+  const int32_t* seqlens_k;
+  float softmax_scale, softcap;  // softcap 0: off
+  int64_t window_left, window_right;  // -1: unbounded
+
+  // Forward outputs: out (batch, seqlen_q, nheads, headdim) fp32 contiguous, lse (batch, nheads, seqlen_q) fp32.
+  float* out;
+  float* lse;
+
+  // Backward inputs: dout in `dtype` (strided like q); lse as above (read); delta = rowsum(dout * out)
+  // (batch, nheads, seqlen_q) fp32. Outputs, fp32 contiguous: dq like out, dk / dv (batch, seqlen_k, nheads_k, headdim).
+  Tensor4 dout;
+  const float* lse_in;
+  const float* delta;
+  float* dq;
+  float* dk;
+  float* dv;
+};
+
+// Tile sizes shared by the host code (to count tasks) and the kernels.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+inline int64_t num_query_blocks(const AttnParams& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
+inline int64_t num_key_blocks(const AttnParams& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
+
+// Each entry runs tasks [begin, end) of one parallel loop:
+//   fwd:     task = (batch, head, query block)      -> out, lse
+//   bwd_dkv: task = (batch, kv head, key block)     -> dk, dv (summed over the query heads of the group)
+//   bwd_dq:  task = (batch, head, query block)      -> dq
+#define LLMK_ATTN_DECLARE_ISA(isa)                                               \
+  void fwd_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);         \
+  void bwd_dkv_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);     \
+  void bwd_dq_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);
+
+LLMK_ATTN_DECLARE_ISA(avx512)
+LLMK_ATTN_DECLARE_ISA(avx2)
+LLMK_ATTN_DECLARE_ISA(scalar)
+#undef LLMK_ATTN_DECLARE_ISA
+
+}  // namespace llmkernels::attention_cpu

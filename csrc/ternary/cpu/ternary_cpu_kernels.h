@@ -1,0 +1,27 @@
+// CPU kernels of the ternary (BitNet b1.58) linear layers. Packed layout: see llmkernels/reference/ternary.py
+// (256-weight blocks of 64 bytes; byte j of block b holds weights 256 b + 64 s + j, s = 0..3, at bits 2s as
+// the code w + 1). Activation rows handed to the kernels are padded with zeros to K_pad = 64 * bytes_per_row.
+#pragma once
+
+#include <cstdint>
+
+namespace llmkernels::ternary_cpu {
+
+constexpr int64_t kBlockWeights = 256;
+constexpr int64_t kBlockBytes = 64;
+
+// One token row: s = max(max|x|, 1e-5), x_q[k] = clamp(rint((x[k] * 127) / s), -128, 127) for k < K, 0 for
+// K <= k < k_pad. Returns s; *sum gets sum(x_q) (the kernels use codes w + 1 and subtract it).
+template <typename scalar_t>
+float quantize_row(const scalar_t* x, int64_t K, int64_t k_pad, int8_t* x_q, int32_t* sum);
+
+// acc[t][n] = sum_k x_q[t][k] * W_t[n][k] for t < m, n < N, exact in int32.
+// x_q: (m, k_pad) int8 row-major (zero-padded); w: (N, k_pad / 4) packed; acc: (m, N) row-major.
+// xsum: (m,) sum of each x_q row. Parallel over output rows (at::parallel_for).
+void matmul_int8(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
+                 int32_t* acc);
+
+// y[t][n] = sum_k x[t][k] * W_t[n][k] in fp32 (weight-only). x: (m, k_pad) fp32 zero-padded; y: (m, N).
+void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, float* y);
+
+}  // namespace llmkernels::ternary_cpu

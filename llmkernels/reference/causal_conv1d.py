@@ -1,0 +1,75 @@
+"""Reference depthwise causal conv1d (the `causal_conv1d` package's semantics), as Mamba uses it.
+
+- x: (batch, dim, seqlen); weight: (dim, width), width 2..4; bias: (dim,).
+- out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k], x = 0 before t = 0;
+  then SiLU when activation is "silu" / "swish". Arithmetic in fp32 (fp64 for fp64 x); out in x's dtype.
+- Decode (`causal_conv1d_update_ref`): conv_state (batch, dim, width) holds the last `width` inputs, oldest
+  first (Hugging Face MambaMixer's cache convention). A step shifts it left by one, appends x (batch, dim)
+  and returns the convolution over the window, i.e. sum(conv_state * weight) + bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_activation(activation: Optional[str]) -> bool:
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    return activation is not None
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None
+) -> torch.Tensor:
+    """out (batch, dim, seqlen) in x's dtype; differentiable through autograd. See the module doc."""
+    silu = _check_activation(activation)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dim, width = weight.shape
+    seqlen = x.shape[-1]
+    out = F.conv1d(
+        x.to(cd), weight.to(cd).unsqueeze(1), None if bias is None else bias.to(cd), padding=width - 1, groups=dim
+    )[..., :seqlen]
+    return (F.silu(out) if silu else out).to(x.dtype)
+
+
+def causal_conv1d_update_ref(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """One decode step: conv_state (batch, dim, width) updated in place; returns (batch, dim) in x's dtype."""
+    silu = _check_activation(activation)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    window = torch.cat([conv_state[:, :, 1:].to(cd), x.to(cd).unsqueeze(-1)], dim=-1)  # (batch, dim, width)
+    conv_state.copy_(window)
+    out = (window * weight.to(cd)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(cd)
+    return (F.silu(out) if silu else out).to(x.dtype)
+
+
+def causal_conv1d_naive(x, weight, bias=None, silu=False) -> torch.Tensor:
+    """Explicit loops in float64, an independent formulation to test the reference (tiny shapes only)."""
+    import math
+
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    out = torch.zeros(batch, dim, seqlen, dtype=torch.float64)
+    for b in range(batch):
+        for d in range(dim):
+            for t in range(seqlen):
+                acc = float(bias[d]) if bias is not None else 0.0
+                for k in range(width):
+                    s = t - (width - 1) + k
+                    if s >= 0:
+                        acc += float(weight[d, k]) * float(x[b, d, s])
+                if silu:
+                    acc = acc / (1.0 + math.exp(-acc))
+                out[b, d, t] = acc
+    return out

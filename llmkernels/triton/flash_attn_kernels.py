@@ -1,0 +1,365 @@
+"""Triton kernels of flash attention (FlashAttention-2), forward and backward.
+
+Math (per batch b, query head h, KV head h // group):
+    s_ij = scale * q_i . k_j, optionally s_ij <- softcap * tanh(s_ij / softcap)
+    key j visible to query i iff  i + shift - window_left <= j <= i + shift + window_right,  shift = sk - sq
+    lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),  o_i = sum_j p_ij v_j
+Backward (D_i = do_i . o_i):
+    dv_j = sum_i p_ij do_i,  dp_ij = do_i . v_j,  ds_ij = p_ij (dp_ij - D_i) * (1 - tanh^2 when soft-capped)
+    dq_i = scale * sum_j ds_ij k_j,  dk_j = scale * sum_i ds_ij q_i
+
+Tiling: the forward runs one program per (BLOCK_M query rows, batch * head) and streams BLOCK_N-key tiles of
+K and V through an online softmax kept in fp32 registers, in the base-2 domain (log2(e) folded into the
+scale, so each score costs one exp2). Only key tiles that intersect the causal / window band are visited,
+and of those only the tiles the band cuts (or the ragged end of the sequence) pay for the mask: the
+visited range is split into masked head, unmasked middle, masked tail. The backward recomputes P from
+the saved lse: one program per BLOCK_N keys accumulates dK and dV over the query tiles of its band and
+over every query head of its KV head group (so GQA needs no reduction afterwards), and one program per
+BLOCK_M queries accumulates dQ over its key tiles.
+
+Speed: for head dims >= 64 both passes are bound by tensor-core throughput of the two (forward) or five
+(backward) tl.dot per tile; for small head dims and short rows, by the exp2 throughput and by reading K/V
+(each K/V tile is read once per query block).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _band_tile_ranges(row_lo, row_hi, n_total, shift, window_lo, window_hi, HAS_LO: tl.constexpr,
+                      HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns [lo, a) masked, [a, b) unmasked, [b, end) masked for rows row_lo .. row_hi - 1 (row_hi > row_lo).
+
+    Column j is visible from row r iff r + shift - window_lo <= j <= r + shift + window_hi and 0 <= j < n_total.
+    Tiles start at multiples of BLOCK; [a, b) holds the tiles every row of the block sees entirely.
+    """
+    first = row_lo + shift
+    last = row_hi - 1 + shift
+    lo = 0
+    full_lo = 0
+    if HAS_LO:
+        lo = tl.maximum(first - window_lo, 0)
+        full_lo = tl.maximum(last - window_lo, 0)
+    end = n_total
+    full_hi = n_total
+    if HAS_HI:
+        end = tl.minimum(last + window_hi + 1, n_total)
+        full_hi = tl.minimum(tl.maximum(first + window_hi + 1, 0), n_total)
+    lo_tile = lo // BLOCK * BLOCK
+    end = tl.where(end > lo, end, lo_tile)  # no visible column: every range is empty
+    lo = lo_tile
+    a = tl.minimum(tl.cdiv(full_lo, BLOCK) * BLOCK, end)
+    a = tl.maximum(a, lo)
+    b = tl.maximum(full_hi // BLOCK * BLOCK, a)
+    b = tl.minimum(b, end)
+    return lo, a, b, end
+
+
+@triton.jit
+def _softcap_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
+    """(scores in the log2 domain, tanh factor or None). qk: raw dot products (fp32)."""
+    if SOFTCAP:
+        x = qk * (scale / softcap)
+        # tanh from exp2 of a non-positive argument: no overflow, and tl has no portable tanh.
+        t = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+        th = (1.0 - t) / (1.0 + t)
+        th = tl.where(x < 0, -th, th)
+        return th * (softcap * LOG2E), th
+    else:
+        return qk * (scale * LOG2E), qk
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
+               seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
+               HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_mask = offs_d[None, :] < HEADDIM
+    for n0 in range(start, stop, BLOCK_N):
+        cols = n0 + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < seqlen_k) & d_mask
+        else:
+            kv_mask = d_mask
+        k = tl.load(k_ptrs + n0.to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = _softcap_scores(qk, scale, softcap, SOFTCAP)
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if HAS_WL:
+                visible &= cols[None, :] >= offs_m[:, None] + shift - window_left
+            if HAS_WR:
+                visible &= cols[None, :] <= offs_m[:, None] + shift + window_right
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + n0.to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def flash_attn_fwd_kernel(
+    Q, K, V, O, LSE,  # q: (b, sq, h, d); k, v: (b, sk, hk, d); o like q; lse: (b, h, sq) fp32
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Longest rows (the last query blocks under a causal mask) are scheduled first.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // nheads).to(tl.int64)
+    off_h = pid_bh % nheads
+    off_hk = (off_h // group).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEADDIM
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & d_mask, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    shift = seqlen_k - seqlen_q
+    row_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q)
+    lo, a, b, end = _band_tile_ranges(start_m * BLOCK_M, row_hi, seqlen_k, shift, window_left, window_right,
+                                      HAS_WL, HAS_WR, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               lo, a, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
+                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               a, b, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
+                               BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                               b, end, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
+                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+
+    # Rows that saw no key: l = 0 -> output 0 and lse = -inf.
+    seen = l_i > 0.0
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    out = acc * inv_l[:, None]
+    lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_mask)
+    lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def flash_attn_bwd_preprocess_kernel(
+    O, DO, DELTA,  # o, do: (b, sq, h, d); delta: (b, h, sq) fp32 = rowsum(do * o)
+    stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+    nheads, seqlen_q,
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // nheads).to(tl.int64)
+    off_h = (pid_bh % nheads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (off_b * nheads + off_h) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m, offs_n,
+                    offs_d, start, stop, seqlen_q, shift, window_left, window_right, scale, softcap,
+                    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
+                    HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Adds one query head's contribution from query rows [start, stop) to dk, dv (BLOCK_N, BLOCK_D) fp32.
+
+    Works on transposed tiles (keys x queries) so P^T and dS^T feed tl.dot without a transpose.
+    """
+    d_mask = offs_d[None, :] < HEADDIM
+    for m0 in range(start, stop, BLOCK_M):
+        rows = m0 + offs_m
+        if MASKED:
+            qo_mask = (rows[:, None] < seqlen_q) & d_mask
+        else:
+            qo_mask = d_mask
+        q = tl.load(q_ptrs + m0.to(tl.int64) * stride_qm, mask=qo_mask, other=0.0)
+        do = tl.load(do_ptrs + m0.to(tl.int64) * stride_dom, mask=qo_mask, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
+        delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        s_t, tanh_t = _softcap_scores(qk_t, scale, softcap, SOFTCAP)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            visible = rows[None, :] < seqlen_q
+            if HAS_WL:
+                visible &= offs_n[:, None] >= rows[None, :] + shift - window_left
+            if HAS_WR:
+                visible &= offs_n[:, None] <= rows[None, :] + shift + window_right
+            p_t = tl.where(visible, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def flash_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do: (b, sq, h, d); k, v, dk, dv: (b, sk, hk, d); lse, delta: (b, h, sq)
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (BLOCK_N keys, batch * KV head); sums over the group's query heads in fp32."""
+    start_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    nheads_k = nheads // group
+    off_b = (pid_bhk // nheads_k).to(tl.int64)
+    off_hk = (pid_bhk % nheads_k).to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEADDIM)
+    cols = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + cols * stride_kn + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + cols * stride_vn + offs_d[None, :], mask=kv_mask,
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query rows that see these keys: the band seen from the key side (shift negated, windows swapped).
+    shift = seqlen_k - seqlen_q
+    col_hi = tl.minimum(start_n * BLOCK_N + BLOCK_N, seqlen_k)
+    lo, a, b, end = _band_tile_ranges(start_n * BLOCK_N, col_hi, seqlen_q, -shift, window_right, window_left,
+                                      HAS_WR, HAS_WL, BLOCK_M)
+    for g in range(0, group):
+        off_h = off_hk * group + g
+        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
+        lse_ptr = LSE + (off_b * nheads + off_h) * seqlen_q
+        delta_ptr = DELTA + (off_b * nheads + off_h) * seqlen_q
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
+                                 offs_n, offs_d, lo, a, seqlen_q, shift, window_left, window_right, scale, softcap,
+                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
+                                 offs_n, offs_d, a, b, seqlen_q, shift, window_left, window_right, scale, softcap,
+                                 HEADDIM, BLOCK_M, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
+                                 offs_n, offs_d, b, end, seqlen_q, shift, window_left, window_right, scale, softcap,
+                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+
+    dk = dk * scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + cols * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
+                  seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    d_mask = offs_d[None, :] < HEADDIM
+    for n0 in range(start, stop, BLOCK_N):
+        cols = n0 + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < seqlen_k) & d_mask
+        else:
+            kv_mask = d_mask
+        k = tl.load(k_ptrs + n0.to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + n0.to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, tanh_s = _softcap_scores(qk, scale, softcap, SOFTCAP)
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if HAS_WL:
+                visible &= cols[None, :] >= offs_m[:, None] + shift - window_left
+            if HAS_WR:
+                visible &= cols[None, :] <= offs_m[:, None] + shift + window_right
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tanh_s * tanh_s)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def flash_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,  # q, do, dq: (b, sq, h, d); k, v: (b, sk, hk, d); lse, delta: (b, h, sq)
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (BLOCK_M queries, batch * head): the forward's loop with dS in place of P."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // nheads).to(tl.int64)
+    off_h = pid_bh % nheads
+    off_hk = (off_h // group).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    qo_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM)
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :], mask=qo_mask,
+                other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :], mask=qo_mask,
+                 other=0.0)
+    row_ptr = (off_b * nheads + off_h) * seqlen_q + offs_m
+    lse = tl.load(LSE + row_ptr, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
+    delta = tl.load(DELTA + row_ptr, mask=offs_m < seqlen_q, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    shift = seqlen_k - seqlen_q
+    row_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q)
+    lo, a, b, end = _band_tile_ranges(start_m * BLOCK_M, row_hi, seqlen_k, shift, window_left, window_right,
+                                      HAS_WL, HAS_WR, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, a,
+                       seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
+                       HAS_WR, SOFTCAP, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, a, b,
+                       seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, False, HAS_WL,
+                       HAS_WR, SOFTCAP, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, b, end,
+                       seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
+                       HAS_WR, SOFTCAP, DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qo_mask)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU one-shot: build in place, run the whole test suite (CUDA tests included), run the benchmarks, and
+# write the log, the results JSON and a markdown table under OUTDIR. For a machine with a GPU and no
+# network where python3 already has torch, triton, pybind11, ninja, pytest (and pytest-benchmark).
+#   bash scripts/gpu_check.sh OUTDIR [--quick]      (about 10 minutes on one H100 with 16 cores)
+# Phases are time-boxed (BUILD_TIMEOUT=240, TEST_TIMEOUT=180, BENCH_TIMEOUT=150 seconds) so the whole run
+# fits one 10-minute device call and a hang in one phase still leaves the others' output.
+set -uo pipefail
+OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [--quick]}"
+QUICK="${2:-}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/gpu_check.log"; }
+
+log "environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version | tail -1; } 2>&1 | tee -a "$OUT/gpu_check.log"
+
+log "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
+start=$(date +%s)
+timeout "${BUILD_TIMEOUT:-240}" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+build_rc=$?
+log "build rc=$build_rc in $(( $(date +%s) - start ))s"
+tail -5 "$OUT/build.log" | tee -a "$OUT/gpu_check.log"
+"$PY" -m llmkernels info 2>&1 | tee -a "$OUT/gpu_check.log"
+
+log "tests"
+timeout "${TEST_TIMEOUT:-180}" "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+  -o junit_family=xunit1 > "$OUT/tests.log" 2>&1
+test_rc=$?
+tail -40 "$OUT/tests.log" | tee -a "$OUT/gpu_check.log"
+log "tests rc=$test_rc"
+
+log "benchmarks"
+timeout "${BENCH_TIMEOUT:-150}" "$PY" bench/run.py ${QUICK:+--quick} --out "$OUT" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+cat "$OUT/bench.log" | grep -v '^\[' > "$OUT/bench_tables.md" || true
+tail -60 "$OUT/bench.log" | tee -a "$OUT/gpu_check.log"
+log "bench rc=$bench_rc; results in $OUT"
+exit $(( build_rc != 0 ? build_rc : test_rc ))
