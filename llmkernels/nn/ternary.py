@@ -1,2 +1,104 @@
-class BitLinear: pass
-class TernaryLinear: pass
+"""BitNet b1.58 layers: BitLinear (training, latent fp weights) and TernaryLinear (inference, packed weights).
+
+BitLinear quantises W (per-tensor absmean, ternary) and x (per-token absmax, int8 when act_bits=8) in its
+forward pass with the straight-through estimator, x + (q(x) - x).detach(): the forward sees the quantised
+values, the backward treats quantisation as the identity, so the latent weights train. `.to_ternary()`
+gives the TernaryLinear that computes the same function with llmkernels.ternary_linear.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.ternary import ternary_linear
+from ..reference.ternary import ACT_EPS, WEIGHT_EPS, packed_shape
+from ..ternary import quantize_weight
+
+
+def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """W_t * gamma in fp32 (the dequantised ternary weight)."""
+    wf = w.float()
+    gamma = wf.abs().mean().clamp_min(WEIGHT_EPS)
+    return torch.round(wf / gamma).clamp(-1, 1) * gamma
+
+
+def _fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+    """x_q * s / 127 in fp32, per token, with x_q computed exactly as the kernels do."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS)
+    return torch.round(xf * 127.0 / s).clamp(-128, 127) * (s / 127.0)
+
+
+class BitLinear(torch.nn.Linear):
+    """Training layer: y = q_a(x) @ q_w(W)^T (+ bias), quantisation with the straight-through estimator.
+
+    x: (..., in_features) -> (..., out_features). act_bits=8 quantises activations (BitNet b1.58); None keeps
+    them in full precision (weight-only).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: Optional[int] = 8,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if act_bits not in (8, None):
+            raise ValueError(f"llmkernels.nn.BitLinear: act_bits must be 8 or None, got {act_bits!r}")
+        self.act_bits = act_bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w_q = w + (_fake_quant_weight(w).to(w.dtype) - w).detach()
+        if self.act_bits == 8:
+            x = x + (_fake_quant_activation(x).to(x.dtype) - x).detach()
+        return F.linear(x, w_q.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_ternary(self) -> "TernaryLinear":
+        """The inference layer with this layer's quantised weights (packed) and bias."""
+        return TernaryLinear.from_linear(self, act_bits=self.act_bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act_bits={self.act_bits}"
+
+
+class TernaryLinear(torch.nn.Module):
+    """Inference layer: y = ternary_linear(x, w_packed, w_scale, bias, act_bits), x: (..., in_features).
+
+    Buffers (in the state_dict): w_packed uint8 (out_features, K_pad // 4), 2 bits a weight; w_scale fp32 ();
+    bias (out_features,) or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: Optional[int] = 8,
+                 device=None, dtype=None):
+        super().__init__()
+        if act_bits not in (8, None):
+            raise ValueError(f"llmkernels.nn.TernaryLinear: act_bits must be 8 or None, got {act_bits!r}")
+        self.in_features, self.out_features, self.act_bits = in_features, out_features, act_bits
+        self.register_buffer("w_packed", torch.ones(packed_shape(out_features, in_features), dtype=torch.uint8,
+                                                    device=device).mul_(0x55))  # code 1 everywhere: W_t = 0
+        self.register_buffer("w_scale", torch.ones((), dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, act_bits: Optional[int] = 8) -> "TernaryLinear":
+        """Quantise an nn.Linear (or BitLinear) weight to ternary; bias is kept in its dtype."""
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, act_bits=act_bits,
+                    device=w.device, dtype=None if linear.bias is None else linear.bias.dtype)
+        w_packed, w_scale = quantize_weight(w if w.dtype != torch.float64 else w.float())
+        layer.w_packed.copy_(w_packed)
+        layer.w_scale.copy_(w_scale)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return ternary_linear(x, self.w_packed, self.w_scale, bias, act_bits=self.act_bits)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"act_bits={self.act_bits}")

@@ -1,3 +1,213 @@
-# stub: replaced by the ternary work
-def ternary_linear(*a, **k): raise NotImplementedError
-def quantize_(*a, **k): raise NotImplementedError
+"""Ternary (BitNet b1.58) linear: public functions, backend dispatch, fake kernels.
+
+    ternary_linear(x, w_packed, w_scale, bias=None, act_bits=8)   x: (..., in_features) -> (..., out_features)
+    quantize_(model, filter_fn=None, act_bits=8)                  nn.Linear -> nn.TernaryLinear, in place
+
+Semantics and the packed weight layout: llmkernels/reference/ternary.py. Backends per op: reference (always),
+cpu and cuda (C++ ops of csrc/ternary), triton (llmkernels/triton/ternary.py, imported on first use).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import _ext
+from .._backend import Dispatcher
+from .._checks import check_tensor
+from ..reference import ternary as ref
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton():
+    from ..triton import ternary as tri  # lazy: `import llmkernels` never imports triton
+
+    return tri
+
+
+# ------------------------------------------------------------------------------------------------------
+# Dispatchers: one per C++ op. Arguments are already checked and 2-D (m, in_features) here.
+# ------------------------------------------------------------------------------------------------------
+quantize_activation_op = Dispatcher("ternary_quantize_activation")
+matmul_int8_op = Dispatcher("ternary_matmul_int8")
+linear_a8_op = Dispatcher("ternary_linear_a8")
+linear_w2_op = Dispatcher("ternary_linear_w2")
+
+
+@quantize_activation_op.register("reference")
+def _(x):
+    return ref.quantize_activation_ref(x)
+
+
+@quantize_activation_op.register("cpu", kernel="ternary_quantize_activation")
+@quantize_activation_op.register("cuda", kernel="ternary_quantize_activation")
+def _(x):
+    return torch.ops.llmkernels.ternary_quantize_activation(x)
+
+
+@matmul_int8_op.register("reference")
+def _(x_q, w_packed, in_features):
+    return ref.ternary_matmul_int8_ref(x_q, w_packed, in_features)
+
+
+@matmul_int8_op.register("cpu", kernel="ternary_matmul_int8")
+@matmul_int8_op.register("cuda", kernel="ternary_matmul_int8")
+def _(x_q, w_packed, in_features):
+    return torch.ops.llmkernels.ternary_matmul_int8(x_q, w_packed, in_features)
+
+
+@matmul_int8_op.register("triton")
+def _(x_q, w_packed, in_features):
+    return _triton().ternary_matmul_int8_triton(x_q, w_packed, in_features)
+
+
+@linear_a8_op.register("reference")
+def _(x, w_packed, w_scale, bias, in_features):
+    return ref.ternary_linear_a8_ref(x, w_packed, w_scale, bias, in_features)
+
+
+@linear_a8_op.register("cpu", kernel="ternary_linear_a8")
+@linear_a8_op.register("cuda", kernel="ternary_linear_a8")
+def _(x, w_packed, w_scale, bias, in_features):
+    return torch.ops.llmkernels.ternary_linear_a8(x, w_packed, w_scale, bias, in_features)
+
+
+@linear_a8_op.register("triton")
+def _(x, w_packed, w_scale, bias, in_features):
+    return _triton().ternary_linear_a8_triton(x, w_packed, w_scale, bias, in_features)
+
+
+@linear_w2_op.register("reference")
+def _(x, w_packed, w_scale, bias, in_features):
+    return ref.ternary_linear_w2_ref(x, w_packed, w_scale, bias, in_features)
+
+
+@linear_w2_op.register("cpu", kernel="ternary_linear_w2")
+@linear_w2_op.register("cuda", kernel="ternary_linear_w2")
+def _(x, w_packed, w_scale, bias, in_features):
+    return torch.ops.llmkernels.ternary_linear_w2(x, w_packed, w_scale, bias, in_features)
+
+
+@linear_w2_op.register("triton")
+def _(x, w_packed, w_scale, bias, in_features):
+    return _triton().ternary_linear_w2_triton(x, w_packed, w_scale, bias, in_features)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels of the C++ ops, for torch.compile and opcheck.
+# ------------------------------------------------------------------------------------------------------
+if _ext.loaded:
+
+    @torch.library.register_fake("llmkernels::ternary_quantize_activation")
+    def _(x):
+        return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("llmkernels::ternary_matmul_int8")
+    def _(x_q, w_packed, in_features):
+        return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.int32)
+
+    @torch.library.register_fake("llmkernels::ternary_linear_a8")
+    def _(x, w_packed, w_scale, bias, in_features):
+        return x.new_empty((x.shape[0], w_packed.shape[0]))
+
+    @torch.library.register_fake("llmkernels::ternary_linear_w2")
+    def _(x, w_packed, w_scale, bias, in_features):
+        return x.new_empty((x.shape[0], w_packed.shape[0]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------------------
+def check_packed(fn: str, w_packed: torch.Tensor, in_features: int, device: torch.device) -> None:
+    check_tensor(fn, "w_packed", w_packed, ndim=2, dtypes=(torch.uint8,), device=device, contiguous=True)
+    cols = ref.padded_in_features(in_features) // 4
+    if w_packed.shape[1] != cols:
+        raise ValueError(
+            f"llmkernels.{fn}: w_packed must have {cols} columns for in_features={in_features} "
+            f"(padded to {ref.padded_in_features(in_features)}, 4 weights a byte), got shape {tuple(w_packed.shape)}"
+        )
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (..., in_features) fp16/bf16/fp32 -> (x_q int8 (..., in_features), s fp32 (...)), per-token absmax."""
+    check_tensor("quantize_activation", "x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"llmkernels.quantize_activation: x must have a non-empty last dimension, got {tuple(x.shape)}")
+    return quantize_activation_op(x.contiguous())
+
+
+def ternary_matmul_int8(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x_q: (m, in_features) int8, w_packed: packed (out_features, K_pad // 4) -> int32 (m, out_features), exact."""
+    check_tensor("ternary_matmul_int8", "x_q", x_q, ndim=2, dtypes=(torch.int8,))
+    if x_q.shape[1] != in_features:
+        raise ValueError(f"llmkernels.ternary_matmul_int8: x_q must have {in_features} columns, got {tuple(x_q.shape)}")
+    check_packed("ternary_matmul_int8", w_packed, in_features, x_q.device)
+    return matmul_int8_op(x_q.contiguous(), w_packed, in_features)
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    act_bits: Optional[int] = 8,
+) -> torch.Tensor:
+    """BitNet b1.58 linear layer with packed ternary weights.
+
+    x: (..., in_features) fp16/bf16/fp32; w_packed: uint8 (out_features, K_pad // 4) from
+    llmkernels.ternary.quantize_weight / pack_ternary; w_scale: fp32 with one element (gamma);
+    bias: (out_features,) in x's dtype or None. act_bits=8 quantises x per token to int8 (BitNet exactly);
+    act_bits=None keeps x in its precision (weight-only). Returns (..., out_features) in x's dtype.
+    """
+    fn = "ternary_linear"
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"llmkernels.{fn}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    in_features = x.shape[-1]
+    check_packed(fn, w_packed, in_features, x.device)
+    check_tensor(fn, "w_scale", w_scale, dtypes=(torch.float32,), device=x.device)
+    if w_scale.numel() != 1:
+        raise ValueError(f"llmkernels.{fn}: w_scale must have one element, got shape {tuple(w_scale.shape)}")
+    out_features = w_packed.shape[0]
+    if bias is not None:
+        check_tensor(fn, "bias", bias, ndim=1, dtypes=(x.dtype,), device=x.device)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"llmkernels.{fn}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if act_bits not in (8, None):
+        raise ValueError(f"llmkernels.{fn}: act_bits must be 8 or None (weight-only), got {act_bits!r}")
+    x2 = x.reshape(-1, in_features).contiguous()
+    op = linear_a8_op if act_bits == 8 else linear_w2_op
+    y = op(x2, w_packed, w_scale.reshape(()), bias, in_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def default_filter(module: torch.nn.Module, fqn: str) -> bool:
+    """Every nn.Linear except an LM head (a module whose own name is `lm_head` or `output`)."""
+    name = fqn.rsplit(".", 1)[-1]
+    return isinstance(module, torch.nn.Linear) and name not in ("lm_head", "output")
+
+
+def quantize_(
+    model: torch.nn.Module,
+    filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
+    act_bits: Optional[int] = 8,
+) -> torch.nn.Module:
+    """Replace, in place, every nn.Linear of `model` that filter_fn(module, fqn) accepts with an nn.TernaryLinear.
+
+    filter_fn defaults to `default_filter`: all nn.Linear except ones named `lm_head` or `output` (embeddings
+    are not nn.Linear, so they stay too). Only nn.Linear modules are ever replaced, whatever filter_fn says.
+    Returns the model (as torchao's quantize_ does).
+    """
+    from ..nn.ternary import TernaryLinear
+
+    accept = filter_fn if filter_fn is not None else default_filter
+    if isinstance(model, torch.nn.Linear) and accept(model, ""):
+        raise ValueError("llmkernels.quantize_: model is itself an nn.Linear; wrap it or use TernaryLinear.from_linear")
+    for fqn, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            child_fqn = f"{fqn}.{child_name}" if fqn else child_name
+            if isinstance(child, torch.nn.Linear) and accept(child, child_fqn):
+                setattr(module, child_name, TernaryLinear.from_linear(child, act_bits=act_bits))
+    return model

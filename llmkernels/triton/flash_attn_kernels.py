@@ -27,8 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
             kv_mask = (cols[:, None] < seqlen_k) & d_mask
         else:
             kv_mask = d_mask
-        k = tl.load(k_ptrs + n0.to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs + tl.cast(n0, tl.int64) * stride_kn, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _softcap_scores(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -103,7 +103,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + n0.to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + tl.cast(n0, tl.int64) * stride_vn, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -201,8 +201,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm
             qo_mask = (rows[:, None] < seqlen_q) & d_mask
         else:
             qo_mask = d_mask
-        q = tl.load(q_ptrs + m0.to(tl.int64) * stride_qm, mask=qo_mask, other=0.0)
-        do = tl.load(do_ptrs + m0.to(tl.int64) * stride_dom, mask=qo_mask, other=0.0)
+        q = tl.load(q_ptrs + tl.cast(m0, tl.int64) * stride_qm, mask=qo_mask, other=0.0)
+        do = tl.load(do_ptrs + tl.cast(m0, tl.int64) * stride_dom, mask=qo_mask, other=0.0)
         lse = tl.load(lse_ptr + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
         delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
@@ -293,8 +293,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, o
             kv_mask = (cols[:, None] < seqlen_k) & d_mask
         else:
             kv_mask = d_mask
-        k = tl.load(k_ptrs + n0.to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + n0.to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs + tl.cast(n0, tl.int64) * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + tl.cast(n0, tl.int64) * stride_vn, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, tanh_s = _softcap_scores(qk, scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])

@@ -1,0 +1,479 @@
+// Flash attention on the CPU: forward, backward, and (through per-batch key counts) the KV-cache op.
+// Included once by each per-instruction-set file (kernel_avx512.cpp, kernel_avx2.cpp, kernel_scalar.cpp)
+// after it has defined `struct Vec` (a SIMD register of Vec::W floats and its operations) and switched the
+// compiler's target; everything here has internal linkage, so the copies never mix.
+//
+// Math (batch b, query head h, KV head h / group; shift = seqlen_k - seqlen_q):
+//   s_ij = scale * q_i . k_j, soft-capped s_ij <- c * tanh(s_ij / c) when c > 0;
+//   key j visible from query i iff  i + shift - window_left <= j <= i + shift + window_right;
+//   lse_i = log sum_j exp(s_ij),  o_i = sum_j exp(s_ij - lse_i) v_j  (0 and -inf for a row that sees nothing).
+//   Backward (D_i = do_i . o_i): p_ij = exp(s_ij - lse_i), dv_j = sum_i p_ij do_i, dp_ij = do_i . v_j,
+//   ds_ij = p_ij (dp_ij - D_i) (* (1 - (s_ij / c)^2) when soft-capped), dq_i = scale sum_j ds_ij k_j,
+//   dk_j = scale sum_i ds_ij q_i.
+//
+// Tiling: one task per (batch, head, 64-query block) streams 64-key blocks through an online softmax
+// (FlashAttention-2), never holding more than a 64 x 64 score tile. Only key blocks that intersect the
+// causal / window band are visited. Each block is converted to fp32 as it is packed into small per-thread
+// buffers (K transposed, so scores are a row-broadcast x column-vector product), zero-padded to whole SIMD
+// registers in the head dimension. All products go through one register-blocked micro-kernel (`gemm`):
+// Vec::MR rows x 2 registers of columns, broadcasting A and streaming B, fp32 FMA.
+// The backward recomputes P from lse in two race-free passes: per (batch, KV head, key block) it
+// accumulates dK and dV over its group's query heads; per (batch, head, query block) it accumulates dQ.
+//
+// Speed: for head dims >= 64 the FMA throughput of the two products per tile bounds the forward (plus one
+// vector exp per score); for small head dims and decode (one query row) the packing of K and V does.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention/cpu/flash_attn_cpu.h"
+
+#ifndef LLMK_ISA
+#error "define LLMK_ISA (the entry-point suffix) and struct Vec before including flash_attn_kernel.h"
+#endif
+
+namespace {
+
+using llmkernels::attention_cpu::AttnParams;
+using llmkernels::attention_cpu::ElemType;
+using llmkernels::attention_cpu::kBlockK;
+using llmkernels::attention_cpu::kBlockQ;
+using llmkernels::attention_cpu::Tensor4;
+
+constexpr float kNegInf = -__builtin_inff();
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up_to_vec(int64_t n) { return (n + Vec::W - 1) / Vec::W * Vec::W; }
+
+// ---------------------------------------------------------------------------------------------------
+// Element conversion (per row, while packing a tile)
+// ---------------------------------------------------------------------------------------------------
+inline float bf16_to_float(uint16_t x) {
+  const uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0) {
+    float f = float(mantissa) * 5.9604644775390625e-8f;  // subnormal: mantissa * 2^-24
+    std::memcpy(&bits, &f, sizeof(bits));
+    bits |= sign;
+  } else if (exponent == 31) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// dst[0:n] = mul * row (batch b, position s, head h) of `t`, in fp32.
+inline void load_row(ElemType dtype, const Tensor4& t, int64_t b, int64_t s, int64_t h, int64_t n, float mul,
+                     float* dst) {
+  const int64_t offset = b * t.batch_stride + s * t.seq_stride + h * t.head_stride;
+  switch (dtype) {
+    case ElemType::kFloat32: {
+      const float* src = static_cast<const float*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
+      break;
+    }
+    case ElemType::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]) * mul;
+      break;
+    }
+    case ElemType::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(src[i]) * mul;
+      break;
+    }
+  }
+}
+
+// Zero-initialised scratch floats, freed at scope exit (no std containers: see the file comment).
+struct Scratch {
+  float* data;
+  explicit Scratch(int64_t n) : data(new float[n]()) {}
+  ~Scratch() { delete[] data; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// The micro-kernel: C[M x N] (+)= A[M x K] B[K x N]
+// ---------------------------------------------------------------------------------------------------
+// A(m, k) = A[m * a_m + k * a_k] (so a transposed A costs nothing); B, C row-major with leading dims ldb, ldc;
+// N a multiple of Vec::W. R rows of C live in registers, two vectors wide, while K streams by.
+template <int R>
+inline void gemm_rows(int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate) {
+  using reg = typename Vec::reg;
+  constexpr int W = Vec::W;
+  int64_t n = 0;
+  for (; n + 2 * W <= N; n += 2 * W) {
+    reg c0[R], c1[R];
+    for (int r = 0; r < R; ++r) {
+      c0[r] = accumulate ? Vec::load(C + r * ldc + n) : Vec::zero();
+      c1[r] = accumulate ? Vec::load(C + r * ldc + n + W) : Vec::zero();
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const reg b0 = Vec::load(B + k * ldb + n);
+      const reg b1 = Vec::load(B + k * ldb + n + W);
+      for (int r = 0; r < R; ++r) {
+        const reg a = Vec::set1(A[r * a_m + k * a_k]);
+        c0[r] = Vec::fmadd(a, b0, c0[r]);
+        c1[r] = Vec::fmadd(a, b1, c1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      Vec::store(C + r * ldc + n, c0[r]);
+      Vec::store(C + r * ldc + n + W, c1[r]);
+    }
+  }
+  if (n < N) {  // one register left (N is a multiple of W)
+    reg c0[R];
+    for (int r = 0; r < R; ++r) c0[r] = accumulate ? Vec::load(C + r * ldc + n) : Vec::zero();
+    for (int64_t k = 0; k < K; ++k) {
+      const reg b0 = Vec::load(B + k * ldb + n);
+      for (int r = 0; r < R; ++r) c0[r] = Vec::fmadd(Vec::set1(A[r * a_m + k * a_k]), b0, c0[r]);
+    }
+    for (int r = 0; r < R; ++r) Vec::store(C + r * ldc + n, c0[r]);
+  }
+}
+
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + Vec::MR <= M; m += Vec::MR) {
+    gemm_rows<Vec::MR>(N, K, A + m * a_m, a_m, a_k, B, ldb, C + m * ldc, ldc, accumulate);
+  }
+  for (; m < M; ++m) gemm_rows<1>(N, K, A + m * a_m, a_m, a_k, B, ldb, C + m * ldc, ldc, accumulate);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Row operations on score tiles (n a multiple of Vec::W)
+// ---------------------------------------------------------------------------------------------------
+inline float row_max(const float* x, int64_t n) {
+  typename Vec::reg m = Vec::set1(kNegInf);
+  for (int64_t i = 0; i < n; i += Vec::W) m = Vec::max(m, Vec::load(x + i));
+  return Vec::hmax(m);
+}
+
+// dst = exp(x - shift); returns the sum. exp(-inf) = 0 for masked scores.
+inline float exp_row(const float* x, float* dst, int64_t n, float shift) {
+  const typename Vec::reg sh = Vec::set1(shift);
+  typename Vec::reg sum = Vec::zero();
+  for (int64_t i = 0; i < n; i += Vec::W) {
+    const typename Vec::reg e = Vec::exp(Vec::sub(Vec::load(x + i), sh));
+    Vec::store(dst + i, e);
+    sum = Vec::add(sum, e);
+  }
+  return Vec::hsum(sum);
+}
+
+inline void scale_row(float* x, int64_t n, float a) {
+  const typename Vec::reg av = Vec::set1(a);
+  for (int64_t i = 0; i < n; i += Vec::W) Vec::store(x + i, Vec::mul(Vec::load(x + i), av));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Geometry of the band for one batch row
+// ---------------------------------------------------------------------------------------------------
+struct Band {
+  int64_t seqlen_q, seqlen_k, shift, left, right;
+
+  Band(const AttnParams& p, int64_t b)
+      : seqlen_q(p.seqlen_q),
+        seqlen_k(p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k),
+        shift(seqlen_k - p.seqlen_q),
+        left(p.window_left),
+        right(p.window_right) {}
+
+  // Keys [lo, hi) that some query of [i0, i1) sees.
+  void keys_for(int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) const {
+    lo = left >= 0 ? imax(0, i0 + shift - left) : 0;
+    hi = right >= 0 ? imin(seqlen_k, i1 - 1 + shift + right + 1) : seqlen_k;
+  }
+  // Queries [lo, hi) that see some key of [j0, j1).
+  void queries_for(int64_t j0, int64_t j1, int64_t& lo, int64_t& hi) const {
+    lo = right >= 0 ? imax(0, j0 - shift - right) : 0;
+    hi = left >= 0 ? imin(seqlen_q, j1 - 1 - shift + left + 1) : seqlen_q;
+  }
+};
+
+// Scores s (rows x ld, columns [0, ncols) used) of queries i0.. against keys j0 .. j0 + cols - 1: soft-cap, then
+// -inf outside the band and in the padding columns [cols, ncols).
+inline void finish_scores(const AttnParams& p, const Band& band, float* s, int64_t ld, int64_t rows, int64_t i0,
+                          int64_t j0, int64_t cols, int64_t ncols) {
+  const float cap = p.softcap;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    if (cap > 0.f) {
+      const float inv_cap = 1.f / cap;
+      for (int64_t c = 0; c < cols; ++c) row[c] = cap * std::tanh(row[c] * inv_cap);
+    }
+    const int64_t i = i0 + r;
+    int64_t lo = 0, hi = cols;
+    if (band.left >= 0) lo = imax(lo, i + band.shift - band.left - j0);
+    if (band.right >= 0) hi = imin(hi, i + band.shift + band.right - j0 + 1);
+    lo = imin(lo, ncols);
+    hi = imax(hi, lo);
+    for (int64_t c = 0; c < lo; ++c) row[c] = kNegInf;
+    for (int64_t c = hi; c < ncols; ++c) row[c] = kNegInf;
+  }
+}
+
+// Packs keys j0 .. j0 + cols - 1 of one head: transposed (dp x kBlockK) into `t`, and row-major (cols x dp)
+// into `rowmajor` when given. `tmp` holds one converted row.
+inline void pack_keys(const AttnParams& p, const Tensor4& src, int64_t b, int64_t h, int64_t j0, int64_t cols,
+                      int64_t dp, float* t, float* rowmajor, float* tmp) {
+  const int64_t d = p.headdim;
+  for (int64_t c = 0; c < cols; ++c) {
+    float* row = rowmajor != nullptr ? rowmajor + c * dp : tmp;
+    load_row(p.dtype, src, b, j0 + c, h, d, 1.f, row);
+    for (int64_t e = 0; e < d; ++e) t[e * kBlockK + c] = row[e];
+  }
+}
+
+// P (rows x ncols) = exp(S - lse_row) from recomputed scores; rows with lse = -inf (no visible key) give 0.
+inline void probs_from_lse(const float* s, float* pb, int64_t rows, int64_t ncols, const float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (lse[r] == kNegInf) {
+      for (int64_t c = 0; c < ncols; ++c) pb[r * kBlockK + c] = 0.f;
+    } else {
+      exp_row(s + r * kBlockK, pb + r * kBlockK, ncols, lse[r]);
+    }
+  }
+}
+
+// dS = P * (dP - D) (* the soft-cap derivative 1 - (s / c)^2), in place of dP.
+inline void grad_scores(const AttnParams& p, const float* s, const float* pb, float* dpb, int64_t rows,
+                        int64_t ncols, const float* delta) {
+  const float cap = p.softcap;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* srow = s + r * kBlockK;
+    const float* prow = pb + r * kBlockK;
+    float* drow = dpb + r * kBlockK;
+    if (cap > 0.f) {
+      const float inv_cap = 1.f / cap;
+      for (int64_t c = 0; c < ncols; ++c) {
+        const float t = srow[c] * inv_cap;  // tanh of the raw score; P = 0 where masked (s = -inf)
+        drow[c] = prow[c] == 0.f ? 0.f : prow[c] * (drow[c] - delta[r]) * (1.f - t * t);
+      }
+    } else {
+      const typename Vec::reg dv = Vec::set1(delta[r]);
+      for (int64_t c = 0; c < ncols; c += Vec::W) {
+        Vec::store(drow + c, Vec::mul(Vec::load(prow + c), Vec::sub(Vec::load(drow + c), dv)));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: task = (batch, head, query block)
+// ---------------------------------------------------------------------------------------------------
+void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
+  const int64_t d = p.headdim, dp = round_up_to_vec(d);
+  const int64_t nqb = llmkernels::attention_cpu::num_query_blocks(p), group = p.nheads / p.nheads_k;
+  Scratch scratch(kBlockQ * dp * 2 + dp * kBlockK + kBlockK * dp + kBlockQ * kBlockK + 2 * kBlockQ + dp);
+  float* qb = scratch.data;           // (kBlockQ, dp) scaled queries
+  float* ob = qb + kBlockQ * dp;      // (kBlockQ, dp) unnormalised output
+  float* kt = ob + kBlockQ * dp;      // (dp, kBlockK) keys, transposed
+  float* vb = kt + dp * kBlockK;      // (kBlockK, dp) values
+  float* sb = vb + kBlockK * dp;      // (kBlockQ, kBlockK) scores, then probabilities
+  float* m_run = sb + kBlockQ * kBlockK;  // running row max
+  float* l_run = m_run + kBlockQ;         // running row sum
+  float* tmp = l_run + kBlockQ;           // one converted key row
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t qblock = task % nqb, h = (task / nqb) % p.nheads, b = task / (nqb * p.nheads);
+    const int64_t hk = h / group;
+    const Band band(p, b);
+    const int64_t i0 = qblock * kBlockQ, rows = imin(kBlockQ, p.seqlen_q - i0);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      load_row(p.dtype, p.q, b, i0 + r, h, d, p.softmax_scale, qb + r * dp);
+      std::memset(ob + r * dp, 0, sizeof(float) * dp);
+      m_run[r] = kNegInf;
+      l_run[r] = 0.f;
+    }
+    int64_t klo, khi;
+    band.keys_for(i0, i0 + rows, klo, khi);
+    for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
+      const int64_t cols = imin(kBlockK, khi - j0), ncols = round_up_to_vec(cols);
+      pack_keys(p, p.k, b, hk, j0, cols, dp, kt, nullptr, tmp);
+      for (int64_t c = 0; c < cols; ++c) load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, vb + c * dp);
+
+      gemm(rows, ncols, dp, qb, dp, 1, kt, kBlockK, sb, kBlockK, false);
+      finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = sb + r * kBlockK;
+        const float m_new = std::fmax(m_run[r], row_max(row, ncols));
+        if (m_new == kNegInf) {  // nothing visible yet in this row: contributes nothing
+          std::memset(row, 0, sizeof(float) * ncols);
+          continue;
+        }
+        const float alpha = std::exp(m_run[r] - m_new);  // 0 on the first visible block
+        l_run[r] = l_run[r] * alpha + exp_row(row, row, ncols, m_new);
+        m_run[r] = m_new;
+        if (alpha != 1.f) scale_row(ob + r * dp, dp, alpha);
+      }
+      gemm(rows, dp, cols, sb, kBlockK, 1, vb, dp, ob, dp, true);
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      float* out = p.out + ((b * p.seqlen_q + i) * p.nheads + h) * d;
+      float* lse = p.lse + (b * p.nheads + h) * p.seqlen_q + i;
+      if (l_run[r] == 0.f) {
+        for (int64_t e = 0; e < d; ++e) out[e] = 0.f;
+        *lse = kNegInf;
+      } else {
+        const float inv = 1.f / l_run[r];
+        for (int64_t e = 0; e < d; ++e) out[e] = ob[r * dp + e] * inv;
+        *lse = m_run[r] + std::log(l_run[r]);
+      }
+    }
+  }
+}
+
+// Per-thread buffers of one query block in the backward: scaled q, dout, lse and D rows.
+struct QueryBlock {
+  float *qs, *dob, *lse, *delta;
+
+  void load(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t dp) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      load_row(p.dtype, p.q, b, i0 + r, h, p.headdim, p.softmax_scale, qs + r * dp);
+      load_row(p.dtype, p.dout, b, i0 + r, h, p.headdim, 1.f, dob + r * dp);
+      const int64_t row = (b * p.nheads + h) * p.seqlen_q + i0 + r;
+      lse[r] = p.lse_in[row];
+      delta[r] = p.delta[row];
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, pass 1: task = (batch, KV head, key block) -> dK, dV
+// ---------------------------------------------------------------------------------------------------
+void bwd_dkv_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
+  const int64_t d = p.headdim, dp = round_up_to_vec(d);
+  const int64_t nkb = llmkernels::attention_cpu::num_key_blocks(p), group = p.nheads / p.nheads_k;
+  Scratch scratch(2 * kBlockQ * dp + 2 * dp * kBlockK + 2 * kBlockK * dp + 3 * kBlockQ * kBlockK + 2 * kBlockQ + dp);
+  QueryBlock qblk;
+  qblk.qs = scratch.data;                  // (kBlockQ, dp)
+  qblk.dob = qblk.qs + kBlockQ * dp;       // (kBlockQ, dp)
+  float* kt = qblk.dob + kBlockQ * dp;     // (dp, kBlockK)
+  float* vt = kt + dp * kBlockK;           // (dp, kBlockK)
+  float* dk_acc = vt + dp * kBlockK;       // (kBlockK, dp)
+  float* dv_acc = dk_acc + kBlockK * dp;   // (kBlockK, dp)
+  float* sb = dv_acc + kBlockK * dp;       // (kBlockQ, kBlockK) scores
+  float* pb = sb + kBlockQ * kBlockK;      // probabilities
+  float* dsb = pb + kBlockQ * kBlockK;     // dP, then dS
+  qblk.lse = dsb + kBlockQ * kBlockK;
+  qblk.delta = qblk.lse + kBlockQ;
+  float* tmp = qblk.delta + kBlockQ;
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t kblock = task % nkb, hk = (task / nkb) % p.nheads_k, b = task / (nkb * p.nheads_k);
+    const Band band(p, b);
+    const int64_t j0 = kblock * kBlockK, cols = imin(kBlockK, p.seqlen_k - j0), ncols = round_up_to_vec(cols);
+    pack_keys(p, p.k, b, hk, j0, cols, dp, kt, nullptr, tmp);
+    pack_keys(p, p.v, b, hk, j0, cols, dp, vt, nullptr, tmp);
+    std::memset(dk_acc, 0, sizeof(float) * kBlockK * dp);
+    std::memset(dv_acc, 0, sizeof(float) * kBlockK * dp);
+
+    int64_t qlo, qhi;
+    band.queries_for(j0, j0 + cols, qlo, qhi);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t i0 = qlo; i0 < qhi; i0 += kBlockQ) {
+        const int64_t rows = imin(kBlockQ, qhi - i0);
+        qblk.load(p, b, h, i0, rows, dp);
+        gemm(rows, ncols, dp, qblk.qs, dp, 1, kt, kBlockK, sb, kBlockK, false);
+        finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
+        probs_from_lse(sb, pb, rows, ncols, qblk.lse);
+        gemm(cols, dp, rows, pb, 1, kBlockK, qblk.dob, dp, dv_acc, dp, true);  // dV += P^T dO
+        gemm(rows, ncols, dp, qblk.dob, dp, 1, vt, kBlockK, dsb, kBlockK, false);  // dP = dO V^T
+        grad_scores(p, sb, pb, dsb, rows, ncols, qblk.delta);
+        gemm(cols, dp, rows, dsb, 1, kBlockK, qblk.qs, dp, dk_acc, dp, true);  // dK += dS^T (scale Q)
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t row = ((b * p.seqlen_k + j0 + c) * p.nheads_k + hk) * d;
+      std::memcpy(p.dk + row, dk_acc + c * dp, sizeof(float) * d);
+      std::memcpy(p.dv + row, dv_acc + c * dp, sizeof(float) * d);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, pass 2: task = (batch, head, query block) -> dQ
+// ---------------------------------------------------------------------------------------------------
+void bwd_dq_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
+  const int64_t d = p.headdim, dp = round_up_to_vec(d);
+  const int64_t nqb = llmkernels::attention_cpu::num_query_blocks(p), group = p.nheads / p.nheads_k;
+  Scratch scratch(3 * kBlockQ * dp + 2 * dp * kBlockK + kBlockK * dp + 3 * kBlockQ * kBlockK + 2 * kBlockQ);
+  QueryBlock qblk;
+  qblk.qs = scratch.data;
+  qblk.dob = qblk.qs + kBlockQ * dp;
+  float* dq_acc = qblk.dob + kBlockQ * dp;  // (kBlockQ, dp)
+  float* kt = dq_acc + kBlockQ * dp;
+  float* vt = kt + dp * kBlockK;
+  float* kb = vt + dp * kBlockK;            // (kBlockK, dp) keys, row-major
+  float* sb = kb + kBlockK * dp;
+  float* pb = sb + kBlockQ * kBlockK;
+  float* dsb = pb + kBlockQ * kBlockK;
+  qblk.lse = dsb + kBlockQ * kBlockK;
+  qblk.delta = qblk.lse + kBlockQ;
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t qblock = task % nqb, h = (task / nqb) % p.nheads, b = task / (nqb * p.nheads);
+    const int64_t hk = h / group;
+    const Band band(p, b);
+    const int64_t i0 = qblock * kBlockQ, rows = imin(kBlockQ, p.seqlen_q - i0);
+    qblk.load(p, b, h, i0, rows, dp);
+    std::memset(dq_acc, 0, sizeof(float) * kBlockQ * dp);
+
+    int64_t klo, khi;
+    band.keys_for(i0, i0 + rows, klo, khi);
+    for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
+      const int64_t cols = imin(kBlockK, khi - j0), ncols = round_up_to_vec(cols);
+      pack_keys(p, p.k, b, hk, j0, cols, dp, kt, kb, nullptr);
+      pack_keys(p, p.v, b, hk, j0, cols, dp, vt, nullptr, sb);  // sb is free until the next gemm
+      gemm(rows, ncols, dp, qblk.qs, dp, 1, kt, kBlockK, sb, kBlockK, false);
+      finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
+      probs_from_lse(sb, pb, rows, ncols, qblk.lse);
+      gemm(rows, ncols, dp, qblk.dob, dp, 1, vt, kBlockK, dsb, kBlockK, false);
+      grad_scores(p, sb, pb, dsb, rows, ncols, qblk.delta);
+      gemm(rows, dp, cols, dsb, kBlockK, 1, kb, dp, dq_acc, dp, true);  // dQ += dS K
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dq = p.dq + ((b * p.seqlen_q + i0 + r) * p.nheads + h) * d;
+      for (int64_t e = 0; e < d; ++e) dq[e] = dq_acc[r * dp + e] * p.softmax_scale;
+    }
+  }
+}
+
+}  // namespace
+
+#define LLMK_ATTN_CAT2(a, b) a##b
+#define LLMK_ATTN_CAT(a, b) LLMK_ATTN_CAT2(a, b)
+
+namespace llmkernels::attention_cpu {
+void LLMK_ATTN_CAT(fwd_tasks_, LLMK_ISA)(const AttnParams& p, int64_t begin, int64_t end) {
+  fwd_tasks_impl(p, begin, end);
+}
+void LLMK_ATTN_CAT(bwd_dkv_tasks_, LLMK_ISA)(const AttnParams& p, int64_t begin, int64_t end) {
+  bwd_dkv_tasks_impl(p, begin, end);
+}
+void LLMK_ATTN_CAT(bwd_dq_tasks_, LLMK_ISA)(const AttnParams& p, int64_t begin, int64_t end) {
+  bwd_dq_tasks_impl(p, begin, end);
+}
+}  // namespace llmkernels::attention_cpu

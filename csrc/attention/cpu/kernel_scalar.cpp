@@ -1,0 +1,33 @@
+// The CPU attention kernels in portable C++ (one lane per "register"; the compiler may still auto-vectorise).
+// Used on CPUs without AVX2/FMA and on non-x86 machines.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention/cpu/flash_attn_cpu.h"
+
+namespace {
+
+struct Vec {
+  using reg = float;
+  static constexpr int W = 1;
+  static constexpr int MR = 4;
+  static reg zero() { return 0.f; }
+  static reg set1(float x) { return x; }
+  static reg load(const float* p) { return *p; }
+  static void store(float* p, reg x) { *p = x; }
+  static reg add(reg a, reg b) { return a + b; }
+  static reg sub(reg a, reg b) { return a - b; }
+  static reg mul(reg a, reg b) { return a * b; }
+  static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
+  static reg max(reg a, reg b) { return std::max(a, b); }
+  static float hmax(reg x) { return x; }
+  static float hsum(reg x) { return x; }
+  static reg exp(reg x) { return std::exp(x); }
+};
+
+}  // namespace
+
+#define LLMK_ISA scalar
+#include "attention/cpu/flash_attn_kernel.h"

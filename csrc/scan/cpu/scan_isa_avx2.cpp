@@ -1,0 +1,42 @@
+// The per-row scan kernels (scan_rows.inc) compiled for avx2, chosen at run time by scan_cpu.cpp.
+// Only plain C++ and intrinsics live under the target pragma (see scan_kernels.h for why).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "scan/cpu/scan_kernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+namespace llmkernels::scan_cpu::isa_avx2 {
+#include "scan/cpu/vec_avx2.inc"
+#include "scan/cpu/vexp_poly.inc"
+#include "scan/cpu/scan_rows.inc"
+}  // namespace llmkernels::scan_cpu::isa_avx2
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace llmkernels::scan_cpu {
+Kernels kernels_avx2() { return {isa_avx2::fwd_row, isa_avx2::bwd_row, "avx2"}; }
+}  // namespace llmkernels::scan_cpu
+
+#else  // not x86-64: the portable kernels
+
+namespace llmkernels::scan_cpu {
+Kernels kernels_avx2() { return kernels_scalar(); }
+}  // namespace llmkernels::scan_cpu
+
+#endif

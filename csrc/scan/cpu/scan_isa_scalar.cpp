@@ -1,0 +1,15 @@
+// The per-row scan kernels (scan_rows.inc) with one fp32 lane and std::exp: the portable fallback.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "scan/cpu/scan_kernels.h"
+
+namespace llmkernels::scan_cpu::isa_scalar {
+#include "scan/cpu/vec_scalar.inc"
+#include "scan/cpu/scan_rows.inc"
+}  // namespace llmkernels::scan_cpu::isa_scalar
+
+namespace llmkernels::scan_cpu {
+Kernels kernels_scalar() { return {isa_scalar::fwd_row, isa_scalar::bwd_row, "scalar"}; }
+}  // namespace llmkernels::scan_cpu

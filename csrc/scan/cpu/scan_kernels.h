@@ -1,0 +1,70 @@
+// Per-row selective-scan kernels for the CPU, compiled once per instruction set (scan_isa_*.cpp) and
+// chosen at run time. This header is plain C++ (no torch): the ISA files compile it under
+// `#pragma GCC target`, and torch's inline functions must never be compiled that way (the linker could
+// then pick an AVX-512 copy of a torch function for an AVX2-only machine).
+//
+// A "row" is one (batch, channel) pair: its inputs over time and its state vector. The host code
+// (scan_cpu.cpp) converts inputs to fp32, applies delta_bias / softplus, and packs A, B, C with dstate
+// padded to a multiple of 16 with zeros (A = 0, B = 0, C = 0 lanes keep a zero state that adds nothing).
+#pragma once
+
+#include <cstdint>
+
+namespace llmkernels::scan_cpu {
+
+constexpr int kStatePad = 16;    // dstate is padded to a multiple of this (the AVX-512 width)
+constexpr int kMaxState = 256;   // largest dstate supported
+constexpr int64_t kChunk = 64;   // backward: a state checkpoint every kChunk steps
+
+inline int64_t padded_state(int64_t dstate) { return (dstate + kStatePad - 1) / kStatePad * kStatePad; }
+
+// Scratch floats bwd_row needs for a row of length L with padded dstate npad.
+inline int64_t bwd_scratch_floats(int64_t L, int64_t npad) {
+  return L + (L / kChunk + 1) * npad + (kChunk + 1) * npad + kChunk * npad;
+}
+
+struct ScanRow {
+  int64_t L;
+  int64_t npad;
+  const float* u;      // (L,)
+  const float* delta;  // (L,) after delta_bias and softplus
+  const float* z;      // (L,) or nullptr
+  const float* A;      // (npad,)
+  const float* B;      // B_t at B + t * b_stride: (npad,) each
+  const float* C;
+  int64_t b_stride;  // 0 for constant B, npad for per-token B
+  int64_t c_stride;
+  float D;  // 0 when absent
+};
+
+struct ScanRowGrad {
+  const float* dout;   // (L,)
+  const float* dlast;  // (npad,) gradient of the last state, or nullptr
+  float* du;           // (L,) written
+  float* ddelta;       // (L,) written: gradient w.r.t. delta after softplus
+  float* dz;           // (L,) written when z is given
+  float* dA;           // (npad,) accumulated
+  float* dB;           // accumulated at dB + t * b_stride (same strides as B)
+  float* dC;           // accumulated at dC + t * c_stride
+  float* dD;           // (1,) accumulated
+  float* dinit;        // (npad,) written: gradient of the initial state
+  float* scratch;      // bwd_scratch_floats(L, npad) floats
+};
+
+// Forward: state (npad,) holds the initial state and receives the last; out (L,) fp32.
+using FwdRowFn = void (*)(const ScanRow& r, float* state, float* out);
+// Backward: init (npad,) the initial state (zeros when absent); recomputes the states from checkpoints.
+using BwdRowFn = void (*)(const ScanRow& r, const float* init, const ScanRowGrad& g);
+
+struct Kernels {
+  FwdRowFn fwd_row;
+  BwdRowFn bwd_row;
+  const char* isa;
+};
+
+// Implemented in scan_isa_avx512.cpp, scan_isa_avx2.cpp, scan_isa_scalar.cpp.
+Kernels kernels_avx512();
+Kernels kernels_avx2();
+Kernels kernels_scalar();
+
+}  // namespace llmkernels::scan_cpu

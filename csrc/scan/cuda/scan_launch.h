@@ -1,0 +1,72 @@
+// Launchers of the scan-family CUDA kernels, defined in the per-kernel .cu files and called by scan_api.cu.
+// T is the activations' dtype (float, __half, __nv_bfloat16); S the decode state's dtype.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "scan/cuda/scan_common.cuh"
+
+namespace llmkernels::scan {
+
+template <typename T>
+void launch_selective_scan_fwd(const ScanFwdParams& p, cudaStream_t stream);
+template <typename T>
+void launch_selective_scan_bwd(const ScanBwdParams& p, cudaStream_t stream);
+
+// One decode step of the scan. x, dt, z: (batch, dim); B, C: (batch, ngroups, dstate); all contiguous.
+// state: (batch, dim, dstate) with any strides, updated in place.
+struct StateUpdateParams {
+  int batch, dim, dstate, ngroups, channels_per_group;
+  bool dt_softplus;
+  void* state;
+  int64_t state_stride_b, state_stride_d, state_stride_n;
+  const void* x;
+  const void* dt;
+  const void* z;         // or null
+  const float* A;        // (dim, dstate)
+  const void* B;
+  const void* C;
+  const float* D;        // (dim,) or null
+  const float* dt_bias;  // (dim,) or null
+  void* out;             // (batch, dim)
+};
+template <typename T, typename S>
+void launch_selective_state_update(const StateUpdateParams& p, cudaStream_t stream);
+
+// Depthwise causal conv1d. x, out, dout, dx: (batch, dim, seqlen) contiguous; weight (dim, width) and bias
+// (dim,) fp32; dweight/dbias fp32 accumulators the host zeroes.
+struct ConvParams {
+  int batch, dim, seqlen, width;
+  bool silu;
+  const void* x;
+  const float* weight;
+  const float* bias;  // or null
+  void* out;
+  const void* dout;
+  void* dx;
+  float* dweight;
+  float* dbias;       // or null
+};
+template <typename T>
+void launch_causal_conv1d_fwd(const ConvParams& p, cudaStream_t stream);
+template <typename T>
+void launch_causal_conv1d_bwd(const ConvParams& p, cudaStream_t stream);
+
+// One decode step: conv_state (batch, dim, state_len >= width), any strides, shifted left by one with x appended
+// in place; out = act(bias + sum_k weight[k] * conv_state[state_len - width + k]). x, out: (batch, dim).
+struct ConvUpdateParams {
+  int batch, dim, width, state_len;
+  bool silu;
+  const void* x;
+  void* conv_state;
+  int64_t state_stride_b, state_stride_d, state_stride_w;
+  const float* weight;
+  const float* bias;
+  void* out;
+};
+template <typename T>
+void launch_causal_conv1d_update(const ConvUpdateParams& p, cudaStream_t stream);
+
+}  // namespace llmkernels::scan

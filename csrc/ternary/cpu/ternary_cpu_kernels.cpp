@@ -1,0 +1,232 @@
+// CPU kernels of the ternary linear layers: integer dot products of int8 activations with 2-bit weights.
+//
+// Math: with codes c = w + 1 in {0, 1, 2} (what the packed bytes hold), sum_k x_q[k] w[k] =
+// sum_k c[k] x_q[k] - sum_k x_q[k]. The first sum is an unsigned-by-signed byte dot product, the native
+// shape of AVX2 `vpmaddubsw` and AVX-512 VNNI `vpdpbusd`; the second is computed once per token.
+//
+// Tiling: a 64-byte packed block (256 weights) is loaded once and shifted / masked into four vectors of
+// 64 consecutive codes; each is multiplied with up to 4 tokens (MT) so the unpacking is shared. Output
+// rows are split across threads (at::parallel_for) and walked in tiles of 64 rows per token tile, so a
+// tile of weights stays in L2 while it is reused by every token tile.
+//
+// Speed: for 1 token this is a stream over the packed weights (K / 4 bytes a row), 16x fewer bytes than
+// fp32 F.linear; unpacking costs ~2 ALU ops per 32 weights, so a core runs near its memory / L2 bandwidth.
+#include "ternary/cpu/ternary_cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/cpu_features.h"
+
+namespace llmkernels::ternary_cpu {
+
+namespace {
+
+constexpr int kMaxTokensPerTile = 4;
+constexpr int64_t kRowTile = 64;  // rows of weights reused across token tiles while they sit in L2
+
+// ---- scalar fallback ------------------------------------------------------------------------------
+template <int MT>
+void dot_codes_scalar(const uint8_t* w, const int8_t* x, int64_t x_stride, int64_t nblocks, int32_t* out) {
+  int32_t acc[MT] = {};
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int j = 0; j < kBlockBytes; ++j) {
+      const uint8_t byte = w[b * kBlockBytes + j];
+      for (int s = 0; s < 4; ++s) {
+        const int32_t c = (byte >> (2 * s)) & 3;
+        const int64_t k = b * kBlockWeights + 64 * s + j;
+        for (int t = 0; t < MT; ++t) acc[t] += c * x[t * x_stride + k];
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = acc[t];
+}
+
+// ---- AVX2: vpmaddubsw (u8 codes x s8 activations -> s16 pairs), vpmaddwd to s32 ---------------------
+__attribute__((target("avx2,fma"))) inline int32_t hsum_epi32_avx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int MT>
+__attribute__((target("avx2,fma"))) void dot_codes_avx2(const uint8_t* w, const int8_t* x, int64_t x_stride,
+                                                        int64_t nblocks, int32_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int h = 0; h < 2; ++h) {  // the block's two 32-byte halves: weights 64 s + 32 h + (0..31)
+      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes + 32 * h));
+      // 16-bit shifts are fine: the mask keeps only bits that stayed inside their own byte.
+      const __m256i c0 = _mm256_and_si256(wb, mask);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(wb, 2), mask);
+      const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(wb, 4), mask);
+      const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(wb, 6), mask);
+      for (int t = 0; t < MT; ++t) {
+        const int8_t* xb = x + t * x_stride + b * kBlockWeights + 32 * h;
+        // each pair sum is <= 2 * 2 * 128 = 512 in magnitude, four of them fit s16 without saturating
+        __m256i p = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64))));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 128))));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 192))));
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = hsum_epi32_avx2(acc[t]);
+}
+
+// ---- AVX-512 VNNI: vpdpbusd accumulates u8 x s8 quads straight into s32 ----------------------------
+template <int MT>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_codes_vnni(const uint8_t* w, const int8_t* x,
+                                                                           int64_t x_stride, int64_t nblocks,
+                                                                           int32_t* out) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  // two accumulators per token (s even / odd) halve the vpdpbusd dependency chain
+  __m512i acc0[MT], acc1[MT];
+  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m512i wb = _mm512_loadu_si512(w + b * kBlockBytes);
+    const __m512i c0 = _mm512_and_si512(wb, mask);  // weights 256 b + 0..63
+    const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(wb, 2), mask);
+    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask);
+    const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(wb, 6), mask);
+    for (int t = 0; t < MT; ++t) {
+      const int8_t* xb = x + t * x_stride + b * kBlockWeights;
+      acc0[t] = _mm512_dpbusd_epi32(acc0[t], c0, _mm512_loadu_si512(xb));
+      acc1[t] = _mm512_dpbusd_epi32(acc1[t], c1, _mm512_loadu_si512(xb + 64));
+      acc0[t] = _mm512_dpbusd_epi32(acc0[t], c2, _mm512_loadu_si512(xb + 128));
+      acc1[t] = _mm512_dpbusd_epi32(acc1[t], c3, _mm512_loadu_si512(xb + 192));
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[t], acc1[t]));
+}
+
+using DotCodesFn = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, int32_t*);
+
+// dot[mt - 1] handles a tile of mt tokens, for the widest instruction set allowed here.
+struct DotTable {
+  DotCodesFn fn[kMaxTokensPerTile];
+};
+
+const DotTable& dot_table() {
+  static const DotTable table = [] {
+    if (use_avx512_vnni()) {
+      return DotTable{{dot_codes_vnni<1>, dot_codes_vnni<2>, dot_codes_vnni<3>, dot_codes_vnni<4>}};
+    }
+    if (use_avx2()) {
+      return DotTable{{dot_codes_avx2<1>, dot_codes_avx2<2>, dot_codes_avx2<3>, dot_codes_avx2<4>}};
+    }
+    return DotTable{{dot_codes_scalar<1>, dot_codes_scalar<2>, dot_codes_scalar<3>, dot_codes_scalar<4>}};
+  }();
+  return table;
+}
+
+// ---- weight-only (fp32 activations) ---------------------------------------------------------------
+void unpack_row_f32(const uint8_t* w, int64_t nblocks, float* out) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int s = 0; s < 4; ++s) {
+      for (int j = 0; j < kBlockBytes; ++j) {
+        out[b * kBlockWeights + 64 * s + j] = static_cast<float>(((w[b * kBlockBytes + j] >> (2 * s)) & 3) - 1);
+      }
+    }
+  }
+}
+
+float dot_f32_scalar(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// n is a multiple of 256 (K_pad)
+__attribute__((target("avx2,fma"))) float dot_f32_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < n; i += 32) {
+    for (int u = 0; u < 4; ++u) {
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * u), _mm256_loadu_ps(b + i + 8 * u), acc[u]);
+    }
+  }
+  __m256 v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+float quantize_row(const scalar_t* x, int64_t K, int64_t k_pad, int8_t* x_q, int32_t* sum) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
+  const float s = std::max(amax, 1e-5f);
+  int32_t total = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    // (x * 127) / s in fp32, then round half to even: the same order and rounding as every other backend
+    const float v = std::nearbyint((static_cast<float>(x[k]) * 127.0f) / s);
+    const int32_t q = static_cast<int32_t>(std::min(127.0f, std::max(-128.0f, v)));
+    x_q[k] = static_cast<int8_t>(q);
+    total += q;
+  }
+  for (int64_t k = K; k < k_pad; ++k) x_q[k] = 0;
+  if (sum != nullptr) *sum = total;
+  return s;
+}
+
+template float quantize_row<float>(const float*, int64_t, int64_t, int8_t*, int32_t*);
+template float quantize_row<double>(const double*, int64_t, int64_t, int8_t*, int32_t*);  // dispatch macro needs it
+template float quantize_row<c10::Half>(const c10::Half*, int64_t, int64_t, int8_t*, int32_t*);
+template float quantize_row<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, int8_t*, int32_t*);
+
+void matmul_int8(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
+                 int32_t* acc) {
+  const int64_t nblocks = k_pad / kBlockWeights;
+  const int64_t row_bytes = k_pad / 4;
+  const DotTable& dot = dot_table();
+  at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t r0 = n_begin; r0 < n_end; r0 += kRowTile) {
+      const int64_t r1 = std::min(n_end, r0 + kRowTile);
+      for (int64_t t0 = 0; t0 < m; t0 += kMaxTokensPerTile) {
+        const int mt = static_cast<int>(std::min<int64_t>(kMaxTokensPerTile, m - t0));
+        for (int64_t n = r0; n < r1; ++n) {
+          int32_t out[kMaxTokensPerTile];
+          dot.fn[mt - 1](w + n * row_bytes, x_q + t0 * k_pad, k_pad, nblocks, out);
+          for (int t = 0; t < mt; ++t) acc[(t0 + t) * N + n] = out[t] - xsum[t0 + t];
+        }
+      }
+    }
+  });
+}
+
+void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, float* y) {
+  const int64_t nblocks = k_pad / kBlockWeights;
+  const int64_t row_bytes = k_pad / 4;
+  constexpr int64_t kRows = 8;  // rows unpacked to fp32 at once, reused by every token
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, N, kRows, [&](int64_t n_begin, int64_t n_end) {
+    std::vector<float> wf(kRows * k_pad);
+    for (int64_t r0 = n_begin; r0 < n_end; r0 += kRows) {
+      const int64_t rows = std::min(kRows, n_end - r0);
+      for (int64_t r = 0; r < rows; ++r) unpack_row_f32(w + (r0 + r) * row_bytes, nblocks, wf.data() + r * k_pad);
+      for (int64_t t = 0; t < m; ++t) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* a = x + t * k_pad;
+          const float* b = wf.data() + r * k_pad;
+          y[t * N + r0 + r] = avx2 ? dot_f32_avx2(a, b, k_pad) : dot_f32_scalar(a, b, k_pad);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace llmkernels::ternary_cpu

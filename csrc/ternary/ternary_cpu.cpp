@@ -1,0 +1,138 @@
+// Host side of the ternary linear ops on CPU: argument checks, activation quantisation (one pass per token
+// row into a zero-padded int8 buffer), the integer / fp32 matmuls of cpu/ternary_cpu_kernels.cpp, and the
+// fp32 epilogue. Semantics: llmkernels/reference/ternary.py.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/checks.h"
+#include "ternary/ternary_checks.h"
+#include "ternary/cpu/ternary_cpu_kernels.h"
+
+namespace llmkernels {
+namespace {
+
+using namespace ternary_cpu;
+
+// x: (m, K) contiguous -> x_q (m, k_pad) zero-padded, s (m,) fp32, xsum (m,) int32.
+void quantize_rows(const at::Tensor& x, int64_t k_pad, at::Tensor& x_q, at::Tensor& s, at::Tensor& xsum) {
+  const int64_t m = x.size(0), K = x.size(1);
+  x_q = at::empty({m, k_pad}, x.options().dtype(at::kChar));
+  s = at::empty({m}, x.options().dtype(at::kFloat));
+  xsum = at::empty({m}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ternary_quantize_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    int8_t* qp = x_q.data_ptr<int8_t>();
+    float* sp = s.data_ptr<float>();
+    int32_t* sum = xsum.data_ptr<int32_t>();
+    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) sp[i] = quantize_row(xp + i * K, K, k_pad, qp + i * k_pad, sum + i);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_activation_cpu(const at::Tensor& x_in) {
+  constexpr const char* op = "ternary_quantize_activation";
+  LLMK_CHECK_DEVICE(op, x_in, at::kCPU);
+  LLMK_CHECK_ARG(at::isFloatingType(x_in.scalar_type()) && x_in.scalar_type() != at::kDouble, op, "x",
+                 "must be float16, bfloat16 or float32, got ", x_in.scalar_type());
+  LLMK_CHECK_ARG(x_in.dim() >= 1 && x_in.size(-1) > 0, op, "x", "must have a non-empty last dimension, got ",
+                 x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t K = x.size(-1);
+  at::Tensor x_q, s, xsum;
+  quantize_rows(x.view({-1, K}), K, x_q, s, xsum);
+  return {x_q.view(x.sizes()), s.view(x.sizes().slice(0, x.dim() - 1))};
+}
+
+at::Tensor matmul_int8_cpu(const at::Tensor& x_q, const at::Tensor& w_packed, int64_t in_features) {
+  constexpr const char* op = "ternary_matmul_int8";
+  LLMK_CHECK_DEVICE(op, x_q, at::kCPU);
+  LLMK_CHECK_DTYPE(op, x_q, at::kChar);
+  LLMK_CHECK_DIM(op, x_q, 2);
+  LLMK_CHECK_ARG(x_q.size(1) == in_features, op, "x_q", "must have in_features = ", in_features,
+                 " columns, got ", x_q.sizes());
+  const int64_t k_pad = ternary::check_packed_weight(op, w_packed, x_q, in_features);
+  const int64_t m = x_q.size(0), N = w_packed.size(0);
+  // the kernels read whole 256-weight blocks: give them a zero-padded copy unless x_q already is one
+  at::Tensor xp = x_q.contiguous();
+  if (k_pad != in_features) {
+    xp = at::constant_pad_nd(xp, {0, k_pad - in_features}, 0);
+  }
+  const at::Tensor xsum = xp.sum(1, /*keepdim=*/false, at::kInt);
+  at::Tensor acc = at::empty({m, N}, x_q.options().dtype(at::kInt));
+  if (m > 0 && N > 0) {
+    matmul_int8(xp.data_ptr<int8_t>(), xsum.data_ptr<int32_t>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad,
+                acc.data_ptr<int32_t>());
+  }
+  return acc;
+}
+
+at::Tensor linear_a8_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                         const std::optional<at::Tensor>& bias, int64_t in_features) {
+  constexpr const char* op = "ternary_linear_a8";
+  LLMK_CHECK_DEVICE(op, x_in, at::kCPU);
+  ternary::check_linear_args(op, x_in, w_packed, w_scale, bias, in_features);
+  const int64_t k_pad = ternary::padded_in_features(in_features);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), N = w_packed.size(0);
+  at::Tensor out = at::empty({m, N}, x.options());
+  if (m == 0 || N == 0) return out;
+  at::Tensor x_q, s, xsum;
+  quantize_rows(x, k_pad, x_q, s, xsum);
+  at::Tensor acc = at::empty({m, N}, x.options().dtype(at::kInt));
+  matmul_int8(x_q.data_ptr<int8_t>(), xsum.data_ptr<int32_t>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad,
+              acc.data_ptr<int32_t>());
+  const float gamma = w_scale.item<float>();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ternary_linear_a8_epilogue", [&] {
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    const float* sp = s.data_ptr<float>();
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float row_scale = (sp[i] * gamma) / 127.0f;  // same order as the reference
+        for (int64_t n = 0; n < N; ++n) {
+          float y = static_cast<float>(ap[i * N + n]) * row_scale;
+          if (bp != nullptr) y += static_cast<float>(bp[n]);
+          op_[i * N + n] = static_cast<scalar_t>(y);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                         const std::optional<at::Tensor>& bias, int64_t in_features) {
+  constexpr const char* op = "ternary_linear_w2";
+  LLMK_CHECK_DEVICE(op, x_in, at::kCPU);
+  ternary::check_linear_args(op, x_in, w_packed, w_scale, bias, in_features);
+  const int64_t k_pad = ternary::padded_in_features(in_features);
+  const int64_t m = x_in.size(0), N = w_packed.size(0);
+  at::Tensor out = at::empty({m, N}, x_in.options());
+  if (m == 0 || N == 0) return out;
+  // fp32, zero-padded to whole blocks
+  const at::Tensor xf = at::constant_pad_nd(x_in.to(at::kFloat), {0, k_pad - in_features}, 0).contiguous();
+  at::Tensor y = at::empty({m, N}, x_in.options().dtype(at::kFloat));
+  matmul_f32(xf.data_ptr<float>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad, y.data_ptr<float>());
+  y.mul_(w_scale.to(at::kFloat));
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  out.copy_(y);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmkernels, CPU, m) {
+  m.impl("ternary_quantize_activation", &quantize_activation_cpu);
+  m.impl("ternary_matmul_int8", &matmul_int8_cpu);
+  m.impl("ternary_linear_a8", &linear_a8_cpu);
+  m.impl("ternary_linear_w2", &linear_w2_cpu);
+}
+
+}  // namespace llmkernels

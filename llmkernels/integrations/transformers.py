@@ -1,0 +1,70 @@
+"""Hugging Face transformers integration (transformers is an optional extra, imported only here).
+
+    import llmkernels.integrations.transformers as lk_hf
+    lk_hf.register()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="llmkernels")
+
+`register()` adds an attention function to transformers' `AttentionInterface` and a mask function to its
+`AttentionMaskInterface` under the name "llmkernels". Like FlashAttention's integration, the model then
+hands the attention a 2D padding mask only when some token is padding (else None), so the common case
+is one `flash_attn_func` call with the causal / sliding-window band; padded batches are unpadded row by
+row. Works in prefill and in `generate()` with the model's own KV cache (keys arrive already concatenated).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.attention import flash_attn_func
+
+NAME = "llmkernels"
+
+
+def llmkernels_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention: query (batch, nheads, q_len, d), key/value (batch, nheads_k, kv_len, d),
+    attention_mask None or (batch, >= kv_len) bool padding mask. Returns ((batch, q_len, nheads, d), None)."""
+    if dropout > 0.0 and module.training:
+        raise NotImplementedError("llmkernels attention: dropout > 0 in training is not supported")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = (sliding_window - 1, 0 if causal else sliding_window - 1) if sliding_window else (-1, -1)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, heads, d)
+    args = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+    if attention_mask is None:
+        return flash_attn_func(q, k, v, **args), None
+    return _padded_attention(q, k, v, attention_mask[:, -k.shape[1] :].bool(), args), None
+
+
+def _padded_attention(q, k, v, key_mask, args) -> torch.Tensor:
+    """Row by row over the valid tokens only. Padding must be one contiguous block (left or right), as
+    tokenizers make it, so each row's valid queries and keys stay aligned at the bottom-right corner."""
+    out = torch.zeros_like(q)
+    query_mask = key_mask[:, -q.shape[1] :]
+    for row in range(q.shape[0]):
+        qi, ki = query_mask[row].nonzero().squeeze(1), key_mask[row].nonzero().squeeze(1)
+        if qi.numel() and ki.numel():
+            out[row, qi] = flash_attn_func(q[row : row + 1, qi], k[row : row + 1, ki], v[row : row + 1, ki], **args)[0]
+    return out
+
+
+def register() -> None:
+    """Make `attn_implementation="llmkernels"` available to every transformers model that uses the
+    AttentionInterface (Llama, Mistral, Qwen2, Gemma, ... families)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, llmkernels_attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)

@@ -1,0 +1,72 @@
+"""Pieces shared by the demo models: RMSNorm, rotary embedding, SwiGLU, greedy generation."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position * base^(-2i/d) (the Llama/Mistral layout).
+
+    x: (batch, seqlen, nheads, headdim); positions: (batch, seqlen) absolute positions.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[..., None] * inv_freq  # (batch, seqlen, half)
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding with the model's own cache: one prefill call, then one token per step.
+
+    The model provides `new_cache(batch)` and `forward(tokens, cache) -> logits` where tokens continue the
+    sequence the cache has seen. Returns (tokens (batch, new_tokens), top-2 logit margins (batch, new_tokens)),
+    the margins letting a caller tell a real disagreement from a near-tie between two backends.
+    """
+    cache = model.new_cache(prompt.shape[0])
+    logits = model(prompt, cache)[:, -1]
+    out, margins = [], []
+    for step in range(new_tokens):
+        top2 = logits.float().topk(2, dim=-1)
+        token = top2.indices[:, :1]
+        out.append(token)
+        margins.append(top2.values[:, 0] - top2.values[:, 1])
+        if on_token is not None:
+            on_token(step)
+        if step + 1 < new_tokens:
+            logits = model(token, cache)[:, -1]
+    return torch.cat(out, dim=1), torch.stack(margins, dim=1)

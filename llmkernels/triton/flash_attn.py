@@ -1,0 +1,212 @@
+"""Flash attention on Triton: the `llmkernels::flash_attn_{fwd,bwd}_triton` ops and their autograd.
+
+    flash_attn_triton(q, k, v, softmax_scale, window_left, window_right, softcap) -> out   (differentiable)
+
+q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0;
+fp16 / bf16 / fp32, headdim <= 256, last dimension contiguous (other strides are passed to the kernels).
+Semantics are `llmkernels.reference.attention.flash_attn_fwd_ref`'s; the kernels are in flash_attn_kernels.py.
+Imported lazily by llmkernels.ops.attention: importing this module imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .._checks import check_same_dtype, check_shape, check_tensor
+from .flash_attn_kernels import (
+    flash_attn_bwd_dkdv_kernel,
+    flash_attn_bwd_dq_kernel,
+    flash_attn_bwd_preprocess_kernel,
+    flash_attn_fwd_kernel,
+)
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADDIM = 256
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, chosen for H100.
+
+    BLOCK_M 128 keeps the tensor cores fed; BLOCK_N and the pipeline depth shrink as the head dim (and the
+    element size) grow so K/V stages fit in shared memory and the fp32 accumulator in registers.
+    """
+    if _INTERPRET:
+        return 16, 16, 1, 1  # the interpreter is slow per block op: small tiles, and several of them per test
+    wide = dtype == torch.float32
+    if block_d <= 64:
+        return (128, 32, 4, 3) if wide else (128, 64, 4, 3)
+    if block_d <= 128:
+        return (64, 64, 4, 2) if wide else (128, 64, 8, 3)
+    return (64, 32, 4, 1) if wide else (64, 64, 8, 2)
+
+
+def _bwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels (dK/dV hold two fp32 tiles)."""
+    if _INTERPRET:
+        return 16, 16, 1, 1
+    wide = dtype == torch.float32
+    if block_d <= 64:
+        return (32, 64, 4, 2) if wide else (64, 64, 4, 2)
+    if block_d <= 128:
+        return (32, 64, 4, 1) if wide else (64, 64, 8, 2)
+    return (16, 32, 4, 1) if wide else (32, 32, 4, 2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (not TF32), so fp32 results match the fp32 reference closely.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_tensor(fn, "q", q, ndim=4, dtypes=DTYPES, last_dim_contiguous=True)
+    check_tensor(fn, "k", k, ndim=4, dtypes=DTYPES, device=q.device, last_dim_contiguous=True)
+    check_tensor(fn, "v", v, ndim=4, dtypes=DTYPES, device=q.device, last_dim_contiguous=True)
+    check_same_dtype(fn, "k", k, "q", q)
+    check_same_dtype(fn, "v", v, "q", q)
+    batch, _, nheads, headdim = q.shape
+    if headdim > MAX_HEADDIM:
+        raise ValueError(f"llmkernels.{fn}: q head dim must be <= {MAX_HEADDIM}, got {headdim}")
+    check_shape(fn, "k", k, (batch, k.shape[1], k.shape[2], headdim))
+    check_shape(fn, "v", v, k.shape)
+    if k.shape[2] == 0 or nheads % k.shape[2] != 0:
+        raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[2]}) must divide q's nheads ({nheads})")
+
+
+def _common_meta(q: torch.Tensor, window_left: int, window_right: int, softcap: float) -> dict:
+    return dict(
+        HEADDIM=q.shape[3],
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])),
+        HAS_WL=window_left >= 0,
+        HAS_WR=window_right >= 0,
+        SOFTCAP=softcap > 0,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+
+
+@torch.library.triton_op("llmkernels::flash_attn_fwd_triton", mutates_args=())
+def flash_attn_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32 natural log; -inf where no key is seen)."""
+    _check_qkv("flash_attn_fwd_triton", q, k, v)
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    out = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if seqlen_k == 0:  # nothing to attend to: zero output, lse -inf (and no zero-sized launch)
+        return out.zero_(), lse.fill_(float("-inf"))
+    meta = _common_meta(q, window_left, window_right, softcap)
+    block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype)
+    grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
+    torch.library.wrap_triton(flash_attn_fwd_kernel)[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
+    )  # fmt: skip
+    return out, lse
+
+
+@torch.library.triton_op("llmkernels::flash_attn_bwd_triton", mutates_args=())
+def flash_attn_bwd_triton(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of flash_attn_fwd_triton from dout (b, sq, h, d), the saved out and softmax_lse (b, h, sq).
+
+    dk, dv (b, sk, hk, d) are summed over each KV head's query heads inside the kernel (no extra pass).
+    """
+    fn = "flash_attn_bwd_triton"
+    _check_qkv(fn, q, k, v)
+    check_tensor(fn, "dout", dout, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
+    check_shape(fn, "dout", dout, q.shape)
+    check_tensor(fn, "out", out, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
+    check_shape(fn, "out", out, q.shape)
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
+    check_shape(fn, "softmax_lse", softmax_lse, (batch, nheads, seqlen_q))
+
+    dq = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:  # no scores at all: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    meta = _common_meta(q, window_left, window_right, softcap)
+    block_m, block_n, num_warps, num_stages = _bwd_config(meta["BLOCK_D"], q.dtype)
+
+    delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    torch.library.wrap_triton(flash_attn_bwd_preprocess_kernel)[(triton.cdiv(seqlen_q, block_m), batch * nheads)](
+        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+        dout.stride(2), nheads, seqlen_q,
+        HEADDIM=headdim, BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"],
+    )  # fmt: skip
+    strides = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+    )  # fmt: skip
+    scalars = (nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right)
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta)
+    torch.library.wrap_triton(flash_attn_bwd_dkdv_kernel)[(triton.cdiv(seqlen_k, block_n), batch * nheads_k)](
+        q, k, v, dout, softmax_lse, delta, dk, dv, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars, **launch,
+    )  # fmt: skip
+    torch.library.wrap_triton(flash_attn_bwd_dq_kernel)[(triton.cdiv(seqlen_q, block_m), batch * nheads)](
+        q, k, v, dout, softmax_lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars, **launch,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, window_left, window_right, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (softmax_scale, window_left, window_right, softcap)
+
+
+def _backward(ctx, dout, dlse):
+    # softmax_lse is an auxiliary output for the backward pass; gradients flowing into it are not propagated.
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd_triton(dout, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("llmkernels::flash_attn_fwd_triton", _backward, setup_context=_setup_context)
+
+
+def flash_attn_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Attention output (batch, seqlen_q, nheads, headdim); differentiable in q, k, v."""
+    return torch.ops.llmkernels.flash_attn_fwd_triton(
+        q, k, v, float(softmax_scale), int(window_left), int(window_right), float(softcap)
+    )[0]

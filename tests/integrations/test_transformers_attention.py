@@ -1,0 +1,54 @@
+"""attn_implementation="llmkernels" in tiny randomly initialised Llama / Mistral models (no downloads)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import llmkernels.integrations.transformers as lk_hf  # noqa: E402
+
+lk_hf.register()
+
+
+def _tiny(model_type: str, **extra):
+    cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[model_type]
+    cfg = cfg_cls(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **extra,
+    )
+    torch.manual_seed(0)
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="llmkernels").eval()
+    ours.load_state_dict(eager.state_dict())
+    return eager, ours
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
+def test_logits_match_eager(model_type, extra):
+    eager, ours = _tiny(model_type, **extra)
+    ids = torch.randint(0, 97, (2, 29))  # longer than the sliding window
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+def test_padding_mask_matches_eager():
+    eager, ours = _tiny("llama")
+    ids = torch.randint(0, 97, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding in the first row
+    with torch.no_grad():
+        got, want = ours(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0, 5:], want[0, 5:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
+def test_greedy_generation_matches_eager(model_type, extra):
+    eager, ours = _tiny(model_type, **extra)
+    ids = torch.randint(0, 97, (1, 7))
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
