@@ -33,7 +33,15 @@ def run(ops: list[str], quick: bool, out_dir: str | None, tag: str | None = None
         print(format_table(got), flush=True)
         rows += got
     if out_dir:
-        print(f"\nresults written to {save_results(rows, out_dir, tag)}")
+        path = save_results(rows, out_dir, tag)
+        print(f"\nresults written to {path}")
+        try:
+            from bench.plot import plot
+
+            plots = plot(path, os.path.join(out_dir, "plots"))
+            print(f"{len(plots)} plots in {os.path.join(out_dir, 'plots')}")
+        except ImportError:
+            print("matplotlib not installed: no plots (pip install matplotlib)")
     return rows
 
 

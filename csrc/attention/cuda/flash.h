@@ -19,6 +19,7 @@ struct AttnShape {
   int batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim;
   int group;                      // nheads / nheads_k: query heads per KV head
   int window_left, window_right;  // -1: unbounded (causal is window_right = 0)
+  float softmax_scale;
   float scale_log2;               // softmax_scale * log2(e): scores live in the log2 domain
   float softcap;                  // 0: off; else s = softcap * tanh(softmax_scale * qk / softcap)
   float softcap_inner;            // softmax_scale / softcap
@@ -82,12 +83,19 @@ constexpr int fwd_block_n(int head_dim_padded) { return head_dim_padded <= 128 ?
 template <typename T>
 void run_flash_combine(const FwdParams& params, int head_dim_padded, cudaStream_t stream);
 
-// Writes k_new, v_new (batch, seqlen_new, nheads_k, headdim) into the caches at cache_seqlens[b].
+// Writes k_new, v_new (batch, seqlen_new, nheads_k, headdim) into the caches (batch, max_seqlen, nheads_k,
+// headdim) at rows cache_seqlens[b] + t; rows past max_seqlen are dropped. Strides: (batch, row, head).
+struct AppendParams {
+  void* k_cache;
+  void* v_cache;
+  const void* k_new;
+  const void* v_new;
+  const int* cache_seqlens;
+  int batch, seqlen_new, nheads_k, headdim, max_seqlen;
+  int64_t kc_stride[3], vc_stride[3], kn_stride[3], vn_stride[3];
+};
 template <typename T>
-void run_kvcache_append(T* k_cache, T* v_cache, const T* k_new, const T* v_new, const int* cache_seqlens,
-                        int batch, int seqlen_new, int nheads_k, int headdim, int max_seqlen,
-                        const int64_t (&kc_strides)[3], const int64_t (&vc_strides)[3],
-                        const int64_t (&kn_strides)[3], const int64_t (&vn_strides)[3], cudaStream_t stream);
+void run_kvcache_append(const AppendParams& params, cudaStream_t stream);
 
 // delta = rowsum(dout * out) in fp32.
 template <typename T>

@@ -22,10 +22,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Forward scan over one (batch, channel) row per CTA. Tensors are contiguous; B/C per token are viewed as
-// (batch, ngroups, dstate, seqlen) (ngroups = 1 for the (batch, dstate, seqlen) layout).
+// (batch, ngroups, dstate, seqlen) (ngroups = 1 for the (batch, dstate, seqlen) layout), channel d reading
+// group d / (dim / ngroups).
 struct ScanFwdParams {
-  int batch, dim, seqlen, dstate, ngroups, nchunks;
-  int channels_per_group;         // dim / ngroups
+  int batch, dim, seqlen, dstate, nchunks;
+  int B_ngroups, C_ngroups;       // groups of the per-token layouts (1 for (batch, dstate, seqlen))
   bool B_per_token, C_per_token;  // false: (dim, dstate) fp32
   bool delta_softplus;
   bool vec;                        // rows start 16-byte aligned: full runs of kItems use vector loads
@@ -59,6 +60,11 @@ struct ScanBwdParams : ScanFwdParams {
   float* ddelta_bias;              // (dim,) or null, accumulated
   float* dinitial_state;           // (batch, dim, dstate) or null, written
 };
+
+// Offset of (batch b, channel d)'s (dstate, seqlen) slab in a per-token B or C of `ngroups` groups.
+__host__ __device__ inline size_t bc_slab(int b, int d, int dim, int ngroups, int dstate, int seqlen) {
+  return (size_t(b) * ngroups + d / (dim / ngroups)) * dstate * seqlen;
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v);

@@ -35,7 +35,6 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
 
   const int row = blockIdx.x;
   const int b = row / p.dim, d = row % p.dim;
-  const int g = d / p.channels_per_group;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int L = p.seqlen, N = p.dstate;
   float* q_carry = smem;
@@ -49,11 +48,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
   const T* z = p.z ? static_cast<const T*>(p.z) + row_off : nullptr;
   const T* dout = static_cast<const T*>(p.dout) + row_off;
   const float* A = p.A + size_t(d) * N;
-  const size_t bc_group = (size_t(b) * p.ngroups + g) * N * L;
-  const T* B_tok = p.B_per_token ? static_cast<const T*>(p.B) + bc_group : nullptr;
-  const T* C_tok = p.C_per_token ? static_cast<const T*>(p.C) + bc_group : nullptr;
-  float* dB_tok = p.B_per_token ? p.dB + bc_group : nullptr;
-  float* dC_tok = p.C_per_token ? p.dC + bc_group : nullptr;
+  const size_t B_slab = bc_slab(b, d, p.dim, p.B_ngroups, N, L), C_slab = bc_slab(b, d, p.dim, p.C_ngroups, N, L);
+  const T* B_tok = p.B_per_token ? static_cast<const T*>(p.B) + B_slab : nullptr;
+  const T* C_tok = p.C_per_token ? static_cast<const T*>(p.C) + C_slab : nullptr;
+  float* dB_tok = p.B_per_token ? p.dB + B_slab : nullptr;
+  float* dC_tok = p.C_per_token ? p.dC + C_slab : nullptr;
   const float* B_const = p.B_per_token ? nullptr : static_cast<const float*>(p.B) + size_t(d) * N;
   const float* C_const = p.C_per_token ? nullptr : static_cast<const float*>(p.C) + size_t(d) * N;
   const float D = p.D ? p.D[d] : 0.f;

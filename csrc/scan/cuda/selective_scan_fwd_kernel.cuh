@@ -32,7 +32,6 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
 
   const int row = blockIdx.x;  // batch * dim + channel
   const int b = row / p.dim, d = row % p.dim;
-  const int g = d / p.channels_per_group;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int L = p.seqlen, N = p.dstate;
 
@@ -40,9 +39,10 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
   const T* delta = static_cast<const T*>(p.delta) + size_t(row) * L;
   const T* z = p.z ? static_cast<const T*>(p.z) + size_t(row) * L : nullptr;
   const float* A = p.A + size_t(d) * N;
-  const size_t bc_group = (size_t(b) * p.ngroups + g) * N * L;  // start of this row's (batch, group) B/C slab
-  const T* B_tok = p.B_per_token ? static_cast<const T*>(p.B) + bc_group : nullptr;
-  const T* C_tok = p.C_per_token ? static_cast<const T*>(p.C) + bc_group : nullptr;
+  // Start of this row's (batch, group) B/C slabs.
+  const size_t B_slab = bc_slab(b, d, p.dim, p.B_ngroups, N, L), C_slab = bc_slab(b, d, p.dim, p.C_ngroups, N, L);
+  const T* B_tok = p.B_per_token ? static_cast<const T*>(p.B) + B_slab : nullptr;
+  const T* C_tok = p.C_per_token ? static_cast<const T*>(p.C) + C_slab : nullptr;
   const float* B_const = p.B_per_token ? nullptr : static_cast<const float*>(p.B) + size_t(d) * N;
   const float* C_const = p.C_per_token ? nullptr : static_cast<const float*>(p.C) + size_t(d) * N;
   const float D = p.D ? p.D[d] : 0.f;

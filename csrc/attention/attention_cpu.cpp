@@ -1,0 +1,210 @@
+// Host side of the CPU flash attention ops (schemas in csrc/registration.cpp): argument checks, fp32 output
+// buffers, the parallel loops, and the choice among the kernels compiled per instruction set (cpu/kernel_*.cpp,
+// the algorithm in cpu/flash_attn_kernel.h). Kernels read q, k, v (fp32 / bf16 / fp16, any strides with a
+// contiguous last dimension) in place and write fp32; low-precision results are rounded once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "attention/cpu/flash_attn_cpu.h"
+#include "common/checks.h"
+#include "common/cpu_features.h"
+
+namespace llmkernels::attention_cpu {
+namespace {
+
+using TaskFn = void (*)(const AttnParams&, int64_t, int64_t);
+
+struct Kernels {
+  TaskFn fwd, bwd_dkv, bwd_dq;
+};
+
+// Read per call (a few loads), so LLMKERNELS_CPU_ISA=avx2 set before the first call is honoured.
+Kernels kernels() {
+  if (use_avx512()) return {fwd_tasks_avx512, bwd_dkv_tasks_avx512, bwd_dq_tasks_avx512};
+  if (use_avx2()) return {fwd_tasks_avx2, bwd_dkv_tasks_avx2, bwd_dq_tasks_avx2};
+  return {fwd_tasks_scalar, bwd_dkv_tasks_scalar, bwd_dq_tasks_scalar};
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+
+ElemType elem_type(const char* op, const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return ElemType::kFloat32;
+    case at::kBFloat16:
+      return ElemType::kBFloat16;
+    case at::kHalf:
+      return ElemType::kFloat16;
+    default:
+      TORCH_CHECK(false, "llmkernels.", op, ": q must have dtype float32, bfloat16 or float16, got ", q.scalar_type());
+  }
+}
+
+Tensor4 view4(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// q (b, sq, h, d); k, v (b, sk, hk, d) with h % hk == 0; all on the CPU, one dtype, last dim contiguous.
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  LLMK_CHECK_DEVICE(op, q, at::kCPU);
+  LLMK_CHECK_SAME_DEVICE(op, k, q);
+  LLMK_CHECK_SAME_DEVICE(op, v, q);
+  LLMK_CHECK_DIM(op, q, 4);
+  LLMK_CHECK_DIM(op, k, 4);
+  LLMK_CHECK_DIM(op, v, 4);
+  elem_type(op, q);
+  LLMK_CHECK_SAME_DTYPE(op, k, q);
+  LLMK_CHECK_SAME_DTYPE(op, v, q);
+  const int64_t batch = q.size(0), d = q.size(3), sk = k.size(1), hk = k.size(2);
+  LLMK_CHECK_ARG(d >= 1 && d <= kMaxHeadDim, op, "q", "must have a head dim in [1, ", kMaxHeadDim, "], got ", d);
+  LLMK_CHECK_SHAPE(op, k, batch, sk, hk, d);
+  LLMK_CHECK_SHAPE(op, v, batch, sk, hk, d);
+  LLMK_CHECK_ARG(hk >= 1 && q.size(2) % hk == 0, op, "k", "must have a number of heads dividing q's (", q.size(2),
+                 "), got ", hk);
+  LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, q);
+  LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, k);
+  LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, v);
+}
+
+AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
+  AttnParams p{};
+  p.dtype = elem_type(op, q);
+  p.q = view4(q);
+  p.k = view4(k);
+  p.v = view4(v);
+  p.batch = q.size(0);
+  p.seqlen_q = q.size(1);
+  p.nheads = q.size(2);
+  p.headdim = q.size(3);
+  p.seqlen_k = k.size(1);
+  p.nheads_k = k.size(2);
+  p.seqlens_k = nullptr;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = window_left < 0 ? -1 : window_left;
+  p.window_right = window_right < 0 ? -1 : window_right;
+  return p;
+}
+
+// Runs tasks [0, n) of one kernel over at::parallel_for's threads (each task is >= one 64-row tile: grain 1).
+void run_tasks(TaskFn fn, const AttnParams& p, int64_t n) {
+  if (n > 0) at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+}
+
+// Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).
+std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& q) {
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
+  at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
+  p.out = out.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  run_tasks(kernels().fwd, p, p.batch * p.nheads * num_query_blocks(p));
+  return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      double softmax_scale, int64_t window_left, int64_t window_right,
+                                                      double softcap) {
+  constexpr const char* op = "flash_attn_fwd";
+  check_qkv(op, q, k, v);
+  AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
+  return run_forward(p, q);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& softmax_lse, double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
+  constexpr const char* op = "flash_attn_bwd";
+  check_qkv(op, q, k, v);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
+    LLMK_CHECK_ARG(t.device() == q.device(), op, name, "must be on the device of q, got ", t.device());
+    LLMK_CHECK_ARG(t.sizes() == q.sizes(), op, name, "must have q's shape ", q.sizes(), ", got ", t.sizes());
+    LLMK_CHECK_ARG(t.scalar_type() == q.scalar_type(), op, name, "must have q's dtype ", q.scalar_type(), ", got ",
+                   t.scalar_type());
+  }
+  LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, dout);
+  LLMK_CHECK_SAME_DEVICE(op, softmax_lse, q);
+  LLMK_CHECK_DTYPE(op, softmax_lse, at::kFloat);
+  LLMK_CHECK_SHAPE(op, softmax_lse, q.size(0), q.size(2), q.size(1));
+
+  AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
+  // D_i = dout_i . out_i, (b, h, sq) like lse: one cheap elementwise pass, outside the kernels.
+  const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
+  const at::Tensor lse = softmax_lse.contiguous();
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
+  at::Tensor dk = at::empty({p.batch, p.seqlen_k, p.nheads_k, p.headdim}, f32);
+  at::Tensor dv = at::empty_like(dk);
+  p.dout = view4(dout);
+  p.lse_in = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  const Kernels kern = kernels();
+  run_tasks(kern.bwd_dkv, p, p.batch * p.nheads_k * num_key_blocks(p));
+  run_tasks(kern.bwd_dq, p, p.batch * p.nheads * num_query_blocks(p));
+  if (q.scalar_type() != at::kFloat) {
+    return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+  }
+  return {dq, dk, dv};
+}
+
+at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+                                       const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left,
+                                       int64_t window_right, double softcap) {
+  constexpr const char* op = "flash_attn_with_kvcache";
+  check_qkv(op, q, k_cache, v_cache);
+  const int64_t batch = q.size(0), capacity = k_cache.size(1), hk = k_cache.size(2), d = q.size(3);
+  LLMK_CHECK_ARG(k_new.has_value() == v_new.has_value(), op, "k_new", "and v_new must be given together");
+  int64_t s_new = 0;
+  if (k_new.has_value()) {
+    const at::Tensor& kn = *k_new;
+    const at::Tensor& vn = *v_new;
+    LLMK_CHECK_SAME_DEVICE(op, kn, q);
+    LLMK_CHECK_SAME_DEVICE(op, vn, q);
+    LLMK_CHECK_SAME_DTYPE(op, kn, q);
+    LLMK_CHECK_SAME_DTYPE(op, vn, q);
+    LLMK_CHECK_DIM(op, kn, 4);
+    s_new = kn.size(1);
+    LLMK_CHECK_SHAPE(op, kn, batch, s_new, hk, d);
+    LLMK_CHECK_SHAPE(op, vn, batch, s_new, hk, d);
+  }
+  LLMK_CHECK_SAME_DEVICE(op, cache_seqlens, q);
+  LLMK_CHECK_DTYPE(op, cache_seqlens, at::kInt);
+  LLMK_CHECK_SHAPE(op, cache_seqlens, batch);
+
+  // Keys visible to each row: its cached tokens plus the new ones, which go into the cache first.
+  const at::Tensor lens = cache_seqlens.contiguous();
+  at::Tensor total = at::empty({batch}, lens.options());
+  const int32_t* len = lens.data_ptr<int32_t>();
+  for (int64_t i = 0; i < batch; ++i) {
+    LLMK_CHECK_ARG(len[i] >= 0 && len[i] + s_new <= capacity, op, "cache_seqlens",
+                   "must leave room for the new tokens: row ", i, " holds ", len[i], " + ", s_new,
+                   " new > capacity ", capacity);
+    total.data_ptr<int32_t>()[i] = static_cast<int32_t>(len[i] + s_new);
+  }
+  if (s_new > 0) {
+    for (int64_t i = 0; i < batch; ++i) {
+      k_cache[i].narrow(0, len[i], s_new).copy_((*k_new)[i]);
+      v_cache[i].narrow(0, len[i], s_new).copy_((*v_new)[i]);
+    }
+  }
+  AttnParams p = make_params(op, q, k_cache, v_cache, softmax_scale, window_left, window_right, softcap);
+  p.seqlens_k = total.data_ptr<int32_t>();
+  return std::get<0>(run_forward(p, q));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmkernels, CPU, m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd_cpu);
+  m.impl("flash_attn_bwd", &flash_attn_bwd_cpu);
+  m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_cpu);
+}
+
+}  // namespace llmkernels::attention_cpu

@@ -1,0 +1,6 @@
+// One instantiation of the flash attention fwd kernel (bf16, head dim 256); one per file so nvcc runs them in parallel.
+#include "attention/cuda/flash_fwd_kernel.cuh"
+
+namespace llmk::flash {
+template void run_flash_fwd<__nv_bfloat16, 256>(const FwdParams&, cudaStream_t);
+}  // namespace llmk::flash

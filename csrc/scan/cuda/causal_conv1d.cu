@@ -1,0 +1,149 @@
+// Depthwise causal conv1d (width 2..4), as Mamba runs it before the scan:
+//   pre_t = bias + sum_k w[k] x[t - (width - 1) + k]  (x = 0 before t = 0),  out_t = silu(pre_t) or pre_t.
+// Backward: dpre_t = dout_t * silu'(pre_t); dx_s = sum_k w[k] dpre[s + width - 1 - k];
+//   dw[k] = sum_{batch, t} dpre_t x[t - (width - 1) + k];  dbias = sum_{batch, t} dpre_t.
+// Tiling: forward, one thread per output timestep, a CTA covering 256 consecutive timesteps of one row, so loads
+// and stores are coalesced along seqlen and the width - 1 overlapping reads hit L1. Backward, one CTA per row
+// walking 256-timestep tiles: dpre of the tile plus its width - 1 halo goes through shared memory, weight and
+// bias gradients are CTA reductions with one fp32 atomic per CTA. Decode: one thread per (batch, channel).
+// Speed: memory-bound (one read of x, one write of out; backward reads x and dout, writes dx).
+#include "scan/cuda/scan_launch.h"
+
+namespace llmkernels::scan {
+
+constexpr int kConvThreads = 256;
+constexpr int kMaxWidth = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads) causal_conv1d_fwd_kernel(const ConvParams p) {
+  const int row = blockIdx.x, d = row % p.dim;  // rows on x: batch * dim may exceed gridDim.y's 65535
+  const int t = blockIdx.y * kConvThreads + threadIdx.x;
+  if (t >= p.seqlen) return;
+  const T* x = static_cast<const T*>(p.x) + size_t(row) * p.seqlen;
+  float acc = p.bias ? p.bias[d] : 0.f;
+#pragma unroll
+  for (int k = 0; k < kMaxWidth; ++k) {
+    const int s = t - (p.width - 1) + k;
+    if (k < p.width && s >= 0) acc += p.weight[d * p.width + k] * to_float(x[s]);
+  }
+  if (p.silu) acc = silu(acc);
+  static_cast<T*>(p.out)[size_t(row) * p.seqlen + t] = from_float<T>(acc);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads) causal_conv1d_bwd_kernel(const ConvParams p) {
+  __shared__ float dpre_tile[kConvThreads + kMaxWidth - 1];
+  __shared__ float partial[kConvThreads / 32][kMaxWidth + 1];
+  const int row = blockIdx.x, d = row % p.dim;
+  const int tid = threadIdx.x, L = p.seqlen, W = p.width;
+  const T* x = static_cast<const T*>(p.x) + size_t(row) * L;
+  const T* dout = static_cast<const T*>(p.dout) + size_t(row) * L;
+  T* dx = static_cast<T*>(p.dx) + size_t(row) * L;
+  float w[kMaxWidth];
+#pragma unroll
+  for (int k = 0; k < kMaxWidth; ++k) w[k] = k < W ? p.weight[d * W + k] : 0.f;
+  const float bias = p.bias ? p.bias[d] : 0.f;
+
+  // Gradient with respect to the pre-activation at t (0 past the end), recomputing pre_t under SiLU.
+  auto dpre_at = [&](int t) -> float {
+    if (t >= L) return 0.f;
+    const float g = to_float(dout[t]);
+    if (!p.silu) return g;
+    float pre = bias;
+#pragma unroll
+    for (int k = 0; k < kMaxWidth; ++k) {
+      const int s = t - (W - 1) + k;
+      if (k < W && s >= 0) pre += w[k] * to_float(x[s]);
+    }
+    return g * silu_grad(pre);
+  };
+
+  float dw[kMaxWidth] = {0.f, 0.f, 0.f, 0.f}, db = 0.f;
+  for (int tile = 0; tile < L; tile += kConvThreads) {
+    const int t = tile + tid;
+    const float g = dpre_at(t);
+    dpre_tile[tid] = g;
+    if (tid < W - 1) dpre_tile[kConvThreads + tid] = dpre_at(tile + kConvThreads + tid);  // halo
+    if (t < L) {
+      db += g;
+#pragma unroll
+      for (int k = 0; k < kMaxWidth; ++k) {
+        const int s = t - (W - 1) + k;
+        if (k < W && s >= 0) dw[k] += g * to_float(x[s]);
+      }
+    }
+    __syncthreads();
+    if (t < L) {
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < kMaxWidth; ++k)
+        if (k < W) acc += w[k] * dpre_tile[tid + (W - 1) - k];
+      dx[t] = from_float<T>(acc);
+    }
+    __syncthreads();  // the next tile overwrites dpre_tile
+  }
+
+  const int lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+  for (int k = 0; k < kMaxWidth; ++k) dw[k] = warp_sum(dw[k]);
+  db = warp_sum(db);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < kMaxWidth; ++k) partial[warp][k] = dw[k];
+    partial[warp][kMaxWidth] = db;
+  }
+  __syncthreads();
+  if (tid <= kMaxWidth) {  // thread k < W sums weight tap k; thread kMaxWidth sums the bias
+    float s = 0.f;
+    for (int i = 0; i < kConvThreads / 32; ++i) s += partial[i][tid];
+    if (tid < W) atomicAdd(p.dweight + d * W + tid, s);
+    if (tid == kMaxWidth && p.dbias) atomicAdd(p.dbias + d, s);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(const ConvUpdateParams p) {
+  const int channel = blockIdx.x * kConvThreads + threadIdx.x;
+  if (channel >= p.batch * p.dim) return;
+  const int b = channel / p.dim, d = channel % p.dim;
+  T* state = static_cast<T*>(p.conv_state) + b * p.state_stride_b + d * p.state_stride_d;
+  const float x = to_float(static_cast<const T*>(p.x)[channel]);
+  const int first_tap = p.state_len - p.width;  // the window is the state's last `width` entries
+  float acc = p.bias ? p.bias[d] : 0.f;
+  for (int j = 0; j < p.state_len; ++j) {
+    // Read entry j + 1 before this loop's next iteration overwrites it.
+    const T v = j + 1 < p.state_len ? state[(j + 1) * p.state_stride_w] : from_float<T>(x);
+    state[j * p.state_stride_w] = v;
+    if (j >= first_tap) acc += p.weight[d * p.width + j - first_tap] * to_float(v);
+  }
+  if (p.silu) acc = silu(acc);
+  static_cast<T*>(p.out)[channel] = from_float<T>(acc);
+}
+
+template <typename T>
+void launch_causal_conv1d_fwd(const ConvParams& p, cudaStream_t stream) {
+  const dim3 grid(p.batch * p.dim, (p.seqlen + kConvThreads - 1) / kConvThreads);
+  causal_conv1d_fwd_kernel<T><<<grid, kConvThreads, 0, stream>>>(p);
+}
+
+template <typename T>
+void launch_causal_conv1d_bwd(const ConvParams& p, cudaStream_t stream) {
+  causal_conv1d_bwd_kernel<T><<<p.batch * p.dim, kConvThreads, 0, stream>>>(p);
+}
+
+template <typename T>
+void launch_causal_conv1d_update(const ConvUpdateParams& p, cudaStream_t stream) {
+  const int blocks = (p.batch * p.dim + kConvThreads - 1) / kConvThreads;
+  causal_conv1d_update_kernel<T><<<blocks, kConvThreads, 0, stream>>>(p);
+}
+
+#define LLMK_INSTANTIATE_CONV(T)                                                         \
+  template void launch_causal_conv1d_fwd<T>(const ConvParams&, cudaStream_t);           \
+  template void launch_causal_conv1d_bwd<T>(const ConvParams&, cudaStream_t);           \
+  template void launch_causal_conv1d_update<T>(const ConvUpdateParams&, cudaStream_t);
+LLMK_INSTANTIATE_CONV(float)
+LLMK_INSTANTIATE_CONV(__half)
+LLMK_INSTANTIATE_CONV(__nv_bfloat16)
+#undef LLMK_INSTANTIATE_CONV
+
+}  // namespace llmkernels::scan

@@ -1,0 +1,347 @@
+// Host side of the selective scan on the CPU: argument checks, the fp32 preprocessing done with ATen ops
+// (dtype conversion, delta_bias + softplus, dstate padding, B/C transposed so B_t is contiguous), the
+// parallel split of rows, and the reductions of per-row gradients. The per-row recurrences are in
+// cpu/scan_rows.inc, compiled for AVX-512, AVX2 and scalar and chosen at run time.
+//
+// Parallelism (at::parallel_for): the forward over (batch, channel) rows. The backward over (batch, part)
+// items, each a range of channels with its own dB/dC accumulator, so that per-token B/C gradients (summed
+// over the channels that share them) need no atomics: parts = ceil(threads / batch), so the extra memory
+// is about max(threads, batch) x (seqlen, dstate) floats.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_features.h"
+#include "scan/cpu/scan_kernels.h"
+
+namespace llmkernels::scan_cpu {
+namespace {
+
+const Kernels& kernels() {
+  static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
+  return k;
+}
+
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+bool is_scan_dtype(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
+
+#define SCAN_CHECK_FLOAT(op, t) \
+  LLMK_CHECK_ARG(is_scan_dtype((t).scalar_type()), op, #t, "must be float32, float16 or bfloat16, got ", (t).scalar_type())
+
+// B or C as the kernels read it: fp32, dstate padded to npad; (dim, npad) when constant, else
+// (batch, groups, L, npad) so each B_t is a contiguous vector.
+struct PackedBC {
+  at::Tensor data;
+  int64_t groups = 0;  // 0: constant
+  int64_t stride = 0;  // floats between consecutive time steps
+  int64_t offset(int64_t b, int64_t d, int64_t dim, int64_t L, int64_t npad) const {
+    if (groups == 0) return d * npad;
+    return (b * groups + d / (dim / groups)) * L * npad;
+  }
+};
+
+PackedBC pack_bc(const at::Tensor& M, int64_t batch, int64_t L, int64_t dstate, int64_t npad) {
+  if (M.dim() == 2) {
+    auto p = at::zeros({M.size(0), npad}, M.options().dtype(at::kFloat));
+    p.narrow(1, 0, dstate).copy_(M);
+    return {p, 0, 0};
+  }
+  const at::Tensor G = M.dim() == 3 ? M.unsqueeze(1) : M;  // (batch, groups, dstate, L)
+  auto p = at::zeros({batch, G.size(1), L, npad}, M.options().dtype(at::kFloat));
+  p.narrow(3, 0, dstate).copy_(G.transpose(2, 3));
+  return {p, G.size(1), npad};
+}
+
+at::Tensor pad_state(const at::Tensor& s, int64_t npad) {  // (..., dstate) -> fp32 (..., npad), zero padded
+  auto sizes = s.sizes().vec();
+  const int64_t dstate = sizes.back();
+  sizes.back() = npad;
+  auto p = at::zeros(sizes, s.options().dtype(at::kFloat));
+  p.narrow(-1, 0, dstate).copy_(s);
+  return p;
+}
+
+void check_bc(const char* op, const char* name, const at::Tensor& M, int64_t batch, int64_t dim, int64_t dstate,
+              int64_t L) {
+  SCAN_CHECK_FLOAT(op, M);
+  LLMK_CHECK_ARG(M.is_contiguous(), op, name, "must be contiguous");
+  if (M.dim() == 2) {
+    LLMK_CHECK_ARG(M.sizes() == at::IntArrayRef({dim, dstate}), op, name, "must have shape (dim, dstate) = (", dim,
+                   ", ", dstate, "), got ", M.sizes());
+  } else if (M.dim() == 3) {
+    LLMK_CHECK_ARG(M.sizes() == at::IntArrayRef({batch, dstate, L}), op, name, "must have shape (batch, dstate, seqlen) = (",
+                   batch, ", ", dstate, ", ", L, "), got ", M.sizes());
+  } else {
+    LLMK_CHECK_ARG(M.dim() == 4 && M.size(0) == batch && M.size(1) >= 1 && dim % M.size(1) == 0 &&
+                       M.size(2) == dstate && M.size(3) == L,
+                   op, name, "must have shape (dim, dstate), (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen)",
+                   " with dim % ngroups == 0, for dim ", dim, ", dstate ", dstate, ", seqlen ", L, "; got ", M.sizes());
+  }
+}
+
+// Shapes shared by forward and backward; every message names the argument.
+void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& initial_state) {
+  LLMK_CHECK_DIM(op, u, 3);
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  SCAN_CHECK_FLOAT(op, u);
+  SCAN_CHECK_FLOAT(op, delta);
+  LLMK_CHECK_DEVICE(op, u, at::kCPU);
+  LLMK_CHECK_CONTIGUOUS(op, u);
+  LLMK_CHECK_CONTIGUOUS(op, delta);
+  LLMK_CHECK_SHAPE(op, delta, batch, dim, L);
+  LLMK_CHECK_DIM(op, A, 2);
+  LLMK_CHECK_DTYPE(op, A, at::kFloat);
+  const int64_t dstate = A.size(1);
+  LLMK_CHECK_ARG(A.size(0) == dim && dstate >= 1 && dstate <= kMaxState, op, "A",
+                 "must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxState, ", got ", A.sizes());
+  check_bc(op, "B", B, batch, dim, dstate, L);
+  check_bc(op, "C", C, batch, dim, dstate, L);
+  if (D) {
+    LLMK_CHECK_SHAPE(op, (*D), dim);
+    LLMK_CHECK_DTYPE(op, (*D), at::kFloat);
+  }
+  if (delta_bias) {
+    LLMK_CHECK_SHAPE(op, (*delta_bias), dim);
+    LLMK_CHECK_DTYPE(op, (*delta_bias), at::kFloat);
+  }
+  if (z) {
+    SCAN_CHECK_FLOAT(op, (*z));
+    LLMK_CHECK_SHAPE(op, (*z), batch, dim, L);
+    LLMK_CHECK_CONTIGUOUS(op, (*z));
+  }
+  if (initial_state) {
+    LLMK_CHECK_SHAPE(op, (*initial_state), batch, dim, dstate);
+    LLMK_CHECK_DTYPE(op, (*initial_state), at::kFloat);
+  }
+  for (const at::Tensor* t : {&delta, &A, &B, &C})
+    LLMK_CHECK_ARG(t->device() == u.device(), op, "every tensor", "must be on the CPU like u, got ", t->device());
+}
+
+// Everything the row kernels read, in fp32 with padded dstate.
+struct Prepared {
+  int64_t batch, dim, L, dstate, npad;
+  at::Tensor u, delta_pre, delta, z, A, D, init;
+  PackedBC B, C;
+
+  ScanRow row(int64_t r) const {
+    const int64_t b = r / dim, d = r % dim;
+    return ScanRow{L,
+                   npad,
+                   u.const_data_ptr<float>() + r * L,
+                   delta.const_data_ptr<float>() + r * L,
+                   z.defined() ? z.const_data_ptr<float>() + r * L : nullptr,
+                   A.const_data_ptr<float>() + d * npad,
+                   B.data.const_data_ptr<float>() + B.offset(b, d, dim, L, npad),
+                   C.data.const_data_ptr<float>() + C.offset(b, d, dim, L, npad),
+                   B.stride,
+                   C.stride,
+                   D.defined() ? D.const_data_ptr<float>()[d] : 0.0f};
+  }
+};
+
+Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                 const std::optional<at::Tensor>& initial_state) {
+  Prepared p;
+  p.batch = u.size(0), p.dim = u.size(1), p.L = u.size(2), p.dstate = A.size(1), p.npad = padded_state(p.dstate);
+  p.u = f32(u);
+  p.delta_pre = f32(delta);
+  if (delta_bias) p.delta_pre = p.delta_pre + delta_bias->view({1, p.dim, 1});
+  p.delta = delta_softplus ? at::softplus(p.delta_pre) : p.delta_pre;  // threshold 20, as torch and mamba_ssm
+  p.delta = p.delta.contiguous();
+  if (z) p.z = f32(*z);
+  p.A = pad_state(A, p.npad);
+  if (D) p.D = f32(*D);
+  p.init = initial_state ? pad_state(*initial_state, p.npad) : at::zeros({p.batch, p.dim, p.npad}, p.u.options());
+  p.B = pack_bc(B, p.batch, p.L, p.dstate, p.npad);
+  p.C = pack_bc(C, p.batch, p.L, p.dstate, p.npad);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, const at::Tensor& delta,
+                                                          const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                                          const std::optional<at::Tensor>& D,
+                                                          const std::optional<at::Tensor>& z,
+                                                          const std::optional<at::Tensor>& delta_bias,
+                                                          bool delta_softplus,
+                                                          const std::optional<at::Tensor>& initial_state) {
+  const char* op = "selective_scan_fwd";
+  check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
+  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
+  at::Tensor state = p.init;  // updated in place into the last state
+  at::Tensor out = at::empty({p.batch, p.dim, p.L}, p.u.options());
+  float* state_ptr = state.data_ptr<float>();
+  float* out_ptr = out.data_ptr<float>();
+  const auto fwd_row = kernels().fwd_row;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.L * p.npad));
+  at::parallel_for(0, p.batch * p.dim, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fwd_row(p.row(r), state_ptr + r * p.npad, out_ptr + r * p.L);
+  });
+  return {out.to(u.scalar_type()), state.narrow(2, 0, p.dstate).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state, const at::Tensor& u,
+                       const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                       const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                       const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                       const std::optional<at::Tensor>& initial_state) {
+  const char* op = "selective_scan_bwd";
+  check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
+  LLMK_CHECK_SHAPE(op, dout, u.size(0), u.size(1), u.size(2));
+  SCAN_CHECK_FLOAT(op, dout);
+  if (dlast_state) LLMK_CHECK_SHAPE(op, (*dlast_state), u.size(0), u.size(1), A.size(1));
+  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
+  const int64_t batch = p.batch, dim = p.dim, L = p.L, npad = p.npad;
+  const auto fopt = p.u.options();
+
+  const at::Tensor dout_f = f32(dout);
+  const at::Tensor dlast = dlast_state ? pad_state(*dlast_state, npad) : at::Tensor();
+  at::Tensor du = at::empty({batch, dim, L}, fopt), ddelta = at::empty({batch, dim, L}, fopt);
+  at::Tensor dz = z ? at::empty({batch, dim, L}, fopt) : at::Tensor();
+  at::Tensor dA_rows = at::zeros({batch, dim, npad}, fopt), dD_rows = at::zeros({batch, dim}, fopt);
+  at::Tensor dinit = at::empty({batch, dim, npad}, fopt);
+
+  // Work items: (batch, part), a part being a range of channels; per-token dB/dC accumulate per item.
+  const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + batch - 1) / batch, 1, std::max<int64_t>(dim, 1));
+  const int64_t per_part = (dim + parts - 1) / parts;
+  auto grad_acc = [&](const PackedBC& M) {  // constant: per row (batch, dim, npad); else (batch, parts, groups, L, npad)
+    return M.groups == 0 ? at::zeros({batch, dim, npad}, fopt) : at::zeros({batch, parts, M.groups, L, npad}, fopt);
+  };
+  at::Tensor dB_acc = grad_acc(p.B), dC_acc = grad_acc(p.C);
+  auto acc_offset = [&](const PackedBC& M, int64_t b, int64_t part, int64_t d) -> int64_t {
+    if (M.groups == 0) return (b * dim + d) * npad;
+    return ((b * parts + part) * M.groups + d / (dim / M.groups)) * L * npad;
+  };
+
+  const auto bwd_row = kernels().bwd_row;
+  at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(bwd_scratch_floats(L, npad));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / parts, part = item % parts;
+      for (int64_t d = part * per_part; d < std::min(dim, (part + 1) * per_part); ++d) {
+        const int64_t r = b * dim + d;
+        const ScanRowGrad g{dout_f.const_data_ptr<float>() + r * L,
+                            dlast.defined() ? dlast.const_data_ptr<float>() + r * npad : nullptr,
+                            du.data_ptr<float>() + r * L,
+                            ddelta.data_ptr<float>() + r * L,
+                            dz.defined() ? dz.data_ptr<float>() + r * L : nullptr,
+                            dA_rows.data_ptr<float>() + r * npad,
+                            dB_acc.data_ptr<float>() + acc_offset(p.B, b, part, d),
+                            dC_acc.data_ptr<float>() + acc_offset(p.C, b, part, d),
+                            dD_rows.data_ptr<float>() + r,
+                            dinit.data_ptr<float>() + r * npad,
+                            scratch.data()};
+        bwd_row(p.row(r), p.init.const_data_ptr<float>() + r * npad, g);
+      }
+    }
+  });
+
+  const int64_t n = p.dstate;
+  auto finish_bc = [&](const at::Tensor& acc, const PackedBC& M, const at::Tensor& like) {
+    if (M.groups == 0) return acc.sum(0).narrow(1, 0, n).to(like.scalar_type()).contiguous();
+    at::Tensor g = acc.sum(1).narrow(3, 0, n).transpose(2, 3);  // (batch, groups, dstate, L)
+    if (like.dim() == 3) g = g.squeeze(1);
+    return g.to(like.scalar_type()).contiguous();
+  };
+  const at::Tensor none = at::empty({0}, fopt);
+  if (delta_softplus) ddelta = at::softplus_backward(ddelta, p.delta_pre, 1.0, 20.0);
+  at::Tensor ddelta_bias = delta_bias ? ddelta.sum({0, 2}) : none;
+  return {du.to(u.scalar_type()),
+          ddelta.to(delta.scalar_type()),
+          dA_rows.sum(0).narrow(1, 0, n).contiguous(),
+          finish_bc(dB_acc, p.B, B),
+          finish_bc(dC_acc, p.C, C),
+          D ? dD_rows.sum(0) : none,
+          z ? dz.to(z->scalar_type()) : none,
+          ddelta_bias,
+          initial_state ? dinit.narrow(2, 0, n).contiguous() : none};
+}
+
+at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
+                                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                      const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                      const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
+  const char* op = "selective_state_update";
+  LLMK_CHECK_DIM(op, x, 2);
+  const int64_t batch = x.size(0), dim = x.size(1);
+  SCAN_CHECK_FLOAT(op, x);
+  SCAN_CHECK_FLOAT(op, dt);
+  SCAN_CHECK_FLOAT(op, state);
+  LLMK_CHECK_DEVICE(op, x, at::kCPU);
+  LLMK_CHECK_SHAPE(op, dt, batch, dim);
+  LLMK_CHECK_DIM(op, A, 2);
+  LLMK_CHECK_DTYPE(op, A, at::kFloat);
+  const int64_t dstate = A.size(1), npad = padded_state(dstate);
+  LLMK_CHECK_ARG(A.size(0) == dim && dstate >= 1 && dstate <= kMaxState, op, "A",
+                 "must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxState, ", got ", A.sizes());
+  LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
+  LLMK_CHECK_CONTIGUOUS(op, state);
+  for (const auto& [name, M] : {std::pair<const char*, const at::Tensor*>{"B", &B}, {"C", &C}}) {
+    SCAN_CHECK_FLOAT(op, (*M));
+    LLMK_CHECK_ARG((M->dim() == 2 && M->size(0) == batch && M->size(1) == dstate) ||
+                       (M->dim() == 3 && M->size(0) == batch && M->size(1) >= 1 && dim % M->size(1) == 0 &&
+                        M->size(2) == dstate),
+                   op, name, "must have shape (batch, dstate) or (batch, ngroups, dstate) with dim % ngroups == 0, for batch ",
+                   batch, ", dim ", dim, ", dstate ", dstate, "; got ", M->sizes());
+  }
+  if (D) {
+    LLMK_CHECK_SHAPE(op, (*D), dim);
+    LLMK_CHECK_DTYPE(op, (*D), at::kFloat);
+  }
+  if (dt_bias) {
+    LLMK_CHECK_SHAPE(op, (*dt_bias), dim);
+    LLMK_CHECK_DTYPE(op, (*dt_bias), at::kFloat);
+  }
+  if (z) {
+    SCAN_CHECK_FLOAT(op, (*z));
+    LLMK_CHECK_SHAPE(op, (*z), batch, dim);
+  }
+  at::Tensor xf = f32(x), zf = z ? f32(*z) : at::Tensor(), delta = f32(dt);
+  if (dt_bias) delta = delta + *dt_bias;
+  if (dt_softplus) delta = at::softplus(delta);
+  delta = delta.contiguous();
+  const at::Tensor Af = pad_state(A, npad), Df = D ? f32(*D) : at::Tensor();
+  const at::Tensor Bp = pad_state(B.dim() == 2 ? B.unsqueeze(1) : B, npad);  // (batch, groups, npad)
+  const at::Tensor Cp = pad_state(C.dim() == 2 ? C.unsqueeze(1) : C, npad);
+  const int64_t gB = Bp.size(1), gC = Cp.size(1);
+  at::Tensor st = pad_state(state, npad);
+  at::Tensor out = at::empty({batch, dim}, xf.options());
+  const auto fwd_row = kernels().fwd_row;
+  at::parallel_for(0, batch * dim, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / dim, d = r % dim;
+      const ScanRow row{1,
+                        npad,
+                        xf.const_data_ptr<float>() + r,
+                        delta.const_data_ptr<float>() + r,
+                        zf.defined() ? zf.const_data_ptr<float>() + r : nullptr,
+                        Af.const_data_ptr<float>() + d * npad,
+                        Bp.const_data_ptr<float>() + (b * gB + d / (dim / gB)) * npad,
+                        Cp.const_data_ptr<float>() + (b * gC + d / (dim / gC)) * npad,
+                        0,
+                        0,
+                        Df.defined() ? Df.const_data_ptr<float>()[d] : 0.0f};
+      fwd_row(row, st.data_ptr<float>() + r * npad, out.data_ptr<float>() + r);
+    }
+  });
+  state.copy_(st.narrow(2, 0, dstate));
+  return out.to(x.scalar_type());
+}
+
+}  // namespace
+}  // namespace llmkernels::scan_cpu
+
+TORCH_LIBRARY_IMPL(llmkernels, CPU, m) {
+  m.impl("selective_scan_fwd", &llmkernels::scan_cpu::selective_scan_fwd_cpu);
+  m.impl("selective_scan_bwd", &llmkernels::scan_cpu::selective_scan_bwd_cpu);
+  m.impl("selective_state_update", &llmkernels::scan_cpu::selective_state_update_cpu);
+}
