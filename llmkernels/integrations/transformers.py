@@ -68,3 +68,77 @@ def register() -> None:
 
     AttentionInterface.register(NAME, llmkernels_attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Mamba
+# ------------------------------------------------------------------------------------------------------
+# transformers' MambaMixer calls module-level functions of modeling_mamba (causal_conv1d_fn,
+# causal_conv1d_update, mamba_selective_scan, mamba_selective_state_update) that mirror the mamba_ssm /
+# causal_conv1d signatures. patch_mamba() routes the calls of the patched mixers, and only theirs, to
+# llmkernels, so the model's own cache handling and generate() stay untouched.
+
+
+def _hf_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+    from ..ops.causal_conv1d import causal_conv1d_fn
+
+    return causal_conv1d_fn(hidden_states.contiguous(), weight, bias, activation=activation)
+
+
+def _hf_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
+    """hidden_states (batch, dim, 1) as transformers passes it; our update takes (batch, dim)."""
+    from ..ops.causal_conv1d import causal_conv1d_update
+
+    squeeze = hidden_states.dim() == 3
+    x = hidden_states[..., 0] if squeeze else hidden_states
+    out = causal_conv1d_update(x.contiguous(), conv_state, weight, bias, activation=activation)
+    return out.unsqueeze(-1) if squeeze else out
+
+
+def _hf_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, **kwargs):
+    from ..ops.selective_scan import selective_scan_fn
+
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    return selective_scan_fn(c(hidden_states), c(dt), A, c(B), c(C), D, c(z), delta_bias, delta_softplus,
+                             return_last_state)
+
+
+def _hf_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None, **kwargs):
+    from ..ops.selective_scan import selective_state_update
+
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    return selective_state_update(state, c(hidden_states), c(dt), A, c(B), c(C), D, c(z), dt_bias, dt_softplus)
+
+
+_HF_MAMBA_FUNCTIONS = {
+    "causal_conv1d_fn": _hf_conv1d_fn,
+    "causal_conv1d_update": _hf_conv1d_update,
+    "mamba_selective_scan": _hf_selective_scan,
+    "mamba_selective_state_update": _hf_state_update,
+}
+
+
+def patch_mamba(model: torch.nn.Module) -> int:
+    """Route every transformers MambaMixer in `model` through llmkernels' scan, state update and conv1d,
+    in the forward pass and in generate(). Returns the number of mixers patched."""
+    import types
+
+    from transformers.models.mamba import modeling_mamba
+
+    def patched_forward(self, *args, **kwargs):
+        saved = {name: getattr(modeling_mamba, name) for name in _HF_MAMBA_FUNCTIONS}
+        for name, fn in _HF_MAMBA_FUNCTIONS.items():
+            setattr(modeling_mamba, name, fn)
+        try:
+            return type(self).forward(self, *args, **kwargs)
+        finally:
+            for name, fn in saved.items():
+                setattr(modeling_mamba, name, fn)
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, modeling_mamba.MambaMixer):
+            module.forward = types.MethodType(patched_forward, module)
+            count += 1
+    return count

@@ -1,0 +1,121 @@
+"""Triton GEMM for ternary linear layers: int8 activations x 2-bit packed weights, tl.dot with int32 accumulation.
+
+Math: out[m, n] = sum_k x[m, k] * W_t[n, k], W_t unpacked in registers from the packed layout of
+llmkernels/reference/ternary.py (byte (k // 256) * 64 + k % 64 of a row, bits 2 * ((k % 256) // 64)).
+Epilogues: MODE_INT32 stores the exact accumulator; MODE_A8 scales by (s[m] * gamma) / 127 (+ bias) in fp32;
+MODE_W2 takes fp16/bf16/fp32 x (fp32 accumulate, IEEE fp32 dot for fp32 x) and scales by gamma (+ bias).
+
+Tiling: (BLOCK_M x BLOCK_N) output tile per program, K in steps of 64 (one s-slab of a packed block, so a
+weight tile is 64 consecutive bytes of each row, read once and unpacked with a shift and a mask). Prefill is
+bound by the int8 tensor cores; decode by the packed weight stream (K / 4 bytes a row).
+Activations for act_bits=8 are quantised by the reference code (torch ops) so x_q is bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.ternary import quantize_activation_ref
+
+MODE_INT32, MODE_A8, MODE_W2 = 0, 1, 2
+
+
+@triton.jit
+def _ternary_matmul_kernel(
+    x_ptr, w_ptr, out_ptr, s_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if MODE == MODE_W2:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0)
+        byte = (offs_k // 256) * 64 + offs_k % 64  # < K_pad / 4 for every k < K_pad: in bounds
+        shift = ((offs_k % 256) // 64) * 2
+        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + byte[None, :], mask=mask_n[:, None], other=0x55)
+        codes = (wb.to(tl.int32) >> shift[None, :]) & 3
+        if MODE == MODE_W2:
+            w = (codes - 1).to(x.dtype)  # exact in every float dtype
+            if IEEE_FP32:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            w = (codes - 1).to(tl.int8)
+            acc = tl.dot(x, tl.trans(w), acc)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if MODE == MODE_INT32:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        gamma = tl.load(w_scale_ptr)
+        if MODE == MODE_A8:
+            s = tl.load(s_ptr + offs_m, mask=mask_m, other=1.0)
+            y = acc.to(tl.float32) * ((s * gamma) / 127.0)[:, None]
+        else:
+            y = acc * gamma
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _launch(mode: int, x, w_packed, in_features, out, s=None, w_scale=None, bias=None) -> None:
+    m, n = x.shape[0], w_packed.shape[0]
+    if m == 0 or n == 0:
+        return
+    block_m = 16 if m <= 16 else 64
+    block_n = 64
+    dummy = out  # never read: the constexpr flags switch those loads off
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    torch.library.wrap_triton(_ternary_matmul_kernel)[grid](
+        x, w_packed, out, s if s is not None else dummy, w_scale if w_scale is not None else dummy,
+        bias if bias is not None else dummy,
+        m, n, in_features, x.stride(0), w_packed.stride(0), out.stride(0),
+        MODE=mode, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+    )  # fmt: skip
+
+
+@torch.library.triton_op("llmkernels::ternary_matmul_int8_triton", mutates_args=())
+def ternary_matmul_int8_triton(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x_q: (m, in_features) int8 contiguous -> int32 (m, out_features), exact."""
+    out = torch.empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.int32, device=x_q.device)
+    _launch(MODE_INT32, x_q, w_packed, in_features, out)
+    return out
+
+
+@torch.library.triton_op("llmkernels::ternary_linear_a8_triton", mutates_args=())
+def ternary_linear_a8_triton(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int
+) -> torch.Tensor:
+    """x: (m, in_features) -> (m, out_features) in x's dtype, 8-bit activations."""
+    x_q, s = quantize_activation_ref(x)
+    out = torch.empty((x.shape[0], w_packed.shape[0]), dtype=x.dtype, device=x.device)
+    _launch(MODE_A8, x_q, w_packed, in_features, out, s=s, w_scale=w_scale, bias=bias)
+    return out
+
+
+@torch.library.triton_op("llmkernels::ternary_linear_w2_triton", mutates_args=())
+def ternary_linear_w2_triton(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int
+) -> torch.Tensor:
+    """x: (m, in_features) fp16/bf16/fp32 -> (m, out_features) in x's dtype, weight-only."""
+    out = torch.empty((x.shape[0], w_packed.shape[0]), dtype=x.dtype, device=x.device)
+    _launch(MODE_W2, x, w_packed, in_features, out, w_scale=w_scale, bias=bias)
+    return out
