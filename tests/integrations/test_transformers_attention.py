@@ -52,3 +52,15 @@ def test_greedy_generation_matches_eager(model_type, extra):
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+@pytest.mark.hf
+def test_llmkernels_attention_is_really_used():
+    import llmkernels
+
+    eager, ours = _tiny("llama")
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad(), llmkernels.use_backend("cuda"):
+        eager(ids)
+        with pytest.raises(llmkernels.BackendError):
+            ours(ids)

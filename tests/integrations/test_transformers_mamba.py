@@ -34,3 +34,16 @@ def test_patched_generation_matches():
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.hf
+def test_patched_model_really_calls_llmkernels():
+    """Forcing a backend that cannot run CPU tensors makes the patched model, and only it, fail."""
+    import llmkernels
+
+    ref, ours = _tiny()
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad(), llmkernels.use_backend("cuda"):
+        ref(ids)
+        with pytest.raises(llmkernels.BackendError):
+            ours(ids)
