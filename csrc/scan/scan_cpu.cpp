@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "common/checks.h"
@@ -21,8 +23,14 @@
 namespace llmkernels::scan_cpu {
 namespace {
 
+// LLMKERNELS_CPU_ISA=scalar (beyond cpu_features.h's avx2 cap) selects the portable kernels, so tests can
+// run all three builds of scan_rows.inc on one machine.
 const Kernels& kernels() {
-  static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
+  static const Kernels k = [] {
+    const char* isa = std::getenv("LLMKERNELS_CPU_ISA");
+    if (isa != nullptr && std::string(isa) == "scalar") return kernels_scalar();
+    return use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
+  }();
   return k;
 }
 
@@ -86,8 +94,8 @@ void check_bc(const char* op, const char* name, const at::Tensor& M, int64_t bat
 
 // Shapes shared by forward and backward; every message names the argument.
 void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& initial_state) {
+                const at::Tensor& C, const std::optional<at::Tensor>& D_opt, const std::optional<at::Tensor>& z_opt,
+                const std::optional<at::Tensor>& delta_bias_opt, const std::optional<at::Tensor>& initial_state_opt) {
   LLMK_CHECK_DIM(op, u, 3);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   SCAN_CHECK_FLOAT(op, u);
@@ -103,25 +111,29 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
                  "must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxState, ", got ", A.sizes());
   check_bc(op, "B", B, batch, dim, dstate, L);
   check_bc(op, "C", C, batch, dim, dstate, L);
-  if (D) {
-    LLMK_CHECK_SHAPE(op, (*D), dim);
-    LLMK_CHECK_DTYPE(op, (*D), at::kFloat);
+  if (D_opt) {
+    const at::Tensor& D = *D_opt;
+    LLMK_CHECK_SHAPE(op, D, dim);
+    LLMK_CHECK_DTYPE(op, D, at::kFloat);
   }
-  if (delta_bias) {
-    LLMK_CHECK_SHAPE(op, (*delta_bias), dim);
-    LLMK_CHECK_DTYPE(op, (*delta_bias), at::kFloat);
+  if (delta_bias_opt) {
+    const at::Tensor& delta_bias = *delta_bias_opt;
+    LLMK_CHECK_SHAPE(op, delta_bias, dim);
+    LLMK_CHECK_DTYPE(op, delta_bias, at::kFloat);
   }
-  if (z) {
-    SCAN_CHECK_FLOAT(op, (*z));
-    LLMK_CHECK_SHAPE(op, (*z), batch, dim, L);
-    LLMK_CHECK_CONTIGUOUS(op, (*z));
+  if (z_opt) {
+    const at::Tensor& z = *z_opt;
+    SCAN_CHECK_FLOAT(op, z);
+    LLMK_CHECK_SHAPE(op, z, batch, dim, L);
+    LLMK_CHECK_CONTIGUOUS(op, z);
   }
-  if (initial_state) {
-    LLMK_CHECK_SHAPE(op, (*initial_state), batch, dim, dstate);
-    LLMK_CHECK_DTYPE(op, (*initial_state), at::kFloat);
+  if (initial_state_opt) {
+    const at::Tensor& initial_state = *initial_state_opt;
+    LLMK_CHECK_SHAPE(op, initial_state, batch, dim, dstate);
+    LLMK_CHECK_DTYPE(op, initial_state, at::kFloat);
   }
-  for (const at::Tensor* t : {&delta, &A, &B, &C})
-    LLMK_CHECK_ARG(t->device() == u.device(), op, "every tensor", "must be on the CPU like u, got ", t->device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C}})
+    LLMK_CHECK_ARG(t->device() == u.device(), op, name, "must be on the CPU like u, got ", t->device());
 }
 
 // Everything the row kernels read, in fp32 with padded dstate.
@@ -198,7 +210,11 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
   LLMK_CHECK_SHAPE(op, dout, u.size(0), u.size(1), u.size(2));
   SCAN_CHECK_FLOAT(op, dout);
-  if (dlast_state) LLMK_CHECK_SHAPE(op, (*dlast_state), u.size(0), u.size(1), A.size(1));
+  if (dlast_state) {
+    const at::Tensor& dlast = *dlast_state;
+    LLMK_CHECK_SHAPE(op, dlast, u.size(0), u.size(1), A.size(1));
+    LLMK_CHECK_DTYPE(op, dlast, at::kFloat);
+  }
   const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
   const int64_t batch = p.batch, dim = p.dim, L = p.L, npad = p.npad;
   const auto fopt = p.u.options();
@@ -252,24 +268,24 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     if (like.dim() == 3) g = g.squeeze(1);
     return g.to(like.scalar_type()).contiguous();
   };
-  const at::Tensor none = at::empty({0}, fopt);
+  auto none = [&] { return at::empty({0}, fopt); };  // a fresh one per output: outputs must not alias
   if (delta_softplus) ddelta = at::softplus_backward(ddelta, p.delta_pre, 1.0, 20.0);
-  at::Tensor ddelta_bias = delta_bias ? ddelta.sum({0, 2}) : none;
+  at::Tensor ddelta_bias = delta_bias ? ddelta.sum({0, 2}) : none();
   return {du.to(u.scalar_type()),
           ddelta.to(delta.scalar_type()),
           dA_rows.sum(0).narrow(1, 0, n).contiguous(),
           finish_bc(dB_acc, p.B, B),
           finish_bc(dC_acc, p.C, C),
-          D ? dD_rows.sum(0) : none,
-          z ? dz.to(z->scalar_type()) : none,
+          D ? dD_rows.sum(0) : none(),
+          z ? dz.to(z->scalar_type()) : none(),
           ddelta_bias,
-          initial_state ? dinit.narrow(2, 0, n).contiguous() : none};
+          initial_state ? dinit.narrow(2, 0, n).contiguous() : none()};
 }
 
 at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                                      const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                      const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
+                                      const std::optional<at::Tensor>& D_opt, const std::optional<at::Tensor>& z_opt,
+                                      const std::optional<at::Tensor>& dt_bias_opt, bool dt_softplus) {
   const char* op = "selective_state_update";
   LLMK_CHECK_DIM(op, x, 2);
   const int64_t batch = x.size(0), dim = x.size(1);
@@ -286,30 +302,33 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
   LLMK_CHECK_CONTIGUOUS(op, state);
   for (const auto& [name, M] : {std::pair<const char*, const at::Tensor*>{"B", &B}, {"C", &C}}) {
-    SCAN_CHECK_FLOAT(op, (*M));
+    LLMK_CHECK_ARG(is_scan_dtype(M->scalar_type()), op, name, "must be float32, float16 or bfloat16, got ", M->scalar_type());
     LLMK_CHECK_ARG((M->dim() == 2 && M->size(0) == batch && M->size(1) == dstate) ||
                        (M->dim() == 3 && M->size(0) == batch && M->size(1) >= 1 && dim % M->size(1) == 0 &&
                         M->size(2) == dstate),
                    op, name, "must have shape (batch, dstate) or (batch, ngroups, dstate) with dim % ngroups == 0, for batch ",
                    batch, ", dim ", dim, ", dstate ", dstate, "; got ", M->sizes());
   }
-  if (D) {
-    LLMK_CHECK_SHAPE(op, (*D), dim);
-    LLMK_CHECK_DTYPE(op, (*D), at::kFloat);
+  if (D_opt) {
+    const at::Tensor& D = *D_opt;
+    LLMK_CHECK_SHAPE(op, D, dim);
+    LLMK_CHECK_DTYPE(op, D, at::kFloat);
   }
-  if (dt_bias) {
-    LLMK_CHECK_SHAPE(op, (*dt_bias), dim);
-    LLMK_CHECK_DTYPE(op, (*dt_bias), at::kFloat);
+  if (dt_bias_opt) {
+    const at::Tensor& dt_bias = *dt_bias_opt;
+    LLMK_CHECK_SHAPE(op, dt_bias, dim);
+    LLMK_CHECK_DTYPE(op, dt_bias, at::kFloat);
   }
-  if (z) {
-    SCAN_CHECK_FLOAT(op, (*z));
-    LLMK_CHECK_SHAPE(op, (*z), batch, dim);
+  if (z_opt) {
+    const at::Tensor& z = *z_opt;
+    SCAN_CHECK_FLOAT(op, z);
+    LLMK_CHECK_SHAPE(op, z, batch, dim);
   }
-  at::Tensor xf = f32(x), zf = z ? f32(*z) : at::Tensor(), delta = f32(dt);
-  if (dt_bias) delta = delta + *dt_bias;
+  at::Tensor xf = f32(x), zf = z_opt ? f32(*z_opt) : at::Tensor(), delta = f32(dt);
+  if (dt_bias_opt) delta = delta + *dt_bias_opt;
   if (dt_softplus) delta = at::softplus(delta);
   delta = delta.contiguous();
-  const at::Tensor Af = pad_state(A, npad), Df = D ? f32(*D) : at::Tensor();
+  const at::Tensor Af = pad_state(A, npad), Df = D_opt ? f32(*D_opt) : at::Tensor();
   const at::Tensor Bp = pad_state(B.dim() == 2 ? B.unsqueeze(1) : B, npad);  // (batch, groups, npad)
   const at::Tensor Cp = pad_state(C.dim() == 2 ? C.unsqueeze(1) : C, npad);
   const int64_t gB = Bp.size(1), gC = Cp.size(1);

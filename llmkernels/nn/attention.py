@@ -1,1 +1,122 @@
-class MultiheadFlashAttention: pass
+"""Multi-head (grouped-query) self-attention on top of flash_attn_func / flash_attn_with_kvcache.
+
+    attn = MultiheadFlashAttention(embed_dim=512, num_heads=8, num_kv_heads=2, rotary=True)
+    y = attn(x)                                      # x: (batch, seqlen, embed_dim), causal by default
+    cache = attn.allocate_kv_cache(batch_size=4, max_seqlen=1024)
+    y = attn(prompt, cache=cache); y = attn(next_token, cache=cache)   # incremental decoding
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.attention import flash_attn_func, flash_attn_with_kvcache
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoFormer; GPT-NeoX's rotate-half layout), computed in fp32.
+
+    x: (batch, seqlen, nheads, headdim), headdim even; positions: (seqlen,) or (batch, seqlen) integer positions.
+    Channel pair (c, c + headdim / 2) is rotated by the angle position * base ** (-2c / headdim).
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., seqlen, half)
+    if angles.dim() == 2:
+        angles = angles.unsqueeze(0)
+    cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)  # (batch | 1, seqlen, 1, half)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past tokens for incremental decoding with MultiheadFlashAttention.
+
+    k, v: (batch, max_seqlen, num_kv_heads, head_dim); seqlens: (batch,) int32 tokens held per row.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    seqlens: torch.Tensor
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+
+
+class MultiheadFlashAttention(nn.Module):
+    """Self-attention with q/k/v/o projections, grouped-query heads and optional rotary embeddings.
+
+    embed_dim = num_heads * head_dim; num_kv_heads divides num_heads (default: num_heads). causal and
+    window_size / softcap as in flash_attn_func. forward(x: (batch, seqlen, embed_dim)) -> same shape.
+    With `cache` (from allocate_kv_cache), x holds the next tokens of each row: they are appended to the
+    cache, attend to everything cached (flash_attn_with_kvcache), and cache.seqlens advances.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        *,
+        bias: bool = False,
+        causal: bool = True,
+        window_size: tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+        rotary: bool = False,
+        rotary_base: float = 10000.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"MultiheadFlashAttention: embed_dim ({embed_dim}) must be a multiple of num_heads "
+                             f"({num_heads})")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"MultiheadFlashAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        if rotary and self.head_dim % 2 != 0:
+            raise ValueError(f"MultiheadFlashAttention: rotary embeddings need an even head_dim, got {self.head_dim}")
+        self.causal, self.window_size, self.softcap = causal, tuple(window_size), softcap
+        self.rotary, self.rotary_base = rotary, rotary_base
+        kw = {"bias": bias, "device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, embed_dim, **kw)
+
+    def allocate_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                          device: torch.device | str | None = None) -> KVCache:
+        weight = self.k_proj.weight
+        shape = (batch_size, max_seqlen, self.num_kv_heads, self.head_dim)
+        k = torch.zeros(shape, dtype=dtype or weight.dtype, device=device or weight.device)
+        return KVCache(k, torch.zeros_like(k), torch.zeros(batch_size, dtype=torch.int32, device=k.device))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        steps = torch.arange(seqlen, device=x.device)
+        if cache is None:
+            if self.rotary:
+                q, k = apply_rotary(q, steps, self.rotary_base), apply_rotary(k, steps, self.rotary_base)
+            out = flash_attn_func(q, k, v, causal=self.causal, window_size=self.window_size, softcap=self.softcap)
+        else:
+            if self.rotary:
+                positions = cache.seqlens.unsqueeze(1) + steps  # (batch, seqlen): each row continues its own
+                q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
+            out = flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.seqlens, causal=self.causal,
+                                          window_size=self.window_size, softcap=self.softcap)
+            cache.seqlens.add_(seqlen)
+        return self.o_proj(out.reshape(batch, seqlen, self.num_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"causal={self.causal}, window_size={self.window_size}, rotary={self.rotary}")

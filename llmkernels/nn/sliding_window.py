@@ -1,1 +1,82 @@
-class SlidingWindowAttention: pass
+"""Mistral-style sliding-window attention layer: GQA, rotary embedding at absolute positions, a window of W keys.
+
+    attn = SlidingWindowAttention(hidden_size=4096, num_heads=32, num_kv_heads=8, window=4096)
+    y = attn(x)                                    # prefill without a cache: flash_attn_func with the window
+    cache = attn.new_cache(batch_size=4)           # RollingKVCache: (batch, W, num_kv_heads, head_dim) rings
+    y = attn(prompt, cache=cache); y = attn(next_token, cache=cache)   # chunked prefill, then decode
+
+Each token at absolute position p sees positions p - W + 1 .. p (W keys including itself), as in Mistral's
+reference code and Hugging Face's `sliding_window`. The projections are named as in Hugging Face's
+MistralAttention (q_proj, k_proj, v_proj, o_proj) so its weights load directly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.attention import flash_attn_func
+from ..ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
+from .attention import apply_rotary
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        window: int,
+        head_dim: Optional[int] = None,
+        rope_theta: float = 10000.0,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"SlidingWindowAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        if window < 1:
+            raise ValueError(f"SlidingWindowAttention: window must be >= 1, got {window}")
+        self.num_heads, self.num_kv_heads, self.window = num_heads, num_kv_heads, window
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.rope_theta = rope_theta
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias, **kw)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias, **kw)
+
+    def new_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None,
+                  device: torch.device | str | None = None) -> RollingKVCache:
+        """An empty rolling cache for this layer: memory fixed at 2 * batch * window * num_kv_heads * head_dim."""
+        weight = self.k_proj.weight
+        return RollingKVCache(batch_size, self.window, self.num_kv_heads, self.head_dim,
+                              dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def forward(self, x: torch.Tensor, cache: Optional[RollingKVCache] = None) -> torch.Tensor:
+        """x: (batch, seqlen, hidden_size) -> (batch, seqlen, hidden_size).
+
+        Without a cache x is a whole sequence from position 0. With one, x continues each row of the cache
+        from position cache.seqlens[i]; the cache is appended to and advanced.
+        """
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        steps = torch.arange(seqlen, device=x.device)
+        positions = steps if cache is None else cache.seqlens.long().unsqueeze(1) + steps  # (seqlen,) | (batch, seqlen)
+        q = apply_rotary(q, positions, self.rope_theta)
+        k = apply_rotary(k, positions, self.rope_theta)
+        if cache is None:
+            out = flash_attn_func(q, k, v, causal=True, window_size=(self.window - 1, 0))
+        else:
+            out = sliding_window_attn_with_cache(q, k, v, cache)
+        return self.o_proj(out.reshape(batch, seqlen, self.num_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"window={self.window}, rope_theta={self.rope_theta}")

@@ -1,3 +1,287 @@
-# stub: replaced by the flash attention work
-def flash_attn_func(*a, **k): raise NotImplementedError
-def flash_attn_with_kvcache(*a, **k): raise NotImplementedError
+"""Flash attention with flash_attn 2.x's signatures: the public functions, their dispatch, fakes and autograd.
+
+    import llmkernels
+    out = llmkernels.flash_attn_func(q, k, v, causal=True)  # q: (b, s, h, d); k, v: (b, s, h_kv, d)
+    out.float().square().sum().backward()                   # dq, dk, dv (GQA gradients summed per KV head)
+    k_cache, v_cache = torch.zeros(b, 4096, h_kv, d), torch.zeros(b, 4096, h_kv, d)  # lens: (b,) int32 held
+    out = llmkernels.flash_attn_with_kvcache(q1, k_cache, v_cache, k1, v1, cache_seqlens=lens, causal=True)
+
+Semantics (window band aligned bottom-right, rows that see no key give 0, softcap) are those of
+llmkernels/reference/attention.py. Backends: the C++ ops `llmkernels::flash_attn_fwd / flash_attn_bwd /
+flash_attn_with_kvcache` (CPU and CUDA kernels, schemas in csrc/registration.cpp), Triton
+(llmkernels/triton/flash_attn.py, imported only when chosen) and the reference. Causal is folded into
+window_right = 0 before any backend sees the call, so every implementation takes
+(q, k, v, softmax_scale, window_left, window_right, softcap).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .. import _ext
+from .._backend import Dispatcher
+from .._checks import check_same_dtype, check_shape, check_tensor
+from ..reference.attention import flash_attn_fwd_ref, flash_attn_with_kvcache_ref, normalize_window
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADDIM = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# What each backend takes
+# --------------------------------------------------------------------------------------------------
+def _cpu_supports(q, *args, **kwargs) -> str | None:
+    if q.dtype not in _DTYPES:
+        return f"the CPU kernel takes float32/bfloat16/float16, got {q.dtype}"
+    return None
+
+
+def _cuda_supports(q, *args, **kwargs) -> str | None:
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 != 0 or d > MAX_HEADDIM:
+        return f"the CUDA kernel takes a head dim that is a multiple of 8 up to {MAX_HEADDIM}, got {d}"
+    return None
+
+
+_TRITON_MODULE = "llmkernels.triton.flash_attn"
+_triton_module_found = importlib.util.find_spec(_TRITON_MODULE) is not None
+
+
+def _triton_function(name: str):
+    """The function `name` of llmkernels/triton/flash_attn.py, imported on first use, or None if absent."""
+    if not _triton_module_found:
+        return None
+    import importlib
+
+    return getattr(importlib.import_module(_TRITON_MODULE), name, None)
+
+
+def _triton_supports_for(function: str):
+    def supports(q, *args, **kwargs) -> str | None:
+        if not _triton_module_found:
+            return f"{_TRITON_MODULE} is not in this installation"
+        if _triton_function(function) is None:
+            return f"{_TRITON_MODULE} has no {function}"
+        if q.shape[-1] > MAX_HEADDIM:
+            return f"the Triton kernel takes a head dim up to {MAX_HEADDIM}, got {q.shape[-1]}"
+        return None
+
+    return supports
+
+
+# --------------------------------------------------------------------------------------------------
+# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap) -> out
+# --------------------------------------------------------------------------------------------------
+flash_attn = Dispatcher("flash_attn_func")
+
+
+@flash_attn.register("reference")
+def _fwd_reference(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+    return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap)[0]
+
+
+@flash_attn.register("cpu", kernel="flash_attn_fwd", supports=_cpu_supports)
+def _fwd_cpu(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)[0]
+
+
+@flash_attn.register("cuda", kernel="flash_attn_fwd", supports=_cuda_supports)
+def _fwd_cuda(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)[0]
+
+
+@flash_attn.register("triton", supports=_triton_supports_for("flash_attn_triton"))
+def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+    return _triton_function("flash_attn_triton")(q, k, v, softmax_scale, window_left, window_right, softcap)
+
+
+# --------------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache: (q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, left, right, softcap)
+# --------------------------------------------------------------------------------------------------
+flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
+
+
+@flash_attn_kvcache.register("reference")
+def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                       softcap):
+    return flash_attn_with_kvcache_ref(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
+                                       window_size=(window_left, window_right), softcap=softcap)
+
+
+def _kvcache_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                    softcap):
+    return torch.ops.llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
+                                                        softmax_scale, window_left, window_right, softcap)
+
+
+flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)(_kvcache_kernel)
+flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_supports)(_kvcache_kernel)
+
+
+@flash_attn_kvcache.register("triton", supports=_triton_supports_for("flash_attn_with_kvcache_triton"))
+def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                    softcap):
+    fn = _triton_function("flash_attn_with_kvcache_triton")
+    return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks (one place; every message names the function and the argument)
+# --------------------------------------------------------------------------------------------------
+def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap) -> None:
+    check_tensor(fn, "q", q, ndim=4, dtypes=_DTYPES, last_dim_contiguous=True)
+    if not 1 <= q.shape[-1] <= MAX_HEADDIM:
+        raise ValueError(f"llmkernels.{fn}: q must have a head dim in [1, {MAX_HEADDIM}], got {q.shape[-1]}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"llmkernels.{fn}: softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"llmkernels.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), "
+                         f"got {window_size!r}")
+    if not (isinstance(softcap, (int, float)) and softcap >= 0):
+        raise ValueError(f"llmkernels.{fn}: softcap must be a number >= 0 (0 disables it), got {softcap!r}")
+
+
+def _check_kv(fn: str, q: torch.Tensor, names: tuple[str, str], k: torch.Tensor, v: torch.Tensor,
+              seqlen: int | None = None, nheads_k: int | None = None) -> None:
+    for name, t in zip(names, (k, v)):
+        check_tensor(fn, name, t, ndim=4, device=q.device, last_dim_contiguous=True)
+        check_same_dtype(fn, name, t, "q", q)
+    batch, _, nheads, d = q.shape
+    expected = (batch, k.shape[1] if seqlen is None else seqlen, k.shape[2] if nheads_k is None else nheads_k, d)
+    check_shape(fn, names[0], k, expected)
+    check_shape(fn, names[1], v, expected)
+    if nheads % k.shape[2] != 0:
+        raise ValueError(f"llmkernels.{fn}: q's nheads ({nheads}) must be a multiple of {names[0]}'s nheads_k "
+                         f"({k.shape[2]})")
+
+
+def _check_unsupported(fn: str, dropout_p, alibi_slopes, return_attn_probs) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"llmkernels.{fn}: dropout_p={dropout_p!r} is not supported (inference kernels: "
+                                  f"only 0.0)")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"llmkernels.{fn}: alibi_slopes is not supported (only None)")
+    if return_attn_probs:
+        raise NotImplementedError(f"llmkernels.{fn}: return_attn_probs=True is not supported (only False)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale) v over the visible keys, like flash_attn.flash_attn_func; differentiable.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0
+    (GQA / MQA); fp16, bf16 or fp32, head dim <= 256, last dimension contiguous. softmax_scale defaults to
+    headdim ** -0.5; window_size = (left, right), -1 unbounded, aligned bottom-right; causal sets right = 0;
+    softcap > 0 caps scores at softcap * tanh(s / softcap). Returns (batch, seqlen_q, nheads, headdim) in q's dtype.
+    Not supported (raise NotImplementedError): dropout_p > 0, alibi_slopes, return_attn_probs. `deterministic` is
+    accepted and ignored: every backend's backward is deterministic.
+    """
+    fn = "flash_attn_func"
+    _check_unsupported(fn, dropout_p, alibi_slopes, return_attn_probs)
+    _check_common(fn, q, softmax_scale, window_size, softcap)
+    _check_kv(fn, q, ("k", "v"), k, v)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    left, right = normalize_window(causal, window_size)
+    return flash_attn(q, k, v, scale, left, right, float(softcap))
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Attention against a KV cache (decoding), like flash_attn.flash_attn_with_kvcache; not differentiable.
+
+    q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, max_seqlen, nheads_k, headdim), updated in
+    place; k, v: (batch, seqlen_new, nheads_k, headdim) new tokens or None; cache_seqlens: int or (batch,) int32
+    tensor of tokens already cached per row (ragged allowed; None: the whole cache, minus the new tokens).
+    The new tokens are written at cache_seqlens[i] .. + seqlen_new - 1, then q attends to the first
+    cache_seqlens[i] + seqlen_new keys, the causal / window band aligned bottom-right. cache_seqlens itself is
+    not advanced. Returns (batch, seqlen_q, nheads, headdim).
+    """
+    fn = "flash_attn_with_kvcache"
+    _check_common(fn, q, softmax_scale, window_size, softcap)
+    _check_kv(fn, q, ("k_cache", "v_cache"), k_cache, v_cache)
+    batch, capacity, nheads_k = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if (k is None) != (v is None):
+        raise ValueError(f"llmkernels.{fn}: k and v (the new tokens) must be given together")
+    seqlen_new = 0
+    if k is not None:
+        check_tensor(fn, "k", k, ndim=4)
+        seqlen_new = k.shape[1]
+        _check_kv(fn, q, ("k", "v"), k, v, seqlen=seqlen_new, nheads_k=nheads_k)
+    if cache_seqlens is None:
+        cache_seqlens = capacity - seqlen_new
+    if isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens <= capacity - seqlen_new:
+            raise ValueError(f"llmkernels.{fn}: cache_seqlens ({cache_seqlens}) + the {seqlen_new} new tokens must fit "
+                             f"in the cache's {capacity} slots")
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    left, right = normalize_window(causal, window_size)
+    return flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake (meta) kernels and autograd of the C++ ops
+# --------------------------------------------------------------------------------------------------
+if _ext.loaded:
+
+    @torch.library.register_fake("llmkernels::flash_attn_fwd")
+    def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap):
+        batch, seqlen_q, nheads, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+
+    @torch.library.register_fake("llmkernels::flash_attn_bwd")
+    def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, window_left, window_right, softcap):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("llmkernels::flash_attn_with_kvcache")
+    def _kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                      softcap):
+        return q.new_empty(q.shape)
+
+    def _fwd_setup_context(ctx, inputs, output):
+        q, k, v, softmax_scale, window_left, window_right, softcap = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = (softmax_scale, window_left, window_right, softcap)
+
+    def _fwd_backward(ctx, dout, dlse):
+        # dlse is ignored: the public functions never expose lse, so nothing downstream can depend on it.
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd(dout, q, k, v, out, lse, *ctx.params)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd("llmkernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)

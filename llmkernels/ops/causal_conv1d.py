@@ -1,3 +1,135 @@
-# stub: replaced by the selective scan work
-def causal_conv1d_fn(*a, **k): raise NotImplementedError
-def causal_conv1d_update(*a, **k): raise NotImplementedError
+"""Depthwise causal conv1d: `causal_conv1d_fn` and `causal_conv1d_update` with the causal_conv1d package's names.
+
+Semantics: llmkernels/reference/causal_conv1d.py. Backends: reference, cpu and cuda (the C++ ops
+llmkernels::causal_conv1d_fwd / _bwd / _update). The C++ forward is differentiable via `register_autograd`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _checks, _ext
+from .._backend import Dispatcher
+from ..reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WIDTHS = (2, 3, 4)
+
+
+def _silu(fn: str, activation: Optional[str]) -> bool:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"llmkernels.{fn}: activation must be None, 'silu' or 'swish', got {activation!r}")
+    return activation is not None
+
+
+def _check_weight_bias(fn: str, x, weight, bias) -> None:
+    dim = x.shape[1]
+    _checks.check_tensor(fn, "weight", weight, ndim=2, dtypes=ACT_DTYPES, device=x.device)
+    if weight.shape[0] != dim or weight.shape[1] not in WIDTHS:
+        raise ValueError(
+            f"llmkernels.{fn}: weight must have shape (dim, width) with dim = {dim} and width in 2..4, "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        _checks.check_tensor(fn, "bias", bias, ndim=1, dtypes=ACT_DTYPES, device=x.device)
+        _checks.check_shape(fn, "bias", bias, (dim,))
+
+
+conv_dispatcher = Dispatcher("causal_conv1d_fn")
+
+
+@conv_dispatcher.register("reference")
+def _conv_reference(x, weight, bias, silu):
+    return causal_conv1d_ref(x, weight, bias, "silu" if silu else None)
+
+
+@conv_dispatcher.register("cpu", kernel="causal_conv1d_fwd")
+@conv_dispatcher.register("cuda", kernel="causal_conv1d_fwd")
+def _conv_cpp(x, weight, bias, silu):
+    return torch.ops.llmkernels.causal_conv1d_fwd(x, weight, bias, silu)
+
+
+def causal_conv1d_fn(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None
+) -> torch.Tensor:
+    """Depthwise causal conv1d, a drop-in for causal_conv1d.causal_conv1d_fn (without seq_idx / initial states).
+
+    x: (batch, dim, seqlen) fp32/fp16/bf16; weight: (dim, width), width 2..4; bias: (dim,); activation None,
+    "silu" or "swish". Returns (batch, dim, seqlen) in x's dtype; differentiable in x, weight and bias.
+    """
+    fn = "causal_conv1d_fn"
+    silu = _silu(fn, activation)
+    _checks.check_tensor(fn, "x", x, ndim=3, dtypes=ACT_DTYPES)
+    _check_weight_bias(fn, x, weight, bias)
+    return conv_dispatcher(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), silu)
+
+
+update_dispatcher = Dispatcher("causal_conv1d_update")
+
+
+@update_dispatcher.register("reference")
+def _update_reference(x, conv_state, weight, bias, silu):
+    return causal_conv1d_update_ref(x, conv_state, weight, bias, "silu" if silu else None)
+
+
+@update_dispatcher.register("cpu", kernel="causal_conv1d_update")
+@update_dispatcher.register("cuda", kernel="causal_conv1d_update")
+def _update_cpp(x, conv_state, weight, bias, silu):
+    return torch.ops.llmkernels.causal_conv1d_update(x, conv_state, weight, bias, silu)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """One decode step; conv_state (batch, dim, width), the last `width` inputs oldest first, updated in place.
+
+    x: (batch, dim); weight: (dim, width); bias: (dim,). Returns (batch, dim) in x's dtype (Hugging Face
+    MambaMixer's cache convention: the new input is appended and the window includes it).
+    """
+    fn = "causal_conv1d_update"
+    silu = _silu(fn, activation)
+    _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
+    _check_weight_bias(fn, x, weight, bias)
+    _checks.check_tensor(fn, "conv_state", conv_state, dtypes=ACT_DTYPES, device=x.device, contiguous=True)
+    _checks.check_shape(fn, "conv_state", conv_state, (x.shape[0], x.shape[1], weight.shape[1]))
+    return update_dispatcher(
+        x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu
+    )
+
+
+if _ext.loaded:
+
+    @torch.library.register_fake("llmkernels::causal_conv1d_fwd")
+    def _conv_fwd_fake(x, weight, bias, silu):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("llmkernels::causal_conv1d_bwd")
+    def _conv_bwd_fake(dout, x, weight, bias, silu):
+        dbias = x.new_empty(0, dtype=torch.float32) if bias is None else torch.empty_like(bias)
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            dbias,
+        )
+
+    @torch.library.register_fake("llmkernels::causal_conv1d_update")
+    def _conv_update_fake(x, conv_state, weight, bias, silu):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _conv_setup_context(ctx, inputs, output):
+        x, weight, bias, silu = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+
+    def _conv_backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = torch.ops.llmkernels.causal_conv1d_bwd(dout.contiguous(), x, weight, bias, ctx.silu)
+        return dx, dweight, dbias if bias is not None else None, None
+
+    torch.library.register_autograd("llmkernels::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)

@@ -1,3 +1,270 @@
-# stub: replaced by the selective scan work
-def selective_scan_fn(*a, **k): raise NotImplementedError
-def selective_state_update(*a, **k): raise NotImplementedError
+"""Mamba's selective scan: `selective_scan_fn` and `selective_state_update` with mamba_ssm's signatures.
+
+Semantics: llmkernels/reference/selective_scan.py. Backends: reference (pure PyTorch), cpu and cuda (the C++
+ops llmkernels::selective_scan_fwd / selective_scan_bwd / selective_state_update), triton (lazily imported
+from llmkernels.triton.selective_scan). The C++ forward is differentiable through `register_autograd`,
+whose backward recomputes the states (selective_scan_bwd) rather than storing them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _checks, _ext
+from .._backend import Dispatcher
+from ..reference.selective_scan import selective_scan_ref, selective_state_update_ref
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DSTATE = 256
+
+
+def _check_bc(fn: str, name: str, M, batch: int, dim: int, dstate: int, seqlen: Optional[int], dev) -> None:
+    """B/C: (dim, dstate), (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); decode: (batch, [g,] dstate)."""
+    _checks.check_tensor(fn, name, M, dtypes=ACT_DTYPES, device=dev)
+    if seqlen is None:  # selective_state_update
+        ok = (M.dim() == 2 and tuple(M.shape) == (batch, dstate)) or (
+            M.dim() == 3 and M.shape[0] == batch and M.shape[2] == dstate and M.shape[1] >= 1 and dim % M.shape[1] == 0
+        )
+        expected = f"(batch, dstate) = ({batch}, {dstate}) or (batch, ngroups, dstate) with dim % ngroups == 0"
+    else:
+        ok = (
+            (M.dim() == 2 and tuple(M.shape) == (dim, dstate))
+            or (M.dim() == 3 and tuple(M.shape) == (batch, dstate, seqlen))
+            or (
+                M.dim() == 4
+                and (M.shape[0], M.shape[2], M.shape[3]) == (batch, dstate, seqlen)
+                and M.shape[1] >= 1
+                and dim % M.shape[1] == 0
+            )
+        )
+        expected = (
+            f"(dim, dstate) = ({dim}, {dstate}), (batch, dstate, seqlen) = ({batch}, {dstate}, {seqlen}) or "
+            "(batch, ngroups, dstate, seqlen) with dim % ngroups == 0"
+        )
+    if not ok:
+        raise ValueError(f"llmkernels.{fn}: {name} must have shape {expected}, got {tuple(M.shape)}")
+
+
+def _check_A(fn: str, A, dim: int, dev) -> int:
+    _checks.check_tensor(fn, "A", A, ndim=2, dtypes=(torch.float32,), device=dev)
+    if A.shape[0] != dim or not 1 <= A.shape[1] <= MAX_DSTATE:
+        raise ValueError(
+            f"llmkernels.{fn}: A must have shape (dim, dstate) with dim = {dim} and 1 <= dstate <= {MAX_DSTATE}, "
+            f"got {tuple(A.shape)}"
+        )
+    return A.shape[1]
+
+
+def _check_channel_vector(fn: str, name: str, t, dim: int, dev) -> None:
+    if t is not None:
+        _checks.check_tensor(fn, name, t, ndim=1, dtypes=(torch.float32,), device=dev)
+        _checks.check_shape(fn, name, t, (dim,))
+
+
+def check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+    fn = "selective_scan_fn"
+    _checks.check_tensor(fn, "u", u, ndim=3, dtypes=ACT_DTYPES)
+    dev = u.device
+    batch, dim, seqlen = u.shape
+    _checks.check_tensor(fn, "delta", delta, dtypes=ACT_DTYPES, device=dev)
+    _checks.check_shape(fn, "delta", delta, u.shape)
+    dstate = _check_A(fn, A, dim, dev)
+    _check_bc(fn, "B", B, batch, dim, dstate, seqlen, dev)
+    _check_bc(fn, "C", C, batch, dim, dstate, seqlen, dev)
+    _check_channel_vector(fn, "D", D, dim, dev)
+    _check_channel_vector(fn, "delta_bias", delta_bias, dim, dev)
+    if z is not None:
+        _checks.check_tensor(fn, "z", z, dtypes=ACT_DTYPES, device=dev)
+        _checks.check_shape(fn, "z", z, u.shape)
+    if initial_state is not None:
+        _checks.check_tensor(fn, "initial_state", initial_state, dtypes=(torch.float32,), device=dev)
+        _checks.check_shape(fn, "initial_state", initial_state, (batch, dim, dstate))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selective_scan_fn: backends take (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state) with
+# contiguous tensors and return (out, last_state).
+# ---------------------------------------------------------------------------------------------------------
+scan_dispatcher = Dispatcher("selective_scan_fn")
+
+
+@scan_dispatcher.register("reference")
+def _scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state)
+
+
+@scan_dispatcher.register("cpu", kernel="selective_scan_fwd")
+@scan_dispatcher.register("cuda", kernel="selective_scan_fwd")
+def _scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    return torch.ops.llmkernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+def _triton_module_reason(attr: str) -> Optional[str]:
+    try:
+        from ..triton import selective_scan as mod
+    except ImportError as exc:
+        return f"llmkernels.triton.selective_scan cannot be imported ({exc})"
+    if not hasattr(mod, attr):
+        return f"llmkernels.triton.selective_scan has no {attr}"
+    return None
+
+
+@scan_dispatcher.register("triton", supports=lambda *a, **k: _triton_module_reason("selective_scan_triton"))
+def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    from ..triton.selective_scan import selective_scan_triton
+
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+def selective_scan_fn(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Optional[torch.Tensor] = None,
+):
+    """Mamba's selective scan, a drop-in for mamba_ssm.ops.selective_scan_interface.selective_scan_fn.
+
+    u, delta, z: (batch, dim, seqlen) fp32/fp16/bf16; A: (dim, dstate) fp32, dstate <= 256; B, C: (dim, dstate),
+    (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); D, delta_bias: (dim,) fp32; initial_state:
+    (batch, dim, dstate) fp32. Returns out (batch, dim, seqlen) in u's dtype, and with return_last_state also
+    the last state (batch, dim, dstate) fp32. Differentiable in every tensor, including initial_state and
+    through the returned last state. Non-contiguous inputs are copied (as mamba_ssm does).
+    """
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    args = (_contig(u), _contig(delta), A.contiguous(), _contig(B), _contig(C), _contig(D), _contig(z),
+            _contig(delta_bias), bool(delta_softplus), _contig(initial_state))
+    out, last_state = scan_dispatcher(*args)
+    return (out, last_state) if return_last_state else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selective_state_update
+# ---------------------------------------------------------------------------------------------------------
+update_dispatcher = Dispatcher("selective_state_update")
+
+
+@update_dispatcher.register("reference")
+def _update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@update_dispatcher.register("cpu", kernel="selective_state_update")
+@update_dispatcher.register("cuda", kernel="selective_state_update")
+def _update_cpp(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.ops.llmkernels.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@update_dispatcher.register("triton", supports=lambda *a, **k: _triton_module_reason("selective_state_update_triton"))
+def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    from ..triton.selective_scan import selective_state_update_triton
+
+    return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+    fn = "selective_state_update"
+    _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
+    dev = x.device
+    batch, dim = x.shape
+    _checks.check_tensor(fn, "dt", dt, dtypes=ACT_DTYPES, device=dev)
+    _checks.check_shape(fn, "dt", dt, x.shape)
+    dstate = _check_A(fn, A, dim, dev)
+    _checks.check_tensor(fn, "state", state, dtypes=ACT_DTYPES, device=dev)
+    _checks.check_shape(fn, "state", state, (batch, dim, dstate))
+    _checks.check_tensor(fn, "state", state, contiguous=True)  # updated in place: no copy can stand in
+    _check_bc(fn, "B", B, batch, dim, dstate, None, dev)
+    _check_bc(fn, "C", C, batch, dim, dstate, None, dev)
+    _check_channel_vector(fn, "D", D, dim, dev)
+    _check_channel_vector(fn, "dt_bias", dt_bias, dim, dev)
+    if z is not None:
+        _checks.check_tensor(fn, "z", z, dtypes=ACT_DTYPES, device=dev)
+        _checks.check_shape(fn, "z", z, x.shape)
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+) -> torch.Tensor:
+    """One decode step of the scan (mamba_ssm's selective_state_update); updates `state` in place.
+
+    state: (batch, dim, dstate) contiguous, fp32/fp16/bf16 (arithmetic fp32); x, dt, z: (batch, dim);
+    A: (dim, dstate) fp32; B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,) fp32.
+    Returns y (batch, dim) in x's dtype. Stepping it L times equals selective_scan_fn over L tokens.
+    """
+    check_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    return update_dispatcher(
+        state, x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), _contig(D),
+        _contig(z), _contig(dt_bias), bool(dt_softplus),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fakes and autograd of the C++ ops (they exist only when the extension is loaded).
+# ---------------------------------------------------------------------------------------------------------
+if _ext.loaded:
+
+    @torch.library.register_fake("llmkernels::selective_scan_fwd")
+    def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+        return torch.empty_like(u, memory_format=torch.contiguous_format), last
+
+    @torch.library.register_fake("llmkernels::selective_scan_bwd")
+    def _scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        def like(t):
+            if t is None:
+                return u.new_empty(0, dtype=torch.float32)
+            return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+        return tuple(like(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+
+    @torch.library.register_fake("llmkernels::selective_state_update")
+    def _update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _scan_setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        ctx.delta_softplus = delta_softplus
+
+    def _scan_backward(ctx, dout, dlast_state):
+        u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        grads = torch.ops.llmkernels.selective_scan_bwd(
+            dout.contiguous(), None if dlast_state is None else dlast_state.contiguous(), u, delta, A, B, C, D, z,
+            delta_bias, ctx.delta_softplus, initial_state,
+        )
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
+        return (
+            du, ddelta, dA, dB, dC,
+            dD if D is not None else None,
+            dz if z is not None else None,
+            ddelta_bias if delta_bias is not None else None,
+            None,
+            dinit if initial_state is not None else None,
+        )
+
+    torch.library.register_autograd(
+        "llmkernels::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context
+    )

@@ -76,7 +76,7 @@ def _softcap_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
                seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
                HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -87,7 +87,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
             kv_mask = (cols[:, None] < seqlen_k) & d_mask
         else:
             kv_mask = d_mask
-        k = tl.load(k_ptrs + tl.cast(n0, tl.int64) * stride_kn, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + tl.cast(n0, tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _softcap_scores(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -103,7 +103,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, o
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + tl.cast(n0, tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tl.cast(n0, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -132,8 +132,9 @@ def flash_attn_fwd_kernel(
     d_mask = offs_d[None, :] < HEADDIM
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & d_mask, other=0.0)
-    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    # Scalar bases; tile pointers are formed inside the loops (a live 2-D pointer tensor costs 2 regs/elem).
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -143,13 +144,13 @@ def flash_attn_fwd_kernel(
     row_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q)
     lo, a, b, end = _band_tile_ranges(start_m * BLOCK_M, row_hi, seqlen_k, shift, window_left, window_right,
                                       HAS_WL, HAS_WR, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                lo, a, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
                                BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                a, b, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
                                BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                b, end, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
                                BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
 
@@ -186,7 +187,7 @@ def flash_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m, offs_n,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m, offs_n,
                     offs_d, start, stop, seqlen_q, shift, window_left, window_right, scale, softcap,
                     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
                     HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -201,8 +202,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm
             qo_mask = (rows[:, None] < seqlen_q) & d_mask
         else:
             qo_mask = d_mask
-        q = tl.load(q_ptrs + tl.cast(m0, tl.int64) * stride_qm, mask=qo_mask, other=0.0)
-        do = tl.load(do_ptrs + tl.cast(m0, tl.int64) * stride_dom, mask=qo_mask, other=0.0)
+        q = tl.load(q_base + tl.cast(m0, tl.int64) * stride_qm + (offs_m[:, None] * stride_qm + offs_d[None, :]), mask=qo_mask, other=0.0)
+        do = tl.load(do_base + tl.cast(m0, tl.int64) * stride_dom + (offs_m[:, None] * stride_dom + offs_d[None, :]), mask=qo_mask, other=0.0)
         lse = tl.load(lse_ptr + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
         delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
@@ -260,17 +261,17 @@ def flash_attn_bwd_dkdv_kernel(
                                       HAS_WR, HAS_WL, BLOCK_M)
     for g in range(0, group):
         off_h = off_hk * group + g
-        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_ptr = LSE + (off_b * nheads + off_h) * seqlen_q
         delta_ptr = DELTA + (off_b * nheads + off_h) * seqlen_q
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
                                  offs_n, offs_d, lo, a, seqlen_q, shift, window_left, window_right, scale, softcap,
                                  HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
                                  offs_n, offs_d, a, b, seqlen_q, shift, window_left, window_right, scale, softcap,
                                  HEADDIM, BLOCK_M, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
                                  offs_n, offs_d, b, end, seqlen_q, shift, window_left, window_right, scale, softcap,
                                  HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
 
@@ -282,7 +283,7 @@ def flash_attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
                   seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                   SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -293,8 +294,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, o
             kv_mask = (cols[:, None] < seqlen_k) & d_mask
         else:
             kv_mask = d_mask
-        k = tl.load(k_ptrs + tl.cast(n0, tl.int64) * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + tl.cast(n0, tl.int64) * stride_vn, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + tl.cast(n0, tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tl.cast(n0, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, tanh_s = _softcap_scores(qk, scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
@@ -343,21 +344,22 @@ def flash_attn_bwd_dq_kernel(
     lse = tl.load(LSE + row_ptr, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
     delta = tl.load(DELTA + row_ptr, mask=offs_m < seqlen_q, other=0.0)
-    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    # Scalar bases; tile pointers are formed inside the loops (a live 2-D pointer tensor costs 2 regs/elem).
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     shift = seqlen_k - seqlen_q
     row_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q)
     lo, a, b, end = _band_tile_ranges(start_m * BLOCK_M, row_hi, seqlen_k, shift, window_left, window_right,
                                       HAS_WL, HAS_WR, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, a,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, a,
                        seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
                        HAS_WR, SOFTCAP, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, a, b,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, a, b,
                        seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, False, HAS_WL,
                        HAS_WR, SOFTCAP, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d, b, end,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, b, end,
                        seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
                        HAS_WR, SOFTCAP, DOT_PRECISION)
     dq = dq * scale

@@ -13,6 +13,7 @@ Activations for act_bits=8 are quantised by the reference code (torch ops) so x_
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -22,13 +23,14 @@ import triton.language as tl
 from ..reference.ternary import quantize_activation_ref
 
 MODE_INT32, MODE_A8, MODE_W2 = 0, 1, 2
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _ternary_matmul_kernel(
     x_ptr, w_ptr, out_ptr, s_ptr, w_scale_ptr, bias_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -51,8 +53,11 @@ def _ternary_matmul_kernel(
         wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + byte[None, :], mask=mask_n[:, None], other=0x55)
         codes = (wb.to(tl.int32) >> shift[None, :]) & 3
         if MODE == MODE_W2:
-            w = (codes - 1).to(x.dtype)  # exact in every float dtype
-            if IEEE_FP32:
+            w = (codes - 1).to(tl.float32).to(x.dtype)  # exact in every float dtype
+            if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong (triton 3.8): do that one in fp32
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE_FP32 or UPCAST:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
@@ -88,6 +93,7 @@ def _launch(mode: int, x, w_packed, in_features, out, s=None, w_scale=None, bias
         bias if bias is not None else dummy,
         m, n, in_features, x.stride(0), w_packed.stride(0), out.stride(0),
         MODE=mode, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
+        UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
     )  # fmt: skip
 
@@ -119,3 +125,20 @@ def ternary_linear_w2_triton(
     out = torch.empty((x.shape[0], w_packed.shape[0]), dtype=x.dtype, device=x.device)
     _launch(MODE_W2, x, w_packed, in_features, out, w_scale=w_scale, bias=bias)
     return out
+
+
+# Explicit fakes: triton_op would otherwise trace the Python above with FakeTensors, which the CPU
+# interpreter cannot launch (it copies tensor storages).
+@ternary_matmul_int8_triton.register_fake
+def _(x_q, w_packed, in_features):
+    return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.int32)
+
+
+@ternary_linear_a8_triton.register_fake
+def _(x, w_packed, w_scale, bias, in_features):
+    return x.new_empty((x.shape[0], w_packed.shape[0]))
+
+
+@ternary_linear_w2_triton.register_fake
+def _(x, w_packed, w_scale, bias, in_features):
+    return x.new_empty((x.shape[0], w_packed.shape[0]))

@@ -13,10 +13,11 @@
 //
 // Tiling: one task per (batch, head, 64-query block) streams 64-key blocks through an online softmax
 // (FlashAttention-2), never holding more than a 64 x 64 score tile. Only key blocks that intersect the
-// causal / window band are visited. Each block is converted to fp32 as it is packed into small per-thread
-// buffers (K transposed, so scores are a row-broadcast x column-vector product), zero-padded to whole SIMD
-// registers in the head dimension. All products go through one register-blocked micro-kernel (`gemm`):
-// Vec::MR rows x 2 registers of columns, broadcasting A and streaming B, fp32 FMA.
+// causal / window band are visited, and only blocks the band cuts pay for masking. Blocks are converted to
+// fp32 as they are packed into small per-thread buffers (fp32 K and V with a whole-register head dim are read
+// in place), zero-padded to whole SIMD registers. All products go through one register-blocked micro-kernel
+// (`gemm`): Vec::MR rows x 2 registers of columns, broadcasting A and streaming B, fp32 FMA. The forward
+// computes scores transposed (keys x queries) so the softmax bookkeeping is vectorised across queries.
 // The backward recomputes P from lse in two race-free passes: per (batch, KV head, key block) it
 // accumulates dK and dV over its group's query heads; per (batch, head, query block) it accumulates dQ.
 //
@@ -161,12 +162,6 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, i
 // ---------------------------------------------------------------------------------------------------
 // Row operations on score tiles (n a multiple of Vec::W)
 // ---------------------------------------------------------------------------------------------------
-inline float row_max(const float* x, int64_t n) {
-  typename Vec::reg m = Vec::set1(kNegInf);
-  for (int64_t i = 0; i < n; i += Vec::W) m = Vec::max(m, Vec::load(x + i));
-  return Vec::hmax(m);
-}
-
 // dst = exp(x - shift); returns the sum. exp(-inf) = 0 for masked scores.
 inline float exp_row(const float* x, float* dst, int64_t n, float shift) {
   const typename Vec::reg sh = Vec::set1(shift);
@@ -280,53 +275,104 @@ inline void grad_scores(const AttnParams& p, const float* s, const float* pb, fl
 // ---------------------------------------------------------------------------------------------------
 // Forward: task = (batch, head, query block)
 // ---------------------------------------------------------------------------------------------------
+// Scores are computed transposed, S^T (keys x queries) = K (scale Q)^T, so the online softmax's per-query max,
+// exp and sum run down columns, one SIMD register across Vec::W queries, and K and V are the row-major operands
+// of the two products: for fp32 inputs with a whole-register head dim they are read in place, unpacked.
 void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, dp = round_up_to_vec(d);
   const int64_t nqb = llmkernels::attention_cpu::num_query_blocks(p), group = p.nheads / p.nheads_k;
-  Scratch scratch(kBlockQ * dp * 2 + dp * kBlockK + kBlockK * dp + kBlockQ * kBlockK + 2 * kBlockQ + dp);
-  float* qb = scratch.data;           // (kBlockQ, dp) scaled queries
-  float* ob = qb + kBlockQ * dp;      // (kBlockQ, dp) unnormalised output
-  float* kt = ob + kBlockQ * dp;      // (dp, kBlockK) keys, transposed
-  float* vb = kt + dp * kBlockK;      // (kBlockK, dp) values
-  float* sb = vb + kBlockK * dp;      // (kBlockQ, kBlockK) scores, then probabilities
-  float* m_run = sb + kBlockQ * kBlockK;  // running row max
-  float* l_run = m_run + kBlockQ;         // running row sum
-  float* tmp = l_run + kBlockQ;           // one converted key row
+  const bool kv_in_place = p.dtype == ElemType::kFloat32 && d == dp;
+  Scratch scratch(dp * kBlockQ + kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ + dp);
+  float* qt = scratch.data;             // (dp, kBlockQ) scaled queries, transposed; unused columns zero
+  float* ob = qt + dp * kBlockQ;        // (kBlockQ, dp) unnormalised output
+  float* kb = ob + kBlockQ * dp;        // (kBlockK, dp) keys in fp32 when not read in place
+  float* vb = kb + kBlockK * dp;        // (kBlockK, dp) values likewise
+  float* st = vb + kBlockK * dp;        // (kBlockK, kBlockQ) scores, then probabilities, transposed
+  float* m_run = st + kBlockK * kBlockQ;  // per query: running max, running sum, this block's max / sum,
+  float* l_run = m_run + kBlockQ;         // the max used as exp's shift (0 while nothing is visible), and
+  float* m_blk = l_run + kBlockQ;         // the rescale factor of the running output
+  float* l_blk = m_blk + kBlockQ;
+  float* shift = l_blk + kBlockQ;
+  float* alpha = shift + kBlockQ;
+  float* tmp = alpha + kBlockQ;  // one converted query row
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t qblock = task % nqb, h = (task / nqb) % p.nheads, b = task / (nqb * p.nheads);
     const int64_t hk = h / group;
     const Band band(p, b);
-    const int64_t i0 = qblock * kBlockQ, rows = imin(kBlockQ, p.seqlen_q - i0);
+    const int64_t i0 = qblock * kBlockQ, rows = imin(kBlockQ, p.seqlen_q - i0), nrows = round_up_to_vec(rows);
 
-    for (int64_t r = 0; r < rows; ++r) {
-      load_row(p.dtype, p.q, b, i0 + r, h, d, p.softmax_scale, qb + r * dp);
-      std::memset(ob + r * dp, 0, sizeof(float) * dp);
+    for (int64_t r = 0; r < nrows; ++r) {
+      if (r < rows) {
+        load_row(p.dtype, p.q, b, i0 + r, h, d, p.softmax_scale, tmp);
+        for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = tmp[e];
+        std::memset(ob + r * dp, 0, sizeof(float) * dp);
+      } else {  // padding queries score 0 against every key: finite, and never read back
+        for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = 0.f;
+      }
       m_run[r] = kNegInf;
       l_run[r] = 0.f;
     }
     int64_t klo, khi;
     band.keys_for(i0, i0 + rows, klo, khi);
     for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
-      const int64_t cols = imin(kBlockK, khi - j0), ncols = round_up_to_vec(cols);
-      pack_keys(p, p.k, b, hk, j0, cols, dp, kt, nullptr, tmp);
-      for (int64_t c = 0; c < cols; ++c) load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, vb + c * dp);
-
-      gemm(rows, ncols, dp, qb, dp, 1, kt, kBlockK, sb, kBlockK, false);
-      finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = sb + r * kBlockK;
-        const float m_new = std::fmax(m_run[r], row_max(row, ncols));
-        if (m_new == kNegInf) {  // nothing visible yet in this row: contributes nothing
-          std::memset(row, 0, sizeof(float) * ncols);
-          continue;
+      const int64_t cols = imin(kBlockK, khi - j0);
+      const float *kp = kb, *vp = vb;
+      int64_t k_ld = dp, v_ld = dp;
+      if (kv_in_place) {
+        kp = static_cast<const float*>(p.k.data) + b * p.k.batch_stride + j0 * p.k.seq_stride + hk * p.k.head_stride;
+        vp = static_cast<const float*>(p.v.data) + b * p.v.batch_stride + j0 * p.v.seq_stride + hk * p.v.head_stride;
+        k_ld = p.k.seq_stride;
+        v_ld = p.v.seq_stride;
+      } else {
+        for (int64_t c = 0; c < cols; ++c) {
+          load_row(p.dtype, p.k, b, j0 + c, hk, d, 1.f, kb + c * dp);
+          load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, vb + c * dp);
         }
-        const float alpha = std::exp(m_run[r] - m_new);  // 0 on the first visible block
-        l_run[r] = l_run[r] * alpha + exp_row(row, row, ncols, m_new);
-        m_run[r] = m_new;
-        if (alpha != 1.f) scale_row(ob + r * dp, dp, alpha);
       }
-      gemm(rows, dp, cols, sb, kBlockK, 1, vb, dp, ob, dp, true);
+      gemm(cols, nrows, d, kp, k_ld, 1, qt, kBlockQ, st, kBlockQ, false);  // S^T = K (scale Q)^T
+
+      if (p.softcap > 0.f) {
+        const float cap = p.softcap, inv_cap = 1.f / p.softcap;
+        for (int64_t c = 0; c < cols; ++c) {
+          for (int64_t r = 0; r < nrows; ++r) st[c * kBlockQ + r] = cap * std::tanh(st[c * kBlockQ + r] * inv_cap);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // -inf outside the band (only the blocks it cuts do any work)
+        const int64_t i = i0 + r;
+        int64_t lo = 0, hi = cols;
+        if (band.left >= 0) lo = imin(cols, imax(lo, i + band.shift - band.left - j0));
+        if (band.right >= 0) hi = imax(lo, imin(hi, i + band.shift + band.right - j0 + 1));
+        for (int64_t c = 0; c < lo; ++c) st[c * kBlockQ + r] = kNegInf;
+        for (int64_t c = hi; c < cols; ++c) st[c * kBlockQ + r] = kNegInf;
+      }
+
+      for (int64_t r = 0; r < nrows; r += Vec::W) {  // column maxima
+        typename Vec::reg mx = Vec::set1(kNegInf);
+        for (int64_t c = 0; c < cols; ++c) mx = Vec::max(mx, Vec::load(st + c * kBlockQ + r));
+        Vec::store(m_blk + r, mx);
+      }
+      for (int64_t r = 0; r < nrows; ++r) {
+        const float m_new = std::fmax(m_run[r], m_blk[r]);
+        shift[r] = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: exp(-inf - 0) = 0, no NaN
+        alpha[r] = std::exp(m_run[r] - shift[r]);    // 0 before the first visible key
+        m_run[r] = m_new;
+      }
+      for (int64_t r = 0; r < nrows; r += Vec::W) {  // P^T = exp(S^T - shift) and its column sums
+        const typename Vec::reg sh = Vec::load(shift + r);
+        typename Vec::reg sum = Vec::zero();
+        for (int64_t c = 0; c < cols; ++c) {
+          const typename Vec::reg e = Vec::exp(Vec::sub(Vec::load(st + c * kBlockQ + r), sh));
+          Vec::store(st + c * kBlockQ + r, e);
+          sum = Vec::add(sum, e);
+        }
+        Vec::store(l_blk + r, sum);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        l_run[r] = l_run[r] * alpha[r] + l_blk[r];
+        if (alpha[r] != 1.f) scale_row(ob + r * dp, dp, alpha[r]);
+      }
+      gemm(rows, dp, cols, st, 1, kBlockQ, vp, v_ld, ob, dp, true);  // O += P V
     }
 
     for (int64_t r = 0; r < rows; ++r) {

@@ -60,14 +60,6 @@ struct FwdTraits {
   static_assert((kHeadDim / 8) % 2 == 0, "padded rows must be an odd number of 16-byte chunks");
 };
 
-// Which keys a query sees (bottom-right aligned band), see the design note.
-struct Band {
-  int seqlen_k, shift, left, right;
-  __device__ __forceinline__ bool visible(int i, int j) const {
-    return j < seqlen_k && (left < 0 || j >= i + shift - left) && (right < 0 || j <= i + shift + right);
-  }
-};
-
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
     flash_fwd_kernel(const __grid_constant__ FwdParams p) {
@@ -142,6 +134,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
 
     const bool softcap = p.softcap > 0.f;
     const float softcap_log2 = p.softcap * kLog2e;
+    const bool warp_active = (m0 + warp * 16) / group < sq;
 
     for (int nb = nb_lo; nb < nb_hi; ++nb) {
       const int stage = (nb - nb_lo) & 1;
@@ -154,83 +147,85 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
 
       const T* sKs = sK + stage * BN * LD;
       const T* sVs = sV + stage * BN * LD;
-
-      // S = Q K^T for this warp's 16 rows x BN keys.
-      float s[kNS][4];
+      // A warp whose 16 rows are all padding (decode: sq * group < 64) only helps with the copies.
+      if (warp_active) {
+        // S = Q K^T for this warp's 16 rows x BN keys.
+        float s[kNS][4];
 #pragma unroll
-      for (int ns = 0; ns < kNS; ++ns) s[ns][0] = s[ns][1] = s[ns][2] = s[ns][3] = 0.f;
+        for (int ns = 0; ns < kNS; ++ns) s[ns][0] = s[ns][1] = s[ns][2] = s[ns][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        if (kk * 16 >= d) break;  // padded head-dim columns are zero
-        uint32_t a[4];
-        load_a(a, sQ, LD, warp * 16, kk * 16, lane);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          if (kk * 16 >= d) break;  // padded head-dim columns are zero
+          uint32_t a[4];
+          load_a(a, sQ, LD, warp * 16, kk * 16, lane);
 #pragma unroll
-        for (int nn = 0; nn < BN / 16; ++nn) {
-          uint32_t bk[4];
-          load_b_nk(bk, sKs, LD, kk * 16, nn * 16, lane);
-          mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
-          mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+          for (int nn = 0; nn < BN / 16; ++nn) {
+            uint32_t bk[4];
+            load_b_nk(bk, sKs, LD, kk * 16, nn * 16, lane);
+            mma_16816<T>(s[2 * nn], a, bk[0], bk[1]);
+            mma_16816<T>(s[2 * nn + 1], a, bk[2], bk[3]);
+          }
         }
-      }
 
-      // Scale (+ softcap) into the log2 domain; mask only tiles that straddle the band or the end.
-      const int n0 = nb * BN;
-      const bool need_mask = n0 + BN > sk ||
-                             (band.right >= 0 && n0 + BN - 1 > i_lo + band.shift + band.right) ||
-                             (band.left >= 0 && n0 < i_hi + band.shift - band.left);
-#pragma unroll
-      for (int ns = 0; ns < kNS; ++ns) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[ns][e];
-          x = softcap ? softcap_log2 * tanhf(x * p.softcap_inner) : x * p.scale_log2;
-          if (need_mask && !band.visible(row_i[e >> 1], n0 + ns * 8 + 2 * t + (e & 1))) x = -kInf;
-          s[ns][e] = x;
-        }
-      }
-
-      // Online softmax: new running max, rescale the accumulator and the running sum.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m_run[r];
-#pragma unroll
-        for (int ns = 0; ns < kNS; ++ns) mx = fmaxf(mx, fmaxf(s[ns][2 * r], s[ns][2 * r + 1]));
-        mx = quad_max(mx);
-        const float m_ref = mx == -kInf ? 0.f : mx;  // all hidden so far: exp2(-inf - 0) = 0, no NaN
-        const float alpha = exp2f(m_run[r] - m_ref);
-        m_run[r] = mx;
-        float sum = 0.f;
+        // Scale (+ softcap) into the log2 domain; mask only tiles that straddle the band or the end.
+        const int n0 = nb * BN;
+        const bool need_mask = n0 + BN > sk ||
+                               (band.right >= 0 && n0 + BN - 1 > i_lo + band.shift + band.right) ||
+                               (band.left >= 0 && n0 < i_hi + band.shift - band.left);
 #pragma unroll
         for (int ns = 0; ns < kNS; ++ns) {
-          s[ns][2 * r] = exp2f(s[ns][2 * r] - m_ref);
-          s[ns][2 * r + 1] = exp2f(s[ns][2 * r + 1] - m_ref);
-          sum += s[ns][2 * r] + s[ns][2 * r + 1];
-        }
-        l_run[r] = l_run[r] * alpha + sum;  // per-lane partial sum; the quad is summed at the end
 #pragma unroll
-        for (int no = 0; no < kNO; ++no) {
-          acc[no][2 * r] *= alpha;
-          acc[no][2 * r + 1] *= alpha;
+          for (int e = 0; e < 4; ++e) {
+            float x = s[ns][e];
+            x = softcap ? softcap_log2 * tanhf(x * p.softcap_inner) : x * p.scale_log2;
+            if (need_mask && !band.visible(row_i[e >> 1], n0 + ns * 8 + 2 * t + (e & 1))) x = -kInf;
+            s[ns][e] = x;
+          }
         }
-      }
 
-      // O += P V: the S accumulators of two adjacent 8-key fragments form one 16x16 A operand.
+        // Online softmax: new running max, rescale the accumulator and the running sum.
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = TT::pack(s[2 * kk][0], s[2 * kk][1]);
-        a[1] = TT::pack(s[2 * kk][2], s[2 * kk][3]);
-        a[2] = TT::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        a[3] = TT::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        for (int r = 0; r < 2; ++r) {
+          float mx = m_run[r];
 #pragma unroll
-        for (int nn = 0; nn < D / 16; ++nn) {
-          if (nn * 16 >= d) break;
-          uint32_t bv[4];
-          load_b_kn(bv, sVs, LD, kk * 16, nn * 16, lane);
-          mma_16816<T>(acc[2 * nn], a, bv[0], bv[1]);
-          mma_16816<T>(acc[2 * nn + 1], a, bv[2], bv[3]);
+          for (int ns = 0; ns < kNS; ++ns) mx = fmaxf(mx, fmaxf(s[ns][2 * r], s[ns][2 * r + 1]));
+          mx = quad_max(mx);
+          const float m_ref = mx == -kInf ? 0.f : mx;  // all hidden so far: exp2(-inf - 0) = 0, no NaN
+          const float alpha = exp2f(m_run[r] - m_ref);
+          m_run[r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int ns = 0; ns < kNS; ++ns) {
+            s[ns][2 * r] = exp2f(s[ns][2 * r] - m_ref);
+            s[ns][2 * r + 1] = exp2f(s[ns][2 * r + 1] - m_ref);
+            sum += s[ns][2 * r] + s[ns][2 * r + 1];
+          }
+          l_run[r] = l_run[r] * alpha + sum;  // per-lane partial sum; the quad is summed at the end
+#pragma unroll
+          for (int no = 0; no < kNO; ++no) {
+            acc[no][2 * r] *= alpha;
+            acc[no][2 * r + 1] *= alpha;
+          }
         }
-      }
+
+        // O += P V: the S accumulators of two adjacent 8-key fragments form one 16x16 A operand.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t a[4];
+          a[0] = TT::pack(s[2 * kk][0], s[2 * kk][1]);
+          a[1] = TT::pack(s[2 * kk][2], s[2 * kk][3]);
+          a[2] = TT::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          a[3] = TT::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+          for (int nn = 0; nn < D / 16; ++nn) {
+            if (nn * 16 >= d) break;
+            uint32_t bv[4];
+            load_b_kn(bv, sVs, LD, kk * 16, nn * 16, lane);
+            mma_16816<T>(acc[2 * nn], a, bv[0], bv[1]);
+            mma_16816<T>(acc[2 * nn + 1], a, bv[2], bv[3]);
+          }
+        }
+      }  // warp_active
       __syncthreads();  // this stage is overwritten by the prefetch of the next iteration
     }
   }

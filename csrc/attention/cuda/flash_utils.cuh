@@ -147,6 +147,16 @@ __device__ __forceinline__ void copy_tile_async(T* s, int ld, int rows, int d, c
   }
 }
 
+// Which keys a query sees (bottom-right aligned band), see the design note in flash_fwd_kernel.cuh:
+// key j is visible to query i iff j < seqlen_k and i + shift - left <= j <= i + shift + right, with
+// shift = seqlen_k - seqlen_q and a negative bound meaning unbounded.
+struct Band {
+  int seqlen_k, shift, left, right;
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return j < seqlen_k && (left < 0 || j >= i + shift - left) && (right < 0 || j <= i + shift + right);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // Reductions over the 4 lanes of a quad (the lanes holding one row of a C fragment)
 // ---------------------------------------------------------------------------------------------------

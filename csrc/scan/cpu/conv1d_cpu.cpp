@@ -22,7 +22,7 @@ at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                 int64_t x_dims) {
   LLMK_CHECK_DIM(op, x, x_dims);
   LLMK_CHECK_ARG(x.is_floating_point(), op, "x", "must be a floating-point tensor, got ", x.scalar_type());
@@ -33,7 +33,10 @@ void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, c
                  "weight", "must have shape (dim, width) with dim = ", x.size(1), " and width in 2..4, got ",
                  weight.sizes());
   LLMK_CHECK_ARG(weight.is_floating_point(), op, "weight", "must be floating point, got ", weight.scalar_type());
-  if (bias) LLMK_CHECK_SHAPE(op, (*bias), x.size(1));
+  if (bias_opt) {
+    const at::Tensor& bias = *bias_opt;
+    LLMK_CHECK_SHAPE(op, bias, x.size(1));
+  }
 }
 
 // Pre-activation of one row: o[t] = bias + sum_k w[k] x[t - (W - 1) + k].

@@ -1,0 +1,213 @@
+"""Flash attention benchmarks: llmkernels against PyTorch's SDPA backends and FlexAttention.
+
+    python bench/run.py --op attention [--quick]
+
+GPU prefill (flash_attn_fwd, flash_attn_fwd_bwd): TFLOP/s = 4 * batch * seqlen^2 * nheads * headdim, halved
+when causal, times 3.5 for forward + backward (the backward is 2.5 forwards); batch * seqlen = 16k tokens,
+nheads * headdim = 2048, bf16. Limit: the tensor-core peak. Peers: SDPA with each backend forced (flash,
+efficient, cuDNN; a backend that errors is skipped) and compiled FlexAttention.
+GPU decode (flash_attn_decode): one query token per row against a cache of `context` tokens, 32 query heads on
+8 KV heads of 128; GB/s = bytes of K, V, q and out moved. Limit: measured copy bandwidth.
+CPU (flash_attn_fwd_cpu): fp32 forward against SDPA's CPU kernel, 2 threads, head dim 64.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import llmkernels  # noqa: E402
+from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu, peak_tflops  # noqa: E402
+
+
+def attention_flops(batch: int, seqlen_q: int, seqlen_k: int, nheads: int, headdim: int, causal: bool,
+                    backward: bool = False) -> float:
+    flops = 4.0 * batch * seqlen_q * seqlen_k * nheads * headdim
+    if causal:
+        flops /= 2
+    return flops * 3.5 if backward else flops
+
+
+def _ours(backend: str, causal: bool) -> Callable:
+    def fn(q, k, v):
+        with llmkernels.use_backend(backend):
+            return llmkernels.flash_attn_func(q, k, v, causal=causal)
+
+    return fn
+
+
+def _sdpa(backend, causal: bool) -> Callable:
+    """SDPA on (batch, seqlen, heads, headdim) tensors with one kernel forced (or the default when None)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        if backend is None:
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+
+    return fn
+
+
+def _flex(causal: bool, seqlen: int, device: str) -> Callable:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, seqlen, seqlen, device=device) if causal else None
+
+    def fn(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return compiled(qt, kt, vt, block_mask=mask).transpose(1, 2)
+
+    return fn
+
+
+def _time(impl: str, fn: Callable, args: tuple, backward: bool, **measure) -> float | None:
+    """Median ms of fn(*args) (and its backward), or None with a note when the impl cannot run this case."""
+    if backward:
+        leaves = tuple(a.detach().requires_grad_() for a in args)
+        dout = torch.randn_like(args[0])
+
+        def call():
+            torch.autograd.grad(fn(*leaves), leaves, dout)
+    else:
+
+        def call():
+            with torch.no_grad():
+                fn(*args)
+    try:
+        return measure_ms(call, **measure)
+    except Exception as exc:  # a peer that does not support this case (or this GPU) is skipped, not fatal
+        print(f"  skip {impl}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+        return None
+
+
+def _prefill_impls(causal: bool, seqlen: int) -> dict[str, Callable]:
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "llmkernels-cuda": _ours("cuda", causal),
+        "llmkernels-triton": _ours("triton", causal),
+        "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION, causal),
+        "sdpa-efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION, causal),
+        "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION, causal),
+        "flex": _flex(causal, seqlen, "cuda"),
+    }
+
+
+def bench_gpu_prefill(quick: bool) -> list[dict]:
+    rows = []
+    tokens, width = 16384, 2048
+    seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+    headdims = (128,) if quick else (64, 128, 256)
+    modes = (False,) if quick else (False, True)
+    for backward in modes:
+        op = "flash_attn_fwd_bwd" if backward else "flash_attn_fwd"
+        for headdim in headdims:
+            for seqlen in seqlens:
+                for causal in (False, True):
+                    batch, nheads = tokens // seqlen, width // headdim
+                    q, k, v = (torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16)
+                               for _ in range(3))
+                    case = f"b={batch} seqlen={seqlen} h={nheads} d={headdim}" + (" causal" if causal else "")
+                    flops = attention_flops(batch, seqlen, seqlen, nheads, headdim, causal, backward)
+                    for impl, fn in _prefill_impls(causal, seqlen).items():
+                        ms = _time(impl, fn, (q, k, v), backward)
+                        if ms is not None:
+                            rows.append({"op": op, "case": case, "impl": impl, "time_ms": ms, "metric": "TFLOP/s",
+                                         "value": flops / (ms * 1e-3) / 1e12, "limit": peak_tflops()})
+                    del q, k, v
+    return rows
+
+
+def _decode_impls(q, k_cache, v_cache, lens) -> dict[str, Callable]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def ours(backend):
+        def fn():
+            with llmkernels.use_backend(backend):
+                llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+
+        return fn
+
+    def sdpa(backend):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+
+        def fn():
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+        return fn
+
+    return {"llmkernels-cuda": ours("cuda"), "llmkernels-triton": ours("triton"),
+            "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+            "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+
+
+def bench_gpu_decode(quick: bool) -> list[dict]:
+    rows = []
+    nheads, nheads_k, headdim, dtype = 32, 8, 128, torch.bfloat16
+    limit = copy_bandwidth_gbps()
+    batches = (16,) if quick else (1, 16, 64)
+    contexts = (4096,) if quick else (1024, 4096, 16384, 65536)
+    for batch in batches:
+        for context in contexts:
+            kv_bytes = 2 * batch * context * nheads_k * headdim * dtype.itemsize
+            if kv_bytes > 0.6 * torch.cuda.mem_get_info()[0]:
+                print(f"  skip decode b={batch} context={context}: {kv_bytes / 2**30:.1f} GiB of KV cache", flush=True)
+                continue
+            q = torch.randn(batch, 1, nheads, headdim, device="cuda", dtype=dtype)
+            k_cache = torch.randn(batch, context, nheads_k, headdim, device="cuda", dtype=dtype)
+            v_cache = torch.randn_like(k_cache)
+            lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+            moved = kv_bytes + 2 * q.nbytes
+            case = f"b={batch} seqlen={context} h={nheads}/{nheads_k} d={headdim}"
+
+            impls = _decode_impls(q, k_cache, v_cache, lens)
+            for impl, fn in impls.items():
+                ms = _time(impl, fn, (), False)
+                if ms is not None:
+                    rows.append({"op": "flash_attn_decode", "case": case, "impl": impl, "time_ms": ms,
+                                 "metric": "GB/s", "value": moved / (ms * 1e-3) / 1e9, "limit": limit})
+            del q, k_cache, v_cache
+    return rows
+
+
+def bench_cpu(quick: bool) -> list[dict]:
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cases = [(512, False), (1024, True)] if quick else [(s, c) for s in (512, 1024, 2048) for c in (False, True)]
+        nheads, headdim = 8, 64
+        for seqlen, causal in cases:
+            q, k, v = (torch.randn(1, seqlen, nheads, headdim) for _ in range(3))
+            case = f"b=1 seqlen={seqlen} h={nheads} d={headdim} fp32 2 threads" + (" causal" if causal else "")
+            flops = attention_flops(1, seqlen, seqlen, nheads, headdim, causal)
+            for impl, fn in (("llmkernels-cpu", _ours("cpu", causal)), ("sdpa-cpu", _sdpa(None, causal))):
+                ms = _time(impl, fn, (q, k, v), False, warmup=2, rep=5, min_time_s=0.1)
+                if ms is not None:
+                    rows.append({"op": "flash_attn_fwd_cpu", "case": case, "impl": impl, "time_ms": ms,
+                                 "metric": "GFLOP/s", "value": flops / (ms * 1e-3) / 1e9, "limit": None})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    if on_gpu():
+        return bench_gpu_prefill(quick) + bench_gpu_decode(quick)
+    return bench_cpu(quick)
+
+
+if __name__ == "__main__":
+    from bench.common import add_speedups, format_table
+
+    print(format_table(add_speedups(run(quick="--quick" in sys.argv))))

@@ -1,0 +1,316 @@
+"""Triton kernels of Mamba's selective scan: the decode step (state update) and the forward scan.
+
+Math (per batch b, channel d, state index n; dt = softplus(dt + dt_bias) when asked):
+    x[n] <- exp(dt * A[d, n]) * x[n] + dt * B[n] * u        (B, C of channel d's group d // (dim // ngroups))
+    y = sum_n C[n] * x[n] + D[d] * u,   y <- y * silu(z) when z is given
+The state update applies this once to a stored state, in place; the scan applies it for t = 0 .. seqlen - 1
+from initial_state (or zeros) and returns every y_t and the last state. Arithmetic is fp32 throughout.
+
+Tiling: one program per (block of BLOCK_D channels, batch) holds the (BLOCK_D, BLOCK_N) state tile in
+registers, dstate being the inner block dim (BLOCK_N = dstate rounded up to a power of two). The scan walks
+time sequentially, one step per loop iteration: simple, and on a GPU memory-bound, since each step reads
+BLOCK_D elements of u, delta, z and a (dstate,) or (BLOCK_D, dstate) slice of B and C, all of which stay in
+L1/L2 between neighbouring timesteps. Forward only: the backward runs on the CUDA or reference backends.
+
+Imported lazily (only when the triton backend runs), so `import llmkernels` never imports triton.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _checks
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x), and x above 20 (torch's and mamba_ssm's threshold).
+
+    log1p(y) = log(1 + y) * y / ((1 + y) - 1) keeps full relative precision for tiny y = e^x, where the plain
+    log(1 + y) would lose it to the rounding of 1 + y.
+    """
+    y = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + y
+    ratio = tl.where(w == 1.0, 1.0, y / tl.where(w == 1.0, 1.0, w - 1.0))
+    return tl.where(x <= 20.0, tl.log(w) * ratio, x)
+
+
+@triton.jit
+def _silu(z):
+    return z / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def selective_state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
+    dim, dstate, channels_per_group,
+    stride_state_b, stride_state_d, stride_state_n,
+    stride_x_b, stride_x_d, stride_dt_b, stride_dt_d, stride_A_d, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
+    stride_D, stride_z_b, stride_z_d, stride_bias, stride_out_b, stride_out_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask = mask_d[:, None] & (offs_n < dstate)[None, :]
+    group = offs_d // channels_per_group  # a block of channels may straddle groups
+
+    state_ptrs = state_ptr + b * stride_state_b + offs_d[:, None] * stride_state_d + offs_n[None, :] * stride_state_n
+    state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * stride_x_b + offs_d * stride_x_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * stride_dt_b + offs_d * stride_dt_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(dt_bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask, other=0.0)
+    bc_rows = group[:, None]
+    B = tl.load(B_ptr + b * stride_B_b + bc_rows * stride_B_g + offs_n[None, :] * stride_B_n, mask=mask, other=0.0)
+    C = tl.load(C_ptr + b * stride_C_b + bc_rows * stride_C_g + offs_n[None, :] * stride_C_n, mask=mask, other=0.0)
+
+    state = state * tl.exp2(dt[:, None] * A.to(tl.float32) * LOG2E) + (dt * x)[:, None] * B.to(tl.float32)
+    tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+    y = tl.sum(state * C.to(tl.float32), axis=1)  # the fp32 state, before rounding to the state's dtype
+    if HAS_D:
+        y += x * tl.load(D_ptr + offs_d * stride_D, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        y *= _silu(tl.load(z_ptr + b * stride_z_b + offs_d * stride_z_d, mask=mask_d, other=0.0).to(tl.float32))
+    tl.store(out_ptr + b * stride_out_b + offs_d * stride_out_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, out_ptr, last_ptr,
+    dim, dstate, seqlen, B_channels_per_group, C_channels_per_group,
+    stride_u_b, stride_u_d, stride_u_t, stride_delta_b, stride_delta_d, stride_delta_t,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n, stride_B_t, stride_C_b, stride_C_g, stride_C_n, stride_C_t,
+    stride_D, stride_z_b, stride_z_d, stride_z_t, stride_bias,
+    stride_init_b, stride_init_d, stride_init_n, stride_out_b, stride_out_d, stride_out_t,
+    stride_last_b, stride_last_d, stride_last_n,
+    B_CONST: tl.constexpr, C_CONST: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask = mask_d[:, None] & (offs_n < dstate)[None, :]
+
+    A2 = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask, other=0.0)
+    A2 = A2.to(tl.float32) * LOG2E
+    # Constant B/C are (dim, dstate) and loaded once; per-token ones are (batch, ngroups, dstate, seqlen) and their
+    # pointers (per channel's group) advance by one timestep per iteration.
+    if B_CONST:
+        B_ptrs = B_ptr + offs_d[:, None] * stride_B_g + offs_n[None, :] * stride_B_n
+        B_tile = tl.load(B_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        B_ptrs = B_ptr + b * stride_B_b + (offs_d // B_channels_per_group)[:, None] * stride_B_g
+        B_ptrs += offs_n[None, :] * stride_B_n
+    if C_CONST:
+        C_ptrs = C_ptr + offs_d[:, None] * stride_C_g + offs_n[None, :] * stride_C_n
+        C_tile = tl.load(C_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        C_ptrs = C_ptr + b * stride_C_b + (offs_d // C_channels_per_group)[:, None] * stride_C_g
+        C_ptrs += offs_n[None, :] * stride_C_n
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d * stride_D, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        init_ptrs = init_ptr + b * stride_init_b + offs_d[:, None] * stride_init_d + offs_n[None, :] * stride_init_n
+        state = tl.load(init_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+
+    u_ptrs = u_ptr + b * stride_u_b + offs_d * stride_u_d
+    delta_ptrs = delta_ptr + b * stride_delta_b + offs_d * stride_delta_d
+    out_ptrs = out_ptr + b * stride_out_b + offs_d * stride_out_d
+    for t in range(seqlen):
+        u = tl.load(u_ptrs + t * stride_u_t, mask=mask_d, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptrs + t * stride_delta_t, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        if not B_CONST:
+            B_tile = tl.load(B_ptrs + t * stride_B_t, mask=mask, other=0.0).to(tl.float32)
+        if not C_CONST:
+            C_tile = tl.load(C_ptrs + t * stride_C_t, mask=mask, other=0.0).to(tl.float32)
+        state = state * tl.exp2(dt[:, None] * A2) + (dt * u)[:, None] * B_tile
+        y = tl.sum(state * C_tile, axis=1)
+        if HAS_D:
+            y += D * u
+        if HAS_Z:
+            z_ptrs = z_ptr + b * stride_z_b + offs_d * stride_z_d + t * stride_z_t  # z_ptr is None without z
+            y *= _silu(tl.load(z_ptrs, mask=mask_d, other=0.0).to(tl.float32))
+        tl.store(out_ptrs + t * stride_out_t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+    last_ptrs = last_ptr + b * stride_last_b + offs_d[:, None] * stride_last_d + offs_n[None, :] * stride_last_n
+    tl.store(last_ptrs, state, mask=mask)
+
+
+def _blocks(dim: int, dstate: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_N): the whole of dstate, and channels so that a state tile stays <= 1024 fp32 registers' worth."""
+    block_n = triton.next_power_of_2(dstate)
+    block_d = max(1, min(triton.next_power_of_2(dim), 1024 // block_n, 64))
+    return block_d, block_n
+
+
+def _strides_or_zeros(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.triton_op("llmkernels::selective_state_update_triton", mutates_args={"state"})
+def selective_state_update_triton(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    dt_softplus: bool,
+) -> torch.Tensor:
+    """One decode step; updates state in place and returns y (batch, dim) in x's dtype.
+
+    state: (batch, dim, dstate) fp32/fp16/bf16, any strides; x, dt, z: (batch, dim); A: (dim, dstate);
+    B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,).
+    """
+    fn = "selective_state_update"
+    _checks.check_tensor(fn, "x", x, ndim=2, dtypes=_FLOAT_TYPES)
+    batch, dim = x.shape
+    _checks.check_tensor(fn, "A", A, ndim=2, device=x.device)
+    dstate = A.shape[1]
+    _checks.check_shape(fn, "A", A, (dim, dstate))
+    _checks.check_tensor(fn, "state", state, ndim=3, dtypes=_FLOAT_TYPES, device=x.device)
+    _checks.check_shape(fn, "state", state, (batch, dim, dstate))
+    _checks.check_tensor(fn, "dt", dt, device=x.device)
+    _checks.check_shape(fn, "dt", dt, (batch, dim))
+    _checks.check_tensor(fn, "B", B, device=x.device)
+    if B.dim() == 2:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    ngroups = B.shape[1]
+    if B.dim() != 3 or ngroups < 1 or dim % ngroups:
+        raise ValueError(f"llmkernels.{fn}: B must be (batch, dstate) or (batch, ngroups, dstate) with ngroups "
+                         f"dividing dim = {dim}, got shape {tuple(B.shape)}")
+    _checks.check_shape(fn, "B", B, (batch, ngroups, dstate))
+    _checks.check_shape(fn, "C", C, (batch, ngroups, dstate))
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            _checks.check_shape(fn, name, t, (dim,))
+    if z is not None:
+        _checks.check_shape(fn, "z", z, (batch, dim))
+
+    out = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_d, block_n = _blocks(dim, dstate)
+    grid = (triton.cdiv(dim, block_d), batch)
+    torch.library.wrap_triton(selective_state_update_kernel)[grid](
+        state, x, dt, A, B, C, D, z, dt_bias, out,
+        dim, dstate, dim // ngroups,
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *_strides_or_zeros(D, 1), *_strides_or_zeros(z, 2), *_strides_or_zeros(dt_bias, 1), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n,
+    )
+    return out
+
+
+@torch.library.triton_op("llmkernels::selective_scan_fwd_triton", mutates_args={})
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    initial_state: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward selective scan: (out (batch, dim, seqlen) in u's dtype, last_state (batch, dim, dstate) fp32).
+
+    u, delta, z: (batch, dim, seqlen); A: (dim, dstate); B, C: (dim, dstate), (batch, dstate, seqlen) or
+    (batch, ngroups, dstate, seqlen); D, delta_bias: (dim,); initial_state: (batch, dim, dstate). Any strides.
+    """
+    fn = "selective_scan_fn"
+    _checks.check_tensor(fn, "u", u, ndim=3, dtypes=_FLOAT_TYPES)
+    batch, dim, seqlen = u.shape
+    _checks.check_tensor(fn, "delta", delta, device=u.device)
+    _checks.check_shape(fn, "delta", delta, (batch, dim, seqlen))
+    _checks.check_tensor(fn, "A", A, ndim=2, device=u.device)
+    dstate = A.shape[1]
+    _checks.check_shape(fn, "A", A, (dim, dstate))
+    bc = {}
+    for name, M in (("B", B), ("C", C)):
+        _checks.check_tensor(fn, name, M, device=u.device)
+        if M.dim() == 2:
+            _checks.check_shape(fn, name, M, (dim, dstate))
+            bc[name] = (M.unsqueeze(0).unsqueeze(-1), True, dim)  # strides (., d, n, .): see B_CONST in the kernel
+            continue
+        if M.dim() == 3:
+            M = M.unsqueeze(1)
+        ngroups = M.shape[1] if M.dim() == 4 else 0
+        if M.dim() != 4 or ngroups < 1 or dim % ngroups:
+            raise ValueError(f"llmkernels.{fn}: {name} must be (dim, dstate), (batch, dstate, seqlen) or (batch, "
+                             f"ngroups, dstate, seqlen) with ngroups dividing dim = {dim}, got shape {tuple(M.shape)}")
+        _checks.check_shape(fn, name, M, (batch, ngroups, dstate, seqlen))
+        bc[name] = (M, False, dim // ngroups)
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            _checks.check_shape(fn, name, t, (dim,))
+    if z is not None:
+        _checks.check_shape(fn, "z", z, (batch, dim, seqlen))
+    if initial_state is not None:
+        _checks.check_shape(fn, "initial_state", initial_state, (batch, dim, dstate))
+
+    out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
+    last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
+    if batch * dim == 0:
+        return out, last_state
+    (Bt, B_const, B_cpg), (Ct, C_const, C_cpg) = bc["B"], bc["C"]
+    block_d, block_n = _blocks(dim, dstate)
+    grid = (triton.cdiv(dim, block_d), batch)
+    torch.library.wrap_triton(selective_scan_fwd_kernel)[grid](
+        u, delta, A, Bt, Ct, D, z, delta_bias, initial_state, out, last_state,
+        dim, dstate, seqlen, B_cpg, C_cpg,
+        *u.stride(), *delta.stride(), *A.stride(), *Bt.stride(), *Ct.stride(),
+        *_strides_or_zeros(D, 1), *_strides_or_zeros(z, 3), *_strides_or_zeros(delta_bias, 1),
+        *_strides_or_zeros(initial_state, 3), *out.stride(), *last_state.stride(),
+        B_CONST=B_const, C_CONST=C_const, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, HAS_INIT=initial_state is not None, SOFTPLUS=delta_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n,
+    )
+    return out, last_state
+
+
+# Explicit fakes: triton_op would otherwise trace the Python above with FakeTensors, which the CPU interpreter
+# cannot launch (it copies tensor storages).
+@selective_state_update_triton.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape)
+
+
+@selective_scan_triton.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)

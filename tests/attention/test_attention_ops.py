@@ -1,0 +1,169 @@
+"""The C++ attention ops as torch.library ops (opcheck, torch.compile), backend choice, and argument errors."""
+
+import pytest
+import torch
+from attn_cases import needs_cpu_kernel
+
+import llmkernels
+from llmkernels.ops import attention as attention_ops
+
+
+def _qkv(sq=9, sk=12, h=4, hk=2, d=16, dtype=torch.float32):
+    return (torch.randn(2, sq, h, d, dtype=dtype), torch.randn(2, sk, hk, d, dtype=dtype),
+            torch.randn(2, sk, hk, d, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library
+# ---------------------------------------------------------------------------------------------------
+@needs_cpu_kernel
+@pytest.mark.parametrize("window,softcap", [((-1, -1), 0.0), ((3, 0), 2.0)])
+def test_opcheck_fwd_and_bwd(window, softcap):
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    args = (0.25, *window, softcap)
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_fwd.default, (q, k, v, *args))
+    out, lse = torch.ops.llmkernels.flash_attn_fwd(q.detach(), k.detach(), v.detach(), *args)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, *args))
+
+
+@needs_cpu_kernel
+def test_opcheck_kvcache():
+    q = torch.randn(2, 3, 4, 16)
+    k_cache, v_cache = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    k_new, v_new = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    lens = torch.tensor([4, 9], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_with_kvcache.default,
+                          (q, k_cache, v_cache, k_new, v_new, lens, 0.25, -1, 0, 0.0))
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_with_kvcache.default,
+                          (q, k_cache, v_cache, None, None, lens, 0.25, 2, 1, 0.0))
+
+
+@needs_cpu_kernel
+def test_compile_flash_attn_func():
+    """fullgraph torch.compile through dispatch, the fake kernel and the autograd formula (aot_eager: no codegen,
+    so the test stays cheap on CPU)."""
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    fn = torch.compile(lambda q, k, v: llmkernels.flash_attn_func(q, k, v, causal=True), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v)
+    out.sum().backward()
+    ref = llmkernels.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True)
+    torch.testing.assert_close(out, ref)
+    assert q.grad is not None and k.grad.shape == k.shape
+
+
+@needs_cpu_kernel
+def test_compile_flash_attn_with_kvcache():
+    q = torch.randn(2, 1, 4, 16)
+    k_cache, v_cache = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    k_new, v_new = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([4, 9], dtype=torch.int32)
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    fn = torch.compile(llmkernels.flash_attn_with_kvcache, fullgraph=True, backend="aot_eager")
+    out = fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, causal=True)
+    ref = llmkernels.flash_attn_with_kvcache(q, k2, v2, k_new, v_new, cache_seqlens=lens, causal=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(k_cache, k2)  # the in-place update survives functionalization
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------------
+@needs_cpu_kernel
+def test_cpu_tensors_choose_the_cpu_kernel():
+    q, k, v = _qkv()
+    assert attention_ops.flash_attn.choose(q, k, v, 0.25, -1, -1, 0.0) == "cpu"
+
+
+def test_cuda_backend_refuses_float32_with_reason():
+    q, k, v = _qkv()
+    reason = attention_ops._cuda_supports(q, k, v, 0.25, -1, -1, 0.0)
+    assert "float16/bfloat16" in reason
+    q, k, v = _qkv(d=20, dtype=torch.bfloat16)
+    assert "multiple of 8" in attention_ops._cuda_supports(q, k, v, 0.25, -1, -1, 0.0)
+
+
+def test_reference_backend_matches_cpu():
+    q, k, v = _qkv()
+    with llmkernels.use_backend("reference"):
+        ref = llmkernels.flash_attn_func(q, k, v, window_size=(2, 3))
+    torch.testing.assert_close(llmkernels.flash_attn_func(q, k, v, window_size=(2, 3)), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument errors name the argument
+# ---------------------------------------------------------------------------------------------------
+def _bad_calls():
+    q, k, v = _qkv()
+    f = llmkernels.flash_attn_func
+    return [
+        ("dropout_p", NotImplementedError, lambda: f(q, k, v, dropout_p=0.1)),
+        ("alibi_slopes", NotImplementedError, lambda: f(q, k, v, alibi_slopes=torch.ones(4))),
+        ("return_attn_probs", NotImplementedError, lambda: f(q, k, v, return_attn_probs=True)),
+        ("q must have 4 dimensions", ValueError, lambda: f(q[0], k, v)),
+        ("k must have shape", ValueError, lambda: f(q, k[:, :, :, :8], v)),
+        ("v must have shape", ValueError, lambda: f(q, k, v[:, :5])),
+        ("q must have dtype", TypeError, lambda: f(q.double(), k.double(), v.double())),
+        ("k must have the dtype of q", TypeError, lambda: f(q, k.half(), v)),
+        ("q must be contiguous in its last dimension", ValueError, lambda: f(q.transpose(1, 3), k, v)),
+        ("v must be contiguous in its last dimension", ValueError,
+         lambda: f(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2))),
+        ("multiple of k's nheads_k", ValueError, lambda: f(q, k[:, :, :1].expand(2, 12, 3, 16).contiguous(),
+                                                           v[:, :, :1].expand(2, 12, 3, 16).contiguous())),
+        ("head dim in", ValueError, lambda: f(*_qkv(d=264))),
+        ("window_size", ValueError, lambda: f(q, k, v, window_size=(-2, 0))),
+        ("softcap", ValueError, lambda: f(q, k, v, softcap=-1.0)),
+        ("softmax_scale", ValueError, lambda: f(q, k, v, softmax_scale=0.0)),
+        ("q must be a torch.Tensor", TypeError, lambda: f(q.numpy(), k, v)),
+    ]
+
+
+def _bad_kvcache_calls():
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    kn, vn = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([3, 4], dtype=torch.int32)
+    f = llmkernels.flash_attn_with_kvcache
+    return [
+        ("k and v", ValueError, lambda: f(q, kc, vc, k=kn, cache_seqlens=lens)),
+        ("cache_seqlens must have dtype", TypeError, lambda: f(q, kc, vc, kn, vn, cache_seqlens=lens.long())),
+        ("cache_seqlens must have shape", ValueError, lambda: f(q, kc, vc, kn, vn, cache_seqlens=lens[:1])),
+        ("cache_seqlens", ValueError, lambda: f(q, kc, vc, kn, vn, cache_seqlens=20)),
+        ("v_cache must have shape", ValueError, lambda: f(q, kc, vc[:, :10], kn, vn, cache_seqlens=lens)),
+        ("k must have shape", ValueError, lambda: f(q, kc, vc, kn[:, :, :1], vn, cache_seqlens=lens)),
+        ("k_cache must have the dtype of q", TypeError, lambda: f(q, kc.bfloat16(), vc, kn, vn, cache_seqlens=lens)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_flash_attn_func_bad_argument(index):
+    match, exc, call = _bad_calls()[index]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("index", range(len(_bad_kvcache_calls())))
+def test_flash_attn_with_kvcache_bad_argument(index):
+    match, exc, call = _bad_kvcache_calls()[index]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_rejects_overflowing_cache_seqlens():
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    kn, vn = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
+    with pytest.raises(RuntimeError, match="cache_seqlens must leave room"):
+        llmkernels.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=torch.tensor([3, 19], dtype=torch.int32))
+
+
+@needs_cpu_kernel
+def test_cpu_op_checks_its_arguments():
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="flash_attn_fwd: k must have shape"):
+        torch.ops.llmkernels.flash_attn_fwd(q, k[:, :, :, :8], v, 0.25, -1, -1, 0.0)
+    with pytest.raises(RuntimeError, match="flash_attn_bwd: softmax_lse must have dtype"):
+        torch.ops.llmkernels.flash_attn_bwd(q, q, k, v, q, torch.zeros(2, 4, 9, dtype=torch.float64), 0.25, -1, -1, 0.0)

@@ -1,0 +1,95 @@
+"""MultiheadFlashAttention against a plain PyTorch implementation of the same layer."""
+
+import math
+
+import pytest
+import torch
+
+from llmkernels.nn import MultiheadFlashAttention
+from llmkernels.nn.attention import apply_rotary
+
+
+def plain_rotary(x, positions, base=10000.0):
+    """Rotary embedding written pair by pair with complex numbers: channel c pairs with c + d/2."""
+    d = x.shape[-1]
+    half = d // 2
+    freqs = torch.tensor([base ** (-2 * c / d) for c in range(half)], dtype=torch.float64)
+    angles = positions.double().unsqueeze(-1) * freqs
+    rot = torch.polar(torch.ones_like(angles), angles)
+    if rot.dim() == 2:
+        rot = rot.unsqueeze(0)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * rot.unsqueeze(2)
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
+def plain_layer(layer, x, positions=None, past=None):
+    """The layer in plain PyTorch: projections, rotary, masked softmax(q k^T / sqrt(d)) v with repeated KV heads."""
+    b, s, _ = x.shape
+    h, hk, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q = layer.q_proj(x).view(b, s, h, d)
+    k = layer.k_proj(x).view(b, s, hk, d)
+    v = layer.v_proj(x).view(b, s, hk, d)
+    positions = torch.arange(s) if positions is None else positions
+    if layer.rotary:
+        q, k = plain_rotary(q, positions), plain_rotary(k, positions)
+    if past is not None:
+        k, v = torch.cat((past[0], k), 1), torch.cat((past[1], v), 1)
+    sk = k.shape[1]
+    k, v = k.repeat_interleave(h // hk, 2), v.repeat_interleave(h // hk, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    i, j = torch.arange(s).unsqueeze(1) + sk - s, torch.arange(sk).unsqueeze(0)
+    left, right = layer.window_size
+    mask = torch.ones(s, sk, dtype=torch.bool)
+    if layer.causal:
+        mask &= j <= i
+    if left >= 0:
+        mask &= j >= i - left
+    if right >= 0:
+        mask &= j <= i + right
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~mask, -math.inf).softmax(-1), v)
+    return layer.o_proj(out.reshape(b, s, h * d))
+
+
+def test_apply_rotary_matches_complex_rotation():
+    x = torch.randn(2, 11, 3, 16)
+    pos = torch.arange(11) + 5
+    torch.testing.assert_close(apply_rotary(x, pos), plain_rotary(x, pos), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,rotary,causal,window", [
+    (4, 4, False, True, (-1, -1)),
+    (8, 2, True, True, (-1, -1)),
+    (4, 1, True, False, (5, 2)),
+])
+def test_forward_matches_plain_layer(heads, kv_heads, rotary, causal, window):
+    layer = MultiheadFlashAttention(128, heads, kv_heads, rotary=rotary, causal=causal, window_size=window, bias=True)
+    x = torch.randn(2, 37, 128, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    ref = plain_layer(layer, x2)
+    grad_q = layer.q_proj.weight.grad.clone()
+    layer.zero_grad()
+    ref.square().sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_q, layer.q_proj.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_decoding_matches_full_forward():
+    torch.manual_seed(0)
+    layer = MultiheadFlashAttention(64, 4, 2, rotary=True)
+    x = torch.randn(3, 20, 64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.allocate_kv_cache(batch_size=3, max_seqlen=32)
+        steps = [layer(x[:, :12], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(12, 20)]
+    assert cache.seqlens.tolist() == [20, 20, 20]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_configuration_names_the_argument():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MultiheadFlashAttention(64, 4, 3)
+    with pytest.raises(ValueError, match="embed_dim"):
+        MultiheadFlashAttention(65, 4)

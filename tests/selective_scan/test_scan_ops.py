@@ -1,0 +1,312 @@
+"""selective_scan_fn and selective_state_update on the C++ backends (cpu here, cuda on a GPU) vs the reference.
+
+Tolerances are mamba_ssm's (tests/utils.py TOLERANCES) for outputs; gradients are compared with the same
+table loosened 4x (fp32) because dA, dB, dC, dD and ddelta_bias are sums over batch x seqlen (x channels)
+of terms that the kernel adds in a different order than autograd of the reference.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from scan_cases import TENSOR_ARGS, ScanCase, scan_inputs, update_inputs
+
+import llmkernels
+from llmkernels import _ext
+from llmkernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref
+from utils import TOLERANCES, assert_close_dtype
+
+BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_ext = pytest.mark.skipif(not _ext.loaded, reason=f"compiled extension not loaded: {_ext.load_error}")
+
+FWD_CASES = [
+    ScanCase(1, bc="const"),
+    ScanCase(17, bc="token"),
+    ScanCase(17, dstate=5, bc="group", has_init=True),  # dstate not a multiple of the vector width
+    ScanCase(255, bc="group", ngroups=4, has_D=False, has_bias=False),  # not a multiple of the 64-step chunk
+    ScanCase(255, dstate=33, bc="const", has_z=False, softplus=False, has_init=True),
+    ScanCase(130, dstate=256, bc="token", dim=2, batch=1),  # the largest dstate
+    ScanCase(2048, bc="token", has_init=True),
+    ScanCase(2048, dstate=32, bc="group", has_D=False, has_z=False, has_bias=False, softplus=False, dim=2),
+]
+CUDA_ONLY_CASES = [ScanCase(4096, bc="token", has_init=True), ScanCase(4096, bc="const", dim=8)]
+
+
+def _run(backend, **kw):
+    with llmkernels.use_backend(backend):
+        return llmkernels.selective_scan_fn(**kw, return_last_state=True)
+
+
+def _check_forward(backend, case, dtype):
+    kw = scan_inputs(case, dtype, "cuda" if backend == "cuda" else "cpu")
+    out, last = _run(backend, **kw)
+    ref_out, ref_last = selective_scan_ref(**kw, return_last_state=True)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert_close_dtype(out, ref_out)  # every element compared: an unwritten (uninitialised) one cannot pass
+    assert_close_dtype(last, ref_last, torch.float32 if dtype == torch.float32 else dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FWD_CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_reference(backend, case, dtype):
+    _check_forward(backend, case, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CUDA_ONLY_CASES, ids=str)
+def test_forward_long_cuda(case, dtype):
+    _check_forward("cuda", case, dtype)
+
+
+GRAD_CASES = [
+    ScanCase(1, bc="const", has_init=True),
+    ScanCase(17, dstate=5, bc="token", has_init=True),
+    ScanCase(70, bc="group", has_init=True),
+    ScanCase(255, dstate=16, bc="const", has_D=False, has_z=False, has_bias=False, softplus=False),
+    ScanCase(255, dstate=20, bc="group", ngroups=4, dim=8, has_init=True),
+]
+
+
+def _check_gradients(backend, case, dtype, scale):
+    device = "cuda" if backend == "cuda" else "cpu"
+    kw = scan_inputs(case, dtype, device)
+    leaves = {k: v.requires_grad_() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    out, last = _run(backend, **kw)
+    dout, dlast = torch.randn_like(out), torch.randn_like(last)
+    grads = torch.autograd.grad([out, last], list(leaves.values()), [dout, dlast])
+    # The reference in fp32 from the same (possibly 16-bit) inputs.
+    ref_kw = {k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref_leaves = {k: ref_kw[k] for k in leaves}
+    ref_out, ref_last = selective_scan_ref(**ref_kw, return_last_state=True)
+    ref_grads = torch.autograd.grad([ref_out, ref_last], list(ref_leaves.values()), [dout.float(), dlast])
+    for name, g, rg in zip(leaves, grads, ref_grads):
+        assert g is not None and g.shape == rg.shape and g.dtype == kw[name].dtype, name
+        rtol, atol = TOLERANCES[dtype]
+        # Relative to the gradient's own size: sums over seqlen grow with it.
+        atol = atol * scale * max(1.0, rg.abs().max().item())
+        torch.testing.assert_close(g.float(), rg, rtol=rtol * scale, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@needs_ext
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_reference_autograd(backend, case):
+    _check_gradients(backend, case, torch.float32, scale=4.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_16bit(backend, dtype):
+    # 16-bit gradients are rounded once more on output than the fp32 reference's: loosen 2x.
+    _check_gradients(backend, ScanCase(33, bc="token", has_init=True), dtype, scale=2.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_only_through_last_state(backend):
+    kw = scan_inputs(ScanCase(20, bc="group", has_init=True), torch.float32, "cuda" if backend == "cuda" else "cpu")
+    h0 = kw["initial_state"].requires_grad_()
+    _, last = _run(backend, **kw)
+    (g,) = torch.autograd.grad(last.sum(), [h0])
+    ref_h0 = h0.detach().clone().requires_grad_()
+    _, ref_last = selective_scan_ref(**{**kw, "initial_state": ref_h0}, return_last_state=True)
+    (rg,) = torch.autograd.grad(ref_last.sum(), [ref_h0])
+    assert_close_dtype(g, rg)
+
+
+@needs_ext
+@pytest.mark.parametrize("bc", ["const", "token", "group"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_splits_at_any_point(backend, bc):
+    """scan(u1 ++ u2) == scan(u2, initial_state = last state of scan(u1)), outputs and last state."""
+    kw = scan_inputs(ScanCase(100, bc=bc, has_init=True), torch.float32, "cuda" if backend == "cuda" else "cpu")
+    full_out, full_last = _run(backend, **kw)
+    split = 37
+
+    def part(lo, hi, init):
+        p = {k: (v[..., lo:hi] if k in ("u", "delta", "z") or (k in ("B", "C") and bc != "const") else v)
+             for k, v in kw.items()}
+        return _run(backend, **{**p, "initial_state": init})
+
+    out1, last1 = part(0, split, kw["initial_state"])
+    out2, last2 = part(split, 100, last1)
+    assert_close_dtype(torch.cat([out1, out2], dim=-1), full_out)
+    assert_close_dtype(last2, full_last)
+
+
+@needs_ext
+@pytest.mark.parametrize("ngroups", [None, 1, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_update_steps_equal_scan(backend, ngroups):
+    device = "cuda" if backend == "cuda" else "cpu"
+    batch, dim, n, L = 2, 8, 16, 9
+    steps = [update_inputs(batch, dim, n, ngroups, device=device) for _ in range(L)]
+    state = steps[0]["state"].clone()
+    with llmkernels.use_backend(backend):
+        ys = [llmkernels.selective_state_update(**{**s, "state": state, "A": steps[0]["A"], "D": steps[0]["D"],
+                                                   "dt_bias": steps[0]["dt_bias"]}) for s in steps]
+    stack = lambda k: torch.stack([s[k] for s in steps], dim=-1)  # noqa: E731
+    out, last = _run(backend, u=stack("x"), delta=stack("dt"), A=steps[0]["A"], B=stack("B"), C=stack("C"),
+                     D=steps[0]["D"], z=stack("z"), delta_bias=steps[0]["dt_bias"], delta_softplus=True,
+                     initial_state=steps[0]["state"])
+    assert_close_dtype(torch.stack(ys, dim=-1), out)
+    assert_close_dtype(state, last)
+
+
+@needs_ext
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ngroups,dstate", [(None, 16), (2, 5), (4, 64)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_update_matches_reference(backend, ngroups, dstate, dtype, state_dtype):
+    kw = update_inputs(3, 8, dstate, ngroups, dtype, state_dtype, "cuda" if backend == "cuda" else "cpu")
+    ref_state = kw["state"].clone()
+    with llmkernels.use_backend(backend):
+        y = llmkernels.selective_state_update(**kw)
+    ref_y = selective_state_update_ref(**{**kw, "state": ref_state})
+    assert y.dtype == dtype
+    assert_close_dtype(y, ref_y)
+    assert_close_dtype(kw["state"], ref_state)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_other_cpu_instruction_sets(isa):
+    """The AVX2 and portable builds of the row kernels (the AVX-512 one runs everywhere else here)."""
+    code = (
+        "import sys; sys.path[:0] = ['tests', 'tests/selective_scan'];"
+        "import test_scan_ops as t, torch; from scan_cases import ScanCase;"
+        "t._check_forward('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32);"
+        "t._check_forward('cpu', ScanCase(17, bc='const'), torch.bfloat16);"
+        "t._check_gradients('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32, 4.0)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, LLMKERNELS_CPU_ISA=isa)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# opcheck, torch.compile, bad arguments
+# ---------------------------------------------------------------------------------------------------------
+OPCHECK_CASES = [
+    ScanCase(9, bc="token", has_init=True),
+    ScanCase(5, dstate=3, bc="const", has_D=False, has_z=False, has_bias=False, softplus=False),
+    ScanCase(7, dstate=4, bc="group"),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
+def test_opcheck_scan(case):
+    kw = scan_inputs(case)
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args += [kw["delta_softplus"], kw["initial_state"]]
+    fwd_args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.llmkernels.selective_scan_fwd.default, fwd_args)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    dout, dlast = torch.randn_like(plain[0]), torch.randn(case.batch, case.dim, case.dstate)
+    torch.library.opcheck(torch.ops.llmkernels.selective_scan_bwd.default, [dout, dlast, *plain])
+    torch.library.opcheck(torch.ops.llmkernels.selective_scan_bwd.default, [dout, None, *plain])
+
+
+@needs_ext
+@pytest.mark.parametrize("ngroups", [None, 2])
+def test_opcheck_state_update(ngroups):
+    kw = update_inputs(2, 4, 5, ngroups)
+    torch.library.opcheck(torch.ops.llmkernels.selective_state_update.default, list(kw.values()))
+
+
+@needs_ext
+def test_torch_compile_scan_fullgraph():
+    kw = scan_inputs(ScanCase(12, bc="group", has_init=True))
+    fn = torch.compile(llmkernels.selective_scan_fn, fullgraph=True, backend="aot_eager")
+    leaves = [v.requires_grad_() for k, v in kw.items() if k in ("u", "initial_state")]
+    out, last = fn(**kw, return_last_state=True)
+    (out.sum() + last.sum()).backward()
+    ref_out, ref_last = selective_scan_ref(**{k: (v.detach() if isinstance(v, torch.Tensor) else v)
+                                              for k, v in kw.items()}, return_last_state=True)
+    assert_close_dtype(out, ref_out)
+    assert all(leaf.grad is not None for leaf in leaves)
+
+
+@needs_ext
+def test_torch_compile_state_update_fullgraph():
+    kw = update_inputs(2, 4, 16, 2)
+    ref_state = kw["state"].clone()
+    fn = torch.compile(llmkernels.selective_state_update, fullgraph=True, backend="aot_eager")
+    y = fn(**kw)
+    ref_y = selective_state_update_ref(**{**kw, "state": ref_state})
+    assert_close_dtype(y, ref_y)
+    assert_close_dtype(kw["state"], ref_state)
+
+
+def _scan_kw():
+    return scan_inputs(ScanCase(6, bc="token", has_init=True, dim=4, batch=2))
+
+
+BAD_SCAN = [
+    ("u", lambda kw: kw["u"][0], "u must have 3 dimensions"),
+    ("u", lambda kw: kw["u"].double(), "u must have dtype in"),
+    ("u", lambda kw: kw["u"].int(), "u must have dtype in"),
+    ("delta", lambda kw: kw["delta"][..., :3], "delta must have shape"),
+    ("A", lambda kw: kw["A"].half(), "A must have dtype in"),
+    ("A", lambda kw: kw["A"][:2], "A must have shape"),
+    ("A", lambda kw: torch.zeros(4, 300), "A must have shape .*dstate <= 256"),
+    ("B", lambda kw: kw["B"][..., :3], "B must have shape"),
+    ("C", lambda kw: torch.randn(2, 3, 16, 6), "C must have shape"),  # dim 4 % ngroups 3 != 0
+    ("D", lambda kw: torch.randn(5), "D must have shape"),
+    ("z", lambda kw: kw["z"][:1], "z must have shape"),
+    ("delta_bias", lambda kw: torch.randn(4, dtype=torch.float64), "delta_bias must have dtype"),
+    ("initial_state", lambda kw: kw["initial_state"][..., :2], "initial_state must have shape"),
+    ("initial_state", lambda kw: kw["initial_state"].to("meta"), "initial_state must be on cpu"),
+]
+
+
+@pytest.mark.parametrize("name,bad,match", BAD_SCAN, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_SCAN)])
+def test_bad_scan_arguments_are_named(name, bad, match):
+    kw = _scan_kw()
+    kw[name] = bad(kw)
+    with pytest.raises((ValueError, TypeError), match=f"selective_scan_fn: {match}"):
+        llmkernels.selective_scan_fn(**kw)
+
+
+BAD_UPDATE = [
+    ("state", lambda kw: kw["state"][:, :, :3], "state must have shape"),
+    ("state", lambda kw: kw["state"].transpose(0, 1).contiguous().transpose(0, 1), "state must be contiguous"),
+    ("x", lambda kw: kw["x"][None], "x must have 2 dimensions"),
+    ("dt", lambda kw: kw["dt"][:, :2], "dt must have shape"),
+    ("B", lambda kw: kw["B"][:1], "B must have shape"),
+    ("dt_bias", lambda kw: torch.randn(3), "dt_bias must have shape"),
+]
+
+
+@pytest.mark.parametrize("name,bad,match", BAD_UPDATE, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_UPDATE)])
+def test_bad_state_update_arguments_are_named(name, bad, match):
+    kw = update_inputs(2, 4, 16, None)
+    kw[name] = bad(kw)
+    with pytest.raises((ValueError, TypeError), match=f"selective_state_update: {match}"):
+        llmkernels.selective_state_update(**kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["u", "delta", "z", "B"])
+def test_cpp_op_rejects_non_contiguous_input(name):
+    """The public function copies non-contiguous inputs (as mamba_ssm does); the op itself names them."""
+    kw = _scan_kw()
+    kw[name] = kw[name].transpose(-1, -2).contiguous().transpose(-1, -2)
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with pytest.raises(RuntimeError, match=f"selective_scan_fwd: {name} must be contiguous"):
+        torch.ops.llmkernels.selective_scan_fwd(*args, kw["delta_softplus"], kw["initial_state"])
+    out = llmkernels.selective_scan_fn(**kw)  # the public function accepts it
+    assert_close_dtype(out, selective_scan_ref(**kw))
+
+
+def test_every_tensor_argument_is_covered():
+    assert set(TENSOR_ARGS) == {k for k, v in _scan_kw().items() if isinstance(v, torch.Tensor)}

@@ -1,0 +1,115 @@
+"""C++ CPU kernels against the reference: exact integer arithmetic, the epilogue within rounding; opcheck,
+torch.compile, bad arguments, and the AVX2 path (LLMKERNELS_CPU_ISA=avx2, in a subprocess)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import _ext
+from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
+
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("ternary_linear_a8", "CPU"), reason="no C++ CPU ternary kernels")
+pytestmark = needs_ext
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", ODD_SHAPES)
+def test_cpu_matches_reference_odd_shapes(m, n, k, dtype):
+    check_backend_matches_reference("cpu", "cpu", m, n, k, dtype)
+
+
+@pytest.mark.parametrize("m,n,k", MODEL_SHAPES)
+def test_cpu_matches_reference_model_shapes(m, n, k):
+    check_backend_matches_reference("cpu", "cpu", m, n, k, torch.bfloat16)
+
+
+def test_cpu_avx2_path_matches_reference():
+    """The AVX2 kernels (this machine may pick AVX-512 VNNI), in a fresh process with the ISA capped."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/ternary');"
+        "import torch, llmkernels; from llmkernels import _ext;"
+        "from ternary_cases import check_backend_matches_reference as check;"
+        "assert _ext.cpu_isa in ('avx2', 'scalar'), _ext.cpu_isa; torch.manual_seed(0);"
+        "[check('cpu', 'cpu', m, n, k, torch.float32) for m, n, k in [(1, 17, 113), (7, 33, 300), (5, 64, 2560)]]"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, LLMKERNELS_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_opcheck_cpu_ops():
+    k, n = 300, 17
+    w_packed, w_scale, bias = random_layer(n, k, "cpu", bias_dtype=torch.float32)
+    x = torch.randn(3, k)
+    x_q, _ = llmkernels.ternary.quantize_activation(x)
+    ops = torch.ops.llmkernels
+    torch.library.opcheck(ops.ternary_quantize_activation.default, (torch.randn(2, 3, k, dtype=torch.bfloat16),))
+    torch.library.opcheck(ops.ternary_matmul_int8.default, (x_q, w_packed, k))
+    for op in (ops.ternary_linear_a8.default, ops.ternary_linear_w2.default):
+        torch.library.opcheck(op, (x, w_packed, w_scale, bias, k))
+        torch.library.opcheck(op, (x.half(), w_packed, w_scale, None, k))
+
+
+def test_torch_compile_ternary_linear():
+    w_packed, w_scale, bias = random_layer(9, 70, "cpu", bias_dtype=torch.float32)
+    x = torch.randn(2, 3, 70)
+
+    def f(x):
+        return llmkernels.ternary_linear(x, w_packed, w_scale, bias) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # traces fakes, no C++ codegen: cheap
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_bad_arguments_are_named():
+    w_packed, w_scale, bias = random_layer(8, 40, "cpu", bias_dtype=torch.float32)
+    x = torch.randn(3, 40)
+    lin = llmkernels.ternary_linear
+    with pytest.raises(TypeError, match="ternary_linear: x must have dtype"):
+        lin(x.double(), w_packed, w_scale)
+    with pytest.raises(ValueError, match="w_packed must have 128 columns for in_features=300"):
+        lin(torch.randn(3, 300), w_packed, w_scale)
+    with pytest.raises(TypeError, match="w_packed must have dtype"):
+        lin(x, w_packed.to(torch.int8), w_scale)
+    with pytest.raises(ValueError, match="w_packed must be contiguous"):
+        lin(x, torch.cat([w_packed, w_packed], 1)[:, ::2], w_scale)
+    with pytest.raises(TypeError, match="w_scale must have dtype"):
+        lin(x, w_packed, w_scale.double())
+    with pytest.raises(ValueError, match="w_scale must have one element"):
+        lin(x, w_packed, torch.ones(2))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        lin(x, w_packed, w_scale, torch.zeros(7))
+    with pytest.raises(TypeError, match="bias must have dtype"):
+        lin(x, w_packed, w_scale, bias.half())
+    with pytest.raises(ValueError, match="act_bits must be 8 or None"):
+        lin(x, w_packed, w_scale, act_bits=4)
+    with pytest.raises(ValueError, match="x must have a non-empty last dimension"):
+        lin(torch.randn(3, 0), w_packed, w_scale)
+
+
+def test_cpp_ops_check_their_arguments():
+    """The C++ ops check too (they are reachable through torch.ops without the Python checks)."""
+    w_packed, w_scale, _ = random_layer(8, 40, "cpu")
+    ops = torch.ops.llmkernels
+    with pytest.raises(RuntimeError, match="ternary_linear_a8: x must have in_features = 40"):
+        ops.ternary_linear_a8(torch.randn(2, 41), w_packed, w_scale, None, 40)
+    with pytest.raises(RuntimeError, match="ternary_matmul_int8: x_q must have dtype"):
+        ops.ternary_matmul_int8(torch.randn(2, 40), w_packed, 40)
+    with pytest.raises(RuntimeError, match="ternary_linear_w2: w_packed must have 128 columns"):
+        ops.ternary_linear_w2(torch.randn(2, 300), w_packed, w_scale, None, 300)
+    with pytest.raises(RuntimeError, match="ternary_quantize_activation: x must be float16"):
+        ops.ternary_quantize_activation(torch.zeros(2, 3, dtype=torch.int32))
+
+
+def test_leading_dims_and_empty_batch():
+    w_packed, w_scale, _ = random_layer(6, 50, "cpu")
+    x = torch.randn(2, 3, 4, 50)
+    y = llmkernels.ternary_linear(x, w_packed, w_scale)
+    assert y.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(y, llmkernels.ternary_linear(x.reshape(-1, 50), w_packed, w_scale).reshape(2, 3, 4, 6))
+    assert llmkernels.ternary_linear(torch.randn(0, 50), w_packed, w_scale).shape == (0, 6)

@@ -1,0 +1,105 @@
+"""BitLinear trains; quantize_ swaps nn.Linear for TernaryLinear with the same function; packed state_dict."""
+
+import io
+
+import pytest
+import torch
+
+import llmkernels
+from llmkernels.nn import BitLinear, TernaryLinear
+
+
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_bitlinear_trains_on_toy_regression(act_bits):
+    layer = BitLinear(32, 8, bias=True, act_bits=act_bits)
+    target = torch.nn.Linear(32, 8)
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        y = target(x)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(layer(x), y)
+        loss.backward()
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0  # STE reaches latent weights
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+class TinyBlock(torch.nn.Module):
+    """A transformer-ish block: attention projections, an MLP and an LM head (which quantize_ must skip)."""
+
+    def __init__(self, d=64, vocab=50):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
+        self.proj = torch.nn.Linear(d, d, bias=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(a)
+        h = h + self.mlp(h)
+        return self.lm_head(h)
+
+
+def _bit_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model with every quantised nn.Linear replaced by a BitLinear holding the same weights."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name != "lm_head":
+                bit = BitLinear(child.in_features, child.out_features, bias=child.bias is not None)
+                bit.load_state_dict(child.state_dict())
+                setattr(parent, name, bit)
+    return twin
+
+
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_quantize_matches_bitlinear_forward(act_bits):
+    model = TinyBlock().eval()
+    twin = _bit_twin(model)
+    for m in twin.modules():
+        if isinstance(m, BitLinear):
+            m.act_bits = act_bits
+    llmkernels.quantize_(model, act_bits=act_bits)
+    assert isinstance(model.qkv, TernaryLinear) and isinstance(model.mlp[2], TernaryLinear)
+    assert type(model.lm_head) is torch.nn.Linear  # the LM head stays full precision by default
+    tokens = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), twin(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_filter_fn_and_bitlinear_to_ternary():
+    model = TinyBlock()
+    llmkernels.quantize_(model, filter_fn=lambda m, fqn: fqn.startswith("mlp."))
+    assert isinstance(model.mlp[0], TernaryLinear) and type(model.qkv) is torch.nn.Linear
+    bit = BitLinear(40, 7, bias=True)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(bit.to_ternary()(x), bit(x), rtol=1e-4, atol=1e-4)
+
+
+def test_state_dict_round_trip_and_size():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 768, bias=False))
+    bf16_bytes = sum(p.numel() * 2 for p in model.parameters() if p.dim() == 2)
+    llmkernels.quantize_(model)
+    state = model.state_dict()
+    packed_bytes = sum(v.numel() * v.element_size() for k, v in state.items() if k.endswith("w_packed"))
+    assert state["0.w_packed"].dtype == torch.uint8
+    assert bf16_bytes / packed_bytes >= 7, (bf16_bytes, packed_bytes)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    fresh = torch.nn.Sequential(TernaryLinear(512, 256, bias=True), torch.nn.ReLU(), TernaryLinear(256, 768))
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    x = torch.randn(5, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
