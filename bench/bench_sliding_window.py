@@ -51,28 +51,33 @@ def _try(rows, case, impl, fn, to_value=None, **kw):
 def gpu_prefill(quick: bool) -> list[dict]:
     rows: list[dict] = []
     for seqlen in (4096, 8192) if quick else (4096, 8192, 16384, 32768):
-        q = torch.randn(1, seqlen, NHEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, seqlen, NHEADS_K, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        visible_pairs = seqlen * WINDOW - WINDOW * (WINDOW - 1) / 2 if seqlen >= WINDOW else seqlen * (seqlen + 1) / 2
-        ideal = visible_pairs / (seqlen * (seqlen + 1) / 2)
-        case = f"prefill s={seqlen} W={WINDOW} h={NHEADS}/{NHEADS_K} d={HEAD_DIM} (ideal window/causal {ideal:.2f})"
-        flops = 4 * NHEADS * HEAD_DIM * visible_pairs
-        tflops = lambda ms, f=flops: ("TFLOP/s", f / (ms * 1e-3) / 1e12)  # noqa: E731
-        limit = peak_tflops()
-        _try(rows, case, "llmkernels-flash-window",
-             lambda: llmkernels.flash_attn_func(q, k, v, causal=True, window_size=(WINDOW - 1, 0)), tflops,
-             limit=limit, peer="full-causal", ideal_ratio=ideal)
-        causal_flops = 4 * NHEADS * HEAD_DIM * seqlen * (seqlen + 1) / 2
-        _try(rows, case, "full-causal (flash_attn_func)", lambda: llmkernels.flash_attn_func(q, k, v, causal=True),
-             lambda ms: ("TFLOP/s", causal_flops / (ms * 1e-3) / 1e12), limit=limit)
-        if seqlen <= 16384:  # the explicit (seqlen, seqlen) mask
-            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            mask = visible_mask(seqlen, seqlen, WINDOW - 1, 0, "cuda")
-            _try(rows, case, "sdpa-window-mask",
-                 lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True), tflops,
-                 limit=limit)
-            del mask
-        del q, k, v
+        rows += _prefill_case(seqlen)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _prefill_case(seqlen: int) -> list[dict]:
+    rows: list[dict] = []
+    q = torch.randn(1, seqlen, NHEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, seqlen, NHEADS_K, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    visible_pairs = seqlen * WINDOW - WINDOW * (WINDOW - 1) / 2 if seqlen >= WINDOW else seqlen * (seqlen + 1) / 2
+    ideal = visible_pairs / (seqlen * (seqlen + 1) / 2)
+    case = f"prefill s={seqlen} W={WINDOW} h={NHEADS}/{NHEADS_K} d={HEAD_DIM} (ideal window/causal {ideal:.2f})"
+    flops = 4 * NHEADS * HEAD_DIM * visible_pairs
+    tflops = lambda ms, f=flops: ("TFLOP/s", f / (ms * 1e-3) / 1e12)  # noqa: E731
+    limit = peak_tflops()
+    _try(rows, case, "llmkernels-flash-window",
+         lambda: llmkernels.flash_attn_func(q, k, v, causal=True, window_size=(WINDOW - 1, 0)), tflops,
+         limit=limit, peer="full-causal (flash_attn_func)", ideal_ratio=ideal)
+    causal_flops = 4 * NHEADS * HEAD_DIM * seqlen * (seqlen + 1) / 2
+    _try(rows, case, "full-causal (flash_attn_func)", lambda: llmkernels.flash_attn_func(q, k, v, causal=True),
+         lambda ms: ("TFLOP/s", causal_flops / (ms * 1e-3) / 1e12), limit=limit)
+    if seqlen <= 16384:  # the explicit (seqlen, seqlen) mask
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        mask = visible_mask(seqlen, seqlen, WINDOW - 1, 0, "cuda")
+        _try(rows, case, "sdpa-window-mask",
+             lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True), tflops,
+             limit=limit)
     return rows
 
 
@@ -81,40 +86,46 @@ def gpu_decode(quick: bool) -> list[dict]:
     context = 8 * WINDOW
     gbps_limit = copy_bandwidth_gbps()
     for batch in (1, 8) if quick else (1, 4, 16, 64):
-        dt = torch.bfloat16
-        q = torch.randn(batch, 1, NHEADS, HEAD_DIM, device="cuda", dtype=dt)
-        k1, v1 = (torch.randn(batch, 1, NHEADS_K, HEAD_DIM, device="cuda", dtype=dt) for _ in range(2))
-        cache = llmkernels.RollingKVCache(batch, WINDOW, NHEADS_K, HEAD_DIM, dtype=dt, device="cuda")
-        cache.k.normal_(), cache.v.normal_()
-        window_bytes = 2 * batch * WINDOW * NHEADS_K * HEAD_DIM * cache.k.element_size()
-        case = (f"decode b={batch} context={context} W={WINDOW} h={NHEADS}/{NHEADS_K} d={HEAD_DIM} "
-                f"(rolling cache {cache.nbytes / 2**20:.0f} MiB, full cache {8 * cache.nbytes / 2**20:.0f} MiB)")
-        gbps = lambda ms, b=batch, n=window_bytes: ("GB/s", n / (ms * 1e-3) / 1e9)  # noqa: E731
+        rows += _decode_case(batch, context, gbps_limit)
+        torch.cuda.empty_cache()
+    return rows
 
-        def rolling(backend):
-            def fn():
-                cache.seqlens.fill_(context)  # stay at the same context length every call
-                with llmkernels.use_backend(backend):
-                    return llmkernels.sliding_window_attn_with_cache(q, k1, v1, cache)
-            return fn
 
-        for backend in ("cuda", "triton"):
-            ms = _try(rows, case, f"llmkernels-{backend}", rolling(backend), gbps, limit=gbps_limit,
-                      peer="flash_attn_with_kvcache-full", cache_mib=cache.nbytes / 2**20)
-            if ms is not None:
-                rows[-1]["tokens_per_s"] = batch / (ms * 1e-3)
-        full_k = torch.randn(batch, context + 1, NHEADS_K, HEAD_DIM, device="cuda", dtype=dt)
-        full_v = torch.randn_like(full_k)
-        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-        _try(rows, case, "flash_attn_with_kvcache-full",
-             lambda: llmkernels.flash_attn_with_kvcache(q, full_k, full_v, k1, v1, cache_seqlens=lens, causal=True,
-                                                        window_size=(WINDOW - 1, 0)), gbps, limit=gbps_limit)
-        qt, kt, vt = q.transpose(1, 2), full_k.transpose(1, 2), full_v.transpose(1, 2)
-        mask = visible_mask(1, context + 1, WINDOW - 1, 0, "cuda")
-        _try(rows, case, "sdpa-full-cache-window-mask",
-             lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True), gbps,
-             limit=gbps_limit)
-        del full_k, full_v, cache
+def _decode_case(batch: int, context: int, gbps_limit: float) -> list[dict]:
+    rows: list[dict] = []
+    dt = torch.bfloat16
+    q = torch.randn(batch, 1, NHEADS, HEAD_DIM, device="cuda", dtype=dt)
+    k1, v1 = (torch.randn(batch, 1, NHEADS_K, HEAD_DIM, device="cuda", dtype=dt) for _ in range(2))
+    cache = llmkernels.RollingKVCache(batch, WINDOW, NHEADS_K, HEAD_DIM, dtype=dt, device="cuda")
+    cache.k.normal_(), cache.v.normal_()
+    window_bytes = 2 * batch * WINDOW * NHEADS_K * HEAD_DIM * cache.k.element_size()
+    case = (f"decode b={batch} context={context} W={WINDOW} h={NHEADS}/{NHEADS_K} d={HEAD_DIM} "
+            f"(rolling cache {cache.nbytes / 2**20:.0f} MiB, full cache {8 * cache.nbytes / 2**20:.0f} MiB)")
+    gbps = lambda ms, b=batch, n=window_bytes: ("GB/s", n / (ms * 1e-3) / 1e9)  # noqa: E731
+
+    def rolling(backend):
+        def fn():
+            cache.seqlens.fill_(context)  # stay at the same context length every call
+            with llmkernels.use_backend(backend):
+                return llmkernels.sliding_window_attn_with_cache(q, k1, v1, cache)
+        return fn
+
+    for backend in ("cuda", "triton"):
+        ms = _try(rows, case, f"llmkernels-{backend}", rolling(backend), gbps, limit=gbps_limit,
+                  peer="flash_attn_with_kvcache-full", cache_mib=cache.nbytes / 2**20)
+        if ms is not None:
+            rows[-1]["tokens_per_s"] = batch / (ms * 1e-3)
+    full_k = torch.randn(batch, context + 1, NHEADS_K, HEAD_DIM, device="cuda", dtype=dt)
+    full_v = torch.randn_like(full_k)
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    _try(rows, case, "flash_attn_with_kvcache-full",
+         lambda: llmkernels.flash_attn_with_kvcache(q, full_k, full_v, k1, v1, cache_seqlens=lens, causal=True,
+                                                    window_size=(WINDOW - 1, 0)), gbps, limit=gbps_limit)
+    qt, kt, vt = q.transpose(1, 2), full_k.transpose(1, 2), full_v.transpose(1, 2)
+    mask = visible_mask(1, context + 1, WINDOW - 1, 0, "cuda")
+    _try(rows, case, "sdpa-full-cache-window-mask",
+         lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True), gbps,
+         limit=gbps_limit)
     return rows
 
 
@@ -122,23 +133,29 @@ def cpu_cases(quick: bool) -> list[dict]:
     rows: list[dict] = []
     window, h, hk, d = (256, 8, 2, 64) if quick else (1024, 8, 2, 64)
     for chunk in (1, 64):
-        cache = llmkernels.RollingKVCache(1, window, hk, d, dtype=torch.float32)
-        cache.k.normal_(), cache.v.normal_()
-        q = torch.randn(1, chunk, h, d)
-        k, v = (torch.randn(1, chunk, hk, d) for _ in range(2))
-        kind = "decode" if chunk == 1 else f"chunk {chunk}"
-        case = f"cpu {kind} context={2 * window} W={window} h={h}/{hk} d={d} fp32"
+        rows += _cpu_case(window, h, hk, d, chunk)
+    return rows
 
-        def step(backend):
-            def fn():
-                cache.seqlens.fill_(2 * window)
-                with llmkernels.use_backend(backend):
-                    return llmkernels.sliding_window_attn_with_cache(q, k, v, cache)
-            return fn
 
-        gbps = lambda ms: ("GB/s", 2 * window * hk * d * 4 / (ms * 1e-3) / 1e9)  # noqa: E731
-        _try(rows, case, "llmkernels-cpu", step("cpu"), gbps, peer="reference")
-        _try(rows, case, "reference", step("reference"), gbps)
+def _cpu_case(window: int, h: int, hk: int, d: int, chunk: int) -> list[dict]:
+    rows: list[dict] = []
+    cache = llmkernels.RollingKVCache(1, window, hk, d, dtype=torch.float32)
+    cache.k.normal_(), cache.v.normal_()
+    q = torch.randn(1, chunk, h, d)
+    k, v = (torch.randn(1, chunk, hk, d) for _ in range(2))
+    kind = "decode" if chunk == 1 else f"chunk {chunk}"
+    case = f"cpu {kind} context={2 * window} W={window} h={h}/{hk} d={d} fp32"
+
+    def step(backend):
+        def fn():
+            cache.seqlens.fill_(2 * window)
+            with llmkernels.use_backend(backend):
+                return llmkernels.sliding_window_attn_with_cache(q, k, v, cache)
+        return fn
+
+    gbps = lambda ms: ("GB/s", 2 * window * hk * d * 4 / (ms * 1e-3) / 1e9)  # noqa: E731
+    _try(rows, case, "llmkernels-cpu", step("cpu"), gbps, peer="reference")
+    _try(rows, case, "reference", step("reference"), gbps)
     return rows
 
 

@@ -101,7 +101,11 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
-  run_tasks(kernels().fwd, p, p.batch * p.nheads * num_query_blocks(p));
+  // Pack a GQA group's heads into each query block (K and V loaded once for the group) unless that leaves
+  // fewer tasks than threads (decode with a small batch), where one head per block keeps every thread busy.
+  p.heads_per_block = p.nheads / p.nheads_k;
+  if (p.heads_per_block > 1 && num_fwd_tasks(p) < at::get_num_threads()) p.heads_per_block = 1;
+  run_tasks(kernels().fwd, p, num_fwd_tasks(p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
 }
 

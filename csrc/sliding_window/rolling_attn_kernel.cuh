@@ -109,7 +109,9 @@ __global__ void __launch_bounds__(kThreads) rolling_attn_kernel(const RollingAtt
   }
   float m = -INFINITY, l = 0.f;
 
-  // Every lane runs the same number of iterations (the shuffles below need the whole warp).
+  // Every lane runs the same number of iterations (the shuffles below need the whole warp). Unrolled twice
+  // so the next keys' loads are in flight during this key's shuffle reduction.
+#pragma unroll 2
   for (int base = key_begin; base < key_end; base += kGroups) {
     const int j = base + group;
     const bool valid = j < key_end;

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -59,6 +60,25 @@ LLMK_INLINE float dot(const float* a, const float* b, int64_t n) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
+}
+
+// e^x for x <= 0 (a score minus the running max), written so `omp simd` loops vectorise it (std::exp is a
+// scalar libm call, and it dominated the per-key cost): e^x = 2^n * e^r, n = round(x log2 e), |r| <= ln2 / 2,
+// e^r by its degree-7 Taylor polynomial (truncation < 1e-8 relative, below fp32 rounding).
+LLMK_INLINE float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // e^-87 ~ 1.6e-38: still a normal float, and far below any softmax weight that counts
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // x - n ln2 in two parts (exact-ish)
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  return p * std::bit_cast<float>(bits);
 }
 
 template <typename scalar_t>
@@ -126,9 +146,13 @@ LLMK_INLINE void attend_row_group(const AttnParams<scalar_t>& p, int64_t b, int6
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) acc[i] *= alpha;
       }
+#pragma omp simd reduction(+ : l)
       for (int64_t jj = 0; jj < nb; ++jj) {
-        const float pr = std::exp(score[jj] - m_new);
-        l += pr;
+        score[jj] = exp_nonpositive(score[jj] - m_new);  // now the unnormalised probability
+        l += score[jj];
+      }
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        const float pr = score[jj];
         const float* vrow = vp[jj];
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) acc[i] += pr * vrow[i];

@@ -19,11 +19,12 @@
 namespace llmkernels::sliding_window {
 namespace {
 
-// 16-byte vector access needs a 16-byte aligned base and row strides that are multiples of 8 elements.
+// 16-byte vector access needs a 16-byte aligned base and row strides that are multiples of 16 bytes.
 void check_vector_aligned(const char* op, const char* name, const at::Tensor& t) {
-  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
-                       t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
-  LLMK_CHECK_ARG(aligned, op, name, "must be 16-byte aligned with strides that are multiples of 8 on CUDA "
+  const int64_t es = t.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * es) % 16 == 0 &&
+                       (t.stride(1) * es) % 16 == 0 && (t.stride(2) * es) % 16 == 0;
+  LLMK_CHECK_ARG(aligned, op, name, "must be 16-byte aligned with 16-byte multiple strides on CUDA "
                  "(call .contiguous()), got strides ", t.strides());
 }
 
@@ -48,12 +49,13 @@ void launch_for_head_dim(const RollingAttnParams& p, cudaStream_t stream) {
   }
 }
 
-// Splits of each row's window: enough blocks for ~2 waves of the SMs, at least 64 keys per split.
+// Splits of each row's window: a memory-bound kernel wants many resident blocks (up to 16 of 128 threads
+// per SM), so small batches split the window until ~8 blocks per SM exist, keeping >= 64 keys per split.
 int choose_num_splits(int64_t rows, int window, int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target_blocks = 2LL * sms;
-  if (rows >= sms) return 1;
+  const int64_t target_blocks = 8LL * sms;
+  if (rows >= target_blocks / 2) return 1;
   const int64_t want = (target_blocks + rows - 1) / rows;
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(64, (window + 63) / 64));
   return static_cast<int>(std::clamp<int64_t>(want, 1, most));
@@ -119,7 +121,7 @@ at::Tensor rolling_window_attn_cuda(const at::Tensor& q, const at::Tensor& k, co
   return out;
 }
 
-// One thread per 16-byte piece of the (batch, count, nheads_k, head_dim / 8) tokens being written.
+// One thread per 16-byte piece of the (batch, count, nheads_k, row bytes / 16) tokens being written; any dtype.
 __global__ void rolling_cache_append_kernel(uint4* k_ring, uint4* v_ring, const char* k, const char* v,
                                             const int32_t* seqlens, int64_t k_sb, int64_t k_ss, int64_t k_sh,
                                             int64_t v_sb, int64_t v_ss, int64_t v_sh, int first, int count,
@@ -142,7 +144,9 @@ void rolling_cache_append_cuda(at::Tensor& k_ring, at::Tensor& v_ring, const at:
                                const at::Tensor& seqlens) {
   constexpr const char* op = "rolling_cache_append";
   const Dims dims = check_chunk_and_ring(op, k, v, k_ring, v_ring, seqlens, c10::DeviceType::CUDA);
-  check_cuda_dims(op, k, dims);
+  const int64_t row_bytes = dims.head_dim * k.element_size();
+  LLMK_CHECK_ARG(row_bytes % 16 == 0, op, "k", "must have rows of a multiple of 16 bytes on CUDA (head_dim ",
+                 dims.head_dim, " of ", k.scalar_type(), ")");
   check_vector_aligned(op, "k", k);
   check_vector_aligned(op, "v", v);
   check_vector_aligned(op, "k_ring", k_ring);
@@ -150,7 +154,7 @@ void rolling_cache_append_cuda(at::Tensor& k_ring, at::Tensor& v_ring, const at:
   const c10::cuda::CUDAGuard guard(k.device());
   const int first = static_cast<int>(std::max<int64_t>(0, dims.chunk - dims.window));
   const int count = static_cast<int>(dims.chunk - first);
-  const int vecs_per_row = static_cast<int>(dims.head_dim / 8);
+  const int vecs_per_row = static_cast<int>(row_bytes / 16);
   const int64_t total = dims.batch * count * dims.nheads_k * vecs_per_row;
   if (total == 0) return;
   const int64_t es = k.element_size();

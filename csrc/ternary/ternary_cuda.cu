@@ -1,8 +1,10 @@
 // Host side of the ternary linear ops on CUDA: checks, launches and TORCH_LIBRARY_IMPL(llmkernels, CUDA).
 //
 // Decode (m <= 16 tokens): quantize_rows + one GEMV kernel reading the packed weights once.
-// Prefill (m > 16): quantize_rows, unpack the weights to int8, int8 x int8 -> int32 on the tensor cores
-// (at::_int_mm, cuBLASLt), fp32 epilogue; weight-only unpacks to x's dtype and uses at::matmul.
+// Prefill (m > 16): quantize_rows + the int8 mma.sync GEMM with the epilogue fused (gemm_a8_mma_kernel).
+// LLMKERNELS_TERNARY_GEMM=cublaslt (or a GPU below sm_80) instead unpacks the weights to int8 and runs
+// at::_int_mm (cuBLASLt int8 tensor cores) + an epilogue kernel: kept as a baseline for the benchmarks.
+// Weight-only prefill unpacks the weights to x's dtype and uses at::matmul (cuBLAS).
 // Kernels and their reasoning: ternary_cuda_kernels.cuh.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,6 +12,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -79,7 +83,27 @@ at::Tensor unpack(const at::Tensor& w_packed, int64_t k_pad, int64_t rows_out, a
   return dense;
 }
 
-// x_q: (m, k_pad) int8 contiguous, m > 16 -> int32 (m, round_up(N, 8)) on the int8 tensor cores
+// Whether prefill uses cuBLASLt (at::_int_mm) rather than our mma.sync GEMM: asked for, or no int8 mma.
+bool use_cublaslt_gemm(const at::Tensor& t) {
+  const char* env = std::getenv("LLMKERNELS_TERNARY_GEMM");
+  if (env != nullptr && std::strcmp(env, "cublaslt") == 0) return true;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index()));
+  return major < 8;
+}
+
+template <typename OutT>
+void launch_gemm_mma(const at::Tensor& x_q, int64_t m, const float* s, const at::Tensor& w_packed, int64_t k_pad,
+                     const float* w_scale, const OutT* bias, OutT* out) {
+  const int64_t N = w_packed.size(0);
+  const dim3 grid(static_cast<unsigned>((N + kMmaBN - 1) / kMmaBN), static_cast<unsigned>((m + kMmaBM - 1) / kMmaBM));
+  gemm_a8_mma_kernel<OutT><<<grid, kMmaThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      x_q.data_ptr<int8_t>(), static_cast<int>(m), s, w_packed.data_ptr<uint8_t>(), static_cast<int>(N),
+      static_cast<int>(k_pad), w_scale, bias, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x_q: (m, k_pad) int8 contiguous, m > 16 -> int32 (m, round_up(N, 8)) on the int8 tensor cores (cuBLASLt)
 at::Tensor int8_gemm(const at::Tensor& x_q, const at::Tensor& w_packed, int64_t k_pad) {
   const int64_t n8 = (w_packed.size(0) + 7) / 8 * 8;  // cuBLASLt int8 wants out_features % 8 == 0
   const at::Tensor w_dense = unpack<int8_t>(w_packed, k_pad, n8, at::kChar);
@@ -112,11 +136,15 @@ at::Tensor matmul_int8_cuda(const at::Tensor& x_q, const at::Tensor& w_packed, i
   at::Tensor xp = x_q.contiguous();
   if (k_pad != in_features) xp = at::constant_pad_nd(xp, {0, k_pad - in_features}, 0);
   if (m == 0 || N == 0) return at::empty({m, N}, x_q.options().dtype(at::kInt));
-  if (m > kMaxGemvTokens) {
+  if (m > kMaxGemvTokens && use_cublaslt_gemm(xp)) {
     const at::Tensor acc = int8_gemm(xp, w_packed, k_pad);
     return acc.size(1) == N ? acc : acc.narrow(1, 0, N).contiguous();
   }
   at::Tensor out = at::empty({m, N}, x_q.options().dtype(at::kInt));
+  if (m > kMaxGemvTokens) {
+    launch_gemm_mma<int32_t>(xp, m, nullptr, w_packed, k_pad, nullptr, nullptr, out.data_ptr<int32_t>());
+    return out;
+  }
   dispatch_tokens(m, [&](auto mt) {
     gemv_a8_kernel<decltype(mt)::value, int32_t>
         <<<gemv_blocks(N), kGemvWarps * kWarp, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -152,6 +180,9 @@ at::Tensor linear_a8_cuda(const at::Tensor& x_in, const at::Tensor& w_packed, co
             x_q.data_ptr<int8_t>(), static_cast<int>(m), s.data_ptr<float>(), w_packed.data_ptr<uint8_t>(),
             static_cast<int>(N), static_cast<int>(k_pad), scale.data_ptr<float>(), bp, out.data_ptr<scalar_t>());
       });
+    } else if (!use_cublaslt_gemm(x)) {
+      launch_gemm_mma<scalar_t>(x_q, m, s.data_ptr<float>(), w_packed, k_pad, scale.data_ptr<float>(), bp,
+                                out.data_ptr<scalar_t>());
     } else {
       const at::Tensor acc = int8_gemm(x_q, w_packed, k_pad);
       epilogue_kernel<int32_t, scalar_t><<<elementwise_blocks(m * N), kElementwiseThreads, 0, stream>>>(

@@ -12,9 +12,11 @@
 // - gemv_a8 / gemv_w2 (decode, up to 16 tokens): one warp per output row, each lane streaming 16-byte chunks
 //   of the packed row (kGemvUnroll loads in flight) while the activations (M x k_pad, tiny) come from L1/L2.
 //   Bound by the packed weight stream: N * k_pad / 4 bytes, 8x fewer than bf16 F.linear.
-// - unpack: packed -> int8 / fp16 / bf16 / fp32 dense weights for the prefill GEMM (tensor cores via
-//   cuBLAS(Lt), int8 x int8 -> int32 for act_bits=8); the unpack writes N * k_pad bytes, small next to the
-//   2 * M * N * K operations of a prefill.
+// - gemm_a8_mma (prefill, act_bits=8): int8 mma.sync tensor-core GEMM, weights unpacked in shared memory
+//   (its own comment below).
+// - unpack: packed -> int8 / fp16 / bf16 / fp32 dense weights for cuBLAS: the weight-only prefill (at::matmul)
+//   and the optional cuBLASLt int8 path of act_bits=8 (at::_int_mm); N * k_pad bytes written, small next to
+//   the 2 * M * N * K operations of a prefill.
 // - epilogue: y = acc * row_scale (+ bias) in fp32, row_scale = (s * gamma) / 127 (a8) or gamma (w2).
 #pragma once
 
@@ -232,6 +234,148 @@ __global__ void unpack_kernel(const uint8_t* __restrict__ w, int N, int k_pad, i
       for (int i = 0; i < 16; ++i) {
         const int code = static_cast<int>((words[i / 4] >> (8 * (i % 4) + 2 * sidx)) & 3u);
         dst[64 * sidx + i] = static_cast<OutT>(static_cast<float>(code - 1));
+      }
+    }
+  }
+}
+
+// ---- Prefill GEMM on the int8 tensor cores -----------------------------------------------------------
+// out (m, N) = x_q (m, k_pad) @ W_t^T with mma.sync.m16n8k32 (s8 x s8 -> s32), then the a8 epilogue (or raw
+// int32 when OutT is int32_t). Block tile 64 tokens x 128 outputs x 128 k; 8 warps as 2 (M) x 4 (N), each
+// owning 32 x 32 outputs (2 x 4 mma tiles, 32 int32 accumulators a lane). A k-tile is half of a packed block:
+// the 64 bytes of block k0 / 256 are read (16-byte loads, L2-resident) and the two bit planes s = 2h, 2h + 1
+// (h = (k0 / 128) % 2) are unpacked to int8 in shared memory. The next tile's global loads are issued into
+// registers before the current tile's mma loop (one shared buffer, register prefetch). Shared rows are
+// padded by 16 bytes (36 words) so the fragment loads of a warp hit 32 distinct banks.
+// Bound by the tensor cores for large m (int8 mma.sync: 2x the bf16 rate), by the weight stream for small m.
+constexpr int kMmaBM = 64;
+constexpr int kMmaBN = 128;
+constexpr int kMmaBK = 128;
+constexpr int kMmaThreads = 256;
+constexpr int kMmaSmemStride = kMmaBK + 16;
+
+__device__ __forceinline__ void mma_s8_16832(int (&c)[4], const int (&a)[4], const int (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // int8 mma.sync needs sm_80+; the host code never launches this below sm_80
+#endif
+}
+
+// x_q: (m, k_pad) int8 zero-padded; w: packed (N, k_pad / 4); s: (m,); out: (m, N).
+// grid: (ceil(N / kMmaBN), ceil(m / kMmaBM)), kMmaThreads threads.
+template <typename OutT>
+__global__ void __launch_bounds__(kMmaThreads)
+    gemm_a8_mma_kernel(const int8_t* __restrict__ x_q, int m, const float* __restrict__ s,
+                       const uint8_t* __restrict__ w, int N, int k_pad, const float* __restrict__ w_scale,
+                       const OutT* __restrict__ bias, OutT* __restrict__ out) {
+  __shared__ __align__(16) int8_t sA[kMmaBM][kMmaSmemStride];  // tokens x k
+  __shared__ __align__(16) int8_t sB[kMmaBN][kMmaSmemStride];  // outputs x k (the mma's "col" B operand)
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int group = lane / 4, tig = lane % 4;  // mma fragment coordinates
+  const int m0 = blockIdx.y * kMmaBM, n0 = blockIdx.x * kMmaBN;
+  const int warp_m = (warp / 4) * 32, warp_n = (warp % 4) * 32;
+  const int64_t row_bytes = k_pad / 4;
+
+  int acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
+
+  // Each thread moves 2 of the 512 16-byte chunks of A (64 rows x 128 bytes: row c / 8, byte (c % 8) * 16)
+  // and 2 of the 512 chunks of packed B (128 rows x 64 bytes: row c / 4, byte (c % 4) * 16).
+  uint4 ra[2], rb[2];
+  auto load_tile = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * kMmaThreads;
+      const int am = m0 + c / 8;
+      ra[i] = am < m ? *reinterpret_cast<const uint4*>(x_q + static_cast<int64_t>(am) * k_pad + k0 + (c % 8) * 16)
+                     : make_uint4(0u, 0u, 0u, 0u);
+      const int bn = n0 + c / 4;
+      rb[i] = bn < N ? __ldg(reinterpret_cast<const uint4*>(w + bn * row_bytes + (k0 / 256) * 64 + (c % 4) * 16))
+                     : make_uint4(kZeroWeights, kZeroWeights, kZeroWeights, kZeroWeights);
+    }
+  };
+  auto store_tile = [&](int k0) {
+    const int h = (k0 / kMmaBK) % 2;  // which half of the 256-weight block: bit planes s = 2h, 2h + 1
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * kMmaThreads;
+      *reinterpret_cast<uint4*>(&sA[c / 8][(c % 8) * 16]) = ra[i];
+      const int j0 = (c % 4) * 16;  // byte j of the block holds weights 64 s + j of the block
+#pragma unroll
+      for (int si = 0; si < 2; ++si) {
+        const int sp = 2 * h + si;
+        *reinterpret_cast<int4*>(&sB[c / 4][64 * si + j0]) =
+            make_int4(ternary_bytes(rb[i].x, sp), ternary_bytes(rb[i].y, sp), ternary_bytes(rb[i].z, sp),
+                      ternary_bytes(rb[i].w, sp));
+      }
+    }
+  };
+
+  const int k_tiles = k_pad / kMmaBK;  // k_pad % 256 == 0
+  load_tile(0);
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    __syncthreads();  // every warp is done reading the previous tile
+    store_tile(kt * kMmaBK);
+    __syncthreads();
+    if (kt + 1 < k_tiles) load_tile((kt + 1) * kMmaBK);  // in flight during the mma loop
+#pragma unroll
+    for (int kk = 0; kk < kMmaBK; kk += 32) {
+      int a[2][4], b[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int r = warp_m + mi * 16 + group;
+        a[mi][0] = *reinterpret_cast<const int*>(&sA[r][kk + tig * 4]);
+        a[mi][1] = *reinterpret_cast<const int*>(&sA[r + 8][kk + tig * 4]);
+        a[mi][2] = *reinterpret_cast<const int*>(&sA[r][kk + 16 + tig * 4]);
+        a[mi][3] = *reinterpret_cast<const int*>(&sA[r + 8][kk + 16 + tig * 4]);
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int col = warp_n + ni * 8 + group;
+        b[ni][0] = *reinterpret_cast<const int*>(&sB[col][kk + tig * 4]);
+        b[ni][1] = *reinterpret_cast<const int*>(&sB[col][kk + 16 + tig * 4]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_s8_16832(acc[mi][ni], a[mi], b[ni]);
+    }
+  }
+
+  // accumulator fragment: e = 0, 1 at (group, 2 tig + e), e = 2, 3 at (group + 8, 2 tig + e - 2)
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + warp_m + mi * 16 + group + 8 * half;
+      if (row >= m) continue;
+      float row_scale = 0.f;
+      if constexpr (!std::is_same_v<OutT, int32_t>) row_scale = __fdiv_rn(__fmul_rn(s[row], *w_scale), 127.f);
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = n0 + warp_n + ni * 8 + 2 * tig + e;
+          if (n >= N) continue;
+          const int v = acc[mi][ni][2 * half + e];
+          if constexpr (std::is_same_v<OutT, int32_t>) {
+            out[static_cast<int64_t>(row) * N + n] = v;
+          } else {
+            float y = __fmul_rn(static_cast<float>(v), row_scale);
+            if (bias != nullptr) y = __fadd_rn(y, static_cast<float>(bias[n]));
+            out[static_cast<int64_t>(row) * N + n] = static_cast<OutT>(y);
+          }
+        }
       }
     }
   }

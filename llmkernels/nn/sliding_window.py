@@ -12,8 +12,6 @@ MistralAttention (q_proj, k_proj, v_proj, o_proj) so its weights load directly.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -29,11 +27,11 @@ class SlidingWindowAttention(nn.Module):
         num_heads: int,
         num_kv_heads: int,
         window: int,
-        head_dim: Optional[int] = None,
+        head_dim: int | None = None,
         rope_theta: float = 10000.0,
         bias: bool = False,
         device: torch.device | str | None = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -50,14 +48,14 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias, **kw)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias, **kw)
 
-    def new_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None,
+    def new_cache(self, batch_size: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> RollingKVCache:
         """An empty rolling cache for this layer: memory fixed at 2 * batch * window * num_kv_heads * head_dim."""
         weight = self.k_proj.weight
         return RollingKVCache(batch_size, self.window, self.num_kv_heads, self.head_dim,
                               dtype=dtype or weight.dtype, device=device or weight.device)
 
-    def forward(self, x: torch.Tensor, cache: Optional[RollingKVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: RollingKVCache | None = None) -> torch.Tensor:
         """x: (batch, seqlen, hidden_size) -> (batch, seqlen, hidden_size).
 
         Without a cache x is a whole sequence from position 0. With one, x continues each row of the cache

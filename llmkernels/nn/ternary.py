@@ -8,8 +8,6 @@ gives the TernaryLinear that computes the same function with llmkernels.ternary_
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +37,9 @@ class BitLinear(torch.nn.Linear):
     them in full precision (weight-only).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: Optional[int] = 8,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = 8, device=None, dtype=None
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if act_bits not in (8, None):
             raise ValueError(f"llmkernels.nn.BitLinear: act_bits must be 8 or None, got {act_bits!r}")
@@ -53,7 +52,7 @@ class BitLinear(torch.nn.Linear):
             x = x + (_fake_quant_activation(x).to(x.dtype) - x).detach()
         return F.linear(x, w_q.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def to_ternary(self) -> "TernaryLinear":
+    def to_ternary(self) -> TernaryLinear:
         """The inference layer with this layer's quantised weights (packed) and bias."""
         return TernaryLinear.from_linear(self, act_bits=self.act_bits)
 
@@ -68,14 +67,16 @@ class TernaryLinear(torch.nn.Module):
     bias (out_features,) or None.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: Optional[int] = 8,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = 8, device=None, dtype=None
+    ):
         super().__init__()
         if act_bits not in (8, None):
             raise ValueError(f"llmkernels.nn.TernaryLinear: act_bits must be 8 or None, got {act_bits!r}")
         self.in_features, self.out_features, self.act_bits = in_features, out_features, act_bits
-        self.register_buffer("w_packed", torch.ones(packed_shape(out_features, in_features), dtype=torch.uint8,
-                                                    device=device).mul_(0x55))  # code 1 everywhere: W_t = 0
+        self.register_buffer(
+            "w_packed", torch.ones(packed_shape(out_features, in_features), dtype=torch.uint8, device=device).mul_(0x55)
+        )  # code 1 everywhere: W_t = 0
         self.register_buffer("w_scale", torch.ones((), dtype=torch.float32, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device))
@@ -83,11 +84,17 @@ class TernaryLinear(torch.nn.Module):
             self.bias = None
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, act_bits: Optional[int] = 8) -> "TernaryLinear":
+    def from_linear(cls, linear: torch.nn.Linear, act_bits: int | None = 8) -> TernaryLinear:
         """Quantise an nn.Linear (or BitLinear) weight to ternary; bias is kept in its dtype."""
         w = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, act_bits=act_bits,
-                    device=w.device, dtype=None if linear.bias is None else linear.bias.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            act_bits=act_bits,
+            device=w.device,
+            dtype=None if linear.bias is None else linear.bias.dtype,
+        )
         w_packed, w_scale = quantize_weight(w if w.dtype != torch.float64 else w.float())
         layer.w_packed.copy_(w_packed)
         layer.w_scale.copy_(w_scale)
@@ -100,5 +107,7 @@ class TernaryLinear(torch.nn.Module):
         return ternary_linear(x, self.w_packed, self.w_scale, bias, act_bits=self.act_bits)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"act_bits={self.act_bits}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"act_bits={self.act_bits}"
+        )

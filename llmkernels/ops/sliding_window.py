@@ -14,8 +14,6 @@ object advances `seqlens` itself, so both ops stay functional enough for torch.c
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _ext
@@ -40,7 +38,7 @@ class RollingKVCache:
         window: int,
         num_kv_heads: int,
         head_dim: int,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         for name, value in (("batch_size", batch_size), ("window", window), ("num_kv_heads", num_kv_heads),
@@ -84,7 +82,7 @@ def _attn_cpu(q, k, v, k_ring, v_ring, seqlens, softmax_scale: float, softcap: f
     return torch.ops.llmkernels.rolling_window_attn(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap)
 
 
-def _cuda_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) -> Optional[str]:
+def _cuda_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) -> str | None:
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
     d = q.shape[-1]
@@ -101,7 +99,7 @@ def _attn_cuda(q, k, v, k_ring, v_ring, seqlens, softmax_scale: float, softcap: 
     )
 
 
-def _triton_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) -> Optional[str]:
+def _triton_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) -> str | None:
     if q.shape[-1] > 256:
         return f"the Triton kernel takes head_dim up to 256, got {q.shape[-1]}"
     return None
@@ -117,7 +115,11 @@ def _attn_triton(q, k, v, k_ring, v_ring, seqlens, softmax_scale: float, softcap
 def _append(backend: str, k_ring, v_ring, k, v, seqlens) -> None:
     """Write the chunk into the rings with the C++ kernel where the build has one for this device."""
     key = k.device.type.upper()
-    if backend != "reference" and _ext.has_kernel("rolling_cache_append", key):
+    usable = backend != "reference" and _ext.has_kernel("rolling_cache_append", key)
+    if key == "CUDA":  # the CUDA copy moves 16-byte pieces: rows must be a multiple of 16 bytes
+        usable = usable and (k.shape[-1] * k.element_size()) % 16 == 0
+        k, v = k.contiguous(), v.contiguous()
+    if usable:
         torch.ops.llmkernels.rolling_cache_append(k_ring, v_ring, k, v, seqlens)
     else:
         rolling_cache_append_ref(k_ring, v_ring, k, v, seqlens)
@@ -133,7 +135,7 @@ def _check_args(q, k, v, cache, softmax_scale, softcap) -> None:
         raise TypeError(f"llmkernels.{_FN}: cache must be a llmkernels.RollingKVCache, got {type(cache).__name__}")
     _, _, nheads_k, cache_head_dim = cache.k.shape
     if chunk < 1:
-        raise ValueError(f"llmkernels.{_FN}: q must hold at least one new token (seqlen >= 1), got shape {tuple(q.shape)}")
+        raise ValueError(f"llmkernels.{_FN}: q must hold at least one new token (seqlen >= 1), got {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         check_tensor(_FN, name, t, ndim=4, device=q.device, last_dim_contiguous=True)
         check_same_dtype(_FN, name, t, "q", q)
@@ -158,7 +160,7 @@ def sliding_window_attn_with_cache(
     k: torch.Tensor,
     v: torch.Tensor,
     cache: RollingKVCache,
-    softmax_scale: Optional[float] = None,
+    softmax_scale: float | None = None,
     softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attend a chunk of new tokens through the rolling cache, then append it and advance cache.seqlens.

@@ -9,7 +9,7 @@ cpu and cuda (C++ ops of csrc/ternary), triton (llmkernels/triton/ternary.py, im
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -134,7 +134,9 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (..., in_features) fp16/bf16/fp32 -> (x_q int8 (..., in_features), s fp32 (...)), per-token absmax."""
     check_tensor("quantize_activation", "x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"llmkernels.quantize_activation: x must have a non-empty last dimension, got {tuple(x.shape)}")
+        raise ValueError(
+            f"llmkernels.quantize_activation: x must have a non-empty last dimension, got {tuple(x.shape)}"
+        )
     return quantize_activation_op(x.contiguous())
 
 
@@ -151,8 +153,8 @@ def ternary_linear(
     x: torch.Tensor,
     w_packed: torch.Tensor,
     w_scale: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    act_bits: Optional[int] = 8,
+    bias: torch.Tensor | None = None,
+    act_bits: int | None = 8,
 ) -> torch.Tensor:
     """BitNet b1.58 linear layer with packed ternary weights.
 
@@ -191,8 +193,8 @@ def default_filter(module: torch.nn.Module, fqn: str) -> bool:
 
 def quantize_(
     model: torch.nn.Module,
-    filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
-    act_bits: Optional[int] = 8,
+    filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
+    act_bits: int | None = 8,
 ) -> torch.nn.Module:
     """Replace, in place, every nn.Linear of `model` that filter_fn(module, fqn) accepts with an nn.TernaryLinear.
 

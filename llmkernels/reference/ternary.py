@@ -20,8 +20,6 @@ Packed layout (2 bits a weight, what the CPU / CUDA / Triton kernels read):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 PACK_BLOCK = 256  # weights per packed block (64 bytes): in_features is padded to a multiple of this
@@ -85,7 +83,7 @@ def ternary_matmul_int8_ref(x_q: torch.Tensor, w_packed: torch.Tensor, in_featur
 
 
 def ternary_linear_a8_ref(
-    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int
+    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int
 ) -> torch.Tensor:
     """x: (m, in_features) -> (m, out_features) in x's dtype; 8-bit activations (BitNet b1.58 exactly)."""
     x_q, s = quantize_activation_ref(x)
@@ -97,7 +95,7 @@ def ternary_linear_a8_ref(
 
 
 def ternary_linear_w2_ref(
-    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int
+    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int
 ) -> torch.Tensor:
     """x: (m, in_features) -> (m, out_features) in x's dtype; full-precision activations, fp32 accumulation."""
     w_t = unpack_ternary_ref(w_packed, in_features)
@@ -127,7 +125,7 @@ def quantize_activation_naive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def ternary_linear_naive(
-    x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], act_bits: Optional[int]
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act_bits: int | None
 ) -> torch.Tensor:
     """From latent float weights w (out, in): quantise W with Python loops, then int / float64 dot products."""
     w64 = w.double()

@@ -14,6 +14,8 @@ import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .._checks import check_same_dtype, check_shape, check_tensor
 from .flash_attn_kernels import (
@@ -28,32 +30,39 @@ MAX_HEADDIM = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket, chosen for H100 (sm_90a) so that ptxas reports
+# no register spills for fp16/bf16 (checked by compiling the kernels for sm_90a; a few bytes spilled in the dQ
+# kernel at head dims > 64). The fp32 entries halve the tiles: fp32 runs true-fp32 FMA dots, not tensor cores.
+_FWD_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 8, 2)}
+_FWD_CONFIGS_FP32 = {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 16, 4, 1)}
+_DKDV_CONFIGS = {64: (32, 64, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)}
+_DKDV_CONFIGS_FP32 = {64: (16, 32, 4, 2), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)}
+_DQ_CONFIGS = {64: (64, 64, 4, 2), 128: (64, 32, 8, 2), 256: (32, 16, 4, 2)}
+_DQ_CONFIGS_FP32 = {64: (32, 32, 4, 2), 128: (32, 32, 4, 1), 256: (16, 16, 4, 1)}
+# The interpreter is slow per block op but not per element: small tiles, so the tests cross several tiles.
+_INTERPRET_CONFIG = (16, 16, 1, 1)
+
+
+def _pick(table: dict, block_d: int) -> tuple[int, int, int, int]:
+    return table[min(bucket for bucket in table if bucket >= block_d)]
+
+
 def _fwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, chosen for H100.
-
-    BLOCK_M 128 keeps the tensor cores fed; BLOCK_N and the pipeline depth shrink as the head dim (and the
-    element size) grow so K/V stages fit in shared memory and the fp32 accumulator in registers.
-    """
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
     if _INTERPRET:
-        return 16, 16, 1, 1  # the interpreter is slow per block op: small tiles, and several of them per test
-    wide = dtype == torch.float32
-    if block_d <= 64:
-        return (128, 32, 4, 3) if wide else (128, 64, 4, 3)
-    if block_d <= 128:
-        return (64, 64, 4, 2) if wide else (128, 64, 8, 3)
-    return (64, 32, 4, 1) if wide else (64, 64, 8, 2)
+        return _INTERPRET_CONFIG
+    return _pick(_FWD_CONFIGS_FP32 if dtype == torch.float32 else _FWD_CONFIGS, block_d)
 
 
-def _bwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels (dK/dV hold two fp32 tiles)."""
+def _bwd_configs(block_d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """Configs of the dK/dV kernel (holds two fp32 (BLOCK_N, d) accumulators) and of the dQ kernel."""
     if _INTERPRET:
-        return 16, 16, 1, 1
+        return _INTERPRET_CONFIG, _INTERPRET_CONFIG
     wide = dtype == torch.float32
-    if block_d <= 64:
-        return (32, 64, 4, 2) if wide else (64, 64, 4, 2)
-    if block_d <= 128:
-        return (32, 64, 4, 1) if wide else (64, 64, 8, 2)
-    return (16, 32, 4, 1) if wide else (32, 32, 4, 2)
+    return (
+        _pick(_DKDV_CONFIGS_FP32 if wide else _DKDV_CONFIGS, block_d),
+        _pick(_DQ_CONFIGS_FP32 if wide else _DQ_CONFIGS, block_d),
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -74,6 +83,18 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
     check_shape(fn, "v", v, k.shape)
     if k.shape[2] == 0 or nheads % k.shape[2] != 0:
         raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[2]}) must divide q's nheads ({nheads})")
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) through torch.library.wrap_triton, so torch.compile can trace it.
+
+    Under TRITON_INTERPRET=1, wrap_triton hands back the plain interpreted kernel, which would try to read the
+    FakeTensors that opcheck / torch.compile trace the op with: there the launch is skipped (a fake run only
+    needs the outputs' metadata, already set by torch.empty).
+    """
+    if _INTERPRET and any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta) for a in args):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _common_meta(q: torch.Tensor, window_left: int, window_right: int, softcap: float) -> dict:
@@ -110,7 +131,7 @@ def flash_attn_fwd_triton(
     meta = _common_meta(q, window_left, window_right, softcap)
     block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype)
     grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
-    torch.library.wrap_triton(flash_attn_fwd_kernel)[grid](
+    _launch(flash_attn_fwd_kernel, grid,
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -154,28 +175,41 @@ def flash_attn_bwd_triton(
     if dq.numel() == 0 or dk.numel() == 0:  # no scores at all: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta = _common_meta(q, window_left, window_right, softcap)
-    block_m, block_n, num_warps, num_stages = _bwd_config(meta["BLOCK_D"], q.dtype)
+    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype)
 
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    torch.library.wrap_triton(flash_attn_bwd_preprocess_kernel)[(triton.cdiv(seqlen_q, block_m), batch * nheads)](
+    _launch(flash_attn_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg[0]), batch * nheads),
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), nheads, seqlen_q,
-        HEADDIM=headdim, BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"],
+        HEADDIM=headdim, BLOCK_M=dq_cfg[0], BLOCK_D=meta["BLOCK_D"],
     )  # fmt: skip
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
     )  # fmt: skip
     scalars = (nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right)
-    launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta)
-    torch.library.wrap_triton(flash_attn_bwd_dkdv_kernel)[(triton.cdiv(seqlen_k, block_n), batch * nheads_k)](
+    block_m, block_n, num_warps, num_stages = dkdv_cfg
+    _launch(flash_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), batch * nheads_k),
         q, k, v, dout, softmax_lse, delta, dk, dv, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars, **launch,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
     )  # fmt: skip
-    torch.library.wrap_triton(flash_attn_bwd_dq_kernel)[(triton.cdiv(seqlen_q, block_m), batch * nheads)](
-        q, k, v, dout, softmax_lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars, **launch,
+    block_m, block_n, num_warps, num_stages = dq_cfg
+    _launch(flash_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), batch * nheads),
+        q, k, v, dout, softmax_lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
     )  # fmt: skip
     return dq, dk, dv
+
+
+if _INTERPRET:
+    # triton_op decomposes the op into its kernel launches when AOTAutograd functionalizes a graph, so Inductor
+    # can see the kernels. Interpreted kernels cannot be traced: keep both ops opaque instead.
+    def _keep_opaque(mode, op, types, args, kwargs):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+
+    for _op in (flash_attn_fwd_triton, flash_attn_bwd_triton):
+        _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
 
 
 def _setup_context(ctx, inputs, output):

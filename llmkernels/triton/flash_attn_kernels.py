@@ -67,7 +67,7 @@ def _softcap_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
     if SOFTCAP:
         x = qk * (scale / softcap)
         # tanh from exp2 of a non-positive argument: no overflow, and tl has no portable tanh.
-        t = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+        t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))  # tensor first: the interpreter wraps constexpr * tensor
         th = (1.0 - t) / (1.0 + t)
         th = tl.where(x < 0, -th, th)
         return th * (softcap * LOG2E), th
@@ -87,7 +87,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             kv_mask = (cols[:, None] < seqlen_k) & d_mask
         else:
             kv_mask = d_mask
-        k = tl.load(k_base + tl.cast(n0, tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
+        k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _softcap_scores(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -103,7 +104,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + tl.cast(n0, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn  # int64 scalar step, int32 in-tile offsets
+        v = tl.load(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -111,7 +113,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
 
 @triton.jit
 def flash_attn_fwd_kernel(
-    Q, K, V, O, LSE,  # q: (b, sq, h, d); k, v: (b, sk, hk, d); o like q; lse: (b, h, sq) fp32
+    Q, K, V, Out, LSE,  # q: (b, sq, h, d); k, v: (b, sk, hk, d); o like q; lse: (b, h, sq) fp32
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
@@ -159,15 +161,15 @@ def flash_attn_fwd_kernel(
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     out = acc * inv_l[:, None]
     lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_mask)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_mask)
     lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def flash_attn_bwd_preprocess_kernel(
-    O, DO, DELTA,  # o, do: (b, sq, h, d); delta: (b, h, sq) fp32 = rowsum(do * o)
+    Out, DO, DELTA,  # o, do: (b, sq, h, d); delta: (b, h, sq) fp32 = rowsum(do * o)
     stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
     nheads, seqlen_q,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -179,7 +181,7 @@ def flash_attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM)
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -202,8 +204,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
             qo_mask = (rows[:, None] < seqlen_q) & d_mask
         else:
             qo_mask = d_mask
-        q = tl.load(q_base + tl.cast(m0, tl.int64) * stride_qm + (offs_m[:, None] * stride_qm + offs_d[None, :]), mask=qo_mask, other=0.0)
-        do = tl.load(do_base + tl.cast(m0, tl.int64) * stride_dom + (offs_m[:, None] * stride_dom + offs_d[None, :]), mask=qo_mask, other=0.0)
+        q_tile = q_base + tl.cast(m0, tl.int64) * stride_qm  # int64 scalar step, int32 in-tile offsets
+        q = tl.load(q_tile + (offs_m[:, None] * stride_qm + offs_d[None, :]), mask=qo_mask, other=0.0)
+        do_tile = do_base + tl.cast(m0, tl.int64) * stride_dom  # int64 scalar step, int32 in-tile offsets
+        do = tl.load(do_tile + (offs_m[:, None] * stride_dom + offs_d[None, :]), mask=qo_mask, other=0.0)
         lse = tl.load(lse_ptr + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
         delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
@@ -294,8 +298,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
             kv_mask = (cols[:, None] < seqlen_k) & d_mask
         else:
             kv_mask = d_mask
-        k = tl.load(k_base + tl.cast(n0, tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
-        v = tl.load(v_base + tl.cast(n0, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
+        k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn  # int64 scalar step, int32 in-tile offsets
+        v = tl.load(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, tanh_s = _softcap_scores(qk, scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])

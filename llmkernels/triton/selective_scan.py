@@ -56,7 +56,7 @@ def selective_state_update_kernel(
     stride_D, stride_z_b, stride_z_d, stride_bias, stride_out_b, stride_out_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -101,7 +101,7 @@ def selective_scan_fwd_kernel(
     B_CONST: tl.constexpr, C_CONST: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -163,9 +163,9 @@ def selective_scan_fwd_kernel(
 
 
 def _blocks(dim: int, dstate: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_N): the whole of dstate, and channels so that a state tile stays <= 1024 fp32 registers' worth."""
-    block_n = triton.next_power_of_2(dstate)
-    block_d = max(1, min(triton.next_power_of_2(dim), 1024 // block_n, 64))
+    """(BLOCK_D, BLOCK_N): all of dstate, and channels so that a state tile holds <= 1024 fp32 values."""
+    block_n = max(2, triton.next_power_of_2(dstate))  # >= 2: no single-element aranges
+    block_d = max(2, min(triton.next_power_of_2(dim), 1024 // block_n, 64))
     return block_d, block_n
 
 
@@ -209,8 +209,10 @@ def selective_state_update_triton(
         B, C = B.unsqueeze(1), C.unsqueeze(1)
     ngroups = B.shape[1]
     if B.dim() != 3 or ngroups < 1 or dim % ngroups:
-        raise ValueError(f"llmkernels.{fn}: B must be (batch, dstate) or (batch, ngroups, dstate) with ngroups "
-                         f"dividing dim = {dim}, got shape {tuple(B.shape)}")
+        raise ValueError(
+            f"llmkernels.{fn}: B must be (batch, dstate) or (batch, ngroups, dstate) with ngroups "
+            f"dividing dim = {dim}, got shape {tuple(B.shape)}"
+        )
     _checks.check_shape(fn, "B", B, (batch, ngroups, dstate))
     _checks.check_shape(fn, "C", C, (batch, ngroups, dstate))
     for name, t in (("D", D), ("dt_bias", dt_bias)):
@@ -231,7 +233,7 @@ def selective_state_update_triton(
         *_strides_or_zeros(D, 1), *_strides_or_zeros(z, 2), *_strides_or_zeros(dt_bias, 1), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         BLOCK_D=block_d, BLOCK_N=block_n,
-    )
+    )  # fmt: skip
     return out
 
 
@@ -272,8 +274,10 @@ def selective_scan_triton(
             M = M.unsqueeze(1)
         ngroups = M.shape[1] if M.dim() == 4 else 0
         if M.dim() != 4 or ngroups < 1 or dim % ngroups:
-            raise ValueError(f"llmkernels.{fn}: {name} must be (dim, dstate), (batch, dstate, seqlen) or (batch, "
-                             f"ngroups, dstate, seqlen) with ngroups dividing dim = {dim}, got shape {tuple(M.shape)}")
+            raise ValueError(
+                f"llmkernels.{fn}: {name} must be (dim, dstate), (batch, dstate, seqlen) or (batch, "
+                f"ngroups, dstate, seqlen) with ngroups dividing dim = {dim}, got shape {tuple(M.shape)}"
+            )
         _checks.check_shape(fn, name, M, (batch, ngroups, dstate, seqlen))
         bc[name] = (M, False, dim // ngroups)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
@@ -300,7 +304,7 @@ def selective_scan_triton(
         B_CONST=B_const, C_CONST=C_const, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, HAS_INIT=initial_state is not None, SOFTPLUS=delta_softplus,
         BLOCK_D=block_d, BLOCK_N=block_n,
-    )
+    )  # fmt: skip
     return out, last_state
 
 

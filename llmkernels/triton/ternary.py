@@ -46,8 +46,9 @@ def _ternary_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0
+        )
         byte = (offs_k // 256) * 64 + offs_k % 64  # < K_pad / 4 for every k < K_pad: in bounds
         shift = ((offs_k % 256) // 64) * 2
         wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + byte[None, :], mask=mask_n[:, None], other=0x55)
@@ -108,7 +109,11 @@ def ternary_matmul_int8_triton(x_q: torch.Tensor, w_packed: torch.Tensor, in_fea
 
 @torch.library.triton_op("llmkernels::ternary_linear_a8_triton", mutates_args=())
 def ternary_linear_a8_triton(
-    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045  (Optional: what torch.library's schema inference reads)
+    in_features: int,
 ) -> torch.Tensor:
     """x: (m, in_features) -> (m, out_features) in x's dtype, 8-bit activations."""
     x_q, s = quantize_activation_ref(x)
@@ -119,7 +124,11 @@ def ternary_linear_a8_triton(
 
 @torch.library.triton_op("llmkernels::ternary_linear_w2_triton", mutates_args=())
 def ternary_linear_w2_triton(
-    x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], in_features: int
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045  (Optional: what torch.library's schema inference reads)
+    in_features: int,
 ) -> torch.Tensor:
     """x: (m, in_features) fp16/bf16/fp32 -> (m, out_features) in x's dtype, weight-only."""
     out = torch.empty((x.shape[0], w_packed.shape[0]), dtype=x.dtype, device=x.device)

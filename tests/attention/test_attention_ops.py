@@ -167,3 +167,22 @@ def test_cpu_op_checks_its_arguments():
         torch.ops.llmkernels.flash_attn_fwd(q, k[:, :, :, :8], v, 0.25, -1, -1, 0.0)
     with pytest.raises(RuntimeError, match="flash_attn_bwd: softmax_lse must have dtype"):
         torch.ops.llmkernels.flash_attn_bwd(q, q, k, v, q, torch.zeros(2, 4, 9, dtype=torch.float64), 0.25, -1, -1, 0.0)
+
+
+@pytest.mark.triton_interp
+def test_triton_backend_through_the_public_api():
+    """The dispatch glue to llmkernels/triton/flash_attn.py (the kernels have their own tests): forward and
+    backward through flash_attn_func with the triton backend forced, on tiny CPU tensors (interpreter)."""
+    reason = attention_ops._triton_supports_for("flash_attn_triton")(torch.empty(1, 1, 1, 16))
+    if reason is not None or llmkernels._backend.triton_unavailable_reason("cpu") is not None:
+        pytest.skip(reason or llmkernels._backend.triton_unavailable_reason("cpu"))
+    q, k, v = (t.requires_grad_() for t in _qkv(sq=5, sk=7, h=2, hk=1, d=16))
+    with llmkernels.use_backend("triton"):
+        out = llmkernels.flash_attn_func(q, k, v, causal=True)
+    out.sum().backward()
+    with llmkernels.use_backend("reference"):
+        q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        ref = llmkernels.flash_attn_func(q2, k2, v2, causal=True)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k.grad, k2.grad, rtol=1e-4, atol=1e-4)

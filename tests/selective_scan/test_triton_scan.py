@@ -25,7 +25,12 @@ interp = pytest.mark.skipif(
 SEQLENS = [1, 17, 33]
 LAYOUTS = ["constant", "per_token", "grouped"]
 # (has_D, has_z, has_bias, softplus): everything, nothing, and two mixes.
-OPTIONS = [(True, True, True, True), (False, False, False, False), (True, False, True, False), (False, True, False, True)]
+OPTIONS = [
+    (True, True, True, True),
+    (False, False, False, False),
+    (True, False, True, False),
+    (False, True, False, True),
+]
 
 
 def _ssm_inputs(batch, dim, dstate, seqlen, layout, dtype, device, options, initial=True):
@@ -93,8 +98,12 @@ def _check_update_triton(args, dtype):
     y_ref = selective_state_update_ref(**{**args, "state": ref_state})
     assert y.dtype == args["x"].dtype
     _assert_close(y, y_ref, dtype, "y")
-    _assert_close(args["state"], ref_state, args["state"].dtype if args["state"].dtype != torch.float32 else dtype,
-                  "state (updated in place)")
+    _assert_close(
+        args["state"],
+        ref_state,
+        args["state"].dtype if args["state"].dtype != torch.float32 else dtype,
+        "state (updated in place)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -114,7 +123,7 @@ def test_scan_triton_matches_reference(seqlen, layout, dtype):
 @interp
 @pytest.mark.triton_interp
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("dim,dstate", [(4, 16), (16, 4), (13, 7)])
+@pytest.mark.parametrize("dim,dstate", [(1, 1), (4, 16), (16, 4), (13, 7)])
 def test_scan_triton_options_and_sizes(options, dim, dstate):
     args = _ssm_inputs(2, dim, dstate, 9, "grouped", torch.float32, "cpu", options)
     _check_scan_triton(args, torch.float32)
@@ -124,8 +133,10 @@ def test_scan_triton_options_and_sizes(options, dim, dstate):
 @pytest.mark.triton_interp
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("grouped", [False, True])
-@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
-                                               (torch.float16, torch.float16)])
+@pytest.mark.parametrize(
+    "dtype,state_dtype",
+    [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float16, torch.float16)],
+)
 def test_state_update_triton_matches_reference(options, grouped, dtype, state_dtype):
     args = _update_inputs(2, 10, 16, grouped, dtype, state_dtype, "cpu", options)
     _check_update_triton(args, dtype)
@@ -142,8 +153,18 @@ def test_state_update_triton_steps_continue_the_scan():
     prefix = {k: (v[..., :8] if k in ("u", "delta", "z", "B", "C") else v) for k, v in args.items()}
     _, state = selective_scan_triton(**prefix)
     for t in range(8, 12):
-        y = selective_state_update_triton(state, args["u"][..., t], args["delta"][..., t], args["A"], args["B"][..., t],
-                                          args["C"][..., t], args["D"], args["z"][..., t], args["delta_bias"], True)
+        y = selective_state_update_triton(
+            state,
+            args["u"][..., t],
+            args["delta"][..., t],
+            args["A"],
+            args["B"][..., t],
+            args["C"][..., t],
+            args["D"],
+            args["z"][..., t],
+            args["delta_bias"],
+            True,
+        )
         _assert_close(y, full[..., t], torch.float32, f"step {t}")
 
 
@@ -169,8 +190,9 @@ def test_opcheck_triton_ops():
 
 @pytest.mark.cuda
 def test_opcheck_triton_ops_gpu():
-    _opcheck_triton_ops("cuda", ("test_schema", "test_autograd_registration", "test_faketensor",
-                                 "test_aot_dispatch_dynamic"))
+    _opcheck_triton_ops(
+        "cuda", ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    )
 
 
 def _compile_fullgraph(device, backend):
@@ -250,15 +272,28 @@ def test_state_update_triton_gpu(dtype, dstate, grouped):
 
 
 def _scan_op_args(args):
-    return (args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"],
-            args["delta_softplus"], args["initial_state"])
+    return (
+        args["u"],
+        args["delta"],
+        args["A"],
+        args["B"],
+        args["C"],
+        args["D"],
+        args["z"],
+        args["delta_bias"],
+        args["delta_softplus"],
+        args["initial_state"],
+    )
+
+
+# (seqlen, dstate): one chunk of the CUDA kernel is 1024 timesteps; 2500 is three chunks, the last one ragged.
+CUDA_SCAN_SIZES = [(1, 16), (17, 1), (17, 33), (1024, 16), (2500, 16), (2500, 7)]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("seqlen", [1, 17, 1024, 2500])  # 2500: three chunks of 1024, the last one ragged
-@pytest.mark.parametrize("dstate", [1, 16, 33])
+@pytest.mark.parametrize("seqlen,dstate", CUDA_SCAN_SIZES)
 def test_scan_cuda_fwd_bwd(layout, dtype, seqlen, dstate):
     args = _ssm_inputs(2, 6, dstate, seqlen, layout, dtype, "cuda", OPTIONS[(seqlen + dstate) % len(OPTIONS)])
     out, last = torch.ops.llmkernels.selective_scan_fwd(*_scan_op_args(args))
@@ -283,8 +318,13 @@ def test_scan_cuda_fwd_bwd(layout, dtype, seqlen, dstate):
         assert grad.shape == args[name].shape and grad.dtype == args[name].dtype, f"d{name} shape/dtype"
         ref = leaves[name].grad
         rtol, atol = TOLERANCES[dtype]
-        torch.testing.assert_close(grad.float(), ref, rtol=rtol * 4, atol=atol * scale * ref.abs().max().clamp(min=1),
-                                   msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(
+            grad.float(),
+            ref,
+            rtol=rtol * 4,
+            atol=atol * scale * ref.abs().max().clamp(min=1),
+            msg=lambda m, n=name: f"d{n}: {m}",
+        )
 
 
 @pytest.mark.cuda
@@ -330,10 +370,15 @@ def test_causal_conv1d_cuda(dtype, width, seqlen, silu):
     assert torch.equal(conv_state, ref_state), "conv_state after the update"
 
 
-def test_cuda_kernels_registered_when_built_with_cuda():
-    """A CUDA build registers a CUDA kernel for every op of the scan family (cheap; skipped without one)."""
-    if not _ext.loaded or not _ext.cuda_version:
-        pytest.skip("extension not loaded or built without CUDA")
-    for op in ("selective_scan_fwd", "selective_scan_bwd", "selective_state_update", "causal_conv1d_fwd",
-               "causal_conv1d_bwd", "causal_conv1d_update"):
+@pytest.mark.cuda
+def test_cuda_kernels_registered():
+    """The CUDA build registers a CUDA kernel for every op of the scan family."""
+    for op in (
+        "selective_scan_fwd",
+        "selective_scan_bwd",
+        "selective_state_update",
+        "causal_conv1d_fwd",
+        "causal_conv1d_bwd",
+        "causal_conv1d_update",
+    ):
         assert _ext.has_kernel(op, "CUDA"), f"no CUDA kernel for llmkernels::{op}"

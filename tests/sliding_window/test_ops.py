@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from llmkernels import RollingKVCache, sliding_window_attn_with_cache, use_backend
-from llmkernels import _ext
+from llmkernels import RollingKVCache, _ext, sliding_window_attn_with_cache, use_backend
 from llmkernels.reference.sliding_window import rolling_window_attn_ref
 
-needs_ext = pytest.mark.skipif(not _ext.loaded, reason=f"compiled extension not loaded: {_ext.load_error}")
+needs_ext = pytest.mark.skipif(
+    not _ext.has_kernel("rolling_window_attn", "CPU"),
+    reason="the loaded build has no CPU rolling_window_attn kernel (extension "
+    f"{'loaded' if _ext.loaded else 'not loaded: ' + str(_ext.load_error)})",
+)
 
 
 def op_inputs(dtype=torch.float32, batch=2, chunk=5, window=4, nheads=4, nheads_k=2, head_dim=16):
@@ -53,8 +56,11 @@ def test_opcheck_triton_op_gpu():
 
 @pytest.mark.cuda
 def test_opcheck_cuda_ops():
+    if not _ext.has_kernel("rolling_window_attn", "CUDA"):
+        pytest.skip("the loaded build has no CUDA rolling_window_attn kernel")
     q, k, v, k_ring, v_ring, seqlens = (t.cuda() for t in op_inputs(torch.float16, chunk=6))
-    torch.library.opcheck(torch.ops.llmkernels.rolling_window_attn.default, (q, k, v, k_ring, v_ring, seqlens, 0.25, 0.0))
+    args = (q, k, v, k_ring, v_ring, seqlens, 0.25, 0.0)
+    torch.library.opcheck(torch.ops.llmkernels.rolling_window_attn.default, args)
     torch.library.opcheck(torch.ops.llmkernels.rolling_cache_append.default, (k_ring, v_ring, k, v, seqlens))
 
 

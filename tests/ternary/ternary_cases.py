@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from utils import TOLERANCES
 
 import llmkernels
 from llmkernels.reference import ternary as ref
-from utils import TOLERANCES
 
 # (tokens, out_features, in_features): odd sizes with every token count; the model shapes with few tokens
 # on CPU (the float64 reference is the slow part).

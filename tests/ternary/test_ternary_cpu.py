@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
 
 import llmkernels
 from llmkernels import _ext
-from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
 
 needs_ext = pytest.mark.skipif(not _ext.has_kernel("ternary_linear_a8", "CPU"), reason="no C++ CPU ternary kernels")
 pytestmark = needs_ext

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from ternary_cases import DTYPES, MODEL_SHAPES, check_backend_matches_reference, random_layer
 
 import llmkernels
 from llmkernels._backend import triton_unavailable_reason
-from ternary_cases import DTYPES, MODEL_SHAPES, check_backend_matches_reference, random_layer
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

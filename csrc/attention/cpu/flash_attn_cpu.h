@@ -25,6 +25,9 @@ struct AttnParams {
   float softmax_scale, softcap;  // softcap 0: off
   int64_t window_left, window_right;  // -1: unbounded
 
+  // Forward: query heads of one KV head packed into each query block (1, or nheads / nheads_k so that a block
+  // of K and V, once loaded, serves the whole GQA group: rows are (position, head) with the head fastest).
+  int64_t heads_per_block;
   // Forward outputs: out (batch, seqlen_q, nheads, headdim) fp32 contiguous, lse (batch, nheads, seqlen_q) fp32.
   float* out;
   float* lse;
@@ -44,10 +47,14 @@ constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 
 inline int64_t num_query_blocks(const AttnParams& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
+inline int64_t num_fwd_tasks(const AttnParams& p) {
+  const int64_t blocks = (p.seqlen_q * p.heads_per_block + kBlockQ - 1) / kBlockQ;
+  return p.batch * (p.nheads / p.heads_per_block) * blocks;
+}
 inline int64_t num_key_blocks(const AttnParams& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
 
 // Each entry runs tasks [begin, end) of one parallel loop:
-//   fwd:     task = (batch, head, query block)      -> out, lse
+//   fwd:     task = (batch, head pack, query block) -> out, lse
 //   bwd_dkv: task = (batch, kv head, key block)     -> dk, dv (summed over the query heads of the group)
 //   bwd_dq:  task = (batch, head, query block)      -> dq
 #define LLMK_ATTN_DECLARE_ISA(isa)                                               \

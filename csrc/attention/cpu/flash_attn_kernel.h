@@ -11,7 +11,7 @@
 //   ds_ij = p_ij (dp_ij - D_i) (* (1 - (s_ij / c)^2) when soft-capped), dq_i = scale sum_j ds_ij k_j,
 //   dk_j = scale sum_i ds_ij q_i.
 //
-// Tiling: one task per (batch, head, 64-query block) streams 64-key blocks through an online softmax
+// Tiling: one task per (batch, head, 64-query block) (forward: 64 (query, head) rows of one GQA group) streams 64-key blocks through an online softmax
 // (FlashAttention-2), never holding more than a 64 x 64 score tile. Only key blocks that intersect the
 // causal / window band are visited, and only blocks the band cuts pay for masking. Blocks are converted to
 // fp32 as they are packed into small per-thread buffers (fp32 K and V with a whole-register head dim are read
@@ -46,6 +46,10 @@ constexpr float kNegInf = -__builtin_inff();
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t round_up_to_vec(int64_t n) { return (n + Vec::W - 1) / Vec::W * Vec::W; }
+
+// The i-th block of n in the order 0, n-1, 1, n-2, ...: under a causal mask block costs rise (or fall) with
+// the index, so alternating cheap and dear blocks keeps the contiguous task ranges of at::parallel_for balanced.
+inline int64_t interleaved_block(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
 
 // ---------------------------------------------------------------------------------------------------
 // Element conversion (per row, while packing a tile)
@@ -111,52 +115,62 @@ struct Scratch {
 // ---------------------------------------------------------------------------------------------------
 // The micro-kernel: C[M x N] (+)= A[M x K] B[K x N]
 // ---------------------------------------------------------------------------------------------------
-// A(m, k) = A[m * a_m + k * a_k] (so a transposed A costs nothing); B, C row-major with leading dims ldb, ldc;
-// N a multiple of Vec::W. R rows of C live in registers, two vectors wide, while K streams by.
-template <int R>
-inline void gemm_rows(int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb,
-                      float* C, int64_t ldc, bool accumulate) {
+// A(m, k) = A[m * a_m + k * a_k] (so a transposed A costs nothing); B, C row-major with leading dims ldb, ldc.
+// An R x NV tile of C (NV registers wide) lives in registers while K streams by: per k, NV loads of B and R
+// broadcasts of A feed R * NV FMAs.
+template <int R, int NV>
+inline void gemm_tile(int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, bool accumulate) {
   using reg = typename Vec::reg;
   constexpr int W = Vec::W;
-  int64_t n = 0;
-  for (; n + 2 * W <= N; n += 2 * W) {
-    reg c0[R], c1[R];
+  reg c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? Vec::load(C + r * ldc + v * W) : Vec::zero();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    reg b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::load(B + k * ldb + v * W);
     for (int r = 0; r < R; ++r) {
-      c0[r] = accumulate ? Vec::load(C + r * ldc + n) : Vec::zero();
-      c1[r] = accumulate ? Vec::load(C + r * ldc + n + W) : Vec::zero();
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const reg b0 = Vec::load(B + k * ldb + n);
-      const reg b1 = Vec::load(B + k * ldb + n + W);
-      for (int r = 0; r < R; ++r) {
-        const reg a = Vec::set1(A[r * a_m + k * a_k]);
-        c0[r] = Vec::fmadd(a, b0, c0[r]);
-        c1[r] = Vec::fmadd(a, b1, c1[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      Vec::store(C + r * ldc + n, c0[r]);
-      Vec::store(C + r * ldc + n + W, c1[r]);
+      const reg a = Vec::set1(A[r * a_m + k * a_k]);
+      for (int v = 0; v < NV; ++v) c[r][v] = Vec::fmadd(a, b[v], c[r][v]);
     }
   }
-  if (n < N) {  // one register left (N is a multiple of W)
-    reg c0[R];
-    for (int r = 0; r < R; ++r) c0[r] = accumulate ? Vec::load(C + r * ldc + n) : Vec::zero();
-    for (int64_t k = 0; k < K; ++k) {
-      const reg b0 = Vec::load(B + k * ldb + n);
-      for (int r = 0; r < R; ++r) c0[r] = Vec::fmadd(Vec::set1(A[r * a_m + k * a_k]), b0, c0[r]);
-    }
-    for (int r = 0; r < R; ++r) Vec::store(C + r * ldc + n, c0[r]);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) Vec::store(C + r * ldc + v * W, c[r][v]);
   }
 }
 
+// All M rows of one NV-register-wide column strip: blocks of MR rows, then the remainder in one smaller tile.
+template <int MR, int NV>
+inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb,
+                       float* C, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) gemm_tile<MR, NV>(K, A + m * a_m, a_m, a_k, B, ldb, C + m * ldc, ldc, accumulate);
+  const float* a = A + m * a_m;
+  float* c = C + m * ldc;
+  switch (M - m) {  // MR <= 8
+    case 7: if constexpr (MR > 7) gemm_tile<7, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
+    case 6: if constexpr (MR > 6) gemm_tile<6, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
+    case 5: if constexpr (MR > 5) gemm_tile<5, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
+    case 4: if constexpr (MR > 4) gemm_tile<4, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
+    case 3: if constexpr (MR > 3) gemm_tile<3, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
+    case 2: if constexpr (MR > 2) gemm_tile<2, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_tile<1, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// C[M x N] (+)= A[M x K] B[K x N], N a multiple of Vec::W: strips 4 registers wide (Vec::MR4 rows per tile),
+// then 2 (Vec::MR rows), then 1.
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  int64_t m = 0;
-  for (; m + Vec::MR <= M; m += Vec::MR) {
-    gemm_rows<Vec::MR>(N, K, A + m * a_m, a_m, a_k, B, ldb, C + m * ldc, ldc, accumulate);
+  constexpr int W = Vec::W;
+  int64_t n = 0;
+  if constexpr (Vec::MR4 > 0) {
+    for (; n + 4 * W <= N; n += 4 * W) gemm_strip<Vec::MR4, 4>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
   }
-  for (; m < M; ++m) gemm_rows<1>(N, K, A + m * a_m, a_m, a_k, B, ldb, C + m * ldc, ldc, accumulate);
+  for (; n + 2 * W <= N; n += 2 * W) gemm_strip<Vec::MR, 2>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
+  if (n < N) gemm_strip<Vec::MR, 1>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -273,14 +287,15 @@ inline void grad_scores(const AttnParams& p, const float* s, const float* pb, fl
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: task = (batch, head, query block)
+// Forward: task = (batch, pack of query heads, block of 64 (position, head) rows)
 // ---------------------------------------------------------------------------------------------------
 // Scores are computed transposed, S^T (keys x queries) = K (scale Q)^T, so the online softmax's per-query max,
 // exp and sum run down columns, one SIMD register across Vec::W queries, and K and V are the row-major operands
 // of the two products: for fp32 inputs with a whole-register head dim they are read in place, unpacked.
 void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, dp = round_up_to_vec(d);
-  const int64_t nqb = llmkernels::attention_cpu::num_query_blocks(p), group = p.nheads / p.nheads_k;
+  const int64_t group = p.nheads / p.nheads_k, pack = p.heads_per_block, packed_rows = p.seqlen_q * pack;
+  const int64_t nqb = (packed_rows + kBlockQ - 1) / kBlockQ, npacks = p.nheads / pack;
   const bool kv_in_place = p.dtype == ElemType::kFloat32 && d == dp;
   Scratch scratch(dp * kBlockQ + kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ + dp);
   float* qt = scratch.data;             // (dp, kBlockQ) scaled queries, transposed; unused columns zero
@@ -295,16 +310,21 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   float* shift = l_blk + kBlockQ;
   float* alpha = shift + kBlockQ;
   float* tmp = alpha + kBlockQ;  // one converted query row
+  int64_t row_pos[kBlockQ], row_head[kBlockQ];  // query position and head of each row of the block
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t qblock = task % nqb, h = (task / nqb) % p.nheads, b = task / (nqb * p.nheads);
-    const int64_t hk = h / group;
+    const int64_t qblock = interleaved_block(task % nqb, nqb), head_pack = (task / nqb) % npacks;
+    const int64_t b = task / (nqb * npacks), hk = head_pack * pack / group;
     const Band band(p, b);
-    const int64_t i0 = qblock * kBlockQ, rows = imin(kBlockQ, p.seqlen_q - i0), nrows = round_up_to_vec(rows);
+    const int64_t r0 = qblock * kBlockQ, rows = imin(kBlockQ, packed_rows - r0), nrows = round_up_to_vec(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      row_pos[r] = (r0 + r) / pack;
+      row_head[r] = head_pack * pack + (r0 + r) % pack;
+    }
 
     for (int64_t r = 0; r < nrows; ++r) {
       if (r < rows) {
-        load_row(p.dtype, p.q, b, i0 + r, h, d, p.softmax_scale, tmp);
+        load_row(p.dtype, p.q, b, row_pos[r], row_head[r], d, p.softmax_scale, tmp);
         for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = tmp[e];
         std::memset(ob + r * dp, 0, sizeof(float) * dp);
       } else {  // padding queries score 0 against every key: finite, and never read back
@@ -314,7 +334,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
       l_run[r] = 0.f;
     }
     int64_t klo, khi;
-    band.keys_for(i0, i0 + rows, klo, khi);
+    band.keys_for(row_pos[0], row_pos[rows - 1] + 1, klo, khi);
     for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
       const int64_t cols = imin(kBlockK, khi - j0);
       const float *kp = kb, *vp = vb;
@@ -339,7 +359,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         }
       }
       for (int64_t r = 0; r < rows; ++r) {  // -inf outside the band (only the blocks it cuts do any work)
-        const int64_t i = i0 + r;
+        const int64_t i = row_pos[r];
         int64_t lo = 0, hi = cols;
         if (band.left >= 0) lo = imin(cols, imax(lo, i + band.shift - band.left - j0));
         if (band.right >= 0) hi = imax(lo, imin(hi, i + band.shift + band.right - j0 + 1));
@@ -376,7 +396,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     }
 
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
+      const int64_t i = row_pos[r], h = row_head[r];
       float* out = p.out + ((b * p.seqlen_q + i) * p.nheads + h) * d;
       float* lse = p.lse + (b * p.nheads + h) * p.seqlen_q + i;
       if (l_run[r] == 0.f) {
@@ -428,7 +448,7 @@ void bwd_dkv_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   float* tmp = qblk.delta + kBlockQ;
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t kblock = task % nkb, hk = (task / nkb) % p.nheads_k, b = task / (nkb * p.nheads_k);
+    const int64_t kblock = interleaved_block(task % nkb, nkb), hk = (task / nkb) % p.nheads_k, b = task / (nkb * p.nheads_k);
     const Band band(p, b);
     const int64_t j0 = kblock * kBlockK, cols = imin(kBlockK, p.seqlen_k - j0), ncols = round_up_to_vec(cols);
     pack_keys(p, p.k, b, hk, j0, cols, dp, kt, nullptr, tmp);
@@ -480,7 +500,7 @@ void bwd_dq_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   qblk.delta = qblk.lse + kBlockQ;
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t qblock = task % nqb, h = (task / nqb) % p.nheads, b = task / (nqb * p.nheads);
+    const int64_t qblock = interleaved_block(task % nqb, nqb), h = (task / nqb) % p.nheads, b = task / (nqb * p.nheads);
     const int64_t hk = h / group;
     const Band band(p, b);
     const int64_t i0 = qblock * kBlockQ, rows = imin(kBlockQ, p.seqlen_q - i0);

@@ -21,6 +21,7 @@ namespace {
 struct Vec {
   using reg = __m256;
   static constexpr int W = 8;
+  static constexpr int MR4 = 0;  // rows of a 4-register-wide tile (0: none)
   static constexpr int MR = 4;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }

@@ -21,6 +21,7 @@ namespace {
 struct Vec {
   using reg = __m512;
   static constexpr int W = 16;
+  static constexpr int MR4 = 6;  // rows of a 4-register-wide tile (0: none)
   static constexpr int MR = 8;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(float x) { return _mm512_set1_ps(x); }

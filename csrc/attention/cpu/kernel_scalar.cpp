@@ -12,6 +12,7 @@ namespace {
 struct Vec {
   using reg = float;
   static constexpr int W = 1;
+  static constexpr int MR4 = 0;  // rows of a 4-register-wide tile (0: none)
   static constexpr int MR = 4;
   static reg zero() { return 0.f; }
   static reg set1(float x) { return x; }

@@ -58,8 +58,13 @@ struct BwdParams : AttnShape {
   const float* softmax_lse;  // (batch, nheads, seqlen_q), contiguous
   float* delta;              // (batch, nheads, seqlen_q): rowsum(dout * out), written by the preprocess
   float* dq_accum;           // (batch, seqlen_q, nheads, kHeadDim) fp32, zeroed
-  float* dk_accum;           // (batch, seqlen_k, nheads_k, kHeadDim) fp32, zeroed
-  float* dv_accum;           // (batch, seqlen_k, nheads_k, kHeadDim) fp32, zeroed
+  // GQA (group > 1): dK, dV are summed over the group with atomics into zeroed fp32 buffers
+  // (batch, seqlen_k, nheads_k, kHeadDim). group == 1: each CTA is the only writer of its keys and
+  // stores dk, dv (batch, seqlen_k, nheads_k, headdim) contiguous in T directly; the accums are null.
+  float* dk_accum;
+  float* dv_accum;
+  void* dk;
+  void* dv;
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t k_batch_stride, k_row_stride, k_head_stride;
   int64_t v_batch_stride, v_row_stride, v_head_stride;

@@ -149,24 +149,6 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   return p;
 }
 
-std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                double softmax_scale, int64_t window_left, int64_t window_right,
-                                                double softcap) {
-  constexpr const char* op = "flash_attn_fwd";
-  check_qkv(op, q, k, v, "k", "v");
-  const c10::cuda::CUDAGuard guard(q.device());
-  Tensor out = at::empty(q.sizes(), q.options());
-  Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
-
-  FwdParams p = make_fwd_params(q, k, v, out, softmax_scale, window_left, window_right, softcap);
-  p.softmax_lse = lse.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(q.scalar_type(), padded_head_dim(p.headdim),
-           [&]<typename T, int D>() { run_flash_fwd<T, D>(p, stream); });
-  return {out, lse};
-}
-
 std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                        const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                                                        double softmax_scale, int64_t window_left,
@@ -191,9 +173,10 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout, const
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
   if (b == 0 || h == 0) return {dq, dk, dv};
+  const bool gqa = h != hk;  // without GQA the kernel stores dk, dv itself
   Tensor dq_accum = at::zeros({b, sq, h, dp}, f32);
-  Tensor dk_accum = at::zeros({b, sk, hk, dp}, f32);
-  Tensor dv_accum = at::zeros({b, sk, hk, dp}, f32);
+  Tensor dk_accum = gqa ? at::zeros({b, sk, hk, dp}, f32) : Tensor();
+  Tensor dv_accum = gqa ? at::zeros({b, sk, hk, dp}, f32) : Tensor();
   Tensor delta = at::empty({b, h, sq}, f32);
   Tensor lse = softmax_lse.contiguous();
 
@@ -207,8 +190,10 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout, const
   p.softmax_lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq_accum = dq_accum.data_ptr<float>();
-  p.dk_accum = dk_accum.data_ptr<float>();
-  p.dv_accum = dv_accum.data_ptr<float>();
+  p.dk_accum = gqa ? dk_accum.data_ptr<float>() : nullptr;
+  p.dv_accum = gqa ? dv_accum.data_ptr<float>() : nullptr;
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
   set_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
   set_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
   set_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
@@ -218,9 +203,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), dp, [&]<typename T, int D>() {
     if (sq > 0) run_flash_bwd_preprocess<T>(p, stream);
-    if (sq > 0 && sk > 0) run_flash_bwd<T, D>(p, stream);
+    if (sk > 0) run_flash_bwd<T, D>(p, stream);  // with sq == 0 it writes dk = dv = 0
     if (sq > 0) run_convert_accum<T>(static_cast<T*>(dq.data_ptr()), p.dq_accum, b * sq * h, d, dp, stream);
-    if (sk > 0) {
+    if (sk > 0 && gqa) {
       run_convert_accum<T>(static_cast<T*>(dk.data_ptr()), p.dk_accum, b * sk * hk, d, dp, stream);
       run_convert_accum<T>(static_cast<T*>(dv.data_ptr()), p.dv_accum, b * sk * hk, d, dp, stream);
     }
@@ -234,6 +219,48 @@ int choose_num_splits(int64_t ctas, int64_t key_tiles, int num_sms) {
   if (ctas >= num_sms * 8 / 10) return 1;
   const int64_t want = (2 * num_sms + ctas - 1) / ctas;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, key_tiles, 128})));
+}
+
+// Chooses p.num_splits from the grid size and, when > 1, allocates the fp32 partials (kept alive by the
+// caller's out_accum / lse_accum until the combine kernel has been queued).
+void set_num_splits(FwdParams& p, const Tensor& q, int head_dim_padded, Tensor& out_accum, Tensor& lse_accum) {
+  const int64_t block_n = fwd_block_n(head_dim_padded);
+  const int64_t ctas = (int64_t(p.seqlen_q) * p.group + kFwdBlockM - 1) / kFwdBlockM * p.nheads_k * p.batch;
+  const int64_t key_tiles = (p.seqlen_k + block_n - 1) / block_n;
+  int num_sms = 0;  // (ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers)
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+  p.num_splits = std::min(choose_num_splits(ctas, key_tiles, num_sms), 65535 / p.batch);
+  if (p.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_accum = at::empty({p.num_splits, p.batch, p.nheads, p.seqlen_q, head_dim_padded}, f32);
+    lse_accum = at::empty({p.num_splits, p.batch, p.nheads, p.seqlen_q}, f32);
+    p.out_accum = out_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  }
+}
+
+std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                double softmax_scale, int64_t window_left, int64_t window_right,
+                                                double softcap) {
+  constexpr const char* op = "flash_attn_fwd";
+  check_qkv(op, q, k, v, "k", "v");
+  const c10::cuda::CUDAGuard guard(q.device());
+  Tensor out = at::empty(q.sizes(), q.options());
+  Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+
+  FwdParams p = make_fwd_params(q, k, v, out, softmax_scale, window_left, window_right, softcap);
+  p.softmax_lse = lse.data_ptr<float>();
+  const int dp = padded_head_dim(p.headdim);
+  // Few CTAs (small batch, few query rows) over many keys: split the keys too, as for decode.
+  Tensor out_accum, lse_accum;
+  set_num_splits(p, q, dp, out_accum, lse_accum);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(q.scalar_type(), dp, [&]<typename T, int D>() {
+    run_flash_fwd<T, D>(p, stream);
+    if (p.num_splits > 1) run_flash_combine<T>(p, D, stream);
+  });
+  return {out, lse};
 }
 
 Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
@@ -292,19 +319,8 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
   p.seqlen_new = s_new;
   const int dp = padded_head_dim(d);
-  const int64_t ctas = (sq * p.group + kFwdBlockM - 1) / kFwdBlockM * hk * b;
-  const int64_t key_tiles = (max_seqlen + fwd_block_n(dp) - 1) / fwd_block_n(dp);
-  int num_sms = 0;  // (ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers)
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()));
-  p.num_splits = std::min<int64_t>(choose_num_splits(ctas, key_tiles, num_sms), 65535 / b);
   Tensor out_accum, lse_accum;
-  if (p.num_splits > 1) {
-    const auto f32 = q.options().dtype(at::kFloat);
-    out_accum = at::empty({p.num_splits, b, h, sq, dp}, f32);
-    lse_accum = at::empty({p.num_splits, b, h, sq}, f32);
-    p.out_accum = out_accum.data_ptr<float>();
-    p.lse_accum = lse_accum.data_ptr<float>();
-  }
+  set_num_splits(p, q, dp, out_accum, lse_accum);
   dispatch(q.scalar_type(), dp, [&]<typename T, int D>() {
     run_flash_fwd<T, D>(p, stream);
     if (p.num_splits > 1) run_flash_combine<T>(p, D, stream);

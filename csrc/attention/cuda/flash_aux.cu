@@ -24,7 +24,8 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// One warp per output row (b, h, i): lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
+// One warp per output row (b, h, i): lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s
+// (lse is stored too when softmax_lse is given).
 // Splits that saw no key have lse_s = -inf and weigh 0; a row no split saw is written as 0.
 template <typename T>
 __global__ void flash_combine_kernel(const __grid_constant__ FwdParams p, int head_dim_padded) {
@@ -45,6 +46,7 @@ __global__ void flash_combine_kernel(const __grid_constant__ FwdParams p, int he
     for (int s = lane; s < p.num_splits; s += 32) sum += expf(lse_s[s * rows] - lmax);
   sum = warp_sum(sum);
   const float lse = lmax == -INFINITY ? -INFINITY : lmax + logf(sum);
+  if (lane == 0 && p.softmax_lse != nullptr) p.softmax_lse[row] = lse;  // same (b, h, i) order
 
   T* o = static_cast<T*>(p.out) + b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   for (int c = lane * 4; c < p.headdim; c += 128) {  // headdim % 8 == 0: c + 3 < headdim

@@ -12,8 +12,9 @@
 // in shared memory (fp16/bf16) so they can be re-read transposed by ldmatrix, and then
 //   dV += P^T dO, dK += dS^T Q   accumulated in registers (warp grid over the kBlockN x d tile),
 //   dQ += dS K                   computed in column chunks and added with fp32 atomics to dq_accum.
-// At the end dK, dV are added with fp32 atomics into dk_accum / dv_accum, which also sums the query heads
-// of a GQA group; flash_aux.cu converts the three fp32 buffers to the input dtype.
+// At the end dK, dV are stored in the input dtype (group == 1: one CTA owns the keys) or, with GQA, added
+// with fp32 atomics into dk_accum / dv_accum, which sums the query heads of a group; flash_aux.cu converts
+// the fp32 buffers (dQ, and dK/dV with GQA) to the input dtype.
 // Speed: 2.5x the forward's MMA work plus the dQ atomics (BM x d per KV tile per query tile). Q/dO loads
 // are not overlapped with compute (single buffer): a second stage is the next step if profiles show
 // the loads exposed. Deterministic reductions (a dQ pass of its own) would replace the atomics.
@@ -82,7 +83,20 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim>::kThreads, 1)
   int m_lo = 0, m_hi = sq;
   if (band.right >= 0) m_lo = max(0, n0 - band.shift - band.right);
   if (band.left >= 0) m_hi = min(sq, n0 + BN - band.shift + band.left);
-  if (m_lo >= m_hi) return;  // dK = dV = 0 here: the accumulators are zero already
+  const bool direct = p.dk_accum == nullptr;  // group == 1: store dk, dv in T, no atomics
+  if (m_lo >= m_hi) {  // no query sees these keys: dK = dV = 0 (the fp32 accumulators are zero already)
+    if (direct) {
+      const int half_d = d / 2;
+      for (int idx = threadIdx.x; idx < BN * half_d; idx += Tr::kThreads) {
+        const int key = n0 + idx / half_d, col = (idx % half_d) * 2;
+        if (key >= sk) continue;
+        const int64_t off = ((int64_t(b) * sk + key) * p.nheads_k + kh) * d + col;
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dk) + off) = 0u;
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.dv) + off) = 0u;
+      }
+    }
+    return;
+  }
   const int mb_lo = m_lo / BM, mb_hi = ceil_div(m_hi, BM);
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -245,20 +259,29 @@ __global__ void __launch_bounds__(BwdTraits<kHeadDim>::kThreads, 1)
     }
   }
 
-  // dK, dV of this tile: add into the fp32 buffers (sums the query heads of a GQA group).
+  // dK, dV of this tile: stored (group == 1) or added into the fp32 buffers (sums a GQA group).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + kv_m * 16 + g + r * 8;
     if (key >= sk) continue;
-    const int64_t off = ((int64_t(b) * sk + key) * p.nheads_k + kh) * D;
+    const int64_t row = (int64_t(b) * sk + key) * p.nheads_k + kh;
 #pragma unroll
     for (int nd = 0; nd < kNKV; ++nd) {
       const int col = kv_n * Tr::kKVN + nd * 8 + 2 * t;
       if (col >= d) continue;
-      atomicAdd(p.dk_accum + off + col, acc_dk[nd][2 * r]);
-      atomicAdd(p.dk_accum + off + col + 1, acc_dk[nd][2 * r + 1]);
-      atomicAdd(p.dv_accum + off + col, acc_dv[nd][2 * r]);
-      atomicAdd(p.dv_accum + off + col + 1, acc_dv[nd][2 * r + 1]);
+      if (direct) {
+        T* dk = static_cast<T*>(p.dk) + row * d + col;
+        T* dv = static_cast<T*>(p.dv) + row * d + col;
+        *reinterpret_cast<uint32_t*>(dk) = TT::pack(acc_dk[nd][2 * r], acc_dk[nd][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(dv) = TT::pack(acc_dv[nd][2 * r], acc_dv[nd][2 * r + 1]);
+      } else {
+        float* dk = p.dk_accum + row * D + col;
+        float* dv = p.dv_accum + row * D + col;
+        atomicAdd(dk, acc_dk[nd][2 * r]);
+        atomicAdd(dk + 1, acc_dk[nd][2 * r + 1]);
+        atomicAdd(dv, acc_dv[nd][2 * r]);
+        atomicAdd(dv + 1, acc_dv[nd][2 * r + 1]);
+      }
     }
   }
 }

@@ -30,7 +30,8 @@ namespace llmkernels::scan_cpu::isa_avx2 {
 #endif
 
 namespace llmkernels::scan_cpu {
-Kernels kernels_avx2() { return {isa_avx2::fwd_row, isa_avx2::bwd_row, "avx2"}; }
+Kernels kernels_avx2() { return {isa_avx2::fwd_row, isa_avx2::bwd_row, isa_avx2::softplus_inplace,
+          isa_avx2::softplus_backward_inplace, "avx2"}; }
 }  // namespace llmkernels::scan_cpu
 
 #else  // not x86-64: the portable kernels

@@ -30,7 +30,8 @@ namespace llmkernels::scan_cpu::isa_avx512 {
 #endif
 
 namespace llmkernels::scan_cpu {
-Kernels kernels_avx512() { return {isa_avx512::fwd_row, isa_avx512::bwd_row, "avx512"}; }
+Kernels kernels_avx512() { return {isa_avx512::fwd_row, isa_avx512::bwd_row, isa_avx512::softplus_inplace,
+          isa_avx512::softplus_backward_inplace, "avx512"}; }
 }  // namespace llmkernels::scan_cpu
 
 #else  // not x86-64: the portable kernels

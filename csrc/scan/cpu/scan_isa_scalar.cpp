@@ -11,5 +11,6 @@ namespace llmkernels::scan_cpu::isa_scalar {
 }  // namespace llmkernels::scan_cpu::isa_scalar
 
 namespace llmkernels::scan_cpu {
-Kernels kernels_scalar() { return {isa_scalar::fwd_row, isa_scalar::bwd_row, "scalar"}; }
+Kernels kernels_scalar() { return {isa_scalar::fwd_row, isa_scalar::bwd_row, isa_scalar::softplus_inplace,
+          isa_scalar::softplus_backward_inplace, "scalar"}; }
 }  // namespace llmkernels::scan_cpu

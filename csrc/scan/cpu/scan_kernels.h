@@ -56,9 +56,15 @@ using FwdRowFn = void (*)(const ScanRow& r, float* state, float* out);
 // Backward: init (npad,) the initial state (zeros when absent); recomputes the states from checkpoints.
 using BwdRowFn = void (*)(const ScanRow& r, const float* init, const ScanRowGrad& g);
 
+// Elementwise, vectorised: x <- softplus(x); grad <- grad * sigmoid(pre).
+using SoftplusFn = void (*)(float* x, int64_t n);
+using SoftplusBwdFn = void (*)(float* grad, const float* pre, int64_t n);
+
 struct Kernels {
   FwdRowFn fwd_row;
   BwdRowFn bwd_row;
+  SoftplusFn softplus;
+  SoftplusBwdFn softplus_backward;
   const char* isa;
 };
 

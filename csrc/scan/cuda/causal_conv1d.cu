@@ -101,20 +101,22 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_bwd_kernel(const C
   }
 }
 
-template <typename T>
+template <typename T, typename S>
 __global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(const ConvUpdateParams p) {
   const int channel = blockIdx.x * kConvThreads + threadIdx.x;
   if (channel >= p.batch * p.dim) return;
   const int b = channel / p.dim, d = channel % p.dim;
-  T* state = static_cast<T*>(p.conv_state) + b * p.state_stride_b + d * p.state_stride_d;
+  S* state = static_cast<S*>(p.conv_state) + b * p.state_stride_b + d * p.state_stride_d;
   const float x = to_float(static_cast<const T*>(p.x)[channel]);
   const int first_tap = p.state_len - p.width;  // the window is the state's last `width` entries
   float acc = p.bias ? p.bias[d] : 0.f;
   for (int j = 0; j < p.state_len; ++j) {
-    // Read entry j + 1 before this loop's next iteration overwrites it.
-    const T v = j + 1 < p.state_len ? state[(j + 1) * p.state_stride_w] : from_float<T>(x);
-    state[j * p.state_stride_w] = v;
-    if (j >= first_tap) acc += p.weight[d * p.width + j - first_tap] * to_float(v);
+    // Read entry j + 1 before this loop's next iteration overwrites it. The new input enters the dot product
+    // unrounded, as the reference computes it, even where the state's dtype is narrower than x's.
+    const bool shifted = j + 1 < p.state_len;
+    const S next = shifted ? state[(j + 1) * p.state_stride_w] : from_float<S>(x);
+    state[j * p.state_stride_w] = next;
+    if (j >= first_tap) acc += p.weight[d * p.width + j - first_tap] * (shifted ? to_float(next) : x);
   }
   if (p.silu) acc = silu(acc);
   static_cast<T*>(p.out)[channel] = from_float<T>(acc);
@@ -131,16 +133,18 @@ void launch_causal_conv1d_bwd(const ConvParams& p, cudaStream_t stream) {
   causal_conv1d_bwd_kernel<T><<<p.batch * p.dim, kConvThreads, 0, stream>>>(p);
 }
 
-template <typename T>
+template <typename T, typename S>
 void launch_causal_conv1d_update(const ConvUpdateParams& p, cudaStream_t stream) {
   const int blocks = (p.batch * p.dim + kConvThreads - 1) / kConvThreads;
-  causal_conv1d_update_kernel<T><<<blocks, kConvThreads, 0, stream>>>(p);
+  causal_conv1d_update_kernel<T, S><<<blocks, kConvThreads, 0, stream>>>(p);
 }
 
-#define LLMK_INSTANTIATE_CONV(T)                                                         \
-  template void launch_causal_conv1d_fwd<T>(const ConvParams&, cudaStream_t);           \
-  template void launch_causal_conv1d_bwd<T>(const ConvParams&, cudaStream_t);           \
-  template void launch_causal_conv1d_update<T>(const ConvUpdateParams&, cudaStream_t);
+#define LLMK_INSTANTIATE_CONV(T)                                                                 \
+  template void launch_causal_conv1d_fwd<T>(const ConvParams&, cudaStream_t);                   \
+  template void launch_causal_conv1d_bwd<T>(const ConvParams&, cudaStream_t);                   \
+  template void launch_causal_conv1d_update<T, float>(const ConvUpdateParams&, cudaStream_t);   \
+  template void launch_causal_conv1d_update<T, __half>(const ConvUpdateParams&, cudaStream_t);  \
+  template void launch_causal_conv1d_update<T, __nv_bfloat16>(const ConvUpdateParams&, cudaStream_t);
 LLMK_INSTANTIATE_CONV(float)
 LLMK_INSTANTIATE_CONV(__half)
 LLMK_INSTANTIATE_CONV(__nv_bfloat16)

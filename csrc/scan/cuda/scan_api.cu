@@ -3,9 +3,10 @@
 // current stream of the inputs' device. Registered under TORCH_LIBRARY_IMPL(llmkernels, CUDA); schemas in
 // csrc/registration.cpp. No host synchronisation anywhere.
 //
-// Activations (u, delta, z, dout, per-token B/C, x) share one dtype, u's (or x's): an input given in another
-// floating dtype is converted to it first. Small fp32 parameters (A, D, delta_bias, constant B/C, conv weight
-// and bias, initial state) are read in fp32; gradients come back in each input's own dtype.
+// The kernels read all activations (u, delta, z, dout, per-token B/C; x, dt, z, B, C for decode) in one dtype:
+// u's (x's) when they all share it, else fp32, so mixing dtypes never rounds an input. Small parameters (A, D,
+// delta_bias, constant B/C, conv weight and bias, initial state) are read in fp32. Outputs come back in u's
+// (x's) dtype and gradients in each input's own dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -47,6 +48,13 @@ at::Tensor optional_fp32(const char* op, const char* arg, const std::optional<at
   LLMK_CHECK_ARG(t->sizes() == shape, op, arg, "must have shape ", shape, ", got ", t->sizes());
   LLMK_CHECK_ARG(t->is_floating_point(), op, arg, "must be a floating tensor, got ", t->scalar_type());
   return t->to(at::kFloat).contiguous();
+}
+
+// The dtype the kernels read activations in: ref's, or fp32 when any other activation differs from it.
+at::ScalarType common_activation_dtype(const at::Tensor& ref, std::initializer_list<const at::Tensor*> others) {
+  for (const at::Tensor* t : others)
+    if (t != nullptr && t->defined() && t->scalar_type() != ref.scalar_type()) return at::kFloat;
+  return ref.scalar_type();
 }
 
 // Same-shaped activation companions (delta, z, dout): device, shape, and u's dtype, contiguous.
@@ -112,8 +120,12 @@ ScanInputs prepare_scan(const char* op, const at::Tensor& u, const at::Tensor& d
   const int64_t dstate = A.size(1);
   LLMK_CHECK_ARG(dstate >= 1 && dstate <= 256, op, "A", "dstate = ", dstate, " is not supported (1..256)");
 
+  LLMK_CHECK_ARG(is_float_type(delta), op, "delta", "must be float32, float16 or bfloat16, got ", delta.scalar_type());
+  const at::Tensor* z_ptr = z.has_value() && z->defined() ? &*z : nullptr;
+  const at::ScalarType act = common_activation_dtype(
+      u, {&delta, z_ptr, B.dim() > 2 ? &B : nullptr, C.dim() > 2 ? &C : nullptr});
   ScanInputs in;
-  in.u = u.contiguous();
+  in.u = u.to(act).contiguous();
   in.delta = activation_like(op, "delta", delta, in.u);
   in.A = A.contiguous();
   ScanFwdParams& p = in.params;
@@ -140,7 +152,7 @@ ScanInputs prepare_scan(const char* op, const at::Tensor& u, const at::Tensor& d
   p.delta_bias = in.delta_bias.defined() ? in.delta_bias.data_ptr<float>() : nullptr;
   p.initial_state = in.initial_state.defined() ? in.initial_state.data_ptr<float>() : nullptr;
   // Vector loads need every row to start on 16 bytes: the base pointers, and a row length of whole vectors.
-  p.vec = seqlen * int64_t(u.element_size()) % 16 == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.z) &&
+  p.vec = seqlen * int64_t(in.u.element_size()) % 16 == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.z) &&
           (!p.B_per_token || aligned16(p.B)) && (!p.C_per_token || aligned16(p.C));
   return in;
 }
@@ -158,13 +170,14 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda(
   p.out = out.data_ptr();
   p.last_state = last_state.data_ptr<float>();
   p.chunk_states = nullptr;
-  if (p.batch * p.dim == 0) return {out, last_state};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_activation_dtype(u.scalar_type(), op, "u", [&](auto tag) {
-    launch_selective_scan_fwd<typename decltype(tag)::type>(p, stream);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, last_state};
+  if (p.batch * p.dim > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_activation_dtype(in.u.scalar_type(), op, "u", [&](auto tag) {
+      launch_selective_scan_fwd<typename decltype(tag)::type>(p, stream);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out.to(u.scalar_type()), last_state};
 }
 
 // An absent optional's gradient: an empty tensor.
@@ -215,20 +228,25 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
 
   if (batch * dim > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_activation_dtype(u.scalar_type(), op, "u", [&](auto tag) {
+    dispatch_activation_dtype(in.u.scalar_type(), op, "u", [&](auto tag) {
       using T = typename decltype(tag)::type;
       launch_selective_scan_fwd<T>(p, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_selective_scan_bwd<T>(p, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  } else if (dinit.defined()) {
-    dinit.zero_();
+  }
+  if (p.nchunks == 0 && dinit.defined()) {  // seqlen 0: the state passes straight through
+    if (dlast.defined()) {
+      dinit.copy_(dlast);
+    } else {
+      dinit.zero_();
+    }
   }
   auto opt_grad = [&](const at::Tensor& grad, const std::optional<at::Tensor>& input) {
     return grad.defined() ? grad.to(input->scalar_type()) : absent(u);
   };
-  return {du,
+  return {du.to(u.scalar_type()),
           ddelta.to(delta.scalar_type()),
           dA,
           dB.to(B.scalar_type()),
@@ -239,7 +257,7 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
           opt_grad(dinit, initial_state)};
 }
 
-at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
+at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                                        const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
@@ -259,9 +277,6 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
   LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
   LLMK_CHECK_ARG(is_float_type(state), op, "state", "must be float32, float16 or bfloat16, got ", state.scalar_type());
   LLMK_CHECK_ARG(batch * dim * 32 <= INT32_MAX, op, "x", "is too large: shape ", x.sizes());
-  at::Tensor x_c = x.contiguous();
-  at::Tensor dt_c = activation_like(op, "dt", dt, x_c);
-  at::Tensor z_c = z.has_value() && z->defined() ? activation_like(op, "z", *z, x_c) : at::Tensor();
   LLMK_CHECK_SAME_DEVICE(op, B, x);
   LLMK_CHECK_ARG(B.dim() == 2 || B.dim() == 3, op, "B", "must be (batch, dstate) or (batch, ngroups, dstate), got ",
                  B.sizes());
@@ -274,8 +289,16 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
   }
   LLMK_CHECK_ARG(C.sizes() == B.sizes(), op, "C", "must have the shape of B ", B.sizes(), ", got ", C.sizes());
   LLMK_CHECK_ARG(is_float_type(B), op, "B", "must be float32, float16 or bfloat16, got ", B.scalar_type());
-  at::Tensor C_c = activation_like(op, "C", C, B).to(x.scalar_type());
-  at::Tensor B_c = B.to(x.scalar_type()).contiguous();
+  LLMK_CHECK_ARG(is_float_type(C), op, "C", "must be float32, float16 or bfloat16, got ", C.scalar_type());
+  LLMK_CHECK_ARG(is_float_type(dt), op, "dt", "must be float32, float16 or bfloat16, got ", dt.scalar_type());
+  const at::Tensor* z_ptr = z.has_value() && z->defined() ? &*z : nullptr;
+  const at::ScalarType act = common_activation_dtype(x, {&dt, z_ptr, &B, &C});
+  at::Tensor x_c = x.to(act).contiguous();
+  at::Tensor dt_c = activation_like(op, "dt", dt, x_c);
+  at::Tensor z_c = z_ptr != nullptr ? activation_like(op, "z", *z, x_c) : at::Tensor();
+  LLMK_CHECK_SAME_DEVICE(op, C, x);
+  at::Tensor B_c = B.to(act).contiguous();
+  at::Tensor C_c = C.to(act).contiguous();
   at::Tensor D_c = optional_fp32(op, "D", D, x, {dim});
   at::Tensor bias_c = optional_fp32(op, "dt_bias", dt_bias, x, {dim});
   at::Tensor A_c = A.contiguous();
@@ -301,15 +324,16 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
   p.D = D_c.defined() ? D_c.data_ptr<float>() : nullptr;
   p.dt_bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
-  if (batch * dim == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_activation_dtype(x.scalar_type(), op, "x", [&](auto xtag) {
-    dispatch_activation_dtype(state.scalar_type(), op, "state", [&](auto stag) {
-      launch_selective_state_update<typename decltype(xtag)::type, typename decltype(stag)::type>(p, stream);
+  if (batch * dim > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_activation_dtype(act, op, "x", [&](auto xtag) {
+      dispatch_activation_dtype(state.scalar_type(), op, "state", [&](auto stag) {
+        launch_selective_state_update<typename decltype(xtag)::type, typename decltype(stag)::type>(p, stream);
+      });
     });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out.to(x.scalar_type());
 }
 
 // Conv weight (dim, width 2..4) and bias (dim,) as fp32 for the kernels.
@@ -397,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(const at::
           dbias.defined() ? dbias.to(bias->scalar_type()) : at::empty({0}, weight_f.options())};
 }
 
-at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool silu) {
   const char* op = "causal_conv1d_update";
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
@@ -408,7 +432,8 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv
   at::Tensor weight_f, bias_f;
   prepare_conv_weights(op, x, weight, bias, weight_f, bias_f);
   LLMK_CHECK_SAME_DEVICE(op, conv_state, x);
-  LLMK_CHECK_SAME_DTYPE(op, conv_state, x);
+  LLMK_CHECK_ARG(is_float_type(conv_state), op, "conv_state", "must be float32, float16 or bfloat16, got ",
+                 conv_state.scalar_type());
   LLMK_CHECK_DIM(op, conv_state, 3);
   LLMK_CHECK_ARG(conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1) &&
                      conv_state.size(2) >= weight.size(1),
@@ -432,8 +457,10 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, const at::Tensor& conv
   p.out = out.data_ptr();
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_activation_dtype(x.scalar_type(), op, "x", [&](auto tag) {
-    launch_causal_conv1d_update<typename decltype(tag)::type>(p, stream);
+  dispatch_activation_dtype(x.scalar_type(), op, "x", [&](auto xtag) {
+    dispatch_activation_dtype(conv_state.scalar_type(), op, "conv_state", [&](auto stag) {
+      launch_causal_conv1d_update<typename decltype(xtag)::type, typename decltype(stag)::type>(p, stream);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

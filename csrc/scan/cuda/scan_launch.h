@@ -66,7 +66,7 @@ struct ConvUpdateParams {
   const float* bias;
   void* out;
 };
-template <typename T>
+template <typename T, typename S>  // S: conv_state's dtype
 void launch_causal_conv1d_update(const ConvUpdateParams& p, cudaStream_t stream);
 
 }  // namespace llmkernels::scan

@@ -1,0 +1,155 @@
+"""Ternary (BitNet b1.58) linear benchmarks: decode GEMV and prefill GEMM against F.linear.
+
+    python bench/run.py --op ternary [--quick]
+
+Shapes out x in: 2560x2560, 6912x2560, 2560x6912 (BitNet b1.58 2B4T), 4096x4096, 11008x4096 (Llama-2 7B),
+28672x8192 (Llama-3 70B MLP). Tokens: 1 (decode) and 16, 128, 512, 2048 (prefill).
+GPU: llmkernels cuda / triton (act_bits=8, and weight-only for decode) against F.linear in bf16 (cuBLAS).
+CPU: the C++ kernels on 2 threads against F.linear in fp32 (2 threads), decode only.
+Decode reports weight GB/s (packed bytes for ours, bf16 / fp32 bytes for the peer) against
+copy_bandwidth_gbps(); prefill reports TFLOP/s (2 * tokens * out * in). Several weight sets are rotated so
+that the L2 cache (50 MB on H100) cannot serve the weights from one call to the next.
+Every row carries the bytes of one layer's weights (ours packed vs bf16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import llmkernels  # noqa: E402
+from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu, peak_tflops  # noqa: E402
+
+OP = "ternary_linear"
+SHAPES = [(2560, 2560), (6912, 2560), (2560, 6912), (4096, 4096), (11008, 4096), (28672, 8192)]
+PREFILL_TOKENS = (16, 128, 512, 2048)
+L2_BYTES = 50 * 2**20
+CPU_THREADS = 2
+
+
+def _row(case, impl, ms, metric=None, value=None, limit=None, peer=None, **extra):
+    return {
+        "op": OP,
+        "case": case,
+        "impl": impl,
+        "time_ms": ms,
+        "metric": metric,
+        "value": value,
+        "limit": limit,
+        "peer": peer,
+        **extra,
+    }
+
+
+def _sets(bytes_per_set: int) -> int:
+    """Weight sets to rotate so their total is at least twice the L2 cache (at most 16)."""
+    return max(1, min(16, math.ceil(2 * L2_BYTES / max(bytes_per_set, 1))))
+
+
+def _rotating(fn, n_sets: int):
+    """fn(i) for i = 0, 1, ..., n_sets - 1, 0, ... on successive calls."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % n_sets
+        return fn(state["i"])
+
+    return call
+
+
+def _try(rows, case, impl, fn, to_value, **kw):
+    try:
+        ms = measure_ms(fn)
+    except Exception as exc:  # noqa: BLE001  (BackendError, OOM: reported, not fatal)
+        print(f"  [{case}] {impl}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    metric, value = to_value(ms)
+    rows.append(_row(case, impl, ms, metric, value, **kw))
+    return ms
+
+
+def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_only=False) -> list[dict]:
+    rows: list[dict] = []
+    packed_bytes = n * llmkernels.ternary.padded_in_features(k) // 4
+    peer_bytes = n * k * torch.finfo(peer_dtype).bits // 8
+    mem = {"weight_bytes": packed_bytes, "bf16_bytes": n * k * 2, "bf16_over_packed": n * k * 2 / packed_bytes}
+    n_sets = _sets(packed_bytes)
+    ours_sets = [llmkernels.ternary.quantize_weight(torch.randn(n, k, device=device)) for _ in range(n_sets)]
+    peer_sets = [torch.randn(n, k, device=device, dtype=peer_dtype) for _ in range(_sets(peer_bytes))]
+    x = torch.randn(tokens, k, device=device, dtype=dtype)
+    xp = x.to(peer_dtype)
+    decode = tokens == 1
+    case = f"{'decode' if decode else 'prefill'} tokens={tokens} {n}x{k}"
+    flops = 2 * tokens * n * k
+
+    def value(nbytes):
+        if decode:
+            return lambda ms: ("GB/s", nbytes / (ms * 1e-3) / 1e9)
+        return lambda ms: ("TFLOP/s", flops / (ms * 1e-3) / 1e12)
+
+    limit = limit_gbps if decode else peak_tflops()
+    peer = f"F.linear-{str(peer_dtype).replace('torch.', '')}"
+    modes = [(8, "")] + ([(None, "-w2")] if weight_only else [])
+    for backend in backends:
+        for act_bits, suffix in modes:
+
+            def fn(i, backend=backend, act_bits=act_bits):
+                w_packed, w_scale = ours_sets[i]
+                with llmkernels.use_backend(backend):
+                    return llmkernels.ternary_linear(x, w_packed, w_scale, act_bits=act_bits)
+
+            _try(
+                rows,
+                case,
+                f"llmkernels-{backend}{suffix}",
+                _rotating(fn, len(ours_sets)),
+                value(packed_bytes),
+                limit=limit,
+                peer=peer,
+                **mem,
+            )
+    _try(
+        rows,
+        case,
+        peer,
+        _rotating(lambda i: F.linear(xp, peer_sets[i]), len(peer_sets)),
+        value(peer_bytes),
+        limit=limit,
+        **mem,
+    )
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    rows: list[dict] = []
+    if on_gpu():
+        limit = copy_bandwidth_gbps()
+        shapes = [(4096, 4096), (28672, 8192)] if quick else SHAPES
+        for n, k in shapes:
+            rows += _case("cuda", 1, n, k, torch.bfloat16, torch.bfloat16, ("cuda", "triton"), limit, weight_only=True)
+            for tokens in (16, 2048) if quick else PREFILL_TOKENS:
+                rows += _case("cuda", tokens, n, k, torch.bfloat16, torch.bfloat16, ("cuda", "triton"), limit)
+            torch.cuda.empty_cache()
+        return rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        limit = copy_bandwidth_gbps()
+        shapes = [(2560, 2560), (4096, 4096)] if quick else SHAPES
+        for n, k in shapes:
+            rows += _case("cpu", 1, n, k, torch.float32, torch.float32, ("cpu",), limit, weight_only=True)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+if __name__ == "__main__":
+    from bench.common import add_speedups, format_table
+
+    print(format_table(add_speedups(run(quick="--quick" in sys.argv))))

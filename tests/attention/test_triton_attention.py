@@ -1,0 +1,226 @@
+"""The Triton flash attention ops (llmkernels/triton/flash_attn.py) against the reference.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py before this module
+is imported, so the @triton.jit kernels are defined as interpreted ones): small shapes, fp32 against the fp64
+reference and fp16 within 2x (output) / 3x (gradients) the error of the fp16 PyTorch reference. bf16 is left
+to the GPU cases: the interpreter's bf16 tl.dot is not faithful. The `cuda` cases run the larger grid.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from utils import assert_error_within_ratio
+
+from llmkernels.reference.attention import flash_attn_fwd_ref
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+if HAS_TRITON and (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+    from llmkernels.triton import flash_attn as fa
+else:
+    fa = None
+
+interp = pytest.mark.triton_interp
+
+# (seqlen_q, seqlen_k, nheads, nheads_k, headdim, window_left, window_right, softcap); window -1 = unbounded,
+# window_right 0 = causal. With the interpreter's 16 x 16 tiles, 17 / 33 / 64 cross partial and full tiles.
+INTERP_CASES = [
+    (17, 17, 2, 2, 32, -1, -1, 0.0),  # full attention, ragged tile
+    (33, 33, 4, 1, 16, -1, 0, 0.0),  # causal, GQA 4
+    (1, 33, 2, 2, 40, -1, 0, 0.0),  # one query (decode), head dim not a power of two
+    (64, 17, 2, 2, 16, -1, 0, 0.0),  # seqlen_q > seqlen_k causal: the first 47 rows see no key
+    (17, 64, 4, 1, 64, -1, 0, 0.0),  # seqlen_q < seqlen_k causal, GQA 4, unmasked middle tiles
+    (64, 64, 2, 2, 16, 0, 0, 0.0),  # window (0, 0): the diagonal only
+    (33, 64, 2, 2, 32, 5, 3, 0.0),  # small two-sided window
+    (17, 33, 2, 2, 16, 100, -1, 0.0),  # window wider than the sequence
+    (33, 33, 4, 4, 40, -1, -1, 5.0),  # softcap
+    (64, 64, 4, 1, 16, 7, 0, 2.0),  # sliding window + softcap + GQA
+]
+FP16_CASES = [INTERP_CASES[i] for i in (1, 3, 6, 9)]
+# fp32 kernels against the fp64 reference (the attention family's bounds): reordered fp32 sums, up to 2k keys.
+FP32_TOL = {"out": (1e-4, 1e-5), "grad": (2e-4, 5e-5)}
+
+
+def _inputs(case, dtype, device, batch=2, layout="contiguous"):
+    sq, sk, h, hk, d = case[:5]
+    q = torch.randn(batch, sq, h, d, device=device).to(dtype)
+    if layout == "packed":  # q, k, v as views of one (b, s, 3, h, d) tensor: strides that are not the shape's
+        qkv = torch.randn(batch, sq, 3, h, d, device=device).to(dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    k = torch.randn(batch, sk, hk, d, device=device).to(dtype)
+    v = torch.randn(batch, sk, hk, d, device=device).to(dtype)
+    return q, k, v
+
+
+def _fwd_bwd(fn, inputs, dout):
+    """(out, lse, [dq, dk, dv]) of fn(*fresh leaf copies) -> (out, lse), backpropagating dout through out."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out, lse = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), lse.detach(), [t.grad for t in leaves]
+
+
+def _check_against_reference(case, dtype, device, layout="contiguous"):
+    window_left, window_right, softcap = case[5:]
+    inputs = _inputs(case, dtype, device, layout=layout)
+    scale = inputs[0].shape[-1] ** -0.5
+    args = (scale, window_left, window_right, softcap)
+    dout = torch.randn(inputs[0].shape, device=device)
+
+    out, lse, grads = _fwd_bwd(lambda q, k, v: torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, *args), inputs,
+                               dout)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    exact_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    exact_in = [t.detach().to(exact_dtype) for t in inputs]
+    exact, exact_lse, exact_grads = _fwd_bwd(lambda *t: flash_attn_fwd_ref(*t, *args), exact_in, dout)
+    same, _, same_grads = _fwd_bwd(lambda *t: flash_attn_fwd_ref(*t, *args, upcast=False), inputs, dout)
+
+    # Every element is compared (the ops allocate their outputs, so unwritten ones would show as garbage/NaN).
+    if dtype == torch.float32:  # tight absolute bounds: the fp32 reference can be exact (one key per row)
+        torch.testing.assert_close(out.double(), exact, rtol=FP32_TOL["out"][0], atol=FP32_TOL["out"][1])
+        for name, g, e in zip(("dq", "dk", "dv"), grads, exact_grads):
+            torch.testing.assert_close(g.double(), e, rtol=FP32_TOL["grad"][0], atol=FP32_TOL["grad"][1],
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    else:
+        assert_error_within_ratio(out, exact, same, ratio=2.0)
+        for name, g, e, s in zip(("dq", "dk", "dv"), grads, exact_grads, same_grads):
+            assert_error_within_ratio(g, e, s, ratio=3.0, name=name)
+    seen = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isneginf(lse), ~seen), "lse must be -inf exactly where a row sees no key"
+    torch.testing.assert_close(lse[seen].double(), exact_lse[seen].double(), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Interpreter (CPU tensors)
+# --------------------------------------------------------------------------------------------------
+@interp
+def test_kernels_run_in_the_interpreter():
+    if HAS_CUDA:
+        pytest.skip("a GPU is present: the kernels are compiled, not interpreted")
+    assert fa is not None and fa._INTERPRET, "conftest must set TRITON_INTERPRET=1 before the module is imported"
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("case", INTERP_CASES)
+def test_fp32_matches_fp64_reference(case):
+    _check_against_reference(case, torch.float32, "cpu")
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("case", FP16_CASES)
+def test_fp16_within_ratio_of_fp16_reference(case):
+    _check_against_reference(case, torch.float16, "cpu")
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+def test_strided_inputs():
+    _check_against_reference((17, 17, 2, 2, 16, -1, 0, 0.0), torch.float32, "cpu", layout="packed")
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+def test_empty_key_sequence_gives_zero_and_lse_minus_inf():
+    q = torch.randn(1, 3, 2, 16)
+    k = v = torch.randn(1, 0, 2, 16)
+    out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, 0.25, -1, -1, 0.0)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
+def test_opcheck(op):
+    q, k, v = _inputs((17, 17, 2, 1, 16), torch.float32, "cpu", batch=1)
+    args = (0.25, 3, 0, 1.5)
+    if op == "fwd":
+        torch.library.opcheck(
+            torch.ops.llmkernels.flash_attn_fwd_triton.default,
+            (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *args),
+        )
+    else:
+        out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, *args)
+        torch.library.opcheck(
+            torch.ops.llmkernels.flash_attn_bwd_triton.default, (torch.randn_like(out), q, k, v, out, lse, *args)
+        )
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+def test_torch_compile_fullgraph():
+    q, k, v = _inputs((17, 17, 2, 2, 16), torch.float32, "cpu", batch=1)
+    # aot_eager: traces the op through the fake kernel and autograd formula without compiling C++ (cheap).
+    compiled = torch.compile(fa.flash_attn_triton, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, 0.25, -1, 0, 0.0)
+    torch.testing.assert_close(out, fa.flash_attn_triton(q, k, v, 0.25, -1, 0, 0.0))
+
+
+BAD_INPUTS = [
+    # (what to change, the argument the error must name)
+    (lambda q, k, v: (q[0], k, v), "q must have 4 dimensions"),
+    (lambda q, k, v: (q.int(), k, v), "q must have dtype"),
+    (lambda q, k, v: (q, k.double(), v), "k must have dtype"),
+    (lambda q, k, v: (q, k.half(), v), "k must have the dtype of q"),
+    (lambda q, k, v: (q, k, v[..., :8]), "v must have shape"),
+    (lambda q, k, v: (q, torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2)), "nheads_k"),
+    (lambda q, k, v: (q.transpose(1, 3), k, v), "q must be contiguous in its last dimension"),
+    (lambda q, k, v: (q, k.to("meta"), v), "k must be on cpu"),
+    (lambda q, k, v: (torch.randn(1, 5, 2, 300), k, v), "head dim must be <= 256"),
+]
+
+
+@interp
+@pytest.mark.parametrize("change,message", BAD_INPUTS)
+def test_bad_inputs_name_the_argument(change, message):
+    if fa is None:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    q, k, v = _inputs((5, 5, 2, 2, 16), torch.float32, "cpu", batch=1)
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.llmkernels.flash_attn_fwd_triton(*change(q, k, v), 0.25, -1, -1, 0.0)
+
+
+def test_bwd_rejects_bad_lse():
+    if fa is None:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    q, k, v = _inputs((5, 5, 2, 2, 16), torch.float32, "cpu", batch=1)
+    with pytest.raises(ValueError, match="softmax_lse must have shape"):
+        torch.ops.llmkernels.flash_attn_bwd_triton(q, q, k, v, q, torch.zeros(1, 2, 4), 0.25, -1, -1, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU (compiled kernels): the attention grid at realistic sizes
+# --------------------------------------------------------------------------------------------------
+GPU_SEQLENS = [(1, 1), (113, 113), (128, 2048), (1023, 1024), (2048, 2048), (2048, 113)]
+GPU_HEADDIMS = [32, 40, 64, 96, 128, 256]
+GPU_MASKS = [(-1, -1, 0.0), (-1, 0, 0.0), (256, 0, 0.0), (64, 64, 0.0), (-1, 0, 30.0)]
+GPU_HEADS = [(8, 8), (8, 2), (16, 2)]  # GQA 1, 4, 8
+# Every (seqlens, head dim, dtype) once, the masks and GQA ratios cycled through them: 72 cases, every value of
+# every axis covered, instead of a 1080-case product.
+GPU_CASES = [
+    pytest.param((*s, *GPU_HEADS[i // len(GPU_MASKS) % len(GPU_HEADS)], d, *GPU_MASKS[i % len(GPU_MASKS)]), dtype,
+                 id=f"s{s[0]}x{s[1]}-d{d}-{str(dtype)[6:]}-m{i % len(GPU_MASKS)}-g{i // len(GPU_MASKS) % 3}")
+    for i, (s, d, dtype) in enumerate(
+        (s, d, dtype) for s in GPU_SEQLENS for d in GPU_HEADDIMS for dtype in (torch.float16, torch.bfloat16)
+    )
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case,dtype", GPU_CASES)
+def test_gpu_grid(case, dtype):
+    _check_against_reference(case, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("headdim", [64, 256])
+def test_gpu_fp32_and_strided(headdim):
+    _check_against_reference((257, 300, 4, 2, headdim, -1, 0, 0.0), torch.float32, "cuda")
+    _check_against_reference((200, 200, 4, 4, headdim, 32, 0, 0.0), torch.float16, "cuda", layout="packed")

@@ -1,0 +1,50 @@
+"""CUDA kernels against the reference (GEMV for 1..16 tokens, the int8 tensor-core GEMM above), opcheck."""
+
+import pytest
+import torch
+from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
+
+import llmkernels
+
+pytestmark = pytest.mark.cuda
+
+TOKENS = [1, 2, 3, 7, 16, 17, 64, 513]  # 3 and 7 run a wider GEMV tile with masked tokens; 17+ the GEMM
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", ODD_SHAPES)
+def test_cuda_matches_reference_odd_shapes(m, n, k, dtype):
+    check_backend_matches_reference("cuda", "cuda", m, n, k, dtype)
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("_, n, k", MODEL_SHAPES + [(1, 28672, 8192), (1, 11008, 4096)])
+def test_cuda_matches_reference_model_shapes(m, _, n, k):
+    check_backend_matches_reference("cuda", "cuda", m, n, k, torch.bfloat16)
+
+
+def test_cuda_is_chosen_automatically():
+    w_packed, w_scale, _ = random_layer(64, 256, "cuda")
+    assert (
+        llmkernels.ops.ternary.linear_a8_op.choose(torch.randn(2, 256, device="cuda"), w_packed, w_scale, None, 256)
+        == "cuda"
+    )
+
+
+def test_opcheck_cuda_ops():
+    k, n = 300, 17
+    w_packed, w_scale, bias = random_layer(n, k, "cuda", bias_dtype=torch.float16)
+    ops = torch.ops.llmkernels
+    for m in (3, 40):  # GEMV and GEMM paths
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        x_q, _ = llmkernels.ternary.quantize_activation(x)
+        torch.library.opcheck(ops.ternary_quantize_activation.default, (x,))
+        torch.library.opcheck(ops.ternary_matmul_int8.default, (x_q, w_packed, k))
+        torch.library.opcheck(ops.ternary_linear_a8.default, (x, w_packed, w_scale, bias, k))
+        torch.library.opcheck(ops.ternary_linear_w2.default, (x, w_packed, w_scale, bias, k))
+
+
+def test_cuda_rejects_mixed_devices():
+    w_packed, w_scale, _ = random_layer(8, 40, "cuda")
+    with pytest.raises(ValueError, match="w_packed must be on"):
+        llmkernels.ternary_linear(torch.randn(2, 40), w_packed, w_scale)
