@@ -31,7 +31,7 @@ def _rolling_attn_kernel(
     stride_rb, stride_rs, stride_rh,  # k_ring and v_ring share one (contiguous) layout
     stride_ob, stride_os, stride_oh,
     chunk, nheads, group, window, head_dim, scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -54,7 +54,6 @@ def _rolling_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    precision: tl.constexpr = "ieee" if IEEE else "tf32"
     for start in range(lo, hi, BLOCK_N):
         pos_k = start + tl.arange(0, BLOCK_N)
         key_ok = pos_k < hi
@@ -70,7 +69,7 @@ def _rolling_attn_kernel(
         v += tl.load(V_RING + b * stride_rb + slot * stride_rs + hk * stride_rh + dims[None, :], mask=ring_mask,
                      other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision=precision) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if HAS_SOFTCAP:
             # tanh(x) = 2 sigmoid(2x) - 1, portable across Triton versions
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
@@ -82,7 +81,7 @@ def _rolling_attn_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=precision)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -118,7 +117,7 @@ def rolling_window_attn_triton(
         k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         chunk, nheads, nheads // nheads_k, window, head_dim, softmax_scale, softcap,
-        HAS_SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32,
+        HAS_SOFTCAP=softcap > 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4,
     )

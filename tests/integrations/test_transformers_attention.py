@@ -1,5 +1,7 @@
 """attn_implementation="llmkernels" in tiny randomly initialised Llama / Mistral models (no downloads)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -17,8 +19,10 @@ def _tiny(model_type: str, **extra):
         num_key_value_heads=2, max_position_embeddings=256, **extra,
     )
     torch.manual_seed(0)
-    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="llmkernels").eval()
+    # Separate config objects: from_config records attn_implementation on the config it is given.
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="llmkernels").eval()
+    assert eager.config._attn_implementation == "eager" and ours.config._attn_implementation == "llmkernels"
     ours.load_state_dict(eager.state_dict())
     return eager, ours
 

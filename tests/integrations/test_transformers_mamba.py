@@ -1,5 +1,7 @@
 """patch_mamba on a tiny randomly initialised MambaForCausalLM (no downloads)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -12,8 +14,8 @@ def _tiny():
     cfg = transformers.MambaConfig(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
                                    conv_kernel=4, time_step_rank=4)
     torch.manual_seed(0)
-    ref = transformers.MambaForCausalLM(cfg).eval()
-    ours = transformers.MambaForCausalLM(cfg).eval()
+    ref = transformers.MambaForCausalLM(copy.deepcopy(cfg)).eval()
+    ours = transformers.MambaForCausalLM(copy.deepcopy(cfg)).eval()
     ours.load_state_dict(ref.state_dict())
     assert patch_mamba(ours) == 2
     return ref, ours

@@ -296,7 +296,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, dp = round_up_to_vec(d);
   const int64_t group = p.nheads / p.nheads_k, pack = p.heads_per_block, packed_rows = p.seqlen_q * pack;
   const int64_t nqb = (packed_rows + kBlockQ - 1) / kBlockQ, npacks = p.nheads / pack;
-  const bool kv_in_place = p.dtype == ElemType::kFloat32 && d == dp;
+  const bool kv_in_place = false;
   Scratch scratch(dp * kBlockQ + kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ + dp);
   float* qt = scratch.data;             // (dp, kBlockQ) scaled queries, transposed; unused columns zero
   float* ob = qt + dp * kBlockQ;        // (kBlockQ, dp) unnormalised output

@@ -274,7 +274,7 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                  cache_seqlens.device());
   LLMK_CHECK_DTYPE(op, cache_seqlens, at::kInt);
   LLMK_CHECK_SHAPE(op, cache_seqlens, q.size(0));
-  LLMK_CHECK_CONTIGUOUS(op, cache_seqlens);
+  const Tensor seqlens = cache_seqlens.contiguous();  // read by the kernels as a plain int32 array
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3);
   const int64_t max_seqlen = k_cache.size(1), hk = k_cache.size(2);
   int64_t s_new = 0;
@@ -297,7 +297,7 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
     a.v_cache = v_cache.data_ptr();
     a.k_new = k_new->data_ptr();
     a.v_new = v_new->data_ptr();
-    a.cache_seqlens = cache_seqlens.data_ptr<int>();
+    a.cache_seqlens = seqlens.data_ptr<int>();
     a.batch = b;
     a.seqlen_new = s_new;
     a.nheads_k = hk;
@@ -316,7 +316,7 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
   if (q.numel() == 0) return out;
 
   FwdParams p = make_fwd_params(q, k_cache, v_cache, out, softmax_scale, window_left, window_right, softcap);
-  p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  p.cache_seqlens = seqlens.data_ptr<int>();
   p.seqlen_new = s_new;
   const int dp = padded_head_dim(d);
   Tensor out_accum, lse_accum;

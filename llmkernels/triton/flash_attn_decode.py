@@ -1,0 +1,203 @@
+"""Attention against a KV cache (decode) on Triton: split-KV ("flash-decoding") plus a combine kernel.
+
+    flash_attn_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
+                                   window_left, window_right, softcap) -> out
+
+q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, max_seqlen, nheads_k, headdim), updated in
+place; k_new, v_new: (batch, seqlen_new, nheads_k, headdim) or None; cache_seqlens: (batch,) int32. The new
+tokens are written at cache_seqlens[i] .. + seqlen_new - 1, then q attends to the first cache_seqlens[i] +
+seqlen_new keys of row i, the window band aligned bottom-right (the C++ op `flash_attn_with_kvcache`).
+
+Math: as flash_attn_kernels.py. Each split s of the keys gives a partial (o_s normalised, lse_s); the
+combine kernel merges them: lse = log sum_s exp(lse_s), o = sum_s exp(lse_s - lse) o_s.
+Tiling: one program per (key split, batch * KV head, block of rows), where the rows are the query heads of
+one KV head times the queries (GQA packing: each K/V tile is loaded once for the whole group). With one or a
+few queries the work is reading the cache, so speed is bound by memory bandwidth; splitting the keys puts
+enough programs on the GPU to reach it when batch * nheads_k is small.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_same_dtype, check_shape, check_tensor
+from .flash_attn_kernels import LN2, _softcap_scores
+
+_TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
+
+
+@triton.jit
+def flash_attn_decode_split_kernel(
+    Q, K, V, SEQLENS, O_PART, LSE_PART,  # q: (b, sq, h, d); k, v: (b, cap, hk, d); o_part: (b, h, sq, splits, d)
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    nheads, group, seqlen_q, seqlen_new, split_len, num_splits, scale, softcap, window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    nheads_k = nheads // group
+    off_b = pid_bhk // nheads_k
+    off_hk = pid_bhk % nheads_k
+    off_b64 = off_b.to(tl.int64)
+
+    # Row r of this KV head = (query head hk * group + r // seqlen_q, query r % seqlen_q).
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < group * seqlen_q
+    head = off_hk * group + rows // seqlen_q
+    qi = rows % seqlen_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEADDIM
+    q_offs = qi[:, None].to(tl.int64) * stride_qm + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(Q + off_b64 * stride_qb + q_offs, mask=row_ok[:, None] & d_mask, other=0.0)
+
+    seqlen_k = tl.load(SEQLENS + off_b) + seqlen_new
+    shift = seqlen_k - seqlen_q
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seqlen_k)
+    if HAS_WL:  # keys before the first query's window are never seen
+        lo = tl.maximum(lo, shift - window_left)
+    if HAS_WR:
+        hi = tl.minimum(hi, seqlen_q - 1 + shift + window_right + 1)
+
+    k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_mask = (cols[:, None] < hi) & d_mask
+        k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
+        k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        s, _ = _softcap_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, SOFTCAP)
+        visible = cols[None, :] < hi
+        if HAS_WL:
+            visible &= cols[None, :] >= qi[:, None] + shift - window_left
+        if HAS_WR:
+            visible &= cols[None, :] <= qi[:, None] + shift + window_right
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: exp2 gives 0, not NaN
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn
+        v = tl.load(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc * tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)[:, None]
+    lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    # (b, h, sq, splits) row index of these rows for this split.
+    part = ((off_b64 * nheads + head) * seqlen_q + qi) * num_splits + split
+    tl.store(O_PART + part[:, None] * HEADDIM + offs_d[None, :], o, mask=row_ok[:, None] & d_mask)
+    tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def flash_attn_decode_combine_kernel(
+    O_PART, LSE_PART, Out,  # o_part: (b, h, sq, splits, d) fp32; lse_part: (b, h, sq, splits); out: (b, sq, h, d)
+    stride_ob, stride_om, stride_oh, nheads, seqlen_q, num_splits,
+    HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b * h + head) * sq + i
+    off_b = row // (nheads * seqlen_q)
+    off_h = (row // seqlen_q) % nheads
+    qi = row % seqlen_q
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp(lse - lse_max)  # 0 for splits that saw no key
+    total = tl.sum(w, 0)
+    w = w / tl.where(total > 0.0, total, 1.0)
+    o = tl.load(O_PART + (row * num_splits + offs_s[:, None]) * HEADDIM + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+    out = tl.sum(o * w[:, None], 0)
+    tl.store(Out + off_b * stride_ob + qi * stride_om + off_h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEADDIM)
+
+
+def _split_plan(capacity: int, programs: int, interpret: bool) -> tuple[int, int]:
+    """(split_len, num_splits): keys per split (a multiple of 64) and how many splits cover the cache."""
+    if interpret:  # small splits so the tests cross several of them and the combine does real work
+        split_len = 16
+    else:
+        wanted = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(capacity, 256), 128))
+        split_len = triton.cdiv(triton.cdiv(capacity, wanted), 64) * 64
+    return split_len, max(1, triton.cdiv(capacity, split_len))
+
+
+def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dtypes, max_headdim) -> None:
+    check_tensor(fn, "q", q, ndim=4, dtypes=dtypes, last_dim_contiguous=True)
+    batch, _, nheads, headdim = q.shape
+    if headdim > max_headdim:
+        raise ValueError(f"llmkernels.{fn}: q head dim must be <= {max_headdim}, got {headdim}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(fn, name, t, ndim=4, dtypes=dtypes, device=q.device, last_dim_contiguous=True)
+        check_same_dtype(fn, name, t, "q", q)
+    check_shape(fn, "k_cache", k_cache, (batch, k_cache.shape[1], k_cache.shape[2], headdim))
+    check_shape(fn, "v_cache", v_cache, k_cache.shape)
+    if k_cache.shape[2] == 0 or nheads % k_cache.shape[2] != 0:
+        raise ValueError(f"llmkernels.{fn}: k_cache's nheads_k ({k_cache.shape[2]}) must divide q's nheads ({nheads})")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"llmkernels.{fn}: k_new and v_new must be given together")
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            check_tensor(fn, name, t, ndim=4, dtypes=dtypes, device=q.device, last_dim_contiguous=True)
+            check_same_dtype(fn, name, t, "q", q)
+            check_shape(fn, name, t, (batch, k_new.shape[1], k_cache.shape[2], headdim))
+        if k_new.shape[1] > k_cache.shape[1]:
+            raise ValueError(f"llmkernels.{fn}: k_new has {k_new.shape[1]} tokens, more than the cache holds")
+    check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
+
+
+def decode_launch(launch, q, k_cache, v_cache, k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor],
+                  cache_seqlens, softmax_scale, window_left, window_right, softcap, meta, interpret) -> torch.Tensor:
+    """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d)."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    capacity, nheads_k = k_cache.shape[1], k_cache.shape[2]
+    seqlen_new = 0
+    if k_new is not None and k_new.shape[1] > 0:
+        seqlen_new = k_new.shape[1]
+        # Positions cache_seqlens[i] + t (callers keep them inside the cache: the index_put checks it).
+        pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)
+        rows = torch.arange(batch, device=q.device)[:, None].expand(-1, seqlen_new)
+        k_cache.index_put_((rows, pos), k_new)
+        v_cache.index_put_((rows, pos), v_new)
+    out = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if capacity == 0:
+        return out.zero_()
+    group = nheads // nheads_k
+    packed_rows = group * seqlen_q
+    block_m = 16 if interpret else min(64, max(16, triton.next_power_of_2(packed_rows)))
+    block_n = 16 if interpret else (64 if meta["BLOCK_D"] <= 128 else 32)
+    row_blocks = triton.cdiv(packed_rows, block_m)
+    split_len, num_splits = _split_plan(capacity, batch * nheads_k * row_blocks, interpret)
+    o_part = torch.empty((batch, nheads, seqlen_q, num_splits, headdim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((batch, nheads, seqlen_q, num_splits), dtype=torch.float32, device=q.device)
+    launch(flash_attn_decode_split_kernel, (num_splits, batch * nheads_k, row_blocks),
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        nheads, group, seqlen_q, seqlen_new, split_len, num_splits, softmax_scale, softcap, window_left, window_right,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1 if interpret else 4, num_stages=1 if interpret else 3, **meta,
+    )  # fmt: skip
+    launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),
+        o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, num_splits,
+        HEADDIM=headdim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=meta["BLOCK_D"],
+        num_warps=1 if interpret else 4,
+    )  # fmt: skip
+    return out
