@@ -50,6 +50,11 @@ void dispatch_tokens(int64_t m, F&& f) {
   else f(std::integral_constant<int, kMaxGemvTokens>{});
 }
 
+// The kernels use 16-byte vector loads: a contiguous view with a storage offset may not be 16-byte aligned.
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 int gemv_blocks(int64_t N) { return static_cast<int>((N + kGemvWarps - 1) / kGemvWarps); }
 int elementwise_blocks(int64_t n) { return static_cast<int>((n + kElementwiseThreads - 1) / kElementwiseThreads); }
 
@@ -123,18 +128,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_activation_cuda(const at::Tensor& x_
   return {x_q.view(x.sizes()), s.view(x.sizes().slice(0, x.dim() - 1))};
 }
 
-at::Tensor matmul_int8_cuda(const at::Tensor& x_q, const at::Tensor& w_packed, int64_t in_features) {
+at::Tensor matmul_int8_cuda(const at::Tensor& x_q, const at::Tensor& w_packed_in, int64_t in_features) {
   constexpr const char* op = "ternary_matmul_int8";
   LLMK_CHECK_DEVICE(op, x_q, at::kCUDA);
   LLMK_CHECK_DTYPE(op, x_q, at::kChar);
   LLMK_CHECK_DIM(op, x_q, 2);
   LLMK_CHECK_ARG(x_q.size(1) == in_features, op, "x_q", "must have in_features = ", in_features,
                  " columns, got ", x_q.sizes());
-  const int64_t k_pad = ternary::check_packed_weight(op, w_packed, x_q, in_features);
+  const int64_t k_pad = ternary::check_packed_weight(op, w_packed_in, x_q, in_features);
   const c10::cuda::CUDAGuard guard(x_q.device());
+  const at::Tensor w_packed = aligned16(w_packed_in);
   const int64_t m = x_q.size(0), N = w_packed.size(0);
   at::Tensor xp = x_q.contiguous();
-  if (k_pad != in_features) xp = at::constant_pad_nd(xp, {0, k_pad - in_features}, 0);
+  xp = k_pad != in_features ? at::constant_pad_nd(xp, {0, k_pad - in_features}, 0) : aligned16(xp);
   if (m == 0 || N == 0) return at::empty({m, N}, x_q.options().dtype(at::kInt));
   if (m > kMaxGemvTokens && use_cublaslt_gemm(xp)) {
     const at::Tensor acc = int8_gemm(xp, w_packed, k_pad);
@@ -155,13 +161,14 @@ at::Tensor matmul_int8_cuda(const at::Tensor& x_q, const at::Tensor& w_packed, i
   return out;
 }
 
-at::Tensor linear_a8_cuda(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_scale,
+at::Tensor linear_a8_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in, const at::Tensor& w_scale,
                           const std::optional<at::Tensor>& bias, int64_t in_features) {
   constexpr const char* op = "ternary_linear_a8";
   LLMK_CHECK_DEVICE(op, x_in, at::kCUDA);
-  ternary::check_linear_args(op, x_in, w_packed, w_scale, bias, in_features);
+  ternary::check_linear_args(op, x_in, w_packed_in, w_scale, bias, in_features);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t k_pad = ternary::padded_in_features(in_features);
+  const at::Tensor w_packed = aligned16(w_packed_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), N = w_packed.size(0);
   at::Tensor out = at::empty({m, N}, x.options());
@@ -194,13 +201,14 @@ at::Tensor linear_a8_cuda(const at::Tensor& x_in, const at::Tensor& w_packed, co
   return out;
 }
 
-at::Tensor linear_w2_cuda(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_scale,
+at::Tensor linear_w2_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in, const at::Tensor& w_scale,
                           const std::optional<at::Tensor>& bias, int64_t in_features) {
   constexpr const char* op = "ternary_linear_w2";
   LLMK_CHECK_DEVICE(op, x_in, at::kCUDA);
-  ternary::check_linear_args(op, x_in, w_packed, w_scale, bias, in_features);
+  ternary::check_linear_args(op, x_in, w_packed_in, w_scale, bias, in_features);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t k_pad = ternary::padded_in_features(in_features);
+  const at::Tensor w_packed = aligned16(w_packed_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), N = w_packed.size(0);
   at::Tensor out = at::empty({m, N}, x.options());
@@ -213,7 +221,7 @@ at::Tensor linear_w2_cuda(const at::Tensor& x_in, const at::Tensor& w_packed, co
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     if (m <= kMaxGemvTokens) {
       // fp32, zero-padded to whole 256-weight blocks so the GEMV never reads past a row
-      const at::Tensor xf = at::constant_pad_nd(x.to(at::kFloat), {0, k_pad - in_features}, 0).contiguous();
+      const at::Tensor xf = aligned16(at::constant_pad_nd(x.to(at::kFloat), {0, k_pad - in_features}, 0).contiguous());
       dispatch_tokens(m, [&](auto mt) {
         gemv_w2_kernel<decltype(mt)::value, scalar_t><<<gemv_blocks(N), kGemvWarps * kWarp, 0, stream>>>(
             xf.data_ptr<float>(), static_cast<int>(m), w_packed.data_ptr<uint8_t>(), static_cast<int>(N),

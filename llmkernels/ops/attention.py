@@ -47,6 +47,23 @@ def _cuda_supports(q, *args, **kwargs) -> str | None:
     return None
 
 
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """Whether every row of a 2-byte (b, s, h, d) tensor starts 16-byte aligned, as the CUDA kernels' vector loads
+    need: element offset and the strides of the dims stepped over multiples of 8 (allocations are aligned)."""
+    return t.storage_offset() % 8 == 0 and all(t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(3))
+
+
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or _rows_aligned(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _cuda_kvcache_supports(q, k_cache, v_cache, *args, **kwargs) -> str | None:
+    reason = _cuda_supports(q)
+    if reason is None and not (_rows_aligned(k_cache) and _rows_aligned(v_cache)):
+        return "the CUDA kernel needs k_cache and v_cache rows 16-byte aligned (updated in place, so never copied)"
+    return reason
+
+
 _TRITON_MODULE = "llmkernels.triton.flash_attn"
 _triton_module_found = importlib.util.find_spec(_TRITON_MODULE) is not None
 
@@ -91,6 +108,7 @@ def _fwd_cpu(q, k, v, softmax_scale: float, window_left: int, window_right: int,
 
 @flash_attn.register("cuda", kernel="flash_attn_fwd", supports=_cuda_supports)
 def _fwd_cuda(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)[0]
 
 
@@ -112,14 +130,17 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
                                        window_size=(window_left, window_right), softcap=softcap)
 
 
-def _kvcache_kernel(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                    softcap):
+@flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)
+def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap):
     return torch.ops.llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
                                                         softmax_scale, window_left, window_right, softcap)
 
 
-flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)(_kvcache_kernel)
-flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_supports)(_kvcache_kernel)
+@flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_kvcache_supports)
+def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap):
+    return torch.ops.llmkernels.flash_attn_with_kvcache(_aligned(q), k_cache, v_cache, _aligned(k_new),
+                                                        _aligned(v_new), cache_seqlens, softmax_scale, window_left,
+                                                        window_right, softcap)
 
 
 @flash_attn_kvcache.register("triton", supports=_triton_supports_for("flash_attn_with_kvcache_triton"))

@@ -10,6 +10,8 @@ llmkernels/reference/sliding_window.py for the full semantics. Prefill without a
 Two C++ ops (schemas in csrc/registration.cpp): `rolling_window_attn` (pure: reads the ring in place) and
 `rolling_cache_append` (writes the chunk's last min(S, W) tokens, declared mutating with (a!)). The cache
 object advances `seqlens` itself, so both ops stay functional enough for torch.compile.
+Backends of rolling_window_attn: reference, cpu (C++), cuda (flash-decoding kernel, fp16/bf16, head_dim a
+multiple of 8 up to 256), triton. Inference only: no autograd is registered.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .._backend import Dispatcher, requested_backend
+from .._backend import Dispatcher
 from .._checks import check_same_dtype, check_shape, check_tensor
 from ..reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
 
@@ -175,7 +177,7 @@ def sliding_window_attn_with_cache(
     args = (q, k, v, cache.k, cache.v, cache.seqlens, scale, float(softcap))
     backend = rolling_window_attn.choose(*args)
     out = rolling_window_attn.impls[backend](*args)
-    _append(requested_backend() or backend, cache.k, cache.v, k, v, cache.seqlens)
+    _append(backend, cache.k, cache.v, k, v, cache.seqlens)
     cache.seqlens.add_(q.shape[1])
     return out
 

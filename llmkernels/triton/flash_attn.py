@@ -1,6 +1,8 @@
 """Flash attention on Triton: the `llmkernels::flash_attn_{fwd,bwd}_triton` ops and their autograd.
 
     flash_attn_triton(q, k, v, softmax_scale, window_left, window_right, softcap) -> out   (differentiable)
+    flash_attn_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
+                                   window_left, window_right, softcap) -> out   (decode; writes the caches)
 
 q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0;
 fp16 / bf16 / fp32, headdim <= 256, last dimension contiguous (other strides are passed to the kernels).
@@ -18,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .._checks import check_same_dtype, check_shape, check_tensor
+from .flash_attn_decode import check_kvcache_args, decode_launch
 from .flash_attn_kernels import (
     flash_attn_bwd_dkdv_kernel,
     flash_attn_bwd_dq_kernel,
@@ -202,13 +205,38 @@ def flash_attn_bwd_triton(
     return dq, dk, dv
 
 
+@torch.library.triton_op("llmkernels::flash_attn_with_kvcache_triton", mutates_args=("k_cache", "v_cache"))
+def flash_attn_with_kvcache_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> torch.Tensor:
+    """Decode attention against a KV cache (split-KV); see flash_attn_decode.py. Writes k_new, v_new into the caches.
+
+    q: (b, sq, h, d); k_cache, v_cache: (b, max_seqlen, hk, d); k_new, v_new: (b, s_new, hk, d) or None;
+    cache_seqlens: (b,) int32. Returns out (b, sq, h, d) in q's dtype.
+    """
+    fn = "flash_attn_with_kvcache_triton"
+    check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM)
+    meta = _common_meta(q, window_left, window_right, softcap)
+    return decode_launch(_launch, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left,
+                         window_right, softcap, meta, _INTERPRET)
+
+
 if _INTERPRET:
     # triton_op decomposes the op into its kernel launches when AOTAutograd functionalizes a graph, so Inductor
-    # can see the kernels. Interpreted kernels cannot be traced: keep both ops opaque instead.
+    # can see the kernels. Interpreted kernels cannot be traced: keep the ops opaque instead.
     def _keep_opaque(mode, op, types, args, kwargs):
         return mode.__torch_dispatch__(op, types, args, kwargs)
 
-    for _op in (flash_attn_fwd_triton, flash_attn_bwd_triton):
+    for _op in (flash_attn_fwd_triton, flash_attn_bwd_triton, flash_attn_with_kvcache_triton):
         _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
 
 
@@ -216,11 +244,11 @@ def _setup_context(ctx, inputs, output):
     q, k, v, softmax_scale, window_left, window_right, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)  # an auxiliary output, as in flash_attn: no gradient flows through it
     ctx.args = (softmax_scale, window_left, window_right, softcap)
 
 
 def _backward(ctx, dout, dlse):
-    # softmax_lse is an auxiliary output for the backward pass; gradients flowing into it are not propagated.
     q, k, v, out, lse = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()

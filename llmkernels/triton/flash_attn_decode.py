@@ -18,8 +18,6 @@ enough programs on the GPU to reach it when batch * nheads_k is small.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -162,7 +160,7 @@ def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dty
     check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
 
 
-def decode_launch(launch, q, k_cache, v_cache, k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor],
+def decode_launch(launch, q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                   cache_seqlens, softmax_scale, window_left, window_right, softcap, meta, interpret) -> torch.Tensor:
     """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d)."""
     batch, seqlen_q, nheads, headdim = q.shape
@@ -182,7 +180,9 @@ def decode_launch(launch, q, k_cache, v_cache, k_new: Optional[torch.Tensor], v_
         return out.zero_()
     group = nheads // nheads_k
     packed_rows = group * seqlen_q
-    block_m = 16 if interpret else min(64, max(16, triton.next_power_of_2(packed_rows)))
+    # Tiles for H100 that ptxas compiles without spills (8 warps; at most 16 rows from head dim 128 up).
+    block_m = 16 if interpret else min(32 if meta["BLOCK_D"] <= 64 else 16, triton.next_power_of_2(packed_rows))
+    block_m = max(block_m, 16)  # tl.dot's smallest tile
     block_n = 16 if interpret else (64 if meta["BLOCK_D"] <= 128 else 32)
     row_blocks = triton.cdiv(packed_rows, block_m)
     split_len, num_splits = _split_plan(capacity, batch * nheads_k * row_blocks, interpret)
@@ -193,7 +193,7 @@ def decode_launch(launch, q, k_cache, v_cache, k_new: Optional[torch.Tensor], v_
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         nheads, group, seqlen_q, seqlen_new, split_len, num_splits, softmax_scale, softcap, window_left, window_right,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1 if interpret else 4, num_stages=1 if interpret else 3, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1 if interpret else 8, num_stages=1 if interpret else 3, **meta,
     )  # fmt: skip
     launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, num_splits,

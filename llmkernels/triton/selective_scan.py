@@ -10,7 +10,8 @@ Tiling: one program per (block of BLOCK_D channels, batch) holds the (BLOCK_D, B
 registers, dstate being the inner block dim (BLOCK_N = dstate rounded up to a power of two). The scan walks
 time sequentially, one step per loop iteration: simple, and on a GPU memory-bound, since each step reads
 BLOCK_D elements of u, delta, z and a (dstate,) or (BLOCK_D, dstate) slice of B and C, all of which stay in
-L1/L2 between neighbouring timesteps. Forward only: the backward runs on the CUDA or reference backends.
+L1/L2 between neighbouring timesteps. The scan's backward is not a Triton kernel: its autograd formula calls the
+C++ llmkernels::selective_scan_bwd of the inputs' device when the build has it, else autograd through the reference.
 
 Imported lazily (only when the triton backend runs), so `import llmkernels` never imports triton.
 """
@@ -23,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
+from .. import _checks, _ext
+from ..reference.selective_scan import selective_scan_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
@@ -318,3 +320,43 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 @selective_scan_triton.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
     return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    ctx.delta_softplus = delta_softplus
+
+
+def _scan_backward(ctx, dout, dlast_state):
+    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if dout is None:
+        dout = torch.zeros_like(u)
+    if _ext.has_kernel("selective_scan_bwd", u.device.type.upper()):
+        grads = torch.ops.llmkernels.selective_scan_bwd(
+            dout.contiguous(), _contiguous(dlast_state), *(_contiguous(t) for t in inputs[:8]), ctx.delta_softplus,
+            _contiguous(initial_state),
+        )  # fmt: skip
+        grads = [g if t is not None else None for g, t in zip(grads, inputs)]
+    else:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+            lu, ldelta, lA, lB, lC, lD, lz, lbias, linit = leaves
+            out, last = selective_scan_ref(lu, ldelta, lA, lB, lC, lD, lz, lbias, ctx.delta_softplus, True, linit)
+            present = [t for t in leaves if t is not None]
+            outs, grad_outs = [out], [dout]
+            if dlast_state is not None:
+                outs.append(last)
+                grad_outs.append(dlast_state)
+            found = iter(torch.autograd.grad(outs, present, grad_outs, allow_unused=True))
+            grads = [next(found) if t is not None else None for t in leaves]
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = grads
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dinit
+
+
+selective_scan_triton.register_autograd(_scan_backward, setup_context=_scan_setup_context)

@@ -105,9 +105,10 @@ def rolling_window_attn_triton(
     batch, chunk, nheads, head_dim = q.shape
     nheads_k, window = k.shape[2], k_ring.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    block_m = 16 if chunk <= 16 else 64
-    block_n = 32 if q.device.type == "cpu" else 64
     block_d = max(16, triton.next_power_of_2(head_dim))
+    wide = block_d > 128 or q.dtype == torch.float32  # keep the Q, K, V tiles within shared memory
+    block_m = 16 if chunk <= 16 else (32 if wide else 64)
+    block_n = 32 if q.device.type == "cpu" or wide else 64
     grid = (triton.cdiv(chunk, block_m), batch * nheads)
     wrap_triton(_rolling_attn_kernel)[grid](
         q, k, v, k_ring, v_ring, out, seqlens,
@@ -120,6 +121,9 @@ def rolling_window_attn_triton(
         HAS_SOFTCAP=softcap > 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4,
+        # fp32 tiles are twice as large: no software pipelining keeps them within shared memory
+        # (checked by compiling for sm_90: at most 96 KiB at head_dim 256).
+        num_stages=1 if q.dtype == torch.float32 else 2,
     )
     return out
 

@@ -85,8 +85,8 @@ def _launch(mode: int, x, w_packed, in_features, out, s=None, w_scale=None, bias
     m, n = x.shape[0], w_packed.shape[0]
     if m == 0 or n == 0:
         return
-    block_m = 16 if m <= 16 else 64
-    block_n = 64
+    # decode: thin tiles over many programs (weight-stream bound); prefill: larger tiles for tensor-core reuse
+    block_m, block_n, warps = (16, 64, 4) if m <= 16 else (64, 64, 4) if m <= 64 else (128, 128, 8)
     dummy = out  # never read: the constexpr flags switch those loads off
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     torch.library.wrap_triton(_ternary_matmul_kernel)[grid](
@@ -95,7 +95,7 @@ def _launch(mode: int, x, w_packed, in_features, out, s=None, w_scale=None, bias
         m, n, in_features, x.stride(0), w_packed.stride(0), out.stride(0),
         MODE=mode, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps,
     )  # fmt: skip
 
 

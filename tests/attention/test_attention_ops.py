@@ -186,3 +186,15 @@ def test_triton_backend_through_the_public_api():
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(k.grad, k2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_glue_realigns_inputs_but_never_copies_the_caches():
+    """The CUDA kernels need 16-byte aligned rows: unaligned q/k/v are copied, unaligned caches refused."""
+    base = torch.randn(2, 9, 4, 16, dtype=torch.bfloat16)
+    odd = base[:, :, :, :8]  # strides (576, 64, 16, 1): aligned
+    assert attention_ops._rows_aligned(odd)
+    shifted = base.flatten()[4:].view(-1)[: 2 * 9 * 4 * 8].view(2, 9, 4, 8)  # element offset 4: 8-byte aligned
+    assert not attention_ops._rows_aligned(shifted)
+    realigned = attention_ops._aligned(shifted)
+    assert attention_ops._rows_aligned(realigned) and torch.equal(realigned, shifted)
+    assert "k_cache" in attention_ops._cuda_kvcache_supports(odd, shifted, shifted)

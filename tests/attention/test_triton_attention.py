@@ -4,6 +4,7 @@ Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by co
 is imported, so the @triton.jit kernels are defined as interpreted ones): small shapes, fp32 against the fp64
 reference and fp16 within 2x (output) / 3x (gradients) the error of the fp16 PyTorch reference. bf16 is left
 to the GPU cases: the interpreter's bf16 tl.dot is not faithful. The `cuda` cases run the larger grid.
+Covers flash_attn_fwd_triton / flash_attn_bwd_triton (through autograd) and flash_attn_with_kvcache_triton.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 from utils import assert_error_within_ratio
 
-from llmkernels.reference.attention import flash_attn_fwd_ref
+from llmkernels.reference.attention import flash_attn_fwd_ref, flash_attn_with_kvcache_ref
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -224,3 +225,105 @@ def test_gpu_grid(case, dtype):
 def test_gpu_fp32_and_strided(headdim):
     _check_against_reference((257, 300, 4, 2, headdim, -1, 0, 0.0), torch.float32, "cuda")
     _check_against_reference((200, 200, 4, 4, headdim, 32, 0, 0.0), torch.float16, "cuda", layout="packed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode against a KV cache (split-KV + combine)
+# --------------------------------------------------------------------------------------------------
+# (batch, seqlen_q, nheads, nheads_k, headdim, capacity, seqlen_new, window_left, window_right, softcap, lens)
+KV_INTERP_CASES = [
+    (2, 1, 4, 1, 32, 40, 1, -1, 0, 0.0, [5, 39]),  # one new token, GQA 4, one row filling the cache
+    (2, 3, 4, 2, 40, 64, 3, 7, 0, 2.0, [0, 50]),  # 3 new tokens, window, softcap, an empty cache row
+    (3, 1, 2, 2, 16, 33, 0, -1, -1, 0.0, [0, 17, 33]),  # no new tokens: row 0 sees nothing
+]
+
+
+def _kvcache_inputs(case, dtype, device):
+    b, sq, h, hk, d, cap, s_new = case[:7]
+    q = torch.randn(b, sq, h, d, device=device).to(dtype)
+    k_cache = torch.randn(b, cap, hk, d, device=device).to(dtype)
+    v_cache = torch.randn(b, cap, hk, d, device=device).to(dtype)
+    k_new = torch.randn(b, s_new, hk, d, device=device).to(dtype) if s_new else None
+    v_new = torch.randn(b, s_new, hk, d, device=device).to(dtype) if s_new else None
+    lens = torch.tensor(case[10], dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, k_new, v_new, lens
+
+
+def _check_kvcache(case, dtype, device):
+    q, k_cache, v_cache, k_new, v_new, lens = _kvcache_inputs(case, dtype, device)
+    window_left, window_right, softcap = case[7:10]
+    scale = q.shape[-1] ** -0.5
+    exact_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    up = lambda t: None if t is None else t.to(exact_dtype)  # noqa: E731
+    exact_k, exact_v = up(k_cache), up(v_cache)
+    same_k, same_v = k_cache.clone(), v_cache.clone()
+    kw = dict(window_size=(window_left, window_right), softcap=softcap)
+
+    out = torch.ops.llmkernels.flash_attn_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, lens, scale,
+                                                              window_left, window_right, softcap)
+    exact = flash_attn_with_kvcache_ref(up(q), exact_k, exact_v, up(k_new), up(v_new), lens, scale, **kw)
+    same = flash_attn_with_kvcache_ref(q, same_k, same_v, k_new, v_new, lens, scale, upcast=False, **kw)
+    assert torch.equal(k_cache, same_k) and torch.equal(v_cache, same_v), "the caches must hold the new tokens"
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), exact, rtol=FP32_TOL["out"][0], atol=FP32_TOL["out"][1])
+    else:
+        assert_error_within_ratio(out, exact, same, ratio=2.0)
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("case", KV_INTERP_CASES)
+def test_kvcache_fp32_matches_fp64_reference(case):
+    _check_kvcache(case, torch.float32, "cpu")
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+def test_kvcache_fp16_within_ratio_of_fp16_reference():
+    _check_kvcache(KV_INTERP_CASES[1], torch.float16, "cpu")
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+def test_kvcache_opcheck_and_compile():
+    args = _kvcache_inputs(KV_INTERP_CASES[0], torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_with_kvcache_triton.default, (*args, 0.2, -1, 0, 0.0))
+    q, k_cache, v_cache, k_new, v_new, lens = args
+    eager = fa.flash_attn_with_kvcache_triton(q, k_cache.clone(), v_cache.clone(), k_new, v_new, lens, 0.2, -1, 0, 0.0)
+    compiled = torch.compile(fa.flash_attn_with_kvcache_triton, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k_cache, v_cache, k_new, v_new, lens, 0.2, -1, 0, 0.0)
+    torch.testing.assert_close(out, eager)
+
+
+KV_BAD_INPUTS = [
+    (lambda a: (a[0], a[1].half(), *a[2:]), "k_cache must have the dtype of q"),
+    (lambda a: (*a[:3], a[3], None, a[5]), "k_new and v_new must be given together"),
+    (lambda a: (*a[:5], a[5].long()), "cache_seqlens must have dtype"),
+    (lambda a: (*a[:5], a[5][:1]), "cache_seqlens must have shape"),
+    (lambda a: (a[0], a[1], a[2][:, :4], *a[3:]), "v_cache must have shape"),
+]
+
+
+@pytest.mark.parametrize("change,message", KV_BAD_INPUTS)
+def test_kvcache_bad_inputs_name_the_argument(change, message):
+    if fa is None:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    args = _kvcache_inputs(KV_INTERP_CASES[0], torch.float32, "cpu")
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.llmkernels.flash_attn_with_kvcache_triton(*change(args), 0.2, -1, 0, 0.0)
+
+
+GPU_KV_CASES = [
+    (4, 1, 32, 8, 128, 4096, 1, -1, 0, 0.0, [1, 100, 2047, 4095]),  # decode, GQA 4
+    (1, 1, 32, 4, 128, 8192, 1, -1, 0, 0.0, [8000]),  # batch 1, long cache: many splits
+    (2, 4, 16, 2, 64, 1024, 4, 256, 0, 0.0, [17, 1000]),  # speculative 4 tokens, sliding window, GQA 8
+    (3, 1, 8, 8, 256, 512, 1, -1, 0, 30.0, [0, 113, 511]),  # head dim 256, softcap
+    (2, 2, 8, 1, 96, 300, 0, -1, -1, 0.0, [37, 300]),  # no new tokens, MQA
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_KV_CASES)
+def test_gpu_kvcache(case, dtype):
+    _check_kvcache(case, dtype, "cuda")

@@ -35,19 +35,22 @@ def schedules(window: int) -> dict[str, list[int]]:
     return out
 
 
-def run_generation(backend, window, chunks, dtype, device, offsets=(0, 5), softcap=0.0):
+def run_generation(
+    backend, window, chunks, dtype, device, offsets=(0, 5), softcap=0.0, heads=(NHEADS, NHEADS_K, HEAD_DIM)
+):
     """Drive `chunks` through a cache whose rows already hold `offsets` tokens; every step's outputs are
     kept and compared, position by position, with attention over each row's whole history."""
     skip_unless_built(backend)
+    nheads, nheads_k, head_dim = heads
     batch, total = len(offsets), sum(chunks)
     # fp32: the same-precision reference is the fp32 reference itself (a blocked GEMM sum), while a kernel
     # sums up to W terms sequentially with a running rescale: allow ~100 fp32 roundings of an O(1) output.
     floor = 1e-5 if dtype == torch.float32 else None
-    cache = RollingKVCache(batch, window, NHEADS_K, HEAD_DIM, dtype=dtype, device=device)
+    cache = RollingKVCache(batch, window, nheads_k, head_dim, dtype=dtype, device=device)
     cache.k.normal_(), cache.v.normal_()  # stale ring contents must never be read
     prefix = max(offsets)
-    q = torch.randn(batch, total, NHEADS, HEAD_DIM, dtype=dtype, device=device)
-    k, v = (torch.randn(batch, prefix + total, NHEADS_K, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
+    q = torch.randn(batch, total, nheads, head_dim, dtype=dtype, device=device)
+    k, v = (torch.randn(batch, prefix + total, nheads_k, head_dim, dtype=dtype, device=device) for _ in range(2))
     # Row b's history is k[b, prefix - n_b:]: its first n_b tokens go into the ring before the chunks.
     for b, n in enumerate(offsets):
         rows = slice(prefix - n, prefix)
@@ -63,7 +66,7 @@ def run_generation(backend, window, chunks, dtype, device, offsets=(0, 5), softc
         start += chunk
         assert cache.seqlens.tolist() == [n + start for n in offsets]
     out = torch.cat(outs, dim=1)
-    rest = (HEAD_DIM**-0.5, window - 1, 0, softcap)
+    rest = (head_dim**-0.5, window - 1, 0, softcap)
     for b, n in enumerate(offsets):
         tensors = (q[b : b + 1], k[b : b + 1, prefix - n :], v[b : b + 1, prefix - n :])
         exact, _ = flash_attn_fwd_ref(*(t.double() for t in tensors), *rest)
@@ -90,6 +93,12 @@ def test_generation_matches_whole_sequence_fp32(backend, window, schedule):
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_generation_low_precision_cpu(dtype, softcap):
     run_generation("cpu", 16, schedules(16)["mixed"], dtype, "cpu", offsets=(3, 0, 40), softcap=softcap)
+
+
+@pytest.mark.parametrize("heads", [(3, 1, 17), (2, 2, 1), (8, 2, 113)])
+def test_generation_odd_head_shapes_cpu(heads):
+    # MQA with an odd head_dim, head_dim 1, and a head_dim that is no vector multiple.
+    run_generation("cpu", 5, [1, 7, 1, 4, 1, 1], torch.bfloat16, "cpu", offsets=(2, 9), heads=heads)
 
 
 @pytest.mark.triton_interp

@@ -10,6 +10,7 @@ import torch
 from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
 
 import llmkernels
+import llmkernels.reference.ternary
 from llmkernels import _ext
 
 needs_ext = pytest.mark.skipif(not _ext.has_kernel("ternary_linear_a8", "CPU"), reason="no C++ CPU ternary kernels")
@@ -113,3 +114,15 @@ def test_leading_dims_and_empty_batch():
     assert y.shape == (2, 3, 4, 6)
     torch.testing.assert_close(y, llmkernels.ternary_linear(x.reshape(-1, 50), w_packed, w_scale).reshape(2, 3, 4, 6))
     assert llmkernels.ternary_linear(torch.randn(0, 50), w_packed, w_scale).shape == (0, 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_quantize_rounds_ties_to_even(dtype):
+    """s = 127 makes (x * 127) / s == x: the .5 ties must round to even in the vector body and the tail."""
+    ties = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 4.5, 0.25, -126.5, 5.5, 6.5]  # 13: 8 + a tail of 5
+    x = torch.tensor([ties, ties[::-1]], dtype=dtype)
+    with llmkernels.use_backend("cpu"):
+        x_q, s = llmkernels.ternary.quantize_activation(x)
+    x_q_ref, s_ref = llmkernels.reference.ternary.quantize_activation_ref(x)
+    assert torch.equal(s, s_ref) and torch.equal(x_q, x_q_ref)
+    assert x_q[0, :9].tolist() == [127, 0, 2, 2, 0, -2, -2, 4, 4]

@@ -5,6 +5,7 @@ import torch
 from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
 
 import llmkernels
+from llmkernels.reference import ternary as ref
 
 pytestmark = pytest.mark.cuda
 
@@ -48,3 +49,16 @@ def test_cuda_rejects_mixed_devices():
     w_packed, w_scale, _ = random_layer(8, 40, "cuda")
     with pytest.raises(ValueError, match="w_packed must be on"):
         llmkernels.ternary_linear(torch.randn(2, 40), w_packed, w_scale)
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_cuda_misaligned_views(m):
+    """Contiguous views at an odd storage offset: the kernels' 16-byte loads must not see them misaligned."""
+    k, n = 512, 24
+    w_packed, w_scale, _ = random_layer(n, k, "cuda")
+    shifted = torch.empty(w_packed.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view_as(w_packed)
+    shifted.copy_(w_packed)
+    x_q = torch.randint(-128, 128, (m * k + 1,), dtype=torch.int8, device="cuda")[1:].view(m, k)
+    with llmkernels.use_backend("cuda"):
+        acc = llmkernels.ternary.ternary_matmul_int8(x_q, shifted, k)
+    torch.testing.assert_close(acc, ref.ternary_matmul_int8_ref(x_q, w_packed, k))

@@ -11,18 +11,21 @@
 //   ds_ij = p_ij (dp_ij - D_i) (* (1 - (s_ij / c)^2) when soft-capped), dq_i = scale sum_j ds_ij k_j,
 //   dk_j = scale sum_i ds_ij q_i.
 //
-// Tiling: one task per (batch, head, 64-query block) (forward: 64 (query, head) rows of one GQA group) streams 64-key blocks through an online softmax
-// (FlashAttention-2), never holding more than a 64 x 64 score tile. Only key blocks that intersect the
-// causal / window band are visited, and only blocks the band cuts pay for masking. Blocks are converted to
+// Tiling: the forward runs one task per (batch, block of 64 rows), a row being a (query, head) pair of one GQA
+// group (so a K/V block, once loaded, serves the whole group), and streams 64-key blocks through an online
+// softmax (FlashAttention-2), never holding more than a 64 x 64 score tile. Only key blocks that intersect the
+// causal / window band are visited, and only blocks the band cuts pay for masking. Scores are computed
+// transposed (keys x queries) so the softmax bookkeeping is vectorised across queries. Blocks are converted to
 // fp32 as they are packed into small per-thread buffers (fp32 K and V with a whole-register head dim are read
-// in place), zero-padded to whole SIMD registers. All products go through one register-blocked micro-kernel
-// (`gemm`): Vec::MR rows x 2 registers of columns, broadcasting A and streaming B, fp32 FMA. The forward
-// computes scores transposed (keys x queries) so the softmax bookkeeping is vectorised across queries.
-// The backward recomputes P from lse in two race-free passes: per (batch, KV head, key block) it
-// accumulates dK and dV over its group's query heads; per (batch, head, query block) it accumulates dQ.
+// in place), zero-padded to whole SIMD registers. The products go through one register-blocked micro-kernel
+// (`gemm`: up to 6 rows x 4 registers of C in registers, broadcasting A and streaming B, fp32 FMA); blocks of
+// at most 4 rows (decode) take per-key dot products instead. The backward recomputes P from lse in two
+// race-free passes: per (batch, KV head, key block) it accumulates dK and dV over its group's query heads; per
+// (batch, head, query block) it accumulates dQ.
 //
-// Speed: for head dims >= 64 the FMA throughput of the two products per tile bounds the forward (plus one
-// vector exp per score); for small head dims and decode (one query row) the packing of K and V does.
+// Speed: for head dims >= 64 the forward is bound by the FMA throughput of its two products per tile (about
+// 70% of the fp32 FMA peak here, with one vector exp per score taking ~10%); decode (a few rows per block) by
+// reading K and V, which are strided by nheads_k * headdim.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -286,6 +289,28 @@ inline void grad_scores(const AttnParams& p, const float* s, const float* pb, fl
   }
 }
 
+// S^T (cols x kBlockQ) for a block of few query rows (decode): one dot product per (key, row), each key row
+// loaded once, instead of a product whose register tile would be mostly padding. Padding rows [rows, nrows)
+// score 0. Key rows are read up to dp (zero padded, or d == dp in place).
+constexpr int64_t kFewRows = 4;
+
+inline void scores_by_dot(int64_t rows, int64_t nrows, int64_t cols, int64_t dp, const float* qr, const float* kp,
+                          int64_t k_ld, float* st) {
+  using reg = typename Vec::reg;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* k_row = kp + c * k_ld;
+    float* s_col = st + c * kBlockQ;
+    reg acc[kFewRows];
+    for (int64_t r = 0; r < rows; ++r) acc[r] = Vec::zero();
+    for (int64_t e = 0; e < dp; e += Vec::W) {
+      const reg k = Vec::load(k_row + e);
+      for (int64_t r = 0; r < rows; ++r) acc[r] = Vec::fmadd(Vec::load(qr + r * dp + e), k, acc[r]);
+    }
+    for (int64_t r = 0; r < rows; ++r) s_col[r] = Vec::hsum(acc[r]);
+    for (int64_t r = rows; r < nrows; ++r) s_col[r] = 0.f;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward: task = (batch, pack of query heads, block of 64 (position, head) rows)
 // ---------------------------------------------------------------------------------------------------
@@ -296,10 +321,11 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, dp = round_up_to_vec(d);
   const int64_t group = p.nheads / p.nheads_k, pack = p.heads_per_block, packed_rows = p.seqlen_q * pack;
   const int64_t nqb = (packed_rows + kBlockQ - 1) / kBlockQ, npacks = p.nheads / pack;
-  const bool kv_in_place = false;
-  Scratch scratch(dp * kBlockQ + kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ + dp);
+  const bool kv_in_place = p.dtype == ElemType::kFloat32 && d == dp;
+  Scratch scratch(dp * kBlockQ + 2 * kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ);
   float* qt = scratch.data;             // (dp, kBlockQ) scaled queries, transposed; unused columns zero
-  float* ob = qt + dp * kBlockQ;        // (kBlockQ, dp) unnormalised output
+  float* qr = qt + dp * kBlockQ;        // (kBlockQ, dp) the same, row-major (for blocks of few rows)
+  float* ob = qr + kBlockQ * dp;        // (kBlockQ, dp) unnormalised output
   float* kb = ob + kBlockQ * dp;        // (kBlockK, dp) keys in fp32 when not read in place
   float* vb = kb + kBlockK * dp;        // (kBlockK, dp) values likewise
   float* st = vb + kBlockK * dp;        // (kBlockK, kBlockQ) scores, then probabilities, transposed
@@ -309,7 +335,6 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   float* l_blk = m_blk + kBlockQ;
   float* shift = l_blk + kBlockQ;
   float* alpha = shift + kBlockQ;
-  float* tmp = alpha + kBlockQ;  // one converted query row
   int64_t row_pos[kBlockQ], row_head[kBlockQ];  // query position and head of each row of the block
 
   for (int64_t task = begin; task < end; ++task) {
@@ -324,8 +349,9 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
 
     for (int64_t r = 0; r < nrows; ++r) {
       if (r < rows) {
-        load_row(p.dtype, p.q, b, row_pos[r], row_head[r], d, p.softmax_scale, tmp);
-        for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = tmp[e];
+        float* q_row = qr + r * dp;  // padding [d, dp) stays zero
+        load_row(p.dtype, p.q, b, row_pos[r], row_head[r], d, p.softmax_scale, q_row);
+        for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = q_row[e];
         std::memset(ob + r * dp, 0, sizeof(float) * dp);
       } else {  // padding queries score 0 against every key: finite, and never read back
         for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = 0.f;
@@ -350,7 +376,11 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
           load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, vb + c * dp);
         }
       }
-      gemm(cols, nrows, d, kp, k_ld, 1, qt, kBlockQ, st, kBlockQ, false);  // S^T = K (scale Q)^T
+      if (rows <= kFewRows) {
+        scores_by_dot(rows, nrows, cols, dp, qr, kp, k_ld, st);
+      } else {
+        gemm(cols, nrows, d, kp, k_ld, 1, qt, kBlockQ, st, kBlockQ, false);  // S^T = K (scale Q)^T
+      }
 
       if (p.softcap > 0.f) {
         const float cap = p.softcap, inv_cap = 1.f / p.softcap;

@@ -162,6 +162,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda(
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
     bool delta_softplus, const std::optional<at::Tensor>& initial_state) {
   const char* op = "selective_scan_fwd";
+  LLMK_CHECK_DEVICE(op, u, at::kCUDA);
   c10::cuda::CUDAGuard guard(u.device());
   ScanInputs in = prepare_scan(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
   ScanFwdParams& p = in.params;
@@ -190,6 +191,7 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
                         const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                         const std::optional<at::Tensor>& initial_state) {
   const char* op = "selective_scan_bwd";
+  LLMK_CHECK_DEVICE(op, u, at::kCUDA);
   c10::cuda::CUDAGuard guard(u.device());
   ScanInputs in = prepare_scan(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
   const int64_t batch = u.size(0), dim = u.size(1), dstate = A.size(1);

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_features.h"
@@ -163,10 +164,58 @@ __attribute__((target("avx2,fma"))) float dot_f32_avx2(const float* a, const flo
   return _mm_cvtss_f32(s);
 }
 
+// ---- activation quantisation, AVX2 (fp32 and bf16 rows): the same IEEE mul, div and round-half-even ----
+__attribute__((target("avx2,fma"))) inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8_f32(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // bf16 = the top half of an fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) float quantize_row_avx2(const scalar_t* x, int64_t K, int64_t k_pad,
+                                                            int8_t* x_q, int32_t* sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs_mask, load8_f32(x + k)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  float amax = _mm_cvtss_f32(m4);
+  for (; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
+  const float s = std::max(amax, 1e-5f);
+
+  const __m256 vs = _mm256_set1_ps(s), v127 = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-128.f);
+  __m256i vsum = _mm256_setzero_si256();
+  k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_div_ps(_mm256_mul_ps(load8_f32(x + k), v127), vs);
+    v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(v127, _mm256_max_ps(lo, v));
+    const __m256i q = _mm256_cvtps_epi32(v);  // exact: v is already integral
+    vsum = _mm256_add_epi32(vsum, q);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(x_q + k), _mm_packs_epi16(q16, q16));
+  }
+  int32_t total = hsum_epi32_avx2(vsum);
+  for (; k < K; ++k) {
+    const float v = std::nearbyint((static_cast<float>(x[k]) * 127.0f) / s);
+    const int32_t q = static_cast<int32_t>(std::min(127.0f, std::max(-128.0f, v)));
+    x_q[k] = static_cast<int8_t>(q);
+    total += q;
+  }
+  for (k = K; k < k_pad; ++k) x_q[k] = 0;
+  if (sum != nullptr) *sum = total;
+  return s;
+}
+
 }  // namespace
 
 template <typename scalar_t>
 float quantize_row(const scalar_t* x, int64_t K, int64_t k_pad, int8_t* x_q, int32_t* sum) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_avx2()) return quantize_row_avx2(x, K, k_pad, x_q, sum);
+  }
   float amax = 0.f;
   for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
   const float s = std::max(amax, 1e-5f);

@@ -1,0 +1,166 @@
+"""Selective scan (Mamba) benchmarks: the scan forward, forward + backward, and the decode step.
+
+    python bench/run.py --op selective_scan [--quick]
+
+GPU (bf16, dstate 16, per-token B/C, with z, D, delta_bias, softplus, as in Mamba): batch 8, dim 2048 and
+5120, seqlen 512..16k. GB/s counts the bytes that must move: u, delta, z (batch, dim, seqlen), B, C
+(batch, dstate, seqlen) in and out (batch, dim, seqlen); forward + backward adds dout in, the same inputs
+read again and du, ddelta, dz, dB, dC out. The limit is copy_bandwidth_gbps(). Backends: cuda, triton, and
+the reference where it finishes in reasonable time (seqlen <= 2048). Decode: one state-update step, batch
+1..256, dim 5120; bytes = the fp32 state read and written plus x, dt, z, B, C, y.
+CPU: small cases, the C++ kernels against the reference, including seqlen 2048 (the speedup is the point).
+Colleagues' kernels are called inside try/except, so the benchmark runs whatever state they are in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import llmkernels  # noqa: E402
+from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu  # noqa: E402
+from llmkernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
+
+OP = "selective_scan"
+DSTATE = 16
+
+
+def _row(op, case, impl, ms, metric=None, value=None, limit=None, peer=None, **extra):
+    return {"op": op, "case": case, "impl": impl, "time_ms": ms, "metric": metric, "value": value, "limit": limit,
+            "peer": peer, **extra}
+
+
+def _try(rows, op, case, impl, fn, nbytes=None, limit=None, peer=None, **measure_kw):
+    """Time fn and add a row (GB/s when nbytes is given); a failing backend just leaves a note."""
+    try:
+        ms = measure_ms(fn, **measure_kw)
+    except Exception as exc:  # noqa: BLE001  (NotImplementedError, BackendError, OOM: all reported the same)
+        print(f"  [{case}] {impl}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    value = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
+    rows.append(_row(op, case, impl, ms, "GB/s" if nbytes else None, value, limit, peer))
+    return ms
+
+
+def scan_inputs(batch, dim, seqlen, dtype, device):
+    def act(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    return dict(
+        u=act(batch, dim, seqlen),
+        delta=(0.5 * torch.rand(batch, dim, seqlen, device=device)).to(dtype),
+        A=-0.5 - torch.rand(dim, DSTATE, device=device),
+        B=act(batch, DSTATE, seqlen),
+        C=act(batch, DSTATE, seqlen),
+        D=torch.randn(dim, device=device),
+        z=act(batch, dim, seqlen),
+        delta_bias=0.5 * torch.rand(dim, device=device),
+        delta_softplus=True,
+    )
+
+
+def scan_bytes(batch, dim, seqlen, elem, backward=False):
+    """Bytes that must move: forward u, delta, z, B, C in, out out; backward also dout in, du, ddelta, dz, dB, dC out."""
+    big, small = batch * dim * seqlen * elem, batch * DSTATE * seqlen * elem
+    fwd = 4 * big + 2 * small
+    return fwd + (3 * big + 2 * small) + (4 * big + 2 * small) if backward else fwd
+
+
+def _scan_fn(backend, kw, backward):
+    leaves = [kw[k] for k in ("u", "delta", "B", "C", "z")]
+
+    def run():
+        if backward:
+            for t in leaves:
+                t.requires_grad_(True)
+                t.grad = None
+        if backend == "reference":
+            out = selective_scan_ref(**kw)
+        else:
+            with llmkernels.use_backend(backend):
+                out = llmkernels.selective_scan_fn(**kw)
+        if backward:
+            out.backward(torch.ones_like(out))
+        return out
+
+    return run
+
+
+def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit, measure_kw):
+    elem = torch.tensor([], dtype=dtype).element_size()
+    kw = scan_inputs(batch, dim, seqlen, dtype, device)
+    for backward in (False, True):
+        op = "selective_scan_fwd_bwd" if backward else "selective_scan_fwd"
+        case = f"b={batch} dim={dim} L={seqlen} n={DSTATE} {str(dtype)[6:]} z"
+        nbytes = scan_bytes(batch, dim, seqlen, elem, backward)
+        for backend in backends:
+            _try(rows, op, case, f"llmkernels-{backend}", _scan_fn(backend, kw, backward), nbytes, limit,
+                 peer="reference", **measure_kw)
+        if ref_ok:
+            _try(rows, op, case, "reference", _scan_fn("reference", kw, backward), nbytes, limit,
+                 warmup=0, rep=2, min_time_s=0)
+        for t in kw.values():
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+
+
+def _decode_case(rows, batch, dim, dtype, device, backends, limit, measure_kw):
+    state = torch.randn(batch, dim, DSTATE, device=device)
+    args = dict(
+        x=torch.randn(batch, dim, device=device, dtype=dtype),
+        dt=(0.5 * torch.rand(batch, dim, device=device)).to(dtype),
+        A=-0.5 - torch.rand(dim, DSTATE, device=device),
+        B=torch.randn(batch, DSTATE, device=device, dtype=dtype),
+        C=torch.randn(batch, DSTATE, device=device, dtype=dtype),
+        D=torch.randn(dim, device=device),
+        z=torch.randn(batch, dim, device=device, dtype=dtype),
+        dt_bias=0.5 * torch.rand(dim, device=device),
+        dt_softplus=True,
+    )
+    elem = torch.tensor([], dtype=dtype).element_size()
+    nbytes = 2 * state.numel() * 4 + (4 * batch * dim + 2 * batch * DSTATE) * elem
+    case = f"decode b={batch} dim={dim} n={DSTATE} {str(dtype)[6:]}"
+    for backend in backends:
+
+        def step(backend=backend):
+            with llmkernels.use_backend(backend):
+                return llmkernels.selective_state_update(state, **args)
+
+        _try(rows, "selective_state_update", case, f"llmkernels-{backend}", step, nbytes, limit, peer="reference",
+             **measure_kw)
+    _try(rows, "selective_state_update", case, "reference", lambda: selective_state_update_ref(state, **args),
+         nbytes, limit, **measure_kw)
+
+
+def run(quick: bool = False) -> list[dict]:
+    rows: list[dict] = []
+    limit = copy_bandwidth_gbps()
+    if on_gpu():
+        backends = ("cuda", "triton")
+        seqlens = (512, 2048, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+        for dim in (2048,) if quick else (2048, 5120):
+            for seqlen in seqlens:
+                _scan_cases(rows, 8, dim, seqlen, torch.bfloat16, "cuda", backends, seqlen <= 2048, limit, {})
+                torch.cuda.empty_cache()
+        for batch in (1, 16, 256) if quick else (1, 4, 16, 64, 256):
+            _decode_case(rows, batch, 5120, torch.bfloat16, "cuda", backends, limit, {})
+    else:
+        small = dict(warmup=1, rep=5, min_time_s=0)
+        cases = [(1, 64, 2048, torch.float32), (2, 128, 2048, torch.bfloat16)]
+        if not quick:
+            cases += [(1, 256, 512, torch.float32), (4, 256, 2048, torch.bfloat16), (1, 128, 8192, torch.float32)]
+        for batch, dim, seqlen, dtype in cases:
+            _scan_cases(rows, batch, dim, seqlen, dtype, "cpu", ("cpu",), True, limit, small)
+        for batch in (1, 16) if quick else (1, 16, 64):
+            _decode_case(rows, batch, 1024, torch.float32, "cpu", ("cpu",), limit, small)
+    return rows
+
+
+if __name__ == "__main__":
+    from bench.common import add_speedups, format_table
+
+    print(format_table(add_speedups(run(quick="--quick" in sys.argv))))
