@@ -101,7 +101,7 @@ def _decode_case(batch: int, context: int, gbps_limit: float) -> list[dict]:
     window_bytes = 2 * batch * WINDOW * NHEADS_K * HEAD_DIM * cache.k.element_size()
     case = (f"decode b={batch} context={context} W={WINDOW} h={NHEADS}/{NHEADS_K} d={HEAD_DIM} "
             f"(rolling cache {cache.nbytes / 2**20:.0f} MiB, full cache {8 * cache.nbytes / 2**20:.0f} MiB)")
-    gbps = lambda ms, b=batch, n=window_bytes: ("GB/s", n / (ms * 1e-3) / 1e9)  # noqa: E731
+    gbps = lambda ms, n=window_bytes: ("GB/s", n / (ms * 1e-3) / 1e9)  # noqa: E731
 
     def rolling(backend):
         def fn():
@@ -111,10 +111,8 @@ def _decode_case(batch: int, context: int, gbps_limit: float) -> list[dict]:
         return fn
 
     for backend in ("cuda", "triton"):
-        ms = _try(rows, case, f"llmkernels-{backend}", rolling(backend), gbps, limit=gbps_limit,
-                  peer="flash_attn_with_kvcache-full", cache_mib=cache.nbytes / 2**20)
-        if ms is not None:
-            rows[-1]["tokens_per_s"] = batch / (ms * 1e-3)
+        _try(rows, case, f"llmkernels-{backend}", rolling(backend), gbps, limit=gbps_limit,
+             peer="flash_attn_with_kvcache-full", cache_mib=cache.nbytes / 2**20)
     full_k = torch.randn(batch, context + 1, NHEADS_K, HEAD_DIM, device="cuda", dtype=dt)
     full_v = torch.randn_like(full_k)
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
@@ -126,6 +124,8 @@ def _decode_case(batch: int, context: int, gbps_limit: float) -> list[dict]:
     _try(rows, case, "sdpa-full-cache-window-mask",
          lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True), gbps,
          limit=gbps_limit)
+    for r in rows:  # one new token per batch row per call
+        r["tokens_per_s"] = batch / (r["time_ms"] * 1e-3)
     return rows
 
 
@@ -153,9 +153,12 @@ def _cpu_case(window: int, h: int, hk: int, d: int, chunk: int) -> list[dict]:
                 return llmkernels.sliding_window_attn_with_cache(q, k, v, cache)
         return fn
 
-    gbps = lambda ms: ("GB/s", 2 * window * hk * d * 4 / (ms * 1e-3) / 1e9)  # noqa: E731
-    _try(rows, case, "llmkernels-cpu", step("cpu"), gbps, peer="reference")
-    _try(rows, case, "reference", step("reference"), gbps)
+    if chunk == 1:  # decode: the window's K/V bytes per call
+        metric = lambda ms: ("GB/s", 2 * window * hk * d * 4 / (ms * 1e-3) / 1e9)  # noqa: E731
+    else:  # chunked prefill: 2 matmuls over W keys per query and head
+        metric = lambda ms: ("GFLOP/s", 4 * chunk * window * h * d / (ms * 1e-3) / 1e9)  # noqa: E731
+    _try(rows, case, "llmkernels-cpu", step("cpu"), metric, peer="reference")
+    _try(rows, case, "reference", step("reference"), metric)
     return rows
 
 

@@ -14,7 +14,8 @@
 //
 // Bound: decode reads the W keys and values of the window once per query head (GQA heads re-read the
 // same KV rows, from L2): memory bandwidth. Prefill chunks also run here, one query per block, without
-// tensor cores: correct but compute bound; long prefills without a cache belong to flash_attn_func.
+// tensor cores: correct but compute bound, so automatic dispatch sends chunks of 64+ queries to the Triton
+// kernel (llmkernels/ops/sliding_window.py), and prefills without a cache belong to flash_attn_func.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -11,7 +11,8 @@ Two C++ ops (schemas in csrc/registration.cpp): `rolling_window_attn` (pure: rea
 `rolling_cache_append` (writes the chunk's last min(S, W) tokens, declared mutating with (a!)). The cache
 object advances `seqlens` itself, so both ops stay functional enough for torch.compile.
 Backends of rolling_window_attn: reference, cpu (C++), cuda (flash-decoding kernel, fp16/bf16, head_dim a
-multiple of 8 up to 256), triton. Inference only: no autograd is registered.
+multiple of 8 up to 256), triton (chosen automatically on CUDA for chunks of LONG_CHUNK+ queries).
+Inference only: no autograd is registered.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .._backend import Dispatcher
+from .._backend import Dispatcher, requested_backend, triton_unavailable_reason
 from .._checks import check_same_dtype, check_shape, check_tensor
 from ..reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
 
@@ -84,12 +85,19 @@ def _attn_cpu(q, k, v, k_ring, v_ring, seqlens, softmax_scale: float, softcap: f
     return torch.ops.llmkernels.rolling_window_attn(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap)
 
 
+# Chunks at least this long go to the Triton kernel when chosen automatically: it tiles queries onto tensor
+# cores, while the CUDA kernel (built for decode) gives every query row its own block.
+LONG_CHUNK = 64
+
+
 def _cuda_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) -> str | None:
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
     d = q.shape[-1]
     if d % 8 != 0 or d > 256:
         return f"the CUDA kernel takes head_dim a multiple of 8 up to 256, got {d}"
+    if q.shape[1] >= LONG_CHUNK and requested_backend() != "cuda" and triton_unavailable_reason("cuda") is None:
+        return f"chunks of {LONG_CHUNK}+ queries run on the Triton kernel (tensor cores) unless cuda is forced"
     return None
 
 

@@ -198,3 +198,21 @@ def test_cuda_glue_realigns_inputs_but_never_copies_the_caches():
     realigned = attention_ops._aligned(shifted)
     assert attention_ops._rows_aligned(realigned) and torch.equal(realigned, shifted)
     assert "k_cache" in attention_ops._cuda_kvcache_supports(odd, shifted, shifted)
+
+
+@needs_cpu_kernel
+def test_explicit_scale_and_non_contiguous_output_gradient():
+    """softmax_scale is honoured, and a gradient arriving strided in its last dimension (here through a
+    transpose) is handled by the backward."""
+    from llmkernels.reference.attention import flash_attn_ref
+
+    q, k, v = (t.requires_grad_() for t in _qkv(sq=20, sk=33, d=24))
+    w = torch.randn(2, 24, 4, 20)
+    out = llmkernels.flash_attn_func(q, k, v, softmax_scale=0.1, causal=True, deterministic=True)
+    (out.transpose(1, 3) * w).sum().backward()
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = flash_attn_ref(q2, k2, v2, softmax_scale=0.1, causal=True)
+    (ref.transpose(1, 3) * w.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for g, r in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(g.double(), r, rtol=2e-4, atol=5e-5)

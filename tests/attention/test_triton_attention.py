@@ -105,6 +105,10 @@ def test_kernels_run_in_the_interpreter():
     if HAS_CUDA:
         pytest.skip("a GPU is present: the kernels are compiled, not interpreted")
     assert fa is not None and fa._INTERPRET, "conftest must set TRITON_INTERPRET=1 before the module is imported"
+    assert type(fa.flash_attn_fwd_kernel).__name__ == "InterpretedFunction"
+    q = torch.randn(1, 3, 1, 16, requires_grad=True)
+    out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, q, q, 0.25, -1, -1, 0.0)
+    assert out.requires_grad and not lse.requires_grad, "softmax_lse is an auxiliary, non-differentiable output"
 
 
 @interp

@@ -5,6 +5,7 @@ import torch
 
 from llmkernels import RollingKVCache, _ext, sliding_window_attn_with_cache, use_backend
 from llmkernels.reference.sliding_window import rolling_window_attn_ref
+from tests.utils import poison_
 
 needs_ext = pytest.mark.skipif(
     not _ext.has_kernel("rolling_window_attn", "CPU"),
@@ -62,6 +63,19 @@ def test_opcheck_cuda_ops():
     args = (q, k, v, k_ring, v_ring, seqlens, 0.25, 0.0)
     torch.library.opcheck(torch.ops.llmkernels.rolling_window_attn.default, args)
     torch.library.opcheck(torch.ops.llmkernels.rolling_cache_append.default, (k_ring, v_ring, k, v, seqlens))
+
+
+@pytest.mark.cuda
+def test_auto_dispatch_on_gpu_sends_long_chunks_to_triton():
+    from llmkernels.ops.sliding_window import LONG_CHUNK, rolling_window_attn
+
+    if not _ext.has_kernel("rolling_window_attn", "CUDA"):
+        pytest.skip("the loaded build has no CUDA rolling_window_attn kernel")
+    for chunk, expected in ((1, "cuda"), (LONG_CHUNK, "triton")):
+        args = tuple(t.cuda() for t in op_inputs(torch.bfloat16, chunk=chunk))
+        assert rolling_window_attn.choose(*args, 0.25, 0.0) == expected
+        with use_backend("cuda"):
+            assert rolling_window_attn.choose(*args, 0.25, 0.0) == "cuda"
 
 
 @needs_ext
@@ -131,3 +145,24 @@ def test_cpp_op_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="k_ring must be contiguous"):
         strided = torch.randn(2, 2, 4, 16).transpose(1, 2)  # right shape, wrong layout
         torch.ops.llmkernels.rolling_cache_append(strided, v_ring, k, v, seqlens)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7])
+def test_append_writes_exactly_the_expected_slots(device, chunk):
+    # Rings poisoned with NaN: the written slots must hold the chunk's last min(S, W) tokens, the rest stay NaN.
+    if not _ext.has_kernel("rolling_cache_append", device.upper()):
+        pytest.skip(f"the loaded build has no {device} rolling_cache_append kernel")
+    window, hk, d = 4, 2, 16
+    k, v = (torch.randn(3, chunk, hk, d, dtype=torch.bfloat16, device=device) for _ in range(2))
+    seqlens = torch.tensor([0, 2, 9], dtype=torch.int32, device=device)
+    k_ring, v_ring = (poison_(torch.empty(3, window, hk, d, dtype=torch.bfloat16, device=device)) for _ in range(2))
+    torch.ops.llmkernels.rolling_cache_append(k_ring, v_ring, k, v, seqlens)
+    for b, n in enumerate(seqlens.tolist()):
+        written = {(n + t) % window: t for t in range(max(0, chunk - window), chunk)}
+        for slot in range(window):
+            if slot in written:
+                assert torch.equal(k_ring[b, slot], k[b, written[slot]])
+                assert torch.equal(v_ring[b, slot], v[b, written[slot]])
+            else:
+                assert torch.isnan(k_ring[b, slot]).all() and torch.isnan(v_ring[b, slot]).all()

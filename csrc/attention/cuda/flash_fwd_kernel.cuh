@@ -61,7 +61,7 @@ struct FwdTraits {
 };
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads)
+__global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 3)
     flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   using Tr = FwdTraits<kHeadDim>;
   using TT = TypeTraits<T>;

@@ -357,7 +357,9 @@ at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
   LLMK_CHECK_DIM(op, x, 3);
-  LLMK_CHECK_ARG(x.size(0) * x.size(1) <= INT32_MAX && x.size(2) <= INT32_MAX / 2, op, "x", "is too large: shape ",
+  LLMK_CHECK_ARG(is_float_type(x), op, "x", "must be float32, float16 or bfloat16, got ", x.scalar_type());
+  // The forward's grid has seqlen / 256 blocks on y (at most 65535).
+  LLMK_CHECK_ARG(x.size(0) * x.size(1) <= INT32_MAX && x.size(2) <= 65535LL * 256, op, "x", "is too large: shape ",
                  x.sizes());
   at::Tensor weight_f, bias_f;
   prepare_conv_weights(op, x, weight, bias, weight_f, bias_f);
