@@ -352,21 +352,27 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   at::Tensor st = pad_state(state, npad);
   at::Tensor out = at::empty({batch, dim}, xf.options());
   const auto fwd_row = kernels().fwd_row;
-  at::parallel_for(0, batch * dim, 256, [&](int64_t begin, int64_t end) {
+  // Raw pointers hoisted: a row is a few dozen flops, so per-row Tensor accessors would dominate.
+  const float *x_p = xf.const_data_ptr<float>(), *dt_p = delta.const_data_ptr<float>();
+  const float* z_p = zf.defined() ? zf.const_data_ptr<float>() : nullptr;
+  const float* D_p = Df.defined() ? Df.const_data_ptr<float>() : nullptr;
+  const float *A_p = Af.const_data_ptr<float>(), *B_p = Bp.const_data_ptr<float>(), *C_p = Cp.const_data_ptr<float>();
+  float *st_p = st.data_ptr<float>(), *out_p = out.data_ptr<float>();
+  at::parallel_for(0, batch * dim, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / dim, d = r % dim;
       const ScanRow row{1,
                         npad,
-                        xf.const_data_ptr<float>() + r,
-                        delta.const_data_ptr<float>() + r,
-                        zf.defined() ? zf.const_data_ptr<float>() + r : nullptr,
-                        Af.const_data_ptr<float>() + d * npad,
-                        Bp.const_data_ptr<float>() + (b * gB + d / (dim / gB)) * npad,
-                        Cp.const_data_ptr<float>() + (b * gC + d / (dim / gC)) * npad,
+                        x_p + r,
+                        dt_p + r,
+                        z_p != nullptr ? z_p + r : nullptr,
+                        A_p + d * npad,
+                        B_p + (b * gB + d / (dim / gB)) * npad,
+                        C_p + (b * gC + d / (dim / gC)) * npad,
                         0,
                         0,
-                        Df.defined() ? Df.const_data_ptr<float>()[d] : 0.0f};
-      fwd_row(row, st.data_ptr<float>() + r * npad, out.data_ptr<float>() + r);
+                        D_p != nullptr ? D_p[d] : 0.0f};
+      fwd_row(row, st_p + r * npad, out_p + r);
     }
   });
   state.copy_(st.narrow(2, 0, dstate));

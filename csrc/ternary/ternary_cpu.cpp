@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "common/checks.h"
@@ -28,7 +29,8 @@ void quantize_rows(const at::Tensor& x, int64_t k_pad, at::Tensor& x_q, at::Tens
     int8_t* qp = x_q.data_ptr<int8_t>();
     float* sp = s.data_ptr<float>();
     int32_t* sum = xsum.data_ptr<int32_t>();
-    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    // rows of at least ~64K elements per task: threads only where the pass is long enough to pay for them
+    at::parallel_for(0, m, std::max<int64_t>(1, (64 << 10) / k_pad), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) sp[i] = quantize_row(xp + i * K, K, k_pad, qp + i * k_pad, sum + i);
     });
   });
@@ -93,7 +95,7 @@ at::Tensor linear_a8_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     const float* sp = s.data_ptr<float>();
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m, std::max<int64_t>(1, (64 << 10) / N), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const float row_scale = (sp[i] * gamma) / 127.0f;  // same order as the reference
         for (int64_t n = 0; n < N; ++n) {

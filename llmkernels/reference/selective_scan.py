@@ -60,13 +60,16 @@ def selective_scan_ref(
     batch, dim, seqlen = u.shape
     Bx, Cx = expand_bc(B.to(cd), dim), expand_bc(C.to(cd), dim)
     x = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(cd)
+    # Per-step slices via unbind: its backward is one stack (indexing [..., t] would build a full-size
+    # gradient at every step, quadratic in seqlen).
+    deltas, us = delta.unbind(-1), u.unbind(-1)
+    Bs = [Bx] * seqlen if Bx.dim() == 2 else Bx.unbind(-1)  # each (dim, n) or (batch, dim, n)
+    Cs = [Cx] * seqlen if Cx.dim() == 2 else Cx.unbind(-1)
     ys = []
     for t in range(seqlen):
-        dt = delta[:, :, t, None]  # (batch, dim, 1)
-        B_t = Bx if Bx.dim() == 2 else Bx[..., t]  # (dim, n) or (batch, dim, n)
-        C_t = Cx if Cx.dim() == 2 else Cx[..., t]
-        x = torch.exp(dt * A) * x + dt * B_t * u[:, :, t, None]
-        ys.append((x * C_t).sum(-1))
+        dt = deltas[t][..., None]  # (batch, dim, 1)
+        x = torch.exp(dt * A) * x + dt * Bs[t] * us[t][..., None]
+        ys.append((x * Cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1) if seqlen else u.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + u * D.to(cd)[:, None]

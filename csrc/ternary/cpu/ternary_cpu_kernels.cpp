@@ -30,6 +30,13 @@ namespace llmkernels::ternary_cpu {
 namespace {
 
 constexpr int kMaxTokensPerTile = 4;
+// Smallest task worth another thread: ~0.1 ms of one core. Waking a pool thread costs microseconds on an idle
+// machine but a scheduler quantum (ms) on a busy one, so a decode GEMV of a 4096 x 4096 layer stays on one core.
+constexpr int64_t kMinMacsPerTask = 16 << 20;
+
+int64_t row_grain(int64_t m, int64_t k_pad, int64_t at_least) {
+  return std::max(at_least, kMinMacsPerTask / std::max<int64_t>(1, m * k_pad));
+}
 constexpr int64_t kRowTile = 64;  // rows of weights reused across token tiles while they sit in L2
 
 // ---- scalar fallback ------------------------------------------------------------------------------
@@ -242,7 +249,7 @@ void matmul_int8(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_
   const int64_t nblocks = k_pad / kBlockWeights;
   const int64_t row_bytes = k_pad / 4;
   const DotTable& dot = dot_table();
-  at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
+  at::parallel_for(0, N, row_grain(m, k_pad, 16), [&](int64_t n_begin, int64_t n_end) {
     for (int64_t r0 = n_begin; r0 < n_end; r0 += kRowTile) {
       const int64_t r1 = std::min(n_end, r0 + kRowTile);
       for (int64_t t0 = 0; t0 < m; t0 += kMaxTokensPerTile) {
@@ -262,7 +269,7 @@ void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t 
   const int64_t row_bytes = k_pad / 4;
   constexpr int64_t kRows = 8;  // rows unpacked to fp32 at once, reused by every token
   const bool avx2 = use_avx2();
-  at::parallel_for(0, N, kRows, [&](int64_t n_begin, int64_t n_end) {
+  at::parallel_for(0, N, row_grain(m, k_pad, kRows), [&](int64_t n_begin, int64_t n_end) {
     std::vector<float> wf(kRows * k_pad);
     for (int64_t r0 = n_begin; r0 < n_end; r0 += kRows) {
       const int64_t rows = std::min(kRows, n_end - r0);
