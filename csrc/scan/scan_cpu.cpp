@@ -354,8 +354,6 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   const auto fwd_row = kernels().fwd_row;
   // Raw pointers hoisted: a row is a few dozen flops, so per-row Tensor accessors would dominate.
   const float *x_p = xf.const_data_ptr<float>(), *dt_p = delta.const_data_ptr<float>();
-  const float* z_p = zf.defined() ? zf.const_data_ptr<float>() : nullptr;
-  const float* D_p = Df.defined() ? Df.const_data_ptr<float>() : nullptr;
   const float *A_p = Af.const_data_ptr<float>(), *B_p = Bp.const_data_ptr<float>(), *C_p = Cp.const_data_ptr<float>();
   float *st_p = st.data_ptr<float>(), *out_p = out.data_ptr<float>();
   at::parallel_for(0, batch * dim, 1024, [&](int64_t begin, int64_t end) {
@@ -365,16 +363,18 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
                         npad,
                         x_p + r,
                         dt_p + r,
-                        z_p != nullptr ? z_p + r : nullptr,
+                        nullptr,  // D and z are applied below, over all rows at once
                         A_p + d * npad,
                         B_p + (b * gB + d / (dim / gB)) * npad,
                         C_p + (b * gC + d / (dim / gC)) * npad,
                         0,
                         0,
-                        D_p != nullptr ? D_p[d] : 0.0f};
+                        0.0f};
       fwd_row(row, st_p + r * npad, out_p + r);
     }
   });
+  if (Df.defined()) out.addcmul_(xf, Df.unsqueeze(0));
+  if (zf.defined()) out.mul_(at::silu(zf));
   state.copy_(st.narrow(2, 0, dstate));
   return out.to(x.scalar_type());
 }

@@ -1,6 +1,7 @@
 // Host side of the ternary linear ops on CUDA: checks, launches and TORCH_LIBRARY_IMPL(llmkernels, CUDA).
 //
-// Decode (m <= 16 tokens): quantize_rows + one GEMV kernel reading the packed weights once.
+// Decode (m <= 16 tokens): one GEMV kernel reading the packed weights once, quantising the activations in
+// shared memory (gemv_a8_fused) or, when m * k_pad exceeds that budget, after a quantize_rows launch.
 // Prefill (m > 16): quantize_rows + the int8 mma.sync GEMM with the epilogue fused (gemm_a8_mma_kernel).
 // LLMKERNELS_TERNARY_GEMM=cublaslt (or a GPU below sm_80) instead unpacks the weights to int8 and runs
 // at::_int_mm (cuBLASLt int8 tensor cores) + an epilogue kernel: kept as a baseline for the benchmarks.
@@ -173,15 +174,25 @@ at::Tensor linear_a8_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in,
   const int64_t m = x.size(0), N = w_packed.size(0);
   at::Tensor out = at::empty({m, N}, x.options());
   if (m == 0 || N == 0) return out;
-  at::Tensor x_q, s;
-  quantize(x, k_pad, x_q, s);
   const at::Tensor scale = w_scale.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool fused = m <= kMaxGemvTokens && m * k_pad <= kFusedMaxSmemBytes;
+  at::Tensor x_q, s;
+  if (!fused) quantize(x, k_pad, x_q, s);
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    if (m <= kMaxGemvTokens) {
+    if (fused) {
+      const int rows_per_block = kGemvWarps * kFusedRowsPerWarp;
+      const unsigned blocks = static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block);
+      const size_t smem = static_cast<size_t>(m * k_pad);
+      dispatch_tokens(m, [&](auto mt) {
+        gemv_a8_fused_kernel<decltype(mt)::value, scalar_t><<<blocks, kGemvWarps * kWarp, smem, stream>>>(
+            x.data_ptr<scalar_t>(), static_cast<int>(m), static_cast<int>(in_features), w_packed.data_ptr<uint8_t>(),
+            static_cast<int>(N), static_cast<int>(k_pad), scale.data_ptr<float>(), bp, out.data_ptr<scalar_t>());
+      });
+    } else if (m <= kMaxGemvTokens) {
       dispatch_tokens(m, [&](auto mt) {
         gemv_a8_kernel<decltype(mt)::value, scalar_t><<<gemv_blocks(N), kGemvWarps * kWarp, 0, stream>>>(
             x_q.data_ptr<int8_t>(), static_cast<int>(m), s.data_ptr<float>(), w_packed.data_ptr<uint8_t>(),

@@ -11,6 +11,7 @@
 //   with IEEE multiply / divide (__fmul_rn / __fdiv_rn, immune to --use_fast_math): bit-identical to the CPU.
 // - gemv_a8 / gemv_w2 (decode, up to 16 tokens): one warp per output row, each lane streaming 16-byte chunks
 //   of the packed row (kGemvUnroll loads in flight) while the activations (M x k_pad, tiny) come from L1/L2.
+//   gemv_a8_fused quantises the activations into shared memory itself (one launch instead of two).
 //   Bound by the packed weight stream: N * k_pad / 4 bytes, 8x fewer than bf16 F.linear.
 // - gemm_a8_mma (prefill, act_bits=8): int8 mma.sync tensor-core GEMM, weights unpacked in shared memory
 //   (its own comment below).
@@ -76,23 +77,14 @@ __global__ void quantize_rows_kernel(const scalar_t* __restrict__ x, int64_t ldx
   if (threadIdx.x == 0) scale[row] = s;
 }
 
-// Decode GEMV with 8-bit activations. x_q: (m, k_pad) int8 zero-padded, m <= MT; s: (m,) fp32; w: packed
-// (N, k_pad / 4); out: (m, N). OutT int32_t stores the raw accumulators (bias, s, w_scale unused); otherwise
-// out = acc * ((s * gamma) / 127) (+ bias). grid: ceil(N / kGemvWarps) blocks of kGemvWarps * 32 threads.
-template <int MT, typename OutT>
-__global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_a8_kernel(const int8_t* __restrict__ x_q, int m, const float* __restrict__ s,
-                   const uint8_t* __restrict__ w, int N, int k_pad, const float* __restrict__ w_scale,
-                   const OutT* __restrict__ bias, OutT* __restrict__ out) {
-  const int lane = threadIdx.x % kWarp;
-  const int n = blockIdx.x * kGemvWarps + threadIdx.x / kWarp;
-  if (n >= N) return;  // warp-uniform: the shuffles below always see a full warp
+// One warp: acc[t] = sum_k x_q[t][k] * W_t[n][k] for the packed row wr, t < m, reduced over the warp (every lane
+// ends with the totals). x_q: (m, k_pad) int8, global or shared memory, 16-byte aligned rows.
+template <int MT>
+__device__ __forceinline__ void warp_dot_a8(const int8_t* x_q, int m, const uint8_t* __restrict__ wr, int k_pad,
+                                            int lane, int (&acc)[MT]) {
   const int row_bytes = k_pad / 4;
-  const uint8_t* wr = w + static_cast<int64_t>(n) * row_bytes;
-  int acc[MT];
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t] = 0;
-
   for (int base = 0; base < row_bytes; base += kWarpChunkBytes * kGemvUnroll) {
     uint4 wv[kGemvUnroll];
 #pragma unroll
@@ -128,9 +120,17 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
   for (int t = 0; t < MT; ++t) {
     for (int o = kWarp / 2; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
   }
+}
+
+// out[t][n] for t < m from a warp's reduced accumulators, lane t storing token t (MT <= 16 < 32). OutT int32_t:
+// the raw accumulator; otherwise acc * ((s[t] * gamma) / 127) (+ bias[n]) in fp32.
+template <int MT, typename OutT>
+__device__ __forceinline__ void store_a8(const int (&acc)[MT], int m, int lane, const float* s,
+                                         const float* __restrict__ w_scale, const OutT* __restrict__ bias,
+                                         OutT* __restrict__ out, int n, int N) {
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
-    if (t < m && lane == t) {  // spread the stores over lanes (MT <= 16 < 32)
+    if (t < m && lane == t) {
       if constexpr (std::is_same_v<OutT, int32_t>) {
         out[static_cast<int64_t>(t) * N + n] = acc[t];
       } else {
@@ -140,6 +140,62 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
         out[static_cast<int64_t>(t) * N + n] = static_cast<OutT>(y);
       }
     }
+  }
+}
+
+// Decode GEMV with 8-bit activations. x_q: (m, k_pad) int8 zero-padded, m <= MT; s: (m,) fp32; w: packed
+// (N, k_pad / 4); out: (m, N). OutT int32_t stores the raw accumulators (bias, s, w_scale unused); otherwise
+// out = acc * ((s * gamma) / 127) (+ bias). grid: ceil(N / kGemvWarps) blocks of kGemvWarps * 32 threads.
+template <int MT, typename OutT>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_a8_kernel(const int8_t* __restrict__ x_q, int m, const float* __restrict__ s,
+                   const uint8_t* __restrict__ w, int N, int k_pad, const float* __restrict__ w_scale,
+                   const OutT* __restrict__ bias, OutT* __restrict__ out) {
+  const int lane = threadIdx.x % kWarp;
+  const int n = blockIdx.x * kGemvWarps + threadIdx.x / kWarp;
+  if (n >= N) return;  // warp-uniform: the shuffles always see a full warp
+  int acc[MT];
+  warp_dot_a8<MT>(x_q, m, w + static_cast<int64_t>(n) * (k_pad / 4), k_pad, lane, acc);
+  store_a8<MT, OutT>(acc, m, lane, s, w_scale, bias, out, n, N);
+}
+
+// Decode GEMV with the activation quantisation fused in (saves the quantize launch, which dominates small
+// decode layers). Each block first quantises the m <= MT token rows of x (m, K) into shared memory
+// (dynamic, m * k_pad bytes, zero-padded), exactly as quantize_rows_kernel does, then each warp computes
+// kFusedRowsPerWarp consecutive output rows from it. More rows per block means fewer blocks re-reading x.
+// grid: ceil(N / (kGemvWarps * kFusedRowsPerWarp)) blocks of kGemvWarps * 32 threads.
+constexpr int kFusedRowsPerWarp = 4;
+constexpr int kFusedMaxSmemBytes = 40 * 1024;  // m * k_pad limit: below the 48 KB needing no opt-in
+
+template <int MT, typename scalar_t>
+__global__ void __launch_bounds__(kGemvWarps* kWarp)
+    gemv_a8_fused_kernel(const scalar_t* __restrict__ x, int m, int K, const uint8_t* __restrict__ w, int N,
+                         int k_pad, const float* __restrict__ w_scale, const scalar_t* __restrict__ bias,
+                         scalar_t* __restrict__ out) {
+  extern __shared__ int4 fused_smem[];  // int4: 16-byte aligned rows for the int4 activation loads
+  int8_t* sxq = reinterpret_cast<int8_t*>(fused_smem);
+  __shared__ float s_tok[MT];
+  for (int t = 0; t < m; ++t) {  // m >= 1 (host), so the barrier below runs at least once
+    const scalar_t* xr = x + static_cast<int64_t>(t) * K;
+    float amax = 0.f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));
+    const float st = fmaxf(block_max(amax), 1e-5f);
+    for (int k = threadIdx.x; k < k_pad; k += blockDim.x) {
+      float q = 0.f;
+      if (k < K) q = fminf(127.f, fmaxf(-128.f, rintf(__fdiv_rn(__fmul_rn(static_cast<float>(xr[k]), 127.f), st))));
+      sxq[t * k_pad + k] = static_cast<int8_t>(static_cast<int>(q));
+    }
+    if (threadIdx.x == 0) s_tok[t] = st;
+    __syncthreads();  // block_max's scratch is reused by the next token; the last one publishes sxq, s_tok
+  }
+  const int lane = threadIdx.x % kWarp;
+  const int first = (blockIdx.x * kGemvWarps + threadIdx.x / kWarp) * kFusedRowsPerWarp;
+  for (int r = 0; r < kFusedRowsPerWarp; ++r) {
+    const int n = first + r;
+    if (n >= N) break;  // warp-uniform, and no barrier follows
+    int acc[MT];
+    warp_dot_a8<MT>(sxq, m, w + static_cast<int64_t>(n) * (k_pad / 4), k_pad, lane, acc);
+    store_a8<MT, scalar_t>(acc, m, lane, s_tok, w_scale, bias, out, n, N);
   }
 }
 

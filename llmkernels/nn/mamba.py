@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -50,7 +49,7 @@ class MambaMixer(nn.Module):
         state_size: int = 16,
         conv_kernel: int = 4,
         expand: int = 2,
-        time_step_rank: Optional[int] = None,
+        time_step_rank: int | None = None,
         use_conv_bias: bool = True,
         use_bias: bool = False,
         hidden_act: str = "silu",
@@ -80,7 +79,7 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(d_in, hidden_size, bias=use_bias, **factory)
 
     @classmethod
-    def from_config(cls, config, device=None, dtype=None) -> "MambaMixer":
+    def from_config(cls, config, device=None, dtype=None) -> MambaMixer:
         """Build from a transformers MambaConfig (or anything with its attribute names)."""
         return cls(
             config.hidden_size, config.state_size, config.conv_kernel, config.expand, int(config.time_step_rank),
@@ -97,7 +96,7 @@ class MambaMixer(nn.Module):
             ssm_state=torch.zeros(batch_size, d_in, self.ssm_state_size, device=device, dtype=torch.float32),
         )
 
-    def forward(self, hidden_states: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """hidden_states: (batch, seqlen, hidden_size). With `cache`, continues from and updates its states."""
         dtype = hidden_states.dtype
         x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, intermediate, seqlen) each
@@ -114,7 +113,7 @@ class MambaMixer(nn.Module):
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
         return nn.functional.linear(dt, self.dt_proj.weight), B, C
 
-    def _sequence(self, x, gate, A, conv_w, cache: Optional[MambaCache]) -> torch.Tensor:
+    def _sequence(self, x, gate, A, conv_w, cache: MambaCache | None) -> torch.Tensor:
         seqlen, width = x.shape[-1], self.conv_kernel_size
         if cache is None:
             x = causal_conv1d_fn(x, conv_w, self.conv1d.bias, activation=self.activation)

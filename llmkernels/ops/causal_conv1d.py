@@ -6,8 +6,6 @@ llmkernels::causal_conv1d_fwd / _bwd / _update). The C++ forward is differentiab
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _checks, _ext
@@ -18,7 +16,7 @@ ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTHS = (2, 3, 4)
 
 
-def _silu(fn: str, activation: Optional[str]) -> bool:
+def _silu(fn: str, activation: str | None) -> bool:
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"llmkernels.{fn}: activation must be None, 'silu' or 'swish', got {activation!r}")
     return activation is not None
@@ -52,7 +50,7 @@ def _conv_cpp(x, weight, bias, silu):
 
 
 def causal_conv1d_fn(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
 ) -> torch.Tensor:
     """Depthwise causal conv1d, a drop-in for causal_conv1d.causal_conv1d_fn (without seq_idx / initial states).
 
@@ -84,8 +82,8 @@ def causal_conv1d_update(
     x: torch.Tensor,
     conv_state: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: Optional[str] = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """One decode step; conv_state (batch, dim, width), the last `width` inputs oldest first, updated in place.
 

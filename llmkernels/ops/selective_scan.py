@@ -8,8 +8,6 @@ whose backward recomputes the states (selective_scan_bwd) rather than storing th
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _checks, _ext
@@ -20,7 +18,7 @@ ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DSTATE = 256
 
 
-def _check_bc(fn: str, name: str, M, batch: int, dim: int, dstate: int, seqlen: Optional[int], dev) -> None:
+def _check_bc(fn: str, name: str, M, batch: int, dim: int, dstate: int, seqlen: int | None, dev) -> None:
     """B/C: (dim, dstate), (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); decode: (batch, [g,] dstate)."""
     _checks.check_tensor(fn, name, M, dtypes=ACT_DTYPES, device=dev)
     if seqlen is None:  # selective_state_update
@@ -58,8 +56,9 @@ def _check_A(fn: str, A, dim: int, dev) -> int:
 
 
 def _check_channel_vector(fn: str, name: str, t, dim: int, dev) -> None:
+    """D, delta_bias, dt_bias: (dim,) in any float dtype (a bf16 model's parameters); the ops take them in fp32."""
     if t is not None:
-        _checks.check_tensor(fn, name, t, ndim=1, dtypes=(torch.float32,), device=dev)
+        _checks.check_tensor(fn, name, t, ndim=1, dtypes=ACT_DTYPES, device=dev)
         _checks.check_shape(fn, name, t, (dim,))
 
 
@@ -101,7 +100,7 @@ def _scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     return torch.ops.llmkernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
 
 
-def _triton_module_reason(attr: str) -> Optional[str]:
+def _triton_module_reason(attr: str) -> str | None:
     try:
         from ..triton import selective_scan as mod
     except ImportError as exc:
@@ -118,8 +117,12 @@ def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
 
 
-def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.float().contiguous() if t is not None else None
 
 
 def selective_scan_fn(
@@ -128,12 +131,12 @@ def selective_scan_fn(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
-    initial_state: Optional[torch.Tensor] = None,
+    initial_state: torch.Tensor | None = None,
 ):
     """Mamba's selective scan, a drop-in for mamba_ssm.ops.selective_scan_interface.selective_scan_fn.
 
@@ -144,8 +147,8 @@ def selective_scan_fn(
     through the returned last state. Non-contiguous inputs are copied (as mamba_ssm does).
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    args = (_contig(u), _contig(delta), A.contiguous(), _contig(B), _contig(C), _contig(D), _contig(z),
-            _contig(delta_bias), bool(delta_softplus), _contig(initial_state))
+    args = (_contig(u), _contig(delta), A.contiguous(), _contig(B), _contig(C), _f32(D), _contig(z),
+            _f32(delta_bias), bool(delta_softplus), _contig(initial_state))
     out, last_state = scan_dispatcher(*args)
     return (out, last_state) if return_last_state else out
 
@@ -201,9 +204,9 @@ def selective_state_update(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    dt_bias: Optional[torch.Tensor] = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
 ) -> torch.Tensor:
     """One decode step of the scan (mamba_ssm's selective_state_update); updates `state` in place.
@@ -214,8 +217,8 @@ def selective_state_update(
     """
     check_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     return update_dispatcher(
-        state, x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), _contig(D),
-        _contig(z), _contig(dt_bias), bool(dt_softplus),
+        state, x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), _f32(D),
+        _contig(z), _f32(dt_bias), bool(dt_softplus),
     )
 
 

@@ -10,20 +10,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 
-def _check_activation(activation: Optional[str]) -> bool:
+def _check_activation(activation: str | None) -> bool:
     if activation not in (None, "silu", "swish"):
         raise NotImplementedError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     return activation is not None
 
 
 def causal_conv1d_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
 ) -> torch.Tensor:
     """out (batch, dim, seqlen) in x's dtype; differentiable through autograd. See the module doc."""
     silu = _check_activation(activation)
@@ -40,8 +38,8 @@ def causal_conv1d_update_ref(
     x: torch.Tensor,
     conv_state: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: Optional[str] = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """One decode step: conv_state (batch, dim, width) updated in place; returns (batch, dim) in x's dtype."""
     silu = _check_activation(activation)

@@ -12,8 +12,6 @@ Semantics are mamba_ssm's `selective_scan_fn` / `selective_state_update`, plus a
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -38,12 +36,12 @@ def selective_scan_ref(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
-    initial_state: Optional[torch.Tensor] = None,
+    initial_state: torch.Tensor | None = None,
 ):
     """out (batch, dim, seqlen) in u's dtype, and with return_last_state also x_{L-1} (batch, dim, dstate) fp32.
 
@@ -88,9 +86,9 @@ def selective_state_update_ref(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    dt_bias: Optional[torch.Tensor] = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
 ) -> torch.Tensor:
     """One step of the scan: updates `state` in place and returns y (batch, dim) in x's dtype.

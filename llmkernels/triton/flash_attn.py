@@ -92,13 +92,20 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
 def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs) through torch.library.wrap_triton, so torch.compile can trace it.
 
-    Under TRITON_INTERPRET=1, wrap_triton hands back the plain interpreted kernel, which would try to read the
-    FakeTensors that opcheck / torch.compile trace the op with: there the launch is skipped (a fake run only
-    needs the outputs' metadata, already set by torch.empty).
+    Interpreted kernels (TRITON_INTERPRET=1) cannot be traced: torch 2.14's wrap_triton hands them back as they
+    are and older versions reject them, so they are launched directly, and skipped when opcheck / torch.compile
+    trace the op with FakeTensors (a fake run only needs the outputs' metadata, already set by torch.empty).
     """
-    if _INTERPRET and any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta) for a in args):
+    if _INTERPRET:
+        if not any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta) for a in args):
+            kernel[grid](*args, **kwargs)
         return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _bounded_windows(window_left: int, window_right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
+    """Windows as wide as the sequences become -1 (unbounded): same band, no mask work, no int32 overflow."""
+    return (-1 if window_left >= seqlen_k else window_left), (-1 if window_right >= seqlen_q else window_right)
 
 
 def _common_meta(q: torch.Tensor, window_left: int, window_right: int, softcap: float) -> dict:
@@ -132,6 +139,7 @@ def flash_attn_fwd_triton(
         return out, lse
     if seqlen_k == 0:  # nothing to attend to: zero output, lse -inf (and no zero-sized launch)
         return out.zero_(), lse.fill_(float("-inf"))
+    window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
     block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype)
     grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
@@ -178,6 +186,7 @@ def flash_attn_bwd_triton(
     dv = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:  # no scores at all: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
+    window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
     dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype)
 
@@ -226,6 +235,8 @@ def flash_attn_with_kvcache_triton(
     """
     fn = "flash_attn_with_kvcache_triton"
     check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM)
+    # Every row sees at most max_seqlen keys: the cache capacity bounds the band like seqlen_k does.
+    window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], k_cache.shape[1])
     meta = _common_meta(q, window_left, window_right, softcap)
     return decode_launch(_launch, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left,
                          window_right, softcap, meta, _INTERPRET)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from utils import assert_close_dtype, poison_
 
 import llmkernels
 from llmkernels import _ext
 from llmkernels.reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
-from utils import assert_close_dtype, poison_
 
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -74,7 +74,8 @@ def test_opcheck_conv1d(with_bias):
     ops = torch.ops.llmkernels
     torch.library.opcheck(ops.causal_conv1d_fwd.default, [x.requires_grad_(), w.requires_grad_(), bias, True])
     torch.library.opcheck(ops.causal_conv1d_bwd.default, [torch.randn(2, 3, 7), x.detach(), w.detach(), bias, False])
-    torch.library.opcheck(ops.causal_conv1d_update.default, [x.detach()[..., 0].contiguous(), torch.randn(2, 3, 4), w.detach(), bias, True])
+    x1 = x.detach()[..., 0].contiguous()
+    torch.library.opcheck(ops.causal_conv1d_update.default, [x1, torch.randn(2, 3, 4), w.detach(), bias, True])
 
 
 @needs_ext

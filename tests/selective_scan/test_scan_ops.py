@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 from scan_cases import TENSOR_ARGS, ScanCase, scan_inputs, update_inputs
+from utils import TOLERANCES, assert_close_dtype
 
 import llmkernels
 from llmkernels import _ext
 from llmkernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref
-from utils import TOLERANCES, assert_close_dtype
 
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -265,6 +265,7 @@ BAD_SCAN = [
     ("D", lambda kw: torch.randn(5), "D must have shape"),
     ("z", lambda kw: kw["z"][:1], "z must have shape"),
     ("delta_bias", lambda kw: torch.randn(4, dtype=torch.float64), "delta_bias must have dtype"),
+    ("D", lambda kw: torch.randn(4, 1), "D must have 1 dimensions"),
     ("initial_state", lambda kw: kw["initial_state"][..., :2], "initial_state must have shape"),
     ("initial_state", lambda kw: kw["initial_state"].to("meta"), "initial_state must be on cpu"),
 ]
@@ -329,3 +330,20 @@ def _check_softplus():
 @needs_ext
 def test_softplus_is_accurate_over_the_whole_range():
     _check_softplus()
+
+
+@needs_ext
+def test_bf16_channel_parameters_are_accepted():
+    """A bf16 model passes its D and dt bias in bf16 (transformers does in the decode step): taken as fp32."""
+    kw = update_inputs(2, 4, 16, None)
+    ref_state = kw["state"].clone()
+    kw16 = {**kw, "D": kw["D"].bfloat16(), "dt_bias": kw["dt_bias"].bfloat16()}
+    y = llmkernels.selective_state_update(**kw16)
+    ref = selective_state_update_ref(**{**kw16, "state": ref_state, "D": kw16["D"].float(),
+                                        "dt_bias": kw16["dt_bias"].float()})
+    assert_close_dtype(y, ref)
+    skw = scan_inputs(ScanCase(9, bc="token"))
+    out = llmkernels.selective_scan_fn(**{**skw, "D": skw["D"].bfloat16(), "delta_bias": skw["delta_bias"].bfloat16()})
+    ref_out = selective_scan_ref(**{**skw, "D": skw["D"].bfloat16().float(),
+                                    "delta_bias": skw["delta_bias"].bfloat16().float()})
+    assert_close_dtype(out, ref_out)

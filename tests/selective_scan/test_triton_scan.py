@@ -57,12 +57,13 @@ def _ssm_inputs(batch, dim, dstate, seqlen, layout, dtype, device, options, init
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias, delta_softplus=softplus, initial_state=init)
 
 
-def _update_inputs(batch, dim, dstate, grouped, dtype, state_dtype, device, options):
+def _update_inputs(batch, dim, dstate, grouped, dtype, state_dtype, device, options, sliced=True):
     has_D, has_z, has_bias, softplus = options
     kw = dict(device=device)
-    # The state as a strided slice of a larger cache, as a serving engine holds it.
-    cache = torch.randn(batch + 1, dim, dstate + 3, **kw).to(state_dtype)
-    state = cache[1:, :, 1 : dstate + 1]
+    if sliced:  # the state as a strided, unaligned slice of a larger cache
+        state = torch.randn(batch + 1, dim, dstate + 3, **kw).to(state_dtype)[1:, :, 1 : dstate + 1]
+    else:
+        state = torch.randn(batch, dim, dstate, **kw).to(state_dtype)
     x = torch.randn(batch, dim, **kw).to(dtype)
     dt = (torch.randn(batch, dim, **kw) - (1.0 if softplus else -1.0)).abs().to(dtype)
     A = -(torch.rand(dim, dstate, **kw) + 0.2)
@@ -358,8 +359,9 @@ def test_scan_cuda_fwd_bwd(layout, dtype, seqlen, dstate):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("state_dtype", GPU_DTYPES)
 @pytest.mark.parametrize("dstate", [1, 16, 48, 256])
-def test_state_update_cuda(dtype, state_dtype, dstate):
-    args = _update_inputs(3, 40, dstate, dstate % 2 == 0, dtype, state_dtype, "cuda", OPTIONS[dstate % 4])
+@pytest.mark.parametrize("sliced", [False, True])  # contiguous: the vector path; sliced: entry by entry
+def test_state_update_cuda(dtype, state_dtype, dstate, sliced):
+    args = _update_inputs(3, 40, dstate, dstate % 2 == 0, dtype, state_dtype, "cuda", OPTIONS[dstate % 4], sliced)
     ref_state = args["state"].clone()
     y = torch.ops.llmkernels.selective_state_update(*args.values())
     y_ref = selective_state_update_ref(**{**args, "state": ref_state})

@@ -14,10 +14,11 @@
 //
 // Speed: u, delta, z, out are read/written once (8 bytes per timestep in fp16); B/C per token are shared by the
 // channels of a group and mostly come from L2. Per timestep and state index the kernel issues one exp2 (MUFU,
-// 16 per clock per SM on H100) and ~5 FMAs; the block scan costs 12 shuffles and one barrier per (chunk, n)
-// per thread, amortised over kItems = 8 timesteps. At batch 8, dim 5120, seqlen 2048, dstate 16 (fp16) that
-// is ~0.2 ms of HBM traffic against ~0.37 ms of exp2 issue: the MUFU rate bounds it, at roughly half of copy
-// bandwidth (the target is >= 50%); larger dstate is proportionally more compute-bound.
+// 16 per clock per SM on H100) and ~6 FMA-pipe instructions; the block scan adds 12 shuffles and one barrier
+// per (chunk, n) per thread, amortised over kItems = 8 timesteps. At batch 8, dim 5120, seqlen 2048, dstate 16
+// (fp16) that is ~0.2 ms of HBM traffic against ~0.36 ms of exp2 / instruction issue: issue-bound, at roughly
+// half of copy bandwidth (the target is >= 50%). Replacing some exp2 by FMA polynomials does not pay here: the
+// FMA pipe is nearly as loaded as MUFU. Larger dstate is proportionally more compute-bound.
 #pragma once
 
 #include "scan/cuda/scan_common.cuh"
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
     const float* state_in = running + (chunk & 1) * N;
     float* state_out = running + ((chunk + 1) & 1) * N;
 
-    float uv[kItems], dt[kItems], y[kItems];
+    float uv[kItems], dt[kItems], dtu[kItems], y[kItems];
     load_run(u, t0, L, p.vec, uv);
     load_run(delta, t0, L, p.vec, dt);
 #pragma unroll
@@ -66,6 +67,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
       const float v = dt[i] + bias;
       // Past the end dt = 0 makes the step (1, 0), the identity, so the padded tail leaves the state alone.
       dt[i] = t0 + i < L ? (p.delta_softplus ? softplus(v) : v) : 0.f;
+      dtu[i] = dt[i] * uv[i];  // hoisted out of the n loop: b = dt u B
       y[i] = 0.f;
     }
 
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         a[i] = exp2f(dt[i] * A2);
-        bx[i] = dt[i] * Bv[i] * uv[i];
+        bx[i] = dtu[i] * Bv[i];
         agg_b = a[i] * agg_b + bx[i];
         agg_a *= a[i];
       }

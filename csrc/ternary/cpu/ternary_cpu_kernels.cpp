@@ -64,6 +64,10 @@ __attribute__((target("avx2,fma"))) inline int32_t hsum_epi32_avx2(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+__attribute__((target("avx2,fma"))) inline __m256i load32(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
 template <int MT>
 __attribute__((target("avx2,fma"))) void dot_codes_avx2(const uint8_t* w, const int8_t* x, int64_t x_stride,
                                                         int64_t nblocks, int32_t* out) {
@@ -82,10 +86,10 @@ __attribute__((target("avx2,fma"))) void dot_codes_avx2(const uint8_t* w, const 
       for (int t = 0; t < MT; ++t) {
         const int8_t* xb = x + t * x_stride + b * kBlockWeights + 32 * h;
         // each pair sum is <= 2 * 2 * 128 = 512 in magnitude, four of them fit s16 without saturating
-        __m256i p = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64))));
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 128))));
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 192))));
+        __m256i p = _mm256_maddubs_epi16(c0, load32(xb));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c1, load32(xb + 64)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c2, load32(xb + 128)));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c3, load32(xb + 192)));
         acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
       }
     }
@@ -145,6 +149,29 @@ void unpack_row_f32(const uint8_t* w, int64_t nblocks, float* out) {
     for (int s = 0; s < 4; ++s) {
       for (int j = 0; j < kBlockBytes; ++j) {
         out[b * kBlockWeights + 64 * s + j] = static_cast<float>(((w[b * kBlockBytes + j] >> (2 * s)) & 3) - 1);
+      }
+    }
+  }
+}
+
+// 32 packed bytes (half a block) -> the 4 x 32 weights 64 s + 32 h + (0..31) of block b, as fp32 {-1, 0, 1}
+__attribute__((target("avx2,fma"))) void unpack_row_f32_avx2(const uint8_t* w, int64_t nblocks, float* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes + 32 * h));
+      const __m256i codes[4] = {_mm256_and_si256(wb, mask), _mm256_and_si256(_mm256_srli_epi16(wb, 2), mask),
+                                _mm256_and_si256(_mm256_srli_epi16(wb, 4), mask),
+                                _mm256_and_si256(_mm256_srli_epi16(wb, 6), mask)};
+      for (int sidx = 0; sidx < 4; ++sidx) {
+        alignas(32) uint8_t c[32];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(c), codes[sidx]);
+        float* dst = out + b * kBlockWeights + 64 * sidx + 32 * h;
+        for (int q = 0; q < 4; ++q) {
+          const __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * q));
+          _mm256_storeu_ps(dst + 8 * q, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8)), one));
+        }
       }
     }
   }
@@ -273,7 +300,11 @@ void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t 
     std::vector<float> wf(kRows * k_pad);
     for (int64_t r0 = n_begin; r0 < n_end; r0 += kRows) {
       const int64_t rows = std::min(kRows, n_end - r0);
-      for (int64_t r = 0; r < rows; ++r) unpack_row_f32(w + (r0 + r) * row_bytes, nblocks, wf.data() + r * k_pad);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = wf.data() + r * k_pad;
+        avx2 ? unpack_row_f32_avx2(w + (r0 + r) * row_bytes, nblocks, dst)
+             : unpack_row_f32(w + (r0 + r) * row_bytes, nblocks, dst);
+      }
       for (int64_t t = 0; t < m; ++t) {
         for (int64_t r = 0; r < rows; ++r) {
           const float* a = x + t * k_pad;
