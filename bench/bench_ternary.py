@@ -4,7 +4,8 @@
 
 Shapes out x in: 2560x2560, 6912x2560, 2560x6912 (BitNet b1.58 2B4T), 4096x4096, 11008x4096 (Llama-2 7B),
 28672x8192 (Llama-3 70B MLP). Tokens: 1 (decode) and 16, 128, 512, 2048 (prefill).
-GPU: llmkernels cuda / triton (act_bits=8, and weight-only for decode) against F.linear in bf16 (cuBLAS).
+GPU: llmkernels cuda / triton (act_bits=8, and weight-only for decode) against F.linear in bf16 (cuBLAS);
+prefill also times the C++ path with LLMKERNELS_TERNARY_GEMM=cublaslt (at::_int_mm instead of our mma GEMM).
 CPU: the C++ kernels on 2 threads against F.linear in fp32 (2 threads), decode only.
 Decode reports weight GB/s (packed bytes for ours, bf16 / fp32 bytes for the peer) against
 copy_bandwidth_gbps(); prefill reports TFLOP/s (2 * tokens * out * in). Several weight sets are rotated so
@@ -96,24 +97,20 @@ def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_
     limit = limit_gbps if decode else peak_tflops()
     peer = f"F.linear-{str(peer_dtype).replace('torch.', '')}"
     modes = [(8, "")] + ([(None, "-w2")] if weight_only else [])
-    for backend in backends:
-        for act_bits, suffix in modes:
+    variants = [(b, bits, suffix) for b in backends for bits, suffix in modes]
+    if "cuda" in backends and tokens > 16:  # the cuBLASLt int8 baseline of the C++ prefill path
+        variants.append(("cuda", 8, "-cublaslt"))
+    for backend, act_bits, suffix in variants:
 
-            def fn(i, backend=backend, act_bits=act_bits):
-                w_packed, w_scale = ours_sets[i]
-                with llmkernels.use_backend(backend):
-                    return llmkernels.ternary_linear(x, w_packed, w_scale, act_bits=act_bits)
+        def fn(i, backend=backend, act_bits=act_bits, cublaslt=suffix == "-cublaslt"):
+            w_packed, w_scale = ours_sets[i]
+            os.environ["LLMKERNELS_TERNARY_GEMM"] = "cublaslt" if cublaslt else "mma"
+            with llmkernels.use_backend(backend):
+                return llmkernels.ternary_linear(x, w_packed, w_scale, act_bits=act_bits)
 
-            _try(
-                rows,
-                case,
-                f"llmkernels-{backend}{suffix}",
-                _rotating(fn, len(ours_sets)),
-                value(packed_bytes),
-                limit=limit,
-                peer=peer,
-                **mem,
-            )
+        ours = _rotating(fn, len(ours_sets))
+        _try(rows, case, f"llmkernels-{backend}{suffix}", ours, value(packed_bytes), limit=limit, peer=peer, **mem)
+    os.environ.pop("LLMKERNELS_TERNARY_GEMM", None)
     _try(
         rows,
         case,

@@ -18,6 +18,8 @@ namespace {
 
 using namespace ternary_cpu;
 
+constexpr int64_t kBlasMinTokens = 32;  // weight-only: from here unpacking W once for a BLAS GEMM wins
+
 // x: (m, K) contiguous -> x_q (m, k_pad) zero-padded, s (m,) fp32, xsum (m,) int32.
 void quantize_rows(const at::Tensor& x, int64_t k_pad, at::Tensor& x_q, at::Tensor& s, at::Tensor& xsum) {
   const int64_t m = x.size(0), K = x.size(1);
@@ -118,10 +120,18 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
   const int64_t m = x_in.size(0), N = w_packed.size(0);
   at::Tensor out = at::empty({m, N}, x_in.options());
   if (m == 0 || N == 0) return out;
-  // fp32, zero-padded to whole blocks
-  const at::Tensor xf = at::constant_pad_nd(x_in.to(at::kFloat), {0, k_pad - in_features}, 0).contiguous();
-  at::Tensor y = at::empty({m, N}, x_in.options().dtype(at::kFloat));
-  matmul_f32(xf.data_ptr<float>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad, y.data_ptr<float>());
+  at::Tensor y;
+  if (m >= kBlasMinTokens) {
+    // prefill: unpack once to fp32 (exact) and let the BLAS GEMM of at::matmul reuse it across tokens
+    at::Tensor w_dense = at::empty({N, k_pad}, x_in.options().dtype(at::kFloat));
+    unpack_f32(w_packed.data_ptr<uint8_t>(), N, k_pad, w_dense.data_ptr<float>());
+    y = at::matmul(x_in.to(at::kFloat), w_dense.narrow(1, 0, in_features).t());
+  } else {
+    // decode: fp32 x zero-padded to whole blocks, weights unpacked a few rows at a time
+    const at::Tensor xf = at::constant_pad_nd(x_in.to(at::kFloat), {0, k_pad - in_features}, 0).contiguous();
+    y = at::empty({m, N}, x_in.options().dtype(at::kFloat));
+    matmul_f32(xf.data_ptr<float>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad, y.data_ptr<float>());
+  }
   y.mul_(w_scale.to(at::kFloat));
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   out.copy_(y);

@@ -10,7 +10,10 @@ from llmkernels.reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_
 
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-needs_ext = pytest.mark.skipif(not _ext.loaded, reason=f"compiled extension not loaded: {_ext.load_error}")
+needs_ext = pytest.mark.skipif(
+    not _ext.has_kernel("causal_conv1d_fwd", "CPU"),
+    reason=f"no C++ CPU kernel for llmkernels::causal_conv1d_fwd (extension: {_ext.load_error or 'built without it'})",
+)
 SHAPES = [(1, 3, 1), (2, 5, 17), (2, 8, 255), (1, 4, 2048)]  # (batch, dim, seqlen)
 
 

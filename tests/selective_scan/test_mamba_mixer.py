@@ -6,7 +6,10 @@ import torch
 from llmkernels import _ext
 from llmkernels.nn import MambaMixer
 
-needs_ext = pytest.mark.skipif(not _ext.loaded, reason=f"compiled extension not loaded: {_ext.load_error}")
+needs_ext = pytest.mark.skipif(
+    not _ext.has_kernel("selective_scan_fwd", "CPU"),
+    reason=f"no C++ CPU kernel for llmkernels::selective_scan_fwd (extension: {_ext.load_error or 'built without it'})",
+)
 
 
 def _mixer(seed=0, **kw):
@@ -128,3 +131,12 @@ def test_cached_greedy_generation_matches_full_forwards():
             seq = torch.cat([seq, nxt], dim=1)
             logits = ours(nxt, use_cache=False).logits[:, -1]  # one token through the cached decode path
             torch.testing.assert_close(logits, hf(seq, use_cache=False).logits[:, -1], rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+def test_torch_compile_mixer_fullgraph():
+    mixer = _mixer()
+    h = _hidden(2, 7)
+    with torch.no_grad():
+        compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(h), mixer(h), rtol=1e-5, atol=1e-6)

@@ -20,7 +20,10 @@ from llmkernels.reference.selective_scan import selective_scan_ref, selective_st
 
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-needs_ext = pytest.mark.skipif(not _ext.loaded, reason=f"compiled extension not loaded: {_ext.load_error}")
+needs_ext = pytest.mark.skipif(
+    not _ext.has_kernel("selective_scan_fwd", "CPU"),
+    reason=f"no C++ CPU kernel for llmkernels::selective_scan_fwd (extension: {_ext.load_error or 'built without it'})",
+)
 
 FWD_CASES = [
     ScanCase(1, bc="const"),

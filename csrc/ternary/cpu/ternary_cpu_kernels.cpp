@@ -316,4 +316,15 @@ void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t 
   });
 }
 
+void unpack_f32(const uint8_t* w, int64_t N, int64_t k_pad, float* out) {
+  const int64_t nblocks = k_pad / kBlockWeights;
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, N, row_grain(1, k_pad, 1), [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      avx2 ? unpack_row_f32_avx2(w + n * (k_pad / 4), nblocks, out + n * k_pad)
+           : unpack_row_f32(w + n * (k_pad / 4), nblocks, out + n * k_pad);
+    }
+  });
+}
+
 }  // namespace llmkernels::ternary_cpu

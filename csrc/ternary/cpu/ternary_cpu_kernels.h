@@ -24,4 +24,7 @@ void matmul_int8(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_
 // y[t][n] = sum_k x[t][k] * W_t[n][k] in fp32 (weight-only). x: (m, k_pad) fp32 zero-padded; y: (m, N).
 void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, float* y);
 
+// Packed (N, k_pad / 4) -> fp32 (N, k_pad) dense weights in {-1, 0, 1} (for prefill through a BLAS GEMM).
+void unpack_f32(const uint8_t* w, int64_t N, int64_t k_pad, float* out);
+
 }  // namespace llmkernels::ternary_cpu
