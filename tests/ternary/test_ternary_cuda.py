@@ -62,3 +62,11 @@ def test_cuda_misaligned_views(m):
     with llmkernels.use_backend("cuda"):
         acc = llmkernels.ternary.ternary_matmul_int8(x_q, shifted, k)
     torch.testing.assert_close(acc, ref.ternary_matmul_int8_ref(x_q, w_packed, k))
+
+
+@pytest.mark.parametrize("gemm", ["mma", "cublaslt"])
+@pytest.mark.parametrize("m,n,k", [(17, 70, 260), (130, 200, 1000), (513, 2560, 2560)])
+def test_cuda_prefill_gemm_paths(m, n, k, gemm, monkeypatch):
+    """Both prefill GEMMs: our int8 mma.sync kernel and the cuBLASLt baseline (LLMKERNELS_TERNARY_GEMM)."""
+    monkeypatch.setenv("LLMKERNELS_TERNARY_GEMM", gemm)
+    check_backend_matches_reference("cuda", "cuda", m, n, k, torch.float16)
