@@ -22,6 +22,8 @@ fi
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if [ -d /usr/lib/ccache ]; then export PATH="/usr/lib/ccache:$PATH"; fi
+# Paths under the checkout (the venv included) hash as relative, so clones at other paths share the cache.
+export CCACHE_BASEDIR="$ROOT"
 if command -v ccache >/dev/null 2>&1 && [ -n "${CUDA_HOME:-}" ]; then export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"; fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
