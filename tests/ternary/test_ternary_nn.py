@@ -73,8 +73,24 @@ def test_quantize_matches_bitlinear_forward(act_bits):
     assert isinstance(model.qkv, TernaryLinear) and isinstance(model.mlp[2], TernaryLinear)
     assert type(model.lm_head) is torch.nn.Linear  # the LM head stays full precision by default
     tokens = torch.randint(0, 50, (2, 9))
+    # Layer by layer, on the inputs each BitLinear of the twin sees: the same function up to fp32 rounding.
+    seen = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+        for name, m in twin.named_modules()
+        if isinstance(m, BitLinear)
+    ]
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), twin(tokens), rtol=1e-4, atol=1e-4)
+        y_twin = twin(tokens)
+        for h in hooks:
+            h.remove()
+        assert len(seen) == 5
+        for name, (inp, out) in seen.items():
+            torch.testing.assert_close(model.get_submodule(name)(inp), out, rtol=1e-4, atol=1e-4)
+        # End to end, an fp32 rounding difference can move one x_q of a later layer across a rounding boundary
+        # (one step: s / 127 of that row), so the whole model is only close to within a few such steps.
+        y = model(tokens)
+        torch.testing.assert_close(y, y_twin, rtol=0, atol=0.05 * y_twin.abs().max().item())
 
 
 def test_quantize_filter_fn_and_bitlinear_to_ternary():
