@@ -84,7 +84,7 @@ def test_quantize_matches_bitlinear_forward(act_bits):
         y_twin = twin(tokens)
         for h in hooks:
             h.remove()
-        assert len(seen) == 5
+        assert sorted(seen) == ["mlp.0", "mlp.2", "proj", "qkv"]
         for name, (inp, out) in seen.items():
             torch.testing.assert_close(model.get_submodule(name)(inp), out, rtol=1e-4, atol=1e-4)
         # End to end, an fp32 rounding difference can move one x_q of a later layer across a rounding boundary
