@@ -33,6 +33,25 @@ def _progress(label: str, total: int):
     return on_token
 
 
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor reachable in obj (tensors, lists, dicts, dataclass-like objects)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o) for o in obj.values())
+    if hasattr(obj, "__dict__"):
+        return sum(_tensor_bytes(o) for o in vars(obj).values())
+    return 0
+
+
+def weights_and_cache_mib(model, batch: int = 1) -> tuple[float, float]:
+    """(weights, generation cache) in MiB: what the model holds, on any device."""
+    weights = sum(_tensor_bytes(t) for t in (*model.parameters(), *model.buffers()))
+    return weights / 2**20, _tensor_bytes(model.new_cache(batch)) / 2**20
+
+
 def _run(model, prompt, tokens, label, device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -81,16 +100,20 @@ def run_demo(tokens: int = 200, device: str | None = None, prompt_len: int = 32)
         ok, detail = check_agreement(ours, ref, margins)
         if not ok:
             failures.append(f"{name}: {detail}")
+        weights, cache = weights_and_cache_mib(model)
         rows.append(
             {"model": name, "ours_tok_s": tokens / t_ours, "ref_tok_s": tokens / t_ref, "speedup": t_ref / t_ours,
-             "mem_ours": mem_ours, "mem_ref": mem_ref, "agreement": detail}
+             "weights_mib": weights, "cache_mib": cache, "mem_ours": mem_ours, "mem_ref": mem_ref,
+             "agreement": detail}
         )
     print()
-    print("| model | llmkernels tok/s | PyTorch tok/s | speedup | peak mem (MiB) ours / ref | tokens |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| model | llmkernels tok/s | PyTorch tok/s | speedup | weights + cache (MiB) | GPU peak (MiB) ours / ref "
+          "| tokens |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        mem = f"{r['mem_ours'] / 2**20:.0f} / {r['mem_ref'] / 2**20:.0f}" if r["mem_ours"] is not None else "n/a on CPU"
-        print(f"| {r['model']} | {r['ours_tok_s']:.1f} | {r['ref_tok_s']:.1f} | {r['speedup']:.2f}x | {mem} | {r['agreement']} |")
+        peak = f"{r['mem_ours'] / 2**20:.0f} / {r['mem_ref'] / 2**20:.0f}" if r["mem_ours"] is not None else "-"
+        print(f"| {r['model']} | {r['ours_tok_s']:.1f} | {r['ref_tok_s']:.1f} | {r['speedup']:.2f}x "
+              f"| {r['weights_mib']:.2f} + {r['cache_mib']:.2f} | {peak} | {r['agreement']} |")
     if failures:
         raise SystemExit("token streams disagree: " + "; ".join(failures))
     return rows

@@ -5,7 +5,7 @@
 // Prefill (m > 16): quantize_rows + the int8 mma.sync GEMM with the epilogue fused (gemm_a8_mma_kernel).
 // LLMKERNELS_TERNARY_GEMM=cublaslt (or a GPU below sm_80) instead unpacks the weights to int8 and runs
 // at::_int_mm (cuBLASLt int8 tensor cores) + an epilogue kernel: kept as a baseline for the benchmarks.
-// Weight-only prefill unpacks the weights to x's dtype and uses at::matmul (cuBLAS).
+// Weight-only prefill unpacks the weights to x's dtype and uses at::mm with an fp32 result (cuBLAS).
 // Kernels and their reasoning: ternary_cuda_kernels.cuh.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -102,11 +103,17 @@ template <typename OutT>
 void launch_gemm_mma(const at::Tensor& x_q, int64_t m, const float* s, const at::Tensor& w_packed, int64_t k_pad,
                      const float* w_scale, const OutT* bias, OutT* out) {
   const int64_t N = w_packed.size(0);
-  const dim3 grid(static_cast<unsigned>((N + kMmaBN - 1) / kMmaBN), static_cast<unsigned>((m + kMmaBM - 1) / kMmaBM));
-  gemm_a8_mma_kernel<OutT><<<grid, kMmaThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      x_q.data_ptr<int8_t>(), static_cast<int>(m), s, w_packed.data_ptr<uint8_t>(), static_cast<int>(N),
-      static_cast<int>(k_pad), w_scale, bias, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // grid.y (token tiles) is limited to 65535: longer inputs are launched in slices of token rows
+  constexpr int64_t kMaxRowsPerLaunch = int64_t{65535} * kMmaBM;
+  for (int64_t row0 = 0; row0 < m; row0 += kMaxRowsPerLaunch) {
+    const int64_t rows = std::min(m - row0, kMaxRowsPerLaunch);
+    const dim3 grid(static_cast<unsigned>((N + kMmaBN - 1) / kMmaBN),
+                    static_cast<unsigned>((rows + kMmaBM - 1) / kMmaBM));
+    gemm_a8_mma_kernel<OutT><<<grid, kMmaThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x_q.data_ptr<int8_t>() + row0 * k_pad, static_cast<int>(rows), s != nullptr ? s + row0 : nullptr,
+        w_packed.data_ptr<uint8_t>(), static_cast<int>(N), static_cast<int>(k_pad), w_scale, bias, out + row0 * N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // x_q: (m, k_pad) int8 contiguous, m > 16 -> int32 (m, round_up(N, 8)) on the int8 tensor cores (cuBLASLt)
@@ -239,11 +246,12 @@ at::Tensor linear_w2_cuda(const at::Tensor& x_in, const at::Tensor& w_packed_in,
             static_cast<int>(k_pad), scale.data_ptr<float>(), bp, out.data_ptr<scalar_t>());
       });
     } else {
-      // ternary values are exact in every float dtype; cuBLAS accumulates in fp32
+      // ternary values are exact in every float dtype; cuBLAS accumulates in fp32 and, with out_dtype fp32,
+      // also returns fp32: an fp16 result would be rounded twice and overflow (x @ W_t^T is ~1 / gamma times y)
       const at::Tensor w_dense = unpack<scalar_t>(w_packed, k_pad, N, x.scalar_type());
-      const at::Tensor y = at::matmul(x, w_dense.narrow(1, 0, in_features).t());
-      epilogue_kernel<scalar_t, scalar_t><<<elementwise_blocks(m * N), kElementwiseThreads, 0, stream>>>(
-          y.data_ptr<scalar_t>(), y.stride(0), static_cast<int>(m), static_cast<int>(N), nullptr,
+      const at::Tensor y = at::mm(x, w_dense.narrow(1, 0, in_features).t(), at::kFloat);
+      epilogue_kernel<float, scalar_t><<<elementwise_blocks(m * N), kElementwiseThreads, 0, stream>>>(
+          y.data_ptr<float>(), y.stride(0), static_cast<int>(m), static_cast<int>(N), nullptr,
           scale.data_ptr<float>(), bp, out.data_ptr<scalar_t>());
     }
   });

@@ -149,11 +149,17 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   return p;
 }
 
-std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
+std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_arg, const Tensor& q, const Tensor& k,
                                                        const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                                                        double softmax_scale, int64_t window_left,
                                                        int64_t window_right, double softcap) {
   constexpr const char* op = "flash_attn_bwd";
+  // dout comes from autograd, not from the caller, and can be a view that is not 16-byte aligned (e.g. a
+  // slice of torch.cat's gradient, storage offset 4): copy it rather than refuse it.
+  Tensor dout = dout_arg;
+  if (dout.dim() == 4 && !(dout.stride(-1) == 1 && rows_16b_aligned(dout))) {
+    dout = dout.clone(at::MemoryFormat::Contiguous);
+  }
   check_qkv(op, q, k, v, "k", "v");
   check_attn_tensor(op, dout, "dout", q);
   check_attn_tensor(op, out, "out", q);
