@@ -26,6 +26,12 @@ timeout "${BUILD_TIMEOUT:-240}" "$PY" setup.py build_ext --inplace > "$OUT/build
 build_rc=$?
 log "build rc=$build_rc in $(( $(date +%s) - start ))s"
 tail -5 "$OUT/build.log" | tee -a "$OUT/gpu_check.log"
+if [ "$build_rc" != 0 ]; then
+  # Tests against a stale library would report on code that was not built: stop here.
+  tail -40 "$OUT/build.log" >> "$OUT/gpu_check.log"
+  log "build failed (rc=$build_rc; 124 = timed out after ${BUILD_TIMEOUT:-240}s): see build.log"
+  exit "$build_rc"
+fi
 "$PY" -m llmkernels info 2>&1 | tee -a "$OUT/gpu_check.log"
 
 log "tests"

@@ -5,13 +5,16 @@
 // position j read in place from the chunk (j >= seqlens[b], row j - seqlens[b]) or from the ring (slot j % W):
 // the wrap-around is index math, nothing is gathered or copied.
 //
-// Tiling: at::parallel_for over (batch, kv head, query row). A task loads the G = nheads / nheads_k query
-// heads of its KV head (GQA), then walks the window in blocks of kKeyBlock keys: each K/V block is converted
-// to fp32 once and used by all G heads, with an online (running max / sum) softmax in fp32. Inner loops
-// over head_dim are `omp simd`, compiled for AVX-512 and AVX2 and picked at run time.
+// Two kernels. Chunks of at least kMinBlockedRows (query, head) rows per KV head go to the blocked kernel in
+// cpu/chunk_attn_kernel.h (query blocks x key tiles, register-blocked micro-GEMMs; AVX-512 or AVX2). Decode
+// and tiny chunks (and CPUs without AVX2) take the per-row kernel below: at::parallel_for over (batch,
+// kv head, query row); a task loads the G = nheads / nheads_k query heads of its KV head (GQA), then walks
+// the window in blocks of kKeyBlock keys: each K/V block is converted to fp32 once and used by all G heads,
+// with an online (running max / sum) softmax in fp32. Inner loops over head_dim are `omp simd`, compiled
+// for AVX-512 and AVX2 and picked at run time.
 //
-// Bound: decode reads each K/V row of the window once per KV head: memory bandwidth. Chunked prefill does
-// S * W * d multiply-adds per head without a matrix unit: compute bound, a fallback for CPUs, not a GEMM.
+// Bound: decode reads each K/V row of the window once per KV head: memory bandwidth. The per-row kernel
+// re-reads every K/V row for each query row, so chunks go to the blocked kernel, which is FMA bound.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +27,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "sliding_window/cpu/chunk_attn.h"
 #include "sliding_window/sliding_window_common.h"
 
 namespace llmkernels::sliding_window {
@@ -199,6 +203,48 @@ void attend_tasks_scalar(const AttnParams<scalar_t>& p, int64_t begin, int64_t e
   attend_tasks(p, begin, end);
 }
 
+// Rows (query positions x GQA heads) per KV head from which the blocked kernel beats the per-row one.
+constexpr int64_t kMinBlockedRows = 4;
+
+cpu::RowView view_of(const at::Tensor& t) {
+  return {const_cast<void*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+void run_chunk_blocked(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_ring,
+                       const at::Tensor& v_ring, const at::Tensor& seqlens, at::Tensor& out, const Dims& dims,
+                       float scale, float softcap) {
+  const int64_t group = dims.nheads / dims.nheads_k;
+  cpu::ChunkParams p{};
+  p.q = view_of(q);
+  p.k = view_of(k);
+  p.v = view_of(v);
+  p.k_ring = view_of(k_ring);
+  p.v_ring = view_of(v_ring);
+  p.out = view_of(out);
+  p.seqlens = seqlens.data_ptr<int32_t>();
+  p.batch = dims.batch;
+  p.chunk = dims.chunk;
+  p.nheads_k = dims.nheads_k;
+  p.group = group;
+  p.head_dim = dims.head_dim;
+  p.window = dims.window;
+  // About 64 rows per task (a 64-row score tile), whole GQA groups, never more positions than the chunk has.
+  p.block_q = std::min<int64_t>(dims.chunk, std::max<int64_t>(1, 64 / group));
+  p.scale = scale;
+  p.softcap = softcap;
+  p.dtype = q.scalar_type() == at::kFloat ? cpu::Dtype::kFloat32
+            : q.scalar_type() == at::kHalf ? cpu::Dtype::kFloat16
+                                           : cpu::Dtype::kBFloat16;
+  const bool avx512 = use_avx512();
+  at::parallel_for(0, cpu::chunk_attn_tasks(p), 1, [&](int64_t begin, int64_t end) {
+    if (avx512) {
+      cpu::chunk_attn_avx512(p, begin, end);
+    } else {
+      cpu::chunk_attn_avx2(p, begin, end);
+    }
+  });
+}
+
 template <typename scalar_t>
 void run_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_ring,
               const at::Tensor& v_ring, const at::Tensor& seqlens, at::Tensor& out, const Dims& dims, float scale,
@@ -217,6 +263,10 @@ void run_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
                          dims.window,
                          scale,
                          softcap};
+  if (dims.chunk * p.group >= kMinBlockedRows && (use_avx512() || use_avx2())) {
+    run_chunk_blocked(q, k, v, k_ring, v_ring, seqlens, out, dims, scale, softcap);
+    return;
+  }
   const int64_t tasks = dims.batch * dims.chunk * dims.nheads_k;
   // A task is one window of keys for G heads; a few per chunk amortise the scratch allocation.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, dims.window * p.group));
