@@ -204,7 +204,7 @@ void attend_tasks_scalar(const AttnParams<scalar_t>& p, int64_t begin, int64_t e
 }
 
 // Rows (query positions x GQA heads) per KV head from which the blocked kernel beats the per-row one.
-constexpr int64_t kMinBlockedRows = 4;
+constexpr int64_t kMinBlockedRows = 1;
 
 cpu::RowView view_of(const at::Tensor& t) {
   return {const_cast<void*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};

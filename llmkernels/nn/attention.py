@@ -2,7 +2,7 @@
 
     attn = MultiheadFlashAttention(embed_dim=512, num_heads=8, num_kv_heads=2, rotary=True)
     y = attn(x)                                      # x: (batch, seqlen, embed_dim), causal by default
-    cache = attn.allocate_kv_cache(batch_size=4, max_seqlen=1024)
+    cache = attn.new_cache(batch_size=4, max_seqlen=1024)
     y = attn(prompt, cache=cache); y = attn(next_token, cache=cache)   # incremental decoding
 """
 
@@ -52,7 +52,7 @@ class MultiheadFlashAttention(nn.Module):
 
     embed_dim = num_heads * head_dim; num_kv_heads divides num_heads (default: num_heads). causal and
     window_size / softcap as in flash_attn_func. forward(x: (batch, seqlen, embed_dim)) -> same shape.
-    With `cache` (from allocate_kv_cache), x holds the next tokens of each row: they are appended to the
+    With `cache` (from new_cache), x holds the next tokens of each row: they are appended to the
     cache, attend to everything cached (flash_attn_with_kvcache), and cache.seqlens advances.
     """
 
@@ -91,7 +91,7 @@ class MultiheadFlashAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
         self.o_proj = nn.Linear(num_heads * self.head_dim, embed_dim, **kw)
 
-    def allocate_kv_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+    def new_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                           device: torch.device | str | None = None) -> KVCache:
         weight = self.k_proj.weight
         shape = (batch_size, max_seqlen, self.num_kv_heads, self.head_dim)

@@ -11,7 +11,7 @@ Same parameters, names and math as Hugging Face's `transformers.models.mamba.mod
     scan      y = selective_scan(x, delta, A, B, C, D, z=gate)
     out_proj  (intermediate -> hidden)
 
-Generation: `cache = mixer.allocate_cache(batch)` then `mixer(h, cache)` for the prompt and for each new token.
+Generation: `cache = mixer.new_cache(batch)` then `mixer(h, cache)` for the prompt and for each new token.
 A call with seqlen 1 takes the decode path (causal_conv1d_update + selective_state_update); longer calls run
 the full conv and scan starting from the cached states, so a prompt may also be fed in several chunks.
 """
@@ -86,7 +86,7 @@ class MambaMixer(nn.Module):
             config.use_conv_bias, config.use_bias, config.hidden_act, device=device, dtype=dtype,
         )
 
-    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+    def new_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Zero states for a new sequence; conv_state in `dtype` (the weights' by default), ssm_state fp32."""
         device = device or self.in_proj.weight.device
         dtype = dtype or self.in_proj.weight.dtype

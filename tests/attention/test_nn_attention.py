@@ -82,7 +82,7 @@ def test_incremental_decoding_matches_full_forward():
     x = torch.randn(3, 20, 64)
     with torch.no_grad():
         full = layer(x)
-        cache = layer.allocate_kv_cache(batch_size=3, max_seqlen=32)
+        cache = layer.new_cache(batch_size=3, max_seqlen=32)
         steps = [layer(x[:, :12], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(12, 20)]
     assert cache.seqlens.tolist() == [20, 20, 20]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)

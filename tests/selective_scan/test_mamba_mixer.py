@@ -33,7 +33,7 @@ def test_generation_with_cache_equals_full_forward(use_conv_bias):
     h = _hidden(2, 13)
     with torch.no_grad():
         full = mixer(h)
-        cache = mixer.allocate_cache(2)
+        cache = mixer.new_cache(2)
         pieces = [mixer(h[:, :5], cache), mixer(h[:, 5:8], cache)]
         pieces += [mixer(h[:, t : t + 1], cache) for t in range(8, 13)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
@@ -45,7 +45,7 @@ def test_short_prompt_shorter_than_the_conv():
     h = _hidden(1, 6)
     with torch.no_grad():
         full = mixer(h)
-        cache = mixer.allocate_cache(1)
+        cache = mixer.new_cache(1)
         pieces = [mixer(h[:, :2], cache)] + [mixer(h[:, t : t + 1], cache) for t in range(2, 6)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
 
@@ -122,7 +122,7 @@ def test_cached_greedy_generation_matches_full_forwards():
     ids = torch.randint(0, 97, (1, 6))
     adapters = [layer.mixer for layer in ours.backbone.layers]
     for a in adapters:
-        a.cache = a.mixer.allocate_cache(1)
+        a.cache = a.mixer.new_cache(1)
     with torch.no_grad():
         logits = ours(ids, use_cache=False).logits[:, -1]  # the prompt fills the caches
         seq = ids
