@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
-    run(args.op or list(OPS), args.quick, None if args.no_save else args.out, args.tag)
+    # Quick runs are tagged so they never overwrite a full run's results of the same day.
+    tag = args.tag if args.tag is not None else ("quick" if args.quick else None)
+    run(args.op or list(OPS), args.quick, None if args.no_save else args.out, tag)
 
 
 if __name__ == "__main__":
