@@ -29,12 +29,17 @@ def _cuda_skip_reason():
 
 def pytest_collection_modifyitems(config, items):
     reason = _cuda_skip_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
+    skip_cuda = pytest.mark.skip(reason=reason) if reason is not None else None
+    # `triton_interp` cases feed CPU tensors to Triton, which only the interpreter runs: on a GPU machine
+    # (TRITON_INTERPRET unset) their GPU counterparts are the `cuda` cases.
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    skip_interp = pytest.mark.skip(reason="Triton interpreter case: runs only without a GPU (TRITON_INTERPRET=1)")
     for item in items:
         if "cuda" in item.keywords:
-            item.add_marker(skip)
+            if skip_cuda is not None:
+                item.add_marker(skip_cuda)
+        elif "triton_interp" in item.keywords and not interp:
+            item.add_marker(skip_interp)
 
 
 @pytest.fixture(autouse=True)
