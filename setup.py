@@ -68,7 +68,7 @@ setup(
         "llmkernels.nn",
         "llmkernels.integrations",
     ],
-    package_data={"llmkernels": ["data/*"]},
+    package_data={"llmkernels": ["data/*", "*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from typing import Any, Callable, Iterator, Optional
 
@@ -27,6 +28,33 @@ DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "refere
 # (op name, backend) -> reason. Kernels that failed on a GPU are listed here until fixed, so auto-dispatch
 # skips them and `llmkernels info` shows why.
 DISABLED: dict[tuple[str, str], str] = {}
+
+# Measured CUDA preferences, {device-name substring: {op: [backend, ...]}}, written from benchmark results by
+# bench/make_dispatch_table.py, so that auto-dispatch on a GPU picks whichever of CUDA and Triton measured faster.
+CUDA_DISPATCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_dispatch_table.json")
+_measured_orders: dict[str, tuple[str, ...]] | None = None
+
+
+def orders_for_device(table: dict, device_name: str) -> dict[str, tuple[str, ...]]:
+    """The per-op backend orders of the first table entry whose key occurs in device_name ({} if none)."""
+    for key, orders in table.items():
+        if key in device_name:
+            return {op: tuple(order) for op, order in orders.items()}
+    return {}
+
+
+def measured_cuda_orders() -> dict[str, tuple[str, ...]]:
+    """Orders for this machine's GPU from CUDA_DISPATCH_TABLE, read once (on the first CUDA-tensor call)."""
+    global _measured_orders
+    if _measured_orders is None:
+        try:
+            with open(CUDA_DISPATCH_TABLE) as f:
+                table = json.load(f)
+        except (OSError, ValueError):
+            table = {}
+        _measured_orders = orders_for_device(table, torch.cuda.get_device_name()) if table else {}
+    return _measured_orders
+
 
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -151,7 +179,11 @@ class Dispatcher:
             if reason is not None:
                 raise BackendError(f"llmkernels.{self.name}: backend {forced!r} cannot run these inputs: {reason}")
             return forced
-        for backend in self.order.get(_first_device_type(args, kwargs), ("reference",)):
+        device = _first_device_type(args, kwargs)
+        order = self.order.get(device, ("reference",))
+        if device == "cuda":
+            order = measured_cuda_orders().get(self.name, order)
+        for backend in order:
             if self.why_not(backend, *args, **kwargs) is None:
                 return backend
         return "reference"

@@ -46,5 +46,9 @@ timeout "${BENCH_TIMEOUT:-150}" "$PY" bench/run.py ${QUICK:+--quick} --out "$OUT
 bench_rc=$?
 cat "$OUT/bench.log" | grep -v '^\[' > "$OUT/bench_tables.md" || true
 tail -60 "$OUT/bench.log" | tee -a "$OUT/gpu_check.log"
-log "bench rc=$bench_rc; results in $OUT"
+# Auto-dispatch on this GPU: whichever of the CUDA and Triton backends measured faster, per op.
+for f in "$OUT"/*.json; do
+  "$PY" bench/make_dispatch_table.py "$f" >> "$OUT/gpu_check.log" 2>&1 && cp llmkernels/cuda_dispatch_table.json "$OUT/"
+done
+log "bench rc=$bench_rc; results in $OUT (commit bench/results/ and llmkernels/cuda_dispatch_table.json)"
 exit $(( build_rc != 0 ? build_rc : test_rc ))

@@ -67,3 +67,20 @@ def test_every_public_op_has_a_reference_backend():
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "llmkernels", "info"], check=True, capture_output=True, text=True)
     assert "flash_attn_func" in out.stdout and "reference" in out.stdout
+
+
+def test_measured_cuda_orders_follow_the_benchmarks():
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.make_dispatch_table import preferred_orders
+
+    rows = [
+        {"op": "flash_attn_fwd", "case": c, "impl": f"llmkernels-{impl}", "time_ms": t}
+        for c, impl, t in [("a", "cuda", 2.0), ("a", "triton", 1.0), ("b", "cuda", 3.0), ("b", "triton", 2.0)]
+    ] + [{"op": "selective_scan_fwd", "case": "a", "impl": "llmkernels-cuda", "time_ms": 1.0},
+         {"op": "selective_scan_fwd", "case": "a", "impl": "llmkernels-triton", "time_ms": 5.0}]
+    orders = preferred_orders(rows)
+    assert orders == {"flash_attn_func": ["triton", "cuda", "reference"],
+                      "selective_scan_fn": ["cuda", "triton", "reference"]}
+    table = {"H100": orders}
+    assert _backend.orders_for_device(table, "NVIDIA H100 80GB HBM3")["flash_attn_func"][0] == "triton"
+    assert _backend.orders_for_device(table, "NVIDIA A10") == {}

@@ -1,0 +1,67 @@
+"""Turns GPU benchmark results into llmkernels/cuda_dispatch_table.json, the measured order in which
+auto-dispatch tries the CUDA and Triton backends of each op on that GPU.
+
+    python bench/make_dispatch_table.py bench/results/<gpu>-<date>.json [--key H100]
+
+For every benchmark case where both llmkernels-cuda and llmkernels-triton ran, the faster one scores a win
+for its backend; an op whose Triton backend wins most of its cases gets ("triton", "cuda", "reference").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+# benchmark op name -> the public op (Dispatcher name) whose order it decides
+BENCH_TO_OP = {
+    "flash_attn_fwd": "flash_attn_func",
+    "flash_attn_fwd_bwd": "flash_attn_func",
+    "flash_attn_decode": "flash_attn_with_kvcache",
+    "sliding_window": "rolling_window_attn",
+    "ternary_linear": "ternary_linear_a8",
+    "selective_scan_fwd": "selective_scan_fn",
+    "selective_scan_fwd_bwd": "selective_scan_fn",
+    "selective_state_update": "selective_state_update",
+}
+TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llmkernels", "cuda_dispatch_table.json")
+
+
+def preferred_orders(rows: list[dict]) -> dict[str, list[str]]:
+    wins: dict[str, dict[str, int]] = {}
+    cases: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if r["impl"] in ("llmkernels-cuda", "llmkernels-triton") and r["op"] in BENCH_TO_OP:
+            cases.setdefault((r["op"], r["case"]), {})[r["impl"].split("-")[1]] = r["time_ms"]
+    for (op, _), times in cases.items():
+        if len(times) == 2:
+            winner = min(times, key=times.get)
+            tally = wins.setdefault(BENCH_TO_OP[op], {"cuda": 0, "triton": 0})
+            tally[winner] += 1
+    return {
+        op: (["triton", "cuda", "reference"] if t["triton"] > t["cuda"] else ["cuda", "triton", "reference"])
+        for op, t in wins.items()
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--key", default=None, help="device-name substring to file the orders under (default: H100/H200/...)")
+    args = ap.parse_args()
+    with open(args.results) as f:
+        data = json.load(f)
+    device = data["environment"].get("device", "")
+    key = args.key or next((k for k in ("H200", "H100", "A100", "L40S") if k in device), device)
+    table = {}
+    if os.path.exists(TABLE):
+        with open(TABLE) as f:
+            table = json.load(f)
+    table[key] = preferred_orders(data["results"])
+    with open(TABLE, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    print(f"{TABLE}: {key}: {table[key]}")
+
+
+if __name__ == "__main__":
+    main()
