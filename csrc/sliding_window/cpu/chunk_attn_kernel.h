@@ -47,73 +47,15 @@ inline void to_float(const T* src, float* dst, int64_t n, float mul) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
 }
 
-// Zero-initialised per-thread floats (no std containers: their out-of-line instantiations would be compiled
-// for this file's instruction set and could be shared with other files by the linker).
-struct Scratch {
-  float* data;
-  explicit Scratch(int64_t n) : data(new float[n]()) {}
-  ~Scratch() { delete[] data; }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
-
-// ---------------------------------------------------------------------------------------------------
-// Micro-kernel: C[M x N] (+)= A[M x K] B[K x N], N a multiple of Vec::W
-// ---------------------------------------------------------------------------------------------------
-// A(m, k) = A[m * a_m + k * a_k] (a transposed A is free); B and C row-major with leading dims ldb, ldc.
-// An R x NV-register tile of C stays in registers while K streams: per k, NV loads of B, R broadcasts of A,
-// R * NV FMAs.
-template <int R, int NV>
-inline void gemm_tile(int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb, float* C,
-                      int64_t ldc, bool accumulate) {
-  using reg = typename Vec::reg;
-  constexpr int W = Vec::W;
-  reg c[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? Vec::load(C + r * ldc + v * W) : Vec::zero();
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    reg b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = Vec::load(B + k * ldb + v * W);
-    for (int r = 0; r < R; ++r) {
-      const reg a = Vec::set1(A[r * a_m + k * a_k]);
-      for (int v = 0; v < NV; ++v) c[r][v] = Vec::fmadd(a, b[v], c[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) Vec::store(C + r * ldc + v * W, c[r][v]);
-  }
-}
-
-// One NV-register-wide column strip, all M rows: tiles of Vec::MR rows, then the remainder in one smaller tile.
-template <int NV>
-inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb,
-                       float* C, int64_t ldc, bool accumulate) {
-  constexpr int MR = Vec::MR;
-  static_assert(MR >= 2 && MR <= 8, "remainder tiles below cover up to 7 rows");
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) gemm_tile<MR, NV>(K, A + m * a_m, a_m, a_k, B, ldb, C + m * ldc, ldc, accumulate);
-  const float* a = A + m * a_m;
-  float* c = C + m * ldc;
-  switch (M - m) {
-    case 7: if constexpr (MR > 7) gemm_tile<7, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
-    case 6: if constexpr (MR > 6) gemm_tile<6, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
-    case 5: if constexpr (MR > 5) gemm_tile<5, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
-    case 4: if constexpr (MR > 4) gemm_tile<4, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
-    case 3: if constexpr (MR > 3) gemm_tile<3, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
-    case 2: gemm_tile<2, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
-    case 1: gemm_tile<1, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
-    default: break;
-  }
-}
+#include "common/cpu_microkernel.h"  // Scratch, gemm_tile, gemm_strip: see its comment on where to include it
 
 // Strips Vec::NV registers wide, then one register wide for what is left of N.
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int W = Vec::W, NV = Vec::NV;
   int64_t n = 0;
-  for (; n + NV * W <= N; n += NV * W) gemm_strip<NV>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
-  for (; n < N; n += W) gemm_strip<1>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
+  for (; n + NV * W <= N; n += NV * W) gemm_strip<Vec::MR, NV>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
+  for (; n < N; n += W) gemm_strip<Vec::MR, 1>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------------
