@@ -351,6 +351,20 @@ void prepare_conv_weights(const char* op, const at::Tensor& x, const at::Tensor&
   bias_f = optional_fp32(op, "bias", bias, x, {dim});
 }
 
+// The fields the conv1d forward and backward share; x_c is the contiguous (batch, dim, seqlen) input.
+static ConvParams conv_params(const at::Tensor& x_c, const at::Tensor& weight_f, const at::Tensor& bias_f, bool silu) {
+  ConvParams p{};
+  p.batch = int(x_c.size(0));
+  p.dim = int(x_c.size(1));
+  p.seqlen = int(x_c.size(2));
+  p.width = int(weight_f.size(1));
+  p.silu = silu;
+  p.x = x_c.data_ptr();
+  p.weight = weight_f.data_ptr<float>();
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  return p;
+}
+
 at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   bool silu) {
   const char* op = "causal_conv1d_fwd";
@@ -365,15 +379,7 @@ at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   prepare_conv_weights(op, x, weight, bias, weight_f, bias_f);
   at::Tensor x_c = x.contiguous();
   at::Tensor out = at::empty_like(x_c);
-  ConvParams p{};
-  p.batch = int(x.size(0));
-  p.dim = int(x.size(1));
-  p.seqlen = int(x.size(2));
-  p.width = int(weight.size(1));
-  p.silu = silu;
-  p.x = x_c.data_ptr();
-  p.weight = weight_f.data_ptr<float>();
-  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  ConvParams p = conv_params(x_c, weight_f, bias_f, silu);
   p.out = out.data_ptr();
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -401,15 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(const at::
   at::Tensor dx = at::empty_like(x_c);
   at::Tensor dweight = at::zeros(weight.sizes(), weight_f.options());
   at::Tensor dbias = bias_f.defined() ? at::zeros(bias_f.sizes(), bias_f.options()) : at::Tensor();
-  ConvParams p{};
-  p.batch = int(x.size(0));
-  p.dim = int(x.size(1));
-  p.seqlen = int(x.size(2));
-  p.width = int(weight.size(1));
-  p.silu = silu;
-  p.x = x_c.data_ptr();
-  p.weight = weight_f.data_ptr<float>();
-  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  ConvParams p = conv_params(x_c, weight_f, bias_f, silu);
   p.dout = dout_c.data_ptr();
   p.dx = dx.data_ptr();
   p.dweight = dweight.data_ptr<float>();
