@@ -9,15 +9,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def find_cuda_home() -> str | None:
-    """CUDA toolkit location from CUDA_HOME / CUDA_PATH / nvcc on PATH / /usr/local/cuda; never from a GPU."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    """CUDA toolkit location from CUDA_HOME / CUDA_PATH / /usr/local/cuda / nvcc on PATH; never from a GPU.
+
+    A candidate must hold both bin/nvcc and include/cuda.h: an nvcc on PATH may be a wrapper script (e.g.
+    /usr/local/bin/nvcc exec'ing the real one), whose parent folder is no toolkit.
+    """
     import shutil
 
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        candidates.insert(2, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        if home and all(os.path.exists(os.path.join(home, *f)) for f in (("bin", "nvcc"), ("include", "cuda.h"))):
             return home
     return None
 
