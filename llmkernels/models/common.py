@@ -1,4 +1,4 @@
-"""Pieces shared by the demo models: RMSNorm, rotary embedding, SwiGLU, greedy generation."""
+"""Pieces shared by the demo models: RMSNorm, SwiGLU, greedy generation."""
 
 from __future__ import annotations
 
@@ -18,19 +18,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position * base^(-2i/d) (the Llama/Mistral layout).
-
-    x: (batch, seqlen, nheads, headdim); positions: (batch, seqlen) absolute positions.
-    """
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[..., None] * inv_freq  # (batch, seqlen, half)
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

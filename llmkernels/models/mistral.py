@@ -1,7 +1,8 @@
 """A Mistral-style decoder: GQA, rotary embedding, sliding-window attention over a rolling KV cache.
 
-Every attention call, prefill included, goes through `sliding_window_attn_with_cache`, so a prompt of
-any length is processed as a chunk against the ring buffer and memory stays at `window` tokens per layer.
+Attention is llmkernels.nn.SlidingWindowAttention; every call, prefill included, goes through its rolling
+cache, so a prompt of any length is processed as a chunk against the ring buffer and memory stays at
+`window` tokens per layer.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .. import RollingKVCache, sliding_window_attn_with_cache
-from .common import RMSNorm, SwiGLU, rotary
+from .. import RollingKVCache
+from ..nn import SlidingWindowAttention
+from .common import RMSNorm, SwiGLU
 
 
 @dataclass
@@ -27,31 +29,11 @@ class MistralConfig:
     rope_base: float = 10000.0
 
 
-class MistralAttention(nn.Module):
-    def __init__(self, cfg: MistralConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-
-    def forward(self, x: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
-        b, s, _ = x.shape
-        positions = cache.seqlens.to(x.device).long()[:, None] + torch.arange(s, device=x.device)
-        q = rotary(self.q_proj(x).view(b, s, self.cfg.n_heads, self.head_dim), positions, self.cfg.rope_base)
-        k = rotary(self.k_proj(x).view(b, s, self.cfg.n_kv_heads, self.head_dim), positions, self.cfg.rope_base)
-        v = self.v_proj(x).view(b, s, self.cfg.n_kv_heads, self.head_dim)
-        out = sliding_window_attn_with_cache(q, k, v, cache)
-        return self.o_proj(out.reshape(b, s, -1))
-
-
 class MistralBlock(nn.Module):
     def __init__(self, cfg: MistralConfig):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
-        self.attn = MistralAttention(cfg)
+        self.attn = SlidingWindowAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.window, rope_theta=cfg.rope_base)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
@@ -69,12 +51,7 @@ class MistralLM(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def new_cache(self, batch: int) -> list[RollingKVCache]:
-        p = self.lm_head.weight
-        head_dim = self.cfg.dim // self.cfg.n_heads
-        return [
-            RollingKVCache(batch, self.cfg.window, self.cfg.n_kv_heads, head_dim, dtype=p.dtype, device=p.device)
-            for _ in self.layers
-        ]
+        return [layer.attn.new_cache(batch) for layer in self.layers]
 
     def forward(self, tokens: torch.Tensor, cache: list[RollingKVCache]) -> torch.Tensor:
         """tokens: (batch, seqlen) continuing what `cache` has seen -> logits (batch, seqlen, vocab)."""

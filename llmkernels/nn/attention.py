@@ -32,6 +32,17 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def cache_dtype_device(proj: nn.Module, dtype: torch.dtype | None, device) -> tuple[torch.dtype, torch.device]:
+    """dtype / device for a layer's KV cache: as given, else those of the key projection's weight. A projection
+    without a float weight (a TernaryLinear after quantize_) holds packed buffers: then the default dtype and
+    the buffers' device, unless the caller says otherwise."""
+    weight = getattr(proj, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return dtype or weight.dtype, device or weight.device
+    tensors = [*proj.parameters(), *proj.buffers()]
+    return dtype or torch.get_default_dtype(), device or (tensors[0].device if tensors else torch.device("cpu"))
+
+
 @dataclass
 class KVCache:
     """Keys and values of past tokens for incremental decoding with MultiheadFlashAttention.
@@ -93,9 +104,8 @@ class MultiheadFlashAttention(nn.Module):
 
     def new_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
                           device: torch.device | str | None = None) -> KVCache:
-        weight = self.k_proj.weight
-        shape = (batch_size, max_seqlen, self.num_kv_heads, self.head_dim)
-        k = torch.zeros(shape, dtype=dtype or weight.dtype, device=device or weight.device)
+        dtype, device = cache_dtype_device(self.k_proj, dtype, device)
+        k = torch.zeros((batch_size, max_seqlen, self.num_kv_heads, self.head_dim), dtype=dtype, device=device)
         return KVCache(k, torch.zeros_like(k), torch.zeros(batch_size, dtype=torch.int32, device=k.device))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops.attention import flash_attn_func
 from ..ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
-from .attention import apply_rotary
+from .attention import apply_rotary, cache_dtype_device
 
 
 class SlidingWindowAttention(nn.Module):
@@ -51,9 +51,8 @@ class SlidingWindowAttention(nn.Module):
     def new_cache(self, batch_size: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> RollingKVCache:
         """An empty rolling cache for this layer: memory fixed at 2 * batch * window * num_kv_heads * head_dim."""
-        weight = self.k_proj.weight
-        return RollingKVCache(batch_size, self.window, self.num_kv_heads, self.head_dim,
-                              dtype=dtype or weight.dtype, device=device or weight.device)
+        dtype, device = cache_dtype_device(self.k_proj, dtype, device)
+        return RollingKVCache(batch_size, self.window, self.num_kv_heads, self.head_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cache: RollingKVCache | None = None) -> torch.Tensor:
         """x: (batch, seqlen, hidden_size) -> (batch, seqlen, hidden_size).
