@@ -24,7 +24,8 @@ BENCH_TO_OP = {
     "selective_scan_fwd_bwd": "selective_scan_fn",
     "selective_state_update": "selective_state_update",
 }
-TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llmkernels", "cuda_dispatch_table.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLE = os.path.join(ROOT, "llmkernels", "cuda_dispatch_table.json")
 
 
 def preferred_orders(rows: list[dict]) -> dict[str, list[str]]:
@@ -47,7 +48,7 @@ def preferred_orders(rows: list[dict]) -> dict[str, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
-    ap.add_argument("--key", default=None, help="device-name substring to file the orders under (default: H100/H200/...)")
+    ap.add_argument("--key", default=None, help="device-name substring to file the orders under (default: H100, ...)")
     args = ap.parse_args()
     with open(args.results) as f:
         data = json.load(f)

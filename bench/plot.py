@@ -59,7 +59,8 @@ def plot(path: str, out_dir: str) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length / tokens")
         ax.set_ylabel(sub[0]["metric"])
-        ax.set_title(f"{op} {series}\n{env.get('device')} | torch {env.get('torch')} | {env.get('date', '')[:10]}", fontsize=9)
+        date = env.get("date", "")[:10]
+        ax.set_title(f"{op} {series}\n{env.get('device')} | torch {env.get('torch')} | {date}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{op}-{series}".strip("-_"))[:90] + ".png"

@@ -20,7 +20,8 @@ OPS = ("attention", "sliding_window", "ternary", "selective_scan")
 def run(ops: list[str], quick: bool, out_dir: str | None, tag: str | None = None) -> list[dict]:
     rows: list[dict] = []
     env = environment()
-    print(f"device: {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | triton {env['triton']} | {env['date']}")
+    print(f"device: {env['device']} | torch {env['torch']} | CUDA {env['cuda']} | triton {env['triton']} "
+          f"| {env['date']}")
     for op in ops:
         try:
             module = importlib.import_module(f"bench.bench_{op}")

@@ -11,14 +11,13 @@ Importing never initialises CUDA and never fails for want of the compiled extens
 backend always runs, and `python -m llmkernels info` says what else is usable and why not.
 """
 
-from . import _ext
+from . import _ext, nn, ternary  # noqa: E402  (public namespaces: llmkernels.ternary.*, llmkernels.nn.*)
 from ._backend import BACKENDS, BackendError, requested_backend, use_backend
 from .ops.attention import flash_attn_func, flash_attn_with_kvcache
+from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .ops.selective_scan import selective_scan_fn, selective_state_update
 from .ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
 from .ops.ternary import quantize_, ternary_linear
-from .ops.selective_scan import selective_scan_fn, selective_state_update
-from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from . import ternary, nn  # noqa: E402  (public namespaces: llmkernels.ternary.*, llmkernels.nn.*)
 
 __version__ = "0.1.0"
 

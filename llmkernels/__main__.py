@@ -18,7 +18,9 @@ def _repo_root() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="llmkernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="llmkernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is built and usable on this machine, and why not")
     b = sub.add_parser("bench", help="benchmark tables against the peers")

@@ -26,7 +26,8 @@ def check_tensor(
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"llmkernels.{fn}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+            got = str(t.dtype).replace("torch.", "")
+            raise TypeError(f"llmkernels.{fn}: {name} must have dtype in ({names}), got {got}")
     if device is not None and t.device != device:
         raise ValueError(f"llmkernels.{fn}: {name} must be on {device} like the other inputs, got {t.device}")
     if contiguous and not t.is_contiguous():

@@ -73,6 +73,10 @@ def print_info() -> None:
         op = _backend.REGISTRY[name]
         cells = "  ".join(f"{backend_status(op, b):<28}" for b in _backend.BACKENDS)
         print(f"  {name:<{col}}  {cells}")
-    auto_cpu = {n: next((b for b in _backend.REGISTRY[n].order['cpu'] if backend_status(_backend.REGISTRY[n], b) == 'usable'), 'reference') for n in names}
     print()
-    print("  automatic choice for CPU tensors: " + ", ".join(f"{n}->{b}" for n, b in auto_cpu.items()))
+    auto = []
+    for name in names:
+        op = _backend.REGISTRY[name]
+        usable = [b for b in op.order["cpu"] if backend_status(op, b) == "usable"]
+        auto.append(f"{name}->{usable[0] if usable else 'reference'}")
+    print("  automatic choice for CPU tensors: " + ", ".join(auto))
