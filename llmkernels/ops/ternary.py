@@ -180,9 +180,41 @@ def ternary_linear(
     if act_bits not in (8, None):
         raise ValueError(f"llmkernels.{fn}: act_bits must be 8 or None (weight-only), got {act_bits!r}")
     x2 = x.reshape(-1, in_features).contiguous()
-    op = linear_a8_op if act_bits == 8 else linear_w2_op
-    y = op(x2, w_packed, w_scale.reshape(()), bias, in_features)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _TernaryLinearFn.apply(x2, w_packed, w_scale.reshape(()), bias, in_features, act_bits)
+    else:
+        y = _forward(x2, w_packed, w_scale.reshape(()), bias, in_features, act_bits)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _forward(x2, w_packed, w_scale, bias, in_features, act_bits):
+    op = linear_a8_op if act_bits == 8 else linear_w2_op
+    return op(x2, w_packed, w_scale, bias, in_features)
+
+
+class _TernaryLinearFn(torch.autograd.Function):
+    """Gradients for x and bias, so adapters (LoRA) and layers before a frozen ternary layer can train.
+
+    The activation quantisation is passed through (straight-through estimator, as nn.BitLinear does), so
+    dx = dy @ (W_t * gamma) in both modes; the packed weights and their scale are frozen (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x2, w_packed, w_scale, bias, in_features, act_bits):
+        ctx.save_for_backward(w_packed, w_scale)
+        ctx.in_features, ctx.has_bias = in_features, bias is not None
+        return _forward(x2, w_packed, w_scale, bias, in_features, act_bits)
+
+    @staticmethod
+    def backward(ctx, dy):
+        w_packed, w_scale = ctx.saved_tensors
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            w_t = ref.unpack_ternary_ref(w_packed, ctx.in_features)
+            dx = ((dy.float() @ w_t.float()) * w_scale.float()).to(dy.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            dbias = dy.sum(0)
+        return dx, None, None, dbias, None, None
 
 
 def default_filter(module: torch.nn.Module, fqn: str) -> bool:
