@@ -59,7 +59,9 @@ ext_modules, cmdclass = build_extensions()
 setup(
     name="llmkernels",
     version="0.1.0",
-    description="Fused kernels for LLM inference: flash attention, sliding-window attention, ternary linear, selective scan",
+    description=(
+        "Fused kernels for LLM inference: flash attention, sliding-window attention, ternary linear, selective scan"
+    ),
     packages=[
         "llmkernels",
         "llmkernels.reference",

@@ -291,7 +291,7 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   };
   auto none = [&] { return at::empty({0}, fopt); };  // a fresh one per output: outputs must not alias
   if (delta_softplus) softplus_backward_(ddelta, p.delta_pre);
-  at::Tensor ddelta_bias = delta_bias ? ddelta.sum({0, 2}) : none();
+  at::Tensor ddelta_bias = delta_bias ? ddelta.sum(at::IntArrayRef{0, 2}) : none();
   return {du.to(u.scalar_type()),
           ddelta.to(delta.scalar_type()),
           dA_rows.sum(0).narrow(1, 0, n).contiguous(),

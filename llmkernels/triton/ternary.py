@@ -22,7 +22,8 @@ import triton.language as tl
 
 from ..reference.ternary import quantize_activation_ref
 
-MODE_INT32, MODE_A8, MODE_W2 = 0, 1, 2
+# constexpr globals: a compiled kernel may only read globals that are tl.constexpr (the interpreter reads any).
+MODE_INT32, MODE_A8, MODE_W2 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -64,7 +65,8 @@ def _ternary_matmul_kernel(
                 acc = tl.dot(x, tl.trans(w), acc)
         else:
             w = (codes - 1).to(tl.int8)
-            acc = tl.dot(x, tl.trans(w), acc)
+            # out_dtype spelled out: triton < 3.7 does not infer int32 from the accumulator
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if MODE == MODE_INT32:
@@ -81,7 +83,7 @@ def _ternary_matmul_kernel(
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch(mode: int, x, w_packed, in_features, out, s=None, w_scale=None, bias=None) -> None:
+def _launch(mode: tl.constexpr, x, w_packed, in_features, out, s=None, w_scale=None, bias=None) -> None:
     m, n = x.shape[0], w_packed.shape[0]
     if m == 0 or n == 0:
         return
@@ -93,7 +95,7 @@ def _launch(mode: int, x, w_packed, in_features, out, s=None, w_scale=None, bias
         x, w_packed, out, s if s is not None else dummy, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy,
         m, n, in_features, x.stride(0), w_packed.stride(0), out.stride(0),
-        MODE=mode, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
+        MODE=mode.value, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
         UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps,
     )  # fmt: skip

@@ -1,0 +1,280 @@
+"""Compile every Triton kernel of llmkernels for a GPU that is not here, with the real compiler: no GPU needed.
+
+    python scripts/triton_aot_check.py [--all] [--arch 90] [--arch 80] [--only SUBSTRING]
+
+The test suite runs the Triton kernels under TRITON_INTERPRET=1 on machines without a GPU, which checks their
+logic but not what only the compiler sees: constexpr-only branches, layouts, tile shapes tl.dot accepts, shared
+memory per block, registers and spills. This script calls the package's own Triton ops on CPU tensors with the
+launches intercepted (so kernels, arguments, tile configs and warps are exactly what a GPU run would launch),
+then compiles each distinct launch ahead of time for the target (sm_90a = H100 by default) and reads ptxas's
+resource report. Exit status 1 when a kernel fails to compile or needs more shared memory than the target has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton and llmkernels.triton are imported: compiled kernels
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # max dynamic shared memory per block (H100 / A100)
+TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "i1",
+}
+
+
+class Launch:
+    """One intercepted kernel launch: the kernel, its arguments by name, and the launch options."""
+
+    def __init__(self, kernel, args: tuple, kwargs: dict):
+        self.kernel = kernel
+        self.options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        names = kernel.arg_names
+        self.values = dict(zip(names, args)) | kwargs
+        missing = [n for n in names if n not in self.values]
+        for p in kernel.params:  # defaults of trailing parameters
+            if p.name in missing and p.default is not p.default.__class__:
+                self.values[p.name] = p.default
+
+    def source(self):
+        signature, constexprs, attrs = {}, {}, {}
+        constexpr_names = {p.name for p in self.kernel.params if p.is_constexpr}
+        for i, name in enumerate(self.kernel.arg_names):
+            value = self.values[name]
+            if name in constexpr_names or value is None or isinstance(value, (bool, str)):
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + TYPES[value.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+            elif isinstance(value, int):
+                if value == 1:  # Triton specialises integer arguments equal to 1 into constants
+                    signature[name], constexprs[name] = "constexpr", 1
+                    continue
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                raise TypeError(f"{self.kernel.__name__}: argument {name} of type {type(value).__name__}")
+        return signature, constexprs, attrs
+
+    def key(self) -> tuple:
+        signature, constexprs, attrs = self.source()
+        return (
+            self.kernel.__name__,
+            tuple(signature.items()),
+            tuple(sorted(constexprs.items(), key=str)),
+            tuple(sorted(attrs)),
+            tuple(sorted(self.options.items())),
+        )
+
+    def describe(self) -> str:
+        _, constexprs, _ = self.source()
+        dtypes = sorted({TYPES[v.dtype] for v in self.values.values() if isinstance(v, torch.Tensor)})
+        const = " ".join(f"{k}={v}" for k, v in constexprs.items() if not isinstance(v, bool) or v)
+        opts = " ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.kernel.__name__} [{','.join(dtypes)}] {const} {opts}"
+
+
+@contextmanager
+def intercept_launches(recorded: list[Launch]):
+    """torch.library.wrap_triton(kernel)[grid](*args, **kwargs) records the launch instead of running it."""
+    import llmkernels.triton.sliding_window as sliding_window
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: recorded.append(Launch(self.kernel, args, dict(kwargs)))
+
+    saved = torch.library.wrap_triton, sliding_window.wrap_triton
+    torch.library.wrap_triton = sliding_window.wrap_triton = Recorder
+    try:
+        yield
+    finally:
+        torch.library.wrap_triton, sliding_window.wrap_triton = saved
+
+
+def _body(op):
+    """The Python function behind a torch.library op: called directly, so explicit fake kernels do not answer
+    for meta tensors instead of it."""
+    return getattr(op, "_init_fn", op)
+
+
+def drive_launches(full: bool) -> list[Launch]:
+    """Call each Triton op on meta tensors of representative shapes; returns the launches they make."""
+    from types import SimpleNamespace
+
+    from llmkernels.triton import flash_attn as fa
+    from llmkernels.triton import selective_scan as ss
+    from llmkernels.triton import sliding_window as sw
+    from llmkernels.triton import ternary as tn
+
+    flash_attn = SimpleNamespace(
+        **{
+            n: _body(getattr(fa, n))
+            for n in ("flash_attn_fwd_triton", "flash_attn_bwd_triton", "flash_attn_with_kvcache_triton")
+        }
+    )
+    sliding_window = SimpleNamespace(rolling_window_attn_triton=_body(sw.rolling_window_attn_triton))
+    ternary = SimpleNamespace(
+        **{n: _body(getattr(tn, n)) for n in ("ternary_linear_a8_triton", "ternary_linear_w2_triton")}
+    )
+    selective_scan = SimpleNamespace(
+        selective_scan_triton=_body(ss.selective_scan_triton),
+        selective_state_update_triton=_body(ss.selective_state_update_triton),
+    )
+
+    recorded: list[Launch] = []
+
+    def r(*shape, dtype=torch.float32):
+        # Meta tensors: the host code runs (shapes, strides, configs) and nothing is allocated or computed; and
+        # host code that picks a config by device ("cpu" = the interpreter) takes its GPU branch.
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    heads = [32, 64, 96, 128, 192, 256] if full else [64, 96, 128, 256]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32] if full else [torch.bfloat16, torch.float32]
+    masks = [(-1, -1, 0.0), (255, 0, 0.0), (-1, -1, 30.0), (64, 64, 0.0)] if full else [(-1, -1, 0.0), (255, 0, 30.0)]
+    with intercept_launches(recorded), torch.no_grad():
+        for dtype in dtypes:
+            for d in heads if dtype != torch.float32 or full else [64, 128]:
+                q, k, v = r(1, 512, 4, d, dtype=dtype), r(1, 512, 2, d, dtype=dtype), r(1, 512, 2, d, dtype=dtype)
+                for left, right, cap in masks:
+                    out, lse = flash_attn.flash_attn_fwd_triton(q, k, v, d**-0.5, left, right, cap)
+                    flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left, right, cap)
+        for dtype in [torch.float16, torch.bfloat16] if full else [torch.bfloat16]:
+            for d in [64, 128, 256] if full else [128]:
+                q = r(4, 1, 8, d, dtype=dtype)
+                kc, vc = r(4, 4096, 2, d, dtype=dtype), r(4, 4096, 2, d, dtype=dtype)
+                lens = r(4, dtype=torch.int32)
+                flash_attn.flash_attn_with_kvcache_triton(q, kc, vc, None, None, lens, d**-0.5, -1, 0, 0.0)
+                k_ring, v_ring, seqlens = (
+                    r(2, 256, 2, d, dtype=dtype),
+                    r(2, 256, 2, d, dtype=dtype),
+                    r(2, dtype=torch.int32),
+                )
+                for s in [1, 64]:
+                    qs, ks, vs = r(2, s, 8, d, dtype=dtype), r(2, s, 2, d, dtype=dtype), r(2, s, 2, d, dtype=dtype)
+                    sliding_window.rolling_window_attn_triton(qs, ks, vs, k_ring, v_ring, seqlens, d**-0.5, 0.0)
+        for m in [1, 16, 512] if full else [1, 512]:
+            x = r(m, 2560, dtype=torch.bfloat16)
+            w_packed, w_scale = r(2560, 2560 // 4, dtype=torch.uint8), r()
+            ternary.ternary_linear_a8_triton(x, w_packed, w_scale, None, 2560)
+            ternary.ternary_linear_w2_triton(x, w_packed, w_scale, None, 2560)
+        for dtype in [torch.float32, torch.bfloat16]:
+            batch, dim, dstate, seqlen = 2, 256, 16, 300
+            u, delta, z = (r(batch, dim, seqlen, dtype=dtype) for _ in range(3))
+            a, d_skip, delta_bias = r(dim, dstate), r(dim), r(dim)
+            for bc_shape in [(batch, dstate, seqlen), (dim, dstate)]:
+                b, c = r(*bc_shape, dtype=dtype if len(bc_shape) == 3 else torch.float32), r(*bc_shape)
+                selective_scan.selective_scan_triton(u, delta, a, b, c, d_skip, z, delta_bias, True, None)
+            x, dt, zz = (r(batch, dim, dtype=dtype) for _ in range(3))
+            selective_scan.selective_state_update_triton(
+                r(batch, dim, dstate),
+                x,
+                dt,
+                a,
+                r(batch, dstate, dtype=dtype),
+                r(batch, dstate, dtype=dtype),
+                d_skip,
+                zz,
+                delta_bias,
+                True,
+            )
+    return recorded
+
+
+def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) from ptxas -v of the kernel's PTX."""
+    import triton.backends.nvidia as nv
+
+    bundled = Path(nv.__file__).parent / "bin" / "ptxas"  # the ptxas Triton itself compiles with
+    ptxas = str(bundled) if bundled.exists() else "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True, text=True, check=False
+        ).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
+    return (int(regs.group(1)) if regs else -1), max(spills, default=0)
+
+
+def compile_launch(launch: Launch, arch: int) -> dict:
+    signature, constexprs, attrs = launch.source()
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    options = triton.compiler.make_backend(target).parse_options(dict(launch.options))
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=target, options=options.__dict__)
+    seconds = time.perf_counter() - start
+    regs, spills = ptxas_report(compiled.asm["ptx"], arch)
+    return {"shared": compiled.metadata.shared, "regs": regs, "spills": spills, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all", action="store_true", help="every dtype / head dim / mask (slow); default: a cover")
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x 10 (default 90)")
+    parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
+    args = parser.parse_args(argv)
+    arches = args.arch or [90]
+
+    launches = {}
+    for launch in drive_launches(args.all):
+        if args.only in launch.kernel.__name__:
+            launches.setdefault(launch.key(), launch)
+    print(
+        f"triton {triton.__version__}, torch {torch.__version__}: {len(launches)} distinct launches, "
+        f"targets {', '.join(f'sm_{a}' for a in arches)}",
+        flush=True,
+    )
+    failures = 0
+    for arch in arches:
+        for launch in launches.values():
+            try:
+                res = compile_launch(launch, arch)
+            except Exception as exc:  # noqa: BLE001 (a compile error of any kind is the finding)
+                failures += 1
+                first = str(exc).strip().splitlines()
+                print(f"FAIL sm_{arch} {launch.describe()}: {type(exc).__name__}: {first[-1] if first else ''}")
+                continue
+            over = res["shared"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
+            failures += over
+            flag = "FAIL (shared memory)" if over else ("spills" if res["spills"] else "ok")
+            print(
+                f"{flag:5s} sm_{arch} regs={res['regs']:3d} spill={res['spills']:4d}B "
+                f"smem={res['shared'] // 1024:3d}KiB {res['seconds']:4.1f}s  {launch.describe()}",
+                flush=True,
+            )
+    print(f"== {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
