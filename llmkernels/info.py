@@ -15,15 +15,23 @@ _DEVICES = ("cpu", "cuda")
 
 def _versions() -> list[tuple[str, str]]:
     triton = "not installed"
+    tiles = "-"
     if importlib.util.find_spec("triton") is not None:
         import triton
 
         triton = triton.__version__
+        try:  # measured (bench/tune_triton.py's JSON) or the static tables, and why
+            from .triton.flash_attn import config_source
+
+            tiles = config_source()
+        except Exception as exc:  # info reports, it does not fail
+            tiles = f"unknown ({exc.__class__.__name__}: {exc})"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (no CUDA device visible)"
     return [
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
         ("triton", triton),
+        ("triton attn tiles", tiles),
         ("GPU", gpu),
         ("CPU", f"{platform.machine()}, {torch.get_num_threads()} threads"),
         ("extension", "loaded" if _ext.loaded else f"NOT loaded: {_ext.load_error}"),

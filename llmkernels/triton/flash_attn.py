@@ -12,6 +12,9 @@ Imported lazily by llmkernels.ops.attention: importing this module imports trito
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
 
 import torch
@@ -51,22 +54,132 @@ def _pick(table: dict, block_d: int) -> tuple[int, int, int, int]:
     return table[min(bucket for bucket in table if bucket >= block_d)]
 
 
-def _fwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
+# Measured tiles: bench/tune_triton.py times candidate configs on a GPU and writes tuned_configs.json next to
+# this file (or where LLMKERNELS_TRITON_CONFIGS points). Its winners, per kernel, head-dim bucket and
+# causal/banded vs full attention, replace the fp16/bf16 tables above (fp16 has bf16's tile shapes) when the
+# file was measured on this GPU (same name, or same family word and compute capability: "NVIDIA H100 PCIe"
+# takes an "NVIDIA H100 80GB HBM3" file) with the same triton major.minor (codegen, and so the best tile,
+# moves between releases). Anything else, a missing or corrupt file included, silently keeps the tables.
+TUNED_CONFIGS_ENV = "LLMKERNELS_TRITON_CONFIGS"
+TUNED_FORMAT = 1
+TUNED_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+_BUCKETS = (64, 128, 256)
+_override: dict[str, tuple[int, int, int, int]] = {}
+
+
+@contextlib.contextmanager
+def config_override(**configs: tuple[int, int, int, int] | None):
+    """Force configs by kernel name (fwd=, bwd_dkdv=, bwd_dq=) in this process: how bench/tune_triton.py
+    times candidates. Wins over everything else, the interpreter's tiles included."""
+    unknown = set(configs) - set(TUNED_KERNELS)
+    if unknown:
+        raise ValueError(f"config_override: unknown kernels {sorted(unknown)}, expected {TUNED_KERNELS}")
+    saved = dict(_override)
+    _override.update({k: tuple(v) for k, v in configs.items() if v is not None})
+    try:
+        yield
+    finally:
+        _override.clear()
+        _override.update(saved)
+
+
+def tuned_configs_path() -> str:
+    return os.environ.get(TUNED_CONFIGS_ENV) or os.path.join(os.path.dirname(__file__), "tuned_configs.json")
+
+
+def _family(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100': the first word after the vendor."""
+    words = [w for w in device_name.split() if w.upper() not in ("NVIDIA", "AMD", "GEFORCE", "TESLA")]
+    return words[0] if words else ""
+
+
+def _valid_config(cfg) -> bool:
+    if not (isinstance(cfg, (list, tuple)) and len(cfg) == 4 and all(type(x) is int for x in cfg)):
+        return False
+    block_m, block_n, warps, stages = cfg
+    # tl.arange needs powers of two, tl.dot needs every side >= 16.
+    pow2 = all(16 <= b <= 256 and b & (b - 1) == 0 for b in (block_m, block_n))
+    return pow2 and warps in (1, 2, 4, 8, 16) and 1 <= stages <= 8
+
+
+def load_tuned(
+    path: str, device_name: str, capability: tuple[int, int], triton_version: str
+) -> tuple[dict | None, str]:
+    """(winners {kernel: {bucket: {"causal" | "full": config}}} or None, what was used and why) for this GPU."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None, f"static tables (no {path})"
+    except (OSError, ValueError) as exc:
+        return None, f"static tables ({path} unreadable: {exc.__class__.__name__})"
+    try:
+        if data["format"] != TUNED_FORMAT:
+            return None, f"static tables ({path} has format {data['format']!r}, expected {TUNED_FORMAT})"
+        name, cap = data["device"], tuple(data["capability"])
+        if name != device_name and (_family(name) != _family(device_name) or cap != tuple(capability)):
+            return None, f"static tables ({path} was measured on {name}, this GPU is {device_name})"
+        if data["triton"].split(".")[:2] != triton_version.split(".")[:2]:
+            return None, f"static tables ({path} was measured with triton {data['triton']}, this is {triton_version})"
+        winners: dict = {}
+        for kernel, buckets in data["winners"].items():
+            if kernel not in TUNED_KERNELS:
+                continue
+            for bucket, by_mask in buckets.items():
+                for mask, cfg in by_mask.items():
+                    if int(bucket) not in _BUCKETS or mask not in ("causal", "full") or not _valid_config(cfg):
+                        raise ValueError(f"bad winner {kernel} {bucket} {mask}: {cfg!r}")
+                    winners.setdefault(kernel, {}).setdefault(int(bucket), {})[mask] = tuple(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return None, f"static tables ({path} is malformed: {exc})"
+    return winners, f"measured ({path}: {name}, triton {data['triton']}, {data.get('date', '?')})"
+
+
+@functools.cache
+def _tuned() -> tuple[dict | None, str]:
+    """Read once, at the first launch (never at import: the device query initialises CUDA)."""
+    if _INTERPRET:
+        return None, f"interpreter tiles {_INTERPRET_CONFIG} (TRITON_INTERPRET=1)"
+    if not torch.cuda.is_available():
+        return None, "static tables (no GPU)"
+    name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    return load_tuned(tuned_configs_path(), name, cap, triton.__version__)
+
+
+def config_source() -> str:
+    """Which configs the kernels use here, for `python -m llmkernels info`."""
+    return _tuned()[1]
+
+
+def _tuned_or(kernel: str, table: dict, block_d: int, banded: bool) -> tuple[int, int, int, int]:
+    winners = _tuned()[0] or {}
+    bucket = min(b for b in _BUCKETS if b >= block_d)
+    return winners.get(kernel, {}).get(bucket, {}).get("causal" if banded else "full") or _pick(table, block_d)
+
+
+def _fwd_config(block_d: int, dtype: torch.dtype, banded: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel; banded: a causal or window mask."""
+    if "fwd" in _override:
+        return _override["fwd"]
     if _INTERPRET:
         return _INTERPRET_CONFIG
-    return _pick(_FWD_CONFIGS_FP32 if dtype == torch.float32 else _FWD_CONFIGS, block_d)
+    if dtype == torch.float32:
+        return _pick(_FWD_CONFIGS_FP32, block_d)
+    return _tuned_or("fwd", _FWD_CONFIGS, block_d, banded)
 
 
-def _bwd_configs(block_d: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+def _bwd_configs(
+    block_d: int, dtype: torch.dtype, banded: bool = False
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """Configs of the dK/dV kernel (holds two fp32 (BLOCK_N, d) accumulators) and of the dQ kernel."""
     if _INTERPRET:
-        return _INTERPRET_CONFIG, _INTERPRET_CONFIG
-    wide = dtype == torch.float32
-    return (
-        _pick(_DKDV_CONFIGS_FP32 if wide else _DKDV_CONFIGS, block_d),
-        _pick(_DQ_CONFIGS_FP32 if wide else _DQ_CONFIGS, block_d),
-    )
+        dkdv, dq = _INTERPRET_CONFIG, _INTERPRET_CONFIG
+    elif dtype == torch.float32:
+        dkdv, dq = _pick(_DKDV_CONFIGS_FP32, block_d), _pick(_DQ_CONFIGS_FP32, block_d)
+    else:
+        dkdv = _tuned_or("bwd_dkdv", _DKDV_CONFIGS, block_d, banded)
+        dq = _tuned_or("bwd_dq", _DQ_CONFIGS, block_d, banded)
+    return _override.get("bwd_dkdv", dkdv), _override.get("bwd_dq", dq)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -108,6 +221,11 @@ def _bounded_windows(window_left: int, window_right: int, seqlen_q: int, seqlen_
     return (-1 if window_left >= seqlen_k else window_left), (-1 if window_right >= seqlen_q else window_right)
 
 
+def _banded(meta: dict) -> bool:
+    """A causal or window mask: tiles outside the band are skipped, which favours other tile shapes."""
+    return meta["HAS_WL"] or meta["HAS_WR"]
+
+
 def _common_meta(q: torch.Tensor, window_left: int, window_right: int, softcap: float) -> dict:
     return dict(
         HEADDIM=q.shape[3],
@@ -141,7 +259,7 @@ def flash_attn_fwd_triton(
         return out.zero_(), lse.fill_(float("-inf"))
     window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
-    block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype)
+    block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta))
     grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
     _launch(flash_attn_fwd_kernel, grid,
         q, k, v, out, lse,
@@ -188,7 +306,7 @@ def flash_attn_bwd_triton(
         return dq.zero_(), dk.zero_(), dv.zero_()
     window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
-    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype)
+    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta))
 
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     _launch(flash_attn_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg[0]), batch * nheads),
@@ -239,7 +357,7 @@ def flash_attn_with_kvcache_triton(
     window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], k_cache.shape[1])
     meta = _common_meta(q, window_left, window_right, softcap)
     return decode_launch(_launch, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left,
-                         window_right, softcap, meta, _INTERPRET)
+                         window_right, softcap, meta, _INTERPRET)  # fmt: skip
 
 
 if _INTERPRET:

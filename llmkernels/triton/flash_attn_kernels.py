@@ -62,6 +62,18 @@ def _band_tile_ranges(row_lo, row_hi, n_total, shift, window_lo, window_hi, HAS_
 
 
 @triton.jit
+def _load_tile(ptrs, mask, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Interior tiles of a head dim that fills BLOCK_D load with no mask: nothing for the compiler to predicate."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _softcap_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
     """(scores in the log2 domain, tanh factor or None). qk: raw dot products (fp32)."""
     if SOFTCAP:
@@ -79,7 +91,7 @@ def _softcap_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
                seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
-               HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     d_mask = offs_d[None, :] < HEADDIM
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
@@ -88,7 +100,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         else:
             kv_mask = d_mask
         k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
-        k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        k = _load_tile(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _softcap_scores(qk, scale, softcap, SOFTCAP)
         if MASKED:
@@ -105,7 +117,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn  # int64 scalar step, int32 in-tile offsets
-        v = tl.load(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        v = _load_tile(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -148,13 +160,13 @@ def flash_attn_fwd_kernel(
                                       HAS_WL, HAS_WR, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                lo, a, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
-                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                a, b, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
-                               BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                               BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                b, end, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
-                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
 
     # Rows that saw no key: l = 0 -> output 0 and lse = -inf.
     seen = l_i > 0.0
@@ -192,7 +204,8 @@ def flash_attn_bwd_preprocess_kernel(
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m, offs_n,
                     offs_d, start, stop, seqlen_q, shift, window_left, window_right, scale, softcap,
                     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
-                    HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    EVEN_D: tl.constexpr):
     """Adds one query head's contribution from query rows [start, stop) to dk, dv (BLOCK_N, BLOCK_D) fp32.
 
     Works on transposed tiles (keys x queries) so P^T and dS^T feed tl.dot without a transpose.
@@ -205,9 +218,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
         else:
             qo_mask = d_mask
         q_tile = q_base + tl.cast(m0, tl.int64) * stride_qm  # int64 scalar step, int32 in-tile offsets
-        q = tl.load(q_tile + (offs_m[:, None] * stride_qm + offs_d[None, :]), mask=qo_mask, other=0.0)
+        q = _load_tile(q_tile + (offs_m[:, None] * stride_qm + offs_d[None, :]), qo_mask, MASKED, EVEN_D)
         do_tile = do_base + tl.cast(m0, tl.int64) * stride_dom  # int64 scalar step, int32 in-tile offsets
-        do = tl.load(do_tile + (offs_m[:, None] * stride_dom + offs_d[None, :]), mask=qo_mask, other=0.0)
+        do = _load_tile(do_tile + (offs_m[:, None] * stride_dom + offs_d[None, :]), qo_mask, MASKED, EVEN_D)
         lse = tl.load(lse_ptr + rows, mask=rows < seqlen_q, other=float("inf")) * LOG2E
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
         delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
@@ -271,13 +284,13 @@ def flash_attn_bwd_dkdv_kernel(
         delta_ptr = DELTA + (off_b * nheads + off_h) * seqlen_q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
                                  offs_n, offs_d, lo, a, seqlen_q, shift, window_left, window_right, scale, softcap,
-                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
                                  offs_n, offs_d, a, b, seqlen_q, shift, window_left, window_right, scale, softcap,
-                                 HEADDIM, BLOCK_M, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                                 HEADDIM, BLOCK_M, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
                                  offs_n, offs_d, b, end, seqlen_q, shift, window_left, window_right, scale, softcap,
-                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
 
     dk = dk * scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dkn + offs_d[None, :],
@@ -290,7 +303,7 @@ def flash_attn_bwd_dkdv_kernel(
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
                   seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
     d_mask = offs_d[None, :] < HEADDIM
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
@@ -299,9 +312,9 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
         else:
             kv_mask = d_mask
         k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
-        k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        k = _load_tile(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn  # int64 scalar step, int32 in-tile offsets
-        v = tl.load(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        v = _load_tile(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, tanh_s = _softcap_scores(qk, scale, softcap, SOFTCAP)
         p = tl.exp2(s - lse[:, None])
@@ -361,13 +374,13 @@ def flash_attn_bwd_dq_kernel(
                                       HAS_WL, HAS_WR, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, a,
                        seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
-                       HAS_WR, SOFTCAP, DOT_PRECISION)
+                       HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, a, b,
                        seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, False, HAS_WL,
-                       HAS_WR, SOFTCAP, DOT_PRECISION)
+                       HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, b, end,
                        seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
-                       HAS_WR, SOFTCAP, DOT_PRECISION)
+                       HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qo_mask)

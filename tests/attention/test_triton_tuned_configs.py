@@ -1,0 +1,300 @@
+"""Measured Triton attention tiles: the loader in llmkernels/triton/flash_attn.py and bench/tune_triton.py.
+
+The loader is tested with temporary JSON files (LLMKERNELS_TRITON_CONFIGS) and a faked device query: it must
+use the winners only for the GPU and triton release they were measured on, and fall back to the static tables
+otherwise (a corrupt file included). The sweep runs end to end under TRITON_INTERPRET=1 on a tiny shape with
+its two smoke candidates and a stub timer, and its JSON must be what the loader reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    import triton
+
+    from bench import tune_triton as tune
+    from llmkernels.triton import flash_attn as fa
+else:
+    fa = tune = None
+
+H100 = "NVIDIA H100 80GB HBM3"
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+# Winners unlike every static table entry, so a test cannot pass by falling back.
+WINNERS = {
+    "fwd": {"128": {"full": [64, 128, 4, 2], "causal": [128, 16, 2, 5]}},
+    "bwd_dkdv": {"64": {"causal": [16, 256, 16, 4]}},
+    "bwd_dq": {"256": {"full": [256, 64, 1, 1]}},
+}
+
+
+def _doc(**changes) -> dict:
+    doc = {"format": 1, "device": H100, "capability": [9, 0], "triton": triton.__version__, "date": "2026-11-24",
+           "winners": WINNERS}  # fmt: skip
+    doc.update(changes)
+    return doc
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """A fake H100 (no CUDA call is made) outside the interpreter, reading tmp_path / 'tuned.json'."""
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv(fa.TUNED_CONFIGS_ENV, str(path))
+    monkeypatch.setattr(fa, "_INTERPRET", False)
+    device = {"name": H100, "capability": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: device["name"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: device["capability"])
+    fa._tuned.cache_clear()
+    yield path, device
+    fa._tuned.cache_clear()
+
+
+def _write(path, doc) -> None:
+    path.write_text(json.dumps(doc) if isinstance(doc, dict) else doc)
+    fa._tuned.cache_clear()
+
+
+def _static():
+    return (fa._pick(fa._FWD_CONFIGS, 128), fa._pick(fa._DKDV_CONFIGS, 64), fa._pick(fa._DQ_CONFIGS, 256))
+
+
+def _chosen():
+    return (fa._fwd_config(128, BF16), fa._bwd_configs(64, BF16, banded=True)[0], fa._bwd_configs(256, BF16)[1])
+
+
+def test_winners_are_used_on_the_gpu_they_were_measured_on(gpu):
+    path, _ = gpu
+    _write(path, _doc())
+    assert fa._fwd_config(128, BF16) == (64, 128, 4, 2)
+    assert fa._fwd_config(128, FP16, banded=True) == (128, 16, 2, 5)  # fp16 shares bf16's tiles
+    assert fa._fwd_config(65, BF16) == (64, 128, 4, 2)  # BLOCK_D 128's bucket
+    assert fa._bwd_configs(32, BF16, banded=True)[0] == (16, 256, 16, 4)  # BLOCK_D 32 is in the 64 bucket
+    assert fa._bwd_configs(256, FP16)[1] == (256, 64, 1, 1)
+    assert fa.config_source().startswith("measured")
+    # What the file does not cover keeps the static tables: other buckets, masks, fp32.
+    assert fa._fwd_config(64, BF16) == fa._FWD_CONFIGS[64]
+    assert fa._bwd_configs(64, BF16)[0] == fa._DKDV_CONFIGS[64]  # only the causal entry is measured
+    assert fa._bwd_configs(64, BF16, banded=True)[1] == fa._DQ_CONFIGS[64]
+    assert fa._fwd_config(128, FP32) == fa._FWD_CONFIGS_FP32[128]
+    assert fa._bwd_configs(256, FP32) == (fa._DKDV_CONFIGS_FP32[256], fa._DQ_CONFIGS_FP32[256])
+
+
+def test_same_family_and_capability_share_a_file(gpu):
+    path, device = gpu
+    _write(path, _doc())
+    device["name"] = "NVIDIA H100 PCIe"
+    assert _chosen() == ((64, 128, 4, 2), (16, 256, 16, 4), (256, 64, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "name, capability",
+    [("NVIDIA H200", (9, 0)), ("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA H100 PCIe", (8, 9))],
+)
+def test_other_gpus_keep_the_static_tables(gpu, name, capability):
+    path, device = gpu
+    _write(path, _doc())
+    device.update(name=name, capability=capability)
+    assert _chosen() == _static()
+    assert "measured on NVIDIA H100" in fa.config_source()
+
+
+def test_other_triton_release_keeps_the_static_tables(gpu):
+    path, _ = gpu
+    major, minor = map(int, triton.__version__.split(".")[:2])
+    _write(path, _doc(triton=f"{major}.{minor + 1}.0"))
+    assert _chosen() == _static()
+    assert "triton" in fa.config_source()
+    _write(path, _doc(triton=f"{major}.{minor}.99"))  # a patch release keeps the measured tiles
+    assert _chosen() == ((64, 128, 4, 2), (16, 256, 16, 4), (256, 64, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        '{"format": 1, "device": ',  # truncated
+        "[1, 2]",
+        _doc(format=2),
+        {k: v for k, v in _doc().items() if k != "capability"} | {"device": "NVIDIA H100 PCIe"},
+        _doc(winners={"fwd": {"128": {"full": [64, 48, 4, 2]}}}),  # 48: not a power of two
+        _doc(winners={"fwd": {"128": {"full": [64, 8, 4, 2]}}}),  # 8 < 16: no tl.dot
+        _doc(winners={"fwd": {"128": {"full": [64, 64, 4]}}}),
+        _doc(winners={"fwd": {"128": {"full": [64, 64, 3, 2]}}}),  # 3 warps
+        _doc(winners={"fwd": {"128": {"full": [64.0, 64, 4, 2]}}}),
+        _doc(winners={"fwd": {"96": {"full": [64, 64, 4, 2]}}}),  # no such bucket
+        _doc(winners={"fwd": {"128": {"sliding": [64, 64, 4, 2]}}}),
+        _doc(winners={"fwd": [64, 64, 4, 2]}),
+    ],
+    ids=lambda c: str(c)[:40],
+)
+def test_corrupt_file_keeps_the_static_tables(gpu, content):
+    path, _ = gpu
+    _write(path, content)
+    assert _chosen() == _static()
+    assert fa.config_source().startswith("static tables")
+
+
+def test_missing_file_keeps_the_static_tables(gpu):
+    path, _ = gpu
+    fa._tuned.cache_clear()
+    assert not path.exists()
+    assert _chosen() == _static()
+    assert "no " in fa.config_source()
+
+
+def test_file_is_read_once(gpu):
+    path, _ = gpu
+    _write(path, _doc())
+    assert fa._fwd_config(128, BF16) == (64, 128, 4, 2)
+    path.write_text("not json")  # no re-read: the tiles stay those of the first read
+    assert fa._fwd_config(128, BF16) == (64, 128, 4, 2)
+    fa._tuned.cache_clear()
+    assert fa._fwd_config(128, BF16) == fa._FWD_CONFIGS[128]
+
+
+def test_interpreter_ignores_the_file(gpu, monkeypatch):
+    path, _ = gpu
+    _write(path, _doc())
+    monkeypatch.setattr(fa, "_INTERPRET", True)
+    fa._tuned.cache_clear()
+    assert fa._fwd_config(128, BF16) == fa._INTERPRET_CONFIG
+    assert fa._bwd_configs(64, BF16, banded=True) == (fa._INTERPRET_CONFIG, fa._INTERPRET_CONFIG)
+    assert "TRITON_INTERPRET" in fa.config_source()
+
+
+def test_config_override_wins_and_is_undone(gpu):
+    path, _ = gpu
+    _write(path, _doc())
+    with fa.config_override(fwd=(32, 32, 4, 1), bwd_dq=(16, 32, 2, 3)):
+        assert fa._fwd_config(128, FP32) == (32, 32, 4, 1)
+        assert fa._bwd_configs(64, BF16, banded=True) == ((16, 256, 16, 4), (16, 32, 2, 3))
+        with fa.config_override(fwd=(64, 64, 4, 2)):
+            assert fa._fwd_config(128, BF16) == (64, 64, 4, 2)
+        assert fa._fwd_config(128, BF16) == (32, 32, 4, 1)
+    assert fa._fwd_config(128, BF16) == (64, 128, 4, 2)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        with fa.config_override(bwd=(16, 16, 1, 1)):
+            pass
+
+
+def test_gpu_candidates_are_valid_tiles(monkeypatch):
+    monkeypatch.setattr(fa, "_INTERPRET", False)  # the GPU lists, defaults from the static tables
+    total = 0
+    for case in tune.gpu_cases():
+        for kernel in tune.KERNELS:
+            cands = tune.candidate_list(kernel, case, smoke=False)
+            assert cands[0] == tune.default_config(kernel, case.headdim) and len(set(cands)) == len(cands) >= 4
+            assert all(fa._valid_config(list(c)) for c in cands), cands  # a winner the loader would refuse: none
+            total += len(cands)
+    assert total <= 130  # ~2 s of compile each: the sweep must fit in a few minutes
+
+
+def test_mismatch_tolerates_rounding_only():
+    ref = {"out": torch.randn(3, 37, 5), "lse": torch.randn(3, 5) * 4}
+    ref["lse"][1, 2] = float("-inf")  # a row that sees no key
+    same = {k: v.clone() for k, v in ref.items()}
+    assert tune.mismatch(same, ref) is None
+    ulp = {k: v * (1 + 2**-9 * torch.randn_like(v).sign()) for k, v in ref.items()}
+    assert tune.mismatch(ulp, ref) is None
+    bumped = {k: v.clone() for k, v in ref.items()}
+    bumped["out"][2, 36] += 0.1 * ref["out"].abs().max()  # one row of one tile
+    assert "out: max |diff|" in tune.mismatch(bumped, ref)
+    nan = {k: v.clone() for k, v in ref.items()}
+    nan["out"][0, 0, 0] = float("nan")
+    assert "non-finite" in tune.mismatch(nan, ref)
+    finite = {k: v.clone() for k, v in ref.items()}
+    finite["lse"][1, 2] = 0.0
+    assert "non-finite" in tune.mismatch(finite, ref)
+
+
+def _stub_timer():
+    """Runs fn once and reports ever shorter times: the last candidate of each group wins."""
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(None)
+        return 10.0 - len(calls) * 0.01
+
+    return timer, calls
+
+
+smoke = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the smoke sweep runs the interpreter (CPU tensors)"
+)
+
+
+@smoke
+def test_smoke_sweep_end_to_end(tmp_path):
+    timer, calls = _stub_timer()
+    doc = tune.sweep(tune.smoke_cases(), smoke=True, timer=timer, budget_s=600, jobs=0, log=lambda s: None)
+    assert "error" not in doc and doc["complete"] and doc["device"].startswith("cpu")
+    assert len(doc["candidates"]) == 12 and len(calls) == 12  # 3 kernels x 2 masks x 2 candidates, all timed
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in doc["candidates"])
+    winner = list(tune.SMOKE_CANDIDATES[1])
+    assert doc["winners"] == {k: {"64": {"full": winner, "causal": winner}} for k in tune.KERNELS}
+    assert all(r["default"] == list(fa._INTERPRET_CONFIG) and r["speedup"] > 1 for r in doc["summary"])
+    # The file the GPU session commits is the one the loader reads.
+    out = tmp_path / "tuned.json"
+    tune.write(doc, str(out))
+    winners, source = fa.load_tuned(str(out), doc["device"], (0, 0), triton.__version__)
+    assert source.startswith("measured") and winners["bwd_dq"][64]["causal"] == tuple(winner)
+
+
+@smoke
+def test_smoke_sweep_rejects_wrong_and_failing_candidates(monkeypatch):
+    runners = dict(tune.RUNNERS)
+    bad = tuple(tune.SMOKE_CANDIDATES[1])
+
+    def wrong_fwd(inp, cfg, d):  # a kernel bug that shows only with this tile: one row off by 10%
+        got = runners["fwd"](inp, cfg, d)
+        if tuple(cfg) == bad:
+            got["out"][0, -1] += 0.1 * got["out"].abs().max()
+        return got
+
+    monkeypatch.setitem(tune.RUNNERS, "fwd", wrong_fwd)
+    monkeypatch.setattr(tune, "SMOKE_CANDIDATES", [*tune.SMOKE_CANDIDATES, (16, 24, 1, 1)])  # no tl.arange(24)
+    timer, _ = _stub_timer()
+    doc = tune.sweep(tune.smoke_cases()[:1], smoke=True, timer=timer, kernels=("fwd",), log=lambda s: None)
+    status = {tuple(r["config"]): r for r in doc["candidates"]}
+    assert status[bad]["status"] == "rejected" and "out: max |diff|" in status[bad]["error"]
+    assert status[(16, 24, 1, 1)]["status"] == "failed" and status[(16, 24, 1, 1)]["error"]
+    assert doc["winners"] == {"fwd": {"64": {"full": list(fa._INTERPRET_CONFIG)}}}
+
+
+@smoke
+def test_budget_stops_early_and_still_writes(tmp_path):
+    doc = tune.sweep(tune.smoke_cases(), smoke=True, timer=_stub_timer()[0], budget_s=0.0, log=lambda s: None)
+    assert not doc["complete"] and doc["winners"] == {} and "error" not in doc
+    out = tmp_path / "partial.json"
+    tune.write(doc, str(out))
+    assert fa.load_tuned(str(out), doc["device"], (0, 0), triton.__version__)[0] == {}
+
+
+@smoke
+@pytest.mark.slow
+def test_smoke_command_line_with_precompile_workers(tmp_path):
+    out = tmp_path / "cli.json"
+    script = os.path.join(ROOT, "bench", "tune_triton.py")
+    cmd = [sys.executable, script, "--smoke", "--kernels", "fwd", "--jobs", "2", "--out", str(out)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["smoke"] and doc["complete"] and set(doc["winners"]) == {"fwd"}
+    assert doc["precompile"].startswith("4/4 launches in 2 workers"), doc["precompile"]  # 2 masks x 2 candidates
+    assert "wrote" in res.stdout
