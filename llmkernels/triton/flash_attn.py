@@ -19,7 +19,6 @@ import os
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .._checks import check_same_dtype, check_shape, check_tensor
@@ -30,10 +29,11 @@ from .flash_attn_kernels import (
     flash_attn_bwd_preprocess_kernel,
     flash_attn_fwd_kernel,
 )
+from .launch import INTERPRET, launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = INTERPRET
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket, chosen for H100 by compiling every kernel for
@@ -202,18 +202,7 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[2]}) must divide q's nheads ({nheads})")
 
 
-def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs) through torch.library.wrap_triton, so torch.compile can trace it.
-
-    Interpreted kernels (TRITON_INTERPRET=1) cannot be traced: torch 2.14's wrap_triton hands them back as they
-    are and older versions reject them, so they are launched directly, and skipped when opcheck / torch.compile
-    trace the op with FakeTensors (a fake run only needs the outputs' metadata, already set by torch.empty).
-    """
-    if _INTERPRET:
-        if not any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta) for a in args):
-            kernel[grid](*args, **kwargs)
-        return
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+_launch = launch  # decode_launch takes the launcher as an argument
 
 
 def _bounded_windows(window_left: int, window_right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .. import _checks, _ext
 from ..reference.selective_scan import selective_scan_ref
+from .launch import launch
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
@@ -228,7 +229,7 @@ def selective_state_update_triton(
         return out
     block_d, block_n = _blocks(dim, dstate)
     grid = (triton.cdiv(dim, block_d), batch)
-    torch.library.wrap_triton(selective_state_update_kernel)[grid](
+    launch(selective_state_update_kernel, grid,
         state, x, dt, A, B, C, D, z, dt_bias, out,
         dim, dstate, dim // ngroups,
         *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
@@ -297,7 +298,7 @@ def selective_scan_triton(
     (Bt, B_const, B_cpg), (Ct, C_const, C_cpg) = bc["B"], bc["C"]
     block_d, block_n = _blocks(dim, dstate)
     grid = (triton.cdiv(dim, block_d), batch)
-    torch.library.wrap_triton(selective_scan_fwd_kernel)[grid](
+    launch(selective_scan_fwd_kernel, grid,
         u, delta, A, Bt, Ct, D, z, delta_bias, initial_state, out, last_state,
         dim, dstate, seqlen, B_cpg, C_cpg,
         *u.stride(), *delta.stride(), *A.stride(), *Bt.stride(), *Ct.stride(),

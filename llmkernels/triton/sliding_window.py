@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .launch import launch
 
 _LOG2E = 1.4426950408889634
 
@@ -110,7 +112,7 @@ def rolling_window_attn_triton(
     block_m = 16 if chunk <= 16 else (32 if wide else 64)
     block_n = 32 if q.device.type == "cpu" or wide else 64
     grid = (triton.cdiv(chunk, block_m), batch * nheads)
-    wrap_triton(_rolling_attn_kernel)[grid](
+    launch(_rolling_attn_kernel, grid,
         q, k, v, k_ring, v_ring, out, seqlens,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -13,7 +13,6 @@ Activations for act_bits=8 are quantised by the reference code (torch ops) so x_
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -21,10 +20,10 @@ import triton
 import triton.language as tl
 
 from ..reference.ternary import quantize_activation_ref
+from .launch import INTERPRET, launch
 
 # constexpr globals: a compiled kernel may only read globals that are tl.constexpr (the interpreter reads any).
 MODE_INT32, MODE_A8, MODE_W2 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -91,12 +90,12 @@ def _launch(mode: tl.constexpr, x, w_packed, in_features, out, s=None, w_scale=N
     block_m, block_n, warps = (16, 64, 4) if m <= 16 else (64, 64, 4) if m <= 64 else (128, 128, 8)
     dummy = out  # never read: the constexpr flags switch those loads off
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    torch.library.wrap_triton(_ternary_matmul_kernel)[grid](
+    launch(_ternary_matmul_kernel, grid,
         x, w_packed, out, s if s is not None else dummy, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy,
         m, n, in_features, x.stride(0), w_packed.stride(0), out.stride(0),
         MODE=mode.value, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
-        UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=warps,
     )  # fmt: skip
 
