@@ -105,9 +105,11 @@ def _prefill_impls(causal: bool, seqlen: int) -> dict[str, Callable]:
 def bench_gpu_prefill(quick: bool) -> list[dict]:
     rows = []
     tokens, width = 16384, 2048
-    seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+    # quick = the target cases: hd 128 at 1k and 8k (>= SDPA FLASH from 1k; 540 TFLOP/s at 8k), fwd and
+    # fwd+bwd, so a time-boxed GPU run still measures what the targets are judged on.
+    seqlens = (1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384)
     headdims = (128,) if quick else (64, 128, 256)
-    modes = (False,) if quick else (False, True)
+    modes = (False, True)
     for backward in modes:
         op = "flash_attn_fwd_bwd" if backward else "flash_attn_fwd"
         for headdim in headdims:
@@ -155,8 +157,9 @@ def bench_gpu_decode(quick: bool) -> list[dict]:
     rows = []
     nheads, nheads_k, headdim, dtype = 32, 8, 128, torch.bfloat16
     limit = copy_bandwidth_gbps()
-    batches = (16,) if quick else (1, 16, 64)
-    contexts = (4096,) if quick else (1024, 4096, 16384, 65536)
+    # quick: batch x context >= 256k tokens (the 80%-of-copy-bandwidth target) and the batch-1 long context
+    batches = (1, 64) if quick else (1, 16, 64)
+    contexts = (4096, 65536) if quick else (1024, 4096, 16384, 65536)
     for batch in batches:
         for context in contexts:
             kv_bytes = 2 * batch * context * nheads_k * headdim * dtype.itemsize

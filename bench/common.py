@@ -27,9 +27,25 @@ def bench_device() -> str:
     return "cuda" if on_gpu() else "cpu"
 
 
+_deadline: float | None = None
+
+
+class BenchDeadline(RuntimeError):
+    """Raised by measure_ms once the run's time budget is spent; the benchmarks skip the rest of their cases."""
+
+
+def set_deadline(seconds: float | None) -> None:
+    """From now on, measure_ms refuses to start after `seconds` (None: no limit). A time-boxed run (the GPU
+    check) then returns what it measured instead of being killed with nothing saved."""
+    global _deadline
+    _deadline = None if seconds is None else time.monotonic() + seconds
+
+
 def measure_ms(fn: Callable[[], object], *, warmup: int = 3, rep: int = 20, min_time_s: float = 0.2) -> float:
     """Median wall time of fn() in milliseconds. On a GPU, CUDA events around each call (so the time is
     the device's, with the queue drained between calls); on CPU, perf_counter."""
+    if _deadline is not None and time.monotonic() > _deadline:
+        raise BenchDeadline("the benchmark run's time budget is spent")
     for _ in range(warmup):
         fn()
     times = []

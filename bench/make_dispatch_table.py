@@ -1,7 +1,7 @@
 """Turns GPU benchmark results into llmkernels/cuda_dispatch_table.json, the measured order in which
 auto-dispatch tries the CUDA and Triton backends of each op on that GPU.
 
-    python bench/make_dispatch_table.py bench/results/<gpu>-<date>.json [--key H100]
+    python bench/make_dispatch_table.py bench/results/<gpu>-<date>*.json [--key H100]   (one run's files)
 
 For every benchmark case where both llmkernels-cuda and llmkernels-triton ran, the faster one scores a win
 for its backend; an op whose Triton backend wins most of its cases gets ("triton", "cuda", "reference").
@@ -47,18 +47,24 @@ def preferred_orders(rows: list[dict]) -> dict[str, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+", help="result JSONs of one GPU (e.g. one file per op)")
     ap.add_argument("--key", default=None, help="device-name substring to file the orders under (default: H100, ...)")
     args = ap.parse_args()
-    with open(args.results) as f:
-        data = json.load(f)
-    device = data["environment"].get("device", "")
+    rows, devices = [], set()
+    for path in args.results:
+        with open(path) as f:
+            data = json.load(f)
+        rows += data["results"]
+        devices.add(data["environment"].get("device", ""))
+    if len(devices) != 1:
+        raise SystemExit(f"make_dispatch_table: results from several devices {sorted(devices)}: pass one GPU's")
+    device = devices.pop()
     key = args.key or next((k for k in ("H200", "H100", "A100", "L40S") if k in device), device)
     table = {}
     if os.path.exists(TABLE):
         with open(TABLE) as f:
             table = json.load(f)
-    table[key] = preferred_orders(data["results"])
+    table[key] = preferred_orders(rows)
     with open(TABLE, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print(f"{TABLE}: {key}: {table[key]}")

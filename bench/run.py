@@ -1,6 +1,7 @@
 """Runs the benchmarks of every op (or one) and prints a table per op against its peers.
 
     python bench/run.py [--op attention|sliding_window|ternary|selective_scan] [--quick] [--out bench/results]
+                        [--tag NAME] [--budget-s SECONDS]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import add_speedups, environment, format_table, save_results  # noqa: E402
+from bench.common import add_speedups, environment, format_table, save_results, set_deadline  # noqa: E402
 
 OPS = ("attention", "sliding_window", "ternary", "selective_scan")
 
@@ -33,6 +34,8 @@ def run(ops: list[str], quick: bool, out_dir: str | None, tag: str | None = None
         add_speedups(got)
         print(format_table(got), flush=True)
         rows += got
+        if out_dir:  # after every op: a run killed by a time limit keeps what it measured
+            path = save_results(rows, out_dir, tag)
     if out_dir:
         path = save_results(rows, out_dir, tag)
         print(f"\nresults written to {path}")
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--budget-s", type=float, default=None, help="stop measuring new cases after this; save what ran")
     args = ap.parse_args(argv)
+    set_deadline(args.budget_s)
     # Quick runs are tagged so they never overwrite a full run's results of the same day.
     tag = args.tag if args.tag is not None else ("quick" if args.quick else None)
     run(args.op or list(OPS), args.quick, None if args.no_save else args.out, tag)

@@ -40,3 +40,51 @@ def test_plots_render(tmp_path):
     path = save_results(add_speedups([dict(r) for r in ROWS]), str(tmp_path))
     pngs = plot(path, str(tmp_path / "plots"))
     assert len(pngs) == 1 and os.path.getsize(pngs[0]) > 1000
+
+
+def test_deadline_stops_new_measurements():
+    from bench import common
+
+    calls = []
+    try:
+        common.set_deadline(0.0)
+        with pytest.raises(common.BenchDeadline):
+            common.measure_ms(lambda: calls.append(1))
+        assert calls == []  # refused before running anything
+        common.set_deadline(None)
+        assert common.measure_ms(lambda: calls.append(1), warmup=0, rep=2, min_time_s=0) >= 0
+        assert len(calls) == 2
+    finally:
+        common.set_deadline(None)
+
+
+def test_dispatch_table_from_several_result_files(tmp_path, monkeypatch):
+    from bench import make_dispatch_table as mdt
+
+    def result(rows, device="NVIDIA H100 80GB HBM3"):
+        return {"environment": {"device": device}, "results": rows}
+
+    def row(op, case, impl, ms):
+        return {"op": op, "case": case, "impl": impl, "time_ms": ms}
+
+    attn = [row("flash_attn_fwd", c, i, ms) for c, i, ms in
+            [("a", "llmkernels-cuda", 2.0), ("a", "llmkernels-triton", 1.0),
+             ("b", "llmkernels-cuda", 3.0), ("b", "llmkernels-triton", 2.0)]]  # fmt: skip
+    scan = [row("selective_scan_fwd", "c", i, ms) for i, ms in [("llmkernels-cuda", 1.0), ("llmkernels-triton", 5.0)]]
+    files = []
+    for name, rows in (("attention", attn), ("scan", scan)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(result(rows)))
+    table = tmp_path / "table.json"
+    monkeypatch.setattr(mdt, "TABLE", str(table))
+    monkeypatch.setattr(sys, "argv", ["make_dispatch_table.py", *map(str, files)])
+    mdt.main()
+    orders = json.loads(table.read_text())["H100"]
+    assert orders["flash_attn_func"] == ["triton", "cuda", "reference"]
+    assert orders["selective_scan_fn"] == ["cuda", "triton", "reference"]
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(result(scan, device="NVIDIA A100")))
+    monkeypatch.setattr(sys, "argv", ["make_dispatch_table.py", str(files[0]), str(other)])
+    with pytest.raises(SystemExit, match="several devices"):
+        mdt.main()
