@@ -39,13 +39,14 @@ _INTERPRET = INTERPRET
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket, chosen for H100 by compiling every kernel for
 # sm_90a with triton 3.8 and reading ptxas -v: no register spills, except 80 / 16 bytes in the fp16/bf16 dQ
 # kernel at head dims 128 / 256. Larger tiles (e.g. forward 128 x 64 at head dim 128) spill a little and may
-# still be faster: worth a benchmark on the GPU. fp32 runs true-fp32 (FMA) dots, not tensor cores: small tiles.
+# still be faster: worth a benchmark on the GPU. fp32 runs true-fp32 (FMA) dots, not tensor cores: small tiles,
+# 8 warps from head dim 128 (4 warps spilled up to 4.8 KB with a window; scripts/triton_aot_check.py --all).
 _FWD_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 8, 2)}
-_FWD_CONFIGS_FP32 = {64: (32, 32, 4, 2), 128: (32, 16, 4, 1), 256: (32, 16, 4, 1)}
+_FWD_CONFIGS_FP32 = {64: (32, 32, 4, 2), 128: (32, 16, 8, 1), 256: (32, 16, 8, 1)}
 _DKDV_CONFIGS = {64: (32, 64, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)}
 _DKDV_CONFIGS_FP32 = {64: (16, 32, 4, 2), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)}
 _DQ_CONFIGS = {64: (64, 64, 4, 2), 128: (64, 32, 8, 2), 256: (32, 16, 4, 2)}
-_DQ_CONFIGS_FP32 = {64: (32, 32, 4, 2), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)}
+_DQ_CONFIGS_FP32 = {64: (32, 32, 4, 2), 128: (16, 32, 8, 1), 256: (16, 16, 4, 1)}
 # The interpreter is slow per block op but not per element: small tiles, so the tests cross several tiles.
 _INTERPRET_CONFIG = (16, 16, 1, 1)
 
