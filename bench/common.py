@@ -162,12 +162,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def result_file_name(env: dict, tag: str | None = None) -> str:
+    """<device>-<date>[-tag].json, in letters, digits, '.', '_' and '-' only."""
+    dev = env["device"].replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+    return f"{dev}-{env['date'][:10]}{'-' + tag if tag else ''}.json"
+
+
 def save_results(rows: list[dict], out_dir: str, tag: str | None = None) -> str:
     env = environment()
     os.makedirs(out_dir, exist_ok=True)
-    dev = env["device"].replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
-    name = f"{dev}-{env['date'][:10]}{'-' + tag if tag else ''}.json"
-    path = os.path.join(out_dir, name)
+    path = os.path.join(out_dir, result_file_name(env, tag))
     with open(path, "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)
     return path

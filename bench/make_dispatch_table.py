@@ -64,7 +64,11 @@ def main() -> None:
     if os.path.exists(TABLE):
         with open(TABLE) as f:
             table = json.load(f)
-    table[key] = preferred_orders(rows)
+    orders = preferred_orders(rows)
+    if not orders:  # a CPU run, or a GPU run where no case had both backends: nothing measured, nothing written
+        print(f"{TABLE}: no case with both llmkernels-cuda and llmkernels-triton rows; table unchanged")
+        return
+    table[key] = orders
     with open(TABLE, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print(f"{TABLE}: {key}: {table[key]}")
