@@ -133,7 +133,11 @@ __global__ void rolling_cache_append_kernel(uint4* k_ring, uint4* v_ring, const 
   const int tt = static_cast<int>((i / (static_cast<int64_t>(vecs_per_row) * nheads_k)) % count);
   const int b = static_cast<int>(i / (static_cast<int64_t>(vecs_per_row) * nheads_k * count));
   const int t = first + tt;
-  const int slot = (seqlens[b] + t) % window;
+  // seqlens stays on the device, so the host cannot refuse a negative length as the CPU op does: a negative
+  // slot would write before the row (and seqlens + t could wrap in int). Such a row is left untouched.
+  const int64_t n = seqlens[b];
+  if (n < 0) return;
+  const int slot = static_cast<int>((n + t) % window);
   const int64_t dst = ((static_cast<int64_t>(b) * window + slot) * nheads_k + h) * vecs_per_row + vec;
   // Strides are in bytes here; each source row is 16-byte aligned (checked on the host).
   k_ring[dst] = *reinterpret_cast<const uint4*>(k + b * k_sb + t * k_ss + h * k_sh + vec * 16);

@@ -10,7 +10,7 @@ seqlen_new keys of row i, the window band aligned bottom-right (the C++ op `flas
 
 Math: as flash_attn_kernels.py. Each split s of the keys gives a partial (o_s normalised, lse_s); the
 combine kernel merges them: lse = log sum_s exp(lse_s), o = sum_s exp(lse_s - lse) o_s.
-Tiling: one program per (key split, batch * KV head, block of rows), where the rows are the query heads of
+Tiling: one program per (key split, block of rows, KV head, batch), where the rows are the query heads of
 one KV head times the queries (GQA packing: each K/V tile is loaded once for the whole group). With one or a
 few queries the work is reading the cache, so speed is bound by memory bandwidth; splitting the keys puts
 enough programs on the GPU to reach it when batch * nheads_k is small.
@@ -32,19 +32,20 @@ _TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
 def flash_attn_decode_split_kernel(
     Q, K, V, SEQLENS, O_PART, LSE_PART,  # q: (b, sq, h, d); k, v: (b, cap, hk, d); o_part: (b, h, sq, splits, d)
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    nheads, group, seqlen_q, seqlen_new, split_len, num_splits, scale, softcap, window_left, window_right,
+    nheads, group, seqlen_q, seqlen_new, capacity, split_len, num_splits, scale, softcap, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
-    nheads_k = nheads // group
-    off_b = pid_bhk // nheads_k
-    off_hk = pid_bhk % nheads_k
+    # grid (row blocks * splits, nheads_k, batch): the row blocks of a long prefill and batch * nheads_k can each
+    # pass grid y / z's 65535, so the one unbounded count goes on axis 0.
+    split = tl.program_id(0) % num_splits
+    row_block = tl.program_id(0) // num_splits
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
     off_b64 = off_b.to(tl.int64)
 
     # Row r of this KV head = (query head hk * group + r // seqlen_q, query r % seqlen_q).
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < group * seqlen_q
     head = off_hk * group + rows // seqlen_q
     qi = rows % seqlen_q
@@ -54,7 +55,8 @@ def flash_attn_decode_split_kernel(
     q_offs = qi[:, None].to(tl.int64) * stride_qm + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
     q = tl.load(Q + off_b64 * stride_qb + q_offs, mask=row_ok[:, None] & d_mask, other=0.0)
 
-    seqlen_k = tl.load(SEQLENS + off_b) + seqlen_new
+    # Clamped to the cache like the CUDA kernel: a length past the capacity must not read past the row.
+    seqlen_k = tl.minimum(tl.load(SEQLENS + off_b) + seqlen_new, capacity)
     shift = seqlen_k - seqlen_q
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seqlen_k)
@@ -188,11 +190,12 @@ def decode_launch(launch, q, k_cache, v_cache, k_new: torch.Tensor | None, v_new
     split_len, num_splits = _split_plan(capacity, batch * nheads_k * row_blocks, interpret)
     o_part = torch.empty((batch, nheads, seqlen_q, num_splits, headdim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((batch, nheads, seqlen_q, num_splits), dtype=torch.float32, device=q.device)
-    launch(flash_attn_decode_split_kernel, (num_splits, batch * nheads_k, row_blocks),
+    launch(flash_attn_decode_split_kernel, (row_blocks * num_splits, nheads_k, batch),
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        nheads, group, seqlen_q, seqlen_new, split_len, num_splits, softmax_scale, softcap, window_left, window_right,
+        nheads, group, seqlen_q, seqlen_new, capacity, split_len, num_splits, softmax_scale, softcap, window_left,
+        window_right,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1 if interpret else 8, num_stages=1 if interpret else 3, **meta,
     )  # fmt: skip
     launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),

@@ -8,7 +8,7 @@ Backward (D_i = do_i . o_i):
     dv_j = sum_i p_ij do_i,  dp_ij = do_i . v_j,  ds_ij = p_ij (dp_ij - D_i) * (1 - tanh^2 when soft-capped)
     dq_i = scale * sum_j ds_ij k_j,  dk_j = scale * sum_i ds_ij q_i
 
-Tiling: the forward runs one program per (BLOCK_M query rows, batch * head) and streams BLOCK_N-key tiles of
+Tiling: the forward runs one program per (BLOCK_M query rows, head, batch) and streams BLOCK_N-key tiles of
 K and V through an online softmax kept in fp32 registers, in the base-2 domain (log2(e) folded into the
 scale, so each score costs one exp2). Only key tiles that intersect the causal / window band are visited,
 and of those only the tiles the band cuts (or the ragged end of the sequence) pay for the mask: the
@@ -134,9 +134,9 @@ def flash_attn_fwd_kernel(
 ):
     # Longest rows (the last query blocks under a causal mask) are scheduled first.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // nheads).to(tl.int64)
-    off_h = pid_bh % nheads
+    # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
 
@@ -186,9 +186,8 @@ def flash_attn_bwd_preprocess_kernel(
     nheads, seqlen_q,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // nheads).to(tl.int64)
-    off_h = (pid_bh % nheads).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)  # grid (query blocks, nheads, batch)
+    off_b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM)
@@ -252,12 +251,10 @@ def flash_attn_bwd_dkdv_kernel(
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (BLOCK_N keys, batch * KV head); sums over the group's query heads in fp32."""
+    """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32."""
     start_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
-    nheads_k = nheads // group
-    off_b = (pid_bhk // nheads_k).to(tl.int64)
-    off_hk = (pid_bhk % nheads_k).to(tl.int64)
+    off_hk = tl.program_id(1).to(tl.int64)  # grid (key blocks, nheads_k, batch)
+    off_b = tl.program_id(2).to(tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -342,11 +339,11 @@ def flash_attn_bwd_dq_kernel(
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (BLOCK_M queries, batch * head): the forward's loop with dS in place of P."""
+    """One program per (BLOCK_M queries, head, batch): the forward's loop with dS in place of P."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // nheads).to(tl.int64)
-    off_h = pid_bh % nheads
+    # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
 

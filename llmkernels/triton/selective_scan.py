@@ -61,7 +61,7 @@ def selective_state_update_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # b * stride_state_b passes int32 for a (2048, 8192, 128) state
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -106,11 +106,14 @@ def selective_scan_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+    # int64 offsets: batch * dim * seqlen passes 2^31 (8 x 5120 x 65536), and so can dim * seqlen or, for a
+    # (batch, seqlen, dim)-strided input, seqlen * dim.
+    b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
     mask = mask_d[:, None] & (offs_n < dstate)[None, :]
+    offs_d64 = offs_d.to(tl.int64)
 
     A2 = tl.load(A_ptr + offs_d[:, None] * stride_A_d + offs_n[None, :] * stride_A_n, mask=mask, other=0.0)
     A2 = A2.to(tl.float32) * LOG2E
@@ -138,10 +141,11 @@ def selective_scan_fwd_kernel(
     else:
         state = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
 
-    u_ptrs = u_ptr + b * stride_u_b + offs_d * stride_u_d
-    delta_ptrs = delta_ptr + b * stride_delta_b + offs_d * stride_delta_d
-    out_ptrs = out_ptr + b * stride_out_b + offs_d * stride_out_d
-    for t in range(seqlen):
+    u_ptrs = u_ptr + b * stride_u_b + offs_d64 * stride_u_d
+    delta_ptrs = delta_ptr + b * stride_delta_b + offs_d64 * stride_delta_d
+    out_ptrs = out_ptr + b * stride_out_b + offs_d64 * stride_out_d
+    for t_ in range(seqlen):
+        t = tl.cast(t_, tl.int64)
         u = tl.load(u_ptrs + t * stride_u_t, mask=mask_d, other=0.0).to(tl.float32)
         dt = tl.load(delta_ptrs + t * stride_delta_t, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -157,7 +161,7 @@ def selective_scan_fwd_kernel(
         if HAS_D:
             y += D * u
         if HAS_Z:
-            z_ptrs = z_ptr + b * stride_z_b + offs_d * stride_z_d + t * stride_z_t  # z_ptr is None without z
+            z_ptrs = z_ptr + b * stride_z_b + offs_d64 * stride_z_d + t * stride_z_t  # z_ptr is None without z
             y *= _silu(tl.load(z_ptrs, mask=mask_d, other=0.0).to(tl.float32))
         tl.store(out_ptrs + t * stride_out_t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 

@@ -3,7 +3,7 @@
 Math (see llmkernels/reference/sliding_window.py): the query at absolute position p = seqlens[b] + t sees
 positions p - W + 1 .. p; position j is read in place from the chunk (j >= seqlens[b]) or from ring slot j % W.
 
-Tiling: one program per (BLOCK_M query rows, batch row, query head). It walks the absolute key positions its
+Tiling: one program per (BLOCK_M query rows, query head, batch row). It walks the absolute key positions its
 rows can see, lo = max(0, first row's p - W + 1) .. last row's p, in BLOCK_N tiles; each tile's K/V rows are
 loaded with two masked loads (ring part, chunk part), so a tile may straddle the ring's wrap-around or the
 ring/chunk boundary. Online softmax in fp32 (log2 units), scores and P @ V on tl.dot.
@@ -37,17 +37,18 @@ def _rolling_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    hk = h // group
-    n = tl.load(SEQLENS + b)  # tokens before the chunk
+    h = tl.program_id(1)  # grid (row blocks, nheads, batch): batch * nheads would overflow grid y's 65535
+    n = tl.load(SEQLENS + tl.program_id(2))  # tokens before the chunk
+    # int64 batch and head offsets: q / out / ring can pass 2^31 elements (b * stride alone overflows int32).
+    b = tl.program_id(2).to(tl.int64)
+    hk = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows t of the chunk
     row_ok = rows < chunk
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qs + h * stride_qh + dims[None, :],
+    q = tl.load(Q + b * stride_qb + rows[:, None].to(tl.int64) * stride_qs + h * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     pos_q = n + rows
 
@@ -87,7 +88,7 @@ def _rolling_attn_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(OUT + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + dims[None, :],
+    tl.store(OUT + b * stride_ob + rows[:, None].to(tl.int64) * stride_os + h * stride_oh + dims[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -111,7 +112,7 @@ def rolling_window_attn_triton(
     wide = block_d > 128 or q.dtype == torch.float32  # keep the Q, K, V tiles within shared memory
     block_m = 16 if chunk <= 16 else (32 if wide else 64)
     block_n = 32 if q.device.type == "cpu" or wide else 64
-    grid = (triton.cdiv(chunk, block_m), batch * nheads)
+    grid = (triton.cdiv(chunk, block_m), nheads, batch)
     launch(_rolling_attn_kernel, grid,
         q, k, v, k_ring, v_ring, out, seqlens,
         q.stride(0), q.stride(1), q.stride(2),

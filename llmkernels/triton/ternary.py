@@ -39,6 +39,11 @@ def _ternary_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    # m * stride_om passes int32 for a 65536 x 128256 output (an LM head prefill): the tile's first row is an
+    # int64 scalar step, offsets inside the tile stay int32 (a 2-D int64 pointer tile costs registers and ALU).
+    tile_m = tl.arange(0, BLOCK_M)
+    first_row = (pid_m * BLOCK_M).to(tl.int64)
+    x_tile = x_ptr + first_row * stride_xm
     if MODE == MODE_W2:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -47,7 +52,7 @@ def _ternary_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0
+            x_tile + tile_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0
         )
         byte = (offs_k // 256) * 64 + offs_k % 64  # < K_pad / 4 for every k < K_pad: in bounds
         shift = ((offs_k % 256) // 64) * 2
@@ -66,7 +71,7 @@ def _ternary_matmul_kernel(
             w = (codes - 1).to(tl.int8)
             # out_dtype spelled out: triton < 3.7 does not infer int32 from the accumulator
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + first_row * stride_om + (tile_m[:, None] * stride_om + offs_n[None, :])
     out_mask = mask_m[:, None] & mask_n[None, :]
     if MODE == MODE_INT32:
         tl.store(out_ptrs, acc, mask=out_mask)

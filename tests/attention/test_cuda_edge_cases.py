@@ -109,3 +109,45 @@ def test_backward_with_unaligned_dout():
     w = torch.randn(4 + inputs[0].numel(), device="cuda").half().float()  # fp16-exact, so both douts agree
     for name, a, b in zip(("dq", "dk", "dv"), grads(True), grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_batch_times_heads_past_grid_y(backend):
+    """2080 x 32 = 66560 (batch, head) programs: more than grid y takes (65535), so no kernel may put
+    batch * nheads on one of grid y / z (the Triton kernels did), forward and backward."""
+    check_flash_attn(backend, random_qkv(2080, 3, 5, 32, 8, 32, torch.float16, "cuda"), causal=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kvcache_more_row_blocks_than_grid_z(backend):
+    """Triton decode packs group * seqlen_q rows in blocks of 16 (head dim > 64): 16 x 65536 rows make 65536
+    row blocks, past grid z's 65535. Non-causal against a 20-key cache keeps the work small."""
+    q = torch.randn(1, 65536, 16, 80, dtype=torch.float16, device="cuda")
+    k_cache = poison_(torch.empty(1, 32, 1, 80, dtype=torch.float16, device="cuda"))
+    v_cache = poison_(torch.empty_like(k_cache))
+    k_cache[:, :20].normal_()
+    v_cache[:, :20].normal_()
+    lens = torch.tensor([20], dtype=torch.int32, device="cuda")
+    with llmkernels.use_backend(backend):
+        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    exact = flash_attn_with_kvcache_ref(q, k_cache, v_cache, None, None, lens, upcast=True)
+    same = flash_attn_with_kvcache_ref(q, k_cache, v_cache, None, None, lens, upcast=False)
+    assert_error_within_ratio(out, exact, same, ratio=2.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kvcache_lengths_past_the_capacity_stay_in_the_row(backend):
+    """cache_seqlens lives on the device, so nothing checks it against the capacity: a row claiming 40 keys of a
+    32-slot cache must read its own 32 (the CUDA kernel clamps; the Triton kernel read the next row's NaNs)."""
+    buf = torch.randn(2, 32, 2, 64, dtype=torch.bfloat16, device="cuda")
+    poison_(buf[1])
+    k_cache, v_cache = buf[:1], buf[:1].clone()  # k_cache row 0 is followed by NaN in memory
+    q = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([40], dtype=torch.int32, device="cuda")
+    with llmkernels.use_backend(backend):
+        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    full = torch.tensor([32], dtype=torch.int32, device="cuda")
+    exact = flash_attn_with_kvcache_ref(q, k_cache, v_cache, None, None, full, upcast=True)
+    same = flash_attn_with_kvcache_ref(q, k_cache, v_cache, None, None, full, upcast=False)
+    assert torch.isfinite(out).all()
+    assert_error_within_ratio(out, exact, same, ratio=2.0)

@@ -2,7 +2,8 @@
 
 - the largest dstate through the backward, with a chunk boundary one step before the end (1025 = 1024 + 1);
 - mixed activation dtypes, which the host code runs in fp32 and whose gradients come back in each input's dtype;
-- the backward called without dlast_state and without initial_state.
+- the backward called without dlast_state and without initial_state;
+- activations and a decode state of more than 2^31 elements (int32 offsets overflowed in the Triton kernels).
 """
 
 import pytest
@@ -54,3 +55,52 @@ def test_scan_cuda_mixed_dtypes():
 def test_scan_cuda_bwd_without_dlast_and_initial_state():
     args = _ssm_inputs(2, 6, 8, 1030, "constant", torch.float16, "cuda", OPTIONS[3], initial=False)
     _check_fwd_bwd(args, torch.float16, with_dlast=False)
+
+
+def _scan_backend(backend):
+    if backend == "triton":
+        from llmkernels.triton.selective_scan import selective_scan_triton, selective_state_update_triton
+
+        return selective_scan_triton, selective_state_update_triton
+    return torch.ops.llmkernels.selective_scan_fwd, torch.ops.llmkernels.selective_state_update
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_scan_more_than_2_31_elements(backend):
+    """(2, 16384, 65600) fp16 activations, 2.15e9 elements (13 GB with delta and out): batch 1's last channels
+    sit past 2^31. Those channels against the same op on a copy of them, whose offsets are small."""
+    scan, _ = _scan_backend(backend)
+    batch, dim, seqlen, dstate = 2, 16384, 65600, 4
+    u = torch.randn(batch, dim, seqlen, dtype=torch.float16, device="cuda")
+    delta = torch.rand(batch, dim, seqlen, dtype=torch.float16, device="cuda").mul_(0.1)
+    A = -torch.rand(dim, dstate, device="cuda") - 0.5
+    B, C = torch.randn(dim, dstate, device="cuda"), torch.randn(dim, dstate, device="cuda")
+    D = torch.randn(dim, device="cuda")
+    out, last = scan(u, delta, A, B, C, D, None, None, False, None)
+    tail = slice(dim - 64, dim)
+    small = [t[1:, tail].contiguous() for t in (u, delta)] + [t[tail].contiguous() for t in (A, B, C, D)]
+    ref_out, ref_last = scan(*small, None, None, False, None)
+    assert torch.isfinite(ref_out).all()
+    torch.testing.assert_close(out[1:, tail], ref_out, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(last[1:, tail], ref_last, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_state_update_state_past_2_31_elements(backend):
+    """A (2049, 8192, 128) bf16 decode state (2.15e9 elements, 4.3 GB): the last rows against a copy of them."""
+    _, update = _scan_backend(backend)
+    batch, dim, dstate = 2049, 8192, 128
+    state = torch.randn(batch, dim, dstate, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(batch, dim, dtype=torch.bfloat16, device="cuda")
+    dt = torch.rand(batch, dim, dtype=torch.bfloat16, device="cuda")
+    A = -torch.rand(dim, dstate, device="cuda") - 0.5
+    B, C = (torch.randn(batch, dstate, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    tail = slice(batch - 2, batch)
+    state_tail = state[tail].clone()
+    y = update(state, x, dt, A, B, C, None, None, None, True)
+    y_ref = update(state_tail, x[tail].contiguous(), dt[tail].contiguous(), A, B[tail].contiguous(),
+                   C[tail].contiguous(), None, None, None, True)  # fmt: skip
+    torch.testing.assert_close(state[tail], state_tail, rtol=0, atol=0)
+    torch.testing.assert_close(y[tail], y_ref, rtol=1e-2, atol=1e-2)

@@ -1,9 +1,13 @@
 """Edge cases of the CUDA rolling-window kernels (csrc/sliding_window/*.cu) that test_rolling_cache.py misses:
-softcap (the kernel's tanhf is tanh.approx.f32 under --use_fast_math) and a misaligned q refused by name."""
+softcap (the kernel's tanhf is tanh.approx.f32 under --use_fast_math), a misaligned q refused by name, more
+(batch, head) programs than grid y holds (both GPU kernels), and a negative length the append must not act on."""
 
 import pytest
 import torch
 from test_rolling_cache import run_generation, skip_unless_built
+
+from llmkernels.reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
+from tests.utils import assert_error_within_ratio
 
 
 @pytest.mark.cuda
@@ -23,3 +27,42 @@ def test_cuda_misaligned_q_is_refused():
     seqlens = torch.tensor([3], dtype=torch.int32, device="cuda")
     with pytest.raises((RuntimeError, ValueError), match="q"):
         torch.ops.llmkernels.rolling_window_attn(q, k, v, k_ring, v_ring, seqlens, 0.2, 0.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_batch_times_heads_past_grid_y(backend):
+    """4100 x 16 = 65600 (batch, head) pairs: past grid y's 65535, where the Triton kernel used to put them."""
+    if backend == "cuda":
+        skip_unless_built("cuda")
+        attn = torch.ops.llmkernels.rolling_window_attn
+    else:
+        from llmkernels.triton.sliding_window import rolling_window_attn_triton as attn
+    batch, chunk, heads, heads_k, window, d = 4100, 2, 16, 4, 8, 32
+    q = torch.randn(batch, chunk, heads, d, dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(batch, chunk, heads_k, d, dtype=torch.float16, device="cuda") for _ in range(2))
+    k_ring, v_ring = (torch.randn(batch, window, heads_k, d, dtype=torch.float16, device="cuda") for _ in range(2))
+    seqlens = torch.randint(0, 3 * window, (batch,), dtype=torch.int32, device="cuda")
+    out = attn(q, k, v, k_ring, v_ring, seqlens, d**-0.5, 0.0)
+    for rows in (slice(0, 3), slice(batch - 3, batch)):  # the reference loops over rows: check both ends
+        args = (q[rows], k[rows], v[rows], k_ring[rows], v_ring[rows], seqlens[rows], d**-0.5)
+        exact, same = rolling_window_attn_ref(*args), rolling_window_attn_ref(*args, upcast=False)
+        assert_error_within_ratio(out[rows], exact, same, ratio=2.0)
+
+
+@pytest.mark.cuda
+def test_cuda_append_ignores_a_negative_length():
+    """A negative seqlens[b] made a negative ring slot: the append wrote before the row (here: into a guard row
+    in front of the ring). The row is now left alone; the other rows are written as the reference does."""
+    skip_unless_built("cuda")
+    window, d = 4, 16
+    guard_k = torch.randn(3, window, 2, d, dtype=torch.bfloat16, device="cuda")
+    guard_v = guard_k.clone()
+    k_ring, v_ring = guard_k[1:], guard_v[1:]  # row 0 of each buffer sits just before the ring
+    k, v = (torch.randn(2, 3, 2, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    seqlens = torch.tensor([-3, 5], dtype=torch.int32, device="cuda")
+    expect_k, expect_v = guard_k.clone(), guard_v.clone()
+    rolling_cache_append_ref(expect_k[2:], expect_v[2:], k[1:], v[1:], seqlens[1:])
+    torch.ops.llmkernels.rolling_cache_append(k_ring, v_ring, k, v, seqlens)
+    torch.testing.assert_close(guard_k, expect_k, rtol=0, atol=0)
+    torch.testing.assert_close(guard_v, expect_v, rtol=0, atol=0)

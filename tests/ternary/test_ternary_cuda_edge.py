@@ -1,5 +1,6 @@
-"""CUDA edge cases found in review: fp16 weight-only prefill whose unscaled x @ W_t^T exceeds fp16's range, and
-a prefill longer than one launch of the int8 GEMM (grid.y <= 65535 token tiles of 64)."""
+"""CUDA edge cases found in review: fp16 weight-only prefill whose unscaled x @ W_t^T exceeds fp16's range,
+a prefill longer than one launch of the int8 GEMM (grid.y <= 65535 token tiles of 64), and an output of more
+than 2^31 elements (the Triton kernel's row offsets were int32)."""
 
 import pytest
 import torch
@@ -35,4 +36,17 @@ def test_cuda_int8_gemm_more_rows_than_one_launch(monkeypatch):
         acc = llmkernels.ternary.ternary_matmul_int8(x_q, w_packed, k)
     seam = 65535 * 64
     for rows in (slice(0, 100), slice(seam - 100, seam + 17)):
+        torch.testing.assert_close(acc[rows], ref.ternary_matmul_int8_ref(x_q[rows], w_packed, k), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_int8_matmul_output_past_2_31_elements(backend, monkeypatch):
+    """65600 x 32768 int32 (8.6 GB): rows past 65536 start beyond 2^31 elements. Both ends against the reference."""
+    monkeypatch.delenv("LLMKERNELS_TERNARY_GEMM", raising=False)
+    m, k, n = 65600, 256, 32768
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    w_packed = llmkernels.ternary.pack_ternary(torch.randint(-1, 2, (n, k), device="cuda"))
+    with llmkernels.use_backend(backend):
+        acc = llmkernels.ternary.ternary_matmul_int8(x_q, w_packed, k)
+    for rows in (slice(0, 64), slice(m - 80, m)):
         torch.testing.assert_close(acc[rows], ref.ternary_matmul_int8_ref(x_q[rows], w_packed, k), rtol=0, atol=0)
