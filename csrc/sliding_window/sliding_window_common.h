@@ -61,6 +61,7 @@ inline Dims check_attn_args(const char* op, const at::Tensor& q, const at::Tenso
   d.nheads = q.size(2);
   LLMK_CHECK_ARG(q.size(0) == d.batch && q.size(1) == d.chunk && q.size(3) == d.head_dim, op, "q",
                  "must have shape (", d.batch, ", ", d.chunk, ", nheads, ", d.head_dim, ") like k, got ", q.sizes());
+  LLMK_CHECK_ARG(d.nheads_k >= 1, op, "k", "must have at least one head, got shape ", k.sizes());
   LLMK_CHECK_ARG(d.nheads % d.nheads_k == 0, op, "q", "must have nheads (", d.nheads,
                  ") a multiple of k's nheads_k (", d.nheads_k, ")");
   LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, q);

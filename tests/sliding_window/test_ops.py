@@ -142,6 +142,9 @@ def test_cpp_op_checks_name_the_argument():
         op(q, k, v, k_ring[:, :, :1].contiguous(), v_ring, seqlens, 0.25, 0.0)
     with pytest.raises(RuntimeError, match="seqlens must be >= 0"):
         op(q, k, v, k_ring, v_ring, -seqlens - 1, 0.25, 0.0)
+    with pytest.raises(RuntimeError, match="k must have at least one head"):  # not a division by zero
+        no_heads = [t[:, :, :0].contiguous() for t in (k, v, k_ring, v_ring)]
+        op(q, *no_heads, seqlens, 0.25, 0.0)
     with pytest.raises(RuntimeError, match="k_ring must be contiguous"):
         strided = torch.randn(2, 2, 4, 16).transpose(1, 2)  # right shape, wrong layout
         torch.ops.llmkernels.rolling_cache_append(strided, v_ring, k, v, seqlens)
