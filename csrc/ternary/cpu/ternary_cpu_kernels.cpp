@@ -206,29 +206,45 @@ __attribute__((target("avx512f,avx512bw"))) void dot_w2_avx512(const uint8_t* w,
   }
 }
 
+// The same with 8 lanes: vpermps on AVX2 reads 3 index bits, and the 8-entry table repeats with period 4.
+template <int MT>
+__attribute__((target("avx2,fma"))) void dot_w2_avx2(const uint8_t* w, const float* x, int64_t x_stride,
+                                                     int64_t nblocks, float* out) {
+  const __m256 code_to_weight = _mm256_setr_ps(-1, 0, 1, 0, -1, 0, 1, 0);
+  __m256 acc[MT][4];
+  for (int t = 0; t < MT; ++t)
+    for (int s = 0; s < 4; ++s) acc[t][s] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int i = 0; i < 8; ++i) {  // bytes 8 i .. 8 i + 7: weights 256 b + 64 s + 8 i + (0..7)
+      const __m256i bytes = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + b * kBlockBytes + 8 * i)));
+      for (int s = 0; s < 4; ++s) {
+        const __m256 wv = _mm256_permutevar8x32_ps(code_to_weight, _mm256_srli_epi32(bytes, 2 * s));
+        for (int t = 0; t < MT; ++t) {
+          const __m256 xv = _mm256_loadu_ps(x + t * x_stride + b * kBlockWeights + 64 * s + 8 * i);
+          acc[t][s] = _mm256_fmadd_ps(wv, xv, acc[t][s]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) {
+    const __m256 v = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3]));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    out[t] = _mm_cvtss_f32(h);
+  }
+}
+
 using DotW2Fn = void (*)(const uint8_t*, const float*, int64_t, int64_t, float*);
 constexpr DotW2Fn kDotW2Avx512[kMaxTokensPerTile] = {dot_w2_avx512<1>, dot_w2_avx512<2>, dot_w2_avx512<3>,
                                                      dot_w2_avx512<4>};
+constexpr DotW2Fn kDotW2Avx2[kMaxTokensPerTile] = {dot_w2_avx2<1>, dot_w2_avx2<2>, dot_w2_avx2<3>, dot_w2_avx2<4>};
 
 float dot_f32_scalar(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
-}
-
-// n is a multiple of 256 (K_pad)
-__attribute__((target("avx2,fma"))) float dot_f32_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t i = 0; i < n; i += 32) {
-    for (int u = 0; u < 4; ++u) {
-      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * u), _mm256_loadu_ps(b + i + 8 * u), acc[u]);
-    }
-  }
-  __m256 v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
 }
 
 // ---- activation quantisation, AVX2 (fp32 and bf16 rows): the same IEEE mul, div and round-half-even ----
@@ -327,7 +343,8 @@ void matmul_int8(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_
 void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, float* y) {
   const int64_t nblocks = k_pad / kBlockWeights;
   const int64_t row_bytes = k_pad / 4;
-  if (use_avx512()) {
+  if (use_avx512() || use_avx2()) {
+    const DotW2Fn* dot = use_avx512() ? kDotW2Avx512 : kDotW2Avx2;
     // A weight costs ~2 fp32 ops per token here (vs 1/4 of an int8 op in matmul_int8): worth a thread sooner.
     at::parallel_for(0, N, row_grain(4 * m, k_pad, 16), [&](int64_t n_begin, int64_t n_end) {
       for (int64_t r0 = n_begin; r0 < n_end; r0 += kRowTile) {
@@ -336,7 +353,7 @@ void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t 
           const int mt = static_cast<int>(std::min<int64_t>(kMaxTokensPerTile, m - t0));
           for (int64_t n = r0; n < r1; ++n) {
             float out[kMaxTokensPerTile];
-            kDotW2Avx512[mt - 1](w + n * row_bytes, x + t0 * k_pad, k_pad, nblocks, out);
+            dot[mt - 1](w + n * row_bytes, x + t0 * k_pad, k_pad, nblocks, out);
             for (int t = 0; t < mt; ++t) y[(t0 + t) * N + n] = out[t];
           }
         }
@@ -344,22 +361,16 @@ void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t 
     });
     return;
   }
-  constexpr int64_t kRows = 8;  // rows unpacked to fp32 at once, reused by every token
-  const bool avx2 = use_avx2();
+  // Portable path: a few rows unpacked to fp32 at a time, reused by every token.
+  constexpr int64_t kRows = 8;
   at::parallel_for(0, N, row_grain(m, k_pad, kRows), [&](int64_t n_begin, int64_t n_end) {
     std::vector<float> wf(kRows * k_pad);
     for (int64_t r0 = n_begin; r0 < n_end; r0 += kRows) {
       const int64_t rows = std::min(kRows, n_end - r0);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* dst = wf.data() + r * k_pad;
-        avx2 ? unpack_row_f32_avx2(w + (r0 + r) * row_bytes, nblocks, dst)
-             : unpack_row_f32(w + (r0 + r) * row_bytes, nblocks, dst);
-      }
+      for (int64_t r = 0; r < rows; ++r) unpack_row_f32(w + (r0 + r) * row_bytes, nblocks, wf.data() + r * k_pad);
       for (int64_t t = 0; t < m; ++t) {
         for (int64_t r = 0; r < rows; ++r) {
-          const float* a = x + t * k_pad;
-          const float* b = wf.data() + r * k_pad;
-          y[t * N + r0 + r] = avx2 ? dot_f32_avx2(a, b, k_pad) : dot_f32_scalar(a, b, k_pad);
+          y[t * N + r0 + r] = dot_f32_scalar(x + t * k_pad, wf.data() + r * k_pad, k_pad);
         }
       }
     }
