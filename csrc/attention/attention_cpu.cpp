@@ -105,7 +105,9 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   // fewer tasks than threads (decode with a small batch), where one head per block keeps every thread busy.
   p.heads_per_block = p.nheads / p.nheads_k;
   if (p.heads_per_block > 1 && num_fwd_tasks(p) < at::get_num_threads()) p.heads_per_block = 1;
-  run_tasks(kernels().fwd, p, num_fwd_tasks(p));
+  // bf16 inputs on CPUs with AVX512-BF16 take the forward whose products run on vdpbf16ps.
+  const bool bf16_dot = p.dtype == ElemType::kBFloat16 && use_avx512() && cpu_features().avx512bf16;
+  run_tasks(bf16_dot ? fwd_tasks_avx512bf16 : kernels().fwd, p, num_fwd_tasks(p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
 }
 

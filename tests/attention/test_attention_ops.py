@@ -216,3 +216,29 @@ def test_explicit_scale_and_non_contiguous_output_gradient():
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
     for g, r in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         torch.testing.assert_close(g.double(), r, rtol=2e-4, atol=5e-5)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_forward_alternating_block_shapes_on_one_thread(dtype):
+    """On one thread, blocks of 64 query rows (query-lane layout; vdpbf16ps for bf16 where the CPU has it) and
+    tail blocks of 2 rows (row-major decode layout) take turns in one scratch buffer, with a head dim (40) that
+    pads to whole registers and a window that cuts some key blocks. Output and lse against float64."""
+    from llmkernels.reference.attention import flash_attn_ref
+
+    q, k, v = (t.to(dtype) for t in _qkv(sq=66, sk=70, h=3, hk=3, d=40))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out, lse = torch.ops.llmkernels.flash_attn_fwd(q, k, v, 0.3, 20, -1, 0.0)
+    finally:
+        torch.set_num_threads(threads)
+    q2, k2, v2 = (t.double() for t in (q, k, v))
+    ref = flash_attn_ref(q2, k2, v2, softmax_scale=0.3, window_size=(20, -1))
+    i = torch.arange(66)[:, None] + 4  # shift = seqlen_k - seqlen_q
+    j = torch.arange(70)[None, :]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q2, k2) * 0.3
+    ref_lse = scores.masked_fill((j < i - 20).expand_as(scores), float("-inf")).logsumexp(-1)
+    tol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    torch.testing.assert_close(out.double(), ref, rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,9 @@
 // Flash attention on the CPU: forward, backward, and (through per-batch key counts) the KV-cache op.
-// Included once by each per-instruction-set file (kernel_avx512.cpp, kernel_avx2.cpp, kernel_scalar.cpp)
-// after it has defined `struct Vec` (a SIMD register of Vec::W floats and its operations) and switched the
-// compiler's target; everything here has internal linkage, so the copies never mix.
+// Included once by each per-instruction-set file (kernel_avx512.cpp, kernel_avx512bf16.cpp, kernel_avx2.cpp,
+// kernel_scalar.cpp) after it has defined `struct Vec` (a SIMD register of Vec::W floats and its operations,
+// exp2 and a W x W transpose among them) and switched the compiler's target; everything here has internal
+// linkage, so the copies never mix. LLMK_ATTN_BF16_DOT (kernel_avx512bf16.cpp) adds the bf16 forward on
+// vdpbf16ps.
 //
 // Math (batch b, query head h, KV head h / group; shift = seqlen_k - seqlen_q):
 //   s_ij = scale * q_i . k_j, soft-capped s_ij <- c * tanh(s_ij / c) when c > 0;
@@ -13,19 +15,21 @@
 //
 // Tiling: the forward runs one task per (batch, block of 64 rows), a row being a (query, head) pair of one GQA
 // group (so a K/V block, once loaded, serves the whole group), and streams 64-key blocks through an online
-// softmax (FlashAttention-2), never holding more than a 64 x 64 score tile. Only key blocks that intersect the
-// causal / window band are visited, and only blocks the band cuts pay for masking. Scores are computed
-// transposed (keys x queries) so the softmax bookkeeping is vectorised across queries. Blocks are converted to
-// fp32 as they are packed into small per-thread buffers (fp32 K and V with a whole-register head dim are read
-// in place), zero-padded to whole SIMD registers. The products go through one register-blocked micro-kernel
-// (`gemm`: up to 6 rows x 4 registers of C in registers, broadcasting A and streaming B, fp32 FMA); blocks of
-// at most 4 rows (decode) take per-key dot products instead. The backward recomputes P from lse in two
+// softmax (FlashAttention-2) in base 2 (log2 e folded into the query scale), never holding more than a 64 x 64
+// score tile. Only key blocks that intersect the causal / window band are visited, and only blocks the band
+// cuts pay for masking. The block's queries lie across SIMD lanes: scores are computed transposed (keys x
+// queries) and the output accumulates transposed (headdim x queries), so the softmax bookkeeping and the
+// rescale of O are vectorised across queries and both products broadcast from K / V rows, read in place when
+// fp32 (else converted per block into small per-thread buffers). Their register tiles (up to 6 rows x 4
+// registers, fp32 FMA) also take the block max (score tile) and apply the rescale (output tile) on the way.
+// Blocks of at most 4 rows (decode) take per-key dot products and a row-major O through the shared
+// micro-kernel (`gemm`: broadcasting A, streaming B) instead. The backward recomputes P from lse in two
 // race-free passes: per (batch, KV head, key block) it accumulates dK and dV over its group's query heads; per
 // (batch, head, query block) it accumulates dQ.
 //
 // Speed: for head dims >= 64 the forward is bound by the FMA throughput of its two products per tile (about
-// 70% of the fp32 FMA peak here, with one vector exp per score taking ~10%); decode (a few rows per block) by
-// reading K and V, which are strided by nheads_k * headdim.
+// 85% of the fp32 FMA peak of one Zen 4 core, with one vector exp2 per score taking ~5%); decode (a few rows
+// per block) by reading K and V, which are strided by nheads_k * headdim.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -259,48 +263,346 @@ inline void scores_by_dot(int64_t rows, int64_t nrows, int64_t cols, int64_t dp,
 // ---------------------------------------------------------------------------------------------------
 // Forward: task = (batch, pack of query heads, block of 64 (position, head) rows)
 // ---------------------------------------------------------------------------------------------------
-// Scores are computed transposed, S^T (keys x queries) = K (scale Q)^T, so the online softmax's per-query max,
-// exp and sum run down columns, one SIMD register across Vec::W queries, and K and V are the row-major operands
-// of the two products: for fp32 inputs with a whole-register head dim they are read in place, unpacked.
+// Everything runs in "query-lane" layout: the block's queries lie across SIMD lanes, so the online softmax's
+// per-query max, exp, sum and rescale are plain vector operations. Scores S^T (keys x queries) = K (scale Q)^T
+// and the output O^T (headdim x queries) += V^T P^T are both products whose streamed operand is a lane-wide
+// tile of this thread's buffers (Q^T, P^T) and whose broadcast operand is read from K / V in place (or from
+// the fp32 copy of a low-precision block), so no K or V tile is ever transposed or padded. The score tile's
+// epilogue also takes the per-query block max (no separate pass over S for blocks the mask does not cut), and
+// the PV tile's prologue applies the online-softmax rescale to O as it loads it (no separate pass over O).
+// Blocks of at most kFewRows rows (decode) instead take per-key dot products and a row-major O.
+using VReg = typename Vec::reg;
+
+// Calls f.template operator()<R>(m) over rows [0, M) in tiles of MR rows, then once for the remainder.
+template <int R, typename F>
+inline void row_tail(int64_t rest, int64_t m, F& f) {
+  if constexpr (R > 0) {
+    if (rest == R) {
+      f.template operator()<R>(m);
+    } else {
+      row_tail<R - 1>(rest, m, f);
+    }
+  }
+}
+template <int MR, typename F>
+inline void for_row_tiles(int64_t M, F& f) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) f.template operator()<MR>(m);
+  row_tail<MR - 1>(M - m, m, f);
+}
+
+// Calls f.template operator()<MR, NV>(lane0) for strips of NV registers covering lanes [0, nlanes), a multiple
+// of Vec::W: 4 registers wide (Vec::MR4 rows per tile) where the ISA has the registers, then 2, then 1.
+template <typename F>
+inline void for_lane_strips(int64_t nlanes, F&& f) {
+  constexpr int W = Vec::W;
+  int64_t n = 0;
+  if constexpr (Vec::MR4 > 0) {
+    for (; n + 4 * W <= nlanes; n += 4 * W) f.template operator()<Vec::MR4, 4>(n);
+  }
+  for (; n + 2 * W <= nlanes; n += 2 * W) f.template operator()<Vec::MR, 2>(n);
+  if (n < nlanes) f.template operator()<Vec::MR, 1>(n);
+}
+
+// S^T rows (keys) [0, R) x NV registers of query lanes = K rows . Q^T columns over the head dim d; the tile is
+// stored to st (lane stride kBlockQ) and folded into the running column maxima mx.
+template <int R, int NV>
+inline void qk_tile(int64_t d, const float* k, int64_t k_ld, const float* qt, float* st, VReg* mx) {
+  constexpr int W = Vec::W;
+  VReg c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) c[r][v] = Vec::zero();
+  }
+  for (int64_t e = 0; e < d; ++e) {
+    VReg b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::load(qt + e * kBlockQ + v * W);
+    for (int r = 0; r < R; ++r) {
+      const VReg a = Vec::set1(k[r * k_ld + e]);
+      for (int v = 0; v < NV; ++v) c[r][v] = Vec::fmadd(a, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      Vec::store(st + r * kBlockQ + v * W, c[r][v]);
+      mx[v] = Vec::max(mx[v], c[r][v]);
+    }
+  }
+}
+
+// O^T rows (head dims) [0, R) x NV registers of query lanes: ot = ot * alpha (per lane, when given) + V^T P^T
+// over the block's keys, V^T(r, j) = v[j * v_ld + r].
+template <int R, int NV>
+inline void pv_tile(int64_t cols, const float* v, int64_t v_ld, const float* pt, float* ot, const VReg* alpha) {
+  constexpr int W = Vec::W;
+  VReg c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) c[r][u] = Vec::load(ot + r * kBlockQ + u * W);
+  }
+  if (alpha != nullptr) {
+    for (int r = 0; r < R; ++r) {
+      for (int u = 0; u < NV; ++u) c[r][u] = Vec::mul(c[r][u], alpha[u]);
+    }
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    VReg b[NV];
+    for (int u = 0; u < NV; ++u) b[u] = Vec::load(pt + j * kBlockQ + u * W);
+    for (int r = 0; r < R; ++r) {
+      const VReg a = Vec::set1(v[j * v_ld + r]);
+      for (int u = 0; u < NV; ++u) c[r][u] = Vec::fmadd(a, b[u], c[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) Vec::store(ot + r * kBlockQ + u * W, c[r][u]);
+  }
+}
+
+// S^T (cols x nlanes) = K (scale Q)^T and its column maxima m_blk.
+inline void block_scores(int64_t cols, int64_t nlanes, int64_t d, const float* k, int64_t k_ld, const float* qt,
+                         float* st, float* m_blk) {
+  for_lane_strips(nlanes, [&]<int MR, int NV>(int64_t n) {
+    VReg mx[NV];
+    for (int v = 0; v < NV; ++v) mx[v] = Vec::set1(kNegInf);
+    auto tile = [&]<int R>(int64_t c) { qk_tile<R, NV>(d, k + c * k_ld, k_ld, qt + n, st + c * kBlockQ + n, mx); };
+    for_row_tiles<MR>(cols, tile);
+    for (int v = 0; v < NV; ++v) Vec::store(m_blk + n + v * Vec::W, mx[v]);
+  });
+}
+
+// O^T (d x nlanes) = O^T * alpha (when given) + V^T P^T over cols keys.
+inline void block_output(int64_t cols, int64_t nlanes, int64_t d, const float* v, int64_t v_ld, const float* pt,
+                         float* ot, const float* alpha) {
+  for_lane_strips(nlanes, [&]<int MR, int NV>(int64_t n) {
+    VReg a[NV];
+    if (alpha != nullptr) {
+      for (int u = 0; u < NV; ++u) a[u] = Vec::load(alpha + n + u * Vec::W);
+    }
+    const VReg* ap = alpha != nullptr ? a : nullptr;
+    auto tile = [&]<int R>(int64_t e) { pv_tile<R, NV>(cols, v + e, v_ld, pt + n, ot + e * kBlockQ + n, ap); };
+    for_row_tiles<MR>(d, tile);
+  });
+}
+
+#ifdef LLMK_ATTN_BF16_DOT
+// ---------------------------------------------------------------------------------------------------
+// bf16 forward on vdpbf16ps (kernel_avx512bf16.cpp only)
+// ---------------------------------------------------------------------------------------------------
+// Both products take bf16 pairs along their reduction dimension, one pair per 32-bit lane: S^T pairs the head
+// dim, which is how Q and K rows already lie in memory (K is read in place, Q transposed as 32-bit words);
+// O^T pairs keys, so each block of V is interleaved row by row into (key pair, head dim) words, and the
+// probabilities are rounded to bf16 into (key pair, query) words. Accumulation stays fp32.
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+inline __m512i bcast_word(const uint16_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return _mm512_set1_epi32(static_cast<int>(w));
+}
+
+// S^T rows (keys) [0, R) x NV registers of query lanes = scale * K rows . Q^T over d2 = d / 2 pairs.
+template <int R, int NV>
+inline void qk_tile_bf16(int64_t d2, const uint16_t* k, int64_t k_ld, const uint32_t* qw, float scale, float* st,
+                         VReg* mx) {
+  VReg c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) c[r][v] = Vec::zero();
+  }
+  for (int64_t e = 0; e < d2; ++e) {
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(qw + e * kBlockQ + v * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = as_bh(bcast_word(k + r * k_ld + 2 * e));
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, as_bh(b[v]));
+    }
+  }
+  const VReg sc = Vec::set1(scale);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = Vec::mul(c[r][v], sc);
+      Vec::store(st + r * kBlockQ + v * 16, c[r][v]);
+      mx[v] = Vec::max(mx[v], c[r][v]);
+    }
+  }
+}
+
+// O^T rows (head dims) [0, R) x NV registers of query lanes = ot * alpha (when given) + V^T P^T over c2 key pairs;
+// vw holds (key pair, head dim) words with row length d, pw (key pair, query) words.
+template <int R, int NV>
+inline void pv_tile_bf16(int64_t c2, const uint32_t* vw, int64_t d, const uint32_t* pw, float* ot, const VReg* alpha) {
+  VReg c[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) c[r][u] = Vec::load(ot + r * kBlockQ + u * 16);
+  }
+  if (alpha != nullptr) {
+    for (int r = 0; r < R; ++r) {
+      for (int u = 0; u < NV; ++u) c[r][u] = Vec::mul(c[r][u], alpha[u]);
+    }
+  }
+  for (int64_t j = 0; j < c2; ++j) {
+    __m512i b[NV];
+    for (int u = 0; u < NV; ++u) b[u] = _mm512_loadu_si512(pw + j * kBlockQ + u * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(vw[j * d + r])));
+      for (int u = 0; u < NV; ++u) c[r][u] = _mm512_dpbf16_ps(c[r][u], a, as_bh(b[u]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) Vec::store(ot + r * kBlockQ + u * 16, c[r][u]);
+  }
+}
+
+inline void block_scores_bf16(int64_t cols, int64_t nlanes, int64_t d, const uint16_t* k, int64_t k_ld,
+                              const uint32_t* qw, float scale, float* st, float* m_blk) {
+  for_lane_strips(nlanes, [&]<int MR, int NV>(int64_t n) {
+    VReg mx[NV];
+    for (int v = 0; v < NV; ++v) mx[v] = Vec::set1(kNegInf);
+    auto tile = [&]<int R>(int64_t c) {
+      qk_tile_bf16<R, NV>(d / 2, k + c * k_ld, k_ld, qw + n, scale, st + c * kBlockQ + n, mx);
+    };
+    for_row_tiles<MR>(cols, tile);
+    for (int v = 0; v < NV; ++v) Vec::store(m_blk + n + v * 16, mx[v]);
+  });
+}
+
+inline void block_output_bf16(int64_t cols, int64_t nlanes, int64_t d, const uint32_t* vw, const uint32_t* pw,
+                              float* ot, const float* alpha) {
+  const int64_t c2 = (cols + 1) / 2;
+  for_lane_strips(nlanes, [&]<int MR, int NV>(int64_t n) {
+    VReg a[NV];
+    if (alpha != nullptr) {
+      for (int u = 0; u < NV; ++u) a[u] = Vec::load(alpha + n + u * 16);
+    }
+    const VReg* ap = alpha != nullptr ? a : nullptr;
+    auto tile = [&]<int R>(int64_t e) { pv_tile_bf16<R, NV>(c2, vw + e, d, pw + n, ot + e * kBlockQ + n, ap); };
+    for_row_tiles<MR>(d, tile);
+  });
+}
+
+// vw[j][e] = (v row 2j, v row 2j + 1)[e] as one word, rows past cols zero; v rows v_ld elements apart.
+inline void interleave_value_pairs(const uint16_t* v, int64_t v_ld, int64_t cols, int64_t d, uint32_t* vw) {
+  for (int64_t j = 0; j < cols; j += 2) {
+    const uint16_t* lo = v + j * v_ld;
+    const uint16_t* hi = j + 1 < cols ? lo + v_ld : nullptr;
+    uint32_t* dst = vw + (j / 2) * d;
+    for (int64_t e = 0; e < d; e += 16) {
+      const __mmask16 m = e + 16 <= d ? __mmask16(0xffff) : __mmask16((1u << (d - e)) - 1);
+      const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + e));
+      const __m512i b =
+          hi != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + e)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(dst + e, m, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+}
+
+// P^T = 2^(S^T - shift) for one register of query lanes r: rounded to bf16 into (key pair, query) words of pw,
+// the fp32 values summed into the returned register.
+inline VReg exp_pairs(const float* st, int64_t cols, int64_t r, VReg sh, uint32_t* pw) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  VReg sum = Vec::zero();
+  for (int64_t c = 0; c < cols; c += 2) {
+    const VReg e0 = Vec::exp2(Vec::sub(Vec::load(st + c * kBlockQ + r), sh));
+    const VReg e1 = c + 1 < cols ? Vec::exp2(Vec::sub(Vec::load(st + (c + 1) * kBlockQ + r), sh)) : Vec::zero();
+    sum = Vec::add(sum, Vec::add(e0, e1));
+    // words 0..15 from e0, 16..31 from e1, then interleaved so that each 32-bit lane holds its query's pair
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+    _mm512_storeu_si512(pw + (c / 2) * kBlockQ + r, _mm512_permutexvar_epi16(order, packed));
+  }
+  return sum;
+}
+#endif  // LLMK_ATTN_BF16_DOT
+
 void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, dp = round_up_to_vec(d);
   const int64_t group = p.nheads / p.nheads_k, pack = p.heads_per_block, packed_rows = p.seqlen_q * pack;
   const int64_t nqb = (packed_rows + kBlockQ - 1) / kBlockQ, npacks = p.nheads / pack;
-  const bool kv_in_place = p.dtype == ElemType::kFloat32 && d == dp;
-  Scratch scratch(dp * kBlockQ + 2 * kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ);
-  float* qt = scratch.data;             // (dp, kBlockQ) scaled queries, transposed; unused columns zero
-  float* qr = qt + dp * kBlockQ;        // (kBlockQ, dp) the same, row-major (for blocks of few rows)
-  float* ob = qr + kBlockQ * dp;        // (kBlockQ, dp) unnormalised output
+  const bool fp32 = p.dtype == ElemType::kFloat32;
+  // Scores are kept in log2 units (times log2 e, folded into the query scale, or into the soft-cap when there
+  // is one) so that the probabilities are plain powers of 2; lse is converted back at the end.
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLazyMax = 8.f;  // see the running max below
+  const float q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
+  Scratch scratch(dp * kBlockQ + 2 * kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ +
+                  kBlockK / 2 * kBlockQ);
+  float* qt = scratch.data;             // (d, kBlockQ) scaled queries, transposed (bf16 words: (d / 2, kBlockQ))
+  float* qr = qt + dp * kBlockQ;        // (kBlockQ, dp) row-major staging: the queries, then the output rows;
+                                        // the padding [d, dp) of its rows is kept zero (see the output)
+  float* ob = qr + kBlockQ * dp;        // unnormalised output: (d, kBlockQ) transposed, or (kBlockQ, dp) for few rows
   float* kb = ob + kBlockQ * dp;        // (kBlockK, dp) keys in fp32 when not read in place
   float* vb = kb + kBlockK * dp;        // (kBlockK, dp) values likewise
   float* st = vb + kBlockK * dp;        // (kBlockK, kBlockQ) scores, then probabilities, transposed
   float* m_run = st + kBlockK * kBlockQ;  // per query: running max, running sum, this block's max / sum,
-  float* l_run = m_run + kBlockQ;         // the max used as exp's shift (0 while nothing is visible), and
-  float* m_blk = l_run + kBlockQ;         // the rescale factor of the running output
+  float* l_run = m_run + kBlockQ;         // the max used as exp's shift, and the rescale factor of the
+  float* m_blk = l_run + kBlockQ;         // running output
   float* l_blk = m_blk + kBlockQ;
   float* shift = l_blk + kBlockQ;
   float* alpha = shift + kBlockQ;
   int64_t row_pos[kBlockQ], row_head[kBlockQ];  // query position and head of each row of the block
+#ifdef LLMK_ATTN_BF16_DOT
+  // bf16 pairs (even head dims: K rows are read as whole words): Q^T words in qt, V words in vb, P^T words here
+  uint32_t* pw = reinterpret_cast<uint32_t*>(alpha + kBlockQ);
+  const bool dot_dtype = p.dtype == ElemType::kBFloat16 && d % 2 == 0;
+  const int64_t dw = round_up_to_vec(d / 2);  // words per staged Q row
+#else
+  constexpr bool dot_dtype = false;
+#endif
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t qblock = interleaved_block(task % nqb, nqb), head_pack = (task / nqb) % npacks;
     const int64_t b = task / (nqb * npacks), hk = head_pack * pack / group;
     const Band band(p, b);
     const int64_t r0 = qblock * kBlockQ, rows = imin(kBlockQ, packed_rows - r0), nrows = round_up_to_vec(rows);
+    const bool few = rows <= kFewRows, dot = dot_dtype && !few;
+    // K and V rows are read in place when fp32, except by the few-row path, whose loads span whole registers.
+    const bool kv_in_place = fp32 && (!few || d == dp);
     for (int64_t r = 0; r < rows; ++r) {
       row_pos[r] = (r0 + r) / pack;
       row_head[r] = head_pack * pack + (r0 + r) % pack;
     }
 
-    for (int64_t r = 0; r < nrows; ++r) {
-      if (r < rows) {
-        float* q_row = qr + r * dp;  // padding [d, dp) stays zero
-        load_row(p.dtype, p.q, b, row_pos[r], row_head[r], d, p.softmax_scale, q_row);
-        for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = q_row[e];
+    if (few) {
+      for (int64_t r = 0; r < rows; ++r) {  // padding [d, dp) stays zero
+        load_row(p.dtype, p.q, b, row_pos[r], row_head[r], d, q_scale, qr + r * dp);
         std::memset(ob + r * dp, 0, sizeof(float) * dp);
-      } else {  // padding queries score 0 against every key: finite, and never read back
-        for (int64_t e = 0; e < d; ++e) qt[e * kBlockQ + r] = 0.f;
       }
+    } else if (dot) {
+#ifdef LLMK_ATTN_BF16_DOT
+      // Q rows as raw bf16 words (unscaled: the scale is applied to the fp32 scores), zero-padded, transposed.
+      uint32_t* qw = reinterpret_cast<uint32_t*>(qr);
+      for (int64_t r = 0; r < nrows; ++r) {
+        uint32_t* dst = qw + r * dw;
+        int64_t e = 0;
+        if (r < rows) {
+          const uint16_t* src = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride +
+                                row_pos[r] * p.q.seq_stride + row_head[r] * p.q.head_stride;
+          std::memcpy(dst, src, sizeof(uint16_t) * d);
+          e = d / 2;
+        }
+        std::memset(dst + e, 0, sizeof(uint32_t) * (dw - e));
+      }
+      for (int64_t r = 0; r < nrows; r += Vec::W) {
+        for (int64_t e = 0; e < dw; e += Vec::W) {
+          VReg col[Vec::W];
+          Vec::transpose(reinterpret_cast<const float*>(qw + r * dw + e), dw, col);
+          for (int i = 0; i < Vec::W; ++i) Vec::store(qt + (e + i) * kBlockQ + r, col[i]);
+        }
+      }
+      for (int64_t e = 0; e < dp; ++e) std::memset(ob + e * kBlockQ, 0, sizeof(float) * nrows);
+#endif
+    } else {
+      // All rows first (their cache misses overlap), then the transpose in registers. Padding queries (and the
+      // zero padding [d, dp) of each row) score 0 against every key: finite, never read back.
+      for (int64_t r = 0; r < rows; ++r) load_row(p.dtype, p.q, b, row_pos[r], row_head[r], d, q_scale, qr + r * dp);
+      std::memset(qr + rows * dp, 0, sizeof(float) * (nrows - rows) * dp);
+      for (int64_t r = 0; r < nrows; r += Vec::W) {
+        for (int64_t e = 0; e < dp; e += Vec::W) {
+          VReg col[Vec::W];
+          Vec::transpose(qr + r * dp + e, dp, col);
+          for (int i = 0; i < Vec::W; ++i) Vec::store(qt + (e + i) * kBlockQ + r, col[i]);
+        }
+      }
+      // All dp rows: those past d stay zero through the products and land in qr's padding at the end.
+      for (int64_t e = 0; e < dp; ++e) std::memset(ob + e * kBlockQ, 0, sizeof(float) * nrows);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
       m_run[r] = kNegInf;
       l_run[r] = 0.f;
     }
@@ -310,7 +612,17 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
       const int64_t cols = imin(kBlockK, khi - j0);
       const float *kp = kb, *vp = vb;
       int64_t k_ld = dp, v_ld = dp;
-      if (kv_in_place) {
+      if (dot) {
+#ifdef LLMK_ATTN_BF16_DOT
+        const uint16_t* k16 = static_cast<const uint16_t*>(p.k.data) + b * p.k.batch_stride + j0 * p.k.seq_stride +
+                              hk * p.k.head_stride;
+        const uint16_t* v16 = static_cast<const uint16_t*>(p.v.data) + b * p.v.batch_stride + j0 * p.v.seq_stride +
+                              hk * p.v.head_stride;
+        interleave_value_pairs(v16, p.v.seq_stride, cols, d, reinterpret_cast<uint32_t*>(vb));
+        block_scores_bf16(cols, nrows, d, k16, p.k.seq_stride, reinterpret_cast<const uint32_t*>(qt), q_scale, st,
+                          m_blk);
+#endif
+      } else if (kv_in_place) {
         kp = static_cast<const float*>(p.k.data) + b * p.k.batch_stride + j0 * p.k.seq_stride + hk * p.k.head_stride;
         vp = static_cast<const float*>(p.v.data) + b * p.v.batch_stride + j0 * p.v.seq_stride + hk * p.v.head_stride;
         k_ld = p.k.seq_stride;
@@ -321,17 +633,19 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
           load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, vb + c * dp);
         }
       }
-      if (rows <= kFewRows) {
+      if (few) {
         scores_by_dot(rows, nrows, cols, dp, qr, kp, k_ld, st);
-      } else {
-        gemm(cols, nrows, d, kp, k_ld, 1, qt, kBlockQ, st, kBlockQ, false);  // S^T = K (scale Q)^T
+      } else if (!dot) {
+        block_scores(cols, nrows, d, kp, k_ld, qt, st, m_blk);  // S^T = K (scale Q)^T, with its column maxima
       }
 
+      bool max_stale = few;  // m_blk misses the soft-cap and the mask
       if (p.softcap > 0.f) {
-        const float cap = p.softcap, inv_cap = 1.f / p.softcap;
+        const float cap2 = p.softcap * kLog2e, inv_cap = 1.f / p.softcap;
         for (int64_t c = 0; c < cols; ++c) {
-          for (int64_t r = 0; r < nrows; ++r) st[c * kBlockQ + r] = cap * std::tanh(st[c * kBlockQ + r] * inv_cap);
+          for (int64_t r = 0; r < nrows; ++r) st[c * kBlockQ + r] = cap2 * std::tanh(st[c * kBlockQ + r] * inv_cap);
         }
+        max_stale = true;
       }
       for (int64_t r = 0; r < rows; ++r) {  // -inf outside the band (only the blocks it cuts do any work)
         const int64_t i = row_pos[r];
@@ -340,36 +654,67 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         if (band.right >= 0) hi = imax(lo, imin(hi, i + band.shift + band.right - j0 + 1));
         for (int64_t c = 0; c < lo; ++c) st[c * kBlockQ + r] = kNegInf;
         for (int64_t c = hi; c < cols; ++c) st[c * kBlockQ + r] = kNegInf;
+        max_stale |= lo > 0 || hi < cols;
       }
-
-      for (int64_t r = 0; r < nrows; r += Vec::W) {  // column maxima
-        typename Vec::reg mx = Vec::set1(kNegInf);
-        for (int64_t c = 0; c < cols; ++c) mx = Vec::max(mx, Vec::load(st + c * kBlockQ + r));
-        Vec::store(m_blk + r, mx);
+      if (max_stale) {
+        for (int64_t r = 0; r < nrows; r += Vec::W) {  // column maxima
+          VReg mx = Vec::set1(kNegInf);
+          for (int64_t c = 0; c < cols; ++c) mx = Vec::max(mx, Vec::load(st + c * kBlockQ + r));
+          Vec::store(m_blk + r, mx);
+        }
       }
-      for (int64_t r = 0; r < nrows; ++r) {
-        const float m_new = std::fmax(m_run[r], m_blk[r]);
-        shift[r] = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: exp(-inf - 0) = 0, no NaN
-        alpha[r] = std::exp(m_run[r] - shift[r]);    // 0 before the first visible key
-        m_run[r] = m_new;
+      // The running max only moves when a block beats it by more than kLazyMax (to the block max minus kLazyMax):
+      // probabilities then stay <= 2^kLazyMax, and most blocks keep alpha = 1, which spares the rescale of O.
+      // shift = that max, or the lowest finite float while a query has seen nothing (so that 2^(-inf - shift)
+      // = 0, never NaN); alpha = 2^(old max - shift) rescales what was accumulated.
+      bool rescale = false;
+      for (int64_t r = 0; r < nrows; r += Vec::W) {
+        const VReg m_old = Vec::load(m_run + r);
+        const VReg m_new = Vec::max(m_old, Vec::sub(Vec::load(m_blk + r), Vec::set1(kLazyMax)));
+        const VReg sh = Vec::max(m_new, Vec::set1(-__FLT_MAX__));
+        Vec::store(m_run + r, m_new);
+        Vec::store(shift + r, sh);
+        Vec::store(alpha + r, Vec::exp2(Vec::sub(m_old, sh)));
       }
-      for (int64_t r = 0; r < nrows; r += Vec::W) {  // P^T = exp(S^T - shift) and its column sums
-        const typename Vec::reg sh = Vec::load(shift + r);
-        typename Vec::reg sum = Vec::zero();
-        for (int64_t c = 0; c < cols; ++c) {
-          const typename Vec::reg e = Vec::exp(Vec::sub(Vec::load(st + c * kBlockQ + r), sh));
+      for (int64_t r = 0; r < nrows; ++r) rescale |= alpha[r] != 1.f;
+      for (int64_t r = 0; r < nrows; r += Vec::W) {  // P^T = 2^(S^T - shift) and its column sums
+        const VReg sh = Vec::load(shift + r);
+        VReg sum = Vec::zero();
+#ifdef LLMK_ATTN_BF16_DOT
+        if (dot) sum = exp_pairs(st, cols, r, sh, pw);
+#endif
+        for (int64_t c = 0; c < cols && !dot; ++c) {
+          const VReg e = Vec::exp2(Vec::sub(Vec::load(st + c * kBlockQ + r), sh));
           Vec::store(st + c * kBlockQ + r, e);
           sum = Vec::add(sum, e);
         }
-        Vec::store(l_blk + r, sum);
+        Vec::store(l_blk + r, Vec::fmadd(Vec::load(l_run + r), Vec::load(alpha + r), sum));
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        l_run[r] = l_run[r] * alpha[r] + l_blk[r];
-        if (alpha[r] != 1.f) scale_row(ob + r * dp, dp, alpha[r]);
+      std::memcpy(l_run, l_blk, sizeof(float) * nrows);
+      if (few) {
+        for (int64_t r = 0; r < rows; ++r) {
+          if (alpha[r] != 1.f) scale_row(ob + r * dp, dp, alpha[r]);
+        }
+        gemm(rows, dp, cols, st, 1, kBlockQ, vp, v_ld, ob, dp, true);  // O += P V
+      } else if (dot) {
+#ifdef LLMK_ATTN_BF16_DOT
+        block_output_bf16(cols, nrows, d, reinterpret_cast<const uint32_t*>(vb), pw, ob, rescale ? alpha : nullptr);
+#endif
+      } else {
+        block_output(cols, nrows, d, vp, v_ld, st, ob, rescale ? alpha : nullptr);  // O^T = alpha O^T + V^T P^T
       }
-      gemm(rows, dp, cols, st, 1, kBlockQ, vp, v_ld, ob, dp, true);  // O += P V
     }
 
+    if (!few) {  // O^T back to row-major (into qr, free by now), so that the rows below are contiguous
+      for (int64_t r = 0; r < nrows; r += Vec::W) {
+        for (int64_t e = 0; e < dp; e += Vec::W) {  // rows [d, dp) of O^T are zero: qr's padding stays zero
+          VReg col[Vec::W];
+          Vec::transpose(ob + e * kBlockQ + r, kBlockQ, col);
+          for (int i = 0; i < Vec::W; ++i) Vec::store(qr + (r + i) * dp + e, col[i]);
+        }
+      }
+    }
+    const float* o_rows = few ? ob : qr;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = row_pos[r], h = row_head[r];
       float* out = p.out + ((b * p.seqlen_q + i) * p.nheads + h) * d;
@@ -379,8 +724,11 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         *lse = kNegInf;
       } else {
         const float inv = 1.f / l_run[r];
-        for (int64_t e = 0; e < d; ++e) out[e] = ob[r * dp + e] * inv;
-        *lse = m_run[r] + std::log(l_run[r]);
+        const float* o_row = o_rows + r * dp;
+        int64_t e = 0;
+        for (; e + Vec::W <= d; e += Vec::W) Vec::store(out + e, Vec::mul(Vec::load(o_row + e), Vec::set1(inv)));
+        for (; e < d; ++e) out[e] = o_row[e] * inv;
+        *lse = (m_run[r] + std::log2(l_run[r])) * kLn2;
       }
     }
   }

@@ -1,5 +1,6 @@
-// The CPU attention kernels compiled for AVX-512 (16 fp32 lanes; 8 x 2 register micro-kernel, 16 accumulators
-// of 32 registers). Chosen at run time by attention_cpu.cpp when the CPU has AVX-512F/BW.
+// The CPU attention kernels compiled for AVX-512 (16 fp32 lanes; register tiles up to 6 x 4 in the forward,
+// 8 x 2 in the shared micro-kernel; the Vec in vec_avx512.h). Chosen at run time by attention_cpu.cpp when the
+// CPU has AVX-512F/BW (bf16 forwards on CPUs with AVX512-BF16 take kernel_avx512bf16.cpp instead).
 #include "attention/cpu/flash_attn_cpu.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -20,10 +21,7 @@ namespace {
 
 #include "common/cpu_simd_avx512.h"
 
-struct Vec : SimdAvx512 {
-  static constexpr int MR4 = 6;  // rows of a 4-register-wide tile (0: none)
-  static constexpr int MR = 8;
-};
+#include "attention/cpu/vec_avx512.h"
 
 }  // namespace
 

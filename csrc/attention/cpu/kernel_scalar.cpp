@@ -26,6 +26,8 @@ struct Vec {
   static float hmax(reg x) { return x; }
   static float hsum(reg x) { return x; }
   static reg exp(reg x) { return std::exp(x); }
+  static reg exp2(reg x) { return std::exp2(x); }
+  static void transpose(const float* src, int64_t, reg* out) { out[0] = src[0]; }
 };
 
 }  // namespace

@@ -1,0 +1,47 @@
+// The CPU attention kernels compiled for AVX-512 with the BF16 extension (Zen 4, Cooper Lake, Sapphire Rapids
+// and later): the same kernels as kernel_avx512.cpp, except that the forward on bf16 inputs runs both of its
+// products on vdpbf16ps (two bf16 products per fp32 lane, accumulated in fp32: twice the FMA throughput),
+// with the probabilities rounded to bf16 for the second one. Chosen at run time by attention_cpu.cpp for bf16
+// inputs when the CPU has AVX512-BF16.
+#include "attention/cpu/flash_attn_cpu.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")
+#endif
+
+namespace {
+
+#include "common/cpu_simd_avx512.h"
+
+#include "attention/cpu/vec_avx512.h"
+
+}  // namespace
+
+#define LLMK_ISA avx512bf16
+#define LLMK_ATTN_BF16_DOT 1
+#include "attention/cpu/flash_attn_kernel.h"
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64: never called (attention_cpu.cpp picks the scalar kernels)
+namespace llmkernels::attention_cpu {
+void fwd_tasks_avx512bf16(const AttnParams&, int64_t, int64_t) {}
+void bwd_dkv_tasks_avx512bf16(const AttnParams&, int64_t, int64_t) {}
+void bwd_dq_tasks_avx512bf16(const AttnParams&, int64_t, int64_t) {}
+}  // namespace llmkernels::attention_cpu
+#endif
