@@ -86,7 +86,11 @@ PackedBC pack_bc(const at::Tensor& M, int64_t batch, int64_t L, int64_t dstate, 
   return {p, G.size(1), npad};
 }
 
-at::Tensor pad_state(const at::Tensor& s, int64_t npad) {  // (..., dstate) -> fp32 (..., npad), zero padded
+// (..., dstate) -> fp32 (..., npad), zero padded. may_alias: the caller only reads the result (or means to update
+// s in place), so s itself is returned when it already has that layout: decode steps are microseconds of
+// arithmetic, and each avoided allocation and copy shows.
+at::Tensor pad_state(const at::Tensor& s, int64_t npad, bool may_alias = false) {
+  if (may_alias && s.size(-1) == npad && s.scalar_type() == at::kFloat && s.is_contiguous()) return s;
   auto sizes = s.sizes().vec();
   const int64_t dstate = sizes.back();
   sizes.back() = npad;
@@ -191,8 +195,9 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   p.delta_pre = p.delta_pre.contiguous();
   p.delta = delta_softplus ? softplus_f32(p.delta_pre) : p.delta_pre;
   if (z) p.z = f32(*z);
-  p.A = pad_state(A, p.npad);
+  p.A = pad_state(A, p.npad, /*may_alias=*/true);
   if (D) p.D = f32(*D);
+  // a copy even when the layout matches: the forward updates it in place into the last state
   p.init = initial_state ? pad_state(*initial_state, p.npad) : at::zeros({p.batch, p.dim, p.npad}, p.u.options());
   p.B = pack_bc(B, p.batch, p.L, p.dstate, p.npad);
   p.C = pack_bc(C, p.batch, p.L, p.dstate, p.npad);
@@ -241,7 +246,7 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   const auto fopt = p.u.options();
 
   const at::Tensor dout_f = f32(dout);
-  const at::Tensor dlast = dlast_state ? pad_state(*dlast_state, npad) : at::Tensor();
+  const at::Tensor dlast = dlast_state ? pad_state(*dlast_state, npad, /*may_alias=*/true) : at::Tensor();
   at::Tensor du = at::empty({batch, dim, L}, fopt), ddelta = at::empty({batch, dim, L}, fopt);
   at::Tensor dz = z ? at::empty({batch, dim, L}, fopt) : at::Tensor();
   at::Tensor dA_rows = at::zeros({batch, dim, npad}, fopt), dD_rows = at::zeros({batch, dim}, fopt);
@@ -346,13 +351,20 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
     LLMK_CHECK_SHAPE(op, z, batch, dim);
   }
   at::Tensor xf = f32(x), zf = z_opt ? f32(*z_opt) : at::Tensor(), delta = f32(dt);
+  const bool fresh_delta = dt_bias_opt.has_value();  // a new tensor: softplus may then work in place
   if (dt_bias_opt) delta = (delta + *dt_bias_opt).contiguous();
-  if (dt_softplus) delta = softplus_f32(delta);
-  const at::Tensor Af = pad_state(A, npad), Df = D_opt ? f32(*D_opt) : at::Tensor();
-  const at::Tensor Bp = pad_state(B.dim() == 2 ? B.unsqueeze(1) : B, npad);  // (batch, groups, npad)
-  const at::Tensor Cp = pad_state(C.dim() == 2 ? C.unsqueeze(1) : C, npad);
+  if (dt_softplus) {
+    if (fresh_delta) {
+      kernels().softplus(delta.data_ptr<float>(), delta.numel());  // one decode row: below any parallel grain
+    } else {
+      delta = softplus_f32(delta);
+    }
+  }
+  const at::Tensor Af = pad_state(A, npad, true), Df = D_opt ? f32(*D_opt) : at::Tensor();
+  const at::Tensor Bp = pad_state(B.dim() == 2 ? B.unsqueeze(1) : B, npad, true);  // (batch, groups, npad)
+  const at::Tensor Cp = pad_state(C.dim() == 2 ? C.unsqueeze(1) : C, npad, true);
   const int64_t gB = Bp.size(1), gC = Cp.size(1);
-  at::Tensor st = pad_state(state, npad);
+  at::Tensor st = pad_state(state, npad, true);  // state itself when its layout is already the kernels': in place
   at::Tensor out = at::empty({batch, dim}, xf.options());
   const auto fwd_row = kernels().fwd_row;
   // Raw pointers hoisted: a row is a few dozen flops, so per-row Tensor accessors would dominate.
@@ -378,7 +390,7 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   });
   if (Df.defined()) out.addcmul_(xf, Df.unsqueeze(0));
   if (zf.defined()) out.mul_(at::silu(zf));
-  state.copy_(st.narrow(2, 0, dstate));
+  if (!st.is_same(state)) state.copy_(st.narrow(2, 0, dstate));
   return out.to(x.scalar_type());
 }
 

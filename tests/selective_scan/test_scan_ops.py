@@ -145,6 +145,26 @@ def test_scan_splits_at_any_point(backend, bc):
 
 
 @needs_ext
+@pytest.mark.parametrize("dstate", [16, 5])  # 16: the layout the CPU kernels read in place; 5: padded copies
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_are_not_modified(backend, dstate):
+    """Only selective_state_update's state changes: kernels that read inputs in place must never write them."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    kw = scan_inputs(ScanCase(33, dstate=dstate, has_init=True), torch.float32, device)
+    before = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    _run(backend, **kw)
+    for k, v in before.items():
+        torch.testing.assert_close(kw[k], v, rtol=0, atol=0, msg=f"selective_scan_fn modified {k}")
+    upd = update_inputs(2, 8, dstate, None, device=device)
+    before = {k: v.clone() for k, v in upd.items() if isinstance(v, torch.Tensor)}
+    with llmkernels.use_backend(backend):
+        llmkernels.selective_state_update(**upd)
+    for k, v in before.items():
+        if k != "state":
+            torch.testing.assert_close(upd[k], v, rtol=0, atol=0, msg=f"selective_state_update modified {k}")
+    assert not torch.equal(upd["state"], before["state"])  # updated in place
+
+
 @pytest.mark.parametrize("ngroups", [None, 1, 2])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_update_steps_equal_scan(backend, ngroups):
