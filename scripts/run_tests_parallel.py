@@ -13,6 +13,7 @@ Exit status: 0 when every job ran and nothing failed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
     parser.add_argument("--deadline-s", type=float, default=float(os.environ.get("TEST_TIMEOUT", 180)))
     parser.add_argument("--max-tests-per-job", type=int, default=150)
+    parser.add_argument("--test-timeout-s", type=float, default=120, help="per test, if pytest-timeout is installed")
     args = parser.parse_args()
     start = time.monotonic()
     (args.outdir / "junit").mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,11 @@ def main() -> int:
         f"(collected in {time.monotonic() - start:.0f}s)",
         flush=True,
     )
+    # A hung kernel would hold its worker until the deadline: with pytest-timeout installed (the GPU machine has
+    # it), a test running past --test-timeout-s ends its job, which is then reported as crashed.
+    per_test = []
+    if importlib.util.find_spec("pytest_timeout") is not None and args.test_timeout_s > 0:
+        per_test = [f"--timeout={args.test_timeout_s:g}", "--timeout-method=thread"]
     pending, running = list(jobs), []
     while pending or running:
         while pending and len(running) < args.workers:
@@ -121,6 +128,7 @@ def main() -> int:
                 "-o",
                 "junit_family=xunit1",
                 f"--junitxml={args.outdir / 'junit' / f'{job.name}.xml'}",
+                *per_test,
                 *job.args,
             ]
             job.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -144,8 +152,13 @@ def main() -> int:
         read_junit(job, args.outdir / "junit" / f"{job.name}.xml")
         totals.update(job.counts)
         # pytest: 0 all passed, 1 some failed, 5 nothing collected (a shard of skips-only is fine too).
+        xml = args.outdir / "junit" / f"{job.name}.xml"
         if job.rc is None:
             crashed.append(f"NOT RUN {job.name} (deadline reached first)")
+        elif not xml.exists():  # the process ended before pytest wrote its report: a per-test timeout or a crash
+            log_text = (args.outdir / "logs" / f"{job.name}.log").read_text(errors="replace")
+            why = "a test passed --test-timeout-s" if "Timeout" in log_text else "no junit report"
+            crashed.append(f"CRASHED {job.name} rc={job.rc}: {why} (log: logs/{job.name}.log)")
         elif job.rc not in (0, 1, 5):
             crashed.append(
                 f"CRASHED {job.name} rc={job.rc} after {job.finished - job.started:.0f}s (log: logs/{job.name}.log)"
