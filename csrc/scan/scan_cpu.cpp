@@ -161,6 +161,33 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
     LLMK_CHECK_ARG(t->device() == u.device(), op, name, "must be on the CPU like u, got ", t->device());
 }
 
+// Elements [offset, offset + n) of a contiguous fp32 / fp16 / bf16 tensor, converted to fp32 into buf.
+void copy_row_f32(const at::Tensor& t, int64_t offset, int64_t n, float* buf) {
+  switch (t.scalar_type()) {
+    case at::kFloat: {
+      const float* src = t.const_data_ptr<float>() + offset;
+      std::copy(src, src + n, buf);
+      break;
+    }
+    case at::kBFloat16: {
+      const c10::BFloat16* src = t.const_data_ptr<c10::BFloat16>() + offset;
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+      break;
+    }
+    default: {
+      const c10::Half* src = t.const_data_ptr<c10::Half>() + offset;
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    }
+  }
+}
+
+// The same row read in place when t is fp32 already, else converted into buf.
+const float* row_f32(const at::Tensor& t, int64_t offset, int64_t n, float* buf) {
+  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>() + offset;
+  copy_row_f32(t, offset, n, buf);
+  return buf;
+}
+
 // Everything the row kernels read, in fp32 with padded dstate.
 struct Prepared {
   int64_t batch, dim, L, dstate, npad;
@@ -213,17 +240,49 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
                                                           const std::optional<at::Tensor>& initial_state) {
   const char* op = "selective_scan_fwd";
   check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
-  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
-  at::Tensor state = p.init;  // updated in place into the last state
-  at::Tensor out = at::empty({p.batch, p.dim, p.L}, p.u.options());
+  // u, delta and z are read row by row in their own dtype: each row is converted (and delta biased and
+  // softplus'd) into a small per-thread fp32 buffer inside the parallel loop, instead of whole fp32 copies made
+  // one after another before it (for bf16 inputs those passes cost about as much as the scan itself).
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), dstate = A.size(1), npad = padded_state(dstate);
+  const at::Tensor Af = pad_state(A, npad, /*may_alias=*/true), Df = D ? f32(*D) : at::Tensor();
+  const at::Tensor bias = delta_bias ? f32(*delta_bias) : at::Tensor();
+  const PackedBC Bp = pack_bc(B, batch, L, dstate, npad), Cp = pack_bc(C, batch, L, dstate, npad);
+  const at::TensorOptions fopt = u.options().dtype(at::kFloat);
+  // a copy even when the layout matches: the rows update it in place into the last state
+  at::Tensor state = initial_state ? pad_state(*initial_state, npad) : at::zeros({batch, dim, npad}, fopt);
+  at::Tensor out = at::empty({batch, dim, L}, fopt);
   float* state_ptr = state.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
-  const auto fwd_row = kernels().fwd_row;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.L * p.npad));
-  at::parallel_for(0, p.batch * p.dim, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) fwd_row(p.row(r), state_ptr + r * p.npad, out_ptr + r * p.L);
+  const Kernels& k = kernels();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * npad));
+  at::parallel_for(0, batch * dim, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(3 * L);  // u, delta, z rows in fp32
+    float *ub = buf.data(), *db = ub + L, *zb = db + L;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / dim, d = r % dim;
+      const float* ur = row_f32(u, r * L, L, ub);
+      copy_row_f32(delta, r * L, L, db);  // always a copy: biased and softplus'd in place below
+      if (bias.defined()) {
+        const float bd = bias.const_data_ptr<float>()[d];
+        for (int64_t t = 0; t < L; ++t) db[t] += bd;
+      }
+      if (delta_softplus) k.softplus(db, L);
+      const float* zr = z ? row_f32(*z, r * L, L, zb) : nullptr;
+      const ScanRow row{L,
+                        npad,
+                        ur,
+                        db,
+                        zr,
+                        Af.const_data_ptr<float>() + d * npad,
+                        Bp.data.const_data_ptr<float>() + Bp.offset(b, d, dim, L, npad),
+                        Cp.data.const_data_ptr<float>() + Cp.offset(b, d, dim, L, npad),
+                        Bp.stride,
+                        Cp.stride,
+                        Df.defined() ? Df.const_data_ptr<float>()[d] : 0.0f};
+      k.fwd_row(row, state_ptr + r * npad, out_ptr + r * L);
+    }
   });
-  return {out.to(u.scalar_type()), state.narrow(2, 0, p.dstate).contiguous()};
+  return {out.to(u.scalar_type()), state.narrow(2, 0, dstate).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
