@@ -12,6 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.merge_results import merge  # noqa: E402
 
 # benchmark op name -> the public op (Dispatcher name) whose order it decides
 BENCH_TO_OP = {
@@ -50,15 +55,8 @@ def main() -> None:
     ap.add_argument("results", nargs="+", help="result JSONs of one GPU (e.g. one file per op)")
     ap.add_argument("--key", default=None, help="device-name substring to file the orders under (default: H100, ...)")
     args = ap.parse_args()
-    rows, devices = [], set()
-    for path in args.results:
-        with open(path) as f:
-            data = json.load(f)
-        rows += data["results"]
-        devices.add(data["environment"].get("device", ""))
-    if len(devices) != 1:
-        raise SystemExit(f"make_dispatch_table: results from several devices {sorted(devices)}: pass one GPU's")
-    device = devices.pop()
+    merged = merge(args.results)  # one GPU's files, or SystemExit naming the odd one out
+    rows, device = merged["results"], merged["environment"].get("device", "")
     key = args.key or next((k for k in ("H200", "H100", "A100", "L40S") if k in device), device)
     table = {}
     if os.path.exists(TABLE):

@@ -26,7 +26,7 @@ def merge(paths: list[str]) -> dict:
             merged["environment"] = env
         elif env.get("device") != merged["environment"].get("device"):
             theirs, ours = env.get("device"), merged["environment"].get("device")
-            raise SystemExit(f"merge_results: {path} is from {theirs}, not {ours}")
+            raise SystemExit(f"merge_results: results from several devices: {path} is from {theirs}, not {ours}")
         merged["results"] += data["results"]
     return merged
 

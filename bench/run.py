@@ -36,8 +36,7 @@ def run(ops: list[str], quick: bool, out_dir: str | None, tag: str | None = None
         rows += got
         if out_dir:  # after every op: a run killed by a time limit keeps what it measured
             path = save_results(rows, out_dir, tag)
-    if out_dir:
-        path = save_results(rows, out_dir, tag)
+    if out_dir and rows:
         print(f"\nresults written to {path}")
         try:
             from bench.plot import plot

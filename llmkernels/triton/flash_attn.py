@@ -203,7 +203,6 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[2]}) must divide q's nheads ({nheads})")
 
 
-_launch = launch  # decode_launch takes the launcher as an argument
 
 
 def _bounded_windows(window_left: int, window_right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
@@ -251,7 +250,7 @@ def flash_attn_fwd_triton(
     meta = _common_meta(q, window_left, window_right, softcap)
     block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta))
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # not batch * nheads: grid y stops at 65535
-    _launch(flash_attn_fwd_kernel, grid,
+    launch(flash_attn_fwd_kernel, grid,
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -299,7 +298,7 @@ def flash_attn_bwd_triton(
     dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta))
 
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    _launch(flash_attn_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg[0]), nheads, batch),
+    launch(flash_attn_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg[0]), nheads, batch),
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), nheads, seqlen_q,
         HEADDIM=headdim, BLOCK_M=dq_cfg[0], BLOCK_D=meta["BLOCK_D"],
@@ -310,13 +309,13 @@ def flash_attn_bwd_triton(
     )  # fmt: skip
     scalars = (nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right)
     block_m, block_n, num_warps, num_stages = dkdv_cfg
-    _launch(flash_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), nheads_k, batch),
+    launch(flash_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), nheads_k, batch),
         q, k, v, dout, softmax_lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
     )  # fmt: skip
     block_m, block_n, num_warps, num_stages = dq_cfg
-    _launch(flash_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), nheads, batch),
+    launch(flash_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), nheads, batch),
         q, k, v, dout, softmax_lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
     )  # fmt: skip
@@ -346,8 +345,8 @@ def flash_attn_with_kvcache_triton(
     # Every row sees at most max_seqlen keys: the cache capacity bounds the band like seqlen_k does.
     window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], k_cache.shape[1])
     meta = _common_meta(q, window_left, window_right, softcap)
-    return decode_launch(_launch, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left,
-                         window_right, softcap, meta, _INTERPRET)  # fmt: skip
+    return decode_launch(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                         softcap, meta)  # fmt: skip
 
 
 if _INTERPRET:

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .._checks import check_same_dtype, check_shape, check_tensor
 from .flash_attn_kernels import LN2, _softcap_scores
+from .launch import INTERPRET, launch
 
 _TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
 
@@ -162,9 +163,10 @@ def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dty
     check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
 
 
-def decode_launch(launch, q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
-                  cache_seqlens, softmax_scale, window_left, window_right, softcap, meta, interpret) -> torch.Tensor:
+def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
+                  cache_seqlens, softmax_scale, window_left, window_right, softcap, meta) -> torch.Tensor:
     """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d)."""
+    interpret = INTERPRET
     batch, seqlen_q, nheads, headdim = q.shape
     capacity, nheads_k = k_cache.shape[1], k_cache.shape[2]
     seqlen_new = 0
