@@ -188,19 +188,19 @@ const float* row_f32(const at::Tensor& t, int64_t offset, int64_t n, float* buf)
   return buf;
 }
 
-// Everything the row kernels read, in fp32 with padded dstate.
-struct Prepared {
+// What every row reads besides its own u, delta, z: A, D, B, C in fp32 with padded dstate, and the initial state.
+struct Operands {
   int64_t batch, dim, L, dstate, npad;
-  at::Tensor u, delta_pre, delta, z, A, D, init;
+  at::Tensor A, D, init;
   PackedBC B, C;
 
-  ScanRow row(int64_t r) const {
+  ScanRow row(int64_t r, const float* u, const float* delta, const float* z) const {
     const int64_t b = r / dim, d = r % dim;
     return ScanRow{L,
                    npad,
-                   u.const_data_ptr<float>() + r * L,
-                   delta.const_data_ptr<float>() + r * L,
-                   z.defined() ? z.const_data_ptr<float>() + r * L : nullptr,
+                   u,
+                   delta,
+                   z,
                    A.const_data_ptr<float>() + d * npad,
                    B.data.const_data_ptr<float>() + B.offset(b, d, dim, L, npad),
                    C.data.const_data_ptr<float>() + C.offset(b, d, dim, L, npad),
@@ -210,24 +210,42 @@ struct Prepared {
   }
 };
 
+Operands prepare_operands(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                          const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& initial_state) {
+  Operands o;
+  o.batch = u.size(0), o.dim = u.size(1), o.L = u.size(2), o.dstate = A.size(1), o.npad = padded_state(o.dstate);
+  o.A = pad_state(A, o.npad, /*may_alias=*/true);
+  if (D) o.D = f32(*D);
+  // a copy even when the layout matches: the forward updates it in place into the last state
+  o.init = initial_state ? pad_state(*initial_state, o.npad)
+                         : at::zeros({o.batch, o.dim, o.npad}, u.options().dtype(at::kFloat));
+  o.B = pack_bc(B, o.batch, o.L, o.dstate, o.npad);
+  o.C = pack_bc(C, o.batch, o.L, o.dstate, o.npad);
+  return o;
+}
+
+// The backward's view: also u, delta (before and after softplus) and z as whole fp32 tensors.
+struct Prepared : Operands {
+  at::Tensor u, delta_pre, delta, z;
+
+  ScanRow row(int64_t r) const {
+    return Operands::row(r, u.const_data_ptr<float>() + r * L, delta.const_data_ptr<float>() + r * L,
+                         z.defined() ? z.const_data_ptr<float>() + r * L : nullptr);
+  }
+};
+
 Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                  const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                  const std::optional<at::Tensor>& initial_state) {
   Prepared p;
-  p.batch = u.size(0), p.dim = u.size(1), p.L = u.size(2), p.dstate = A.size(1), p.npad = padded_state(p.dstate);
+  static_cast<Operands&>(p) = prepare_operands(u, A, B, C, D, initial_state);
   p.u = f32(u);
   p.delta_pre = f32(delta);
   if (delta_bias) p.delta_pre = p.delta_pre + delta_bias->view({1, p.dim, 1});
   p.delta_pre = p.delta_pre.contiguous();
   p.delta = delta_softplus ? softplus_f32(p.delta_pre) : p.delta_pre;
   if (z) p.z = f32(*z);
-  p.A = pad_state(A, p.npad, /*may_alias=*/true);
-  if (D) p.D = f32(*D);
-  // a copy even when the layout matches: the forward updates it in place into the last state
-  p.init = initial_state ? pad_state(*initial_state, p.npad) : at::zeros({p.batch, p.dim, p.npad}, p.u.options());
-  p.B = pack_bc(B, p.batch, p.L, p.dstate, p.npad);
-  p.C = pack_bc(C, p.batch, p.L, p.dstate, p.npad);
   return p;
 }
 
@@ -243,43 +261,28 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
   // u, delta and z are read row by row in their own dtype: each row is converted (and delta biased and
   // softplus'd) into a small per-thread fp32 buffer inside the parallel loop, instead of whole fp32 copies made
   // one after another before it (for bf16 inputs those passes cost about as much as the scan itself).
-  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), dstate = A.size(1), npad = padded_state(dstate);
-  const at::Tensor Af = pad_state(A, npad, /*may_alias=*/true), Df = D ? f32(*D) : at::Tensor();
+  const Operands o = prepare_operands(u, A, B, C, D, initial_state);
+  const int64_t dim = o.dim, L = o.L, dstate = o.dstate, npad = o.npad;
   const at::Tensor bias = delta_bias ? f32(*delta_bias) : at::Tensor();
-  const PackedBC Bp = pack_bc(B, batch, L, dstate, npad), Cp = pack_bc(C, batch, L, dstate, npad);
-  const at::TensorOptions fopt = u.options().dtype(at::kFloat);
-  // a copy even when the layout matches: the rows update it in place into the last state
-  at::Tensor state = initial_state ? pad_state(*initial_state, npad) : at::zeros({batch, dim, npad}, fopt);
-  at::Tensor out = at::empty({batch, dim, L}, fopt);
+  at::Tensor state = o.init;  // updated in place into the last state
+  at::Tensor out = at::empty({o.batch, dim, L}, u.options().dtype(at::kFloat));
   float* state_ptr = state.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
   const Kernels& k = kernels();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * npad));
-  at::parallel_for(0, batch * dim, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, o.batch * dim, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(3 * L);  // u, delta, z rows in fp32
     float *ub = buf.data(), *db = ub + L, *zb = db + L;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / dim, d = r % dim;
       const float* ur = row_f32(u, r * L, L, ub);
       copy_row_f32(delta, r * L, L, db);  // always a copy: biased and softplus'd in place below
       if (bias.defined()) {
-        const float bd = bias.const_data_ptr<float>()[d];
+        const float bd = bias.const_data_ptr<float>()[r % dim];
         for (int64_t t = 0; t < L; ++t) db[t] += bd;
       }
       if (delta_softplus) k.softplus(db, L);
       const float* zr = z ? row_f32(*z, r * L, L, zb) : nullptr;
-      const ScanRow row{L,
-                        npad,
-                        ur,
-                        db,
-                        zr,
-                        Af.const_data_ptr<float>() + d * npad,
-                        Bp.data.const_data_ptr<float>() + Bp.offset(b, d, dim, L, npad),
-                        Cp.data.const_data_ptr<float>() + Cp.offset(b, d, dim, L, npad),
-                        Bp.stride,
-                        Cp.stride,
-                        Df.defined() ? Df.const_data_ptr<float>()[d] : 0.0f};
-      k.fwd_row(row, state_ptr + r * npad, out_ptr + r * L);
+      k.fwd_row(o.row(r, ur, db, zr), state_ptr + r * npad, out_ptr + r * L);
     }
   });
   return {out.to(u.scalar_type()), state.narrow(2, 0, dstate).contiguous()};
