@@ -34,19 +34,20 @@ inline const CpuFeatures& cpu_features() {
   return f;
 }
 
-// LLMKERNELS_CPU_ISA=avx2 caps the CPU kernels at AVX2, so tests can exercise the AVX2 paths on an
-// AVX-512 machine.
-inline bool cpu_isa_capped_at_avx2() {
-  static const bool capped = [] {
+// LLMKERNELS_CPU_ISA=avx2 caps the CPU kernels at AVX2 and LLMKERNELS_CPU_ISA=scalar at the portable code, so
+// tests can exercise every path on an AVX-512 machine. Read once per process.
+inline const std::string& cpu_isa_cap() {
+  static const std::string cap = [] {
     const char* v = std::getenv("LLMKERNELS_CPU_ISA");
-    return v != nullptr && std::string(v) == "avx2";
+    return std::string(v != nullptr ? v : "");
   }();
-  return capped;
+  return cap;
 }
+inline bool cpu_isa_capped_at_avx2() { return cpu_isa_cap() == "avx2" || cpu_isa_cap() == "scalar"; }
 
 inline bool use_avx512() { return cpu_features().avx512f && cpu_features().avx512bw && !cpu_isa_capped_at_avx2(); }
 inline bool use_avx512_vnni() { return use_avx512() && cpu_features().avx512vnni; }
-inline bool use_avx2() { return cpu_features().avx2 && cpu_features().fma; }
+inline bool use_avx2() { return cpu_features().avx2 && cpu_features().fma && cpu_isa_cap() != "scalar"; }
 
 // The widest instruction set the CPU kernels pick on this machine, for `llmkernels info`.
 inline std::string cpu_kernel_isa() {

@@ -26,14 +26,9 @@
 namespace llmkernels::scan_cpu {
 namespace {
 
-// LLMKERNELS_CPU_ISA=scalar (beyond cpu_features.h's avx2 cap) selects the portable kernels, so tests can
-// run all three builds of scan_rows.inc on one machine.
+// LLMKERNELS_CPU_ISA=avx2 / scalar (cpu_features.h) select the other builds of scan_rows.inc for tests.
 const Kernels& kernels() {
-  static const Kernels k = [] {
-    const char* isa = std::getenv("LLMKERNELS_CPU_ISA");
-    if (isa != nullptr && std::string(isa) == "scalar") return kernels_scalar();
-    return use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
-  }();
+  static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
   return k;
 }
 

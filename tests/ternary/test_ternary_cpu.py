@@ -1,5 +1,5 @@
 """C++ CPU kernels against the reference: exact integer arithmetic, the epilogue within rounding; opcheck,
-torch.compile, bad arguments, and the AVX2 path (LLMKERNELS_CPU_ISA=avx2, in a subprocess)."""
+torch.compile, bad arguments, and the AVX2 and portable paths (LLMKERNELS_CPU_ISA=avx2 / scalar, in a subprocess)."""
 
 import os
 import subprocess
@@ -28,17 +28,18 @@ def test_cpu_matches_reference_model_shapes(m, n, k):
     check_backend_matches_reference("cpu", "cpu", m, n, k, torch.bfloat16)
 
 
-def test_cpu_avx2_path_matches_reference():
-    """The AVX2 kernels (this machine may pick AVX-512 VNNI), in a fresh process with the ISA capped."""
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_cpu_other_instruction_sets_match_reference(isa):
+    """The AVX2 and portable kernels (this machine may pick AVX-512 VNNI), in a fresh process with the ISA capped."""
     code = (
         "import sys; sys.path.insert(0, 'tests'); sys.path.insert(0, 'tests/ternary');"
         "import torch, llmkernels; from llmkernels import _ext;"
         "from ternary_cases import check_backend_matches_reference as check;"
-        "assert _ext.cpu_isa in ('avx2', 'scalar'), _ext.cpu_isa; torch.manual_seed(0);"
+        f"assert _ext.cpu_isa == '{isa}', _ext.cpu_isa; torch.manual_seed(0);"
         "[check('cpu', 'cpu', m, n, k, torch.float32) for m, n, k in [(1, 17, 113), (7, 33, 300), (5, 64, 2560)]]"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, LLMKERNELS_CPU_ISA="avx2")
+    env = dict(os.environ, LLMKERNELS_CPU_ISA=isa)
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
 

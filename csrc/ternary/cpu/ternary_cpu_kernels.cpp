@@ -236,16 +236,29 @@ __attribute__((target("avx2,fma"))) void dot_w2_avx2(const uint8_t* w, const flo
   }
 }
 
+template <int MT>
+void dot_w2_scalar(const uint8_t* w, const float* x, int64_t x_stride, int64_t nblocks, float* out) {
+  float acc[MT] = {};
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int j = 0; j < kBlockBytes; ++j) {
+      const uint8_t byte = w[b * kBlockBytes + j];
+      for (int s = 0; s < 4; ++s) {
+        const float wv = static_cast<float>(((byte >> (2 * s)) & 3) - 1);
+        const int64_t k = b * kBlockWeights + 64 * s + j;
+        for (int t = 0; t < MT; ++t) acc[t] += wv * x[t * x_stride + k];
+      }
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = acc[t];
+}
+
 using DotW2Fn = void (*)(const uint8_t*, const float*, int64_t, int64_t, float*);
 constexpr DotW2Fn kDotW2Avx512[kMaxTokensPerTile] = {dot_w2_avx512<1>, dot_w2_avx512<2>, dot_w2_avx512<3>,
                                                      dot_w2_avx512<4>};
 constexpr DotW2Fn kDotW2Avx2[kMaxTokensPerTile] = {dot_w2_avx2<1>, dot_w2_avx2<2>, dot_w2_avx2<3>, dot_w2_avx2<4>};
+constexpr DotW2Fn kDotW2Scalar[kMaxTokensPerTile] = {dot_w2_scalar<1>, dot_w2_scalar<2>, dot_w2_scalar<3>,
+                                                     dot_w2_scalar<4>};
 
-float dot_f32_scalar(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 // ---- activation quantisation, AVX2 (fp32 and bf16 rows): the same IEEE mul, div and round-half-even ----
 __attribute__((target("avx2,fma"))) inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
@@ -292,6 +305,22 @@ __attribute__((target("avx2,fma"))) float quantize_row_avx2(const scalar_t* x, i
   return s;
 }
 
+// Output rows split across threads, walked in tiles of kRowTile rows per tile of up to kMaxTokensPerTile tokens,
+// so a tile of weights stays in L2 while every token tile reuses it. row(n, t0, mt) computes one row n for
+// tokens t0 .. t0 + mt - 1.
+template <typename RowFn>
+void for_each_row_tile(int64_t m, int64_t N, int64_t grain, const RowFn& row) {
+  at::parallel_for(0, N, grain, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t r0 = n_begin; r0 < n_end; r0 += kRowTile) {
+      const int64_t r1 = std::min(n_end, r0 + kRowTile);
+      for (int64_t t0 = 0; t0 < m; t0 += kMaxTokensPerTile) {
+        const int mt = static_cast<int>(std::min<int64_t>(kMaxTokensPerTile, m - t0));
+        for (int64_t n = r0; n < r1; ++n) row(n, t0, mt);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -325,55 +354,22 @@ void matmul_int8(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_
   const int64_t nblocks = k_pad / kBlockWeights;
   const int64_t row_bytes = k_pad / 4;
   const DotTable& dot = dot_table();
-  at::parallel_for(0, N, row_grain(m, k_pad, 16), [&](int64_t n_begin, int64_t n_end) {
-    for (int64_t r0 = n_begin; r0 < n_end; r0 += kRowTile) {
-      const int64_t r1 = std::min(n_end, r0 + kRowTile);
-      for (int64_t t0 = 0; t0 < m; t0 += kMaxTokensPerTile) {
-        const int mt = static_cast<int>(std::min<int64_t>(kMaxTokensPerTile, m - t0));
-        for (int64_t n = r0; n < r1; ++n) {
-          int32_t out[kMaxTokensPerTile];
-          dot.fn[mt - 1](w + n * row_bytes, x_q + t0 * k_pad, k_pad, nblocks, out);
-          for (int t = 0; t < mt; ++t) acc[(t0 + t) * N + n] = out[t] - xsum[t0 + t];
-        }
-      }
-    }
+  for_each_row_tile(m, N, row_grain(m, k_pad, 16), [&](int64_t n, int64_t t0, int mt) {
+    int32_t out[kMaxTokensPerTile];
+    dot.fn[mt - 1](w + n * row_bytes, x_q + t0 * k_pad, k_pad, nblocks, out);
+    for (int t = 0; t < mt; ++t) acc[(t0 + t) * N + n] = out[t] - xsum[t0 + t];
   });
 }
 
 void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, float* y) {
   const int64_t nblocks = k_pad / kBlockWeights;
   const int64_t row_bytes = k_pad / 4;
-  if (use_avx512() || use_avx2()) {
-    const DotW2Fn* dot = use_avx512() ? kDotW2Avx512 : kDotW2Avx2;
-    // A weight costs ~2 fp32 ops per token here (vs 1/4 of an int8 op in matmul_int8): worth a thread sooner.
-    at::parallel_for(0, N, row_grain(4 * m, k_pad, 16), [&](int64_t n_begin, int64_t n_end) {
-      for (int64_t r0 = n_begin; r0 < n_end; r0 += kRowTile) {
-        const int64_t r1 = std::min(n_end, r0 + kRowTile);
-        for (int64_t t0 = 0; t0 < m; t0 += kMaxTokensPerTile) {
-          const int mt = static_cast<int>(std::min<int64_t>(kMaxTokensPerTile, m - t0));
-          for (int64_t n = r0; n < r1; ++n) {
-            float out[kMaxTokensPerTile];
-            dot[mt - 1](w + n * row_bytes, x + t0 * k_pad, k_pad, nblocks, out);
-            for (int t = 0; t < mt; ++t) y[(t0 + t) * N + n] = out[t];
-          }
-        }
-      }
-    });
-    return;
-  }
-  // Portable path: a few rows unpacked to fp32 at a time, reused by every token.
-  constexpr int64_t kRows = 8;
-  at::parallel_for(0, N, row_grain(m, k_pad, kRows), [&](int64_t n_begin, int64_t n_end) {
-    std::vector<float> wf(kRows * k_pad);
-    for (int64_t r0 = n_begin; r0 < n_end; r0 += kRows) {
-      const int64_t rows = std::min(kRows, n_end - r0);
-      for (int64_t r = 0; r < rows; ++r) unpack_row_f32(w + (r0 + r) * row_bytes, nblocks, wf.data() + r * k_pad);
-      for (int64_t t = 0; t < m; ++t) {
-        for (int64_t r = 0; r < rows; ++r) {
-          y[t * N + r0 + r] = dot_f32_scalar(x + t * k_pad, wf.data() + r * k_pad, k_pad);
-        }
-      }
-    }
+  const DotW2Fn* dot = use_avx512() ? kDotW2Avx512 : use_avx2() ? kDotW2Avx2 : kDotW2Scalar;
+  // A weight costs ~2 fp32 ops per token here (vs 1/4 of an int8 op in matmul_int8): worth a thread sooner.
+  for_each_row_tile(m, N, row_grain(4 * m, k_pad, 16), [&](int64_t n, int64_t t0, int mt) {
+    float out[kMaxTokensPerTile];
+    dot[mt - 1](w + n * row_bytes, x + t0 * k_pad, k_pad, nblocks, out);
+    for (int t = 0; t < mt; ++t) y[(t0 + t) * N + n] = out[t];
   });
 }
 
