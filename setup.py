@@ -17,7 +17,7 @@ import sys
 from setuptools import setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scripts.build_config import ROOT, cxx_flags, find_cuda_home, nvcc_flags, sources  # noqa: E402
+from scripts.build_config import ROOT, cxx_flags, cxx_runtime_link_args, find_cuda_home, nvcc_flags, sources  # noqa: E402
 
 
 def build_extensions():
@@ -46,7 +46,7 @@ def build_extensions():
         sources=src,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *cxx_runtime_link_args()],
         py_limited_api=True,
     )
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""

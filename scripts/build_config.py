@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +25,26 @@ def find_cuda_home() -> str | None:
         if home and all(os.path.exists(os.path.join(home, *f)) for f in (("bin", "nvcc"), ("include", "cuda.h"))):
             return home
     return None
+
+
+def cxx_runtime_link_args() -> list[str]:
+    """Link the C++ runtime that torch itself loaded (Linux): the extension must share torch's libstdc++.
+
+    A compiler whose library path holds libstdc++.a ahead of (or without) libstdc++.so links a private, static
+    copy of the C++ runtime into _C.so (the GPU machine's /opt/gcc wrapper does). Two runtimes in one process
+    break as soon as a C++ error message formats a number: the private copy's locale was never set up, and
+    every TORCH_CHECK with a number in it segfaulted instead of raising. Naming torch's libstdc++.so.6 as a link
+    input makes the linker resolve the runtime there (recorded as DT_NEEDED libstdc++.so.6, as usual), so
+    nothing is left for the static archive. Call after `import torch`.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in loaded if os.path.isfile(p))[:1]
 
 
 def sources(pattern: str, subdir: str = "") -> list[str]:

@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.build_config import ROOT, cxx_flags, find_cuda_home, nvcc_flags, sources  # noqa: E402
+from scripts.build_config import ROOT, cxx_flags, cxx_runtime_link_args, find_cuda_home, nvcc_flags, sources  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     home = find_cuda_home()
     if home is not None:
         os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imports torch: cxx_runtime_link_args finds its libstdc++
 
     name = "llmk_dev_" + "_".join(args.families) + ("_cuda" if args.cuda else "")
     out = args.out or f"/tmp/llmk-dev/{name}"
@@ -52,7 +52,7 @@ def main() -> None:
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=cxx_flags(with_cuda=args.cuda),
         extra_cuda_cflags=nvcc_flags() if args.cuda else None,
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=["-fopenmp", *cxx_runtime_link_args()],
         build_directory=out,
         is_python_module=False,
         with_cuda=args.cuda,

@@ -55,9 +55,21 @@ def collect(paths: list[str]) -> Counter:
     return per_file
 
 
+# Seconds per test are far from even on a GPU: a Triton test JIT-compiles its kernels (about 1 s each), the
+# ternary autograd tests run every backend, the runner's own tests start pytest processes. Measured on one
+# H100 (2026-11-23): test_triton_attention alone took over 130 s in one job. Such files count as this many tests
+# when jobs are cut and ordered.
+COST_PER_TEST = {"triton": 4, "autograd": 3, "parallel_runner": 10}
+
+
+def test_cost(path: str) -> int:
+    return max([w for key, w in COST_PER_TEST.items() if key in path] or [1])
+
+
 def make_jobs(per_file: Counter, max_tests_per_job: int) -> list[Job]:
     jobs = []
-    for path, count in per_file.items():
+    for path, n_tests in per_file.items():
+        count = n_tests * test_cost(path)
         shards = max(1, -(-count // max_tests_per_job))
         stem = path.replace("/", "_").removesuffix(".py")
         for i in range(shards):
