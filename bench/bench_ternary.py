@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llmkernels  # noqa: E402
-from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu, peak_tflops  # noqa: E402
+from bench.common import copy_bandwidth_gbps, measure_graph_ms, measure_ms, on_gpu, peak_tflops  # noqa: E402
 
 OP = "ternary_linear"
 SHAPES = [(2560, 2560), (6912, 2560), (2560, 6912), (4096, 4096), (11008, 4096), (28672, 8192)]
@@ -64,14 +64,19 @@ def _rotating(fn, n_sets: int):
     return call
 
 
-def _try(rows, case, impl, fn, to_value, **kw):
+def _try(rows, case, impl, fn, to_value, graph=False, **kw):
+    """Times fn eagerly (one row under `case`); with graph=True (decode on a GPU) also replayed from a CUDA graph
+    (a row under `case [CUDA graph]`): a 1-token layer's eager time is mostly Python and launch latency."""
     try:
         ms = measure_ms(fn)
+        graph_ms = measure_graph_ms(fn) if graph else None
     except Exception as exc:  # noqa: BLE001  (BackendError, OOM: reported, not fatal)
         print(f"  [{case}] {impl}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
         return None
-    metric, value = to_value(ms)
-    rows.append(_row(case, impl, ms, metric, value, **kw))
+    for label, t in ((case, ms), (f"{case} [CUDA graph]", graph_ms)):
+        if t is not None:
+            metric, value = to_value(t)
+            rows.append(_row(label, impl, t, metric, value, **kw))
     return ms
 
 
@@ -100,26 +105,31 @@ def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_
     variants = [(b, bits, suffix) for b in backends for bits, suffix in modes]
     if "cuda" in backends and tokens > 16:  # the cuBLASLt int8 baseline of the C++ prefill path
         variants.append(("cuda", 8, "-cublaslt"))
+    graph = decode and device == "cuda"
     for backend, act_bits, suffix in variants:
 
-        def fn(i, backend=backend, act_bits=act_bits, cublaslt=suffix == "-cublaslt"):
+        def fn(i, act_bits=act_bits):
             w_packed, w_scale = ours_sets[i]
-            os.environ["LLMKERNELS_TERNARY_GEMM"] = "cublaslt" if cublaslt else "mma"
-            with llmkernels.use_backend(backend):
-                return llmkernels.ternary_linear(x, w_packed, w_scale, act_bits=act_bits)
+            return llmkernels.ternary_linear(x, w_packed, w_scale, act_bits=act_bits)
 
-        ours = _rotating(fn, len(ours_sets))
-        _try(rows, case, f"llmkernels-{backend}{suffix}", ours, value(packed_bytes), limit=limit, peer=peer, **mem)
+        # Backend and GEMM choice set once around the timing, so the timed call is what a model's layer does.
+        os.environ["LLMKERNELS_TERNARY_GEMM"] = "cublaslt" if suffix == "-cublaslt" else "mma"
+        with llmkernels.use_backend(backend):
+            ours = _rotating(fn, len(ours_sets))
+            _try(
+                rows,
+                case,
+                f"llmkernels-{backend}{suffix}",
+                ours,
+                value(packed_bytes),
+                graph,
+                limit=limit,
+                peer=peer,
+                **mem,
+            )
     os.environ.pop("LLMKERNELS_TERNARY_GEMM", None)
-    _try(
-        rows,
-        case,
-        peer,
-        _rotating(lambda i: F.linear(xp, peer_sets[i]), len(peer_sets)),
-        value(peer_bytes),
-        limit=limit,
-        **mem,
-    )
+    peer_fn = _rotating(lambda i: F.linear(xp, peer_sets[i]), len(peer_sets))
+    _try(rows, case, peer, peer_fn, value(peer_bytes), graph, limit=limit, **mem)
     return rows
 
 

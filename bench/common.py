@@ -68,6 +68,43 @@ def measure_ms(fn: Callable[[], object], *, warmup: int = 3, rep: int = 20, min_
     return statistics.median(times)
 
 
+def measure_graph_ms(fn: Callable[[], object], *, calls: int = 20, rep: int = 10) -> float | None:
+    """Device time per call of fn(), replayed from one CUDA graph of `calls` successive calls: no Python, no
+    launch latency, as an inference engine that captures its decode step runs it (measure_ms's eager time of a
+    small op is mostly the host's). None when fn cannot be captured (a host sync or a pageable copy inside)."""
+    if not on_gpu():
+        return None
+    if _deadline is not None and time.monotonic() > _deadline:
+        raise BenchDeadline("the benchmark run's time budget is spent")
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocator, lazy init) off the default stream, as capture wants
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rep):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        del graph
+        return statistics.median(times)
+    except Exception as exc:  # noqa: BLE001  (not capturable: the caller reports the eager time only)
+        torch.cuda.synchronize()
+        print(f"  CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+
+
 _copy_gbps_cache: dict[str, float] = {}
 
 

@@ -3,7 +3,7 @@
 # build (about 85 s on the H100 machine's 16 cores), the families' CUDA tests in parallel processes, their
 # --quick benchmarks (the issues' target cases). The whole suite is scripts/gpu_check.sh.
 #   bash scripts/gpu_iterate.sh OUTDIR FAMILY [FAMILY...]    FAMILY: attention | sliding_window | ternary | selective_scan
-# Env: SKIP_BUILD=1 (dry runs), TEST_TIMEOUT (default 150 s), PYTEST_ARGS (default "-m cuda": the CUDA and compiled-Triton cases), NO_BENCH=1.
+# Env: SKIP_BUILD=1 (dry runs), TEST_PATHS (test files instead of tests/FAMILY), TEST_TIMEOUT (default 150 s), PYTEST_ARGS (default "-m cuda": the CUDA and compiled-Triton cases), NO_BENCH=1.
 # OUTDIR gets iterate.log (summary), build.log, tests.log (every failure), bench.log, the benchmark JSON.
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_iterate.sh OUTDIR FAMILY [FAMILY...]}"; shift
@@ -22,6 +22,8 @@ rc=$?; log "build rc=$rc"; [ "$rc" = 0 ] || { tail -30 "$OUT/build.log" >> "$OUT
 grep -i "spill\|warning" "$OUT/build.log" | grep -v "Py_LIMITED_API\|previous definition" | head -20 >> "$OUT/iterate.log"
 
 paths=(); for fam in "$@"; do paths+=("tests/$fam"); done
+# shellcheck disable=SC2206
+[ -n "${TEST_PATHS:-}" ] && paths=($TEST_PATHS)
 # xdist replaces a crashed worker and names the test it was running; without it, one process.
 par=(); "$PY" -c "import xdist" 2> /dev/null && par=(-n "$(( $(nproc) < 12 ? $(nproc) : 12 ))")
 log "tests ${paths[*]} ${PYTEST_ARGS:--m cuda}"

@@ -31,6 +31,17 @@ struct RollingAttnParams {
   float* lse_partial;
 };
 
+// Query heads one block serves: a tile of the nheads / nheads_k heads that share a KV head, so each K/V row
+// is read once for all of them. Blocks per split: batch * chunk * nheads_k * head tiles (<= the q rows).
+constexpr int kHeadsPerBlock = 4;
+// Most splits of a window (the host never asks for more; the combine kernel holds their weights in shared memory).
+constexpr int kMaxSplits = 64;
+
+inline int64_t rolling_attn_programs(int64_t batch, int64_t chunk, int64_t nheads, int64_t nheads_k) {
+  const int64_t head_tiles = (nheads / nheads_k + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  return batch * chunk * nheads_k * head_tiles;
+}
+
 template <typename T, int kHeadDimMax>
 void launch_rolling_attn(const RollingAttnParams& p, cudaStream_t stream);
 

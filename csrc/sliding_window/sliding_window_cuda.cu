@@ -1,7 +1,8 @@
 // CUDA host code of rolling_window_attn and rolling_cache_append, and the append kernel.
 //
 // rolling_window_attn picks a head-dim bucket (32/64/128/256) and a split of the window so that small
-// batches still fill the GPU (flash-decoding), then launches rolling_attn_kernel (rolling_attn_kernel.cuh).
+// batches still fill the GPU (flash-decoding), then launches rolling_attn_kernel (rolling_attn_kernel.cuh),
+// one block per (batch row, query row, KV head, tile of up to 4 of its query heads, split).
 // rolling_cache_append copies the chunk's last min(S, W) tokens into the ring slots (seqlens[b] + t) % W:
 // one thread per 16-byte piece, a pure copy bound by memory bandwidth. seqlens stays on the device: no
 // host synchronisation anywhere.
@@ -34,6 +35,9 @@ void check_cuda_dims(const char* op, const at::Tensor& k, const Dims& d) {
   LLMK_CHECK_ARG(d.head_dim % 8 == 0 && d.head_dim <= 256, op, "k",
                  "must have head_dim a multiple of 8 up to 256 on CUDA, got ", d.head_dim);
   LLMK_CHECK_ARG(d.window < (1 << 30), op, "k_ring", "window too large: ", d.window);
+  // The kernel addresses a ring slot with a 32-bit row size in bytes.
+  LLMK_CHECK_ARG(d.nheads_k * d.head_dim * 2 < (1LL << 31), op, "k_ring", "has too many KV heads (",
+                 d.nheads_k, " of ", d.head_dim, ") for the CUDA kernel");
 }
 
 template <typename T>
@@ -49,15 +53,20 @@ void launch_for_head_dim(const RollingAttnParams& p, cudaStream_t stream) {
   }
 }
 
-// Splits of each row's window: a memory-bound kernel wants many resident blocks (up to 16 of 128 threads
-// per SM), so small batches split the window until ~8 blocks per SM exist, keeping >= 64 keys per split.
-int choose_num_splits(int64_t rows, int window, int device) {
+// Splits of each row's window. A block serves one (batch row, query row, KV head, tile of kHeadsPerBlock query
+// heads); kMinResidentBlocks of them fit an SM (128 threads at <= 128 registers, see rolling_attn_kernel.cuh).
+// When the programs cannot fill the GPU once (small batches), the window is split so that all blocks are
+// still resident in one wave (no partial second wave), keeping >= 64 keys per split. Batch 64 at 8 KV heads
+// (512 programs) runs unsplit: splitting would only add the combine pass.
+constexpr int64_t kMinResidentBlocks = 4;
+
+int choose_num_splits(int64_t programs, int window, int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target_blocks = 8LL * sms;
-  if (rows >= target_blocks / 2) return 1;
-  const int64_t want = (target_blocks + rows - 1) / rows;
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(64, (window + 63) / 64));
+  const int64_t resident = kMinResidentBlocks * sms;
+  if (programs >= resident / 2) return 1;
+  const int64_t want = resident / programs;
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, (window + 63) / 64));
   return static_cast<int>(std::clamp<int64_t>(want, 1, most));
 }
 
@@ -99,7 +108,8 @@ at::Tensor rolling_window_attn_cuda(const at::Tensor& q, const at::Tensor& k, co
   p.softcap = static_cast<float>(softcap);
   if (rows == 0) return out;
 
-  int splits = choose_num_splits(rows, p.window, q.get_device());
+  const int64_t programs = rolling_attn_programs(dims.batch, dims.chunk, dims.nheads, dims.nheads_k);
+  int splits = choose_num_splits(programs, p.window, q.get_device());
   p.keys_per_split = (p.window + splits - 1) / splits;
   splits = (p.window + p.keys_per_split - 1) / p.keys_per_split;  // no split that is empty for every row
   p.num_splits = splits;

@@ -11,8 +11,9 @@
 //   with IEEE multiply / divide (__fmul_rn / __fdiv_rn, immune to --use_fast_math): bit-identical to the CPU.
 // - gemv_a8 / gemv_w2 (decode, up to 16 tokens): one warp per output row, each lane streaming 16-byte chunks
 //   of the packed row (kGemvUnroll loads in flight) while the activations (M x k_pad, tiny) come from L1/L2.
-//   gemv_a8_fused quantises the activations into shared memory itself (one launch instead of two).
-//   Bound by the packed weight stream: N * k_pad / 4 bytes, 8x fewer than bf16 F.linear.
+//   Bound by the packed weight stream: N * k_pad / 4 bytes, 8x fewer than bf16 F.linear. ternary_linear's
+//   8-bit decode uses gemv_a8_decode (ternary_cuda_decode.cuh) instead, which quantises the activations
+//   itself; gemv_a8 serves ternary_matmul_int8 and the decode inputs too wide for its shared memory.
 // - gemm_a8_mma (prefill, act_bits=8): int8 mma.sync tensor-core GEMM, weights unpacked in shared memory
 //   (its own comment below).
 // - unpack: packed -> int8 / fp16 / bf16 / fp32 dense weights for cuBLAS: the weight-only prefill (at::matmul)
@@ -157,46 +158,6 @@ __global__ void __launch_bounds__(kGemvWarps* kWarp)
   int acc[MT];
   warp_dot_a8<MT>(x_q, m, w + static_cast<int64_t>(n) * (k_pad / 4), k_pad, lane, acc);
   store_a8<MT, OutT>(acc, m, lane, s, w_scale, bias, out, n, N);
-}
-
-// Decode GEMV with the activation quantisation fused in (saves the quantize launch, which dominates small
-// decode layers). Each block first quantises the m <= MT token rows of x (m, K) into shared memory
-// (dynamic, m * k_pad bytes, zero-padded), exactly as quantize_rows_kernel does, then each warp computes
-// kFusedRowsPerWarp consecutive output rows from it. More rows per block means fewer blocks re-reading x.
-// grid: ceil(N / (kGemvWarps * kFusedRowsPerWarp)) blocks of kGemvWarps * 32 threads.
-constexpr int kFusedRowsPerWarp = 4;
-constexpr int kFusedMaxSmemBytes = 40 * 1024;  // m * k_pad limit: below the 48 KB needing no opt-in
-
-template <int MT, typename scalar_t>
-__global__ void __launch_bounds__(kGemvWarps* kWarp)
-    gemv_a8_fused_kernel(const scalar_t* __restrict__ x, int m, int K, const uint8_t* __restrict__ w, int N,
-                         int k_pad, const float* __restrict__ w_scale, const scalar_t* __restrict__ bias,
-                         scalar_t* __restrict__ out) {
-  extern __shared__ int4 fused_smem[];  // int4: 16-byte aligned rows for the int4 activation loads
-  int8_t* sxq = reinterpret_cast<int8_t*>(fused_smem);
-  __shared__ float s_tok[MT];
-  for (int t = 0; t < m; ++t) {  // m >= 1 (host), so the barrier below runs at least once
-    const scalar_t* xr = x + static_cast<int64_t>(t) * K;
-    float amax = 0.f;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));
-    const float st = fmaxf(block_max(amax), 1e-5f);
-    for (int k = threadIdx.x; k < k_pad; k += blockDim.x) {
-      float q = 0.f;
-      if (k < K) q = fminf(127.f, fmaxf(-128.f, rintf(__fdiv_rn(__fmul_rn(static_cast<float>(xr[k]), 127.f), st))));
-      sxq[t * k_pad + k] = static_cast<int8_t>(static_cast<int>(q));
-    }
-    if (threadIdx.x == 0) s_tok[t] = st;
-    __syncthreads();  // block_max's scratch is reused by the next token; the last one publishes sxq, s_tok
-  }
-  const int lane = threadIdx.x % kWarp;
-  const int first = (blockIdx.x * kGemvWarps + threadIdx.x / kWarp) * kFusedRowsPerWarp;
-  for (int r = 0; r < kFusedRowsPerWarp; ++r) {
-    const int n = first + r;
-    if (n >= N) break;  // warp-uniform, and no barrier follows
-    int acc[MT];
-    warp_dot_a8<MT>(sxq, m, w + static_cast<int64_t>(n) * (k_pad / 4), k_pad, lane, acc);
-    store_a8<MT, scalar_t>(acc, m, lane, s_tok, w_scale, bias, out, n, N);
-  }
 }
 
 // Decode GEMV, weight-only. x: (m, k_pad) fp32 zero-padded, m <= MT; out = (x @ W_t^T) * gamma (+ bias).

@@ -3,7 +3,9 @@
 - the largest dstate through the backward, with a chunk boundary one step before the end (1025 = 1024 + 1);
 - mixed activation dtypes, which the host code runs in fp32 and whose gradients come back in each input's dtype;
 - the backward called without dlast_state and without initial_state;
-- activations and a decode state of more than 2^31 elements (int32 offsets overflowed in the Triton kernels).
+- activations and a decode state of more than 2^31 elements (int32 offsets overflowed in the Triton kernels);
+- the forward's channel-parallel kernel (dstate 16, per-token or grouped B/C, dim a multiple of 64, rows of whole
+  16-byte vectors, batch * dim >= 16384), with a partial last tile of 32 timesteps.
 """
 
 import pytest
@@ -55,6 +57,45 @@ def test_scan_cuda_mixed_dtypes():
 def test_scan_cuda_bwd_without_dlast_and_initial_state():
     args = _ssm_inputs(2, 6, 8, 1030, "constant", torch.float16, "cuda", OPTIONS[3], initial=False)
     _check_fwd_bwd(args, torch.float16, with_dlast=False)
+
+
+def _poison_allocator(*shapes_dtypes):
+    """Leaves NaN-filled blocks of these sizes in the caching allocator, for the op's outputs to land on."""
+    blocks = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[1], OPTIONS[3]], ids=["all", "none", "z_softplus"])
+@pytest.mark.parametrize("layout", ["per_token", "grouped"])
+@pytest.mark.parametrize(
+    "dtype,seqlen",
+    [(torch.float32, 36), (torch.float32, 100), (torch.float16, 72), (torch.bfloat16, 200), (torch.bfloat16, 0)],
+)
+def test_scan_cuda_fwd_channel_parallel(dtype, seqlen, layout, options):
+    """Shapes that take the channel-parallel forward kernel: 2 * 8192 rows, 64-channel CTAs within one of the 2
+    groups, seqlen a multiple of the 16-byte vector but not of the 32-step tile (fp32 36 = 32 + 4)."""
+    batch, dim, dstate = 2, 8192, 16
+    args = _ssm_inputs(batch, dim, dstate, seqlen, layout, dtype, "cuda", options, initial=options[0])
+    _poison_allocator(((batch, dim, seqlen), dtype), ((batch, dim, dstate), torch.float32))
+    out, last = torch.ops.llmkernels.selective_scan_fwd(*_scan_op_args(args))
+    ref_out, ref_last = selective_scan_ref(**args, return_last_state=True)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert seqlen == 0 or ref_out.float().abs().max() > 0.1, "a test on near-zero outputs cannot fail"
+    _assert_close(out, ref_out, dtype, "out")
+    _assert_close(last, ref_last, dtype, "last_state")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scan_cuda_fwd_channel_parallel_bench_geometry(dtype):
+    """The benchmark's batch 8, dim 5120 (640 CTAs, ~5 per SM, all resident at once) over 9 tiles, B/C per token."""
+    args = _ssm_inputs(8, 5120, 16, 264, "per_token", dtype, "cuda", OPTIONS[0])
+    _poison_allocator(((8, 5120, 264), dtype), ((8, 5120, 16), torch.float32))
+    out, last = torch.ops.llmkernels.selective_scan_fwd(*_scan_op_args(args))
+    ref_out, ref_last = selective_scan_ref(**args, return_last_state=True)
+    _assert_close(out, ref_out, dtype, "out")
+    _assert_close(last, ref_last, dtype, "last_state")
 
 
 def _scan_backend(backend):

@@ -1,6 +1,8 @@
 """Edge cases of the CUDA rolling-window kernels (csrc/sliding_window/*.cu) that test_rolling_cache.py misses:
 softcap (the kernel's tanhf is tanh.approx.f32 under --use_fast_math), a misaligned q refused by name, more
-(batch, head) programs than grid y holds (both GPU kernels), and a negative length the append must not act on."""
+(batch, head) programs than grid y holds (both GPU kernels), a negative length the append must not act on, and
+the grouping of query heads: one block serves up to 4 query heads of a KV head (tiles of a larger group, the
+last one partial), with and without the split over the window."""
 
 import pytest
 import torch
@@ -66,3 +68,45 @@ def test_cuda_append_ignores_a_negative_length():
     torch.ops.llmkernels.rolling_cache_append(k_ring, v_ring, k, v, seqlens)
     torch.testing.assert_close(guard_k, expect_k, rtol=0, atol=0)
     torch.testing.assert_close(guard_v, expect_v, rtol=0, atol=0)
+
+
+def _poison_unread_slots(ring: torch.Tensor, seqlens: list[int]) -> None:
+    """NaN in every ring slot no query of the chunk may read: never written (n < W) or the oldest (slot n % W)."""
+    window = ring.shape[1]
+    for b, n in enumerate(seqlens):
+        if n < window:
+            ring[b, n:] = float("nan")
+        else:
+            ring[b, n % window] = float("nan")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "batch,chunk,heads,dtype,softcap",
+    [
+        (40, 1, (32, 8, 128), torch.bfloat16, 0.0),  # Mistral's heads, 320 blocks: no split
+        (3, 1, (32, 8, 128), torch.float16, 5.0),  # split over the window, then the combine kernel
+        (3, 3, (12, 2, 40), torch.bfloat16, 0.0),  # 6 heads a KV head: tiles of 4 and 2; d in the 64 bucket
+        (2, 2, (9, 1, 256), torch.float16, 5.0),  # 9 heads: tiles of 4, 4 and 1
+        (60, 1, (5, 5, 64), torch.bfloat16, 0.0),  # no GQA (one head a tile), no split
+        (70, 2, (6, 2, 24), torch.float16, 5.0),  # 3 heads a KV head (one partial tile), 280 blocks: no split
+    ],
+)
+def test_cuda_grouped_heads(batch, chunk, heads, dtype, softcap):
+    skip_unless_built("cuda")
+    nheads, nheads_k, d = heads
+    window = 300
+    gen = torch.Generator().manual_seed(batch * 1000 + nheads * 10 + chunk)
+    lens = [0, 7, window - 1, window, window + 1, 2 * window + 13][:batch]
+    lens += torch.randint(0, 4 * window, (batch - len(lens),), generator=gen).tolist()
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, chunk, nheads, d, generator=gen).to("cuda", dtype)
+    k, v = (torch.randn(batch, chunk, nheads_k, d, generator=gen).to("cuda", dtype) for _ in range(2))
+    k_ring, v_ring = (torch.randn(batch, window, nheads_k, d, generator=gen).to("cuda", dtype) for _ in range(2))
+    _poison_unread_slots(k_ring, lens)
+    _poison_unread_slots(v_ring, lens)
+    out = torch.ops.llmkernels.rolling_window_attn(q, k, v, k_ring, v_ring, seqlens, d**-0.5, softcap)
+    args = (q, k, v, k_ring, v_ring, seqlens)
+    exact = rolling_window_attn_ref(*(t.double() for t in args[:5]), seqlens, d**-0.5, softcap)
+    same = rolling_window_attn_ref(*args, d**-0.5, softcap, upcast=False)
+    assert_error_within_ratio(out, exact, same, ratio=2.0)

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
+from ternary_cases import (
+    DTYPES,
+    MODEL_SHAPES,
+    ODD_SHAPES,
+    check_backend_matches_reference,
+    random_activations,
+    random_layer,
+)
 
 import llmkernels
 from llmkernels.reference import ternary as ref
@@ -70,3 +77,41 @@ def test_cuda_prefill_gemm_paths(m, n, k, gemm, monkeypatch):
     """Both prefill GEMMs: our int8 mma.sync kernel and the cuBLASLt baseline (LLMKERNELS_TERNARY_GEMM)."""
     monkeypatch.setenv("LLMKERNELS_TERNARY_GEMM", gemm)
     check_backend_matches_reference("cuda", "cuda", m, n, k, torch.float16)
+
+
+# Decode GEMV with the quantisation fused in (gemv_a8_decode: m * k_pad <= 40 KB): more rows than an H100's
+# 132 * 2 * 16 warps (each warp loops over rows), rows of several weight batches and partial ones, masked
+# tokens in the 4-, 8- and 16-token tiles, fewer rows than one block's 16 warps.
+DECODE_SHAPES = [
+    (1, 9001, 700),
+    (1, 4500, 9000),
+    (1, 37, 40000),
+    (1, 5, 300),
+    (3, 5003, 4100),
+    (5, 4229, 7000),
+    (9, 4300, 4000),
+    (16, 4233, 2560),
+]
+
+
+@pytest.mark.parametrize("m,n,k", DECODE_SHAPES)
+def test_cuda_decode_accumulators_exact(m, n, k):
+    """fp32 output without bias keeps the int32 accumulator recoverable: y / ((s * gamma) / 127) must round to
+    the reference's exact x_q @ W_t^T. Every output is checked, so an unwritten (NaN) or off-by-one one fails."""
+    w_packed, w_scale, _ = random_layer(n, k, "cuda")
+    x = random_activations(m, k, "cuda", torch.float32)
+    torch.full((m, n), float("nan"), device="cuda").neg_()  # freed into the cache: the output likely reuses it
+    with llmkernels.use_backend("cuda"):
+        y = llmkernels.ternary_linear(x, w_packed, w_scale)
+    x_q, s = ref.quantize_activation_ref(x)
+    acc = ref.ternary_matmul_int8_ref(x_q, w_packed, k).double()
+    row_scale = (s.double() * w_scale.double() / 127.0).unsqueeze(1)
+    assert y.shape == (m, n) and not torch.isnan(y).any()
+    err = (y.double() / row_scale - acc).abs().max().item()
+    assert err < 0.25, f"accumulators off by up to {err}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 9001, 700), (7, 4231, 1000)])
+def test_cuda_decode_with_bias_matches_reference(m, n, k, dtype):
+    check_backend_matches_reference("cuda", "cuda", m, n, k, dtype)

@@ -28,7 +28,7 @@ def test_cuda_w2_fp16_large_unscaled_sums(m):
 
 def test_cuda_int8_gemm_more_rows_than_one_launch(monkeypatch):
     """More than 65535 * 64 tokens: the mma GEMM is launched in slices; check both ends and the seam."""
-    monkeypatch.delenv("LLMKERNELS_TERNARY_GEMM", raising=False)
+    monkeypatch.setenv("LLMKERNELS_TERNARY_GEMM", "mma")  # our kernel (cuBLASLt is the default from sm_90)
     m, k, n = 65535 * 64 + 17, 256, 8
     x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
     w_packed = llmkernels.ternary.pack_ternary(torch.randint(-1, 2, (n, k), device="cuda"))
@@ -42,7 +42,7 @@ def test_cuda_int8_gemm_more_rows_than_one_launch(monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_int8_matmul_output_past_2_31_elements(backend, monkeypatch):
     """65600 x 32768 int32 (8.6 GB): rows past 65536 start beyond 2^31 elements. Both ends against the reference."""
-    monkeypatch.delenv("LLMKERNELS_TERNARY_GEMM", raising=False)
+    monkeypatch.setenv("LLMKERNELS_TERNARY_GEMM", "mma")  # our kernel (cuBLASLt is the default from sm_90)
     m, k, n = 65600, 256, 32768
     x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
     w_packed = llmkernels.ternary.pack_ternary(torch.randint(-1, 2, (n, k), device="cuda"))
