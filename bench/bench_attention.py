@@ -7,12 +7,14 @@ when causal, times 3.5 for forward + backward (the backward is 2.5 forwards); ba
 nheads * headdim = 2048, bf16. Limit: the tensor-core peak. Peers: SDPA with each backend forced (flash,
 efficient, cuDNN; a backend that errors is skipped) and compiled FlexAttention.
 GPU decode (flash_attn_decode): one query token per row against a cache of `context` tokens, 32 query heads on
-8 KV heads of 128; GB/s = bytes of K, V, q and out moved. Limit: measured copy bandwidth.
+8 KV heads of 128; GB/s = bytes of K, V, q and out moved. Limit: measured copy bandwidth. llmkernels-cuda-gqa is
+the CUDA path with LLMKERNELS_DECODE_KERNEL=gqa (the GQA-sharing decode kernel instead of the forward kernel).
 CPU (flash_attn_fwd_cpu): fp32 forward against SDPA's CPU kernel, 2 threads, head dim 64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -148,9 +150,25 @@ def _decode_impls(q, k_cache, v_cache, lens) -> dict[str, Callable]:
 
         return fn
 
-    return {"llmkernels-cuda": ours("cuda"), "llmkernels-triton": ours("triton"),
+    return {"llmkernels-cuda": ours("cuda"), "llmkernels-cuda-gqa": ours("cuda"), "llmkernels-triton": ours("triton"),
             "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
             "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+
+
+@contextlib.contextmanager
+def _decode_kernel(kernel: str | None):
+    """LLMKERNELS_DECODE_KERNEL (read per call by the CUDA flash_attn_with_kvcache) set to `kernel`, or unset, for
+    the block: "llmkernels-cuda-gqa" times the GQA-sharing decode kernel, "llmkernels-cuda" the forward kernel."""
+    name = "LLMKERNELS_DECODE_KERNEL"
+    before = os.environ.pop(name, None)
+    if kernel is not None:
+        os.environ[name] = kernel
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if before is not None:
+            os.environ[name] = before
 
 
 def bench_gpu_decode(quick: bool) -> list[dict]:
@@ -175,7 +193,8 @@ def bench_gpu_decode(quick: bool) -> list[dict]:
 
             impls = _decode_impls(q, k_cache, v_cache, lens)
             for impl, fn in impls.items():
-                ms = _time(impl, fn, (), False)
+                with _decode_kernel("gqa" if impl == "llmkernels-cuda-gqa" else None):
+                    ms = _time(impl, fn, (), False)
                 if ms is not None:
                     rows.append({"op": "flash_attn_decode", "case": case, "impl": impl, "time_ms": ms,
                                  "metric": "GB/s", "value": moved / (ms * 1e-3) / 1e9, "limit": limit})

@@ -5,15 +5,17 @@
 GPU (bf16, dstate 16, per-token B/C, with z, D, delta_bias, softplus, as in Mamba): batch 8, dim 2048 and
 5120, seqlen 512..16k. GB/s counts the bytes that must move: u, delta, z (batch, dim, seqlen), B, C
 (batch, dstate, seqlen) in and out (batch, dim, seqlen); forward + backward adds dout in, the same inputs
-read again and du, ddelta, dz, dB, dC out. The limit is copy_bandwidth_gbps(). Backends: cuda, triton, and
-the reference where it finishes in reasonable time (seqlen <= 2048). Decode: one state-update step, batch
-1..256, dim 5120; bytes = the fp32 state read and written plus x, dt, z, B, C, y.
+read again and du, ddelta, dz, dB, dC out. The limit is copy_bandwidth_gbps(). Backends: cuda, triton,
+cuda with LLMKERNELS_SCAN_BWD=fast ("llmkernels-cuda-fastbwd", forward + backward only), and the reference
+where it finishes in reasonable time (seqlen <= 2048). Decode: one state-update step, batch 1..256, dim 5120;
+bytes = the fp32 state read and written plus x, dt, z, B, C, y.
 CPU: small cases, the C++ kernels against the reference, including seqlen 2048 (the speedup is the point).
 Colleagues' kernels are called inside try/except, so the benchmark runs whatever state they are in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -91,6 +93,20 @@ def _scan_fn(backend, kw, backward):
     return run
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    """The environment variable set for the block (the C++ host code reads it on every call), then restored."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
 def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit, measure_kw):
     elem = torch.tensor([], dtype=dtype).element_size()
     kw = scan_inputs(batch, dim, seqlen, dtype, device)
@@ -101,6 +117,10 @@ def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit
         for backend in backends:
             _try(rows, op, case, f"llmkernels-{backend}", _scan_fn(backend, kw, backward), nbytes, limit,
                  peer="reference", **measure_kw)
+        if backward and "cuda" in backends:  # the channel-parallel backward, opt-in until measured
+            with _env("LLMKERNELS_SCAN_BWD", "fast"):
+                _try(rows, op, case, "llmkernels-cuda-fastbwd", _scan_fn("cuda", kw, backward), nbytes, limit,
+                     peer="reference", **measure_kw)
         # The reference's autograd keeps every step's tensors: on a GPU only short sequences fit.
         if ref_ok and not (backward and on_gpu() and seqlen > 512):
             _try(rows, op, case, "reference", _scan_fn("reference", kw, backward), nbytes, limit,

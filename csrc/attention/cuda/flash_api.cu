@@ -1,8 +1,8 @@
 // Host side of the CUDA flash attention ops: argument checks, parameter structs, head-dim / dtype
-// dispatch, split-KV choice, and TORCH_LIBRARY_IMPL(llmkernels, CUDA) for flash_attn_fwd,
-// flash_attn_bwd and flash_attn_with_kvcache (schemas and semantics in csrc/registration.cpp).
-// No kernel is defined here (they live in the flash_*_hdim*.cu instantiations and flash_aux.cu), and
-// nothing synchronises the device.
+// dispatch, split-KV choice, the decode-kernel switch, and TORCH_LIBRARY_IMPL(llmkernels, CUDA) for
+// flash_attn_fwd, flash_attn_bwd and flash_attn_with_kvcache (schemas and semantics in csrc/registration.cpp).
+// No kernel is defined here (they live in the flash_*_hdim*.cu / flash_decode_*.cu instantiations and
+// flash_aux.cu), and nothing synchronises the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,12 +10,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <optional>
 #include <tuple>
 
 #include "attention/cuda/flash.h"
+#include "attention/cuda/flash_decode.h"
 #include "common/checks.h"
 
 namespace llmk::flash {
@@ -269,6 +272,52 @@ std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q, const Tensor& k,
   return {out, lse};
 }
 
+// LLMKERNELS_DECODE_KERNEL=gqa (read each call) sends decode steps of at most kDecodeMaxPackedRows packed rows
+// (seqlen_q * query heads per KV head) to the GQA-sharing CUDA-core kernel (flash_decode_kernel.cuh); anything
+// else keeps the forward kernel. Off by default until a GPU has measured it against the forward kernel.
+bool use_gqa_decode(const FwdParams& p) {
+  const char* env = std::getenv("LLMKERNELS_DECODE_KERNEL");
+  if (env == nullptr || std::strcmp(env, "gqa") != 0) return false;
+  const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.nheads;  // the combine's grid
+  return int64_t(p.seqlen_q) * p.group <= kDecodeMaxPackedRows && decode_programs(p) < (1LL << 31) &&
+         rows < (1LL << 31);
+}
+
+// Splits of each row's keys for the decode kernel: when its blocks cannot fill the GPU once at
+// kDecodeBlocksPerSm blocks an SM (small batches), split so that all of them are resident in one wave (no partial
+// second wave), keeping >= 128 keys a split. Batch 64 at 8 KV heads (512 blocks) runs unsplit: splitting would
+// only add the combine.
+int choose_decode_splits(int64_t programs, int64_t seqlen_k, int num_sms) {
+  const int64_t resident = int64_t(kDecodeBlocksPerSm) * num_sms;
+  if (programs >= resident / 2) return 1;
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(kDecodeMaxSplits, (seqlen_k + 127) / 128));
+  return static_cast<int>(std::clamp<int64_t>(resident / programs, 1, most));
+}
+
+void run_gqa_decode(FwdParams& p, const Tensor& q, cudaStream_t stream) {
+  const int bucket = decode_head_dim_bucket(p.headdim);
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+  p.num_splits = choose_decode_splits(decode_programs(p), p.seqlen_k, num_sms);
+  Tensor out_accum, lse_accum;  // alive until the combine has been queued
+  if (p.num_splits > 1) {
+    const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.nheads;
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_accum = at::empty({p.num_splits, rows, bucket}, f32);
+    lse_accum = at::empty({p.num_splits, rows}, f32);
+    p.out_accum = out_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  }
+  dispatch_dtype(q.scalar_type(), [&]<typename T>() {
+    switch (bucket) {
+      case 32: return run_flash_decode_gqa<T, 32>(p, stream);
+      case 64: return run_flash_decode_gqa<T, 64>(p, stream);
+      case 128: return run_flash_decode_gqa<T, 128>(p, stream);
+      default: return run_flash_decode_gqa<T, 256>(p, stream);
+    }
+  });
+}
+
 Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                     const std::optional<Tensor>& k_new, const std::optional<Tensor>& v_new,
                                     const Tensor& cache_seqlens, double softmax_scale, int64_t window_left,
@@ -324,6 +373,10 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
   FwdParams p = make_fwd_params(q, k_cache, v_cache, out, softmax_scale, window_left, window_right, softcap);
   p.cache_seqlens = seqlens.data_ptr<int>();
   p.seqlen_new = s_new;
+  if (use_gqa_decode(p)) {
+    run_gqa_decode(p, q, stream);
+    return out;
+  }
   const int dp = padded_head_dim(d);
   Tensor out_accum, lse_accum;
   set_num_splits(p, q, dp, out_accum, lse_accum);

@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "common/checks.h"
@@ -181,6 +183,14 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda(
   return {out.to(u.scalar_type()), last_state};
 }
 
+// Whether the backward runs the channel-parallel kernel: only with LLMKERNELS_SCAN_BWD=fast (read per call) until
+// a GPU has measured it, and only where it applies (fast_scan_bwd_supported). Once measured, the default should
+// also want enough (batch, channel) rows to fill the GPU: a CTA walks its whole row sequentially.
+bool use_fast_scan_bwd(const ScanBwdParams& p) {
+  const char* env = std::getenv("LLMKERNELS_SCAN_BWD");
+  return env != nullptr && std::strcmp(env, "fast") == 0 && fast_scan_bwd_supported(p);
+}
+
 // An absent optional's gradient: an empty tensor.
 at::Tensor absent(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kFloat)); }
 
@@ -199,16 +209,20 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
   at::Tensor dlast = optional_fp32(op, "dlast_state", dlast_state, u, {batch, dim, dstate});
   const auto f32 = u.options().dtype(at::kFloat);
 
-  ScanBwdParams p;
+  ScanBwdFastParams p;
   static_cast<ScanFwdParams&>(p) = in.params;
-  at::Tensor chunk_states = at::empty({batch, dim, p.nchunks, dstate}, f32);
+  p.vec = p.vec && aligned16(dout_c.data_ptr());  // du, ddelta, dz are fresh allocations, aligned like u
+  const bool fast = use_fast_scan_bwd(p) && batch * dim > 0;
+  // The fast kernel writes every accumulated gradient outright; the chunked one adds into zeroed buffers.
+  auto acc = [&](at::IntArrayRef shape) { return fast ? at::empty(shape, f32) : at::zeros(shape, f32); };
+  at::Tensor chunk_states = at::empty({fast ? 0 : batch, dim, p.nchunks, dstate}, f32);
   at::Tensor scratch_last = at::empty({batch, dim, dstate}, f32);
   at::Tensor du = at::empty_like(in.u), ddelta = at::empty_like(in.u);
   at::Tensor dz = in.z.defined() ? at::empty_like(in.u) : at::Tensor();
-  at::Tensor dA = at::zeros({dim, dstate}, f32);
-  at::Tensor dB = at::zeros(in.B.sizes(), f32), dC = at::zeros(in.C.sizes(), f32);
-  at::Tensor dD = in.D.defined() ? at::zeros({dim}, f32) : at::Tensor();
-  at::Tensor ddelta_bias = in.delta_bias.defined() ? at::zeros({dim}, f32) : at::Tensor();
+  at::Tensor dA = acc({dim, dstate});
+  at::Tensor dB = acc(in.B.sizes()), dC = acc(in.C.sizes());
+  at::Tensor dD = in.D.defined() ? acc({dim}) : at::Tensor();
+  at::Tensor ddelta_bias = in.delta_bias.defined() ? acc({dim}) : at::Tensor();
   at::Tensor dinit = in.initial_state.defined() ? at::empty({batch, dim, dstate}, f32) : at::Tensor();
 
   p.out = nullptr;  // the recompute pass stores only the chunk-entry states
@@ -226,12 +240,30 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
   p.dD = dD.defined() ? dD.data_ptr<float>() : nullptr;
   p.ddelta_bias = ddelta_bias.defined() ? ddelta_bias.data_ptr<float>() : nullptr;
   p.dinitial_state = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
-  p.vec = p.vec && aligned16(p.dout);  // du, ddelta, dz are fresh allocations, aligned like u
 
+  at::Tensor ckpt, part_bc, part_A, part_D, part_bias;  // the fast kernel's scratch
+  if (fast) {
+    const int64_t ctas = batch * dim / kFastCh, ntiles = (u.size(2) + kFastT - 1) / kFastT;
+    ckpt = at::empty({ctas, ntiles, kFastCh, kFastN}, f32);
+    part_bc = at::empty({ctas, u.size(2), 2 * kFastN}, f32);
+    part_A = at::empty({batch, dim, kFastN}, f32);
+    part_D = at::empty({batch, dim}, f32);
+    part_bias = at::empty({batch, dim}, f32);
+    p.ckpt = ckpt.data_ptr<float>();
+    p.part_bc = part_bc.data_ptr<float>();
+    p.part_A = part_A.data_ptr<float>();
+    p.part_D = part_D.data_ptr<float>();
+    p.part_bias = part_bias.data_ptr<float>();
+  }
   if (batch * dim > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_activation_dtype(in.u.scalar_type(), op, "u", [&](auto tag) {
       using T = typename decltype(tag)::type;
+      if (fast) {
+        launch_selective_scan_bwd_fast<T>(p, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       launch_selective_scan_fwd<T>(p, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_selective_scan_bwd<T>(p, stream);

@@ -15,6 +15,27 @@ void launch_selective_scan_fwd(const ScanFwdParams& p, cudaStream_t stream);
 template <typename T>
 void launch_selective_scan_bwd(const ScanBwdParams& p, cudaStream_t stream);
 
+// The channel-parallel backward (selective_scan_bwd_fast.cuh, LLMKERNELS_SCAN_BWD=fast): the backward's
+// parameters plus fp32 scratch the host allocates (nothing needs zeroing: every element is written before it is
+// read). It writes dA, dB, dC, dD, ddelta_bias (no accumulation) and ignores chunk_states_in.
+constexpr int kFastN = 16;   // dstate of the fast backward
+constexpr int kFastCh = 64;  // channels per CTA
+constexpr int kFastT = 16;   // timesteps per tile and per checkpoint
+struct ScanBwdFastParams : ScanBwdParams {
+  float* ckpt;       // (batch * dim / kFastCh, ceil(seqlen / kFastT), kFastCh, kFastN): state entering each tile
+  float* part_bc;    // (batch * dim / kFastCh, seqlen, 2 * kFastN): each CTA's dB_t/dC_t summed over its channels
+  float* part_A;     // (batch, dim, kFastN)
+  float* part_D;     // (batch, dim)
+  float* part_bias;  // (batch, dim)
+};
+template <typename T>
+void launch_selective_scan_bwd_fast(const ScanBwdFastParams& p, cudaStream_t stream);
+// Whether the fast backward applies (dstate 16, per-token B/C, aligned rows, 64-channel CTAs within a group).
+inline bool fast_scan_bwd_supported(const ScanBwdParams& p) {
+  return p.dstate == kFastN && p.vec && p.B_per_token && p.C_per_token && p.dim % kFastCh == 0 &&
+         (p.dim / p.B_ngroups) % kFastCh == 0 && (p.dim / p.C_ngroups) % kFastCh == 0;
+}
+
 // One decode step of the scan. x, dt, z: (batch, dim); B, C: (batch, ngroups, dstate); all contiguous.
 // state: (batch, dim, dstate) with any strides, updated in place.
 struct StateUpdateParams {

@@ -18,7 +18,11 @@
 // buffers with atomicAdd (every channel of a group adds into the same B_t gradient), as do dD/ddelta_bias.
 //
 // Speed: twice the forward's exp2 and scan work plus the dB/dC atomics, which dominate when B/C are per token
-// (dstate * 2 atomics per timestep per channel, contended by the dim / ngroups channels of a group).
+// (dstate * 2 atomics per timestep per channel, contended by the dim / ngroups channels of a group, and a warp's
+// 32 lanes 8 floats apart: 32 sectors per atomic instruction). Measured on H100 (bf16, batch 8, dim 5120,
+// seqlen 2048, per-token B/C): ~35 ms (fwd + bwd 36.2 ms), against ~3 ms for the recompute and the block scans
+// (twice the chunked forward's 1.46 ms): the 2.7e9 atomics are the rest. LLMKERNELS_SCAN_BWD=fast takes the
+// channel-parallel kernel of selective_scan_bwd_fast.cuh for the common case, without cross-channel atomics.
 #pragma once
 
 #include "scan/cuda/scan_common.cuh"
