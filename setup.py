@@ -70,7 +70,7 @@ setup(
         "llmkernels.nn",
         "llmkernels.integrations",
     ],
-    package_data={"llmkernels": ["data/*", "*.json"]},
+    package_data={"llmkernels": ["data/*", "*.json"], "llmkernels.triton": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

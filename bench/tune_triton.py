@@ -5,14 +5,16 @@ llmkernels/triton/tuned_configs.json, which llmkernels/triton/flash_attn.py then
     python bench/tune_triton.py --smoke [--out PATH]   # CI: tiny shapes under TRITON_INTERPRET=1, 2 candidates
 
 For each kernel (fwd, bwd_dkdv, bwd_dq), head-dim bucket (64, 128, 256) and mask (full, causal), every
-candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) runs once, its outputs are checked against the static
-table's config (the default) on the same inputs, and accepted ones are timed with triton.testing.do_bench
-(median). bf16 only: fp16 takes the same tiles, fp32 keeps its own tables (no tensor cores).
+candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, forward variant: 1, 2 = TMA kernel]) runs once, its outputs
+are checked against the static table's config (the default) on the same inputs, and accepted ones are timed with
+triton.testing.do_bench (median). bf16 only: fp16 takes the same tiles, fp32 keeps its own tables (no tensor
+cores). Head dim 128's forward is also tuned at batch 16 x seqlen 1024, stored as "full_short" / "causal_short"
+(flash_attn.py uses those up to SHORT_SEQLEN keys).
 What is timed: `fwd` the forward op; `bwd_*` the whole backward op (preprocess + dK/dV + dQ) with the other
 backward kernel at its default, so the difference between two candidates is their kernel's difference.
 Candidates that fail to compile or launch (shared memory) or disagree with the default are recorded, not used.
 
-Compiles dominate (1-3 s each, about 130 here): they run first in --jobs worker processes that launch every
+Compiles dominate (1-3 s each, about 175 here): they run first in --jobs worker processes that launch every
 candidate once, which fills Triton's on-disk cache; the main process then loads them from there. The whole run
 stops starting new work after --budget-s and always writes what it has (`complete` says whether it finished).
 """
@@ -53,14 +55,21 @@ NHEADS = {64: 32, 128: 16, 256: 8}
 # fwd: holds q (BLOCK_M x d) and an fp32 accumulator; streams K, V tiles (BLOCK_N x d) through num_stages buffers.
 # dK/dV: one program per BLOCK_N keys holds k, v and two fp32 (BLOCK_N x d) accumulators; streams q, do tiles.
 # dQ: one program per BLOCK_M queries holds q, do and an fp32 accumulator; streams k, v tiles.
-CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+# A 5th field selects the forward's TMA variant (flash_attn_fwd_tma_kernel: K/V through tensor descriptors, the
+# scale folded into the exp2's FMA): 1 for the unmasked tiles, 2 for every tile (causal and short sequences have
+# a larger share of masked tiles). Its tiles are the best plain ones and BLOCK_N 128, which TMA's cheaper loads
+# may now afford. Every one compiled offline for sm_90a with triton 3.8 and 3.6: <= 225 KiB shared memory, spills
+# of 8-32 bytes at most (128 x 128 at head dim 128, 128 x 64 at 256, causal); (128, 128, 8, 3, 1) at head dim 64
+# is left out: triton 3.6's ptxas crashes on it (full mask).
+CANDIDATES: dict[str, dict[int, list[tuple[int, ...]]]] = {
     "fwd": {
         64: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3),
-             (128, 32, 4, 3)],
+             (128, 32, 4, 3), (128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (128, 64, 4, 3, 1)],
         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3),
-              (64, 128, 4, 2)],
+              (64, 128, 4, 2), (128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (128, 128, 8, 3, 1), (64, 64, 4, 3, 1),
+              (128, 64, 8, 4, 1), (128, 64, 8, 3, 2), (64, 64, 4, 3, 2), (128, 128, 8, 2, 2)],
         256: [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3),
-              (128, 16, 8, 2)],
+              (128, 16, 8, 2), (128, 64, 8, 2, 1), (64, 32, 4, 2, 1)],
     },
     "bwd_dkdv": {
         64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 2)],
@@ -84,18 +93,30 @@ class Case:
     seqlen: int = 4096
     nheads: int = 16
     dtype: str = "bfloat16"
+    short: bool = False  # winners stored as "<mask>_short": flash_attn uses them up to SHORT_SEQLEN keys
 
     @property
     def mask(self) -> str:
-        return "causal" if self.causal else "full"
+        return ("causal" if self.causal else "full") + ("_short" if self.short else "")
+
+    def kernels(self, kernels: tuple[str, ...]) -> tuple[str, ...]:
+        """The forward only at short sequences: the backward's loader takes no seqlen."""
+        return tuple(k for k in kernels if k == "fwd" or not self.short)
 
     def fwd_flops(self) -> float:
         """Matmul FLOPs of the forward (QK^T and PV); causal counts the visible half."""
         return 4.0 * self.batch * self.nheads * self.seqlen * self.seqlen * self.headdim * (0.5 if self.causal else 1)
 
 
+# Head dim 128 also at batch 16 x seqlen 1024 (forward only): fewer keys per query block favour other tiles.
+SHORT_HEADDIMS = (128,)
+
+
 def gpu_cases(headdims=HEADDIMS) -> list[Case]:
-    return [Case(d, causal, nheads=NHEADS[d]) for d in headdims for causal in (False, True)]
+    cases = [Case(d, causal, nheads=NHEADS[d]) for d in headdims for causal in (False, True)]
+    short = [Case(d, causal, batch=16, seqlen=1024, nheads=NHEADS[d], short=True) for d in headdims
+             if d in SHORT_HEADDIMS for causal in (False, True)]  # fmt: skip
+    return cases + short  # last: a budget cut leaves the short cases out first
 
 
 def smoke_cases() -> list[Case]:
@@ -253,7 +274,7 @@ def precompile(tasks: list[tuple[str, Case, tuple]], jobs: int, timeout_s: float
 # --- the sweep ---------------------------------------------------------------------------------------------------
 
 
-def candidate_list(kernel: str, case: Case, smoke: bool) -> list[tuple[int, int, int, int]]:
+def candidate_list(kernel: str, case: Case, smoke: bool) -> list[tuple[int, ...]]:
     default = default_config(kernel, case.headdim)
     extra = SMOKE_CANDIDATES if smoke else CANDIDATES[kernel][bucket(case.headdim)]
     return list(dict.fromkeys([tuple(default), *map(tuple, extra)]))
@@ -280,12 +301,12 @@ def sweep(
                          nheads=c.nheads, dtype=c.dtype) for c in cases]  # fmt: skip
     records: list[dict] = doc["candidates"]
     try:
-        tasks = [(k, c, cfg) for c in cases for k in kernels for cfg in candidate_list(k, c, smoke)]
+        tasks = [(k, c, cfg) for c in cases for k in c.kernels(kernels) for cfg in candidate_list(k, c, smoke)]
         pre, doc["precompile"] = precompile(tasks, jobs, timeout_s=0.6 * budget_s, log=log)
         log(f"precompile: {doc['precompile']}")
         for case in cases:
             inputs = make_inputs(case, device)
-            for kernel in kernels:
+            for kernel in case.kernels(kernels):
                 if time.perf_counter() - t_start > budget_s:
                     break
                 _sweep_one(kernel, case, inputs, pre, smoke, timer, budget_s, t_start, records, log)

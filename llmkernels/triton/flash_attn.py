@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensorMode
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._checks import check_same_dtype, check_shape, check_tensor
 from .flash_attn_decode import check_kvcache_args, decode_launch
@@ -28,8 +29,10 @@ from .flash_attn_kernels import (
     flash_attn_bwd_dq_kernel,
     flash_attn_bwd_preprocess_kernel,
     flash_attn_fwd_kernel,
+    flash_attn_fwd_tma_kernel,
 )
 from .launch import INTERPRET, launch
+from .tuned_file import read_tuned
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
@@ -55,6 +58,17 @@ def _pick(table: dict, block_d: int) -> tuple[int, int, int, int]:
     return table[min(bucket for bucket in table if bucket >= block_d)]
 
 
+# A forward config may carry a 5th field, the kernel variant: 0 (or absent) flash_attn_fwd_kernel; 1
+# flash_attn_fwd_tma_kernel (TMA loads of the unmasked K/V tiles, scale folded into the exp2's FMA); 2 the same
+# with TMA loads of the masked tiles too. Only tuned files and config_override set it; shapes the TMA kernel
+# cannot take (see _tma_view) run variant 0 with the same tiles.
+FWD_VARIANTS = (0, 1, 2)
+# Tuned winners measured at seqlen <= SHORT_SEQLEN are stored under "<mask>_short" ("full_short",
+# "causal_short") and used for seqlen_k <= SHORT_SEQLEN; without one, the long-sequence winner applies.
+SHORT_SEQLEN = 2048
+_MASKS = ("causal", "full", "causal_short", "full_short")
+
+
 # Measured tiles: bench/tune_triton.py times candidate configs on a GPU and writes tuned_configs.json next to
 # this file (or where LLMKERNELS_TRITON_CONFIGS points). Its winners, per kernel, head-dim bucket and
 # causal/banded vs full attention, replace the fp16/bf16 tables above (fp16 has bf16's tile shapes) when the
@@ -65,11 +79,11 @@ TUNED_CONFIGS_ENV = "LLMKERNELS_TRITON_CONFIGS"
 TUNED_FORMAT = 1
 TUNED_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 _BUCKETS = (64, 128, 256)
-_override: dict[str, tuple[int, int, int, int]] = {}
+_override: dict[str, tuple[int, ...]] = {}
 
 
 @contextlib.contextmanager
-def config_override(**configs: tuple[int, int, int, int] | None):
+def config_override(**configs: tuple[int, ...] | None):
     """Force configs by kernel name (fwd=, bwd_dkdv=, bwd_dq=) in this process: how bench/tune_triton.py
     times candidates. Wins over everything else, the interpreter's tiles included."""
     unknown = set(configs) - set(TUNED_KERNELS)
@@ -88,52 +102,38 @@ def tuned_configs_path() -> str:
     return os.environ.get(TUNED_CONFIGS_ENV) or os.path.join(os.path.dirname(__file__), "tuned_configs.json")
 
 
-def _family(device_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'H100': the first word after the vendor."""
-    words = [w for w in device_name.split() if w.upper() not in ("NVIDIA", "AMD", "GEFORCE", "TESLA")]
-    return words[0] if words else ""
-
-
-def _valid_config(cfg) -> bool:
-    if not (isinstance(cfg, (list, tuple)) and len(cfg) == 4 and all(type(x) is int for x in cfg)):
+def _valid_config(cfg, kernel: str = "fwd") -> bool:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), and for the forward optionally a 5th field: the variant."""
+    lengths = (4, 5) if kernel == "fwd" else (4,)
+    if not (isinstance(cfg, (list, tuple)) and len(cfg) in lengths and all(type(x) is int for x in cfg)):
         return False
-    block_m, block_n, warps, stages = cfg
+    if len(cfg) == 5 and cfg[4] not in FWD_VARIANTS:
+        return False
+    block_m, block_n, warps, stages = cfg[:4]
     # tl.arange needs powers of two, tl.dot needs every side >= 16.
     pow2 = all(16 <= b <= 256 and b & (b - 1) == 0 for b in (block_m, block_n))
     return pow2 and warps in (1, 2, 4, 8, 16) and 1 <= stages <= 8
+
+
+def _parse_winners(entries: dict) -> dict:
+    winners: dict = {}
+    for kernel, buckets in entries.items():
+        if kernel not in TUNED_KERNELS:
+            continue
+        for bucket, by_mask in buckets.items():
+            for mask, cfg in by_mask.items():
+                if int(bucket) not in _BUCKETS or mask not in _MASKS or not _valid_config(cfg, kernel):
+                    raise ValueError(f"bad winner {kernel} {bucket} {mask}: {cfg!r}")
+                winners.setdefault(kernel, {}).setdefault(int(bucket), {})[mask] = tuple(cfg)
+    return winners
 
 
 def load_tuned(
     path: str, device_name: str, capability: tuple[int, int], triton_version: str
 ) -> tuple[dict | None, str]:
     """(winners {kernel: {bucket: {"causal" | "full": config}}} or None, what was used and why) for this GPU."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None, f"static tables (no {path})"
-    except (OSError, ValueError) as exc:
-        return None, f"static tables ({path} unreadable: {exc.__class__.__name__})"
-    try:
-        if data["format"] != TUNED_FORMAT:
-            return None, f"static tables ({path} has format {data['format']!r}, expected {TUNED_FORMAT})"
-        name, cap = data["device"], tuple(data["capability"])
-        if name != device_name and (_family(name) != _family(device_name) or cap != tuple(capability)):
-            return None, f"static tables ({path} was measured on {name}, this GPU is {device_name})"
-        if data["triton"].split(".")[:2] != triton_version.split(".")[:2]:
-            return None, f"static tables ({path} was measured with triton {data['triton']}, this is {triton_version})"
-        winners: dict = {}
-        for kernel, buckets in data["winners"].items():
-            if kernel not in TUNED_KERNELS:
-                continue
-            for bucket, by_mask in buckets.items():
-                for mask, cfg in by_mask.items():
-                    if int(bucket) not in _BUCKETS or mask not in ("causal", "full") or not _valid_config(cfg):
-                        raise ValueError(f"bad winner {kernel} {bucket} {mask}: {cfg!r}")
-                    winners.setdefault(kernel, {}).setdefault(int(bucket), {})[mask] = tuple(cfg)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return None, f"static tables ({path} is malformed: {exc})"
-    return winners, f"measured ({path}: {name}, triton {data['triton']}, {data.get('date', '?')})"
+    return read_tuned(path, device_name, capability, triton_version, expected_format=TUNED_FORMAT,
+                      fallback="static tables", parse_winners=_parse_winners)
 
 
 @functools.cache
@@ -152,21 +152,25 @@ def config_source() -> str:
     return _tuned()[1]
 
 
-def _tuned_or(kernel: str, table: dict, block_d: int, banded: bool) -> tuple[int, int, int, int]:
+def _tuned_or(kernel: str, table: dict, block_d: int, banded: bool, seqlen: int | None = None) -> tuple[int, ...]:
     winners = _tuned()[0] or {}
     bucket = min(b for b in _BUCKETS if b >= block_d)
-    return winners.get(kernel, {}).get(bucket, {}).get("causal" if banded else "full") or _pick(table, block_d)
+    by_mask = winners.get(kernel, {}).get(bucket, {})
+    mask = "causal" if banded else "full"
+    short = by_mask.get(mask + "_short") if seqlen is not None and seqlen <= SHORT_SEQLEN else None
+    return short or by_mask.get(mask) or _pick(table, block_d)
 
 
-def _fwd_config(block_d: int, dtype: torch.dtype, banded: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel; banded: a causal or window mask."""
+def _fwd_config(block_d: int, dtype: torch.dtype, banded: bool = False, seqlen: int | None = None) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) of the forward; banded: a causal or window mask;
+    seqlen: seqlen_k, which picks a short-sequence winner where the tuned file has one."""
     if "fwd" in _override:
         return _override["fwd"]
     if _INTERPRET:
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
         return _pick(_FWD_CONFIGS_FP32, block_d)
-    return _tuned_or("fwd", _FWD_CONFIGS, block_d, banded)
+    return _tuned_or("fwd", _FWD_CONFIGS, block_d, banded, seqlen)
 
 
 def _bwd_configs(
@@ -203,6 +207,26 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[2]}) must divide q's nheads ({nheads})")
 
 
+def _tma_view(t: torch.Tensor, block_n: int, block_d: int) -> TensorDescriptor | None:
+    """A TMA descriptor of (batch, seqlen, nheads, headdim) K or V as its 2-D (batch * seqlen, nheads * headdim)
+    view, tiles (block_n, headdim); None where the strides do not allow that view or TMA's 16-byte alignment."""
+    batch, seqlen, nheads, headdim = t.shape
+    es = t.element_size()
+    ok = (
+        headdim == block_d  # a padded tile would read the next head's columns
+        and (nheads == 1 or t.stride(2) == headdim)
+        and (batch == 1 or t.stride(0) == seqlen * t.stride(1))
+        and t.stride(1) >= nheads * headdim  # rows that do not overlap (no broadcast views)
+        and t.stride(1) * es % 16 == 0
+        and t.storage_offset() * es % 16 == 0
+        and (t.is_meta or is_fake(t) or t.data_ptr() % 16 == 0)
+        and batch * seqlen < 2**31  # descriptor shapes and coordinates are int32
+    )
+    if not ok:
+        return None
+    return TensorDescriptor.from_tensor(
+        t.as_strided((batch * seqlen, nheads * headdim), (t.stride(1), 1)), [block_n, headdim]
+    )
 
 
 def _bounded_windows(window_left: int, window_right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
@@ -248,14 +272,22 @@ def flash_attn_fwd_triton(
         return out.zero_(), lse.fill_(float("-inf"))
     window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
-    block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta))
+    cfg = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta), seqlen_k)
+    block_m, block_n, num_warps, num_stages = cfg[:4]
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # not batch * nheads: grid y stops at 65535
-    launch(flash_attn_fwd_kernel, grid,
-        q, k, v, out, lse,
+    kernel, descs = flash_attn_fwd_kernel, ()
+    # The TMA variant folds the scale into the max (needs scale > 0; soft-capping applies its own scale).
+    variant, extra = (cfg[4] if len(cfg) > 4 else 0), {}
+    if variant in (1, 2) and q.dtype != torch.float32 and (softmax_scale > 0 or softcap > 0):
+        k_desc, v_desc = _tma_view(k, block_n, meta["BLOCK_D"]), _tma_view(v, block_n, meta["BLOCK_D"])
+        if k_desc is not None and v_desc is not None:
+            kernel, descs, extra = flash_attn_fwd_tma_kernel, (k_desc, v_desc), {"TMA_MASKED": variant == 2}
+    launch(kernel, grid,
+        q, k, v, *descs, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta, **extra,
     )  # fmt: skip
     return out, lse
 

@@ -381,3 +381,126 @@ def flash_attn_bwd_dq_kernel(
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qo_mask)
+
+
+# --- Forward variant for Hopper (opt-in: the 5th config field, see flash_attn.py) ------------------------------
+# Differs from flash_attn_fwd_kernel in the loop body only:
+# - the unmasked middle range reads K and V tiles through TMA tensor descriptors (one bulk copy per tile, no
+#   address math or predicates in registers, and the pipeliner waits on an mbarrier instead of cp.async groups);
+#   the masked head and tail keep pointer loads (TMA_MASKED=False), so a ragged last tile never reads past its
+#   batch's rows, or use the descriptors too (TMA_MASKED=True: no cp.async path at all), where the rows past
+#   seqlen_k, the next batch's keys, are masked in the scores and zeroed in V (0 * a non-finite V would be NaN);
+# - the softmax scale is folded: the row max is taken over the raw dot products and scaled once per row, and
+#   p = exp2(qk * scale' - m) is one FMA per score (flash_attn_fwd_kernel scales the whole tile, then subtracts).
+#   Needs scale > 0 (max(c * x) = c * max(x)), which the host checks;
+# - P @ V accumulates into the rescaled accumulator inside the dot (wgmma's accumulator input).
+
+
+@triton.jit
+def _fwd_inner_fold(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, desc_row, desc_col, stride_kn, stride_vn,
+                    offs_m, offs_n, offs_d, start, stop, seqlen_k, shift, window_left, window_right, qk_scale, scale,
+                    softcap, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    EVEN_D: tl.constexpr, TMA_MASKED: tl.constexpr):
+    """MASKED tiles load through pointers (as _fwd_inner) unless TMA_MASKED; the others through the descriptors,
+    whose row desc_row + n0 is key n0 of this (batch, KV head) and column desc_col its first head-dim element."""
+    d_mask = offs_d[None, :] < HEADDIM
+    for n0 in range(start, stop, BLOCK_N):
+        cols = n0 + offs_n
+        if MASKED and not TMA_MASKED:
+            kv_mask = (cols[:, None] < seqlen_k) & d_mask
+            k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn
+            k = _load_tile(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), kv_mask, True, EVEN_D)
+        else:
+            k = k_desc.load([desc_row + n0, desc_col])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            qk, _ = _softcap_scores(qk, scale, softcap, SOFTCAP)  # the log2 domain already: scale' = 1
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if HAS_WL:
+                visible &= cols[None, :] >= offs_m[:, None] + shift - window_left
+            if HAS_WR:
+                visible &= cols[None, :] <= offs_m[:, None] + shift + window_right
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # Rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * qk_scale - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED and not TMA_MASKED:
+            v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn
+            v = _load_tile(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), kv_mask, True, EVEN_D)
+        else:
+            v = v_desc.load([desc_row + n0, desc_col])
+            if MASKED:
+                v = tl.where(cols[:, None] < seqlen_k, v, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def flash_attn_fwd_tma_kernel(
+    Q, K, V, K_desc, V_desc, Out, LSE,  # as flash_attn_fwd_kernel; K_desc, V_desc: 2-D (b * sk, hk * d) views
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA_MASKED: tl.constexpr,
+):
+    """flash_attn_fwd_kernel with TMA loads of the K/V tiles and the scale folded (see above)."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_h32 = tl.program_id(1)
+    off_b32 = tl.program_id(2)
+    off_hk32 = off_h32 // group
+    off_b = off_b32.to(tl.int64)
+    off_hk = off_hk32.to(tl.int64)
+    off_h = off_h32.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEADDIM
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & d_mask, other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    desc_row = off_b32 * seqlen_k  # int32: the host checks batch * seqlen_k < 2^31 (a descriptor's shape is int32)
+    desc_col = off_hk32 * HEADDIM
+
+    if SOFTCAP:
+        qk_scale = 1.0  # _softcap_scores returns log2-domain scores
+    else:
+        qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    shift = seqlen_k - seqlen_q
+    row_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q)
+    lo, a, b, end = _band_tile_ranges(start_m * BLOCK_M, row_hi, seqlen_k, shift, window_left, window_right,
+                                      HAS_WL, HAS_WR, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner_fold(acc, m_i, l_i, q, k_base, v_base, K_desc, V_desc, desc_row, desc_col, stride_kn,
+                                    stride_vn, offs_m, offs_n, offs_d, lo, a, seqlen_k, shift, window_left,
+                                    window_right, qk_scale, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL, HAS_WR,
+                                    SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, TMA_MASKED)
+    acc, m_i, l_i = _fwd_inner_fold(acc, m_i, l_i, q, k_base, v_base, K_desc, V_desc, desc_row, desc_col, stride_kn,
+                                    stride_vn, offs_m, offs_n, offs_d, a, b, seqlen_k, shift, window_left,
+                                    window_right, qk_scale, scale, softcap, HEADDIM, BLOCK_N, False, HAS_WL, HAS_WR,
+                                    SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, TMA_MASKED)
+    acc, m_i, l_i = _fwd_inner_fold(acc, m_i, l_i, q, k_base, v_base, K_desc, V_desc, desc_row, desc_col, stride_kn,
+                                    stride_vn, offs_m, offs_n, offs_d, b, end, seqlen_k, shift, window_left,
+                                    window_right, qk_scale, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL, HAS_WR,
+                                    SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, TMA_MASKED)
+
+    seen = l_i > 0.0
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    out = acc * inv_l[:, None]
+    lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_mask)
+    lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)

@@ -232,6 +232,148 @@ def test_gpu_fp32_and_strided(headdim):
 
 
 # --------------------------------------------------------------------------------------------------
+# The forward's TMA variant (a 5th config field 1): opt-in, only tuned files / config_override select it
+# --------------------------------------------------------------------------------------------------
+TMA = "flash_attn_fwd_tma_kernel"
+# Head dims powers of two (the variant's condition); batch 2 and several KV heads, so a descriptor row or column
+# off by a batch or a head shows; each case has unmasked middle tiles (the ones read through the descriptors).
+TMA_INTERP_CASES = [
+    (17, 17, 2, 2, 32, -1, -1, 0.0),  # full, ragged last tile (masked, pointer loads) after an unmasked one
+    (33, 48, 4, 2, 16, -1, 0, 0.0),  # causal, GQA 2, seqlen_q < seqlen_k
+    (64, 40, 2, 2, 16, -1, 0, 0.0),  # rows 0-23 see no key: m stays -inf through the folded max
+    (64, 64, 4, 2, 16, 40, 0, 2.0),  # sliding window + softcap (no fold: the softcap has its own scale)
+]
+
+
+def _kernels_launched(monkeypatch) -> list[str]:
+    names: list[str] = []
+    real = fa.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        names.append(getattr(kernel, "fn", kernel).__name__)
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "launch", spy)
+    return names
+
+
+def _tma_config(interp: bool, headdim: int = 128, variant: int = 1) -> tuple[int, ...]:
+    """Variant 1: TMA loads of the unmasked tiles; 2: of every tile."""
+    if interp:
+        return (*fa._INTERPRET_CONFIG, variant)
+    return (64, 32, 4, 2, variant) if headdim > 128 else (128, 64, 8, 3, variant)
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("case", TMA_INTERP_CASES)
+def test_tma_variant_fp16_within_ratio_of_fp16_reference(case, variant, monkeypatch):
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(fwd=_tma_config(True, variant=variant)):
+        _check_against_reference(case, torch.float16, "cpu")
+    assert launched[0] == TMA
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("variant", [1, 2])
+def test_tma_variant_strided_rows(variant, monkeypatch):
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(fwd=_tma_config(True, variant=variant)):  # k, v rows 3 * h * d apart (one qkv tensor)
+        _check_against_reference((33, 33, 2, 2, 32, -1, 0, 0.0), torch.float16, "cpu", layout="packed")
+    assert launched[0] == TMA
+
+
+@interp
+@pytest.mark.parametrize("variant", [1, 2])
+def test_tma_variant_keeps_batches_apart(variant, monkeypatch):
+    """A ragged last key tile read through a descriptor holds the next batch's first rows: NaN there (the next
+    batch's own business) must not reach this batch's output."""
+    if fa is None:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if HAS_CUDA else "cpu"
+    sk = 40 if not HAS_CUDA else 1000  # not a multiple of the key tile
+    q, k, v = _inputs((33, sk, 4, 2, 32 if not HAS_CUDA else 128), torch.float16, device)
+    k[1], v[1] = float("nan"), float("nan")
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(fwd=_tma_config(not HAS_CUDA, variant=variant)):
+        out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, 0.2, -1, -1, 0.0)
+    exact, exact_lse = flash_attn_fwd_ref(q[:1].float(), k[:1].float(), v[:1].float(), 0.2)
+    same, _ = flash_attn_fwd_ref(q[:1], k[:1], v[:1], 0.2, upcast=False)
+    assert launched == [TMA]
+    assert_error_within_ratio(out[:1], exact, same, ratio=2.0)
+    torch.testing.assert_close(lse[:1], exact_lse, rtol=1e-5, atol=1e-5)
+
+
+def _transposed_kv(q, k, v):  # (b, hk, s, d) storage: heads are not adjacent in a row, no 2-D view
+    return q, k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+TMA_FALLBACKS = [
+    # (why the variant cannot run, dtype, head dim, softmax_scale, inputs)
+    ("head dim not a power of two", torch.float16, 40, 0.2, lambda q, k, v: (q, k, v)),
+    ("negative scale: max(c x) != c max(x)", torch.float16, 32, -0.2, lambda q, k, v: (q, k, v)),
+    ("fp32", torch.float32, 32, 0.2, lambda q, k, v: (q, k, v)),
+    ("heads not adjacent", torch.float16, 32, 0.2, _transposed_kv),
+]
+
+
+@interp
+@pytest.mark.parametrize("why,dtype,headdim,scale,change", TMA_FALLBACKS, ids=[f[0] for f in TMA_FALLBACKS])
+def test_tma_variant_falls_back_to_the_pointer_kernel(why, dtype, headdim, scale, change, monkeypatch):
+    """Shapes the TMA kernel cannot take run flash_attn_fwd_kernel with the same tiles: the same bits."""
+    if fa is None:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if HAS_CUDA else "cpu"
+    q, k, v = change(*_inputs((33, 40, 4, 2, headdim), dtype, device))
+    launched = _kernels_launched(monkeypatch)
+    cfg = _tma_config(not HAS_CUDA, headdim)
+    with fa.config_override(fwd=cfg):
+        out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, scale, -1, 0, 0.0)
+    with fa.config_override(fwd=cfg[:4]):
+        ref_out, ref_lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, scale, -1, 0, 0.0)
+    assert launched == ["flash_attn_fwd_kernel"] * 2
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+# seqlens cross full 64 / 128-key tiles and a ragged end; every head-dim bucket; GQA; the masks cycled through
+# them (each of the 5 on 3 cases) and fp16 / bf16 alternating.
+GPU_TMA_CASES = [
+    pytest.param((sq, sk, h, hk, d, *GPU_MASKS[i % len(GPU_MASKS)]), (torch.float16, torch.bfloat16)[i % 2],
+                 id=f"s{sq}x{sk}-d{d}-m{i % len(GPU_MASKS)}-{('fp16', 'bf16')[i % 2]}")
+    for i, ((sq, sk), d, (h, hk)) in enumerate(
+        ((s, d, g) for s in [(113, 113), (1023, 1024), (2048, 2048), (128, 2048), (2048, 113)]
+         for d, g in [(64, (8, 8)), (128, (8, 2)), (256, (16, 2))])
+    )
+]  # fmt: skip
+
+
+@pytest.mark.cuda
+def test_gpu_tma_variant_under_torch_compile(monkeypatch):
+    """The descriptors must survive torch.compile's tracing of the op (wrap_triton), or the variant cannot become a
+    default."""
+    launched = _kernels_launched(monkeypatch)
+    q, k, v = _inputs((1024, 1024, 8, 2, 128), torch.bfloat16, "cuda")
+    with fa.config_override(fwd=_tma_config(False)):
+        eager = fa.flash_attn_triton(q, k, v, 0.1, -1, 0)
+        torch._dynamo.reset()
+        compiled = torch.compile(fa.flash_attn_triton, fullgraph=True)(q, k, v, 0.1, -1, 0)
+    assert launched and set(launched) == {TMA}
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=2e-2)  # a wrong descriptor moves rows by O(1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("case,dtype", GPU_TMA_CASES)
+def test_gpu_tma_variant(case, dtype, variant, monkeypatch):
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(fwd=_tma_config(False, case[4], variant)):
+        _check_against_reference(case, dtype, "cuda")
+    assert launched[0] == TMA
+
+
+# --------------------------------------------------------------------------------------------------
 # Decode against a KV cache (split-KV + combine)
 # --------------------------------------------------------------------------------------------------
 # (batch, seqlen_q, nheads, nheads_k, headdim, capacity, seqlen_new, window_left, window_right, softcap, lens)

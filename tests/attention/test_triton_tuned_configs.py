@@ -138,6 +138,10 @@ def test_other_triton_release_keeps_the_static_tables(gpu):
         _doc(winners={"fwd": {"96": {"full": [64, 64, 4, 2]}}}),  # no such bucket
         _doc(winners={"fwd": {"128": {"sliding": [64, 64, 4, 2]}}}),
         _doc(winners={"fwd": [64, 64, 4, 2]}),
+        _doc(winners={"fwd": {"128": {"full": [64, 64, 4, 2, 3]}}}),  # no variant 3
+        _doc(winners={"fwd": {"128": {"full": [64, 64, 4, 2, 1, 0]}}}),
+        _doc(winners={"bwd_dq": {"256": {"full": [64, 64, 4, 2, 1]}}}),  # variants are the forward's only
+        _doc(winners={"fwd": {"128": {"full_long": [64, 64, 4, 2]}}}),
     ],
     ids=lambda c: str(c)[:40],
 )
@@ -195,12 +199,56 @@ def test_gpu_candidates_are_valid_tiles(monkeypatch):
     monkeypatch.setattr(fa, "_INTERPRET", False)  # the GPU lists, defaults from the static tables
     total = 0
     for case in tune.gpu_cases():
-        for kernel in tune.KERNELS:
+        for kernel in case.kernels(tune.KERNELS):
             cands = tune.candidate_list(kernel, case, smoke=False)
             assert cands[0] == tune.default_config(kernel, case.headdim) and len(set(cands)) == len(cands) >= 4
-            assert all(fa._valid_config(list(c)) for c in cands), cands  # a winner the loader would refuse: none
+            # a winner the loader would refuse: none
+            assert all(fa._valid_config(list(c), kernel) for c in cands), cands
             total += len(cands)
-    assert total <= 130  # ~2 s of compile each: the sweep must fit in a few minutes
+    # ~2 s of compile each (12 workers), ~0.2 s of timing: the sweep must fit in a few minutes. The short cases
+    # (seqlen 1k) reuse the long ones' binaries (same argument specialisation).
+    assert total <= 180
+
+
+def test_gpu_cases_tune_the_short_forward_separately():
+    cases = tune.gpu_cases()
+    short = [c for c in cases if c.short]
+    assert [c.mask for c in short] == ["full_short", "causal_short"] and all(c.seqlen <= fa.SHORT_SEQLEN for c in short)
+    assert all(c.kernels(tune.KERNELS) == ("fwd",) for c in short)
+    assert all(c.kernels(tune.KERNELS) == tune.KERNELS for c in cases if not c.short)
+    assert cases[-len(short) :] == short  # a budget cut drops them first
+    assert {c[4] for c in tune.CANDIDATES["fwd"][128] if len(c) == 5} == {1, 2}  # both TMA variants are timed
+
+
+def test_tma_variant_and_short_winners_are_used(gpu):
+    path, _ = gpu
+    winners = {
+        "fwd": {"128": {"full": [128, 64, 8, 3, 1], "full_short": [64, 64, 4, 3], "causal_short": [128, 128, 8, 2, 1]}}
+    }
+    _write(path, _doc(winners=winners))
+    assert fa._fwd_config(128, BF16) == (128, 64, 8, 3, 1)  # no seqlen: the long-sequence winner
+    assert fa._fwd_config(128, BF16, seqlen=4096) == (128, 64, 8, 3, 1)
+    assert fa._fwd_config(128, BF16, seqlen=fa.SHORT_SEQLEN + 1) == (128, 64, 8, 3, 1)
+    assert fa._fwd_config(128, BF16, seqlen=fa.SHORT_SEQLEN) == (64, 64, 4, 3)
+    assert fa._fwd_config(128, FP16, seqlen=1024) == (64, 64, 4, 3)
+    assert fa._fwd_config(128, BF16, banded=True, seqlen=1024) == (128, 128, 8, 2, 1)
+    # No long causal winner: the static table's, also for short sequences when no short winner exists.
+    assert fa._fwd_config(128, BF16, banded=True, seqlen=4096) == fa._FWD_CONFIGS[128]
+    assert fa._fwd_config(64, BF16, seqlen=1024) == fa._FWD_CONFIGS[64]
+    assert fa._fwd_config(128, FP32, seqlen=1024) == fa._FWD_CONFIGS_FP32[128]
+
+
+def test_committed_file_loads_with_its_meaning():
+    """The committed tuned_configs.json (4-field configs, full / causal) reads back as it was written."""
+    path = os.path.join(ROOT, "llmkernels", "triton", "tuned_configs.json")
+    with open(path) as f:
+        doc = json.load(f)
+    winners, source = fa.load_tuned(path, doc["device"], tuple(doc["capability"]), doc["triton"])
+    assert source.startswith("measured"), source
+    expect = {
+        k: {int(b): {m: tuple(c) for m, c in by.items()} for b, by in bs.items()} for k, bs in doc["winners"].items()
+    }
+    assert winners == expect and winners["fwd"][128]["full"]
 
 
 def test_mismatch_tolerates_rounding_only():
@@ -298,3 +346,24 @@ def test_smoke_command_line_with_precompile_workers(tmp_path):
     assert doc["smoke"] and doc["complete"] and set(doc["winners"]) == {"fwd"}
     assert doc["precompile"].startswith("4/4 launches in 2 workers"), doc["precompile"]  # 2 masks x 2 candidates
     assert "wrote" in res.stdout
+
+
+@smoke
+def test_smoke_sweep_times_the_tma_variant_and_a_short_case(tmp_path, monkeypatch):
+    tma = (*fa._INTERPRET_CONFIG, 1)
+    monkeypatch.setattr(tune, "SMOKE_CANDIDATES", [fa._INTERPRET_CONFIG, tma])
+    # Head dim 32 (a power of two, so the TMA kernel runs rather than its fallback), batch 2, GQA.
+    cases = [tune.Case(32, False, batch=2, seqlen=40, nheads=2, dtype="float16", short=True)]
+    launched = []
+    real = fa.launch
+    monkeypatch.setattr(
+        fa, "launch", lambda kernel, *a, **kw: launched.append(kernel.fn.__name__) or real(kernel, *a, **kw)
+    )
+    doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None)
+    assert "error" not in doc and [r["kernel"] for r in doc["candidates"]] == ["fwd", "fwd"]  # no short backward
+    assert all(r["status"] == "ok" for r in doc["candidates"]), doc["candidates"]  # agrees with the default
+    assert "flash_attn_fwd_tma_kernel" in launched
+    assert doc["winners"] == {"fwd": {"64": {"full_short": list(tma)}}}
+    out = tmp_path / "tuned.json"
+    tune.write(doc, str(out))
+    assert fa.load_tuned(str(out), doc["device"], (0, 0), triton.__version__)[0] == {"fwd": {64: {"full_short": tma}}}
