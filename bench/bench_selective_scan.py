@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llmkernels  # noqa: E402
-from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu  # noqa: E402
+from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu, switched_kernels_enabled  # noqa: E402
 from llmkernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
 
 OP = "selective_scan"
@@ -117,7 +117,7 @@ def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit
         for backend in backends:
             _try(rows, op, case, f"llmkernels-{backend}", _scan_fn(backend, kw, backward), nbytes, limit,
                  peer="reference", **measure_kw)
-        if backward and "cuda" in backends:  # the channel-parallel backward, opt-in until measured
+        if backward and "cuda" in backends and switched_kernels_enabled():  # opt-in until measured on a GPU
             with _env("LLMKERNELS_SCAN_BWD", "fast"):
                 _try(rows, op, case, "llmkernels-cuda-fastbwd", _scan_fn("cuda", kw, backward), nbytes, limit,
                      peer="reference", **measure_kw)

@@ -68,6 +68,13 @@ def measure_ms(fn: Callable[[], object], *, warmup: int = 3, rep: int = 20, min_
     return statistics.median(times)
 
 
+def switched_kernels_enabled() -> bool:
+    """Whether to also time kernels that sit behind an off-by-default switch because no GPU has run them yet
+    (LLMKERNELS_BENCH_SWITCHED=1, which scripts/gpu_iterate.sh sets). Off in scripts/gpu_check.sh, so a fault in
+    one of them cannot take the measured kernels' numbers with it."""
+    return os.environ.get("LLMKERNELS_BENCH_SWITCHED") == "1"
+
+
 def measure_graph_ms(fn: Callable[[], object], *, calls: int = 20, rep: int = 10) -> float | None:
     """Device time per call of fn(), replayed from one CUDA graph of `calls` successive calls: no Python, no
     launch latency, as an inference engine that captures its decode step runs it (measure_ms's eager time of a

@@ -32,6 +32,8 @@ timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider "${par[@]}
 log "tests rc=$? (124: timed out)"; grep -E "^(FAILED|ERROR)|passed|failed|skipped|crashed|node down" "$OUT/tests.log" | tail -25 | tee -a "$OUT/iterate.log"
 
 [ "${NO_BENCH:-0}" = 1 ] && exit 0
+# Also time the kernels still behind an off-by-default switch (bench/common.py: switched_kernels_enabled).
+export LLMKERNELS_BENCH_SWITCHED=1
 for fam in "$@"; do
   log "bench $fam"
   timeout "${BENCH_TIMEOUT:-120}" "$PY" bench/run.py --op "$fam" --quick --tag "$fam" --out "$OUT" >> "$OUT/bench.log" 2>&1 || log "bench $fam rc=$?"
