@@ -1,22 +1,27 @@
-// Host side of the selective scan on the CPU: argument checks, the fp32 preprocessing (dtype conversion,
-// delta_bias, dstate padding and B/C transposed so each B_t is contiguous, with ATen ops; softplus with our
-// own vectorised kernel), the parallel split of rows, and the reductions of per-row gradients. The per-row
-// recurrences are in cpu/scan_rows.inc, compiled for AVX-512, AVX2 and scalar and chosen at run time.
+// Host side of the selective scan on the CPU: argument checks, the fp32 preprocessing, the parallel split of
+// rows, and the reductions of per-row gradients. The forward converts each row (u, delta + delta_bias through
+// softplus, z, its B/C slice transposed so each B_t is contiguous) inside its parallel loop, into per-thread
+// buffers; the backward prepares whole fp32 tensors first (ATen ops, softplus with our own vectorised kernel).
+// The per-row recurrences are in cpu/scan_rows.inc, compiled for AVX-512, AVX2 and scalar and chosen at run time.
 //
-// Speed (one 2-core AVX-512 machine, fp32, batch 1, dim 64, seqlen 2048, dstate 16): forward about 1 ms
-// (~0.5 ns per state element and step, bound by the fp32 exp), forward + backward about 13 ms.
+// Speed (one 2-core AVX-512 machine, fp32, batch 1, dim 64, seqlen 2048, dstate 16): forward about 0.4 ms
+// (~0.35 ns of one core per state element and step, bound by the FMAs of the fp32 exp2), forward + backward
+// about 3.5 ms.
 //
-// Parallelism (at::parallel_for): the forward over (batch, channel) rows. The backward over (batch, part)
-// items, each a range of channels with its own dB/dC accumulator, so that per-token B/C gradients (summed
-// over the channels that share them) need no atomics: parts = ceil(threads / batch), so the extra memory
-// is about max(threads, batch) x (seqlen, dstate) floats.
+// Parallelism (at::parallel_for): the forward over (batch, channel) rows, handed out from a shared counter.
+// The backward over (batch, part) items, each a range of channels with its own dB/dC accumulator, so that
+// per-token B/C gradients (summed over the channels that share them) need no atomics: parts = ceil(threads /
+// batch), so the extra memory is about max(threads, batch) x (seqlen, dstate) floats.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -156,31 +161,40 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
     LLMK_CHECK_ARG(t->device() == u.device(), op, name, "must be on the CPU like u, got ", t->device());
 }
 
-// Elements [offset, offset + n) of a contiguous fp32 / fp16 / bf16 tensor, converted to fp32 into buf.
-void copy_row_f32(const at::Tensor& t, int64_t offset, int64_t n, float* buf) {
-  switch (t.scalar_type()) {
-    case at::kFloat: {
-      const float* src = t.const_data_ptr<float>() + offset;
-      std::copy(src, src + n, buf);
-      break;
-    }
-    case at::kBFloat16: {
-      const c10::BFloat16* src = t.const_data_ptr<c10::BFloat16>() + offset;
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-      break;
-    }
-    default: {
-      const c10::Half* src = t.const_data_ptr<c10::Half>() + offset;
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+// A contiguous fp32 / fp16 / bf16 tensor's data read a row at a time, as fp32. Raw pointer and dtype taken once:
+// with short rows (seqlen 1..16) per-row Tensor accessors showed in the forward's time.
+struct RowReader {
+  const void* data = nullptr;
+  at::ScalarType type = at::kFloat;
+
+  RowReader() = default;
+  explicit RowReader(const at::Tensor& t) : data(t.const_data_ptr()), type(t.scalar_type()) {}
+
+  // Elements [offset, offset + n): read in place when fp32, else converted into buf.
+  const float* row(int64_t offset, int64_t n, float* buf) const {
+    switch (type) {
+      case at::kFloat:
+        return static_cast<const float*>(data) + offset;
+      case at::kBFloat16:
+        kernels().bf16_to_f32(static_cast<const uint16_t*>(data) + offset, buf, n);
+        return buf;
+      default: {
+        const c10::Half* src = static_cast<const c10::Half*>(data) + offset;
+        for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+        return buf;
+      }
     }
   }
-}
+};
 
-// The same row read in place when t is fp32 already, else converted into buf.
-const float* row_f32(const at::Tensor& t, int64_t offset, int64_t n, float* buf) {
-  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>() + offset;
-  copy_row_f32(t, offset, n, buf);
-  return buf;
+// An fp32 row written into bf16 or fp16 data at [offset, offset + n), rounded as Tensor::to rounds.
+void store_row(const float* src, int64_t n, at::ScalarType type, void* data, int64_t offset) {
+  if (type == at::kBFloat16) {
+    kernels().f32_to_bf16(src, static_cast<uint16_t*>(data) + offset, n);
+  } else {
+    c10::Half* dst = static_cast<c10::Half*>(data) + offset;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+  }
 }
 
 // What every row reads besides its own u, delta, z: A, D, B, C in fp32 with padded dstate, and the initial state.
@@ -244,6 +258,49 @@ Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
   return p;
 }
 
+// A per-thread fp32 buffer of at least n floats, uninitialised, reused from call to call: a fresh one per call
+// was a fresh allocation to page-fault in (about 1 MB per thread at seqlen 8192). Capped so that one long
+// sequence does not pin its buffers for good: above the cap a thread's buffer is freed on its next smaller use.
+float* thread_scratch(int64_t n) {
+  constexpr int64_t kKeep = int64_t{1} << 20;  // floats (4 MiB) kept between calls
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local int64_t size = 0;
+  if (n > size || (size > kKeep && n <= kKeep)) {
+    buf.reset(new float[std::max<int64_t>(n, 1)]);
+    size = n;
+  }
+  return buf.get();
+}
+
+// Calls f with a null pointer of element type s (float, c10::Half or c10::BFloat16).
+template <typename F>
+void with_scan_type(at::ScalarType s, F&& f) {
+  if (s == at::kFloat) return f(static_cast<float*>(nullptr));
+  if (s == at::kBFloat16) return f(static_cast<c10::BFloat16*>(nullptr));
+  f(static_cast<c10::Half*>(nullptr));
+}
+
+// One (batch, group) slice of a per-token B or C, (dstate, L) in its own dtype, into dst as fp32 (L, npad) with
+// zero padding: what the forward's rows read as B_t, C_t. Blocks of time steps keep the transpose's reads and
+// writes both in L1.
+template <typename T>
+void pack_slice(const T* src, int64_t dstate, int64_t L, int64_t npad, float* dst) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
+    const int64_t t1 = std::min(L, t0 + kBlock);
+    for (int64_t t = t0; t < t1; ++t) std::fill(dst + t * npad + dstate, dst + (t + 1) * npad, 0.0f);
+    for (int64_t n = 0; n < dstate; ++n)
+      for (int64_t t = t0; t < t1; ++t) dst[t * npad + n] = static_cast<float>(src[n * L + t]);
+  }
+}
+
+// The forward's setup was whole-tensor passes around the parallel loop: B/C packed by ATen, a zeroed fp32 state,
+// an fp32 output converted after the loop (measured at batch 4, dim 256, seqlen 2048, bf16: about 0.4 ms
+// packing, 0.4-1.9 ms converting and page-faulting the output, of 8-9 ms), and a static split of rows that
+// waited for whichever thread other processes slowed. Now everything per row happens inside the loop in
+// per-thread buffers that stay in cache: u, delta, z rows converted (delta biased and softplus'd in one pass),
+// the B/C slice of the row's (batch, group) packed when a thread first needs it, the output row converted
+// into the output's dtype, the state read from and written to the callers' (batch, dim, dstate) layout.
 std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, const at::Tensor& delta,
                                                           const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                                           const std::optional<at::Tensor>& D,
@@ -253,34 +310,79 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
                                                           const std::optional<at::Tensor>& initial_state) {
   const char* op = "selective_scan_fwd";
   check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
-  // u, delta and z are read row by row in their own dtype: each row is converted (and delta biased and
-  // softplus'd) into a small per-thread fp32 buffer inside the parallel loop, instead of whole fp32 copies made
-  // one after another before it (for bf16 inputs those passes cost about as much as the scan itself).
-  const Operands o = prepare_operands(u, A, B, C, D, initial_state);
-  const int64_t dim = o.dim, L = o.L, dstate = o.dstate, npad = o.npad;
-  const at::Tensor bias = delta_bias ? f32(*delta_bias) : at::Tensor();
-  at::Tensor state = o.init;  // updated in place into the last state
-  at::Tensor out = at::empty({o.batch, dim, L}, u.options().dtype(at::kFloat));
-  float* state_ptr = state.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), dstate = A.size(1), npad = padded_state(dstate);
+  const at::Tensor Ap = pad_state(A, npad, /*may_alias=*/true);
+  const at::Tensor Df = D ? f32(*D) : at::Tensor(), bias = delta_bias ? f32(*delta_bias) : at::Tensor();
+  const at::Tensor init = initial_state ? initial_state->contiguous() : at::Tensor();
+  // Constant B / C (dim, dstate) are small: packed once here. Per-token ones per (batch, group) in the loop.
+  const PackedBC Bc = B.dim() == 2 ? pack_bc(B, batch, L, dstate, npad) : PackedBC{};
+  const PackedBC Cc = C.dim() == 2 ? pack_bc(C, batch, L, dstate, npad) : PackedBC{};
+  const int64_t gB = B.dim() == 2 ? 0 : B.dim() == 3 ? 1 : B.size(1);
+  const int64_t gC = C.dim() == 2 ? 0 : C.dim() == 3 ? 1 : C.size(1);
+  at::Tensor out = at::empty({batch, dim, L}, u.options());
+  at::Tensor last = at::empty({batch, dim, dstate}, u.options().dtype(at::kFloat));
+  const bool out_f32 = u.scalar_type() == at::kFloat;
   const Kernels& k = kernels();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * npad));
-  at::parallel_for(0, o.batch * dim, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(3 * L);  // u, delta, z rows in fp32
-    float *ub = buf.data(), *db = ub + L, *zb = db + L;
-    for (int64_t r = begin; r < end; ++r) {
-      const float* ur = row_f32(u, r * L, L, ub);
-      copy_row_f32(delta, r * L, L, db);  // always a copy: biased and softplus'd in place below
-      if (bias.defined()) {
-        const float bd = bias.const_data_ptr<float>()[r % dim];
-        for (int64_t t = 0; t < L; ++t) db[t] += bd;
+  // Raw pointers hoisted out of the loop (see RowReader).
+  const RowReader u_in(u), delta_in(delta), z_in = z ? RowReader(*z) : RowReader();
+  const float *A_p = Ap.const_data_ptr<float>(), *D_p = Df.defined() ? Df.const_data_ptr<float>() : nullptr;
+  const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const float* init_p = init.defined() ? init.const_data_ptr<float>() : nullptr;
+  const float* Bc_p = gB ? nullptr : Bc.data.const_data_ptr<float>();
+  const float* Cc_p = gC ? nullptr : Cc.data.const_data_ptr<float>();
+  void* out_p = out.data_ptr();
+  const at::ScalarType out_type = out.scalar_type();
+  float* last_p = last.data_ptr<float>();
+
+  // Rows are handed out a block at a time from a shared counter rather than split evenly up front: on a
+  // shared machine one thread is often slowed by other processes, and a static split then waits for it.
+  const int64_t rows = batch * dim;
+  const int64_t block = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * npad));  // >= ~10 us of scan
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (rows + block - 1) / block);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
+    // u, delta, z rows; the output row when out is not fp32; the state; the packed B and C slices.
+    float* const buf = thread_scratch(4 * L + npad + (gB ? L * npad : 0) + (gC ? L * npad : 0));
+    float *ub = buf, *db = ub + L, *zb = db + L, *ob = zb + L, *sb = ob + L, *Bb = sb + npad;
+    float* Cb = Bb + (gB ? L * npad : 0);
+    int64_t packed_B = -1, packed_C = -1;  // the (batch, group) slice now in Bb / Cb
+    auto slice = [&](const at::Tensor& M, int64_t groups, int64_t b, int64_t d, int64_t& packed, float* dst) {
+      const int64_t bg = b * groups + d / (dim / groups);
+      if (bg != packed) {
+        with_scan_type(M.scalar_type(), [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          pack_slice(M.const_data_ptr<T>() + bg * dstate * L, dstate, L, npad, dst);
+        });
+        packed = bg;
       }
-      if (delta_softplus) k.softplus(db, L);
-      const float* zr = z ? row_f32(*z, r * L, L, zb) : nullptr;
-      k.fwd_row(o.row(r, ur, db, zr), state_ptr + r * npad, out_ptr + r * L);
+      return static_cast<const float*>(dst);
+    };
+    for (int64_t r0; (r0 = next.fetch_add(block)) < rows;) {
+      for (int64_t r = r0; r < std::min(rows, r0 + block); ++r) {
+        const int64_t b = r / dim, d = r % dim;
+        // delta + bias through softplus, in one pass from the input row (fp32) or its converted copy in db
+        k.delta_row(delta_in.row(r * L, L, db), bias_p ? bias_p[d] : 0.0f, delta_softplus, db, L);
+        const ScanRow row{L,
+                          npad,
+                          u_in.row(r * L, L, ub),
+                          db,
+                          z ? z_in.row(r * L, L, zb) : nullptr,
+                          A_p + d * npad,
+                          gB ? slice(B, gB, b, d, packed_B, Bb) : Bc_p + d * npad,
+                          gC ? slice(C, gC, b, d, packed_C, Cb) : Cc_p + d * npad,
+                          gB ? npad : 0,
+                          gC ? npad : 0,
+                          D_p ? D_p[d] : 0.0f};
+        if (init_p) std::copy_n(init_p + r * dstate, dstate, sb);
+        std::fill(sb + (init_p ? dstate : 0), sb + npad, 0.0f);
+        float* orow = out_f32 ? static_cast<float*>(out_p) + r * L : ob;
+        k.fwd_row(row, sb, orow);
+        std::copy_n(sb, dstate, last_p + r * dstate);
+        if (!out_f32) store_row(ob, L, out_type, out_p, r * L);
+      }
     }
   });
-  return {out.to(u.scalar_type()), state.narrow(2, 0, dstate).contiguous()};
+  return {out, last};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "scan/cpu/scan_kernels.h"
 
@@ -30,8 +31,16 @@ namespace llmkernels::scan_cpu::isa_avx2 {
 #endif
 
 namespace llmkernels::scan_cpu {
-Kernels kernels_avx2() { return {isa_avx2::fwd_row, isa_avx2::bwd_row, isa_avx2::softplus_inplace,
-          isa_avx2::softplus_backward_inplace, "avx2"}; }
+Kernels kernels_avx2() {
+  return {isa_avx2::fwd_row,
+          isa_avx2::bwd_row,
+          isa_avx2::softplus_inplace,
+          isa_avx2::softplus_backward_inplace,
+          isa_avx2::delta_row,
+          isa_avx2::bf16_to_f32,
+          isa_avx2::f32_to_bf16,
+          "avx2"};
+}
 }  // namespace llmkernels::scan_cpu
 
 #else  // not x86-64: the portable kernels

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "scan/cpu/scan_kernels.h"
 
@@ -30,8 +31,16 @@ namespace llmkernels::scan_cpu::isa_avx512 {
 #endif
 
 namespace llmkernels::scan_cpu {
-Kernels kernels_avx512() { return {isa_avx512::fwd_row, isa_avx512::bwd_row, isa_avx512::softplus_inplace,
-          isa_avx512::softplus_backward_inplace, "avx512"}; }
+Kernels kernels_avx512() {
+  return {isa_avx512::fwd_row,
+          isa_avx512::bwd_row,
+          isa_avx512::softplus_inplace,
+          isa_avx512::softplus_backward_inplace,
+          isa_avx512::delta_row,
+          isa_avx512::bf16_to_f32,
+          isa_avx512::f32_to_bf16,
+          "avx512"};
+}
 }  // namespace llmkernels::scan_cpu
 
 #else  // not x86-64: the portable kernels

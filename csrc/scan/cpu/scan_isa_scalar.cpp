@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "scan/cpu/scan_kernels.h"
 
@@ -11,6 +12,14 @@ namespace llmkernels::scan_cpu::isa_scalar {
 }  // namespace llmkernels::scan_cpu::isa_scalar
 
 namespace llmkernels::scan_cpu {
-Kernels kernels_scalar() { return {isa_scalar::fwd_row, isa_scalar::bwd_row, isa_scalar::softplus_inplace,
-          isa_scalar::softplus_backward_inplace, "scalar"}; }
+Kernels kernels_scalar() {
+  return {isa_scalar::fwd_row,
+          isa_scalar::bwd_row,
+          isa_scalar::softplus_inplace,
+          isa_scalar::softplus_backward_inplace,
+          isa_scalar::delta_row,
+          isa_scalar::bf16_to_f32,
+          isa_scalar::f32_to_bf16,
+          "scalar"};
+}
 }  // namespace llmkernels::scan_cpu

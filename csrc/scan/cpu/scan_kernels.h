@@ -59,12 +59,20 @@ using BwdRowFn = void (*)(const ScanRow& r, const float* init, const ScanRowGrad
 // Elementwise, vectorised: x <- softplus(x); grad <- grad * sigmoid(pre).
 using SoftplusFn = void (*)(float* x, int64_t n);
 using SoftplusBwdFn = void (*)(float* grad, const float* pre, int64_t n);
+// dst = softplus(src + bias) (or src + bias), n elements; dst may be src.
+using DeltaRowFn = void (*)(const float* src, float bias, bool softplus, float* dst, int64_t n);
+// bf16 (as its bits) to and from fp32, n elements; to bf16 rounds to nearest even with NaN -> 0x7FC0, as c10.
+using Bf16ToF32Fn = void (*)(const uint16_t* src, float* dst, int64_t n);
+using F32ToBf16Fn = void (*)(const float* src, uint16_t* dst, int64_t n);
 
 struct Kernels {
   FwdRowFn fwd_row;
   BwdRowFn bwd_row;
   SoftplusFn softplus;
   SoftplusBwdFn softplus_backward;
+  DeltaRowFn delta_row;
+  Bf16ToF32Fn bf16_to_f32;
+  F32ToBf16Fn f32_to_bf16;
   const char* isa;
 };
 
