@@ -8,7 +8,7 @@ from utils import assert_error_within_ratio
 
 import llmkernels
 from llmkernels import _ext
-from llmkernels.reference.attention import flash_attn_ref
+from llmkernels.reference.attention import flash_attn_ref, flash_attn_with_kvcache_ref
 
 NO_CPU_KERNEL = not _ext.has_kernel("flash_attn_fwd", "CPU")
 needs_cpu_kernel = pytest.mark.skipif(NO_CPU_KERNEL, reason=f"no C++ CPU attention kernel ({_ext.load_error})")
@@ -69,3 +69,19 @@ def check_flash_attn(backend, inputs, *, causal=False, window_size=(-1, -1), sof
         assert_error_within_ratio(out, exact, same, ratio=2.0)
         for name, g, e, s in zip(("dq", "dk", "dv"), grads or (), exact_grads, same_grads):
             assert_error_within_ratio(g, e, s, ratio=3.0, name=name)
+
+
+def run_kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, **kw):
+    """flash_attn_with_kvcache on the cuda backend, and the reference in fp32 (exact) and in q's precision (same),
+    each on its own copy of the caches. Checks the in-place append bit for bit; returns (out, exact, same)."""
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    with llmkernels.use_backend("cuda"):
+        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, **kw)
+    k_expect, v_expect = k_before.clone(), v_before.clone()
+    exact = flash_attn_with_kvcache_ref(q, k_expect, v_expect, k_new, v_new, cache_seqlens, upcast=True, **kw)
+    same = flash_attn_with_kvcache_ref(
+        q, k_before.clone(), v_before.clone(), k_new, v_new, cache_seqlens, upcast=False, **kw
+    )
+    torch.testing.assert_close(k_cache, k_expect, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_expect, rtol=0, atol=0, equal_nan=True)
+    return out, exact, same

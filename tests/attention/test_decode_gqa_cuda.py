@@ -6,7 +6,7 @@ and a large batch (one split), strided views. All cuda-marked: they run on the G
 
 import pytest
 import torch
-from attn_cases import DTYPES
+from attn_cases import DTYPES, run_kvcache_cuda
 from utils import assert_error_within_ratio, poison_
 
 import llmkernels
@@ -41,18 +41,7 @@ def _check(lens, capacity, s_new, seqlen_q, nheads, nheads_k, headdim, dtype, ex
     q = torch.randn(batch, nheads, seqlen_q, headdim, dtype=dtype, device="cuda").transpose(1, 2)
     k_new = torch.randn(batch, s_new, nheads_k, headdim, dtype=dtype, device="cuda") if s_new else None
     v_new = torch.randn_like(k_new) if s_new else None
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-
-    with llmkernels.use_backend("cuda"):
-        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, **kw)
-
-    k_expect, v_expect = k_before.clone(), v_before.clone()
-    exact = flash_attn_with_kvcache_ref(q, k_expect, v_expect, k_new, v_new, cache_seqlens, upcast=True, **kw)
-    same = flash_attn_with_kvcache_ref(
-        q, k_before.clone(), v_before.clone(), k_new, v_new, cache_seqlens, upcast=False, **kw
-    )
-    torch.testing.assert_close(k_cache, k_expect, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache, v_expect, rtol=0, atol=0, equal_nan=True)
+    out, exact, same = run_kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, **kw)
     assert out.shape == q.shape and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert_error_within_ratio(out, exact, same, ratio=2.0)
