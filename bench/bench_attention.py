@@ -14,7 +14,6 @@ CPU (flash_attn_fwd_cpu): fp32 forward against SDPA's CPU kernel, 2 threads, hea
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from typing import Callable
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llmkernels  # noqa: E402
-from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu, peak_tflops, switched_kernels_enabled  # noqa: E402
+from bench.common import copy_bandwidth_gbps, env_var, measure_ms, on_gpu, peak_tflops, switched_kernels_enabled  # noqa: E402
 
 
 def attention_flops(batch: int, seqlen_q: int, seqlen_k: int, nheads: int, headdim: int, causal: bool,
@@ -158,22 +157,6 @@ def _decode_impls(q, k_cache, v_cache, lens) -> dict[str, Callable]:
     return impls
 
 
-@contextlib.contextmanager
-def _decode_kernel(kernel: str | None):
-    """LLMKERNELS_DECODE_KERNEL (read per call by the CUDA flash_attn_with_kvcache) set to `kernel`, or unset, for
-    the block: "llmkernels-cuda-gqa" times the GQA-sharing decode kernel, "llmkernels-cuda" the forward kernel."""
-    name = "LLMKERNELS_DECODE_KERNEL"
-    before = os.environ.pop(name, None)
-    if kernel is not None:
-        os.environ[name] = kernel
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-        if before is not None:
-            os.environ[name] = before
-
-
 def bench_gpu_decode(quick: bool) -> list[dict]:
     rows = []
     nheads, nheads_k, headdim, dtype = 32, 8, 128, torch.bfloat16
@@ -196,7 +179,7 @@ def bench_gpu_decode(quick: bool) -> list[dict]:
 
             impls = _decode_impls(q, k_cache, v_cache, lens)
             for impl, fn in impls.items():
-                with _decode_kernel("gqa" if impl == "llmkernels-cuda-gqa" else None):
+                with env_var("LLMKERNELS_DECODE_KERNEL", "gqa" if impl == "llmkernels-cuda-gqa" else None):
                     ms = _time(impl, fn, (), False)
                 if ms is not None:
                     rows.append({"op": "flash_attn_decode", "case": case, "impl": impl, "time_ms": ms,

@@ -15,7 +15,6 @@ Colleagues' kernels are called inside try/except, so the benchmark runs whatever
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llmkernels  # noqa: E402
-from bench.common import copy_bandwidth_gbps, measure_ms, on_gpu, switched_kernels_enabled  # noqa: E402
+from bench.common import copy_bandwidth_gbps, env_var, measure_ms, on_gpu, switched_kernels_enabled  # noqa: E402
 from llmkernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
 
 OP = "selective_scan"
@@ -93,20 +92,6 @@ def _scan_fn(backend, kw, backward):
     return run
 
 
-@contextlib.contextmanager
-def _env(name, value):
-    """The environment variable set for the block (the C++ host code reads it on every call), then restored."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved
-
-
 def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit, measure_kw):
     elem = torch.tensor([], dtype=dtype).element_size()
     kw = scan_inputs(batch, dim, seqlen, dtype, device)
@@ -118,7 +103,7 @@ def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit
             _try(rows, op, case, f"llmkernels-{backend}", _scan_fn(backend, kw, backward), nbytes, limit,
                  peer="reference", **measure_kw)
         if backward and "cuda" in backends and switched_kernels_enabled():  # opt-in until measured on a GPU
-            with _env("LLMKERNELS_SCAN_BWD", "fast"):
+            with env_var("LLMKERNELS_SCAN_BWD", "fast"):
                 _try(rows, op, case, "llmkernels-cuda-fastbwd", _scan_fn("cuda", kw, backward), nbytes, limit,
                      peer="reference", **measure_kw)
         # The reference's autograd keeps every step's tensors: on a GPU only short sequences fit.

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llmkernels  # noqa: E402
-from bench.common import copy_bandwidth_gbps, measure_graph_ms, measure_ms, on_gpu, peak_tflops  # noqa: E402
+from bench.common import copy_bandwidth_gbps, env_var, measure_graph_ms, measure_ms, on_gpu, peak_tflops  # noqa: E402
 
 OP = "ternary_linear"
 SHAPES = [(2560, 2560), (6912, 2560), (2560, 6912), (4096, 4096), (11008, 4096), (28672, 8192)]
@@ -113,8 +113,8 @@ def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_
             return llmkernels.ternary_linear(x, w_packed, w_scale, act_bits=act_bits)
 
         # Backend and GEMM choice set once around the timing, so the timed call is what a model's layer does.
-        os.environ["LLMKERNELS_TERNARY_GEMM"] = "cublaslt" if suffix == "-cublaslt" else "mma"
-        with llmkernels.use_backend(backend):
+        gemm = "cublaslt" if suffix == "-cublaslt" else "mma"
+        with env_var("LLMKERNELS_TERNARY_GEMM", gemm), llmkernels.use_backend(backend):
             ours = _rotating(fn, len(ours_sets))
             _try(
                 rows,
@@ -127,7 +127,6 @@ def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_
                 peer=peer,
                 **mem,
             )
-    os.environ.pop("LLMKERNELS_TERNARY_GEMM", None)
     peer_fn = _rotating(lambda i: F.linear(xp, peer_sets[i]), len(peer_sets))
     _try(rows, case, peer, peer_fn, value(peer_bytes), graph, limit=limit, **mem)
     return rows

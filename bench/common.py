@@ -8,6 +8,7 @@ Each op's `bench/bench_<op>.py` defines `run(quick: bool) -> list[dict]`, one di
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -66,6 +67,21 @@ def measure_ms(fn: Callable[[], object], *, warmup: int = 3, rep: int = 20, min_
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """`name` set to `value` (None: unset) for the block, then restored: for the kernel switches the C++ host code
+    reads on every call (LLMKERNELS_TERNARY_GEMM, LLMKERNELS_DECODE_KERNEL, LLMKERNELS_SCAN_BWD)."""
+    saved = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def switched_kernels_enabled() -> bool:
