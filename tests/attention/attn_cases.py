@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_error_within_ratio
+from utils import assert_error_within_ratio, poison_
 
 import llmkernels
 from llmkernels import _ext
@@ -85,3 +85,20 @@ def run_kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, **kw):
     torch.testing.assert_close(k_cache, k_expect, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, v_expect, rtol=0, atol=0, equal_nan=True)
     return out, exact, same
+
+
+def check_lengths_past_the_capacity(backend, nheads):
+    """cache_seqlens lives on the device, so nothing checks it against the capacity: a row claiming 40 keys of a
+    32-slot cache must read its own 32 (the next row in memory holds NaN). 2 KV heads of 64, bf16."""
+    buf = torch.randn(2, 32, 2, 64, dtype=torch.bfloat16, device="cuda")
+    poison_(buf[1])
+    k_cache, v_cache = buf[:1], buf[:1].clone()  # k_cache row 0 is followed by NaN in memory
+    q = torch.randn(1, 2, nheads, 64, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([40], dtype=torch.int32, device="cuda")
+    with llmkernels.use_backend(backend):
+        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    full = torch.tensor([32], dtype=torch.int32, device="cuda")
+    exact = flash_attn_with_kvcache_ref(q, k_cache, v_cache, None, None, full, upcast=True)
+    same = flash_attn_with_kvcache_ref(q, k_cache, v_cache, None, None, full, upcast=False)
+    assert torch.isfinite(out).all()
+    assert_error_within_ratio(out, exact, same, ratio=2.0)
