@@ -8,7 +8,7 @@ falls back to the caller's built-in rule, and the returned text says which and w
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Callable
 
 
 def gpu_family(device_name: str) -> str:
@@ -26,7 +26,7 @@ def read_tuned(
     expected_format: int,
     fallback: str,
     parse_winners: Callable[[dict], dict],
-) -> tuple[Optional[dict], str]:  # noqa: UP045
+) -> tuple[dict | None, str]:
     """(parse_winners(file["winners"]) or None, what is used and why). parse_winners raises ValueError (or
     KeyError, TypeError) on an entry it does not accept: the whole file is then ignored, never half of it."""
     try:
