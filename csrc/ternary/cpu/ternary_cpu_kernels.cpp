@@ -30,9 +30,10 @@ namespace llmkernels::ternary_cpu {
 namespace {
 
 constexpr int kMaxTokensPerTile = 4;
-// Smallest task worth another thread: ~0.1 ms of one core. Waking a pool thread costs microseconds on an idle
-// machine but a scheduler quantum (ms) on a busy one, so a decode GEMV of a 4096 x 4096 layer stays on one core.
-constexpr int64_t kMinMacsPerTask = 16 << 20;
+// Smallest task worth another thread: 4M int8 MACs, ~0.1 ms of one core (a 1-token GEMV streams ~10 GB/s of
+// packed weights a core). It was 16M on the worry that a pool thread costs a scheduler quantum on a busy machine,
+// but that kept a 4096 x 4096 decode on one core at 0.39 ms; two threads take 0.13 ms (2-core VM, idle).
+constexpr int64_t kMinMacsPerTask = 4 << 20;
 
 int64_t row_grain(int64_t m, int64_t k_pad, int64_t at_least) {
   return std::max(at_least, kMinMacsPerTask / std::max<int64_t>(1, m * k_pad));
