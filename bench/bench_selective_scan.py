@@ -92,6 +92,20 @@ def _scan_fn(backend, kw, backward):
     return run
 
 
+def _reference_backward_fits(batch, dim, seqlen) -> bool:
+    """Whether the reference's autograd graph fits in free GPU memory (always on CPU: small cases only).
+
+    Autograd keeps about 7 fp32 (batch, dim, dstate) tensors per timestep (dt A, its exp, the decayed state, dt B,
+    dt B u, the new state, C x), ~38 GB at batch 8, dim 5120, seqlen 2048; the backward frees them as it walks
+    back, so a quarter more covers its temporaries. If the guess is short, the row reports the OOM and is skipped.
+    """
+    if not on_gpu():
+        return True
+    need = 1.25 * 7 * batch * dim * DSTATE * 4 * seqlen
+    free, _ = torch.cuda.mem_get_info()
+    return need < free
+
+
 def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit, measure_kw):
     elem = torch.tensor([], dtype=dtype).element_size()
     kw = scan_inputs(batch, dim, seqlen, dtype, device)
@@ -106,8 +120,7 @@ def _scan_cases(rows, batch, dim, seqlen, dtype, device, backends, ref_ok, limit
             with env_var("LLMKERNELS_SCAN_BWD", "fast"):
                 _try(rows, op, case, "llmkernels-cuda-fastbwd", _scan_fn("cuda", kw, backward), nbytes, limit,
                      peer="reference", **measure_kw)
-        # The reference's autograd keeps every step's tensors: on a GPU only short sequences fit.
-        if ref_ok and not (backward and on_gpu() and seqlen > 512):
+        if ref_ok and (not backward or _reference_backward_fits(batch, dim, seqlen)):
             _try(rows, op, case, "reference", _scan_fn("reference", kw, backward), nbytes, limit,
                  warmup=0, rep=2, min_time_s=0)
         for t in kw.values():
