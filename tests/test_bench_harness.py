@@ -88,3 +88,15 @@ def test_dispatch_table_from_several_result_files(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["make_dispatch_table.py", str(files[0]), str(other)])
     with pytest.raises(SystemExit, match="several devices"):
         mdt.main()
+
+
+def test_profile_kernels_smoke(tmp_path):
+    """bench/profile_kernels.py (the per-kernel breakdown a GPU session runs) works end to end on CPU."""
+    from bench.profile_kernels import main
+
+    out = tmp_path / "profile.md"
+    report = main(["--smoke", "--case", "ternary", "--case", "scan", "--iters", "1", "--out", str(out)])
+    assert "### ternary prefill 17 x 64x256 | llmkernels: wall" in report
+    assert "### scan fwd+bwd b1 dim8 L17 | llmkernels: wall" in report
+    assert "failed" not in report and "attn" not in report  # --case filters
+    assert out.read_text().strip() == report.strip()
