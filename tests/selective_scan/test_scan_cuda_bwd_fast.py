@@ -87,6 +87,50 @@ def test_scan_bwd_fast_mixed_groups():
     _check_bwd(args, torch.float16, with_dlast=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_bwd_fast_softplus_tails(dtype):
+    """delta + delta_bias on both sides of softplus's threshold (20: the identity above it, gradient 1) and far
+    below it (-30: dt ~ 1e-13), where the kernel's d softplus = -expm1(-dt) must still equal sigmoid(v); the
+    other tests' delta ~ N(-1, 1) never leaves the middle of the curve."""
+    args = _ssm_inputs(2, 128, 16, 48, "per_token", dtype, "cuda", OPTIONS[0])
+    raw = torch.randn(2, 128, 48, device="cuda") - 1.0
+    pick = torch.randint(0, 3, raw.shape, device="cuda")
+    raw = torch.where(pick == 1, 20.0 + 0.5 * torch.randn_like(raw), raw)
+    raw = torch.where(pick == 2, -30.0 + torch.randn_like(raw), raw)
+    args["delta"] = raw.to(dtype)
+    v = args["delta"].float() + args["delta_bias"][:, None]
+    assert (v > 20).any() and ((v > 19) & (v <= 20)).any() and (v < -25).any(), "the tails must be hit"
+    _check_bwd(args, dtype)
+
+
+def test_scan_bwd_fast_past_2_31_elements():
+    """(2, 16384, 65600) fp16, 2.15e9 elements: batch 1's last 31 rows start past element 2^31, and so do the
+    last CTA's checkpoints (512 CTAs x 4100 tiles x 1024 floats). That CTA's per-channel gradients (du, ddelta,
+    dinitial_state) against the same op on a copy of its 64 channels, a lone CTA with small offsets: the same
+    arithmetic on the same values, so equal bit for bit. (dA, dD, ddelta_bias and dB/dC mix in other rows.)"""
+    torch.cuda.empty_cache()  # blocks cached by earlier tests count as used
+    if torch.cuda.mem_get_info()[0] < 40e9:
+        pytest.skip("needs ~35 GB of free GPU memory")
+    batch, dim, seqlen = 2, 16384, 65600
+    kw = dict(device="cuda")
+    u = torch.randn(batch, dim, seqlen, dtype=torch.float16, **kw)
+    delta = torch.randn(batch, dim, seqlen, dtype=torch.float16, **kw).sub_(1.0)
+    dout = torch.randn(batch, dim, seqlen, dtype=torch.float16, **kw)
+    A = -torch.rand(dim, 16, **kw) - 0.2
+    B, C = (torch.randn(batch, 16, seqlen, dtype=torch.float16, **kw) for _ in range(2))
+    D, bias = torch.randn(dim, **kw), 0.3 * torch.randn(dim, **kw)
+    init, dlast = torch.randn(batch, dim, 16, **kw), torch.randn(batch, dim, 16, **kw)
+    grads = torch.ops.llmkernels.selective_scan_bwd(dout, dlast, u, delta, A, B, C, D, None, bias, True, init)
+    tail = slice(dim - 64, dim)
+    rows = [t[1:, tail].contiguous() for t in (dout, dlast, u, delta)]
+    params = [A[tail].contiguous(), B[1:].contiguous(), C[1:].contiguous(), D[tail], None, bias[tail]]
+    small = torch.ops.llmkernels.selective_scan_bwd(*rows, *params, True, init[1:, tail].contiguous())
+    for name in ("u", "delta", "initial_state"):
+        i = NAMES.index(name)
+        assert torch.isfinite(small[i]).all() and small[i].abs().max() > 1e-3, name
+        torch.testing.assert_close(grads[i][1:, tail], small[i], rtol=0, atol=0, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_scan_bwd_fast_seqlen_0():
     args = _ssm_inputs(2, 64, 16, 0, "per_token", torch.bfloat16, "cuda", OPTIONS[0])
     dout = torch.randn_like(args["u"])
