@@ -10,6 +10,7 @@ from attn_cases import DTYPES, check_lengths_past_the_capacity, run_kvcache_cuda
 from utils import assert_error_within_ratio, poison_
 
 import llmkernels
+from llmkernels.reference.attention import visible_mask
 
 pytestmark = pytest.mark.cuda
 
@@ -100,6 +101,58 @@ def test_large_batch_unsplit(dtype, h, d, seqlen_q, window, softcap):
     lengths around the tile size, several query rows with their own bands."""
     lens = [(37 * i) % 301 for i in range(70)]
     _check(lens, 310, 1, seqlen_q, h, 8, d, dtype, causal=True, window_size=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES["cuda"], ids=str)
+@pytest.mark.parametrize("d", [64, 32])
+def test_the_most_splits(dtype, d):
+    """One block (batch 1, one KV head of 4 query heads) over 20000 keys: 128 splits on a 132-SM GPU (the cap,
+    kDecodeMaxSplits: each lane of the combine's weight warp holds 4 lse's), and with a narrow window most of
+    them see no key."""
+    _check([19999], 20000, 1, 1, 4, 1, d, dtype, causal=True)
+    _check([19999], 20000, 1, 1, 4, 1, d, dtype, causal=True, window_size=(300, 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES["cuda"], ids=str)
+@pytest.mark.parametrize(
+    "d,causal,window", [(40, True, (-1, -1)), (96, False, (-1, 1)), (136, False, (2, -1))], ids=str
+)
+def test_rows_that_see_no_key_beside_rows_that_do(dtype, d, causal, window):
+    """3 queries x group 3: a 4-row tile spans two queries, and with caches shorter than seqlen_q (negative shift)
+    some of its rows see no key (out exactly 0) while the others do; windows bounded on one side only, and a
+    softmax_scale that is not the default."""
+    lens = [1, 2, 0, 7]
+    out = _check(lens, 12, 0, 3, 6, 2, d, dtype, causal=causal, window_size=window, softmax_scale=0.3)
+    left, right = window[0], 0 if causal else window[1]
+    mixed = False
+    for b, n in enumerate(lens):
+        sees = visible_mask(3, n, left, right).any(1).cuda()
+        mixed |= bool(sees.any()) and not bool(sees.all())
+        assert (out[b, ~sees] == 0).all()
+    assert mixed or right < 0  # only a right bound can leave a row of a non-empty cache without keys
+
+
+def test_the_switch_runs_the_decode_kernels(monkeypatch):
+    """Every test above passes just as well on the forward kernel: the profiler must see the decode kernel and,
+    with split keys, its combine, and neither with the switch off."""
+    from torch.profiler import ProfilerActivity, profile
+
+    k_cache, v_cache = _caches([3000], 3000, 8, 128, torch.bfloat16)
+    q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+
+    def kernel_names():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, llmkernels.use_backend("cuda"):
+            llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3000)
+            torch.cuda.synchronize()
+        names = " ".join(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        if not names:
+            pytest.skip("the profiler records no CUDA kernels here (no CUPTI)")
+        return names
+
+    names = kernel_names()
+    assert "flash_decode_gqa_kernel" in names and "flash_decode_combine_kernel" in names, names
+    monkeypatch.setenv("LLMKERNELS_DECODE_KERNEL", "fwd")
+    assert "flash_decode" not in kernel_names()
 
 
 def test_more_packed_rows_than_the_kernel_takes():

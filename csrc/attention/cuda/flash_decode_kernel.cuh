@@ -121,7 +121,9 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, kDecodeBlocksPerSm)
     if (g < nh) {
       const int i = (r0 + g) / group;
       lo[g] = p.window_left >= 0 ? max(0, i + shift - p.window_left) : 0;
-      hi[g] = p.window_right >= 0 ? min(sk, i + shift + p.window_right + 1) : sk;
+      // window_right is capped at sq (i + shift + sq + 1 > sk: unbounded anyway) so that the sum stays in int32:
+      // the host allows window_right up to seqlen_q + seqlen_k, which overflows at a cache of ~2^30 keys.
+      hi[g] = p.window_right >= 0 ? min(sk, i + shift + min(p.window_right, sq) + 1) : sk;
       if (lo[g] < hi[g]) {
         n_lo = min(n_lo, lo[g]);
         n_hi = max(n_hi, hi[g]);
@@ -420,6 +422,10 @@ void run_flash_decode_gqa(const FwdParams& params, cudaStream_t stream) {
   using Tr = DecodeTraits<D>;
   auto kernel = &flash_decode_gqa_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+  // kDecodeBlocksPerSm blocks of ~54 KB need the largest shared-memory carveout: ask rather than rely on the
+  // driver's choice (the scan's wide kernel does the same)
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      static_cast<int>(cudaSharedmemCarveoutMaxShared)));
   const dim3 grid(static_cast<unsigned>(decode_programs(params)), params.num_splits);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
