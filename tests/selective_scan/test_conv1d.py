@@ -70,6 +70,44 @@ def test_conv1d_update_steps_equal_full_conv(backend, width, dtype, state_dtype)
     assert_close_dtype(torch.stack(steps, -1), causal_conv1d_ref(x, w, bias, "silu"), tol_dtype)
 
 
+# The CPU decode kernel's paths: channels in vectors with a tail, the multi-threaded split into 512-channel
+# items (3000 and 1700 channels, batch * dim above the serial limit), a 16-bit state converted per item, no bias,
+# no SiLU.
+LARGE_UPDATE_CASES = [
+    (3, 3000, 4, torch.float32, torch.float32, True, "silu"),
+    (5, 1700, 3, torch.bfloat16, torch.bfloat16, False, "silu"),
+    (2, 70, 2, torch.float16, torch.float32, True, None),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", LARGE_UPDATE_CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv1d_update_larger_shapes(backend, case):
+    batch, dim, width, dtype, state_dtype, with_bias, activation = case
+    device = "cuda" if backend == "cuda" else "cpu"
+    x, w, bias = _inputs((batch, dim, 1), width, dtype, device, bias=with_bias)
+    state = torch.randn(batch, dim, width, device=device).to(state_dtype)
+    ref_state = state.clone()
+    with llmkernels.use_backend(backend):
+        y = llmkernels.causal_conv1d_update(x[..., 0], state, w, bias, activation)
+    ref_y = causal_conv1d_update_ref(x[..., 0], ref_state, w, bias, activation)
+    assert y.dtype == dtype
+    assert_close_dtype(y, ref_y)
+    assert_close_dtype(state, ref_state, state_dtype)
+
+
+@needs_ext
+def test_conv1d_update_op_strided_state():
+    """The raw op (the Python wrapper insists on a contiguous conv_state) updates a strided one through a copy."""
+    x, w, bias = _inputs((2, 5, 1), 4, torch.float32, "cpu")
+    state = torch.randn(2, 4, 5).transpose(1, 2)  # (batch, dim, width), not contiguous
+    ref_state = state.clone()
+    y = torch.ops.llmkernels.causal_conv1d_update(x[..., 0], state, w, bias, True)
+    assert_close_dtype(y, causal_conv1d_update_ref(x[..., 0], ref_state, w, bias, "silu"))
+    assert_close_dtype(state, ref_state)
+
+
 @needs_ext
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_opcheck_conv1d(with_bias):

@@ -189,7 +189,13 @@ def test_state_update_steps_equal_scan(backend, ngroups):
 @pytest.mark.parametrize("ngroups,dstate", [(None, 16), (2, 5), (4, 64)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_update_matches_reference(backend, ngroups, dstate, dtype, state_dtype):
-    kw = update_inputs(3, 8, dstate, ngroups, dtype, state_dtype, "cuda" if backend == "cuda" else "cpu")
+    _check_state_update(backend, 3, 8, dstate, ngroups, dtype, state_dtype)
+
+
+def _check_state_update(backend, batch, dim, dstate, ngroups, dtype, state_dtype, options=True):
+    kw = update_inputs(batch, dim, dstate, ngroups, dtype, state_dtype, "cuda" if backend == "cuda" else "cpu")
+    if not options:
+        kw.update(D=None, z=None, dt_bias=None, dt_softplus=False)
     ref_state = kw["state"].clone()
     with llmkernels.use_backend(backend):
         y = llmkernels.selective_state_update(**kw)
@@ -197,6 +203,25 @@ def test_state_update_matches_reference(backend, ngroups, dstate, dtype, state_d
     assert y.dtype == dtype
     assert_close_dtype(y, ref_y)
     assert_close_dtype(kw["state"], ref_state)
+
+
+# The CPU kernel's paths: channels in blocks of the vector width with a tail (dim 70), the multi-threaded split
+# into 256-channel items that B/C group boundaries cut (dim 1500 in 3 or 5 groups), dstate 33 (padded to 48, a
+# state vector count without its own specialisation, the state converted rather than updated in place), 16-bit
+# states, and no D / z / dt_bias / softplus.
+LARGE_UPDATE_CASES = [
+    (2, 70, 16, None, torch.float32, torch.float32, True),
+    (3, 1500, 16, 3, torch.float32, torch.float32, True),
+    (3, 1500, 33, 5, torch.bfloat16, torch.float32, False),
+    (5, 520, 32, 4, torch.float16, torch.bfloat16, True),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", LARGE_UPDATE_CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_update_larger_shapes(backend, case):
+    _check_state_update(backend, *case)
 
 
 @needs_ext
@@ -209,7 +234,8 @@ def test_other_cpu_instruction_sets(isa):
         "t._check_forward('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32);"
         "t._check_forward('cpu', ScanCase(17, bc='const'), torch.bfloat16);"
         "t._check_gradients('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32, 4.0);"
-        "t._check_softplus()"
+        "t._check_softplus();"
+        "[t._check_state_update('cpu', *c) for c in t.LARGE_UPDATE_CASES]"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, LLMKERNELS_CPU_ISA=isa)

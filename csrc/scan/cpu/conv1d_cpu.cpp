@@ -4,14 +4,19 @@
 // (batch, channel) row is independent; rows run in parallel (at::parallel_for), arithmetic in fp32 on
 // fp32 copies of the inputs. Speed: memory bound (width <= 4 multiply-adds per element), the inner
 // loops over time vectorise; the conversion passes cost about as much again as the kernel for 16-bit input.
+// The decode step (causal_conv1d_update) is a kernel of the scan's table (cpu/scan_rows.inc) that updates an fp32
+// state in place (b=16, dim=2048, width 4, fp32: about 35 us of one core, the reference about 320 us).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_features.h"
+#include "scan/cpu/scan_kernels.h"
 
 namespace llmkernels::scan_cpu {
 namespace {
@@ -21,6 +26,12 @@ constexpr int64_t kMinWidth = 2, kMaxWidth = 4;
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// The scan kernels' table (scan_kernels.h), chosen as scan_cpu.cpp chooses it: the decode step's kernel lives there.
+const Kernels& kernels() {
+  static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
+  return k;
+}
 
 void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                 int64_t x_dims) {
@@ -114,6 +125,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(const at::T
           bias ? db_rows.sum(0).to(bias->scalar_type()) : at::empty({0}, xf.options())};
 }
 
+// n elements of a contiguous floating tensor's data from offset, as fp32: in place when fp32, else converted into buf.
+const float* read_f32(const at::Tensor& t, int64_t offset, int64_t n, float* buf) {
+  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>() + offset;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "read_f32", [&] {
+    const scalar_t* src = t.const_data_ptr<scalar_t>() + offset;
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  });
+  return buf;
+}
+
+// The inverse: n fp32 values into t's data at offset, rounded as Tensor::copy_ rounds.
+void write_f32(const float* src, at::Tensor& t, int64_t offset, int64_t n) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "write_f32", [&] {
+    scalar_t* dst = t.data_ptr<scalar_t>() + offset;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  });
+}
+
+// The decode step reads and writes each window once: memory bound but for the SiLU. It was whole-tensor passes
+// (fp32 copies of x and the state, a clone of the state, a copy back, a conversion of the output) around a loop
+// with Tensor accessors and a scalar std::exp per channel: about 45 ns of one core per channel, 4x the reference.
+// Now the kernel (scan_rows.inc) updates an fp32 state in place, and other dtypes go through per-chunk copies.
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, bool silu) {
   const char* op = "causal_conv1d_update";
@@ -122,24 +155,42 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   LLMK_CHECK_SHAPE(op, conv_state, batch, dim, W);
   LLMK_CHECK_ARG(conv_state.is_floating_point(), op, "conv_state", "must be floating point, got ",
                  conv_state.scalar_type());
-  const at::Tensor xf = f32(x), wf = f32(weight), bf = bias ? f32(*bias) : at::zeros({dim}, xf.options());
-  at::Tensor st = f32(conv_state);
-  if (st.data_ptr() == conv_state.data_ptr()) st = st.clone();  // keep the op's input untouched until copy_
-  at::Tensor out = at::empty({batch, dim}, xf.options());
-  at::parallel_for(0, batch * dim, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t d = r % dim;
-      float* s = st.data_ptr<float>() + r * W;
-      const float* w = wf.const_data_ptr<float>() + d * W;
-      for (int64_t k = 0; k + 1 < W; ++k) s[k] = s[k + 1];  // shift left, append the new input
-      s[W - 1] = xf.const_data_ptr<float>()[r];
-      float o = bf.const_data_ptr<float>()[d];
-      for (int64_t k = 0; k < W; ++k) o += w[k] * s[k];
-      out.data_ptr<float>()[r] = silu ? o * sigmoid(o) : o;
-    }
-  });
-  conv_state.copy_(st);
-  return out.to(x.scalar_type());
+  const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
+  at::Tensor st = conv_state.contiguous();  // conv_state itself unless strided (then copied back at the end)
+  const bool in_place = st.scalar_type() == at::kFloat;
+  at::Tensor out = at::empty({batch, dim}, x.options());
+  const bool out_f32 = out.scalar_type() == at::kFloat;
+  const Kernels& k = kernels();
+  const float *w_p = wf.const_data_ptr<float>(), *b_p = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
+  float* st_p = in_place ? st.data_ptr<float>() : nullptr;
+  float* out_p = out_f32 ? out.data_ptr<float>() : nullptr;
+
+  constexpr int64_t kChannels = 512;  // per work item
+  const int64_t chunks = (dim + kChannels - 1) / kChannels, items = batch * chunks;
+  auto run_item = [&](int64_t item) {
+    float xb[kChannels], ob[kChannels], sb[kChannels * kMaxWidth];
+    const int64_t b = item / chunks, d0 = item % chunks * kChannels, n = std::min(dim, d0 + kChannels) - d0;
+    const int64_t r0 = b * dim + d0;
+    float* s = in_place ? st_p + r0 * W : sb;
+    if (!in_place) read_f32(st, r0 * W, n * W, sb);
+    k.conv_update(ConvUpdate{n, W, read_f32(x, r0, n, xb), w_p + d0 * W, b_p ? b_p + d0 : nullptr, silu, s,
+                             out_f32 ? out_p + r0 : ob});
+    if (!in_place) write_f32(sb, st, r0 * W, n * W);
+    if (!out_f32) write_f32(ob, out, r0, n);
+  };
+  // As selective_state_update: a small step stays on the calling thread; larger ones share out items.
+  constexpr int64_t kSerialChannels = 8192;
+  const int64_t workers = batch * dim <= kSerialChannels ? 1 : std::min<int64_t>(at::get_num_threads(), items);
+  if (workers <= 1) {
+    for (int64_t item = 0; item < items; ++item) run_item(item);
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t item; (item = next.fetch_add(1)) < items;) run_item(item);
+    });
+  }
+  if (!st.is_same(conv_state)) conv_state.copy_(st);
+  return out;
 }
 
 }  // namespace

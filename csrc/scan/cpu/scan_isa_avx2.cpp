@@ -34,6 +34,8 @@ namespace llmkernels::scan_cpu {
 Kernels kernels_avx2() {
   return {isa_avx2::fwd_row,
           isa_avx2::bwd_row,
+          isa_avx2::update_rows,
+          isa_avx2::conv_update,
           isa_avx2::softplus_inplace,
           isa_avx2::softplus_backward_inplace,
           isa_avx2::delta_row,

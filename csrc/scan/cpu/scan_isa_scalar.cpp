@@ -15,6 +15,8 @@ namespace llmkernels::scan_cpu {
 Kernels kernels_scalar() {
   return {isa_scalar::fwd_row,
           isa_scalar::bwd_row,
+          isa_scalar::update_rows,
+          isa_scalar::conv_update,
           isa_scalar::softplus_inplace,
           isa_scalar::softplus_backward_inplace,
           isa_scalar::delta_row,

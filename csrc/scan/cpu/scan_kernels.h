@@ -51,10 +51,43 @@ struct ScanRowGrad {
   float* scratch;      // bwd_scratch_floats(L, npad) floats
 };
 
+// One decode step (selective_state_update) of n consecutive channels of one batch element, all in one B/C
+// group. Per-channel vectors are (n,) fp32; state and A are (n, npad), zero padded; the state is updated in place.
+struct UpdateRows {
+  int64_t n;
+  int64_t npad;
+  const float* x;
+  const float* dt;       // before dt_bias and softplus
+  const float* dt_bias;  // or nullptr
+  bool softplus;
+  const float* z;  // or nullptr
+  const float* D;  // or nullptr
+  const float* A;
+  const float* B;  // (npad,)
+  const float* C;  // (npad,)
+  float* state;
+  float* out;  // (n,) fp32
+};
+
+// One causal conv1d decode step (conv1d_cpu.cpp) of n channels: each channel's window of the last `width` inputs
+// shifts left by one and takes x as its newest; out = bias + weight . window, through SiLU when asked.
+struct ConvUpdate {
+  int64_t n;
+  int64_t width;  // 2..4
+  const float* x;
+  const float* weight;  // (n, width)
+  const float* bias;    // or nullptr
+  bool silu;
+  float* state;  // (n, width), updated in place
+  float* out;    // (n,)
+};
+
 // Forward: state (npad,) holds the initial state and receives the last; out (L,) fp32.
 using FwdRowFn = void (*)(const ScanRow& r, float* state, float* out);
 // Backward: init (npad,) the initial state (zeros when absent); recomputes the states from checkpoints.
 using BwdRowFn = void (*)(const ScanRow& r, const float* init, const ScanRowGrad& g);
+using UpdateRowsFn = void (*)(const UpdateRows& u);
+using ConvUpdateFn = void (*)(const ConvUpdate& c);
 
 // Elementwise, vectorised: x <- softplus(x); grad <- grad * sigmoid(pre).
 using SoftplusFn = void (*)(float* x, int64_t n);
@@ -68,6 +101,8 @@ using F32ToBf16Fn = void (*)(const float* src, uint16_t* dst, int64_t n);
 struct Kernels {
   FwdRowFn fwd_row;
   BwdRowFn bwd_row;
+  UpdateRowsFn update_rows;
+  ConvUpdateFn conv_update;
   SoftplusFn softplus;
   SoftplusBwdFn softplus_backward;
   DeltaRowFn delta_row;
