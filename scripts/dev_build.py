@@ -26,6 +26,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--print-path", action="store_true", help="print only the library's path")
     args = ap.parse_args()
+    for fam in args.families:  # an unknown name would build a library with no kernels of that family
+        if not os.path.isdir(os.path.join(ROOT, "csrc", fam)):
+            known = sorted(
+                d for d in os.listdir(os.path.join(ROOT, "csrc")) if os.path.isdir(os.path.join(ROOT, "csrc", d))
+            )
+            ap.error(f"no folder csrc/{fam}; families: {', '.join(d for d in known if d != 'common')}")
 
     home = find_cuda_home()
     if home is not None:
