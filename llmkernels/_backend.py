@@ -5,6 +5,11 @@ backend the user forced (`with use_backend("cpu"):` or `LLMKERNELS_BACKEND=cpu`,
 raises `BackendError` saying why if it cannot run these inputs, or picks automatically: the first
 backend in the device's preference order that can run the inputs, falling back silently to the
 reference. Every refusal has a reason in words, so `llmkernels info` and error messages can show it.
+
+Decode steps call these ops thousands of times a second on tiny tensors, so the choice is cached: per
+(forced backend, device) each Dispatcher keeps the backends that pass the checks which do not depend on
+the arguments (implemented, extension loaded, kernel built, Triton usable). DISABLED and the `supports`
+predicates are still consulted on every call, and `register` / `invalidate` drop the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from . import _ext
+
+_is_compiling = torch.compiler.is_compiling
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -112,6 +119,16 @@ def _first_device_type(args: tuple, kwargs: dict) -> str:
     return "cpu"
 
 
+_CPU = torch.device("cpu")
+
+
+def _first_device(args: tuple, kwargs: dict) -> torch.device:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return _CPU
+
+
 class Dispatcher:
     """One public op: an implementation per backend and the rule that chooses among them."""
 
@@ -123,7 +140,13 @@ class Dispatcher:
         self.order = dict(DEFAULT_ORDER)
         if cuda_order is not None:
             self.order["cuda"] = cuda_order
+        # (forced backend or None, device) -> ((backend, supports or None), ...): see _plan.
+        self._plans: dict[tuple[Optional[str], torch.device], tuple[tuple[str, Optional[Callable]], ...]] = {}
         REGISTRY[name] = self
+
+    def invalidate(self) -> None:
+        """Forget the cached choices (after changing impls, kernels, supports or order by hand)."""
+        self._plans.clear()
 
     def register(
         self,
@@ -145,17 +168,16 @@ class Dispatcher:
                 self.kernels[backend] = kernel
             if supports is not None:
                 self.supports[backend] = supports
+            self.invalidate()
             return fn
 
         return wrap
 
-    def why_not(self, backend: str, *args: Any, **kwargs: Any) -> Optional[str]:
-        """Why `backend` cannot run these inputs, or None if it can."""
-        if backend not in self.impls:
-            return f"{self.name} has no {backend} implementation"
-        if (self.name, backend) in DISABLED:
-            return f"disabled: {DISABLED[(self.name, backend)]}"
-        device = _first_device_type(args, kwargs)
+    def _static_reason(self, backend: str, device: str) -> Optional[str]:
+        """Why `backend` cannot run tensors on `device` whatever their shapes and dtypes (DISABLED aside).
+
+        Depends only on state fixed at import (the extension, its kernels, Triton), so its answers are cached.
+        """
         if backend in ("cpu", "cuda"):
             if device != backend:
                 return f"inputs are on {device}, the {backend} backend takes {backend} tensors"
@@ -166,13 +188,23 @@ class Dispatcher:
                 what = "built without CUDA" if backend == "cuda" and not _ext.cuda_version else "has no such kernel"
                 return f"the build {what}: no {backend.upper()} kernel for llmkernels::{kernel}"
         elif backend == "triton":
-            reason = triton_unavailable_reason(device)
-            if reason is not None:
-                return reason
+            return triton_unavailable_reason(device)
+        return None
+
+    def why_not(self, backend: str, *args: Any, **kwargs: Any) -> Optional[str]:
+        """Why `backend` cannot run these inputs, or None if it can."""
+        if backend not in self.impls:
+            return f"{self.name} has no {backend} implementation"
+        if (self.name, backend) in DISABLED:
+            return f"disabled: {DISABLED[(self.name, backend)]}"
+        reason = self._static_reason(backend, _first_device_type(args, kwargs))
+        if reason is not None:
+            return reason
         check = self.supports.get(backend)
         return check(*args, **kwargs) if check is not None else None
 
-    def choose(self, *args: Any, **kwargs: Any) -> str:
+    def _choose_uncached(self, args: tuple, kwargs: dict) -> str:
+        """The choice made from scratch: what torch.compile traces (it guards on the state read here)."""
         forced = requested_backend()
         if forced is not None:
             reason = self.why_not(forced, *args, **kwargs)
@@ -188,8 +220,46 @@ class Dispatcher:
                 return backend
         return "reference"
 
+    def _plan(self, forced: Optional[str], device: torch.device) -> tuple[tuple[str, Optional[Callable]], ...]:
+        """The backends to try in turn for (forced, device), with their supports predicates: those of the
+        forced one or the device's order that pass `_static_reason`. Cached in self._plans."""
+        kind = device.type
+        if forced is not None:
+            order: tuple[str, ...] = (forced,)
+        else:
+            order = self.order.get(kind, ("reference",))
+            if kind == "cuda":
+                order = measured_cuda_orders().get(self.name, order)
+        plan = tuple(
+            (b, self.supports.get(b)) for b in order if b in self.impls and self._static_reason(b, kind) is None
+        )
+        self._plans[(forced, device)] = plan
+        return plan
+
+    def choose(self, *args: Any, **kwargs: Any) -> str:
+        return self._choose(args, kwargs)
+
+    def _choose(self, args: tuple, kwargs: dict) -> str:
+        if _is_compiling():  # trace the plain walk: a cache filled while tracing would be baked into the graph
+            return self._choose_uncached(args, kwargs)
+        forced = _forced_stack[-1] if _forced_stack else _ENV_BACKEND
+        first = args[0] if args else None  # the first argument is nearly always the tensor to read it from
+        device = first.device if isinstance(first, torch.Tensor) else _first_device(args, kwargs)
+        plan = self._plans.get((forced, device))
+        if plan is None:
+            plan = self._plan(forced, device)
+        for backend, supports in plan:
+            if DISABLED and (self.name, backend) in DISABLED:
+                continue
+            if supports is None or supports(*args, **kwargs) is None:
+                return backend
+        if forced is None:
+            return "reference"
+        # Refused: the uncached walk finds the reason and raises it.
+        return self._choose_uncached(args, kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.impls[self.choose(*args, **kwargs)](*args, **kwargs)
+        return self.impls[self._choose(args, kwargs)](*args, **kwargs)
 
 
 REGISTRY: dict[str, Dispatcher] = {}

@@ -1,4 +1,9 @@
-"""Argument checks for the public functions: every message names the function and the argument."""
+"""Argument checks for the public functions: every message names the function and the argument.
+
+The public ops run once a token, so each first tests its common case as one cheap boolean expression
+(its `..._args_ok`, some of it through `fits` below) and runs these descriptive checks, which raise,
+only when that says no. The two must agree on every input: tests/test_fast_checks.py compares them.
+"""
 
 from __future__ import annotations
 
@@ -44,3 +49,8 @@ def check_shape(fn: str, name: str, t: torch.Tensor, expected: Sequence[int]) ->
 def check_same_dtype(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(f"llmkernels.{fn}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def fits(t: object, dtypes: tuple[torch.dtype, ...], device: torch.device) -> bool:
+    """Whether t is a tensor with a dtype in dtypes on device: check_tensor's common case as a bool, no message."""
+    return isinstance(t, torch.Tensor) and t.dtype in dtypes and t.device == device

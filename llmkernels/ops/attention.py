@@ -124,28 +124,49 @@ flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
 
 
 @flash_attn_kvcache.register("reference")
-def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                       softcap):
-    return flash_attn_with_kvcache_ref(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
-                                       window_size=(window_left, window_right), softcap=softcap)
+def _kvcache_reference(
+    q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
+):
+    return flash_attn_with_kvcache_ref(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cache_seqlens,
+        softmax_scale,
+        window_size=(window_left, window_right),
+        softcap=softcap,
+    )
 
 
 @flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)
 def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap):
-    return torch.ops.llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
-                                                        softmax_scale, window_left, window_right, softcap)
+    return torch.ops.llmkernels.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
+    )
 
 
 @flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_kvcache_supports)
 def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap):
-    return torch.ops.llmkernels.flash_attn_with_kvcache(_aligned(q), k_cache, v_cache, _aligned(k_new),
-                                                        _aligned(v_new), cache_seqlens, softmax_scale, window_left,
-                                                        window_right, softcap)
+    return torch.ops.llmkernels.flash_attn_with_kvcache(
+        _aligned(q),
+        k_cache,
+        v_cache,
+        _aligned(k_new),
+        _aligned(v_new),
+        cache_seqlens,
+        softmax_scale,
+        window_left,
+        window_right,
+        softcap,
+    )
 
 
 @flash_attn_kvcache.register("triton", supports=_triton_supports_for("flash_attn_with_kvcache_triton"))
-def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                    softcap):
+def _kvcache_triton(
+    q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
+):
     fn = _triton_function("flash_attn_with_kvcache_triton")
     return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap)
 
@@ -159,16 +180,27 @@ def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap)
         raise ValueError(f"llmkernels.{fn}: q must have a head dim in [1, {MAX_HEADDIM}], got {q.shape[-1]}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"llmkernels.{fn}: softmax_scale must be a positive number or None, got {softmax_scale!r}")
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) and w >= -1 for w in window_size)):
-        raise ValueError(f"llmkernels.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), "
-                         f"got {window_size!r}")
+    if not (
+        isinstance(window_size, (tuple, list))
+        and len(window_size) == 2
+        and all(isinstance(w, int) and w >= -1 for w in window_size)
+    ):
+        raise ValueError(
+            f"llmkernels.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}"
+        )
     if not (isinstance(softcap, (int, float)) and softcap >= 0):
         raise ValueError(f"llmkernels.{fn}: softcap must be a number >= 0 (0 disables it), got {softcap!r}")
 
 
-def _check_kv(fn: str, q: torch.Tensor, names: tuple[str, str], k: torch.Tensor, v: torch.Tensor,
-              seqlen: int | None = None, nheads_k: int | None = None) -> None:
+def _check_kv(
+    fn: str,
+    q: torch.Tensor,
+    names: tuple[str, str],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqlen: int | None = None,
+    nheads_k: int | None = None,
+) -> None:
     for name, t in zip(names, (k, v)):
         check_tensor(fn, name, t, ndim=4, device=q.device, last_dim_contiguous=True)
         check_same_dtype(fn, name, t, "q", q)
@@ -177,18 +209,118 @@ def _check_kv(fn: str, q: torch.Tensor, names: tuple[str, str], k: torch.Tensor,
     check_shape(fn, names[0], k, expected)
     check_shape(fn, names[1], v, expected)
     if nheads % k.shape[2] != 0:
-        raise ValueError(f"llmkernels.{fn}: q's nheads ({nheads}) must be a multiple of {names[0]}'s nheads_k "
-                         f"({k.shape[2]})")
+        raise ValueError(
+            f"llmkernels.{fn}: q's nheads ({nheads}) must be a multiple of {names[0]}'s nheads_k ({k.shape[2]})"
+        )
+
+
+def _scalars_ok(softmax_scale, window_size, softcap) -> bool:
+    """Whether _check_common's checks of the numbers would pass (no messages)."""
+    return (
+        (softmax_scale is None or (isinstance(softmax_scale, (int, float)) and softmax_scale > 0))
+        and isinstance(window_size, (tuple, list))
+        and len(window_size) == 2
+        and isinstance(window_size[0], int)
+        and window_size[0] >= -1
+        and isinstance(window_size[1], int)
+        and window_size[1] >= -1
+        and isinstance(softcap, (int, float))
+        and softcap >= 0
+    )
+
+
+# Each tensor attribute read costs ~0.1 us, a third of these checks' budget: shapes are read once, len(shape)
+# stands in for dim() and stride()[3] for stride(3), which parses its argument.
+def _q_ok(q) -> bool:
+    """Whether _check_common's checks of q would pass (no messages)."""
+    if not isinstance(q, torch.Tensor):
+        return False
+    shape = q.shape
+    return len(shape) == 4 and q.dtype in _DTYPES and q.stride()[3] == 1 and 1 <= shape[3] <= MAX_HEADDIM
+
+
+def _kv_ok(q, k, v, nheads_k: int | None = None) -> bool:
+    """Whether _check_kv would pass (its seqlen, if given, being k's own), tested the cheap way (no messages)."""
+    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return False
+    q_shape, shape = q.shape, k.shape
+    dev, dtype = q.device, q.dtype
+    return (
+        len(shape) == 4
+        and shape[0] == q_shape[0]
+        and shape[3] == q_shape[3]
+        and (nheads_k is None or shape[2] == nheads_k)
+        and v.shape == shape
+        and shape[2] > 0
+        and q_shape[2] % shape[2] == 0
+        and k.dtype == dtype
+        and v.dtype == dtype
+        and k.device == dev
+        and v.device == dev
+        and k.stride()[3] == 1
+        and v.stride()[3] == 1
+    )
 
 
 def _check_unsupported(fn: str, dropout_p, alibi_slopes, return_attn_probs) -> None:
     if dropout_p != 0.0:
-        raise NotImplementedError(f"llmkernels.{fn}: dropout_p={dropout_p!r} is not supported (inference kernels: "
-                                  f"only 0.0)")
+        raise NotImplementedError(
+            f"llmkernels.{fn}: dropout_p={dropout_p!r} is not supported (inference kernels: only 0.0)"
+        )
     if alibi_slopes is not None:
         raise NotImplementedError(f"llmkernels.{fn}: alibi_slopes is not supported (only None)")
     if return_attn_probs:
         raise NotImplementedError(f"llmkernels.{fn}: return_attn_probs=True is not supported (only False)")
+
+
+def _func_args_ok(q, k, v, softmax_scale, window_size, softcap) -> bool:
+    """Whether _check_func_args would pass, tested the cheap way (no messages): it runs only when this says no."""
+    return _q_ok(q) and _scalars_ok(softmax_scale, window_size, softcap) and _kv_ok(q, k, v)
+
+
+def _check_func_args(fn: str, q, k, v, softmax_scale, window_size, softcap) -> None:
+    _check_common(fn, q, softmax_scale, window_size, softcap)
+    _check_kv(fn, q, ("k", "v"), k, v)
+
+
+def _kvcache_args_ok(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap) -> bool:
+    """Whether _check_kvcache_args would pass, tested the cheap way (no messages): it runs only when this says no.
+    An int or None cache_seqlens is left to it (its range check needs the cache's capacity)."""
+    return (
+        _q_ok(q)
+        and _scalars_ok(softmax_scale, window_size, softcap)
+        and _kv_ok(q, k_cache, v_cache)
+        and ((k is None and v is None) or (k is not None and _kv_ok(q, k, v, k_cache.shape[2])))
+        and isinstance(cache_seqlens, torch.Tensor)
+        and cache_seqlens.dtype == torch.int32
+        and cache_seqlens.device == q.device
+        and cache_seqlens.shape == q.shape[:1]
+    )
+
+
+def _check_kvcache_args(fn: str, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap):
+    """flash_attn_with_kvcache's checks, raising the first problem found."""
+    _check_common(fn, q, softmax_scale, window_size, softcap)
+    _check_kv(fn, q, ("k_cache", "v_cache"), k_cache, v_cache)
+    batch, capacity, nheads_k = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if (k is None) != (v is None):
+        raise ValueError(f"llmkernels.{fn}: k and v (the new tokens) must be given together")
+    seqlen_new = 0
+    if k is not None:
+        check_tensor(fn, "k", k, ndim=4)
+        seqlen_new = k.shape[1]
+        _check_kv(fn, q, ("k", "v"), k, v, seqlen=seqlen_new, nheads_k=nheads_k)
+    if cache_seqlens is None:
+        cache_seqlens = capacity - seqlen_new
+    if isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens <= capacity - seqlen_new:
+            raise ValueError(
+                f"llmkernels.{fn}: cache_seqlens ({cache_seqlens}) + the {seqlen_new} new tokens must fit "
+                f"in the cache's {capacity} slots"
+            )
+    else:
+        check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,8 +350,8 @@ def flash_attn_func(
     """
     fn = "flash_attn_func"
     _check_unsupported(fn, dropout_p, alibi_slopes, return_attn_probs)
-    _check_common(fn, q, softmax_scale, window_size, softcap)
-    _check_kv(fn, q, ("k", "v"), k, v)
+    if not _func_args_ok(q, k, v, softmax_scale, window_size, softcap):
+        _check_func_args(fn, q, k, v, softmax_scale, window_size, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
     return flash_attn(q, k, v, scale, left, right, float(softcap))
@@ -247,26 +379,12 @@ def flash_attn_with_kvcache(
     not advanced. Returns (batch, seqlen_q, nheads, headdim).
     """
     fn = "flash_attn_with_kvcache"
-    _check_common(fn, q, softmax_scale, window_size, softcap)
-    _check_kv(fn, q, ("k_cache", "v_cache"), k_cache, v_cache)
-    batch, capacity, nheads_k = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
-    if (k is None) != (v is None):
-        raise ValueError(f"llmkernels.{fn}: k and v (the new tokens) must be given together")
-    seqlen_new = 0
-    if k is not None:
-        check_tensor(fn, "k", k, ndim=4)
-        seqlen_new = k.shape[1]
-        _check_kv(fn, q, ("k", "v"), k, v, seqlen=seqlen_new, nheads_k=nheads_k)
-    if cache_seqlens is None:
-        cache_seqlens = capacity - seqlen_new
-    if isinstance(cache_seqlens, int):
-        if not 0 <= cache_seqlens <= capacity - seqlen_new:
-            raise ValueError(f"llmkernels.{fn}: cache_seqlens ({cache_seqlens}) + the {seqlen_new} new tokens must fit "
-                             f"in the cache's {capacity} slots")
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    else:
-        check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
-        check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
+    if not _kvcache_args_ok(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap):
+        _check_kvcache_args(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap)
+    if not isinstance(cache_seqlens, torch.Tensor):  # an int (in range: checked), or None: the whole cache
+        if cache_seqlens is None:
+            cache_seqlens = k_cache.shape[1] - (0 if k is None else k.shape[1])
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
     return flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap))
@@ -287,8 +405,9 @@ if _ext.loaded:
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("llmkernels::flash_attn_with_kvcache")
-    def _kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                      softcap):
+    def _kvcache_fake(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
+    ):
         return q.new_empty(q.shape)
 
     def _fwd_setup_context(ctx, inputs, output):

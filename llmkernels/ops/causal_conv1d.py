@@ -35,6 +35,20 @@ def _check_weight_bias(fn: str, x, weight, bias) -> None:
         _checks.check_shape(fn, "bias", bias, (dim,))
 
 
+def _x_weight_bias_ok(x, ndim: int, weight, bias) -> bool:
+    """Whether x's check (ndim dims) and _check_weight_bias would pass, tested the cheap way (no messages)."""
+    if not (isinstance(x, torch.Tensor) and x.dtype in ACT_DTYPES and _checks.fits(weight, ACT_DTYPES, x.device)):
+        return False
+    shape, w_shape = x.shape, weight.shape  # each read costs ~0.1 us: read once, len() for dim()
+    return (
+        len(shape) == ndim
+        and len(w_shape) == 2
+        and w_shape[0] == shape[1]
+        and w_shape[1] in WIDTHS
+        and (bias is None or (_checks.fits(bias, ACT_DTYPES, x.device) and bias.shape == (shape[1],)))
+    )
+
+
 conv_dispatcher = Dispatcher("causal_conv1d_fn")
 
 
@@ -59,8 +73,9 @@ def causal_conv1d_fn(
     """
     fn = "causal_conv1d_fn"
     silu = _silu(fn, activation)
-    _checks.check_tensor(fn, "x", x, ndim=3, dtypes=ACT_DTYPES)
-    _check_weight_bias(fn, x, weight, bias)
+    if not _x_weight_bias_ok(x, 3, weight, bias):
+        _checks.check_tensor(fn, "x", x, ndim=3, dtypes=ACT_DTYPES)  # raises, naming the argument
+        _check_weight_bias(fn, x, weight, bias)
     return conv_dispatcher(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), silu)
 
 
@@ -92,13 +107,41 @@ def causal_conv1d_update(
     """
     fn = "causal_conv1d_update"
     silu = _silu(fn, activation)
+    if not _update_args_ok(x, conv_state, weight, bias):
+        _check_update_args(fn, x, conv_state, weight, bias)  # raises, naming the argument
+    return update_dispatcher(
+        x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu
+    )
+
+
+def _update_args_ok(x, conv_state, weight, bias) -> bool:
+    """Whether _check_update_args would pass, tested the cheap way (no messages): it runs only when this says no.
+    Written out rather than through _x_weight_bias_ok: each call and tensor attribute read costs ~0.1 us, and
+    this runs every decode step."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(conv_state, torch.Tensor)):
+        return False
+    dev, shape, w_shape = x.device, x.shape, weight.shape
+    return (
+        len(shape) == 2
+        and len(w_shape) == 2
+        and w_shape[0] == shape[1]
+        and w_shape[1] in WIDTHS
+        and x.dtype in ACT_DTYPES
+        and weight.dtype in ACT_DTYPES
+        and conv_state.dtype in ACT_DTYPES
+        and weight.device == dev
+        and conv_state.device == dev
+        and conv_state.shape == (*shape, w_shape[1])
+        and conv_state.is_contiguous()
+        and (bias is None or (_checks.fits(bias, ACT_DTYPES, dev) and bias.shape == (shape[1],)))
+    )
+
+
+def _check_update_args(fn: str, x, conv_state, weight, bias) -> None:
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
     _check_weight_bias(fn, x, weight, bias)
     _checks.check_tensor(fn, "conv_state", conv_state, dtypes=ACT_DTYPES, device=x.device, contiguous=True)
     _checks.check_shape(fn, "conv_state", conv_state, (x.shape[0], x.shape[1], weight.shape[1]))
-    return update_dispatcher(
-        x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu
-    )
 
 
 if _ext.loaded:

@@ -15,33 +15,42 @@ from .._backend import Dispatcher
 from ..reference.selective_scan import selective_scan_ref, selective_state_update_ref
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_F32 = (torch.float32,)
 MAX_DSTATE = 256
 
 
-def _check_bc(fn: str, name: str, M, batch: int, dim: int, dstate: int, seqlen: int | None, dev) -> None:
-    """B/C: (dim, dstate), (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); decode: (batch, [g,] dstate)."""
-    _checks.check_tensor(fn, name, M, dtypes=ACT_DTYPES, device=dev)
+def _bc_shape_ok(shape, batch: int, dim: int, dstate: int, seqlen: int | None) -> bool:
+    """B/C: (dim, dstate), (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); decode (seqlen None):
+    (batch, dstate) or (batch, ngroups, dstate). ngroups must divide dim."""
+    n = len(shape)
     if seqlen is None:  # selective_state_update
-        ok = (M.dim() == 2 and tuple(M.shape) == (batch, dstate)) or (
-            M.dim() == 3 and M.shape[0] == batch and M.shape[2] == dstate and M.shape[1] >= 1 and dim % M.shape[1] == 0
+        return (n == 2 and shape[0] == batch and shape[1] == dstate) or (
+            n == 3 and shape[0] == batch and shape[2] == dstate and shape[1] >= 1 and dim % shape[1] == 0
         )
+    return (
+        (n == 2 and shape[0] == dim and shape[1] == dstate)
+        or (n == 3 and shape[0] == batch and shape[1] == dstate and shape[2] == seqlen)
+        or (
+            n == 4
+            and shape[0] == batch
+            and shape[2] == dstate
+            and shape[3] == seqlen
+            and shape[1] >= 1
+            and dim % shape[1] == 0
+        )
+    )
+
+
+def _check_bc(fn: str, name: str, M, batch: int, dim: int, dstate: int, seqlen: int | None, dev) -> None:
+    _checks.check_tensor(fn, name, M, dtypes=ACT_DTYPES, device=dev)
+    if seqlen is None:
         expected = f"(batch, dstate) = ({batch}, {dstate}) or (batch, ngroups, dstate) with dim % ngroups == 0"
     else:
-        ok = (
-            (M.dim() == 2 and tuple(M.shape) == (dim, dstate))
-            or (M.dim() == 3 and tuple(M.shape) == (batch, dstate, seqlen))
-            or (
-                M.dim() == 4
-                and (M.shape[0], M.shape[2], M.shape[3]) == (batch, dstate, seqlen)
-                and M.shape[1] >= 1
-                and dim % M.shape[1] == 0
-            )
-        )
         expected = (
             f"(dim, dstate) = ({dim}, {dstate}), (batch, dstate, seqlen) = ({batch}, {dstate}, {seqlen}) or "
             "(batch, ngroups, dstate, seqlen) with dim % ngroups == 0"
         )
-    if not ok:
+    if not _bc_shape_ok(M.shape, batch, dim, dstate, seqlen):
         raise ValueError(f"llmkernels.{fn}: {name} must have shape {expected}, got {tuple(M.shape)}")
 
 
@@ -60,6 +69,45 @@ def _check_channel_vector(fn: str, name: str, t, dim: int, dev) -> None:
     if t is not None:
         _checks.check_tensor(fn, name, t, ndim=1, dtypes=ACT_DTYPES, device=dev)
         _checks.check_shape(fn, name, t, (dim,))
+
+
+# The quick tests read each tensor attribute once (each read costs ~0.1 us) and use len(shape) for dim().
+def _channel_vector_ok(t, dim: int, dev) -> bool:
+    return t is None or (_checks.fits(t, ACT_DTYPES, dev) and t.shape == (dim,))
+
+
+def _scan_args_ok(u, delta, A, B, C, D, z, delta_bias, initial_state) -> bool:
+    """Whether check_scan_args would pass, tested the cheap way (no messages): it runs only when this says no.
+    The tensors every call has are tested inline, like _update_args_ok's."""
+    T = torch.Tensor
+    if not (isinstance(u, T) and isinstance(delta, T) and isinstance(A, T) and isinstance(B, T) and isinstance(C, T)):
+        return False
+    dev, shape, a_shape = u.device, u.shape, A.shape
+    if not (len(shape) == 3 and len(a_shape) == 2 and a_shape[0] == shape[1] and 1 <= a_shape[1] <= MAX_DSTATE):
+        return False
+    batch, dim, seqlen = shape
+    dstate = a_shape[1]
+    return (
+        u.dtype in ACT_DTYPES
+        and delta.dtype in ACT_DTYPES
+        and A.dtype == torch.float32
+        and B.dtype in ACT_DTYPES
+        and C.dtype in ACT_DTYPES
+        and delta.device == dev
+        and A.device == dev
+        and B.device == dev
+        and C.device == dev
+        and delta.shape == shape
+        and _bc_shape_ok(B.shape, batch, dim, dstate, seqlen)
+        and _bc_shape_ok(C.shape, batch, dim, dstate, seqlen)
+        and _channel_vector_ok(D, dim, dev)
+        and _channel_vector_ok(delta_bias, dim, dev)
+        and (z is None or (_checks.fits(z, ACT_DTYPES, dev) and z.shape == shape))
+        and (
+            initial_state is None
+            or (_checks.fits(initial_state, _F32, dev) and initial_state.shape == (batch, dim, dstate))
+        )
+    )
 
 
 def check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
@@ -122,7 +170,8 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.float().contiguous() if t is not None else None
+    """t in fp32, contiguous (the C++ ops' layout), without the two calls in the common case where it already is."""
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous()
 
 
 def selective_scan_fn(
@@ -146,9 +195,20 @@ def selective_scan_fn(
     the last state (batch, dim, dstate) fp32. Differentiable in every tensor, including initial_state and
     through the returned last state. Non-contiguous inputs are copied (as mamba_ssm does).
     """
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    args = (_contig(u), _contig(delta), A.contiguous(), _contig(B), _contig(C), _f32(D), _contig(z),
-            _f32(delta_bias), bool(delta_softplus), _contig(initial_state))
+    if not _scan_args_ok(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)  # raises, naming the argument
+    args = (
+        u.contiguous(),
+        delta.contiguous(),
+        A.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        _f32(D),
+        _contig(z),
+        _f32(delta_bias),
+        bool(delta_softplus),
+        _contig(initial_state),
+    )
     out, last_state = scan_dispatcher(*args)
     return (out, last_state) if return_last_state else out
 
@@ -175,6 +235,42 @@ def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     from ..triton.selective_scan import selective_state_update_triton
 
     return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias) -> bool:
+    """Whether check_update_args would pass, tested the cheap way (no messages): it runs only when this says no.
+    The tensors every call has are tested inline, not through fits: each call costs ~0.1 us, every step."""
+    T = torch.Tensor
+    if not (isinstance(x, T) and isinstance(dt, T) and isinstance(A, T) and isinstance(state, T)):
+        return False
+    if not (isinstance(B, T) and isinstance(C, T)):
+        return False
+    dev, shape, a_shape = x.device, x.shape, A.shape
+    if not (len(shape) == 2 and len(a_shape) == 2 and a_shape[0] == shape[1] and 1 <= a_shape[1] <= MAX_DSTATE):
+        return False
+    batch, dim = shape
+    dstate = a_shape[1]
+    return (
+        x.dtype in ACT_DTYPES
+        and dt.dtype in ACT_DTYPES
+        and A.dtype == torch.float32
+        and state.dtype in ACT_DTYPES
+        and B.dtype in ACT_DTYPES
+        and C.dtype in ACT_DTYPES
+        and dt.device == dev
+        and A.device == dev
+        and state.device == dev
+        and B.device == dev
+        and C.device == dev
+        and dt.shape == shape
+        and state.shape == (batch, dim, dstate)
+        and state.is_contiguous()
+        and _bc_shape_ok(B.shape, batch, dim, dstate, None)
+        and _bc_shape_ok(C.shape, batch, dim, dstate, None)
+        and _channel_vector_ok(D, dim, dev)
+        and _channel_vector_ok(dt_bias, dim, dev)
+        and (z is None or (_checks.fits(z, ACT_DTYPES, dev) and z.shape == shape))
+    )
 
 
 def check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
@@ -215,10 +311,19 @@ def selective_state_update(
     A: (dim, dstate) fp32; B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,) fp32.
     Returns y (batch, dim) in x's dtype. Stepping it L times equals selective_scan_fn over L tokens.
     """
-    check_update_args(state, x, dt, A, B, C, D, z, dt_bias)
+    if not _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias):
+        check_update_args(state, x, dt, A, B, C, D, z, dt_bias)  # raises, naming the argument
     return update_dispatcher(
-        state, x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), _f32(D),
-        _contig(z), _f32(dt_bias), bool(dt_softplus),
+        state,
+        x.contiguous(),
+        dt.contiguous(),
+        A.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        _f32(D),
+        _contig(z),
+        _f32(dt_bias),
+        bool(dt_softplus),
     )
 
 
@@ -255,12 +360,26 @@ if _ext.loaded:
         if dout is None:
             dout = torch.zeros_like(u)
         grads = torch.ops.llmkernels.selective_scan_bwd(
-            dout.contiguous(), None if dlast_state is None else dlast_state.contiguous(), u, delta, A, B, C, D, z,
-            delta_bias, ctx.delta_softplus, initial_state,
+            dout.contiguous(),
+            None if dlast_state is None else dlast_state.contiguous(),
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            ctx.delta_softplus,
+            initial_state,
         )
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
         return (
-            du, ddelta, dA, dB, dC,
+            du,
+            ddelta,
+            dA,
+            dB,
+            dC,
             dD if D is not None else None,
             dz if z is not None else None,
             ddelta_bias if delta_bias is not None else None,
@@ -268,6 +387,4 @@ if _ext.loaded:
             dinit if initial_state is not None else None,
         )
 
-    torch.library.register_autograd(
-        "llmkernels::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context
-    )
+    torch.library.register_autograd("llmkernels::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context)

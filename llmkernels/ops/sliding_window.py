@@ -44,8 +44,12 @@ class RollingKVCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
-        for name, value in (("batch_size", batch_size), ("window", window), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("window", window),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"llmkernels.RollingKVCache: {name} must be a positive int, got {value!r}")
         dtype = dtype or torch.get_default_dtype()
@@ -124,7 +128,7 @@ def _attn_triton(q, k, v, k_ring, v_ring, seqlens, softmax_scale: float, softcap
 
 def _append(backend: str, k_ring, v_ring, k, v, seqlens) -> None:
     """Write the chunk into the rings with the C++ kernel where the build has one for this device."""
-    key = k.device.type.upper()
+    key = "CPU" if k.is_cpu else "CUDA" if k.is_cuda else k.device.type.upper()  # is_*: no string built per call
     usable = backend != "reference" and _ext.has_kernel("rolling_cache_append", key)
     if key == "CUDA":  # the CUDA copy moves 16-byte pieces: rows must be a multiple of 16 bytes
         usable = usable and (k.shape[-1] * k.element_size()) % 16 == 0
@@ -138,6 +142,47 @@ def _append(backend: str, k_ring, v_ring, k, v, seqlens) -> None:
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
+def _args_ok(q, k, v, cache, softmax_scale, softcap) -> bool:
+    """Whether _check_args would pass, tested the cheap way (no messages): it runs only when this says no.
+    Each tensor attribute read costs ~0.1 us, so shapes are read once and len() stands in for dim()."""
+    if not (
+        isinstance(q, torch.Tensor)
+        and isinstance(cache, RollingKVCache)
+        and isinstance(cache.k, torch.Tensor)
+        and isinstance(k, torch.Tensor)
+        and isinstance(v, torch.Tensor)
+    ):
+        return False
+    shape, ring_shape = q.shape, cache.k.shape
+    if not (len(shape) == 4 and len(ring_shape) == 4):
+        return False
+    batch, chunk, nheads, head_dim = shape
+    ring_batch, _, nheads_k, ring_head_dim = ring_shape
+    expected = (batch, chunk, nheads_k, head_dim)
+    dev, dtype = q.device, q.dtype
+    return (
+        dtype in _DTYPES
+        and q.stride()[3] == 1
+        and chunk >= 1
+        and k.shape == expected
+        and v.shape == expected
+        and k.device == dev
+        and v.device == dev
+        and k.dtype == dtype
+        and v.dtype == dtype
+        and k.stride()[3] == 1
+        and v.stride()[3] == 1
+        and nheads_k > 0
+        and nheads % nheads_k == 0
+        and ring_batch == batch
+        and ring_head_dim == head_dim
+        and cache.k.device == dev
+        and cache.k.dtype == dtype
+        and (softmax_scale is None or softmax_scale > 0)  # the numbers last, in _check_args' order
+        and not softcap < 0
+    )
+
+
 def _check_args(q, k, v, cache, softmax_scale, softcap) -> None:
     check_tensor(_FN, "q", q, ndim=4, dtypes=_DTYPES, last_dim_contiguous=True)
     batch, chunk, nheads, head_dim = q.shape
@@ -151,8 +196,9 @@ def _check_args(q, k, v, cache, softmax_scale, softcap) -> None:
         check_same_dtype(_FN, name, t, "q", q)
         check_shape(_FN, name, t, (batch, chunk, nheads_k, head_dim))
     if nheads % nheads_k != 0:
-        raise ValueError(f"llmkernels.{_FN}: q's nheads ({nheads}) must be a multiple of the cache's num_kv_heads "
-                         f"({nheads_k})")
+        raise ValueError(
+            f"llmkernels.{_FN}: q's nheads ({nheads}) must be a multiple of the cache's num_kv_heads ({nheads_k})"
+        )
     if cache.k.shape[0] != batch:
         raise ValueError(f"llmkernels.{_FN}: cache has batch_size {cache.k.shape[0]}, q has batch {batch}")
     if cache_head_dim != head_dim:
@@ -180,7 +226,8 @@ def sliding_window_attn_with_cache(
     positions p - W + 1 .. p: older ones from the ring, newer ones from the chunk.
     Returns (batch, S, nheads, head_dim) in q's dtype.
     """
-    _check_args(q, k, v, cache, softmax_scale, softcap)
+    if not _args_ok(q, k, v, cache, softmax_scale, softcap):
+        _check_args(q, k, v, cache, softmax_scale, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     args = (q, k, v, cache.k, cache.v, cache.seqlens, scale, float(softcap))
     backend = rolling_window_attn.choose(*args)

@@ -164,6 +164,54 @@ def ternary_linear(
     act_bits=None keeps x in its precision (weight-only). Returns (..., out_features) in x's dtype.
     """
     fn = "ternary_linear"
+    if not _linear_args_ok(x, w_packed, w_scale, bias, act_bits):
+        _check_linear_args(fn, x, w_packed, w_scale, bias, act_bits)  # raises, naming the argument
+    shape = x.shape
+    in_features, out_features, flat = shape[-1], w_packed.shape[0], len(shape) == 2
+    # The ops take (m, in_features) and a 0-d scale; reshape costs a microsecond even when it changes nothing.
+    x2 = x if flat else x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    scale = w_scale if w_scale.dim() == 0 else w_scale.reshape(())
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _TernaryLinearFn.apply(x2, w_packed, scale, bias, in_features, act_bits)
+    else:
+        y = _forward(x2, w_packed, scale, bias, in_features, act_bits)
+    return y if flat else y.reshape(*shape[:-1], out_features)
+
+
+def _linear_args_ok(x, w_packed, w_scale, bias, act_bits) -> bool:
+    """Whether _check_linear_args would pass, tested the cheap way (no messages): it runs only when this says no.
+    Each tensor attribute read costs ~0.1 us, so shapes are read once and len() stands in for dim()."""
+    if not (isinstance(x, torch.Tensor) and isinstance(w_packed, torch.Tensor) and isinstance(w_scale, torch.Tensor)):
+        return False
+    shape, w_shape, dev = x.shape, w_packed.shape, x.device
+    return (
+        len(shape) > 0
+        and shape[-1] > 0
+        and x.dtype in FLOAT_DTYPES
+        and w_packed.dtype == torch.uint8
+        and w_packed.device == dev
+        and len(w_shape) == 2
+        and w_packed.is_contiguous()
+        and w_shape[1] == ref.padded_in_features(shape[-1]) // 4
+        and w_scale.dtype == torch.float32
+        and w_scale.device == dev
+        and w_scale.numel() == 1
+        and (
+            bias is None
+            or (
+                isinstance(bias, torch.Tensor)
+                and bias.dtype == x.dtype
+                and bias.device == dev
+                and bias.shape == w_shape[:1]
+            )
+        )
+        and act_bits in (8, None)
+    )
+
+
+def _check_linear_args(fn: str, x, w_packed, w_scale, bias, act_bits) -> None:
     check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"llmkernels.{fn}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
@@ -179,12 +227,6 @@ def ternary_linear(
             raise ValueError(f"llmkernels.{fn}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
     if act_bits not in (8, None):
         raise ValueError(f"llmkernels.{fn}: act_bits must be 8 or None (weight-only), got {act_bits!r}")
-    x2 = x.reshape(-1, in_features).contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _TernaryLinearFn.apply(x2, w_packed, w_scale.reshape(()), bias, in_features, act_bits)
-    else:
-        y = _forward(x2, w_packed, w_scale.reshape(()), bias, in_features, act_bits)
-    return y.reshape(*x.shape[:-1], out_features)
 
 
 def _forward(x2, w_packed, w_scale, bias, in_features, act_bits):
