@@ -9,7 +9,8 @@ efficient, cuDNN; a backend that errors is skipped) and compiled FlexAttention.
 GPU decode (flash_attn_decode): one query token per row against a cache of `context` tokens, 32 query heads on
 8 KV heads of 128; GB/s = bytes of K, V, q and out moved. Limit: measured copy bandwidth. llmkernels-cuda-gqa is
 the CUDA path with LLMKERNELS_DECODE_KERNEL=gqa (the GQA-sharing decode kernel instead of the forward kernel).
-CPU (flash_attn_fwd_cpu): fp32 forward against SDPA's CPU kernel, 2 threads, head dim 64.
+CPU (flash_attn_fwd_cpu, flash_attn_fwd_bwd_cpu): fp32 forward, and forward + backward through autograd,
+against SDPA's CPU kernel, 2 threads, head dim 64; GFLOP/s counted as on the GPU (backward = 2.5 forwards).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import llmkernels  # noqa: E402
 from bench.common import copy_bandwidth_gbps, env_var, measure_ms, on_gpu, peak_tflops, switched_kernels_enabled  # noqa: E402
 
 
-def attention_flops(batch: int, seqlen_q: int, seqlen_k: int, nheads: int, headdim: int, causal: bool,
-                    backward: bool = False) -> float:
+def attention_flops(
+    batch: int, seqlen_q: int, seqlen_k: int, nheads: int, headdim: int, causal: bool, backward: bool = False
+) -> float:
     flops = 4.0 * batch * seqlen_q * seqlen_k * nheads * headdim
     if causal:
         flops /= 2
@@ -83,6 +85,7 @@ def _time(impl: str, fn: Callable, args: tuple, backward: bool, **measure) -> fl
         def call():
             with torch.no_grad():
                 fn(*args)
+
     try:
         return measure_ms(call, **measure)
     except Exception as exc:  # a peer that does not support this case (or this GPU) is skipped, not fatal
@@ -117,15 +120,26 @@ def bench_gpu_prefill(quick: bool) -> list[dict]:
             for seqlen in seqlens:
                 for causal in (False, True):
                     batch, nheads = tokens // seqlen, width // headdim
-                    q, k, v = (torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16)
-                               for _ in range(3))
+                    q, k, v = (
+                        torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=torch.bfloat16)
+                        for _ in range(3)
+                    )
                     case = f"b={batch} seqlen={seqlen} h={nheads} d={headdim}" + (" causal" if causal else "")
                     flops = attention_flops(batch, seqlen, seqlen, nheads, headdim, causal, backward)
                     for impl, fn in _prefill_impls(causal, seqlen).items():
                         ms = _time(impl, fn, (q, k, v), backward)
                         if ms is not None:
-                            rows.append({"op": op, "case": case, "impl": impl, "time_ms": ms, "metric": "TFLOP/s",
-                                         "value": flops / (ms * 1e-3) / 1e12, "limit": peak_tflops()})
+                            rows.append(
+                                {
+                                    "op": op,
+                                    "case": case,
+                                    "impl": impl,
+                                    "time_ms": ms,
+                                    "metric": "TFLOP/s",
+                                    "value": flops / (ms * 1e-3) / 1e12,
+                                    "limit": peak_tflops(),
+                                }
+                            )
                     del q, k, v
     return rows
 
@@ -149,9 +163,13 @@ def _decode_impls(q, k_cache, v_cache, lens) -> dict[str, Callable]:
 
         return fn
 
-    impls = {"llmkernels-cuda": ours("cuda"), "llmkernels-triton": ours("triton"),
-             "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
-             "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+    impls = {
+        "llmkernels-cuda": ours("cuda"),
+        "llmkernels-triton": ours("triton"),
+        "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
     if switched_kernels_enabled():  # never run on a GPU yet: last, so a fault costs no other row of the case
         impls["llmkernels-cuda-gqa"] = ours("cuda")
     return impls
@@ -182,8 +200,17 @@ def bench_gpu_decode(quick: bool) -> list[dict]:
                 with env_var("LLMKERNELS_DECODE_KERNEL", "gqa" if impl == "llmkernels-cuda-gqa" else None):
                     ms = _time(impl, fn, (), False)
                 if ms is not None:
-                    rows.append({"op": "flash_attn_decode", "case": case, "impl": impl, "time_ms": ms,
-                                 "metric": "GB/s", "value": moved / (ms * 1e-3) / 1e9, "limit": limit})
+                    rows.append(
+                        {
+                            "op": "flash_attn_decode",
+                            "case": case,
+                            "impl": impl,
+                            "time_ms": ms,
+                            "metric": "GB/s",
+                            "value": moved / (ms * 1e-3) / 1e9,
+                            "limit": limit,
+                        }
+                    )
             del q, k_cache, v_cache
     return rows
 
@@ -195,15 +222,26 @@ def bench_cpu(quick: bool) -> list[dict]:
     try:
         cases = [(512, False), (1024, True)] if quick else [(s, c) for s in (512, 1024, 2048) for c in (False, True)]
         nheads, headdim = 8, 64
-        for seqlen, causal in cases:
-            q, k, v = (torch.randn(1, seqlen, nheads, headdim) for _ in range(3))
-            case = f"b=1 seqlen={seqlen} h={nheads} d={headdim} fp32 2 threads" + (" causal" if causal else "")
-            flops = attention_flops(1, seqlen, seqlen, nheads, headdim, causal)
-            for impl, fn in (("llmkernels-cpu", _ours("cpu", causal)), ("sdpa-cpu", _sdpa(None, causal))):
-                ms = _time(impl, fn, (q, k, v), False, warmup=2, rep=5, min_time_s=0.1)
-                if ms is not None:
-                    rows.append({"op": "flash_attn_fwd_cpu", "case": case, "impl": impl, "time_ms": ms,
-                                 "metric": "GFLOP/s", "value": flops / (ms * 1e-3) / 1e9, "limit": None})
+        for backward in (False, True):
+            op = "flash_attn_fwd_bwd_cpu" if backward else "flash_attn_fwd_cpu"
+            for seqlen, causal in cases:
+                q, k, v = (torch.randn(1, seqlen, nheads, headdim) for _ in range(3))
+                case = f"b=1 seqlen={seqlen} h={nheads} d={headdim} fp32 2 threads" + (" causal" if causal else "")
+                flops = attention_flops(1, seqlen, seqlen, nheads, headdim, causal, backward)
+                for impl, fn in (("llmkernels-cpu", _ours("cpu", causal)), ("sdpa-cpu", _sdpa(None, causal))):
+                    ms = _time(impl, fn, (q, k, v), backward, warmup=2, rep=5, min_time_s=0.1)
+                    if ms is not None:
+                        rows.append(
+                            {
+                                "op": op,
+                                "case": case,
+                                "impl": impl,
+                                "time_ms": ms,
+                                "metric": "GFLOP/s",
+                                "value": flops / (ms * 1e-3) / 1e9,
+                                "limit": None,
+                            }
+                        )
     finally:
         torch.set_num_threads(threads)
     return rows

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <numeric>
 #include <optional>
 #include <tuple>
 
@@ -19,14 +21,14 @@ namespace {
 using TaskFn = void (*)(const AttnParams&, int64_t, int64_t);
 
 struct Kernels {
-  TaskFn fwd, bwd_dkv, bwd_dq;
+  TaskFn fwd, bwd;
 };
 
 // Read per call (a few loads), so LLMKERNELS_CPU_ISA=avx2 set before the first call is honoured.
 Kernels kernels() {
-  if (use_avx512()) return {fwd_tasks_avx512, bwd_dkv_tasks_avx512, bwd_dq_tasks_avx512};
-  if (use_avx2()) return {fwd_tasks_avx2, bwd_dkv_tasks_avx2, bwd_dq_tasks_avx2};
-  return {fwd_tasks_scalar, bwd_dkv_tasks_scalar, bwd_dq_tasks_scalar};
+  if (use_avx512()) return {fwd_tasks_avx512, bwd_tasks_avx512};
+  if (use_avx2()) return {fwd_tasks_avx2, bwd_tasks_avx2};
+  return {fwd_tasks_scalar, bwd_tasks_scalar};
 }
 
 constexpr int64_t kMaxHeadDim = 256;
@@ -137,22 +139,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   LLMK_CHECK_SHAPE(op, softmax_lse, q.size(0), q.size(2), q.size(1));
 
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
-  // D_i = dout_i . out_i, (b, h, sq) like lse: one cheap elementwise pass, outside the kernels.
-  const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
   const at::Tensor lse = softmax_lse.contiguous();
+  // One task per (batch, KV head) owns all of its gradients. When those pairs do not divide evenly among the
+  // threads, each head's key blocks are split over as many tasks as make them divide (at most 8), each adding
+  // into its own dq buffer; no more, since every split loads its group's query rows again.
+  const int64_t units = p.batch * p.nheads_k, threads = at::get_num_threads();
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(8, num_key_blocks(p)));
+  p.bwd_splits = std::clamp<int64_t>(threads / std::gcd(units, threads), 1, max_splits);
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
+  at::Tensor dq_parts = at::empty({p.bwd_splits, p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
   at::Tensor dk = at::empty({p.batch, p.seqlen_k, p.nheads_k, p.headdim}, f32);
   at::Tensor dv = at::empty_like(dk);
   p.dout = view4(dout);
+  const at::Tensor out_rows = out.stride(-1) == 1 ? out : out.contiguous();  // read by the kernel for D
+  p.out_in = view4(out_rows);
   p.lse_in = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr<float>();
+  p.dq = dq_parts.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  const Kernels kern = kernels();
-  run_tasks(kern.bwd_dkv, p, p.batch * p.nheads_k * num_key_blocks(p));
-  run_tasks(kern.bwd_dq, p, p.batch * p.nheads * num_query_blocks(p));
+  run_tasks(kernels().bwd, p, num_bwd_tasks(p));
+  at::Tensor dq = dq_parts[0];
+  for (int64_t s = 1; s < p.bwd_splits; ++s) dq = dq + dq_parts[s];  // in split order: deterministic
   if (q.scalar_type() != at::kFloat) {
     return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
   }

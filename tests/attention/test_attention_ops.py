@@ -9,8 +9,11 @@ from llmkernels.ops import attention as attention_ops
 
 
 def _qkv(sq=9, sk=12, h=4, hk=2, d=16, dtype=torch.float32):
-    return (torch.randn(2, sq, h, d, dtype=dtype), torch.randn(2, sk, hk, d, dtype=dtype),
-            torch.randn(2, sk, hk, d, dtype=dtype))
+    return (
+        torch.randn(2, sq, h, d, dtype=dtype),
+        torch.randn(2, sk, hk, d, dtype=dtype),
+        torch.randn(2, sk, hk, d, dtype=dtype),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -24,8 +27,9 @@ def test_opcheck_fwd_and_bwd(window, softcap):
     torch.library.opcheck(torch.ops.llmkernels.flash_attn_fwd.default, (q, k, v, *args))
     out, lse = torch.ops.llmkernels.flash_attn_fwd(q.detach(), k.detach(), v.detach(), *args)
     dout = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.llmkernels.flash_attn_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), out, lse, *args))
+    torch.library.opcheck(
+        torch.ops.llmkernels.flash_attn_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, *args)
+    )
 
 
 @needs_cpu_kernel
@@ -34,10 +38,13 @@ def test_opcheck_kvcache():
     k_cache, v_cache = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
     k_new, v_new = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
     lens = torch.tensor([4, 9], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.llmkernels.flash_attn_with_kvcache.default,
-                          (q, k_cache, v_cache, k_new, v_new, lens, 0.25, -1, 0, 0.0))
-    torch.library.opcheck(torch.ops.llmkernels.flash_attn_with_kvcache.default,
-                          (q, k_cache, v_cache, None, None, lens, 0.25, 2, 1, 0.0))
+    torch.library.opcheck(
+        torch.ops.llmkernels.flash_attn_with_kvcache.default,
+        (q, k_cache, v_cache, k_new, v_new, lens, 0.25, -1, 0, 0.0),
+    )
+    torch.library.opcheck(
+        torch.ops.llmkernels.flash_attn_with_kvcache.default, (q, k_cache, v_cache, None, None, lens, 0.25, 2, 1, 0.0)
+    )
 
 
 @needs_cpu_kernel
@@ -45,8 +52,9 @@ def test_compile_flash_attn_func():
     """fullgraph torch.compile through dispatch, the fake kernel and the autograd formula (aot_eager: no codegen,
     so the test stays cheap on CPU)."""
     q, k, v = (t.requires_grad_() for t in _qkv())
-    fn = torch.compile(lambda q, k, v: llmkernels.flash_attn_func(q, k, v, causal=True), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(
+        lambda q, k, v: llmkernels.flash_attn_func(q, k, v, causal=True), fullgraph=True, backend="aot_eager"
+    )
     out = fn(q, k, v)
     out.sum().backward()
     ref = llmkernels.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True)
@@ -108,10 +116,16 @@ def _bad_calls():
         ("q must have dtype", TypeError, lambda: f(q.double(), k.double(), v.double())),
         ("k must have the dtype of q", TypeError, lambda: f(q, k.half(), v)),
         ("q must be contiguous in its last dimension", ValueError, lambda: f(q.transpose(1, 3), k, v)),
-        ("v must be contiguous in its last dimension", ValueError,
-         lambda: f(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2))),
-        ("multiple of k's nheads_k", ValueError, lambda: f(q, k[:, :, :1].expand(2, 12, 3, 16).contiguous(),
-                                                           v[:, :, :1].expand(2, 12, 3, 16).contiguous())),
+        (
+            "v must be contiguous in its last dimension",
+            ValueError,
+            lambda: f(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2)),
+        ),
+        (
+            "multiple of k's nheads_k",
+            ValueError,
+            lambda: f(q, k[:, :, :1].expand(2, 12, 3, 16).contiguous(), v[:, :, :1].expand(2, 12, 3, 16).contiguous()),
+        ),
         ("head dim in", ValueError, lambda: f(*_qkv(d=264))),
         ("window_size", ValueError, lambda: f(q, k, v, window_size=(-2, 0))),
         ("softcap", ValueError, lambda: f(q, k, v, softcap=-1.0)),
@@ -242,3 +256,31 @@ def test_cpu_forward_alternating_block_shapes_on_one_thread(dtype):
     tol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
     torch.testing.assert_close(out.double(), ref, rtol=tol[0], atol=tol[1])
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernel
+def test_cpu_backward_split_key_blocks_and_determinism():
+    """With fewer (batch, KV head) pairs than threads can share evenly (here one pair, 3 threads), the CPU
+    backward splits a head's key blocks over several tasks, each adding into its own dq buffer: GQA group of 3,
+    causal with a window, a ragged last key block and a head dim that pads to whole registers. Gradients
+    against float64, and bitwise equal across two runs."""
+    from llmkernels.reference.attention import flash_attn_ref
+
+    q, k, v = _qkv(sq=150, sk=201, h=3, hk=1, d=24)
+    q, k, v = q[:1], k[:1], v[:1]
+    dout = torch.randn_like(q)
+    args = (0.3, 120, 0, 0.0)
+    out, lse = torch.ops.llmkernels.flash_attn_fwd(q, k, v, *args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        grads = [torch.ops.llmkernels.flash_attn_bwd(dout, q, k, v, out, lse, *args) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = flash_attn_ref(*leaves, softmax_scale=0.3, window_size=(120, 0))
+    ref.backward(dout.double())
+    for g, leaf in zip(grads[0], leaves):
+        torch.testing.assert_close(g.double(), leaf.grad, rtol=2e-4, atol=5e-5)

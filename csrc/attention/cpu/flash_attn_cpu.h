@@ -32,11 +32,12 @@ struct AttnParams {
   float* out;
   float* lse;
 
-  // Backward inputs: dout in `dtype` (strided like q); lse as above (read); delta = rowsum(dout * out)
-  // (batch, nheads, seqlen_q) fp32. Outputs, fp32 contiguous: dq like out, dk / dv (batch, seqlen_k, nheads_k, headdim).
-  Tensor4 dout;
+  // Backward inputs: dout and the forward's out in `dtype` (strided like q); lse as above (read). Outputs, fp32
+  // contiguous: dk / dv (batch, seqlen_k, nheads_k, headdim), and one dq like out per split of the key blocks,
+  // (bwd_splits, batch, seqlen_q, nheads, headdim), which the host sums.
+  Tensor4 dout, out_in;
   const float* lse_in;
-  const float* delta;
+  int64_t bwd_splits;
   float* dq;
   float* dk;
   float* dv;
@@ -52,15 +53,15 @@ inline int64_t num_fwd_tasks(const AttnParams& p) {
   return p.batch * (p.nheads / p.heads_per_block) * blocks;
 }
 inline int64_t num_key_blocks(const AttnParams& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
+inline int64_t num_bwd_tasks(const AttnParams& p) { return p.batch * p.nheads_k * p.bwd_splits; }
 
 // Each entry runs tasks [begin, end) of one parallel loop:
 //   fwd:     task = (batch, head pack, query block) -> out, lse
-//   bwd_dkv: task = (batch, kv head, key block)     -> dk, dv (summed over the query heads of the group)
-//   bwd_dq:  task = (batch, head, query block)      -> dq
-#define LLMK_ATTN_DECLARE_ISA(isa)                                               \
-  void fwd_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);         \
-  void bwd_dkv_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);     \
-  void bwd_dq_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);
+//   bwd:     task = (batch, kv head, split)         -> dk, dv of the split's key blocks (summed over the query
+//                                                      heads of the group), the split's dq buffer
+#define LLMK_ATTN_DECLARE_ISA(isa)                                       \
+  void fwd_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end); \
+  void bwd_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);
 
 LLMK_ATTN_DECLARE_ISA(avx512)
 LLMK_ATTN_DECLARE_ISA(avx512bf16)  // AVX-512 + BF16: differs from avx512 in the forward on bf16 inputs

@@ -23,13 +23,14 @@
 // fp32 (else converted per block into small per-thread buffers). Their register tiles (up to 6 rows x 4
 // registers, fp32 FMA) also take the block max (score tile) and apply the rescale (output tile) on the way.
 // Blocks of at most 4 rows (decode) take per-key dot products and a row-major O through the shared
-// micro-kernel (`gemm`: broadcasting A, streaming B) instead. The backward recomputes P from lse in two
-// race-free passes: per (batch, KV head, key block) it accumulates dK and dV over its group's query heads; per
-// (batch, head, query block) it accumulates dQ.
+// micro-kernel (`gemm`: broadcasting A, streaming B) instead. The backward recomputes P from lse once per
+// tile in a single race-free pass: a task owns a (batch, KV head) pair, or a share of its key blocks, and
+// computes dK, dV and dQ together (see bwd_tasks_impl).
 //
 // Speed: for head dims >= 64 the forward is bound by the FMA throughput of its two products per tile (about
 // 85% of the fp32 FMA peak of one Zen 4 core, with one vector exp2 per score taking ~5%); decode (a few rows
-// per block) by reading K and V, which are strided by nheads_k * headdim.
+// per block) by reading K and V, which are strided by nheads_k * headdim. The backward's five products run at
+// about the same rate (~80% of peak overall, ~90% inside the products).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -128,18 +129,6 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, i
 // ---------------------------------------------------------------------------------------------------
 // Row operations on score tiles (n a multiple of Vec::W)
 // ---------------------------------------------------------------------------------------------------
-// dst = exp(x - shift); returns the sum. exp(-inf) = 0 for masked scores.
-inline float exp_row(const float* x, float* dst, int64_t n, float shift) {
-  const typename Vec::reg sh = Vec::set1(shift);
-  typename Vec::reg sum = Vec::zero();
-  for (int64_t i = 0; i < n; i += Vec::W) {
-    const typename Vec::reg e = Vec::exp(Vec::sub(Vec::load(x + i), sh));
-    Vec::store(dst + i, e);
-    sum = Vec::add(sum, e);
-  }
-  return Vec::hsum(sum);
-}
-
 inline void scale_row(float* x, int64_t n, float a) {
   const typename Vec::reg av = Vec::set1(a);
   for (int64_t i = 0; i < n; i += Vec::W) Vec::store(x + i, Vec::mul(Vec::load(x + i), av));
@@ -192,25 +181,14 @@ inline void finish_scores(const AttnParams& p, const Band& band, float* s, int64
   }
 }
 
-// Packs keys j0 .. j0 + cols - 1 of one head: transposed (dp x kBlockK) into `t`, and row-major (cols x dp)
-// into `rowmajor` when given. `tmp` holds one converted row.
-inline void pack_keys(const AttnParams& p, const Tensor4& src, int64_t b, int64_t h, int64_t j0, int64_t cols,
-                      int64_t dp, float* t, float* rowmajor, float* tmp) {
-  const int64_t d = p.headdim;
-  for (int64_t c = 0; c < cols; ++c) {
-    float* row = rowmajor != nullptr ? rowmajor + c * dp : tmp;
-    load_row(p.dtype, src, b, j0 + c, h, d, 1.f, row);
-    for (int64_t e = 0; e < d; ++e) t[e * kBlockK + c] = row[e];
-  }
-}
-
-// P (rows x ncols) = exp(S - lse_row) from recomputed scores; rows with lse = -inf (no visible key) give 0.
-inline void probs_from_lse(const float* s, float* pb, int64_t rows, int64_t ncols, const float* lse) {
+// P (rows x ncols) = 2^(S log2 e - lse2_row) from recomputed scores, lse2 = lse log2 e per row (+inf for a row
+// that sees no key, so that its P is 0 rather than 2^(s + inf)).
+inline void probs_from_lse(const float* s, float* pb, int64_t rows, int64_t ncols, const float* lse2) {
+  const typename Vec::reg log2e = Vec::set1(1.4426950408889634f);
   for (int64_t r = 0; r < rows; ++r) {
-    if (lse[r] == kNegInf) {
-      for (int64_t c = 0; c < ncols; ++c) pb[r * kBlockK + c] = 0.f;
-    } else {
-      exp_row(s + r * kBlockK, pb + r * kBlockK, ncols, lse[r]);
+    const typename Vec::reg shift = Vec::set1(-lse2[r]);
+    for (int64_t c = 0; c < ncols; c += Vec::W) {
+      Vec::store(pb + r * kBlockK + c, Vec::exp2(Vec::fmadd(Vec::load(s + r * kBlockK + c), log2e, shift)));
     }
   }
 }
@@ -734,118 +712,101 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   }
 }
 
-// Per-thread buffers of one query block in the backward: scaled q, dout, lse and D rows.
-struct QueryBlock {
-  float *qs, *dob, *lse, *delta;
-
-  void load(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t dp) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      load_row(p.dtype, p.q, b, i0 + r, h, p.headdim, p.softmax_scale, qs + r * dp);
-      load_row(p.dtype, p.dout, b, i0 + r, h, p.headdim, 1.f, dob + r * dp);
-      const int64_t row = (b * p.nheads + h) * p.seqlen_q + i0 + r;
-      lse[r] = p.lse_in[row];
-      delta[r] = p.delta[row];
-    }
-  }
-};
-
 // ---------------------------------------------------------------------------------------------------
-// Backward, pass 1: task = (batch, KV head, key block) -> dK, dV
+// Backward: task = (batch, KV head, split) -> dK, dV of the split's key blocks, the split's share of dQ
 // ---------------------------------------------------------------------------------------------------
-void bwd_dkv_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
-  const int64_t d = p.headdim, dp = round_up_to_vec(d);
+// One pass, five products per (query block, key block) tile: S = Q (scale K)^T, dP = dO V^T, dV += P^T dO,
+// dK += dS^T Q, dQ += dS (scale K). A task owns every query head of its GQA group, so dK and dV (summed over
+// the group) and the dQ rows it touches belong to it alone: no atomics, no reduction inside the loop. Splits
+// (only when the (batch, KV head) pairs do not divide evenly among the threads) share a head's key blocks, each
+// writing dQ into its own buffer, which the host sums in a fixed order. The group's heads take turns (dK and dV
+// add up in the task's own output rows); each one's Q, dO and dQ rows live in per-thread fp32 buffers with
+// contiguous rows, filled once (converting bf16 / fp16 and taking D = rowsum(dO * O) on the way), so every
+// product reads fp32 rows of whole registers. Within a head, key blocks are the outer loop: K^T, V^T and
+// scale K are packed once per block and serve all of its query blocks.
+void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int64_t d = p.headdim, dp = round_up_to_vec(d), sq = p.seqlen_q;
   const int64_t nkb = llmkernels::attention_cpu::num_key_blocks(p), group = p.nheads / p.nheads_k;
-  Scratch scratch(2 * kBlockQ * dp + 2 * dp * kBlockK + 2 * kBlockK * dp + 3 * kBlockQ * kBlockK + 2 * kBlockQ + dp);
-  QueryBlock qblk;
-  qblk.qs = scratch.data;                  // (kBlockQ, dp)
-  qblk.dob = qblk.qs + kBlockQ * dp;       // (kBlockQ, dp)
-  float* kt = qblk.dob + kBlockQ * dp;     // (dp, kBlockK)
-  float* vt = kt + dp * kBlockK;           // (dp, kBlockK)
-  float* dk_acc = vt + dp * kBlockK;       // (kBlockK, dp)
-  float* dv_acc = dk_acc + kBlockK * dp;   // (kBlockK, dp)
-  float* sb = dv_acc + kBlockK * dp;       // (kBlockQ, kBlockK) scores
-  float* pb = sb + kBlockQ * kBlockK;      // probabilities
-  float* dsb = pb + kBlockQ * kBlockK;     // dP, then dS
-  qblk.lse = dsb + kBlockQ * kBlockK;
-  qblk.delta = qblk.lse + kBlockQ;
-  float* tmp = qblk.delta + kBlockQ;
+  const int64_t splits = p.bwd_splits;
+  const float scale = p.softmax_scale;
+  Scratch scratch(2 * dp * kBlockK + 3 * kBlockK * dp + 3 * kBlockQ * kBlockK + 3 * sq * dp + 2 * sq + dp);
+  float* kt = scratch.data;               // (dp, kBlockK) scale K^T
+  float* vt = kt + dp * kBlockK;          // (dp, kBlockK) V^T
+  float* ks = vt + dp * kBlockK;          // (kBlockK, dp) scale K, row-major
+  float* dk_acc = ks + kBlockK * dp;      // (kBlockK, dp)
+  float* dv_acc = dk_acc + kBlockK * dp;  // (kBlockK, dp)
+  float* sb = dv_acc + kBlockK * dp;      // (kBlockQ, kBlockK) scores
+  float* pb = sb + kBlockQ * kBlockK;     // probabilities
+  float* dsb = pb + kBlockQ * kBlockK;    // dP, then dS
+  float* qh = dsb + kBlockQ * kBlockK;    // (sq, dp) the head's Q rows, zero padded
+  float* doh = qh + sq * dp;              // (sq, dp) dO rows likewise
+  float* dqh = doh + sq * dp;             // (sq, dp) dQ accumulators
+  float* lse2 = dqh + sq * dp;            // (sq) lse in base 2 (+inf: the row sees no key)
+  float* delta = lse2 + sq;               // (sq) D = rowsum(dO * O)
+  float* orow = delta + sq;               // (dp) one output row, zero padded
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t kblock = interleaved_block(task % nkb, nkb), hk = (task / nkb) % p.nheads_k, b = task / (nkb * p.nheads_k);
+    const int64_t split = task % splits, hk = (task / splits) % p.nheads_k, b = task / (splits * p.nheads_k);
     const Band band(p, b);
-    const int64_t j0 = kblock * kBlockK, cols = imin(kBlockK, p.seqlen_k - j0), ncols = round_up_to_vec(cols);
-    pack_keys(p, p.k, b, hk, j0, cols, dp, kt, nullptr, tmp);
-    pack_keys(p, p.v, b, hk, j0, cols, dp, vt, nullptr, tmp);
-    std::memset(dk_acc, 0, sizeof(float) * kBlockK * dp);
-    std::memset(dv_acc, 0, sizeof(float) * kBlockK * dp);
-
-    int64_t qlo, qhi;
-    band.queries_for(j0, j0 + cols, qlo, qhi);
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      for (int64_t i0 = qlo; i0 < qhi; i0 += kBlockQ) {
-        const int64_t rows = imin(kBlockQ, qhi - i0);
-        qblk.load(p, b, h, i0, rows, dp);
-        gemm(rows, ncols, dp, qblk.qs, dp, 1, kt, kBlockK, sb, kBlockK, false);
-        finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
-        probs_from_lse(sb, pb, rows, ncols, qblk.lse);
-        gemm(cols, dp, rows, pb, 1, kBlockK, qblk.dob, dp, dv_acc, dp, true);  // dV += P^T dO
-        gemm(rows, ncols, dp, qblk.dob, dp, 1, vt, kBlockK, dsb, kBlockK, false);  // dP = dO V^T
-        grad_scores(p, sb, pb, dsb, rows, ncols, qblk.delta);
-        gemm(cols, dp, rows, dsb, 1, kBlockK, qblk.qs, dp, dk_acc, dp, true);  // dK += dS^T (scale Q)
+    for (int64_t g = 0; g < group; ++g) {  // dK and dV sum over the group in this order
+      const int64_t h = hk * group + g, row0 = (b * p.nheads + h) * sq;
+      for (int64_t i = 0; i < sq; ++i) {
+        float* dorow = doh + i * dp;
+        load_row(p.dtype, p.q, b, i, h, d, 1.f, qh + i * dp);
+        load_row(p.dtype, p.dout, b, i, h, d, 1.f, dorow);
+        load_row(p.dtype, p.out_in, b, i, h, d, 1.f, orow);
+        VReg dot = Vec::zero();
+        for (int64_t e = 0; e < dp; e += Vec::W) dot = Vec::fmadd(Vec::load(dorow + e), Vec::load(orow + e), dot);
+        delta[i] = Vec::hsum(dot);
+        const float lse = p.lse_in[row0 + i];
+        lse2[i] = lse == kNegInf ? __builtin_inff() : lse * kLog2e;
       }
-    }
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t row = ((b * p.seqlen_k + j0 + c) * p.nheads_k + hk) * d;
-      std::memcpy(p.dk + row, dk_acc + c * dp, sizeof(float) * d);
-      std::memcpy(p.dv + row, dv_acc + c * dp, sizeof(float) * d);
-    }
-  }
-}
+      std::memset(dqh, 0, sizeof(float) * sq * dp);
 
-// ---------------------------------------------------------------------------------------------------
-// Backward, pass 2: task = (batch, head, query block) -> dQ
-// ---------------------------------------------------------------------------------------------------
-void bwd_dq_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
-  const int64_t d = p.headdim, dp = round_up_to_vec(d);
-  const int64_t nqb = llmkernels::attention_cpu::num_query_blocks(p), group = p.nheads / p.nheads_k;
-  Scratch scratch(3 * kBlockQ * dp + 2 * dp * kBlockK + kBlockK * dp + 3 * kBlockQ * kBlockK + 2 * kBlockQ);
-  QueryBlock qblk;
-  qblk.qs = scratch.data;
-  qblk.dob = qblk.qs + kBlockQ * dp;
-  float* dq_acc = qblk.dob + kBlockQ * dp;  // (kBlockQ, dp)
-  float* kt = dq_acc + kBlockQ * dp;
-  float* vt = kt + dp * kBlockK;
-  float* kb = vt + dp * kBlockK;            // (kBlockK, dp) keys, row-major
-  float* sb = kb + kBlockK * dp;
-  float* pb = sb + kBlockQ * kBlockK;
-  float* dsb = pb + kBlockQ * kBlockK;
-  qblk.lse = dsb + kBlockQ * kBlockK;
-  qblk.delta = qblk.lse + kBlockQ;
+      for (int64_t base = 0; base < nkb; base += splits) {
+        // Dealt back and forth (0 .. splits - 1, then splits - 1 .. 0): causal block costs fall steadily with the
+        // index, so each split gets pairs of equal total cost.
+        const int64_t kblock = base + ((base / splits) % 2 == 0 ? split : splits - 1 - split);
+        if (kblock >= nkb) continue;
+        const int64_t j0 = kblock * kBlockK, cols = imin(kBlockK, p.seqlen_k - j0), ncols = round_up_to_vec(cols);
+        // Columns [cols, ncols) of kt / vt keep the previous block's (finite) keys: their scores are masked.
+        for (int64_t c = 0; c < cols; ++c) {
+          load_row(p.dtype, p.k, b, j0 + c, hk, d, scale, ks + c * dp);
+          for (int64_t e = 0; e < d; ++e) kt[e * kBlockK + c] = ks[c * dp + e];
+          load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, dv_acc);  // dv_acc is free until zeroed below
+          for (int64_t e = 0; e < d; ++e) vt[e * kBlockK + c] = dv_acc[e];
+        }
+        std::memset(dk_acc, 0, sizeof(float) * kBlockK * dp);
+        std::memset(dv_acc, 0, sizeof(float) * kBlockK * dp);
 
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t qblock = interleaved_block(task % nqb, nqb), h = (task / nqb) % p.nheads, b = task / (nqb * p.nheads);
-    const int64_t hk = h / group;
-    const Band band(p, b);
-    const int64_t i0 = qblock * kBlockQ, rows = imin(kBlockQ, p.seqlen_q - i0);
-    qblk.load(p, b, h, i0, rows, dp);
-    std::memset(dq_acc, 0, sizeof(float) * kBlockQ * dp);
-
-    int64_t klo, khi;
-    band.keys_for(i0, i0 + rows, klo, khi);
-    for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
-      const int64_t cols = imin(kBlockK, khi - j0), ncols = round_up_to_vec(cols);
-      pack_keys(p, p.k, b, hk, j0, cols, dp, kt, kb, nullptr);
-      pack_keys(p, p.v, b, hk, j0, cols, dp, vt, nullptr, sb);  // sb is free until the next gemm
-      gemm(rows, ncols, dp, qblk.qs, dp, 1, kt, kBlockK, sb, kBlockK, false);
-      finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
-      probs_from_lse(sb, pb, rows, ncols, qblk.lse);
-      gemm(rows, ncols, dp, qblk.dob, dp, 1, vt, kBlockK, dsb, kBlockK, false);
-      grad_scores(p, sb, pb, dsb, rows, ncols, qblk.delta);
-      gemm(rows, dp, cols, dsb, kBlockK, 1, kb, dp, dq_acc, dp, true);  // dQ += dS K
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* dq = p.dq + ((b * p.seqlen_q + i0 + r) * p.nheads + h) * d;
-      for (int64_t e = 0; e < d; ++e) dq[e] = dq_acc[r * dp + e] * p.softmax_scale;
+        int64_t qlo, qhi;
+        band.queries_for(j0, j0 + cols, qlo, qhi);
+        for (int64_t i0 = qlo; i0 < qhi; i0 += kBlockQ) {
+          const int64_t rows = imin(kBlockQ, qhi - i0);
+          const float *qr = qh + i0 * dp, *dor = doh + i0 * dp;
+          gemm(rows, ncols, d, qr, dp, 1, kt, kBlockK, sb, kBlockK, false);  // S = Q (scale K)^T
+          finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
+          probs_from_lse(sb, pb, rows, ncols, lse2 + i0);
+          gemm(cols, dp, rows, pb, 1, kBlockK, dor, dp, dv_acc, dp, true);     // dV += P^T dO
+          gemm(rows, ncols, d, dor, dp, 1, vt, kBlockK, dsb, kBlockK, false);  // dP = dO V^T
+          grad_scores(p, sb, pb, dsb, rows, ncols, delta + i0);
+          gemm(cols, dp, rows, dsb, 1, kBlockK, qr, dp, dk_acc, dp, true);          // dK += dS^T Q
+          gemm(rows, dp, cols, dsb, kBlockK, 1, ks, dp, dqh + i0 * dp, dp, true);  // dQ += dS (scale K)
+        }
+        for (int64_t c = 0; c < cols; ++c) {  // the task's own rows of dK and dV: set by the first head, then added
+          float* dk = p.dk + ((b * p.seqlen_k + j0 + c) * p.nheads_k + hk) * d;
+          float* dv = p.dv + ((b * p.seqlen_k + j0 + c) * p.nheads_k + hk) * d;
+          for (int64_t e = 0; e < d; ++e) {
+            dk[e] = (g == 0 ? 0.f : dk[e]) + dk_acc[c * dp + e] * scale;
+            dv[e] = (g == 0 ? 0.f : dv[e]) + dv_acc[c * dp + e];
+          }
+        }
+      }
+      float* dq = p.dq + split * p.batch * sq * p.nheads * d;  // this split's (batch, seqlen_q, nheads, d) buffer
+      for (int64_t i = 0; i < sq; ++i) {
+        std::memcpy(dq + ((b * sq + i) * p.nheads + h) * d, dqh + i * dp, sizeof(float) * d);
+      }
     }
   }
 }
@@ -859,10 +820,7 @@ namespace llmkernels::attention_cpu {
 void LLMK_ATTN_CAT(fwd_tasks_, LLMK_ISA)(const AttnParams& p, int64_t begin, int64_t end) {
   fwd_tasks_impl(p, begin, end);
 }
-void LLMK_ATTN_CAT(bwd_dkv_tasks_, LLMK_ISA)(const AttnParams& p, int64_t begin, int64_t end) {
-  bwd_dkv_tasks_impl(p, begin, end);
-}
-void LLMK_ATTN_CAT(bwd_dq_tasks_, LLMK_ISA)(const AttnParams& p, int64_t begin, int64_t end) {
-  bwd_dq_tasks_impl(p, begin, end);
+void LLMK_ATTN_CAT(bwd_tasks_, LLMK_ISA)(const AttnParams& p, int64_t begin, int64_t end) {
+  bwd_tasks_impl(p, begin, end);
 }
 }  // namespace llmkernels::attention_cpu

@@ -78,7 +78,6 @@ struct Vec : SimdAvx2 {
 #else  // not x86-64: never called (attention_cpu.cpp picks the scalar kernels)
 namespace llmkernels::attention_cpu {
 void fwd_tasks_avx2(const AttnParams&, int64_t, int64_t) {}
-void bwd_dkv_tasks_avx2(const AttnParams&, int64_t, int64_t) {}
-void bwd_dq_tasks_avx2(const AttnParams&, int64_t, int64_t) {}
+void bwd_tasks_avx2(const AttnParams&, int64_t, int64_t) {}
 }  // namespace llmkernels::attention_cpu
 #endif
