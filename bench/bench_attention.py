@@ -106,6 +106,10 @@ def _prefill_impls(causal: bool, seqlen: int) -> dict[str, Callable]:
     }
 
 
+def _row(op: str, case: str, impl: str, ms: float, metric: str, value: float, limit: float | None) -> dict:
+    return {"op": op, "case": case, "impl": impl, "time_ms": ms, "metric": metric, "value": value, "limit": limit}
+
+
 def bench_gpu_prefill(quick: bool) -> list[dict]:
     rows = []
     tokens, width = 16384, 2048
@@ -129,17 +133,7 @@ def bench_gpu_prefill(quick: bool) -> list[dict]:
                     for impl, fn in _prefill_impls(causal, seqlen).items():
                         ms = _time(impl, fn, (q, k, v), backward)
                         if ms is not None:
-                            rows.append(
-                                {
-                                    "op": op,
-                                    "case": case,
-                                    "impl": impl,
-                                    "time_ms": ms,
-                                    "metric": "TFLOP/s",
-                                    "value": flops / (ms * 1e-3) / 1e12,
-                                    "limit": peak_tflops(),
-                                }
-                            )
+                            rows.append(_row(op, case, impl, ms, "TFLOP/s", flops / (ms * 1e-3) / 1e12, peak_tflops()))
                     del q, k, v
     return rows
 
@@ -200,17 +194,7 @@ def bench_gpu_decode(quick: bool) -> list[dict]:
                 with env_var("LLMKERNELS_DECODE_KERNEL", "gqa" if impl == "llmkernels-cuda-gqa" else None):
                     ms = _time(impl, fn, (), False)
                 if ms is not None:
-                    rows.append(
-                        {
-                            "op": "flash_attn_decode",
-                            "case": case,
-                            "impl": impl,
-                            "time_ms": ms,
-                            "metric": "GB/s",
-                            "value": moved / (ms * 1e-3) / 1e9,
-                            "limit": limit,
-                        }
-                    )
+                    rows.append(_row("flash_attn_decode", case, impl, ms, "GB/s", moved / (ms * 1e-3) / 1e9, limit))
             del q, k_cache, v_cache
     return rows
 
@@ -231,17 +215,7 @@ def bench_cpu(quick: bool) -> list[dict]:
                 for impl, fn in (("llmkernels-cpu", _ours("cpu", causal)), ("sdpa-cpu", _sdpa(None, causal))):
                     ms = _time(impl, fn, (q, k, v), backward, warmup=2, rep=5, min_time_s=0.1)
                     if ms is not None:
-                        rows.append(
-                            {
-                                "op": op,
-                                "case": case,
-                                "impl": impl,
-                                "time_ms": ms,
-                                "metric": "GFLOP/s",
-                                "value": flops / (ms * 1e-3) / 1e9,
-                                "limit": None,
-                            }
-                        )
+                        rows.append(_row(op, case, impl, ms, "GFLOP/s", flops / (ms * 1e-3) / 1e9, None))
     finally:
         torch.set_num_threads(threads)
     return rows
