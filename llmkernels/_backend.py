@@ -112,21 +112,19 @@ def triton_unavailable_reason(device_type: str) -> Optional[str]:
     return None
 
 
-def _first_device_type(args: tuple, kwargs: dict) -> str:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-    return "cpu"
-
-
 _CPU = torch.device("cpu")
 
 
 def _first_device(args: tuple, kwargs: dict) -> torch.device:
+    """The device of the first tensor argument (the op's inputs all share it; checked before dispatch)."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             return a.device
     return _CPU
+
+
+def _first_device_type(args: tuple, kwargs: dict) -> str:
+    return _first_device(args, kwargs).type
 
 
 class Dispatcher:
