@@ -18,7 +18,8 @@ namespace {
 
 using namespace ternary_cpu;
 
-constexpr int64_t kBlasMinTokens = 32;  // weight-only: from here unpacking W once for a BLAS GEMM wins
+constexpr int64_t kBlasMinTokens = 32;  // weight-only: from here unpacking W for a BLAS GEMM wins
+constexpr int64_t kPanelBytes = 2 << 20;  // weight-only prefill: fp32 weights unpacked per GEMM (cache-sized)
 
 // x: (m, K) contiguous -> x_q (m, k_pad) zero-padded, s (m,) fp32, xsum (m,) int32.
 void quantize_rows(const at::Tensor& x, int64_t k_pad, at::Tensor& x_q, at::Tensor& s, at::Tensor& xsum) {
@@ -120,19 +121,35 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
   const int64_t m = x_in.size(0), N = w_packed.size(0);
   at::Tensor out = at::empty({m, N}, x_in.options());
   if (m == 0 || N == 0) return out;
-  at::Tensor y;
+  const at::Tensor scale = w_scale.to(at::kFloat);
   if (m >= kBlasMinTokens) {
-    // prefill: unpack once to fp32 (exact) and let the BLAS GEMM of at::matmul reuse it across tokens
-    at::Tensor w_dense = at::empty({N, k_pad}, x_in.options().dtype(at::kFloat));
-    unpack_f32(w_packed.data_ptr<uint8_t>(), N, k_pad, w_dense.data_ptr<float>());
-    y = at::matmul(x_in.to(at::kFloat), w_dense.narrow(1, 0, in_features).t());
-  } else {
-    // decode: fp32 x zero-padded to whole blocks, weights unpacked a few rows at a time
-    const at::Tensor xf = at::constant_pad_nd(x_in.to(at::kFloat), {0, k_pad - in_features}, 0).contiguous();
-    y = at::empty({m, N}, x_in.options().dtype(at::kFloat));
-    matmul_f32(xf.data_ptr<float>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad, y.data_ptr<float>());
+    // prefill: a BLAS GEMM per panel of output features, on weights unpacked (exactly) into one panel-sized
+    // fp32 buffer that stays in cache between its unpacking and the GEMM that reads it. Unpacking the whole
+    // matrix instead costs a fresh (N, in_features) fp32 allocation per call, whose page faults alone took
+    // longer than a 128-token GEMM.
+    const at::Tensor xf = x_in.to(at::kFloat).contiguous();
+    at::Tensor y = x_in.scalar_type() == at::kFloat ? out : at::empty({m, N}, xf.options());
+    const int64_t panel = std::min<int64_t>(N, std::max<int64_t>(16, kPanelBytes / (k_pad * 4)));
+    at::Tensor w_panel = at::empty({panel, k_pad}, xf.options());
+    const at::Scalar gamma = scale.item();
+    const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+    for (int64_t n0 = 0; n0 < N; n0 += panel) {
+      const int64_t rows = std::min(panel, N - n0);
+      unpack_f32(w_packed.data_ptr<uint8_t>() + n0 * (k_pad / 4), rows, k_pad, w_panel.data_ptr<float>());
+      const at::Tensor wt = w_panel.narrow(0, 0, rows).narrow(1, 0, in_features).t();
+      at::Tensor y_panel = y.narrow(1, n0, rows);
+      // gamma (x W^T) (+ bias); beta = 0 ignores y_panel's (uninitialised) contents
+      const at::Tensor base = b.defined() ? b.narrow(0, n0, rows) : y_panel;
+      at::addmm_out(y_panel, base, xf, wt, /*beta=*/b.defined() ? 1 : 0, /*alpha=*/gamma);
+    }
+    if (!y.is_same(out)) out.copy_(y);
+    return out;
   }
-  y.mul_(w_scale.to(at::kFloat));
+  // decode: fp32 x zero-padded to whole blocks, weights unpacked a few rows at a time
+  const at::Tensor xf = at::constant_pad_nd(x_in.to(at::kFloat), {0, k_pad - in_features}, 0).contiguous();
+  at::Tensor y = at::empty({m, N}, x_in.options().dtype(at::kFloat));
+  matmul_f32(xf.data_ptr<float>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad, y.data_ptr<float>());
+  y.mul_(scale);
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   out.copy_(y);
   return out;

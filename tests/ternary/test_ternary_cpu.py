@@ -28,6 +28,19 @@ def test_cpu_matches_reference_model_shapes(m, n, k):
     check_backend_matches_reference("cpu", "cpu", m, n, k, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_weight_only_prefill_spans_weight_panels(dtype):
+    """Weight-only with >= 32 tokens runs one BLAS GEMM per 2 MB panel of unpacked weights: with in_features
+    1100 (padded to 1280) a panel holds 409 rows, so 600 outputs take a full panel and a partial one."""
+    check_backend_matches_reference("cpu", "cpu", 40, 600, 1100, dtype)  # with a bias
+    w_packed, w_scale, _ = random_layer(600, 1100, "cpu")
+    x = torch.randn(40, 1100, dtype=dtype)
+    y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=None)  # no bias: beta = 0 in the GEMM
+    y_ref = llmkernels.reference.ternary.ternary_linear_w2_ref(x.float(), w_packed, w_scale, None, 1100)
+    rtol, atol = (1.3e-6, 1e-5) if dtype == torch.float32 else (1.6e-2, 1e-5)
+    torch.testing.assert_close(y.float(), y_ref, rtol=rtol, atol=atol * y_ref.abs().max().item())
+
+
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_cpu_other_instruction_sets_match_reference(isa):
     """The AVX2 and portable kernels (this machine may pick AVX-512 VNNI), in a fresh process with the ISA capped."""
