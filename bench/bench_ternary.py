@@ -6,7 +6,8 @@ Shapes out x in: 2560x2560, 6912x2560, 2560x6912 (BitNet b1.58 2B4T), 4096x4096,
 28672x8192 (Llama-3 70B MLP). Tokens: 1 (decode) and 16, 128, 512, 2048 (prefill).
 GPU: llmkernels cuda / triton (act_bits=8, and weight-only for decode) against F.linear in bf16 (cuBLAS);
 prefill also times the C++ path with LLMKERNELS_TERNARY_GEMM=cublaslt (at::_int_mm instead of our mma GEMM).
-CPU: the C++ kernels on 2 threads against F.linear in fp32 (2 threads), decode only.
+CPU: the C++ kernels on 2 threads against F.linear (2 threads): decode in fp32 (the issue's peer), and prefill
+(16, 128, 512 tokens at 2560x2560 and 4096x4096) in fp32 and in bf16, each against F.linear in the same dtype.
 Decode reports weight GB/s (packed bytes for ours, bf16 / fp32 bytes for the peer) against
 copy_bandwidth_gbps(); prefill reports TFLOP/s (2 * tokens * out * in). Several weight sets are rotated so
 that the L2 cache (50 MB on H100) cannot serve the weights from one call to the next.
@@ -80,7 +81,7 @@ def _try(rows, case, impl, fn, to_value, graph=False, **kw):
     return ms
 
 
-def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_only=False) -> list[dict]:
+def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_only=False, label="") -> list[dict]:
     rows: list[dict] = []
     packed_bytes = n * llmkernels.ternary.padded_in_features(k) // 4
     peer_bytes = n * k * torch.finfo(peer_dtype).bits // 8
@@ -91,7 +92,7 @@ def _case(device, tokens, n, k, dtype, peer_dtype, backends, limit_gbps, weight_
     x = torch.randn(tokens, k, device=device, dtype=dtype)
     xp = x.to(peer_dtype)
     decode = tokens == 1
-    case = f"{'decode' if decode else 'prefill'} tokens={tokens} {n}x{k}"
+    case = f"{'decode' if decode else 'prefill'} tokens={tokens} {n}x{k}{label}"
     flops = 2 * tokens * n * k
 
     def value(nbytes):
@@ -150,6 +151,11 @@ def run(quick: bool) -> list[dict]:
         shapes = [(2560, 2560), (4096, 4096)] if quick else SHAPES
         for n, k in shapes:
             rows += _case("cpu", 1, n, k, torch.float32, torch.float32, ("cpu",), limit, weight_only=True)
+        # prefill: few shapes (a 512-token fp32 F.linear at 4096x4096 is ~80 ms a call here)
+        for n, k in [(4096, 4096)] if quick else [(2560, 2560), (4096, 4096)]:
+            for tokens in (128,) if quick else (16, 128, 512):
+                for dtype, label in ((torch.float32, " fp32"), (torch.bfloat16, " bf16")):
+                    rows += _case("cpu", tokens, n, k, dtype, dtype, ("cpu",), limit, weight_only=True, label=label)
     finally:
         torch.set_num_threads(threads)
     return rows

@@ -41,6 +41,33 @@ def test_cpu_weight_only_prefill_spans_weight_panels(dtype):
     torch.testing.assert_close(y.float(), y_ref, rtol=rtol, atol=atol * y_ref.abs().max().item())
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_weight_only_bf16_gemm_tails(bias):
+    """bf16 x with >= 4 tokens takes the vdpbf16ps GEMM on CPUs with AVX512-BF16 (tiles of 6 tokens x 64
+    features, weights as bf16 pairs): every token-tile tail (4..13 tokens), feature tails around 16 and 64, and
+    odd in_features (a zero column pads x to whole pairs), against the fp32 reference within bf16 rounding."""
+    torch.manual_seed(0)
+    for m, n, k in [
+        (4, 1, 1),
+        (5, 15, 3),
+        (6, 16, 257),
+        (7, 17, 255),
+        (8, 63, 512),
+        (9, 64, 511),
+        (10, 65, 2),
+        (11, 130, 1023),
+        (12, 7, 600),
+        (13, 129, 1100),
+    ]:
+        w_packed, w_scale, b = random_layer(n, k, "cpu", bias_dtype=torch.bfloat16 if bias else None)
+        x = (torch.randn(m, k) * torch.rand(m, 1).mul(4).exp2()).bfloat16()
+        y = llmkernels.ternary_linear(x, w_packed, w_scale, b, act_bits=None)
+        y_ref = llmkernels.reference.ternary.ternary_linear_w2_ref(x.float(), w_packed, w_scale, b, k)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        # one bf16 rounding of each output (2^-8 relative) on sums whose fp32 order differs
+        torch.testing.assert_close(y.float(), y_ref, rtol=2**-8, atol=1e-3 * y_ref.abs().max().item(), msg=f"{m, n, k}")
+
+
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_cpu_other_instruction_sets_match_reference(isa):
     """The AVX2 and portable kernels (this machine may pick AVX-512 VNNI), in a fresh process with the ISA capped."""
