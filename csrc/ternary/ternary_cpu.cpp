@@ -132,8 +132,9 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     // bf16 x times ternary weights: exact products, so bf16 dot products with fp32 sums are the fp32 GEMM
     const at::Tensor xb = in_features % 2 == 0 ? x_in.contiguous() : at::constant_pad_nd(x_in, {0, 1}, 0);
     const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const float* bias_f32 = b.defined() ? b.data_ptr<float>() : nullptr;
     linear_w2_bf16(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), m, xb.size(1),
-                   w_packed.data_ptr<uint8_t>(), N, k_pad, scale.item<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                   w_packed.data_ptr<uint8_t>(), N, k_pad, scale.item<float>(), bias_f32,
                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
     return out;
   }

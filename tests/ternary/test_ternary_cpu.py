@@ -41,6 +41,33 @@ def test_cpu_weight_only_prefill_spans_weight_panels(dtype):
     torch.testing.assert_close(y.float(), y_ref, rtol=rtol, atol=atol * y_ref.abs().max().item())
 
 
+def test_cpu_int8_gemm_tails():
+    """From 24 tokens the int8 product takes the register-tiled VNNI GEMM (tiles of 6 tokens x 64 features, the
+    weights unpacked a block at a time): every token-tile tail, feature tails around 16 and 64, several blocks,
+    against the reference's int32 accumulator exactly, and the linear op within the epilogue's rounding."""
+    torch.manual_seed(0)
+    ops = torch.ops.llmkernels
+    for m, n, k in [
+        (24, 1, 1),
+        (25, 15, 257),
+        (26, 16, 300),
+        (27, 17, 1023),
+        (28, 63, 512),
+        (29, 65, 1100),
+        (30, 130, 256),
+        (47, 7, 2560),
+    ]:
+        w_packed, w_scale, bias = random_layer(n, k, "cpu", bias_dtype=torch.float32)
+        x = torch.randn(m, k) * torch.rand(m, 1).mul(4).exp2()
+        x_q, _ = llmkernels.reference.ternary.quantize_activation_ref(x)
+        acc = ops.ternary_matmul_int8(x_q, w_packed, k)
+        expected = llmkernels.reference.ternary.ternary_matmul_int8_ref(x_q, w_packed, k)
+        assert torch.equal(acc, expected), (m, n, k)
+        y = llmkernels.ternary_linear(x, w_packed, w_scale, bias)
+        y_ref = llmkernels.reference.ternary.ternary_linear_a8_ref(x, w_packed, w_scale, bias, k)
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6 * y_ref.abs().max().item(), msg=f"{m, n, k}")
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_cpu_weight_only_bf16_gemm_tails(bias):
     """bf16 x with >= 4 tokens takes the vdpbf16ps GEMM on CPUs with AVX512-BF16 (tiles of 6 tokens x 64

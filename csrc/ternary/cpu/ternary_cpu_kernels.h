@@ -27,9 +27,14 @@ void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t 
 // Packed (N, k_pad / 4) -> fp32 (N, k_pad) dense weights in {-1, 0, 1} (for prefill through a BLAS GEMM).
 void unpack_f32(const uint8_t* w, int64_t N, int64_t k_pad, float* out);
 
-// Weight-only for bf16 x on vdpbf16ps (cpu/ternary_cpu_bf16.cpp; only when bf16_linear_w2_available()):
-// out (m, N) bf16 = gamma * (x W_t^T) (+ bias), accumulated in fp32. x: (m, k_even) bf16 row-major, k_even =
-// in_features rounded up to even (a zero column added when odd); bias: (N,) fp32 or null.
+// Register-tiled GEMMs for several tokens (cpu/ternary_cpu_tiled.cpp), each only where its *_available() says.
+// matmul_int8_tiled: as matmul_int8, on AVX-512 VNNI. linear_w2_bf16: weight-only for bf16 x, on AVX512-BF16:
+// out (m, N) bf16 = gamma * (x W_t^T) (+ bias), accumulated in fp32; x: (m, k_even) bf16 row-major, k_even =
+// in_features rounded up to even (a zero column added when odd); bias: (N,) fp32 or null. Each thread holds
+// 64 * k_pad (int8) or 128 * k_pad (bf16) bytes of unpacked weights.
+bool tiled_int8_available();
+void matmul_int8_tiled(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
+                       int32_t* acc);
 bool bf16_linear_w2_available();
 void linear_w2_bf16(const uint16_t* x, int64_t m, int64_t k_even, const uint8_t* w, int64_t N, int64_t k_pad,
                     float gamma, const float* bias, uint16_t* out);
