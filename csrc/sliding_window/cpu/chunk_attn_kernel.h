@@ -41,6 +41,18 @@ inline T* row_of(const RowView& t, int64_t b, int64_t s, int64_t h) {
   return static_cast<T*>(t.data) + b * t.sb + s * t.ss + h * t.sh;
 }
 
+// Row of key position j for KV head hk: from the chunk (j >= n) or the ring (slot j % window).
+template <typename T>
+inline const T* key_row(const ChunkParams& p, int64_t b, int64_t hk, int64_t n, int64_t j, const RowView& chunk,
+                        const RowView& ring) {
+  return j >= n ? row_of<const T>(chunk, b, j - n, hk) : row_of<const T>(ring, b, j % p.window, hk);
+}
+
+constexpr int64_t kPrefetchKeys = 16;  // rows ahead: ~8-16 KB of K and V in flight
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
+}
+
 // dst[0:n] = mul * src[0:n] in fp32.
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n, float mul) {
@@ -103,9 +115,14 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
       const int64_t cols = imin(kKeyTile, pos_last + 1 - j0);
       for (int64_t c = 0; c < cols; ++c) {  // gather in position order: newer than the ring -> the chunk
         const int64_t j = j0 + c;
-        const bool in_chunk = j >= n;
-        const T* krow = in_chunk ? row_of<const T>(p.k, b, j - n, hk) : row_of<const T>(p.k_ring, b, j % window, hk);
-        const T* vrow = in_chunk ? row_of<const T>(p.v, b, j - n, hk) : row_of<const T>(p.v_ring, b, j % window, hk);
+        const T* krow = key_row<T>(p, b, hk, n, j, p.k, p.k_ring);
+        const T* vrow = key_row<T>(p, b, hk, n, j, p.v, p.v_ring);
+        if (j + kPrefetchKeys <= pos_last) {
+          // K / V rows of one KV head are nheads_k * d elements apart, a stride too long for the hardware
+          // prefetchers to follow across pages: fetch a few rows ahead by hand.
+          prefetch_row(key_row<T>(p, b, hk, n, j + kPrefetchKeys, p.k, p.k_ring), d * sizeof(T));
+          prefetch_row(key_row<T>(p, b, hk, n, j + kPrefetchKeys, p.v, p.v_ring), d * sizeof(T));
+        }
         to_float(krow, kb + c * d, d, 1.f);
         to_float(vrow, vb + c * dp, d, 1.f);
       }
