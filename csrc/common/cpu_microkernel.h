@@ -1,5 +1,5 @@
 // The fp32 register-blocked micro-kernel shared by the C++ CPU attention kernels (flash attention, the
-// sliding-window chunk kernel), and their scratch buffer.
+// sliding-window chunk kernel), the per-key dot products of their decode paths, and their scratch buffer.
 //
 // Include it INSIDE the per-instruction-set anonymous namespace of a kernel file, after that file has
 // defined `struct Vec` (one SIMD register of Vec::W floats: zero, set1, load, store, fmadd) and switched the
@@ -61,5 +61,42 @@ inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_m, int64_
     case 2: if constexpr (MR > 2) gemm_tile<2, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
     case 1: gemm_tile<1, NV>(K, a, a_m, a_k, B, ldb, c, ldc, accumulate); break;
     default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scores of a few query rows (decode): one dot product per (key, row)
+// ---------------------------------------------------------------------------------------------------
+// st[c * ld + r] = qr[r] . key_row(c) over dp elements (zero padded, or dp == d in place), for keys c < cols and
+// rows r < rows <= kMaxDotRows; rows [rows, nrows) score 0. Each key row is loaded once and shared by the rows,
+// where the product above would spend a broadcast and a mostly-padding register per key element.
+constexpr int64_t kMaxDotRows = 4;
+
+template <int R, typename KeyRow>
+inline void dot_scores_tile(int64_t nrows, int64_t cols, int64_t dp, const float* qr, KeyRow key_row, float* st,
+                            int64_t ld) {
+  using reg = typename Vec::reg;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* k_row = key_row(c);
+    reg acc[R];  // R a constant: the accumulators stay in registers (a run-time count spilled them every step)
+    for (int r = 0; r < R; ++r) acc[r] = Vec::zero();
+    for (int64_t e = 0; e < dp; e += Vec::W) {
+      const reg k = Vec::load(k_row + e);
+      for (int r = 0; r < R; ++r) acc[r] = Vec::fmadd(Vec::load(qr + r * dp + e), k, acc[r]);
+    }
+    float* s_col = st + c * ld;
+    for (int r = 0; r < R; ++r) s_col[r] = Vec::hsum(acc[r]);
+    for (int64_t r = R; r < nrows; ++r) s_col[r] = 0.f;
+  }
+}
+
+template <typename KeyRow>
+inline void dot_scores(int64_t rows, int64_t nrows, int64_t cols, int64_t dp, const float* qr, KeyRow key_row,
+                       float* st, int64_t ld) {
+  switch (rows) {
+    case 1: dot_scores_tile<1>(nrows, cols, dp, qr, key_row, st, ld); break;
+    case 2: dot_scores_tile<2>(nrows, cols, dp, qr, key_row, st, ld); break;
+    case 3: dot_scores_tile<3>(nrows, cols, dp, qr, key_row, st, ld); break;
+    default: dot_scores_tile<kMaxDotRows>(nrows, cols, dp, qr, key_row, st, ld); break;
   }
 }

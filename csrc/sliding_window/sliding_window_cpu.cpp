@@ -5,17 +5,15 @@
 // position j read in place from the chunk (j >= seqlens[b], row j - seqlens[b]) or from the ring (slot j % W):
 // the wrap-around is index math, nothing is gathered or copied.
 //
-// Two kernels. Calls with at least kMinBlockedRows (query, head) rows per KV head (any chunk, and decode with
-// GQA) go to the blocked kernel in cpu/chunk_attn_kernel.h (query blocks x key tiles, register-blocked
-// micro-GEMMs; AVX-512 or AVX2). Decode without GQA (one row per KV head, where a GEMM tile would be mostly
-// padding) and CPUs without AVX2 take the per-row kernel below: at::parallel_for over (batch, kv head,
-// query row); a task loads the G = nheads / nheads_k query heads of its KV head (GQA), then walks
-// the window in blocks of kKeyBlock keys: each K/V block is converted to fp32 once and used by all G heads,
-// with an online (running max / sum) softmax in fp32. Inner loops over head_dim are `omp simd`, compiled
-// for AVX-512 and AVX2 and picked at run time.
+// Two kernels. On CPUs with AVX2 every call goes to the blocked kernel in cpu/chunk_attn_kernel.h (query
+// blocks x key tiles; register-blocked micro-GEMMs for chunks, per-key dot products with K / V read in place for
+// decode; AVX-512 or AVX2). Other CPUs take the portable per-row kernel below: at::parallel_for over (batch,
+// kv head, query row); a task loads the G = nheads / nheads_k query heads of its KV head (GQA), then walks the
+// window in blocks of kKeyBlock keys: each K/V block is converted to fp32 once and used by all G heads, with an
+// online (running max / sum) softmax in fp32; inner loops over head_dim are `omp simd`.
 //
-// Bound: decode reads each K/V row of the window once per KV head: memory bandwidth. The per-row kernel
-// re-reads every K/V row for each query row, so chunks go to the blocked kernel, which is FMA bound.
+// Bound: decode reads each K/V row of the window once per KV head: memory bandwidth, at a stride of
+// nheads_k * head_dim between a head's rows. Chunks are FMA bound in the blocked kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -175,9 +173,9 @@ LLMK_INLINE void attend_row_group(const AttnParams<scalar_t>& p, int64_t b, int6
   }
 }
 
-// Tasks [begin, end) of the flattened (batch, query row, kv head) grid. Compiled per ISA below.
+// Tasks [begin, end) of the flattened (batch, query row, kv head) grid: the portable kernel.
 template <typename scalar_t>
-LLMK_INLINE void attend_tasks(const AttnParams<scalar_t>& p, int64_t begin, int64_t end) {
+void attend_tasks(const AttnParams<scalar_t>& p, int64_t begin, int64_t end) {
   Scratch s(p.group, p.head_dim);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t hk = task % p.nheads_k;
@@ -186,27 +184,6 @@ LLMK_INLINE void attend_tasks(const AttnParams<scalar_t>& p, int64_t begin, int6
     attend_row_group(p, b, t, hk, s);
   }
 }
-
-template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))) void attend_tasks_avx512(
-    const AttnParams<scalar_t>& p, int64_t begin, int64_t end) {
-  attend_tasks(p, begin, end);
-}
-
-template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) void attend_tasks_avx2(const AttnParams<scalar_t>& p, int64_t begin,
-                                                                  int64_t end) {
-  attend_tasks(p, begin, end);
-}
-
-template <typename scalar_t>
-void attend_tasks_scalar(const AttnParams<scalar_t>& p, int64_t begin, int64_t end) {
-  attend_tasks(p, begin, end);
-}
-
-// Rows (query positions x GQA heads) per KV head from which the blocked kernel beats the per-row one
-// (measured, 1 thread, W = 1024, d = 64: 1 row 0.36 vs 0.23 ms; 2 rows 0.37 vs 0.45 ms; 4 rows 0.10 vs 0.18 ms).
-constexpr int64_t kMinBlockedRows = 2;
 
 cpu::RowView view_of(const at::Tensor& t) {
   return {const_cast<void*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
@@ -265,22 +242,16 @@ void run_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
                          dims.window,
                          scale,
                          softcap};
-  if (dims.chunk * p.group >= kMinBlockedRows && (use_avx512() || use_avx2())) {
+  // (the blocked kernel's decode path beat this one even for 1 row per KV head: 1 thread, W = 4096, d = 128,
+  // 8 KV heads: fp32 2.1 vs 2.7 ms, bf16 1.2 vs 1.7 ms)
+  if (use_avx512() || use_avx2()) {
     run_chunk_blocked(q, k, v, k_ring, v_ring, seqlens, out, dims, scale, softcap);
     return;
   }
   const int64_t tasks = dims.batch * dims.chunk * dims.nheads_k;
   // A task is one window of keys for G heads; a few per chunk amortise the scratch allocation.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, dims.window * p.group));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    if (use_avx512()) {
-      attend_tasks_avx512(p, begin, end);
-    } else if (use_avx2()) {
-      attend_tasks_avx2(p, begin, end);
-    } else {
-      attend_tasks_scalar(p, begin, end);
-    }
-  });
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { attend_tasks(p, begin, end); });
 }
 
 at::Tensor rolling_window_attn_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -1,6 +1,7 @@
-"""The blocked CPU kernel of rolling_window_attn (chunks of 8+ rows per KV head) against the fp64 reference:
+"""The blocked CPU kernel of rolling_window_attn (every call on CPUs with AVX2) against the fp64 reference:
 several query blocks and key tiles, the ring's wrap-around inside a tile, GQA groups wider than a block, strided
-queries, and the AVX2 copy (LLMKERNELS_CPU_ISA=avx2 is read once per process, so that case runs in a child)."""
+queries, the decode path (tasks of at most 4 rows: per-key dot products, K / V in place), the AVX2 copy and
+the portable per-row kernel (LLMKERNELS_CPU_ISA is read once per process, so those run in a child)."""
 
 import os
 import subprocess
@@ -48,19 +49,57 @@ def test_blocked_matches_reference(batch, chunk, window, nheads, nheads_k, head_
     check_chunk(batch, chunk, window, nheads, nheads_k, head_dim, seqlens, strided_q=True)
 
 
+@pytest.mark.parametrize(
+    "batch,chunk,window,nheads,nheads_k,head_dim,seqlens",
+    [
+        (2, 1, 100, 8, 2, 64, [250, 3]),  # decode, GQA 4: wrap-around inside a tile, K / V in place; a fresh row
+        (1, 1, 130, 6, 2, 40, [517]),  # GQA 3, head_dim no vector multiple: K and V gathered and padded
+        (1, 2, 70, 4, 2, 64, [69]),  # 2 positions x 2 heads: keys from the ring and from the chunk
+        (1, 4, 16, 2, 2, 16, [100]),  # 4 positions, MHA, window under one tile
+        (3, 1, 200, 2, 1, 128, [64, 199, 0]),  # 2 rows; windows that fill, wrap, and start empty
+    ],
+)
+def test_few_rows_dot_products(batch, chunk, window, nheads, nheads_k, head_dim, seqlens):
+    """Tasks of at most 4 (position, head) rows (decode) take the per-key dot products, K / V in place."""
+    check_chunk(batch, chunk, window, nheads, nheads_k, head_dim, seqlens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_few_rows_low_precision_softcap(dtype):
+    check_chunk(2, 1, 100, 8, 2, 64, [250, 3], dtype=dtype, softcap=3.0)
+    check_chunk(1, 1, 130, 6, 2, 40, [517], dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_blocked_low_precision_softcap(dtype):
     check_chunk(2, 24, 70, 4, 2, 40, [90, 1], dtype=dtype, softcap=3.0)
 
 
-def test_blocked_avx2_copy():
-    code = (
-        "import torch\n"
-        "from tests.sliding_window.test_chunk_blocked_cpu import check_chunk\n"
-        "check_chunk(2, 40, 100, 8, 2, 64, [250, 3])\n"
-        "check_chunk(1, 17, 130, 2, 2, 33, [517], dtype=torch.bfloat16, softcap=3.0)\n"
-    )
+def check_in_child(isa: str, *calls: str) -> None:
+    """check_chunk calls in a fresh process with LLMKERNELS_CPU_ISA=isa (read once per process)."""
+    code = "import torch\nfrom tests.sliding_window.test_chunk_blocked_cpu import check_chunk\n" + "\n".join(calls)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, LLMKERNELS_CPU_ISA="avx2")
+    env = dict(os.environ, LLMKERNELS_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_blocked_avx2_copy():
+    check_in_child(
+        "avx2",
+        "check_chunk(2, 40, 100, 8, 2, 64, [250, 3])",
+        "check_chunk(1, 17, 130, 2, 2, 33, [517], dtype=torch.bfloat16, softcap=3.0)",
+        "check_chunk(2, 1, 100, 8, 2, 64, [250, 3])",
+        "check_chunk(1, 1, 130, 6, 2, 40, [517], dtype=torch.bfloat16)",
+    )
+
+
+def test_portable_per_row_kernel():
+    """CPUs without AVX2 (LLMKERNELS_CPU_ISA=scalar) take the per-row kernel: decode with and without GQA, a
+    chunk, bf16 with softcap, head_dim no vector multiple."""
+    check_in_child(
+        "scalar",
+        "check_chunk(2, 1, 100, 8, 2, 64, [250, 3])",
+        "check_chunk(1, 1, 130, 2, 2, 33, [517], dtype=torch.bfloat16, softcap=3.0)",
+        "check_chunk(1, 9, 40, 4, 2, 16, [60])",
+    )

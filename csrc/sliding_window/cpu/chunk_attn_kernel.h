@@ -16,8 +16,15 @@
 // with an online softmax (FlashAttention-2) whose bookkeeping runs across rows, one register of Vec::W rows
 // at a time. Only the first and last tiles of a block are cut by some row's window and pay for masking.
 //
-// Speed: both products are fp32 FMA bound (2 * rows * keys * d FMAs per tile against d * (keys + rows) loads);
-// the gather (one converted copy per key per block) and one vector exp per score add about 10-20%.
+// Decode (a task of at most kMaxDotRows rows): the score tile would be mostly padding lanes, each key element a
+// broadcast load, so the scores are instead one dot product per (key, row) (dot_scores), each key row loaded
+// once; fp32 K and V rows of whole registers are read where they lie (V through the product by runs of evenly
+// spaced rows, split where the ring wraps), other dtypes converted into the tiles. Rows are prefetched a few
+// keys ahead: one KV head's rows are nheads_k * d apart, too far for the hardware prefetchers.
+//
+// Speed: chunks are fp32 FMA bound (2 * rows * keys * d FMAs per tile against d * (keys + rows) loads); the
+// gather (one converted copy per key per block) and one vector exp per score add about 10-20%. Decode (1 core,
+// W = 4096, d = 128, 8 KV heads): fp32 15-16 GB/s of K and V, bf16 ~14 (was 9 and 9 through the products).
 
 #ifndef LLMK_CHUNK_ISA
 #error "define LLMK_CHUNK_ISA (the entry-point suffix) and struct Vec before including chunk_attn_kernel.h"
@@ -46,6 +53,18 @@ template <typename T>
 inline const T* key_row(const ChunkParams& p, int64_t b, int64_t hk, int64_t n, int64_t j, const RowView& chunk,
                         const RowView& ring) {
   return j >= n ? row_of<const T>(chunk, b, j - n, hk) : row_of<const T>(ring, b, j % p.window, hk);
+}
+
+// Calls f(c0, c1, j0 + c0) for the runs [c0, c1) of a tile's keys whose rows lie evenly spaced: a tile of key
+// positions j0 .. j0 + cols - 1 splits where the ring wraps (slot W - 1 to slot 0) and where the chunk begins.
+template <typename F>
+inline void for_each_run(const ChunkParams& p, int64_t n, int64_t j0, int64_t cols, F&& f) {
+  for (int64_t c = 0; c < cols;) {
+    const int64_t j = j0 + c;
+    const int64_t len = j >= n ? cols - c : imin(cols - c, imin(n - j, p.window - j % p.window));
+    f(c, c + len, j);
+    c += len;
+  }
 }
 
 constexpr int64_t kPrefetchKeys = 16;  // rows ahead: ~8-16 KB of K and V in flight
@@ -79,10 +98,11 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.head_dim, dp = round_up_to_vec(d), G = p.group, window = p.window;
   const int64_t nqb = (p.chunk + p.block_q - 1) / p.block_q;
   const int64_t rp_max = round_up_to_vec(p.block_q * G);
-  Scratch scratch(d * rp_max + kKeyTile * d + kKeyTile * dp + kKeyTile * rp_max + rp_max * dp + d + 6 * rp_max);
+  Scratch scratch(d * rp_max + 2 * kKeyTile * dp + kKeyTile * rp_max + rp_max * dp + d + 6 * rp_max +
+                  kMaxDotRows * dp);
   float* qt = scratch.data;               // (d, rp) scaled queries, transposed; padding columns zero
-  float* kb = qt + d * rp_max;            // (kKeyTile, d) the key tile in fp32
-  float* vb = kb + kKeyTile * d;          // (kKeyTile, dp) the value tile in fp32; columns [d, dp) stay zero
+  float* kb = qt + d * rp_max;            // (kKeyTile, d) the key tile in fp32 ((kKeyTile, dp) for few rows)
+  float* vb = kb + kKeyTile * dp;         // (kKeyTile, dp) the value tile in fp32; columns [d, dp) stay zero
   float* st = vb + kKeyTile * dp;         // (kKeyTile, rp) scores, then probabilities, transposed
   float* ob = st + kKeyTile * rp_max;     // (rp, dp) unnormalised output rows
   float* qrow = ob + rp_max * dp;         // (d,) one query row in fp32
@@ -92,16 +112,27 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
   float* l_blk = m_blk + rp_max;
   float* shift = l_blk + rp_max;
   float* alpha = shift + rp_max;
+  float* qr = alpha + rp_max;             // (kMaxDotRows, dp) few rows' scaled queries, row-major, zero padded
+  const float* krows[kKeyTile];           // few rows: each key's fp32 row (in place, or in kb)
+  // fp32 K and V rows of whole registers are read where they lie (decode: no copy of the window)
+  const bool in_place = std::is_same_v<T, float> && d == dp;
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t qblock = task % nqb, hk = (task / nqb) % p.nheads_k, b = task / (nqb * p.nheads_k);
     const int64_t n = p.seqlens[b], t0 = qblock * p.block_q, nq = imin(p.block_q, p.chunk - t0);
     const int64_t rows = nq * G, rp = round_up_to_vec(rows);  // row r = (position t0 + r / G, head hk G + r % G)
+    // A few rows (decode) take one dot product per (key, row) for the scores (dot_scores), K and V read in
+    // place when fp32; more take the register-blocked products over gathered tiles.
+    const bool few = rows <= kMaxDotRows;
 
     for (int64_t r = 0; r < rp; ++r) {
       if (r < rows) {
         to_float(row_of<const T>(p.q, b, t0 + r / G, hk * G + r % G), qrow, d, p.scale);
-        for (int64_t e = 0; e < d; ++e) qt[e * rp + r] = qrow[e];
+        if (few) {
+          for (int64_t e = 0; e < dp; ++e) qr[r * dp + e] = e < d ? qrow[e] : 0.f;
+        } else {
+          for (int64_t e = 0; e < d; ++e) qt[e * rp + r] = qrow[e];
+        }
         for (int64_t e = 0; e < dp; ++e) ob[r * dp + e] = 0.f;
       } else {  // padding rows score 0 against every key: finite, and never written out
         for (int64_t e = 0; e < d; ++e) qt[e * rp + r] = 0.f;
@@ -123,10 +154,22 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
           prefetch_row(key_row<T>(p, b, hk, n, j + kPrefetchKeys, p.k, p.k_ring), d * sizeof(T));
           prefetch_row(key_row<T>(p, b, hk, n, j + kPrefetchKeys, p.v, p.v_ring), d * sizeof(T));
         }
-        to_float(krow, kb + c * d, d, 1.f);
-        to_float(vrow, vb + c * dp, d, 1.f);
+        if (!few) {
+          to_float(krow, kb + c * d, d, 1.f);
+        } else if (in_place) {
+          krows[c] = reinterpret_cast<const float*>(krow);
+        } else {
+          to_float(krow, kb + c * dp, d, 1.f);
+          for (int64_t e = d; e < dp; ++e) kb[c * dp + e] = 0.f;
+          krows[c] = kb + c * dp;
+        }
+        if (!(few && in_place)) to_float(vrow, vb + c * dp, d, 1.f);
       }
-      gemm(cols, rp, d, kb, d, 1, qt, rp, st, rp, false);  // S^T = K (scale Q)^T
+      if (few) {
+        dot_scores(rows, rp, cols, dp, qr, [&](int64_t c) { return krows[c]; }, st, rp);
+      } else {
+        gemm(cols, rp, d, kb, d, 1, qt, rp, st, rp, false);  // S^T = K (scale Q)^T
+      }
 
       if (p.softcap > 0.f) {
         const float cap = p.softcap, inv_cap = 1.f / p.softcap;
@@ -171,7 +214,15 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
           for (int64_t e = 0; e < dp; e += W) Vec::store(ob + r * dp + e, Vec::mul(Vec::load(ob + r * dp + e), a));
         }
       }
-      gemm(rows, dp, cols, st, 1, rp, vb, dp, ob, dp, true);  // O += P V (P read transposed from st)
+      if (few && in_place) {  // O += P V over the tile's runs of evenly spaced V rows
+        for_each_run(p, n, j0, cols, [&](int64_t c0, int64_t c1, int64_t j) {
+          const bool in_chunk = j >= n;
+          const float* v0 = reinterpret_cast<const float*>(key_row<T>(p, b, hk, n, j, p.v, p.v_ring));
+          gemm(rows, dp, c1 - c0, st + c0 * rp, 1, rp, v0, in_chunk ? p.v.ss : p.v_ring.ss, ob, dp, true);
+        });
+      } else {
+        gemm(rows, dp, cols, st, 1, rp, vb, dp, ob, dp, true);  // O += P V (P read transposed from st)
+      }
     }
 
     for (int64_t r = 0; r < rows; ++r) {
