@@ -42,7 +42,7 @@ def test_cpu_weight_only_prefill_spans_weight_panels(dtype):
 
 
 def test_cpu_int8_gemm_tails():
-    """From 24 tokens the int8 product takes the register-tiled VNNI GEMM (tiles of 6 tokens x 64 features, the
+    """From 12 tokens the int8 product takes the register-tiled VNNI GEMM (tiles of 6 tokens x 64 features, the
     weights unpacked a block at a time): every token-tile tail, feature tails around 16 and 64, several blocks,
     against the reference's int32 accumulator exactly, and the linear op within the epilogue's rounding."""
     torch.manual_seed(0)

@@ -38,8 +38,8 @@ constexpr int64_t kMinMacsPerTask = 4 << 20;
 int64_t row_grain(int64_t m, int64_t k_pad, int64_t at_least) {
   return std::max(at_least, kMinMacsPerTask / std::max<int64_t>(1, m * k_pad));
 }
-constexpr int64_t kRowTile = 64;
-constexpr int64_t kTiledMinTokens = 24;  // rows of weights reused across token tiles while they sit in L2
+constexpr int64_t kRowTile = 64;  // rows of weights reused across token tiles while they sit in L2
+constexpr int64_t kTiledMinTokens = 12;  // from here matmul_int8 takes the register-tiled GEMM (see there)
 
 // ---- scalar fallback ------------------------------------------------------------------------------
 template <int MT>
@@ -353,9 +353,9 @@ template float quantize_row<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_
 
 void matmul_int8(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
                  int32_t* acc) {
-  // From 24 tokens the register-tiled GEMM wins (it unpacks the weights once, which costs about a 10-token
-  // product; 1 core of Zen 4: 0.92 vs 0.55-0.70 int8 TOPS at 128-512 tokens, even at 16-24). k_pad bound: its
-  // per-thread buffers stay small.
+  // From 12 tokens the register-tiled GEMM wins (it unpacks the weights once, which costs about a 4-token
+  // product; 1 core of Zen 4 at 4096 x 4096: 8 tokens 0.42 vs 0.40 ms, 16 tokens 0.71 vs 0.78, 128 tokens 4.5 vs
+  // 6.3). k_pad bound: its per-thread buffers stay small.
   if (m >= kTiledMinTokens && k_pad <= (64 << 10) && tiled_int8_available()) {
     matmul_int8_tiled(x_q, xsum, m, w, N, k_pad, acc);
     return;

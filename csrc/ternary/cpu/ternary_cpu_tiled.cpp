@@ -11,20 +11,20 @@
 // weight registers) walks the block's words while they sit in L1; sums carry over to the next block through a
 // per-thread buffer, and the last block's go through the epilogue.
 //
-// Speed (1 core of the 2-core Zen 4 VM): int8 0.9 TOPS from ~128 tokens (the per-row GEMV: 0.55-0.7); bf16
-// weight-only ~0.46 TFLOP/s, about bf16 F.linear (oneDNN). Unpacking costs about as much as a 10-token product
-// (the gathers: Zen 4 runs one in ~20 cycles), hence the token thresholds of the callers.
+// Speed (1 core of the 2-core Zen 4 VM): int8 0.75-0.8 TOPS at 16-24 tokens, 0.95 from ~128 (the per-row GEMV:
+// 0.55-0.7 at any count); bf16 weight-only ~0.46 TFLOP/s, about bf16 F.linear (oneDNN). Unpacking costs about as
+// much as a 4-token product, hence the token thresholds of the callers.
 //
 // Why bf16 is special: a bf16 activation and a weight in {-1, 0, 1} are both exact bf16 numbers, so their
 // product is exact in fp32 and vdpbf16ps computes the very sum of the fp32 reference, x.float() @ W.float().T,
 // up to summation order, at twice the rate of fp32 FMAs (converting x to fp32 for an fp32 GEMM, as other
 // dtypes do, ran at a fifth of the speed of bf16 F.linear).
 //
-// Unpacking: one dword gather per (16 features, 4 packed bytes) brings the same 4 bytes of 16 weight rows into
-// the 16 lanes (a 16 x 16 transpose of whole blocks instead was no faster, nor was prefetching the rows). Byte j
-// of a block holds its weights 64 s + j at bits 2 s, so bytes 4 q .. 4 q + 3 hold weights 64 s + 4 q + (0..3)
-// for each s: a shift and a mask give the 4 codes as u8; the bf16 pairs take one 16-entry table lookup (vpermd)
-// on the two codes of each pair.
+// Unpacking: a 16 x 16 dword transpose of one packed block of 16 weight rows (64 bytes each) brings the same
+// 4 bytes of the 16 rows into the 16 lanes of a register (a dword gather per register instead took ~1.7x as long
+// on Zen 4). Byte j of a block holds its weights 64 s + j at bits 2 s, so bytes 4 q .. 4 q + 3 hold weights
+// 64 s + 4 q + (0..3) for each s: a shift and a mask give the 4 codes as u8; the bf16 pairs take one 16-entry
+// table lookup (vpermd) on the two codes of each pair.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -46,12 +46,6 @@ constexpr int kTileTokens = 6;
 // One target for both kinds (templates share it); each is only called where the CPU has its own extension, and
 // the int8 code uses no bf16 intrinsics (nor the bf16 code VNNI ones).
 #define LLMK_TILED_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma")))
-
-// The same 4 packed bytes of 16 weight rows (row i of the group at w + i * row_bytes), rows >= valid as code 1
-// (weight 0) in every field; masked lanes are not read.
-LLMK_TILED_TARGET __m512i gather_rows(const uint8_t* w, __m512i row_offsets, __mmask16 rows) {
-  return _mm512_mask_i32gather_epi32(_mm512_set1_epi32(0x55555555), rows, row_offsets, w, 1);
-}
 
 // vpdpbusd on codes: words of 4 codes, int32 accumulators, out = acc - the token's activation sum.
 struct Int8Codes {
@@ -130,14 +124,41 @@ struct Bf16Pairs {
   }
 };
 
+// r[i] = 16 dwords of row i  ->  r[q] = dword q of rows 0..15: pairs, then quads, then 128-bit lanes interleave.
+LLMK_TILED_TARGET void transpose_dwords(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
 // One packed block (64 bytes a row, at w, rows row_bytes apart) of features f0 .. f0 + valid - 1 (valid <= 16)
-// into lanes lane0 .. lane0 + 15 of the block's strip.
+// into lanes lane0 .. lane0 + 15 of the block's strip; rows >= valid read as code 1 (weight 0) in every field.
 template <typename Kind>
 LLMK_TILED_TARGET void unpack_group(const uint8_t* w, int64_t row_bytes, int valid, uint32_t* strip, int64_t lane0) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i row_offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
-  const __mmask16 rows = static_cast<__mmask16>((1u << valid) - 1u);
-  for (int q = 0; q < kBlockBytes / 4; ++q) Kind::unpack(gather_rows(w + 4 * q, row_offsets, rows), q, strip, lane0);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < valid ? _mm512_loadu_si512(w + i * row_bytes) : _mm512_set1_epi32(0x55555555);
+  }
+  transpose_dwords(r);
+  for (int q = 0; q < kBlockBytes / 4; ++q) Kind::unpack(r[q], q, strip, lane0);
 }
 
 // Tokens t0 .. t0 + R - 1 against one block's strip of features f0 .. f0 + features - 1 (features <= 64): x and
