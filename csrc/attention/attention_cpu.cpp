@@ -31,6 +31,11 @@ Kernels kernels() {
   return {fwd_tasks_scalar, bwd_tasks_scalar};
 }
 
+// bf16 inputs on CPUs with AVX512-BF16 take the kernels whose products run on vdpbf16ps.
+bool use_bf16_dot(const AttnParams& p) {
+  return p.dtype == ElemType::kBFloat16 && use_avx512() && cpu_features().avx512bf16;
+}
+
 constexpr int64_t kMaxHeadDim = 256;
 
 ElemType elem_type(const char* op, const at::Tensor& q) {
@@ -107,9 +112,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   // fewer tasks than threads (decode with a small batch), where one head per block keeps every thread busy.
   p.heads_per_block = p.nheads / p.nheads_k;
   if (p.heads_per_block > 1 && num_fwd_tasks(p) < at::get_num_threads()) p.heads_per_block = 1;
-  // bf16 inputs on CPUs with AVX512-BF16 take the forward whose products run on vdpbf16ps.
-  const bool bf16_dot = p.dtype == ElemType::kBFloat16 && use_avx512() && cpu_features().avx512bf16;
-  run_tasks(bf16_dot ? fwd_tasks_avx512bf16 : kernels().fwd, p, num_fwd_tasks(p));
+  run_tasks(use_bf16_dot(p) ? fwd_tasks_avx512bf16 : kernels().fwd, p, num_fwd_tasks(p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
 }
 
@@ -157,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   p.dq = dq_parts.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  run_tasks(kernels().bwd, p, num_bwd_tasks(p));
+  run_tasks(use_bf16_dot(p) ? bwd_tasks_avx512bf16 : kernels().bwd, p, num_bwd_tasks(p));
   at::Tensor dq = dq_parts[0];
   for (int64_t s = 1; s < p.bwd_splits; ++s) dq = dq + dq_parts[s];  // in split order: deterministic
   if (q.scalar_type() != at::kFloat) {

@@ -64,7 +64,7 @@ inline int64_t num_bwd_tasks(const AttnParams& p) { return p.batch * p.nheads_k 
   void bwd_tasks_##isa(const AttnParams& p, int64_t begin, int64_t end);
 
 LLMK_ATTN_DECLARE_ISA(avx512)
-LLMK_ATTN_DECLARE_ISA(avx512bf16)  // AVX-512 + BF16: differs from avx512 in the forward on bf16 inputs
+LLMK_ATTN_DECLARE_ISA(avx512bf16)  // AVX-512 + BF16: differs from avx512 on bf16 inputs (vdpbf16ps)
 LLMK_ATTN_DECLARE_ISA(avx2)
 LLMK_ATTN_DECLARE_ISA(scalar)
 #undef LLMK_ATTN_DECLARE_ISA

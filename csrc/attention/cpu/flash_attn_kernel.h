@@ -2,8 +2,8 @@
 // Included once by each per-instruction-set file (kernel_avx512.cpp, kernel_avx512bf16.cpp, kernel_avx2.cpp,
 // kernel_scalar.cpp) after it has defined `struct Vec` (a SIMD register of Vec::W floats and its operations,
 // exp2 and a W x W transpose among them) and switched the compiler's target; everything here has internal
-// linkage, so the copies never mix. LLMK_ATTN_BF16_DOT (kernel_avx512bf16.cpp) adds the bf16 forward on
-// vdpbf16ps.
+// linkage, so the copies never mix. LLMK_ATTN_BF16_DOT (kernel_avx512bf16.cpp) adds the bf16 forward and
+// backward on vdpbf16ps.
 //
 // Math (batch b, query head h, KV head h / group; shift = seqlen_k - seqlen_q):
 //   s_ij = scale * q_i . k_j, soft-capped s_ij <- c * tanh(s_ij / c) when c > 0;
@@ -25,12 +25,16 @@
 // Blocks of at most 4 rows (decode) take per-key dot products and a row-major O through the shared
 // micro-kernel (`gemm`: broadcasting A, streaming B) instead. The backward recomputes P from lse once per
 // tile in a single race-free pass: a task owns a (batch, KV head) pair, or a share of its key blocks, and
-// computes dK, dV and dQ together (see bwd_tasks_impl).
+// computes dK, dV and dQ together (see bwd_tasks_impl; bwd_tasks_bf16 is the same pass on vdpbf16ps, with
+// dK and dV accumulated transposed so that all five products stream bf16 pairs).
 //
 // Speed: for head dims >= 64 the forward is bound by the FMA throughput of its two products per tile (about
 // 85% of the fp32 FMA peak of one Zen 4 core, with one vector exp2 per score taking ~5%); decode (a few rows
 // per block) by reading K and V, which are strided by nheads_k * headdim. The backward's five products run at
-// about the same rate (~80% of peak overall, ~90% inside the products).
+// about the same rate (~80% of peak overall, ~90% inside the products). On bf16 inputs with AVX512-BF16 both
+// passes run their products on vdpbf16ps: the bf16 backward takes ~0.6x the time of the fp32 one (d 64 and
+// 128, seqlen 2048, 2 threads: ~750 against ~440 GFLOP/s); its products are ~85% of its time, the exp2,
+// dS and bf16 roundings between them most of the rest.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -454,12 +458,14 @@ inline void block_output_bf16(int64_t cols, int64_t nlanes, int64_t d, const uin
   });
 }
 
-// vw[j][e] = (v row 2j, v row 2j + 1)[e] as one word, rows past cols zero; v rows v_ld elements apart.
-inline void interleave_value_pairs(const uint16_t* v, int64_t v_ld, int64_t cols, int64_t d, uint32_t* vw) {
+// vw[j][e] = (v row 2j, v row 2j + 1)[e] as one word (vw rows vw_ld words apart), a missing row 2j + 1 zero;
+// v rows v_ld elements apart. Also pairs the rows of Q, dO and K for the bf16 backward.
+inline void interleave_value_pairs(const uint16_t* v, int64_t v_ld, int64_t cols, int64_t d, uint32_t* vw,
+                                   int64_t vw_ld) {
   for (int64_t j = 0; j < cols; j += 2) {
     const uint16_t* lo = v + j * v_ld;
     const uint16_t* hi = j + 1 < cols ? lo + v_ld : nullptr;
-    uint32_t* dst = vw + (j / 2) * d;
+    uint32_t* dst = vw + (j / 2) * vw_ld;
     for (int64_t e = 0; e < d; e += 16) {
       const __mmask16 m = e + 16 <= d ? __mmask16(0xffff) : __mmask16((1u << (d - e)) - 1);
       const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + e));
@@ -596,7 +602,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
                               hk * p.k.head_stride;
         const uint16_t* v16 = static_cast<const uint16_t*>(p.v.data) + b * p.v.batch_stride + j0 * p.v.seq_stride +
                               hk * p.v.head_stride;
-        interleave_value_pairs(v16, p.v.seq_stride, cols, d, reinterpret_cast<uint32_t*>(vb));
+        interleave_value_pairs(v16, p.v.seq_stride, cols, d, reinterpret_cast<uint32_t*>(vb), d);
         block_scores_bf16(cols, nrows, d, k16, p.k.seq_stride, reinterpret_cast<const uint32_t*>(qt), q_scale, st,
                           m_blk);
 #endif
@@ -723,9 +729,31 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
 // add up in the task's own output rows); each one's Q, dO and dQ rows live in per-thread fp32 buffers with
 // contiguous rows, filled once (converting bf16 / fp16 and taking D = rowsum(dO * O) on the way), so every
 // product reads fp32 rows of whole registers. Within a head, key blocks are the outer loop: K^T, V^T and
-// scale K are packed once per block and serve all of its query blocks.
-void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
+// scale K are packed once per block and serve all of its query blocks. bf16 inputs in kernel_avx512bf16.cpp
+// take bwd_tasks_bf16 (below) instead.
+
+// Query row i of head h: D_i = dO_i . O_i (dorow given in fp32, zero padded to dp; O loaded into orow) and
+// lse_i in base 2 (+inf for a row that sees no key, so that its P is 0).
+inline void row_stats(const AttnParams& p, int64_t b, int64_t h, int64_t i, const float* dorow, float* orow,
+                      float* delta, float* lse2) {
   constexpr float kLog2e = 1.4426950408889634f;
+  const int64_t dp = round_up_to_vec(p.headdim);
+  load_row(p.dtype, p.out_in, b, i, h, p.headdim, 1.f, orow);
+  VReg dot = Vec::zero();
+  for (int64_t e = 0; e < dp; e += Vec::W) dot = Vec::fmadd(Vec::load(dorow + e), Vec::load(orow + e), dot);
+  delta[i] = Vec::hsum(dot);
+  const float lse = p.lse_in[(b * p.nheads + h) * p.seqlen_q + i];
+  lse2[i] = lse == kNegInf ? __builtin_inff() : lse * kLog2e;
+}
+
+#ifdef LLMK_ATTN_BF16_DOT
+void bwd_tasks_bf16(const AttnParams& p, int64_t begin, int64_t end);
+#endif
+
+void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
+#ifdef LLMK_ATTN_BF16_DOT
+  if (p.dtype == ElemType::kBFloat16) return bwd_tasks_bf16(p, begin, end);
+#endif
   const int64_t d = p.headdim, dp = round_up_to_vec(d), sq = p.seqlen_q;
   const int64_t nkb = llmkernels::attention_cpu::num_key_blocks(p), group = p.nheads / p.nheads_k;
   const int64_t splits = p.bwd_splits;
@@ -750,17 +778,11 @@ void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     const int64_t split = task % splits, hk = (task / splits) % p.nheads_k, b = task / (splits * p.nheads_k);
     const Band band(p, b);
     for (int64_t g = 0; g < group; ++g) {  // dK and dV sum over the group in this order
-      const int64_t h = hk * group + g, row0 = (b * p.nheads + h) * sq;
+      const int64_t h = hk * group + g;
       for (int64_t i = 0; i < sq; ++i) {
-        float* dorow = doh + i * dp;
         load_row(p.dtype, p.q, b, i, h, d, 1.f, qh + i * dp);
-        load_row(p.dtype, p.dout, b, i, h, d, 1.f, dorow);
-        load_row(p.dtype, p.out_in, b, i, h, d, 1.f, orow);
-        VReg dot = Vec::zero();
-        for (int64_t e = 0; e < dp; e += Vec::W) dot = Vec::fmadd(Vec::load(dorow + e), Vec::load(orow + e), dot);
-        delta[i] = Vec::hsum(dot);
-        const float lse = p.lse_in[row0 + i];
-        lse2[i] = lse == kNegInf ? __builtin_inff() : lse * kLog2e;
+        load_row(p.dtype, p.dout, b, i, h, d, 1.f, doh + i * dp);
+        row_stats(p, b, h, i, doh + i * dp, orow, delta, lse2);
       }
       std::memset(dqh, 0, sizeof(float) * sq * dp);
 
@@ -810,6 +832,209 @@ void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     }
   }
 }
+
+#ifdef LLMK_ATTN_BF16_DOT
+// ---------------------------------------------------------------------------------------------------
+// bf16 backward on vdpbf16ps (kernel_avx512bf16.cpp only)
+// ---------------------------------------------------------------------------------------------------
+// The same pass as bwd_tasks_impl, with every product on bf16 pairs (one pair per 32-bit word, fp32
+// accumulation) taken along its reduction dimension:
+//   S = Q K^T, dP = dO V^T         pairs of head dims: Q / dO rows as they lie in memory (broadcast), K^T / V^T
+//                                  as (head-dim pair, key) words (streamed across key lanes);
+//   dV^T += dO^T P, dK^T += Q^T dS pairs of queries: (query pair, head dim) words of dO / Q (broadcast), P / dS
+//                                  rounded to bf16 into (query pair, key) words (streamed across key lanes);
+//   dQ += dS K                     pairs of keys: dS rounded to bf16 rows (broadcast), K as (key pair, head dim)
+//                                  words (streamed across head-dim lanes).
+// Q, K, V and dO are bf16 already, so only P and dS are rounded (as on the GPU), and only as operands: S, dP,
+// D, lse and the accumulators stay fp32. The scale is applied to the fp32 scores and to dK, dQ at the end
+// (a scaled bf16 K would be rounded again). Query blocks start at even positions so that pairs never straddle
+// two blocks; a pair's missing second row (odd block end) is zero in P and dS.
+
+// C[M x N] (+)= A[M x K2] B[K2 x N] over bf16 pairs: A(m, k) = the word A[m * a_m + k * a_k] (broadcast), B rows
+// of N words ldb apart (N a multiple of 16), C fp32. Tiles as in gemm (up to 6 rows x 4 registers).
+template <int R, int NV>
+inline void dot_tile_bf16(int64_t k2, const uint32_t* a, int64_t a_m, int64_t a_k, const uint32_t* b, int64_t ldb,
+                          float* c, int64_t ldc, bool accumulate) {
+  VReg acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::load(c + r * ldc + v * 16) : Vec::zero();
+  }
+  for (int64_t k = 0; k < k2; ++k) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + k * ldb + v * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = as_bh(_mm512_set1_epi32(static_cast<int>(a[r * a_m + k * a_k])));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, as_bh(bv[v]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) Vec::store(c + r * ldc + v * 16, acc[r][v]);
+  }
+}
+
+inline void gemm_bf16(int64_t M, int64_t N, int64_t k2, const uint32_t* A, int64_t a_m, int64_t a_k, const uint32_t* B,
+                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for_lane_strips(N, [&]<int MR, int NV>(int64_t n) {
+    auto tile = [&]<int R>(int64_t m) {
+      dot_tile_bf16<R, NV>(k2, A + m * a_m, a_m, a_k, B + n, ldb, C + m * ldc + n, ldc, accumulate);
+    };
+    for_row_tiles<MR>(M, tile);
+  });
+}
+
+// dst row r (ld words) = bf16 row r of src (rows src_ld elements apart) as d2 = ceil(d / 2) words, an odd d's
+// last word completed by a zero.
+inline void copy_rows_bf16(const uint16_t* src, int64_t src_ld, int64_t rows, int64_t d, uint32_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* row = reinterpret_cast<uint16_t*>(dst + r * ld);
+    std::memcpy(row, src + r * src_ld, sizeof(uint16_t) * d);
+    if (d % 2 != 0) row[d] = 0;
+  }
+}
+
+// Rows [0, rows) of an fp32 tile (kBlockK floats per row, ncols used) rounded to bf16: pairs of rows into
+// (row pair, column) words (rows2 x kBlockK; row `rows` taken as zero), and, when `plain` is given, each row as
+// kBlockK contiguous bf16 (kBlockK / 2 words per row).
+inline void round_tile_bf16(const float* x, int64_t rows, int64_t ncols, uint32_t* pairs, uint32_t* plain) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t r = 0; r < rows; r += 2) {
+    const float* lo = x + r * kBlockK;
+    for (int64_t c = 0; c < ncols; c += 16) {
+      const VReg a = Vec::load(lo + c), b = r + 1 < rows ? Vec::load(lo + kBlockK + c) : Vec::zero();
+      const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // words 0..15 row r, 16..31 row r + 1
+      _mm512_storeu_si512(pairs + (r / 2) * kBlockK + c, _mm512_permutexvar_epi16(order, packed));
+      if (plain != nullptr) {
+        // the same roundings, de-interleaved: row r's halves to its plain row, row r + 1's to the next
+        uint16_t* p0 = reinterpret_cast<uint16_t*>(plain + r * (kBlockK / 2)) + c;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0), _mm512_castsi512_si256(packed));
+        if (r + 1 < rows) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0 + kBlockK), _mm512_extracti64x4_epi64(packed, 1));
+        }
+      }
+    }
+  }
+}
+
+// Rows (keys) [0, cols) of a transposed (dp x kBlockK) accumulator, times mul, into rows of out (ld elements
+// apart, d used): stored when `first`, else added. By 16 x 16 transposes: a column-wise scalar loop over the
+// accumulator costs more than its size suggests (every load a new cache line).
+inline void store_transposed(const float* acc_t, int64_t cols, int64_t d, float mul, float* out, int64_t ld,
+                             bool first) {
+  const VReg m = Vec::set1(mul);
+  for (int64_t c = 0; c < cols; c += 16) {
+    for (int64_t e = 0; e < d; e += 16) {
+      VReg row[16];
+      Vec::transpose(acc_t + e * kBlockK + c, kBlockK, row);
+      const __mmask16 lanes = e + 16 <= d ? __mmask16(0xffff) : __mmask16((1u << (d - e)) - 1);
+      for (int64_t i = 0; i < 16 && c + i < cols; ++i) {
+        float* dst = out + (c + i) * ld + e;
+        const VReg x = first ? Vec::mul(row[i], m) : Vec::fmadd(row[i], m, _mm512_maskz_loadu_ps(lanes, dst));
+        _mm512_mask_storeu_ps(dst, lanes, x);
+      }
+    }
+  }
+}
+
+void bwd_tasks_bf16(const AttnParams& p, int64_t begin, int64_t end) {
+  const int64_t d = p.headdim, dp = round_up_to_vec(d), d2 = (d + 1) / 2, sq = p.seqlen_q, sq2 = (sq + 1) / 2;
+  const int64_t nkb = llmkernels::attention_cpu::num_key_blocks(p), group = p.nheads / p.nheads_k;
+  const int64_t splits = p.bwd_splits;
+  const float scale = p.softmax_scale;
+  constexpr int64_t kPairsQ = kBlockQ / 2, kPairsK = kBlockK / 2;
+  Scratch scratch(2 * d2 * kBlockK + kBlockK * d2 + kPairsK * dp + 2 * dp * kBlockK + 3 * kBlockQ * kBlockK +
+                  2 * kPairsQ * kBlockK + kBlockQ * kPairsK + 2 * sq * d2 + 2 * sq2 * dp + sq * dp + 2 * sq + 2 * dp);
+  auto words = [](float* f) { return reinterpret_cast<uint32_t*>(f); };
+  uint32_t* kt = words(scratch.data);     // (d2, kBlockK) K^T: head-dim pairs x keys
+  uint32_t* vt = kt + d2 * kBlockK;       // (d2, kBlockK) V^T likewise
+  uint32_t* kst = vt + d2 * kBlockK;      // (kBlockK, d2) staging for K^T / V^T
+  uint32_t* kpr = kst + kBlockK * d2;     // (kPairsK, dp) K: key pairs x head dims, zero padded
+  float* dkt = reinterpret_cast<float*>(kpr + kPairsK * dp);  // (dp, kBlockK) dK^T accumulators (unscaled)
+  float* dvt = dkt + dp * kBlockK;        // (dp, kBlockK) dV^T accumulators
+  float* sb = dvt + dp * kBlockK;         // (kBlockQ, kBlockK) scores
+  float* pb = sb + kBlockQ * kBlockK;     // probabilities
+  float* dsb = pb + kBlockQ * kBlockK;    // dP, then dS
+  uint32_t* pw = words(dsb + kBlockQ * kBlockK);  // (kPairsQ, kBlockK) P: query pairs x keys
+  uint32_t* dsw = pw + kPairsQ * kBlockK;          // (kPairsQ, kBlockK) dS likewise
+  uint32_t* dsr = dsw + kPairsQ * kBlockK;         // (kBlockQ, kPairsK) dS rows: queries x key pairs
+  uint32_t* qw = dsr + kBlockQ * kPairsK;          // (sq, d2) the head's Q rows
+  uint32_t* dow = qw + sq * d2;                    // (sq, d2) dO rows
+  uint32_t* qpr = dow + sq * d2;                   // (sq2, dp) Q: query pairs x head dims, zero padded
+  uint32_t* dopr = qpr + sq2 * dp;                 // (sq2, dp) dO likewise
+  float* dqh = reinterpret_cast<float*>(dopr + sq2 * dp);  // (sq, dp) dQ accumulators (unscaled)
+  float* lse2 = dqh + sq * dp;                     // (sq) lse in base 2 (+inf: the row sees no key)
+  float* delta = lse2 + sq;                        // (sq) D = rowsum(dO * O)
+  float* orow = delta + sq;                        // (dp) one output row, zero padded
+  float* dorow = orow + dp;                        // (dp) one dO row in fp32, zero padded
+  auto rows_of = [&](const Tensor4& t, int64_t b, int64_t s, int64_t h) {
+    return static_cast<const uint16_t*>(t.data) + b * t.batch_stride + s * t.seq_stride + h * t.head_stride;
+  };
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t split = task % splits, hk = (task / splits) % p.nheads_k, b = task / (splits * p.nheads_k);
+    const Band band(p, b);
+    for (int64_t g = 0; g < group; ++g) {  // dK and dV sum over the group in this order
+      const int64_t h = hk * group + g;
+      for (int64_t i = 0; i < sq; ++i) {
+        load_row(p.dtype, p.dout, b, i, h, d, 1.f, dorow);
+        row_stats(p, b, h, i, dorow, orow, delta, lse2);
+      }
+      copy_rows_bf16(rows_of(p.q, b, 0, h), p.q.seq_stride, sq, d, qw, d2);
+      copy_rows_bf16(rows_of(p.dout, b, 0, h), p.dout.seq_stride, sq, d, dow, d2);
+      interleave_value_pairs(rows_of(p.q, b, 0, h), p.q.seq_stride, sq, d, qpr, dp);
+      interleave_value_pairs(rows_of(p.dout, b, 0, h), p.dout.seq_stride, sq, d, dopr, dp);
+      std::memset(dqh, 0, sizeof(float) * sq * dp);
+
+      for (int64_t base = 0; base < nkb; base += splits) {
+        // Dealt back and forth as in bwd_tasks_impl (the same blocks per split).
+        const int64_t kblock = base + ((base / splits) % 2 == 0 ? split : splits - 1 - split);
+        if (kblock >= nkb) continue;
+        const int64_t j0 = kblock * kBlockK, cols = imin(kBlockK, p.seqlen_k - j0), ncols = round_up_to_vec(cols);
+        const int64_t cols2 = (cols + 1) / 2;
+        // Columns [cols, ncols) of kt / vt keep the previous block's (finite) keys: their scores are masked.
+        auto transpose_words = [&](const Tensor4& t, uint32_t* dst) {  // dst = the block's rows of t, transposed
+          copy_rows_bf16(rows_of(t, b, j0, hk), t.seq_stride, cols, d, kst, d2);
+          for (int64_t c = 0; c < cols; ++c) {
+            for (int64_t e = 0; e < d2; ++e) dst[e * kBlockK + c] = kst[c * d2 + e];
+          }
+        };
+        transpose_words(p.k, kt);
+        transpose_words(p.v, vt);
+        interleave_value_pairs(rows_of(p.k, b, j0, hk), p.k.seq_stride, cols, d, kpr, dp);
+        std::memset(dkt, 0, sizeof(float) * dp * kBlockK);
+        std::memset(dvt, 0, sizeof(float) * dp * kBlockK);
+
+        int64_t qlo, qhi;
+        band.queries_for(j0, j0 + cols, qlo, qhi);
+        // From an even row (the one before qlo, if taken, sees none of these keys: its P and dS are 0).
+        for (int64_t i0 = qlo - qlo % 2; i0 < qhi && qlo < qhi; i0 += kBlockQ) {
+          const int64_t rows = imin(kBlockQ, qhi - i0), rows2 = (rows + 1) / 2;
+          gemm_bf16(rows, ncols, d2, qw + i0 * d2, d2, 1, kt, kBlockK, sb, kBlockK, false);  // S = Q K^T
+          for (int64_t r = 0; r < rows; ++r) scale_row(sb + r * kBlockK, ncols, scale);
+          finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
+          probs_from_lse(sb, pb, rows, ncols, lse2 + i0);
+          round_tile_bf16(pb, rows, ncols, pw, nullptr);
+          gemm_bf16(d, ncols, rows2, dopr + i0 / 2 * dp, 1, dp, pw, kBlockK, dvt, kBlockK, true);  // dV^T += dO^T P
+          gemm_bf16(rows, ncols, d2, dow + i0 * d2, d2, 1, vt, kBlockK, dsb, kBlockK, false);     // dP = dO V^T
+          grad_scores(p, sb, pb, dsb, rows, ncols, delta + i0);
+          round_tile_bf16(dsb, rows, ncols, dsw, dsr);
+          gemm_bf16(d, ncols, rows2, qpr + i0 / 2 * dp, 1, dp, dsw, kBlockK, dkt, kBlockK, true);  // dK^T += Q^T dS
+          gemm_bf16(rows, dp, cols2, dsr, kPairsK, 1, kpr, dp, dqh + i0 * dp, dp, true);           // dQ += dS K
+        }
+        // the task's own rows of dK and dV: set by the first head, then added
+        const int64_t row0 = (b * p.seqlen_k + j0) * p.nheads_k + hk, ld = p.nheads_k * d;
+        store_transposed(dkt, cols, d, scale, p.dk + row0 * d, ld, g == 0);
+        store_transposed(dvt, cols, d, 1.f, p.dv + row0 * d, ld, g == 0);
+      }
+      float* dq = p.dq + split * p.batch * sq * p.nheads * d;  // this split's (batch, seqlen_q, nheads, d) buffer
+      for (int64_t i = 0; i < sq; ++i) {
+        float* dst = dq + ((b * sq + i) * p.nheads + h) * d;
+        for (int64_t e = 0; e < d; ++e) dst[e] = dqh[i * dp + e] * scale;
+      }
+    }
+  }
+}
+#endif  // LLMK_ATTN_BF16_DOT
 
 }  // namespace
 

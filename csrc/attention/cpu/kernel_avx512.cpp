@@ -1,6 +1,6 @@
 // The CPU attention kernels compiled for AVX-512 (16 fp32 lanes; register tiles up to 6 x 4 in the forward,
 // 8 x 2 in the shared micro-kernel; the Vec in vec_avx512.h). Chosen at run time by attention_cpu.cpp when the
-// CPU has AVX-512F/BW (bf16 forwards on CPUs with AVX512-BF16 take kernel_avx512bf16.cpp instead).
+// CPU has AVX-512F/BW (bf16 inputs on CPUs with AVX512-BF16 take kernel_avx512bf16.cpp instead).
 #include "attention/cpu/flash_attn_cpu.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -1,8 +1,9 @@
 // The CPU attention kernels compiled for AVX-512 with the BF16 extension (Zen 4, Cooper Lake, Sapphire Rapids
-// and later): the same kernels as kernel_avx512.cpp, except that the forward on bf16 inputs runs both of its
-// products on vdpbf16ps (two bf16 products per fp32 lane, accumulated in fp32: twice the FMA throughput),
-// with the probabilities rounded to bf16 for the second one. Chosen at run time by attention_cpu.cpp for bf16
-// inputs when the CPU has AVX512-BF16.
+// and later): the same kernels as kernel_avx512.cpp, except that on bf16 inputs the forward's two products and
+// the backward's five run on vdpbf16ps (two bf16 products per fp32 lane, accumulated in fp32: twice the FMA
+// throughput). As on the GPU, only the probabilities (forward and backward) and dS (backward) are rounded to
+// bf16, and only as product operands; scores, dP, lse, D and all accumulators stay fp32. Chosen at run time by
+// attention_cpu.cpp for bf16 inputs when the CPU has AVX512-BF16 (fp32 / fp16 inputs here run the fp32 code).
 #include "attention/cpu/flash_attn_cpu.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
