@@ -100,3 +100,10 @@ inline void dot_scores(int64_t rows, int64_t nrows, int64_t cols, int64_t dp, co
     default: dot_scores_tile<kMaxDotRows>(nrows, cols, dp, qr, key_row, st, ld); break;
   }
 }
+
+// Rows of one KV head lie nheads_k * head_dim elements apart in K and V, a stride too long for the hardware
+// prefetchers to follow across pages: the decode paths fetch the rows a few keys ahead by hand.
+constexpr int64_t kPrefetchKeys = 16;  // ~8-16 KB of K and V in flight
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
+}

@@ -92,6 +92,11 @@ inline float f16_to_float(uint16_t h) {
   return f;
 }
 
+// Start of row (batch b, position s, head h) of `t`, elements of `bytes` bytes.
+inline const void* row_start(const Tensor4& t, int64_t b, int64_t s, int64_t h, int64_t bytes) {
+  return static_cast<const char*>(t.data) + (b * t.batch_stride + s * t.seq_stride + h * t.head_stride) * bytes;
+}
+
 // dst[0:n] = mul * row (batch b, position s, head h) of `t`, in fp32.
 inline void load_row(ElemType dtype, const Tensor4& t, int64_t b, int64_t s, int64_t h, int64_t n, float mul,
                      float* dst) {
@@ -220,28 +225,6 @@ inline void grad_scores(const AttnParams& p, const float* s, const float* pb, fl
   }
 }
 
-// S^T (cols x kBlockQ) for a block of few query rows (decode): one dot product per (key, row), each key row
-// loaded once, instead of a product whose register tile would be mostly padding. Padding rows [rows, nrows)
-// score 0. Key rows are read up to dp (zero padded, or d == dp in place).
-constexpr int64_t kFewRows = 4;
-
-inline void scores_by_dot(int64_t rows, int64_t nrows, int64_t cols, int64_t dp, const float* qr, const float* kp,
-                          int64_t k_ld, float* st) {
-  using reg = typename Vec::reg;
-  for (int64_t c = 0; c < cols; ++c) {
-    const float* k_row = kp + c * k_ld;
-    float* s_col = st + c * kBlockQ;
-    reg acc[kFewRows];
-    for (int64_t r = 0; r < rows; ++r) acc[r] = Vec::zero();
-    for (int64_t e = 0; e < dp; e += Vec::W) {
-      const reg k = Vec::load(k_row + e);
-      for (int64_t r = 0; r < rows; ++r) acc[r] = Vec::fmadd(Vec::load(qr + r * dp + e), k, acc[r]);
-    }
-    for (int64_t r = 0; r < rows; ++r) s_col[r] = Vec::hsum(acc[r]);
-    for (int64_t r = rows; r < nrows; ++r) s_col[r] = 0.f;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Forward: task = (batch, pack of query heads, block of 64 (position, head) rows)
 // ---------------------------------------------------------------------------------------------------
@@ -252,7 +235,7 @@ inline void scores_by_dot(int64_t rows, int64_t nrows, int64_t cols, int64_t dp,
 // the fp32 copy of a low-precision block), so no K or V tile is ever transposed or padded. The score tile's
 // epilogue also takes the per-query block max (no separate pass over S for blocks the mask does not cut), and
 // the PV tile's prologue applies the online-softmax rescale to O as it loads it (no separate pass over O).
-// Blocks of at most kFewRows rows (decode) instead take per-key dot products and a row-major O.
+// Blocks of at most kMaxDotRows rows (decode) instead take per-key dot products and a row-major O.
 using VReg = typename Vec::reg;
 
 // Calls f.template operator()<R>(m) over rows [0, M) in tiles of MR rows, then once for the remainder.
@@ -534,7 +517,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     const int64_t b = task / (nqb * npacks), hk = head_pack * pack / group;
     const Band band(p, b);
     const int64_t r0 = qblock * kBlockQ, rows = imin(kBlockQ, packed_rows - r0), nrows = round_up_to_vec(rows);
-    const bool few = rows <= kFewRows, dot = dot_dtype && !few;
+    const bool few = rows <= kMaxDotRows, dot = dot_dtype && !few;
     // K and V rows are read in place when fp32, except by the few-row path, whose loads span whole registers.
     const bool kv_in_place = fp32 && (!few || d == dp);
     for (int64_t r = 0; r < rows; ++r) {
@@ -612,13 +595,27 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         k_ld = p.k.seq_stride;
         v_ld = p.v.seq_stride;
       } else {
+        const int64_t elem = p.dtype == ElemType::kFloat32 ? 4 : 2;
         for (int64_t c = 0; c < cols; ++c) {
+          if (few && j0 + c + kPrefetchKeys < khi) {
+            prefetch_row(row_start(p.k, b, j0 + c + kPrefetchKeys, hk, elem), d * elem);
+            prefetch_row(row_start(p.v, b, j0 + c + kPrefetchKeys, hk, elem), d * elem);
+          }
           load_row(p.dtype, p.k, b, j0 + c, hk, d, 1.f, kb + c * dp);
           load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, vb + c * dp);
         }
       }
-      if (few) {
-        scores_by_dot(rows, nrows, cols, dp, qr, kp, k_ld, st);
+      if (few) {  // per-key dot products; in place, also fetching K and V rows ahead
+        const bool ahead = kv_in_place;
+        dot_scores(rows, nrows, cols, dp, qr,
+                   [&](int64_t c) {
+                     if (ahead && j0 + c + kPrefetchKeys < khi) {
+                       prefetch_row(kp + (c + kPrefetchKeys) * k_ld, d * 4);
+                       prefetch_row(vp + (c + kPrefetchKeys) * v_ld, d * 4);
+                     }
+                     return kp + c * k_ld;
+                   },
+                   st, kBlockQ);
       } else if (!dot) {
         block_scores(cols, nrows, d, kp, k_ld, qt, st, m_blk);  // S^T = K (scale Q)^T, with its column maxima
       }

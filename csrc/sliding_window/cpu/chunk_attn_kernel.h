@@ -67,10 +67,6 @@ inline void for_each_run(const ChunkParams& p, int64_t n, int64_t j0, int64_t co
   }
 }
 
-constexpr int64_t kPrefetchKeys = 16;  // rows ahead: ~8-16 KB of K and V in flight
-inline void prefetch_row(const void* row, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
-}
 
 // dst[0:n] = mul * src[0:n] in fp32.
 template <typename T>
@@ -148,9 +144,7 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
         const int64_t j = j0 + c;
         const T* krow = key_row<T>(p, b, hk, n, j, p.k, p.k_ring);
         const T* vrow = key_row<T>(p, b, hk, n, j, p.v, p.v_ring);
-        if (j + kPrefetchKeys <= pos_last) {
-          // K / V rows of one KV head are nheads_k * d elements apart, a stride too long for the hardware
-          // prefetchers to follow across pages: fetch a few rows ahead by hand.
+        if (j + kPrefetchKeys <= pos_last) {  // (see prefetch_row)
           prefetch_row(key_row<T>(p, b, hk, n, j + kPrefetchKeys, p.k, p.k_ring), d * sizeof(T));
           prefetch_row(key_row<T>(p, b, hk, n, j + kPrefetchKeys, p.v, p.v_ring), d * sizeof(T));
         }
