@@ -1,10 +1,37 @@
-// 16 fp32 lanes of AVX-512F: the SIMD operations the C++ CPU attention kernels (flash attention, the sliding-window chunk
-// kernel) are written against. Include it INSIDE the per-instruction-set anonymous namespace of a kernel
-// file, under that file's `#pragma GCC target`, after <immintrin.h>; the file then adds its register-tile
-// shape: `struct Vec : SimdAvx512 { static constexpr int MR = ...; };`. Internal linkage keeps each copy on
-// its own instruction set, which is why this header includes nothing itself.
+// 16 fp32 lanes of AVX-512F: the SIMD operations the C++ CPU attention kernels (flash attention, the
+// sliding-window chunk kernel) are written against, and a 16 x 16 word transpose (the ternary tiled GEMMs' too).
+// Include it INSIDE the per-instruction-set anonymous namespace of a kernel file, under that file's
+// `#pragma GCC target`, after <immintrin.h>; the file then adds its register-tile shape:
+// `struct Vec : SimdAvx512 { static constexpr int MR = ...; };`. Internal linkage keeps each copy on its own
+// instruction set, which is why this header includes nothing itself.
 
 struct SimdAvx512 {
+  // r[i] = the 16 32-bit words of row i  ->  r[j] = word j of rows 0..15 (a 16 x 16 transpose): pairs, then
+  // quads, then 128-bit lanes interleave.
+  static void transpose_words(__m512i* r) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+      r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+      r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+      r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8) {
+      for (int i = 0; i < 4; ++i) {
+        t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+        t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+      r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+  }
+
   using reg = __m512;
   static constexpr int W = 16;
   static reg zero() { return _mm512_setzero_ps(); }

@@ -20,7 +20,7 @@
 // up to summation order, at twice the rate of fp32 FMAs (converting x to fp32 for an fp32 GEMM, as other
 // dtypes do, ran at a fifth of the speed of bf16 F.linear).
 //
-// Unpacking: a 16 x 16 dword transpose of one packed block of 16 weight rows (64 bytes each) brings the same
+// Unpacking: a 16 x 16 word transpose (SimdAvx512::transpose_words) of one packed block of 16 weight rows (64 bytes each) brings the same
 // 4 bytes of the 16 rows into the 16 lanes of a register (a dword gather per register instead took ~1.7x as long
 // on Zen 4). Byte j of a block holds its weights 64 s + j at bits 2 s, so bytes 4 q .. 4 q + 3 hold weights
 // 64 s + 4 q + (0..3) for each s: a shift and a mask give the 4 codes as u8; the bf16 pairs take one 16-entry
@@ -34,18 +34,27 @@
 #include "common/cpu_features.h"
 #include "ternary/cpu/ternary_cpu_kernels.h"
 
+// Everything below is compiled for AVX-512 with VNNI and BF16 (one target for both kinds, as templates share
+// it); each kind is only called where the CPU has its own extension, and the int8 code uses no bf16
+// instructions (nor the bf16 code VNNI ones).
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512bf16,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512bf16,avx2,fma")
+#endif
+
 namespace llmkernels::ternary_cpu {
 
 namespace {
+
+#include "common/cpu_simd_avx512.h"
 
 constexpr int kLanes = 16;
 constexpr int kStripRegs = 4;
 constexpr int64_t kStripFeatures = kLanes * kStripRegs;  // 64 output features per strip
 constexpr int kTileTokens = 6;
-
-// One target for both kinds (templates share it); each is only called where the CPU has its own extension, and
-// the int8 code uses no bf16 intrinsics (nor the bf16 code VNNI ones).
-#define LLMK_TILED_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma")))
 
 // vpdpbusd on codes: words of 4 codes, int32 accumulators, out = acc - the token's activation sum.
 struct Int8Codes {
@@ -55,17 +64,17 @@ struct Int8Codes {
     const int32_t* xsum;  // per token
     int32_t* out;         // (m, N) row-major
   };
-  LLMK_TILED_TARGET static acc_t zero() { return _mm512_setzero_si512(); }
+  static acc_t zero() { return _mm512_setzero_si512(); }
   // acc += codes (u8) . x (s8) per 4 bytes: vpdpbusd in inline asm, because GCC 12 copies the accumulator of
   // _mm512_dpbusd_epi32 into a fresh register each time, which with 24 accumulators spills them all to the stack
-  LLMK_TILED_TARGET static acc_t step(acc_t acc, __m512i x, __m512i w) {
+  static acc_t step(acc_t acc, __m512i x, __m512i w) {
     asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
     return acc;
   }
-  LLMK_TILED_TARGET static acc_t load(const uint32_t* p) { return _mm512_loadu_si512(p); }
-  LLMK_TILED_TARGET static void keep(uint32_t* p, acc_t acc) { _mm512_storeu_si512(p, acc); }
+  static acc_t load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static void keep(uint32_t* p, acc_t acc) { _mm512_storeu_si512(p, acc); }
   // one group of 16 features: the 4 words of dword q of the block, per s, are its words 16 s + q
-  LLMK_TILED_TARGET static void unpack(__m512i v, int q, uint32_t* strip, int64_t lane0) {
+  static void unpack(__m512i v, int q, uint32_t* strip, int64_t lane0) {
     const __m512i two_bits = _mm512_set1_epi8(3);
     for (int s = 0; s < 4; ++s) {
       const int64_t word = 16 * s + q;
@@ -73,7 +82,7 @@ struct Int8Codes {
                           _mm512_and_si512(_mm512_srli_epi32(v, 2 * s), two_bits));
     }
   }
-  LLMK_TILED_TARGET static void store(const Epilogue& e, acc_t acc, int64_t t, int64_t n, __mmask16 mask, int64_t N) {
+  static void store(const Epilogue& e, acc_t acc, int64_t t, int64_t n, __mmask16 mask, int64_t N) {
     _mm512_mask_storeu_epi32(e.out + t * N + n, mask, _mm512_sub_epi32(acc, _mm512_set1_epi32(e.xsum[t])));
   }
 };
@@ -93,15 +102,15 @@ struct Bf16Pairs {
     const float* bias;  // (N,) or null
     uint16_t* out;      // (m, N) bf16 row-major
   };
-  LLMK_TILED_TARGET static acc_t zero() { return _mm512_setzero_ps(); }
-  LLMK_TILED_TARGET static acc_t step(acc_t acc, __m512i x, __m512i w) {
+  static acc_t zero() { return _mm512_setzero_ps(); }
+  static acc_t step(acc_t acc, __m512i x, __m512i w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
   }
-  LLMK_TILED_TARGET static acc_t load(const uint32_t* p) { return _mm512_loadu_ps(p); }
-  LLMK_TILED_TARGET static void keep(uint32_t* p, acc_t acc) { _mm512_storeu_ps(p, acc); }
+  static acc_t load(const uint32_t* p) { return _mm512_loadu_ps(p); }
+  static void keep(uint32_t* p, acc_t acc) { _mm512_storeu_ps(p, acc); }
   // the block's pair (64 s + 4 q + 2 h, + 1) is its word 32 s + 2 q + h; its codes sit at bits 16 h + 2 s and
   // 16 h + 8 + 2 s, and lo | hi << 2 indexes the table of pair words
-  LLMK_TILED_TARGET static void unpack(__m512i v, int q, uint32_t* strip, int64_t lane0) {
+  static void unpack(__m512i v, int q, uint32_t* strip, int64_t lane0) {
     const __m512i table = _mm512_setr_epi32(pair_word(0), pair_word(1), pair_word(2), pair_word(3), pair_word(4),
                                             pair_word(5), pair_word(6), pair_word(7), pair_word(8), pair_word(9),
                                             pair_word(10), pair_word(11), pair_word(12), pair_word(13),
@@ -117,47 +126,22 @@ struct Bf16Pairs {
       }
     }
   }
-  LLMK_TILED_TARGET static void store(const Epilogue& e, acc_t acc, int64_t t, int64_t n, __mmask16 mask, int64_t N) {
+  static void store(const Epilogue& e, acc_t acc, int64_t t, int64_t n, __mmask16 mask, int64_t N) {
     const __m512 b = e.bias != nullptr ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
     const __m512 y = _mm512_add_ps(_mm512_mul_ps(acc, _mm512_set1_ps(e.gamma)), b);
     _mm256_mask_storeu_epi16(e.out + t * N + n, mask, (__m256i)_mm512_cvtneps_pbh(y));
   }
 };
 
-// r[i] = 16 dwords of row i  ->  r[q] = dword q of rows 0..15: pairs, then quads, then 128-bit lanes interleave.
-LLMK_TILED_TARGET void transpose_dwords(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int h = 0; h < 16; h += 8) {
-    for (int i = 0; i < 4; ++i) {
-      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
-      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
-    }
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
-}
-
 // One packed block (64 bytes a row, at w, rows row_bytes apart) of features f0 .. f0 + valid - 1 (valid <= 16)
 // into lanes lane0 .. lane0 + 15 of the block's strip; rows >= valid read as code 1 (weight 0) in every field.
 template <typename Kind>
-LLMK_TILED_TARGET void unpack_group(const uint8_t* w, int64_t row_bytes, int valid, uint32_t* strip, int64_t lane0) {
+void unpack_group(const uint8_t* w, int64_t row_bytes, int valid, uint32_t* strip, int64_t lane0) {
   __m512i r[16];
   for (int i = 0; i < 16; ++i) {
     r[i] = i < valid ? _mm512_loadu_si512(w + i * row_bytes) : _mm512_set1_epi32(0x55555555);
   }
-  transpose_dwords(r);
+  SimdAvx512::transpose_words(r);
   for (int q = 0; q < kBlockBytes / 4; ++q) Kind::unpack(r[q], q, strip, lane0);
 }
 
@@ -165,7 +149,7 @@ LLMK_TILED_TARGET void unpack_group(const uint8_t* w, int64_t row_bytes, int val
 // `words` point at the block's first word. Running sums between blocks live in `partial` (64 per token, rows
 // of the tile); the first block starts from zero and the last one hands its sums to the epilogue.
 template <typename Kind, int R>
-LLMK_TILED_TARGET void tile(const uint32_t* x, int64_t x_words, int64_t words, const uint32_t* strip, uint32_t* partial,
+void tile(const uint32_t* x, int64_t x_words, int64_t words, const uint32_t* strip, uint32_t* partial,
                             bool first, bool last, const typename Kind::Epilogue& e, int64_t t0, int64_t f0,
                             int64_t features, int64_t N) {
   // Every loop over r and v unrolls (no early exit), so that GCC keeps the accumulators in registers instead of
@@ -271,3 +255,9 @@ void linear_w2_bf16(const uint16_t* x, int64_t m, int64_t k_even, const uint8_t*
 }
 
 }  // namespace llmkernels::ternary_cpu
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
