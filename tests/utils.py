@@ -10,7 +10,13 @@ Elementwise-style ops use per-dtype (rtol, atol) tables.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One rounding of an O(1) value in each dtype: the least error any kernel can have on its output.
 EPS = {torch.float64: 2.2e-16, torch.float32: 1.2e-7, torch.float16: 9.8e-4, torch.bfloat16: 7.8e-3}
@@ -64,3 +70,16 @@ def assert_close_dtype(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype 
     """assert_close with the per-dtype table, optionally loosened by `scale` (state why at the call)."""
     rtol, atol = TOLERANCES[dtype or out.dtype]
     torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol * scale, atol=atol * scale)
+
+
+def run_with_cpu_isa(isa: str, code: str, *test_dirs: str) -> str:
+    """Runs `python -c code` in a fresh process with LLMKERNELS_CPU_ISA=isa (read once per process: "avx2" or
+    "scalar" caps the C++ CPU kernels), from the repository root with tests/ and tests/<test_dirs> importable;
+    asserts it succeeded and returns its stdout."""
+    paths = [_ROOT, os.path.join(_ROOT, "tests")] + [os.path.join(_ROOT, "tests", d) for d in test_dirs]
+    env = dict(
+        os.environ, LLMKERNELS_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -5,13 +5,11 @@ floor, on ragged sizes, the head dims the kernel takes, GQA, causal / windowed /
 that start at odd rows, and the split path (bitwise deterministic)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from attn_cases import check_flash_attn, forward_backward, needs_cpu_kernel, random_qkv
-from utils import assert_error_within_ratio
+from utils import assert_error_within_ratio, run_with_cpu_isa
 
 from llmkernels.reference.attention import flash_attn_ref
 
@@ -67,11 +65,7 @@ def test_bf16_backward_takes_the_vdpbf16ps_path():
         "_rounded_p_prediction; dout, dv = uniform_attention_value_grad(); "
         "print(int(torch.equal(dv[0, 0, 0], _rounded_p_prediction(dout)[0, 0, 0])))"
     )
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, LLMKERNELS_CPU_ISA="avx2", PYTHONPATH=path)
-    res = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True)
-    assert res.stdout.strip().splitlines()[-1] == "0"
+    assert run_with_cpu_isa("avx2", code, "attention").strip().splitlines()[-1] == "0"
 
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal, window_size, softcap)

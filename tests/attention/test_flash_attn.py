@@ -3,13 +3,11 @@ softcap, ragged sizes. The CPU grid is a representative subset (CI runs it on 2 
 crosses every sequence length pair with every head dim."""
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from attn_cases import BACKENDS, DTYPES, check_flash_attn, needs_cpu_kernel, random_qkv
+from utils import run_with_cpu_isa
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal, window_size, softcap)
 CPU_CASES = [
@@ -96,7 +94,4 @@ def test_cpu_avx2_path():
         "check_flash_attn('cpu', random_qkv(2, 77, 130, 4, 2, 40, torch.float32, 'cpu'), causal=True);"
         "check_flash_attn('cpu', random_qkv(1, 70, 70, 2, 2, 64, torch.bfloat16, 'cpu'), window_size=(9, 3))"
     )
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, LLMKERNELS_CPU_ISA="avx2", PYTHONPATH=path)
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    run_with_cpu_isa("avx2", code, "attention")

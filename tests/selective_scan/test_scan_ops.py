@@ -5,14 +5,10 @@ table loosened 4x (fp32) because dA, dB, dC, dD and ddelta_bias are sums over ba
 of terms that the kernel adds in a different order than autograd of the reference.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from scan_cases import TENSOR_ARGS, ScanCase, scan_inputs, update_inputs
-from utils import TOLERANCES, assert_close_dtype
+from utils import TOLERANCES, assert_close_dtype, run_with_cpu_isa
 
 import llmkernels
 from llmkernels import _ext
@@ -237,9 +233,7 @@ def test_other_cpu_instruction_sets(isa):
         "t._check_softplus();"
         "[t._check_state_update('cpu', *c) for c in t.LARGE_UPDATE_CASES]"
     )
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, LLMKERNELS_CPU_ISA=isa)
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
+    run_with_cpu_isa(isa, code)
 
 
 # ---------------------------------------------------------------------------------------------------------

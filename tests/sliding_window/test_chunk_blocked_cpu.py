@@ -3,16 +3,12 @@ several query blocks and key tiles, the ring's wrap-around inside a tile, GQA gr
 queries, the decode path (tasks of at most 4 rows: per-key dot products, K / V in place), the AVX2 copy and
 the portable per-row kernel (LLMKERNELS_CPU_ISA is read once per process, so those run in a child)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from llmkernels import _ext
 from llmkernels.reference.sliding_window import rolling_window_attn_ref
-from tests.utils import assert_error_within_ratio
+from tests.utils import assert_error_within_ratio, run_with_cpu_isa
 
 pytestmark = pytest.mark.skipif(
     not _ext.has_kernel("rolling_window_attn", "CPU"), reason="the loaded build has no CPU rolling_window_attn kernel"
@@ -76,12 +72,10 @@ def test_blocked_low_precision_softcap(dtype):
 
 
 def check_in_child(isa: str, *calls: str) -> None:
-    """check_chunk calls in a fresh process with LLMKERNELS_CPU_ISA=isa (read once per process)."""
-    code = "import torch\nfrom tests.sliding_window.test_chunk_blocked_cpu import check_chunk\n" + "\n".join(calls)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, LLMKERNELS_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """check_chunk calls in a fresh process with LLMKERNELS_CPU_ISA=isa."""
+    run_with_cpu_isa(
+        isa, "import torch\nfrom test_chunk_blocked_cpu import check_chunk\n" + "\n".join(calls), "sliding_window"
+    )
 
 
 def test_blocked_avx2_copy():

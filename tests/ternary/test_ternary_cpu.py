@@ -1,13 +1,10 @@
 """C++ CPU kernels against the reference: exact integer arithmetic, the epilogue within rounding; opcheck,
 torch.compile, bad arguments, and the AVX2 and portable paths (LLMKERNELS_CPU_ISA=avx2 / scalar, in a subprocess)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
+from utils import run_with_cpu_isa
 
 import llmkernels
 import llmkernels.reference.ternary
@@ -105,10 +102,7 @@ def test_cpu_other_instruction_sets_match_reference(isa):
         f"assert _ext.cpu_isa == '{isa}', _ext.cpu_isa; torch.manual_seed(0);"
         "[check('cpu', 'cpu', m, n, k, torch.float32) for m, n, k in [(1, 17, 113), (7, 33, 300), (5, 64, 2560)]]"
     )
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, LLMKERNELS_CPU_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_with_cpu_isa(isa, code)
 
 
 def test_opcheck_cpu_ops():
