@@ -9,12 +9,14 @@ efficient, cuDNN; a backend that errors is skipped) and compiled FlexAttention.
 GPU decode (flash_attn_decode): one query token per row against a cache of `context` tokens, 32 query heads on
 8 KV heads of 128; GB/s = bytes of K, V, q and out moved. Limit: measured copy bandwidth. llmkernels-cuda-gqa is
 the CUDA path with LLMKERNELS_DECODE_KERNEL=gqa (the GQA-sharing decode kernel instead of the forward kernel).
-CPU (flash_attn_fwd_cpu, flash_attn_fwd_bwd_cpu): fp32 forward, and forward + backward through autograd,
-against SDPA's CPU kernel, 2 threads, head dim 64; GFLOP/s counted as on the GPU (backward = 2.5 forwards).
+CPU (flash_attn_fwd_cpu, flash_attn_fwd_bwd_cpu): forward, and forward + backward through autograd, against
+SDPA's CPU kernel, 2 threads, fp32 at head dim 64 and bf16 at 128; GFLOP/s counted as on the GPU (backward = 2.5
+forwards). CPU decode (flash_attn_decode_cpu): as the GPU decode, fp32 and bf16, against SDPA with enable_gqa.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Callable
@@ -205,19 +207,50 @@ def bench_cpu(quick: bool) -> list[dict]:
     torch.set_num_threads(2)
     try:
         cases = [(512, False), (1024, True)] if quick else [(s, c) for s in (512, 1024, 2048) for c in (False, True)]
-        nheads, headdim = 8, 64
+        # bf16 at head dim 128: the products on vdpbf16ps where the CPU has AVX512-BF16
+        cases_bf16 = [(1024, True)] if quick else [(s, c) for s in (1024, 2048) for c in (False, True)]
+        nheads = 8
         for backward in (False, True):
             op = "flash_attn_fwd_bwd_cpu" if backward else "flash_attn_fwd_cpu"
-            for seqlen, causal in cases:
-                q, k, v = (torch.randn(1, seqlen, nheads, headdim) for _ in range(3))
-                case = f"b=1 seqlen={seqlen} h={nheads} d={headdim} fp32 2 threads" + (" causal" if causal else "")
-                flops = attention_flops(1, seqlen, seqlen, nheads, headdim, causal, backward)
-                for impl, fn in (("llmkernels-cpu", _ours("cpu", causal)), ("sdpa-cpu", _sdpa(None, causal))):
-                    ms = _time(impl, fn, (q, k, v), backward, warmup=2, rep=5, min_time_s=0.1)
-                    if ms is not None:
-                        rows.append(_row(op, case, impl, ms, "GFLOP/s", flops / (ms * 1e-3) / 1e9, None))
+            for dtype, headdim, dcases in ((torch.float32, 64, cases), (torch.bfloat16, 128, cases_bf16)):
+                for seqlen, causal in dcases:
+                    q, k, v = (torch.randn(1, seqlen, nheads, headdim, dtype=dtype) for _ in range(3))
+                    name = "fp32" if dtype == torch.float32 else "bf16"
+                    case = f"b=1 seqlen={seqlen} h={nheads} d={headdim} {name} 2 threads{' causal' if causal else ''}"
+                    flops = attention_flops(1, seqlen, seqlen, nheads, headdim, causal, backward)
+                    for impl, fn in (("llmkernels-cpu", _ours("cpu", causal)), ("sdpa-cpu", _sdpa(None, causal))):
+                        ms = _time(impl, fn, (q, k, v), backward, warmup=2, rep=5, min_time_s=0.1)
+                        if ms is not None:
+                            rows.append(_row(op, case, impl, ms, "GFLOP/s", flops / (ms * 1e-3) / 1e9, None))
+        rows += bench_cpu_decode(quick)
     finally:
         torch.set_num_threads(threads)
+    return rows
+
+
+def bench_cpu_decode(quick: bool) -> list[dict]:
+    """flash_attn_with_kvcache against SDPA (enable_gqa) on CPU: one token, 32 query heads on 8 KV heads of 128.
+    The same cache every call, as on the GPU: caches under the L3 size (32 MB here) partly stay in it."""
+    rows = []
+    nheads, nheads_k, headdim = 32, 8, 128
+    limit = copy_bandwidth_gbps()
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch, context in [(1, 4096)] if quick else [(1, 1024), (1, 4096), (1, 16384), (8, 4096)]:
+            q = torch.randn(batch, 1, nheads, headdim, dtype=dtype)
+            k_cache, v_cache = (torch.randn(batch, context, nheads_k, headdim, dtype=dtype) for _ in range(2))
+            lens = torch.full((batch,), context, dtype=torch.int32)
+            moved = 2 * k_cache.nbytes + 2 * q.nbytes
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+            name = "fp32" if dtype == torch.float32 else "bf16"
+            case = f"b={batch} seqlen={context} h={nheads}/{nheads_k} d={headdim} {name} 2 threads"
+            impls = {
+                "llmkernels-cpu": (llmkernels.flash_attn_with_kvcache, (q, k_cache, v_cache), {"cache_seqlens": lens}),
+                "sdpa-cpu": (F.scaled_dot_product_attention, (qt, kt, vt), {"enable_gqa": True}),
+            }
+            for impl, (fn, args, kwargs) in impls.items():
+                ms = _time(impl, functools.partial(fn, **kwargs), args, False, warmup=2, rep=10, min_time_s=0.1)
+                if ms is not None:
+                    rows.append(_row("flash_attn_decode_cpu", case, impl, ms, "GB/s", moved / (ms * 1e-3) / 1e9, limit))
     return rows
 
 

@@ -134,17 +134,20 @@ def cpu_cases(quick: bool) -> list[dict]:
     window, h, hk, d = (256, 8, 2, 64) if quick else (1024, 8, 2, 64)
     for chunk in (1, 64):
         rows += _cpu_case(window, h, hk, d, chunk)
+    if not quick:  # Mistral 7B's attention shape, one token (decode)
+        for dtype in (torch.float32, torch.bfloat16):
+            rows += _cpu_case(4096, 32, 8, 128, 1, dtype)
     return rows
 
 
-def _cpu_case(window: int, h: int, hk: int, d: int, chunk: int) -> list[dict]:
+def _cpu_case(window: int, h: int, hk: int, d: int, chunk: int, dtype=torch.float32) -> list[dict]:
     rows: list[dict] = []
-    cache = llmkernels.RollingKVCache(1, window, hk, d, dtype=torch.float32)
+    cache = llmkernels.RollingKVCache(1, window, hk, d, dtype=dtype)
     cache.k.normal_(), cache.v.normal_()
-    q = torch.randn(1, chunk, h, d)
-    k, v = (torch.randn(1, chunk, hk, d) for _ in range(2))
+    q = torch.randn(1, chunk, h, d, dtype=dtype)
+    k, v = (torch.randn(1, chunk, hk, d, dtype=dtype) for _ in range(2))
     kind = "decode" if chunk == 1 else f"chunk {chunk}"
-    case = f"cpu {kind} context={2 * window} W={window} h={h}/{hk} d={d} fp32"
+    case = f"cpu {kind} context={2 * window} W={window} h={h}/{hk} d={d} {'fp32' if dtype == torch.float32 else 'bf16'}"
 
     def step(backend):
         def fn():
@@ -154,7 +157,7 @@ def _cpu_case(window: int, h: int, hk: int, d: int, chunk: int) -> list[dict]:
         return fn
 
     if chunk == 1:  # decode: the window's K/V bytes per call
-        metric = lambda ms: ("GB/s", 2 * window * hk * d * 4 / (ms * 1e-3) / 1e9)  # noqa: E731
+        metric = lambda ms: ("GB/s", 2 * window * hk * d * dtype.itemsize / (ms * 1e-3) / 1e9)  # noqa: E731
     else:  # chunked prefill: 2 matmuls over W keys per query and head
         metric = lambda ms: ("GFLOP/s", 4 * chunk * window * h * d / (ms * 1e-3) / 1e9)  # noqa: E731
     _try(rows, case, "llmkernels-cpu", step("cpu"), metric, peer="reference")
