@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from utils import assert_close_dtype, poison_
+from utils import assert_close_dtype, poison_, run_with_cpu_isa
 
 import llmkernels
 from llmkernels import _ext
@@ -48,6 +48,29 @@ def test_conv1d_forward_and_backward(backend, shape, width, dtype, activation):
         scale = max(1.0, rg.abs().max().item())
         assert g.dtype == dtype, name
         assert_close_dtype(g, rg, dtype, scale=scale if name != "x" else 1.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_conv1d_forward_other_cpu_instruction_sets(isa):
+    """The forward's row kernel as built for AVX2 and portable code (this machine may pick AVX-512), in a child."""
+    code = (
+        "import torch, test_conv1d as t\n"
+        "for shape in [(1, 3, 1), (2, 5, 17), (2, 8, 255)]:\n"
+        "    for width in (2, 3, 4):\n"
+        "        for dtype in (torch.float32, torch.bfloat16):\n"
+        "            t.check_forward(shape, width, dtype, 'silu' if width != 3 else None)\n"
+    )
+    run_with_cpu_isa(isa, code, "selective_scan")
+
+
+def check_forward(shape, width, dtype, activation):
+    x, w, bias = _inputs(shape, width, dtype, "cpu", bias=width != 2)
+    with llmkernels.use_backend("cpu"):
+        out = llmkernels.causal_conv1d_fn(x, w, bias, activation=activation)
+    ref = causal_conv1d_ref(x.float(), w.float(), None if bias is None else bias.float(), activation=activation)
+    assert out.dtype == dtype
+    assert_close_dtype(out, ref)
 
 
 @needs_ext

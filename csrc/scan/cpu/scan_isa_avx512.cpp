@@ -36,6 +36,7 @@ Kernels kernels_avx512() {
           isa_avx512::bwd_row,
           isa_avx512::update_rows,
           isa_avx512::conv_update,
+          isa_avx512::conv_row,
           isa_avx512::softplus_inplace,
           isa_avx512::softplus_backward_inplace,
           isa_avx512::delta_row,

@@ -17,6 +17,7 @@ Kernels kernels_scalar() {
           isa_scalar::bwd_row,
           isa_scalar::update_rows,
           isa_scalar::conv_update,
+          isa_scalar::conv_row,
           isa_scalar::softplus_inplace,
           isa_scalar::softplus_backward_inplace,
           isa_scalar::delta_row,

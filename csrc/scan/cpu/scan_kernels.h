@@ -82,12 +82,24 @@ struct ConvUpdate {
   float* out;    // (n,)
 };
 
+// Causal conv1d forward of one (batch, channel) row (conv1d_cpu.cpp): out[t] = bias + sum_k weight[k]
+// x[t - (width - 1) + k] (x = 0 before the row), through SiLU when asked.
+struct ConvRow {
+  int64_t L;
+  int64_t width;  // 2..4
+  const float* x;       // (L,)
+  const float* weight;  // (width,)
+  float bias;
+  bool silu;
+  float* out;  // (L,)
+};
 // Forward: state (npad,) holds the initial state and receives the last; out (L,) fp32.
 using FwdRowFn = void (*)(const ScanRow& r, float* state, float* out);
 // Backward: init (npad,) the initial state (zeros when absent); recomputes the states from checkpoints.
 using BwdRowFn = void (*)(const ScanRow& r, const float* init, const ScanRowGrad& g);
 using UpdateRowsFn = void (*)(const UpdateRows& u);
 using ConvUpdateFn = void (*)(const ConvUpdate& c);
+using ConvRowFn = void (*)(const ConvRow& c);
 
 // Elementwise, vectorised: x <- softplus(x); grad <- grad * sigmoid(pre).
 using SoftplusFn = void (*)(float* x, int64_t n);
@@ -103,6 +115,7 @@ struct Kernels {
   BwdRowFn bwd_row;
   UpdateRowsFn update_rows;
   ConvUpdateFn conv_update;
+  ConvRowFn conv_row;
   SoftplusFn softplus;
   SoftplusBwdFn softplus_backward;
   DeltaRowFn delta_row;
