@@ -177,7 +177,25 @@ def run(quick: bool = False) -> list[dict]:
             _scan_cases(rows, batch, dim, seqlen, dtype, "cpu", ("cpu",), True, limit, small)
         for batch in (1, 16) if quick else (1, 16, 64):
             _decode_case(rows, batch, 1024, torch.float32, "cpu", ("cpu",), limit, small)
+        for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
+            _conv1d_case(rows, 4, 1536, 2048, 4, dtype, limit, small)
     return rows
+
+
+def _conv1d_case(rows, batch, dim, seqlen, width, dtype, limit, measure_kw):
+    """causal_conv1d_fn (SiLU) on CPU against PyTorch's depthwise conv1d + SiLU in the same dtype."""
+    import torch.nn.functional as F
+
+    x = torch.randn(batch, dim, seqlen, dtype=dtype)
+    w, b = torch.randn(dim, width, dtype=dtype), torch.randn(dim, dtype=dtype)
+    case = f"b={batch} dim={dim} L={seqlen} width={width} silu {str(dtype).replace('torch.', '')}"
+    nbytes = 2 * x.nbytes
+    fns = {
+        "llmkernels-cpu": lambda: llmkernels.causal_conv1d_fn(x, w, b, activation="silu"),
+        "torch-conv1d": lambda: F.silu(F.conv1d(x, w.unsqueeze(1), b, padding=width - 1, groups=dim)[..., :seqlen]),
+    }
+    for impl, fn in fns.items():
+        _try(rows, "causal_conv1d_fwd_cpu", case, impl, fn, nbytes, limit, peer=None, **measure_kw)
 
 
 if __name__ == "__main__":
