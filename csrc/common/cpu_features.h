@@ -51,6 +51,7 @@ inline bool use_avx2() { return cpu_features().avx2 && cpu_features().fma && cpu
 
 // The widest instruction set the CPU kernels pick on this machine, for `llmkernels info`.
 inline std::string cpu_kernel_isa() {
+  if (use_avx512_vnni() && cpu_features().avx512bf16) return "avx512+vnni+bf16";
   if (use_avx512_vnni()) return "avx512+vnni";
   if (use_avx512()) return "avx512";
   if (use_avx2()) return "avx2";
