@@ -75,8 +75,16 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, v);
 }
 
+// NaN or infinite scales would turn every score into NaN; a negative softcap is refused as the Python API refuses it.
+void check_scalars(const char* op, double softmax_scale, double softcap) {
+  LLMK_CHECK_FINITE(op, softmax_scale);
+  LLMK_CHECK_FINITE(op, softcap);
+  LLMK_CHECK_ARG(softcap >= 0, op, "softcap", "must be >= 0 (0 disables it), got ", softcap);
+}
+
 AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
+  check_scalars(op, softmax_scale, softcap);
   AttnParams p{};
   p.dtype = elem_type(op, q);
   p.q = view4(q);
@@ -91,8 +99,10 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   p.seqlens_k = nullptr;
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.softcap = static_cast<float>(softcap);
-  p.window_left = window_left < 0 ? -1 : window_left;
-  p.window_right = window_right < 0 ? -1 : window_right;
+  // A window that reaches past every key is unbounded: folded into -1 here, so that huge values (up to INT64_MAX)
+  // never overflow the kernels' band arithmetic (i + shift + window_right, j - shift + window_left).
+  p.window_left = window_left < 0 || window_left >= p.seqlen_k ? -1 : window_left;
+  p.window_right = window_right < 0 || window_right >= p.seqlen_q ? -1 : window_right;
   return p;
 }
 
@@ -110,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   p.lse = lse.data_ptr<float>();
   // Pack a GQA group's heads into each query block (K and V loaded once for the group) unless that leaves
   // fewer tasks than threads (decode with a small batch), where one head per block keeps every thread busy.
-  p.heads_per_block = p.nheads / p.nheads_k;
+  p.heads_per_block = std::max<int64_t>(1, p.nheads / p.nheads_k);  // (nheads 0: no tasks, and no division by 0)
   if (p.heads_per_block > 1 && num_fwd_tasks(p) < at::get_num_threads()) p.heads_per_block = 1;
   run_tasks(use_bf16_dot(p) ? fwd_tasks_avx512bf16 : kernels().fwd, p, num_fwd_tasks(p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
@@ -142,6 +152,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   LLMK_CHECK_SHAPE(op, softmax_lse, q.size(0), q.size(2), q.size(1));
 
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
+  if (p.nheads == 0) {  // no query reads any key: the kernels would leave dk, dv unwritten
+    return {at::zeros_like(q), at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+  }
   const at::Tensor lse = softmax_lse.contiguous();
   // One task per (batch, KV head) owns all of its gradients. When those pairs do not divide evenly among the
   // threads, each head's key blocks are split over as many tasks as make them divide (at most 8), each adding
@@ -175,6 +189,7 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                                        int64_t window_right, double softcap) {
   constexpr const char* op = "flash_attn_with_kvcache";
   check_qkv(op, q, k_cache, v_cache);
+  check_scalars(op, softmax_scale, softcap);  // (before the caches are written)
   const int64_t batch = q.size(0), capacity = k_cache.size(1), hk = k_cache.size(2), d = q.size(3);
   LLMK_CHECK_ARG(k_new.has_value() == v_new.has_value(), op, "k_new", "and v_new must be given together");
   int64_t s_new = 0;
@@ -189,6 +204,10 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
     s_new = kn.size(1);
     LLMK_CHECK_SHAPE(op, kn, batch, s_new, hk, d);
     LLMK_CHECK_SHAPE(op, vn, batch, s_new, hk, d);
+  }
+  if (s_new > 0) {  // the new tokens are written into the caches
+    LLMK_CHECK_NO_OVERLAP(op, k_cache);
+    LLMK_CHECK_NO_OVERLAP(op, v_cache);
   }
   LLMK_CHECK_SAME_DEVICE(op, cache_seqlens, q);
   LLMK_CHECK_DTYPE(op, cache_seqlens, at::kInt);

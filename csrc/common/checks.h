@@ -6,6 +6,11 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
 #define LLMK_CHECK_ARG(cond, op, arg, ...) \
   TORCH_CHECK(cond, "llmkernels.", op, ": ", arg, " ", __VA_ARGS__)
 
@@ -34,3 +39,32 @@
 
 #define LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, t) \
   LLMK_CHECK_ARG((t).stride(-1) == 1, op, #t, "must be contiguous in its last dimension, got strides ", (t).strides())
+
+#define LLMK_CHECK_FINITE(op, x) LLMK_CHECK_ARG(std::isfinite(x), op, #x, "must be finite, got ", x)
+
+namespace llmkernels {
+
+// Whether no two elements of t share memory. Sufficient test: taken by increasing stride, each dimension steps
+// past everything the smaller ones reach. Every non-overlapping layout torch makes (permutations, slices,
+// padded rows) passes; broadcast (stride 0) and other self-overlapping views fail.
+inline bool has_no_overlap(const at::Tensor& t) {
+  if (t.numel() <= 1) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions that step
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (t.size(i) > 1) dims.emplace_back(t.stride(i), t.size(i));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // largest element offset the dimensions so far address
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return false;
+    reach += stride * (size - 1);
+  }
+  return true;
+}
+
+}  // namespace llmkernels
+
+// For tensors an op writes in place: a write through overlapping elements would land several results on one.
+#define LLMK_CHECK_NO_OVERLAP(op, t)                                                                          \
+  LLMK_CHECK_ARG(::llmkernels::has_no_overlap(t), op, #t, "is written in place and must not have overlapping " \
+                 "elements (e.g. a broadcast view), got shape ", (t).sizes(), " and strides ", (t).strides())

@@ -68,13 +68,12 @@ inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_m, int64_
 // Scores of a few query rows (decode): one dot product per (key, row)
 // ---------------------------------------------------------------------------------------------------
 // st[c * ld + r] = qr[r] . key_row(c) over dp elements (zero padded, or dp == d in place), for keys c < cols and
-// rows r < rows <= kMaxDotRows; rows [rows, nrows) score 0. Each key row is loaded once and shared by the rows,
-// where the product above would spend a broadcast and a mostly-padding register per key element.
+// rows r < rows (kMaxDotRows at a time); rows [rows, nrows) score 0. Each key row is loaded once and shared by
+// the rows, where the product above would spend a broadcast and a mostly-padding register per key element.
 constexpr int64_t kMaxDotRows = 4;
 
 template <int R, typename KeyRow>
-inline void dot_scores_tile(int64_t nrows, int64_t cols, int64_t dp, const float* qr, KeyRow key_row, float* st,
-                            int64_t ld) {
+inline void dot_scores_tile(int64_t cols, int64_t dp, const float* qr, KeyRow key_row, float* st, int64_t ld) {
   using reg = typename Vec::reg;
   for (int64_t c = 0; c < cols; ++c) {
     const float* k_row = key_row(c);
@@ -84,20 +83,25 @@ inline void dot_scores_tile(int64_t nrows, int64_t cols, int64_t dp, const float
       const reg k = Vec::load(k_row + e);
       for (int r = 0; r < R; ++r) acc[r] = Vec::fmadd(Vec::load(qr + r * dp + e), k, acc[r]);
     }
-    float* s_col = st + c * ld;
-    for (int r = 0; r < R; ++r) s_col[r] = Vec::hsum(acc[r]);
-    for (int64_t r = R; r < nrows; ++r) s_col[r] = 0.f;
+    for (int r = 0; r < R; ++r) st[c * ld + r] = Vec::hsum(acc[r]);
   }
 }
 
 template <typename KeyRow>
 inline void dot_scores(int64_t rows, int64_t nrows, int64_t cols, int64_t dp, const float* qr, KeyRow key_row,
                        float* st, int64_t ld) {
-  switch (rows) {
-    case 1: dot_scores_tile<1>(nrows, cols, dp, qr, key_row, st, ld); break;
-    case 2: dot_scores_tile<2>(nrows, cols, dp, qr, key_row, st, ld); break;
-    case 3: dot_scores_tile<3>(nrows, cols, dp, qr, key_row, st, ld); break;
-    default: dot_scores_tile<kMaxDotRows>(nrows, cols, dp, qr, key_row, st, ld); break;
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxDotRows) {  // (callers pass at most kMaxDotRows; more still works)
+    const float* q = qr + r0 * dp;
+    float* s = st + r0;
+    switch (rows - r0) {
+      case 1: dot_scores_tile<1>(cols, dp, q, key_row, s, ld); break;
+      case 2: dot_scores_tile<2>(cols, dp, q, key_row, s, ld); break;
+      case 3: dot_scores_tile<3>(cols, dp, q, key_row, s, ld); break;
+      default: dot_scores_tile<kMaxDotRows>(cols, dp, q, key_row, s, ld); break;
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = rows; r < nrows; ++r) st[c * ld + r] = 0.f;
   }
 }
 

@@ -437,7 +437,8 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   at::Tensor dinit = at::empty({batch, dim, npad}, fopt);
 
   // Work items: (batch, part), a part being a range of channels; per-token dB/dC accumulate per item.
-  const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + batch - 1) / batch, 1, std::max<int64_t>(dim, 1));
+  const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1), 1,
+                                            std::max<int64_t>(dim, 1));  // (batch 0: no items, and no division by 0)
   const int64_t per_part = (dim + parts - 1) / parts;
   auto grad_acc = [&](const PackedBC& M) {  // constant: per row (batch, dim, npad); else (batch, parts, groups, L, npad)
     return M.groups == 0 ? at::zeros({batch, dim, npad}, fopt) : at::zeros({batch, parts, M.groups, L, npad}, fopt);

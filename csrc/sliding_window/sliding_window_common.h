@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "common/checks.h"
 
 namespace llmkernels::sliding_window {
@@ -65,7 +67,8 @@ inline Dims check_attn_args(const char* op, const at::Tensor& q, const at::Tenso
   LLMK_CHECK_ARG(d.nheads % d.nheads_k == 0, op, "q", "must have nheads (", d.nheads,
                  ") a multiple of k's nheads_k (", d.nheads_k, ")");
   LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, q);
-  LLMK_CHECK_ARG(softcap >= 0, op, "softcap", "must be >= 0 (0 disables it), got ", softcap);
+  LLMK_CHECK_ARG(softcap >= 0 && std::isfinite(softcap), op, "softcap", "must be finite and >= 0 (0 disables it), got ",
+                 softcap);
   return d;
 }
 

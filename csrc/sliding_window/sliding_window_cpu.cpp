@@ -259,11 +259,13 @@ at::Tensor rolling_window_attn_cpu(const at::Tensor& q, const at::Tensor& k, con
                                    double softmax_scale, double softcap) {
   constexpr const char* op = "rolling_window_attn";
   const Dims dims = check_attn_args(op, q, k, v, k_ring, v_ring, seqlens, softcap, c10::DeviceType::CPU);
+  LLMK_CHECK_FINITE(op, softmax_scale);
   const int32_t* lens = seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < dims.batch; ++b) {
     LLMK_CHECK_ARG(lens[b] >= 0, op, "seqlens", "must be >= 0, got ", lens[b], " in row ", b);
   }
   at::Tensor out = at::empty(q.sizes(), q.options());  // every element is written below
+  if (out.numel() == 0) return out;  // (no query heads: the kernels' GQA group would be 0, a divisor)
   const auto scale = static_cast<float>(softmax_scale), cap = static_cast<float>(softcap);
   switch (q.scalar_type()) {
     case at::kFloat: run_attn<float>(q, k, v, k_ring, v_ring, seqlens, out, dims, scale, cap); break;

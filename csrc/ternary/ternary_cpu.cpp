@@ -19,9 +19,9 @@ namespace {
 using namespace ternary_cpu;
 
 constexpr int64_t kBlasMinTokens = 32;  // weight-only: from here unpacking W for a BLAS GEMM wins
-// weight-only, bf16 x: from here the vdpbf16ps GEMM (which unpacks the weights once, ~0.2 ms at 4096 x 4096 on
-// 2 cores) beats the fused GEMV on fp32 x (2-core Zen 4: 4 tokens 0.47 vs 0.80 ms at 4096 x 4096, 0.55 vs 0.38 ms
-// at 6912 x 2560; 8 tokens 1.2-2.5x; 1-2 tokens the GEMV, 2-3x)
+// weight-only, bf16 x: from here the vdpbf16ps GEMM (which unpacks the weights once) beats the fused GEMV on
+// fp32 x (1 core of Zen 4, 4 tokens: 0.66 vs 1.35 ms at 4096 x 4096, 0.64 vs 0.68 at 6912 x 2560, 0.24 vs 0.25
+// at 2560 x 2560; 8 tokens 1.5-3x; below 4 tokens about even)
 constexpr int64_t kBf16GemmMinTokens = 4;
 constexpr int64_t kPanelBytes = 2 << 20;  // weight-only prefill: fp32 weights unpacked per GEMM (cache-sized)
 
@@ -46,8 +46,9 @@ void quantize_rows(const at::Tensor& x, int64_t k_pad, at::Tensor& x_q, at::Tens
 std::tuple<at::Tensor, at::Tensor> quantize_activation_cpu(const at::Tensor& x_in) {
   constexpr const char* op = "ternary_quantize_activation";
   LLMK_CHECK_DEVICE(op, x_in, at::kCPU);
-  LLMK_CHECK_ARG(at::isFloatingType(x_in.scalar_type()) && x_in.scalar_type() != at::kDouble, op, "x",
-                 "must be float16, bfloat16 or float32, got ", x_in.scalar_type());
+  const auto st = x_in.scalar_type();  // (not isFloatingType: that also admits the float8 types)
+  LLMK_CHECK_ARG(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat, op, "x",
+                 "must be float16, bfloat16 or float32, got ", st);
   LLMK_CHECK_ARG(x_in.dim() >= 1 && x_in.size(-1) > 0, op, "x", "must have a non-empty last dimension, got ",
                  x_in.sizes());
   const at::Tensor x = x_in.contiguous();
@@ -126,9 +127,7 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
   at::Tensor out = at::empty({m, N}, x_in.options());
   if (m == 0 || N == 0) return out;
   const at::Tensor scale = w_scale.to(at::kFloat);
-  // (k_pad bound: the GEMM's per-thread strip of unpacked weights takes 128 * k_pad bytes)
-  if (x_in.scalar_type() == at::kBFloat16 && m >= kBf16GemmMinTokens && k_pad <= (64 << 10) &&
-      bf16_linear_w2_available()) {
+  if (x_in.scalar_type() == at::kBFloat16 && m >= kBf16GemmMinTokens && bf16_linear_w2_available()) {
     // bf16 x times ternary weights: exact products, so bf16 dot products with fp32 sums are the fp32 GEMM
     const at::Tensor xb = in_features % 2 == 0 ? x_in.contiguous() : at::constant_pad_nd(x_in, {0, 1}, 0);
     const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();

@@ -36,20 +36,31 @@ const Kernels& kernels() {
   return k;
 }
 
+// fp32 / fp16 / bf16 (and fp64, computed in fp32). Not is_floating_point(): that also admits the float8 types,
+// which the conversions below have no case for.
+bool is_conv_dtype(at::ScalarType s) {
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
+}
+
+#define CONV_CHECK_FLOAT(op, t) \
+  LLMK_CHECK_ARG(is_conv_dtype((t).scalar_type()), op, #t, "must be float32, float16, bfloat16 or float64, got ", \
+                 (t).scalar_type())
+
 void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                 int64_t x_dims) {
   LLMK_CHECK_DIM(op, x, x_dims);
-  LLMK_CHECK_ARG(x.is_floating_point(), op, "x", "must be a floating-point tensor, got ", x.scalar_type());
+  CONV_CHECK_FLOAT(op, x);
   LLMK_CHECK_DEVICE(op, x, at::kCPU);
   LLMK_CHECK_CONTIGUOUS(op, x);
   LLMK_CHECK_DIM(op, weight, 2);
   LLMK_CHECK_ARG(weight.size(0) == x.size(1) && weight.size(1) >= kMinWidth && weight.size(1) <= kMaxWidth, op,
                  "weight", "must have shape (dim, width) with dim = ", x.size(1), " and width in 2..4, got ",
                  weight.sizes());
-  LLMK_CHECK_ARG(weight.is_floating_point(), op, "weight", "must be floating point, got ", weight.scalar_type());
+  CONV_CHECK_FLOAT(op, weight);
   if (bias_opt) {
     const at::Tensor& bias = *bias_opt;
     LLMK_CHECK_SHAPE(op, bias, x.size(1));
+    CONV_CHECK_FLOAT(op, bias);
   }
 }
 
@@ -118,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(const at::T
   const char* op = "causal_conv1d_bwd";
   check_conv(op, x, weight, bias, 3);
   LLMK_CHECK_SHAPE(op, dout, x.size(0), x.size(1), x.size(2));
+  CONV_CHECK_FLOAT(op, dout);
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
   const at::Tensor xf = f32(x), wf = f32(weight), gf = f32(dout);
   const at::Tensor bf = bias ? f32(*bias) : at::zeros({dim}, xf.options());
@@ -169,8 +181,8 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   check_conv(op, x, weight, bias, 2);
   const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
   LLMK_CHECK_SHAPE(op, conv_state, batch, dim, W);
-  LLMK_CHECK_ARG(conv_state.is_floating_point(), op, "conv_state", "must be floating point, got ",
-                 conv_state.scalar_type());
+  CONV_CHECK_FLOAT(op, conv_state);
+  LLMK_CHECK_NO_OVERLAP(op, conv_state);
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
   at::Tensor st = conv_state.contiguous();  // conv_state itself unless strided (then copied back at the end)
   const bool in_place = st.scalar_type() == at::kFloat;

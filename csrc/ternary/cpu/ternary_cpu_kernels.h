@@ -30,8 +30,8 @@ void unpack_f32(const uint8_t* w, int64_t N, int64_t k_pad, float* out);
 // Register-tiled GEMMs for several tokens (cpu/ternary_cpu_tiled.cpp), each only where its *_available() says.
 // matmul_int8_tiled: as matmul_int8, on AVX-512 VNNI. linear_w2_bf16: weight-only for bf16 x, on AVX512-BF16:
 // out (m, N) bf16 = gamma * (x W_t^T) (+ bias), accumulated in fp32; x: (m, k_even) bf16 row-major, k_even =
-// in_features rounded up to even (a zero column added when odd); bias: (N,) fp32 or null. Each thread holds
-// 64 * k_pad (int8) or 128 * k_pad (bf16) bytes of unpacked weights.
+// in_features rounded up to even (a zero column added when odd); bias: (N,) fp32 or null. Each thread holds one
+// packed block of 64 rows unpacked (16 or 32 KB) and the running sums of up to 192 tokens (48 KB).
 bool tiled_int8_available();
 void matmul_int8_tiled(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
                        int32_t* acc);

@@ -9,7 +9,7 @@
 // exact in int32), or 2 consecutive weights as a bf16 pair (vdpbf16ps). An activation row's words (4 int8 /
 // 2 bf16) are read in place and broadcast. A tile of up to 6 tokens x 64 features (24 zmm accumulators + 4
 // weight registers) walks the block's words while they sit in L1; sums carry over to the next block through a
-// per-thread buffer, and the last block's go through the epilogue.
+// per-thread buffer, and the last block's go through the epilogue. Tokens go in panels (see strip_gemm).
 //
 // Speed (1 core of the 2-core Zen 4 VM): int8 0.75-0.8 TOPS at 16-24 tokens, 0.95 from ~128 (the per-row GEMV:
 // 0.55-0.7 at any count); bf16 weight-only ~0.46 TFLOP/s, about bf16 F.linear (oneDNN). Unpacking costs about as
@@ -18,7 +18,8 @@
 // Why bf16 is special: a bf16 activation and a weight in {-1, 0, 1} are both exact bf16 numbers, so their
 // product is exact in fp32 and vdpbf16ps computes the very sum of the fp32 reference, x.float() @ W.float().T,
 // up to summation order, at twice the rate of fp32 FMAs (converting x to fp32 for an fp32 GEMM, as other
-// dtypes do, ran at a fifth of the speed of bf16 F.linear).
+// dtypes do, ran at a fifth of the speed of bf16 F.linear). (vdpbf16ps treats subnormal bf16 inputs, below 1.2e-38,
+// as zero: a difference from the reference only for outputs of that size times gamma.)
 //
 // Unpacking: a 16 x 16 word transpose (SimdAvx512::transpose_words) of one packed block of 16 weight rows (64 bytes each) brings the same
 // 4 bytes of the 16 rows into the 16 lanes of a register (a dword gather per register instead took ~1.7x as long
@@ -55,6 +56,11 @@ constexpr int kLanes = 16;
 constexpr int kStripRegs = 4;
 constexpr int64_t kStripFeatures = kLanes * kStripRegs;  // 64 output features per strip
 constexpr int kTileTokens = 6;
+constexpr int64_t kTokenPanel = 32 * kTileTokens;  // tokens whose activations and running sums stay in L2
+
+// The activations (int8 or bf16 rows) read as 32-bit words: may alias any type, and rows of views may start at
+// any 2-byte boundary.
+typedef uint32_t __attribute__((may_alias, aligned(2))) word_t;
 
 // vpdpbusd on codes: words of 4 codes, int32 accumulators, out = acc - the token's activation sum.
 struct Int8Codes {
@@ -128,7 +134,10 @@ struct Bf16Pairs {
   }
   static void store(const Epilogue& e, acc_t acc, int64_t t, int64_t n, __mmask16 mask, int64_t N) {
     const __m512 b = e.bias != nullptr ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
-    const __m512 y = _mm512_add_ps(_mm512_mul_ps(acc, _mm512_set1_ps(e.gamma)), b);
+    // the reference's order, * gamma then + bias, each rounded: the explicit-rounding forms are never fused into
+    // an FMA (GCC contracts a plain mul and add)
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 y = _mm512_add_round_ps(_mm512_mul_round_ps(acc, _mm512_set1_ps(e.gamma), kRound), b, kRound);
     _mm256_mask_storeu_epi16(e.out + t * N + n, mask, (__m256i)_mm512_cvtneps_pbh(y));
   }
 };
@@ -149,9 +158,8 @@ void unpack_group(const uint8_t* w, int64_t row_bytes, int valid, uint32_t* stri
 // `words` point at the block's first word. Running sums between blocks live in `partial` (64 per token, rows
 // of the tile); the first block starts from zero and the last one hands its sums to the epilogue.
 template <typename Kind, int R>
-void tile(const uint32_t* x, int64_t x_words, int64_t words, const uint32_t* strip, uint32_t* partial,
-                            bool first, bool last, const typename Kind::Epilogue& e, int64_t t0, int64_t f0,
-                            int64_t features, int64_t N) {
+void tile(const word_t* x, int64_t x_words, int64_t words, const uint32_t* strip, uint32_t* partial, bool first,
+          bool last, const typename Kind::Epilogue& e, int64_t t0, int64_t f0, int64_t features, int64_t N) {
   // Every loop over r and v unrolls (no early exit), so that GCC keeps the accumulators in registers instead of
   // an array on the stack written back each step (which halved the speed).
   typename Kind::acc_t acc[R][kStripRegs];
@@ -200,22 +208,27 @@ void tile_tail(int rest, Args... args) {
 }
 
 // x: m rows of x_words 32-bit words, of which the first `words` are used (the weights past them are padding).
-// Strips of 64 features are split across threads. Within a strip the weights are unpacked one packed block at a
-// time into a buffer that stays in L1 (16 KB int8, 32 KB bf16) while every token tile runs over it: unpacking the
-// whole strip first instead wrote and re-read it through L2, which cost more than a 1-token product.
+// Tasks are (panel of up to kTokenPanel tokens, strip of 64 features), split across threads panel-major, so a
+// thread's activations and running sums stay in L2 across its strips (one pass over all m tokens per strip
+// re-read them from memory per strip and per block: 2x slower at 8k tokens). Within a task the weights are
+// unpacked one packed block at a time into a buffer that stays in L1 (16 KB int8, 32 KB bf16) while every token
+// tile runs over it: unpacking a whole strip first instead wrote and re-read it through L2, which cost more than a
+// 1-token product. A panel costs one unpacking of its strips: ~2% of a full panel's products.
 template <typename Kind>
-void strip_gemm(const uint32_t* x, int64_t m, int64_t x_words, int64_t words, const uint8_t* w, int64_t N,
+void strip_gemm(const word_t* x, int64_t m, int64_t x_words, int64_t words, const uint8_t* w, int64_t N,
                 int64_t k_pad, const typename Kind::Epilogue& e) {
   constexpr int64_t kBlockWords = kBlockWeights / Kind::kWeightsPerWord;
   const int64_t row_bytes = k_pad / 4;
-  const int64_t nstrips = (N + kStripFeatures - 1) / kStripFeatures;
-  // a strip is worth a thread from ~1M multiply-adds on
-  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, m * k_pad * kStripFeatures));
-  at::parallel_for(0, nstrips, grain, [&](int64_t s_begin, int64_t s_end) {
+  const int64_t nstrips = (N + kStripFeatures - 1) / kStripFeatures, npanels = (m + kTokenPanel - 1) / kTokenPanel;
+  const int64_t panel_tokens = std::min(m, kTokenPanel);
+  // a task is worth a thread from ~1M multiply-adds on
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, panel_tokens * k_pad * kStripFeatures));
+  at::parallel_for(0, npanels * nstrips, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> strip(static_cast<size_t>(kBlockWords * kStripFeatures));
-    std::vector<uint32_t> partial(static_cast<size_t>(m * kStripFeatures));
-    for (int64_t s = s_begin; s < s_end; ++s) {
-      const int64_t f0 = s * kStripFeatures, features = std::min(kStripFeatures, N - f0);
+    std::vector<uint32_t> partial(static_cast<size_t>(panel_tokens * kStripFeatures));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t0 = task / nstrips * kTokenPanel, t1 = std::min(m, t0 + kTokenPanel);
+      const int64_t f0 = task % nstrips * kStripFeatures, features = std::min(kStripFeatures, N - f0);
       for (int64_t w0 = 0; w0 < words; w0 += kBlockWords) {
         const uint8_t* block = w + f0 * row_bytes + w0 / kBlockWords * kBlockBytes;
         for (int64_t g = 0; g < kStripRegs; ++g) {
@@ -225,13 +238,14 @@ void strip_gemm(const uint32_t* x, int64_t m, int64_t x_words, int64_t words, co
         }
         const int64_t nwords = std::min(kBlockWords, words - w0);
         const bool first = w0 == 0, last = w0 + kBlockWords >= words;
-        int64_t t = 0;
-        for (; t + kTileTokens <= m; t += kTileTokens) {
-          tile<Kind, kTileTokens>(x + w0, x_words, nwords, strip.data(), partial.data() + t * kStripFeatures, first,
-                                  last, e, t, f0, features, N);
+        int64_t t = t0;
+        for (; t + kTileTokens <= t1; t += kTileTokens) {
+          tile<Kind, kTileTokens>(x + w0, x_words, nwords, strip.data(), partial.data() + (t - t0) * kStripFeatures,
+                                  first, last, e, t, f0, features, N);
         }
-        tile_tail<Kind, kTileTokens - 1>(static_cast<int>(m - t), x + w0, x_words, nwords, strip.data(),
-                                         partial.data() + t * kStripFeatures, first, last, e, t, f0, features, N);
+        tile_tail<Kind, kTileTokens - 1>(static_cast<int>(t1 - t), x + w0, x_words, nwords, strip.data(),
+                                         partial.data() + (t - t0) * kStripFeatures, first, last, e, t, f0, features,
+                                         N);
       }
     }
   });
@@ -239,19 +253,16 @@ void strip_gemm(const uint32_t* x, int64_t m, int64_t x_words, int64_t words, co
 
 }  // namespace
 
-bool tiled_int8_available() { return use_avx512_vnni(); }
-bool bf16_linear_w2_available() { return use_avx512() && cpu_features().avx512bf16; }
-
 void matmul_int8_tiled(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
                        int32_t* acc) {
   const Int8Codes::Epilogue e{xsum, acc};
-  strip_gemm<Int8Codes>(reinterpret_cast<const uint32_t*>(x_q), m, k_pad / 4, k_pad / 4, w, N, k_pad, e);
+  strip_gemm<Int8Codes>(reinterpret_cast<const word_t*>(x_q), m, k_pad / 4, k_pad / 4, w, N, k_pad, e);
 }
 
 void linear_w2_bf16(const uint16_t* x, int64_t m, int64_t k_even, const uint8_t* w, int64_t N, int64_t k_pad,
                     float gamma, const float* bias, uint16_t* out) {
   const Bf16Pairs::Epilogue e{gamma, bias, out};
-  strip_gemm<Bf16Pairs>(reinterpret_cast<const uint32_t*>(x), m, k_even / 2, k_even / 2, w, N, k_pad, e);
+  strip_gemm<Bf16Pairs>(reinterpret_cast<const word_t*>(x), m, k_even / 2, k_even / 2, w, N, k_pad, e);
 }
 
 }  // namespace llmkernels::ternary_cpu
@@ -261,3 +272,12 @@ void linear_w2_bf16(const uint16_t* x, int64_t m, int64_t k_even, const uint8_t*
 #else
 #pragma GCC pop_options
 #endif
+
+namespace llmkernels::ternary_cpu {
+
+// Outside the AVX-512 region: every CPU runs these (cpu_features() inlined under that target was compiled with
+// AVX-512 instructions, an illegal instruction on the AVX2-only CPUs that ask).
+bool tiled_int8_available() { return use_avx512_vnni(); }
+bool bf16_linear_w2_available() { return use_avx512() && cpu_features().avx512bf16; }
+
+}  // namespace llmkernels::ternary_cpu
