@@ -54,3 +54,27 @@ def check_same_dtype(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: to
 def fits(t: object, dtypes: tuple[torch.dtype, ...], device: torch.device) -> bool:
     """Whether t is a tensor with a dtype in dtypes on device: check_tensor's common case as a bool, no message."""
     return isinstance(t, torch.Tensor) and t.dtype in dtypes and t.device == device
+
+
+def register_fake(qualname: str):
+    """torch.library.register_fake for an llmkernels op, refusing tensor arguments on different devices: a call
+    that mixes meta (or fake) tensors with real ones reaches the fake kernel, not the C++ checks, and would
+    otherwise return an uninitialised tensor. 0-dim CPU tensors may go with any device, as in PyTorch."""
+
+    def wrap(fake):
+        def checked(*args, **kwargs):
+            devices = {
+                a.device
+                for a in (*args, *kwargs.values())
+                if isinstance(a, torch.Tensor) and not (a.dim() == 0 and a.device.type == "cpu")
+            }
+            if len(devices) > 1:
+                names = ", ".join(sorted(str(d) for d in devices))
+                op = qualname.replace("::", ".")
+                raise RuntimeError(f"{op}: tensor arguments must be on one device, got {names}")
+            return fake(*args, **kwargs)
+
+        checked.__name__ = getattr(fake, "__name__", "fake")
+        return torch.library.register_fake(qualname)(checked)
+
+    return wrap

@@ -445,3 +445,18 @@ def test_raw_op_input(name, results):
         pytest.skip(f"this build has no C++ CPU kernel of {op}")
     r = results[name]
     assert r["ok"], f"{name} ({op}): {r['why']}"
+
+
+def test_fake_kernels_refuse_mixed_devices():
+    """A raw call mixing meta and CPU tensors reaches the fake kernel, not the C++ checks: it must raise, not
+    return an uninitialised tensor; all-meta calls still give shapes."""
+    import llmkernels
+
+    w_packed, _ = llmkernels.ternary.quantize_weight(torch.randn(16, 256))
+    x_q = torch.zeros(3, 256, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="ternary_matmul_int8: tensor arguments must be on one device"):
+        torch.ops.llmkernels.ternary_matmul_int8(x_q, w_packed.to("meta"), 256)
+    assert torch.ops.llmkernels.ternary_matmul_int8(x_q.to("meta"), w_packed.to("meta"), 256).shape == (3, 16)
+    q = torch.randn(1, 5, 2, 32)
+    with pytest.raises(RuntimeError, match="flash_attn_fwd: tensor arguments must be on one device"):
+        torch.ops.llmkernels.flash_attn_fwd(q, q.to("meta"), q, 0.2, -1, -1, 0.0)

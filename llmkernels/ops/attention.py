@@ -22,7 +22,7 @@ import torch
 
 from .. import _ext
 from .._backend import Dispatcher
-from .._checks import check_same_dtype, check_shape, check_tensor
+from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
 from ..reference.attention import flash_attn_fwd_ref, flash_attn_with_kvcache_ref, normalize_window
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -395,16 +395,16 @@ def flash_attn_with_kvcache(
 # --------------------------------------------------------------------------------------------------
 if _ext.loaded:
 
-    @torch.library.register_fake("llmkernels::flash_attn_fwd")
+    @register_fake("llmkernels::flash_attn_fwd")
     def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap):
         batch, seqlen_q, nheads, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
-    @torch.library.register_fake("llmkernels::flash_attn_bwd")
+    @register_fake("llmkernels::flash_attn_bwd")
     def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, window_left, window_right, softcap):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    @torch.library.register_fake("llmkernels::flash_attn_with_kvcache")
+    @register_fake("llmkernels::flash_attn_with_kvcache")
     def _kvcache_fake(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
     ):

@@ -10,6 +10,7 @@ import torch
 
 from .. import _checks, _ext
 from .._backend import Dispatcher
+from .._checks import register_fake
 from ..reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -146,11 +147,11 @@ def _check_update_args(fn: str, x, conv_state, weight, bias) -> None:
 
 if _ext.loaded:
 
-    @torch.library.register_fake("llmkernels::causal_conv1d_fwd")
+    @register_fake("llmkernels::causal_conv1d_fwd")
     def _conv_fwd_fake(x, weight, bias, silu):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("llmkernels::causal_conv1d_bwd")
+    @register_fake("llmkernels::causal_conv1d_bwd")
     def _conv_bwd_fake(dout, x, weight, bias, silu):
         dbias = x.new_empty(0, dtype=torch.float32) if bias is None else torch.empty_like(bias)
         return (
@@ -159,7 +160,7 @@ if _ext.loaded:
             dbias,
         )
 
-    @torch.library.register_fake("llmkernels::causal_conv1d_update")
+    @register_fake("llmkernels::causal_conv1d_update")
     def _conv_update_fake(x, conv_state, weight, bias, silu):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 

@@ -12,6 +12,7 @@ import torch
 
 from .. import _checks, _ext
 from .._backend import Dispatcher
+from .._checks import register_fake
 from ..reference.selective_scan import selective_scan_ref, selective_state_update_ref
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -332,12 +333,12 @@ def selective_state_update(
 # ---------------------------------------------------------------------------------------------------------
 if _ext.loaded:
 
-    @torch.library.register_fake("llmkernels::selective_scan_fwd")
+    @register_fake("llmkernels::selective_scan_fwd")
     def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
         last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
         return torch.empty_like(u, memory_format=torch.contiguous_format), last
 
-    @torch.library.register_fake("llmkernels::selective_scan_bwd")
+    @register_fake("llmkernels::selective_scan_bwd")
     def _scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
         def like(t):
             if t is None:
@@ -346,7 +347,7 @@ if _ext.loaded:
 
         return tuple(like(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
 
-    @torch.library.register_fake("llmkernels::selective_state_update")
+    @register_fake("llmkernels::selective_state_update")
     def _update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import _ext
 from .._backend import Dispatcher, requested_backend, triton_unavailable_reason
-from .._checks import check_same_dtype, check_shape, check_tensor
+from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
 from ..reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
 
 _FN = "sliding_window_attn_with_cache"
@@ -242,10 +242,10 @@ def sliding_window_attn_with_cache(
 # --------------------------------------------------------------------------------------------------
 if _ext.loaded:
 
-    @torch.library.register_fake("llmkernels::rolling_window_attn")
+    @register_fake("llmkernels::rolling_window_attn")
     def _attn_fake(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("llmkernels::rolling_cache_append")
+    @register_fake("llmkernels::rolling_cache_append")
     def _append_fake(k_ring, v_ring, k, v, seqlens):
         return None

@@ -15,7 +15,7 @@ import torch
 
 from .. import _ext
 from .._backend import Dispatcher
-from .._checks import check_tensor
+from .._checks import check_tensor, register_fake
 from ..reference import ternary as ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -100,19 +100,19 @@ def _(x, w_packed, w_scale, bias, in_features):
 # ------------------------------------------------------------------------------------------------------
 if _ext.loaded:
 
-    @torch.library.register_fake("llmkernels::ternary_quantize_activation")
+    @register_fake("llmkernels::ternary_quantize_activation")
     def _(x):
         return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
-    @torch.library.register_fake("llmkernels::ternary_matmul_int8")
+    @register_fake("llmkernels::ternary_matmul_int8")
     def _(x_q, w_packed, in_features):
         return x_q.new_empty((x_q.shape[0], w_packed.shape[0]), dtype=torch.int32)
 
-    @torch.library.register_fake("llmkernels::ternary_linear_a8")
+    @register_fake("llmkernels::ternary_linear_a8")
     def _(x, w_packed, w_scale, bias, in_features):
         return x.new_empty((x.shape[0], w_packed.shape[0]))
 
-    @torch.library.register_fake("llmkernels::ternary_linear_w2")
+    @register_fake("llmkernels::ternary_linear_w2")
     def _(x, w_packed, w_scale, bias, in_features):
         return x.new_empty((x.shape[0], w_packed.shape[0]))
 
