@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -107,8 +108,28 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
 }
 
 // Runs tasks [0, n) of one kernel over at::parallel_for's threads (each task is >= one 64-row tile: grain 1).
-void run_tasks(TaskFn fn, const AttnParams& p, int64_t n) {
-  if (n > 0) at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+// Multiply-adds of one pass over the call (both products, every query against the keys its band can reach; the
+// causal half not discounted): what decides whether threads pay.
+double pass_macs(const AttnParams& p) {
+  int64_t keys = p.seqlen_k;
+  if (p.seqlens_k != nullptr) {  // the KV-cache op: the longest row, not the cache's capacity
+    keys = 0;
+    for (int64_t b = 0; b < p.batch; ++b) keys = std::max<int64_t>(keys, p.seqlens_k[b]);
+  }
+  if (p.window_left >= 0 && p.window_right >= 0) keys = std::min(keys, p.window_left + p.window_right + 1);
+  return 2.0 * static_cast<double>(p.batch * p.nheads * p.seqlen_q) * static_cast<double>(keys) * p.headdim;
+}
+
+// Threads only for chunks of at least ~1M multiply-adds (~20-50 us of a core): smaller calls, such as a decode
+// step over a short cache, run on the calling thread, where waking the pool costs more than the work, and where
+// a worker descheduled by a busy machine cannot stall the step for a scheduler tick (a 60 us step took 8 ms on
+// 2 threads beside another busy process).
+void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
+  if (n <= 0) return;
+  constexpr double kMinMacsPerThread = 1 << 20;
+  const double per_task = std::max(macs / static_cast<double>(n), 1.0);
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(kMinMacsPerThread / per_task)));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
 }
 
 // Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).
@@ -122,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   // fewer tasks than threads (decode with a small batch), where one head per block keeps every thread busy.
   p.heads_per_block = std::max<int64_t>(1, p.nheads / p.nheads_k);  // (nheads 0: no tasks, and no division by 0)
   if (p.heads_per_block > 1 && num_fwd_tasks(p) < at::get_num_threads()) p.heads_per_block = 1;
-  run_tasks(use_bf16_dot(p) ? fwd_tasks_avx512bf16 : kernels().fwd, p, num_fwd_tasks(p));
+  run_tasks(use_bf16_dot(p) ? fwd_tasks_avx512bf16 : kernels().fwd, p, num_fwd_tasks(p), pass_macs(p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
 }
 
@@ -174,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   p.dq = dq_parts.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  run_tasks(use_bf16_dot(p) ? bwd_tasks_avx512bf16 : kernels().bwd, p, num_bwd_tasks(p));
+  run_tasks(use_bf16_dot(p) ? bwd_tasks_avx512bf16 : kernels().bwd, p, num_bwd_tasks(p), 2.5 * pass_macs(p));
   at::Tensor dq = dq_parts[0];
   for (int64_t s = 1; s < p.bwd_splits; ++s) dq = dq + dq_parts[s];  // in split order: deterministic
   if (q.scalar_type() != at::kFloat) {
