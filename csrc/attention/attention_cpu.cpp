@@ -120,13 +120,13 @@ double pass_macs(const AttnParams& p) {
   return 2.0 * static_cast<double>(p.batch * p.nheads * p.seqlen_q) * static_cast<double>(keys) * p.headdim;
 }
 
-// Threads only for chunks of at least ~1M multiply-adds (~20-50 us of a core): smaller calls, such as a decode
+// Threads only for chunks of at least ~256K multiply-adds (~5-10 us of a core): smaller calls, such as a decode
 // step over a short cache, run on the calling thread, where waking the pool costs more than the work, and where
 // a worker descheduled by a busy machine cannot stall the step for a scheduler tick (a 60 us step took 8 ms on
 // 2 threads beside another busy process).
 void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
   if (n <= 0) return;
-  constexpr double kMinMacsPerThread = 1 << 20;
+  constexpr double kMinMacsPerThread = 1 << 18;
   const double per_task = std::max(macs / static_cast<double>(n), 1.0);
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(kMinMacsPerThread / per_task)));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
