@@ -14,6 +14,7 @@
 
 #include "attention/cpu/flash_attn_cpu.h"
 #include "common/checks.h"
+#include "common/cpu_parallel.h"
 #include "common/cpu_features.h"
 
 namespace llmkernels::attention_cpu {
@@ -107,7 +108,6 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// Runs tasks [0, n) of one kernel over at::parallel_for's threads (each task is >= one 64-row tile: grain 1).
 // Multiply-adds of one pass over the call (both products, every query against the keys its band can reach; the
 // causal half not discounted): what decides whether threads pay.
 double pass_macs(const AttnParams& p) {
@@ -120,16 +120,11 @@ double pass_macs(const AttnParams& p) {
   return 2.0 * static_cast<double>(p.batch * p.nheads * p.seqlen_q) * static_cast<double>(keys) * p.headdim;
 }
 
-// Threads only for chunks of at least ~256K multiply-adds (~5-10 us of a core): smaller calls, such as a decode
-// step over a short cache, run on the calling thread, where waking the pool costs more than the work, and where
-// a worker descheduled by a busy machine cannot stall the step for a scheduler tick (a 60 us step took 8 ms on
-// 2 threads beside another busy process).
+// Runs tasks [0, n) of one kernel over at::parallel_for's threads, when the call's multiply-adds pay for them.
 void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
   if (n <= 0) return;
-  constexpr double kMinMacsPerThread = 1 << 18;
-  const double per_task = std::max(macs / static_cast<double>(n), 1.0);
-  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(kMinMacsPerThread / per_task)));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+  at::parallel_for(0, n, parallel_grain(n, macs, kMinAttnMacsPerThread),
+                   [&](int64_t begin, int64_t end) { fn(p, begin, end); });
 }
 
 // Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 #include "sliding_window/cpu/chunk_attn.h"
 #include "sliding_window/sliding_window_common.h"
 
@@ -215,14 +216,10 @@ void run_chunk_blocked(const at::Tensor& q, const at::Tensor& k, const at::Tenso
             : q.scalar_type() == at::kHalf ? cpu::Dtype::kFloat16
                                            : cpu::Dtype::kBFloat16;
   const bool avx512 = use_avx512();
-  // Threads only for chunks of ~256K multiply-adds or more (as in attention_cpu.cpp: a decode step over a small
-  // window stays on the calling thread).
   const int64_t tasks = cpu::chunk_attn_tasks(p);
   const double macs = 2.0 * static_cast<double>(dims.batch * dims.chunk * dims.nheads) *
-                      static_cast<double>(dims.window) * dims.head_dim;
-  const int64_t grain = std::max<int64_t>(
-      1, static_cast<int64_t>(std::ceil((1 << 18) / std::max(macs / std::max<int64_t>(tasks, 1), 1.0))));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+                      static_cast<double>(dims.window) * dims.head_dim;  // (every query against a whole window)
+  at::parallel_for(0, tasks, parallel_grain(tasks, macs, kMinAttnMacsPerThread), [&](int64_t begin, int64_t end) {
     if (avx512) {
       cpu::chunk_attn_avx512(p, begin, end);
     } else {

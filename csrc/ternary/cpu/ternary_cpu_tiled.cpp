@@ -21,11 +21,11 @@
 // dtypes do, ran at a fifth of the speed of bf16 F.linear). (vdpbf16ps treats subnormal bf16 inputs, below 1.2e-38,
 // as zero: a difference from the reference only for outputs of that size times gamma.)
 //
-// Unpacking: a 16 x 16 word transpose (SimdAvx512::transpose_words) of one packed block of 16 weight rows (64 bytes each) brings the same
-// 4 bytes of the 16 rows into the 16 lanes of a register (a dword gather per register instead took ~1.7x as long
-// on Zen 4). Byte j of a block holds its weights 64 s + j at bits 2 s, so bytes 4 q .. 4 q + 3 hold weights
-// 64 s + 4 q + (0..3) for each s: a shift and a mask give the 4 codes as u8; the bf16 pairs take one 16-entry
-// table lookup (vpermd) on the two codes of each pair.
+// Unpacking: a 16 x 16 word transpose (SimdAvx512::transpose_words) of one packed block of 16 weight rows (64
+// bytes each) brings the same 4 bytes of the 16 rows into the 16 lanes of a register (a dword gather per register
+// instead took ~1.7x as long on Zen 4). Byte j of a block holds its weights 64 s + j at bits 2 s, so bytes
+// 4 q .. 4 q + 3 hold weights 64 s + 4 q + (0..3) for each s: a shift and a mask give the 4 codes as u8; the bf16
+// pairs take one 16-entry table lookup (vpermd) on the two codes of each pair.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 #include "ternary/cpu/ternary_cpu_kernels.h"
 
 // Everything below is compiled for AVX-512 with VNNI and BF16 (one target for both kinds, as templates share
@@ -221,9 +222,9 @@ void strip_gemm(const word_t* x, int64_t m, int64_t x_words, int64_t words, cons
   const int64_t row_bytes = k_pad / 4;
   const int64_t nstrips = (N + kStripFeatures - 1) / kStripFeatures, npanels = (m + kTokenPanel - 1) / kTokenPanel;
   const int64_t panel_tokens = std::min(m, kTokenPanel);
-  // a task is worth a thread from ~1M multiply-adds on
-  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, panel_tokens * k_pad * kStripFeatures));
-  at::parallel_for(0, npanels * nstrips, grain, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = npanels * nstrips;
+  const double macs = static_cast<double>(m) * static_cast<double>(k_pad) * static_cast<double>(N);
+  at::parallel_for(0, tasks, parallel_grain(tasks, macs, 1 << 20), [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> strip(static_cast<size_t>(kBlockWords * kStripFeatures));
     std::vector<uint32_t> partial(static_cast<size_t>(panel_tokens * kStripFeatures));
     for (int64_t task = begin; task < end; ++task) {
