@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "attention/attention_window.h"
 #include "attention/cpu/flash_attn_cpu.h"
 #include "common/checks.h"
 #include "common/cpu_parallel.h"
@@ -101,10 +102,8 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   p.seqlens_k = nullptr;
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.softcap = static_cast<float>(softcap);
-  // A window that reaches past every key is unbounded: folded into -1 here, so that huge values (up to INT64_MAX)
-  // never overflow the kernels' band arithmetic (i + shift + window_right, j - shift + window_left).
-  p.window_left = window_left < 0 || window_left >= p.seqlen_k ? -1 : window_left;
-  p.window_right = window_right < 0 || window_right >= p.seqlen_q ? -1 : window_right;
+  p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
+  p.window_right = ::llmkernels::attention::normalize_window_right(window_right, p.seqlen_q);
   return p;
 }
 

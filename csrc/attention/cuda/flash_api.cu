@@ -19,6 +19,7 @@
 
 #include "attention/cuda/flash.h"
 #include "attention/cuda/flash_decode.h"
+#include "attention/attention_window.h"
 #include "common/checks.h"
 
 namespace llmk::flash {
@@ -108,11 +109,6 @@ void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v
                  q.sizes());
 }
 
-// A window bound wider than any distance in the problem is the same as unbounded (and fits in int).
-int normalize_window(int64_t w, int64_t seqlen_q, int64_t seqlen_k) {
-  return (w < 0 || w > seqlen_q + seqlen_k) ? -1 : static_cast<int>(w);
-}
-
 // As on the CPU: NaN or infinite scales would turn every score into NaN, and a negative softcap is refused (the
 // Python API refuses it too) rather than silently treated as off.
 void check_scalars(const char* op, double softmax_scale, double softcap) {
@@ -130,8 +126,8 @@ void fill_shape(AttnShape& s, const Tensor& q, const Tensor& k, double softmax_s
   s.nheads_k = k.size(2);
   s.headdim = q.size(3);
   s.group = s.nheads / s.nheads_k;
-  s.window_left = normalize_window(window_left, s.seqlen_q, s.seqlen_k);
-  s.window_right = normalize_window(window_right, s.seqlen_q, s.seqlen_k);
+  s.window_left = static_cast<int>(::llmkernels::attention::normalize_window_left(window_left, s.seqlen_k));
+  s.window_right = static_cast<int>(::llmkernels::attention::normalize_window_right(window_right, s.seqlen_q));
   s.softmax_scale = static_cast<float>(softmax_scale);
   s.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   s.softcap = softcap > 0 ? static_cast<float>(softcap) : 0.f;
