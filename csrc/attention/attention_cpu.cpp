@@ -78,16 +78,9 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, v);
 }
 
-// NaN or infinite scales would turn every score into NaN; a negative softcap is refused as the Python API refuses it.
-void check_scalars(const char* op, double softmax_scale, double softcap) {
-  LLMK_CHECK_FINITE(op, softmax_scale);
-  LLMK_CHECK_FINITE(op, softcap);
-  LLMK_CHECK_ARG(softcap >= 0, op, "softcap", "must be >= 0 (0 disables it), got ", softcap);
-}
-
 AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
-  check_scalars(op, softmax_scale, softcap);
+  ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   AttnParams p{};
   p.dtype = elem_type(op, q);
   p.q = view4(q);
@@ -204,7 +197,7 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                                        int64_t window_right, double softcap) {
   constexpr const char* op = "flash_attn_with_kvcache";
   check_qkv(op, q, k_cache, v_cache);
-  check_scalars(op, softmax_scale, softcap);  // (before the caches are written)
+  ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);  // (before the caches are written)
   const int64_t batch = q.size(0), capacity = k_cache.size(1), hk = k_cache.size(2), d = q.size(3);
   LLMK_CHECK_ARG(k_new.has_value() == v_new.has_value(), op, "k_new", "and v_new must be given together");
   int64_t s_new = 0;

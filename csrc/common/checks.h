@@ -44,6 +44,19 @@
 
 namespace llmkernels {
 
+// The scalars of the attention ops (flash attention, rolling-window attention; CPU and CUDA): NaN or infinite
+// ones would turn every score into NaN; softcap 0 disables the cap, and a negative one is refused as the Python
+// API refuses it, not silently taken as off.
+inline void check_attention_scalars(const char* op, double softmax_scale, double softcap) {
+  LLMK_CHECK_FINITE(op, softmax_scale);
+  LLMK_CHECK_FINITE(op, softcap);
+  LLMK_CHECK_ARG(softcap >= 0, op, "softcap", "must be >= 0 (0 disables it), got ", softcap);
+}
+
+}  // namespace llmkernels
+
+namespace llmkernels {
+
 // Whether no two elements of t share memory. Sufficient test: taken by increasing stride, each dimension steps
 // past everything the smaller ones reach. Every non-overlapping layout torch makes (permutations, slices,
 // padded rows) passes; broadcast (stride 0) and other self-overlapping views fail.

@@ -52,10 +52,10 @@ inline Dims check_chunk_and_ring(const char* op, const at::Tensor& k, const at::
   return d;
 }
 
-// q: (b, S, h, d) with h a multiple of hk, plus everything check_chunk_and_ring checks.
+// q: (b, S, h, d) with h a multiple of hk, finite scalars, plus everything check_chunk_and_ring checks.
 inline Dims check_attn_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& k_ring, const at::Tensor& v_ring, const at::Tensor& seqlens,
-                            double softcap, c10::DeviceType device) {
+                            double softmax_scale, double softcap, c10::DeviceType device) {
   LLMK_CHECK_DIM(op, q, 4);
   LLMK_CHECK_DEVICE(op, q, device);
   Dims d = check_chunk_and_ring(op, k, v, k_ring, v_ring, seqlens, device);
@@ -67,8 +67,7 @@ inline Dims check_attn_args(const char* op, const at::Tensor& q, const at::Tenso
   LLMK_CHECK_ARG(d.nheads % d.nheads_k == 0, op, "q", "must have nheads (", d.nheads,
                  ") a multiple of k's nheads_k (", d.nheads_k, ")");
   LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, q);
-  LLMK_CHECK_ARG(softcap >= 0 && std::isfinite(softcap), op, "softcap", "must be finite and >= 0 (0 disables it), got ",
-                 softcap);
+  check_attention_scalars(op, softmax_scale, softcap);
   return d;
 }
 

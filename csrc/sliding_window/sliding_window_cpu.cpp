@@ -262,8 +262,7 @@ at::Tensor rolling_window_attn_cpu(const at::Tensor& q, const at::Tensor& k, con
                                    const at::Tensor& k_ring, const at::Tensor& v_ring, const at::Tensor& seqlens,
                                    double softmax_scale, double softcap) {
   constexpr const char* op = "rolling_window_attn";
-  const Dims dims = check_attn_args(op, q, k, v, k_ring, v_ring, seqlens, softcap, c10::DeviceType::CPU);
-  LLMK_CHECK_FINITE(op, softmax_scale);
+  const Dims dims = check_attn_args(op, q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap, c10::DeviceType::CPU);
   const int32_t* lens = seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < dims.batch; ++b) {
     LLMK_CHECK_ARG(lens[b] >= 0, op, "seqlens", "must be >= 0, got ", lens[b], " in row ", b);

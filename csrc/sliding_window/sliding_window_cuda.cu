@@ -74,8 +74,7 @@ at::Tensor rolling_window_attn_cuda(const at::Tensor& q, const at::Tensor& k, co
                                     const at::Tensor& k_ring, const at::Tensor& v_ring, const at::Tensor& seqlens,
                                     double softmax_scale, double softcap) {
   constexpr const char* op = "rolling_window_attn";
-  const Dims dims = check_attn_args(op, q, k, v, k_ring, v_ring, seqlens, softcap, c10::DeviceType::CUDA);
-  LLMK_CHECK_FINITE(op, softmax_scale);  // (as on the CPU)
+  const Dims dims = check_attn_args(op, q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap, c10::DeviceType::CUDA);
   check_cuda_dims(op, k, dims);
   check_vector_aligned(op, "q", q);
   check_vector_aligned(op, "k", k);

@@ -109,14 +109,6 @@ void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v
                  q.sizes());
 }
 
-// As on the CPU: NaN or infinite scales would turn every score into NaN, and a negative softcap is refused (the
-// Python API refuses it too) rather than silently treated as off.
-void check_scalars(const char* op, double softmax_scale, double softcap) {
-  LLMK_CHECK_FINITE(op, softmax_scale);
-  LLMK_CHECK_FINITE(op, softcap);
-  LLMK_CHECK_ARG(softcap >= 0, op, "softcap", "must be >= 0 (0 disables it), got ", softcap);
-}
-
 void fill_shape(AttnShape& s, const Tensor& q, const Tensor& k, double softmax_scale, int64_t window_left,
                 int64_t window_right, double softcap) {
   s.batch = q.size(0);
@@ -161,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_arg, c
                                                        double softmax_scale, int64_t window_left,
                                                        int64_t window_right, double softcap) {
   constexpr const char* op = "flash_attn_bwd";
-  check_scalars(op, softmax_scale, softcap);
+  ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   // dout comes from autograd, not from the caller, and can be a view that is not 16-byte aligned (e.g. a
   // slice of torch.cat's gradient, storage offset 4): copy it rather than refuse it.
   Tensor dout = dout_arg;
@@ -257,7 +249,7 @@ std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q, const Tensor& k,
                                                 double softmax_scale, int64_t window_left, int64_t window_right,
                                                 double softcap) {
   constexpr const char* op = "flash_attn_fwd";
-  check_scalars(op, softmax_scale, softcap);
+  ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   check_qkv(op, q, k, v, "k", "v");
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor out = at::empty(q.sizes(), q.options());
@@ -329,7 +321,7 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                                     const Tensor& cache_seqlens, double softmax_scale, int64_t window_left,
                                     int64_t window_right, double softcap) {
   constexpr const char* op = "flash_attn_with_kvcache";
-  check_scalars(op, softmax_scale, softcap);
+  ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   check_qkv(op, q, k_cache, v_cache, "k_cache", "v_cache");
   LLMK_CHECK_ARG(k_new.has_value() == v_new.has_value(), op, "k_new", "and v_new must be given together");
   LLMK_CHECK_ARG(cache_seqlens.device() == q.device(), op, "cache_seqlens", "must be on ", q.device(), ", got ",
