@@ -56,6 +56,19 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor cache_seqlens, float softmax_scale, int window_left, int window_right, float softcap) -> Tensor");
+  // Variable-length (packed) batches, as flash_attn_varlen_func: q (total_q, h, d), k, v (total_k, hk, d);
+  // sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. of k, v
+  // ((batch + 1,) int32), each with flash_attn_fwd's semantics. max_seqlen_q / _k bound the sequences' lengths
+  // (launch sizes on a GPU). Returns out (total_q, h, d) and softmax_lse (h, total_q) fp32; rows in no sequence
+  // get 0 and -inf (and zero gradients).
+  m.def(
+      "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap) "
+      "-> (Tensor out, Tensor softmax_lse)");
+  m.def(
+      "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "int window_left, int window_right, float softcap) -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---------------------------------------------------------------------------------------------
   // Sliding-window attention over a rolling KV buffer

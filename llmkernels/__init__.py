@@ -1,6 +1,7 @@
 """llmkernels: fused kernels for LLM inference.
 
     flash_attn_func, flash_attn_with_kvcache        IO-aware attention (flash_attn 2.x signatures)
+    flash_attn_varlen_func, *_qkvpacked / *_kvpacked  packed variable-length batches, packed q/k/v inputs
     RollingKVCache, sliding_window_attn_with_cache  sliding-window attention over a ring buffer (Mistral)
     ternary_linear, quantize_, ternary.*            BitNet b1.58 ternary linear layers
     selective_scan_fn, selective_state_update,      Mamba's selective scan (mamba_ssm signatures)
@@ -14,6 +15,13 @@ backend always runs, and `python -m llmkernels info` says what else is usable an
 from . import _ext, nn, ternary  # noqa: E402  (public namespaces: llmkernels.ternary.*, llmkernels.nn.*)
 from ._backend import BACKENDS, BackendError, requested_backend, use_backend
 from .ops.attention import flash_attn_func, flash_attn_with_kvcache
+from .ops.attention_varlen import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.selective_scan import selective_scan_fn, selective_state_update
 from .ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
@@ -28,6 +36,11 @@ __all__ = [
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "nn",
     "quantize_",

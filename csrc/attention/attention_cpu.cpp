@@ -13,48 +13,10 @@
 #include <tuple>
 
 #include "attention/attention_window.h"
-#include "attention/cpu/flash_attn_cpu.h"
-#include "common/checks.h"
-#include "common/cpu_parallel.h"
-#include "common/cpu_features.h"
+#include "attention/cpu/attention_cpu_host.h"
 
 namespace llmkernels::attention_cpu {
 namespace {
-
-using TaskFn = void (*)(const AttnParams&, int64_t, int64_t);
-
-struct Kernels {
-  TaskFn fwd, bwd;
-};
-
-// Read per call (a few loads), so LLMKERNELS_CPU_ISA=avx2 set before the first call is honoured.
-Kernels kernels() {
-  if (use_avx512()) return {fwd_tasks_avx512, bwd_tasks_avx512};
-  if (use_avx2()) return {fwd_tasks_avx2, bwd_tasks_avx2};
-  return {fwd_tasks_scalar, bwd_tasks_scalar};
-}
-
-// bf16 inputs on CPUs with AVX512-BF16 take the kernels whose products run on vdpbf16ps.
-bool use_bf16_dot(const AttnParams& p) {
-  return p.dtype == ElemType::kBFloat16 && use_avx512() && cpu_features().avx512bf16;
-}
-
-constexpr int64_t kMaxHeadDim = 256;
-
-ElemType elem_type(const char* op, const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      return ElemType::kFloat32;
-    case at::kBFloat16:
-      return ElemType::kBFloat16;
-    case at::kHalf:
-      return ElemType::kFloat16;
-    default:
-      TORCH_CHECK(false, "llmkernels.", op, ": q must have dtype float32, bfloat16 or float16, got ", q.scalar_type());
-  }
-}
-
-Tensor4 view4(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // q (b, sq, h, d); k, v (b, sk, hk, d) with h % hk == 0; all on the CPU, one dtype, last dim contiguous.
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -100,25 +62,6 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// Multiply-adds of one pass over the call (both products, every query against the keys its band can reach; the
-// causal half not discounted): what decides whether threads pay.
-double pass_macs(const AttnParams& p) {
-  int64_t keys = p.seqlen_k;
-  if (p.seqlens_k != nullptr) {  // the KV-cache op: the longest row, not the cache's capacity
-    keys = 0;
-    for (int64_t b = 0; b < p.batch; ++b) keys = std::max<int64_t>(keys, p.seqlens_k[b]);
-  }
-  if (p.window_left >= 0 && p.window_right >= 0) keys = std::min(keys, p.window_left + p.window_right + 1);
-  return 2.0 * static_cast<double>(p.batch * p.nheads * p.seqlen_q) * static_cast<double>(keys) * p.headdim;
-}
-
-// Runs tasks [0, n) of one kernel over at::parallel_for's threads, when the call's multiply-adds pay for them.
-void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
-  if (n <= 0) return;
-  at::parallel_for(0, n, parallel_grain(n, macs, kMinAttnMacsPerThread),
-                   [&](int64_t begin, int64_t end) { fn(p, begin, end); });
-}
-
 // Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& q) {
   auto f32 = q.options().dtype(at::kFloat);
@@ -126,11 +69,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
-  // Pack a GQA group's heads into each query block (K and V loaded once for the group) unless that leaves
-  // fewer tasks than threads (decode with a small batch), where one head per block keeps every thread busy.
-  p.heads_per_block = std::max<int64_t>(1, p.nheads / p.nheads_k);  // (nheads 0: no tasks, and no division by 0)
-  if (p.heads_per_block > 1 && num_fwd_tasks(p) < at::get_num_threads()) p.heads_per_block = 1;
-  run_tasks(use_bf16_dot(p) ? fwd_tasks_avx512bf16 : kernels().fwd, p, num_fwd_tasks(p), pass_macs(p));
+  choose_heads_per_block(p, at::get_num_threads());
+  run_tasks(kernels_for(p.dtype).fwd, p, num_fwd_tasks(p), pass_macs(p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
 }
 
@@ -182,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   p.dq = dq_parts.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  run_tasks(use_bf16_dot(p) ? bwd_tasks_avx512bf16 : kernels().bwd, p, num_bwd_tasks(p), 2.5 * pass_macs(p));
+  run_tasks(kernels_for(p.dtype).bwd, p, num_bwd_tasks(p), 2.5 * pass_macs(p));
   at::Tensor dq = dq_parts[0];
   for (int64_t s = 1; s < p.bwd_splits; ++s) dq = dq + dq_parts[s];  // in split order: deterministic
   if (q.scalar_type() != at::kFloat) {

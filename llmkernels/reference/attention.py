@@ -167,3 +167,69 @@ def attention_naive(q, k, v, softmax_scale, window_left=-1, window_right=-1, sof
                     z = sum(w)
                     out[bi, i, hi] = sum(wi / z * vj for wi, vj in zip(w, values))
     return out
+
+
+def flash_attn_varlen_fwd_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_attn_varlen_func semantics: (out (total_q, h, d) in q's dtype, softmax_lse (h, total_q) fp32).
+
+    q: (total_q, nheads, headdim) and k, v: (total_k, nheads_k, headdim) hold a batch of sequences packed end to
+    end; sequence i is rows cu_seqlens_q[i] .. cu_seqlens_q[i + 1] - 1 of q and cu_seqlens_k[i] .. of k and v
+    (cu_seqlens: (batch + 1,) int32, starting at 0, non-decreasing). Each sequence attends only to its own keys,
+    with flash_attn_fwd_ref's semantics (the band aligned bottom-right per sequence). Rows before
+    cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to no sequence: out 0, lse -inf.
+    """
+    starts_q, starts_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    if q.dtype == torch.float64 and upcast:
+        lse = lse.double()
+    for i in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
+        if q1 == q0:
+            continue
+        o, s = flash_attn_fwd_ref(
+            q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
+            softmax_scale, window_left, window_right, softcap, upcast,
+        )  # fmt: skip
+        out[q0:q1] = o[0]
+        lse[:, q0:q1] = s[0].to(lse.dtype)
+    return out, lse
+
+
+def flash_attn_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """flash_attn_varlen_func's output, differentiable through autograd (concatenation of per-sequence calls)."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    left, right = normalize_window(causal, window_size)
+    starts_q, starts_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
+    pieces = [q.new_zeros((starts_q[0], *q.shape[1:]))]  # rows before the first sequence: in none
+    for i in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
+        o, _ = flash_attn_fwd_ref(
+            q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
+            scale, left, right, softcap, upcast,
+        )  # fmt: skip
+        pieces.append(o[0])
+    pieces.append(q.new_zeros((q.shape[0] - starts_q[-1], *q.shape[1:])))
+    return torch.cat(pieces, dim=0)

@@ -1,0 +1,80 @@
+// Host-side pieces shared by the CPU attention ops (attention_cpu.cpp: dense and KV cache; attention_varlen_cpu.cpp:
+// packed variable-length batches): the choice of kernel per instruction set, plain-data views of ATen tensors,
+// and the threading rule. Included by host translation units only (compiled for the baseline ISA).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attention/cpu/flash_attn_cpu.h"
+#include "common/checks.h"
+#include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
+
+namespace llmkernels::attention_cpu {
+
+using TaskFn = void (*)(const AttnParams&, int64_t, int64_t);
+
+struct Kernels {
+  TaskFn fwd, bwd;
+};
+
+// Read per call (a few loads), so LLMKERNELS_CPU_ISA=avx2 set before the first call is honoured. bf16 inputs on
+// CPUs with AVX512-BF16 take the kernels whose products run on vdpbf16ps.
+inline Kernels kernels_for(ElemType dtype) {
+  if (use_avx512()) {
+    if (dtype == ElemType::kBFloat16 && cpu_features().avx512bf16) return {fwd_tasks_avx512bf16, bwd_tasks_avx512bf16};
+    return {fwd_tasks_avx512, bwd_tasks_avx512};
+  }
+  if (use_avx2()) return {fwd_tasks_avx2, bwd_tasks_avx2};
+  return {fwd_tasks_scalar, bwd_tasks_scalar};
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+
+inline ElemType elem_type(const char* op, const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return ElemType::kFloat32;
+    case at::kBFloat16:
+      return ElemType::kBFloat16;
+    case at::kHalf:
+      return ElemType::kFloat16;
+    default:
+      TORCH_CHECK(false, "llmkernels.", op, ": q must have dtype float32, bfloat16 or float16, got ", q.scalar_type());
+  }
+}
+
+// (batch, seqlen, heads, headdim) view of a 4-D tensor.
+inline Tensor4 view4(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Multiply-adds of one pass over the call (both products, every query against the keys its band can reach; the
+// causal half not discounted): what decides whether threads pay.
+inline double pass_macs(const AttnParams& p) {
+  int64_t keys = p.seqlen_k;
+  if (p.seqlens_k != nullptr) {  // the KV-cache op: the longest row, not the cache's capacity
+    keys = 0;
+    for (int64_t b = 0; b < p.batch; ++b) keys = std::max<int64_t>(keys, p.seqlens_k[b]);
+  }
+  if (p.window_left >= 0 && p.window_right >= 0) keys = std::min(keys, p.window_left + p.window_right + 1);
+  return 2.0 * static_cast<double>(p.batch * p.nheads * p.seqlen_q) * static_cast<double>(keys) * p.headdim;
+}
+
+// Pack a GQA group's heads into each query block (K and V loaded once for the group) unless that leaves fewer
+// tasks than threads (decode with a small batch), where one head per block keeps every thread busy.
+inline void choose_heads_per_block(AttnParams& p, int64_t threads) {
+  p.heads_per_block = std::max<int64_t>(1, p.nheads / std::max<int64_t>(p.nheads_k, 1));
+  if (p.heads_per_block > 1 && num_fwd_tasks(p) < threads) p.heads_per_block = 1;
+}
+
+// Runs tasks [0, n) of one kernel over at::parallel_for's threads, when the call's multiply-adds pay for them.
+inline void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, parallel_grain(n, macs, kMinAttnMacsPerThread),
+                   [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+}
+
+}  // namespace llmkernels::attention_cpu

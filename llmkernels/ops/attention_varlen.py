@@ -1,0 +1,257 @@
+"""Flash attention over packed variable-length batches, and flash_attn's packed-qkv entry points.
+
+    import llmkernels
+    # three sequences of 5, 17 and 1 tokens, packed end to end: q (23, h, d), k, v (23, h_kv, d)
+    cu = torch.tensor([0, 5, 22, 23], dtype=torch.int32)
+    out = llmkernels.flash_attn_varlen_func(q, k, v, cu, cu, 17, 17, causal=True)  # (23, h, d), differentiable
+
+Sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. of k and v, and sees only
+its own keys, with flash_attn_func's semantics per sequence (llmkernels/reference/attention.py,
+flash_attn_varlen_fwd_ref). Padding-free batches are what flash_attn's users (Hugging Face's padding-free
+training, serving engines' prefill) pass this function. Backends: the C++ CPU ops
+`llmkernels::flash_attn_varlen_{fwd,bwd}`, Triton on GPUs (llmkernels/triton/flash_attn.py) and the reference;
+the CUDA C++ kernels have no varlen mode, so on a GPU the Triton kernels run it.
+
+cu_seqlens values are checked on the CPU (they are there already). On a GPU they are not read (that would
+synchronise every call, as flash_attn does not): the kernels clamp every sequence into its tensor, so nonsense
+offsets cannot read or write out of bounds, and max_seqlen_q / max_seqlen_k only size the launch; results are
+correct even when they are too small.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .._backend import Dispatcher
+from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
+from ..reference.attention import flash_attn_varlen_ref, normalize_window
+from .attention import (
+    _DTYPES,
+    _check_common,
+    _check_unsupported,
+    _cpu_supports,
+    _triton_function,
+    _triton_supports_for,
+    flash_attn_func,
+)
+
+# --------------------------------------------------------------------------------------------------
+# (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap) -> out
+# --------------------------------------------------------------------------------------------------
+flash_attn_varlen = Dispatcher("flash_attn_varlen_func")
+
+
+@flash_attn_varlen.register("reference")
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
+    return flash_attn_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, False, (left, right), softcap)
+
+
+@flash_attn_varlen.register("cpu", kernel="flash_attn_varlen_fwd", supports=_cpu_supports)
+def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
+    return torch.ops.llmkernels.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap
+    )[0]
+
+
+@flash_attn_varlen.register("triton", supports=_triton_supports_for("flash_attn_varlen_triton"))
+def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
+    fn = _triton_function("flash_attn_varlen_triton")
+    return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------
+def _check_varlen_args(
+    fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap
+) -> None:
+    check_tensor(fn, "q", q, ndim=3, dtypes=_DTYPES, last_dim_contiguous=True)
+    # The shared checks read the head dim from the last axis and take any rank: view q as one 4-D batch.
+    _check_common(fn, q.unsqueeze(0), softmax_scale, window_size, softcap)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(fn, name, t, ndim=3, device=q.device, last_dim_contiguous=True)
+        check_same_dtype(fn, name, t, "q", q)
+    check_shape(fn, "k", k, (k.shape[0], k.shape[1], q.shape[2]))
+    check_shape(fn, "v", v, k.shape)
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[1]}) must divide q's nheads ({q.shape[1]})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(fn, name, cu, ndim=1, dtypes=(torch.int32,), device=q.device)
+        if cu.shape[0] < 1:
+            raise ValueError(f"llmkernels.{fn}: {name} must hold batch + 1 >= 1 offsets, got shape {tuple(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(
+            f"llmkernels.{fn}: cu_seqlens_k must have cu_seqlens_q's shape {tuple(cu_seqlens_q.shape)}, "
+            f"got {tuple(cu_seqlens_k.shape)}"
+        )
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"llmkernels.{fn}: {name} must be an int >= 0, got {n!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over a packed batch of sequences, like flash_attn.flash_attn_varlen_func; differentiable.
+
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), nheads % nheads_k == 0; cu_seqlens_q,
+    cu_seqlens_k: (batch + 1,) int32 on q's device, the sequences' first rows and then the end (non-decreasing);
+    max_seqlen_q / max_seqlen_k: the longest sequence's length (a launch-size hint). Each sequence attends only
+    to its own keys, the causal / window band aligned bottom-right per sequence. Rows of q outside every
+    sequence get 0. Returns (total_q, nheads, headdim) in q's dtype. The other arguments are flash_attn_func's;
+    block_table (paged KV) is not supported.
+    """
+    fn = "flash_attn_varlen_func"
+    _check_unsupported(fn, dropout_p, alibi_slopes, return_attn_probs)
+    if block_table is not None:
+        raise NotImplementedError(f"llmkernels.{fn}: block_table (paged KV) is not supported (only None)")
+    _check_varlen_args(
+        fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap
+    )
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    left, right = normalize_window(causal, window_size)
+    return flash_attn_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap)
+    )
+
+
+def _unpack(fn: str, name: str, packed: torch.Tensor, parts: int, axis: int) -> tuple[torch.Tensor, ...]:
+    if not isinstance(packed, torch.Tensor) or packed.dim() <= axis or packed.shape[axis] != parts:
+        shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"llmkernels.{fn}: {name} must have {parts} at dimension {axis}, got {shape}")
+    return packed.unbind(axis)  # views: gradients flow back into the packed tensor
+
+
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor:
+    """flash_attn_func on qkv (batch, seqlen, 3, nheads, headdim), like flash_attn.flash_attn_qkvpacked_func."""
+    q, k, v = _unpack("flash_attn_qkvpacked_func", "qkv", qkv, 3, 2)
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
+    )
+
+
+def flash_attn_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor:
+    """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim), like flash_attn.flash_attn_kvpacked_func."""
+    k, v = _unpack("flash_attn_kvpacked_func", "kv", kv, 2, 2)
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
+    )
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor:
+    """flash_attn_varlen_func on qkv (total, 3, nheads, headdim), like flash_attn.flash_attn_varlen_qkvpacked_func."""
+    q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 3, 1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+        softcap, alibi_slopes, deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor:
+    """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim), like flash_attn's varlen_kvpacked_func."""
+    k, v = _unpack("flash_attn_varlen_kvpacked_func", "kv", kv, 2, 1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake (meta) kernels and autograd of the C++ ops
+# --------------------------------------------------------------------------------------------------
+if _ext.loaded:
+
+    @register_fake("llmkernels::flash_attn_varlen_fwd")
+    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, cap):
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    @register_fake("llmkernels::flash_attn_varlen_bwd")
+    def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, cap):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _varlen_setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, *params = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.params = tuple(params)
+
+    def _varlen_backward(ctx, dout, dlse):
+        # dlse is ignored: the public functions never expose lse, so nothing downstream can depend on it.
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = torch.ops.llmkernels.flash_attn_varlen_bwd(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.params
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "llmkernels::flash_attn_varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context
+    )
