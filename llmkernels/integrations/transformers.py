@@ -7,8 +7,9 @@
 `register()` adds an attention function to transformers' `AttentionInterface` and a mask function to its
 `AttentionMaskInterface` under the name "llmkernels". Like FlashAttention's integration, the model then
 hands the attention a 2D padding mask only when some token is padding (else None), so the common case
-is one `flash_attn_func` call with the causal / sliding-window band; padded batches are unpadded row by
-row. Works in prefill and in `generate()` with the model's own KV cache (keys arrive already concatenated).
+is one `flash_attn_func` call with the causal / sliding-window band; padded batches are unpadded into one
+`flash_attn_varlen_func` call, as are packed (padding-free) batches. Works in prefill and in `generate()`
+with the model's own KV cache (keys arrive already concatenated).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..ops.attention import flash_attn_func
+from ..ops.attention_varlen import flash_attn_varlen_func
 
 NAME = "llmkernels"
 
@@ -36,28 +38,68 @@ def llmkernels_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention: query (batch, nheads, q_len, d), key/value (batch, nheads_k, kv_len, d),
-    attention_mask None or (batch, >= kv_len) bool padding mask. Returns ((batch, q_len, nheads, d), None)."""
+    attention_mask None or (batch, >= kv_len) bool padding mask. Returns ((batch, q_len, nheads, d), None).
+
+    Packed (padding-free) batches, as transformers' FlashAttention path takes them: batch 1 with the sequences
+    end to end, given by `cu_seq_lens_q` / `cu_seq_lens_k` (+ `max_length_q` / `max_length_k`) or by
+    `position_ids` that restart at each sequence's start; each sequence then sees only its own keys."""
     if dropout > 0.0 and module.training:
         raise NotImplementedError("llmkernels attention: dropout > 0 in training is not supported")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, 0 if causal else sliding_window - 1) if sliding_window else (-1, -1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, heads, d)
     args = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
-    if attention_mask is None:
-        return flash_attn_func(q, k, v, **args), None
-    return _padded_attention(q, k, v, attention_mask[:, -k.shape[1] :].bool(), args), None
+    if attention_mask is not None:
+        return _padded_attention(q, k, v, attention_mask[:, -k.shape[1] :].bool(), args), None
+    packed = _packed_offsets(q, k, kwargs)
+    if packed is not None:
+        cu_q, cu_k = packed
+        out = flash_attn_varlen_func(
+            q[0], k[0], v[0], cu_q, cu_k, _longest(cu_q), _longest(cu_k), **args
+        )  # fmt: skip
+        return out.unsqueeze(0), None
+    return flash_attn_func(q, k, v, **args), None
+
+
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+
+
+def _packed_offsets(q, k, kwargs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(cu_seqlens_q, cu_seqlens_k) int32 when batch 1 holds several sequences end to end, else None."""
+    if q.shape[0] != 1:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        return cu_q.to(torch.int32), cu_k.to(torch.int32)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or q.shape[1] != k.shape[1] or position_ids.numel() != q.shape[1] or q.shape[1] < 2:
+        return None  # decode steps (keys from a cache) are one sequence
+    pos = position_ids.reshape(-1)
+    starts = (pos == pos.min()).nonzero().squeeze(1)  # every sequence restarts at the first position
+    if starts.numel() <= 1:
+        return None
+    cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+    return cu, cu
 
 
 def _padded_attention(q, k, v, key_mask, args) -> torch.Tensor:
-    """Row by row over the valid tokens only. Padding must be one contiguous block (left or right), as
-    tokenizers make it, so each row's valid queries and keys stay aligned at the bottom-right corner."""
-    out = torch.zeros_like(q)
-    query_mask = key_mask[:, -q.shape[1] :]
-    for row in range(q.shape[0]):
-        qi, ki = query_mask[row].nonzero().squeeze(1), key_mask[row].nonzero().squeeze(1)
-        if qi.numel() and ki.numel():
-            out[row, qi] = flash_attn_func(q[row : row + 1, qi], k[row : row + 1, ki], v[row : row + 1, ki], **args)[0]
-    return out
+    """One packed (varlen) call over the valid tokens only. Padding must be one contiguous block (left or right),
+    as tokenizers make it, so each row's valid queries and keys stay aligned at the bottom-right corner."""
+    batch, seqlen_q = q.shape[:2]
+    query_mask = key_mask[:, -seqlen_q:]
+    rows_q, rows_k = query_mask.reshape(-1).nonzero().squeeze(1), key_mask.reshape(-1).nonzero().squeeze(1)
+    lens_q, lens_k = query_mask.sum(1), key_mask.sum(1)
+    zero = lens_q.new_zeros(1)
+    cu_q = torch.cat([zero, lens_q.cumsum(0)]).to(torch.int32)
+    cu_k = torch.cat([zero, lens_k.cumsum(0)]).to(torch.int32)
+    packed = flash_attn_varlen_func(
+        q.reshape(-1, *q.shape[2:])[rows_q], k.reshape(-1, *k.shape[2:])[rows_k], v.reshape(-1, *v.shape[2:])[rows_k],
+        cu_q, cu_k, int(lens_q.max()), int(lens_k.max()), **args,
+    )  # fmt: skip
+    out = q.new_zeros((batch * seqlen_q, *q.shape[2:]))
+    out[rows_q] = packed
+    return out.view(q.shape)
 
 
 def register() -> None:

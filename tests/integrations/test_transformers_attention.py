@@ -68,3 +68,23 @@ def test_llmkernels_attention_is_really_used():
         eager(ids)
         with pytest.raises(llmkernels.BackendError):
             ours(ids)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_match_separate_runs(how):
+    """Two sequences packed into one row (padding-free training's batches) give each its own logits: attention
+    does not cross from one into the other (the varlen path), whether given by restarting position_ids or by
+    explicit cu_seq_lens (as DataCollatorWithFlattening supplies them)."""
+    eager, ours = _tiny("mistral", sliding_window=8)
+    a, b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 19))
+    ids = torch.cat([a, b], dim=1)
+    position_ids = torch.cat([torch.arange(11), torch.arange(19)])[None]
+    kw = {"position_ids": position_ids}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=19, max_length_k=19)
+    with torch.no_grad():
+        got = ours(ids, **kw).logits
+        want = torch.cat([eager(a).logits, eager(b).logits], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
