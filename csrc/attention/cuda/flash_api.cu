@@ -342,6 +342,10 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                    ", got ", v_new->sizes());
     LLMK_CHECK_ARG(s_new <= max_seqlen, op, "k_new", "has more rows (", s_new, ") than the cache (", max_seqlen, ")");
   }
+  if (s_new > 0) {  // the new tokens are written into the caches: a broadcast (overlapping) view would race
+    LLMK_CHECK_NO_OVERLAP(op, k_cache);
+    LLMK_CHECK_NO_OVERLAP(op, v_cache);
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
