@@ -12,11 +12,15 @@ the CUDA path with LLMKERNELS_DECODE_KERNEL=gqa (the GQA-sharing decode kernel i
 CPU (flash_attn_fwd_cpu, flash_attn_fwd_bwd_cpu): forward, and forward + backward through autograd, against
 SDPA's CPU kernel, 2 threads, fp32 at head dim 64 and bf16 at 128; GFLOP/s counted as on the GPU (backward = 2.5
 forwards). CPU decode (flash_attn_decode_cpu): as the GPU decode, fp32 and bf16, against SDPA with enable_gqa.
+Packed batches (flash_attn_varlen_fwd[_bwd][_cpu]): 10 causal sequences of mixed lengths in one
+flash_attn_varlen_func call, against SDPA on the batch padded to the longest with a mask, SDPA once per sequence
+and (GPU) FlexAttention with a document mask; FLOPs counted per sequence (padding not counted).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 from typing import Callable
@@ -254,10 +258,95 @@ def bench_cpu_decode(quick: bool) -> list[dict]:
     return rows
 
 
+# A packed batch of mixed lengths, as padding-free training or a serving prefill hands flash_attn_varlen_func:
+# 3930 tokens in 10 sequences, the longest 1024 (x4 on a GPU).
+_VARLEN_LENGTHS = (1024, 37, 512, 300, 1, 700, 129, 64, 913, 250)
+
+
+def bench_varlen(quick: bool, device: str, dtype: torch.dtype, nheads: int, headdim: int, scale: int = 1) -> list[dict]:
+    rows = []
+    lengths = tuple(n * scale for n in _VARLEN_LENGTHS)
+    total, longest = sum(lengths), max(lengths)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(total, nheads, headdim, dtype=dtype, device=device) for _ in range(3))
+    batch = len(lengths)
+    padded = [torch.zeros(batch, longest, nheads, headdim, dtype=dtype, device=device) for _ in range(3)]
+    for b, n in enumerate(lengths):
+        for t, src in zip(padded, (q, k, v)):
+            t[b, :n] = src[cu[b] : cu[b] + n]
+    keys = torch.arange(longest, device=device)
+    valid = keys[None, :] < torch.tensor(lengths, device=device)[:, None]  # (batch, longest)
+    mask = (keys[None, :, None] >= keys[None, None, :]) & valid[:, None, :]  # (batch, q, k)
+    mask = mask[:, None]  # broadcast over heads
+    backend = "cpu" if device == "cpu" else "triton"
+
+    def ours(q, k, v):
+        with llmkernels.use_backend(backend):
+            return llmkernels.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)
+
+    def sdpa_padded(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+
+    bounds = [(int(cu[b]), int(cu[b + 1])) for b in range(batch)]
+
+    def sdpa_per_sequence(q, k, v):
+        outs = []
+        for lo, hi in bounds:
+            qt, kt, vt = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    impls = {
+        f"llmkernels-{backend}": (ours, (q, k, v)),
+        "sdpa-padded-mask": (sdpa_padded, tuple(padded)),
+        "sdpa-per-sequence": (sdpa_per_sequence, (q, k, v)),
+    }
+    if device == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(batch, device=device), torch.tensor(lengths, device=device))
+        block_mask = create_block_mask(
+            lambda b, h, qi, ki: (doc[qi] == doc[ki]) & (qi >= ki), None, None, total, total, device=device
+        )
+        compiled = torch.compile(flex_attention)
+
+        def flex(q, k, v):
+            qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
+            return compiled(qt, kt, vt, block_mask=block_mask)[0].transpose(0, 1)
+
+        impls["flex-document-mask"] = (flex, (q, k, v))
+    name = str(dtype).replace("torch.", "")
+    case = f"{batch} seqs {total} tokens (longest {longest}) h={nheads} d={headdim} {name} causal"
+    if device == "cpu":
+        case += " 2 threads"
+    flops_fwd = sum(attention_flops(1, n, n, nheads, headdim, True) for n in lengths)
+    measure = dict(warmup=2, rep=5, min_time_s=0.1) if device == "cpu" else {}
+    for backward in (False, True) if not quick or device == "cuda" else (False,):
+        op = "flash_attn_varlen_fwd_bwd" if backward else "flash_attn_varlen_fwd"
+        op += "_cpu" if device == "cpu" else ""
+        flops = flops_fwd * (3.5 if backward else 1.0)
+        limit = None if device == "cpu" else peak_tflops(dtype)
+        for impl, (fn, args) in impls.items():
+            ms = _time(impl, fn, args, backward, **measure)
+            if ms is not None:
+                metric = "GFLOP/s" if device == "cpu" else "TFLOP/s"
+                value = flops / (ms * 1e-3) / (1e9 if device == "cpu" else 1e12)
+                rows.append(_row(op, case, impl, ms, metric, value, limit))
+    return rows
+
+
 def run(quick: bool = False) -> list[dict]:
     if on_gpu():
-        return bench_gpu_prefill(quick) + bench_gpu_decode(quick)
-    return bench_cpu(quick)
+        varlen = bench_varlen(quick, "cuda", torch.bfloat16, 16, 128, scale=4)
+        return bench_gpu_prefill(quick) + bench_gpu_decode(quick) + varlen
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        varlen = bench_varlen(quick, "cpu", torch.float32, 8, 64)
+    finally:
+        torch.set_num_threads(threads)
+    return bench_cpu(quick) + varlen
 
 
 if __name__ == "__main__":

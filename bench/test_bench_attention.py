@@ -47,3 +47,11 @@ def test_llmkernels_decode(benchmark, synced):
     v_cache = torch.randn_like(k_cache)
     lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     benchmark(synced(lambda: llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)))
+
+
+@pytest.mark.skipif(not GPU and not _ext.has_kernel("flash_attn_varlen_fwd", "CPU"), reason="no CPU varlen kernel")
+def test_llmkernels_varlen_fwd(benchmark, synced):
+    lengths = (1024, 37, 512, 300, 1, 700, 129, 64, 913, 250)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lengths), SHAPE[2], SHAPE[3], device=DEVICE, dtype=DTYPE) for _ in range(3))
+    benchmark(synced(lambda: llmkernels.flash_attn_varlen_func(q, k, v, cu, cu, 1024, 1024, causal=True)))
