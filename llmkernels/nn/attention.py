@@ -4,6 +4,7 @@
     y = attn(x)                                      # x: (batch, seqlen, embed_dim), causal by default
     cache = attn.new_cache(batch_size=4, max_seqlen=1024)
     y = attn(prompt, cache=cache); y = attn(next_token, cache=cache)   # incremental decoding
+    y = attn(x_packed, cu_seqlens=cu)                 # x_packed: (total, embed_dim), sequences end to end
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.attention import flash_attn_func, flash_attn_with_kvcache
+from ..ops.attention_varlen import flash_attn_varlen_func
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -65,6 +67,8 @@ class MultiheadFlashAttention(nn.Module):
     window_size / softcap as in flash_attn_func. forward(x: (batch, seqlen, embed_dim)) -> same shape.
     With `cache` (from new_cache), x holds the next tokens of each row: they are appended to the
     cache, attend to everything cached (flash_attn_with_kvcache), and cache.seqlens advances.
+    With `cu_seqlens` ((batch + 1,) int32 offsets), x is a packed batch (total, embed_dim) of sequences end to
+    end (flash_attn_varlen_func): each sequence attends only to itself, rotary positions restart at its start.
     """
 
     def __init__(
@@ -108,7 +112,18 @@ class MultiheadFlashAttention(nn.Module):
         k = torch.zeros((batch_size, max_seqlen, self.num_kv_heads, self.head_dim), dtype=dtype, device=device)
         return KVCache(k, torch.zeros_like(k), torch.zeros(batch_size, dtype=torch.int32, device=k.device))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("MultiheadFlashAttention: cu_seqlens (a packed batch) cannot be used with a cache")
+            return self._forward_packed(x, cu_seqlens, max_seqlen)
         batch, seqlen, _ = x.shape
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
@@ -126,6 +141,27 @@ class MultiheadFlashAttention(nn.Module):
                                           window_size=self.window_size, softcap=self.softcap)
             cache.seqlens.add_(seqlen)
         return self.o_proj(out.reshape(batch, seqlen, self.num_heads * self.head_dim))
+
+    def _forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"MultiheadFlashAttention: with cu_seqlens, x must be (total, embed_dim), got "
+                             f"{tuple(x.shape)}")
+        total = x.shape[0]
+        q = self.q_proj(x).view(total, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(total, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(total, self.num_kv_heads, self.head_dim)
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+        if self.rotary:
+            rows = torch.arange(total, device=x.device)
+            starts = cu_seqlens.to(rows.dtype)
+            sequence = (torch.searchsorted(starts[1:], rows, right=True)).clamp(max=max(len(starts) - 2, 0))
+            positions = rows - starts[sequence] if len(starts) > 1 else rows
+            q = apply_rotary(q.unsqueeze(0), positions, self.rotary_base)[0]
+            k = apply_rotary(k.unsqueeze(0), positions, self.rotary_base)[0]
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
+                                     window_size=self.window_size, softcap=self.softcap)
+        return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
