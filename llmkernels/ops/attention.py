@@ -23,7 +23,12 @@ import torch
 from .. import _ext
 from .._backend import Dispatcher
 from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
-from ..reference.attention import flash_attn_fwd_ref, flash_attn_with_kvcache_ref, normalize_window
+from ..reference.attention import (
+    flash_attn_fwd_ref,
+    flash_attn_with_kvcache_ref,
+    normalize_window,
+    rotary_embedding,
+)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
@@ -368,6 +373,16 @@ def flash_attn_with_kvcache(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    *,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
 ) -> torch.Tensor:
     """Attention against a KV cache (decoding), like flash_attn.flash_attn_with_kvcache; not differentiable.
 
@@ -377,8 +392,21 @@ def flash_attn_with_kvcache(
     The new tokens are written at cache_seqlens[i] .. + seqlen_new - 1, then q attends to the first
     cache_seqlens[i] + seqlen_new keys, the causal / window band aligned bottom-right. cache_seqlens itself is
     not advanced. Returns (batch, seqlen_q, nheads, headdim).
+
+    rotary_cos / rotary_sin ((seqlen_ro, rotary_dim / 2), as flash_attn's): the new k is rotated at positions
+    cache_seqlens[i] + t before it is stored, and q at cache_seqlens[i] + t when causal or windowed, else at
+    cache_seqlens[i] (every query at the first new position), the first rotary_dim channels, pairs (2c, 2c + 1)
+    when rotary_interleaved else (c, c + rotary_dim / 2); see reference.attention.rotary_embedding. num_splits
+    (a launch hint) is accepted and ignored. Not supported (raise NotImplementedError): cache_batch_idx,
+    cache_leftpad, block_table (paged KV), alibi_slopes, return_softmax_lse.
     """
     fn = "flash_attn_with_kvcache"
+    for name, value in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
+                        ("block_table", block_table), ("alibi_slopes", alibi_slopes)):  # fmt: skip
+        if value is not None:
+            raise NotImplementedError(f"llmkernels.{fn}: {name} is not supported (only None)")
+    if return_softmax_lse:
+        raise NotImplementedError(f"llmkernels.{fn}: return_softmax_lse=True is not supported (only False)")
     if not _kvcache_args_ok(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap):
         _check_kvcache_args(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap)
     if not isinstance(cache_seqlens, torch.Tensor):  # an int (in range: checked), or None: the whole cache
@@ -387,7 +415,40 @@ def flash_attn_with_kvcache(
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
+    if rotary_cos is not None or rotary_sin is not None:
+        q, k = _rotate_for_kvcache(fn, q, k, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved,
+                                   positional_q=left >= 0 or right >= 0)  # fmt: skip
     return flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap))
+
+
+def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, positional_q):
+    """(q, k) rotated as flash_attn_with_kvcache's rotary_cos / rotary_sin say (see its docstring)."""
+    if cos is None or sin is None:
+        raise ValueError(f"llmkernels.{fn}: rotary_cos and rotary_sin must be given together")
+    check_tensor(fn, "rotary_cos", cos, ndim=2, dtypes=_DTYPES, device=q.device)
+    check_tensor(fn, "rotary_sin", sin, ndim=2, dtypes=_DTYPES, device=q.device)
+    check_shape(fn, "rotary_sin", sin, cos.shape)
+    if not 1 <= 2 * cos.shape[1] <= q.shape[-1] or cos.shape[0] < 1:
+        raise ValueError(
+            f"llmkernels.{fn}: rotary_cos must be (seqlen_ro >= 1, rotary_dim / 2) with rotary_dim <= the head dim "
+            f"({q.shape[-1]}), got {tuple(cos.shape)}"
+        )
+    start = cache_seqlens.to(torch.long).unsqueeze(1)
+    span = max(q.shape[1], 0 if k is None else k.shape[1])
+    checkable = q.device.type == "cpu" and not torch.compiler.is_compiling()  # reading values: no sync, no trace
+    if checkable and start.numel() and int(start.max()) + span > cos.shape[0]:
+        raise ValueError(
+            f"llmkernels.{fn}: rotary_cos has {cos.shape[0]} positions, the new tokens reach position "
+            f"{int(start.max()) + span - 1}"
+        )
+    # On a GPU the positions are not read back (no sync): past the table they clamp to its last row.
+    last = cos.shape[0] - 1
+    steps_q = torch.arange(q.shape[1], device=q.device) if positional_q else q.new_zeros(q.shape[1], dtype=torch.long)
+    q = rotary_embedding(q, cos, sin, (start + steps_q).clamp(max=last), interleaved)
+    if k is not None:
+        k = rotary_embedding(k, cos, sin, (start + torch.arange(k.shape[1], device=q.device)).clamp(max=last),
+                             interleaved)  # fmt: skip
+    return q, k
 
 
 # --------------------------------------------------------------------------------------------------

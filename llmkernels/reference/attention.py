@@ -142,6 +142,28 @@ def flash_attn_with_kvcache_ref(
     return torch.cat(outs, dim=0)
 
 
+def rotary_embedding(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool = True
+) -> torch.Tensor:
+    """flash_attn's rotary embedding (the rotary_cos / rotary_sin of flash_attn_with_kvcache), in fp32.
+
+    x: (batch, seqlen, nheads, headdim); cos, sin: (seqlen_ro, rotary_dim / 2) tables; positions: (batch, seqlen)
+    integer rows of the tables. The first rotary_dim channels of each vector are rotated, pairs (2c, 2c + 1) when
+    interleaved (GPT-J), else (c, c + rotary_dim / 2) (GPT-NeoX); the other channels pass through.
+    """
+    half = cos.shape[-1]
+    c = cos.float()[positions].unsqueeze(2)  # (batch, seqlen, 1, half)
+    s = sin.float()[positions].unsqueeze(2)
+    rot = x[..., : 2 * half].float()
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half :]), dim=-1)
+
+
 def attention_naive(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0) -> torch.Tensor:
     """Explicit loops in float64: an independent formulation to test the reference itself (tiny shapes)."""
     b, sq, h, d = q.shape
