@@ -45,11 +45,13 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left, int window_right, "
       "float softcap) -> (Tensor out, Tensor softmax_lse)");
-  // Gradients of flash_attn_fwd from dout (b, sq, h, d) and the saved out and softmax_lse.
+  // Gradients of flash_attn_fwd from dout (b, sq, h, d) and the saved out and softmax_lse, plus, when given,
+  // dsoftmax_lse (b, h, sq) fp32, the gradient reaching softmax_lse itself (it enters as D_i - dlse_i).
   // dk, dv are (b, sk, hk, d): GQA gradients summed over the query heads of each KV head.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
-      "float softmax_scale, int window_left, int window_right, float softcap) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softmax_scale, int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   // Attention against a KV cache (decode). k_cache, v_cache: (b, max_seqlen, hk, d); cache_seqlens (b,) int32.
   // k_new, v_new (b, s_new, hk, d), when given, are first written into the caches at cache_seqlens[i];
   // then q (b, sq, h, d) attends to the first cache_seqlens[i] + s_new keys, windows aligned bottom-right.
@@ -68,7 +70,8 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
-      "int window_left, int window_right, float softcap) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---------------------------------------------------------------------------------------------
   // Sliding-window attention over a rolling KV buffer

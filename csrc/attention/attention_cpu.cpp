@@ -85,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& softmax_lse, double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
+    const at::Tensor& softmax_lse, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& dsoftmax_lse) {
   constexpr const char* op = "flash_attn_bwd";
   check_qkv(op, q, k, v);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
@@ -98,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   LLMK_CHECK_SAME_DEVICE(op, softmax_lse, q);
   LLMK_CHECK_DTYPE(op, softmax_lse, at::kFloat);
   LLMK_CHECK_SHAPE(op, softmax_lse, q.size(0), q.size(2), q.size(1));
+  const at::Tensor dlse = checked_dlse(op, dsoftmax_lse, softmax_lse);
 
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
   if (p.nheads == 0) {  // no query reads any key: the kernels would leave dk, dv unwritten
@@ -119,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   const at::Tensor out_rows = out.stride(-1) == 1 ? out : out.contiguous();  // read by the kernel for D
   p.out_in = view4(out_rows);
   p.lse_in = lse.data_ptr<float>();
+  p.dlse_in = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   p.dq = dq_parts.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();

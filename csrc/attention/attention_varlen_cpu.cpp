@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -137,6 +138,21 @@ void fill_rows_outside(at::Tensor t, const std::vector<int64_t>& cu, double valu
   if (cu.back() < t.size(0)) t.narrow(0, cu.back(), t.size(0) - cu.back()).fill_(value);
 }
 
+// (nheads, total_q) -> each sequence's rows as a (nheads, seqlen) block, the blocks end to end in sequence order.
+at::Tensor to_blocks(const at::Tensor& per_head, const std::vector<int64_t>& cu_q, int64_t nheads) {
+  const int64_t total_q = per_head.size(1);
+  const at::Tensor src = per_head.contiguous();
+  at::Tensor blocks = at::empty({total_q * nheads}, src.options());
+  for (size_t b = 0; b + 1 < cu_q.size(); ++b) {
+    const int64_t len = cu_q[b + 1] - cu_q[b];
+    for (int64_t h = 0; h < nheads; ++h) {
+      std::memcpy(blocks.data_ptr<float>() + cu_q[b] * nheads + h * len, src.data_ptr<float>() + h * total_q + cu_q[b],
+                  sizeof(float) * len);
+    }
+  }
+  return blocks;
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
@@ -182,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap) {
+    double softcap, const std::optional<at::Tensor>& dsoftmax_lse) {
   constexpr const char* op = "flash_attn_varlen_bwd";
   (void)max_seqlen_q;
   (void)max_seqlen_k;
@@ -203,16 +219,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   std::vector<AttnParams> seqs =
       sequence_params(op, q, k, v, cu_q, cu_k, softmax_scale, window_left, window_right, softcap);
   auto f32 = q.options().dtype(at::kFloat);
-  // The kernels read each sequence's lse as a (nheads, seqlen) block (the forward's layout before its reshuffle).
-  at::Tensor lse_blocks = at::empty({total_q * nheads}, f32);
-  const at::Tensor lse = softmax_lse.contiguous();
-  for (size_t b = 0; b < seqs.size(); ++b) {
-    const int64_t len = seqs[b].seqlen_q;
-    for (int64_t h = 0; h < nheads; ++h) {
-      std::memcpy(lse_blocks.data_ptr<float>() + cu_q[b] * nheads + h * len,
-                  lse.data_ptr<float>() + h * total_q + cu_q[b], sizeof(float) * len);
-    }
-  }
+  // The kernels read each sequence's lse (and dlse) as a (nheads, seqlen) block (the forward's layout before its
+  // reshuffle).
+  const at::Tensor lse_blocks = to_blocks(softmax_lse, cu_q, nheads);
+  const at::Tensor dlse = checked_dlse(op, dsoftmax_lse, softmax_lse);
+  const at::Tensor dlse_blocks = dlse.defined() ? to_blocks(dlse, cu_q, nheads) : at::Tensor();
   at::Tensor dq = at::empty({total_q, nheads, d}, f32);
   at::Tensor dk = at::empty({k.size(0), k.size(1), d}, f32);
   at::Tensor dv = at::empty_like(dk);
@@ -221,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
     p.dout = rows_from(dout, cu_q[b]);
     p.out_in = rows_from(out, cu_q[b]);
     p.lse_in = lse_blocks.data_ptr<float>() + cu_q[b] * nheads;
+    p.dlse_in = dlse_blocks.defined() ? dlse_blocks.data_ptr<float>() + cu_q[b] * nheads : nullptr;
     p.dq = dq.data_ptr<float>() + cu_q[b] * nheads * d;  // one split: the kernel writes dq rows directly
     p.dk = dk.data_ptr<float>() + cu_k[b] * k.size(1) * d;
     p.dv = dv.data_ptr<float>() + cu_k[b] * k.size(1) * d;

@@ -96,30 +96,31 @@ def _triton_supports_for(function: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap) -> out
+# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap) -> (out, softmax_lse)
 # --------------------------------------------------------------------------------------------------
 flash_attn = Dispatcher("flash_attn_func")
 
 
 @flash_attn.register("reference")
 def _fwd_reference(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
-    return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap)[0]
+    return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("cpu", kernel="flash_attn_fwd", supports=_cpu_supports)
 def _fwd_cpu(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
-    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)[0]
+    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("cuda", kernel="flash_attn_fwd", supports=_cuda_supports)
 def _fwd_cuda(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)[0]
+    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("triton", supports=_triton_supports_for("flash_attn_triton"))
 def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
-    return _triton_function("flash_attn_triton")(q, k, v, softmax_scale, window_left, window_right, softcap)
+    _triton_function("flash_attn_triton")  # imports the module, which registers the op
+    return torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,15 +268,13 @@ def _kv_ok(q, k, v, nheads_k: int | None = None) -> bool:
     )
 
 
-def _check_unsupported(fn: str, dropout_p, alibi_slopes, return_attn_probs) -> None:
+def _check_unsupported(fn: str, dropout_p, alibi_slopes) -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(
             f"llmkernels.{fn}: dropout_p={dropout_p!r} is not supported (inference kernels: only 0.0)"
         )
     if alibi_slopes is not None:
         raise NotImplementedError(f"llmkernels.{fn}: alibi_slopes is not supported (only None)")
-    if return_attn_probs:
-        raise NotImplementedError(f"llmkernels.{fn}: return_attn_probs=True is not supported (only False)")
 
 
 def _func_args_ok(q, k, v, softmax_scale, window_size, softcap) -> bool:
@@ -350,16 +349,20 @@ def flash_attn_func(
     (GQA / MQA); fp16, bf16 or fp32, head dim <= 256, last dimension contiguous. softmax_scale defaults to
     headdim ** -0.5; window_size = (left, right), -1 unbounded, aligned bottom-right; causal sets right = 0;
     softcap > 0 caps scores at softcap * tanh(s / softcap). Returns (batch, seqlen_q, nheads, headdim) in q's dtype.
-    Not supported (raise NotImplementedError): dropout_p > 0, alibi_slopes, return_attn_probs. `deterministic` is
-    accepted and ignored: every backend's backward is deterministic.
+    return_attn_probs=True returns (out, softmax_lse, None) as flash_attn does without dropout: softmax_lse
+    (batch, nheads, seqlen_q) fp32 is the natural-log log-sum-exp of each row's scores (-inf where no key is
+    seen), and differentiable (flash_attn drops its gradient; here it flows into q and k). Not supported (raise
+    NotImplementedError): dropout_p > 0, alibi_slopes. `deterministic` is accepted and ignored: every backend's
+    backward is deterministic.
     """
     fn = "flash_attn_func"
-    _check_unsupported(fn, dropout_p, alibi_slopes, return_attn_probs)
+    _check_unsupported(fn, dropout_p, alibi_slopes)
     if not _func_args_ok(q, k, v, softmax_scale, window_size, softcap):
         _check_func_args(fn, q, k, v, softmax_scale, window_size, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    return flash_attn(q, k, v, scale, left, right, float(softcap))
+    out, lse = flash_attn(q, k, v, scale, left, right, float(softcap))
+    return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_with_kvcache(
@@ -451,6 +454,14 @@ def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, position
     return q, k
 
 
+def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """The backward's dout: zeros when only softmax_lse reached the loss (grads not materialised), and
+    contiguous in its last dimension, as every kernel reads it."""
+    if dout is None:
+        return torch.zeros_like(out)
+    return dout if dout.stride(-1) == 1 else dout.contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake (meta) kernels and autograd of the C++ ops
 # --------------------------------------------------------------------------------------------------
@@ -462,7 +473,8 @@ if _ext.loaded:
         return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
     @register_fake("llmkernels::flash_attn_bwd")
-    def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, window_left, window_right, softcap):
+    def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, window_left, window_right, softcap,
+                  dsoftmax_lse=None):  # fmt: skip
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @register_fake("llmkernels::flash_attn_with_kvcache")
@@ -476,13 +488,12 @@ if _ext.loaded:
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (softmax_scale, window_left, window_right, softcap)
+        ctx.set_materialize_grads(False)  # dlse is None unless softmax_lse (return_attn_probs) was used
 
     def _fwd_backward(ctx, dout, dlse):
-        # dlse is ignored: the public functions never expose lse, so nothing downstream can depend on it.
         q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd(dout, q, k, v, out, lse, *ctx.params)
+        dout = grad_of_output(dout, out)
+        dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd(dout, q, k, v, out, lse, *ctx.params, dlse)
         return dq, dk, dv, None, None, None, None
 
     torch.library.register_autograd("llmkernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)

@@ -25,7 +25,7 @@ import torch
 from .. import _ext
 from .._backend import Dispatcher
 from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
-from ..reference.attention import flash_attn_varlen_ref, normalize_window
+from ..reference.attention import flash_attn_varlen_fwd_ref, normalize_window
 from .attention import (
     _DTYPES,
     _check_common,
@@ -34,30 +34,34 @@ from .attention import (
     _triton_function,
     _triton_supports_for,
     flash_attn_func,
+    grad_of_output,
 )
 
 # --------------------------------------------------------------------------------------------------
-# (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap) -> out
+# (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap)
+#   -> (out (total_q, h, d), softmax_lse (h, total_q))
 # --------------------------------------------------------------------------------------------------
 flash_attn_varlen = Dispatcher("flash_attn_varlen_func")
 
 
 @flash_attn_varlen.register("reference")
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
-    return flash_attn_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, False, (left, right), softcap)
+    return flash_attn_varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap)
 
 
 @flash_attn_varlen.register("cpu", kernel="flash_attn_varlen_fwd", supports=_cpu_supports)
 def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
     return torch.ops.llmkernels.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap
-    )[0]
+    )
 
 
 @flash_attn_varlen.register("triton", supports=_triton_supports_for("flash_attn_varlen_triton"))
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
-    fn = _triton_function("flash_attn_varlen_triton")
-    return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap)
+    _triton_function("flash_attn_varlen_triton")  # imports the module, which registers the op
+    return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,11 +121,12 @@ def flash_attn_varlen_func(
     cu_seqlens_k: (batch + 1,) int32 on q's device, the sequences' first rows and then the end (non-decreasing);
     max_seqlen_q / max_seqlen_k: the longest sequence's length (a launch-size hint). Each sequence attends only
     to its own keys, the causal / window band aligned bottom-right per sequence. Rows of q outside every
-    sequence get 0. Returns (total_q, nheads, headdim) in q's dtype. The other arguments are flash_attn_func's;
+    sequence get 0. Returns (total_q, nheads, headdim) in q's dtype, or with return_attn_probs=True
+    (out, softmax_lse (nheads, total_q) fp32, None), lse differentiable. The other arguments are flash_attn_func's;
     block_table (paged KV) is not supported.
     """
     fn = "flash_attn_varlen_func"
-    _check_unsupported(fn, dropout_p, alibi_slopes, return_attn_probs)
+    _check_unsupported(fn, dropout_p, alibi_slopes)
     if block_table is not None:
         raise NotImplementedError(f"llmkernels.{fn}: block_table (paged KV) is not supported (only None)")
     _check_varlen_args(
@@ -129,9 +134,10 @@ def flash_attn_varlen_func(
     )
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    return flash_attn_varlen(
+    out, lse = flash_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap)
     )
+    return (out, lse, None) if return_attn_probs else out
 
 
 def _unpack(fn: str, name: str, packed: torch.Tensor, parts: int, axis: int) -> tuple[torch.Tensor, ...]:
@@ -233,7 +239,7 @@ if _ext.loaded:
         return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     @register_fake("llmkernels::flash_attn_varlen_bwd")
-    def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, cap):
+    def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, cap, dlse=None):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _varlen_setup_context(ctx, inputs, output):
@@ -241,14 +247,12 @@ if _ext.loaded:
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.params = tuple(params)
+        ctx.set_materialize_grads(False)  # dlse is None unless softmax_lse (return_attn_probs) was used
 
     def _varlen_backward(ctx, dout, dlse):
-        # dlse is ignored: the public functions never expose lse, so nothing downstream can depend on it.
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
         dq, dk, dv = torch.ops.llmkernels.flash_attn_varlen_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.params
+            grad_of_output(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.params, dlse
         )
         return dq, dk, dv, None, None, None, None, None, None, None, None
 

@@ -109,7 +109,6 @@ def _bad_calls():
     return [
         ("dropout_p", NotImplementedError, lambda: f(q, k, v, dropout_p=0.1)),
         ("alibi_slopes", NotImplementedError, lambda: f(q, k, v, alibi_slopes=torch.ones(4))),
-        ("return_attn_probs", NotImplementedError, lambda: f(q, k, v, return_attn_probs=True)),
         ("q must have 4 dimensions", ValueError, lambda: f(q[0], k, v)),
         ("k must have shape", ValueError, lambda: f(q, k[:, :, :, :8], v)),
         ("v must have shape", ValueError, lambda: f(q, k, v[:, :5])),

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "attention/cpu/flash_attn_cpu.h"
 #include "common/checks.h"
@@ -68,6 +69,21 @@ inline double pass_macs(const AttnParams& p) {
 inline void choose_heads_per_block(AttnParams& p, int64_t threads) {
   p.heads_per_block = std::max<int64_t>(1, p.nheads / std::max<int64_t>(p.nheads_k, 1));
   if (p.heads_per_block > 1 && num_fwd_tasks(p) < threads) p.heads_per_block = 1;
+}
+
+// The backward's optional gradient of softmax_lse: fp32 of softmax_lse's shape on its device, made contiguous;
+// undefined when absent.
+inline at::Tensor checked_dlse(const char* op, const std::optional<at::Tensor>& dsoftmax_lse,
+                               const at::Tensor& softmax_lse) {
+  if (!dsoftmax_lse.has_value() || !dsoftmax_lse->defined()) return {};
+  const at::Tensor& dlse = *dsoftmax_lse;
+  LLMK_CHECK_ARG(dlse.device() == softmax_lse.device(), op, "dsoftmax_lse", "must be on ", softmax_lse.device(),
+                 ", got ", dlse.device());
+  LLMK_CHECK_ARG(dlse.scalar_type() == at::kFloat, op, "dsoftmax_lse", "must have dtype float32, got ",
+                 dlse.scalar_type());
+  LLMK_CHECK_ARG(dlse.sizes() == softmax_lse.sizes(), op, "dsoftmax_lse", "must have softmax_lse's shape ",
+                 softmax_lse.sizes(), ", got ", dlse.sizes());
+  return dlse.contiguous();
 }
 
 // Runs tasks [0, n) of one kernel over at::parallel_for's threads, when the call's multiply-adds pay for them.

@@ -37,6 +37,7 @@ struct AttnParams {
   // (bwd_splits, batch, seqlen_q, nheads, headdim), which the host sums.
   Tensor4 dout, out_in;
   const float* lse_in;
+  const float* dlse_in;  // gradient reaching lse (layout of lse_in), or null: none
   int64_t bwd_splits;
   float* dq;
   float* dk;

@@ -729,7 +729,8 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
 // scale K are packed once per block and serve all of its query blocks. bf16 inputs in kernel_avx512bf16.cpp
 // take bwd_tasks_bf16 (below) instead.
 
-// Query row i of head h: D_i = dO_i . O_i (dorow given in fp32, zero padded to dp; O loaded into orow) and
+// Query row i of head h: D_i = dO_i . O_i (dorow given in fp32, zero padded to dp; O loaded into orow), less the
+// gradient reaching lse_i when there is one (d lse_i / d s_ij = P_ij, so it adds P_ij dlse_i to dS_ij), and
 // lse_i in base 2 (+inf for a row that sees no key, so that its P is 0).
 inline void row_stats(const AttnParams& p, int64_t b, int64_t h, int64_t i, const float* dorow, float* orow,
                       float* delta, float* lse2) {
@@ -738,8 +739,9 @@ inline void row_stats(const AttnParams& p, int64_t b, int64_t h, int64_t i, cons
   load_row(p.dtype, p.out_in, b, i, h, p.headdim, 1.f, orow);
   VReg dot = Vec::zero();
   for (int64_t e = 0; e < dp; e += Vec::W) dot = Vec::fmadd(Vec::load(dorow + e), Vec::load(orow + e), dot);
-  delta[i] = Vec::hsum(dot);
-  const float lse = p.lse_in[(b * p.nheads + h) * p.seqlen_q + i];
+  const int64_t row = (b * p.nheads + h) * p.seqlen_q + i;
+  delta[i] = Vec::hsum(dot) - (p.dlse_in != nullptr ? p.dlse_in[row] : 0.f);
+  const float lse = p.lse_in[row];
   lse2[i] = lse == kNegInf ? __builtin_inff() : lse * kLog2e;
 }
 

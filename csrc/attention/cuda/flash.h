@@ -56,7 +56,8 @@ struct BwdParams : AttnShape {
   const void* out;
   const void* dout;
   const float* softmax_lse;  // (batch, nheads, seqlen_q), contiguous
-  float* delta;              // (batch, nheads, seqlen_q): rowsum(dout * out), written by the preprocess
+  float* delta;              // (batch, nheads, seqlen_q): rowsum(dout * out) - dsoftmax_lse, by the preprocess
+  const float* dsoftmax_lse;  // (batch, nheads, seqlen_q) contiguous gradient reaching softmax_lse, or null
   float* dq_accum;           // (batch, seqlen_q, nheads, kHeadDim) fp32, zeroed
   // GQA (group > 1): dK, dV are summed over the group with atomics into zeroed fp32 buffers
   // (batch, seqlen_k, nheads_k, kHeadDim). group == 1: each CTA is the only writer of its keys and

@@ -151,7 +151,8 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
 std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_arg, const Tensor& q, const Tensor& k,
                                                        const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                                                        double softmax_scale, int64_t window_left,
-                                                       int64_t window_right, double softcap) {
+                                                       int64_t window_right, double softcap,
+                                                       const std::optional<Tensor>& dsoftmax_lse) {
   constexpr const char* op = "flash_attn_bwd";
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   // dout comes from autograd, not from the caller, and can be a view that is not 16-byte aligned (e.g. a
@@ -170,6 +171,16 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_arg, c
                  softmax_lse.device());
   LLMK_CHECK_DTYPE(op, softmax_lse, at::kFloat);
   LLMK_CHECK_SHAPE(op, softmax_lse, q.size(0), q.size(2), q.size(1));
+  Tensor dlse;
+  if (dsoftmax_lse.has_value() && dsoftmax_lse->defined()) {
+    LLMK_CHECK_ARG(dsoftmax_lse->device() == q.device(), op, "dsoftmax_lse", "must be on ", q.device(), ", got ",
+                   dsoftmax_lse->device());
+    LLMK_CHECK_ARG(dsoftmax_lse->scalar_type() == at::kFloat, op, "dsoftmax_lse", "must have dtype float32, got ",
+                   dsoftmax_lse->scalar_type());
+    LLMK_CHECK_ARG(dsoftmax_lse->sizes() == softmax_lse.sizes(), op, "dsoftmax_lse", "must have softmax_lse's shape ",
+                   softmax_lse.sizes(), ", got ", dsoftmax_lse->sizes());
+    dlse = dsoftmax_lse->contiguous();
+  }
   const c10::cuda::CUDAGuard guard(q.device());
 
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), sk = k.size(1), hk = k.size(2);
@@ -195,6 +206,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_arg, c
   p.dout = dout.data_ptr();
   p.softmax_lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
+  p.dsoftmax_lse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dk_accum = gqa ? dk_accum.data_ptr<float>() : nullptr;
   p.dv_accum = gqa ? dv_accum.data_ptr<float>() : nullptr;

@@ -106,7 +106,9 @@ __global__ void flash_bwd_preprocess_kernel(const __grid_constant__ BwdParams p)
     }
   }
   sum = warp_sum(sum);
-  if (lane == 0) p.delta[(int64_t(b) * p.nheads + h) * sq + i] = sum;
+  const int64_t lse_row = (int64_t(b) * p.nheads + h) * sq + i;
+  // A gradient reaching lse_i adds P_ij dlse_i to dS_ij: the same as lowering D_i by it.
+  if (lane == 0) p.delta[lse_row] = sum - (p.dsoftmax_lse != nullptr ? p.dsoftmax_lse[lse_row] : 0.f);
 }
 
 // dst[r, c] = src[r, c] for c < headdim, two elements per thread.
