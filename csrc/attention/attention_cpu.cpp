@@ -18,8 +18,9 @@
 namespace llmkernels::attention_cpu {
 namespace {
 
-// q (b, sq, h, d); k, v (b, sk, hk, d) with h % hk == 0; all on the CPU, one dtype, last dim contiguous.
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// q (b, sq, h, d); k, v (b, sk, hk, d) with h % hk == 0; all on the CPU, one dtype, last dim contiguous. With
+// same_batch false, k and v may have any first dimension (KV caches read through cache_batch_idx or pages).
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool same_batch = true) {
   LLMK_CHECK_DEVICE(op, q, at::kCPU);
   LLMK_CHECK_SAME_DEVICE(op, k, q);
   LLMK_CHECK_SAME_DEVICE(op, v, q);
@@ -29,7 +30,7 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   elem_type(op, q);
   LLMK_CHECK_SAME_DTYPE(op, k, q);
   LLMK_CHECK_SAME_DTYPE(op, v, q);
-  const int64_t batch = q.size(0), d = q.size(3), sk = k.size(1), hk = k.size(2);
+  const int64_t batch = same_batch ? q.size(0) : k.size(0), d = q.size(3), sk = k.size(1), hk = k.size(2);
   LLMK_CHECK_ARG(d >= 1 && d <= kMaxHeadDim, op, "q", "must have a head dim in [1, ", kMaxHeadDim, "], got ", d);
   LLMK_CHECK_SHAPE(op, k, batch, sk, hk, d);
   LLMK_CHECK_SHAPE(op, v, batch, sk, hk, d);
@@ -134,14 +135,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// Where each row's cache positions live: a plain (batch, capacity) cache, rows picked by cache_batch_idx, or pages
+// picked by block_table (checked here: values in range, distinct cache rows when written).
+struct CacheLayout {
+  const int32_t* rows = nullptr;   // cache_batch_idx
+  const int32_t* pages = nullptr;  // block_table
+  int64_t table_stride = 0, page_size = 0, capacity = 0;
+  at::Tensor rows_held, pages_held;  // contiguous copies the pointers read
+
+  // Element offset of (q row b, position s, head 0) in a cache with these strides.
+  int64_t offset(const at::Tensor& cache, int64_t b, int64_t s) const {
+    if (pages != nullptr) return pages[b * table_stride + s / page_size] * cache.stride(0) + s % page_size * cache.stride(1);
+    return (rows != nullptr ? rows[b] : b) * cache.stride(0) + s * cache.stride(1);
+  }
+};
+
+CacheLayout cache_layout(const char* op, const at::Tensor& q, const at::Tensor& k_cache, int64_t s_new,
+                         const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& cache_batch_idx) {
+  const int64_t batch = q.size(0);
+  CacheLayout layout;
+  layout.capacity = k_cache.size(1);
+  const bool paged = block_table.has_value() && block_table->defined();
+  const bool indexed = cache_batch_idx.has_value() && cache_batch_idx->defined();
+  LLMK_CHECK_ARG(!(paged && indexed), op, "cache_batch_idx", "cannot be combined with block_table");
+  if (paged) {
+    const at::Tensor& table = *block_table;
+    LLMK_CHECK_SAME_DEVICE(op, table, q);
+    LLMK_CHECK_DTYPE(op, table, at::kInt);
+    LLMK_CHECK_ARG(table.dim() == 2 && table.size(0) == batch, op, "block_table", "must be (batch = ", batch,
+                   ", max_pages) int32, got ", table.sizes());
+    layout.page_size = k_cache.size(1);
+    LLMK_CHECK_ARG(layout.page_size > 0 && layout.page_size % kBlockK == 0, op, "k_cache",
+                   "pages (dimension 1 with a block_table) must hold a multiple of ", kBlockK, " tokens, got ",
+                   layout.page_size);
+    layout.pages_held = table.contiguous();
+    layout.pages = layout.pages_held.data_ptr<int32_t>();
+    layout.table_stride = table.size(1);
+    layout.capacity = table.size(1) * layout.page_size;
+    for (int64_t i = 0; i < table.numel(); ++i) {
+      LLMK_CHECK_ARG(layout.pages[i] >= 0 && layout.pages[i] < k_cache.size(0), op, "block_table",
+                     "entries must be page indices in [0, ", k_cache.size(0), "), got ", layout.pages[i]);
+    }
+  } else if (indexed) {
+    const at::Tensor& idx = *cache_batch_idx;
+    LLMK_CHECK_SAME_DEVICE(op, idx, q);
+    LLMK_CHECK_DTYPE(op, idx, at::kInt);
+    LLMK_CHECK_SHAPE(op, idx, batch);
+    layout.rows_held = idx.contiguous();
+    layout.rows = layout.rows_held.data_ptr<int32_t>();
+    std::vector<bool> used(k_cache.size(0), false);
+    for (int64_t i = 0; i < batch; ++i) {
+      const int32_t r = layout.rows[i];
+      LLMK_CHECK_ARG(r >= 0 && r < k_cache.size(0), op, "cache_batch_idx", "entries must be cache rows in [0, ",
+                     k_cache.size(0), "), got ", r);
+      LLMK_CHECK_ARG(s_new == 0 || !used[r], op, "cache_batch_idx",
+                     "must name distinct cache rows when new tokens are written, row ", r, " repeats");
+      used[r] = true;
+    }
+  } else {
+    LLMK_CHECK_ARG(k_cache.size(0) == batch, op, "k_cache", "must have q's batch (", batch, ") rows, got ",
+                   k_cache.size(0));
+  }
+  return layout;
+}
+
 at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
                                        const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left,
-                                       int64_t window_right, double softcap) {
+                                       int64_t window_right, double softcap,
+                                       const std::optional<at::Tensor>& block_table,
+                                       const std::optional<at::Tensor>& cache_batch_idx) {
   constexpr const char* op = "flash_attn_with_kvcache";
-  check_qkv(op, q, k_cache, v_cache);
+  check_qkv(op, q, k_cache, v_cache, /*same_batch=*/false);
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);  // (before the caches are written)
-  const int64_t batch = q.size(0), capacity = k_cache.size(1), hk = k_cache.size(2), d = q.size(3);
+  const int64_t batch = q.size(0), hk = k_cache.size(2), d = q.size(3);
   LLMK_CHECK_ARG(k_new.has_value() == v_new.has_value(), op, "k_new", "and v_new must be given together");
   int64_t s_new = 0;
   if (k_new.has_value()) {
@@ -155,6 +222,8 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
     s_new = kn.size(1);
     LLMK_CHECK_SHAPE(op, kn, batch, s_new, hk, d);
     LLMK_CHECK_SHAPE(op, vn, batch, s_new, hk, d);
+    LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, kn);
+    LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, vn);
   }
   if (s_new > 0) {  // the new tokens are written into the caches
     LLMK_CHECK_NO_OVERLAP(op, k_cache);
@@ -163,25 +232,46 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
   LLMK_CHECK_SAME_DEVICE(op, cache_seqlens, q);
   LLMK_CHECK_DTYPE(op, cache_seqlens, at::kInt);
   LLMK_CHECK_SHAPE(op, cache_seqlens, batch);
+  const CacheLayout layout = cache_layout(op, q, k_cache, s_new, block_table, cache_batch_idx);
 
   // Keys visible to each row: its cached tokens plus the new ones, which go into the cache first.
   const at::Tensor lens = cache_seqlens.contiguous();
   at::Tensor total = at::empty({batch}, lens.options());
   const int32_t* len = lens.data_ptr<int32_t>();
   for (int64_t i = 0; i < batch; ++i) {
-    LLMK_CHECK_ARG(len[i] >= 0 && len[i] + s_new <= capacity, op, "cache_seqlens",
+    LLMK_CHECK_ARG(len[i] >= 0 && len[i] + s_new <= layout.capacity, op, "cache_seqlens",
                    "must leave room for the new tokens: row ", i, " holds ", len[i], " + ", s_new,
-                   " new > capacity ", capacity);
+                   " new > capacity ", layout.capacity);
     total.data_ptr<int32_t>()[i] = static_cast<int32_t>(len[i] + s_new);
   }
-  if (s_new > 0) {
-    for (int64_t i = 0; i < batch; ++i) {
-      k_cache[i].narrow(0, len[i], s_new).copy_((*k_new)[i]);
-      v_cache[i].narrow(0, len[i], s_new).copy_((*v_new)[i]);
+  if (s_new > 0) {  // row by row: each (token, head) row is headdim contiguous elements
+    const int64_t bytes = d * q.element_size();
+    for (const auto& [cache, fresh] : {std::pair<const at::Tensor&, const at::Tensor&>{k_cache, *k_new},
+                                       {v_cache, *v_new}}) {
+      char* dst = static_cast<char*>(cache.data_ptr());
+      const char* src = static_cast<const char*>(fresh.data_ptr());
+      for (int64_t i = 0; i < batch; ++i) {
+        for (int64_t t = 0; t < s_new; ++t) {
+          const int64_t row = layout.offset(cache, i, len[i] + t);
+          for (int64_t h = 0; h < hk; ++h) {
+            std::memcpy(dst + (row + h * cache.stride(2)) * q.element_size(),
+                        src + (i * fresh.stride(0) + t * fresh.stride(1) + h * fresh.stride(2)) * q.element_size(),
+                        bytes);
+          }
+        }
+      }
     }
   }
   AttnParams p = make_params(op, q, k_cache, v_cache, softmax_scale, window_left, window_right, softcap);
   p.seqlens_k = total.data_ptr<int32_t>();
+  p.kv_batch = layout.rows;
+  p.block_table = layout.pages;
+  p.table_stride = layout.table_stride;
+  p.page_size = layout.page_size;
+  if (layout.pages != nullptr) {  // keys run over the pages: the band's bounds are in those positions
+    p.seqlen_k = layout.capacity;
+    p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
+  }
   return std::get<0>(run_forward(p, q));
 }
 

@@ -62,11 +62,22 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or _rows_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
-def _cuda_kvcache_supports(q, k_cache, v_cache, *args, **kwargs) -> str | None:
-    reason = _cuda_supports(q)
+def _cuda_kvcache_supports(q, k_cache, v_cache, *args) -> str | None:
+    reason = _cuda_supports(q) or _plain_cache(*args)
     if reason is None and not (_rows_aligned(k_cache) and _rows_aligned(v_cache)):
         return "the CUDA kernel needs k_cache and v_cache rows 16-byte aligned (updated in place, so never copied)"
     return reason
+
+
+def _plain_cache(*args) -> str | None:
+    """Why a kvcache backend without cache_batch_idx / block_table support cannot run a call (args: the kvcache
+    impls' arguments after v_cache; the last two are block_table, cache_batch_idx)."""
+    block_table, cache_batch_idx = args[-2], args[-1]
+    if block_table is not None:
+        return "no paged KV (block_table) in this kernel"
+    if cache_batch_idx is not None:
+        return "no cache_batch_idx in this kernel"
+    return None
 
 
 _TRITON_MODULE = "llmkernels.triton.flash_attn"
@@ -124,15 +135,21 @@ def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: i
 
 
 # --------------------------------------------------------------------------------------------------
-# flash_attn_with_kvcache: (q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, left, right, softcap)
+# flash_attn_with_kvcache: (q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, left, right, softcap,
+#                           block_table, cache_batch_idx)
 # --------------------------------------------------------------------------------------------------
 flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
 
 
 @flash_attn_kvcache.register("reference")
-def _kvcache_reference(
-    q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
-):
+def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                       softcap, block_table, cache_batch_idx):  # fmt: skip
+    # The kernels check these on the host; here out-of-range indices would be an indexing error (a device
+    # assertion on a GPU), so they are read back and checked first: this path is slow anyway.
+    for name, index, bound in (("block_table", block_table, k_cache.shape[0]),
+                               ("cache_batch_idx", cache_batch_idx, k_cache.shape[0])):  # fmt: skip
+        if index is not None and index.numel() and not (0 <= int(index.min()) and int(index.max()) < bound):
+            raise ValueError(f"llmkernels.flash_attn_with_kvcache: {name} entries must lie in [0, {bound})")
     return flash_attn_with_kvcache_ref(
         q,
         k_cache,
@@ -143,18 +160,23 @@ def _kvcache_reference(
         softmax_scale,
         window_size=(window_left, window_right),
         softcap=softcap,
+        block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
     )
 
 
 @flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)
-def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap):
+def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
+                 block_table, cache_batch_idx):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
-    )
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
+        block_table, cache_batch_idx,
+    )  # fmt: skip
 
 
 @flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_kvcache_supports)
-def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap):
+def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
+                  block_table, cache_batch_idx):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
         _aligned(q),
         k_cache,
@@ -169,10 +191,13 @@ def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scal
     )
 
 
-@flash_attn_kvcache.register("triton", supports=_triton_supports_for("flash_attn_with_kvcache_triton"))
-def _kvcache_triton(
-    q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
-):
+def _triton_kvcache_supports(q, *args) -> str | None:
+    return _triton_supports_for("flash_attn_with_kvcache_triton")(q) or _plain_cache(*args)
+
+
+@flash_attn_kvcache.register("triton", supports=_triton_kvcache_supports)
+def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                    softcap, block_table, cache_batch_idx):  # fmt: skip
     fn = _triton_function("flash_attn_with_kvcache_triton")
     return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap)
 
@@ -400,28 +425,85 @@ def flash_attn_with_kvcache(
     cache_seqlens[i] + t before it is stored, and q at cache_seqlens[i] + t when causal or windowed, else at
     cache_seqlens[i] (every query at the first new position), the first rotary_dim channels, pairs (2c, 2c + 1)
     when rotary_interleaved else (c, c + rotary_dim / 2); see reference.attention.rotary_embedding. num_splits
-    (a launch hint) is accepted and ignored. Not supported (raise NotImplementedError): cache_batch_idx,
-    cache_leftpad, block_table (paged KV), alibi_slopes, return_softmax_lse.
+    (a launch hint) is accepted and ignored.
+
+    cache_batch_idx ((batch,) int32): row i of q uses row cache_batch_idx[i] of the caches, which may have any
+    number of rows. block_table ((batch, max_pages) int32, paged KV as in flash_attn / vLLM): k_cache and v_cache
+    are (num_pages, page_size, nheads_k, headdim) and position p of row i is slot p % page_size of page
+    block_table[i, p // page_size]; page_size a multiple of 64. Either runs on the CPU kernel and the reference
+    (on a GPU, the reference). Not supported (raise NotImplementedError): cache_leftpad, alibi_slopes,
+    return_softmax_lse.
     """
     fn = "flash_attn_with_kvcache"
-    for name, value in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
-                        ("block_table", block_table), ("alibi_slopes", alibi_slopes)):  # fmt: skip
+    for name, value in (("cache_leftpad", cache_leftpad), ("alibi_slopes", alibi_slopes)):
         if value is not None:
             raise NotImplementedError(f"llmkernels.{fn}: {name} is not supported (only None)")
     if return_softmax_lse:
         raise NotImplementedError(f"llmkernels.{fn}: return_softmax_lse=True is not supported (only False)")
-    if not _kvcache_args_ok(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap):
+    capacity = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() > 1 else 0
+    if block_table is not None or cache_batch_idx is not None:
+        capacity = _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size,
+                                         softcap, block_table, cache_batch_idx)  # fmt: skip
+    elif not _kvcache_args_ok(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap):
         _check_kvcache_args(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap)
     if not isinstance(cache_seqlens, torch.Tensor):  # an int (in range: checked), or None: the whole cache
         if cache_seqlens is None:
-            cache_seqlens = k_cache.shape[1] - (0 if k is None else k.shape[1])
+            cache_seqlens = capacity - (0 if k is None else k.shape[1])
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
     if rotary_cos is not None or rotary_sin is not None:
         q, k = _rotate_for_kvcache(fn, q, k, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved,
                                    positional_q=left >= 0 or right >= 0)  # fmt: skip
-    return flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap))
+    return flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap),
+                              block_table, cache_batch_idx)  # fmt: skip
+
+
+def _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap,
+                          block_table, cache_batch_idx) -> int:  # fmt: skip
+    """flash_attn_with_kvcache's checks when the caches are read through block_table or cache_batch_idx (their
+    first dimension is then pages or cache rows, not q's batch). Returns the tokens a row can hold."""
+    _check_common(fn, q, softmax_scale, window_size, softcap)
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError(f"llmkernels.{fn}: block_table and cache_batch_idx cannot be given together")
+    batch, _, nheads, d = q.shape
+    check_tensor(fn, "k_cache", k_cache, ndim=4, device=q.device, last_dim_contiguous=True)
+    check_same_dtype(fn, "k_cache", k_cache, "q", q)
+    check_shape(fn, "k_cache", k_cache, (*k_cache.shape[:3], d))
+    check_tensor(fn, "v_cache", v_cache, ndim=4, device=q.device, last_dim_contiguous=True)
+    check_same_dtype(fn, "v_cache", v_cache, "q", q)
+    check_shape(fn, "v_cache", v_cache, k_cache.shape)
+    nheads_k = k_cache.shape[2]
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(f"llmkernels.{fn}: k_cache's nheads_k ({nheads_k}) must divide q's nheads ({nheads})")
+    if block_table is not None:
+        check_tensor(fn, "block_table", block_table, ndim=2, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "block_table", block_table, (batch, block_table.shape[1]))
+        page_size = k_cache.shape[1]
+        if page_size == 0 or page_size % 64 != 0:
+            raise ValueError(f"llmkernels.{fn}: with a block_table, k_cache must be (num_pages, page_size, nheads_k, "
+                             f"headdim) with page_size a multiple of 64, got {tuple(k_cache.shape)}")  # fmt: skip
+        capacity = block_table.shape[1] * page_size
+    else:
+        check_tensor(fn, "cache_batch_idx", cache_batch_idx, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "cache_batch_idx", cache_batch_idx, (batch,))
+        capacity = k_cache.shape[1]
+    if (k is None) != (v is None):
+        raise ValueError(f"llmkernels.{fn}: k and v (the new tokens) must be given together")
+    seqlen_new = 0
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(fn, name, t, ndim=4, device=q.device, last_dim_contiguous=True)
+            check_same_dtype(fn, name, t, "q", q)
+            check_shape(fn, name, t, (batch, k.shape[1], nheads_k, d))
+        seqlen_new = k.shape[1]
+    if isinstance(cache_seqlens, int) and not 0 <= cache_seqlens <= capacity - seqlen_new:
+        raise ValueError(f"llmkernels.{fn}: cache_seqlens ({cache_seqlens}) + the {seqlen_new} new tokens must fit "
+                         f"in the cache's {capacity} slots")  # fmt: skip
+    if isinstance(cache_seqlens, torch.Tensor):
+        check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
+    return capacity
 
 
 def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, positional_q):
@@ -478,9 +560,8 @@ if _ext.loaded:
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @register_fake("llmkernels::flash_attn_with_kvcache")
-    def _kvcache_fake(
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap
-    ):
+    def _kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                      softcap, block_table=None, cache_batch_idx=None):  # fmt: skip
         return q.new_empty(q.shape)
 
     def _fwd_setup_context(ctx, inputs, output):

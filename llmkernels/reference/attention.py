@@ -110,6 +110,8 @@ def flash_attn_with_kvcache_ref(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     upcast: bool = True,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """flash_attn_with_kvcache semantics, one batch row at a time (rows may hold different lengths).
 
@@ -117,10 +119,27 @@ def flash_attn_with_kvcache_ref(
     tokens already in each row's cache (the whole cache when None). k, v: (batch, seqlen_new, nheads_k,
     headdim), written in place at cache_seqlens[i] before attending. q (batch, seqlen_q, nheads, headdim)
     then attends to keys 0 .. cache_seqlens[i] + seqlen_new - 1, the window aligned bottom-right.
+
+    cache_batch_idx ((batch,) int): row i of q uses row cache_batch_idx[i] of the caches. block_table
+    ((batch, max_pages) int32, paged KV): the caches are (num_pages, page_size, nheads_k, headdim) and position p
+    of row i lives at slot p % page_size of page block_table[i, p // page_size].
     """
     batch = q.shape[0]
+    if block_table is not None:
+        pages, page_size = block_table.long(), k_cache.shape[1]
+        capacity = pages.shape[1] * page_size
+    else:
+        rows = cache_batch_idx.long().tolist() if cache_batch_idx is not None else list(range(batch))
+        capacity = k_cache.shape[1]
+
+    def where(i: int, positions: torch.Tensor) -> tuple:
+        """Index of row i's cache positions in k_cache / v_cache."""
+        if block_table is not None:
+            return pages[i, positions // page_size], positions % page_size
+        return rows[i], positions
+
     if cache_seqlens is None:
-        lens = [k_cache.shape[1] - (k.shape[1] if k is not None else 0)] * batch
+        lens = [capacity - (k.shape[1] if k is not None else 0)] * batch
     elif isinstance(cache_seqlens, int):
         lens = [cache_seqlens] * batch
     else:
@@ -128,14 +147,15 @@ def flash_attn_with_kvcache_ref(
     s_new = k.shape[1] if k is not None else 0
     if k is not None:
         for i, n in enumerate(lens):
-            k_cache[i, n : n + s_new] = k[i]
-            v_cache[i, n : n + s_new] = v[i]
+            at = where(i, torch.arange(n, n + s_new, device=k_cache.device))
+            k_cache[at] = k[i]
+            v_cache[at] = v[i]
     outs = []
     for i, n in enumerate(lens):
-        total = n + s_new
+        at = where(i, torch.arange(n + s_new, device=k_cache.device))
         outs.append(
             flash_attn_ref(
-                q[i : i + 1], k_cache[i : i + 1, :total], v_cache[i : i + 1, :total],
+                q[i : i + 1], k_cache[at].unsqueeze(0), v_cache[at].unsqueeze(0),
                 softmax_scale, causal, window_size, softcap, upcast,
             )
         )

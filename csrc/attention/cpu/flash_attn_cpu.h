@@ -22,6 +22,14 @@ struct AttnParams {
   int64_t batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim;
   // Per-batch number of keys (the KV-cache op: cache_seqlens + new tokens); null means seqlen_k for all.
   const int32_t* seqlens_k;
+  // KV-cache op only (the forward), both null otherwise. kv_batch (cache_batch_idx): batch b reads K / V batch
+  // kv_batch[b]. block_table (paged KV): key s of batch b is row s % page_size of page
+  // block_table[b * table_stride + s / page_size], k and v being (num_pages, page_size, hk, d) (batch_stride
+  // steps pages). page_size is a multiple of kBlockK and key blocks start at multiples of kBlockK, so a block
+  // never leaves its page.
+  const int32_t* kv_batch;
+  const int32_t* block_table;
+  int64_t table_stride, page_size;
   float softmax_scale, softcap;  // softcap 0: off
   int64_t window_left, window_right;  // -1: unbounded
 

@@ -97,6 +97,18 @@ inline const void* row_start(const Tensor4& t, int64_t b, int64_t s, int64_t h, 
   return static_cast<const char*>(t.data) + (b * t.batch_stride + s * t.seq_stride + h * t.head_stride) * bytes;
 }
 
+// Keys j0 .. j0 + kBlockK - 1 of batch b in K or V (`t`, elements of `bytes` bytes) as a view whose row (0, c, h) is
+// key j0 + c, head h: through cache_batch_idx or the page table of the KV-cache op (see AttnParams).
+inline Tensor4 key_block(const AttnParams& p, const Tensor4& t, int64_t b, int64_t j0, int64_t bytes) {
+  int64_t outer = p.kv_batch != nullptr ? p.kv_batch[b] : b, row = j0;
+  if (p.block_table != nullptr) {
+    outer = p.block_table[b * p.table_stride + j0 / p.page_size];
+    row = j0 % p.page_size;
+  }
+  return {static_cast<const char*>(t.data) + (outer * t.batch_stride + row * t.seq_stride) * bytes, 0, t.seq_stride,
+          t.head_stride};
+}
+
 // dst[0:n] = mul * row (batch b, position s, head h) of `t`, in fp32.
 inline void load_row(ElemType dtype, const Tensor4& t, int64_t b, int64_t s, int64_t h, int64_t n, float mul,
                      float* dst) {
@@ -575,34 +587,35 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     }
     int64_t klo, khi;
     band.keys_for(row_pos[0], row_pos[rows - 1] + 1, klo, khi);
+    if (p.block_table != nullptr) klo -= klo % kBlockK;  // blocks within pages; the mask hides the keys added
+    const int64_t elem = p.dtype == ElemType::kFloat32 ? 4 : 2;
     for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
       const int64_t cols = imin(kBlockK, khi - j0);
+      const Tensor4 kblk = key_block(p, p.k, b, j0, elem), vblk = key_block(p, p.v, b, j0, elem);
       const float *kp = kb, *vp = vb;
       int64_t k_ld = dp, v_ld = dp;
       if (dot) {
 #ifdef LLMK_ATTN_BF16_DOT
-        const uint16_t* k16 = static_cast<const uint16_t*>(p.k.data) + b * p.k.batch_stride + j0 * p.k.seq_stride +
-                              hk * p.k.head_stride;
-        const uint16_t* v16 = static_cast<const uint16_t*>(p.v.data) + b * p.v.batch_stride + j0 * p.v.seq_stride +
-                              hk * p.v.head_stride;
+        const uint16_t* k16 = static_cast<const uint16_t*>(kblk.data) + hk * p.k.head_stride;
+        const uint16_t* v16 = static_cast<const uint16_t*>(vblk.data) + hk * p.v.head_stride;
         interleave_value_pairs(v16, p.v.seq_stride, cols, d, reinterpret_cast<uint32_t*>(vb), d);
         block_scores_bf16(cols, nrows, d, k16, p.k.seq_stride, reinterpret_cast<const uint32_t*>(qt), q_scale, st,
                           m_blk);
 #endif
       } else if (kv_in_place) {
-        kp = static_cast<const float*>(p.k.data) + b * p.k.batch_stride + j0 * p.k.seq_stride + hk * p.k.head_stride;
-        vp = static_cast<const float*>(p.v.data) + b * p.v.batch_stride + j0 * p.v.seq_stride + hk * p.v.head_stride;
+        kp = static_cast<const float*>(kblk.data) + hk * p.k.head_stride;
+        vp = static_cast<const float*>(vblk.data) + hk * p.v.head_stride;
         k_ld = p.k.seq_stride;
         v_ld = p.v.seq_stride;
       } else {
-        const int64_t elem = p.dtype == ElemType::kFloat32 ? 4 : 2;
         for (int64_t c = 0; c < cols; ++c) {
+          // (Past the block's end in a paged cache these addresses may lie outside it: prefetches never fault.)
           if (few && j0 + c + kPrefetchKeys < khi) {
-            prefetch_row(row_start(p.k, b, j0 + c + kPrefetchKeys, hk, elem), d * elem);
-            prefetch_row(row_start(p.v, b, j0 + c + kPrefetchKeys, hk, elem), d * elem);
+            prefetch_row(row_start(kblk, 0, c + kPrefetchKeys, hk, elem), d * elem);
+            prefetch_row(row_start(vblk, 0, c + kPrefetchKeys, hk, elem), d * elem);
           }
-          load_row(p.dtype, p.k, b, j0 + c, hk, d, 1.f, kb + c * dp);
-          load_row(p.dtype, p.v, b, j0 + c, hk, d, 1.f, vb + c * dp);
+          load_row(p.dtype, kblk, 0, c, hk, d, 1.f, kb + c * dp);
+          load_row(p.dtype, vblk, 0, c, hk, d, 1.f, vb + c * dp);
         }
       }
       if (few) {  // per-key dot products; in place, also fetching K and V rows ahead

@@ -331,8 +331,13 @@ void run_gqa_decode(FwdParams& p, const Tensor& q, cudaStream_t stream) {
 Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                     const std::optional<Tensor>& k_new, const std::optional<Tensor>& v_new,
                                     const Tensor& cache_seqlens, double softmax_scale, int64_t window_left,
-                                    int64_t window_right, double softcap) {
+                                    int64_t window_right, double softcap, const std::optional<Tensor>& block_table,
+                                    const std::optional<Tensor>& cache_batch_idx) {
   constexpr const char* op = "flash_attn_with_kvcache";
+  LLMK_CHECK_ARG(!(block_table.has_value() && block_table->defined()), op, "block_table",
+                 "(paged KV) is not supported by the CUDA kernels (the CPU kernel and the reference take it)");
+  LLMK_CHECK_ARG(!(cache_batch_idx.has_value() && cache_batch_idx->defined()), op, "cache_batch_idx",
+                 "is not supported by the CUDA kernels");
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   check_qkv(op, q, k_cache, v_cache, "k_cache", "v_cache");
   LLMK_CHECK_ARG(k_new.has_value() == v_new.has_value(), op, "k_new", "and v_new must be given together");
