@@ -60,8 +60,9 @@ def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
     _triton_function("flash_attn_varlen_triton")  # imports the module, which registers the op
     return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap
-    )
+        q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, scale, left, right,
+        softcap,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

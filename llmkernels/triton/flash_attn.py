@@ -1,12 +1,16 @@
-"""Flash attention on Triton: the `llmkernels::flash_attn_{fwd,bwd}_triton` ops and their autograd.
+"""Flash attention on Triton: the `llmkernels::flash_attn{,_varlen}_{fwd,bwd}_triton` ops and their autograd.
 
     flash_attn_triton(q, k, v, softmax_scale, window_left, window_right, softcap) -> out   (differentiable)
     flash_attn_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
                                    window_left, window_right, softcap) -> out   (decode; writes the caches)
+    flash_attn_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                             window_left, window_right, softcap) -> out   (packed sequences; differentiable)
 
 q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0;
 fp16 / bf16 / fp32, headdim <= 256, last dimension contiguous (other strides are passed to the kernels).
-Semantics are `llmkernels.reference.attention.flash_attn_fwd_ref`'s; the kernels are in flash_attn_kernels.py.
+Varlen: q (total_q, nheads, headdim), k, v (total_k, nheads_k, headdim), cu_seqlens (batch + 1,) int32.
+Semantics are `llmkernels.reference.attention.flash_attn_fwd_ref`'s (flash_attn_varlen_fwd_ref's); the kernels
+are in flash_attn_kernels.py.
 Imported lazily by llmkernels.ops.attention: importing this module imports triton.
 """
 
@@ -241,8 +245,8 @@ def _banded(meta: dict) -> bool:
 
 def _common_meta(q: torch.Tensor, window_left: int, window_right: int, softcap: float) -> dict:
     return dict(
-        HEADDIM=q.shape[3],
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])),
+        HEADDIM=q.shape[-1],
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
         HAS_WL=window_left >= 0,
         HAS_WR=window_right >= 0,
         SOFTCAP=softcap > 0,
@@ -277,13 +281,15 @@ def flash_attn_fwd_triton(
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # not batch * nheads: grid y stops at 65535
     kernel, descs = flash_attn_fwd_kernel, ()
     # The TMA variant folds the scale into the max (needs scale > 0; soft-capping applies its own scale).
-    variant, extra = (cfg[4] if len(cfg) > 4 else 0), {}
+    # The pointer kernel's varlen arguments: none (None is a constexpr: no kernel parameter, no code).
+    variant, tail, extra = (cfg[4] if len(cfg) > 4 else 0), (None, None), {"VARLEN": False}
     if variant in (1, 2) and q.dtype != torch.float32 and (softmax_scale > 0 or softcap > 0):
         k_desc, v_desc = _tma_view(k, block_n, meta["BLOCK_D"]), _tma_view(v, block_n, meta["BLOCK_D"])
         if k_desc is not None and v_desc is not None:
-            kernel, descs, extra = flash_attn_fwd_tma_kernel, (k_desc, v_desc), {"TMA_MASKED": variant == 2}
+            kernel, descs, tail = flash_attn_fwd_tma_kernel, (k_desc, v_desc), ()
+            extra = {"TMA_MASKED": variant == 2}
     launch(kernel, grid,
-        q, k, v, *descs, out, lse,
+        q, k, v, *descs, out, lse, *tail,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
@@ -304,8 +310,10 @@ def flash_attn_bwd_triton(
     window_left: int,
     window_right: int,
     softcap: float,
+    dsoftmax_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of flash_attn_fwd_triton from dout (b, sq, h, d), the saved out and softmax_lse (b, h, sq).
+    """(dq, dk, dv) of flash_attn_fwd_triton from dout (b, sq, h, d), the saved out and softmax_lse (b, h, sq), and
+    the gradient reaching softmax_lse when there is one (it lowers delta: d lse_i / d s_ij = p_ij).
 
     dk, dv (b, sk, hk, d) are summed over each KV head's query heads inside the kernel (no extra pass).
     """
@@ -335,6 +343,7 @@ def flash_attn_bwd_triton(
         dout.stride(2), nheads, seqlen_q,
         HEADDIM=headdim, BLOCK_M=dq_cfg[0], BLOCK_D=meta["BLOCK_D"],
     )  # fmt: skip
+    _lower_delta(fn, delta, dsoftmax_lse)
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
@@ -342,16 +351,24 @@ def flash_attn_bwd_triton(
     scalars = (nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right)
     block_m, block_n, num_warps, num_stages = dkdv_cfg
     launch(flash_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), nheads_k, batch),
-        q, k, v, dout, softmax_lse, delta, dk, dv, *strides,
+        q, k, v, dout, softmax_lse, delta, dk, dv, None, None, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, **meta,
     )  # fmt: skip
     block_m, block_n, num_warps, num_stages = dq_cfg
     launch(flash_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), nheads, batch),
-        q, k, v, dout, softmax_lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
+        q, k, v, dout, softmax_lse, delta, dq, None, None, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, **meta,
     )  # fmt: skip
     return dq, dk, dv
+
+
+def _lower_delta(fn: str, delta: torch.Tensor, dsoftmax_lse: torch.Tensor | None) -> None:
+    """delta -= dsoftmax_lse: a gradient reaching lse_i adds p_ij * dlse_i to ds_ij, as a lower delta_i does."""
+    if dsoftmax_lse is not None:
+        check_tensor(fn, "dsoftmax_lse", dsoftmax_lse, dtypes=(torch.float32,), device=delta.device)
+        check_shape(fn, "dsoftmax_lse", dsoftmax_lse, delta.shape)
+        delta.sub_(dsoftmax_lse)
 
 
 @torch.library.triton_op("llmkernels::flash_attn_with_kvcache_triton", mutates_args=("k_cache", "v_cache"))
@@ -381,13 +398,161 @@ def flash_attn_with_kvcache_triton(
                          softcap, meta)  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------------
+# Variable-length (packed) batches: flash_attn_varlen_func
+# --------------------------------------------------------------------------------------------------
+def _check_varlen(
+    fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
+) -> None:
+    check_tensor(fn, "q", q, ndim=3, dtypes=DTYPES, last_dim_contiguous=True)
+    check_tensor(fn, "k", k, ndim=3, dtypes=DTYPES, device=q.device, last_dim_contiguous=True)
+    check_tensor(fn, "v", v, ndim=3, dtypes=DTYPES, device=q.device, last_dim_contiguous=True)
+    check_same_dtype(fn, "k", k, "q", q)
+    check_same_dtype(fn, "v", v, "q", q)
+    _, nheads, headdim = q.shape
+    if headdim > MAX_HEADDIM:
+        raise ValueError(f"llmkernels.{fn}: q head dim must be <= {MAX_HEADDIM}, got {headdim}")
+    check_shape(fn, "k", k, (k.shape[0], k.shape[1], headdim))
+    check_shape(fn, "v", v, k.shape)
+    if k.shape[1] == 0 or nheads % k.shape[1] != 0:
+        raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[1]}) must divide q's nheads ({nheads})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(fn, name, cu, ndim=1, dtypes=(torch.int32,), device=q.device, contiguous=True)
+        if cu.shape[0] < 1:
+            raise ValueError(f"llmkernels.{fn}: {name} must hold batch + 1 >= 1 offsets, got shape {tuple(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(
+            f"llmkernels.{fn}: cu_seqlens_k must have cu_seqlens_q's shape {tuple(cu_seqlens_q.shape)}, "
+            f"got {tuple(cu_seqlens_k.shape)}"
+        )
+
+
+def _varlen_blocks(max_seqlen: int, total: int, block: int) -> int:
+    """Grid axis 0: max_seqlen is only a hint (the kernels loop over whatever blocks a sequence has), so it is
+    bounded by the packed length and kept >= 1."""
+    return max(1, triton.cdiv(min(max_seqlen, total), block))
+
+
+@torch.library.triton_op("llmkernels::flash_attn_varlen_fwd_triton", mutates_args=())
+def flash_attn_varlen_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (total_q, h, d) in q's dtype, softmax_lse (h, total_q) fp32) of the packed sequences; see
+    flash_attn_varlen_fwd_ref. q: (total_q, h, d); k, v: (total_k, hk, d); cu_seqlens_*: (batch + 1,) int32."""
+    _check_varlen("flash_attn_varlen_fwd_triton", q, k, v, cu_seqlens_q, cu_seqlens_k)
+    total_q, nheads, headdim = q.shape
+    total_k, nheads_k = k.shape[0], k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    # Rows past cu_seqlens_q[-1] belong to no sequence and no program writes them: they start as out 0, lse -inf.
+    out = torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device)
+    lse = torch.full((nheads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or total_k == 0 or batch == 0:
+        return out, lse
+    # The longest sequence is not known without a sync; a window as wide as the packed tensor is unbounded too.
+    window_left, window_right = _bounded_windows(window_left, window_right, total_q, total_k)
+    meta = _common_meta(q, window_left, window_right, softcap)
+    block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta), max_seqlen_k)[:4]
+    grid = (_varlen_blocks(max_seqlen_q, total_q, block_m), nheads, batch)
+    # Batch strides 0: a sequence's rows are found from cu_seqlens; seqlen_q / seqlen_k are the packed lengths.
+    launch(flash_attn_fwd_kernel, grid,
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
+        0, out.stride(0), out.stride(1),
+        nheads, nheads // nheads_k, total_q, total_k, softmax_scale, softcap, window_left, window_right,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta,
+    )  # fmt: skip
+    return out, lse
+
+
+@torch.library.triton_op("llmkernels::flash_attn_varlen_bwd_triton", mutates_args=())
+def flash_attn_varlen_bwd_triton(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    dsoftmax_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of flash_attn_varlen_fwd_triton from dout (total_q, h, d), the saved out and softmax_lse
+    (h, total_q). Rows outside every sequence get zero gradients."""
+    fn = "flash_attn_varlen_bwd_triton"
+    _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k)
+    check_tensor(fn, "dout", dout, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
+    check_shape(fn, "dout", dout, q.shape)
+    check_tensor(fn, "out", out, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
+    check_shape(fn, "out", out, q.shape)
+    total_q, nheads, headdim = q.shape
+    total_k, nheads_k = k.shape[0], k.shape[1]
+    check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
+    check_shape(fn, "softmax_lse", softmax_lse, (nheads, total_q))
+    batch = cu_seqlens_q.shape[0] - 1
+
+    # No program writes rows outside the sequences (nor keys of sequences without queries, in dk / dv): zeros.
+    dq = torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device)
+    dk = torch.zeros((total_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
+    dv = torch.zeros((total_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0 or batch == 0:
+        return dq, dk, dv
+    # The longest sequence is not known without a sync; a window as wide as the packed tensor is unbounded too.
+    window_left, window_right = _bounded_windows(window_left, window_right, total_q, total_k)
+    meta = _common_meta(q, window_left, window_right, softcap)
+    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta))
+
+    # delta = rowsum(dout * out) is per row, sequences or not: the dense kernel over the packed rows as one batch
+    # of total_q writes exactly the (h, total_q) layout.
+    delta = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
+    launch(flash_attn_bwd_preprocess_kernel, (triton.cdiv(total_q, dq_cfg[0]), nheads, 1),
+        out, dout, delta, 0, out.stride(0), out.stride(1), 0, dout.stride(0), dout.stride(1), nheads, total_q,
+        HEADDIM=headdim, BLOCK_M=dq_cfg[0], BLOCK_D=meta["BLOCK_D"],
+    )  # fmt: skip
+    _lower_delta(fn, delta, dsoftmax_lse)
+    strides = (
+        0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
+        0, dout.stride(0), dout.stride(1),
+    )  # fmt: skip
+    scalars = (nheads, nheads // nheads_k, total_q, total_k, softmax_scale, softcap, window_left, window_right)
+    block_m, block_n, num_warps, num_stages = dkdv_cfg
+    launch(flash_attn_bwd_dkdv_kernel, (_varlen_blocks(max_seqlen_k, total_k, block_n), nheads_k, batch),
+        q, k, v, dout, softmax_lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *strides,
+        0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta,
+    )  # fmt: skip
+    block_m, block_n, num_warps, num_stages = dq_cfg
+    launch(flash_attn_bwd_dq_kernel, (_varlen_blocks(max_seqlen_q, total_q, block_m), nheads, batch),
+        q, k, v, dout, softmax_lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *strides, 0, dq.stride(0), dq.stride(1),
+        *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
 if _INTERPRET:
     # triton_op decomposes the op into its kernel launches when AOTAutograd functionalizes a graph, so Inductor
     # can see the kernels. Interpreted kernels cannot be traced: keep the ops opaque instead.
     def _keep_opaque(mode, op, types, args, kwargs):
         return mode.__torch_dispatch__(op, types, args, kwargs)
 
-    for _op in (flash_attn_fwd_triton, flash_attn_bwd_triton, flash_attn_with_kvcache_triton):
+    for _op in (flash_attn_fwd_triton, flash_attn_bwd_triton, flash_attn_with_kvcache_triton,
+                flash_attn_varlen_fwd_triton, flash_attn_varlen_bwd_triton):
         _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
 
 
@@ -395,15 +560,21 @@ def _setup_context(ctx, inputs, output):
     q, k, v, softmax_scale, window_left, window_right, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.mark_non_differentiable(lse)  # an auxiliary output, as in flash_attn: no gradient flows through it
+    ctx.set_materialize_grads(False)  # dlse is None unless lse reached the loss (return_attn_probs)
     ctx.args = (softmax_scale, window_left, window_right, softcap)
+
+
+def _grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """dout for the kernels: zeros when only lse reached the loss, contiguous in its last dimension."""
+    if dout is None:
+        return torch.zeros_like(out)
+    return dout if dout.stride(-1) == 1 else dout.contiguous()
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd_triton(dout, q, k, v, out, lse, *ctx.args)
+    dout = _grad_of_output(dout, out)
+    dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd_triton(dout, q, k, v, out, lse, *ctx.args, dlse)
     return dq, dk, dv, None, None, None, None
 
 
@@ -422,4 +593,45 @@ def flash_attn_triton(
     """Attention output (batch, seqlen_q, nheads, headdim); differentiable in q, k, v."""
     return torch.ops.llmkernels.flash_attn_fwd_triton(
         q, k, v, float(softmax_scale), int(window_left), int(window_right), float(softcap)
+    )[0]
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.set_materialize_grads(False)  # dlse is None unless lse reached the loss (return_attn_probs)
+    ctx.args = tuple(args)  # max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.llmkernels.flash_attn_varlen_bwd_triton(
+        _grad_of_output(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, dlse
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "llmkernels::flash_attn_varlen_fwd_triton", _varlen_backward, setup_context=_varlen_setup_context
+)
+
+
+def flash_attn_varlen_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Attention output (total_q, nheads, headdim) of packed sequences; differentiable in q, k, v."""
+    return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
+        int(window_left), int(window_right), float(softcap),
     )[0]

@@ -17,6 +17,13 @@ the saved lse: one program per BLOCK_N keys accumulates dK and dV over the query
 over every query head of its KV head group (so GQA needs no reduction afterwards), and one program per
 BLOCK_M queries accumulates dQ over its key tiles.
 
+Varlen (VARLEN=True, flash_attn_varlen_func): q, o (total_q, h, d) and k, v (total_k, hk, d) hold the sequences
+packed end to end, sequence b at rows CU_SEQLENS_*[b] .. [b + 1] - 1; lse / delta are (h, total_q). The grid's
+batch axis is the sequence and its block axis is sized from max_seqlen, a mere hint: each program loops over the
+blocks of its sequence with a stride of the grid's size. The per-block work is the dense kernel's, a @triton.jit
+helper that gets pointers already moved to the sequence's first row; the dense path calls it once with the
+same arguments as before.
+
 Speed: for head dims >= 64 both passes are bound by tensor-core throughput of the two (forward) or five
 (backward) tl.dot per tile; for small head dims and short rows, by the exp2 throughput and by reading K/V
 (each K/V tile is read once per query block).
@@ -124,22 +131,28 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
 
 
 @triton.jit
-def flash_attn_fwd_kernel(
-    Q, K, V, Out, LSE,  # q: (b, sq, h, d); k, v: (b, sk, hk, d); o like q; lse: (b, h, sq) fp32
+def _varlen_span(CU, b, total):
+    """(start, length) of sequence b of a packed tensor of `total` rows, from cu_seqlens CU. Clamped into
+    [0, total] with end >= start: the host cannot check the values without a sync, and nonsense ones must still
+    never index outside the tensors."""
+    start = tl.load(CU + b)
+    end = tl.load(CU + b + 1)
+    start = tl.minimum(tl.maximum(start, 0), total)
+    end = tl.minimum(tl.maximum(end, start), total)
+    return start, end - start
+
+
+@triton.jit
+def _fwd_block(
+    Q, K, V, Out, LSE, start_m, off_b, off_h, off_hk,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
-    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Longest rows (the last query blocks under a causal mask) are scheduled first.
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    off_hk = (off_h // group).to(tl.int64)
-    off_h = off_h.to(tl.int64)
-
+    """Query block start_m of (batch off_b, head off_h); LSE row r of that head at (off_b * nheads + off_h) *
+    lse_len + r."""
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -175,8 +188,49 @@ def flash_attn_fwd_kernel(
     lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_mask)
-    lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
+    lse_ptrs = LSE + (off_b * nheads + off_h) * lse_len + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def flash_attn_fwd_kernel(
+    Q, K, V, Out, LSE,  # q: (b, sq, h, d); k, v: (b, sk, hk, d); o like q; lse: (b, h, sq) fp32
+    CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: (b + 1,) int32; q, o (total_q, h, d); k, v (total_k, hk, d); lse (h, total_q)
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,  # VARLEN: total_q, total_k
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    if VARLEN:
+        off_h = tl.program_id(1)
+        off_hk = (off_h // group).to(tl.int64)
+        off_h = off_h.to(tl.int64)
+        q_start, len_q = _varlen_span(CU_SEQLENS_Q, tl.program_id(2), seqlen_q)
+        k_start, len_k = _varlen_span(CU_SEQLENS_K, tl.program_id(2), seqlen_k)
+        q0, k0 = q_start.to(tl.int64), k_start.to(tl.int64)
+        # The grid is sized from max_seqlen_q, a hint: each program strides over its sequence's blocks instead.
+        # Batch index 0: the bases passed point at the sequence's first row (lse / delta: (h, total_q)).
+        n_blocks = tl.cdiv(len_q, BLOCK_M)
+        for it in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            _fwd_block(Q + q0 * stride_qm, K + k0 * stride_kn, V + k0 * stride_vn, Out + q0 * stride_om, LSE + q0,
+                       n_blocks - 1 - it, 0, off_h, off_hk, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn,
+                       stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, nheads, seqlen_q,
+                       len_q, len_k, scale, softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+    else:
+        # Longest rows (the last query blocks under a causal mask) are scheduled first.
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
+        off_h = tl.program_id(1)
+        off_b = tl.program_id(2).to(tl.int64)
+        off_hk = (off_h // group).to(tl.int64)
+        off_h = off_h.to(tl.int64)
+        _fwd_block(Q, K, V, Out, LSE, start_m, off_b, off_h, off_hk, stride_qb, stride_qm, stride_qh, stride_kb,
+                   stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, nheads,
+                   seqlen_q, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N,
+                   BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
 
 
 @triton.jit
@@ -243,19 +297,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
 
 
 @triton.jit
-def flash_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do: (b, sq, h, d); k, v, dk, dv: (b, sk, hk, d); lse, delta: (b, h, sq)
+def _bwd_dkdv_block(
+    Q, K, V, DO, LSE, DELTA, DK, DV, start_n, off_b, off_hk,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    nheads, group, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32."""
-    start_n = tl.program_id(0)
-    off_hk = tl.program_id(1).to(tl.int64)  # grid (key blocks, nheads_k, batch)
-    off_b = tl.program_id(2).to(tl.int64)
-
+    """Key block start_n of (batch off_b, KV head off_hk); LSE / delta row r of head h at (off_b * nheads + h) *
+    lse_len + r."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -277,8 +328,8 @@ def flash_attn_bwd_dkdv_kernel(
         off_h = off_hk * group + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        lse_ptr = LSE + (off_b * nheads + off_h) * seqlen_q
-        delta_ptr = DELTA + (off_b * nheads + off_h) * seqlen_q
+        lse_ptr = LSE + (off_b * nheads + off_h) * lse_len
+        delta_ptr = DELTA + (off_b * nheads + off_h) * lse_len
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
                                  offs_n, offs_d, lo, a, seqlen_q, shift, window_left, window_right, scale, softcap,
                                  HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
@@ -294,6 +345,44 @@ def flash_attn_bwd_dkdv_kernel(
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + cols * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def flash_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do: (b, sq, h, d); k, v, dk, dv: (b, sk, hk, d); lse, delta: (b, h, sq)
+    CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: as flash_attn_fwd_kernel's; lse, delta: (h, total_q)
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,  # VARLEN: total_q, total_k
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32."""
+    if VARLEN:
+        off_hk = tl.program_id(1).to(tl.int64)
+        q_start, len_q = _varlen_span(CU_SEQLENS_Q, tl.program_id(2), seqlen_q)
+        k_start, len_k = _varlen_span(CU_SEQLENS_K, tl.program_id(2), seqlen_k)
+        q0, k0 = q_start.to(tl.int64), k_start.to(tl.int64)
+        # The grid is sized from max_seqlen_k, a hint: each program strides over its sequence's blocks instead.
+        # Batch index 0: the bases passed point at the sequence's first row (lse / delta: (h, total_q)).
+        for start_n in range(tl.program_id(0), tl.cdiv(len_k, BLOCK_N), tl.num_programs(0)):
+            _bwd_dkdv_block(Q + q0 * stride_qm, K + k0 * stride_kn, V + k0 * stride_vn, DO + q0 * stride_dom,
+                            LSE + q0, DELTA + q0, DK + k0 * stride_dkn, DV + k0 * stride_dvn, start_n, 0, off_hk,
+                            stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                            stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
+                            stride_dvb, stride_dvn, stride_dvh, nheads, group, seqlen_q, len_q, len_k, scale,
+                            softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR,
+                            SOFTCAP, DOT_PRECISION)
+    else:
+        start_n = tl.program_id(0)
+        off_hk = tl.program_id(1).to(tl.int64)  # grid (key blocks, nheads_k, batch)
+        off_b = tl.program_id(2).to(tl.int64)
+        _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, start_n, off_b, off_hk, stride_qb, stride_qm, stride_qh,
+                        stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob, stride_dom,
+                        stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, nheads,
+                        group, seqlen_q, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, HEADDIM,
+                        BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
 
 
 @triton.jit
@@ -331,22 +420,15 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
 
 
 @triton.jit
-def flash_attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,  # q, do, dq: (b, sq, h, d); k, v: (b, sk, hk, d); lse, delta: (b, h, sq)
+def _bwd_dq_block(
+    Q, K, V, DO, LSE, DELTA, DQ, start_m, off_b, off_h, off_hk,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (BLOCK_M queries, head, batch): the forward's loop with dS in place of P."""
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    off_hk = (off_h // group).to(tl.int64)
-    off_h = off_h.to(tl.int64)
-
+    """Query block start_m of (batch off_b, head off_h); LSE / delta row r at (off_b * nheads + off_h) * lse_len + r."""
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -356,7 +438,7 @@ def flash_attn_bwd_dq_kernel(
                 other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :], mask=qo_mask,
                  other=0.0)
-    row_ptr = (off_b * nheads + off_h) * seqlen_q + offs_m
+    row_ptr = (off_b * nheads + off_h) * lse_len + offs_m
     lse = tl.load(LSE + row_ptr, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
     delta = tl.load(DELTA + row_ptr, mask=offs_m < seqlen_q, other=0.0)
@@ -381,6 +463,49 @@ def flash_attn_bwd_dq_kernel(
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qo_mask)
+
+
+@triton.jit
+def flash_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,  # q, do, dq: (b, sq, h, d); k, v: (b, sk, hk, d); lse, delta: (b, h, sq)
+    CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: as flash_attn_fwd_kernel's; lse, delta: (h, total_q)
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+    nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,  # VARLEN: total_q, total_k
+    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """One program per (BLOCK_M queries, head, batch): the forward's loop with dS in place of P."""
+    if VARLEN:
+        off_h = tl.program_id(1)
+        off_hk = (off_h // group).to(tl.int64)
+        off_h = off_h.to(tl.int64)
+        q_start, len_q = _varlen_span(CU_SEQLENS_Q, tl.program_id(2), seqlen_q)
+        k_start, len_k = _varlen_span(CU_SEQLENS_K, tl.program_id(2), seqlen_k)
+        q0, k0 = q_start.to(tl.int64), k_start.to(tl.int64)
+        # The grid is sized from max_seqlen_q, a hint: each program strides over its sequence's blocks instead.
+        # Batch index 0: the bases passed point at the sequence's first row (lse / delta: (h, total_q)).
+        n_blocks = tl.cdiv(len_q, BLOCK_M)
+        for it in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            _bwd_dq_block(Q + q0 * stride_qm, K + k0 * stride_kn, V + k0 * stride_vn, DO + q0 * stride_dom, LSE + q0,
+                          DELTA + q0, DQ + q0 * stride_dqm, n_blocks - 1 - it, 0, off_h, off_hk, stride_qb, stride_qm,
+                          stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob,
+                          stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, nheads, seqlen_q, len_q, len_k,
+                          scale, softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL,
+                          HAS_WR, SOFTCAP, DOT_PRECISION)
+    else:
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
+        off_h = tl.program_id(1)
+        off_b = tl.program_id(2).to(tl.int64)
+        off_hk = (off_h // group).to(tl.int64)
+        off_h = off_h.to(tl.int64)
+        _bwd_dq_block(Q, K, V, DO, LSE, DELTA, DQ, start_m, off_b, off_h, off_hk, stride_qb, stride_qm, stride_qh,
+                      stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob, stride_dom,
+                      stride_doh, stride_dqb, stride_dqm, stride_dqh, nheads, seqlen_q, seqlen_q, seqlen_k, scale,
+                      softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP,
+                      DOT_PRECISION)
 
 
 # --- Forward variant for Hopper (opt-in: the 5th config field, see flash_attn.py) ------------------------------

@@ -7,9 +7,15 @@ import torch
 from attn_cases import needs_cpu_kernel
 
 import llmkernels
+from llmkernels._backend import triton_unavailable_reason
 from llmkernels.reference.attention import flash_attn_fwd_ref, flash_attn_varlen_fwd_ref
 
-BACKENDS = [pytest.param("cpu", marks=needs_cpu_kernel), "reference"]
+_NO_TRITON = triton_unavailable_reason("cpu")  # the kernels run on CPU tensors under TRITON_INTERPRET=1
+BACKENDS = [
+    pytest.param("cpu", marks=needs_cpu_kernel),
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON is not None, reason=str(_NO_TRITON))),
+]
 
 
 def _loss(out, lse, w_out, w_lse):
@@ -22,6 +28,8 @@ def _loss(out, lse, w_out, w_lse):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("causal,window,softcap", [(True, (-1, -1), 0.0), (False, (5, 2), 4.0)])
 def test_lse_and_its_gradient_dense(backend, dtype, causal, window, softcap):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter's bf16 tl.dot is not faithful (test_triton_attention.py)")
     q, k, v = torch.randn(2, 37, 4, 32, dtype=dtype), torch.randn(2, 50, 2, 32, dtype=dtype), \
         torch.randn(2, 50, 2, 32, dtype=dtype)
     w_out, w_lse = torch.randn(q.shape, dtype=torch.float64), torch.randn(2, 4, 37, dtype=torch.float64)
