@@ -132,7 +132,8 @@ def drive_launches(full: bool) -> list[Launch]:
     flash_attn = SimpleNamespace(
         **{
             n: _body(getattr(fa, n))
-            for n in ("flash_attn_fwd_triton", "flash_attn_bwd_triton", "flash_attn_with_kvcache_triton")
+            for n in ("flash_attn_fwd_triton", "flash_attn_bwd_triton", "flash_attn_with_kvcache_triton",
+                      "flash_attn_varlen_fwd_triton", "flash_attn_varlen_bwd_triton")
         }
     )
     sliding_window = SimpleNamespace(rolling_window_attn_triton=_body(sw.rolling_window_attn_triton))
@@ -161,6 +162,16 @@ def drive_launches(full: bool) -> list[Launch]:
                 for left, right, cap in masks:
                     out, lse = flash_attn.flash_attn_fwd_triton(q, k, v, d**-0.5, left, right, cap)
                     flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left, right, cap)
+        for dtype in [torch.float16, torch.bfloat16, torch.float32] if full else [torch.bfloat16]:
+            for d in [64, 128, 256] if full else [128]:
+                # packed sequences (flash_attn_varlen_func): the same kernels with VARLEN=True
+                q, k, v = r(700, 4, d, dtype=dtype), r(900, 2, d, dtype=dtype), r(900, 2, d, dtype=dtype)
+                cu = r(4, dtype=torch.int32)
+                for left, right, cap in masks:
+                    out, lse = flash_attn.flash_attn_varlen_fwd_triton(q, k, v, cu, cu, 512, 512, d**-0.5, left,
+                                                                       right, cap)  # fmt: skip
+                    flash_attn.flash_attn_varlen_bwd_triton(torch.empty_like(q), q, k, v, out, lse, cu, cu, 512, 512,
+                                                            d**-0.5, left, right, cap)  # fmt: skip
         for dtype in [torch.float16, torch.bfloat16] if full else [torch.bfloat16]:
             for d in [64, 128, 256] if full else [128]:
                 q = r(4, 1, 8, d, dtype=dtype)
