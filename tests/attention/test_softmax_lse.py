@@ -100,3 +100,28 @@ def test_opcheck_bwd_with_dlse():
     torch.library.opcheck(torch.ops.llmkernels.flash_attn_bwd.default, args)
     with pytest.raises(RuntimeError, match="dsoftmax_lse must have softmax_lse's shape"):
         torch.ops.llmkernels.flash_attn_bwd(*args[:-1], torch.randn(2, 4, 8))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("causal,window,softcap", [(True, (-1, -1), 0.0), (False, (5, 2), 4.0)])
+def test_lse_and_its_gradient_gpu(backend, causal, window, softcap):
+    """bf16 on the GPU kernels (the CUDA backward lowers delta in its preprocess kernel; Triton on the host)."""
+    from llmkernels.reference.attention import normalize_window
+
+    q, k, v = (torch.randn(2, n, h, 64, dtype=torch.bfloat16, device="cuda") for n, h in ((77, 8), (90, 2), (90, 2)))
+    w_out = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    w_lse = torch.randn(2, 8, 77, dtype=torch.float64, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with llmkernels.use_backend(backend):
+        out, lse, _ = llmkernels.flash_attn_func(*leaves, causal=causal, window_size=window, softcap=softcap,
+                                                 return_attn_probs=True)
+    _loss(out, lse, w_out, w_lse).backward()
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    left, right = normalize_window(causal, window)
+    ref_out, ref_lse = flash_attn_fwd_ref(*exact, 64**-0.5, left, right, softcap)
+    _loss(ref_out, ref_lse, w_out, w_lse).backward()
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=3e-2, atol=6e-2)
+    for name, got, want in zip("qkv", leaves, exact):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=3e-2, atol=6e-2,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
