@@ -239,3 +239,24 @@ def test_compile_flash_attn_varlen_func():
     ref = llmkernels.flash_attn_varlen_func(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 5, 6, causal=True)
     torch.testing.assert_close(out, ref)
     assert q.grad is not None and k.grad.shape == k.shape
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("h,hk,d", [(0, 1, 8), (4, 2, 1), (2, 2, 256)])
+@pytest.mark.parametrize("totals,cu_q,cu_k", [((0, 0), [0], [0]), ((0, 5), [0, 0], [0, 5]), ((5, 0), [0, 5], [0, 0]),
+                                              ((7, 9), [2, 3, 5], [1, 4, 8])])
+@pytest.mark.parametrize("window", [(-1, -1), (0, 0), (2**62, 2**62)])
+def test_raw_ops_on_edge_shapes(h, hk, d, totals, cu_q, cu_k, window):
+    """The C++ ops straight through torch.ops on empty batches, empty totals, no heads, head dim 1 / 256 and
+    windows near INT64_MAX: finite results of the right shapes, rows outside every sequence zero, no crash."""
+    q = torch.randn(totals[0], h, d, dtype=torch.bfloat16)
+    k, v = torch.randn(totals[1], hk, d, dtype=torch.bfloat16), torch.randn(totals[1], hk, d, dtype=torch.bfloat16)
+    cq, ck = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    out, lse = torch.ops.llmkernels.flash_attn_varlen_fwd(q, k, v, cq, ck, 0, 0, 0.5, *window, 0.0)
+    assert out.shape == q.shape and lse.shape == (h, totals[0]) and torch.isfinite(out).all()
+    grads = torch.ops.llmkernels.flash_attn_varlen_bwd(torch.randn_like(q), q, k, v, out, lse, cq, ck, 0, 0, 0.5,
+                                                       *window, 0.0, torch.randn_like(lse))
+    for g, t in zip(grads, (q, k, v)):
+        assert g.shape == t.shape and torch.isfinite(g).all()
+    assert (out[: cu_q[0]] == 0).all() and (out[cu_q[-1] :] == 0).all()
+    assert (grads[1][: cu_k[0]] == 0).all() and (grads[1][cu_k[-1] :] == 0).all()
