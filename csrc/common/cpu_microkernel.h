@@ -21,9 +21,9 @@ struct Scratch {
 // ---------------------------------------------------------------------------------------------------
 // A(m, k) = A[m * a_m + k * a_k] (so a transposed A costs nothing); B, C row-major with leading dims ldb, ldc.
 // An R x NV tile of C (NV registers wide) lives in registers while K streams by: per k, NV loads of B and R
-// broadcasts of A feed R * NV FMAs.
-template <int R, int NV>
-inline void gemm_tile(int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb, float* C,
+// broadcasts of A feed R * NV FMAs. B is fp32, or bf16 (BT = uint16_t) widened as it is loaded.
+template <int R, int NV, typename BT>
+inline void gemm_tile(int64_t K, const float* A, int64_t a_m, int64_t a_k, const BT* B, int64_t ldb, float* C,
                       int64_t ldc, bool accumulate) {
   using reg = typename Vec::reg;
   constexpr int W = Vec::W;
@@ -45,8 +45,8 @@ inline void gemm_tile(int64_t K, const float* A, int64_t a_m, int64_t a_k, const
 }
 
 // All M rows of one NV-register-wide column strip: blocks of MR rows, then the remainder in one smaller tile.
-template <int MR, int NV>
-inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb,
+template <int MR, int NV, typename BT>
+inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_m, int64_t a_k, const BT* B, int64_t ldb,
                        float* C, int64_t ldc, bool accumulate) {
   int64_t m = 0;
   for (; m + MR <= M; m += MR) gemm_tile<MR, NV>(K, A + m * a_m, a_m, a_k, B, ldb, C + m * ldc, ldc, accumulate);
@@ -67,7 +67,8 @@ inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_m, int64_
 // ---------------------------------------------------------------------------------------------------
 // Scores of a few query rows (decode): one dot product per (key, row)
 // ---------------------------------------------------------------------------------------------------
-// st[c * ld + r] = qr[r] . key_row(c) over dp elements (zero padded, or dp == d in place), for keys c < cols and
+// st[c * ld + r] = qr[r] . key_row(c) over dp elements (zero padded, or dp == d in place; key_row returns fp32
+// rows, or bf16 rows as uint16_t, widened as they are loaded), for keys c < cols and
 // rows r < rows (kMaxDotRows at a time); rows [rows, nrows) score 0. Each key row is loaded once and shared by
 // the rows, where the product above would spend a broadcast and a mostly-padding register per key element.
 constexpr int64_t kMaxDotRows = 4;
@@ -76,7 +77,7 @@ template <int R, typename KeyRow>
 inline void dot_scores_tile(int64_t cols, int64_t dp, const float* qr, KeyRow key_row, float* st, int64_t ld) {
   using reg = typename Vec::reg;
   for (int64_t c = 0; c < cols; ++c) {
-    const float* k_row = key_row(c);
+    const auto* k_row = key_row(c);
     reg acc[R];  // R a constant: the accumulators stay in registers (a run-time count spilled them every step)
     for (int r = 0; r < R; ++r) acc[r] = Vec::zero();
     for (int64_t e = 0; e < dp; e += Vec::W) {

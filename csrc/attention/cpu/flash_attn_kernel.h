@@ -136,7 +136,8 @@ inline void load_row(ElemType dtype, const Tensor4& t, int64_t b, int64_t s, int
 
 // C[M x N] (+)= A[M x K] B[K x N], N a multiple of Vec::W: strips 4 registers wide (Vec::MR4 rows per tile),
 // then 2 (Vec::MR rows), then 1.
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B,
+template <typename BT>
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const BT* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int W = Vec::W;
   int64_t n = 0;
@@ -530,8 +531,10 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     const Band band(p, b);
     const int64_t r0 = qblock * kBlockQ, rows = imin(kBlockQ, packed_rows - r0), nrows = round_up_to_vec(rows);
     const bool few = rows <= kMaxDotRows, dot = dot_dtype && !few;
-    // K and V rows are read in place when fp32, except by the few-row path, whose loads span whole registers.
+    // K and V rows are read in place when fp32, except by the few-row path, whose loads span whole registers;
+    // that path also reads bf16 rows in place (widened in registers: no staging copy, the decode's main cost).
     const bool kv_in_place = fp32 && (!few || d == dp);
+    const bool bf16_in_place = few && d == dp && p.dtype == ElemType::kBFloat16;
     for (int64_t r = 0; r < rows; ++r) {
       row_pos[r] = (r0 + r) / pack;
       row_head[r] = head_pack * pack + (r0 + r) % pack;
@@ -593,6 +596,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
       const int64_t cols = imin(kBlockK, khi - j0);
       const Tensor4 kblk = key_block(p, p.k, b, j0, elem), vblk = key_block(p, p.v, b, j0, elem);
       const float *kp = kb, *vp = vb;
+      const uint16_t *kh = nullptr, *vh = nullptr;  // bf16_in_place: the block's rows of this KV head
       int64_t k_ld = dp, v_ld = dp;
       if (dot) {
 #ifdef LLMK_ATTN_BF16_DOT
@@ -607,6 +611,11 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         vp = static_cast<const float*>(vblk.data) + hk * p.v.head_stride;
         k_ld = p.k.seq_stride;
         v_ld = p.v.seq_stride;
+      } else if (bf16_in_place) {
+        kh = static_cast<const uint16_t*>(kblk.data) + hk * p.k.head_stride;
+        vh = static_cast<const uint16_t*>(vblk.data) + hk * p.v.head_stride;
+        k_ld = p.k.seq_stride;
+        v_ld = p.v.seq_stride;
       } else {
         for (int64_t c = 0; c < cols; ++c) {
           // (Past the block's end in a paged cache these addresses may lie outside it: prefetches never fault.)
@@ -618,7 +627,17 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
           load_row(p.dtype, vblk, 0, c, hk, d, 1.f, vb + c * dp);
         }
       }
-      if (few) {  // per-key dot products; in place, also fetching K and V rows ahead
+      if (bf16_in_place) {  // as below, from the bf16 rows
+        dot_scores(rows, nrows, cols, dp, qr,
+                   [&](int64_t c) {
+                     if (j0 + c + kPrefetchKeys < khi) {
+                       prefetch_row(kh + (c + kPrefetchKeys) * k_ld, d * 2);
+                       prefetch_row(vh + (c + kPrefetchKeys) * v_ld, d * 2);
+                     }
+                     return kh + c * k_ld;
+                   },
+                   st, kBlockQ);
+      } else if (few) {  // per-key dot products; in place, also fetching K and V rows ahead
         const bool ahead = kv_in_place;
         dot_scores(rows, nrows, cols, dp, qr,
                    [&](int64_t c) {
@@ -689,7 +708,11 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         for (int64_t r = 0; r < rows; ++r) {
           if (alpha[r] != 1.f) scale_row(ob + r * dp, dp, alpha[r]);
         }
-        gemm(rows, dp, cols, st, 1, kBlockQ, vp, v_ld, ob, dp, true);  // O += P V
+        if (bf16_in_place) {
+          gemm(rows, dp, cols, st, 1, kBlockQ, vh, v_ld, ob, dp, true);  // O += P V
+        } else {
+          gemm(rows, dp, cols, st, 1, kBlockQ, vp, v_ld, ob, dp, true);
+        }
       } else if (dot) {
 #ifdef LLMK_ATTN_BF16_DOT
         block_output_bf16(cols, nrows, d, reinterpret_cast<const uint32_t*>(vb), pw, ob, rescale ? alpha : nullptr);

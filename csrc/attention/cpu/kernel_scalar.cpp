@@ -17,6 +17,12 @@ struct Vec {
   static reg zero() { return 0.f; }
   static reg set1(float x) { return x; }
   static reg load(const float* p) { return *p; }
+  static reg load(const uint16_t* p) {  // one bf16 value, widened exactly
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
   static void store(float* p, reg x) { *p = x; }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }

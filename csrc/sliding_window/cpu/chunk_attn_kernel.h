@@ -77,7 +77,8 @@ inline void to_float(const T* src, float* dst, int64_t n, float mul) {
 #include "common/cpu_microkernel.h"  // Scratch, gemm_tile, gemm_strip: see its comment on where to include it
 
 // Strips Vec::NV registers wide, then one register wide for what is left of N.
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B,
+template <typename BT>  // B fp32, or bf16 rows (uint16_t) widened as they are loaded
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const BT* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int W = Vec::W, NV = Vec::NV;
   int64_t n = 0;
@@ -109,9 +110,13 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
   float* shift = l_blk + rp_max;
   float* alpha = shift + rp_max;
   float* qr = alpha + rp_max;             // (kMaxDotRows, dp) few rows' scaled queries, row-major, zero padded
-  const float* krows[kKeyTile];           // few rows: each key's fp32 row (in place, or in kb)
-  // fp32 K and V rows of whole registers are read where they lie (decode: no copy of the window)
-  const bool in_place = std::is_same_v<T, float> && d == dp;
+  // fp32 K and V rows of whole registers are read where they lie (decode: no copy of the window); bf16 ones too,
+  // widened in registers as they are loaded (the copy had been most of a bf16 decode step)
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  using InPlace = std::conditional_t<kBf16, uint16_t, float>;  // how an in-place row is read
+  const bool in_place = (std::is_same_v<T, float> || kBf16) && d == dp;
+  const float* krows[kKeyTile];           // few rows: each key's fp32 row in kb
+  const InPlace* krows_in[kKeyTile];      // or, in place, where it lies
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t qblock = task % nqb, hk = (task / nqb) % p.nheads_k, b = task / (nqb * p.nheads_k);
@@ -151,7 +156,7 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
         if (!few) {
           to_float(krow, kb + c * d, d, 1.f);
         } else if (in_place) {
-          krows[c] = reinterpret_cast<const float*>(krow);
+          krows_in[c] = reinterpret_cast<const InPlace*>(krow);
         } else {
           to_float(krow, kb + c * dp, d, 1.f);
           for (int64_t e = d; e < dp; ++e) kb[c * dp + e] = 0.f;
@@ -159,7 +164,9 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
         }
         if (!(few && in_place)) to_float(vrow, vb + c * dp, d, 1.f);
       }
-      if (few) {
+      if (few && in_place) {
+        dot_scores(rows, rp, cols, dp, qr, [&](int64_t c) { return krows_in[c]; }, st, rp);
+      } else if (few) {
         dot_scores(rows, rp, cols, dp, qr, [&](int64_t c) { return krows[c]; }, st, rp);
       } else {
         gemm(cols, rp, d, kb, d, 1, qt, rp, st, rp, false);  // S^T = K (scale Q)^T
@@ -211,7 +218,7 @@ void run_tasks(const ChunkParams& p, int64_t begin, int64_t end) {
       if (few && in_place) {  // O += P V over the tile's runs of evenly spaced V rows
         for_each_run(p, n, j0, cols, [&](int64_t c0, int64_t c1, int64_t j) {
           const bool in_chunk = j >= n;
-          const float* v0 = reinterpret_cast<const float*>(key_row<T>(p, b, hk, n, j, p.v, p.v_ring));
+          const InPlace* v0 = reinterpret_cast<const InPlace*>(key_row<T>(p, b, hk, n, j, p.v, p.v_ring));
           gemm(rows, dp, c1 - c0, st + c0 * rp, 1, rp, v0, in_chunk ? p.v.ss : p.v_ring.ss, ob, dp, true);
         });
       } else {
