@@ -192,14 +192,16 @@ def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scal
 
 
 def _triton_kvcache_supports(q, *args) -> str | None:
-    return _triton_supports_for("flash_attn_with_kvcache_triton")(q) or _plain_cache(*args)
+    # The Triton decode kernel reads block_table / cache_batch_idx itself (PAGED / INDEXED).
+    return _triton_supports_for("flash_attn_with_kvcache_triton")(q)
 
 
 @flash_attn_kvcache.register("triton", supports=_triton_kvcache_supports)
 def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                     softcap, block_table, cache_batch_idx):  # fmt: skip
     fn = _triton_function("flash_attn_with_kvcache_triton")
-    return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap)
+    return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
+              block_table, cache_batch_idx)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,9 +432,9 @@ def flash_attn_with_kvcache(
     cache_batch_idx ((batch,) int32): row i of q uses row cache_batch_idx[i] of the caches, which may have any
     number of rows. block_table ((batch, max_pages) int32, paged KV as in flash_attn / vLLM): k_cache and v_cache
     are (num_pages, page_size, nheads_k, headdim) and position p of row i is slot p % page_size of page
-    block_table[i, p // page_size]; page_size a multiple of 64. Either runs on the CPU kernel and the reference
-    (on a GPU, the reference). Not supported (raise NotImplementedError): cache_leftpad, alibi_slopes,
-    return_softmax_lse.
+    block_table[i, p // page_size]; page_size a multiple of 64. Either runs on the CPU and Triton kernels and the
+    reference (the CUDA C++ kernels refuse them: a GPU runs Triton). Not supported (raise NotImplementedError):
+    cache_leftpad, alibi_slopes, return_softmax_lse.
     """
     fn = "flash_attn_with_kvcache"
     for name, value in (("cache_leftpad", cache_leftpad), ("alibi_slopes", alibi_slopes)):

@@ -2,7 +2,8 @@
 
     flash_attn_triton(q, k, v, softmax_scale, window_left, window_right, softcap) -> out   (differentiable)
     flash_attn_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
-                                   window_left, window_right, softcap) -> out   (decode; writes the caches)
+                                   window_left, window_right, softcap, block_table=None, cache_batch_idx=None)
+        -> out   (decode; writes the caches; paged or row-mapped caches: flash_attn_decode.py)
     flash_attn_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                              window_left, window_right, softcap) -> out   (packed sequences; differentiable)
 
@@ -383,19 +384,25 @@ def flash_attn_with_kvcache_triton(
     window_left: int,
     window_right: int,
     softcap: float,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention against a KV cache (split-KV); see flash_attn_decode.py. Writes k_new, v_new into the caches.
 
     q: (b, sq, h, d); k_cache, v_cache: (b, max_seqlen, hk, d); k_new, v_new: (b, s_new, hk, d) or None;
-    cache_seqlens: (b,) int32. Returns out (b, sq, h, d) in q's dtype.
+    cache_seqlens: (b,) int32. Returns out (b, sq, h, d) in q's dtype. At most one of block_table ((b, max_pages)
+    int32; the caches are then (num_pages, page_size, hk, d)) and cache_batch_idx ((b,) int32; the caches have any
+    number of rows), as flash_attn's.
     """
     fn = "flash_attn_with_kvcache_triton"
-    check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM)
-    # Every row sees at most max_seqlen keys: the cache capacity bounds the band like seqlen_k does.
-    window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], k_cache.shape[1])
+    check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM, block_table,
+                       cache_batch_idx)  # fmt: skip
+    # Every row sees at most capacity keys (max_pages * page_size when paged): it bounds the band like seqlen_k.
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], capacity)
     meta = _common_meta(q, window_left, window_right, softcap)
     return decode_launch(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                         softcap, meta)  # fmt: skip
+                         softcap, meta, block_table, cache_batch_idx)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, max_seqlen, nhe
 place; k_new, v_new: (batch, seqlen_new, nheads_k, headdim) or None; cache_seqlens: (batch,) int32. The new
 tokens are written at cache_seqlens[i] .. + seqlen_new - 1, then q attends to the first cache_seqlens[i] +
 seqlen_new keys of row i, the window band aligned bottom-right (the C++ op `flash_attn_with_kvcache`).
+Indirect caches (flash_attn's, at most one of the two): cache_batch_idx (batch,) int32 maps row i of q to cache
+row cache_batch_idx[i] (constexpr INDEXED); block_table (batch, max_pages) int32 makes the caches (num_pages,
+page_size, nheads_k, headdim) pages, position p of row i at slot p % page_size of page block_table[i, p //
+page_size] (constexpr PAGED), a row holding max_pages * page_size tokens. Indices are never read back on the host:
+the kernels and the append clamp them into range, so bad ones give garbage, not a memory fault.
 
 Math: as flash_attn_kernels.py. Each split s of the keys gives a partial (o_s normalised, lse_s); the
 combine kernel merges them: lse = log sum_s exp(lse_s), o = sum_s exp(lse_s - lse) o_s.
@@ -30,12 +35,22 @@ _TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
 
 
 @triton.jit
+def _clamp_index(i, n):
+    """i clamped into [0, n): a table entry the host never checked (no sync) must not address outside the cache."""
+    return tl.minimum(tl.maximum(i, 0), n - 1)
+
+
+@triton.jit
 def flash_attn_decode_split_kernel(
     Q, K, V, SEQLENS, O_PART, LSE_PART,  # q: (b, sq, h, d); k, v: (b, cap, hk, d); o_part: (b, h, sq, splits, d)
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     nheads, group, seqlen_q, seqlen_new, capacity, split_len, num_splits, scale, softcap, window_left, window_right,
+    # Indirect caches, all None (no parameters, no code) on the plain path. TABLE: block_table (PAGED) or
+    # cache_batch_idx (INDEXED); cache_rows: k_cache.shape[0] (pages or rows), what its entries are clamped to.
+    TABLE, stride_tb, stride_tp, page_size, cache_rows,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, INDEXED: tl.constexpr,
 ):
     # grid (row blocks * splits, nheads_k, batch): the row blocks of a long prefill and batch * nheads_k can each
     # pass grid y / z's 65535, so the one unbounded count goes on axis 0.
@@ -66,16 +81,32 @@ def flash_attn_decode_split_kernel(
     if HAS_WR:
         hi = tl.minimum(hi, seqlen_q - 1 + shift + window_right + 1)
 
-    k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+    if PAGED:  # each key's page is looked up in the loop; here only the head
+        k_base = K + off_hk.to(tl.int64) * stride_kh
+        v_base = V + off_hk.to(tl.int64) * stride_vh
+        table_row = TABLE + off_b64 * stride_tb
+    elif INDEXED:
+        cache_row = _clamp_index(tl.load(TABLE + off_b64 * stride_tb), cache_rows).to(tl.int64)
+        k_base = K + cache_row * stride_kb + off_hk.to(tl.int64) * stride_kh
+        v_base = V + cache_row * stride_vb + off_hk.to(tl.int64) * stride_vh
+    else:
+        k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+        v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         kv_mask = (cols[:, None] < hi) & d_mask
-        k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
-        k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        if PAGED:  # per key, not per tile: a tile may straddle pages (the window start is not page aligned)
+            page = _clamp_index(tl.load(table_row + (cols // page_size) * stride_tp, mask=cols < hi, other=0),
+                                cache_rows).to(tl.int64)
+            slot = cols % page_size
+            k = tl.load(k_base + (page * stride_kb + slot * stride_kn)[:, None] + offs_d[None, :], mask=kv_mask,
+                        other=0.0)
+        else:
+            k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
+            k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
         s, _ = _softcap_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, SOFTCAP)
         visible = cols[None, :] < hi
         if HAS_WL:
@@ -88,8 +119,12 @@ def flash_attn_decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn
-        v = tl.load(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
+        if PAGED:
+            v = tl.load(v_base + (page * stride_vb + slot * stride_vn)[:, None] + offs_d[None, :], mask=kv_mask,
+                        other=0.0)
+        else:
+            v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn
+            v = tl.load(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -138,7 +173,15 @@ def _split_plan(capacity: int, programs: int, interpret: bool) -> tuple[int, int
     return split_len, max(1, triton.cdiv(capacity, split_len))
 
 
-def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dtypes, max_headdim) -> None:
+def cache_capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
+    """Tokens one row of q can keep in the cache: max_pages * page_size when paged, else the cache's dim 1."""
+    if block_table is not None:
+        return block_table.shape[1] * k_cache.shape[1]
+    return k_cache.shape[1]
+
+
+def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dtypes, max_headdim, block_table=None,
+                       cache_batch_idx=None) -> None:  # fmt: skip
     check_tensor(fn, "q", q, ndim=4, dtypes=dtypes, last_dim_contiguous=True)
     batch, _, nheads, headdim = q.shape
     if headdim > max_headdim:
@@ -146,10 +189,13 @@ def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dty
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(fn, name, t, ndim=4, dtypes=dtypes, device=q.device, last_dim_contiguous=True)
         check_same_dtype(fn, name, t, "q", q)
-    check_shape(fn, "k_cache", k_cache, (batch, k_cache.shape[1], k_cache.shape[2], headdim))
+    # Indirect caches: dim 0 holds pages or cache rows, not q's batch.
+    cache_rows = k_cache.shape[0] if block_table is not None or cache_batch_idx is not None else batch
+    check_shape(fn, "k_cache", k_cache, (cache_rows, k_cache.shape[1], k_cache.shape[2], headdim))
     check_shape(fn, "v_cache", v_cache, k_cache.shape)
     if k_cache.shape[2] == 0 or nheads % k_cache.shape[2] != 0:
         raise ValueError(f"llmkernels.{fn}: k_cache's nheads_k ({k_cache.shape[2]}) must divide q's nheads ({nheads})")
+    _check_indirect(fn, q, k_cache, block_table, cache_batch_idx)
     if (k_new is None) != (v_new is None):
         raise ValueError(f"llmkernels.{fn}: k_new and v_new must be given together")
     if k_new is not None:
@@ -157,20 +203,60 @@ def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dty
             check_tensor(fn, name, t, ndim=4, dtypes=dtypes, device=q.device, last_dim_contiguous=True)
             check_same_dtype(fn, name, t, "q", q)
             check_shape(fn, name, t, (batch, k_new.shape[1], k_cache.shape[2], headdim))
-        if k_new.shape[1] > k_cache.shape[1]:
+        if k_new.shape[1] > cache_capacity(k_cache, block_table):
             raise ValueError(f"llmkernels.{fn}: k_new has {k_new.shape[1]} tokens, more than the cache holds")
     check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
 
 
+def _check_indirect(fn, q, k_cache, block_table, cache_batch_idx) -> None:
+    """Shapes and dtypes of block_table / cache_batch_idx; their values stay on the device (clamped there)."""
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError(f"llmkernels.{fn}: block_table and cache_batch_idx cannot be given together")
+    if block_table is not None:
+        check_tensor(fn, "block_table", block_table, ndim=2, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "block_table", block_table, (q.shape[0], block_table.shape[1]))
+        if k_cache.shape[1] == 0:  # positions are split by page_size
+            raise ValueError(f"llmkernels.{fn}: with a block_table, k_cache must be (num_pages, page_size >= 1, "
+                             f"nheads_k, headdim), got {tuple(k_cache.shape)}")  # fmt: skip
+    if cache_batch_idx is not None:
+        check_tensor(fn, "cache_batch_idx", cache_batch_idx, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "cache_batch_idx", cache_batch_idx, (q.shape[0],))
+
+
+def _append_indirect(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache_batch_idx) -> None:
+    """Writes the new tokens through the page table / row map, the destinations computed and clamped on the device
+    (no host sync; in range for valid input, so clamping changes nothing there)."""
+    batch, seqlen_new = k_new.shape[:2]
+    capacity = cache_capacity(k_cache, block_table)
+    if k_cache.shape[0] == 0 or capacity == 0:  # nowhere to write: only bad input gets here
+        return
+    pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=k_new.device)
+    pos = pos.clamp(0, capacity - 1)
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        rows = block_table.long().gather(1, pos // page_size).clamp(0, k_cache.shape[0] - 1)
+        slots = pos % page_size
+    else:
+        rows = cache_batch_idx.long().clamp(0, k_cache.shape[0] - 1)[:, None].expand(-1, seqlen_new)
+        slots = pos
+    k_cache.index_put_((rows, slots), k_new)
+    v_cache.index_put_((rows, slots), v_new)
+
+
 def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
-                  cache_seqlens, softmax_scale, window_left, window_right, softcap, meta) -> torch.Tensor:
+                  cache_seqlens, softmax_scale, window_left, window_right, softcap, meta,
+                  block_table: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d)."""
     interpret = INTERPRET
     batch, seqlen_q, nheads, headdim = q.shape
-    capacity, nheads_k = k_cache.shape[1], k_cache.shape[2]
+    capacity, nheads_k = cache_capacity(k_cache, block_table), k_cache.shape[2]
+    indirect = block_table is not None or cache_batch_idx is not None
     seqlen_new = 0
-    if k_new is not None and k_new.shape[1] > 0:
+    if k_new is not None and k_new.shape[1] > 0 and indirect:
+        seqlen_new = k_new.shape[1]
+        _append_indirect(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache_batch_idx)
+    elif k_new is not None and k_new.shape[1] > 0:
         seqlen_new = k_new.shape[1]
         # Positions cache_seqlens[i] + t (callers keep them inside the cache: the index_put checks it).
         pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)
@@ -180,7 +266,7 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
     out = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    if capacity == 0:
+    if capacity == 0 or k_cache.shape[0] == 0:  # no keys (no pages or rows: the clamps would have nothing to hit)
         return out.zero_()
     group = nheads // nheads_k
     packed_rows = group * seqlen_q
@@ -197,8 +283,9 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         nheads, group, seqlen_q, seqlen_new, capacity, split_len, num_splits, softmax_scale, softcap, window_left,
-        window_right,
+        window_right, *_indirect_args(k_cache, block_table, cache_batch_idx),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1 if interpret else 8, num_stages=1 if interpret else 3, **meta,
+        PAGED=block_table is not None, INDEXED=cache_batch_idx is not None,
     )  # fmt: skip
     launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, num_splits,
@@ -206,3 +293,13 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         num_warps=1 if interpret else 4,
     )  # fmt: skip
     return out
+
+
+def _indirect_args(k_cache, block_table, cache_batch_idx) -> tuple:
+    """The split kernel's (TABLE, stride_tb, stride_tp, page_size, cache_rows): Nones on the plain path (constexpr
+    None: the kernel compiles as before)."""
+    if block_table is not None:
+        return block_table, block_table.stride(0), block_table.stride(1), k_cache.shape[1], k_cache.shape[0]
+    if cache_batch_idx is not None:
+        return cache_batch_idx, cache_batch_idx.stride(0), None, None, k_cache.shape[0]
+    return None, None, None, None, None

@@ -335,7 +335,7 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                                     const std::optional<Tensor>& cache_batch_idx) {
   constexpr const char* op = "flash_attn_with_kvcache";
   LLMK_CHECK_ARG(!(block_table.has_value() && block_table->defined()), op, "block_table",
-                 "(paged KV) is not supported by the CUDA kernels (the CPU kernel and the reference take it)");
+                 "(paged KV) is not supported by the CUDA kernels (the Triton and CPU kernels take it)");
   LLMK_CHECK_ARG(!(cache_batch_idx.has_value() && cache_batch_idx->defined()), op, "cache_batch_idx",
                  "is not supported by the CUDA kernels");
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
