@@ -436,13 +436,13 @@ def flash_attn_with_kvcache(
     reference (the CUDA C++ kernels refuse them: a GPU runs Triton). Not supported (raise NotImplementedError):
     cache_leftpad, alibi_slopes, return_softmax_lse.
     """
+    # (A decode step calls this once a layer: the common case costs a few None tests on top of _kvcache_args_ok.)
     fn = "flash_attn_with_kvcache"
-    for name, value in (("cache_leftpad", cache_leftpad), ("alibi_slopes", alibi_slopes)):
-        if value is not None:
-            raise NotImplementedError(f"llmkernels.{fn}: {name} is not supported (only None)")
-    if return_softmax_lse:
-        raise NotImplementedError(f"llmkernels.{fn}: return_softmax_lse=True is not supported (only False)")
-    capacity = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() > 1 else 0
+    if cache_leftpad is not None or alibi_slopes is not None or return_softmax_lse:
+        name = "cache_leftpad" if cache_leftpad is not None else "alibi_slopes" if alibi_slopes is not None else None
+        what = f"{name} is not supported (only None)" if name else "return_softmax_lse=True is not supported"
+        raise NotImplementedError(f"llmkernels.{fn}: {what}")
+    capacity = None  # tokens a row can hold, when the caches are read through a table
     if block_table is not None or cache_batch_idx is not None:
         capacity = _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size,
                                          softcap, block_table, cache_batch_idx)  # fmt: skip
@@ -450,7 +450,7 @@ def flash_attn_with_kvcache(
         _check_kvcache_args(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap)
     if not isinstance(cache_seqlens, torch.Tensor):  # an int (in range: checked), or None: the whole cache
         if cache_seqlens is None:
-            cache_seqlens = capacity - (0 if k is None else k.shape[1])
+            cache_seqlens = (k_cache.shape[1] if capacity is None else capacity) - (0 if k is None else k.shape[1])
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
