@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "attention/attention_window.h"
 #include "attention/cpu/attention_cpu_host.h"
@@ -136,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
 }
 
 // Where each row's cache positions live: a plain (batch, capacity) cache, rows picked by cache_batch_idx, or pages
-// picked by block_table (checked here: values in range, distinct cache rows when written).
+// picked by block_table (cache rows checked here: in range, distinct when written; pages by check_pages).
 struct CacheLayout {
   const int32_t* rows = nullptr;   // cache_batch_idx
   const int32_t* pages = nullptr;  // block_table
@@ -172,10 +174,6 @@ CacheLayout cache_layout(const char* op, const at::Tensor& q, const at::Tensor& 
     layout.pages = layout.pages_held.data_ptr<int32_t>();
     layout.table_stride = table.size(1);
     layout.capacity = table.size(1) * layout.page_size;
-    for (int64_t i = 0; i < table.numel(); ++i) {
-      LLMK_CHECK_ARG(layout.pages[i] >= 0 && layout.pages[i] < k_cache.size(0), op, "block_table",
-                     "entries must be page indices in [0, ", k_cache.size(0), "), got ", layout.pages[i]);
-    }
   } else if (indexed) {
     const at::Tensor& idx = *cache_batch_idx;
     LLMK_CHECK_SAME_DEVICE(op, idx, q);
@@ -197,6 +195,32 @@ CacheLayout cache_layout(const char* op, const at::Tensor& q, const at::Tensor& 
                    k_cache.size(0));
   }
   return layout;
+}
+
+// The pages a call touches: the first ceil((cache_seqlens + s_new) / page_size) entries of each row of the table (the
+// rest may hold anything, e.g. -1 padding, as flash_attn allows) must be pages of the cache, and the slots the new
+// tokens are written to must differ (rows may share pages they only read, such as a common prefix).
+void check_pages(const char* op, const CacheLayout& layout, int64_t num_pages, const int32_t* len, int64_t batch,
+                 int64_t s_new) {
+  std::vector<int64_t> written;
+  written.reserve(batch * s_new);
+  for (int64_t i = 0; i < batch; ++i) {
+    if (len[i] < 0 || len[i] + s_new > layout.capacity) continue;  // refused below, naming cache_seqlens
+    const int64_t used = (len[i] + s_new + layout.page_size - 1) / layout.page_size;
+    for (int64_t j = 0; j < used; ++j) {
+      const int32_t page = layout.pages[i * layout.table_stride + j];
+      LLMK_CHECK_ARG(page >= 0 && page < num_pages, op, "block_table", "entries a row uses must be page indices in [0, ",
+                     num_pages, "), got ", page, " (row ", i, ", entry ", j, ")");
+    }
+    for (int64_t t = 0; t < s_new; ++t) {
+      const int64_t pos = len[i] + t;
+      written.push_back(layout.pages[i * layout.table_stride + pos / layout.page_size] * layout.page_size +
+                        pos % layout.page_size);
+    }
+  }
+  std::sort(written.begin(), written.end());
+  LLMK_CHECK_ARG(std::adjacent_find(written.begin(), written.end()) == written.end(), op, "block_table",
+                 "sends two new tokens to the same page slot (rows may share pages only where they read)");
 }
 
 at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -236,6 +260,7 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
 
   // Keys visible to each row: its cached tokens plus the new ones, which go into the cache first.
   const at::Tensor lens = cache_seqlens.contiguous();
+  if (layout.pages != nullptr) check_pages(op, layout, k_cache.size(0), lens.data_ptr<int32_t>(), batch, s_new);
   at::Tensor total = at::empty({batch}, lens.options());
   const int32_t* len = lens.data_ptr<int32_t>();
   for (int64_t i = 0; i < batch; ++i) {

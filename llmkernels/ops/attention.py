@@ -144,12 +144,17 @@ flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
 @flash_attn_kvcache.register("reference")
 def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                        softcap, block_table, cache_batch_idx):  # fmt: skip
-    # The kernels check these on the host; here out-of-range indices would be an indexing error (a device
-    # assertion on a GPU), so they are read back and checked first: this path is slow anyway.
-    for name, index, bound in (("block_table", block_table, k_cache.shape[0]),
-                               ("cache_batch_idx", cache_batch_idx, k_cache.shape[0])):  # fmt: skip
-        if index is not None and index.numel() and not (0 <= int(index.min()) and int(index.max()) < bound):
-            raise ValueError(f"llmkernels.flash_attn_with_kvcache: {name} entries must lie in [0, {bound})")
+    # The kernels check or clamp these; here out-of-range indices would be an indexing error (a device assertion
+    # on a GPU), so they are read back and checked first: this path is slow anyway. Only the pages a row uses
+    # count (tables padded with -1 are fine, as in flash_attn).
+    index = cache_batch_idx
+    if block_table is not None:
+        page_size, s_new = k_cache.shape[1], 0 if k_new is None else k_new.shape[1]
+        used = (cache_seqlens.long() + s_new + page_size - 1) // page_size
+        index = block_table[torch.arange(block_table.shape[1], device=block_table.device) < used[:, None]]
+    if index is not None and index.numel() and not (0 <= int(index.min()) and int(index.max()) < k_cache.shape[0]):
+        name = "block_table" if block_table is not None else "cache_batch_idx"
+        raise ValueError(f"llmkernels.flash_attn_with_kvcache: {name} entries must lie in [0, {k_cache.shape[0]})")
     return flash_attn_with_kvcache_ref(
         q,
         k_cache,

@@ -232,7 +232,9 @@ def flash_attn_varlen_fwd_ref(
     cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to no sequence: out 0, lse -inf.
     """
     starts_q, starts_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    # Zeros in q's graph (masked_fill: NaN rows outside the sequences stay out), so the result stays differentiable
+    # even when no sequence has a query row.
+    out = q.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0.0)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     if q.dtype == torch.float64 and upcast:
         lse = lse.double()
@@ -265,7 +267,10 @@ def flash_attn_varlen_ref(
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
     starts_q, starts_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
-    pieces = [q.new_zeros((starts_q[0], *q.shape[1:]))]  # rows before the first sequence: in none
+    # Rows outside every sequence: zeros that stay in q's graph (so a call with no sequence is still differentiable),
+    # whatever those rows hold (masked_fill, not * 0: NaN * 0 is NaN)
+    everything = torch.ones((), dtype=torch.bool, device=q.device)
+    pieces = [q[: starts_q[0]].masked_fill(everything, 0.0)]
     for i in range(len(starts_q) - 1):
         q0, q1, k0, k1 = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
         o, _ = flash_attn_fwd_ref(
@@ -273,5 +278,5 @@ def flash_attn_varlen_ref(
             scale, left, right, softcap, upcast,
         )  # fmt: skip
         pieces.append(o[0])
-    pieces.append(q.new_zeros((q.shape[0] - starts_q[-1], *q.shape[1:])))
+    pieces.append(q[starts_q[-1] :].masked_fill(everything, 0.0))
     return torch.cat(pieces, dim=0)

@@ -8,6 +8,7 @@ from attn_cases import needs_cpu_kernel
 from utils import poison_
 
 import llmkernels
+from llmkernels._backend import triton_unavailable_reason
 from llmkernels.reference.attention import flash_attn_with_kvcache_ref
 
 BACKENDS = [pytest.param("cpu", marks=needs_cpu_kernel), "reference"]
@@ -87,7 +88,7 @@ def test_bad_tables_are_refused():
     lens = torch.tensor([3, 70], dtype=torch.int32)
     call = llmkernels.flash_attn_with_kvcache
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="block_table entries must be page indices"):
+    with pytest.raises(RuntimeError, match="block_table entries a row uses must be page indices"):
         call(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, block_table=table + 5)
     with pytest.raises(RuntimeError, match="cache_seqlens must leave room"):
         call(q, k_cache, v_cache, k_new, v_new, cache_seqlens=torch.tensor([3, 128], dtype=torch.int32),
@@ -115,3 +116,38 @@ def test_opcheck_paged():
     torch.library.opcheck(torch.ops.llmkernels.flash_attn_with_kvcache.default,
                           (q, k_cache, v_cache, None, None, lens.clamp(max=64), 0.25, -1, 0, 0.0, None,
                            torch.tensor([3, 1], dtype=torch.int32)))
+
+
+_NO_TRITON = triton_unavailable_reason("cpu")  # under TRITON_INTERPRET=1 the kernels run on CPU tensors
+
+
+@pytest.mark.parametrize(
+    "backend", [*BACKENDS, pytest.param("triton", marks=pytest.mark.skipif(_NO_TRITON is not None, reason="no triton"))]
+)
+def test_tables_padded_with_minus_one_and_shared_prefix_pages(backend):
+    """As flash_attn and vLLM: entries past the pages a row uses may hold anything (-1 here), and rows may share a
+    page they only read (a common prefix) while writing their new tokens to pages of their own."""
+    g = torch.Generator().manual_seed(1)
+    k_cache = torch.randn(5, 64, 2, 32, generator=g)
+    v_cache = torch.randn(5, 64, 2, 32, generator=g)
+    table = torch.tensor([[0, 1, -1, -1], [0, 2, -1, -1]], dtype=torch.int32)  # page 0: the shared prefix
+    lens = torch.tensor([64, 70], dtype=torch.int32)  # row 0 writes page 1 slot 0, row 1 page 2 slot 6
+    q, k_new, v_new = (torch.randn(2, 1, n, 32, generator=g) for n in (4, 2, 2))
+    plain_k = torch.stack([torch.cat([k_cache[0], k_cache[1]]), torch.cat([k_cache[0], k_cache[2]])])
+    plain_v = torch.stack([torch.cat([v_cache[0], v_cache[1]]), torch.cat([v_cache[0], v_cache[2]])])
+    with llmkernels.use_backend(backend):
+        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens,
+                                                 block_table=table, causal=True)
+    want = flash_attn_with_kvcache_ref(q, plain_k, plain_v, k_new, v_new, lens, causal=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache[1, 0], k_new[0, 0]) and torch.equal(k_cache[2, 6], k_new[1, 0])
+
+
+@needs_cpu_kernel
+def test_two_new_tokens_to_one_slot_are_refused():
+    k_cache, v_cache = torch.randn(4, 64, 2, 32), torch.randn(4, 64, 2, 32)
+    table = torch.tensor([[2, 3], [2, 1]], dtype=torch.int32)  # both rows would write slot 10 of page 2
+    q, k_new, v_new = torch.randn(2, 1, 4, 32), torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32)
+    with pytest.raises(RuntimeError, match="two new tokens to the same page slot"):
+        llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,
+                                           cache_seqlens=torch.tensor([10, 10], dtype=torch.int32), block_table=table)

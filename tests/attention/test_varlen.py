@@ -260,3 +260,14 @@ def test_raw_ops_on_edge_shapes(h, hk, d, totals, cu_q, cu_k, window):
         assert g.shape == t.shape and torch.isfinite(g).all()
     assert (out[: cu_q[0]] == 0).all() and (out[cu_q[-1] :] == 0).all()
     assert (grads[1][: cu_k[0]] == 0).all() and (grads[1][cu_k[-1] :] == 0).all()
+
+
+def test_reference_without_sequences_is_differentiable():
+    """No query row in any sequence: every backend returns zeros that are still part of the graph."""
+    q, k, v = (torch.randn(3, 2, 8, requires_grad=True) for _ in range(3))
+    cu_q, cu_k = torch.tensor([0, 0], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+    with llmkernels.use_backend("reference"):
+        out = llmkernels.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 0, 3)
+    assert out.requires_grad and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
