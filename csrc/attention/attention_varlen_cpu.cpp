@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -132,6 +133,15 @@ void run_sequences(TaskFn fn, const std::vector<AttnParams>& seqs, TaskCount tas
   });
 }
 
+// Sets each sequence's bwd_splits: 1, unless its (sequence, KV head) tasks do not divide evenly among the threads,
+// then threads / gcd as the dense op (at most 8, at most its key blocks).
+void backward_splits(std::vector<AttnParams>& seqs, int64_t nheads_k, int64_t threads) {
+  int64_t units = 0;
+  for (const AttnParams& p : seqs) units += p.seqlen_q > 0 ? nheads_k : 0;
+  const int64_t splits = units > 0 ? std::clamp<int64_t>(threads / std::gcd(units, threads), 1, 8) : 1;
+  for (AttnParams& p : seqs) p.bwd_splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, num_key_blocks(p)));
+}
+
 // Rows [0, cu.front()) and [cu.back(), rows) of a (rows, ...) tensor belong to no sequence.
 void fill_rows_outside(at::Tensor t, const std::vector<int64_t>& cu, double value) {
   if (cu.front() > 0) t.narrow(0, 0, cu.front()).fill_(value);
@@ -227,13 +237,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   at::Tensor dq = at::empty({total_q, nheads, d}, f32);
   at::Tensor dk = at::empty({k.size(0), k.size(1), d}, f32);
   at::Tensor dv = at::empty_like(dk);
+  // One task per (sequence, KV head) owns its gradients. When those do not divide evenly among the threads (a
+  // few long sequences), each sequence's key blocks are split as the dense op splits them, every split adding
+  // into its own dq buffer (summed below in split order: deterministic).
+  backward_splits(seqs, k.size(1), at::get_num_threads());
+  int64_t split_rows = 0;  // rows of the per-split dq buffers: sum over split sequences of splits x seqlen_q
+  for (const AttnParams& p : seqs) split_rows += p.bwd_splits > 1 ? p.bwd_splits * p.seqlen_q : 0;
+  at::Tensor dq_parts = split_rows > 0 ? at::empty({split_rows, nheads, d}, f32) : at::Tensor();
+  int64_t next_part = 0;
   for (size_t b = 0; b < seqs.size(); ++b) {
     AttnParams& p = seqs[b];
     p.dout = rows_from(dout, cu_q[b]);
     p.out_in = rows_from(out, cu_q[b]);
     p.lse_in = lse_blocks.data_ptr<float>() + cu_q[b] * nheads;
     p.dlse_in = dlse_blocks.defined() ? dlse_blocks.data_ptr<float>() + cu_q[b] * nheads : nullptr;
-    p.dq = dq.data_ptr<float>() + cu_q[b] * nheads * d;  // one split: the kernel writes dq rows directly
+    if (p.bwd_splits > 1) {  // (bwd_splits, seqlen_q, nheads, d) of its own
+      p.dq = dq_parts.data_ptr<float>() + next_part * nheads * d;
+      next_part += p.bwd_splits * p.seqlen_q;
+    } else {
+      p.dq = dq.data_ptr<float>() + cu_q[b] * nheads * d;  // one split: the kernel writes dq rows directly
+    }
     p.dk = dk.data_ptr<float>() + cu_k[b] * k.size(1) * d;
     p.dv = dv.data_ptr<float>() + cu_k[b] * k.size(1) * d;
   }
@@ -247,6 +270,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   const ElemType dtype = elem_type(op, q);
   run_sequences(kernels_for(dtype).bwd, seqs, [](const AttnParams& p) { return p.seqlen_q > 0 && p.nheads > 0 ? num_bwd_tasks(p) : 0; },
                 2.5);
+  next_part = 0;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const AttnParams& p = seqs[b];
+    if (p.bwd_splits <= 1) continue;
+    const at::Tensor parts = dq_parts.narrow(0, next_part, p.bwd_splits * p.seqlen_q).view({p.bwd_splits, p.seqlen_q,
+                                                                                          nheads, d});
+    at::Tensor rows = dq.narrow(0, cu_q[b], p.seqlen_q);
+    rows.copy_(parts[0]);
+    for (int64_t s = 1; s < p.bwd_splits; ++s) rows.add_(parts[s]);
+    next_part += p.bwd_splits * p.seqlen_q;
+  }
   fill_rows_outside(dq, cu_q, 0.0);
   fill_rows_outside(dk, cu_k, 0.0);
   fill_rows_outside(dv, cu_k, 0.0);
