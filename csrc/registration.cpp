@@ -57,11 +57,14 @@ TORCH_LIBRARY(llmkernels, m) {
   // then q (b, sq, h, d) attends to the first cache_seqlens[i] + s_new keys, windows aligned bottom-right.
   // cache_batch_idx (b,) int32: row i of q uses row cache_batch_idx[i] of the caches. block_table (b, max_pages)
   // int32 (paged KV): the caches are (num_pages, page_size, hk, d), position p of row i in page
-  // block_table[i, p / page_size]. At most one of the two.
+  // block_table[i, p / page_size]. At most one of the two. rotary_cos / rotary_sin (seqlen_ro, rotary_dim / 2):
+  // flash_attn's rotary embedding of q and k_new at their positions (llmkernels.reference.attention.
+  // rotary_embedding; q at cache_seqlens[i] + t when a window bound is set, else all at cache_seqlens[i]).
   m.def(
       "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor cache_seqlens, float softmax_scale, int window_left, int window_right, float softcap, "
-      "Tensor? block_table=None, Tensor? cache_batch_idx=None) -> Tensor");
+      "Tensor? block_table=None, Tensor? cache_batch_idx=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
+      "bool rotary_interleaved=True) -> Tensor");
   // Variable-length (packed) batches, as flash_attn_varlen_func: q (total_q, h, d), k, v (total_k, hk, d);
   // sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. of k, v
   // ((batch + 1,) int32), each with flash_attn_fwd's semantics. max_seqlen_q / _k bound the sequences' lengths

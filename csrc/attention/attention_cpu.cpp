@@ -197,6 +197,65 @@ CacheLayout cache_layout(const char* op, const at::Tensor& q, const at::Tensor& 
   return layout;
 }
 
+// flash_attn_with_kvcache's rotary tables, in fp32.
+struct Rotary {
+  at::Tensor cos, sin;  // (seqlen_ro, rotary_dim / 2) contiguous fp32
+  bool per_token_q;     // q row t at cache_seqlens + t (a window bound is set), else every q row at cache_seqlens
+};
+
+Rotary checked_rotary(const char* op, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                      const at::Tensor& q, const int32_t* len, int64_t s_new, int64_t window_left,
+                      int64_t window_right) {
+  LLMK_CHECK_ARG(cos.has_value() && cos->defined() && sin.has_value() && sin->defined(), op, "rotary_cos",
+                 "and rotary_sin must be given together");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"rotary_cos", *cos}, {"rotary_sin", *sin}}) {
+    LLMK_CHECK_ARG(t.device() == q.device(), op, name, "must be on q's device (", q.device(), "), got ", t.device());
+    LLMK_CHECK_ARG(t.is_floating_point() && t.element_size() >= 2, op, name, "must be a float tensor, got ",
+                   t.scalar_type());
+    LLMK_CHECK_ARG(t.dim() == 2 && t.size(0) >= 1 && t.size(1) >= 1 && 2 * t.size(1) <= q.size(3), op, name,
+                   "must be (seqlen_ro >= 1, rotary_dim / 2) with rotary_dim <= the head dim (", q.size(3),
+                   "), got ", t.sizes());
+  }
+  LLMK_CHECK_ARG(sin->sizes() == cos->sizes(), op, "rotary_sin", "must have rotary_cos's shape ", cos->sizes(),
+                 ", got ", sin->sizes());
+  Rotary rot{cos->to(at::kFloat).contiguous(), sin->to(at::kFloat).contiguous(),
+             window_left >= 0 || window_right >= 0};
+  const int64_t span = std::max<int64_t>(rot.per_token_q ? q.size(1) : 1, s_new);
+  for (int64_t i = 0; i < q.size(0); ++i) {
+    LLMK_CHECK_ARG(len[i] + span <= rot.cos.size(0), op, "rotary_cos", "has ", rot.cos.size(0),
+                   " positions, row ", i, "'s new tokens reach position ", len[i] + span - 1);
+  }
+  return rot;
+}
+
+// x (b, s, h, d) with its first rotary_dim channels of row (i, t) rotated by the angles of position
+// cache_seqlens[i] + (per_token ? t : 0): pairs (2c, 2c + 1) when interleaved, else (c, c + rotary_dim / 2); fp32
+// arithmetic, rounded once to x's dtype (as reference.attention.rotary_embedding).
+at::Tensor rotated(const at::Tensor& x, const Rotary& rot, const int32_t* len, bool per_token, bool interleaved) {
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  y.copy_(x);
+  const int64_t b = y.size(0), s = y.size(1), h = y.size(2), d = y.size(3), half = rot.cos.size(1);
+  float* data = y.data_ptr<float>();
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t t = 0; t < s; ++t) {
+      const int64_t pos = len[i] + (per_token ? t : 0);
+      const float* c = rot.cos.data_ptr<float>() + pos * half;
+      const float* sn = rot.sin.data_ptr<float>() + pos * half;
+      for (int64_t hh = 0; hh < h; ++hh) {
+        float* row = data + ((i * s + t) * h + hh) * d;
+        for (int64_t j = 0; j < half; ++j) {
+          float& x1 = row[interleaved ? 2 * j : j];
+          float& x2 = row[interleaved ? 2 * j + 1 : j + half];
+          const float a = x1, bb = x2;
+          x1 = a * c[j] - bb * sn[j];
+          x2 = bb * c[j] + a * sn[j];
+        }
+      }
+    }
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 // The pages a call touches: the first ceil((cache_seqlens + s_new) / page_size) entries of each row of the table (the
 // rest may hold anything, e.g. -1 padding, as flash_attn allows) must be pages of the cache, and the slots the new
 // tokens are written to must differ (rows may share pages they only read, such as a common prefix).
@@ -228,7 +287,9 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                                        const at::Tensor& cache_seqlens, double softmax_scale, int64_t window_left,
                                        int64_t window_right, double softcap,
                                        const std::optional<at::Tensor>& block_table,
-                                       const std::optional<at::Tensor>& cache_batch_idx) {
+                                       const std::optional<at::Tensor>& cache_batch_idx,
+                                       const std::optional<at::Tensor>& rotary_cos,
+                                       const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
   constexpr const char* op = "flash_attn_with_kvcache";
   check_qkv(op, q, k_cache, v_cache, /*same_batch=*/false);
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);  // (before the caches are written)
@@ -269,9 +330,15 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                    " new > capacity ", layout.capacity);
     total.data_ptr<int32_t>()[i] = static_cast<int32_t>(len[i] + s_new);
   }
+  at::Tensor q_in = q, k_in = s_new > 0 ? *k_new : at::Tensor();
+  if ((rotary_cos.has_value() && rotary_cos->defined()) || (rotary_sin.has_value() && rotary_sin->defined())) {
+    const Rotary rot = checked_rotary(op, rotary_cos, rotary_sin, q, len, s_new, window_left, window_right);
+    q_in = rotated(q, rot, len, rot.per_token_q, rotary_interleaved);
+    if (s_new > 0) k_in = rotated(k_in, rot, len, true, rotary_interleaved);
+  }
   if (s_new > 0) {  // row by row: each (token, head) row is headdim contiguous elements
     const int64_t bytes = d * q.element_size();
-    for (const auto& [cache, fresh] : {std::pair<const at::Tensor&, const at::Tensor&>{k_cache, *k_new},
+    for (const auto& [cache, fresh] : {std::pair<const at::Tensor&, const at::Tensor&>{k_cache, k_in},
                                        {v_cache, *v_new}}) {
       char* dst = static_cast<char*>(cache.data_ptr());
       const char* src = static_cast<const char*>(fresh.data_ptr());
@@ -287,7 +354,7 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
       }
     }
   }
-  AttnParams p = make_params(op, q, k_cache, v_cache, softmax_scale, window_left, window_right, softcap);
+  AttnParams p = make_params(op, q_in, k_cache, v_cache, softmax_scale, window_left, window_right, softcap);
   p.seqlens_k = total.data_ptr<int32_t>();
   p.kv_batch = layout.rows;
   p.block_table = layout.pages;
@@ -297,7 +364,7 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
     p.seqlen_k = layout.capacity;
     p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
   }
-  return std::get<0>(run_forward(p, q));
+  return std::get<0>(run_forward(p, q_in));
 }
 
 }  // namespace

@@ -71,8 +71,8 @@ def _cuda_kvcache_supports(q, k_cache, v_cache, *args) -> str | None:
 
 def _plain_cache(*args) -> str | None:
     """Why a kvcache backend without cache_batch_idx / block_table support cannot run a call (args: the kvcache
-    impls' arguments after v_cache; the last two are block_table, cache_batch_idx)."""
-    block_table, cache_batch_idx = args[-2], args[-1]
+    impls' arguments after v_cache, see flash_attn_kvcache below)."""
+    block_table, cache_batch_idx = args[7], args[8]
     if block_table is not None:
         return "no paged KV (block_table) in this kernel"
     if cache_batch_idx is not None:
@@ -136,14 +136,24 @@ def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: i
 
 # --------------------------------------------------------------------------------------------------
 # flash_attn_with_kvcache: (q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, left, right, softcap,
-#                           block_table, cache_batch_idx)
+#                           block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved)
+# The C++ CPU op applies the rotary embedding itself (a few us); the others get q and k_new rotated in Python.
 # --------------------------------------------------------------------------------------------------
 flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
 
 
+def _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, cos, sin, interleaved):
+    if cos is None:
+        return q, k_new
+    positional_q = window_left >= 0 or window_right >= 0
+    return _rotate_for_kvcache("flash_attn_with_kvcache", q, k_new, cache_seqlens, cos, sin, interleaved, positional_q)
+
+
 @flash_attn_kvcache.register("reference")
 def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                       softcap, block_table, cache_batch_idx):  # fmt: skip
+                       softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
+    q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
+                            rotary_interleaved)  # fmt: skip
     # The kernels check or clamp these; here out-of-range indices would be an indexing error (a device assertion
     # on a GPU), so they are read back and checked first: this path is slow anyway. Only the pages a row uses
     # count (tables padded with -1 are fine, as in flash_attn).
@@ -172,16 +182,18 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
 
 @flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)
 def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-                 block_table, cache_batch_idx):  # fmt: skip
+                 block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-        block_table, cache_batch_idx,
+        block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
     )  # fmt: skip
 
 
 @flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_kvcache_supports)
 def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-                  block_table, cache_batch_idx):  # fmt: skip
+                  block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
+    q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
+                            rotary_interleaved)  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
         _aligned(q),
         k_cache,
@@ -203,7 +215,9 @@ def _triton_kvcache_supports(q, *args) -> str | None:
 
 @flash_attn_kvcache.register("triton", supports=_triton_kvcache_supports)
 def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                    softcap, block_table, cache_batch_idx):  # fmt: skip
+                    softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
+    q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
+                            rotary_interleaved)  # fmt: skip
     fn = _triton_function("flash_attn_with_kvcache_triton")
     return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
               block_table, cache_batch_idx)  # fmt: skip
@@ -460,10 +474,11 @@ def flash_attn_with_kvcache(
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
     if rotary_cos is not None or rotary_sin is not None:
-        q, k = _rotate_for_kvcache(fn, q, k, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved,
-                                   positional_q=left >= 0 or right >= 0)  # fmt: skip
-    return flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap),
-                              block_table, cache_batch_idx)  # fmt: skip
+        _check_rotary(fn, q, rotary_cos, rotary_sin)
+    return flash_attn_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table, cache_batch_idx,
+        rotary_cos, rotary_sin, bool(rotary_interleaved),
+    )  # fmt: skip
 
 
 def _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap,
@@ -513,8 +528,7 @@ def _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_
     return capacity
 
 
-def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, positional_q):
-    """(q, k) rotated as flash_attn_with_kvcache's rotary_cos / rotary_sin say (see its docstring)."""
+def _check_rotary(fn, q, cos, sin) -> None:
     if cos is None or sin is None:
         raise ValueError(f"llmkernels.{fn}: rotary_cos and rotary_sin must be given together")
     check_tensor(fn, "rotary_cos", cos, ndim=2, dtypes=_DTYPES, device=q.device)
@@ -525,6 +539,10 @@ def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, position
             f"llmkernels.{fn}: rotary_cos must be (seqlen_ro >= 1, rotary_dim / 2) with rotary_dim <= the head dim "
             f"({q.shape[-1]}), got {tuple(cos.shape)}"
         )
+
+
+def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, positional_q):
+    """(q, k) rotated as flash_attn_with_kvcache's rotary_cos / rotary_sin say (see its docstring)."""
     start = cache_seqlens.to(torch.long).unsqueeze(1)
     span = max(q.shape[1], 0 if k is None else k.shape[1])
     checkable = q.device.type == "cpu" and not torch.compiler.is_compiling()  # reading values: no sync, no trace
@@ -568,7 +586,8 @@ if _ext.loaded:
 
     @register_fake("llmkernels::flash_attn_with_kvcache")
     def _kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                      softcap, block_table=None, cache_batch_idx=None):  # fmt: skip
+                      softcap, block_table=None, cache_batch_idx=None, rotary_cos=None, rotary_sin=None,
+                      rotary_interleaved=True):  # fmt: skip
         return q.new_empty(q.shape)
 
     def _fwd_setup_context(ctx, inputs, output):

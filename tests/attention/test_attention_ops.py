@@ -210,7 +210,7 @@ def test_cuda_glue_realigns_inputs_but_never_copies_the_caches():
     assert not attention_ops._rows_aligned(shifted)
     realigned = attention_ops._aligned(shifted)
     assert attention_ops._rows_aligned(realigned) and torch.equal(realigned, shifted)
-    rest = (None, None, None, 0.25, -1, -1, 0.0, None, None)  # k_new .. cache_batch_idx
+    rest = (None, None, None, 0.25, -1, -1, 0.0, None, None, None, None, True)  # k_new .. rotary_interleaved
     assert "k_cache" in attention_ops._cuda_kvcache_supports(odd, shifted, shifted, *rest)
 
 

@@ -332,8 +332,13 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                                     const std::optional<Tensor>& k_new, const std::optional<Tensor>& v_new,
                                     const Tensor& cache_seqlens, double softmax_scale, int64_t window_left,
                                     int64_t window_right, double softcap, const std::optional<Tensor>& block_table,
-                                    const std::optional<Tensor>& cache_batch_idx) {
+                                    const std::optional<Tensor>& cache_batch_idx,
+                                    const std::optional<Tensor>& rotary_cos, const std::optional<Tensor>& rotary_sin,
+                                    bool rotary_interleaved) {
   constexpr const char* op = "flash_attn_with_kvcache";
+  (void)rotary_interleaved;
+  LLMK_CHECK_ARG(!(rotary_cos.has_value() && rotary_cos->defined()) && !(rotary_sin.has_value() && rotary_sin->defined()),
+                 op, "rotary_cos", "is not taken by the CUDA host (the Python wrapper rotates q and k first)");
   LLMK_CHECK_ARG(!(block_table.has_value() && block_table->defined()), op, "block_table",
                  "(paged KV) is not supported by the CUDA kernels (the Triton and CPU kernels take it)");
   LLMK_CHECK_ARG(!(cache_batch_idx.has_value() && cache_batch_idx->defined()), op, "cache_batch_idx",
