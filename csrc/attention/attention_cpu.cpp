@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -65,6 +67,18 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
+// bf16 prefill on AMX-BF16 CPUs goes through the brgemm kernel (kernel_amx.cpp): a few rows (decode) stay on the
+// per-key dot products, which read the cache once. LLMKERNELS_CPU_AMX=0 turns it off (read once).
+bool use_amx_forward(const AttnParams& p) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("LLMKERNELS_CPU_AMX");
+    return !(env != nullptr && std::string(env) == "0") && use_avx512() && amx_bf16_available();
+  }();
+  // (head dims a multiple of 32: K is packed 16 pairs of bf16 at a time)
+  return enabled && p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 &&
+         p.kv_batch == nullptr && p.block_table == nullptr;
+}
+
 // Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& q) {
   auto f32 = q.options().dtype(at::kFloat);
@@ -72,8 +86,12 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
-  choose_heads_per_block(p, at::get_num_threads());
-  run_tasks(kernels_for(p.dtype).fwd, p, num_fwd_tasks(p), pass_macs(p));
+  if (use_amx_forward(p)) {
+    run_tasks(fwd_tasks_amx, p, p.batch * p.nheads, pass_macs(p));
+  } else {
+    choose_heads_per_block(p, at::get_num_threads());
+    run_tasks(kernels_for(p.dtype).fwd, p, num_fwd_tasks(p), pass_macs(p));
+  }
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
 }
 

@@ -1,0 +1,246 @@
+// The bf16 attention forward for CPUs whose bf16 matrix products run on AMX tiles (Sapphire Rapids and later):
+// the two products of each (query block, key block) pair go through ATen's brgemm micro-kernel (oneDNN; tiles of
+// bf16 pairs, fp32 accumulation), the online softmax between them stays ours, on AVX-512. Where AMX is present,
+// SDPA's bf16 CPU kernel uses it too, and the vdpbf16ps kernel (kernel_avx512bf16.cpp) ran 3-5x behind it.
+//
+// Task = (batch, query head). Each task packs its KV head's K^T and V once, a 64-key block at a time, into the
+// layout brgemm reads (pairs of rows interleaved), then streams its query blocks of 64 rows: S = Q K^T (fp32), the
+// scale / soft-cap / band mask and the running max and sum per row, P rounded to bf16 (as the GPU kernels and the
+// vdpbf16ps kernel do), O += P V. Chosen by attention_cpu.cpp (amx_fwd_usable) for bf16 prefill calls only.
+#include <ATen/native/CPUBlas.h>  // before the target switch: its inline code stays baseline
+
+#include "attention/cpu/flash_attn_cpu.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace llmkernels::attention_cpu {
+
+bool amx_bf16_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+}  // namespace llmkernels::attention_cpu
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")
+#endif
+
+namespace {
+
+#include "common/cpu_simd_avx512.h"
+
+#include "attention/cpu/vec_avx512.h"
+
+using llmkernels::attention_cpu::AttnParams;
+using reg = Vec::reg;
+
+// brgemm calls cost about a microsecond each beyond their math, so the blocks are large: 128 query rows by 256
+// keys, one call per product.
+constexpr int64_t kRows = 128;  // query rows per block
+constexpr int64_t kKeys = 256;  // keys per block
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_inff();
+
+const at::BFloat16* as_bf16(const uint16_t* p) { return reinterpret_cast<const at::BFloat16*>(p); }
+
+// No std containers or algorithms here: their inline instantiations, compiled for AVX-512 in this file, could be
+// the copies the linker keeps for the whole library.
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+template <typename T>
+struct Buffer {  // at least n elements, grown on demand
+  T* data = nullptr;
+  int64_t n = 0;
+  void reserve(int64_t want) {
+    if (want <= n) return;
+    delete[] data;
+    data = new T[want];
+    n = want;
+  }
+  ~Buffer() { delete[] data; }
+};
+
+// 16 fp32 lanes rounded to bf16 (round to nearest even), stored as 16 words.
+void store_bf16(uint16_t* dst, reg x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+struct Rows {  // a KV head's keys (or values): row j at base + j * ld (elements)
+  const uint16_t* base;
+  int64_t ld;
+};
+
+// brgemm's B operands for keys [j0, j0 + kKeys), zero past `keys`, in the layout its packer writes (checked against
+// it): pairs of consecutive rows interleaved, a (rows / 2, columns) matrix of 32-bit words. K^T (d x kKeys): a pair
+// of head-dim entries of one key is a word of K's row, so the packed K^T is K's rows, as words, transposed (16 x 16
+// at a time). V (kKeys x d): words of two consecutive keys' values, interleaved.
+void pack_block(const Rows& k, const Rows& v, int64_t j0, int64_t keys, int64_t d, uint16_t* k_out,
+                uint16_t* v_out) {
+  const int64_t cols = imin(kKeys, keys - j0), pairs = d / 2;  // (d a multiple of 32: pairs of 16 words)
+  uint32_t* kt = reinterpret_cast<uint32_t*>(k_out);
+  for (int64_t c0 = 0; c0 < kKeys; c0 += 16) {
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = c0 + i < cols ? _mm512_loadu_si512(k.base + (j0 + c0 + i) * k.ld + 2 * p0) : _mm512_setzero_si512();
+      }
+      SimdAvx512::transpose_words(r);  // r[j]: word p0 + j of keys c0 .. c0 + 15
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kt + (p0 + j) * kKeys + c0, r[j]);
+    }
+  }
+  for (int64_t c = 0; c < kKeys; c += 2) {  // word (c / 2, e) = value e of key c | value e of key c + 1 << 16
+    uint32_t* dst = reinterpret_cast<uint32_t*>(v_out + c * d);
+    const uint16_t* v0 = v.base + (j0 + c) * v.ld;
+    const uint16_t* v1 = v0 + v.ld;
+    const bool has0 = c < cols, has1 = c + 1 < cols;
+    for (int64_t e = 0; e < d; e += 16) {
+      const __m512i lo = has0 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + e)))
+                              : _mm512_setzero_si512();
+      const __m512i hi = has1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + e)))
+                              : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+}  // namespace
+
+namespace llmkernels::attention_cpu {
+
+void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
+  const int64_t d = p.headdim, sq = p.seqlen_q, group = p.nheads / p.nheads_k;
+  const float q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
+  const int64_t block_elems = kKeys * d;  // one packed block of K^T or V
+  Buffer<uint16_t> packed_k, packed_v, probs;
+  Buffer<float> scores, out;
+  probs.reserve(kRows * kKeys);
+  scores.reserve(kRows * kKeys);
+  out.reserve(kRows * d);
+  float m_run[kRows], l_run[kRows];
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t h = task % p.nheads, b = task / p.nheads, hk = h / group;
+    const int64_t sk = p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k, shift = sk - sq;
+    const int64_t left = p.window_left, right = p.window_right;
+    // Keys any row can see: [klo, khi), klo rounded down to a block.
+    int64_t klo = left >= 0 ? imax(0, shift - left) : 0, khi = sk;
+    if (right >= 0) khi = imin(khi, sq - 1 + shift + right + 1);
+    klo -= klo % kKeys;
+    const int64_t nblocks = khi > klo ? (khi - klo + kKeys - 1) / kKeys : 0;
+    const Rows k{static_cast<const uint16_t*>(p.k.data) + b * p.k.batch_stride + hk * p.k.head_stride,
+                 p.k.seq_stride};
+    const Rows v{static_cast<const uint16_t*>(p.v.data) + b * p.v.batch_stride + hk * p.v.head_stride,
+                 p.v.seq_stride};
+    packed_k.reserve(nblocks * block_elems);
+    packed_v.reserve(nblocks * block_elems);
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      pack_block(k, v, klo + blk * kKeys, sk, d, packed_k.data + blk * block_elems, packed_v.data + blk * block_elems);
+    }
+    const uint16_t* q = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride + h * p.q.head_stride;
+
+    for (int64_t i0 = 0; i0 < sq; i0 += kRows) {
+      const int64_t rows = imin(kRows, sq - i0);
+      for (int64_t r = 0; r < kRows; ++r) {
+        m_run[r] = kNegInf;
+        l_run[r] = 0.f;
+      }
+      std::memset(out.data, 0, sizeof(float) * kRows * d);
+      // Keys this block's rows can see, from the block holding the first.
+      int64_t jlo = left >= 0 ? imax(klo, i0 + shift - left) : klo;
+      const int64_t jhi = right >= 0 ? imin(khi, i0 + rows - 1 + shift + right + 1) : khi;
+      jlo = klo + (jlo - klo) / kKeys * kKeys;
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kKeys) {
+        const uint16_t* kt = packed_k.data + (j0 - klo) / kKeys * block_elems;
+        const uint16_t* vb = packed_v.data + (j0 - klo) / kKeys * block_elems;
+        constexpr int64_t width = kKeys;  // (a partial last block is zero-padded and masked)
+        at::native::cpublas::brgemm(rows, kKeys, d, p.q.seq_stride, kKeys, kKeys, false,  // S = Q K^T
+                                    as_bf16(q + i0 * p.q.seq_stride), as_bf16(kt), scores.data);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          // Visible keys of row i within the block, as offsets from j0: [lo, hi).
+          int64_t lo = 0, hi = imin(width, sk - j0);
+          if (left >= 0) lo = imax(lo, i + shift - left - j0);
+          if (right >= 0) hi = imin(hi, i + shift + right - j0 + 1);
+          float* s = scores.data + r * kKeys;
+          uint16_t* pr = probs.data + r * kKeys;
+          if (hi <= lo) {  // nothing visible here: P row 0
+            std::memset(pr, 0, sizeof(uint16_t) * width);
+            continue;
+          }
+          reg mx = Vec::set1(kNegInf);
+          for (int64_t c = 0; c < width; c += Vec::W) {
+            reg x = Vec::mul(Vec::load(s + c), Vec::set1(q_scale));
+            if (p.softcap > 0.f) {
+              alignas(64) float t[16];
+              Vec::store(t, x);
+              for (float& e : t) e = p.softcap * kLog2e * std::tanh(e / p.softcap);
+              x = Vec::load(t);
+            }
+            const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
+                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+            const __mmask16 seen = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo))) &
+                                   _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)));
+            x = _mm512_mask_blend_ps(seen, Vec::set1(kNegInf), x);
+            Vec::store(s + c, x);
+            mx = Vec::max(mx, x);
+          }
+          const float m_old = m_run[r], bmax = Vec::hmax(mx), m_new = m_old > bmax ? m_old : bmax;
+          const float alpha = m_old == kNegInf ? 0.f : std::exp2(m_old - m_new);
+          reg sum = Vec::zero();
+          for (int64_t c = 0; c < width; c += Vec::W) {
+            const reg e = Vec::exp2(Vec::sub(Vec::load(s + c), Vec::set1(m_new)));
+            sum = Vec::add(sum, e);
+            store_bf16(pr + c, e);
+          }
+          l_run[r] = l_run[r] * alpha + Vec::hsum(sum);
+          m_run[r] = m_new;
+          if (alpha != 1.f) {
+            float* o = out.data + r * d;
+            int64_t e = 0;
+            for (; e + Vec::W <= d; e += Vec::W) Vec::store(o + e, Vec::mul(Vec::load(o + e), Vec::set1(alpha)));
+            for (; e < d; ++e) o[e] *= alpha;
+          }
+        }
+        at::native::cpublas::brgemm(rows, d, kKeys, kKeys, d, d, true, as_bf16(probs.data), as_bf16(vb),  // O += P V
+                                    out.data);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        float* dst = p.out + ((b * sq + i) * p.nheads + h) * d;
+        float* lse = p.lse + (b * p.nheads + h) * sq + i;
+        if (l_run[r] == 0.f) {
+          std::memset(dst, 0, sizeof(float) * d);
+          *lse = kNegInf;
+          continue;
+        }
+        const float inv = 1.f / l_run[r];
+        for (int64_t e = 0; e < d; ++e) dst[e] = out.data[r * d + e] * inv;
+        *lse = (m_run[r] + std::log2(l_run[r])) * kLn2;
+      }
+    }
+  }
+  at::native::cpublas::brgemm_release();
+}
+
+}  // namespace llmkernels::attention_cpu
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64: never called (amx_bf16_available is false)
+namespace llmkernels::attention_cpu {
+bool amx_bf16_available() { return false; }
+void fwd_tasks_amx(const AttnParams&, int64_t, int64_t) {}
+}  // namespace llmkernels::attention_cpu
+#endif
