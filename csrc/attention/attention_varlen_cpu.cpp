@@ -127,7 +127,7 @@ void run_sequences(TaskFn fn, const std::vector<AttnParams>& seqs, TaskCount tas
     size_t s = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t t = begin; t < end; ++s) {
       const int64_t stop = std::min(end, first[s + 1]);
-      if (stop > t) fn(seqs[s], t - first[s], stop - first[s]);
+      if (stop > t) run_flushing(fn, seqs[s], t - first[s], stop - first[s]);
       t = std::max(t, stop);
     }
   });

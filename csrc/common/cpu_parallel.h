@@ -4,6 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (SSE: every x86-64)
+#endif
 
 namespace llmkernels {
 
@@ -18,5 +21,19 @@ inline int64_t parallel_grain(int64_t tasks, double work, double min_per_thread)
 
 // ~5-10 us of one core's multiply-adds: below this per thread, the attention kernels stay on one thread.
 constexpr double kMinAttnMacsPerThread = 1 << 18;
+
+// Flush-to-zero (and denormals-are-zero) while an attention kernel runs on this thread: masked scores are -inf, and
+// each 2^(-inf - max) that underflows otherwise costs an Intel core a microcode assist (a causal AMX forward had
+// taken as long as a full one). Nothing those kernels compute needs denormals. The thread's MXCSR is restored after.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 }  // namespace llmkernels

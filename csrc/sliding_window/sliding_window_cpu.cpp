@@ -220,6 +220,7 @@ void run_chunk_blocked(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const double macs = 2.0 * static_cast<double>(dims.batch * dims.chunk * dims.nheads) *
                       static_cast<double>(dims.window) * dims.head_dim;  // (every query against a whole window)
   at::parallel_for(0, tasks, parallel_grain(tasks, macs, kMinAttnMacsPerThread), [&](int64_t begin, int64_t end) {
+    const ::llmkernels::FlushDenormals ftz;  // masked scores: see common/cpu_parallel.h
     if (avx512) {
       cpu::chunk_attn_avx512(p, begin, end);
     } else {
@@ -255,7 +256,10 @@ void run_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t tasks = dims.batch * dims.chunk * dims.nheads_k;
   // A task is one window of keys for G heads; a few per chunk amortise the scratch allocation.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, dims.window * p.group));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { attend_tasks(p, begin, end); });
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    const ::llmkernels::FlushDenormals ftz;  // masked scores: see common/cpu_parallel.h
+    attend_tasks(p, begin, end);
+  });
 }
 
 at::Tensor rolling_window_attn_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

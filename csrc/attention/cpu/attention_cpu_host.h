@@ -86,11 +86,16 @@ inline at::Tensor checked_dlse(const char* op, const std::optional<at::Tensor>& 
   return dlse.contiguous();
 }
 
+inline void run_flushing(TaskFn fn, const AttnParams& p, int64_t begin, int64_t end) {
+  const FlushDenormals ftz;
+  fn(p, begin, end);
+}
+
 // Runs tasks [0, n) of one kernel over at::parallel_for's threads, when the call's multiply-adds pay for them.
 inline void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
   if (n <= 0) return;
   at::parallel_for(0, n, parallel_grain(n, macs, kMinAttnMacsPerThread),
-                   [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+                   [&](int64_t begin, int64_t end) { run_flushing(fn, p, begin, end); });
 }
 
 }  // namespace llmkernels::attention_cpu

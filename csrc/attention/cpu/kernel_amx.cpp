@@ -125,6 +125,7 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   scores.reserve(kRows * kKeys);
   out.reserve(kRows * d);
   float m_run[kRows], l_run[kRows];
+  // (run with flush-to-zero by the host: attention_cpu_host.h FlushDenormals)
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t h = task % p.nheads, b = task / p.nheads, hk = h / group;
