@@ -4,9 +4,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "common/checks.h"
@@ -23,6 +26,16 @@ constexpr int64_t kBlasMinTokens = 32;  // weight-only: from here unpacking W fo
 // fp32 x (1 core of Zen 4, 4 tokens: 0.66 vs 1.35 ms at 4096 x 4096, 0.64 vs 0.68 at 6912 x 2560, 0.24 vs 0.25
 // at 2560 x 2560; 8 tokens 1.5-3x; below 4 tokens about even)
 constexpr int64_t kBf16GemmMinTokens = 4;
+constexpr int64_t kAmxMinTokens = 64;  // weight-only bf16 on AMX CPUs: from here torch's AMX GEMM on unpacked panels
+
+// Whether torch's bf16 GEMM runs on AMX tiles here (where ATen packs bf16 for its brgemm): then it beats ours.
+bool amx_bf16_gemm() {
+  static const bool amx = [] {
+    const char* env = std::getenv("LLMKERNELS_CPU_AMX");
+    return !(env != nullptr && std::string(env) == "0") && at::native::cpublas::could_pack(at::kBFloat16);
+  }();
+  return amx;
+}
 constexpr int64_t kPanelBytes = 2 << 20;  // weight-only prefill: fp32 weights unpacked per GEMM (cache-sized)
 
 // x: (m, K) contiguous -> x_q (m, k_pad) zero-padded, s (m,) fp32, xsum (m,) int32.
@@ -127,6 +140,29 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
   at::Tensor out = at::empty({m, N}, x_in.options());
   if (m == 0 || N == 0) return out;
   const at::Tensor scale = w_scale.to(at::kFloat);
+  if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxMinTokens && amx_bf16_gemm()) {
+    // bf16 prefill where torch's bf16 GEMM runs on AMX tiles: that GEMM per panel of weights unpacked (exactly)
+    // into bf16; it sums in fp32 and rounds once, as the other paths do. (The vdpbf16ps kernel below ran at a
+    // tenth of it there.)
+    const at::Tensor xb = x_in.contiguous();
+    // Wider panels than the fp32 path's: oneDNN's AMX GEMM pays per call and per narrow output.
+    const int64_t panel = std::min<int64_t>(N, std::max<int64_t>(64, 4 * kPanelBytes / (k_pad * 2)));
+    at::Tensor w_panel = at::empty({panel, k_pad}, xb.options().dtype(at::kFloat));
+    at::Tensor w16 = at::empty({panel, k_pad}, xb.options());
+    const at::Scalar gamma = scale.item();
+    const at::Tensor b = bias.has_value() ? bias->to(at::kBFloat16) : at::Tensor();
+    for (int64_t n0 = 0; n0 < N; n0 += panel) {
+      const int64_t rows = std::min(panel, N - n0);
+      unpack_f32(w_packed.data_ptr<uint8_t>() + n0 * (k_pad / 4), rows, k_pad, w_panel.data_ptr<float>());
+      at::Tensor w16_rows = w16.narrow(0, 0, rows);
+      w16_rows.copy_(w_panel.narrow(0, 0, rows));  // -1, 0, 1: exact in bf16
+      at::Tensor y_panel = out.narrow(1, n0, rows);
+      const at::Tensor base = b.defined() ? b.narrow(0, n0, rows) : y_panel;
+      at::addmm_out(y_panel, base, xb, w16_rows.narrow(1, 0, in_features).t(), /*beta=*/b.defined() ? 1 : 0,
+                    /*alpha=*/gamma);
+    }
+    return out;
+  }
   if (x_in.scalar_type() == at::kBFloat16 && m >= kBf16GemmMinTokens && bf16_linear_w2_available()) {
     // bf16 x times ternary weights: exact products, so bf16 dot products with fp32 sums are the fp32 GEMM
     const at::Tensor xb = in_features % 2 == 0 ? x_in.contiguous() : at::constant_pad_nd(x_in, {0, 1}, 0);
