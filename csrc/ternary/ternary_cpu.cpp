@@ -147,15 +147,14 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     const at::Tensor xb = x_in.contiguous();
     // Wider panels than the fp32 path's: oneDNN's AMX GEMM pays per call and per narrow output.
     const int64_t panel = std::min<int64_t>(N, std::max<int64_t>(64, 4 * kPanelBytes / (k_pad * 2)));
-    at::Tensor w_panel = at::empty({panel, k_pad}, xb.options().dtype(at::kFloat));
     at::Tensor w16 = at::empty({panel, k_pad}, xb.options());
     const at::Scalar gamma = scale.item();
     const at::Tensor b = bias.has_value() ? bias->to(at::kBFloat16) : at::Tensor();
     for (int64_t n0 = 0; n0 < N; n0 += panel) {
       const int64_t rows = std::min(panel, N - n0);
-      unpack_f32(w_packed.data_ptr<uint8_t>() + n0 * (k_pad / 4), rows, k_pad, w_panel.data_ptr<float>());
-      at::Tensor w16_rows = w16.narrow(0, 0, rows);
-      w16_rows.copy_(w_panel.narrow(0, 0, rows));  // -1, 0, 1: exact in bf16
+      unpack_bf16(w_packed.data_ptr<uint8_t>() + n0 * (k_pad / 4), rows, k_pad,
+                  reinterpret_cast<uint16_t*>(w16.data_ptr<at::BFloat16>()));
+      const at::Tensor w16_rows = w16.narrow(0, 0, rows);
       at::Tensor y_panel = out.narrow(1, n0, rows);
       const at::Tensor base = b.defined() ? b.narrow(0, n0, rows) : y_panel;
       at::addmm_out(y_panel, base, xb, w16_rows.narrow(1, 0, in_features).t(), /*beta=*/b.defined() ? 1 : 0,

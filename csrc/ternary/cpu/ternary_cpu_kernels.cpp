@@ -179,6 +179,42 @@ __attribute__((target("avx2,fma"))) void unpack_row_f32_avx2(const uint8_t* w, i
   }
 }
 
+// The same weights as bf16 words: -1, 0, 1 are 0xBF80, 0, 0x3F80 (exact), each byte from a 4-entry table.
+void unpack_row_bf16(const uint8_t* w, int64_t nblocks, uint16_t* out) {
+  constexpr uint16_t kWord[4] = {0xBF80, 0x0000, 0x3F80, 0x0000};
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int s = 0; s < 4; ++s) {
+      for (int j = 0; j < kBlockBytes; ++j) {
+        out[b * kBlockWeights + 64 * s + j] = kWord[(w[b * kBlockBytes + j] >> (2 * s)) & 3];
+      }
+    }
+  }
+}
+
+// 32 packed bytes -> 4 x 32 bf16 words: codes look up their low and high bytes (vpshufb), which interleave into
+// words; the quadwords are reordered first so that the in-lane interleave leaves the words in order.
+__attribute__((target("avx2"))) void unpack_row_bf16_avx2(const uint8_t* w, int64_t nblocks, uint16_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i low = _mm256_setr_epi8(static_cast<char>(0x80), 0, static_cast<char>(0x80), 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                       0, 0, 0, 0, static_cast<char>(0x80), 0, static_cast<char>(0x80), 0, 0, 0, 0, 0,
+                                       0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i high = _mm256_setr_epi8(static_cast<char>(0xBF), 0, 0x3F, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                        static_cast<char>(0xBF), 0, 0x3F, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes + 32 * h));
+      for (int s = 0; s < 4; ++s) {
+        const __m256i codes = _mm256_permute4x64_epi64(
+            _mm256_and_si256(_mm256_srli_epi16(wb, 2 * s), mask), 0xD8);  // quadwords 0 2 1 3
+        const __m256i lo = _mm256_shuffle_epi8(low, codes), hi = _mm256_shuffle_epi8(high, codes);
+        uint16_t* dst = out + b * kBlockWeights + 64 * s + 32 * h;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_unpacklo_epi8(lo, hi));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_unpackhi_epi8(lo, hi));
+      }
+    }
+  }
+}
+
 // AVX-512, fused: no fp32 weights are materialised. 16 packed bytes widen to 16 int32 lanes; shifted right by
 // 2s, each lane's low 4 bits index a 16-entry table whose entry is (index & 3) - 1, so one vpermps turns codes
 // into the fp32 weights {-1, 0, 1} (exact) for the FMAs with x: 3 shared ops and one FMA per token for 16 weights.
@@ -389,6 +425,17 @@ void unpack_f32(const uint8_t* w, int64_t N, int64_t k_pad, float* out) {
     for (int64_t n = n_begin; n < n_end; ++n) {
       avx2 ? unpack_row_f32_avx2(w + n * (k_pad / 4), nblocks, out + n * k_pad)
            : unpack_row_f32(w + n * (k_pad / 4), nblocks, out + n * k_pad);
+    }
+  });
+}
+
+void unpack_bf16(const uint8_t* w, int64_t N, int64_t k_pad, uint16_t* out) {
+  const int64_t nblocks = k_pad / kBlockWeights;
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, N, row_grain(1, k_pad, 1), [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      avx2 ? unpack_row_bf16_avx2(w + n * (k_pad / 4), nblocks, out + n * k_pad)
+           : unpack_row_bf16(w + n * (k_pad / 4), nblocks, out + n * k_pad);
     }
   });
 }

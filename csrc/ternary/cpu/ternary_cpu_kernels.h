@@ -26,6 +26,8 @@ void matmul_f32(const float* x, int64_t m, const uint8_t* w, int64_t N, int64_t 
 
 // Packed (N, k_pad / 4) -> fp32 (N, k_pad) dense weights in {-1, 0, 1} (for prefill through a BLAS GEMM).
 void unpack_f32(const uint8_t* w, int64_t N, int64_t k_pad, float* out);
+// The same as bf16 words (exact): out (N, k_pad) uint16_t.
+void unpack_bf16(const uint8_t* w, int64_t N, int64_t k_pad, uint16_t* out);
 
 // Register-tiled GEMMs for several tokens (cpu/ternary_cpu_tiled.cpp), each only where its *_available() says.
 // matmul_int8_tiled: as matmul_int8, on AVX-512 VNNI. linear_w2_bf16: weight-only for bf16 x, on AVX512-BF16:
