@@ -127,6 +127,7 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   float m_run[kRows], l_run[kRows];
   // (run with flush-to-zero by the host: attention_cpu_host.h FlushDenormals)
 
+  int64_t packed_for = -1;  // (batch, KV head) whose K and V are packed: a GQA group's heads are consecutive tasks
   for (int64_t task = begin; task < end; ++task) {
     const int64_t h = task % p.nheads, b = task / p.nheads, hk = h / group;
     const int64_t sk = p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k, shift = sk - sq;
@@ -140,10 +141,14 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
                  p.k.seq_stride};
     const Rows v{static_cast<const uint16_t*>(p.v.data) + b * p.v.batch_stride + hk * p.v.head_stride,
                  p.v.seq_stride};
-    packed_k.reserve(nblocks * block_elems);
-    packed_v.reserve(nblocks * block_elems);
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      pack_block(k, v, klo + blk * kKeys, sk, d, packed_k.data + blk * block_elems, packed_v.data + blk * block_elems);
+    if (packed_for != b * p.nheads_k + hk) {  // (klo, khi depend on the batch row only: the same for the group)
+      packed_k.reserve(nblocks * block_elems);
+      packed_v.reserve(nblocks * block_elems);
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        pack_block(k, v, klo + blk * kKeys, sk, d, packed_k.data + blk * block_elems,
+                   packed_v.data + blk * block_elems);
+      }
+      packed_for = b * p.nheads_k + hk;
     }
     const uint16_t* q = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride + h * p.q.head_stride;
 
