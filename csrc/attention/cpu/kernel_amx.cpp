@@ -3,10 +3,11 @@
 // bf16 pairs, fp32 accumulation), the online softmax between them stays ours, on AVX-512. Where AMX is present,
 // SDPA's bf16 CPU kernel uses it too, and the vdpbf16ps kernel (kernel_avx512bf16.cpp) ran 3-5x behind it.
 //
-// Task = (batch, query head). Each task packs its KV head's K^T and V once, a 64-key block at a time, into the
-// layout brgemm reads (pairs of rows interleaved), then streams its query blocks of 64 rows: S = Q K^T (fp32), the
-// scale / soft-cap / band mask and the running max and sum per row, P rounded to bf16 (as the GPU kernels and the
-// vdpbf16ps kernel do), O += P V. Chosen by attention_cpu.cpp (amx_fwd_usable) for bf16 prefill calls only.
+// Task = (batch, query head). A task packs its KV head's K^T and V (unless the previous task of the thread, a head
+// of the same GQA group, did), 256 keys a block, into the layout brgemm reads (pairs of rows interleaved as 32-bit
+// words), then streams its query blocks of 128 rows: S = Q K^T (fp32), the scale / soft-cap / band mask and the
+// running max and sum per row, P rounded to bf16 (as the GPU kernels and the vdpbf16ps kernel do), O += P V.
+// Chosen by attention_cpu.cpp (use_amx_forward) for bf16 prefill calls only; it runs with flush-to-zero.
 #include <ATen/native/CPUBlas.h>  // before the target switch: its inline code stays baseline
 
 #include "attention/cpu/flash_attn_cpu.h"
