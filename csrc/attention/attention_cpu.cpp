@@ -8,9 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -18,6 +16,7 @@
 
 #include "attention/attention_window.h"
 #include "attention/cpu/attention_cpu_host.h"
+#include "common/cpu_amx.h"
 
 namespace llmkernels::attention_cpu {
 namespace {
@@ -67,16 +66,11 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// bf16 prefill on AMX-BF16 CPUs goes through the brgemm kernel (kernel_amx.cpp): a few rows (decode) stay on the
-// per-key dot products, which read the cache once. LLMKERNELS_CPU_AMX=0 turns it off (read once).
+// bf16 prefill on AMX CPUs goes through the brgemm kernel (kernel_amx.cpp): a few rows (decode) stay on the per-key
+// dot products, which read the cache once; head dims a multiple of 32 (K is packed 16 pairs of bf16 at a time).
 bool use_amx_forward(const AttnParams& p) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("LLMKERNELS_CPU_AMX");
-    return !(env != nullptr && std::string(env) == "0") && use_avx512() && amx_bf16_available();
-  }();
-  // (head dims a multiple of 32: K is packed 16 pairs of bf16 at a time)
-  return enabled && p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 &&
-         p.kv_batch == nullptr && p.block_table == nullptr;
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
+         p.block_table == nullptr && ::llmkernels::use_amx_bf16();
 }
 
 // Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).

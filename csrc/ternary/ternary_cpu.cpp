@@ -4,15 +4,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/cpu_amx.h"
 #include "ternary/ternary_checks.h"
 #include "ternary/cpu/ternary_cpu_kernels.h"
 
@@ -28,14 +26,6 @@ constexpr int64_t kBlasMinTokens = 32;  // weight-only: from here unpacking W fo
 constexpr int64_t kBf16GemmMinTokens = 4;
 constexpr int64_t kAmxMinTokens = 64;  // weight-only bf16 on AMX CPUs: from here torch's AMX GEMM on unpacked panels
 
-// Whether torch's bf16 GEMM runs on AMX tiles here (where ATen packs bf16 for its brgemm): then it beats ours.
-bool amx_bf16_gemm() {
-  static const bool amx = [] {
-    const char* env = std::getenv("LLMKERNELS_CPU_AMX");
-    return !(env != nullptr && std::string(env) == "0") && at::native::cpublas::could_pack(at::kBFloat16);
-  }();
-  return amx;
-}
 constexpr int64_t kPanelBytes = 2 << 20;  // weight-only prefill: fp32 weights unpacked per GEMM (cache-sized)
 
 // x: (m, K) contiguous -> x_q (m, k_pad) zero-padded, s (m,) fp32, xsum (m,) int32.
@@ -140,7 +130,7 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
   at::Tensor out = at::empty({m, N}, x_in.options());
   if (m == 0 || N == 0) return out;
   const at::Tensor scale = w_scale.to(at::kFloat);
-  if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxMinTokens && amx_bf16_gemm()) {
+  if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxMinTokens && ::llmkernels::use_amx_bf16()) {
     // bf16 prefill where torch's bf16 GEMM runs on AMX tiles: that GEMM per panel of weights unpacked (exactly)
     // into bf16; it sums in fp32 and rounds once, as the other paths do. (The vdpbf16ps kernel below ran at a
     // tenth of it there.)

@@ -208,9 +208,8 @@ def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scal
     )
 
 
-def _triton_kvcache_supports(q, *args) -> str | None:
-    # The Triton decode kernel reads block_table / cache_batch_idx itself (PAGED / INDEXED).
-    return _triton_supports_for("flash_attn_with_kvcache_triton")(q)
+# (The Triton decode kernel reads block_table / cache_batch_idx itself: PAGED / INDEXED.)
+_triton_kvcache_supports = _triton_supports_for("flash_attn_with_kvcache_triton")
 
 
 @flash_attn_kvcache.register("triton", supports=_triton_kvcache_supports)

@@ -263,20 +263,7 @@ def flash_attn_varlen_ref(
     softcap: float = 0.0,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """flash_attn_varlen_func's output, differentiable through autograd (concatenation of per-sequence calls)."""
+    """flash_attn_varlen_func's arguments -> its output (flash_attn_varlen_fwd_ref's); differentiable."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    starts_q, starts_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
-    # Rows outside every sequence: zeros that stay in q's graph (so a call with no sequence is still differentiable),
-    # whatever those rows hold (masked_fill, not * 0: NaN * 0 is NaN)
-    everything = torch.ones((), dtype=torch.bool, device=q.device)
-    pieces = [q[: starts_q[0]].masked_fill(everything, 0.0)]
-    for i in range(len(starts_q) - 1):
-        q0, q1, k0, k1 = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
-        o, _ = flash_attn_fwd_ref(
-            q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
-            scale, left, right, softcap, upcast,
-        )  # fmt: skip
-        pieces.append(o[0])
-    pieces.append(q[starts_q[-1] :].masked_fill(everything, 0.0))
-    return torch.cat(pieces, dim=0)
+    return flash_attn_varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, upcast)[0]

@@ -28,6 +28,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._checks import check_same_dtype, check_shape, check_tensor
+from ..ops.attention import grad_of_output
 from .flash_attn_decode import check_kvcache_args, decode_launch
 from .flash_attn_kernels import (
     flash_attn_bwd_dkdv_kernel,
@@ -571,16 +572,9 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (softmax_scale, window_left, window_right, softcap)
 
 
-def _grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """dout for the kernels: zeros when only lse reached the loss, contiguous in its last dimension."""
-    if dout is None:
-        return torch.zeros_like(out)
-    return dout if dout.stride(-1) == 1 else dout.contiguous()
-
-
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dout = _grad_of_output(dout, out)
+    dout = grad_of_output(dout, out)
     dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd_triton(dout, q, k, v, out, lse, *ctx.args, dlse)
     return dq, dk, dv, None, None, None, None
 
@@ -614,7 +608,7 @@ def _varlen_setup_context(ctx, inputs, output):
 def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.llmkernels.flash_attn_varlen_bwd_triton(
-        _grad_of_output(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, dlse
+        grad_of_output(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, dlse
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None
 

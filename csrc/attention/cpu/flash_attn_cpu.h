@@ -78,10 +78,8 @@ LLMK_ATTN_DECLARE_ISA(avx2)
 LLMK_ATTN_DECLARE_ISA(scalar)
 #undef LLMK_ATTN_DECLARE_ISA
 
-// bf16 forward on AMX tiles through ATen's brgemm (kernel_amx.cpp): task = (batch, query head). Usable where
-// ATen packs bf16 for brgemm (AMX-BF16 CPUs); needs a head dim that is a multiple of 32 and no KV-cache
-// indirection.
-bool amx_bf16_available();
+// bf16 forward on AMX tiles through ATen's brgemm (kernel_amx.cpp): task = (batch, query head). Only where
+// common/cpu_amx.h says so; needs a head dim that is a multiple of 32 and no KV-cache indirection.
 void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end);
 
 }  // namespace llmkernels::attention_cpu

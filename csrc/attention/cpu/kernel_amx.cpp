@@ -19,12 +19,6 @@
 #include <cstdint>
 #include <cstring>
 
-namespace llmkernels::attention_cpu {
-
-bool amx_bf16_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
-
-}  // namespace llmkernels::attention_cpu
-
 #ifdef __clang__
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma"))), \
                              apply_to = function)
@@ -245,9 +239,8 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
 #pragma GCC pop_options
 #endif
 
-#else  // not x86-64: never called (amx_bf16_available is false)
+#else  // not x86-64: never called (no AMX, so use_amx_bf16 is false)
 namespace llmkernels::attention_cpu {
-bool amx_bf16_available() { return false; }
 void fwd_tasks_amx(const AttnParams&, int64_t, int64_t) {}
 }  // namespace llmkernels::attention_cpu
 #endif
