@@ -16,7 +16,6 @@
 
 #include "attention/attention_window.h"
 #include "attention/cpu/attention_cpu_host.h"
-#include "common/cpu_amx.h"
 
 namespace llmkernels::attention_cpu {
 namespace {
@@ -66,13 +65,6 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// bf16 prefill on AMX CPUs goes through the brgemm kernel (kernel_amx.cpp): a few rows (decode) stay on the per-key
-// dot products, which read the cache once; head dims a multiple of 32 (K is packed 16 pairs of bf16 at a time).
-bool use_amx_forward(const AttnParams& p) {
-  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
-         p.block_table == nullptr && ::llmkernels::use_amx_bf16();
-}
-
 // Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& q) {
   auto f32 = q.options().dtype(at::kFloat);
@@ -80,12 +72,9 @@ std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& 
   at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
-  if (use_amx_forward(p)) {
-    run_tasks(fwd_tasks_amx, p, p.batch * p.nheads, pass_macs(p));
-  } else {
-    choose_heads_per_block(p, at::get_num_threads());
-    run_tasks(kernels_for(p.dtype).fwd, p, num_fwd_tasks(p), pass_macs(p));
-  }
+  choose_heads_per_block(p, at::get_num_threads());
+  const auto [kernel, tasks] = forward_plan(p);
+  run_tasks(kernel, p, tasks, pass_macs(p));
   return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
 }
 
@@ -126,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   // threads, each head's key blocks are split over as many tasks as make them divide (at most 8), each adding
   // into its own dq buffer; no more, since every split loads its group's query rows again.
   const int64_t units = p.batch * p.nheads_k, threads = at::get_num_threads();
-  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(8, num_key_blocks(p)));
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(8, backward_key_blocks(p)));
   p.bwd_splits = std::clamp<int64_t>(threads / std::gcd(units, threads), 1, max_splits);
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq_parts = at::empty({p.bwd_splits, p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
@@ -140,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   p.dq = dq_parts.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  run_tasks(kernels_for(p.dtype).bwd, p, num_bwd_tasks(p), 2.5 * pass_macs(p));
+  run_tasks(backward_kernel(p), p, num_bwd_tasks(p), 2.5 * pass_macs(p));
   at::Tensor dq = dq_parts[0];
   for (int64_t s = 1; s < p.bwd_splits; ++s) dq = dq + dq_parts[s];  // in split order: deterministic
   if (q.scalar_type() != at::kFloat) {

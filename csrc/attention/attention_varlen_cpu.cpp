@@ -112,13 +112,16 @@ std::vector<AttnParams> sequence_params(const char* op, const at::Tensor& q, con
   return seqs;
 }
 
-// Runs `fn` over every sequence's tasks (task_count(p) of sequence p) in one parallel loop.
-template <typename TaskCount>
-void run_sequences(TaskFn fn, const std::vector<AttnParams>& seqs, TaskCount task_count, double macs_factor) {
+// Runs every sequence's tasks in one parallel loop: plan(p) gives sequence p's kernel and number of tasks.
+template <typename Plan>
+void run_sequences(const std::vector<AttnParams>& seqs, Plan plan, double macs_factor) {
   std::vector<int64_t> first(seqs.size() + 1, 0);  // first global task of each sequence
+  std::vector<TaskFn> fns(seqs.size());
   double macs = 0;
   for (size_t s = 0; s < seqs.size(); ++s) {
-    first[s + 1] = first[s] + task_count(seqs[s]);
+    const auto [fn, tasks] = plan(seqs[s]);
+    fns[s] = fn;
+    first[s + 1] = first[s] + tasks;
     macs += macs_factor * pass_macs(seqs[s]);
   }
   const int64_t n = first.back();
@@ -127,7 +130,7 @@ void run_sequences(TaskFn fn, const std::vector<AttnParams>& seqs, TaskCount tas
     size_t s = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t t = begin; t < end; ++s) {
       const int64_t stop = std::min(end, first[s + 1]);
-      if (stop > t) run_flushing(fn, seqs[s], t - first[s], stop - first[s]);
+      if (stop > t) run_flushing(fns[s], seqs[s], t - first[s], stop - first[s]);
       t = std::max(t, stop);
     }
   });
@@ -139,7 +142,7 @@ void backward_splits(std::vector<AttnParams>& seqs, int64_t nheads_k, int64_t th
   int64_t units = 0;
   for (const AttnParams& p : seqs) units += p.seqlen_q > 0 ? nheads_k : 0;
   const int64_t splits = units > 0 ? std::clamp<int64_t>(threads / std::gcd(units, threads), 1, 8) : 1;
-  for (AttnParams& p : seqs) p.bwd_splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, num_key_blocks(p)));
+  for (AttnParams& p : seqs) p.bwd_splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, backward_key_blocks(p)));
 }
 
 // Rows [0, cu.front()) and [cu.back(), rows) of a (rows, ...) tensor belong to no sequence.
@@ -187,8 +190,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
     seqs[b].lse = lse_blocks.data_ptr<float>() + cu_q[b] * nheads;
     choose_heads_per_block(seqs[b], threads);
   }
-  const ElemType dtype = elem_type(op, q);
-  run_sequences(kernels_for(dtype).fwd, seqs, [](const AttnParams& p) { return num_fwd_tasks(p); }, 1.0);
+  run_sequences(seqs, [](const AttnParams& p) { return forward_plan(p); }, 1.0);
 
   fill_rows_outside(out, cu_q, 0.0);
   at::Tensor lse = at::empty({nheads, total_q}, f32);  // flash_attn's varlen layout
@@ -267,9 +269,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
       dv.narrow(0, cu_k[b], seqs[b].seqlen_k).zero_();
     }
   }
-  const ElemType dtype = elem_type(op, q);
-  run_sequences(kernels_for(dtype).bwd, seqs, [](const AttnParams& p) { return p.seqlen_q > 0 && p.nheads > 0 ? num_bwd_tasks(p) : 0; },
-                2.5);
+  run_sequences(
+      seqs,
+      [](const AttnParams& p) {
+        return std::pair<TaskFn, int64_t>{backward_kernel(p), p.seqlen_q > 0 && p.nheads > 0 ? num_bwd_tasks(p) : 0};
+      },
+      2.5);
   next_part = 0;
   for (size_t b = 0; b < seqs.size(); ++b) {
     const AttnParams& p = seqs[b];

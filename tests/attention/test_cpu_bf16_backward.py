@@ -1,8 +1,9 @@
-"""The bf16 CPU backward on vdpbf16ps (kernel_avx512bf16.cpp, taken for bf16 inputs on CPUs with AVX512-BF16):
-that this CPU takes it (its probabilities are rounded to bf16 before dV = P^T dO, which the fp32 kernels never
-do), and its gradients against the fp32 reference within 3x the error of PyTorch's bf16 reference plus the usual
-floor, on ragged sizes, the head dims the kernel takes, GQA, causal / windowed / soft-capped masks, query blocks
-that start at odd rows, and the split path (bitwise deterministic)."""
+"""The bf16 CPU backward on vdpbf16ps (kernel_avx512bf16.cpp, taken for bf16 inputs on CPUs with AVX512-BF16; on
+CPUs with AMX tiles, head dims a multiple of 32 take kernel_amx_bwd.cpp, which rounds the same way): that this CPU
+takes one of them (its probabilities are rounded to bf16 before dV = P^T dO, which the fp32 kernels never do), and
+its gradients against the fp32 reference within 3x the error of PyTorch's bf16 reference plus the usual floor, on
+ragged sizes, the head dims the kernel takes, GQA, causal / windowed / soft-capped masks, query blocks that start at
+odd rows, and the split path (bitwise deterministic)."""
 
 import os
 

@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "attention/cpu/flash_attn_cpu.h"
 #include "common/checks.h"
+#include "common/cpu_amx.h"
 #include "common/cpu_features.h"
 #include "common/cpu_parallel.h"
 
@@ -32,6 +34,30 @@ inline Kernels kernels_for(ElemType dtype) {
   }
   if (use_avx2()) return {fwd_tasks_avx2, bwd_tasks_avx2};
   return {fwd_tasks_scalar, bwd_tasks_scalar};
+}
+
+// bf16 prefill on AMX CPUs goes through the tile kernels (kernel_amx.cpp, kernel_amx_bwd.cpp), for head dims a
+// multiple of 32 (K is packed 16 pairs of bf16 at a time). In the forward, a few rows (decode) stay on the per-key
+// dot products, which read the cache once, as do caches read through indirection (cache_batch_idx, pages).
+inline bool use_amx_forward(const AttnParams& p) {
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
+         p.block_table == nullptr && ::llmkernels::use_amx_tiles();
+}
+inline bool use_amx_backward(const AttnParams& p) {
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && ::llmkernels::use_amx_tiles();
+}
+
+// The forward kernel for p and its number of tasks (choose_heads_per_block first: it sets the latter).
+inline std::pair<TaskFn, int64_t> forward_plan(const AttnParams& p) {
+  if (use_amx_forward(p)) return {fwd_tasks_amx, p.batch * p.nheads};
+  return {kernels_for(p.dtype).fwd, num_fwd_tasks(p)};
+}
+inline TaskFn backward_kernel(const AttnParams& p) {
+  return use_amx_backward(p) ? bwd_tasks_amx : kernels_for(p.dtype).bwd;
+}
+// Key blocks of the backward kernel for p: the most splits of a head's keys that all get work.
+inline int64_t backward_key_blocks(const AttnParams& p) {
+  return use_amx_backward(p) ? (p.seqlen_k + kAmxBwdKeys - 1) / kAmxBwdKeys : num_key_blocks(p);
 }
 
 constexpr int64_t kMaxHeadDim = 256;

@@ -78,8 +78,11 @@ LLMK_ATTN_DECLARE_ISA(avx2)
 LLMK_ATTN_DECLARE_ISA(scalar)
 #undef LLMK_ATTN_DECLARE_ISA
 
-// bf16 forward on AMX tiles through ATen's brgemm (kernel_amx.cpp): task = (batch, query head). Only where
+// bf16 forward on AMX tiles (kernel_amx.cpp): task = (batch, query head). Only where
 // common/cpu_amx.h says so; needs a head dim that is a multiple of 32 and no KV-cache indirection.
 void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end);
+// bf16 backward likewise (kernel_amx_bwd.cpp): tasks as bwd_tasks_*, its key blocks kAmxBwdKeys long.
+constexpr int64_t kAmxBwdKeys = 128;
+void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end);
 
 }  // namespace llmkernels::attention_cpu

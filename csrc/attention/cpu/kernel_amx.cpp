@@ -1,15 +1,15 @@
-// The bf16 attention forward for CPUs whose bf16 matrix products run on AMX tiles (Sapphire Rapids and later):
-// the two products of each (query block, key block) pair go through ATen's brgemm micro-kernel (oneDNN; tiles of
-// bf16 pairs, fp32 accumulation), the online softmax between them stays ours, on AVX-512. Where AMX is present,
-// SDPA's bf16 CPU kernel uses it too, and the vdpbf16ps kernel (kernel_avx512bf16.cpp) ran 3-5x behind it.
+// The bf16 attention forward for CPUs with AMX tiles (Sapphire Rapids and later): the two products of each (query
+// block, key block) pair on the tiles (common/cpu_amx_tiles.h: bf16 pairs, fp32 accumulation), the online softmax
+// between them on AVX-512. Where AMX is present, SDPA's bf16 CPU kernel uses it too, and the vdpbf16ps kernel
+// (kernel_avx512bf16.cpp) ran 3-5x behind it.
 //
 // Task = (batch, query head). A task packs its KV head's K^T and V (unless the previous task of the thread, a head
-// of the same GQA group, did), 256 keys a block, into the layout brgemm reads (pairs of rows interleaved as 32-bit
-// words), then streams its query blocks of 128 rows: S = Q K^T (fp32), the scale / soft-cap / band mask and the
-// running max and sum per row, P rounded to bf16 (as the GPU kernels and the vdpbf16ps kernel do), O += P V.
-// Chosen by attention_cpu.cpp (use_amx_forward) for bf16 prefill calls only; it runs with flush-to-zero.
-#include <ATen/native/CPUBlas.h>  // before the target switch: its inline code stays baseline
-
+// of the same GQA group, did), 256 keys a block, into the tiles' B layout (pairs of rows interleaved as 32-bit
+// words), then streams its query blocks of 512 rows, each copied to a contiguous buffer (rows of a (b, s, h, d)
+// tensor lie a power of two apart: read in place, a block's rows fall into a few L1 sets): S = Q K^T (fp32), the
+// scale / soft-cap / band mask and the running max and sum per row, P rounded to bf16 (as the GPU kernels and the
+// vdpbf16ps kernel do), O += P V. Chosen by attention_cpu_host.h (use_amx_forward) for bf16 prefill calls only; it
+// runs with flush-to-zero.
 #include "attention/cpu/flash_attn_cpu.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -20,11 +20,11 @@
 #include <cstring>
 
 #ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma"))), \
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,amx-tile,amx-bf16"))), \
                              apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,amx-tile,amx-bf16")
 #endif
 
 namespace {
@@ -33,77 +33,25 @@ namespace {
 
 #include "attention/cpu/vec_avx512.h"
 
+#include "attention/cpu/amx_common.h"
+
+#include "common/cpu_amx_tiles.h"
+
 using llmkernels::attention_cpu::AttnParams;
 using reg = Vec::reg;
 
-// brgemm calls cost about a microsecond each beyond their math, so the blocks are large: 128 query rows by 256
-// keys, one call per product.
-constexpr int64_t kRows = 128;  // query rows per block
+// Large query blocks: each pass over a block of keys serves more rows (measured 128 / 256 / 512 / 1024 rows by
+// 128 / 256 / 512 keys, 2k tokens d 128: 512 x 256 fastest on 1 thread, 128 x 256 ~25% slower; level on 2).
+constexpr int64_t kRows = 512;  // query rows per block (a multiple of 32, as are the tiles' products)
 constexpr int64_t kKeys = 256;  // keys per block
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_inff();
 
-const at::BFloat16* as_bf16(const uint16_t* p) { return reinterpret_cast<const at::BFloat16*>(p); }
-
-// No std containers or algorithms here: their inline instantiations, compiled for AVX-512 in this file, could be
-// the copies the linker keeps for the whole library.
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-
-template <typename T>
-struct Buffer {  // at least n elements, grown on demand
-  T* data = nullptr;
-  int64_t n = 0;
-  void reserve(int64_t want) {
-    if (want <= n) return;
-    delete[] data;
-    data = new T[want];
-    n = want;
-  }
-  ~Buffer() { delete[] data; }
-};
-
-// 16 fp32 lanes rounded to bf16 (round to nearest even), stored as 16 words.
-void store_bf16(uint16_t* dst, reg x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-struct Rows {  // a KV head's keys (or values): row j at base + j * ld (elements)
-  const uint16_t* base;
-  int64_t ld;
-};
-
-// brgemm's B operands for keys [j0, j0 + kKeys), zero past `keys`, in the layout its packer writes (checked against
-// it): pairs of consecutive rows interleaved, a (rows / 2, columns) matrix of 32-bit words. K^T (d x kKeys): a pair
-// of head-dim entries of one key is a word of K's row, so the packed K^T is K's rows, as words, transposed (16 x 16
-// at a time). V (kKeys x d): words of two consecutive keys' values, interleaved.
+// K^T and V of keys [j0, j0 + kKeys) into the tiles' B layout (amx_common.h), zero past `keys`.
 void pack_block(const Rows& k, const Rows& v, int64_t j0, int64_t keys, int64_t d, uint16_t* k_out,
                 uint16_t* v_out) {
-  const int64_t cols = imin(kKeys, keys - j0), pairs = d / 2;  // (d a multiple of 32: pairs of 16 words)
-  uint32_t* kt = reinterpret_cast<uint32_t*>(k_out);
-  for (int64_t c0 = 0; c0 < kKeys; c0 += 16) {
-    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = c0 + i < cols ? _mm512_loadu_si512(k.base + (j0 + c0 + i) * k.ld + 2 * p0) : _mm512_setzero_si512();
-      }
-      SimdAvx512::transpose_words(r);  // r[j]: word p0 + j of keys c0 .. c0 + 15
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kt + (p0 + j) * kKeys + c0, r[j]);
-    }
-  }
-  for (int64_t c = 0; c < kKeys; c += 2) {  // word (c / 2, e) = value e of key c | value e of key c + 1 << 16
-    uint32_t* dst = reinterpret_cast<uint32_t*>(v_out + c * d);
-    const uint16_t* v0 = v.base + (j0 + c) * v.ld;
-    const uint16_t* v1 = v0 + v.ld;
-    const bool has0 = c < cols, has1 = c + 1 < cols;
-    for (int64_t e = 0; e < d; e += 16) {
-      const __m512i lo = has0 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + e)))
-                              : _mm512_setzero_si512();
-      const __m512i hi = has1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + e)))
-                              : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-  }
+  pack_transposed_b(k, j0, keys, kKeys, d, k_out);
+  pack_rows_b(v, j0, keys, kKeys, d, v_out);
 }
 
 }  // namespace
@@ -114,12 +62,17 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, sq = p.seqlen_q, group = p.nheads / p.nheads_k;
   const float q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
   const int64_t block_elems = kKeys * d;  // one packed block of K^T or V
-  Buffer<uint16_t> packed_k, packed_v, probs;
+  Buffer<uint16_t> packed_k, packed_v, q_rows, probs;
   Buffer<float> scores, out;
+  q_rows.reserve(kRows * d);
   probs.reserve(kRows * kKeys);
   scores.reserve(kRows * kKeys);
   out.reserve(kRows * d);
+  // Rows past a block's last are computed and ignored: start them from zeros, not whatever new[] left.
+  std::memset(q_rows.data, 0, sizeof(uint16_t) * kRows * d);
+  std::memset(probs.data, 0, sizeof(uint16_t) * kRows * kKeys);
   float m_run[kRows], l_run[kRows];
+  const AmxTiles tiles;
   // (run with flush-to-zero by the host: attention_cpu_host.h FlushDenormals)
 
   int64_t packed_for = -1;  // (batch, KV head) whose K and V are packed: a GQA group's heads are consecutive tasks
@@ -148,7 +101,9 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
     const uint16_t* q = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride + h * p.q.head_stride;
 
     for (int64_t i0 = 0; i0 < sq; i0 += kRows) {
-      const int64_t rows = imin(kRows, sq - i0);
+      const int64_t rows = imin(kRows, sq - i0), rows32 = (rows + 31) / 32 * 32;
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(q_rows.data + r * d, q + (i0 + r) * p.q.seq_stride, 2 * d);
+      if (rows < rows32) std::memset(q_rows.data + rows * d, 0, sizeof(uint16_t) * (rows32 - rows) * d);
       for (int64_t r = 0; r < kRows; ++r) {
         m_run[r] = kNegInf;
         l_run[r] = 0.f;
@@ -162,8 +117,7 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
         const uint16_t* kt = packed_k.data + (j0 - klo) / kKeys * block_elems;
         const uint16_t* vb = packed_v.data + (j0 - klo) / kKeys * block_elems;
         constexpr int64_t width = kKeys;  // (a partial last block is zero-padded and masked)
-        at::native::cpublas::brgemm(rows, kKeys, d, p.q.seq_stride, kKeys, kKeys, false,  // S = Q K^T
-                                    as_bf16(q + i0 * p.q.seq_stride), as_bf16(kt), scores.data);
+        amx_gemm_bf16(rows32, kKeys, d, q_rows.data, d, kt, kKeys, scores.data, kKeys, false);  // S = Q K^T
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           // Visible keys of row i within the block, as offsets from j0: [lo, hi).
@@ -176,28 +130,42 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
             std::memset(pr, 0, sizeof(uint16_t) * width);
             continue;
           }
-          reg mx = Vec::set1(kNegInf);
-          for (int64_t c = 0; c < width; c += Vec::W) {
-            reg x = Vec::mul(Vec::load(s + c), Vec::set1(q_scale));
-            if (p.softcap > 0.f) {
-              alignas(64) float t[16];
-              Vec::store(t, x);
-              for (float& e : t) e = p.softcap * kLog2e * std::tanh(e / p.softcap);
-              x = Vec::load(t);
+          // The scores in log2 units are s * mul: the block's max is max(s) * mul as long as mul > 0, and the
+          // scale folds into the exponent's fma. Soft-capping (or a scale <= 0) rewrites them in place first.
+          float mul = q_scale;
+          if (p.softcap > 0.f || q_scale <= 0.f) {
+            for (int64_t c = 0; c < width; c += Vec::W) {
+              reg x = Vec::mul(Vec::load(s + c), Vec::set1(q_scale));
+              if (p.softcap > 0.f) {
+                alignas(64) float t[16];
+                Vec::store(t, x);
+                for (float& e : t) e = p.softcap * kLog2e * std::tanh(e / p.softcap);
+                x = Vec::load(t);
+              }
+              Vec::store(s + c, x);
             }
-            const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
-                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-            const __mmask16 seen = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo))) &
-                                   _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)));
-            x = _mm512_mask_blend_ps(seen, Vec::set1(kNegInf), x);
-            Vec::store(s + c, x);
-            mx = Vec::max(mx, x);
+            mul = 1.f;
           }
-          const float m_old = m_run[r], bmax = Vec::hmax(mx), m_new = m_old > bmax ? m_old : bmax;
+          reg mx = Vec::set1(kNegInf);
+          if (lo == 0 && hi == width) {  // every key visible (most blocks): no mask
+            for (int64_t c = 0; c < width; c += Vec::W) mx = Vec::max(mx, Vec::load(s + c));
+          } else {
+            for (int64_t c = 0; c < width; c += Vec::W) {
+              const __m512i col = _mm512_add_epi32(
+                  _mm512_set1_epi32(static_cast<int>(c)),
+                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+              const __mmask16 seen = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo))) &
+                                     _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)));
+              const reg x = _mm512_mask_blend_ps(seen, Vec::set1(kNegInf), Vec::load(s + c));
+              Vec::store(s + c, x);
+              mx = Vec::max(mx, x);
+            }
+          }
+          const float m_old = m_run[r], bmax = Vec::hmax(mx) * mul, m_new = m_old > bmax ? m_old : bmax;
           const float alpha = m_old == kNegInf ? 0.f : std::exp2(m_old - m_new);
           reg sum = Vec::zero();
           for (int64_t c = 0; c < width; c += Vec::W) {
-            const reg e = Vec::exp2(Vec::sub(Vec::load(s + c), Vec::set1(m_new)));
+            const reg e = Vec::exp2(Vec::fmadd(Vec::load(s + c), Vec::set1(mul), Vec::set1(-m_new)));
             sum = Vec::add(sum, e);
             store_bf16(pr + c, e);
           }
@@ -210,8 +178,7 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
             for (; e < d; ++e) o[e] *= alpha;
           }
         }
-        at::native::cpublas::brgemm(rows, d, kKeys, kKeys, d, d, true, as_bf16(probs.data), as_bf16(vb),  // O += P V
-                                    out.data);
+        amx_gemm_bf16(rows32, d, kKeys, probs.data, kKeys, vb, d, out.data, d, true);  // O += P V
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
@@ -228,7 +195,6 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
       }
     }
   }
-  at::native::cpublas::brgemm_release();
 }
 
 }  // namespace llmkernels::attention_cpu

@@ -1,0 +1,85 @@
+// What the AMX attention kernels (kernel_amx.cpp forward, kernel_amx_bwd.cpp backward) share: growable scratch,
+// bf16 rounding, and the packing of bf16 rows into the operand layouts of the tile products. Include it inside the
+// anonymous namespace of those files, under their target switch, after common/cpu_simd_avx512.h.
+//
+// The tiles compute C (fp32, M x N) (+)= A (bf16, M x K, row-major) B (bf16, K x N), B packed with pairs of its
+// rows interleaved: a (K / 2, N) matrix of 32-bit words, word (k, n) = B[2k][n] | B[2k + 1][n] << 16 (the layout
+// ATen's brgemm packer writes too).
+
+// No std containers or algorithms here: their inline instantiations, compiled for AVX-512 in these files, could
+// be the copies the linker keeps for the whole library.
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+template <typename T>
+struct Buffer {  // at least n elements, grown on demand
+  T* data = nullptr;
+  int64_t n = 0;
+  void reserve(int64_t want) {
+    if (want <= n) return;
+    delete[] data;
+    data = new T[want];
+    n = want;
+  }
+  ~Buffer() { delete[] data; }
+};
+
+// 16 fp32 lanes rounded to bf16 (round to nearest even), stored as 16 words.
+void store_bf16(uint16_t* dst, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+struct Rows {  // one head's rows of a (batch, seqlen, heads, d) tensor: row j at base + j * ld (elements)
+  const uint16_t* base;
+  int64_t ld;
+};
+
+// Words (e, e + 1) of rows j and j + 1 interleaved, for 16 head dims from e: row pair -> 16 words; a row at or
+// past `end` reads as zero.
+inline __m512i row_pair_words(const Rows& x, int64_t j, int64_t end, int64_t e) {
+  auto widen = [&](int64_t row) {
+    return row < end ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.base + row * x.ld + e)))
+                     : _mm512_setzero_si512();
+  };
+  return _mm512_or_si512(widen(j), _mm512_slli_epi32(widen(j + 1), 16));
+}
+
+// B = X^T for rows [j0, j0 + n) of X (d wide, a multiple of 32; n a multiple of 16; rows from `end` on read as
+// zero): a pair of head-dim entries of one row is a word of that row, so the packed X^T is X's rows, as words,
+// transposed 16 x 16 at a time: (d / 2, n) words.
+inline void pack_transposed_b(const Rows& x, int64_t j0, int64_t end, int64_t n, int64_t d, uint16_t* out) {
+  const int64_t cols = imin(n, end - j0), pairs = d / 2;
+  uint32_t* words = reinterpret_cast<uint32_t*>(out);
+  for (int64_t c0 = 0; c0 < n; c0 += 16) {
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = c0 + i < cols ? _mm512_loadu_si512(x.base + (j0 + c0 + i) * x.ld + 2 * p0) : _mm512_setzero_si512();
+      }
+      SimdAvx512::transpose_words(r);  // r[j]: word p0 + j of rows c0 .. c0 + 15
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(words + (p0 + j) * n + c0, r[j]);
+    }
+  }
+}
+
+// B = X for rows [j0, j0 + n) (n even, zero from `end` on): (n / 2, d) words of consecutive rows interleaved.
+inline void pack_rows_b(const Rows& x, int64_t j0, int64_t end, int64_t n, int64_t d, uint16_t* out) {
+  for (int64_t c = 0; c < n; c += 2) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + c * d);
+    for (int64_t e = 0; e < d; e += 16) _mm512_storeu_si512(dst + e, row_pair_words(x, j0 + c, end, e));
+  }
+}
+
+// A = X^T, plain bf16 (d rows of n, row e at out + e * ld), for rows [0, n) of X (n a multiple of 32, zero from
+// `end` on): pairs of rows interleaved into words, then 16 x 16 word transposes turn 16 row pairs (32 rows) by 16
+// head dims into 16 head-dim rows of 32 entries.
+inline void pack_transposed_a(const Rows& x, int64_t end, int64_t n, int64_t d, uint16_t* out, int64_t ld) {
+  for (int64_t r0 = 0; r0 < n; r0 += 32) {
+    for (int64_t e0 = 0; e0 < d; e0 += 16) {
+      __m512i w[16];
+      for (int i = 0; i < 16; ++i) w[i] = row_pair_words(x, r0 + 2 * i, end, e0);
+      SimdAvx512::transpose_words(w);  // w[j]: head dim e0 + j of rows r0 .. r0 + 31
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + (e0 + j) * ld + r0, w[j]);
+    }
+  }
+}

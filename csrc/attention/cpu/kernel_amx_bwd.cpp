@@ -1,0 +1,278 @@
+// The bf16 attention backward for CPUs with AMX tiles, its products on the tiles (common/cpu_amx_tiles.h) as in
+// the forward (kernel_amx.cpp). The vdpbf16ps backward (flash_attn_kernel.h, bwd_tasks_bf16) ran at a third of SDPA's
+// AMX backward there.
+//
+// Task = (batch, KV head, split of the key blocks), as in the other backward kernels: it packs its key blocks once
+// (K^T and V^T as the B of S = Q K^T and dP = dO V^T, K as the B of dQ = dS K) and serves the query heads of the
+// GQA group in turn. Per head, Q^T and dO^T are laid out once (the A of dK^T += Q^T dS and dV^T += dO^T P, so that
+// P and dS, computed a row at a time, only need their row pairs interleaved, never a transpose). Per (query block,
+// key block): S and dP recomputed on tiles, P = 2^(S log2 e - lse log2 e), dS = P (dP - D), both rounded to bf16
+// as product operands (as on the GPU), then the three products that accumulate dV^T, dK^T (fp32, per key block)
+// and dQ (fp32, per head). Runs with flush-to-zero (attention_cpu_host.h FlushDenormals).
+#include "attention/cpu/flash_attn_cpu.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,amx-tile,amx-bf16"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,amx-tile,amx-bf16")
+#endif
+
+namespace {
+
+#include "common/cpu_simd_avx512.h"
+
+#include "attention/cpu/vec_avx512.h"
+
+#include "attention/cpu/amx_common.h"
+
+#include "common/cpu_amx_tiles.h"
+
+using llmkernels::attention_cpu::AttnParams;
+using llmkernels::attention_cpu::kAmxBwdKeys;
+using llmkernels::attention_cpu::Tensor4;
+using reg = Vec::reg;
+
+constexpr int64_t kRows = 128;          // query rows per block (from multiples of 32, as the tiles' products)
+constexpr int64_t kKeys = kAmxBwdKeys;  // keys per block
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Visible keys of query i among keys [j0, j0 + kKeys), as offsets from j0: [lo, hi) (empty when hi <= lo).
+struct Visible {
+  int64_t lo, hi;
+};
+Visible visible(const AttnParams& p, int64_t shift, int64_t sk, int64_t i, int64_t j0) {
+  Visible v{0, imin(kKeys, sk - j0)};
+  if (p.window_left >= 0) v.lo = imax(v.lo, i + shift - p.window_left - j0);
+  if (p.window_right >= 0) v.hi = imin(v.hi, i + shift + p.window_right - j0 + 1);
+  return v;
+}
+
+// One row's P and dS for 16 keys from c: from the raw scores s and dP, its base-2 lse and its D.
+struct Grad {
+  reg p, ds;
+};
+Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c, Visible vis, float lse2, float delta) {
+  const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 seen = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.lo))) &
+                         _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.hi)));
+  reg x = Vec::mul(Vec::load(s + c), Vec::set1(p.softmax_scale));
+  reg slope = Vec::set1(1.f);  // d (soft-capped score) / d (scaled score)
+  if (p.softcap > 0.f) {
+    alignas(64) float t[16], dt[16];
+    Vec::store(t, x);
+    for (int e = 0; e < 16; ++e) {
+      const float th = std::tanh(t[e] / p.softcap);
+      t[e] = p.softcap * th;
+      dt[e] = 1.f - th * th;
+    }
+    x = Vec::load(t);
+    slope = Vec::load(dt);
+  }
+  // (masked lanes: 0, whatever the score; a row that sees no key has lse2 = +inf, so its P is 0 too)
+  const reg prob = _mm512_maskz_mov_ps(seen, Vec::exp2(Vec::fmadd(x, Vec::set1(kLog2e), Vec::set1(-lse2))));
+  const reg ds = Vec::mul(Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta))), slope);
+  return {prob, ds};
+}
+
+// Rows [0, rows) of the block at query i0 (zeros to rows32): P and dS rounded to bf16, as row pairs interleaved into words
+// ((kRows / 2, kKeys) words each: the B of dV^T += dO^T P and dK^T += Q^T dS; a missing last row of a pair is 0),
+// and dS also as plain rows (kRows x kKeys: the A of dQ += dS K).
+void probs_and_grads(const AttnParams& p, int64_t shift, int64_t sk, int64_t i0, int64_t j0, int64_t rows,
+                     int64_t rows32, const float* s, const float* dp, const float* lse2, const float* delta, uint16_t* p_pairs,
+                     uint16_t* ds_pairs, uint16_t* ds_rows) {
+  // bf16 words 0..15 of row a, 16..31 of row b -> (a0, b0, a1, b1, ...)
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t r = 0; r < rows; r += 2) {
+    const bool has_b = r + 1 < rows;
+    const Visible va = visible(p, shift, sk, i0 + r, j0);
+    const Visible vb = has_b ? visible(p, shift, sk, i0 + r + 1, j0) : Visible{0, 0};
+    uint32_t* pw = reinterpret_cast<uint32_t*>(p_pairs) + (r / 2) * kKeys;
+    uint32_t* dsw = reinterpret_cast<uint32_t*>(ds_pairs) + (r / 2) * kKeys;
+    for (int64_t c = 0; c < kKeys; c += 16) {
+      Grad a{Vec::zero(), Vec::zero()}, b{Vec::zero(), Vec::zero()};
+      if (va.lo < va.hi) a = row_grad(p, s + r * kKeys, dp + r * kKeys, c, va, lse2[i0 + r], delta[i0 + r]);
+      if (vb.lo < vb.hi) {
+        b = row_grad(p, s + (r + 1) * kKeys, dp + (r + 1) * kKeys, c, vb, lse2[i0 + r + 1], delta[i0 + r + 1]);
+      }
+      const __m512i probs = (__m512i)_mm512_cvtne2ps_pbh(b.p, a.p);
+      const __m512i grads = (__m512i)_mm512_cvtne2ps_pbh(b.ds, a.ds);
+      _mm512_storeu_si512(pw + c, _mm512_permutexvar_epi16(order, probs));
+      _mm512_storeu_si512(dsw + c, _mm512_permutexvar_epi16(order, grads));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows + r * kKeys + c), _mm512_castsi512_si256(grads));
+      if (has_b) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows + (r + 1) * kKeys + c),
+                            _mm512_extracti64x4_epi64(grads, 1));
+      }
+    }
+  }
+  // rows [rows, rows32): zero (a pair holding row `rows - 1` was completed above)
+  const int64_t pairs_done = (rows + 1) / 2;
+  std::memset(p_pairs + pairs_done * 2 * kKeys, 0, sizeof(uint16_t) * (rows32 / 2 - pairs_done) * 2 * kKeys);
+  std::memset(ds_pairs + pairs_done * 2 * kKeys, 0, sizeof(uint16_t) * (rows32 / 2 - pairs_done) * 2 * kKeys);
+  std::memset(ds_rows + rows * kKeys, 0, sizeof(uint16_t) * (rows32 - rows) * kKeys);
+}
+
+// Rows [0, n) of x, d wide, to dst back to back, zero from `end` on.
+void copy_rows(const Rows& x, int64_t end, int64_t n, int64_t d, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (i < end) {
+      std::memcpy(dst + i * d, x.base + i * x.ld, sizeof(uint16_t) * d);
+    } else {
+      std::memset(dst + i * d, 0, sizeof(uint16_t) * d);
+    }
+  }
+}
+
+// Keys [j0, j0 + cols) of a transposed (d x kKeys) accumulator, times mul, into rows of out (ld elements apart):
+// stored when `first`, else added.
+void store_transposed(const float* acc_t, int64_t cols, int64_t d, float mul, float* out, int64_t ld, bool first) {
+  const reg m = Vec::set1(mul);
+  for (int64_t c = 0; c < cols; c += 16) {
+    for (int64_t e = 0; e < d; e += 16) {
+      reg row[16];
+      Vec::transpose(acc_t + e * kKeys + c, kKeys, row);
+      for (int64_t i = 0; i < 16 && c + i < cols; ++i) {
+        float* dst = out + (c + i) * ld + e;
+        Vec::store(dst, first ? Vec::mul(row[i], m) : Vec::fmadd(row[i], m, Vec::load(dst)));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+namespace llmkernels::attention_cpu {
+
+void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
+  const int64_t d = p.headdim, sq = p.seqlen_q, sk = p.seqlen_k, shift = sk - sq, group = p.nheads / p.nheads_k;
+  const int64_t splits = p.bwd_splits, nkb = (sk + kKeys - 1) / kKeys, sq_pad = (sq + 31) / 32 * 32;
+  const int64_t block_elems = kKeys * d;  // one packed key block
+  const float scale = p.softmax_scale;
+  Buffer<int64_t> blocks;                                      // the split's key blocks
+  Buffer<uint16_t> k_t, v_t, k_rows;                           // their K^T, V^T, K packed as the tiles' B
+  Buffer<uint16_t> q_rows, do_rows, q_t, do_t;                // (sq_pad, d) the head's Q and dO, (d, sq_pad) transposed
+  Buffer<uint16_t> p_pairs, ds_pairs, ds_rows;                 // one block's P and dS in bf16
+  Buffer<float> s, dp, dk_t, dv_t, dq, lse2, delta;
+  blocks.reserve(nkb);
+  k_t.reserve(nkb * block_elems);
+  v_t.reserve(nkb * block_elems);
+  k_rows.reserve(nkb * block_elems);
+  q_rows.reserve(sq_pad * d);
+  do_rows.reserve(sq_pad * d);
+  q_t.reserve(d * sq_pad);
+  do_t.reserve(d * sq_pad);
+  p_pairs.reserve(kRows * kKeys);
+  ds_pairs.reserve(kRows * kKeys);
+  ds_rows.reserve(kRows * kKeys);
+  s.reserve(kRows * kKeys);
+  dp.reserve(kRows * kKeys);
+  dk_t.reserve(d * kKeys);
+  dv_t.reserve(d * kKeys);
+  dq.reserve(sq_pad * d);
+  lse2.reserve(sq);
+  delta.reserve(sq);
+  const AmxTiles tiles;
+  auto rows_of = [&](const Tensor4& t, int64_t b, int64_t h) {
+    return Rows{static_cast<const uint16_t*>(t.data) + b * t.batch_stride + h * t.head_stride, t.seq_stride};
+  };
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t split = task % splits, hk = (task / splits) % p.nheads_k, b = task / (splits * p.nheads_k);
+    // The split's blocks, dealt back and forth (0 .. splits - 1, then splits - 1 .. 0) as in the other backward
+    // kernels: causal block costs fall steadily with the index, so each split gets pairs of equal total cost.
+    int64_t nmine = 0;
+    for (int64_t base = 0; base < nkb; base += splits) {
+      const int64_t kblock = base + ((base / splits) % 2 == 0 ? split : splits - 1 - split);
+      if (kblock < nkb) blocks.data[nmine++] = kblock;
+    }
+    const Rows k = rows_of(p.k, b, hk), v = rows_of(p.v, b, hk);
+    for (int64_t m = 0; m < nmine; ++m) {
+      const int64_t j0 = blocks.data[m] * kKeys;
+      pack_transposed_b(k, j0, sk, kKeys, d, k_t.data + m * block_elems);
+      pack_transposed_b(v, j0, sk, kKeys, d, v_t.data + m * block_elems);
+      pack_rows_b(k, j0, sk, kKeys, d, k_rows.data + m * block_elems);
+    }
+
+    for (int64_t g = 0; g < group; ++g) {  // dK and dV sum over the group in this order
+      const int64_t h = hk * group + g;
+      const Rows q = rows_of(p.q, b, h), dout = rows_of(p.dout, b, h), out = rows_of(p.out_in, b, h);
+      // Contiguous copies of the head's rows (zero past sq): rows of the input lie a power of two apart, so a
+      // block of them read in place would fall into a few L1 sets.
+      copy_rows(q, sq, sq_pad, d, q_rows.data);
+      copy_rows(dout, sq, sq_pad, d, do_rows.data);
+      pack_transposed_a(q, sq, sq_pad, d, q_t.data, sq_pad);
+      pack_transposed_a(dout, sq, sq_pad, d, do_t.data, sq_pad);
+      for (int64_t i = 0; i < sq; ++i) {  // D_i = dO_i . O_i (less the gradient reaching lse_i), lse_i in base 2
+        reg acc = Vec::zero();
+        for (int64_t e = 0; e < d; e += 16) {
+          acc = Vec::fmadd(Vec::load(dout.base + i * dout.ld + e), Vec::load(out.base + i * out.ld + e), acc);
+        }
+        const int64_t row = (b * p.nheads + h) * sq + i;
+        delta.data[i] = Vec::hsum(acc) - (p.dlse_in != nullptr ? p.dlse_in[row] : 0.f);
+        const float lse = p.lse_in[row];
+        lse2.data[i] = lse == -__builtin_inff() ? __builtin_inff() : lse * kLog2e;
+      }
+      std::memset(dq.data, 0, sizeof(float) * sq_pad * d);
+
+      for (int64_t m = 0; m < nmine; ++m) {
+        const int64_t j0 = blocks.data[m] * kKeys, cols = imin(kKeys, sk - j0);
+        const uint16_t *kt = k_t.data + m * block_elems, *vt = v_t.data + m * block_elems;
+        const uint16_t* kr = k_rows.data + m * block_elems;
+        std::memset(dk_t.data, 0, sizeof(float) * d * kKeys);
+        std::memset(dv_t.data, 0, sizeof(float) * d * kKeys);
+        // Queries that see some key of the block: [qlo, qhi), from a multiple of 32 (rows before qlo see none
+        // of these keys: their P and dS are 0).
+        int64_t qlo = p.window_right >= 0 ? imax(0, j0 - shift - p.window_right) : 0;
+        const int64_t qhi = p.window_left >= 0 ? imin(sq, j0 + cols - 1 - shift + p.window_left + 1) : sq;
+        qlo -= qlo % 32;
+        for (int64_t i0 = qlo; i0 < qhi; i0 += kRows) {
+          // rows [rows, rows32) take part in the products with P = dS = 0 (their dQ rows get 0 added)
+          const int64_t rows = imin(kRows, qhi - i0), rows32 = (rows + 31) / 32 * 32;
+          amx_gemm_bf16(rows32, kKeys, d, q_rows.data + i0 * d, d, kt, kKeys, s.data, kKeys, false);  // S = Q K^T
+          amx_gemm_bf16(rows32, kKeys, d, do_rows.data + i0 * d, d, vt, kKeys, dp.data, kKeys, false);  // dP = dO V^T
+          probs_and_grads(p, shift, sk, i0, j0, rows, rows32, s.data, dp.data, lse2.data, delta.data, p_pairs.data,
+                          ds_pairs.data, ds_rows.data);
+          amx_gemm_bf16(d, kKeys, rows32, do_t.data + i0, sq_pad, p_pairs.data, kKeys, dv_t.data, kKeys,  // dV^T += dO^T P
+                        true);
+          amx_gemm_bf16(d, kKeys, rows32, q_t.data + i0, sq_pad, ds_pairs.data, kKeys, dk_t.data, kKeys,  // dK^T += Q^T dS
+                        true);
+          amx_gemm_bf16(rows32, d, kKeys, ds_rows.data, kKeys, kr, d, dq.data + i0 * d, d, true);  // dQ += dS K
+        }
+        // the task's own rows of dK and dV: set by the first head, then added
+        const int64_t row0 = (b * sk + j0) * p.nheads_k + hk, ld = p.nheads_k * d;
+        store_transposed(dk_t.data, cols, d, scale, p.dk + row0 * d, ld, g == 0);
+        store_transposed(dv_t.data, cols, d, 1.f, p.dv + row0 * d, ld, g == 0);
+      }
+      float* dq_split = p.dq + split * p.batch * sq * p.nheads * d;  // this split's (batch, sq, nheads, d) buffer
+      for (int64_t i = 0; i < sq; ++i) {
+        float* dst = dq_split + ((b * sq + i) * p.nheads + h) * d;
+        for (int64_t e = 0; e < d; e += 16) Vec::store(dst + e, Vec::mul(Vec::load(dq.data + i * d + e), Vec::set1(scale)));
+      }
+    }
+  }
+}
+
+}  // namespace llmkernels::attention_cpu
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64: never called (no AMX, so use_amx_bf16 is false)
+namespace llmkernels::attention_cpu {
+void bwd_tasks_amx(const AttnParams&, int64_t, int64_t) {}
+}  // namespace llmkernels::attention_cpu
+#endif
