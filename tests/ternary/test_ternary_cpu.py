@@ -65,6 +65,63 @@ def test_cpu_int8_gemm_tails():
         torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6 * y_ref.abs().max().item(), msg=f"{m, n, k}")
 
 
+def _cpu_has_amx_int8() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_int8_amx_gemm_tails(dtype):
+    """From 8 tokens, on CPUs with AMX-INT8, the int8 product runs on tiles (cpu/ternary_cpu_amx.cpp: strips of 64
+    or 256 output features, panels of 32 tokens in 16-token tiles, K in chunks of 512 with the sums carried over,
+    the epilogue fused in). Token tails in and across panels, feature tails around the tiles and strips, K over 1,
+    2 and 3 chunks with a partial one; the int32 accumulator exactly, the linear op within one rounding of the
+    dtype (it applies the reference's epilogue in the same order). Elsewhere the same cases check the VNNI GEMM."""
+    torch.manual_seed(1)
+    ops = torch.ops.llmkernels
+    for m, n, k in [(8, 1, 1), (15, 17, 300), (16, 33, 512), (33, 65, 700), (47, 100, 1300), (300, 600, 1100)]:
+        w_packed, w_scale, bias = random_layer(n, k, "cpu", bias_dtype=dtype)
+        x = (torch.randn(m, k) * torch.rand(m, 1).mul(4).exp2()).to(dtype)
+        x_q, _ = llmkernels.reference.ternary.quantize_activation_ref(x)
+        acc = ops.ternary_matmul_int8(x_q, w_packed, k)
+        assert torch.equal(acc, llmkernels.reference.ternary.ternary_matmul_int8_ref(x_q, w_packed, k)), (m, n, k)
+        for b in (None, bias):
+            y = llmkernels.ternary_linear(x, w_packed, w_scale, b)
+            y_ref = llmkernels.reference.ternary.ternary_linear_a8_ref(x, w_packed, w_scale, b, k)
+            assert y.dtype == dtype
+            ulp = {torch.float32: 2e-7, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+            torch.testing.assert_close(y.float(), y_ref.float(), rtol=ulp, atol=ulp * 1e-3 * y_ref.abs().max().item(),
+                                       msg=lambda msg, m=m, n=n, k=k: f"{m, n, k}: {msg}")  # fmt: skip
+
+
+@pytest.mark.skipif(not _cpu_has_amx_int8(), reason="the CPU has no AMX-INT8 tiles")
+def test_cpu_int8_amx_and_vnni_paths_agree():
+    """LLMKERNELS_CPU_AMX=0 (in a subprocess) gives the VNNI GEMM and the unfused epilogue: the same int32 sums,
+    the same outputs (both compute the reference's epilogue)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, llmkernels; from llmkernels.ternary import quantize_weight; torch.manual_seed(0);"
+        "wp, ws = quantize_weight(torch.randn(300, 1000)); x = torch.randn(40, 1000, dtype=torch.bfloat16);"
+        "x_q, _ = llmkernels.ternary.quantize_activation(x);"
+        "torch.save([torch.ops.llmkernels.ternary_matmul_int8(x_q, wp, 1000),"
+        " llmkernels.ternary_linear(x, wp, ws)], sys.argv[1])"
+    )
+    results = []
+    for flag in ("1", "0"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llmk_amx_int8_{os.getpid()}_{flag}.pt")
+        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "LLMKERNELS_CPU_AMX": flag})
+        results.append(torch.load(path))
+        os.remove(path)
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=2**-8, atol=0)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_cpu_weight_only_bf16_gemm_tails(bias):
     """bf16 x with >= 4 tokens takes the vdpbf16ps GEMM on CPUs with AVX512-BF16 (tiles of 6 tokens x 64
