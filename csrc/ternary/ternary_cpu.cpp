@@ -27,6 +27,9 @@ constexpr int64_t kBlasMinTokens = 32;  // weight-only: from here unpacking W fo
 // at 2560 x 2560; 8 tokens 1.5-3x; below 4 tokens about even)
 constexpr int64_t kBf16GemmMinTokens = 4;
 constexpr int64_t kAmxMinTokens = 64;  // weight-only bf16 on AMX CPUs: from here torch's AMX GEMM on unpacked panels
+// weight-only bf16 with AMX tiles of our own: tokens [8, 512] on those (every strip of weights reads all the bf16
+// activations again: at 2048 tokens 0.46-0.88x bf16 F.linear), torch's GEMM on unpacked panels above
+constexpr int64_t kAmxTileMinTokens = 8, kAmxTileMaxTokens = 512;
 
 constexpr int64_t kPanelBytes = 2 << 20;  // weight-only prefill: fp32 weights unpacked per GEMM (cache-sized)
 
@@ -37,21 +40,24 @@ constexpr int64_t kAmxInt8MinTokens = 8;
 
 bool amx_int8(int64_t m) { return m >= kAmxInt8MinTokens && ::llmkernels::use_amx_int8_tiles(); }
 
-// x_q W_t^T (x_q (m, k_pad) zero-padded) on AMX tiles, into `out` (cpu/ternary_cpu_kernels.h Int8Out).
-void amx_int8_gemm(const int8_t* x_q, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, const Int8Out& out) {
+// x W_t^T on AMX tiles (x: m rows of `words` 32-bit words, zero-padded to k_pad), into `out`
+// (cpu/ternary_cpu_kernels.h TileOut).
+void amx_gemm(AmxKind kind, const void* x, int64_t m, int64_t words, const uint8_t* w, int64_t N, int64_t k_pad,
+              const TileOut& out) {
   // Strips of output features: every strip reads all the activations once, so many tokens want wide strips
   // (up to 1 MB of unpacked weights, L2); a few tokens want narrow ones, whose unpacked weights stay nearer
-  // (measured at 4096 x 4096: 64 features best to 128 tokens, 256 from 512).
-  const int64_t widest = std::clamp<int64_t>((1 << 20) / k_pad / 32 * 32, 32, 256);
+  // (measured with int8 at 4096 x 4096: 64 features best to 128 tokens, 256 from 512).
+  const int64_t row_bytes = kind == AmxKind::kInt8 ? k_pad : 2 * k_pad;
+  const int64_t widest = std::clamp<int64_t>((1 << 20) / row_bytes / 32 * 32, 32, 256);
   const int64_t features = m <= 256 ? std::min<int64_t>(64, widest) : widest;
   const int64_t strips = (N + features - 1) / features;
-  std::vector<uint32_t> xt(static_cast<size_t>(k_pad / 4 * ((m + 31) / 32 * 32)));
-  activations_as_amx_b(x_q, m, k_pad, xt.data());
+  std::vector<uint32_t> xt(static_cast<size_t>(words * ((m + 31) / 32 * 32)));
+  activations_as_amx_b(x, m, words, xt.data());
   const double macs = static_cast<double>(m) * static_cast<double>(N) * static_cast<double>(k_pad);
   at::parallel_for(0, strips, parallel_grain(strips, macs, 1 << 22), [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = at::empty({amx_strip_scratch_bytes(features, k_pad)}, at::kChar);  // (64-aligned)
+    at::Tensor scratch = at::empty({amx_strip_scratch_bytes(kind, features, k_pad)}, at::kByte);  // (64-aligned)
     for (int64_t s = begin; s < end; ++s) {
-      matmul_int8_amx_strip(xt.data(), m, w, N, k_pad, s * features, features, scratch.data_ptr<int8_t>(), out);
+      amx_strip(kind, xt.data(), m, w, N, k_pad, s * features, features, scratch.data_ptr<uint8_t>(), out);
     }
   });
 }
@@ -59,7 +65,7 @@ void amx_int8_gemm(const int8_t* x_q, int64_t m, const uint8_t* w, int64_t N, in
 // acc (m, N) = x_q W_t^T in int32, exactly (x_q (m, k_pad) zero-padded, xsum its row sums).
 void int8_gemm(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
                int32_t* acc) {
-  if (amx_int8(m)) return amx_int8_gemm(x_q, m, w, N, k_pad, Int8Out{acc, nullptr, 0, nullptr, nullptr});
+  if (amx_int8(m)) return amx_gemm(AmxKind::kInt8, x_q, m, k_pad / 4, w, N, k_pad, TileOut{acc, nullptr, 0, nullptr, 0.f, nullptr});
   matmul_int8(x_q, xsum, m, w, N, k_pad, acc);
 }
 
@@ -136,9 +142,9 @@ at::Tensor linear_a8_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     const at::Tensor row_scale = s.mul(gamma).div_(127.0f);  // (s * gamma) / 127 per token, as below
     const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const int dtype = x.scalar_type() == at::kFloat ? 0 : x.scalar_type() == at::kBFloat16 ? 1 : 2;
-    amx_int8_gemm(x_q.data_ptr<int8_t>(), m, w_packed.data_ptr<uint8_t>(), N, k_pad,
-                  Int8Out{nullptr, out.data_ptr(), dtype, row_scale.data_ptr<float>(),
-                          b.defined() ? b.data_ptr<float>() : nullptr});
+    amx_gemm(AmxKind::kInt8, x_q.data_ptr<int8_t>(), m, k_pad / 4, w_packed.data_ptr<uint8_t>(), N, k_pad,
+             TileOut{nullptr, out.data_ptr(), dtype, row_scale.data_ptr<float>(), 0.f,
+                     b.defined() ? b.data_ptr<float>() : nullptr});
     return out;
   }
   at::Tensor acc = at::empty({m, N}, x.options().dtype(at::kInt));
@@ -174,6 +180,16 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
   at::Tensor out = at::empty({m, N}, x_in.options());
   if (m == 0 || N == 0) return out;
   const at::Tensor scale = w_scale.to(at::kFloat);
+  if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxTileMinTokens && m <= kAmxTileMaxTokens &&
+      ::llmkernels::use_amx_tiles()) {
+    // bf16 on our tiles: weights unpacked straight into the A tiles' bf16 rows, x (zero-padded to whole blocks)
+    // laid out once as B, gamma and the bias applied as the outputs leave the tiles.
+    const at::Tensor xb = at::constant_pad_nd(x_in, {0, k_pad - in_features}, 0).contiguous();
+    const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    amx_gemm(AmxKind::kBf16, xb.data_ptr(), m, k_pad / 2, w_packed.data_ptr<uint8_t>(), N, k_pad,
+             TileOut{nullptr, out.data_ptr(), 1, nullptr, scale.item<float>(), b.defined() ? b.data_ptr<float>() : nullptr});
+    return out;
+  }
   if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxMinTokens && ::llmkernels::use_amx_bf16()) {
     // bf16 prefill where torch's bf16 GEMM runs on AMX tiles: that GEMM per panel of weights unpacked (exactly)
     // into bf16; it sums in fp32 and rounds once, as the other paths do. (The vdpbf16ps kernel below ran at a

@@ -97,6 +97,24 @@ def test_cpu_int8_amx_gemm_tails(dtype):
                                        msg=lambda msg, m=m, n=n, k=k: f"{m, n, k}: {msg}")  # fmt: skip
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_weight_only_bf16_amx_tails(bias):
+    """Weight-only bf16 with 8 to 512 tokens runs on AMX-BF16 tiles where the CPU has them (the int8 GEMM's
+    structure with bf16 weight rows and token pairs; gamma and the bias applied as outputs leave the tiles): token
+    and feature tails, K over several 256-value chunks with a partial one, against the fp32 reference within one
+    bf16 rounding. Elsewhere the same cases check the vdpbf16ps / BLAS paths."""
+    torch.manual_seed(2)
+    for m, n, k in [(8, 1, 1), (17, 33, 300), (40, 65, 1100), (300, 130, 700), (512, 31, 257)]:
+        w_packed, w_scale, b = random_layer(n, k, "cpu", bias_dtype=torch.bfloat16)
+        b = b if bias else None
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        y = llmkernels.ternary_linear(x, w_packed, w_scale, b, act_bits=None)
+        y_ref = llmkernels.reference.ternary.ternary_linear_w2_ref(x.float(), w_packed, w_scale, b, k)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), y_ref, rtol=2**-8, atol=1e-5 * y_ref.abs().max().item(),
+                                   msg=lambda msg, m=m, n=n, k=k: f"{m, n, k}: {msg}")  # fmt: skip
+
+
 @pytest.mark.skipif(not _cpu_has_amx_int8(), reason="the CPU has no AMX-INT8 tiles")
 def test_cpu_int8_amx_and_vnni_paths_agree():
     """LLMKERNELS_CPU_AMX=0 (in a subprocess) gives the VNNI GEMM and the unfused epilogue: the same int32 sums,

@@ -1,17 +1,19 @@
-// The int8 ternary GEMM (BitNet's act_bits=8) on AMX tiles (Sapphire Rapids and later): tdpbssd multiplies 16 x 64
-// int8 by 64 x 16 int8 into 16 x 16 int32 in one instruction, exactly, at four times the multiply-adds per cycle of
-// the bf16 tiles' fp32 sums.
+// The ternary GEMMs for several tokens on AMX tiles (Sapphire Rapids and later): BitNet's int8 product (tdpbssd:
+// 16 x 64 int8 by 64 x 16 int8 into 16 x 16 int32 in one instruction, exactly) and the weight-only product for
+// bf16 activations (tdpbf16ps: 16 x 32 bf16 pairs into fp32; a bf16 activation times a weight in {-1, 0, 1} is
+// exact, so this is the fp32 reference up to summation order).
 //
-// The product is taken transposed, acc^T = W x_q^T, so that the weights are the tiles' A operand: A wants rows of
-// 64 consecutive K values, which is what one 64-byte packed block gives for each of its 4 two-bit fields (bytes j
-// of a block hold weights 64 s + j at bits 2 s). A strip of 32 output features is unpacked once into signed int8
-// rows ({-1, 0, 1}: no activation-sum correction), and serves every token. The activations become the B operand
-// once per call: words of 4 consecutive K values of a token, as (K / 4, tokens) (a 16 x 16 word transpose of
-// x_q). Each 32 x 32 block of acc^T (2 x 2 tiles) is stored, transposed back, into acc.
+// The product is taken transposed, y^T = W x^T, so that the weights are the tiles' A operand: A wants rows of
+// consecutive K values, which is what one 64-byte packed block gives for each of its 4 two-bit fields (bytes j
+// of a block hold weights 64 s + j at bits 2 s), as int8 {-1, 0, 1} or as bf16 words. A strip of output features
+// is unpacked once and serves every token. The activations become the B operand once per call: 32-bit words of
+// 4 int8 / 2 bf16 consecutive K values of one token, in panels of 32 tokens, (K words, 32) each (16 x 16 word
+// transposes). K goes in chunks whose slice of a panel (16 KB) stays in L1 while the strip's features pass it,
+// the sums carried over in memory; each finished 32 x 32 block (2 x 2 tiles) is transposed back and stored
+// through the epilogue: int32 sums, or the layer's outputs (scale, bias, the output dtype).
 //
-// The host (ternary_cpu.cpp) checks for AMX-INT8 and the tile permission (common/cpu_amx.h), lays out B once, and
-// runs the strips over its threads; each call here configures its thread's tiles. (The target names AMX-BF16 too
-// only because common/cpu_amx_tiles.h defines the bf16 product; nothing here uses it.)
+// The host (ternary_cpu.cpp) checks for the AMX kind and the tile permission (common/cpu_amx.h), lays out B once,
+// and runs the strips over its threads; each call here configures its thread's tiles.
 #include <cstdint>
 #include <cstring>
 
@@ -34,42 +36,57 @@ namespace {
 
 #include "common/cpu_amx_tiles.h"
 
-using llmkernels::ternary_cpu::Int8Out;
+using llmkernels::ternary_cpu::AmxKind;
 using llmkernels::ternary_cpu::kBlockBytes;
 using llmkernels::ternary_cpu::kBlockWeights;
+using llmkernels::ternary_cpu::TileOut;
 
-constexpr int64_t kChunk = 512;  // K values per pass of a strip over a token panel
+constexpr int64_t kChunkWords = 128;  // K words per pass of a strip over a token panel (32 x 128 words = 16 KB)
 
-// Rows [n0, n0 + rows) of the packed weights as signed int8, k_pad each, `ld` bytes apart (rows from N on: zero).
-void unpack_strip(const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0, int64_t rows, int8_t* strip, int64_t ld) {
+// Rows [n0, n0 + rows) of the packed weights unpacked for the A tiles, `ld` bytes apart (rows from N on: zero):
+// k_pad int8 in {-1, 0, 1}, or k_pad bf16 words (0xbf80, 0, 0x3f80).
+template <AmxKind kind>
+void unpack_strip(const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0, int64_t rows, uint8_t* strip, int64_t ld) {
   const int64_t row_bytes = k_pad / 4;
   const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+  const __m512i bf16_of_code = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                0, 0, 0, 0, 0, 0, 0x3f80, 0, static_cast<short>(0xbf80));
   for (int64_t r = 0; r < rows; ++r) {
-    int8_t* dst = strip + r * ld;
+    uint8_t* dst = strip + r * ld;
     if (n0 + r >= N) {
-      std::memset(dst, 0, k_pad);
+      std::memset(dst, 0, kind == AmxKind::kInt8 ? k_pad : 2 * k_pad);
       continue;
     }
     const uint8_t* src = w + (n0 + r) * row_bytes;
     for (int64_t b = 0; b < k_pad / kBlockWeights; ++b) {
       const __m512i packed = _mm512_loadu_si512(src + b * kBlockBytes);
-      for (int s = 0; s < 4; ++s) {  // (bits shifted in from the next byte are masked off)
+      for (int s = 0; s < 4; ++s) {  // weights 256 b + 64 s + (0..63); bits shifted in from the next byte masked off
         const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * s), three);
-        _mm512_storeu_si512(dst + b * kBlockWeights + 64 * s, _mm512_sub_epi8(codes, one));
+        const int64_t k = b * kBlockWeights + 64 * s;
+        if constexpr (kind == AmxKind::kInt8) {
+          _mm512_storeu_si512(dst + k, _mm512_sub_epi8(codes, one));
+        } else {
+          uint16_t* words = reinterpret_cast<uint16_t*>(dst) + k;
+          const __m512i lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes));
+          const __m512i hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1));
+          _mm512_storeu_si512(words, _mm512_permutexvar_epi16(lo, bf16_of_code));
+          _mm512_storeu_si512(words + 32, _mm512_permutexvar_epi16(hi, bf16_of_code));
+        }
       }
     }
   }
 }
 
-// Token t's accumulators of features n .. n + 15 (lanes) into `out`: as int32, or finished as in linear_a8_cpu's
-// epilogue (a product, then the bias: the same two fp32 roundings; then one to the output dtype, to nearest even).
-void store_outputs(const Int8Out& out, __m512i acc, int64_t t, int64_t n, int64_t N, __mmask16 lanes) {
+// Token t's sums for features n .. n + 15 (lanes) into `out`: as int32, or finished as the host epilogues do (a
+// product by the token's or the layer's scale, then the bias: the same two fp32 roundings; then one to the output
+// dtype, to nearest even).
+void store_outputs(const TileOut& out, __m512 sums, int64_t t, int64_t n, int64_t N, __mmask16 lanes) {
   const int64_t at = t * N + n;
   if (out.acc != nullptr) {
-    _mm512_mask_storeu_epi32(out.acc + at, lanes, acc);
+    _mm512_mask_storeu_epi32(out.acc + at, lanes, _mm512_castps_si512(sums));  // (int32 sums, passed as bits)
     return;
   }
-  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(out.row_scale[t]));
+  __m512 y = _mm512_mul_ps(sums, _mm512_set1_ps(out.row_scale != nullptr ? out.row_scale[t] : out.scale));
   if (out.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes, out.bias + n));
   if (out.dtype == 0) {
     _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, lanes, y);
@@ -80,40 +97,22 @@ void store_outputs(const Int8Out& out, __m512i acc, int64_t t, int64_t n, int64_
   }
 }
 
-}  // namespace
-
-namespace llmkernels::ternary_cpu {
-
-void activations_as_amx_b(const int8_t* x_q, int64_t m, int64_t k_pad, uint32_t* xt) {
-  const int64_t quads = k_pad / 4, m32 = (m + 31) / 32 * 32;  // words per token row
-  for (int64_t t0 = 0; t0 < m32; t0 += 16) {
-    uint32_t* panel = xt + (t0 / 32) * quads * 32 + t0 % 32;
-    for (int64_t q0 = 0; q0 < quads; q0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = t0 + i < m ? _mm512_loadu_si512(x_q + (t0 + i) * k_pad + 4 * q0) : _mm512_setzero_si512();
-      }
-      SimdAvx512::transpose_words(r);  // r[j]: word q0 + j of tokens t0 .. t0 + 15
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (q0 + j) * 32, r[j]);
-    }
-  }
-}
-
-void matmul_int8_amx_strip(const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
-                           int64_t features, int8_t* strip, const Int8Out& out) {
+template <AmxKind kind>
+void strip_product(const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
+                   int64_t features, uint8_t* scratch, const TileOut& out) {
   const AmxTiles tiles;
-  const int64_t quads = k_pad / 4, lda = k_pad + 64;  // (rows k_pad apart would share L1 sets when it is 2^k)
-  unpack_strip(w, N, k_pad, n0, features, strip, lda);
-  int32_t* partial = reinterpret_cast<int32_t*>(strip + features * lda);  // (features / 32) blocks of 4 tiles
+  // K in 32-bit words: 4 int8 or 2 bf16 weights each; a tile row holds 16 of them.
+  const int64_t words = kind == AmxKind::kInt8 ? k_pad / 4 : k_pad / 2;
+  const int64_t lda = 4 * words + 64;  // bytes (rows 4 * words apart would share L1 sets when that is 2^k)
+  unpack_strip<kind>(w, N, k_pad, n0, features, scratch, lda);
+  int32_t* partial = reinterpret_cast<int32_t*>(scratch + features * lda);  // (features / 32) blocks of 4 tiles
   alignas(64) int32_t block[4][16][16];
   for (int64_t t0 = 0; t0 < m; t0 += 32) {
-    const uint32_t* panel = xt + (t0 / 32) * quads * 32;  // this panel's 32 tokens, (quads, 32) words
-    // K in chunks whose slice of the panel (32 tokens x kChunk bytes, 16 KB) stays in L1 while the strip's
-    // features pass it; sums carry over between chunks in `partial`.
-    for (int64_t kc = 0; kc < k_pad; kc += kChunk) {
-      const int64_t kend = kc + kChunk < k_pad ? kc + kChunk : k_pad;
+    const uint32_t* panel = xt + (t0 / 32) * words * 32;  // this panel's 32 tokens, (words, 32)
+    for (int64_t kc = 0; kc < words; kc += kChunkWords) {
+      const int64_t kend = kc + kChunkWords < words ? kc + kChunkWords : words;
       for (int64_t f = 0; f < features; f += 32) {
-        const int8_t* a = strip + f * lda;
+        const uint8_t* a = scratch + f * lda;
         int32_t* carry = partial + f * 32;  // 4 tiles of 16 x 16
         if (kc == 0) {
           _tile_zero(0);
@@ -126,17 +125,24 @@ void matmul_int8_amx_strip(const uint32_t* xt, int64_t m, const uint8_t* w, int6
           _tile_loadd(2, carry + 512, 64);
           _tile_loadd(3, carry + 768, 64);
         }
-        for (int64_t k = kc; k < kend; k += 64) {
-          _tile_loadd(4, a + k, lda);                     // features n0 + f .. + 15
-          _tile_loadd(5, a + 16 * lda + k, lda);          // features n0 + f + 16 .. + 31
-          _tile_loadd(6, panel + (k / 4) * 32, 128);       // tokens t0 .. t0 + 15
-          _tile_loadd(7, panel + (k / 4) * 32 + 16, 128);  // tokens t0 + 16 .. t0 + 31
-          _tile_dpbssd(0, 4, 6);
-          _tile_dpbssd(1, 4, 7);
-          _tile_dpbssd(2, 5, 6);
-          _tile_dpbssd(3, 5, 7);
+        for (int64_t k = kc; k < kend; k += 16) {
+          _tile_loadd(4, a + 4 * k, lda);               // features n0 + f .. + 15
+          _tile_loadd(5, a + 16 * lda + 4 * k, lda);    // features n0 + f + 16 .. + 31
+          _tile_loadd(6, panel + k * 32, 128);          // tokens t0 .. t0 + 15
+          _tile_loadd(7, panel + k * 32 + 16, 128);     // tokens t0 + 16 .. t0 + 31
+          if constexpr (kind == AmxKind::kInt8) {
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          } else {
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
         }
-        if (kend < k_pad) {
+        if (kend < words) {
           _tile_stored(0, carry, 64);
           _tile_stored(1, carry + 256, 64);
           _tile_stored(2, carry + 512, 64);
@@ -154,10 +160,43 @@ void matmul_int8_amx_strip(const uint32_t* xt, int64_t m, const uint8_t* w, int6
           const int64_t n = n0 + f + 16 * (c / 2), t = t0 + 16 * (c % 2);
           if (n >= N) continue;
           const __mmask16 lanes = N - n >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n)) - 1);
-          for (int j = 0; j < 16 && t + j < m; ++j) store_outputs(out, r[j], t + j, n, N, lanes);
+          for (int j = 0; j < 16 && t + j < m; ++j) {
+            const __m512 sums = kind == AmxKind::kInt8 && out.acc == nullptr ? _mm512_cvtepi32_ps(r[j])
+                                                                             : _mm512_castsi512_ps(r[j]);
+            store_outputs(out, sums, t + j, n, N, lanes);
+          }
         }
       }
     }
+  }
+}
+
+}  // namespace
+
+namespace llmkernels::ternary_cpu {
+
+void activations_as_amx_b(const void* x, int64_t m, int64_t words, uint32_t* xt) {
+  const uint32_t* rows = static_cast<const uint32_t*>(x);
+  const int64_t m32 = (m + 31) / 32 * 32;
+  for (int64_t t0 = 0; t0 < m32; t0 += 16) {
+    uint32_t* panel = xt + (t0 / 32) * words * 32 + t0 % 32;
+    for (int64_t q0 = 0; q0 < words; q0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = t0 + i < m ? _mm512_loadu_si512(rows + (t0 + i) * words + q0) : _mm512_setzero_si512();
+      }
+      SimdAvx512::transpose_words(r);  // r[j]: word q0 + j of tokens t0 .. t0 + 15
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (q0 + j) * 32, r[j]);
+    }
+  }
+}
+
+void amx_strip(AmxKind kind, const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
+               int64_t features, uint8_t* scratch, const TileOut& out) {
+  if (kind == AmxKind::kInt8) {
+    strip_product<AmxKind::kInt8>(xt, m, w, N, k_pad, n0, features, scratch, out);
+  } else {
+    strip_product<AmxKind::kBf16>(xt, m, w, N, k_pad, n0, features, scratch, out);
   }
 }
 
@@ -171,8 +210,8 @@ void matmul_int8_amx_strip(const uint32_t* xt, int64_t m, const uint8_t* w, int6
 
 #else  // not x86-64: never called (the host finds no AMX)
 namespace llmkernels::ternary_cpu {
-void activations_as_amx_b(const int8_t*, int64_t, int64_t, uint32_t*) {}
-void matmul_int8_amx_strip(const uint32_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*,
-                           const Int8Out&) {}
+void activations_as_amx_b(const void*, int64_t, int64_t, uint32_t*) {}
+void amx_strip(AmxKind, const uint32_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t, uint8_t*,
+               const TileOut&) {}
 }  // namespace llmkernels::ternary_cpu
 #endif

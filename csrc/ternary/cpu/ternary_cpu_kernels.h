@@ -41,25 +41,29 @@ bool bf16_linear_w2_available();
 void linear_w2_bf16(const uint16_t* x, int64_t m, int64_t k_even, const uint8_t* w, int64_t N, int64_t k_pad,
                     float gamma, const float* bias, uint16_t* out);
 
-// The int8 GEMM on AMX tiles (cpu/ternary_cpu_amx.cpp), only where common/cpu_amx.h use_amx_int8_tiles() says so:
-// activations_as_amx_b lays x_q (m, k_pad) out as the tiles' B operand, xt: panels of 32 tokens (zero past m),
-// each (k_pad / 4, 32) 32-bit words of 4 consecutive int8 of one token; k_pad * m32 bytes, m32 = m rounded up to
-// 32. matmul_int8_amx_strip then writes the output features [n0, n0 + features) (features a multiple of 32; those
-// from N on are skipped) of `out`, given features * (k_pad + 192) bytes of 64-aligned scratch
-// (amx_strip_scratch_bytes).
-//   out.acc set: acc (m, N) int32, as matmul_int8;
-//   else the layer's outputs y (m, N) in `dtype`: y = dtype(float(acc) * row_scale[t] (+ bias[n])), the
-//   epilogue of ternary_linear_a8 (row_scale[t] = s[t] * gamma / 127, bias fp32 or null).
-struct Int8Out {
+// The GEMMs on AMX tiles (cpu/ternary_cpu_amx.cpp), only where common/cpu_amx.h says so (use_amx_int8_tiles,
+// use_amx_tiles for bf16). activations_as_amx_b lays the activations out as the tiles' B operand: x is m rows of
+// `words` 32-bit words (int8 x_q (m, k_pad): k_pad / 4 words; bf16 x zero-padded to (m, k_pad): k_pad / 2); xt
+// gets panels of 32 tokens (zero past m), (words, 32) each: 4 * words * m32 bytes, m32 = m rounded up to 32.
+// amx_strip then writes the output features [n0, n0 + features) (features a multiple of 32; those from N on
+// are skipped) of `out`, given amx_strip_scratch_bytes of 64-aligned scratch:
+//   out.acc set (int8 only): acc (m, N) int32, as matmul_int8;
+//   else the layer's outputs y (m, N) in `dtype`: y = dtype(sum * scale_t (+ bias[n])), scale_t = row_scale[t]
+//   (act_bits=8: s[t] * gamma / 127) or, without row_scale, `scale` (weight-only: gamma); bias fp32 or null.
+enum class AmxKind { kInt8, kBf16 };
+struct TileOut {
   int32_t* acc;
   void* y;
   int dtype;  // of y: 0 fp32, 1 bf16, 2 fp16
   const float* row_scale;
+  float scale;
   const float* bias;
 };
-void activations_as_amx_b(const int8_t* x_q, int64_t m, int64_t k_pad, uint32_t* xt);
-inline int64_t amx_strip_scratch_bytes(int64_t features, int64_t k_pad) { return features * (k_pad + 64 + 128); }
-void matmul_int8_amx_strip(const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
-                           int64_t features, int8_t* strip, const Int8Out& out);
+void activations_as_amx_b(const void* x, int64_t m, int64_t words, uint32_t* xt);
+inline int64_t amx_strip_scratch_bytes(AmxKind kind, int64_t features, int64_t k_pad) {
+  return features * ((kind == AmxKind::kInt8 ? k_pad : 2 * k_pad) + 64 + 128);
+}
+void amx_strip(AmxKind kind, const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
+               int64_t features, uint8_t* scratch, const TileOut& out);
 
 }  // namespace llmkernels::ternary_cpu
