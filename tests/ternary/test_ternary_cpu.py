@@ -175,7 +175,8 @@ def test_cpu_other_instruction_sets_match_reference(isa):
         "import torch, llmkernels; from llmkernels import _ext;"
         "from ternary_cases import check_backend_matches_reference as check;"
         f"assert _ext.cpu_isa == '{isa}', _ext.cpu_isa; torch.manual_seed(0);"
-        "[check('cpu', 'cpu', m, n, k, torch.float32) for m, n, k in [(1, 17, 113), (7, 33, 300), (5, 64, 2560), (13, 20, 300)]]"
+        "[check('cpu', 'cpu', m, n, k, torch.float32)"
+        " for m, n, k in [(1, 17, 113), (7, 33, 300), (5, 64, 2560), (13, 20, 300)]]"
     )
     run_with_cpu_isa(isa, code)
 
