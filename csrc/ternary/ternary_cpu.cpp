@@ -40,10 +40,11 @@ constexpr int64_t kAmxInt8MinTokens = 8;
 
 bool amx_int8(int64_t m) { return m >= kAmxInt8MinTokens && ::llmkernels::use_amx_int8_tiles(); }
 
-// x W_t^T on AMX tiles (x: m rows of `words` 32-bit words, zero-padded to k_pad), into `out`
-// (cpu/ternary_cpu_kernels.h TileOut).
-void amx_gemm(AmxKind kind, const void* x, int64_t m, int64_t words, const uint8_t* w, int64_t N, int64_t k_pad,
-              const TileOut& out) {
+// x W_t^T on AMX tiles (x: one or more planes of m rows of `words` 32-bit words, zero-padded to k_pad, summed),
+// into `out` (cpu/ternary_cpu_kernels.h TileOut).
+void amx_gemm(AmxKind kind, const std::vector<const void*>& x_planes, int64_t m, int64_t words, const uint8_t* w,
+              int64_t N, int64_t k_pad, const TileOut& out) {
+  const int planes = static_cast<int>(x_planes.size());
   // Strips of output features: every strip reads all the activations once, so many tokens want wide strips
   // (up to 1 MB of unpacked weights, L2); a few tokens want narrow ones, whose unpacked weights stay nearer
   // (measured with int8 at 4096 x 4096: 64 features best to 128 tokens, 256 from 512).
@@ -51,13 +52,13 @@ void amx_gemm(AmxKind kind, const void* x, int64_t m, int64_t words, const uint8
   const int64_t widest = std::clamp<int64_t>((1 << 20) / row_bytes / 32 * 32, 32, 256);
   const int64_t features = m <= 256 ? std::min<int64_t>(64, widest) : widest;
   const int64_t strips = (N + features - 1) / features;
-  std::vector<uint32_t> xt(static_cast<size_t>(words * ((m + 31) / 32 * 32)));
-  activations_as_amx_b(x, m, words, xt.data());
+  std::vector<uint32_t> xt(static_cast<size_t>(planes * words * ((m + 31) / 32 * 32)));
+  activations_as_amx_b(x_planes.data(), planes, m, words, xt.data());
   const double macs = static_cast<double>(m) * static_cast<double>(N) * static_cast<double>(k_pad);
   at::parallel_for(0, strips, parallel_grain(strips, macs, 1 << 22), [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({amx_strip_scratch_bytes(kind, features, k_pad)}, at::kByte);  // (64-aligned)
     for (int64_t s = begin; s < end; ++s) {
-      amx_strip(kind, xt.data(), m, w, N, k_pad, s * features, features, scratch.data_ptr<uint8_t>(), out);
+      amx_strip(kind, xt.data(), planes, m, w, N, k_pad, s * features, features, scratch.data_ptr<uint8_t>(), out);
     }
   });
 }
@@ -65,7 +66,9 @@ void amx_gemm(AmxKind kind, const void* x, int64_t m, int64_t words, const uint8
 // acc (m, N) = x_q W_t^T in int32, exactly (x_q (m, k_pad) zero-padded, xsum its row sums).
 void int8_gemm(const int8_t* x_q, const int32_t* xsum, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
                int32_t* acc) {
-  if (amx_int8(m)) return amx_gemm(AmxKind::kInt8, x_q, m, k_pad / 4, w, N, k_pad, TileOut{acc, nullptr, 0, nullptr, 0.f, nullptr});
+  if (amx_int8(m)) {
+    return amx_gemm(AmxKind::kInt8, {x_q}, m, k_pad / 4, w, N, k_pad, TileOut{acc, nullptr, 0, nullptr, 0.f, nullptr});
+  }
   matmul_int8(x_q, xsum, m, w, N, k_pad, acc);
 }
 
@@ -142,7 +145,7 @@ at::Tensor linear_a8_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     const at::Tensor row_scale = s.mul(gamma).div_(127.0f);  // (s * gamma) / 127 per token, as below
     const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const int dtype = x.scalar_type() == at::kFloat ? 0 : x.scalar_type() == at::kBFloat16 ? 1 : 2;
-    amx_gemm(AmxKind::kInt8, x_q.data_ptr<int8_t>(), m, k_pad / 4, w_packed.data_ptr<uint8_t>(), N, k_pad,
+    amx_gemm(AmxKind::kInt8, {x_q.data_ptr<int8_t>()}, m, k_pad / 4, w_packed.data_ptr<uint8_t>(), N, k_pad,
              TileOut{nullptr, out.data_ptr(), dtype, row_scale.data_ptr<float>(), 0.f,
                      b.defined() ? b.data_ptr<float>() : nullptr});
     return out;
@@ -180,14 +183,29 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
   at::Tensor out = at::empty({m, N}, x_in.options());
   if (m == 0 || N == 0) return out;
   const at::Tensor scale = w_scale.to(at::kFloat);
-  if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxTileMinTokens && m <= kAmxTileMaxTokens &&
-      ::llmkernels::use_amx_tiles()) {
-    // bf16 on our tiles: weights unpacked straight into the A tiles' bf16 rows, x (zero-padded to whole blocks)
-    // laid out once as B, gamma and the bias applied as the outputs leave the tiles.
-    const at::Tensor xb = at::constant_pad_nd(x_in, {0, k_pad - in_features}, 0).contiguous();
+  if (m >= kAmxTileMinTokens && m <= kAmxTileMaxTokens && ::llmkernels::use_amx_tiles()) {
+    // On our bf16 tiles: weights unpacked straight into the A tiles' bf16 rows, x (zero-padded to whole blocks)
+    // laid out once as B, gamma and the bias applied as the outputs leave the tiles. fp32 / fp16 x as 3 / 2 bf16
+    // planes that sum to it exactly (bf16 of x, then of the remainders).
+    const at::Tensor xp = at::constant_pad_nd(x_in, {0, k_pad - in_features}, 0);
+    std::vector<at::Tensor> planes;
+    if (x_in.scalar_type() == at::kBFloat16) {
+      planes.push_back(xp.contiguous());
+    } else {
+      at::Tensor rest = xp.to(at::kFloat);
+      const int count = x_in.scalar_type() == at::kFloat ? 3 : 2;
+      for (int i = 0; i < count; ++i) {
+        planes.push_back(rest.to(at::kBFloat16).contiguous());
+        if (i + 1 < count) rest = rest - planes.back().to(at::kFloat);  // exact in fp32
+      }
+    }
+    std::vector<const void*> plane_ptrs;
+    for (const at::Tensor& t : planes) plane_ptrs.push_back(t.data_ptr());
     const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    amx_gemm(AmxKind::kBf16, xb.data_ptr(), m, k_pad / 2, w_packed.data_ptr<uint8_t>(), N, k_pad,
-             TileOut{nullptr, out.data_ptr(), 1, nullptr, scale.item<float>(), b.defined() ? b.data_ptr<float>() : nullptr});
+    const int dtype = x_in.scalar_type() == at::kFloat ? 0 : x_in.scalar_type() == at::kBFloat16 ? 1 : 2;
+    amx_gemm(AmxKind::kBf16, plane_ptrs, m, k_pad / 2, w_packed.data_ptr<uint8_t>(), N, k_pad,
+             TileOut{nullptr, out.data_ptr(), dtype, nullptr, scale.item<float>(),
+                     b.defined() ? b.data_ptr<float>() : nullptr});
     return out;
   }
   if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxMinTokens && ::llmkernels::use_amx_bf16()) {

@@ -97,21 +97,26 @@ def test_cpu_int8_amx_gemm_tails(dtype):
                                        msg=lambda msg, m=m, n=n, k=k: f"{m, n, k}: {msg}")  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_weight_only_bf16_amx_tails(bias):
-    """Weight-only bf16 with 8 to 512 tokens runs on AMX-BF16 tiles where the CPU has them (the int8 GEMM's
-    structure with bf16 weight rows and token pairs; gamma and the bias applied as outputs leave the tiles): token
-    and feature tails, K over several 256-value chunks with a partial one, against the fp32 reference within one
-    bf16 rounding. Elsewhere the same cases check the vdpbf16ps / BLAS paths."""
+def test_cpu_weight_only_amx_tails(dtype, bias):
+    """Weight-only with 8 to 512 tokens runs on AMX-BF16 tiles where the CPU has them (the int8 GEMM's structure
+    with bf16 weight rows and token pairs; fp16 / fp32 x as 2 / 3 bf16 planes summing to it exactly; gamma and the
+    bias applied as outputs leave the tiles): token and feature tails, K over several chunks with a partial one,
+    against the fp32 reference within one rounding of the dtype (fp32: the fp32 GEMM's summation-order error).
+    Elsewhere the same cases check the vdpbf16ps / GEMV / BLAS paths."""
     torch.manual_seed(2)
-    for m, n, k in [(8, 1, 1), (17, 33, 300), (40, 65, 1100), (300, 130, 700), (512, 31, 257)]:
-        w_packed, w_scale, b = random_layer(n, k, "cpu", bias_dtype=torch.bfloat16)
+    for m, n, k in [(8, 1, 1), (40, 70, 1), (17, 33, 300), (40, 65, 1100), (300, 130, 700), (512, 31, 257)]:
+        w_packed, w_scale, b = random_layer(n, k, "cpu", bias_dtype=dtype)
         b = b if bias else None
-        x = torch.randn(m, k, dtype=torch.bfloat16)
+        x = torch.randn(m, k, dtype=dtype) * 3.0  # (fp32: mantissas using all 24 bits, so all three planes count)
         y = llmkernels.ternary_linear(x, w_packed, w_scale, b, act_bits=None)
         y_ref = llmkernels.reference.ternary.ternary_linear_w2_ref(x.float(), w_packed, w_scale, b, k)
-        assert y.dtype == torch.bfloat16
-        torch.testing.assert_close(y.float(), y_ref, rtol=2**-8, atol=1e-5 * y_ref.abs().max().item(),
+        assert y.dtype == dtype
+        if k == 1:  # one product per output, exact in every plane split: the reference's value bit for bit
+            assert torch.equal(y, y_ref.to(dtype)), (m, n, k)
+        rtol = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 1.3e-6}[dtype]
+        torch.testing.assert_close(y.float(), y_ref, rtol=rtol, atol=1e-5 * y_ref.abs().max().item(),
                                    msg=lambda msg, m=m, n=n, k=k: f"{m, n, k}: {msg}")  # fmt: skip
 
 

@@ -8,7 +8,9 @@
 // of a block hold weights 64 s + j at bits 2 s), as int8 {-1, 0, 1} or as bf16 words. A strip of output features
 // is unpacked once and serves every token. The activations become the B operand once per call: 32-bit words of
 // 4 int8 / 2 bf16 consecutive K values of one token, in panels of 32 tokens, (K words, 32) each (16 x 16 word
-// transposes). K goes in chunks whose slice of a panel (16 KB) stays in L1 while the strip's features pass it,
+// transposes). fp32 / fp16 activations go to the bf16 tiles as 3 / 2 bf16 planes whose sum is x exactly (x_hi =
+// bf16(x), then the same of the remainders): every product with a ternary weight stays exact, so the sums are
+// an fp32 GEMM's up to order; each A tile, loaded once, meets every plane's B tiles. K goes in chunks whose slice of a panel (16 KB) stays in L1 while the strip's features pass it,
 // the sums carried over in memory; each finished 32 x 32 block (2 x 2 tiles) is transposed back and stored
 // through the epilogue: int32 sums, or the layer's outputs (scale, bias, the output dtype).
 //
@@ -41,7 +43,7 @@ using llmkernels::ternary_cpu::kBlockBytes;
 using llmkernels::ternary_cpu::kBlockWeights;
 using llmkernels::ternary_cpu::TileOut;
 
-constexpr int64_t kChunkWords = 128;  // K words per pass of a strip over a token panel (32 x 128 words = 16 KB)
+constexpr int64_t kChunkWords = 128;  // K words of all planes per pass of a strip over a token panel (16 KB)
 
 // Rows [n0, n0 + rows) of the packed weights unpacked for the A tiles, `ld` bytes apart (rows from N on: zero):
 // k_pad int8 in {-1, 0, 1}, or k_pad bf16 words (0xbf80, 0, 0x3f80).
@@ -98,7 +100,7 @@ void store_outputs(const TileOut& out, __m512 sums, int64_t t, int64_t n, int64_
 }
 
 template <AmxKind kind>
-void strip_product(const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
+void strip_product(const uint32_t* xt, int planes, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
                    int64_t features, uint8_t* scratch, const TileOut& out) {
   const AmxTiles tiles;
   // K in 32-bit words: 4 int8 or 2 bf16 weights each; a tile row holds 16 of them.
@@ -106,11 +108,12 @@ void strip_product(const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, i
   const int64_t lda = 4 * words + 64;  // bytes (rows 4 * words apart would share L1 sets when that is 2^k)
   unpack_strip<kind>(w, N, k_pad, n0, features, scratch, lda);
   int32_t* partial = reinterpret_cast<int32_t*>(scratch + features * lda);  // (features / 32) blocks of 4 tiles
+  const int64_t chunk = kChunkWords / planes / 16 * 16;  // (the panel's slice of every plane stays in L1)
   alignas(64) int32_t block[4][16][16];
   for (int64_t t0 = 0; t0 < m; t0 += 32) {
-    const uint32_t* panel = xt + (t0 / 32) * words * 32;  // this panel's 32 tokens, (words, 32)
-    for (int64_t kc = 0; kc < words; kc += kChunkWords) {
-      const int64_t kend = kc + kChunkWords < words ? kc + kChunkWords : words;
+    const uint32_t* panel = xt + (t0 / 32) * planes * words * 32;  // this panel's 32 tokens, planes of (words, 32)
+    for (int64_t kc = 0; kc < words; kc += chunk) {
+      const int64_t kend = kc + chunk < words ? kc + chunk : words;
       for (int64_t f = 0; f < features; f += 32) {
         const uint8_t* a = scratch + f * lda;
         int32_t* carry = partial + f * 32;  // 4 tiles of 16 x 16
@@ -126,20 +129,23 @@ void strip_product(const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, i
           _tile_loadd(3, carry + 768, 64);
         }
         for (int64_t k = kc; k < kend; k += 16) {
-          _tile_loadd(4, a + 4 * k, lda);               // features n0 + f .. + 15
-          _tile_loadd(5, a + 16 * lda + 4 * k, lda);    // features n0 + f + 16 .. + 31
-          _tile_loadd(6, panel + k * 32, 128);          // tokens t0 .. t0 + 15
-          _tile_loadd(7, panel + k * 32 + 16, 128);     // tokens t0 + 16 .. t0 + 31
-          if constexpr (kind == AmxKind::kInt8) {
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-          } else {
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+          _tile_loadd(4, a + 4 * k, lda);             // features n0 + f .. + 15
+          _tile_loadd(5, a + 16 * lda + 4 * k, lda);  // features n0 + f + 16 .. + 31
+          for (int plane = 0; plane < planes; ++plane) {  // (the same weights times each plane of x)
+            const uint32_t* b = panel + plane * words * 32 + k * 32;
+            _tile_loadd(6, b, 128);       // tokens t0 .. t0 + 15
+            _tile_loadd(7, b + 16, 128);  // tokens t0 + 16 .. t0 + 31
+            if constexpr (kind == AmxKind::kInt8) {
+              _tile_dpbssd(0, 4, 6);
+              _tile_dpbssd(1, 4, 7);
+              _tile_dpbssd(2, 5, 6);
+              _tile_dpbssd(3, 5, 7);
+            } else {
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
           }
         }
         if (kend < words) {
@@ -175,28 +181,30 @@ void strip_product(const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, i
 
 namespace llmkernels::ternary_cpu {
 
-void activations_as_amx_b(const void* x, int64_t m, int64_t words, uint32_t* xt) {
-  const uint32_t* rows = static_cast<const uint32_t*>(x);
+void activations_as_amx_b(const void* const* x_planes, int planes, int64_t m, int64_t words, uint32_t* xt) {
   const int64_t m32 = (m + 31) / 32 * 32;
-  for (int64_t t0 = 0; t0 < m32; t0 += 16) {
-    uint32_t* panel = xt + (t0 / 32) * words * 32 + t0 % 32;
-    for (int64_t q0 = 0; q0 < words; q0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = t0 + i < m ? _mm512_loadu_si512(rows + (t0 + i) * words + q0) : _mm512_setzero_si512();
+  for (int plane = 0; plane < planes; ++plane) {
+    const uint32_t* rows = static_cast<const uint32_t*>(x_planes[plane]);
+    for (int64_t t0 = 0; t0 < m32; t0 += 16) {
+      uint32_t* panel = xt + ((t0 / 32) * planes + plane) * words * 32 + t0 % 32;
+      for (int64_t q0 = 0; q0 < words; q0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          r[i] = t0 + i < m ? _mm512_loadu_si512(rows + (t0 + i) * words + q0) : _mm512_setzero_si512();
+        }
+        SimdAvx512::transpose_words(r);  // r[j]: word q0 + j of tokens t0 .. t0 + 15
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (q0 + j) * 32, r[j]);
       }
-      SimdAvx512::transpose_words(r);  // r[j]: word q0 + j of tokens t0 .. t0 + 15
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (q0 + j) * 32, r[j]);
     }
   }
 }
 
-void amx_strip(AmxKind kind, const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
-               int64_t features, uint8_t* scratch, const TileOut& out) {
+void amx_strip(AmxKind kind, const uint32_t* xt, int planes, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
+               int64_t n0, int64_t features, uint8_t* scratch, const TileOut& out) {
   if (kind == AmxKind::kInt8) {
-    strip_product<AmxKind::kInt8>(xt, m, w, N, k_pad, n0, features, scratch, out);
+    strip_product<AmxKind::kInt8>(xt, planes, m, w, N, k_pad, n0, features, scratch, out);
   } else {
-    strip_product<AmxKind::kBf16>(xt, m, w, N, k_pad, n0, features, scratch, out);
+    strip_product<AmxKind::kBf16>(xt, planes, m, w, N, k_pad, n0, features, scratch, out);
   }
 }
 
@@ -210,8 +218,8 @@ void amx_strip(AmxKind kind, const uint32_t* xt, int64_t m, const uint8_t* w, in
 
 #else  // not x86-64: never called (the host finds no AMX)
 namespace llmkernels::ternary_cpu {
-void activations_as_amx_b(const void*, int64_t, int64_t, uint32_t*) {}
-void amx_strip(AmxKind, const uint32_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t, uint8_t*,
+void activations_as_amx_b(const void* const*, int, int64_t, int64_t, uint32_t*) {}
+void amx_strip(AmxKind, const uint32_t*, int, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int64_t, uint8_t*,
                const TileOut&) {}
 }  // namespace llmkernels::ternary_cpu
 #endif

@@ -42,9 +42,10 @@ void linear_w2_bf16(const uint16_t* x, int64_t m, int64_t k_even, const uint8_t*
                     float gamma, const float* bias, uint16_t* out);
 
 // The GEMMs on AMX tiles (cpu/ternary_cpu_amx.cpp), only where common/cpu_amx.h says so (use_amx_int8_tiles,
-// use_amx_tiles for bf16). activations_as_amx_b lays the activations out as the tiles' B operand: x is m rows of
-// `words` 32-bit words (int8 x_q (m, k_pad): k_pad / 4 words; bf16 x zero-padded to (m, k_pad): k_pad / 2); xt
-// gets panels of 32 tokens (zero past m), (words, 32) each: 4 * words * m32 bytes, m32 = m rounded up to 32.
+// use_amx_tiles for bf16). activations_as_amx_b lays the activations out as the tiles' B operand: each of
+// `planes` arrays is m rows of `words` 32-bit words (int8 x_q (m, k_pad): k_pad / 4 words; bf16 x zero-padded to
+// (m, k_pad): k_pad / 2; fp32 / fp16 x as 3 / 2 such bf16 planes summing to x); xt gets panels of 32 tokens (zero
+// past m), each the planes' (words, 32) in turn: 4 * planes * words * m32 bytes, m32 = m rounded up to 32.
 // amx_strip then writes the output features [n0, n0 + features) (features a multiple of 32; those from N on
 // are skipped) of `out`, given amx_strip_scratch_bytes of 64-aligned scratch:
 //   out.acc set (int8 only): acc (m, N) int32, as matmul_int8;
@@ -59,11 +60,11 @@ struct TileOut {
   float scale;
   const float* bias;
 };
-void activations_as_amx_b(const void* x, int64_t m, int64_t words, uint32_t* xt);
+void activations_as_amx_b(const void* const* x_planes, int planes, int64_t m, int64_t words, uint32_t* xt);
 inline int64_t amx_strip_scratch_bytes(AmxKind kind, int64_t features, int64_t k_pad) {
   return features * ((kind == AmxKind::kInt8 ? k_pad : 2 * k_pad) + 64 + 128);
 }
-void amx_strip(AmxKind kind, const uint32_t* xt, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0,
-               int64_t features, uint8_t* scratch, const TileOut& out);
+void amx_strip(AmxKind kind, const uint32_t* xt, int planes, int64_t m, const uint8_t* w, int64_t N, int64_t k_pad,
+               int64_t n0, int64_t features, uint8_t* scratch, const TileOut& out);
 
 }  // namespace llmkernels::ternary_cpu
