@@ -65,17 +65,20 @@ AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// Runs the forward into a fresh fp32 output; returns (out in q's dtype, lse).
+// Runs the forward into a fresh output (fp32, converted at the end; bf16 written directly by the AMX kernel);
+// returns (out in q's dtype, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& q) {
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
+  const bool direct_bf16 = use_amx_forward(p);  // (bf16 q only)
+  at::Tensor out = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, direct_bf16 ? q.options() : f32);
   at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
-  p.out = out.data_ptr<float>();
+  p.out = direct_bf16 ? nullptr : out.data_ptr<float>();
+  p.out_bf16 = direct_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   p.lse = lse.data_ptr<float>();
   choose_heads_per_block(p, at::get_num_threads());
   const auto [kernel, tasks] = forward_plan(p);
   run_tasks(kernel, p, tasks, pass_macs(p));
-  return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), lse};
+  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

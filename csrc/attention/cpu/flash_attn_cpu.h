@@ -37,7 +37,10 @@ struct AttnParams {
   // of K and V, once loaded, serves the whole GQA group: rows are (position, head) with the head fastest).
   int64_t heads_per_block;
   // Forward outputs: out (batch, seqlen_q, nheads, headdim) fp32 contiguous, lse (batch, nheads, seqlen_q) fp32.
+  // The AMX forward writes bf16 rows into out_bf16 instead where the host sets it (out unused then): the fp32
+  // buffer's fresh pages and the conversion pass after it had cost a quarter of a 2-thread call.
   float* out;
+  uint16_t* out_bf16;
   float* lse;
 
   // Backward inputs: dout and the forward's out in `dtype` (strided like q); lse as above (read). Outputs, fp32

@@ -62,8 +62,9 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, sq = p.seqlen_q, group = p.nheads / p.nheads_k;
   const float q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
   const int64_t block_elems = kKeys * d;  // one packed block of K^T or V
-  Buffer<uint16_t> packed_k, packed_v, q_rows, probs;
-  Buffer<float> scores, out;
+  // Per thread and kept between calls (~2 MB at d 128): fresh ones cost every call its page faults and unmaps.
+  static thread_local Buffer<uint16_t> packed_k, packed_v, q_rows, probs;
+  static thread_local Buffer<float> scores, out;
   q_rows.reserve(kRows * d);
   probs.reserve(kRows * kKeys);
   scores.reserve(kRows * kKeys);
@@ -181,17 +182,19 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
         amx_gemm_bf16(rows32, d, kKeys, probs.data, kKeys, vb, d, out.data, d, true);  // O += P V
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        float* dst = p.out + ((b * sq + i) * p.nheads + h) * d;
+        const int64_t i = i0 + r, at = ((b * sq + i) * p.nheads + h) * d;
         float* lse = p.lse + (b * p.nheads + h) * sq + i;
-        if (l_run[r] == 0.f) {
-          std::memset(dst, 0, sizeof(float) * d);
-          *lse = kNegInf;
-          continue;
+        // (a row that sees no key: l = 0, output 0; d is a multiple of 32)
+        const reg inv = Vec::set1(l_run[r] == 0.f ? 0.f : 1.f / l_run[r]);
+        for (int64_t e = 0; e < d; e += Vec::W) {
+          const reg y = Vec::mul(Vec::load(out.data + r * d + e), inv);
+          if (p.out_bf16 != nullptr) {
+            store_bf16(p.out_bf16 + at + e, y);
+          } else {
+            Vec::store(p.out + at + e, y);
+          }
         }
-        const float inv = 1.f / l_run[r];
-        for (int64_t e = 0; e < d; ++e) dst[e] = out.data[r * d + e] * inv;
-        *lse = (m_run[r] + std::log2(l_run[r])) * kLn2;
+        *lse = l_run[r] == 0.f ? kNegInf : (m_run[r] + std::log2(l_run[r])) * kLn2;
       }
     }
   }
