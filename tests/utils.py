@@ -72,6 +72,19 @@ def assert_close_dtype(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype 
     torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol * scale, atol=atol * scale)
 
 
+def saved_with_amx_on_and_off(code: str) -> list:
+    """Runs `code` in two fresh processes, with LLMKERNELS_CPU_AMX=1 and =0 (read once per process); `code` saves
+    its results with torch.save(..., sys.argv[1]) (sys is imported). Returns [results with AMX, without]."""
+    results = []
+    for flag in ("1", "0"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llmk_amx_{os.getpid()}_{flag}.pt")
+        env = {**os.environ, "LLMKERNELS_CPU_AMX": flag}
+        subprocess.run([sys.executable, "-c", "import sys;" + code, path], check=True, cwd=_ROOT, env=env)
+        results.append(torch.load(path))
+        os.remove(path)
+    return results
+
+
 def run_with_cpu_isa(isa: str, code: str, *test_dirs: str) -> str:
     """Runs `python -c code` in a fresh process with LLMKERNELS_CPU_ISA=isa (read once per process: "avx2" or
     "scalar" caps the C++ CPU kernels), from the repository root with tests/ and tests/<test_dirs> importable;

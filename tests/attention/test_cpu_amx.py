@@ -6,14 +6,10 @@ head dims 32 / 64 / 96 / 128 / 256, a KV cache with ragged lengths, packed varia
 of lse, the backward split over threads. On other CPUs the same cases run the vdpbf16ps / AVX2 kernels (still
 checked); the last tests say which path ran."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from attn_cases import check_flash_attn, forward_backward, needs_cpu_kernel, random_qkv
-from utils import assert_error_within_ratio
+from utils import assert_error_within_ratio, saved_with_amx_on_and_off
 
 import llmkernels
 from llmkernels.reference.attention import flash_attn_ref, flash_attn_varlen_fwd_ref, flash_attn_with_kvcache_ref
@@ -168,13 +164,6 @@ def test_the_amx_path_runs_and_can_be_turned_off():
         "out = llmkernels.flash_attn_func(q, k, v, causal=True); out.backward(torch.randn_like(out));"
         "torch.save([out.detach(), q.grad, k.grad, v.grad], sys.argv[1])"
     )
-    results = []
-    for flag in ("1", "0"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llmk_amx_{os.getpid()}_{flag}.pt")
-        env = {**os.environ, "LLMKERNELS_CPU_AMX": flag}
-        subprocess.run([sys.executable, "-c", "import sys;" + code, path], check=True, env=env)
-        results.append(torch.load(path))
-        os.remove(path)
-    for on, off in zip(*results):
+    for on, off in zip(*saved_with_amx_on_and_off(code)):
         assert not torch.equal(on, off)
         torch.testing.assert_close(on.float(), off.float(), rtol=2e-2, atol=2e-2)

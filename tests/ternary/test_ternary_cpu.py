@@ -4,7 +4,7 @@ torch.compile, bad arguments, and the AVX2 and portable paths (LLMKERNELS_CPU_IS
 import pytest
 import torch
 from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
-from utils import run_with_cpu_isa
+from utils import run_with_cpu_isa, saved_with_amx_on_and_off
 
 import llmkernels
 import llmkernels.reference.ternary
@@ -124,23 +124,14 @@ def test_cpu_weight_only_amx_tails(dtype, bias):
 def test_cpu_int8_amx_and_vnni_paths_agree():
     """LLMKERNELS_CPU_AMX=0 (in a subprocess) gives the VNNI GEMM and the unfused epilogue: the same int32 sums,
     the same outputs (both compute the reference's epilogue)."""
-    import os
-    import subprocess
-    import sys
-
     code = (
-        "import sys, torch, llmkernels; from llmkernels.ternary import quantize_weight; torch.manual_seed(0);"
+        "import torch, llmkernels; from llmkernels.ternary import quantize_weight; torch.manual_seed(0);"
         "wp, ws = quantize_weight(torch.randn(300, 1000)); x = torch.randn(40, 1000, dtype=torch.bfloat16);"
         "x_q, _ = llmkernels.ternary.quantize_activation(x);"
         "torch.save([torch.ops.llmkernels.ternary_matmul_int8(x_q, wp, 1000),"
         " llmkernels.ternary_linear(x, wp, ws)], sys.argv[1])"
     )
-    results = []
-    for flag in ("1", "0"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llmk_amx_int8_{os.getpid()}_{flag}.pt")
-        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "LLMKERNELS_CPU_AMX": flag})
-        results.append(torch.load(path))
-        os.remove(path)
+    results = saved_with_amx_on_and_off(code)
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=2**-8, atol=0)
 
