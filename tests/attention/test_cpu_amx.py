@@ -153,7 +153,7 @@ def test_bf16_varlen_forward_and_backward():
 
 
 @needs_cpu_kernel
-@pytest.mark.skipif(not AMX, reason="the CPU has no AMX tiles: the brgemm path is never taken here")
+@pytest.mark.skipif(not AMX, reason="the CPU has no AMX tiles: the tile kernels are never taken here")
 def test_the_amx_path_runs_and_can_be_turned_off():
     """LLMKERNELS_CPU_AMX=0 gives the vdpbf16ps kernels: different summation orders (and, in the forward, a
     different rounding of P), so outputs and gradients differ a little; both are within tolerance (the cases
