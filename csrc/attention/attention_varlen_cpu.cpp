@@ -137,12 +137,15 @@ void run_sequences(const std::vector<AttnParams>& seqs, Plan plan, double macs_f
 }
 
 // Sets each sequence's bwd_splits: 1, unless its (sequence, KV head) tasks do not divide evenly among the threads,
-// then threads / gcd as the dense op (at most 8, at most its key blocks).
+// then threads / gcd as the dense op (at most 8, at most its key blocks). A sequence without query rows has no
+// tasks and no dq rows: 1 (no split buffer is made for it).
 void backward_splits(std::vector<AttnParams>& seqs, int64_t nheads_k, int64_t threads) {
   int64_t units = 0;
   for (const AttnParams& p : seqs) units += p.seqlen_q > 0 ? nheads_k : 0;
   const int64_t splits = units > 0 ? std::clamp<int64_t>(threads / std::gcd(units, threads), 1, 8) : 1;
-  for (AttnParams& p : seqs) p.bwd_splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, backward_key_blocks(p)));
+  for (AttnParams& p : seqs) {
+    p.bwd_splits = p.seqlen_q == 0 ? 1 : std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, backward_key_blocks(p)));
+  }
 }
 
 // Rows [0, cu.front()) and [cu.back(), rows) of a (rows, ...) tensor belong to no sequence.

@@ -274,6 +274,33 @@ def test_reference_without_sequences_is_differentiable():
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_empty_query_sequence_with_many_keys(dtype):
+    """A sequence with keys but no query rows, beside one too short to split, on 2 threads: the empty one must not
+    ask for a split dq buffer (it has no rows; the call failed with an undefined tensor). Its keys get zero
+    gradients; the other sequence's match the reference."""
+    lens_q, lens_k = [16, 0], [16, 300]
+    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 4, 1, 64, dtype)
+    dout = torch.randn(q.shape, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def ours(q, k, v):
+            with llmkernels.use_backend("cpu"):
+                return llmkernels.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 16, 300)
+
+        _, grads = _grads(ours, (q, k, v), dout)
+    finally:
+        torch.set_num_threads(before)
+    _, ref_grads = _grads(lambda q, k, v: flash_attn_varlen_ref(q, k, v, cu_q, cu_k),
+                          [t.double() for t in (q, k, v)], dout.double())
+    tol = FP32_TOL["grad"] if dtype == torch.float32 else (2e-2, 2e-2)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=tol[0], atol=tol[1], msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(grads[1][16:], torch.zeros_like(grads[1][16:]))
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("threads", [2, 3])
 def test_backward_splits_key_blocks_of_few_sequences(threads):
     """One long MQA sequence beside an empty one gives a single (sequence, KV head) task: the backward then splits
