@@ -189,10 +189,18 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     // planes that sum to it exactly (bf16 of x, then of the remainders).
     const at::Tensor xp = at::constant_pad_nd(x_in, {0, k_pad - in_features}, 0);
     std::vector<at::Tensor> planes;
+    at::Tensor row_scale;  // fp32 / fp16: gamma 2^e per token, undoing the scaling below
     if (x_in.scalar_type() == at::kBFloat16) {
       planes.push_back(xp.contiguous());
     } else {
+      // Each token scaled by 2^-e, e its largest |x|'s exponent (exact): the lower planes then stay bf16 normals
+      // (the tiles read bf16 subnormals as zero: rows of |x| < ~1e-34 lost their low bits) and bf16(x) finite
+      // (above 3.39e38 it was inf, the remainder NaN). e clamped to [-120, 120] keeps 2^e normal.
       at::Tensor rest = xp.to(at::kFloat);
+      const at::Tensor e = std::get<1>(at::frexp(rest.abs().amax(1, /*keepdim=*/true))).clamp(-120, 120);
+      auto pow2 = [](const at::Tensor& k) { return (k.to(at::kInt) + 127).bitwise_left_shift(23).view(at::kFloat); };
+      rest = rest * pow2(-e);
+      row_scale = (pow2(e) * scale.item<float>()).reshape({m}).contiguous();
       const int count = x_in.scalar_type() == at::kFloat ? 3 : 2;
       for (int i = 0; i < count; ++i) {
         planes.push_back(rest.to(at::kBFloat16).contiguous());
@@ -204,8 +212,8 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     const int dtype = x_in.scalar_type() == at::kFloat ? 0 : x_in.scalar_type() == at::kBFloat16 ? 1 : 2;
     amx_gemm(AmxKind::kBf16, plane_ptrs, m, k_pad / 2, w_packed.data_ptr<uint8_t>(), N, k_pad,
-             TileOut{nullptr, out.data_ptr(), dtype, nullptr, scale.item<float>(),
-                     b.defined() ? b.data_ptr<float>() : nullptr});
+             TileOut{nullptr, out.data_ptr(), dtype, row_scale.defined() ? row_scale.data_ptr<float>() : nullptr,
+                     scale.item<float>(), b.defined() ? b.data_ptr<float>() : nullptr});
     return out;
   }
   if (x_in.scalar_type() == at::kBFloat16 && m >= kAmxMinTokens && ::llmkernels::use_amx_bf16()) {

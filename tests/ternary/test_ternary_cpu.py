@@ -1,6 +1,8 @@
 """C++ CPU kernels against the reference: exact integer arithmetic, the epilogue within rounding; opcheck,
 torch.compile, bad arguments, and the AVX2 and portable paths (LLMKERNELS_CPU_ISA=avx2 / scalar, in a subprocess)."""
 
+import os
+
 import pytest
 import torch
 from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
@@ -118,6 +120,47 @@ def test_cpu_weight_only_amx_tails(dtype, bias):
         rtol = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 1.3e-6}[dtype]
         torch.testing.assert_close(y.float(), y_ref, rtol=rtol, atol=1e-5 * y_ref.abs().max().item(),
                                    msg=lambda msg, m=m, n=n, k=k: f"{m, n, k}: {msg}")  # fmt: skip
+
+
+def test_cpu_weight_only_extreme_magnitudes():
+    """fp32 activations go to the bf16 tiles as planes of x scaled per token by a power of two: rows of tiny
+    (1e-36: unscaled, the lower planes would be bf16 subnormals, which the tiles read as zero) and huge (an
+    element of 3.39e38: bf16(x) would overflow) magnitudes, beside ordinary ones, match the fp32 reference as
+    ordinary rows do."""
+    torch.manual_seed(4)
+    m, n, k = 24, 40, 300
+    w_packed, w_scale, _ = random_layer(n, k, "cpu")
+    x = torch.randn(m, k) / 4
+    x[0::3] *= 1e-36
+    x[1::3, 0] = 3.39e38  # above bf16's largest finite value (3.3895e38), below fp32's
+    y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=None)
+    y_ref = llmkernels.reference.ternary.ternary_linear_w2_ref(x, w_packed, w_scale, None, k)
+    for i in range(3):  # tolerance per group of rows, relative to that group's size
+        rows, ref = y[i::3], y_ref[i::3]
+        assert torch.equal(torch.isfinite(rows), torch.isfinite(ref))
+        finite = torch.isfinite(ref)
+        torch.testing.assert_close(rows[finite], ref[finite], rtol=1.3e-6, atol=1e-5 * ref[finite].abs().max().item())
+
+
+def test_cpu_invalid_code_decodes_to_two():
+    """A packed byte holding code 3 (never written by pack_ternary) decodes to 2, as the reference documents, in
+    the int8 GEMMs and, on CPUs with AMX tiles, in the weight-only tile GEMM. (The fp32 weight-only GEMV other
+    CPUs use below 32 tokens does not promise it: malformed weights are not an input the ops accept.)"""
+    k = 256
+    w_packed, w_scale, _ = random_layer(8, k, "cpu")
+    w_packed = w_packed.clone()
+    w_packed[3, 5] = 0xFF  # four weights of row 3 set to code 3
+    for m in (16, 40):
+        x = torch.randn(m, k)
+        y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=8)
+        assert torch.equal(y, llmkernels.reference.ternary.ternary_linear_a8_ref(x, w_packed, w_scale, None, k))
+        if not _cpu_has_amx_int8() or os.environ.get("LLMKERNELS_CPU_AMX") == "0":
+            continue
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.randn(m, k, dtype=dtype)
+            y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=None)
+            y_ref = llmkernels.reference.ternary.ternary_linear_w2_ref(x.float(), w_packed, w_scale, None, k)
+            torch.testing.assert_close(y.float(), y_ref, rtol=2**-8, atol=1e-5 * y_ref.abs().max().item())
 
 
 @pytest.mark.skipif(not _cpu_has_amx_int8(), reason="the CPU has no AMX-INT8 tiles")

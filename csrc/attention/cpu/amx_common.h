@@ -21,6 +21,12 @@ struct Buffer {  // at least n elements, grown on demand
     data = new T[want];
     n = want;
   }
+  void release_above(int64_t limit) {  // frees the storage when it holds more than `limit` elements
+    if (n <= limit) return;
+    delete[] data;
+    data = nullptr;
+    n = 0;
+  }
   ~Buffer() { delete[] data; }
 };
 

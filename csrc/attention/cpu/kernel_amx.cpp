@@ -62,7 +62,8 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, sq = p.seqlen_q, group = p.nheads / p.nheads_k;
   const float q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
   const int64_t block_elems = kKeys * d;  // one packed block of K^T or V
-  // Per thread and kept between calls (~2 MB at d 128): fresh ones cost every call its page faults and unmaps.
+  // Per thread and kept between calls (~2 MB at d 128 for 2k keys): fresh ones cost every call its page faults
+  // and unmaps. The packed K / V grow with the keys: past 4 MB each they are freed at the end of the call.
   static thread_local Buffer<uint16_t> packed_k, packed_v, q_rows, probs;
   static thread_local Buffer<float> scores, out;
   q_rows.reserve(kRows * d);
@@ -198,6 +199,8 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
       }
     }
   }
+  packed_k.release_above(2 << 20);
+  packed_v.release_above(2 << 20);
 }
 
 }  // namespace llmkernels::attention_cpu

@@ -46,13 +46,15 @@ using llmkernels::ternary_cpu::TileOut;
 constexpr int64_t kChunkWords = 128;  // K words of all planes per pass of a strip over a token panel (16 KB)
 
 // Rows [n0, n0 + rows) of the packed weights unpacked for the A tiles, `ld` bytes apart (rows from N on: zero):
-// k_pad int8 in {-1, 0, 1}, or k_pad bf16 words (0xbf80, 0, 0x3f80).
+// k_pad int8 in {-1, 0, 1}, or k_pad bf16 words (0xbf80, 0, 0x3f80). (A code 3, which packing never writes, gives
+// 2 as in the reference.)
 template <AmxKind kind>
 void unpack_strip(const uint8_t* w, int64_t N, int64_t k_pad, int64_t n0, int64_t rows, uint8_t* strip, int64_t ld) {
   const int64_t row_bytes = k_pad / 4;
   const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+  // code c -> bf16 of c - 1; code 3 (not ternary) decodes to 2 as in the reference and the other kernels
   const __m512i bf16_of_code = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                                0, 0, 0, 0, 0, 0, 0x3f80, 0, static_cast<short>(0xbf80));
+                                                0, 0, 0, 0, 0, 0x4000, 0x3f80, 0, static_cast<short>(0xbf80));
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* dst = strip + r * ld;
     if (n0 + r >= N) {
