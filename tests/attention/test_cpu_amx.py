@@ -1,6 +1,6 @@
 """The bf16 kernels on AMX tiles (csrc/attention/cpu/kernel_amx.cpp forward, kernel_amx_bwd.cpp backward: products
 on our tile micro-kernel, common/cpu_amx_tiles.h), taken for bf16 on CPUs with AMX-BF16, against the fp32
-reference, on shapes that cross their blocks (forward: 512 query rows by 256 keys; backward: 128 by 128; 32-row
+reference, on shapes that cross their blocks (forward: 128 query rows by 256 keys; backward: 128 by 128; 32-row
 tile strips): windows that start inside a block, rows that see no key, query blocks from odd rows, soft-capping, GQA,
 head dims 32 / 64 / 96 / 128 / 256, a KV cache with ragged lengths, packed variable-length batches, the gradient
 of lse, the backward split over threads. On other CPUs the same cases run the vdpbf16ps / AVX2 kernels (still
@@ -32,8 +32,8 @@ CASES = [
     (1, 400, 130, 4, 1, 96, True, (-1, -1), 5.0),  # seqlen_q > seqlen_k: the first rows see no key; MQA; softcap
     (1, 64, 1000, 2, 2, 256, False, (300, 40), 0.0),  # two-sided window, head dim 256 (four strips)
     (1, 16, 16, 2, 1, 64, True, (-1, -1), 0.0),  # the smallest call that takes the path
-    (1, 600, 700, 4, 2, 64, True, (-1, -1), 0.0),  # a second 512-row query block, 88 rows (rounded up to 96)
-    (2, 513, 513, 2, 2, 32, False, (-1, -1), 0.0),  # one row past a query block, one key past two key blocks
+    (1, 600, 700, 4, 2, 64, True, (-1, -1), 0.0),  # five query blocks, the last 88 rows (rounded up to 96)
+    (2, 513, 513, 2, 2, 32, False, (-1, -1), 0.0),  # one row past four query blocks, one key past two key blocks
 ]
 
 

@@ -5,7 +5,7 @@
 //
 // Task = (batch, query head). A task packs its KV head's K^T and V (unless the previous task of the thread, a head
 // of the same GQA group, did), 256 keys a block, into the tiles' B layout (pairs of rows interleaved as 32-bit
-// words), then streams its query blocks of 512 rows, each copied to a contiguous buffer (rows of a (b, s, h, d)
+// words), then streams its query blocks of 128 rows, each copied to a contiguous buffer (rows of a (b, s, h, d)
 // tensor lie a power of two apart: read in place, a block's rows fall into a few L1 sets): S = Q K^T (fp32), the
 // scale / soft-cap / band mask and the running max and sum per row, P rounded to bf16 (as the GPU kernels and the
 // vdpbf16ps kernel do), O += P V. Chosen by attention_cpu_host.h (use_amx_forward) for bf16 prefill calls only; it
@@ -40,9 +40,10 @@ namespace {
 using llmkernels::attention_cpu::AttnParams;
 using reg = Vec::reg;
 
-// Large query blocks: each pass over a block of keys serves more rows (measured 128 / 256 / 512 / 1024 rows by
-// 128 / 256 / 512 keys, 2k tokens d 128: 512 x 256 fastest on 1 thread, 128 x 256 ~25% slower; level on 2).
-constexpr int64_t kRows = 512;  // query rows per block (a multiple of 32, as are the tiles' products)
+// Measured 128 / 256 / 512 rows by 128 / 256 keys, 2k tokens d 128, 1 thread pinned to each core in turn: 128 x
+// 256 at or near the fastest in every round; 512-row blocks (a working set past L2) won one early round and lost
+// every later one by ~30%.
+constexpr int64_t kRows = 128;  // query rows per block (a multiple of 32, as are the tiles' products)
 constexpr int64_t kKeys = 256;  // keys per block
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_inff();
@@ -62,7 +63,7 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, sq = p.seqlen_q, group = p.nheads / p.nheads_k;
   const float q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
   const int64_t block_elems = kKeys * d;  // one packed block of K^T or V
-  // Per thread and kept between calls (~2 MB at d 128 for 2k keys): fresh ones cost every call its page faults
+  // Per thread and kept between calls (~1.4 MB at d 128 for 2k keys): fresh ones cost every call its page faults
   // and unmaps. The packed K / V grow with the keys: past 4 MB each they are freed at the end of the call.
   static thread_local Buffer<uint16_t> packed_k, packed_v, q_rows, probs;
   static thread_local Buffer<float> scores, out;
