@@ -72,6 +72,15 @@ def assert_close_dtype(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype 
     torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol * scale, atol=atol * scale)
 
 
+def cpu_has_flag(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. "amx_bf16", "amx_int8"); False where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
 def saved_with_amx_on_and_off(code: str) -> list:
     """Runs `code` in two fresh processes, with LLMKERNELS_CPU_AMX=1 and =0 (read once per process); `code` saves
     its results with torch.save(..., sys.argv[1]) (sys is imported). Returns [results with AMX, without]."""

@@ -9,21 +9,12 @@ checked); the last tests say which path ran."""
 import pytest
 import torch
 from attn_cases import check_flash_attn, forward_backward, needs_cpu_kernel, random_qkv
-from utils import assert_error_within_ratio, saved_with_amx_on_and_off
+from utils import assert_error_within_ratio, cpu_has_flag, saved_with_amx_on_and_off
 
 import llmkernels
 from llmkernels.reference.attention import flash_attn_ref, flash_attn_varlen_fwd_ref, flash_attn_with_kvcache_ref
 
-
-def _cpu_has_amx_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-AMX = _cpu_has_amx_bf16()
+AMX = cpu_has_flag("amx_bf16")
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal, window, softcap)
 CASES = [

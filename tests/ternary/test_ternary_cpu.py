@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from ternary_cases import DTYPES, MODEL_SHAPES, ODD_SHAPES, check_backend_matches_reference, random_layer
-from utils import run_with_cpu_isa, saved_with_amx_on_and_off
+from utils import cpu_has_flag, run_with_cpu_isa, saved_with_amx_on_and_off
 
 import llmkernels
 import llmkernels.reference.ternary
@@ -65,14 +65,6 @@ def test_cpu_int8_gemm_tails():
         y = llmkernels.ternary_linear(x, w_packed, w_scale, bias)
         y_ref = llmkernels.reference.ternary.ternary_linear_a8_ref(x, w_packed, w_scale, bias, k)
         torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6 * y_ref.abs().max().item(), msg=f"{m, n, k}")
-
-
-def _cpu_has_amx_int8() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_int8" in f.read()
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -154,7 +146,7 @@ def test_cpu_invalid_code_decodes_to_two():
         x = torch.randn(m, k)
         y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=8)
         assert torch.equal(y, llmkernels.reference.ternary.ternary_linear_a8_ref(x, w_packed, w_scale, None, k))
-        if not _cpu_has_amx_int8() or os.environ.get("LLMKERNELS_CPU_AMX") == "0":
+        if not cpu_has_flag("amx_int8") or os.environ.get("LLMKERNELS_CPU_AMX") == "0":
             continue
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             x = torch.randn(m, k, dtype=dtype)
@@ -163,7 +155,7 @@ def test_cpu_invalid_code_decodes_to_two():
             torch.testing.assert_close(y.float(), y_ref, rtol=2**-8, atol=1e-5 * y_ref.abs().max().item())
 
 
-@pytest.mark.skipif(not _cpu_has_amx_int8(), reason="the CPU has no AMX-INT8 tiles")
+@pytest.mark.skipif(not cpu_has_flag("amx_int8"), reason="the CPU has no AMX-INT8 tiles")
 def test_cpu_int8_amx_and_vnni_paths_agree():
     """LLMKERNELS_CPU_AMX=0 (in a subprocess) gives the VNNI GEMM and the unfused epilogue: the same int32 sums,
     the same outputs (both compute the reference's epilogue)."""
