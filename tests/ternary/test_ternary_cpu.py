@@ -1,7 +1,6 @@
 """C++ CPU kernels against the reference: exact integer arithmetic, the epilogue within rounding; opcheck,
 torch.compile, bad arguments, and the AVX2 and portable paths (LLMKERNELS_CPU_ISA=avx2 / scalar, in a subprocess)."""
 
-import os
 
 import pytest
 import torch
@@ -135,19 +134,17 @@ def test_cpu_weight_only_extreme_magnitudes():
 
 
 def test_cpu_invalid_code_decodes_to_two():
-    """A packed byte holding code 3 (never written by pack_ternary) decodes to 2, as the reference documents, in
-    the int8 GEMMs and, on CPUs with AMX tiles, in the weight-only tile GEMM. (The fp32 weight-only GEMV other
-    CPUs use below 32 tokens does not promise it: malformed weights are not an input the ops accept.)"""
+    """A packed byte holding code 3 (never written by pack_ternary) decodes to 2, as the reference documents, on
+    every path: the int8 GEMV / GEMMs, the weight-only GEMVs (1-7 tokens), vdpbf16ps and BLAS-panel GEMMs, and the
+    AMX tiles where present (each path's table had to agree; the fp32 GEMVs' read it as 0)."""
     k = 256
     w_packed, w_scale, _ = random_layer(8, k, "cpu")
     w_packed = w_packed.clone()
     w_packed[3, 5] = 0xFF  # four weights of row 3 set to code 3
-    for m in (16, 40):
+    for m in (1, 4, 16, 40, 600):
         x = torch.randn(m, k)
         y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=8)
         assert torch.equal(y, llmkernels.reference.ternary.ternary_linear_a8_ref(x, w_packed, w_scale, None, k))
-        if not cpu_has_flag("amx_int8") or os.environ.get("LLMKERNELS_CPU_AMX") == "0":
-            continue
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             x = torch.randn(m, k, dtype=dtype)
             y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=None)

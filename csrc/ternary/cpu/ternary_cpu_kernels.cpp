@@ -179,9 +179,10 @@ __attribute__((target("avx2,fma"))) void unpack_row_f32_avx2(const uint8_t* w, i
   }
 }
 
-// The same weights as bf16 words: -1, 0, 1 are 0xBF80, 0, 0x3F80 (exact), each byte from a 4-entry table.
+// The same weights as bf16 words: -1, 0, 1 are 0xBF80, 0, 0x3F80 (exact), each byte from a 4-entry table (code 3,
+// not ternary, decodes to 2 = 0x4000 as in the reference and every other kernel).
 void unpack_row_bf16(const uint8_t* w, int64_t nblocks, uint16_t* out) {
-  constexpr uint16_t kWord[4] = {0xBF80, 0x0000, 0x3F80, 0x0000};
+  constexpr uint16_t kWord[4] = {0xBF80, 0x0000, 0x3F80, 0x4000};
   for (int64_t b = 0; b < nblocks; ++b) {
     for (int s = 0; s < 4; ++s) {
       for (int j = 0; j < kBlockBytes; ++j) {
@@ -198,8 +199,8 @@ __attribute__((target("avx2"))) void unpack_row_bf16_avx2(const uint8_t* w, int6
   const __m256i low = _mm256_setr_epi8(static_cast<char>(0x80), 0, static_cast<char>(0x80), 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                        0, 0, 0, 0, static_cast<char>(0x80), 0, static_cast<char>(0x80), 0, 0, 0, 0, 0,
                                        0, 0, 0, 0, 0, 0, 0, 0);
-  const __m256i high = _mm256_setr_epi8(static_cast<char>(0xBF), 0, 0x3F, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                        static_cast<char>(0xBF), 0, 0x3F, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i high = _mm256_setr_epi8(static_cast<char>(0xBF), 0, 0x3F, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                        static_cast<char>(0xBF), 0, 0x3F, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t b = 0; b < nblocks; ++b) {
     for (int h = 0; h < 2; ++h) {
       const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes + 32 * h));
@@ -221,7 +222,7 @@ __attribute__((target("avx2"))) void unpack_row_bf16_avx2(const uint8_t* w, int6
 template <int MT>
 __attribute__((target("avx512f,avx512bw"))) void dot_w2_avx512(const uint8_t* w, const float* x, int64_t x_stride,
                                                               int64_t nblocks, float* out) {
-  const __m512 code_to_weight = _mm512_setr_ps(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0);
+  const __m512 code_to_weight = _mm512_setr_ps(-1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2, -1, 0, 1, 2);
   __m512 acc[MT][4];
   for (int t = 0; t < MT; ++t)
     for (int i = 0; i < 4; ++i) acc[t][i] = _mm512_setzero_ps();
@@ -248,7 +249,7 @@ __attribute__((target("avx512f,avx512bw"))) void dot_w2_avx512(const uint8_t* w,
 template <int MT>
 __attribute__((target("avx2,fma"))) void dot_w2_avx2(const uint8_t* w, const float* x, int64_t x_stride,
                                                      int64_t nblocks, float* out) {
-  const __m256 code_to_weight = _mm256_setr_ps(-1, 0, 1, 0, -1, 0, 1, 0);
+  const __m256 code_to_weight = _mm256_setr_ps(-1, 0, 1, 2, -1, 0, 1, 2);
   __m256 acc[MT][4];
   for (int t = 0; t < MT; ++t)
     for (int s = 0; s < 4; ++s) acc[t][s] = _mm256_setzero_ps();
