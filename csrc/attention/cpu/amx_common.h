@@ -30,6 +30,27 @@ struct Buffer {  // at least n elements, grown on demand
   ~Buffer() { delete[] data; }
 };
 
+// Visible keys of query i among keys [j0, j0 + width), as offsets from j0: [lo, hi) (none when hi <= lo). shift =
+// seqlen_k - seqlen_q of the batch row, sk its seqlen_k; AttnParams' window (-1: unbounded).
+struct Visible {
+  int64_t lo, hi;
+};
+inline Visible visible(const llmkernels::attention_cpu::AttnParams& p, int64_t shift, int64_t sk, int64_t i,
+                       int64_t j0, int64_t width) {
+  Visible v{0, imin(width, sk - j0)};
+  if (p.window_left >= 0) v.lo = imax(v.lo, i + shift - p.window_left - j0);
+  if (p.window_right >= 0) v.hi = imin(v.hi, i + shift + p.window_right - j0 + 1);
+  return v;
+}
+
+// Lanes of the 16 keys from offset c that lie in [vis.lo, vis.hi).
+inline __mmask16 visible_lanes(int64_t c, Visible vis) {
+  const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  return _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.lo))) &
+         _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.hi)));
+}
+
 // 16 fp32 lanes rounded to bf16 (round to nearest even), stored as 16 words.
 void store_bf16(uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));

@@ -123,13 +123,10 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
         amx_gemm_bf16(rows32, kKeys, d, q_rows.data, d, kt, kKeys, scores.data, kKeys, false);  // S = Q K^T
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
-          // Visible keys of row i within the block, as offsets from j0: [lo, hi).
-          int64_t lo = 0, hi = imin(width, sk - j0);
-          if (left >= 0) lo = imax(lo, i + shift - left - j0);
-          if (right >= 0) hi = imin(hi, i + shift + right - j0 + 1);
+          const Visible vis = visible(p, shift, sk, i, j0, width);
           float* s = scores.data + r * kKeys;
           uint16_t* pr = probs.data + r * kKeys;
-          if (hi <= lo) {  // nothing visible here: P row 0
+          if (vis.hi <= vis.lo) {  // nothing visible here: P row 0
             std::memset(pr, 0, sizeof(uint16_t) * width);
             continue;
           }
@@ -150,15 +147,11 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
             mul = 1.f;
           }
           reg mx = Vec::set1(kNegInf);
-          if (lo == 0 && hi == width) {  // every key visible (most blocks): no mask
+          if (vis.lo == 0 && vis.hi == width) {  // every key visible (most blocks): no mask
             for (int64_t c = 0; c < width; c += Vec::W) mx = Vec::max(mx, Vec::load(s + c));
           } else {
             for (int64_t c = 0; c < width; c += Vec::W) {
-              const __m512i col = _mm512_add_epi32(
-                  _mm512_set1_epi32(static_cast<int>(c)),
-                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-              const __mmask16 seen = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo))) &
-                                     _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)));
+              const __mmask16 seen = visible_lanes(c, vis);
               const reg x = _mm512_mask_blend_ps(seen, Vec::set1(kNegInf), Vec::load(s + c));
               Vec::store(s + c, x);
               mx = Vec::max(mx, x);

@@ -45,26 +45,12 @@ constexpr int64_t kRows = 128;          // query rows per block (from multiples 
 constexpr int64_t kKeys = kAmxBwdKeys;  // keys per block
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Visible keys of query i among keys [j0, j0 + kKeys), as offsets from j0: [lo, hi) (empty when hi <= lo).
-struct Visible {
-  int64_t lo, hi;
-};
-Visible visible(const AttnParams& p, int64_t shift, int64_t sk, int64_t i, int64_t j0) {
-  Visible v{0, imin(kKeys, sk - j0)};
-  if (p.window_left >= 0) v.lo = imax(v.lo, i + shift - p.window_left - j0);
-  if (p.window_right >= 0) v.hi = imin(v.hi, i + shift + p.window_right - j0 + 1);
-  return v;
-}
-
 // One row's P and dS for 16 keys from c: from the raw scores s and dP, its base-2 lse and its D.
 struct Grad {
   reg p, ds;
 };
 Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c, Visible vis, float lse2, float delta) {
-  const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
-                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __mmask16 seen = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.lo))) &
-                         _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.hi)));
+  const __mmask16 seen = visible_lanes(c, vis);
   reg x = Vec::mul(Vec::load(s + c), Vec::set1(p.softmax_scale));
   reg slope = Vec::set1(1.f);  // d (soft-capped score) / d (scaled score)
   if (p.softcap > 0.f) {
@@ -95,8 +81,8 @@ void probs_and_grads(const AttnParams& p, int64_t shift, int64_t sk, int64_t i0,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t r = 0; r < rows; r += 2) {
     const bool has_b = r + 1 < rows;
-    const Visible va = visible(p, shift, sk, i0 + r, j0);
-    const Visible vb = has_b ? visible(p, shift, sk, i0 + r + 1, j0) : Visible{0, 0};
+    const Visible va = visible(p, shift, sk, i0 + r, j0, kKeys);
+    const Visible vb = has_b ? visible(p, shift, sk, i0 + r + 1, j0, kKeys) : Visible{0, 0};
     uint32_t* pw = reinterpret_cast<uint32_t*>(p_pairs) + (r / 2) * kKeys;
     uint32_t* dsw = reinterpret_cast<uint32_t*>(ds_pairs) + (r / 2) * kKeys;
     for (int64_t c = 0; c < kKeys; c += 16) {
