@@ -568,6 +568,25 @@ def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor
     return dout if dout.stride(-1) == 1 else dout.contiguous()
 
 
+def register_attention_autograd(fwd_op: str, bwd_op, n_tensors: int) -> None:
+    """Autograd of an attention forward op returning (out, softmax_lse) whose inputs are n_tensors tensors (q, k, v
+    and, for varlen, cu_seqlens_q / _k) then scalars. The backward op takes (dout, q, k, v, out, lse, the other
+    tensors, the scalars, dsoftmax_lse): dsoftmax_lse is None unless softmax_lse (return_attn_probs) reached the
+    loss, and dout zeros when only it did."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors], *output)
+        ctx.params = tuple(inputs[n_tensors:])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, *tensors, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_of_output(dout, out), q, k, v, out, lse, *tensors, *ctx.params, dlse)
+        return (dq, dk, dv) + (None,) * (n_tensors - 3 + len(ctx.params))
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake (meta) kernels and autograd of the C++ ops
 # --------------------------------------------------------------------------------------------------
@@ -589,17 +608,4 @@ if _ext.loaded:
                       rotary_interleaved=True):  # fmt: skip
         return q.new_empty(q.shape)
 
-    def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, softmax_scale, window_left, window_right, softcap = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (softmax_scale, window_left, window_right, softcap)
-        ctx.set_materialize_grads(False)  # dlse is None unless softmax_lse (return_attn_probs) was used
-
-    def _fwd_backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = grad_of_output(dout, out)
-        dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd(dout, q, k, v, out, lse, *ctx.params, dlse)
-        return dq, dk, dv, None, None, None, None
-
-    torch.library.register_autograd("llmkernels::flash_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+    register_attention_autograd("llmkernels::flash_attn_fwd", torch.ops.llmkernels.flash_attn_bwd, 3)

@@ -34,7 +34,7 @@ from .attention import (
     _triton_function,
     _triton_supports_for,
     flash_attn_func,
-    grad_of_output,
+    register_attention_autograd,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -243,20 +243,4 @@ if _ext.loaded:
     def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, cap, dlse=None):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def _varlen_setup_context(ctx, inputs, output):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, *params = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.params = tuple(params)
-        ctx.set_materialize_grads(False)  # dlse is None unless softmax_lse (return_attn_probs) was used
-
-    def _varlen_backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = torch.ops.llmkernels.flash_attn_varlen_bwd(
-            grad_of_output(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.params, dlse
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "llmkernels::flash_attn_varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context
-    )
+    register_attention_autograd("llmkernels::flash_attn_varlen_fwd", torch.ops.llmkernels.flash_attn_varlen_bwd, 5)

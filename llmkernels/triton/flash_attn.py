@@ -28,7 +28,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._checks import check_same_dtype, check_shape, check_tensor
-from ..ops.attention import grad_of_output
+from ..ops.attention import register_attention_autograd
 from .flash_attn_decode import check_kvcache_args, decode_launch
 from .flash_attn_kernels import (
     flash_attn_bwd_dkdv_kernel,
@@ -564,22 +564,7 @@ if _INTERPRET:
         _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, window_left, window_right, softcap = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.set_materialize_grads(False)  # dlse is None unless lse reached the loss (return_attn_probs)
-    ctx.args = (softmax_scale, window_left, window_right, softcap)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dout = grad_of_output(dout, out)
-    dq, dk, dv = torch.ops.llmkernels.flash_attn_bwd_triton(dout, q, k, v, out, lse, *ctx.args, dlse)
-    return dq, dk, dv, None, None, None, None
-
-
-torch.library.register_autograd("llmkernels::flash_attn_fwd_triton", _backward, setup_context=_setup_context)
+register_attention_autograd("llmkernels::flash_attn_fwd_triton", torch.ops.llmkernels.flash_attn_bwd_triton, 3)
 
 
 def flash_attn_triton(
@@ -597,24 +582,8 @@ def flash_attn_triton(
     )[0]
 
 
-def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *args = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.set_materialize_grads(False)  # dlse is None unless lse reached the loss (return_attn_probs)
-    ctx.args = tuple(args)  # max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap
-
-
-def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.llmkernels.flash_attn_varlen_bwd_triton(
-        grad_of_output(dout, out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, dlse
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "llmkernels::flash_attn_varlen_fwd_triton", _varlen_backward, setup_context=_varlen_setup_context
+register_attention_autograd(
+    "llmkernels::flash_attn_varlen_fwd_triton", torch.ops.llmkernels.flash_attn_varlen_bwd_triton, 5
 )
 
 
