@@ -143,6 +143,14 @@ def _varlen_span(CU, b, total):
 
 
 @triton.jit
+def _varlen_spans(CU_SEQLENS_Q, CU_SEQLENS_K, total_q, total_k):
+    """(first q row, q rows, first k row, k rows) of this program's sequence (grid axis 2), rows as int64."""
+    q_start, len_q = _varlen_span(CU_SEQLENS_Q, tl.program_id(2), total_q)
+    k_start, len_k = _varlen_span(CU_SEQLENS_K, tl.program_id(2), total_k)
+    return q_start.to(tl.int64), len_q, k_start.to(tl.int64), len_k
+
+
+@triton.jit
 def _fwd_block(
     Q, K, V, Out, LSE, start_m, off_b, off_h, off_hk,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -207,9 +215,7 @@ def flash_attn_fwd_kernel(
         off_h = tl.program_id(1)
         off_hk = (off_h // group).to(tl.int64)
         off_h = off_h.to(tl.int64)
-        q_start, len_q = _varlen_span(CU_SEQLENS_Q, tl.program_id(2), seqlen_q)
-        k_start, len_k = _varlen_span(CU_SEQLENS_K, tl.program_id(2), seqlen_k)
-        q0, k0 = q_start.to(tl.int64), k_start.to(tl.int64)
+        q0, len_q, k0, len_k = _varlen_spans(CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k)
         # The grid is sized from max_seqlen_q, a hint: each program strides over its sequence's blocks instead.
         # Batch index 0: the bases passed point at the sequence's first row (lse / delta: (h, total_q)).
         n_blocks = tl.cdiv(len_q, BLOCK_M)
@@ -361,9 +367,7 @@ def flash_attn_bwd_dkdv_kernel(
     """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32."""
     if VARLEN:
         off_hk = tl.program_id(1).to(tl.int64)
-        q_start, len_q = _varlen_span(CU_SEQLENS_Q, tl.program_id(2), seqlen_q)
-        k_start, len_k = _varlen_span(CU_SEQLENS_K, tl.program_id(2), seqlen_k)
-        q0, k0 = q_start.to(tl.int64), k_start.to(tl.int64)
+        q0, len_q, k0, len_k = _varlen_spans(CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k)
         # The grid is sized from max_seqlen_k, a hint: each program strides over its sequence's blocks instead.
         # Batch index 0: the bases passed point at the sequence's first row (lse / delta: (h, total_q)).
         for start_n in range(tl.program_id(0), tl.cdiv(len_k, BLOCK_N), tl.num_programs(0)):
@@ -481,9 +485,7 @@ def flash_attn_bwd_dq_kernel(
         off_h = tl.program_id(1)
         off_hk = (off_h // group).to(tl.int64)
         off_h = off_h.to(tl.int64)
-        q_start, len_q = _varlen_span(CU_SEQLENS_Q, tl.program_id(2), seqlen_q)
-        k_start, len_k = _varlen_span(CU_SEQLENS_K, tl.program_id(2), seqlen_k)
-        q0, k0 = q_start.to(tl.int64), k_start.to(tl.int64)
+        q0, len_q, k0, len_k = _varlen_spans(CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k)
         # The grid is sized from max_seqlen_q, a hint: each program strides over its sequence's blocks instead.
         # Batch index 0: the bases passed point at the sequence's first row (lse / delta: (h, total_q)).
         n_blocks = tl.cdiv(len_q, BLOCK_M)
