@@ -187,7 +187,8 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
     // On our bf16 tiles: weights unpacked straight into the A tiles' bf16 rows, x (zero-padded to whole blocks)
     // laid out once as B, gamma and the bias applied as the outputs leave the tiles. fp32 / fp16 x as 3 / 2 bf16
     // planes that sum to it exactly (bf16 of x, then of the remainders).
-    const at::Tensor xp = at::constant_pad_nd(x_in, {0, k_pad - in_features}, 0);
+    const at::Tensor xp =
+        k_pad == in_features ? x_in : at::constant_pad_nd(x_in, {0, k_pad - in_features}, 0);  // (no copy if whole)
     std::vector<at::Tensor> planes;
     at::Tensor row_scale;  // fp32 / fp16: gamma 2^e per token, undoing the scaling below
     if (x_in.scalar_type() == at::kBFloat16) {
