@@ -19,8 +19,9 @@
 // score tile. Only key blocks that intersect the causal / window band are visited, and only blocks the band
 // cuts pay for masking. The block's queries lie across SIMD lanes: scores are computed transposed (keys x
 // queries) and the output accumulates transposed (headdim x queries), so the softmax bookkeeping and the
-// rescale of O are vectorised across queries and both products broadcast from K / V rows, read in place when
-// fp32 (else converted per block into small per-thread buffers). Their register tiles (up to 6 rows x 4
+// rescale of O are vectorised across queries and both products broadcast from K / V rows: fp32 rows of a per-thread
+// copy of the (batch, KV head)'s K and V, made as its first query block needs them (KVPack: in place, strided rows
+// fall into few cache sets), else read in place when fp32 or converted per block into small per-thread buffers. Their register tiles (up to 6 rows x 4
 // registers, fp32 FMA) also take the block max (score tile) and apply the rescale (output tile) on the way.
 // Blocks of at most 4 rows (decode) take per-key dot products and a row-major O through the shared
 // micro-kernel (`gemm`: broadcasting A, streaming B) instead. The backward recomputes P from lse once per
@@ -28,8 +29,9 @@
 // computes dK, dV and dQ together (see bwd_tasks_impl; bwd_tasks_bf16 is the same pass on vdpbf16ps, with
 // dK and dV accumulated transposed so that all five products stream bf16 pairs).
 //
-// Speed: for head dims >= 64 the forward is bound by the FMA throughput of its two products per tile (about
-// 85% of the fp32 FMA peak of one Zen 4 core, with one vector exp2 per score taking ~5%); decode (a few rows
+// Speed: for head dims >= 64 the forward is bound by the FMA throughput of its two products per tile (their loops
+// run at the fp32 FMA peak of a Sapphire Rapids core, ~210 GFLOP/s, and take ~76% of the time at seqlen 2k, d 64;
+// one vector exp2 per score ~8%, the rest tile edges and softmax bookkeeping); decode (a few rows
 // per block) by reading K and V, which are strided by nheads_k * headdim. The backward's five products run at
 // about the same rate (~80% of peak overall, ~90% inside the products). On bf16 inputs with AVX512-BF16 both
 // passes run their products on vdpbf16ps: the bf16 backward takes ~0.6x the time of the fp32 one (d 64 and
@@ -147,6 +149,69 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, i
   for (; n + 2 * W <= N; n += 2 * W) gemm_strip<Vec::MR, 2>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
   if (n < N) gemm_strip<Vec::MR, 1>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
 }
+
+// K and V rows of one (batch, KV head) in fp32, copied into contiguous rows the first time one of the thread's
+// query blocks needs them and read from there by its later query blocks of that head (converted once, when bf16 or
+// fp16 without the bf16 products). In place, rows nheads_k * headdim
+// floats apart fall into few cache sets (4 KB pages fix the low 6 bits of the set index): at d 64 and 8 KV heads
+// a head's K and V use an eighth of the L2 sets and a block of V rows 8 of L1's 64, so the 1 MB a head has at 2k
+// keys streamed from L3 for every query block, and every broadcast of the P V product missed L1. Contiguous, a
+// head stays in L2 and a block in L1.
+struct KVPack {
+  float* k = nullptr;  // (seqlen_k, ld)
+  float* v = nullptr;
+  unsigned char* ready = nullptr;  // per key row: copied for the current (batch, KV head)
+  int64_t floats = 0, rows = 0;    // capacity of k / v and of ready
+  int64_t ld = 0, b = -1, hk = -1;
+
+  // Room for `want_rows` rows of want_ld floats each; forgets what was copied.
+  void reset(int64_t want_rows, int64_t want_ld) {
+    if (want_rows * want_ld > floats || want_rows > rows) {
+      release();
+      k = new float[want_rows * want_ld];
+      v = new float[want_rows * want_ld];
+      ready = new unsigned char[want_rows];
+      floats = want_rows * want_ld;
+      rows = want_rows;
+    }
+    ld = want_ld;
+    b = hk = -1;
+  }
+  // Rows [j0, j0 + cols) of (batch bb, KV head h) in fp32, d floats each, from the key blocks kblk / vblk (key j0
+  // first; elements of `dtype`).
+  void fill(ElemType dtype, int64_t bb, int64_t h, int64_t j0, int64_t cols, int64_t d, const Tensor4& kblk,
+            const Tensor4& vblk) {
+    if (bb != b || h != hk) {
+      std::memset(ready, 0, rows);
+      b = bb;
+      hk = h;
+    }
+    const int64_t bytes = dtype == ElemType::kFloat32 ? 4 : 2;
+    for (int64_t c = 0; c < cols; ++c) {
+      if (ready[j0 + c]) continue;
+      if (c + 8 < cols) {  // the source rows are strided: keep a few in flight
+        prefetch_row(row_start(kblk, 0, c + 8, h, bytes), d * bytes);
+        prefetch_row(row_start(vblk, 0, c + 8, h, bytes), d * bytes);
+      }
+      load_row(dtype, kblk, 0, c, h, d, 1.f, k + (j0 + c) * ld);
+      load_row(dtype, vblk, 0, c, h, d, 1.f, v + (j0 + c) * ld);
+      ready[j0 + c] = 1;
+    }
+  }
+  void release() {
+    delete[] k;
+    delete[] v;
+    delete[] ready;
+    k = v = nullptr;
+    ready = nullptr;
+    floats = rows = 0;
+  }
+  ~KVPack() { release(); }
+};
+// Packs above this many bytes (K and V) are freed after the call rather than kept for the next one.
+constexpr int64_t kKeepPackBytes = int64_t(8) << 20;
+// Largest pack (K and V bytes): beyond it rows are read in place.
+constexpr int64_t kMaxPackBytes = int64_t(64) << 20;
 
 // ---------------------------------------------------------------------------------------------------
 // Row operations on score tiles (n a multiple of Vec::W)
@@ -525,6 +590,14 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   constexpr bool dot_dtype = false;
 #endif
 
+  // Pack K and V (plain K / V tensors, read as fp32 rows) when this thread's tasks hold more than one query block
+  // per KV head.
+  static thread_local KVPack kv_pack;
+  const bool use_pack = !dot_dtype && p.seqlens_k == nullptr && p.kv_batch == nullptr && p.block_table == nullptr &&
+                        end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
+                        2 * p.seqlen_k * d * 4 <= kMaxPackBytes;
+  if (use_pack) kv_pack.reset(p.seqlen_k, d);
+
   for (int64_t task = begin; task < end; ++task) {
     const int64_t qblock = interleaved_block(task % nqb, nqb), head_pack = (task / nqb) % npacks;
     const int64_t b = task / (nqb * npacks), hk = head_pack * pack / group;
@@ -606,6 +679,11 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         block_scores_bf16(cols, nrows, d, k16, p.k.seq_stride, reinterpret_cast<const uint32_t*>(qt), q_scale, st,
                           m_blk);
 #endif
+      } else if (use_pack && !few) {
+        kv_pack.fill(p.dtype, b, hk, j0, cols, d, kblk, vblk);
+        kp = kv_pack.k + j0 * d;
+        vp = kv_pack.v + j0 * d;
+        k_ld = v_ld = d;
       } else if (kv_in_place) {
         kp = static_cast<const float*>(kblk.data) + hk * p.k.head_stride;
         vp = static_cast<const float*>(vblk.data) + hk * p.v.head_stride;
@@ -749,6 +827,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
       }
     }
   }
+  if (use_pack && 2 * kv_pack.floats * 4 > kKeepPackBytes) kv_pack.release();
 }
 
 // ---------------------------------------------------------------------------------------------------
