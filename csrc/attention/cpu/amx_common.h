@@ -11,23 +11,28 @@
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// At least n elements, grown on demand; 64-byte aligned: a tile row that straddles two cache lines costs two loads,
+// and new[]'s 16-byte alignment had made the P V product 3x and Q K^T 1.7x slower (measured on the attention
+// shapes: 1.54 against 0.52 TFLOP/s, 1.41 against 0.83).
 template <typename T>
-struct Buffer {  // at least n elements, grown on demand
+struct Buffer {
   T* data = nullptr;
   int64_t n = 0;
   void reserve(int64_t want) {
     if (want <= n) return;
-    delete[] data;
-    data = new T[want];
+    free();
+    data = static_cast<T*>(::operator new[](sizeof(T) * want, std::align_val_t(64)));
     n = want;
   }
   void release_above(int64_t limit) {  // frees the storage when it holds more than `limit` elements
-    if (n <= limit) return;
-    delete[] data;
+    if (n > limit) free();
+  }
+  void free() {
+    if (data != nullptr) ::operator delete[](data, std::align_val_t(64));
     data = nullptr;
     n = 0;
   }
-  ~Buffer() { delete[] data; }
+  ~Buffer() { free(); }
 };
 
 // Visible keys of query i among keys [j0, j0 + width), as offsets from j0: [lo, hi) (none when hi <= lo). shift =

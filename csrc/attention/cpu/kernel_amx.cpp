@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 
 #ifdef __clang__
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,amx-tile,amx-bf16"))), \
@@ -42,7 +43,8 @@ using reg = Vec::reg;
 
 // Measured 128 / 256 / 512 rows by 128 / 256 keys, 2k tokens d 128, 1 thread pinned to each core in turn: 128 x
 // 256 at or near the fastest in every round; 512-row blocks (a working set past L2) won one early round and lost
-// every later one by ~30%.
+// every later one by ~30%. Re-measured once the buffers were 64-byte aligned (amx_common.h Buffer): 64 / 128 / 256
+// rows by 128 / 256 / 512 keys all within ~5% of each other.
 constexpr int64_t kRows = 128;  // query rows per block (a multiple of 32, as are the tiles' products)
 constexpr int64_t kKeys = 256;  // keys per block
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
