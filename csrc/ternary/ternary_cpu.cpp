@@ -52,13 +52,15 @@ void amx_gemm(AmxKind kind, const std::vector<const void*>& x_planes, int64_t m,
   const int64_t widest = std::clamp<int64_t>((1 << 20) / row_bytes / 32 * 32, 32, 256);
   const int64_t features = m <= 256 ? std::min<int64_t>(64, widest) : widest;
   const int64_t strips = (N + features - 1) / features;
-  std::vector<uint32_t> xt(static_cast<size_t>(planes * words * ((m + 31) / 32 * 32)));
-  activations_as_amx_b(x_planes.data(), planes, m, words, xt.data());
+  // (64-byte aligned, as ATen allocates: tile rows that straddle cache lines cost two loads each)
+  at::Tensor xt_tensor = at::zeros({planes * words * ((m + 31) / 32 * 32)}, at::kInt);
+  uint32_t* xt = reinterpret_cast<uint32_t*>(xt_tensor.data_ptr<int32_t>());
+  activations_as_amx_b(x_planes.data(), planes, m, words, xt);
   const double macs = static_cast<double>(m) * static_cast<double>(N) * static_cast<double>(k_pad);
   at::parallel_for(0, strips, parallel_grain(strips, macs, 1 << 22), [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({amx_strip_scratch_bytes(kind, features, k_pad)}, at::kByte);  // (64-aligned)
     for (int64_t s = begin; s < end; ++s) {
-      amx_strip(kind, xt.data(), planes, m, w, N, k_pad, s * features, features, scratch.data_ptr<uint8_t>(), out);
+      amx_strip(kind, xt, planes, m, w, N, k_pad, s * features, features, scratch.data_ptr<uint8_t>(), out);
     }
   });
 }
