@@ -7,11 +7,15 @@
 // instantiation can never be picked by the linker for the AVX2 path. For that reason it includes nothing
 // (the including file provides <cstdint>) and uses no std containers.
 
-// Zero-initialised scratch floats, freed at scope exit (no std containers: see the file comment).
+// Zero-initialised scratch floats, freed at scope exit (no std containers: see the file comment). 64-byte aligned
+// so that the kernels' full-register loads and stores of it never straddle two cache lines (the includer provides
+// <new> and <cstring>).
 struct Scratch {
   float* data;
-  explicit Scratch(int64_t n) : data(new float[n]()) {}
-  ~Scratch() { delete[] data; }
+  explicit Scratch(int64_t n) : data(static_cast<float*>(::operator new[](sizeof(float) * n, std::align_val_t(64)))) {
+    std::memset(data, 0, sizeof(float) * n);
+  }
+  ~Scratch() { ::operator delete[](data, std::align_val_t(64)); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };

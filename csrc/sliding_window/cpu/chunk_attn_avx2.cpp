@@ -10,6 +10,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <new>
 #include <type_traits>
 
 #ifdef __clang__

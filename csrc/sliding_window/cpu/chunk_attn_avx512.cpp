@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <new>
 #include <type_traits>
 
 #ifdef __clang__
