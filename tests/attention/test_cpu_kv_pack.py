@@ -2,12 +2,16 @@
 csrc/attention/cpu/flash_attn_kernel.h): taken by fp32 inputs (and fp16, or bf16 without AVX512-BF16, converted
 once) when a thread runs more than one query block of a KV head. Rows are copied on first use, so windows that
 start inside a key block, GQA groups sharing a KV head, a second batch row, separate K and V strides and a second
-call with other data (the copy lives on in the thread) must all read the right rows."""
+call with other data (the copy lives on in the thread), and a KV cache's ragged lengths, pages and row map must all
+read the right rows."""
 
 import pytest
 import torch
 from attn_cases import check_flash_attn, needs_cpu_kernel, random_qkv
 from utils import run_with_cpu_isa
+
+import llmkernels
+from llmkernels.reference.attention import flash_attn_with_kvcache_ref
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal, window)
 CASES = [
@@ -64,3 +68,37 @@ def test_avx2_copy_converts_bf16():
         "check_flash_attn('cpu', random_qkv(1, 150, 300, 4, 4, 40, torch.float32, 'cpu'), backward=False)"
     )
     run_with_cpu_isa("avx2", code, "attention")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("layout", ["plain", "paged", "batch_idx"])
+def test_prefill_into_a_kv_cache(layout):
+    """A 100-token chunk into a ragged KV cache (the copy is per batch row: rows stop at that row's length; paged
+    caches are read page by page; cache_batch_idx picks the cache rows), fp32, MQA."""
+    g = torch.Generator().manual_seed(1)
+    batch, s_new, h, hk, d, capacity, page = 3, 100, 4, 1, 64, 512, 128  # MQA: batch rows switch, the head does not
+    k_plain, v_plain = (torch.randn(batch, capacity, hk, d, generator=g) for _ in range(2))
+    q = torch.randn(batch, s_new, h, d, generator=g)
+    k_new, v_new = (torch.randn(batch, s_new, hk, d, generator=g) for _ in range(2))
+    lens = torch.tensor([0, 130, 400], dtype=torch.int32)
+    kw = dict(cache_seqlens=lens, causal=True)
+    want = flash_attn_with_kvcache_ref(q, k_plain.clone(), v_plain.clone(), k_new, v_new, lens, causal=True)
+    if layout == "paged":  # pages in reverse order, two spare ones of NaN
+        pages = capacity // page
+        table = torch.arange(batch * pages, dtype=torch.int32).flip(0).view(batch, pages) + 2
+        k_cache, v_cache = (torch.full((batch * pages + 2, page, hk, d), float("nan")) for _ in range(2))
+        for b in range(batch):
+            for i in range(pages):
+                k_cache[table[b, i]] = k_plain[b, i * page : (i + 1) * page]
+                v_cache[table[b, i]] = v_plain[b, i * page : (i + 1) * page]
+        extra = dict(block_table=table)
+    elif layout == "batch_idx":  # cache rows 4, 0, 2 of five
+        idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+        k_cache, v_cache = (torch.full((5, capacity, hk, d), float("nan")) for _ in range(2))
+        k_cache[idx.long()], v_cache[idx.long()] = k_plain, v_plain
+        extra = dict(cache_batch_idx=idx)
+    else:
+        k_cache, v_cache, extra = k_plain.clone(), v_plain.clone(), {}
+    with llmkernels.use_backend("cpu"):
+        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kw, **extra)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -591,11 +591,11 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   constexpr bool dot_dtype = false;
 #endif
 
-  // Pack K and V (plain K / V tensors, read as fp32 rows) when this thread's tasks hold more than one query block
-  // per KV head.
+  // Pack K and V (read as fp32 rows) when this thread's tasks hold more than one query block per KV head. Key
+  // positions stay below p.seqlen_k (the KV-cache op: the cache's capacity, or its pages' when paged), and rows are
+  // read through key_block, so a KV cache's row map and pages apply.
   static thread_local KVPack kv_pack;
-  const bool use_pack = !dot_dtype && p.seqlens_k == nullptr && p.kv_batch == nullptr && p.block_table == nullptr &&
-                        end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
+  const bool use_pack = !dot_dtype && end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
                         2 * p.seqlen_k * d * 4 <= kMaxPackBytes;
   if (use_pack) kv_pack.reset(p.seqlen_k, d);
 
