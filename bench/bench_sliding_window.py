@@ -134,9 +134,10 @@ def cpu_cases(quick: bool) -> list[dict]:
     window, h, hk, d = (256, 8, 2, 64) if quick else (1024, 8, 2, 64)
     for chunk in (1, 64):
         rows += _cpu_case(window, h, hk, d, chunk)
-    if not quick:  # Mistral 7B's attention shape, one token (decode)
+    if not quick:  # Mistral 7B's attention shape: one token (decode), and a 512-token chunk of a long prompt
         for dtype in (torch.float32, torch.bfloat16):
             rows += _cpu_case(4096, 32, 8, 128, 1, dtype)
+            rows += _cpu_case(4096, 32, 8, 128, 512, dtype)
     return rows
 
 

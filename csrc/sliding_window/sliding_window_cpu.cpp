@@ -5,9 +5,11 @@
 // position j read in place from the chunk (j >= seqlens[b], row j - seqlens[b]) or from the ring (slot j % W):
 // the wrap-around is index math, nothing is gathered or copied.
 //
-// Two kernels. On CPUs with AVX2 every call goes to the blocked kernel in cpu/chunk_attn_kernel.h (query
-// blocks x key tiles; register-blocked micro-GEMMs for chunks, per-key dot products with K / V read in place for
-// decode; AVX-512 or AVX2). Other CPUs take the portable per-row kernel below: at::parallel_for over (batch,
+// Three kernels. bf16 chunks of 16 tokens or more on CPUs with AMX tiles go to cpu/chunk_attn_amx.cpp (the
+// flash-attention AMX forward, its K / V packed per KV head from the ring and the chunk). Other calls on CPUs with
+// AVX2 go to the blocked kernel in cpu/chunk_attn_kernel.h (query blocks x key tiles; register-blocked micro-GEMMs
+// for chunks, per-key dot products with K / V read in place for decode; AVX-512 or AVX2). Other CPUs take the
+// portable per-row kernel below: at::parallel_for over (batch,
 // kv head, query row); a task loads the G = nheads / nheads_k query heads of its KV head (GQA), then walks the
 // window in blocks of kKeyBlock keys: each K/V block is converted to fp32 once and used by all G heads, with an
 // online (running max / sum) softmax in fp32; inner loops over head_dim are `omp simd`.
@@ -25,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_amx.h"
 #include "common/cpu_features.h"
 #include "common/cpu_parallel.h"
 #include "sliding_window/cpu/chunk_attn.h"
@@ -34,6 +37,7 @@ namespace llmkernels::sliding_window {
 namespace {
 
 constexpr int64_t kKeyBlock = 32;
+constexpr int64_t kMinAmxChunk = 16;  // tokens per chunk from which bf16 goes to the AMX kernel
 
 #define LLMK_INLINE inline __attribute__((always_inline))
 
@@ -216,12 +220,17 @@ void run_chunk_blocked(const at::Tensor& q, const at::Tensor& k, const at::Tenso
             : q.scalar_type() == at::kHalf ? cpu::Dtype::kFloat16
                                            : cpu::Dtype::kBFloat16;
   const bool avx512 = use_avx512();
-  const int64_t tasks = cpu::chunk_attn_tasks(p);
+  // bf16 chunks of 16 or more tokens on AMX tiles (cpu/chunk_attn_amx.cpp): one task per (batch, query head).
+  const bool amx = p.dtype == cpu::Dtype::kBFloat16 && dims.chunk >= kMinAmxChunk && dims.head_dim % 32 == 0 &&
+                   use_amx_tiles();
+  const int64_t tasks = amx ? dims.batch * dims.nheads : cpu::chunk_attn_tasks(p);
   const double macs = 2.0 * static_cast<double>(dims.batch * dims.chunk * dims.nheads) *
                       static_cast<double>(dims.window) * dims.head_dim;  // (every query against a whole window)
   at::parallel_for(0, tasks, parallel_grain(tasks, macs, kMinAttnMacsPerThread), [&](int64_t begin, int64_t end) {
     const ::llmkernels::FlushDenormals ftz;  // masked scores: see common/cpu_parallel.h
-    if (avx512) {
+    if (amx) {
+      cpu::chunk_attn_amx(p, begin, end);
+    } else if (avx512) {
       cpu::chunk_attn_avx512(p, begin, end);
     } else {
       cpu::chunk_attn_avx2(p, begin, end);

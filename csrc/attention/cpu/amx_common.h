@@ -36,16 +36,19 @@ struct Buffer {
 };
 
 // Visible keys of query i among keys [j0, j0 + width), as offsets from j0: [lo, hi) (none when hi <= lo). shift =
-// seqlen_k - seqlen_q of the batch row, sk its seqlen_k; AttnParams' window (-1: unbounded).
+// seqlen_k - seqlen_q of the batch row, sk its seqlen_k; the window's left / right reach (-1: unbounded).
 struct Visible {
   int64_t lo, hi;
 };
+inline Visible visible(int64_t left, int64_t right, int64_t shift, int64_t sk, int64_t i, int64_t j0, int64_t width) {
+  Visible v{0, imin(width, sk - j0)};
+  if (left >= 0) v.lo = imax(v.lo, i + shift - left - j0);
+  if (right >= 0) v.hi = imin(v.hi, i + shift + right - j0 + 1);
+  return v;
+}
 inline Visible visible(const llmkernels::attention_cpu::AttnParams& p, int64_t shift, int64_t sk, int64_t i,
                        int64_t j0, int64_t width) {
-  Visible v{0, imin(width, sk - j0)};
-  if (p.window_left >= 0) v.lo = imax(v.lo, i + shift - p.window_left - j0);
-  if (p.window_right >= 0) v.hi = imin(v.hi, i + shift + p.window_right - j0 + 1);
-  return v;
+  return visible(p.window_left, p.window_right, shift, sk, i, j0, width);
 }
 
 // Lanes of the 16 keys from offset c that lie in [vis.lo, vis.hi).
@@ -61,16 +64,20 @@ void store_bf16(uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
 }
 
+// The packers below read rows through any source with `const uint16_t* row(int64_t j) const`: Rows (one head of a
+// (batch, seqlen, heads, d) tensor), or the rolling KV cache's ring-then-chunk rows (sliding_window/cpu).
 struct Rows {  // one head's rows of a (batch, seqlen, heads, d) tensor: row j at base + j * ld (elements)
   const uint16_t* base;
   int64_t ld;
+  const uint16_t* row(int64_t j) const { return base + j * ld; }
 };
 
 // Words (e, e + 1) of rows j and j + 1 interleaved, for 16 head dims from e: row pair -> 16 words; a row at or
 // past `end` reads as zero.
-inline __m512i row_pair_words(const Rows& x, int64_t j, int64_t end, int64_t e) {
+template <typename Src>
+inline __m512i row_pair_words(const Src& x, int64_t j, int64_t end, int64_t e) {
   auto widen = [&](int64_t row) {
-    return row < end ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.base + row * x.ld + e)))
+    return row < end ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.row(row) + e)))
                      : _mm512_setzero_si512();
   };
   return _mm512_or_si512(widen(j), _mm512_slli_epi32(widen(j + 1), 16));
@@ -79,14 +86,15 @@ inline __m512i row_pair_words(const Rows& x, int64_t j, int64_t end, int64_t e) 
 // B = X^T for rows [j0, j0 + n) of X (d wide, a multiple of 32; n a multiple of 16; rows from `end` on read as
 // zero): a pair of head-dim entries of one row is a word of that row, so the packed X^T is X's rows, as words,
 // transposed 16 x 16 at a time: (d / 2, n) words.
-inline void pack_transposed_b(const Rows& x, int64_t j0, int64_t end, int64_t n, int64_t d, uint16_t* out) {
+template <typename Src>
+inline void pack_transposed_b(const Src& x, int64_t j0, int64_t end, int64_t n, int64_t d, uint16_t* out) {
   const int64_t cols = imin(n, end - j0), pairs = d / 2;
   uint32_t* words = reinterpret_cast<uint32_t*>(out);
   for (int64_t c0 = 0; c0 < n; c0 += 16) {
     for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
-        r[i] = c0 + i < cols ? _mm512_loadu_si512(x.base + (j0 + c0 + i) * x.ld + 2 * p0) : _mm512_setzero_si512();
+        r[i] = c0 + i < cols ? _mm512_loadu_si512(x.row(j0 + c0 + i) + 2 * p0) : _mm512_setzero_si512();
       }
       SimdAvx512::transpose_words(r);  // r[j]: word p0 + j of rows c0 .. c0 + 15
       for (int j = 0; j < 16; ++j) _mm512_storeu_si512(words + (p0 + j) * n + c0, r[j]);
@@ -95,7 +103,8 @@ inline void pack_transposed_b(const Rows& x, int64_t j0, int64_t end, int64_t n,
 }
 
 // B = X for rows [j0, j0 + n) (n even, zero from `end` on): (n / 2, d) words of consecutive rows interleaved.
-inline void pack_rows_b(const Rows& x, int64_t j0, int64_t end, int64_t n, int64_t d, uint16_t* out) {
+template <typename Src>
+inline void pack_rows_b(const Src& x, int64_t j0, int64_t end, int64_t n, int64_t d, uint16_t* out) {
   for (int64_t c = 0; c < n; c += 2) {
     uint32_t* dst = reinterpret_cast<uint32_t*>(out + c * d);
     for (int64_t e = 0; e < d; e += 16) _mm512_storeu_si512(dst + e, row_pair_words(x, j0 + c, end, e));
@@ -105,7 +114,8 @@ inline void pack_rows_b(const Rows& x, int64_t j0, int64_t end, int64_t n, int64
 // A = X^T, plain bf16 (d rows of n, row e at out + e * ld), for rows [0, n) of X (n a multiple of 32, zero from
 // `end` on): pairs of rows interleaved into words, then 16 x 16 word transposes turn 16 row pairs (32 rows) by 16
 // head dims into 16 head-dim rows of 32 entries.
-inline void pack_transposed_a(const Rows& x, int64_t end, int64_t n, int64_t d, uint16_t* out, int64_t ld) {
+template <typename Src>
+inline void pack_transposed_a(const Src& x, int64_t end, int64_t n, int64_t d, uint16_t* out, int64_t ld) {
   for (int64_t r0 = 0; r0 < n; r0 += 32) {
     for (int64_t e0 = 0; e0 < d; e0 += 16) {
       __m512i w[16];

@@ -33,4 +33,8 @@ inline int64_t chunk_attn_tasks(const ChunkParams& p) {
 void chunk_attn_avx512(const ChunkParams& p, int64_t begin, int64_t end);
 void chunk_attn_avx2(const ChunkParams& p, int64_t begin, int64_t end);
 
+// bf16 chunks on AMX tiles (chunk_attn_amx.cpp): tasks [begin, end) of the (batch, query head) grid, head_dim a
+// multiple of 32; only where common/cpu_amx.h use_amx_tiles() says the tiles may be used.
+void chunk_attn_amx(const ChunkParams& p, int64_t begin, int64_t end);
+
 }  // namespace llmkernels::sliding_window::cpu

@@ -1,0 +1,153 @@
+// The bf16 attention forward of one query head on AMX tiles, against its KV head's K^T and V already packed: shared
+// by flash attention (kernel_amx.cpp) and the rolling KV cache's chunks (sliding_window/cpu/chunk_attn_amx.cpp).
+// Include inside the anonymous namespace of those files, under their AMX target switch, after amx_common.h and
+// common/cpu_amx_tiles.h; the caller configures the tiles (AmxTiles) and runs with flush-to-zero.
+//
+// Query blocks of kAmxRows rows, each copied to a contiguous buffer (rows of a (b, s, h, d) tensor lie a power of
+// two apart: read in place, a block's rows fall into a few L1 sets), stream the packed key blocks of kAmxKeys:
+// S = Q K^T (fp32), the scale / soft-cap / band mask and the running max and sum per row, P rounded to bf16 (as
+// the GPU kernels and the vdpbf16ps kernel do), O += P V.
+
+// Measured 128 / 256 / 512 rows by 128 / 256 keys, 2k tokens d 128, 1 thread pinned to each core in turn: 128 x
+// 256 at or near the fastest in every round; 512-row blocks (a working set past L2) won one early round and lost
+// every later one by ~30%. Re-measured once the buffers were 64-byte aligned (amx_common.h Buffer): 64 / 128 / 256
+// rows by 128 / 256 / 512 keys all within ~5% of each other.
+constexpr int64_t kAmxRows = 128;  // query rows per block (a multiple of 32, as are the tiles' products)
+constexpr int64_t kAmxKeys = 256;  // keys per block
+
+// K^T and V of keys [j0, j0 + kAmxKeys) of a row source (amx_common.h) into the tiles' B layout, zero from `end`.
+template <typename Src>
+void amx_pack_key_block(const Src& k, const Src& v, int64_t j0, int64_t end, int64_t d, uint16_t* k_out,
+                        uint16_t* v_out) {
+  pack_transposed_b(k, j0, end, kAmxKeys, d, k_out);
+  pack_rows_b(v, j0, end, kAmxKeys, d, v_out);
+}
+
+// One query head: rows i of Q at q + i * q_ld (bf16), keys [klo, khi) packed from klo in blocks of kAmxKeys
+// (klo a multiple of kAmxKeys from the caller's origin), of sk keys in all, query i seeing keys
+// i + shift - left .. i + shift + right (-1: unbounded).
+struct AmxHead {
+  const uint16_t* q;
+  int64_t q_ld, sq, d;
+  const uint16_t* packed_k;
+  const uint16_t* packed_v;
+  int64_t klo, khi, sk, shift, left, right;
+  float q_scale;  // softmax scale, times log2 e unless soft-capped
+  float softcap;
+  // Output row i: bf16 at out_bf16 + i * out_ld when out_bf16 is set, else fp32 at out_f32 + i * out_ld; lse_i at
+  // lse + i * lse_ld (natural log) when lse is set.
+  uint16_t* out_bf16;
+  float* out_f32;
+  int64_t out_ld;
+  float* lse;
+  int64_t lse_ld;
+};
+
+struct AmxForwardScratch {  // per thread, kept between calls (fresh pages cost every call its page faults)
+  Buffer<uint16_t> q_rows, probs;
+  Buffer<float> scores, out;
+  void reserve(int64_t d) {
+    q_rows.reserve(kAmxRows * d);
+    probs.reserve(kAmxRows * kAmxKeys);
+    scores.reserve(kAmxRows * kAmxKeys);
+    out.reserve(kAmxRows * d);
+    // Rows past a block's last are computed and ignored: start them from zeros, not whatever new[] left.
+    std::memset(q_rows.data, 0, sizeof(uint16_t) * kAmxRows * d);
+    std::memset(probs.data, 0, sizeof(uint16_t) * kAmxRows * kAmxKeys);
+  }
+};
+
+void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
+  using reg = Vec::reg;
+  constexpr float kNegInf = -__builtin_inff(), kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  const int64_t d = h.d, block_elems = kAmxKeys * d;
+  float m_run[kAmxRows], l_run[kAmxRows];
+  for (int64_t i0 = 0; i0 < h.sq; i0 += kAmxRows) {
+    const int64_t rows = imin(kAmxRows, h.sq - i0), rows32 = (rows + 31) / 32 * 32;
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(w.q_rows.data + r * d, h.q + (i0 + r) * h.q_ld, 2 * d);
+    if (rows < rows32) std::memset(w.q_rows.data + rows * d, 0, sizeof(uint16_t) * (rows32 - rows) * d);
+    for (int64_t r = 0; r < kAmxRows; ++r) {
+      m_run[r] = kNegInf;
+      l_run[r] = 0.f;
+    }
+    std::memset(w.out.data, 0, sizeof(float) * kAmxRows * d);
+    // Keys this block's rows can see, from the block holding the first.
+    int64_t jlo = h.left >= 0 ? imax(h.klo, i0 + h.shift - h.left) : h.klo;
+    const int64_t jhi = h.right >= 0 ? imin(h.khi, i0 + rows - 1 + h.shift + h.right + 1) : h.khi;
+    jlo = h.klo + (jlo - h.klo) / kAmxKeys * kAmxKeys;
+    for (int64_t j0 = jlo; j0 < jhi; j0 += kAmxKeys) {
+      const uint16_t* kt = h.packed_k + (j0 - h.klo) / kAmxKeys * block_elems;
+      const uint16_t* vb = h.packed_v + (j0 - h.klo) / kAmxKeys * block_elems;
+      constexpr int64_t width = kAmxKeys;  // (a partial last block is zero-padded and masked)
+      amx_gemm_bf16(rows32, kAmxKeys, d, w.q_rows.data, d, kt, kAmxKeys, w.scores.data, kAmxKeys, false);  // S = QK^T
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        const Visible vis = visible(h.left, h.right, h.shift, h.sk, i, j0, width);
+        float* s = w.scores.data + r * kAmxKeys;
+        uint16_t* pr = w.probs.data + r * kAmxKeys;
+        if (vis.hi <= vis.lo) {  // nothing visible here: P row 0
+          std::memset(pr, 0, sizeof(uint16_t) * width);
+          continue;
+        }
+        // The scores in log2 units are s * mul: the block's max is max(s) * mul as long as mul > 0, and the
+        // scale folds into the exponent's fma. Soft-capping (or a scale <= 0) rewrites them in place first.
+        float mul = h.q_scale;
+        if (h.softcap > 0.f || h.q_scale <= 0.f) {
+          for (int64_t c = 0; c < width; c += Vec::W) {
+            reg x = Vec::mul(Vec::load(s + c), Vec::set1(h.q_scale));
+            if (h.softcap > 0.f) {
+              alignas(64) float t[16];
+              Vec::store(t, x);
+              for (float& e : t) e = h.softcap * kLog2e * std::tanh(e / h.softcap);
+              x = Vec::load(t);
+            }
+            Vec::store(s + c, x);
+          }
+          mul = 1.f;
+        }
+        reg mx = Vec::set1(kNegInf);
+        if (vis.lo == 0 && vis.hi == width) {  // every key visible (most blocks): no mask
+          for (int64_t c = 0; c < width; c += Vec::W) mx = Vec::max(mx, Vec::load(s + c));
+        } else {
+          for (int64_t c = 0; c < width; c += Vec::W) {
+            const __mmask16 seen = visible_lanes(c, vis);
+            const reg x = _mm512_mask_blend_ps(seen, Vec::set1(kNegInf), Vec::load(s + c));
+            Vec::store(s + c, x);
+            mx = Vec::max(mx, x);
+          }
+        }
+        const float m_old = m_run[r], bmax = Vec::hmax(mx) * mul, m_new = m_old > bmax ? m_old : bmax;
+        const float alpha = m_old == kNegInf ? 0.f : std::exp2(m_old - m_new);
+        reg sum = Vec::zero();
+        for (int64_t c = 0; c < width; c += Vec::W) {
+          const reg e = Vec::exp2(Vec::fmadd(Vec::load(s + c), Vec::set1(mul), Vec::set1(-m_new)));
+          sum = Vec::add(sum, e);
+          store_bf16(pr + c, e);
+        }
+        l_run[r] = l_run[r] * alpha + Vec::hsum(sum);
+        m_run[r] = m_new;
+        if (alpha != 1.f) {
+          float* o = w.out.data + r * d;
+          int64_t e = 0;
+          for (; e + Vec::W <= d; e += Vec::W) Vec::store(o + e, Vec::mul(Vec::load(o + e), Vec::set1(alpha)));
+          for (; e < d; ++e) o[e] *= alpha;
+        }
+      }
+      amx_gemm_bf16(rows32, d, kAmxKeys, w.probs.data, kAmxKeys, vb, d, w.out.data, d, true);  // O += P V
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      // (a row that sees no key: l = 0, output 0; d is a multiple of 32)
+      const reg inv = Vec::set1(l_run[r] == 0.f ? 0.f : 1.f / l_run[r]);
+      for (int64_t e = 0; e < d; e += Vec::W) {
+        const reg y = Vec::mul(Vec::load(w.out.data + r * d + e), inv);
+        if (h.out_bf16 != nullptr) {
+          store_bf16(h.out_bf16 + i * h.out_ld + e, y);
+        } else {
+          Vec::store(h.out_f32 + i * h.out_ld + e, y);
+        }
+      }
+      if (h.lse != nullptr) h.lse[i * h.lse_ld] = l_run[r] == 0.f ? kNegInf : (m_run[r] + std::log2(l_run[r])) * kLn2;
+    }
+  }
+}
