@@ -15,12 +15,18 @@
 constexpr int64_t kAmxRows = 128;  // query rows per block (a multiple of 32, as are the tiles' products)
 constexpr int64_t kAmxKeys = 256;  // keys per block
 
-// K^T and V of keys [j0, j0 + kAmxKeys) of a row source (amx_common.h) into the tiles' B layout, zero from `end`.
+// K^T and V of keys [klo, khi) of a row source (amx_common.h), kAmxKeys a block, into the tiles' B layout one block
+// after another (kAmxKeys * d elements each; rows from `end` on read as zero).
 template <typename Src>
-void amx_pack_key_block(const Src& k, const Src& v, int64_t j0, int64_t end, int64_t d, uint16_t* k_out,
-                        uint16_t* v_out) {
-  pack_transposed_b(k, j0, end, kAmxKeys, d, k_out);
-  pack_rows_b(v, j0, end, kAmxKeys, d, v_out);
+void amx_pack_keys(const Src& k, const Src& v, int64_t klo, int64_t khi, int64_t end, int64_t d,
+                   Buffer<uint16_t>& k_out, Buffer<uint16_t>& v_out) {
+  const int64_t nblocks = khi > klo ? (khi - klo + kAmxKeys - 1) / kAmxKeys : 0, block_elems = kAmxKeys * d;
+  k_out.reserve(nblocks * block_elems);
+  v_out.reserve(nblocks * block_elems);
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    pack_transposed_b(k, klo + blk * kAmxKeys, end, kAmxKeys, d, k_out.data + blk * block_elems);
+    pack_rows_b(v, klo + blk * kAmxKeys, end, kAmxKeys, d, v_out.data + blk * block_elems);
+  }
 }
 
 // One query head: rows i of Q at q + i * q_ld (bf16), keys [klo, khi) packed from klo in blocks of kAmxKeys
@@ -32,7 +38,7 @@ struct AmxHead {
   const uint16_t* packed_k;
   const uint16_t* packed_v;
   int64_t klo, khi, sk, shift, left, right;
-  float q_scale;  // softmax scale, times log2 e unless soft-capped
+  float scale;  // softmax scale
   float softcap;
   // Output row i: bf16 at out_bf16 + i * out_ld when out_bf16 is set, else fp32 at out_f32 + i * out_ld; lse_i at
   // lse + i * lse_ld (natural log) when lse is set.
@@ -61,6 +67,7 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
   using reg = Vec::reg;
   constexpr float kNegInf = -__builtin_inff(), kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   const int64_t d = h.d, block_elems = kAmxKeys * d;
+  const float q_scale = h.scale * (h.softcap > 0.f ? 1.f : kLog2e);  // scores in log2 units unless soft-capped
   float m_run[kAmxRows], l_run[kAmxRows];
   for (int64_t i0 = 0; i0 < h.sq; i0 += kAmxRows) {
     const int64_t rows = imin(kAmxRows, h.sq - i0), rows32 = (rows + 31) / 32 * 32;
@@ -91,10 +98,10 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
         }
         // The scores in log2 units are s * mul: the block's max is max(s) * mul as long as mul > 0, and the
         // scale folds into the exponent's fma. Soft-capping (or a scale <= 0) rewrites them in place first.
-        float mul = h.q_scale;
-        if (h.softcap > 0.f || h.q_scale <= 0.f) {
+        float mul = q_scale;
+        if (h.softcap > 0.f || q_scale <= 0.f) {
           for (int64_t c = 0; c < width; c += Vec::W) {
-            reg x = Vec::mul(Vec::load(s + c), Vec::set1(h.q_scale));
+            reg x = Vec::mul(Vec::load(s + c), Vec::set1(q_scale));
             if (h.softcap > 0.f) {
               alignas(64) float t[16];
               Vec::store(t, x);

@@ -45,9 +45,7 @@ using llmkernels::attention_cpu::AttnParams;
 namespace llmkernels::attention_cpu {
 
 void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
-  constexpr float kLog2e = 1.4426950408889634f;
   const int64_t d = p.headdim, sq = p.seqlen_q, group = p.nheads / p.nheads_k;
-  const int64_t block_elems = kAmxKeys * d;  // one packed block of K^T or V
   // Per thread and kept between calls (~1.4 MB at d 128 for 2k keys): fresh ones cost every call its page faults
   // and unmaps. The packed K / V grow with the keys: past 4 MB each they are freed at the end of the call.
   static thread_local Buffer<uint16_t> packed_k, packed_v;
@@ -65,42 +63,35 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
     int64_t klo = left >= 0 ? imax(0, shift - left) : 0, khi = sk;
     if (right >= 0) khi = imin(khi, sq - 1 + shift + right + 1);
     klo -= klo % kAmxKeys;
-    const int64_t nblocks = khi > klo ? (khi - klo + kAmxKeys - 1) / kAmxKeys : 0;
     if (packed_for != b * p.nheads_k + hk) {  // (klo, khi depend on the batch row only: the same for the group)
       const Rows k{static_cast<const uint16_t*>(p.k.data) + b * p.k.batch_stride + hk * p.k.head_stride,
                    p.k.seq_stride};
       const Rows v{static_cast<const uint16_t*>(p.v.data) + b * p.v.batch_stride + hk * p.v.head_stride,
                    p.v.seq_stride};
-      packed_k.reserve(nblocks * block_elems);
-      packed_v.reserve(nblocks * block_elems);
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        amx_pack_key_block(k, v, klo + blk * kAmxKeys, sk, d, packed_k.data + blk * block_elems,
-                           packed_v.data + blk * block_elems);
-      }
+      amx_pack_keys(k, v, klo, khi, sk, d, packed_k, packed_v);
       packed_for = b * p.nheads_k + hk;
     }
     const int64_t out_row0 = (b * sq * p.nheads + h) * d;  // out: (batch, sq, nheads, d) contiguous
-    AmxHead head{};
-    head.q = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride + h * p.q.head_stride;
-    head.q_ld = p.q.seq_stride;
-    head.sq = sq;
-    head.d = d;
-    head.packed_k = packed_k.data;
-    head.packed_v = packed_v.data;
-    head.klo = klo;
-    head.khi = khi;
-    head.sk = sk;
-    head.shift = shift;
-    head.left = left;
-    head.right = right;
-    head.q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
-    head.softcap = p.softcap;
-    head.out_bf16 = p.out_bf16 != nullptr ? p.out_bf16 + out_row0 : nullptr;
-    head.out_f32 = p.out_bf16 != nullptr ? nullptr : p.out + out_row0;
-    head.out_ld = p.nheads * d;
-    head.lse = p.lse + (b * p.nheads + h) * sq;
-    head.lse_ld = 1;
-    amx_forward_head(head, scratch);
+    amx_forward_head({.q = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride + h * p.q.head_stride,
+                      .q_ld = p.q.seq_stride,
+                      .sq = sq,
+                      .d = d,
+                      .packed_k = packed_k.data,
+                      .packed_v = packed_v.data,
+                      .klo = klo,
+                      .khi = khi,
+                      .sk = sk,
+                      .shift = shift,
+                      .left = left,
+                      .right = right,
+                      .scale = p.softmax_scale,
+                      .softcap = p.softcap,
+                      .out_bf16 = p.out_bf16 != nullptr ? p.out_bf16 + out_row0 : nullptr,
+                      .out_f32 = p.out_bf16 != nullptr ? nullptr : p.out + out_row0,
+                      .out_ld = p.nheads * d,
+                      .lse = p.lse + (b * p.nheads + h) * sq,
+                      .lse_ld = 1},
+                     scratch);
   }
   packed_k.release_above(2 << 20);
   packed_v.release_above(2 << 20);

@@ -58,9 +58,7 @@ const uint16_t* head_rows(const llmkernels::sliding_window::cpu::RowView& t, int
 namespace llmkernels::sliding_window::cpu {
 
 void chunk_attn_amx(const ChunkParams& p, int64_t begin, int64_t end) {
-  constexpr float kLog2e = 1.4426950408889634f;
   const int64_t d = p.head_dim, sq = p.chunk, window = p.window, nheads = p.nheads_k * p.group;
-  const int64_t block_elems = kAmxKeys * d;
   static thread_local Buffer<uint16_t> packed_k, packed_v;
   static thread_local AmxForwardScratch scratch;
   scratch.reserve(d);
@@ -73,36 +71,32 @@ void chunk_attn_amx(const ChunkParams& p, int64_t begin, int64_t end) {
     const int64_t n = p.seqlens[b], sk = n + sq;
     int64_t klo = imax(0, n - window + 1);  // the oldest key the first query sees
     klo -= klo % kAmxKeys;
-    const int64_t nblocks = (sk - klo + kAmxKeys - 1) / kAmxKeys;
     if (packed_for != b * p.nheads_k + hk) {
       const RingThenChunk k{head_rows(p.k_ring, b, hk), p.k_ring.ss, head_rows(p.k, b, hk), p.k.ss, n, window};
       const RingThenChunk v{head_rows(p.v_ring, b, hk), p.v_ring.ss, head_rows(p.v, b, hk), p.v.ss, n, window};
-      packed_k.reserve(nblocks * block_elems);
-      packed_v.reserve(nblocks * block_elems);
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        amx_pack_key_block(k, v, klo + blk * kAmxKeys, sk, d, packed_k.data + blk * block_elems,
-                           packed_v.data + blk * block_elems);
-      }
+      amx_pack_keys(k, v, klo, sk, sk, d, packed_k, packed_v);
       packed_for = b * p.nheads_k + hk;
     }
-    AmxHead head{};
-    head.q = head_rows(p.q, b, h);
-    head.q_ld = p.q.ss;
-    head.sq = sq;
-    head.d = d;
-    head.packed_k = packed_k.data;
-    head.packed_v = packed_v.data;
-    head.klo = klo;
-    head.khi = sk;
-    head.sk = sk;
-    head.shift = n;
-    head.left = window - 1;
-    head.right = 0;
-    head.q_scale = p.scale * (p.softcap > 0.f ? 1.f : kLog2e);
-    head.softcap = p.softcap;
-    head.out_bf16 = static_cast<uint16_t*>(p.out.data) + b * p.out.sb + h * p.out.sh;
-    head.out_ld = p.out.ss;
-    amx_forward_head(head, scratch);
+    amx_forward_head({.q = head_rows(p.q, b, h),
+                      .q_ld = p.q.ss,
+                      .sq = sq,
+                      .d = d,
+                      .packed_k = packed_k.data,
+                      .packed_v = packed_v.data,
+                      .klo = klo,
+                      .khi = sk,
+                      .sk = sk,
+                      .shift = n,  // seqlen_k - seqlen_q
+                      .left = window - 1,
+                      .right = 0,
+                      .scale = p.scale,
+                      .softcap = p.softcap,
+                      .out_bf16 = static_cast<uint16_t*>(p.out.data) + b * p.out.sb + h * p.out.sh,
+                      .out_f32 = nullptr,
+                      .out_ld = p.out.ss,
+                      .lse = nullptr,
+                      .lse_ld = 0},
+                     scratch);
   }
   packed_k.release_above(2 << 20);
   packed_v.release_above(2 << 20);
