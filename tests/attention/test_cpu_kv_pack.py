@@ -102,3 +102,17 @@ def test_prefill_into_a_kv_cache(layout):
     with llmkernels.use_backend("cpu"):
         out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kw, **extra)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernel
+def test_bf16_copy_for_the_vdpbf16ps_products():
+    """With AMX off (LLMKERNELS_CPU_AMX=0, in a fresh process) bf16 on an AVX512-BF16 CPU takes the vdpbf16ps
+    kernel, whose copy keeps the rows in bf16; elsewhere the same cases check the fp32 copy."""
+    code = (
+        "import os; os.environ['LLMKERNELS_CPU_AMX'] = '0';"
+        "import torch; from attn_cases import check_flash_attn, random_qkv; torch.manual_seed(0);"
+        "check_flash_attn('cpu', random_qkv(2, 200, 231, 4, 2, 64, torch.bfloat16, 'cpu'), causal=True,"
+        " window_size=(91, 0), backward=False);"
+        "check_flash_attn('cpu', random_qkv(1, 150, 300, 8, 1, 128, torch.bfloat16, 'cpu'), backward=False)"
+    )
+    run_with_cpu_isa("", code, "attention")

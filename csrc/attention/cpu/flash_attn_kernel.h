@@ -151,35 +151,36 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, i
   if (n < N) gemm_strip<Vec::MR, 1>(M, K, A, a_m, a_k, B + n, ldb, C + n, ldc, accumulate);
 }
 
-// K and V rows of one (batch, KV head) in fp32, copied into contiguous rows the first time one of the thread's
-// query blocks needs them and read from there by its later query blocks of that head (converted once, when bf16 or
-// fp16 without the bf16 products). In place, rows nheads_k * headdim
-// floats apart fall into few cache sets (4 KB pages fix the low 6 bits of the set index): at d 64 and 8 KV heads
-// a head's K and V use an eighth of the L2 sets and a block of V rows 8 of L1's 64, so the 1 MB a head has at 2k
-// keys streamed from L3 for every query block, and every broadcast of the P V product missed L1. Contiguous, a
-// head stays in L2 and a block in L1.
+// K and V rows of one (batch, KV head), copied into contiguous rows the first time one of the thread's query blocks
+// needs them and read from there by its later query blocks of that head: in fp32 (converted once from bf16 / fp16),
+// or as bf16 for the vdpbf16ps products. In place, rows nheads_k * headdim elements apart fall into few cache sets
+// (4 KB pages fix the low 6 bits of the set index): at d 64 and 8 KV heads a head's K and V use an eighth of the L2
+// sets and a block of V rows 8 of L1's 64, so the 1 MB a head has at 2k keys (fp32) streamed from L3 for every
+// query block, and every broadcast of the P V product missed L1. Contiguous, a head stays in L2 and a block in L1.
 struct KVPack {
-  float* k = nullptr;  // (seqlen_k, ld)
-  float* v = nullptr;
+  void* k = nullptr;  // (seqlen_k, d) rows of `bytes`-byte elements
+  void* v = nullptr;
   unsigned char* ready = nullptr;  // per key row: copied for the current (batch, KV head)
-  int64_t floats = 0, rows = 0;    // capacity of k / v and of ready
-  int64_t ld = 0, b = -1, hk = -1;
+  int64_t capacity = 0, rows = 0;  // bytes of k / v, entries of ready
+  int64_t row_bytes = 0, b = -1, hk = -1;
+  bool to_fp32 = true;  // rows converted to fp32, or kept in the input's dtype (the bf16 products)
 
-  // Room for `want_rows` rows of want_ld floats each; forgets what was copied.
-  void reset(int64_t want_rows, int64_t want_ld) {
-    if (want_rows * want_ld > floats || want_rows > rows) {
+  // Room for `want_rows` rows of d elements; forgets what was copied.
+  void reset(int64_t want_rows, int64_t d, bool convert, int64_t elem_bytes) {
+    to_fp32 = convert;
+    row_bytes = d * (convert ? 4 : elem_bytes);
+    if (want_rows * row_bytes > capacity || want_rows > rows) {
       release();
-      k = new float[want_rows * want_ld];
-      v = new float[want_rows * want_ld];
+      k = ::operator new[](want_rows * row_bytes, std::align_val_t(64));
+      v = ::operator new[](want_rows * row_bytes, std::align_val_t(64));
       ready = new unsigned char[want_rows];
-      floats = want_rows * want_ld;
+      capacity = want_rows * row_bytes;
       rows = want_rows;
     }
-    ld = want_ld;
     b = hk = -1;
   }
-  // Rows [j0, j0 + cols) of (batch bb, KV head h) in fp32, d floats each, from the key blocks kblk / vblk (key j0
-  // first; elements of `dtype`).
+  // Rows [j0, j0 + cols) of (batch bb, KV head h), d elements each, from the key blocks kblk / vblk (key j0 first;
+  // elements of `dtype`).
   void fill(ElemType dtype, int64_t bb, int64_t h, int64_t j0, int64_t cols, int64_t d, const Tensor4& kblk,
             const Tensor4& vblk) {
     if (bb != b || h != hk) {
@@ -194,18 +195,33 @@ struct KVPack {
         prefetch_row(row_start(kblk, 0, c + 8, h, bytes), d * bytes);
         prefetch_row(row_start(vblk, 0, c + 8, h, bytes), d * bytes);
       }
-      load_row(dtype, kblk, 0, c, h, d, 1.f, k + (j0 + c) * ld);
-      load_row(dtype, vblk, 0, c, h, d, 1.f, v + (j0 + c) * ld);
+      char* kd = static_cast<char*>(k) + (j0 + c) * row_bytes;
+      char* vd = static_cast<char*>(v) + (j0 + c) * row_bytes;
+      if (to_fp32) {
+        load_row(dtype, kblk, 0, c, h, d, 1.f, reinterpret_cast<float*>(kd));
+        load_row(dtype, vblk, 0, c, h, d, 1.f, reinterpret_cast<float*>(vd));
+      } else {
+        std::memcpy(kd, row_start(kblk, 0, c, h, bytes), row_bytes);
+        std::memcpy(vd, row_start(vblk, 0, c, h, bytes), row_bytes);
+      }
       ready[j0 + c] = 1;
     }
   }
+  template <typename T>
+  const T* k_row(int64_t j) const {
+    return reinterpret_cast<const T*>(static_cast<const char*>(k) + j * row_bytes);
+  }
+  template <typename T>
+  const T* v_row(int64_t j) const {
+    return reinterpret_cast<const T*>(static_cast<const char*>(v) + j * row_bytes);
+  }
   void release() {
-    delete[] k;
-    delete[] v;
+    if (k != nullptr) ::operator delete[](k, std::align_val_t(64));
+    if (v != nullptr) ::operator delete[](v, std::align_val_t(64));
     delete[] ready;
     k = v = nullptr;
     ready = nullptr;
-    floats = rows = 0;
+    capacity = rows = 0;
   }
   ~KVPack() { release(); }
 };
@@ -595,9 +611,9 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   // positions stay below p.seqlen_k (the KV-cache op: the cache's capacity, or its pages' when paged), and rows are
   // read through key_block, so a KV cache's row map and pages apply.
   static thread_local KVPack kv_pack;
-  const bool use_pack = !dot_dtype && end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
+  const bool use_pack = end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
                         2 * p.seqlen_k * d * 4 <= kMaxPackBytes;
-  if (use_pack) kv_pack.reset(p.seqlen_k, d);
+  if (use_pack) kv_pack.reset(p.seqlen_k, d, !dot_dtype, p.dtype == ElemType::kFloat32 ? 4 : 2);
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t qblock = interleaved_block(task % nqb, nqb), head_pack = (task / nqb) % npacks;
@@ -676,14 +692,20 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
 #ifdef LLMK_ATTN_BF16_DOT
         const uint16_t* k16 = static_cast<const uint16_t*>(kblk.data) + hk * p.k.head_stride;
         const uint16_t* v16 = static_cast<const uint16_t*>(vblk.data) + hk * p.v.head_stride;
-        interleave_value_pairs(v16, p.v.seq_stride, cols, d, reinterpret_cast<uint32_t*>(vb), d);
-        block_scores_bf16(cols, nrows, d, k16, p.k.seq_stride, reinterpret_cast<const uint32_t*>(qt), q_scale, st,
-                          m_blk);
+        int64_t k_ld16 = p.k.seq_stride, v_ld16 = p.v.seq_stride;
+        if (use_pack) {  // bf16 rows, copied as they are
+          kv_pack.fill(p.dtype, b, hk, j0, cols, d, kblk, vblk);
+          k16 = kv_pack.k_row<uint16_t>(j0);
+          v16 = kv_pack.v_row<uint16_t>(j0);
+          k_ld16 = v_ld16 = d;
+        }
+        interleave_value_pairs(v16, v_ld16, cols, d, reinterpret_cast<uint32_t*>(vb), d);
+        block_scores_bf16(cols, nrows, d, k16, k_ld16, reinterpret_cast<const uint32_t*>(qt), q_scale, st, m_blk);
 #endif
       } else if (use_pack && !few) {
         kv_pack.fill(p.dtype, b, hk, j0, cols, d, kblk, vblk);
-        kp = kv_pack.k + j0 * d;
-        vp = kv_pack.v + j0 * d;
+        kp = kv_pack.k_row<float>(j0);
+        vp = kv_pack.v_row<float>(j0);
         k_ld = v_ld = d;
       } else if (kv_in_place) {
         kp = static_cast<const float*>(kblk.data) + hk * p.k.head_stride;
@@ -828,7 +850,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
       }
     }
   }
-  if (use_pack && 2 * kv_pack.floats * 4 > kKeepPackBytes) kv_pack.release();
+  if (use_pack && 2 * kv_pack.capacity > kKeepPackBytes) kv_pack.release();
 }
 
 // ---------------------------------------------------------------------------------------------------
