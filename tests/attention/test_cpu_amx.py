@@ -158,3 +158,28 @@ def test_the_amx_path_runs_and_can_be_turned_off():
     for on, off in zip(*saved_with_amx_on_and_off(code)):
         assert not torch.equal(on, off)
         torch.testing.assert_close(on.float(), off.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_forward_when_later_keys_score_far_higher(causal):
+    """Scores that grow by far more than 2^8 from one 256-key block to the next (the AMX forward keeps a row's
+    running max until a block passes it by 8 in log2 units, then rescales what it has summed), and a first block
+    whose scores are all very negative."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 600, 2, 64, generator=g)
+    k = torch.randn(1, 600, 2, 64, generator=g)
+    k[:, :256] *= -0.5  # the first block: low scores
+    k[:, 256:512] *= 4.0  # the second: scores far above the first block's max
+    q = (q * 2.0).to(torch.bfloat16)
+    k = k.to(torch.bfloat16)
+    v = torch.randn(1, 600, 2, 64, generator=g).to(torch.bfloat16)
+    with llmkernels.use_backend("cpu"):
+        out, lse, _ = llmkernels.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    exact = flash_attn_ref(q.float(), k.float(), v.float(), causal=causal)
+    same = flash_attn_ref(q, k, v, upcast=False, causal=causal)
+    assert_error_within_ratio(out, exact, same, ratio=2.0)
+    from llmkernels.reference.attention import flash_attn_fwd_ref, normalize_window
+
+    _, ref_lse = flash_attn_fwd_ref(q.float(), k.float(), v.float(), 64**-0.5, *normalize_window(causal, (-1, -1)), 0.0)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)

@@ -63,6 +63,38 @@ struct AmxForwardScratch {  // per thread, kept between calls (fresh pages cost 
   }
 };
 
+constexpr float kLazyMax = 8.f;  // log2 units: how far a score may pass the running max before the max moves
+
+// 2^x to 7.5e-5 relative (a degree-3 fit of 2^f, f in [-1/2, 1/2]), for probabilities rounded to bf16 (2^-9) next;
+// x finite (a very negative x scales to exactly 0; no clamp needed).
+inline Vec::reg exp2_coarse(Vec::reg x) {
+  const Vec::reg n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec::reg f = _mm512_sub_ps(x, n);
+  Vec::reg p = Vec::set1(0.0551716685295105f);
+  p = Vec::fmadd(p, f, Vec::set1(0.2426111400127411f));
+  p = Vec::fmadd(p, f, Vec::set1(0.6932609677314758f));
+  p = Vec::fmadd(p, f, Vec::set1(0.9999280571937561f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One row of kAmxKeys scores s (log2 units once times mul) against the max m: pr = 2^(s mul - m) in bf16, 0 in
+// the lanes outside [vis.lo, vis.hi) unless `full`; returns the fp32 values' sum (per lane), and in *over the
+// largest s mul - m of the visible lanes.
+inline Vec::reg exp_row(const float* s, uint16_t* pr, float mul, float m, bool full, Visible vis, float* over) {
+  Vec::reg sum = Vec::zero(), top = Vec::set1(-__builtin_inff());
+  const Vec::reg vmul = Vec::set1(mul), vneg = Vec::set1(-m);
+  for (int64_t c = 0; c < kAmxKeys; c += Vec::W) {
+    const __mmask16 seen = full ? __mmask16(0xffff) : visible_lanes(c, vis);
+    const Vec::reg x = Vec::fmadd(Vec::load(s + c), vmul, vneg);
+    top = _mm512_mask_max_ps(top, seen, top, x);
+    const Vec::reg e = _mm512_maskz_mov_ps(seen, exp2_coarse(x));
+    sum = Vec::add(sum, e);
+    store_bf16(pr + c, e);
+  }
+  *over = Vec::hmax(top);
+  return sum;
+}
+
 void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
   using reg = Vec::reg;
   constexpr float kNegInf = -__builtin_inff(), kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -112,33 +144,32 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
           }
           mul = 1.f;
         }
-        reg mx = Vec::set1(kNegInf);
-        if (vis.lo == 0 && vis.hi == width) {  // every key visible (most blocks): no mask
-          for (int64_t c = 0; c < width; c += Vec::W) mx = Vec::max(mx, Vec::load(s + c));
-        } else {
+        // P = 2^(s * mul - m) against the row's running max m, which moves only when a block's scores pass it by
+        // more than kLazyMax (then to that block's max): probabilities stay <= 2^kLazyMax, one pass over the
+        // scores takes both P and the check, and O is rescaled only on the rare move. Lanes outside the band (or
+        // past the keys) give 0.
+        const bool full = vis.lo == 0 && vis.hi == width;
+        float m = m_run[r];
+        if (m == kNegInf) {  // the first keys this row sees: start from their max
+          reg mx = Vec::set1(kNegInf);
           for (int64_t c = 0; c < width; c += Vec::W) {
-            const __mmask16 seen = visible_lanes(c, vis);
-            const reg x = _mm512_mask_blend_ps(seen, Vec::set1(kNegInf), Vec::load(s + c));
-            Vec::store(s + c, x);
-            mx = Vec::max(mx, x);
+            const __mmask16 seen = full ? __mmask16(0xffff) : visible_lanes(c, vis);
+            mx = _mm512_mask_max_ps(mx, seen, mx, Vec::load(s + c));
           }
+          m = Vec::hmax(mx) * mul;
         }
-        const float m_old = m_run[r], bmax = Vec::hmax(mx) * mul, m_new = m_old > bmax ? m_old : bmax;
-        const float alpha = m_old == kNegInf ? 0.f : std::exp2(m_old - m_new);
-        reg sum = Vec::zero();
-        for (int64_t c = 0; c < width; c += Vec::W) {
-          const reg e = Vec::exp2(Vec::fmadd(Vec::load(s + c), Vec::set1(mul), Vec::set1(-m_new)));
-          sum = Vec::add(sum, e);
-          store_bf16(pr + c, e);
-        }
-        l_run[r] = l_run[r] * alpha + Vec::hsum(sum);
-        m_run[r] = m_new;
-        if (alpha != 1.f) {
+        float over;  // how far the block's largest score passes m
+        reg sum = exp_row(s, pr, mul, m, full, vis, &over);
+        if (over > kLazyMax) {  // the max moved: P again from the new one
+          const float m_new = m + over, alpha = std::exp2(m - m_new);
+          m = m_new;
+          sum = exp_row(s, pr, mul, m, full, vis, &over);
+          l_run[r] *= alpha;
           float* o = w.out.data + r * d;
-          int64_t e = 0;
-          for (; e + Vec::W <= d; e += Vec::W) Vec::store(o + e, Vec::mul(Vec::load(o + e), Vec::set1(alpha)));
-          for (; e < d; ++e) o[e] *= alpha;
+          for (int64_t e = 0; e < d; e += Vec::W) Vec::store(o + e, Vec::mul(Vec::load(o + e), Vec::set1(alpha)));
         }
+        l_run[r] += Vec::hsum(sum);
+        m_run[r] = m;
       }
       amx_gemm_bf16(rows32, d, kAmxKeys, w.probs.data, kAmxKeys, vb, d, w.out.data, d, true);  // O += P V
     }
