@@ -120,15 +120,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   const int64_t units = p.batch * p.nheads_k, threads = at::get_num_threads();
   const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(8, backward_key_blocks(p)));
   p.bwd_splits = std::clamp<int64_t>(threads / std::gcd(units, threads), 1, max_splits);
-  auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq_parts = at::empty({p.bwd_splits, p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
-  at::Tensor dk = at::empty({p.batch, p.seqlen_k, p.nheads_k, p.headdim}, f32);
-  at::Tensor dv = at::empty_like(dk);
   p.dout = view4(dout);
   const at::Tensor out_rows = out.stride(-1) == 1 ? out : out.contiguous();  // read by the kernel for D
   p.out_in = view4(out_rows);
   p.lse_in = lse.data_ptr<float>();
   p.dlse_in = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  if (p.dtype == ElemType::kBFloat16 && p.bwd_splits == 1 && use_amx_backward(p)) {  // bf16 gradients written directly
+    at::Tensor dq = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, q.options());
+    at::Tensor dk = at::empty({p.batch, p.seqlen_k, p.nheads_k, p.headdim}, q.options());
+    at::Tensor dv = at::empty_like(dk);
+    p.dq_bf16 = reinterpret_cast<uint16_t*>(dq.data_ptr());
+    p.dk_bf16 = reinterpret_cast<uint16_t*>(dk.data_ptr());
+    p.dv_bf16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
+    run_tasks(backward_kernel(p), p, num_bwd_tasks(p), 2.5 * pass_macs(p));
+    return {dq, dk, dv};
+  }
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq_parts = at::empty({p.bwd_splits, p.batch, p.seqlen_q, p.nheads, p.headdim}, f32);
+  at::Tensor dk = at::empty({p.batch, p.seqlen_k, p.nheads_k, p.headdim}, f32);
+  at::Tensor dv = at::empty_like(dk);
   p.dq = dq_parts.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();

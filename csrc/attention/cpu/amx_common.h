@@ -59,6 +59,18 @@ inline __mmask16 visible_lanes(int64_t c, Visible vis) {
          _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.hi)));
 }
 
+// 2^x to 7.5e-5 relative (a degree-3 fit of 2^f, f in [-1/2, 1/2]), for probabilities rounded to bf16 (2^-9) next;
+// x finite (a very negative x scales to exactly 0; no clamp needed).
+inline Vec::reg exp2_coarse(Vec::reg x) {
+  const Vec::reg n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec::reg f = _mm512_sub_ps(x, n);
+  Vec::reg p = Vec::set1(0.0551716685295105f);
+  p = Vec::fmadd(p, f, Vec::set1(0.2426111400127411f));
+  p = Vec::fmadd(p, f, Vec::set1(0.6932609677314758f));
+  p = Vec::fmadd(p, f, Vec::set1(0.9999280571937561f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // 16 fp32 lanes rounded to bf16 (round to nearest even), stored as 16 words.
 void store_bf16(uint16_t* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));

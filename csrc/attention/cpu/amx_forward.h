@@ -65,18 +65,6 @@ struct AmxForwardScratch {  // per thread, kept between calls (fresh pages cost 
 
 constexpr float kLazyMax = 8.f;  // log2 units: how far a score may pass the running max before the max moves
 
-// 2^x to 7.5e-5 relative (a degree-3 fit of 2^f, f in [-1/2, 1/2]), for probabilities rounded to bf16 (2^-9) next;
-// x finite (a very negative x scales to exactly 0; no clamp needed).
-inline Vec::reg exp2_coarse(Vec::reg x) {
-  const Vec::reg n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Vec::reg f = _mm512_sub_ps(x, n);
-  Vec::reg p = Vec::set1(0.0551716685295105f);
-  p = Vec::fmadd(p, f, Vec::set1(0.2426111400127411f));
-  p = Vec::fmadd(p, f, Vec::set1(0.6932609677314758f));
-  p = Vec::fmadd(p, f, Vec::set1(0.9999280571937561f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // One row of kAmxKeys scores s (log2 units once times mul) against the max m: pr = 2^(s mul - m) in bf16, 0 in
 // the lanes outside [vis.lo, vis.hi) unless `full`; returns the fp32 values' sum (per lane), and in *over the
 // largest s mul - m of the visible lanes.

@@ -53,6 +53,12 @@ struct AttnParams {
   float* dq;
   float* dk;
   float* dv;
+  // The AMX backward writes the final bf16 gradients here instead where the host sets them (one split only; dq, dk,
+  // dv unused then): (batch, seqlen_q, nheads, headdim) and (batch, seqlen_k, nheads_k, headdim) contiguous. The
+  // fp32 buffers' fresh pages and the conversion after them had cost ~12% of a 1-thread bf16 forward+backward.
+  uint16_t* dq_bf16;
+  uint16_t* dk_bf16;
+  uint16_t* dv_bf16;
 };
 
 // Tile sizes shared by the host code (to count tasks) and the kernels.

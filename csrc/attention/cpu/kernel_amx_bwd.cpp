@@ -50,7 +50,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 struct Grad {
   reg p, ds;
 };
-Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c, Visible vis, float lse2, float delta) {
+inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c,
+                                                   Visible vis, float lse2, float delta) {
   const __mmask16 seen = visible_lanes(c, vis);
   reg x = Vec::mul(Vec::load(s + c), Vec::set1(p.softmax_scale));
   reg slope = Vec::set1(1.f);  // d (soft-capped score) / d (scaled score)
@@ -65,8 +66,9 @@ Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c, V
     x = Vec::load(t);
     slope = Vec::load(dt);
   }
-  // (masked lanes: 0, whatever the score; a row that sees no key has lse2 = +inf, so its P is 0 too)
-  const reg prob = _mm512_maskz_mov_ps(seen, Vec::exp2(Vec::fmadd(x, Vec::set1(kLog2e), Vec::set1(-lse2))));
+  // (masked lanes: 0, whatever the score; rows that see no key here are never asked. P is rounded to bf16 for
+  // dV and only scales dS, so the forward's degree-3 exp2 serves: amx_common.h)
+  const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(Vec::fmadd(x, Vec::set1(kLog2e), Vec::set1(-lse2))));
   const reg ds = Vec::mul(Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta))), slope);
   return {prob, ds};
 }
@@ -121,17 +123,23 @@ void copy_rows(const Rows& x, int64_t end, int64_t n, int64_t d, uint16_t* dst) 
   }
 }
 
-// Keys [j0, j0 + cols) of a transposed (d x kKeys) accumulator, times mul, into rows of out (ld elements apart):
-// stored when `first`, else added.
-void store_transposed(const float* acc_t, int64_t cols, int64_t d, float mul, float* out, int64_t ld, bool first) {
+// Keys [j0, j0 + cols) of a transposed (d x kKeys) accumulator times mul, as rows (plus the rows of acc, ld_acc
+// apart, unless `first`): into acc, or, when `out` is given, rounded to bf16 into its rows (ld_out apart).
+void store_transposed(const float* acc_t, int64_t cols, int64_t d, float mul, float* acc, int64_t ld_acc, bool first,
+                      uint16_t* out, int64_t ld_out) {
   const reg m = Vec::set1(mul);
   for (int64_t c = 0; c < cols; c += 16) {
     for (int64_t e = 0; e < d; e += 16) {
       reg row[16];
       Vec::transpose(acc_t + e * kKeys + c, kKeys, row);
       for (int64_t i = 0; i < 16 && c + i < cols; ++i) {
-        float* dst = out + (c + i) * ld + e;
-        Vec::store(dst, first ? Vec::mul(row[i], m) : Vec::fmadd(row[i], m, Vec::load(dst)));
+        float* a = acc + (c + i) * ld_acc + e;
+        const reg sum = first ? Vec::mul(row[i], m) : Vec::fmadd(row[i], m, Vec::load(a));
+        if (out != nullptr) {
+          store_bf16(out + (c + i) * ld_out + e, sum);
+        } else {
+          Vec::store(a, sum);
+        }
       }
     }
   }
@@ -146,11 +154,14 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t splits = p.bwd_splits, nkb = (sk + kKeys - 1) / kKeys, sq_pad = (sq + 31) / 32 * 32;
   const int64_t block_elems = kKeys * d;  // one packed key block
   const float scale = p.softmax_scale;
-  Buffer<int64_t> blocks;                                      // the split's key blocks
-  Buffer<uint16_t> k_t, v_t, k_rows;                           // their K^T, V^T, K packed as the tiles' B
-  Buffer<uint16_t> q_rows, do_rows, q_t, do_t;                // (sq_pad, d) the head's Q and dO, (d, sq_pad) transposed
-  Buffer<uint16_t> p_pairs, ds_pairs, ds_rows;                 // one block's P and dS in bf16
-  Buffer<float> s, dp, dk_t, dv_t, dq, lse2, delta;
+  // Per thread and kept between calls (fresh pages cost every call its page faults); those that grow with the
+  // sequence are freed at the end of a call past 4 MB.
+  static thread_local Buffer<int64_t> blocks;                  // the split's key blocks
+  static thread_local Buffer<uint16_t> k_t, v_t, k_rows;       // their K^T, V^T, K packed as the tiles' B
+  static thread_local Buffer<uint16_t> q_rows, do_rows, q_t, do_t;  // (sq_pad, d) the head's Q and dO, (d, sq_pad)^T
+  static thread_local Buffer<uint16_t> p_pairs, ds_pairs, ds_rows;  // one block's P and dS in bf16
+  static thread_local Buffer<float> s, dp, dk_t, dv_t, dq, lse2, delta;
+  static thread_local Buffer<float> dk_sum, dv_sum;            // a GQA group's dK and dV so far, bf16 outputs only
   blocks.reserve(nkb);
   k_t.reserve(nkb * block_elems);
   v_t.reserve(nkb * block_elems);
@@ -169,6 +180,11 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   dq.reserve(sq_pad * d);
   lse2.reserve(sq);
   delta.reserve(sq);
+  const bool bf16_out = p.dk_bf16 != nullptr;
+  if (bf16_out && group > 1) {
+    dk_sum.reserve(nkb * block_elems);
+    dv_sum.reserve(nkb * block_elems);
+  }
   const AmxTiles tiles;
   auto rows_of = [&](const Tensor4& t, int64_t b, int64_t h) {
     return Rows{static_cast<const uint16_t*>(t.data) + b * t.batch_stride + h * t.head_stride, t.seq_stride};
@@ -236,18 +252,37 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
                         true);
           amx_gemm_bf16(rows32, d, kKeys, ds_rows.data, kKeys, kr, d, dq.data + i0 * d, d, true);  // dQ += dS K
         }
-        // the task's own rows of dK and dV: set by the first head, then added
+        // the task's own rows of dK and dV: set by the first head, then added; bf16 outputs take the group's sum
+        // (in dk_sum / dv_sum until its last head)
         const int64_t row0 = (b * sk + j0) * p.nheads_k + hk, ld = p.nheads_k * d;
-        store_transposed(dk_t.data, cols, d, scale, p.dk + row0 * d, ld, g == 0);
-        store_transposed(dv_t.data, cols, d, 1.f, p.dv + row0 * d, ld, g == 0);
+        if (bf16_out) {
+          const bool last = g == group - 1;
+          float* dk_acc = group > 1 ? dk_sum.data + m * block_elems : nullptr;
+          float* dv_acc = group > 1 ? dv_sum.data + m * block_elems : nullptr;
+          store_transposed(dk_t.data, cols, d, scale, dk_acc, d, g == 0, last ? p.dk_bf16 + row0 * d : nullptr, ld);
+          store_transposed(dv_t.data, cols, d, 1.f, dv_acc, d, g == 0, last ? p.dv_bf16 + row0 * d : nullptr, ld);
+        } else {
+          store_transposed(dk_t.data, cols, d, scale, p.dk + row0 * d, ld, g == 0, nullptr, 0);
+          store_transposed(dv_t.data, cols, d, 1.f, p.dv + row0 * d, ld, g == 0, nullptr, 0);
+        }
       }
-      float* dq_split = p.dq + split * p.batch * sq * p.nheads * d;  // this split's (batch, sq, nheads, d) buffer
       for (int64_t i = 0; i < sq; ++i) {
-        float* dst = dq_split + ((b * sq + i) * p.nheads + h) * d;
-        for (int64_t e = 0; e < d; e += 16) Vec::store(dst + e, Vec::mul(Vec::load(dq.data + i * d + e), Vec::set1(scale)));
+        const int64_t row = ((b * sq + i) * p.nheads + h) * d;
+        for (int64_t e = 0; e < d; e += 16) {
+          const reg g_row = Vec::mul(Vec::load(dq.data + i * d + e), Vec::set1(scale));
+          if (bf16_out) {  // (one split)
+            store_bf16(p.dq_bf16 + row + e, g_row);
+          } else {  // this split's (batch, sq, nheads, d) buffer
+            Vec::store(p.dq + split * p.batch * sq * p.nheads * d + row + e, g_row);
+          }
+        }
       }
     }
   }
+  Buffer<uint16_t>* const grow16[] = {&k_t, &v_t, &k_rows, &q_rows, &do_rows, &q_t, &do_t};
+  for (Buffer<uint16_t>* buf : grow16) buf->release_above(2 << 20);
+  Buffer<float>* const grow32[] = {&dq, &dk_sum, &dv_sum};
+  for (Buffer<float>* buf : grow32) buf->release_above(1 << 20);
 }
 
 }  // namespace llmkernels::attention_cpu
