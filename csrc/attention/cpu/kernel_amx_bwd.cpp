@@ -52,25 +52,23 @@ struct Grad {
 };
 inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c,
                                                    Visible vis, float lse2, float delta) {
-  const __mmask16 seen = visible_lanes(c, vis);
-  reg x = Vec::mul(Vec::load(s + c), Vec::set1(p.softmax_scale));
-  reg slope = Vec::set1(1.f);  // d (soft-capped score) / d (scaled score)
-  if (p.softcap > 0.f) {
-    alignas(64) float t[16], dt[16];
-    Vec::store(t, x);
-    for (int e = 0; e < 16; ++e) {
-      const float th = std::tanh(t[e] / p.softcap);
-      t[e] = p.softcap * th;
-      dt[e] = 1.f - th * th;
-    }
-    x = Vec::load(t);
-    slope = Vec::load(dt);
-  }
+  const __mmask16 seen = vis.lo <= c && c + 16 <= vis.hi ? __mmask16(0xffff) : visible_lanes(c, vis);
   // (masked lanes: 0, whatever the score; rows that see no key here are never asked. P is rounded to bf16 for
   // dV and only scales dS, so the forward's degree-3 exp2 serves: amx_common.h)
-  const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(Vec::fmadd(x, Vec::set1(kLog2e), Vec::set1(-lse2))));
-  const reg ds = Vec::mul(Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta))), slope);
-  return {prob, ds};
+  if (p.softcap <= 0.f) {  // 2^(s scale log2 e - lse2): one fma
+    const reg arg = Vec::fmadd(Vec::load(s + c), Vec::set1(p.softmax_scale * kLog2e), Vec::set1(-lse2));
+    const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(arg));
+    return {prob, Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta)))};
+  }
+  alignas(64) float t[16], dt[16];
+  Vec::store(t, Vec::mul(Vec::load(s + c), Vec::set1(p.softmax_scale)));
+  for (int e = 0; e < 16; ++e) {
+    const float th = std::tanh(t[e] / p.softcap);
+    t[e] = p.softcap * th;
+    dt[e] = 1.f - th * th;  // d (soft-capped score) / d (scaled score)
+  }
+  const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(Vec::fmadd(Vec::load(t), Vec::set1(kLog2e), Vec::set1(-lse2))));
+  return {prob, Vec::mul(Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta))), Vec::load(dt))};
 }
 
 // Rows [0, rows) of the block at query i0 (zeros to rows32): P and dS rounded to bf16, as row pairs interleaved into words
