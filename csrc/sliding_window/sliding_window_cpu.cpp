@@ -2,17 +2,20 @@
 //
 // Math: the query at absolute position p = seqlens[b] + t attends to positions lo = max(0, p - W + 1) .. p:
 //   out = sum_j softmax_j(s_j) v_j,  s_j = scale * q . k_j (then softcap * tanh(s_j / softcap) if softcap > 0),
-// position j read in place from the chunk (j >= seqlens[b], row j - seqlens[b]) or from the ring (slot j % W):
-// the wrap-around is index math, nothing is gathered or copied.
+// position j read from the chunk (j >= seqlens[b], row j - seqlens[b]) or from the ring (slot j % W): the
+// wrap-around is index math inside the kernels; the ring is never unrolled or concatenated with the chunk.
 //
-// Three kernels. bf16 chunks of 16 tokens or more on CPUs with AMX tiles go to cpu/chunk_attn_amx.cpp (the
-// flash-attention AMX forward, its K / V packed per KV head from the ring and the chunk). Other calls on CPUs with
-// AVX2 go to the blocked kernel in cpu/chunk_attn_kernel.h (query blocks x key tiles; register-blocked micro-GEMMs
-// for chunks, per-key dot products with K / V read in place for decode; AVX-512 or AVX2). Other CPUs take the
-// portable per-row kernel below: at::parallel_for over (batch,
-// kv head, query row); a task loads the G = nheads / nheads_k query heads of its KV head (GQA), then walks the
-// window in blocks of kKeyBlock keys: each K/V block is converted to fp32 once and used by all G heads, with an
-// online (running max / sum) softmax in fp32; inner loops over head_dim are `omp simd`.
+// Four kernels:
+// - bf16 chunks of 16+ tokens on CPUs with AMX tiles: cpu/chunk_attn_amx.cpp, the flash-attention AMX forward of
+//   one head, its K / V packed per KV head (the tiles' layout) from the ring and the chunk;
+// - other chunks of 32+ tokens: the flash-attention forward kernels (run_chunk_flash), which copy a KV head's
+//   window into contiguous per-thread rows once and stream it per block of queries;
+// - other calls on CPUs with AVX2: the blocked kernel in cpu/chunk_attn_kernel.h (query blocks x key tiles
+//   gathered per block; per-key dot products with K / V read in place for decode; AVX-512 or AVX2);
+// - other CPUs: the portable per-row kernel below, at::parallel_for over (batch, kv head, query row); a task loads
+//   the G = nheads / nheads_k query heads of its KV head (GQA), then walks the window in blocks of kKeyBlock keys:
+//   each K/V block is converted to fp32 once and used by all G heads, with an online (running max / sum) softmax
+//   in fp32; inner loops over head_dim are `omp simd`.
 //
 // Bound: decode reads each K/V row of the window once per KV head: memory bandwidth, at a stride of
 // nheads_k * head_dim between a head's rows. Chunks are FMA bound in the blocked kernel.
@@ -27,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention/cpu/attention_cpu_host.h"
 #include "common/cpu_amx.h"
 #include "common/cpu_features.h"
 #include "common/cpu_parallel.h"
@@ -37,7 +41,9 @@ namespace llmkernels::sliding_window {
 namespace {
 
 constexpr int64_t kKeyBlock = 32;
-constexpr int64_t kMinAmxChunk = 16;  // tokens per chunk from which bf16 goes to the AMX kernel
+constexpr int64_t kMinAmxChunk = 16;    // tokens per chunk from which bf16 goes to the AMX kernel
+constexpr int64_t kMinFlashChunk = 32;  // ... and other chunks to the flash-attention kernels (at 16 tokens,
+                                        // one query block per KV head, the copy is not reused: level)
 
 #define LLMK_INLINE inline __attribute__((always_inline))
 
@@ -194,6 +200,52 @@ cpu::RowView view_of(const at::Tensor& t) {
   return {const_cast<void*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// Chunks of kMinFlashChunk tokens or more that the AMX kernel does not take go through the flash-attention forward
+// kernels (attention/cpu/flash_attn_kernel.h), which read the window through their per-thread copy of a KV head's
+// keys (AttnParams::ring_seen: key s of batch b is position max(0, seen - W + 1) + s, from the ring before the
+// chunk). They keep the queries across SIMD lanes and the running max lazily, where the blocked kernel gathered
+// every key tile again for each block of queries. False (nothing done) when the window's copy would not fit.
+bool run_chunk_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_ring,
+                     const at::Tensor& v_ring, const at::Tensor& seqlens, at::Tensor& out, const Dims& dims,
+                     float scale, float softcap) {
+  namespace fa = ::llmkernels::attention_cpu;
+  fa::AttnParams p{};
+  p.dtype = fa::elem_type("rolling_window_attn", q);
+  p.q = fa::view4(q);
+  p.k = fa::view4(k);
+  p.v = fa::view4(v);
+  p.k_ring = fa::view4(k_ring);
+  p.v_ring = fa::view4(v_ring);
+  p.batch = dims.batch;
+  p.seqlen_q = dims.chunk;
+  p.nheads = dims.nheads;
+  p.nheads_k = dims.nheads_k;
+  p.headdim = dims.head_dim;
+  const int32_t* seen = seqlens.data_ptr<int32_t>();
+  std::vector<int32_t> keys(dims.batch);  // the window's keys before the chunk, then the chunk
+  for (int64_t b = 0; b < dims.batch; ++b) {
+    keys[b] = static_cast<int32_t>(std::min<int64_t>(seen[b], dims.window - 1) + dims.chunk);
+    p.seqlen_k = std::max<int64_t>(p.seqlen_k, keys[b]);
+  }
+  if (2 * p.seqlen_k * dims.head_dim * 4 > fa::kMaxKVPackBytes) return false;
+  p.seqlens_k = keys.data();
+  p.ring_seen = seen;
+  p.ring_window = dims.window;
+  p.softmax_scale = scale;
+  p.softcap = softcap;
+  p.window_left = dims.window - 1;
+  p.window_right = 0;
+  const bool direct = q.scalar_type() == at::kFloat && out.is_contiguous();
+  at::Tensor out_f32 = direct ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({dims.batch, dims.nheads, dims.chunk}, out.options().dtype(at::kFloat));
+  p.out = out_f32.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  fa::choose_heads_per_block(p, at::get_num_threads());
+  fa::run_tasks(fa::kernels_for(p.dtype).fwd, p, fa::num_fwd_tasks(p), fa::pass_macs(p));
+  if (!direct) out.copy_(out_f32);
+  return true;
+}
+
 void run_chunk_blocked(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_ring,
                        const at::Tensor& v_ring, const at::Tensor& seqlens, at::Tensor& out, const Dims& dims,
                        float scale, float softcap) {
@@ -223,6 +275,9 @@ void run_chunk_blocked(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   // bf16 chunks of 16 or more tokens on AMX tiles (cpu/chunk_attn_amx.cpp): one task per (batch, query head).
   const bool amx = p.dtype == cpu::Dtype::kBFloat16 && dims.chunk >= kMinAmxChunk && dims.head_dim % 32 == 0 &&
                    use_amx_tiles();
+  if (!amx && dims.chunk >= kMinFlashChunk && run_chunk_flash(q, k, v, k_ring, v_ring, seqlens, out, dims, scale, softcap)) {
+    return;
+  }
   const int64_t tasks = amx ? dims.batch * dims.nheads : cpu::chunk_attn_tasks(p);
   const double macs = 2.0 * static_cast<double>(dims.batch * dims.chunk * dims.nheads) *
                       static_cast<double>(dims.window) * dims.head_dim;  // (every query against a whole window)

@@ -30,6 +30,13 @@ struct AttnParams {
   const int32_t* kv_batch;
   const int32_t* block_table;
   int64_t table_stride, page_size;
+  // The rolling KV cache's chunks (sliding_window_cpu.cpp), forward only, null otherwise: batch b has seen
+  // ring_seen[b] tokens before the chunk; key s of batch b is absolute position base + s, base = max(0,
+  // ring_seen[b] - ring_window + 1), read from ring slot (base + s) % ring_window of k_ring / v_ring before the
+  // chunk, else from k / v row base + s - ring_seen[b]. (seqlens_k[b] = ring_seen[b] - base + seqlen_q.)
+  const int32_t* ring_seen;
+  Tensor4 k_ring, v_ring;
+  int64_t ring_window;
   float softmax_scale, softcap;  // softcap 0: off
   int64_t window_left, window_right;  // -1: unbounded
 
@@ -60,6 +67,10 @@ struct AttnParams {
   uint16_t* dk_bf16;
   uint16_t* dv_bf16;
 };
+
+// Largest per-thread copy of a KV head's K and V (bytes) the forward makes (flash_attn_kernel.h KVPack); a rolling
+// cache's chunk (ring_seen) is only sent to these kernels when its window fits.
+constexpr int64_t kMaxKVPackBytes = int64_t(64) << 20;
 
 // Tile sizes shared by the host code (to count tasks) and the kernels.
 constexpr int64_t kBlockQ = 64;

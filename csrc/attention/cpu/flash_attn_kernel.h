@@ -54,6 +54,7 @@ using llmkernels::attention_cpu::AttnParams;
 using llmkernels::attention_cpu::ElemType;
 using llmkernels::attention_cpu::kBlockK;
 using llmkernels::attention_cpu::kBlockQ;
+using llmkernels::attention_cpu::kMaxKVPackBytes;
 using llmkernels::attention_cpu::Tensor4;
 
 constexpr float kNegInf = -__builtin_inff();
@@ -112,27 +113,32 @@ inline Tensor4 key_block(const AttnParams& p, const Tensor4& t, int64_t b, int64
           t.head_stride};
 }
 
-// dst[0:n] = mul * row (batch b, position s, head h) of `t`, in fp32.
-inline void load_row(ElemType dtype, const Tensor4& t, int64_t b, int64_t s, int64_t h, int64_t n, float mul,
-                     float* dst) {
-  const int64_t offset = b * t.batch_stride + s * t.seq_stride + h * t.head_stride;
+// dst[0:n] = mul * row in fp32, the row's elements of `dtype` from `row`.
+inline void convert_row(ElemType dtype, const void* row, int64_t n, float mul, float* dst) {
   switch (dtype) {
     case ElemType::kFloat32: {
-      const float* src = static_cast<const float*>(t.data) + offset;
+      const float* src = static_cast<const float*>(row);
       for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
       break;
     }
     case ElemType::kBFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset;
+      const uint16_t* src = static_cast<const uint16_t*>(row);
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]) * mul;
       break;
     }
     case ElemType::kFloat16: {
-      const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset;
+      const uint16_t* src = static_cast<const uint16_t*>(row);
       for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(src[i]) * mul;
       break;
     }
   }
+}
+
+// dst[0:n] = mul * row (batch b, position s, head h) of `t`, in fp32.
+inline void load_row(ElemType dtype, const Tensor4& t, int64_t b, int64_t s, int64_t h, int64_t n, float mul,
+                     float* dst) {
+  const int64_t bytes = dtype == ElemType::kFloat32 ? 4 : 2;
+  convert_row(dtype, row_start(t, b, s, h, bytes), n, mul, dst);
 }
 
 #include "common/cpu_microkernel.h"  // Scratch, gemm_tile, gemm_strip: see its comment on where to include it
@@ -157,6 +163,11 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, i
 // (4 KB pages fix the low 6 bits of the set index): at d 64 and 8 KV heads a head's K and V use an eighth of the L2
 // sets and a block of V rows 8 of L1's 64, so the 1 MB a head has at 2k keys (fp32) streamed from L3 for every
 // query block, and every broadcast of the P V product missed L1. Contiguous, a head stays in L2 and a block in L1.
+struct KVRows {  // one key's K and V rows
+  const void* k;
+  const void* v;
+};
+
 struct KVPack {
   void* k = nullptr;  // (seqlen_k, d) rows of `bytes`-byte elements
   void* v = nullptr;
@@ -179,10 +190,10 @@ struct KVPack {
     }
     b = hk = -1;
   }
-  // Rows [j0, j0 + cols) of (batch bb, KV head h), d elements each, from the key blocks kblk / vblk (key j0 first;
-  // elements of `dtype`).
-  void fill(ElemType dtype, int64_t bb, int64_t h, int64_t j0, int64_t cols, int64_t d, const Tensor4& kblk,
-            const Tensor4& vblk) {
+  // Rows [j0, j0 + cols) of (batch bb, KV head h), d elements of `dtype` each; rows_at(j) gives key j's K and V
+  // rows (KVRows).
+  template <typename RowsAt>
+  void fill(ElemType dtype, int64_t bb, int64_t h, int64_t j0, int64_t cols, int64_t d, RowsAt&& rows_at) {
     if (bb != b || h != hk) {
       std::memset(ready, 0, rows);
       b = bb;
@@ -192,17 +203,19 @@ struct KVPack {
     for (int64_t c = 0; c < cols; ++c) {
       if (ready[j0 + c]) continue;
       if (c + 8 < cols) {  // the source rows are strided: keep a few in flight
-        prefetch_row(row_start(kblk, 0, c + 8, h, bytes), d * bytes);
-        prefetch_row(row_start(vblk, 0, c + 8, h, bytes), d * bytes);
+        const KVRows ahead = rows_at(j0 + c + 8);
+        prefetch_row(ahead.k, d * bytes);
+        prefetch_row(ahead.v, d * bytes);
       }
+      const KVRows src = rows_at(j0 + c);
       char* kd = static_cast<char*>(k) + (j0 + c) * row_bytes;
       char* vd = static_cast<char*>(v) + (j0 + c) * row_bytes;
       if (to_fp32) {
-        load_row(dtype, kblk, 0, c, h, d, 1.f, reinterpret_cast<float*>(kd));
-        load_row(dtype, vblk, 0, c, h, d, 1.f, reinterpret_cast<float*>(vd));
+        convert_row(dtype, src.k, d, 1.f, reinterpret_cast<float*>(kd));
+        convert_row(dtype, src.v, d, 1.f, reinterpret_cast<float*>(vd));
       } else {
-        std::memcpy(kd, row_start(kblk, 0, c, h, bytes), row_bytes);
-        std::memcpy(vd, row_start(vblk, 0, c, h, bytes), row_bytes);
+        std::memcpy(kd, src.k, row_bytes);
+        std::memcpy(vd, src.v, row_bytes);
       }
       ready[j0 + c] = 1;
     }
@@ -227,8 +240,6 @@ struct KVPack {
 };
 // Packs above this many bytes (K and V) are freed after the call rather than kept for the next one.
 constexpr int64_t kKeepPackBytes = int64_t(8) << 20;
-// Largest pack (K and V bytes): beyond it rows are read in place.
-constexpr int64_t kMaxPackBytes = int64_t(64) << 20;
 
 // ---------------------------------------------------------------------------------------------------
 // Row operations on score tiles (n a multiple of Vec::W)
@@ -611,8 +622,10 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   // positions stay below p.seqlen_k (the KV-cache op: the cache's capacity, or its pages' when paged), and rows are
   // read through key_block, so a KV cache's row map and pages apply.
   static thread_local KVPack kv_pack;
-  const bool use_pack = end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
-                        2 * p.seqlen_k * d * 4 <= kMaxPackBytes;
+  // A rolling cache's chunk is always read through the copy (the host checks that it fits kMaxKVPackBytes).
+  const bool ring = p.ring_seen != nullptr;
+  const bool use_pack = ring || (end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
+                                 2 * p.seqlen_k * d * 4 <= kMaxKVPackBytes);
   if (use_pack) kv_pack.reset(p.seqlen_k, d, !dot_dtype, p.dtype == ElemType::kFloat32 ? 4 : 2);
 
   for (int64_t task = begin; task < end; ++task) {
@@ -620,7 +633,8 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     const int64_t b = task / (nqb * npacks), hk = head_pack * pack / group;
     const Band band(p, b);
     const int64_t r0 = qblock * kBlockQ, rows = imin(kBlockQ, packed_rows - r0), nrows = round_up_to_vec(rows);
-    const bool few = rows <= kMaxDotRows, dot = dot_dtype && !few;
+    // (a rolling cache's chunk reads its keys only through the copy: never the few-row path, which reads in place)
+    const bool few = rows <= kMaxDotRows && !ring, dot = dot_dtype && !few;
     // K and V rows are read in place when fp32, except by the few-row path, whose loads span whole registers;
     // that path also reads bf16 rows in place (widened in registers: no staging copy, the decode's main cost).
     const bool kv_in_place = fp32 && (!few || d == dp);
@@ -685,6 +699,17 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
       const int64_t cols = imin(kBlockK, khi - j0);
       const Tensor4 kblk = key_block(p, p.k, b, j0, elem), vblk = key_block(p, p.v, b, j0, elem);
+      auto rows_at = [&](int64_t j) -> KVRows {  // key j's K and V rows, for the copy
+        if (ring) {
+          const int64_t seen = p.ring_seen[b], pos = imax(0, seen - p.ring_window + 1) + j;
+          if (pos < seen) {
+            return {row_start(p.k_ring, b, pos % p.ring_window, hk, elem),
+                    row_start(p.v_ring, b, pos % p.ring_window, hk, elem)};
+          }
+          return {row_start(p.k, b, pos - seen, hk, elem), row_start(p.v, b, pos - seen, hk, elem)};
+        }
+        return {row_start(kblk, 0, j - j0, hk, elem), row_start(vblk, 0, j - j0, hk, elem)};
+      };
       const float *kp = kb, *vp = vb;
       const uint16_t *kh = nullptr, *vh = nullptr;  // bf16_in_place: the block's rows of this KV head
       int64_t k_ld = dp, v_ld = dp;
@@ -694,7 +719,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         const uint16_t* v16 = static_cast<const uint16_t*>(vblk.data) + hk * p.v.head_stride;
         int64_t k_ld16 = p.k.seq_stride, v_ld16 = p.v.seq_stride;
         if (use_pack) {  // bf16 rows, copied as they are
-          kv_pack.fill(p.dtype, b, hk, j0, cols, d, kblk, vblk);
+          kv_pack.fill(p.dtype, b, hk, j0, cols, d, rows_at);
           k16 = kv_pack.k_row<uint16_t>(j0);
           v16 = kv_pack.v_row<uint16_t>(j0);
           k_ld16 = v_ld16 = d;
@@ -703,7 +728,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         block_scores_bf16(cols, nrows, d, k16, k_ld16, reinterpret_cast<const uint32_t*>(qt), q_scale, st, m_blk);
 #endif
       } else if (use_pack && !few) {
-        kv_pack.fill(p.dtype, b, hk, j0, cols, d, kblk, vblk);
+        kv_pack.fill(p.dtype, b, hk, j0, cols, d, rows_at);
         kp = kv_pack.k_row<float>(j0);
         vp = kv_pack.v_row<float>(j0);
         k_ld = v_ld = d;
