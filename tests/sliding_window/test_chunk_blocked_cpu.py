@@ -97,3 +97,11 @@ def test_portable_per_row_kernel():
         "check_chunk(1, 1, 130, 2, 2, 33, [517], dtype=torch.bfloat16, softcap=3.0)",
         "check_chunk(1, 9, 40, 4, 2, 16, [60])",
     )
+
+
+def test_chunk_whose_window_is_too_long_for_the_flash_copy():
+    """fp32 chunks of 32+ tokens go to the flash-attention kernels, which copy a KV head's window per thread; a window
+    whose copy would pass attention_cpu::kMaxKVPackBytes (64 MB: 2 * 4 bytes * 65,536 keys * 128) stays on the
+    blocked kernel. Both sides of the limit, a full ring that wraps."""
+    check_chunk(1, 32, 65_000, 1, 1, 128, [65_000 + 777])
+    check_chunk(1, 32, 66_000, 1, 1, 128, [66_000 + 777])
