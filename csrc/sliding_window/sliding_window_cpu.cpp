@@ -204,7 +204,9 @@ cpu::RowView view_of(const at::Tensor& t) {
 // kernels (attention/cpu/flash_attn_kernel.h), which read the window through their per-thread copy of a KV head's
 // keys (AttnParams::ring_seen: key s of batch b is position max(0, seen - W + 1) + s, from the ring before the
 // chunk). They keep the queries across SIMD lanes and the running max lazily, where the blocked kernel gathered
-// every key tile again for each block of queries. False (nothing done) when the window's copy would not fit.
+// every key tile again for each block of queries. False (nothing done) when the window's copy would not fit
+// kMaxKVPackBytes (64 MB per thread: fp32 W 65k at head_dim 128; copies past 4 MB are made again each call, their
+// page faults well under 1% of such a call's products).
 bool run_chunk_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_ring,
                      const at::Tensor& v_ring, const at::Tensor& seqlens, at::Tensor& out, const Dims& dims,
                      float scale, float softcap) {
@@ -275,7 +277,8 @@ void run_chunk_blocked(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   // bf16 chunks of 16 or more tokens on AMX tiles (cpu/chunk_attn_amx.cpp): one task per (batch, query head).
   const bool amx = p.dtype == cpu::Dtype::kBFloat16 && dims.chunk >= kMinAmxChunk && dims.head_dim % 32 == 0 &&
                    use_amx_tiles();
-  if (!amx && dims.chunk >= kMinFlashChunk && run_chunk_flash(q, k, v, k_ring, v_ring, seqlens, out, dims, scale, softcap)) {
+  if (!amx && dims.chunk >= kMinFlashChunk &&
+      run_chunk_flash(q, k, v, k_ring, v_ring, seqlens, out, dims, scale, softcap)) {
     return;
   }
   const int64_t tasks = amx ? dims.batch * dims.nheads : cpu::chunk_attn_tasks(p);

@@ -19,10 +19,12 @@
 // score tile. Only key blocks that intersect the causal / window band are visited, and only blocks the band
 // cuts pay for masking. The block's queries lie across SIMD lanes: scores are computed transposed (keys x
 // queries) and the output accumulates transposed (headdim x queries), so the softmax bookkeeping and the
-// rescale of O are vectorised across queries and both products broadcast from K / V rows: fp32 rows of a per-thread
-// copy of the (batch, KV head)'s K and V, made as its first query block needs them (KVPack: in place, strided rows
-// fall into few cache sets), else read in place when fp32 or converted per block into small per-thread buffers. Their register tiles (up to 6 rows x 4
-// registers, fp32 FMA) also take the block max (score tile) and apply the rescale (output tile) on the way.
+// rescale of O are vectorised across queries and both products broadcast from K / V rows: fp32 rows of a
+// per-thread copy of the (batch, KV head)'s K and V, made as its first query block needs them (KVPack: in place,
+// strided rows fall into few cache sets), else read in place when fp32 or converted per block into small
+// per-thread buffers. A rolling KV cache's chunk (AttnParams::ring_seen) is always read through the copy. Their
+// register tiles (up to 6 rows x 4 registers, fp32 FMA) also take the block max (score tile) and apply the
+// rescale (output tile) on the way.
 // Blocks of at most 4 rows (decode) take per-key dot products and a row-major O through the shared
 // micro-kernel (`gemm`: broadcasting A, streaming B) instead. The backward recomputes P from lse once per
 // tile in a single race-free pass: a task owns a (batch, KV head) pair, or a share of its key blocks, and
@@ -239,7 +241,7 @@ struct KVPack {
   ~KVPack() { release(); }
 };
 // Packs above this many bytes (K and V) are freed after the call rather than kept for the next one.
-constexpr int64_t kKeepPackBytes = int64_t(8) << 20;
+constexpr int64_t kKeepPackBytes = int64_t(4) << 20;
 
 // ---------------------------------------------------------------------------------------------------
 // Row operations on score tiles (n a multiple of Vec::W)
@@ -698,7 +700,9 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     const int64_t elem = p.dtype == ElemType::kFloat32 ? 4 : 2;
     for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
       const int64_t cols = imin(kBlockK, khi - j0);
-      const Tensor4 kblk = key_block(p, p.k, b, j0, elem), vblk = key_block(p, p.v, b, j0, elem);
+      // (a ring's key positions are not rows of k / v: no block view for them)
+      const Tensor4 kblk = ring ? p.k : key_block(p, p.k, b, j0, elem);
+      const Tensor4 vblk = ring ? p.v : key_block(p, p.v, b, j0, elem);
       auto rows_at = [&](int64_t j) -> KVRows {  // key j's K and V rows, for the copy
         if (ring) {
           const int64_t seen = p.ring_seen[b], pos = imax(0, seen - p.ring_window + 1) + j;

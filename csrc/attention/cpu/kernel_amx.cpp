@@ -47,7 +47,7 @@ namespace llmkernels::attention_cpu {
 void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.headdim, sq = p.seqlen_q, group = p.nheads / p.nheads_k;
   // Per thread and kept between calls (~1.4 MB at d 128 for 2k keys): fresh ones cost every call its page faults
-  // and unmaps. The packed K / V grow with the keys: past 4 MB each they are freed at the end of the call.
+  // and unmaps. The packed K / V grow with the keys: past 2 MB each they are freed at the end of the call.
   static thread_local Buffer<uint16_t> packed_k, packed_v;
   static thread_local AmxForwardScratch scratch;
   scratch.reserve(d);
@@ -93,8 +93,8 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
                       .lse_ld = 1},
                      scratch);
   }
-  packed_k.release_above(2 << 20);
-  packed_v.release_above(2 << 20);
+  packed_k.release_above(1 << 20);
+  packed_v.release_above(1 << 20);
 }
 
 }  // namespace llmkernels::attention_cpu

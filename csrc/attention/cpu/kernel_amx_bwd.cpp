@@ -67,7 +67,8 @@ inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const f
     t[e] = p.softcap * th;
     dt[e] = 1.f - th * th;  // d (soft-capped score) / d (scaled score)
   }
-  const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(Vec::fmadd(Vec::load(t), Vec::set1(kLog2e), Vec::set1(-lse2))));
+  const reg arg = Vec::fmadd(Vec::load(t), Vec::set1(kLog2e), Vec::set1(-lse2));
+  const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(arg));
   return {prob, Vec::mul(Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta))), Vec::load(dt))};
 }
 
@@ -131,7 +132,7 @@ void store_transposed(const float* acc_t, int64_t cols, int64_t d, float mul, fl
       reg row[16];
       Vec::transpose(acc_t + e * kKeys + c, kKeys, row);
       for (int64_t i = 0; i < 16 && c + i < cols; ++i) {
-        float* a = acc + (c + i) * ld_acc + e;
+        float* a = first && out != nullptr ? nullptr : acc + (c + i) * ld_acc + e;  // (acc may be null then)
         const reg sum = first ? Vec::mul(row[i], m) : Vec::fmadd(row[i], m, Vec::load(a));
         if (out != nullptr) {
           store_bf16(out + (c + i) * ld_out + e, sum);
@@ -153,7 +154,7 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t block_elems = kKeys * d;  // one packed key block
   const float scale = p.softmax_scale;
   // Per thread and kept between calls (fresh pages cost every call its page faults); those that grow with the
-  // sequence are freed at the end of a call past 4 MB.
+  // sequence are freed at the end of a call past 1 MB each (a thread keeps at most ~10 MB).
   static thread_local Buffer<int64_t> blocks;                  // the split's key blocks
   static thread_local Buffer<uint16_t> k_t, v_t, k_rows;       // their K^T, V^T, K packed as the tiles' B
   static thread_local Buffer<uint16_t> q_rows, do_rows, q_t, do_t;  // (sq_pad, d) the head's Q and dO, (d, sq_pad)^T
@@ -278,9 +279,9 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
     }
   }
   Buffer<uint16_t>* const grow16[] = {&k_t, &v_t, &k_rows, &q_rows, &do_rows, &q_t, &do_t};
-  for (Buffer<uint16_t>* buf : grow16) buf->release_above(2 << 20);
+  for (Buffer<uint16_t>* buf : grow16) buf->release_above(1 << 19);
   Buffer<float>* const grow32[] = {&dq, &dk_sum, &dv_sum};
-  for (Buffer<float>* buf : grow32) buf->release_above(1 << 20);
+  for (Buffer<float>* buf : grow32) buf->release_above(1 << 18);
 }
 
 }  // namespace llmkernels::attention_cpu

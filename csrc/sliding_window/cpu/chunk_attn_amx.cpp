@@ -98,8 +98,8 @@ void chunk_attn_amx(const ChunkParams& p, int64_t begin, int64_t end) {
                       .lse_ld = 0},
                      scratch);
   }
-  packed_k.release_above(2 << 20);
-  packed_v.release_above(2 << 20);
+  packed_k.release_above(1 << 20);
+  packed_v.release_above(1 << 20);
 }
 
 }  // namespace llmkernels::sliding_window::cpu
