@@ -213,12 +213,13 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
       // block of them read in place would fall into a few L1 sets.
       copy_rows(q, sq, sq_pad, d, q_rows.data);
       copy_rows(dout, sq, sq_pad, d, do_rows.data);
-      pack_transposed_a(q, sq, sq_pad, d, q_t.data, sq_pad);
-      pack_transposed_a(dout, sq, sq_pad, d, do_t.data, sq_pad);
+      // (the transposes read the contiguous copies: the strided rows are read once)
+      pack_transposed_a(Rows{q_rows.data, d}, sq, sq_pad, d, q_t.data, sq_pad);
+      pack_transposed_a(Rows{do_rows.data, d}, sq, sq_pad, d, do_t.data, sq_pad);
       for (int64_t i = 0; i < sq; ++i) {  // D_i = dO_i . O_i (less the gradient reaching lse_i), lse_i in base 2
         reg acc = Vec::zero();
         for (int64_t e = 0; e < d; e += 16) {
-          acc = Vec::fmadd(Vec::load(dout.base + i * dout.ld + e), Vec::load(out.base + i * out.ld + e), acc);
+          acc = Vec::fmadd(Vec::load(do_rows.data + i * d + e), Vec::load(out.base + i * out.ld + e), acc);
         }
         const int64_t row = (b * p.nheads + h) * sq + i;
         delta.data[i] = Vec::hsum(acc) - (p.dlse_in != nullptr ? p.dlse_in[row] : 0.f);
