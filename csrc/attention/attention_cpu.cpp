@@ -43,44 +43,6 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   LLMK_CHECK_LAST_DIM_CONTIGUOUS(op, v);
 }
 
-AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
-  ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
-  AttnParams p{};
-  p.dtype = elem_type(op, q);
-  p.q = view4(q);
-  p.k = view4(k);
-  p.v = view4(v);
-  p.batch = q.size(0);
-  p.seqlen_q = q.size(1);
-  p.nheads = q.size(2);
-  p.headdim = q.size(3);
-  p.seqlen_k = k.size(1);
-  p.nheads_k = k.size(2);
-  p.seqlens_k = nullptr;
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.softcap = static_cast<float>(softcap);
-  p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
-  p.window_right = ::llmkernels::attention::normalize_window_right(window_right, p.seqlen_q);
-  return p;
-}
-
-// Runs the forward into a fresh output (fp32, converted at the end; bf16 written directly by the AMX kernel);
-// returns (out in q's dtype, lse).
-std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& q) {
-  auto f32 = q.options().dtype(at::kFloat);
-  const bool direct_bf16 = use_amx_forward(p);  // (bf16 q only)
-  at::Tensor out = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, direct_bf16 ? q.options() : f32);
-  at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
-  p.out = direct_bf16 ? nullptr : out.data_ptr<float>();
-  p.out_bf16 = direct_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
-  p.lse = lse.data_ptr<float>();
-  choose_heads_per_block(p, at::get_num_threads());
-  const auto [kernel, tasks] = forward_plan(p);
-  run_tasks(kernel, p, tasks, pass_macs(p));
-  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
-}
-
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       double softmax_scale, int64_t window_left, int64_t window_right,
                                                       double softcap) {
@@ -125,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   p.out_in = view4(out_rows);
   p.lse_in = lse.data_ptr<float>();
   p.dlse_in = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
-  if (p.dtype == ElemType::kBFloat16 && p.bwd_splits == 1 && use_amx_backward(p)) {  // bf16 gradients written directly
+  if (p.bwd_splits == 1 && use_amx_backward(p)) {  // (bf16) gradients written directly
     at::Tensor dq = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, q.options());
     at::Tensor dk = at::empty({p.batch, p.seqlen_k, p.nheads_k, p.headdim}, q.options());
     at::Tensor dv = at::empty_like(dk);

@@ -211,18 +211,7 @@ bool run_chunk_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& v_ring, const at::Tensor& seqlens, at::Tensor& out, const Dims& dims,
                      float scale, float softcap) {
   namespace fa = ::llmkernels::attention_cpu;
-  fa::AttnParams p{};
-  p.dtype = fa::elem_type("rolling_window_attn", q);
-  p.q = fa::view4(q);
-  p.k = fa::view4(k);
-  p.v = fa::view4(v);
-  p.k_ring = fa::view4(k_ring);
-  p.v_ring = fa::view4(v_ring);
-  p.batch = dims.batch;
-  p.seqlen_q = dims.chunk;
-  p.nheads = dims.nheads;
-  p.nheads_k = dims.nheads_k;
-  p.headdim = dims.head_dim;
+  fa::AttnParams p = fa::make_params("rolling_window_attn", q, k, v, scale, -1, 0, softcap);
   const int32_t* seen = seqlens.data_ptr<int32_t>();
   std::vector<int32_t> keys(dims.batch);  // the window's keys before the chunk, then the chunk
   for (int64_t b = 0; b < dims.batch; ++b) {
@@ -232,19 +221,11 @@ bool run_chunk_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (2 * p.seqlen_k * dims.head_dim * 4 > fa::kMaxKVPackBytes) return false;
   p.seqlens_k = keys.data();
   p.ring_seen = seen;
+  p.k_ring = fa::view4(k_ring);
+  p.v_ring = fa::view4(v_ring);
   p.ring_window = dims.window;
-  p.softmax_scale = scale;
-  p.softcap = softcap;
-  p.window_left = dims.window - 1;
-  p.window_right = 0;
-  const bool direct = q.scalar_type() == at::kFloat && out.is_contiguous();
-  at::Tensor out_f32 = direct ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({dims.batch, dims.nheads, dims.chunk}, out.options().dtype(at::kFloat));
-  p.out = out_f32.data_ptr<float>();
-  p.lse = lse.data_ptr<float>();
-  fa::choose_heads_per_block(p, at::get_num_threads());
-  fa::run_tasks(fa::kernels_for(p.dtype).fwd, p, fa::num_fwd_tasks(p), fa::pass_macs(p));
-  if (!direct) out.copy_(out_f32);
+  p.window_left = dims.window - 1;  // (seqlen_k counts the window: a reach of W - 1 is never past it)
+  out = std::get<0>(fa::run_forward(p, q));
   return true;
 }
 

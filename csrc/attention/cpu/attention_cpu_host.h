@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <utility>
 
+#include "attention/attention_window.h"
 #include "attention/cpu/flash_attn_cpu.h"
 #include "common/checks.h"
 #include "common/cpu_amx.h"
@@ -38,10 +40,11 @@ inline Kernels kernels_for(ElemType dtype) {
 
 // bf16 prefill on AMX CPUs goes through the tile kernels (kernel_amx.cpp, kernel_amx_bwd.cpp), for head dims a
 // multiple of 32 (K is packed 16 pairs of bf16 at a time). In the forward, a few rows (decode) stay on the per-key
-// dot products, which read the cache once, as do caches read through indirection (cache_batch_idx, pages).
+// dot products, which read the cache once, as do caches read through indirection (cache_batch_idx, pages) and a
+// rolling cache's ring (its bf16 chunks have their own AMX entry: sliding_window/cpu/chunk_attn_amx.cpp).
 inline bool use_amx_forward(const AttnParams& p) {
   return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
-         p.block_table == nullptr && ::llmkernels::use_amx_tiles();
+         p.block_table == nullptr && p.ring_seen == nullptr && ::llmkernels::use_amx_tiles();
 }
 inline bool use_amx_backward(const AttnParams& p) {
   return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && ::llmkernels::use_amx_tiles();
@@ -122,6 +125,46 @@ inline void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
   if (n <= 0) return;
   at::parallel_for(0, n, parallel_grain(n, macs, kMinAttnMacsPerThread),
                    [&](int64_t begin, int64_t end) { run_flushing(fn, p, begin, end); });
+}
+
+// AttnParams of q, k, v (checked by the caller) for the flash-attention forward / backward kernels: window bounds
+// normalised (-1 for a reach past the sequence); seqlens_k, pages, ring and outputs unset.
+inline AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
+  ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
+  AttnParams p{};
+  p.dtype = elem_type(op, q);
+  p.q = view4(q);
+  p.k = view4(k);
+  p.v = view4(v);
+  p.batch = q.size(0);
+  p.seqlen_q = q.size(1);
+  p.nheads = q.size(2);
+  p.headdim = q.size(3);
+  p.seqlen_k = k.size(1);
+  p.nheads_k = k.size(2);
+  p.seqlens_k = nullptr;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
+  p.window_right = ::llmkernels::attention::normalize_window_right(window_right, p.seqlen_q);
+  return p;
+}
+
+// Runs the forward into a fresh output (fp32, converted at the end; bf16 written directly by the AMX kernel);
+// returns (out in q's dtype, lse).
+inline std::tuple<at::Tensor, at::Tensor> run_forward(AttnParams& p, const at::Tensor& q) {
+  auto f32 = q.options().dtype(at::kFloat);
+  const bool direct_bf16 = use_amx_forward(p);  // (bf16 q only)
+  at::Tensor out = at::empty({p.batch, p.seqlen_q, p.nheads, p.headdim}, direct_bf16 ? q.options() : f32);
+  at::Tensor lse = at::empty({p.batch, p.nheads, p.seqlen_q}, f32);
+  p.out = direct_bf16 ? nullptr : out.data_ptr<float>();
+  p.out_bf16 = direct_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  p.lse = lse.data_ptr<float>();
+  choose_heads_per_block(p, at::get_num_threads());
+  const auto [kernel, tasks] = forward_plan(p);
+  run_tasks(kernel, p, tasks, pass_macs(p));
+  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), lse};
 }
 
 }  // namespace llmkernels::attention_cpu
