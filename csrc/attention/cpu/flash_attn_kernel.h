@@ -184,10 +184,11 @@ struct KVPack {
   int64_t row_bytes = 0, b = -1, hk = -1;
   bool to_fp32 = true;  // rows converted to fp32, or kept in the input's dtype (the bf16 products)
 
-  // Room for `want_rows` rows of d elements; forgets what was copied.
+  // Room for `want_rows` rows of d elements of elem_bytes each (4: converted to fp32, else copied as they are);
+  // forgets what was copied.
   void reset(int64_t want_rows, int64_t d, bool convert, int64_t elem_bytes) {
     to_fp32 = convert;
-    row_bytes = d * (convert ? 4 : elem_bytes);
+    row_bytes = d * elem_bytes;
     if (want_rows * row_bytes > capacity || want_rows > rows) {
       release();
       k = ::operator new[](want_rows * row_bytes, std::align_val_t(64));
@@ -626,15 +627,16 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   constexpr bool dot_dtype = false;
 #endif
 
-  // Pack K and V (read as fp32 rows) when this thread's tasks hold more than one query block per KV head. Key
-  // positions stay below p.seqlen_k (the KV-cache op: the cache's capacity, or its pages' when paged), and rows are
-  // read through key_block, so a KV cache's row map and pages apply.
+  // Copy K and V (fp32 rows, or bf16 for the vdpbf16ps products) when this thread's tasks hold more than one query
+  // block per KV head. Key positions stay below p.seqlen_k (the KV-cache op: the cache's capacity, or its pages'
+  // when paged), and rows are read through key_block, so a KV cache's row map and pages apply. A rolling cache's
+  // chunk is always read through the copy (the host checks that it fits kMaxKVPackBytes).
   static thread_local KVPack kv_pack;
-  // A rolling cache's chunk is always read through the copy (the host checks that it fits kMaxKVPackBytes).
   const bool ring = p.ring_seen != nullptr;
+  const int64_t pack_elem = dot_dtype ? 2 : 4;
   const bool use_pack = ring || (end - begin >= 2 && nqb * (group / pack) >= 2 && packed_rows / pack > kMaxDotRows &&
-                                 2 * p.seqlen_k * d * 4 <= kMaxKVPackBytes);
-  if (use_pack) kv_pack.reset(p.seqlen_k, d, !dot_dtype, p.dtype == ElemType::kFloat32 ? 4 : 2);
+                                 2 * p.seqlen_k * d * pack_elem <= kMaxKVPackBytes);
+  if (use_pack) kv_pack.reset(p.seqlen_k, d, !dot_dtype, pack_elem);
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t qblock = interleaved_block(task % nqb, nqb), head_pack = (task / nqb) % npacks;
