@@ -5,16 +5,17 @@ llmkernels/triton/tuned_configs.json, which llmkernels/triton/flash_attn.py then
     python bench/tune_triton.py --smoke [--out PATH]   # CI: tiny shapes under TRITON_INTERPRET=1, 2 candidates
 
 For each kernel (fwd, bwd_dkdv, bwd_dq), head-dim bucket (64, 128, 256) and mask (full, causal), every
-candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, forward variant: 1, 2 = TMA kernel]) runs once, its outputs
-are checked against the static table's config (the default) on the same inputs, and accepted ones are timed with
-triton.testing.do_bench (median). bf16 only: fp16 takes the same tiles, fp32 keeps its own tables (no tensor
-cores). Head dim 128's forward is also tuned at batch 16 x seqlen 1024, stored as "full_short" / "causal_short"
-(flash_attn.py uses those up to SHORT_SEQLEN keys).
+candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant: forward 1, 2 = TMA kernel; dK/dV 1, 2 = atomic dq
+through pointers / a TMA reduce]) runs once, its outputs are checked against the static table's config (the
+default) on the same inputs, and accepted ones are timed with triton.testing.do_bench (median). bf16 only: fp16
+takes the same tiles, fp32 keeps its own tables (no tensor cores). Head dim 128 is also tuned at batch 16 x
+seqlen 1024, stored as "full_short" / "causal_short" (flash_attn.py uses those up to SHORT_SEQLEN keys).
 What is timed: `fwd` the forward op; `bwd_*` the whole backward op (preprocess + dK/dV + dQ) with the other
-backward kernel at its default, so the difference between two candidates is their kernel's difference.
+backward kernel at its default, so the difference between two candidates is their kernel's difference (an
+atomic-dq dK/dV candidate runs no dQ kernel: its time is the whole backward's).
 Candidates that fail to compile or launch (shared memory) or disagree with the default are recorded, not used.
 
-Compiles dominate (1-3 s each, about 175 here): they run first in --jobs worker processes that launch every
+Compiles dominate (1-3 s each, about 160 here): they run first in --jobs worker processes that launch every
 candidate once, which fills Triton's on-disk cache; the main process then loads them from there. The whole run
 stops starting new work after --budget-s and always writes what it has (`complete` says whether it finished).
 """
@@ -61,6 +62,13 @@ NHEADS = {64: 32, 128: 16, 256: 8}
 # may now afford. Every one compiled offline for sm_90a with triton 3.8 and 3.6: <= 225 KiB shared memory, spills
 # of 8-32 bytes at most (128 x 128 at head dim 128, 128 x 64 at 256, causal); (128, 128, 8, 3, 1) at head dim 64
 # is left out: triton 3.6's ptxas crashes on it (full mask).
+# A 5th dK/dV field adds dq in that kernel and drops the dQ kernel: five tile products instead of seven, against
+# BLOCK_M x d fp32 adds per tile, 1 as pointer atomics, 2 as one TMA reduce. Its dq product has BLOCK_M as its M
+# side, so BLOCK_M 64 lets all three products use wgmma; BLOCK_N 128 halves the adds per product. Timed as the
+# whole backward like the others (the dQ kernel then does not run), and checked on dq too. Compiled for sm_90a
+# with triton 3.8 (full / causal spill bytes): the pointer atomics' 64-bit addresses cost registers (head dim 128
+# 64 x 64 x 8 warps: 240 / 404; 64 x 128 and 4-warp tiles 424-1956, left out), the TMA reduce far fewer (44 / 256;
+# 64 x 128: 164 / 332; head dim 64: 0-140; 256: 308 / 740).
 CANDIDATES: dict[str, dict[int, list[tuple[int, ...]]]] = {
     "fwd": {
         64: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3),
@@ -72,9 +80,11 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, ...]]]] = {
               (128, 16, 8, 2), (128, 64, 8, 2, 1), (64, 32, 4, 2, 1)],
     },
     "bwd_dkdv": {
-        64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 2)],
-        128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3)],
-        256: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
+        64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 2),
+             (32, 64, 4, 3, 1), (64, 128, 8, 2, 1), (64, 64, 4, 2, 2), (64, 128, 8, 2, 2)],
+        128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 3), (64, 64, 8, 2, 1),
+              (64, 64, 8, 2, 2), (64, 128, 8, 2, 2)],
+        256: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2, 2)],
     },
     "bwd_dq": {
         64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
@@ -100,15 +110,15 @@ class Case:
         return ("causal" if self.causal else "full") + ("_short" if self.short else "")
 
     def kernels(self, kernels: tuple[str, ...]) -> tuple[str, ...]:
-        """The forward only at short sequences: the backward's loader takes no seqlen."""
-        return tuple(k for k in kernels if k == "fwd" or not self.short)
+        return kernels
 
     def fwd_flops(self) -> float:
         """Matmul FLOPs of the forward (QK^T and PV); causal counts the visible half."""
         return 4.0 * self.batch * self.nheads * self.seqlen * self.seqlen * self.headdim * (0.5 if self.causal else 1)
 
 
-# Head dim 128 also at batch 16 x seqlen 1024 (forward only): fewer keys per query block favour other tiles.
+# Head dim 128 also at batch 16 x seqlen 1024: fewer keys per query (key) block favour other tiles, and the
+# backward's dQ kernel costs relatively more there.
 SHORT_HEADDIMS = (128,)
 
 
@@ -178,7 +188,8 @@ def _bwd(inp: dict, dkdv_cfg, dq_cfg) -> tuple:
 # keeps its default. The tests swap entries to inject a wrong kernel.
 RUNNERS: dict[str, Callable] = {
     "fwd": lambda inp, cfg, d: dict(zip(("out", "lse"), _fwd(inp, cfg))),
-    "bwd_dkdv": lambda inp, cfg, d: dict(zip(("dk", "dv"), _bwd(inp, cfg, default_config("bwd_dq", d))[1:])),
+    # dq too: a 5th field 1 computes it in the dK/dV kernel
+    "bwd_dkdv": lambda inp, cfg, d: dict(zip(("dq", "dk", "dv"), _bwd(inp, cfg, default_config("bwd_dq", d)))),
     "bwd_dq": lambda inp, cfg, d: dict(dq=_bwd(inp, default_config("bwd_dkdv", d), cfg)[0]),
 }
 

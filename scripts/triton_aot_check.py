@@ -27,6 +27,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # before triton and llmkernels.triton 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # max dynamic shared memory per block (H100 / A100)
@@ -74,6 +75,8 @@ class Launch:
                     attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(value, float):
                 signature[name] = "fp32"
+            elif isinstance(value, TensorDescriptor):
+                signature[name] = f"tensordesc<{TYPES[value.base.dtype]}[{','.join(map(str, value.block_shape))}]>"
             else:
                 raise TypeError(f"{self.kernel.__name__}: argument {name} of type {type(value).__name__}")
         return signature, constexprs, attrs
@@ -129,6 +132,9 @@ def drive_launches(full: bool) -> list[Launch]:
     from llmkernels.triton import sliding_window as sw
     from llmkernels.triton import ternary as tn
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from tune_triton import CANDIDATES as tune_candidates
+
     flash_attn = SimpleNamespace(
         **{
             n: _body(getattr(fa, n))
@@ -162,6 +168,16 @@ def drive_launches(full: bool) -> list[Launch]:
                 for left, right, cap in masks:
                     out, lse = flash_attn.flash_attn_fwd_triton(q, k, v, d**-0.5, left, right, cap)
                     flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left, right, cap)
+        # The backward's atomic-dq variant runs only where a tuned file picks it: its tune candidates' tiles.
+        for d in [64, 128, 256]:
+            q, k, v = r(1, 512, 4, d, dtype=torch.bfloat16), r(1, 512, 2, d, dtype=torch.bfloat16), r(1, 512, 2, d,
+                                                                                                          dtype=torch.bfloat16)
+            out, lse = r(*q.shape, dtype=torch.bfloat16), r(1, 4, 512)
+            for cfg in (c for c in tune_candidates["bwd_dkdv"][d] if len(c) == 5):
+                for left, right, cap in [(-1, -1, 0.0), (-1, 0, 0.0)] if full else [(-1, 0, 0.0)]:  # tuned masks
+                    with fa.config_override(bwd_dkdv=cfg):
+                        flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left, right,
+                                                         cap)  # fmt: skip
         for dtype in [torch.float16, torch.bfloat16, torch.float32] if full else [torch.bfloat16]:
             for d in [64, 128, 256] if full else [128]:
                 # packed sequences (flash_attn_varlen_func): the same kernels with VARLEN=True

@@ -48,3 +48,7 @@ def test_every_triton_kernel_compiles_for_hopper():
     assert proc.returncode == 0, report[-6000:]
     for kernel in LAUNCHED_KERNELS:
         assert f" {kernel} [" in report, f"{kernel} was not compiled (not launched by any case?)\n{report[-3000:]}"
+    # Opt-in variants only tuned files select (nothing else compiles them before a GPU run): the backward's
+    # atomic-dq adds, through pointers and through a TMA reduce.
+    for variant in ("DQ_ATOMIC=1", "DQ_ATOMIC=2"):
+        assert variant in report, f"no {variant} launch was compiled\n{report[-3000:]}"

@@ -107,31 +107,42 @@ def _triton_supports_for(function: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap) -> (out, softmax_lse)
+# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap, deterministic=) -> (out, softmax_lse)
+# deterministic matters to the Triton backward only (the others always are).
 # --------------------------------------------------------------------------------------------------
 flash_attn = Dispatcher("flash_attn_func")
 
 
 @flash_attn.register("reference")
-def _fwd_reference(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+def _fwd_reference(
+    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
+):
     return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("cpu", kernel="flash_attn_fwd", supports=_cpu_supports)
-def _fwd_cpu(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+def _fwd_cpu(
+    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
+):
     return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("cuda", kernel="flash_attn_fwd", supports=_cuda_supports)
-def _fwd_cuda(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+def _fwd_cuda(
+    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
+):
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("triton", supports=_triton_supports_for("flash_attn_triton"))
-def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float):
+def _fwd_triton(
+    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
+):
     _triton_function("flash_attn_triton")  # imports the module, which registers the op
-    return torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, softmax_scale, window_left, window_right, softcap)
+    return torch.ops.llmkernels.flash_attn_fwd_triton(
+        q, k, v, softmax_scale, window_left, window_right, softcap, deterministic
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,8 +408,9 @@ def flash_attn_func(
     return_attn_probs=True returns (out, softmax_lse, None) as flash_attn does without dropout: softmax_lse
     (batch, nheads, seqlen_q) fp32 is the natural-log log-sum-exp of each row's scores (-inf where no key is
     seen), and differentiable (flash_attn drops its gradient; here it flows into q and k). Not supported (raise
-    NotImplementedError): dropout_p > 0, alibi_slopes. `deterministic` is accepted and ignored: every backend's
-    backward is deterministic.
+    NotImplementedError): dropout_p > 0, alibi_slopes. deterministic=True keeps the backward's sums in a fixed
+    order; only the Triton backward may otherwise add dq atomically (when its tuned tiles say that is faster), as
+    flash_attn's does; the CPU, CUDA C++ and reference backwards are deterministic either way.
     """
     fn = "flash_attn_func"
     _check_unsupported(fn, dropout_p, alibi_slopes)
@@ -406,7 +418,7 @@ def flash_attn_func(
         _check_func_args(fn, q, k, v, softmax_scale, window_size, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    out, lse = flash_attn(q, k, v, scale, left, right, float(softcap))
+    out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -45,23 +45,29 @@ flash_attn_varlen = Dispatcher("flash_attn_varlen_func")
 
 
 @flash_attn_varlen.register("reference")
-def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
+def _varlen_reference(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, deterministic=False
+):
     return flash_attn_varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap)
 
 
 @flash_attn_varlen.register("cpu", kernel="flash_attn_varlen_fwd", supports=_cpu_supports)
-def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
+def _varlen_cpu(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, deterministic=False
+):
     return torch.ops.llmkernels.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap
     )
 
 
 @flash_attn_varlen.register("triton", supports=_triton_supports_for("flash_attn_varlen_triton"))
-def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap):
+def _varlen_triton(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, deterministic=False
+):
     _triton_function("flash_attn_varlen_triton")  # imports the module, which registers the op
     return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
         q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, scale, left, right,
-        softcap,
+        softcap, deterministic,
     )  # fmt: skip
 
 
@@ -123,8 +129,8 @@ def flash_attn_varlen_func(
     max_seqlen_q / max_seqlen_k: the longest sequence's length (a launch-size hint). Each sequence attends only
     to its own keys, the causal / window band aligned bottom-right per sequence. Rows of q outside every
     sequence get 0. Returns (total_q, nheads, headdim) in q's dtype, or with return_attn_probs=True
-    (out, softmax_lse (nheads, total_q) fp32, None), lse differentiable. The other arguments are flash_attn_func's;
-    block_table (paged KV) is not supported.
+    (out, softmax_lse (nheads, total_q) fp32, None), lse differentiable. The other arguments (deterministic too)
+    are flash_attn_func's; block_table (paged KV) is not supported.
     """
     fn = "flash_attn_varlen_func"
     _check_unsupported(fn, dropout_p, alibi_slopes)
@@ -136,8 +142,9 @@ def flash_attn_varlen_func(
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
     out, lse = flash_attn_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap)
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap),
+        deterministic=bool(deterministic),
+    )  # fmt: skip
     return (out, lse, None) if return_attn_probs else out
 
 

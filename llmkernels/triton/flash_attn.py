@@ -69,6 +69,12 @@ def _pick(table: dict, block_d: int) -> tuple[int, int, int, int]:
 # with TMA loads of the masked tiles too. Only tuned files and config_override set it; shapes the TMA kernel
 # cannot take (see _tma_view) run variant 0 with the same tiles.
 FWD_VARIANTS = (0, 1, 2)
+# A dK/dV config may carry a 5th field too: 1 makes that kernel add dq as well (atomically, in fp32) and skips
+# the dQ kernel, which recomputes S and dP (five tile products instead of seven); 2 the same with the adds as one
+# TMA reduce per tile (cp.reduce.async.bulk: no per-element addresses in registers; dense, head dims that fill
+# BLOCK_D, compiled kernels: elsewhere 2 runs as 1). Atomic sums are not deterministic, so deterministic=True
+# keeps the two kernels (with the same dK/dV tiles).
+DKDV_VARIANTS = (0, 1, 2)
 # Tuned winners measured at seqlen <= SHORT_SEQLEN are stored under "<mask>_short" ("full_short",
 # "causal_short") and used for seqlen_k <= SHORT_SEQLEN; without one, the long-sequence winner applies.
 SHORT_SEQLEN = 2048
@@ -109,11 +115,12 @@ def tuned_configs_path() -> str:
 
 
 def _valid_config(cfg, kernel: str = "fwd") -> bool:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), and for the forward optionally a 5th field: the variant."""
-    lengths = (4, 5) if kernel == "fwd" else (4,)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), and for the forward and dK/dV optionally a 5th field: the variant."""
+    variants = {"fwd": FWD_VARIANTS, "bwd_dkdv": DKDV_VARIANTS}.get(kernel)
+    lengths = (4, 5) if variants else (4,)
     if not (isinstance(cfg, (list, tuple)) and len(cfg) in lengths and all(type(x) is int for x in cfg)):
         return False
-    if len(cfg) == 5 and cfg[4] not in FWD_VARIANTS:
+    if len(cfg) == 5 and cfg[4] not in variants:
         return False
     block_m, block_n, warps, stages = cfg[:4]
     # tl.arange needs powers of two, tl.dot needs every side >= 16.
@@ -180,17 +187,23 @@ def _fwd_config(block_d: int, dtype: torch.dtype, banded: bool = False, seqlen: 
 
 
 def _bwd_configs(
-    block_d: int, dtype: torch.dtype, banded: bool = False
-) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """Configs of the dK/dV kernel (holds two fp32 (BLOCK_N, d) accumulators) and of the dQ kernel."""
+    block_d: int, dtype: torch.dtype, banded: bool = False, seqlen: int | None = None
+) -> tuple[tuple[int, ...], tuple[int, int, int, int]]:
+    """Configs of the dK/dV kernel (holds two fp32 (BLOCK_N, d) accumulators; a 5th field 1: it adds dq too) and
+    of the dQ kernel; seqlen: seqlen_k, as for _fwd_config."""
     if _INTERPRET:
         dkdv, dq = _INTERPRET_CONFIG, _INTERPRET_CONFIG
     elif dtype == torch.float32:
         dkdv, dq = _pick(_DKDV_CONFIGS_FP32, block_d), _pick(_DQ_CONFIGS_FP32, block_d)
     else:
-        dkdv = _tuned_or("bwd_dkdv", _DKDV_CONFIGS, block_d, banded)
-        dq = _tuned_or("bwd_dq", _DQ_CONFIGS, block_d, banded)
+        dkdv = _tuned_or("bwd_dkdv", _DKDV_CONFIGS, block_d, banded, seqlen)
+        dq = _tuned_or("bwd_dq", _DQ_CONFIGS, block_d, banded, seqlen)
     return _override.get("bwd_dkdv", dkdv), _override.get("bwd_dq", dq)
+
+
+def _dq_atomic(dkdv_cfg: tuple[int, ...], deterministic: bool) -> int:
+    """How the dK/dV kernel adds dq: 0 it does not (the dQ kernel runs), 1 pointer atomics, 2 TMA reduce."""
+    return 0 if deterministic or len(dkdv_cfg) < 5 else dkdv_cfg[4]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -265,8 +278,10 @@ def flash_attn_fwd_triton(
     window_left: int,
     window_right: int,
     softcap: float,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32 natural log; -inf where no key is seen)."""
+    """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32 natural log; -inf where no key is seen).
+    deterministic: for the backward (autograd hands it on), which may otherwise sum dq with atomics."""
     _check_qkv("flash_attn_fwd_triton", q, k, v)
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -312,12 +327,15 @@ def flash_attn_bwd_triton(
     window_left: int,
     window_right: int,
     softcap: float,
+    deterministic: bool = False,
     dsoftmax_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of flash_attn_fwd_triton from dout (b, sq, h, d), the saved out and softmax_lse (b, h, sq), and
     the gradient reaching softmax_lse when there is one (it lowers delta: d lse_i / d s_ij = p_ij).
 
-    dk, dv (b, sk, hk, d) are summed over each KV head's query heads inside the kernel (no extra pass).
+    dk, dv (b, sk, hk, d) are summed over each KV head's query heads inside the kernel (no extra pass). dq comes
+    from the dQ kernel, or, when the dK/dV config asks for it and not deterministic, from atomic fp32 adds in the
+    dK/dV kernel (see DKDV_VARIANTS).
     """
     fn = "flash_attn_bwd_triton"
     _check_qkv(fn, q, k, v)
@@ -330,14 +348,23 @@ def flash_attn_bwd_triton(
     check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
     check_shape(fn, "softmax_lse", softmax_lse, (batch, nheads, seqlen_q))
 
-    dq = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 or dk.numel() == 0:  # no scores at all: every gradient is zero
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    if q.numel() == 0 or dk.numel() == 0:  # no scores at all: every gradient is zero
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
     window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
-    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta))
+    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta), seqlen_k)
+    atomic = _dq_atomic(dkdv_cfg, deterministic)
+    # The atomic paths sum into fp32 (zeroed) and cast once at the end.
+    dq = torch.zeros if atomic else torch.empty
+    dq = dq((batch, seqlen_q, nheads, headdim), dtype=torch.float32 if atomic else q.dtype, device=q.device)
+    dq_arg = dq if atomic else None
+    if atomic == 2:  # the interpreter has no TMA reduce; a padded head dim would add into the next head's columns
+        if _INTERPRET or headdim != meta["BLOCK_D"]:
+            atomic = 1
+        else:
+            dq_arg = TensorDescriptor.from_tensor(dq, [1, dkdv_cfg[0], 1, headdim])
 
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     launch(flash_attn_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg[0]), nheads, batch),
@@ -351,12 +378,16 @@ def flash_attn_bwd_triton(
         v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
     )  # fmt: skip
     scalars = (nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right)
-    block_m, block_n, num_warps, num_stages = dkdv_cfg
+    block_m, block_n, num_warps, num_stages = dkdv_cfg[:4]
     launch(flash_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), nheads_k, batch),
-        q, k, v, dout, softmax_lse, delta, dk, dv, None, None, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, **meta,
+        q, k, v, dout, softmax_lse, delta, dk, dv, dq_arg, None, None, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, DQ_ATOMIC=atomic,
+        **meta,
     )  # fmt: skip
+    if atomic:
+        return dq.to(q.dtype), dk, dv
     block_m, block_n, num_warps, num_stages = dq_cfg
     launch(flash_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), nheads, batch),
         q, k, v, dout, softmax_lse, delta, dq, None, None, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
@@ -454,9 +485,11 @@ def flash_attn_varlen_fwd_triton(
     window_left: int,
     window_right: int,
     softcap: float,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (total_q, h, d) in q's dtype, softmax_lse (h, total_q) fp32) of the packed sequences; see
-    flash_attn_varlen_fwd_ref. q: (total_q, h, d); k, v: (total_k, hk, d); cu_seqlens_*: (batch + 1,) int32."""
+    flash_attn_varlen_fwd_ref. q: (total_q, h, d); k, v: (total_k, hk, d); cu_seqlens_*: (batch + 1,) int32.
+    deterministic: for the backward, as flash_attn_fwd_triton's."""
     _check_varlen("flash_attn_varlen_fwd_triton", q, k, v, cu_seqlens_q, cu_seqlens_k)
     total_q, nheads, headdim = q.shape
     total_k, nheads_k = k.shape[0], k.shape[1]
@@ -498,10 +531,11 @@ def flash_attn_varlen_bwd_triton(
     window_left: int,
     window_right: int,
     softcap: float,
+    deterministic: bool = False,
     dsoftmax_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of flash_attn_varlen_fwd_triton from dout (total_q, h, d), the saved out and softmax_lse
-    (h, total_q). Rows outside every sequence get zero gradients."""
+    (h, total_q). Rows outside every sequence get zero gradients. dq as in flash_attn_bwd_triton."""
     fn = "flash_attn_varlen_bwd_triton"
     _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k)
     check_tensor(fn, "dout", dout, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
@@ -515,15 +549,16 @@ def flash_attn_varlen_bwd_triton(
     batch = cu_seqlens_q.shape[0] - 1
 
     # No program writes rows outside the sequences (nor keys of sequences without queries, in dk / dv): zeros.
-    dq = torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device)
     dk = torch.zeros((total_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
     dv = torch.zeros((total_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 or dk.numel() == 0 or batch == 0:
-        return dq, dk, dv
+    if q.numel() == 0 or dk.numel() == 0 or batch == 0:
+        return torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device), dk, dv
     # The longest sequence is not known without a sync; a window as wide as the packed tensor is unbounded too.
     window_left, window_right = _bounded_windows(window_left, window_right, total_q, total_k)
     meta = _common_meta(q, window_left, window_right, softcap)
-    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta))
+    dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta), max_seqlen_k)
+    atomic = min(_dq_atomic(dkdv_cfg, deterministic), 1)  # no TMA reduce for packed sequences (yet)
+    dq = torch.zeros((total_q, nheads, headdim), dtype=torch.float32 if atomic else q.dtype, device=q.device)
 
     # delta = rowsum(dout * out) is per row, sequences or not: the dense kernel over the packed rows as one batch
     # of total_q writes exactly the (h, total_q) layout.
@@ -538,12 +573,15 @@ def flash_attn_varlen_bwd_triton(
         0, dout.stride(0), dout.stride(1),
     )  # fmt: skip
     scalars = (nheads, nheads // nheads_k, total_q, total_k, softmax_scale, softcap, window_left, window_right)
-    block_m, block_n, num_warps, num_stages = dkdv_cfg
+    block_m, block_n, num_warps, num_stages = dkdv_cfg[:4]
     launch(flash_attn_bwd_dkdv_kernel, (_varlen_blocks(max_seqlen_k, total_k, block_n), nheads_k, batch),
-        q, k, v, dout, softmax_lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *strides,
-        0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta,
+        q, k, v, dout, softmax_lse, delta, dk, dv, dq if atomic else None, cu_seqlens_q, cu_seqlens_k, *strides,
+        0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1), 0, dq.stride(0), dq.stride(1), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, DQ_ATOMIC=atomic,
+        **meta,
     )  # fmt: skip
+    if atomic:
+        return dq.to(q.dtype), dk, dv
     block_m, block_n, num_warps, num_stages = dq_cfg
     launch(flash_attn_bwd_dq_kernel, (_varlen_blocks(max_seqlen_q, total_q, block_m), nheads, batch),
         q, k, v, dout, softmax_lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *strides, 0, dq.stride(0), dq.stride(1),
@@ -575,10 +613,11 @@ def flash_attn_triton(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Attention output (batch, seqlen_q, nheads, headdim); differentiable in q, k, v."""
     return torch.ops.llmkernels.flash_attn_fwd_triton(
-        q, k, v, float(softmax_scale), int(window_left), int(window_right), float(softcap)
+        q, k, v, float(softmax_scale), int(window_left), int(window_right), float(softcap), bool(deterministic)
     )[0]
 
 
@@ -599,9 +638,10 @@ def flash_attn_varlen_triton(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Attention output (total_q, nheads, headdim) of packed sequences; differentiable in q, k, v."""
     return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
-        int(window_left), int(window_right), float(softcap),
+        int(window_left), int(window_right), float(softcap), bool(deterministic),
     )[0]

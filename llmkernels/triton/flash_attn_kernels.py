@@ -15,7 +15,9 @@ and of those only the tiles the band cuts (or the ragged end of the sequence) pa
 visited range is split into masked head, unmasked middle, masked tail. The backward recomputes P from
 the saved lse: one program per BLOCK_N keys accumulates dK and dV over the query tiles of its band and
 over every query head of its KV head group (so GQA needs no reduction afterwards), and one program per
-BLOCK_M queries accumulates dQ over its key tiles.
+BLOCK_M queries accumulates dQ over its key tiles. That recomputes S and dP a second time (seven tile
+products where five would do); the opt-in DQ_ATOMIC variant of the dK/dV kernel instead adds each tile's
+dS^T K into an fp32 dq with atomics (or a TMA reduce) and the dQ kernel does not run: not deterministic.
 
 Varlen (VARLEN=True, flash_attn_varlen_func): q, o (total_q, h, d) and k, v (total_k, hk, d) hold the sequences
 packed end to end, sequence b at rows CU_SEQLENS_*[b] .. [b + 1] - 1; lse / delta are (h, total_q). The grid's
@@ -260,12 +262,16 @@ def flash_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m, offs_n,
-                    offs_d, start, stop, seqlen_q, shift, window_left, window_right, scale, softcap,
-                    HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
-                    HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    EVEN_D: tl.constexpr):
-    """Adds one query head's contribution from query rows [start, stop) to dk, dv (BLOCK_N, BLOCK_D) fp32.
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h, stride_qm, stride_dom,
+                    stride_dqm, offs_m, offs_n, offs_d, start, stop, seqlen_q, shift, window_left, window_right, scale,
+                    softcap, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """Adds one query head's contribution from query rows [start, stop) to dk, dv (BLOCK_N, BLOCK_D) fp32, and
+    with DQ_ATOMIC this key block's share of dq to fp32 rows that other key blocks add to as well: DQ_ATOMIC 1
+    through pointers (dq_base: this head's row 0), 2 through a TMA reduce (dq_base: a (b, sq, h, d) descriptor,
+    (dq_b, dq_h) this batch and head; rows past the tensor are clipped, and a ragged tile's rows past seqlen_q add
+    zeros: their P is masked).
 
     Works on transposed tiles (keys x queries) so P^T and dS^T feed tl.dot without a transpose.
     """
@@ -298,21 +304,32 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        ds_t = ds_t.to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        if DQ_ATOMIC != 0:
+            dq_part = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_D)
+            if DQ_ATOMIC == 1:
+                dq_tile = dq_base + tl.cast(m0, tl.int64) * stride_dqm  # int64 scalar step, int32 in-tile offsets
+                tl.atomic_add(dq_tile + (offs_m[:, None] * stride_dqm + offs_d[None, :]), dq_part,
+                              mask=(rows[:, None] < seqlen_q) & d_mask, sem="relaxed")
+            else:
+                dq_base.atomic_add([dq_b, m0, dq_h, 0], tl.reshape(dq_part, (1, BLOCK_M, 1, dq_part.shape[1])))
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_block(
-    Q, K, V, DO, LSE, DELTA, DK, DV, start_n, off_b, off_hk,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, start_n, off_b, off_hk,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_dqb, stride_dqm, stride_dqh,
     nheads, group, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
     """Key block start_n of (batch off_b, KV head off_hk); LSE / delta row r of head h at (off_b * nheads + h) *
-    lse_len + r."""
+    lse_len + r. DQ (DQ_ATOMIC only): fp32, laid out like q, gets this block's share of dq added."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -336,15 +353,23 @@ def _bwd_dkdv_block(
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_ptr = LSE + (off_b * nheads + off_h) * lse_len
         delta_ptr = DELTA + (off_b * nheads + off_h) * lse_len
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
-                                 offs_n, offs_d, lo, a, seqlen_q, shift, window_left, window_right, scale, softcap,
-                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
-                                 offs_n, offs_d, a, b, seqlen_q, shift, window_left, window_right, scale, softcap,
-                                 HEADDIM, BLOCK_M, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qm, stride_dom, offs_m,
-                                 offs_n, offs_d, b, end, seqlen_q, shift, window_left, window_right, scale, softcap,
-                                 HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
+        dq_base, dq_b, dq_h = DQ, 0, 0  # DQ_ATOMIC 2: the descriptor and this (batch, head)'s coordinates
+        if DQ_ATOMIC == 1:
+            dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+        if DQ_ATOMIC == 2:
+            dq_b, dq_h = off_b.to(tl.int32), off_h.to(tl.int32)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
+                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, lo, a, seqlen_q, shift,
+                                 window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR,
+                                 SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
+                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, a, b, seqlen_q, shift,
+                                 window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, False, HAS_WL, HAS_WR,
+                                 SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
+                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, b, end, seqlen_q, shift,
+                                 window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR,
+                                 SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
 
     dk = dk * scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dkn + offs_d[None, :],
@@ -356,37 +381,45 @@ def _bwd_dkdv_block(
 @triton.jit
 def flash_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do: (b, sq, h, d); k, v, dk, dv: (b, sk, hk, d); lse, delta: (b, h, sq)
+    DQ,  # DQ_ATOMIC 1: fp32 like q, zeroed, gets dq added; 2: a TMA descriptor of it (dense only); 0: None
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: as flash_attn_fwd_kernel's; lse, delta: (h, total_q)
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_dqb, stride_dqm, stride_dqh,
     nheads, group, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,  # VARLEN: total_q, total_k
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
-    """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32."""
+    """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32. DQ_ATOMIC: dq
+    too, from the same dS tile (five products per tile instead of the seven of this kernel plus the dQ kernel),
+    added in fp32 with atomics: the order of the sums, and so dq's last bits, vary from run to run."""
     if VARLEN:
         off_hk = tl.program_id(1).to(tl.int64)
         q0, len_q, k0, len_k = _varlen_spans(CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k)
         # The grid is sized from max_seqlen_k, a hint: each program strides over its sequence's blocks instead.
         # Batch index 0: the bases passed point at the sequence's first row (lse / delta: (h, total_q)).
         for start_n in range(tl.program_id(0), tl.cdiv(len_k, BLOCK_N), tl.num_programs(0)):
+            dq_seq = None
+            if DQ_ATOMIC == 1:
+                dq_seq = DQ + q0 * stride_dqm
             _bwd_dkdv_block(Q + q0 * stride_qm, K + k0 * stride_kn, V + k0 * stride_vn, DO + q0 * stride_dom,
-                            LSE + q0, DELTA + q0, DK + k0 * stride_dkn, DV + k0 * stride_dvn, start_n, 0, off_hk,
-                            stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-                            stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh,
-                            stride_dvb, stride_dvn, stride_dvh, nheads, group, seqlen_q, len_q, len_k, scale,
-                            softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR,
-                            SOFTCAP, DOT_PRECISION)
+                            LSE + q0, DELTA + q0, DK + k0 * stride_dkn, DV + k0 * stride_dvn, dq_seq, start_n, 0,
+                            off_hk, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb,
+                            stride_vn, stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn,
+                            stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_dqb, stride_dqm, stride_dqh, nheads,
+                            group, seqlen_q, len_q, len_k, scale, softcap, window_left, window_right, HEADDIM, BLOCK_M,
+                            BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, DQ_ATOMIC)
     else:
         start_n = tl.program_id(0)
         off_hk = tl.program_id(1).to(tl.int64)  # grid (key blocks, nheads_k, batch)
         off_b = tl.program_id(2).to(tl.int64)
-        _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, start_n, off_b, off_hk, stride_qb, stride_qm, stride_qh,
-                        stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob, stride_dom,
-                        stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, nheads,
-                        group, seqlen_q, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, HEADDIM,
-                        BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+        _bwd_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, start_n, off_b, off_hk, stride_qb, stride_qm,
+                        stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob,
+                        stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                        stride_dqb, stride_dqm, stride_dqh, nheads, group, seqlen_q, seqlen_q, seqlen_k, scale,
+                        softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR,
+                        SOFTCAP, DOT_PRECISION, DQ_ATOMIC)
 
 
 @triton.jit

@@ -375,6 +375,91 @@ def test_gpu_tma_variant(case, dtype, variant, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# The backward's atomic-dq variant (a 5th dK/dV config field 1): dq added by the dK/dV kernel, no dQ kernel
+# --------------------------------------------------------------------------------------------------
+DKDV, DQ_KERNEL = "flash_attn_bwd_dkdv_kernel", "flash_attn_bwd_dq_kernel"
+
+
+def _atomic_config(interp: bool, headdim: int = 128, variant: int = 1) -> tuple[int, ...]:
+    """Variant 1: pointer atomics; 2: TMA reduce (the interpreter has none: it runs 1 there)."""
+    if interp:
+        return (*fa._INTERPRET_CONFIG, variant)
+    return (32, 64, 8, 2, variant) if headdim > 128 else (64, 64, 8, 2, variant)
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", INTERP_CASES)
+def test_atomic_dq_matches_reference(case, dtype, monkeypatch):
+    """Every mask, GQA, softcap and ragged case of the grid: the dK/dV kernel's dq must equal the dQ kernel's
+    within the same bounds, so every key block's share lands in the right rows exactly once."""
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(bwd_dkdv=_atomic_config(True, variant=1 + (dtype == torch.float16))):
+        _check_against_reference(case, dtype, "cpu")
+    assert DKDV in launched and DQ_KERNEL not in launched, launched
+
+
+@interp
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_keeps_the_dq_kernel(deterministic, monkeypatch):
+    """flash_attn_func(deterministic=True) reaches the Triton backward, which then keeps the dQ kernel (fixed
+    summation order) even where the tuned tiles ask for atomics; both give dq within rounding of each other."""
+    if fa is None:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    import llmkernels
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    q, k, v = (t.requires_grad_() for t in _inputs((33, 40, 4, 2, 32), torch.float16, device))
+    dout = torch.randn_like(q)
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(bwd_dkdv=_atomic_config(not HAS_CUDA, 32)), llmkernels.use_backend("triton"):
+        out = llmkernels.flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert (DQ_KERNEL in launched) == deterministic, launched
+    with fa.config_override(bwd_dkdv=_atomic_config(not HAS_CUDA, 32)[:4]):
+        ref_out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, 32**-0.5, -1, 0, 0.0)
+        ref = torch.ops.llmkernels.flash_attn_bwd_triton(dout, q, k, v, ref_out, lse, 32**-0.5, -1, 0, 0.0)
+    assert torch.equal(dk, ref[1]) and torch.equal(dv, ref[2])  # dK / dV do not change with the variant
+    if deterministic:
+        assert torch.equal(dq, ref[0])
+    else:
+        torch.testing.assert_close(dq, ref[0], rtol=2e-3, atol=2e-3)  # fp32 sums in another order, one rounding
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("case,dtype", GPU_CASES[::3])
+def test_gpu_atomic_dq(case, dtype, variant, monkeypatch):
+    """Head dims 40 / 96 (padded tiles) take variant 1 when 2 is asked: the same answers."""
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(bwd_dkdv=_atomic_config(False, case[4], variant)):
+        _check_against_reference(case, dtype, "cuda")
+    assert DQ_KERNEL not in launched
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [1, 2])
+def test_gpu_atomic_dq_under_torch_compile_and_deterministic(variant, monkeypatch):
+    import llmkernels
+
+    q, k, v = (t.requires_grad_() for t in _inputs((1023, 1024, 8, 2, 128), torch.bfloat16, "cuda"))
+    dout = torch.randn_like(q)
+    launched = _kernels_launched(monkeypatch)
+    with fa.config_override(bwd_dkdv=_atomic_config(False, 128, variant)), llmkernels.use_backend("triton"):
+        eager = torch.autograd.grad(llmkernels.flash_attn_func(q, k, v, causal=True), q, dout)[0]
+        torch._dynamo.reset()
+        compiled_fn = torch.compile(lambda *t: llmkernels.flash_attn_func(*t, causal=True), fullgraph=True)
+        compiled = torch.autograd.grad(compiled_fn(q, k, v), q, dout)[0]
+        assert DQ_KERNEL not in launched
+        runs = [torch.autograd.grad(llmkernels.flash_attn_func(q, k, v, causal=True, deterministic=True), q, dout)[0]
+                for _ in range(2)]  # fmt: skip
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=2e-2)  # a misplaced tile moves rows by O(1)
+    assert torch.equal(runs[0], runs[1]) and DQ_KERNEL in launched
+    torch.testing.assert_close(runs[0], eager, rtol=0, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------------
 # Decode against a KV cache (split-KV + combine)
 # --------------------------------------------------------------------------------------------------
 # (batch, seqlen_q, nheads, nheads_k, headdim, capacity, seqlen_new, window_left, window_right, softcap, lens)

@@ -197,7 +197,7 @@ def test_config_override_wins_and_is_undone(gpu):
 
 def test_gpu_candidates_are_valid_tiles(monkeypatch):
     monkeypatch.setattr(fa, "_INTERPRET", False)  # the GPU lists, defaults from the static tables
-    total = 0
+    total, binaries = 0, set()
     for case in tune.gpu_cases():
         for kernel in case.kernels(tune.KERNELS):
             cands = tune.candidate_list(kernel, case, smoke=False)
@@ -205,19 +205,21 @@ def test_gpu_candidates_are_valid_tiles(monkeypatch):
             # a winner the loader would refuse: none
             assert all(fa._valid_config(list(c), kernel) for c in cands), cands
             total += len(cands)
-    # ~2 s of compile each (12 workers), ~0.2 s of timing: the sweep must fit in a few minutes. The short cases
-    # (seqlen 1k) reuse the long ones' binaries (same argument specialisation).
-    assert total <= 180
+            binaries |= {(kernel, tune.bucket(case.headdim), case.causal, c) for c in cands}
+    # ~2 s of compile per binary (12 workers), ~0.2-0.5 s of timing per candidate: the sweep must fit in a few
+    # minutes. The short cases (seqlen 1k) reuse the long ones' binaries (same argument specialisation).
+    assert len(binaries) <= 170 and total <= 240
 
 
-def test_gpu_cases_tune_the_short_forward_separately():
+def test_gpu_cases_tune_short_sequences_separately():
     cases = tune.gpu_cases()
     short = [c for c in cases if c.short]
     assert [c.mask for c in short] == ["full_short", "causal_short"] and all(c.seqlen <= fa.SHORT_SEQLEN for c in short)
-    assert all(c.kernels(tune.KERNELS) == ("fwd",) for c in short)
-    assert all(c.kernels(tune.KERNELS) == tune.KERNELS for c in cases if not c.short)
+    assert all(c.kernels(tune.KERNELS) == tune.KERNELS for c in cases)
     assert cases[-len(short) :] == short  # a budget cut drops them first
     assert {c[4] for c in tune.CANDIDATES["fwd"][128] if len(c) == 5} == {1, 2}  # both TMA variants are timed
+    for bucket in (64, 128, 256):  # the atomic-dq backward (TMA reduce) is timed at every head dim
+        assert any(len(c) == 5 and c[4] == 2 for c in tune.CANDIDATES["bwd_dkdv"][bucket])
 
 
 def test_tma_variant_and_short_winners_are_used(gpu):
@@ -236,6 +238,21 @@ def test_tma_variant_and_short_winners_are_used(gpu):
     assert fa._fwd_config(128, BF16, banded=True, seqlen=4096) == fa._FWD_CONFIGS[128]
     assert fa._fwd_config(64, BF16, seqlen=1024) == fa._FWD_CONFIGS[64]
     assert fa._fwd_config(128, FP32, seqlen=1024) == fa._FWD_CONFIGS_FP32[128]
+
+
+def test_atomic_dq_and_short_backward_winners_are_used(gpu):
+    path, _ = gpu
+    winners = {"bwd_dkdv": {"128": {"causal": [32, 64, 4, 2], "causal_short": [64, 64, 4, 2, 1]}},
+               "bwd_dq": {"128": {"causal_short": [64, 32, 4, 3]}}}  # fmt: skip
+    _write(path, _doc(winners=winners))
+    assert fa._bwd_configs(128, BF16, banded=True) == ((32, 64, 4, 2), fa._DQ_CONFIGS[128])
+    assert fa._bwd_configs(128, BF16, banded=True, seqlen=1024) == ((64, 64, 4, 2, 1), (64, 32, 4, 3))
+    assert fa._bwd_configs(128, BF16, banded=True, seqlen=4096)[0] == (32, 64, 4, 2)
+    assert fa._dq_atomic((64, 64, 4, 2, 1), deterministic=False)
+    assert not fa._dq_atomic((64, 64, 4, 2, 1), deterministic=True)
+    assert not fa._dq_atomic((64, 64, 4, 2), deterministic=False)
+    assert fa._dq_atomic((64, 64, 4, 2, 2), deterministic=False) == 2
+    assert not fa._valid_config([64, 64, 4, 2, 3], "bwd_dkdv") and not fa._valid_config([64, 64, 4, 2, 1], "bwd_dq")
 
 
 def test_committed_file_loads_with_its_meaning():
@@ -359,11 +376,43 @@ def test_smoke_sweep_times_the_tma_variant_and_a_short_case(tmp_path, monkeypatc
     monkeypatch.setattr(
         fa, "launch", lambda kernel, *a, **kw: launched.append(kernel.fn.__name__) or real(kernel, *a, **kw)
     )
-    doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None)
-    assert "error" not in doc and [r["kernel"] for r in doc["candidates"]] == ["fwd", "fwd"]  # no short backward
+    doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None, kernels=("fwd",))
+    assert "error" not in doc and [r["kernel"] for r in doc["candidates"]] == ["fwd", "fwd"]
     assert all(r["status"] == "ok" for r in doc["candidates"]), doc["candidates"]  # agrees with the default
     assert "flash_attn_fwd_tma_kernel" in launched
     assert doc["winners"] == {"fwd": {"64": {"full_short": list(tma)}}}
     out = tmp_path / "tuned.json"
     tune.write(doc, str(out))
     assert fa.load_tuned(str(out), doc["device"], (0, 0), triton.__version__)[0] == {"fwd": {64: {"full_short": tma}}}
+
+
+@smoke
+def test_smoke_sweep_times_the_atomic_dq_backward(monkeypatch):
+    """A dK/dV candidate with the atomic-dq field runs without the dQ kernel, is checked on dq as well, and its
+    short-sequence win reaches _bwd_configs."""
+    atomic = (*fa._INTERPRET_CONFIG, 1)
+    monkeypatch.setattr(tune, "SMOKE_CANDIDATES", [fa._INTERPRET_CONFIG, atomic])
+    cases = [tune.Case(40, True, batch=2, seqlen=40, nheads=2, dtype="float16", short=True)]
+    launched = []
+    real = fa.launch
+    monkeypatch.setattr(
+        fa, "launch", lambda kernel, *a, **kw: launched.append(kernel.fn.__name__) or real(kernel, *a, **kw)
+    )
+    doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None,
+                     kernels=("bwd_dkdv",))  # fmt: skip
+    assert "error" not in doc and all(r["status"] == "ok" for r in doc["candidates"]), doc["candidates"]
+    # default (dK/dV + dQ kernels) once to check and once timed, then the atomic one (dK/dV only) twice
+    assert launched.count("flash_attn_bwd_dq_kernel") == launched.count("flash_attn_bwd_dkdv_kernel") - 2
+    assert doc["winners"] == {"bwd_dkdv": {"64": {"causal_short": list(atomic)}}}
+
+    # A wrong dq from the atomic candidate is rejected, not timed.
+    real_bwd = tune._bwd
+
+    def broken(inp, dkdv_cfg, dq_cfg):
+        dq, dk, dv = real_bwd(inp, dkdv_cfg, dq_cfg)
+        return (dq * 1.5 if len(dkdv_cfg) == 5 else dq), dk, dv
+
+    monkeypatch.setattr(tune, "_bwd", broken)
+    doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None,
+                     kernels=("bwd_dkdv",))  # fmt: skip
+    assert [r["status"] for r in doc["candidates"]] == ["ok", "rejected"] and "dq" in doc["candidates"][1]["error"]

@@ -139,6 +139,16 @@ def test_fp32_matches_fp64_reference(case):
 
 @interp
 @interp_only
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_atomic_dq_matches_reference(case):
+    """The dK/dV kernel adding dq atomically (a 5th config field 1): rows past cu_seqlens_q[-1] stay 0 and each
+    sequence's dq rows get only its own keys' shares."""
+    with fa.config_override(bwd_dkdv=(*fa._INTERPRET_CONFIG, 1)):
+        _check_against_reference(case, torch.float32, "cpu")
+
+
+@interp
+@interp_only
 def test_matches_dense_op_bit_for_bit():
     """One sequence, no padding: the varlen kernels are the dense ones with other row offsets."""
     case = ([(40, 33)], 4, 2, 16, 3, 2, 2.0, "small", 0, 0)
@@ -267,3 +277,11 @@ def test_gpu_matches_reference(case, dtype):
     if fa is None:
         pytest.skip("triton is not usable here")
     _check_against_reference(case, dtype, "cuda")
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7]], ids=_ids)
+def test_gpu_atomic_dq_matches_reference(case):
+    if fa is None:
+        pytest.skip("triton is not usable here")
+    with fa.config_override(bwd_dkdv=(64, 64, 4, 2, 1)):
+        _check_against_reference(case, torch.bfloat16, "cuda")
