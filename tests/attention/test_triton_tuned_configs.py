@@ -365,17 +365,23 @@ def test_smoke_command_line_with_precompile_workers(tmp_path):
     assert "wrote" in res.stdout
 
 
+def _spy_launches(monkeypatch) -> list[str]:
+    """Names of the kernels flash_attn.py launches from now on (in order)."""
+    launched = []
+    real = fa.launch
+    monkeypatch.setattr(
+        fa, "launch", lambda kernel, *a, **kw: launched.append(kernel.fn.__name__) or real(kernel, *a, **kw)
+    )
+    return launched
+
+
 @smoke
 def test_smoke_sweep_times_the_tma_variant_and_a_short_case(tmp_path, monkeypatch):
     tma = (*fa._INTERPRET_CONFIG, 1)
     monkeypatch.setattr(tune, "SMOKE_CANDIDATES", [fa._INTERPRET_CONFIG, tma])
     # Head dim 32 (a power of two, so the TMA kernel runs rather than its fallback), batch 2, GQA.
     cases = [tune.Case(32, False, batch=2, seqlen=40, nheads=2, dtype="float16", short=True)]
-    launched = []
-    real = fa.launch
-    monkeypatch.setattr(
-        fa, "launch", lambda kernel, *a, **kw: launched.append(kernel.fn.__name__) or real(kernel, *a, **kw)
-    )
+    launched = _spy_launches(monkeypatch)
     doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None, kernels=("fwd",))
     assert "error" not in doc and [r["kernel"] for r in doc["candidates"]] == ["fwd", "fwd"]
     assert all(r["status"] == "ok" for r in doc["candidates"]), doc["candidates"]  # agrees with the default
@@ -388,16 +394,12 @@ def test_smoke_sweep_times_the_tma_variant_and_a_short_case(tmp_path, monkeypatc
 
 @smoke
 def test_smoke_sweep_times_the_atomic_dq_backward(monkeypatch):
-    """A dK/dV candidate with the atomic-dq field runs without the dQ kernel, is checked on dq as well, and its
-    short-sequence win reaches _bwd_configs."""
+    """A dK/dV candidate with the atomic-dq field runs without the dQ kernel, is checked on dq as well, and wins
+    as a short-sequence backward tile (the stub timer favours the last candidate)."""
     atomic = (*fa._INTERPRET_CONFIG, 1)
     monkeypatch.setattr(tune, "SMOKE_CANDIDATES", [fa._INTERPRET_CONFIG, atomic])
     cases = [tune.Case(40, True, batch=2, seqlen=40, nheads=2, dtype="float16", short=True)]
-    launched = []
-    real = fa.launch
-    monkeypatch.setattr(
-        fa, "launch", lambda kernel, *a, **kw: launched.append(kernel.fn.__name__) or real(kernel, *a, **kw)
-    )
+    launched = _spy_launches(monkeypatch)
     doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None,
                      kernels=("bwd_dkdv",))  # fmt: skip
     assert "error" not in doc and all(r["status"] == "ok" for r in doc["candidates"]), doc["candidates"]
