@@ -9,7 +9,8 @@ candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant: forward 1, 2 = TMA
 through pointers / a TMA reduce]) runs once, its outputs are checked against the static table's config (the
 default) on the same inputs, and accepted ones are timed with triton.testing.do_bench (median). bf16 only: fp16
 takes the same tiles, fp32 keeps its own tables (no tensor cores). Head dim 128 is also tuned at batch 16 x
-seqlen 1024, stored as "full_short" / "causal_short" (flash_attn.py uses those up to SHORT_SEQLEN keys).
+seqlen 1024, stored as "full_short" / "causal_short" (flash_attn.py uses those up to SHORT_SEQLEN keys), and its
+forward with Mistral's sliding window (16k tokens, window 4096, GQA 4), stored as "window".
 What is timed: `fwd` the forward op; `bwd_*` the whole backward op (preprocess + dK/dV + dQ) with the other
 backward kernel at its default, so the difference between two candidates is their kernel's difference (an
 atomic-dq dK/dV candidate runs no dQ kernel: its time is the whole backward's).
@@ -104,17 +105,24 @@ class Case:
     nheads: int = 16
     dtype: str = "bfloat16"
     short: bool = False  # winners stored as "<mask>_short": flash_attn uses them up to SHORT_SEQLEN keys
+    window: int = 0  # > 0: causal with that many keys per query (window_size (window - 1, 0)), stored as "window"
+    nheads_k: int | None = None  # GQA: KV heads (None: nheads)
 
     @property
     def mask(self) -> str:
+        if self.window > 0:
+            return "window"
         return ("causal" if self.causal else "full") + ("_short" if self.short else "")
 
     def kernels(self, kernels: tuple[str, ...]) -> tuple[str, ...]:
-        return kernels
+        """The window case tunes the forward only (the prefill it stands for does not train)."""
+        return tuple(k for k in kernels if k == "fwd" or self.window <= 0)
 
     def fwd_flops(self) -> float:
-        """Matmul FLOPs of the forward (QK^T and PV); causal counts the visible half."""
-        return 4.0 * self.batch * self.nheads * self.seqlen * self.seqlen * self.headdim * (0.5 if self.causal else 1)
+        """Matmul FLOPs of the forward (QK^T and PV) over the visible (query, key) pairs."""
+        s, w = self.seqlen, self.window
+        pairs = s * w - w * (w - 1) / 2 if w > 0 else s * s * (0.5 if self.causal else 1)
+        return 4.0 * self.batch * self.nheads * pairs * self.headdim
 
 
 # Head dim 128 also at batch 16 x seqlen 1024: fewer keys per query (key) block favour other tiles, and the
@@ -122,11 +130,17 @@ class Case:
 SHORT_HEADDIMS = (128,)
 
 
+# Mistral 7B's prefill (issue 5's target shape): 16k tokens, window 4096, 32 query / 8 KV heads of 128. Its tiles
+# see ~4k keys per query block where the causal case's see ~2k on average, and masked tiles at both band edges.
+WINDOW_CASE = dict(headdim=128, causal=True, batch=1, seqlen=16384, nheads=32, nheads_k=8, window=4096)
+
+
 def gpu_cases(headdims=HEADDIMS) -> list[Case]:
     cases = [Case(d, causal, nheads=NHEADS[d]) for d in headdims for causal in (False, True)]
+    window = [Case(**WINDOW_CASE)] if WINDOW_CASE["headdim"] in headdims else []
     short = [Case(d, causal, batch=16, seqlen=1024, nheads=NHEADS[d], short=True) for d in headdims
              if d in SHORT_HEADDIMS for causal in (False, True)]  # fmt: skip
-    return cases + short  # last: a budget cut leaves the short cases out first
+    return cases + window + short  # last: a budget cut leaves the short cases out first
 
 
 def smoke_cases() -> list[Case]:
@@ -160,8 +174,11 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (case.batch, case.seqlen, case.nheads, case.headdim)
-    q, k, v, dout = (torch.randn(shape, device=device, generator=gen, dtype=torch.float32).to(dtype) for _ in range(4))
-    return dict(q=q, k=k, v=v, dout=dout, scale=case.headdim**-0.5, window_right=0 if case.causal else -1)
+    kv_shape = (case.batch, case.seqlen, case.nheads_k or case.nheads, case.headdim)
+    q, k, v, dout = (torch.randn(s, device=device, generator=gen, dtype=torch.float32).to(dtype)
+                     for s in (shape, kv_shape, kv_shape, shape))  # fmt: skip
+    return dict(q=q, k=k, v=v, dout=dout, scale=case.headdim**-0.5, window_right=0 if case.causal else -1,
+                window_left=case.window - 1 if case.window > 0 else -1)  # fmt: skip
 
 
 def _fwd(inp: dict, cfg) -> tuple:
@@ -169,7 +186,7 @@ def _fwd(inp: dict, cfg) -> tuple:
 
     with fa().config_override(fwd=cfg):
         out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(
-            inp["q"], inp["k"], inp["v"], inp["scale"], -1, inp["window_right"], 0.0
+            inp["q"], inp["k"], inp["v"], inp["scale"], inp["window_left"], inp["window_right"], 0.0
         )
     return out, lse
 
@@ -179,8 +196,8 @@ def _bwd(inp: dict, dkdv_cfg, dq_cfg) -> tuple:
 
     with fa().config_override(bwd_dkdv=dkdv_cfg, bwd_dq=dq_cfg):
         return torch.ops.llmkernels.flash_attn_bwd_triton(
-            inp["dout"], inp["q"], inp["k"], inp["v"], inp["out"], inp["lse"], inp["scale"], -1, inp["window_right"],
-            0.0,
+            inp["dout"], inp["q"], inp["k"], inp["v"], inp["out"], inp["lse"], inp["scale"], inp["window_left"],
+            inp["window_right"], 0.0,
         )  # fmt: skip
 
 
@@ -309,7 +326,8 @@ def sweep(
     device = "cpu" if fa()._INTERPRET else "cuda"
     doc = _metadata(device, smoke, budget_s)
     doc["cases"] = [dict(headdim=c.headdim, bucket=bucket(c.headdim), mask=c.mask, batch=c.batch, seqlen=c.seqlen,
-                         nheads=c.nheads, dtype=c.dtype) for c in cases]  # fmt: skip
+                         nheads=c.nheads, nheads_k=c.nheads_k or c.nheads, window=c.window, dtype=c.dtype)
+                    for c in cases]  # fmt: skip
     records: list[dict] = doc["candidates"]
     try:
         tasks = [(k, c, cfg) for c in cases for k in c.kernels(kernels) for cfg in candidate_list(k, c, smoke)]
@@ -436,6 +454,8 @@ def reference_timings(cases: list[Case], timer, log=print) -> list[dict]:
     """torch SDPA (FlashAttention-2 / cuDNN kernels) on the same shapes, for scale: not used to pick anything."""
     rows = []
     for case in cases:
+        if case.window > 0:  # SDPA has no sliding window but a dense mask: bench/bench_sliding_window.py times that
+            continue
         try:
             fwd, bwd = _sdpa_ms(case, timer)
             rows.append(dict(impl="torch sdpa", headdim=case.headdim, mask=case.mask, fwd_ms=round(fwd, 4),

@@ -78,7 +78,9 @@ DKDV_VARIANTS = (0, 1, 2)
 # Tuned winners measured at seqlen <= SHORT_SEQLEN are stored under "<mask>_short" ("full_short",
 # "causal_short") and used for seqlen_k <= SHORT_SEQLEN; without one, the long-sequence winner applies.
 SHORT_SEQLEN = 2048
-_MASKS = ("causal", "full", "causal_short", "full_short")
+# A forward winner measured with a sliding window (a left bound: Mistral's prefill, 16k tokens, window 4k) is
+# stored as "window" and used for windowed sequences longer than SHORT_SEQLEN; without one, the causal winner.
+_MASKS = ("causal", "full", "causal_short", "full_short", "window")
 
 
 # Measured tiles: bench/tune_triton.py times candidate configs on a GPU and writes tuned_configs.json next to
@@ -165,25 +167,33 @@ def config_source() -> str:
     return _tuned()[1]
 
 
-def _tuned_or(kernel: str, table: dict, block_d: int, banded: bool, seqlen: int | None = None) -> tuple[int, ...]:
+def _tuned_or(kernel: str, table: dict, block_d: int, banded: bool, seqlen: int | None = None,
+              windowed: bool = False) -> tuple[int, ...]:  # fmt: skip
     winners = _tuned()[0] or {}
     bucket = min(b for b in _BUCKETS if b >= block_d)
     by_mask = winners.get(kernel, {}).get(bucket, {})
     mask = "causal" if banded else "full"
-    short = by_mask.get(mask + "_short") if seqlen is not None and seqlen <= SHORT_SEQLEN else None
-    return short or by_mask.get(mask) or _pick(table, block_d)
+    if seqlen is not None and seqlen <= SHORT_SEQLEN:
+        short = by_mask.get(mask + "_short")
+        if short:
+            return short
+    elif windowed and by_mask.get("window"):
+        return by_mask["window"]
+    return by_mask.get(mask) or _pick(table, block_d)
 
 
-def _fwd_config(block_d: int, dtype: torch.dtype, banded: bool = False, seqlen: int | None = None) -> tuple[int, ...]:
+def _fwd_config(block_d: int, dtype: torch.dtype, banded: bool = False, seqlen: int | None = None,
+                windowed: bool = False) -> tuple[int, ...]:  # fmt: skip
     """(BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) of the forward; banded: a causal or window mask;
-    seqlen: seqlen_k, which picks a short-sequence winner where the tuned file has one."""
+    seqlen: seqlen_k, which picks a short-sequence winner where the tuned file has one; windowed: the band has a
+    left bound (a sliding window), which picks the "window" winner for longer sequences."""
     if "fwd" in _override:
         return _override["fwd"]
     if _INTERPRET:
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
         return _pick(_FWD_CONFIGS_FP32, block_d)
-    return _tuned_or("fwd", _FWD_CONFIGS, block_d, banded, seqlen)
+    return _tuned_or("fwd", _FWD_CONFIGS, block_d, banded, seqlen, windowed)
 
 
 def _bwd_configs(
@@ -293,7 +303,7 @@ def flash_attn_fwd_triton(
         return out.zero_(), lse.fill_(float("-inf"))
     window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
-    cfg = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta), seqlen_k)
+    cfg = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta), seqlen_k, windowed=meta["HAS_WL"])
     block_m, block_n, num_warps, num_stages = cfg[:4]
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # not batch * nheads: grid y stops at 65535
     kernel, descs = flash_attn_fwd_kernel, ()
@@ -502,7 +512,8 @@ def flash_attn_varlen_fwd_triton(
     # The longest sequence is not known without a sync; a window as wide as the packed tensor is unbounded too.
     window_left, window_right = _bounded_windows(window_left, window_right, total_q, total_k)
     meta = _common_meta(q, window_left, window_right, softcap)
-    block_m, block_n, num_warps, num_stages = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta), max_seqlen_k)[:4]
+    cfg = _fwd_config(meta["BLOCK_D"], q.dtype, _banded(meta), max_seqlen_k, windowed=meta["HAS_WL"])
+    block_m, block_n, num_warps, num_stages = cfg[:4]
     grid = (_varlen_blocks(max_seqlen_q, total_q, block_m), nheads, batch)
     # Batch strides 0: a sequence's rows are found from cu_seqlens; seqlen_q / seqlen_k are the packed lengths.
     launch(flash_attn_fwd_kernel, grid,

@@ -208,14 +208,16 @@ def test_gpu_candidates_are_valid_tiles(monkeypatch):
             binaries |= {(kernel, tune.bucket(case.headdim), case.causal, c) for c in cands}
     # ~2 s of compile per binary (12 workers), ~0.2-0.5 s of timing per candidate: the sweep must fit in a few
     # minutes. The short cases (seqlen 1k) reuse the long ones' binaries (same argument specialisation).
-    assert len(binaries) <= 170 and total <= 240
+    assert len(binaries) <= 180 and total <= 240
 
 
-def test_gpu_cases_tune_short_sequences_separately():
+def test_gpu_cases_tune_short_sequences_and_the_window_separately():
     cases = tune.gpu_cases()
     short = [c for c in cases if c.short]
     assert [c.mask for c in short] == ["full_short", "causal_short"] and all(c.seqlen <= fa.SHORT_SEQLEN for c in short)
-    assert all(c.kernels(tune.KERNELS) == tune.KERNELS for c in cases)
+    window = [c for c in cases if c.mask == "window"]
+    assert len(window) == 1 and window[0].seqlen > fa.SHORT_SEQLEN and window[0].kernels(tune.KERNELS) == ("fwd",)
+    assert all(c.kernels(tune.KERNELS) == tune.KERNELS for c in cases if c.mask != "window")
     assert cases[-len(short) :] == short  # a budget cut drops them first
     assert {c[4] for c in tune.CANDIDATES["fwd"][128] if len(c) == 5} == {1, 2}  # both TMA variants are timed
     for bucket in (64, 128, 256):  # the atomic-dq backward (TMA reduce) is timed at every head dim
@@ -238,6 +240,17 @@ def test_tma_variant_and_short_winners_are_used(gpu):
     assert fa._fwd_config(128, BF16, banded=True, seqlen=4096) == fa._FWD_CONFIGS[128]
     assert fa._fwd_config(64, BF16, seqlen=1024) == fa._FWD_CONFIGS[64]
     assert fa._fwd_config(128, FP32, seqlen=1024) == fa._FWD_CONFIGS_FP32[128]
+
+
+def test_window_winner_is_used_for_long_windowed_sequences(gpu):
+    path, _ = gpu
+    winners = {"fwd": {"128": {"causal": [64, 64, 4, 3], "causal_short": [128, 64, 8, 3], "window": [128, 128, 8, 2]}}}
+    _write(path, _doc(winners=winners))
+    assert fa._fwd_config(128, BF16, banded=True, seqlen=16384, windowed=True) == (128, 128, 8, 2)
+    assert fa._fwd_config(128, BF16, banded=True, windowed=True) == (128, 128, 8, 2)  # no seqlen: long
+    assert fa._fwd_config(128, BF16, banded=True, seqlen=16384) == (64, 64, 4, 3)  # causal without a left bound
+    assert fa._fwd_config(128, BF16, banded=True, seqlen=1024, windowed=True) == (128, 64, 8, 3)  # short first
+    assert fa._fwd_config(64, BF16, banded=True, seqlen=16384, windowed=True) == fa._FWD_CONFIGS[64]  # no winner
 
 
 def test_atomic_dq_and_short_backward_winners_are_used(gpu):
@@ -418,3 +431,23 @@ def test_smoke_sweep_times_the_atomic_dq_backward(monkeypatch):
     doc = tune.sweep(cases, smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None,
                      kernels=("bwd_dkdv",))  # fmt: skip
     assert [r["status"] for r in doc["candidates"]] == ["ok", "rejected"] and "dq" in doc["candidates"][1]["error"]
+
+
+@smoke
+def test_window_case_sweeps_with_its_window(monkeypatch):
+    """The window case's inputs carry window_left = window - 1 and GQA heads (what flash_attn_func gives the
+    kernel for Mistral's prefill, so the tiles it times are the ones that shape selects), and its winner is stored
+    as "window"."""
+    small = dict(headdim=32, seqlen=40, nheads=4, nheads_k=1, window=9, dtype="float16")
+    case = tune.Case(**{**tune.WINDOW_CASE, **small})
+    inp = tune.make_inputs(case, "cpu")
+    assert inp["window_left"] == 8 and inp["window_right"] == 0 and inp["k"].shape[2] == 1 and inp["q"].shape[2] == 4
+    assert case.fwd_flops() == 4.0 * 4 * (40 * 9 - 36) * 32
+    monkeypatch.setattr(tune, "SMOKE_CANDIDATES", [fa._INTERPRET_CONFIG, (32, 16, 1, 1)])
+    left_bounds = []
+    real = fa.launch
+    monkeypatch.setattr(fa, "launch", lambda k, *a, **kw: left_bounds.append(kw.get("HAS_WL")) or real(k, *a, **kw))
+    doc = tune.sweep([case], smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None)
+    assert left_bounds and all(left_bounds), "the window's left bound must reach the kernel"
+    assert [(r["kernel"], r["status"]) for r in doc["candidates"]] == [("fwd", "ok")] * 2, doc["candidates"]
+    assert doc["winners"] == {"fwd": {"64": {"window": [32, 16, 1, 1]}}}
