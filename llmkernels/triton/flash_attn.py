@@ -24,7 +24,7 @@ import os
 import torch
 import triton
 from torch._subclasses.fake_tensor import is_fake
-from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._checks import check_same_dtype, check_shape, check_tensor
@@ -71,9 +71,9 @@ def _pick(table: dict, block_d: int) -> tuple[int, int, int, int]:
 FWD_VARIANTS = (0, 1, 2)
 # A dK/dV config may carry a 5th field too: 1 makes that kernel add dq as well (atomically, in fp32) and skips
 # the dQ kernel, which recomputes S and dP (five tile products instead of seven); 2 the same with the adds as one
-# TMA reduce per tile (cp.reduce.async.bulk: no per-element addresses in registers; dense, head dims that fill
-# BLOCK_D, compiled kernels: elsewhere 2 runs as 1). Atomic sums are not deterministic, so deterministic=True
-# keeps the two kernels (with the same dK/dV tiles).
+# TMA reduce per tile (cp.reduce.async.bulk: no per-element addresses in registers; where _tma_reduce_ok says no,
+# and for packed sequences, 2 runs as 1). Atomic sums are not deterministic, so deterministic=True keeps the two
+# kernels (with the same dK/dV tiles).
 DKDV_VARIANTS = (0, 1, 2)
 # Tuned winners measured at seqlen <= SHORT_SEQLEN are stored under "<mask>_short" ("full_short",
 # "causal_short") and used for seqlen_k <= SHORT_SEQLEN; without one, the long-sequence winner applies.
@@ -209,6 +209,18 @@ def _bwd_configs(
         dkdv = _tuned_or("bwd_dkdv", _DKDV_CONFIGS, block_d, banded, seqlen)
         dq = _tuned_or("bwd_dq", _DQ_CONFIGS, block_d, banded, seqlen)
     return _override.get("bwd_dkdv", dkdv), _override.get("bwd_dq", dq)
+
+
+def _tma_reduce_ok(q: torch.Tensor, headdim: int, block_d: int) -> bool:
+    """Whether the dK/dV kernel may add dq through a TMA reduce (DQ_ATOMIC 2) rather than pointer atomics.
+
+    Not in the interpreter (it has no TMA reduce); not with a padded head dim (the box would add into the next
+    head's columns); and not while torch.compile traces the op (fake or functional tensors): its analysis of which
+    arguments a Triton kernel writes does not know tt.descriptor_reduce (torch 2.14), so the graph would treat dq
+    as the zeros it was allocated as.
+    """
+    tracing = is_fake(q) or isinstance(q, FunctionalTensor) or torch.compiler.is_compiling()
+    return not (_INTERPRET or tracing or headdim != block_d)
 
 
 def _dq_atomic(dkdv_cfg: tuple[int, ...], deterministic: bool) -> int:
@@ -370,11 +382,11 @@ def flash_attn_bwd_triton(
     dq = torch.zeros if atomic else torch.empty
     dq = dq((batch, seqlen_q, nheads, headdim), dtype=torch.float32 if atomic else q.dtype, device=q.device)
     dq_arg = dq if atomic else None
-    if atomic == 2:  # the interpreter has no TMA reduce; a padded head dim would add into the next head's columns
-        if _INTERPRET or headdim != meta["BLOCK_D"]:
-            atomic = 1
-        else:
+    if atomic == 2:
+        if _tma_reduce_ok(q, headdim, meta["BLOCK_D"]):
             dq_arg = TensorDescriptor.from_tensor(dq, [1, dkdv_cfg[0], 1, headdim])
+        else:
+            atomic = 1
 
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     launch(flash_attn_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg[0]), nheads, batch),

@@ -263,8 +263,8 @@ def flash_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h, stride_qm, stride_dom,
-                    stride_dqm, offs_m, offs_n, offs_d, start, stop, seqlen_q, shift, window_left, window_right, scale,
-                    softcap, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    stride_dqm, offs_m, offs_n, offs_d, start, stop, seqlen_q, seqlen_k, shift, window_left,
+                    window_right, scale, softcap, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Adds one query head's contribution from query rows [start, stop) to dk, dv (BLOCK_N, BLOCK_D) fp32, and
@@ -307,6 +307,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, 
         ds_t = ds_t.to(q.dtype)
         dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
         if DQ_ATOMIC != 0:
+            # Keys past seqlen_k (a ragged last block) were loaded as 0 but their P is not masked: harmless for
+            # dK / dV (never stored), but their dS can overflow the cast to inf and inf * 0 is NaN in dq.
+            ds_t = tl.where(offs_n[:, None] < seqlen_k, ds_t, 0.0)
             dq_part = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_D)
             if DQ_ATOMIC == 1:
                 dq_tile = dq_base + tl.cast(m0, tl.int64) * stride_dqm  # int64 scalar step, int32 in-tile offsets
@@ -359,17 +362,17 @@ def _bwd_dkdv_block(
         if DQ_ATOMIC == 2:
             dq_b, dq_h = off_b.to(tl.int32), off_h.to(tl.int32)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
-                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, lo, a, seqlen_q, shift,
-                                 window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR,
-                                 SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, lo, a, seqlen_q, seqlen_k,
+                                 shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL,
+                                 HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
-                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, a, b, seqlen_q, shift,
-                                 window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, False, HAS_WL, HAS_WR,
-                                 SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, a, b, seqlen_q, seqlen_k,
+                                 shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, False, HAS_WL,
+                                 HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
-                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, b, end, seqlen_q, shift,
-                                 window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL, HAS_WR,
-                                 SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+                                 stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, b, end, seqlen_q, seqlen_k,
+                                 shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL,
+                                 HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
 
     dk = dk * scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dkn + offs_d[None, :],
@@ -394,6 +397,7 @@ def flash_attn_bwd_dkdv_kernel(
     """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32. DQ_ATOMIC: dq
     too, from the same dS tile (five products per tile instead of the seven of this kernel plus the dQ kernel),
     added in fp32 with atomics: the order of the sums, and so dq's last bits, vary from run to run."""
+    tl.static_assert(not (VARLEN and DQ_ATOMIC == 2), "packed sequences add dq through pointers (DQ_ATOMIC 1)")
     if VARLEN:
         off_hk = tl.program_id(1).to(tl.int64)
         q0, len_q, k0, len_k = _varlen_spans(CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k)

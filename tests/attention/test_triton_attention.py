@@ -400,6 +400,54 @@ def test_atomic_dq_matches_reference(case, dtype, monkeypatch):
     assert DKDV in launched and DQ_KERNEL not in launched, launched
 
 
+def _dq_arg_of_backward(monkeypatch, q, k, v, cfg):
+    """What the backward hands the dK/dV kernel as DQ (a tensor or a TMA descriptor), with compiled kernels' host
+    logic (not the interpreter's) and no kernel run."""
+    seen = []
+    monkeypatch.setattr(fa, "_INTERPRET", False)
+    monkeypatch.setattr(fa, "launch", lambda kernel, grid, *args, **kw: seen.append((kernel.fn.__name__, args)))
+    lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+    with fa.config_override(bwd_dkdv=cfg):
+        fa.flash_attn_bwd_triton._init_fn(q, q, k, v, q, lse, 0.25, -1, 0, 0.0)
+    return next(args for name, args in seen if name == DKDV)[8]  # (q, k, v, dout, lse, delta, dk, dv, DQ, ...)
+
+
+@pytest.mark.skipif(fa is None, reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+def test_tma_reduce_descriptor_and_its_fallbacks(monkeypatch):
+    """Variant 2's descriptor covers dq (b, sq, h, d) in boxes (1, BLOCK_M, 1, d); a padded head dim, and tracing
+    by torch.compile (fake tensors: its write analysis does not see TMA reduces), take the pointer atomics."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    q, k, v = _inputs((33, 40, 4, 2, 32), torch.float16, "cpu")
+    desc = _dq_arg_of_backward(monkeypatch, q, k, v, (16, 32, 1, 1, 2))
+    assert isinstance(desc, TensorDescriptor) and desc.base.dtype == torch.float32
+    assert list(desc.shape) == list(q.shape) and list(desc.block_shape) == [1, 16, 1, 32]
+    q40, k40, v40 = _inputs((33, 40, 4, 2, 40), torch.float16, "cpu")  # BLOCK_D 64
+    assert isinstance(_dq_arg_of_backward(monkeypatch, q40, k40, v40, (16, 32, 1, 1, 2)), torch.Tensor)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        assert isinstance(_dq_arg_of_backward(monkeypatch, fq, fk, fv, (16, 32, 1, 1, 2)), torch.Tensor)
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float16, 2.0), (torch.float32, 4.8)])
+def test_atomic_dq_ignores_keys_past_the_end(dtype, magnitude):
+    """Every real score very negative (lse far below 0) and seqlen_k not a tile multiple: the padding keys, loaded
+    as 0, score 0, so their unmasked P and dS are huge (inf once cast); dq must still be finite and right."""
+    q = torch.full((1, 32, 1, 16), magnitude).to(dtype)
+    k = torch.full((1, 40, 1, 16), -magnitude).to(dtype)
+    v, dout = torch.randn(1, 40, 1, 16).to(dtype), torch.randn(1, 32, 1, 16).to(dtype)
+    out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, 0.25, -1, -1, 0.0)
+    grads = {}
+    for cfg in (fa._INTERPRET_CONFIG, _atomic_config(True)):
+        with fa.config_override(bwd_dkdv=cfg):
+            grads[len(cfg)] = torch.ops.llmkernels.flash_attn_bwd_triton(dout, q, k, v, out, lse, 0.25, -1, -1, 0.0)
+    assert bool(grads[5][0].isfinite().all()), "NaN / inf in dq from keys past seqlen_k"
+    torch.testing.assert_close(grads[5][0], grads[4][0], rtol=2e-3, atol=2e-3)
+
+
 @interp
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_deterministic_keeps_the_dq_kernel(deterministic, monkeypatch):
