@@ -265,9 +265,16 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                                        const std::optional<at::Tensor>& block_table,
                                        const std::optional<at::Tensor>& cache_batch_idx,
                                        const std::optional<at::Tensor>& rotary_cos,
-                                       const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+                                       const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+                                       const std::optional<at::Tensor>& softmax_lse) {
   constexpr const char* op = "flash_attn_with_kvcache";
   check_qkv(op, q, k_cache, v_cache, /*same_batch=*/false);
+  const bool want_lse = softmax_lse.has_value() && softmax_lse->defined();
+  if (want_lse) {  // checked before the caches are written
+    LLMK_CHECK_SAME_DEVICE(op, *softmax_lse, q);
+    LLMK_CHECK_DTYPE(op, *softmax_lse, at::kFloat);
+    LLMK_CHECK_SHAPE(op, *softmax_lse, q.size(0), q.size(2), q.size(1));
+  }
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);  // (before the caches are written)
   const int64_t batch = q.size(0), hk = k_cache.size(2), d = q.size(3);
   LLMK_CHECK_ARG(k_new.has_value() == v_new.has_value(), op, "k_new", "and v_new must be given together");
@@ -340,7 +347,9 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
     p.seqlen_k = layout.capacity;
     p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
   }
-  return std::get<0>(run_forward(p, q_in));
+  auto [out, lse] = run_forward(p, q_in);
+  if (want_lse) softmax_lse->copy_(lse);
+  return out;
 }
 
 }  // namespace

@@ -64,6 +64,8 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _cuda_kvcache_supports(q, k_cache, v_cache, *args) -> str | None:
     reason = _cuda_supports(q) or _plain_cache(*args)
+    if reason is None and len(args) > 12 and args[12] is not None:
+        reason = "the CUDA kernels do not return softmax_lse (the Triton decode kernel does)"
     if reason is None and not (_rows_aligned(k_cache) and _rows_aligned(v_cache)):
         return "the CUDA kernel needs k_cache and v_cache rows 16-byte aligned (updated in place, so never copied)"
     return reason
@@ -147,7 +149,8 @@ def _fwd_triton(
 
 # --------------------------------------------------------------------------------------------------
 # flash_attn_with_kvcache: (q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, left, right, softcap,
-#                           block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved)
+#                           block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved[, softmax_lse])
+# softmax_lse: a (b, h, sq) fp32 tensor that receives each row's log-sum-exp, or None.
 # The C++ CPU op applies the rotary embedding itself (a few us); the others get q and k_new rotated in Python.
 # --------------------------------------------------------------------------------------------------
 flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
@@ -162,7 +165,8 @@ def _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, cos, sin, i
 
 @flash_attn_kvcache.register("reference")
 def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                       softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
+                       softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
+                       softmax_lse=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
     # The kernels check or clamp these; here out-of-range indices would be an indexing error (a device assertion
@@ -176,7 +180,7 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
     if index is not None and index.numel() and not (0 <= int(index.min()) and int(index.max()) < k_cache.shape[0]):
         name = "block_table" if block_table is not None else "cache_batch_idx"
         raise ValueError(f"llmkernels.flash_attn_with_kvcache: {name} entries must lie in [0, {k_cache.shape[0]})")
-    return flash_attn_with_kvcache_ref(
+    out, lse = flash_attn_with_kvcache_ref(
         q,
         k_cache,
         v_cache,
@@ -188,21 +192,27 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
         softcap=softcap,
         block_table=block_table,
         cache_batch_idx=cache_batch_idx,
+        return_softmax_lse=True,
     )
+    if softmax_lse is not None:
+        softmax_lse.copy_(lse)
+    return out
 
 
 @flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)
 def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-                 block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
+                 block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
+                 softmax_lse=None):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-        block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
+        block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, softmax_lse,
     )  # fmt: skip
 
 
 @flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_kvcache_supports)
 def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-                  block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
+                  block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
+                  softmax_lse=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
@@ -225,12 +235,13 @@ _triton_kvcache_supports = _triton_supports_for("flash_attn_with_kvcache_triton"
 
 @flash_attn_kvcache.register("triton", supports=_triton_kvcache_supports)
 def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                    softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved):  # fmt: skip
+                    softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
+                    softmax_lse=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
     fn = _triton_function("flash_attn_with_kvcache_triton")
     return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-              block_table, cache_batch_idx)  # fmt: skip
+              block_table, cache_batch_idx, softmax_lse)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,7 +454,7 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention against a KV cache (decoding), like flash_attn.flash_attn_with_kvcache; not differentiable.
 
     q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, max_seqlen, nheads_k, headdim), updated in
@@ -451,7 +462,10 @@ def flash_attn_with_kvcache(
     tensor of tokens already cached per row (ragged allowed; None: the whole cache, minus the new tokens).
     The new tokens are written at cache_seqlens[i] .. + seqlen_new - 1, then q attends to the first
     cache_seqlens[i] + seqlen_new keys, the causal / window band aligned bottom-right. cache_seqlens itself is
-    not advanced. Returns (batch, seqlen_q, nheads, headdim).
+    not advanced. Returns (batch, seqlen_q, nheads, headdim), or with return_softmax_lse=True (out, softmax_lse):
+    softmax_lse (batch, nheads, seqlen_q) fp32, the natural-log log-sum-exp of each row's scaled (and capped)
+    scores, -inf where a row sees no key; what merging attention over several caches needs (cascade / prefix
+    sharing). The CUDA C++ kernels do not return it: on a GPU such calls run the Triton kernel.
 
     rotary_cos / rotary_sin ((seqlen_ro, rotary_dim / 2), as flash_attn's): the new k is rotated at positions
     cache_seqlens[i] + t before it is stored, and q at cache_seqlens[i] + t when causal or windowed, else at
@@ -464,14 +478,13 @@ def flash_attn_with_kvcache(
     are (num_pages, page_size, nheads_k, headdim) and position p of row i is slot p % page_size of page
     block_table[i, p // page_size]; page_size a multiple of 64. Either runs on the CPU and Triton kernels and the
     reference (the CUDA C++ kernels refuse them: a GPU runs Triton). Not supported (raise NotImplementedError):
-    cache_leftpad, alibi_slopes, return_softmax_lse.
+    cache_leftpad, alibi_slopes.
     """
     # (A decode step calls this once a layer: the common case costs a few None tests on top of _kvcache_args_ok.)
     fn = "flash_attn_with_kvcache"
-    if cache_leftpad is not None or alibi_slopes is not None or return_softmax_lse:
-        name = "cache_leftpad" if cache_leftpad is not None else "alibi_slopes" if alibi_slopes is not None else None
-        what = f"{name} is not supported (only None)" if name else "return_softmax_lse=True is not supported"
-        raise NotImplementedError(f"llmkernels.{fn}: {what}")
+    if cache_leftpad is not None or alibi_slopes is not None:
+        name = "cache_leftpad" if cache_leftpad is not None else "alibi_slopes"
+        raise NotImplementedError(f"llmkernels.{fn}: {name} is not supported (only None)")
     capacity = None  # tokens a row can hold, when the caches are read through a table
     if block_table is not None or cache_batch_idx is not None:
         capacity = _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size,
@@ -486,10 +499,17 @@ def flash_attn_with_kvcache(
     left, right = normalize_window(causal, window_size)
     if rotary_cos is not None or rotary_sin is not None:
         _check_rotary(fn, q, rotary_cos, rotary_sin)
-    return flash_attn_kvcache(
+    if not return_softmax_lse:
+        return flash_attn_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table,
+            cache_batch_idx, rotary_cos, rotary_sin, bool(rotary_interleaved),
+        )  # fmt: skip
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    out = flash_attn_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table, cache_batch_idx,
-        rotary_cos, rotary_sin, bool(rotary_interleaved),
+        rotary_cos, rotary_sin, bool(rotary_interleaved), lse,
     )  # fmt: skip
+    return out, lse
 
 
 def _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap,
@@ -617,7 +637,7 @@ if _ext.loaded:
     @register_fake("llmkernels::flash_attn_with_kvcache")
     def _kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                       softcap, block_table=None, cache_batch_idx=None, rotary_cos=None, rotary_sin=None,
-                      rotary_interleaved=True):  # fmt: skip
+                      rotary_interleaved=True, softmax_lse=None):  # fmt: skip
         return q.new_empty(q.shape)
 
     register_attention_autograd("llmkernels::flash_attn_fwd", torch.ops.llmkernels.flash_attn_bwd, 3)

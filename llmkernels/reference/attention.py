@@ -112,7 +112,8 @@ def flash_attn_with_kvcache_ref(
     upcast: bool = True,
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_softmax_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_with_kvcache semantics, one batch row at a time (rows may hold different lengths).
 
     k_cache, v_cache: (batch, max_seqlen, nheads_k, headdim); cache_seqlens: int or (batch,) int32, the
@@ -123,6 +124,8 @@ def flash_attn_with_kvcache_ref(
     cache_batch_idx ((batch,) int): row i of q uses row cache_batch_idx[i] of the caches. block_table
     ((batch, max_pages) int32, paged KV): the caches are (num_pages, page_size, nheads_k, headdim) and position p
     of row i lives at slot p % page_size of page block_table[i, p // page_size].
+    return_softmax_lse: also the log-sum-exp of each row's scores, (batch, nheads, seqlen_q) (-inf where a row
+    sees no key), as flash_attn_fwd_ref's.
     """
     batch = q.shape[0]
     if block_table is not None:
@@ -150,16 +153,18 @@ def flash_attn_with_kvcache_ref(
             at = where(i, torch.arange(n, n + s_new, device=k_cache.device))
             k_cache[at] = k[i]
             v_cache[at] = v[i]
-    outs = []
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    left, right = normalize_window(causal, window_size)
+    outs, lses = [], []
     for i, n in enumerate(lens):
         at = where(i, torch.arange(n + s_new, device=k_cache.device))
-        outs.append(
-            flash_attn_ref(
-                q[i : i + 1], k_cache[at].unsqueeze(0), v_cache[at].unsqueeze(0),
-                softmax_scale, causal, window_size, softcap, upcast,
-            )
+        out, lse = flash_attn_fwd_ref(
+            q[i : i + 1], k_cache[at].unsqueeze(0), v_cache[at].unsqueeze(0), scale, left, right, softcap, upcast
         )
-    return torch.cat(outs, dim=0)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=0)
+    return (out, torch.cat(lses, dim=0)) if return_softmax_lse else out
 
 
 def rotary_embedding(

@@ -140,6 +140,7 @@ def flash_attn_decode_split_kernel(
 @triton.jit
 def flash_attn_decode_combine_kernel(
     O_PART, LSE_PART, Out,  # o_part: (b, h, sq, splits, d) fp32; lse_part: (b, h, sq, splits); out: (b, sq, h, d)
+    LSE_OUT,  # (b, h, sq) fp32 contiguous, each row's log-sum-exp; None: not asked for (no code)
     stride_ob, stride_om, stride_oh, nheads, seqlen_q, num_splits,
     HEADDIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -161,6 +162,9 @@ def flash_attn_decode_combine_kernel(
     out = tl.sum(o * w[:, None], 0)
     tl.store(Out + off_b * stride_ob + qi * stride_om + off_h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
              mask=offs_d < HEADDIM)
+    if LSE_OUT is not None:
+        tl.store(LSE_OUT + row, tl.where(total > 0.0, lse_max + tl.log(tl.where(total > 0.0, total, 1.0)),
+                                         float("-inf")))
 
 
 def _split_plan(capacity: int, programs: int, interpret: bool) -> tuple[int, int]:
@@ -246,8 +250,10 @@ def _append_indirect(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
 
 def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                   cache_seqlens, softmax_scale, window_left, window_right, softcap, meta,
-                  block_table: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d)."""
+                  block_table: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
+                  softmax_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d) and
+    writes each row's log-sum-exp into softmax_lse ((b, h, sq) fp32 contiguous) when given."""
     interpret = INTERPRET
     batch, seqlen_q, nheads, headdim = q.shape
     capacity, nheads_k = cache_capacity(k_cache, block_table), k_cache.shape[2]
@@ -267,6 +273,8 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
     if out.numel() == 0:
         return out
     if capacity == 0 or k_cache.shape[0] == 0:  # no keys (no pages or rows: the clamps would have nothing to hit)
+        if softmax_lse is not None:
+            softmax_lse.fill_(float("-inf"))
         return out.zero_()
     group = nheads // nheads_k
     packed_rows = group * seqlen_q
@@ -288,7 +296,7 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         PAGED=block_table is not None, INDEXED=cache_batch_idx is not None,
     )  # fmt: skip
     launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),
-        o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, num_splits,
+        o_part, lse_part, out, softmax_lse, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, num_splits,
         HEADDIM=headdim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=meta["BLOCK_D"],
         num_warps=1 if interpret else 4,
     )  # fmt: skip

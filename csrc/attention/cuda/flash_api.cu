@@ -334,9 +334,11 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                                     int64_t window_right, double softcap, const std::optional<Tensor>& block_table,
                                     const std::optional<Tensor>& cache_batch_idx,
                                     const std::optional<Tensor>& rotary_cos, const std::optional<Tensor>& rotary_sin,
-                                    bool rotary_interleaved) {
+                                    bool rotary_interleaved, const std::optional<Tensor>& softmax_lse) {
   constexpr const char* op = "flash_attn_with_kvcache";
   (void)rotary_interleaved;
+  LLMK_CHECK_ARG(!(softmax_lse.has_value() && softmax_lse->defined()), op, "softmax_lse",
+                 "is not returned by the CUDA kernels (the Triton decode kernel returns it)");
   LLMK_CHECK_ARG(!(rotary_cos.has_value() && rotary_cos->defined()) && !(rotary_sin.has_value() && rotary_sin->defined()),
                  op, "rotary_cos", "is not taken by the CUDA host (the Python wrapper rotates q and k first)");
   LLMK_CHECK_ARG(!(block_table.has_value() && block_table->defined()), op, "block_table",
