@@ -130,12 +130,18 @@ def flash_attn_varlen_func(
     to its own keys, the causal / window band aligned bottom-right per sequence. Rows of q outside every
     sequence get 0. Returns (total_q, nheads, headdim) in q's dtype, or with return_attn_probs=True
     (out, softmax_lse (nheads, total_q) fp32, None), lse differentiable. The other arguments (deterministic too)
-    are flash_attn_func's; block_table (paged KV) is not supported.
+    are flash_attn_func's.
+
+    block_table ((batch, max_pages) int32, paged KV as in flash_attn): k and v are then (num_pages, page_size,
+    nheads_k, headdim) pages and key p of sequence b (p < cu_seqlens_k[b + 1] - cu_seqlens_k[b]) is slot
+    p % page_size of page block_table[b, p // page_size]. The pages are gathered into packed rows first (one copy
+    of batch * max_pages * page_size K/V rows; differentiable into the pages), then the packed kernels run:
+    decoding against a paged cache without that copy is flash_attn_with_kvcache(block_table=...).
     """
     fn = "flash_attn_varlen_func"
     _check_unsupported(fn, dropout_p, alibi_slopes)
     if block_table is not None:
-        raise NotImplementedError(f"llmkernels.{fn}: block_table (paged KV) is not supported (only None)")
+        k, v = _gather_pages(fn, q, k, v, cu_seqlens_k, block_table)
     _check_varlen_args(
         fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap
     )
@@ -146,6 +152,37 @@ def flash_attn_varlen_func(
         deterministic=bool(deterministic),
     )  # fmt: skip
     return (out, lse, None) if return_attn_probs else out
+
+
+def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (rows, nheads_k, headdim) K and V from a paged cache: row cu_seqlens_k[b] + p holds key p of
+    sequence b. The row count is the table's capacity, batch * max_pages * page_size (a bound known from shapes,
+    so nothing is read back from the device); rows past cu_seqlens_k[-1] belong to no sequence and are never read.
+    Table entries and positions are clamped into range: bad ones give wrong keys, never an indexing fault."""
+    check_tensor(fn, "k", k_pages, ndim=4, device=q.device, last_dim_contiguous=True)
+    check_tensor(fn, "v", v_pages, ndim=4, device=q.device, last_dim_contiguous=True)
+    check_same_dtype(fn, "k", k_pages, "q", q)
+    check_same_dtype(fn, "v", v_pages, "q", q)
+    check_shape(fn, "k", k_pages, (*k_pages.shape[:3], q.shape[-1]))
+    check_shape(fn, "v", v_pages, k_pages.shape)
+    check_tensor(fn, "cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=q.device)
+    check_tensor(fn, "block_table", block_table, ndim=2, dtypes=(torch.int32,), device=q.device)
+    batch = cu_seqlens_k.shape[0] - 1
+    check_shape(fn, "block_table", block_table, (batch, block_table.shape[1]))
+    num_pages, page_size = k_pages.shape[:2]
+    if num_pages == 0 or page_size == 0:
+        raise ValueError(f"llmkernels.{fn}: with a block_table, k must hold pages (num_pages, page_size, nheads_k, "
+                         f"headdim), got {tuple(k_pages.shape)}")  # fmt: skip
+    capacity = block_table.shape[1] * page_size
+    if batch <= 0 or capacity == 0:  # no sequence, or none can hold a key
+        return k_pages.new_zeros((0, *k_pages.shape[2:])), v_pages.new_zeros((0, *v_pages.shape[2:]))
+    rows = torch.arange(batch * capacity, device=q.device)
+    cu = cu_seqlens_k.long()
+    seq = torch.searchsorted(cu[1:], rows, right=True).clamp(0, batch - 1)  # the sequence row r belongs to
+    pos = (rows - cu[seq]).clamp(0, capacity - 1)
+    page = block_table.long()[seq, pos // page_size].clamp(0, num_pages - 1)
+    slot = pos % page_size
+    return k_pages[page, slot], v_pages[page, slot]
 
 
 def _unpack(fn: str, name: str, packed: torch.Tensor, parts: int, axis: int) -> tuple[torch.Tensor, ...]:
