@@ -432,6 +432,7 @@ def test_tma_reduce_descriptor_and_its_fallbacks(monkeypatch):
 
 @interp
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow in the padding keys' dS is the point
 @pytest.mark.parametrize("dtype,magnitude", [(torch.float16, 2.0), (torch.float32, 4.8)])
 def test_atomic_dq_ignores_keys_past_the_end(dtype, magnitude):
     """Every real score very negative (lse far below 0) and seqlen_k not a tile multiple: the padding keys, loaded
