@@ -226,6 +226,7 @@ def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scal
         window_left,
         window_right,
         softcap,
+        softmax_lse=softmax_lse,  # refused by the C++ host (supports sends such calls to Triton first)
     )
 
 
@@ -464,8 +465,9 @@ def flash_attn_with_kvcache(
     cache_seqlens[i] + seqlen_new keys, the causal / window band aligned bottom-right. cache_seqlens itself is
     not advanced. Returns (batch, seqlen_q, nheads, headdim), or with return_softmax_lse=True (out, softmax_lse):
     softmax_lse (batch, nheads, seqlen_q) fp32, the natural-log log-sum-exp of each row's scaled (and capped)
-    scores, -inf where a row sees no key; what merging attention over several caches needs (cascade / prefix
-    sharing). The CUDA C++ kernels do not return it: on a GPU such calls run the Triton kernel.
+    scores; what merging attention over several caches needs (cascade / prefix sharing). A row that sees no key
+    gets -inf, as from flash_attn_func here (flash_attn's own kernel may give +inf there; -inf is the value whose
+    weight in a merge is 0). The CUDA C++ kernels do not return it: on a GPU such calls run the Triton kernel.
 
     rotary_cos / rotary_sin ((seqlen_ro, rotary_dim / 2), as flash_attn's): the new k is rotated at positions
     cache_seqlens[i] + t before it is stored, and q at cache_seqlens[i] + t when causal or windowed, else at

@@ -134,14 +134,17 @@ def flash_attn_varlen_func(
 
     block_table ((batch, max_pages) int32, paged KV as in flash_attn): k and v are then (num_pages, page_size,
     nheads_k, headdim) pages and key p of sequence b (p < cu_seqlens_k[b + 1] - cu_seqlens_k[b]) is slot
-    p % page_size of page block_table[b, p // page_size]. The pages are gathered into packed rows first (one copy
-    of batch * max_pages * page_size K/V rows; differentiable into the pages), then the packed kernels run:
-    decoding against a paged cache without that copy is flash_attn_with_kvcache(block_table=...).
+    p % page_size of page block_table[b, p // page_size]; a sequence may hold at most max_pages * page_size keys.
+    The pages are gathered into packed rows first (one copy of the keys, differentiable into the pages; on a GPU
+    or under torch.compile, of the table's whole capacity, batch * max_pages * page_size rows, since the total is
+    on the device), then the packed kernels run: decoding against a paged cache without that copy is
+    flash_attn_with_kvcache(block_table=...).
     """
     fn = "flash_attn_varlen_func"
     _check_unsupported(fn, dropout_p, alibi_slopes)
     if block_table is not None:
-        k, v = _gather_pages(fn, q, k, v, cu_seqlens_k, block_table)
+        check_tensor(fn, "q", q, ndim=3, dtypes=_DTYPES, last_dim_contiguous=True)
+        k, v = _gather_pages(fn, q, k, v, cu_seqlens_k, block_table, max_seqlen_k)
     _check_varlen_args(
         fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap
     )
@@ -154,11 +157,13 @@ def flash_attn_varlen_func(
     return (out, lse, None) if return_attn_probs else out
 
 
-def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table,
+                  max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Packed (rows, nheads_k, headdim) K and V from a paged cache: row cu_seqlens_k[b] + p holds key p of
-    sequence b. The row count is the table's capacity, batch * max_pages * page_size (a bound known from shapes,
-    so nothing is read back from the device); rows past cu_seqlens_k[-1] belong to no sequence and are never read.
-    Table entries and positions are clamped into range: bad ones give wrong keys, never an indexing fault."""
+    sequence b. On the CPU (and not under torch.compile) the offsets are read and the rows are exactly
+    cu_seqlens_k[-1]; elsewhere the table's capacity, batch * max_pages * page_size, a bound known from shapes
+    (nothing read back from the device; rows past cu_seqlens_k[-1] belong to no sequence and are never read).
+    Table entries are clamped into range: bad ones give wrong keys, never an indexing fault."""
     check_tensor(fn, "k", k_pages, ndim=4, device=q.device, last_dim_contiguous=True)
     check_tensor(fn, "v", v_pages, ndim=4, device=q.device, last_dim_contiguous=True)
     check_same_dtype(fn, "k", k_pages, "q", q)
@@ -166,6 +171,9 @@ def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table) -> tu
     check_shape(fn, "k", k_pages, (*k_pages.shape[:3], q.shape[-1]))
     check_shape(fn, "v", v_pages, k_pages.shape)
     check_tensor(fn, "cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=q.device)
+    if cu_seqlens_k.shape[0] < 1:
+        raise ValueError(f"llmkernels.{fn}: cu_seqlens_k must hold batch + 1 >= 1 offsets, got shape "
+                         f"{tuple(cu_seqlens_k.shape)}")  # fmt: skip
     check_tensor(fn, "block_table", block_table, ndim=2, dtypes=(torch.int32,), device=q.device)
     batch = cu_seqlens_k.shape[0] - 1
     check_shape(fn, "block_table", block_table, (batch, block_table.shape[1]))
@@ -174,10 +182,20 @@ def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table) -> tu
         raise ValueError(f"llmkernels.{fn}: with a block_table, k must hold pages (num_pages, page_size, nheads_k, "
                          f"headdim), got {tuple(k_pages.shape)}")  # fmt: skip
     capacity = block_table.shape[1] * page_size
-    if batch <= 0 or capacity == 0:  # no sequence, or none can hold a key
-        return k_pages.new_zeros((0, *k_pages.shape[2:])), v_pages.new_zeros((0, *v_pages.shape[2:]))
-    rows = torch.arange(batch * capacity, device=q.device)
+    if isinstance(max_seqlen_k, int) and max_seqlen_k > capacity:
+        raise ValueError(f"llmkernels.{fn}: max_seqlen_k ({max_seqlen_k}) passes what a block_table row holds "
+                         f"({block_table.shape[1]} pages of {page_size})")  # fmt: skip
     cu = cu_seqlens_k.long()
+    total = batch * capacity
+    if cu.device.type == "cpu" and batch > 0 and not torch.compiler.is_compiling():
+        longest = int((cu[1:] - cu[:-1]).max())  # host values: no sync to read
+        if longest > capacity:
+            raise ValueError(f"llmkernels.{fn}: a sequence of cu_seqlens_k has {longest} keys, more than a "
+                             f"block_table row holds ({block_table.shape[1]} pages of {page_size})")  # fmt: skip
+        total = max(int(cu[-1]), 0)
+    if batch <= 0 or capacity == 0 or total == 0:  # no sequence, or no key
+        return k_pages.new_zeros((0, *k_pages.shape[2:])), v_pages.new_zeros((0, *v_pages.shape[2:]))
+    rows = torch.arange(total, device=q.device)
     seq = torch.searchsorted(cu[1:], rows, right=True).clamp(0, batch - 1)  # the sequence row r belongs to
     pos = (rows - cu[seq]).clamp(0, capacity - 1)
     page = block_table.long()[seq, pos // page_size].clamp(0, num_pages - 1)

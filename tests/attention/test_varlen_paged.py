@@ -14,13 +14,16 @@ from attn_cases import NO_CPU_KERNEL
 
 import llmkernels
 
-HAS_CUDA = torch.cuda.is_available()
-TRITON_HERE = importlib.util.find_spec("triton") is not None and (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# (backend, device): Triton on CPU tensors under the interpreter here, on CUDA tensors on a GPU machine.
 BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(NO_CPU_KERNEL, reason="no C++ CPU attention kernel")),
-    pytest.param("triton", marks=[pytest.mark.triton_interp,
-                                  pytest.mark.skipif(not TRITON_HERE, reason="Triton needs a GPU or the interpreter")]),
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("cpu", "cpu", id="cpu", marks=pytest.mark.skipif(NO_CPU_KERNEL, reason="no C++ CPU kernel")),
+    pytest.param("triton", "cpu", id="triton-interp", marks=[pytest.mark.triton_interp, pytest.mark.skipif(
+        not (HAS_TRITON and INTERPRET), reason="needs the Triton interpreter")]),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not HAS_TRITON, reason="triton is not installed")]),
 ]  # fmt: skip
 
 
@@ -46,15 +49,11 @@ def _paged(k, v, cu_k, page_size, max_pages, spare_pages=3, seed=0):
     return k_pages, v_pages, table
 
 
-def _device(backend: str) -> str:
-    return "cuda" if backend == "triton" and HAS_CUDA else "cpu"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (9, 0))])
-def test_paged_equals_dense_packed(backend, causal, window):
-    device = _device(backend)
-    lens_q, lens_k = [3, 1, 17, 0], [40, 1, 33, 16]  # prefill chunks after cached prefixes; an empty q sequence
+def test_paged_equals_dense_packed(backend, device, causal, window):
+    # Prefill chunks after cached prefixes; an empty query sequence; a sequence with no keys yet.
+    lens_q, lens_k = [3, 1, 17, 0, 2], [40, 1, 33, 16, 0]
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
     h, hk, d, page_size = 4, 2, 16, 16
@@ -113,3 +112,11 @@ def test_paged_varlen_bad_arguments_name_them():
         call(q, torch.randn(12, 2, 16), torch.randn(12, 2, 16), cu, cu, 7, 7, block_table=table)
     with pytest.raises(ValueError, match="v must have shape"):
         call(q, pages, torch.randn(3, 16, 2, 8), cu, cu, 7, 7, block_table=table)
+    # More keys than a table row holds (2 pages of 16): said, not silently read from the wrong slots.
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        call(q, pages, pages, cu, cu, 7, 33, block_table=table)
+    long_k = torch.tensor([0, 40, 41], dtype=torch.int32)
+    with pytest.raises(ValueError, match="40 keys, more than a block_table row holds"):
+        call(q, pages, pages, cu, long_k, 7, 7, block_table=table)
+    with pytest.raises(ValueError, match="cu_seqlens_k must hold"):
+        call(q, pages, pages, cu, torch.zeros(0, dtype=torch.int32), 7, 7, block_table=table)
