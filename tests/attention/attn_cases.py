@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from utils import assert_error_within_ratio, poison_
@@ -16,6 +19,18 @@ needs_cpu_kernel = pytest.mark.skipif(NO_CPU_KERNEL, reason=f"no C++ CPU attenti
 # Each C++ backend with the dtypes its kernels take; the cuda cases run on a GPU machine (conftest skips them).
 BACKENDS = [pytest.param("cpu", marks=needs_cpu_kernel), pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16)}
+
+# (backend, device) of ops that every backend runs, the CUDA C++ one aside: the reference, the C++ CPU kernels,
+# Triton on CPU tensors under the interpreter here and on CUDA tensors on a GPU machine.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+BACKEND_DEVICES = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("cpu", "cpu", id="cpu", marks=needs_cpu_kernel),
+    pytest.param("triton", "cpu", id="triton-interp", marks=[pytest.mark.triton_interp, pytest.mark.skipif(
+        not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"), reason="needs the Triton interpreter")]),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not HAS_TRITON, reason="triton is not installed")]),
+]  # fmt: skip
 
 # fp32 kernels against the fp64 reference: reordered fp32 sums over up to 2k keys.
 FP32_TOL = {"out": (1e-4, 1e-5), "grad": (2e-4, 5e-5)}
@@ -61,8 +76,13 @@ def check_flash_attn(backend, inputs, *, causal=False, window_size=(-1, -1), sof
         ref, ref_grads = forward_backward(reference(True), exact, dout.double().cpu())
         torch.testing.assert_close(out.cpu().double(), ref, rtol=FP32_TOL["out"][0], atol=FP32_TOL["out"][1])
         for name, g, r in zip(("dq", "dk", "dv"), grads or (), ref_grads):
-            torch.testing.assert_close(g.cpu().double(), r, rtol=FP32_TOL["grad"][0], atol=FP32_TOL["grad"][1],
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                g.cpu().double(),
+                r,
+                rtol=FP32_TOL["grad"][0],
+                atol=FP32_TOL["grad"][1],
+                msg=lambda m, name=name: f"{name}: {m}",
+            )
     else:
         exact, exact_grads = forward_backward(reference(True), [t.float() for t in inputs], dout)
         same, same_grads = forward_backward(reference(False), inputs, dout)

@@ -4,29 +4,16 @@ fp64 reference's. lse is what merging attention over several caches needs, so it
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
-from attn_cases import NO_CPU_KERNEL
+from attn_cases import BACKEND_DEVICES, NO_CPU_KERNEL
 from utils import poison_
 
 import llmkernels
 from llmkernels.ops import attention as attention_ops
 from llmkernels.reference.attention import flash_attn_with_kvcache_ref
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# (backend, device): Triton on CPU tensors under the interpreter here, on CUDA tensors on a GPU machine.
-BACKENDS = [
-    pytest.param("reference", "cpu", id="reference"),
-    pytest.param("cpu", "cpu", id="cpu", marks=pytest.mark.skipif(NO_CPU_KERNEL, reason="no C++ CPU kernel")),
-    pytest.param("triton", "cpu", id="triton-interp", marks=[pytest.mark.triton_interp, pytest.mark.skipif(
-        not (HAS_TRITON and INTERPRET), reason="needs the Triton interpreter")]),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not HAS_TRITON, reason="triton is not installed")]),
-]  # fmt: skip
+BACKENDS = BACKEND_DEVICES
 
 # (nheads, nheads_k, headdim, causal, window_size, softcap, seqlen_q, s_new)
 CASES = [
