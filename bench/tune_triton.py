@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 DEFAULT_OUT = os.path.join(ROOT, "llmkernels", "triton", "tuned_configs.json")
 SMOKE_OUT = os.path.join(tempfile.gettempdir(), "llmkernels_tuned_configs_smoke.json")
 
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "decode")
 HEADDIMS = (128, 64, 256)  # most used first: what a budget cut leaves out matters least
 # Heads per head dim at batch 4 x seqlen 4096 = 16k tokens: a 2048-wide attention layer for every head dim.
 NHEADS = {64: 32, 128: 16, 256: 8}
@@ -87,6 +87,13 @@ CANDIDATES: dict[str, dict[int, list[tuple[int, ...]]]] = {
               (64, 64, 8, 2, 2), (64, 128, 8, 2, 2)],
         256: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2, 2)],
     },
+    # decode split kernel (flash_attn_with_kvcache): (most packed rows, BLOCK_N, warps, stages); memory-bound, so
+    # the question is bytes in flight per SM: wider key tiles, more stages, fewer warps per program.
+    "decode": {
+        64: [(32, 128, 8, 3), (32, 64, 4, 4), (16, 128, 4, 3)],
+        128: [(16, 128, 8, 3), (16, 128, 4, 3), (16, 64, 4, 4), (16, 64, 8, 4), (16, 32, 4, 4), (16, 128, 8, 2)],
+        256: [(16, 64, 8, 2), (16, 32, 4, 4), (16, 64, 4, 3)],
+    },
     "bwd_dq": {
         64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
         128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
@@ -107,21 +114,30 @@ class Case:
     short: bool = False  # winners stored as "<mask>_short": flash_attn uses them up to SHORT_SEQLEN keys
     window: int = 0  # > 0: causal with that many keys per query (window_size (window - 1, 0)), stored as "window"
     nheads_k: int | None = None  # GQA: KV heads (None: nheads)
+    decode: bool = False  # flash_attn_with_kvcache: one query per row against seqlen cached keys ("full")
 
     @property
     def mask(self) -> str:
+        if self.decode:  # one query per row: the causal band is every cached key, so no mask class of its own
+            return "full"
         if self.window > 0:
             return "window"
         return ("causal" if self.causal else "full") + ("_short" if self.short else "")
 
     def kernels(self, kernels: tuple[str, ...]) -> tuple[str, ...]:
-        """The window case tunes the forward only (the prefill it stands for does not train)."""
-        return tuple(k for k in kernels if k == "fwd" or self.window <= 0)
+        """A decode case tunes the decode kernel only; the window case the forward only (the prefill it stands for
+        does not train); the others every attention kernel but decode."""
+        if self.decode:
+            return tuple(k for k in kernels if k == "decode")
+        return tuple(k for k in kernels if k != "decode" and (k == "fwd" or self.window <= 0))
 
     def fwd_flops(self) -> float:
         """Matmul FLOPs of the forward (QK^T and PV) over the visible (query, key) pairs."""
         s, w = self.seqlen, self.window
-        pairs = s * w - w * (w - 1) / 2 if w > 0 else s * s * (0.5 if self.causal else 1)
+        if self.decode:
+            pairs = s
+        else:
+            pairs = s * w - w * (w - 1) / 2 if w > 0 else s * s * (0.5 if self.causal else 1)
         return 4.0 * self.batch * self.nheads * pairs * self.headdim
 
 
@@ -133,14 +149,17 @@ SHORT_HEADDIMS = (128,)
 # Mistral 7B's prefill (issue 5's target shape): 16k tokens, window 4096, 32 query / 8 KV heads of 128. Its tiles
 # see ~4k keys per query block where the causal case's see ~2k on average, and masked tiles at both band edges.
 WINDOW_CASE = dict(headdim=128, causal=True, batch=1, seqlen=16384, nheads=32, nheads_k=8, window=4096)
+# Issue 4's decode target shape: batch 64 x 4096 cached keys, 32 / 8 heads of 128 (65% of copy bandwidth so far).
+DECODE_CASE = dict(headdim=128, causal=True, batch=64, seqlen=4096, nheads=32, nheads_k=8, decode=True)
 
 
 def gpu_cases(headdims=HEADDIMS) -> list[Case]:
     cases = [Case(d, causal, nheads=NHEADS[d]) for d in headdims for causal in (False, True)]
     window = [Case(**WINDOW_CASE)] if WINDOW_CASE["headdim"] in headdims else []
+    decode = [Case(**DECODE_CASE)] if DECODE_CASE["headdim"] in headdims else []
     short = [Case(d, causal, batch=16, seqlen=1024, nheads=NHEADS[d], short=True) for d in headdims
              if d in SHORT_HEADDIMS for causal in (False, True)]  # fmt: skip
-    return cases + window + short  # last: a budget cut leaves the short cases out first
+    return cases + window + decode + short  # last: a budget cut leaves the short cases out first
 
 
 def smoke_cases() -> list[Case]:
@@ -164,7 +183,8 @@ def default_config(kernel: str, headdim: int) -> tuple[int, int, int, int]:
     m = fa()
     if m._INTERPRET:
         return m._INTERPRET_CONFIG
-    table = {"fwd": m._FWD_CONFIGS, "bwd_dkdv": m._DKDV_CONFIGS, "bwd_dq": m._DQ_CONFIGS}[kernel]
+    table = {"fwd": m._FWD_CONFIGS, "bwd_dkdv": m._DKDV_CONFIGS, "bwd_dq": m._DQ_CONFIGS,
+             "decode": m._DECODE_CONFIGS}[kernel]  # fmt: skip
     return m._pick(table, bucket(headdim))
 
 
@@ -173,6 +193,12 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
 
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
+    if case.decode:
+        cache = (case.batch, case.seqlen, case.nheads_k or case.nheads, case.headdim)
+        q, k_cache, v_cache = (torch.randn(s, device=device, generator=gen, dtype=torch.float32).to(dtype)
+                               for s in ((case.batch, 1, case.nheads, case.headdim), cache, cache))  # fmt: skip
+        lens = torch.full((case.batch,), case.seqlen, dtype=torch.int32, device=device)
+        return dict(q=q, k_cache=k_cache, v_cache=v_cache, lens=lens, scale=case.headdim**-0.5)
     shape = (case.batch, case.seqlen, case.nheads, case.headdim)
     kv_shape = (case.batch, case.seqlen, case.nheads_k or case.nheads, case.headdim)
     q, k, v, dout = (torch.randn(s, device=device, generator=gen, dtype=torch.float32).to(dtype)
@@ -201,9 +227,19 @@ def _bwd(inp: dict, dkdv_cfg, dq_cfg) -> tuple:
         )  # fmt: skip
 
 
+def _decode(inp: dict, cfg):
+    import torch
+
+    with fa().config_override(decode=cfg):  # the cache holds every key already: nothing is appended
+        return torch.ops.llmkernels.flash_attn_with_kvcache_triton(
+            inp["q"], inp["k_cache"], inp["v_cache"], None, None, inp["lens"], inp["scale"], -1, 0, 0.0
+        )
+
+
 # kernel -> (run(inputs, candidate config, headdim) -> named outputs to compare); the other backward kernel
 # keeps its default. The tests swap entries to inject a wrong kernel.
 RUNNERS: dict[str, Callable] = {
+    "decode": lambda inp, cfg, d: dict(out=_decode(inp, cfg)),
     "fwd": lambda inp, cfg, d: dict(zip(("out", "lse"), _fwd(inp, cfg))),
     # dq too: a 5th field 1 computes it in the dK/dV kernel
     "bwd_dkdv": lambda inp, cfg, d: dict(zip(("dq", "dk", "dv"), _bwd(inp, cfg, default_config("bwd_dq", d)))),
@@ -326,7 +362,8 @@ def sweep(
     device = "cpu" if fa()._INTERPRET else "cuda"
     doc = _metadata(device, smoke, budget_s)
     doc["cases"] = [dict(headdim=c.headdim, bucket=bucket(c.headdim), mask=c.mask, batch=c.batch, seqlen=c.seqlen,
-                         nheads=c.nheads, nheads_k=c.nheads_k or c.nheads, window=c.window, dtype=c.dtype)
+                         nheads=c.nheads, nheads_k=c.nheads_k or c.nheads, window=c.window, decode=c.decode,
+                         dtype=c.dtype)
                     for c in cases]  # fmt: skip
     records: list[dict] = doc["candidates"]
     try:
@@ -360,9 +397,9 @@ def _sweep_one(kernel, case, inputs, pre, smoke, timer, budget_s, t_start, recor
 
     sync = torch.cuda.synchronize if inputs["q"].is_cuda else (lambda: None)
     run = RUNNERS[kernel]
-    if kernel != "fwd":  # the backward needs the forward's out and lse: from the default forward
+    if kernel.startswith("bwd"):  # the backward needs the forward's out and lse: from the default forward
         inputs["out"], inputs["lse"] = _fwd(inputs, default_config("fwd", case.headdim))
-    flops = case.fwd_flops() * (1.0 if kernel == "fwd" else 2.5)  # the usual convention: backward = 2.5 x forward
+    flops = case.fwd_flops() * (2.5 if kernel.startswith("bwd") else 1.0)  # the convention: backward = 2.5 x fwd
     ref, ref_note = None, "default"
     for i, cfg in enumerate(candidate_list(kernel, case, smoke)):
         rec = dict(kernel=kernel, headdim=case.headdim, bucket=bucket(case.headdim), mask=case.mask,
@@ -454,7 +491,7 @@ def reference_timings(cases: list[Case], timer, log=print) -> list[dict]:
     """torch SDPA (FlashAttention-2 / cuDNN kernels) on the same shapes, for scale: not used to pick anything."""
     rows = []
     for case in cases:
-        if case.window > 0:  # SDPA has no sliding window but a dense mask: bench/bench_sliding_window.py times that
+        if case.window > 0 or case.decode:  # no window in SDPA; decode peers: bench/bench_attention.py
             continue
         try:
             fwd, bwd = _sdpa_ms(case, timer)

@@ -251,9 +251,12 @@ def _append_indirect(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
 def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                   cache_seqlens, softmax_scale, window_left, window_right, softcap, meta,
                   block_table: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
-                  softmax_lse: torch.Tensor | None = None) -> torch.Tensor:
+                  softmax_lse: torch.Tensor | None = None,
+                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d) and
-    writes each row's log-sum-exp into softmax_lse ((b, h, sq) fp32 contiguous) when given."""
+    writes each row's log-sum-exp into softmax_lse ((b, h, sq) fp32 contiguous) when given. config: (most packed
+    rows per program, BLOCK_N, num_warps, num_stages) of the split kernel (flash_attn.py's _decode_config); None:
+    the interpreter's small tiles or the H100 defaults."""
     interpret = INTERPRET
     batch, seqlen_q, nheads, headdim = q.shape
     capacity, nheads_k = cache_capacity(k_cache, block_table), k_cache.shape[2]
@@ -278,10 +281,11 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         return out.zero_()
     group = nheads // nheads_k
     packed_rows = group * seqlen_q
-    # Tiles for H100 that ptxas compiles without spills (8 warps; at most 16 rows from head dim 128 up).
-    block_m = 16 if interpret else min(32 if meta["BLOCK_D"] <= 64 else 16, triton.next_power_of_2(packed_rows))
-    block_m = max(block_m, 16)  # tl.dot's smallest tile
-    block_n = 16 if interpret else (64 if meta["BLOCK_D"] <= 128 else 32)
+    if config is None:  # tiles for H100 that ptxas compiles without spills (8 warps; 16 rows from head dim 128 up)
+        wide = meta["BLOCK_D"] <= 64
+        config = (16, 16, 1, 1) if interpret else (32 if wide else 16, 64 if meta["BLOCK_D"] <= 128 else 32, 8, 3)
+    max_m, block_n, num_warps, num_stages = config
+    block_m = max(min(max_m, triton.next_power_of_2(packed_rows)), 16)  # tl.dot's smallest tile is 16
     row_blocks = triton.cdiv(packed_rows, block_m)
     split_len, num_splits = _split_plan(capacity, batch * nheads_k * row_blocks, interpret)
     o_part = torch.empty((batch, nheads, seqlen_q, num_splits, headdim), dtype=torch.float32, device=q.device)
@@ -292,7 +296,7 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         nheads, group, seqlen_q, seqlen_new, capacity, split_len, num_splits, softmax_scale, softcap, window_left,
         window_right, *_indirect_args(k_cache, block_table, cache_batch_idx),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1 if interpret else 8, num_stages=1 if interpret else 3, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
         PAGED=block_table is not None, INDEXED=cache_batch_idx is not None,
     )  # fmt: skip
     launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),

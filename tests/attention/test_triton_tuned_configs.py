@@ -208,7 +208,7 @@ def test_gpu_candidates_are_valid_tiles(monkeypatch):
             binaries |= {(kernel, tune.bucket(case.headdim), case.causal, c) for c in cands}
     # ~2 s of compile per binary (12 workers), ~0.2-0.5 s of timing per candidate: the sweep must fit in a few
     # minutes. The short cases (seqlen 1k) reuse the long ones' binaries (same argument specialisation).
-    assert len(binaries) <= 180 and total <= 240
+    assert len(binaries) <= 190 and total <= 250
 
 
 def test_gpu_cases_tune_short_sequences_and_the_window_separately():
@@ -217,7 +217,14 @@ def test_gpu_cases_tune_short_sequences_and_the_window_separately():
     assert [c.mask for c in short] == ["full_short", "causal_short"] and all(c.seqlen <= fa.SHORT_SEQLEN for c in short)
     window = [c for c in cases if c.mask == "window"]
     assert len(window) == 1 and window[0].seqlen > fa.SHORT_SEQLEN and window[0].kernels(tune.KERNELS) == ("fwd",)
-    assert all(c.kernels(tune.KERNELS) == tune.KERNELS for c in cases if c.mask != "window")
+    decode = [c for c in cases if c.decode]
+    assert (
+        len(decode) == 1
+        and decode[0].kernels(tune.KERNELS) == ("decode",)
+        and decode[0].batch * decode[0].seqlen >= 2**18
+    )
+    attention = ("fwd", "bwd_dkdv", "bwd_dq")
+    assert all(c.kernels(tune.KERNELS) == attention for c in cases if c.mask != "window" and not c.decode)
     assert cases[-len(short) :] == short  # a budget cut drops them first
     assert {c[4] for c in tune.CANDIDATES["fwd"][128] if len(c) == 5} == {1, 2}  # both TMA variants are timed
     for bucket in (64, 128, 256):  # the atomic-dq backward (TMA reduce) is timed at every head dim
@@ -240,6 +247,17 @@ def test_tma_variant_and_short_winners_are_used(gpu):
     assert fa._fwd_config(128, BF16, banded=True, seqlen=4096) == fa._FWD_CONFIGS[128]
     assert fa._fwd_config(64, BF16, seqlen=1024) == fa._FWD_CONFIGS[64]
     assert fa._fwd_config(128, FP32, seqlen=1024) == fa._FWD_CONFIGS_FP32[128]
+
+
+def test_decode_winner_is_used_for_fp16_bf16_only(gpu):
+    path, _ = gpu
+    _write(path, _doc(winners={"decode": {"128": {"full": [16, 128, 4, 3]}}}))
+    assert fa._decode_config(128, BF16) == (16, 128, 4, 3)
+    assert fa._decode_config(100, FP16) == (16, 128, 4, 3)  # BLOCK_D 128's bucket
+    assert fa._decode_config(128, FP32) == fa._DECODE_CONFIGS[128]
+    assert fa._decode_config(64, BF16) == fa._DECODE_CONFIGS[64]
+    with fa.config_override(decode=(16, 32, 2, 2)):
+        assert fa._decode_config(128, BF16) == (16, 32, 2, 2)
 
 
 def test_window_winner_is_used_for_long_windowed_sequences(gpu):
@@ -324,7 +342,8 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert len(doc["candidates"]) == 12 and len(calls) == 12  # 3 kernels x 2 masks x 2 candidates, all timed
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in doc["candidates"])
     winner = list(tune.SMOKE_CANDIDATES[1])
-    assert doc["winners"] == {k: {"64": {"full": winner, "causal": winner}} for k in tune.KERNELS}
+    attention = ("fwd", "bwd_dkdv", "bwd_dq")  # the smoke cases are not decode cases
+    assert doc["winners"] == {k: {"64": {"full": winner, "causal": winner}} for k in attention}
     assert all(r["default"] == list(fa._INTERPRET_CONFIG) and r["speedup"] > 1 for r in doc["summary"])
     # The file the GPU session commits is the one the loader reads.
     out = tmp_path / "tuned.json"
@@ -451,3 +470,22 @@ def test_window_case_sweeps_with_its_window(monkeypatch):
     assert left_bounds and all(left_bounds), "the window's left bound must reach the kernel"
     assert [(r["kernel"], r["status"]) for r in doc["candidates"]] == [("fwd", "ok")] * 2, doc["candidates"]
     assert doc["winners"] == {"fwd": {"64": {"window": [32, 16, 1, 1]}}}
+
+
+@smoke
+def test_decode_case_sweeps_the_decode_kernel(monkeypatch):
+    """The decode case times flash_attn_with_kvcache's split kernel with each candidate's tiles (checked against
+    the default's output) and stores the winner as "decode"; _decode_config then returns it."""
+    small = dict(headdim=32, batch=3, seqlen=40, nheads=4, nheads_k=2, dtype="float16")
+    case = tune.Case(**{**tune.DECODE_CASE, **small})
+    from llmkernels.triton import flash_attn_decode
+
+    monkeypatch.setattr(tune, "SMOKE_CANDIDATES", [fa._INTERPRET_CONFIG, (16, 32, 1, 1)])
+    block_n = []
+    real = flash_attn_decode.launch
+    monkeypatch.setattr(flash_attn_decode, "launch", lambda k, *a, **kw: block_n.append(kw.get("BLOCK_N")) or real(
+        k, *a, **kw))  # fmt: skip
+    doc = tune.sweep([case], smoke=True, timer=_stub_timer()[0], budget_s=600, log=lambda s: None)
+    assert 32 in block_n and 16 in block_n, "each candidate's key tile must reach the split kernel"
+    assert [(r["kernel"], r["status"]) for r in doc["candidates"]] == [("decode", "ok")] * 2, doc["candidates"]
+    assert doc["winners"] == {"decode": {"64": {"full": [16, 32, 1, 1]}}}
