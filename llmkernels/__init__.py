@@ -6,6 +6,7 @@
     ternary_linear, quantize_, ternary.*            BitNet b1.58 ternary linear layers
     selective_scan_fn, selective_state_update,      Mamba's selective scan (mamba_ssm signatures)
     causal_conv1d_fn, causal_conv1d_update          and its depthwise causal convolution
+    mamba_inner_fn                                  Mamba's inner block (conv1d, projections, scan)
     nn.*                                            drop-in nn.Module layers
 
 Importing never initialises CUDA and never fails for want of the compiled extension: the reference
@@ -23,6 +24,7 @@ from .ops.attention_varlen import (
     flash_attn_varlen_qkvpacked_func,
 )
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .ops.mamba_inner import mamba_inner_fn
 from .ops.selective_scan import selective_scan_fn, selective_state_update
 from .ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
 from .ops.ternary import quantize_, ternary_linear
@@ -42,6 +44,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "mamba_inner_fn",
     "nn",
     "quantize_",
     "requested_backend",
