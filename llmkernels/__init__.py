@@ -2,6 +2,7 @@
 
     flash_attn_func, flash_attn_with_kvcache        IO-aware attention (flash_attn 2.x signatures)
     flash_attn_varlen_func, *_qkvpacked / *_kvpacked  packed variable-length batches, packed q/k/v inputs
+    bert_padding.unpad_input / pad_input            padded batch <-> packed rows (flash_attn.bert_padding's names)
     RollingKVCache, sliding_window_attn_with_cache  sliding-window attention over a ring buffer (Mistral)
     ternary_linear, quantize_, ternary.*            BitNet b1.58 ternary linear layers
     selective_scan_fn, selective_state_update,      Mamba's selective scan (mamba_ssm signatures)
@@ -13,7 +14,7 @@ Importing never initialises CUDA and never fails for want of the compiled extens
 backend always runs, and `python -m llmkernels info` says what else is usable and why not.
 """
 
-from . import _ext, nn, ternary  # noqa: E402  (public namespaces: llmkernels.ternary.*, llmkernels.nn.*)
+from . import _ext, bert_padding, nn, ternary  # noqa: E402  (public namespaces: llmkernels.ternary.*, .nn.*, ...)
 from ._backend import BACKENDS, BackendError, requested_backend, use_backend
 from .ops.attention import flash_attn_func, flash_attn_with_kvcache
 from .ops.attention_varlen import (
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "bert_padding",
     "RollingKVCache",
     "causal_conv1d_fn",
     "causal_conv1d_update",
