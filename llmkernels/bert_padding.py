@@ -5,7 +5,8 @@ packs a padded batch for flash_attn_varlen_func switches with an import change:
     out = llmkernels.flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_seqlens, cu_seqlens, max_seqlen, ...)
     out = pad_input(out, indices, batch, seqlen)                                         # back to (batch, seqlen, ...)
 
-unpad_input returns flash_attn >= 2.6's five values. Plain torch indexing: differentiable, any device.
+unpad_input returns flash_attn >= 2.6's five values. Plain torch indexing: differentiable, any device. Not
+provided: unpad_input_for_concatenated_sequences and index_first_axis_residual.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def unpad_input(
 
     hidden_states: (batch, seqlen, ...); attention_mask: (batch, seqlen), nonzero where a token is real;
     unused_mask (optional, same shape): tokens that are kept in the packed rows but not counted in seqused (as
-    flash_attn's). rows: (total, ...) the kept tokens in batch-then-position order; indices: their flat positions
-    (int64) in batch * seqlen; cu_seqlens: (batch + 1,) int32 offsets of each sequence's rows; max_seqlen_in_batch:
-    the longest sequence (a Python int: read from the device once); seqused: (batch,) int32 tokens per sequence
-    that attention_mask marks (the used ones).
+    flash_attn's; a token is kept when either mask is nonzero, where flash_attn sums them: the same for 0 / 1
+    masks that do not overlap).
+    rows: (total, ...) the kept tokens in batch-then-position order; indices: their flat positions (int64) in
+    batch * seqlen; cu_seqlens: (batch + 1,) int32 offsets of each sequence's rows; max_seqlen_in_batch: the
+    longest sequence (a Python int: read from the device once); seqused: (batch,) int32 tokens per sequence that
+    attention_mask marks (the used ones).
     """
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
         raise ValueError(f"llmkernels.unpad_input: attention_mask must have shape (batch, seqlen) = "
                          f"{tuple(hidden_states.shape[:2])}, got {tuple(attention_mask.shape)}")  # fmt: skip
+    if unused_mask is not None and tuple(unused_mask.shape) != tuple(attention_mask.shape):
+        raise ValueError(f"llmkernels.unpad_input: unused_mask must have attention_mask's shape "
+                         f"{tuple(attention_mask.shape)}, got {tuple(unused_mask.shape)}")  # fmt: skip
     used = attention_mask.bool()
     keep = used | unused_mask.bool() if unused_mask is not None else used
     seqlens = keep.sum(dim=-1, dtype=torch.int32)

@@ -194,9 +194,12 @@ def drive_launches(full: bool) -> list[Launch]:
                 kc, vc = r(4, 4096, 2, d, dtype=dtype), r(4, 4096, 2, d, dtype=dtype)
                 lens = r(4, dtype=torch.int32)
                 flash_attn.flash_attn_with_kvcache_triton(q, kc, vc, None, None, lens, d**-0.5, -1, 0, 0.0)
-                for cfg in tune_candidates["decode"][d] if full and dtype == torch.bfloat16 else ():
+                for cfg in tune_candidates["decode"].get(d, ()) if full and dtype == torch.bfloat16 else ():
                     with fa.config_override(decode=cfg):  # the decode tiles bench/tune_triton.py times
                         flash_attn.flash_attn_with_kvcache_triton(q, kc, vc, None, None, lens, d**-0.5, -1, 0, 0.0)
+                if full:  # 32 packed rows (GQA 8 x 4 queries): the table's 32-row tiles at head dim 64
+                    q32 = r(4, 4, 16, d, dtype=dtype)
+                    flash_attn.flash_attn_with_kvcache_triton(q32, kc, vc, None, None, lens, d**-0.5, -1, 0, 0.0)
                 k_ring, v_ring, seqlens = (
                     r(2, 256, 2, d, dtype=dtype),
                     r(2, 256, 2, d, dtype=dtype),

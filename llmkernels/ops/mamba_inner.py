@@ -59,21 +59,37 @@ def mamba_inner_fn(
     c_rms_weight: torch.Tensor | None = None,
     dt_rms_weight: torch.Tensor | None = None,
     b_c_dt_rms_eps: float = 1e-6,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mamba's inner block, a drop-in for mamba_ssm.ops.selective_scan_interface.mamba_inner_fn.
 
     xz: (batch, 2 * d_inner, seqlen), in_proj's output with x then z along channels; conv1d_weight (d_inner, 1,
     width) or (d_inner, width), width 2..4; x_proj_weight (dt_rank [+ dstate for B] [+ dstate for C], d_inner);
     delta_proj_weight (d_inner, dt_rank); out_proj_weight (d_model, d_inner), the three in xz's dtype; A
-    (d_inner, dstate) fp32; B, C: None (taken per token from x_proj's output, plus B_proj_bias / C_proj_bias),
-    or as selective_scan_fn takes them; D, delta_bias (d_inner,) fp32. Returns (batch, seqlen, d_model) in xz's
-    dtype, differentiable in every tensor. checkpoint_lvl (a memory hint) is accepted and ignored; the
-    RMS-normed B / C / dt variant (b_rms_weight, c_rms_weight, dt_rms_weight) raises NotImplementedError.
+    (d_inner, dstate) fp32 (real: mamba_ssm's complex A is not supported); B, C: None (taken per token from
+    x_proj's output, plus B_proj_bias / C_proj_bias), or as selective_scan_fn takes them, x_proj then having no
+    rows for the one given; D, delta_bias (d_inner,) fp32. Under torch.autocast the three weights and out_proj_bias
+    are cast to the autocast dtype first (as mamba_ssm does: its Mamba layer keeps fp32 parameters). Returns
+    (batch, seqlen, d_model) in xz's dtype, differentiable in every tensor. checkpoint_lvl (0 or 1, a memory
+    hint) is accepted and ignored. Not supported (NotImplementedError): the RMS-normed B / C / dt variant
+    (b_rms_weight, c_rms_weight, dt_rms_weight) and packed sequences (cu_seqlens, seq_idx).
     """
     fn = "mamba_inner_fn"
-    for name, t in (("b_rms_weight", b_rms_weight), ("c_rms_weight", c_rms_weight), ("dt_rms_weight", dt_rms_weight)):
+    for name, t in (("b_rms_weight", b_rms_weight), ("c_rms_weight", c_rms_weight), ("dt_rms_weight", dt_rms_weight),
+                    ("cu_seqlens", cu_seqlens), ("seq_idx", seq_idx)):  # fmt: skip
         if t is not None:
             raise NotImplementedError(f"llmkernels.{fn}: {name} is not supported (only None)")
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"llmkernels.{fn}: checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+    if isinstance(xz, torch.Tensor) and torch.is_autocast_enabled(xz.device.type):
+        dtype = torch.get_autocast_dtype(xz.device.type)
+        x_proj_weight, delta_proj_weight, out_proj_weight = (
+            w.to(dtype) for w in (x_proj_weight, delta_proj_weight, out_proj_weight)
+        )
+        out_proj_bias = None if out_proj_bias is None else out_proj_bias.to(dtype)
+        xz = xz.to(dtype)
     _check(fn, xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C)
     return mamba_inner_ref(
         xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C, D,

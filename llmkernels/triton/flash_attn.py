@@ -102,7 +102,7 @@ _override: dict[str, tuple[int, ...]] = {}
 
 @contextlib.contextmanager
 def config_override(**configs: tuple[int, ...] | None):
-    """Force configs by kernel name (fwd=, bwd_dkdv=, bwd_dq=) in this process: how bench/tune_triton.py
+    """Force configs by kernel name (fwd=, bwd_dkdv=, bwd_dq=, decode=) in this process: how bench/tune_triton.py
     times candidates. Wins over everything else, the interpreter's tiles included."""
     unknown = set(configs) - set(TUNED_KERNELS)
     if unknown:

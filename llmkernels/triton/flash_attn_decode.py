@@ -23,6 +23,8 @@ enough programs on the GPU to reach it when batch * nheads_k is small.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -167,13 +169,15 @@ def flash_attn_decode_combine_kernel(
                                          float("-inf")))
 
 
-def _split_plan(capacity: int, programs: int, interpret: bool) -> tuple[int, int]:
-    """(split_len, num_splits): keys per split (a multiple of 64) and how many splits cover the cache."""
+def _split_plan(capacity: int, programs: int, interpret: bool, block_n: int = 64) -> tuple[int, int]:
+    """(split_len, num_splits): keys per split (a multiple of 64 and of the key tile, so only a split's last tile
+    can be ragged) and how many splits cover the cache."""
     if interpret:  # small splits so the tests cross several of them and the combine does real work
         split_len = 16
     else:
         wanted = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(capacity, 256), 128))
-        split_len = triton.cdiv(triton.cdiv(capacity, wanted), 64) * 64
+        step = math.lcm(64, block_n)
+        split_len = triton.cdiv(triton.cdiv(capacity, wanted), step) * step
     return split_len, max(1, triton.cdiv(capacity, split_len))
 
 
@@ -287,7 +291,7 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
     max_m, block_n, num_warps, num_stages = config
     block_m = max(min(max_m, triton.next_power_of_2(packed_rows)), 16)  # tl.dot's smallest tile is 16
     row_blocks = triton.cdiv(packed_rows, block_m)
-    split_len, num_splits = _split_plan(capacity, batch * nheads_k * row_blocks, interpret)
+    split_len, num_splits = _split_plan(capacity, batch * nheads_k * row_blocks, interpret, block_n)
     o_part = torch.empty((batch, nheads, seqlen_q, num_splits, headdim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((batch, nheads, seqlen_q, num_splits), dtype=torch.float32, device=q.device)
     launch(flash_attn_decode_split_kernel, (row_blocks * num_splits, nheads_k, batch),

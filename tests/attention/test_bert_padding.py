@@ -4,6 +4,7 @@ alone, so that is what is tested, beside the round trip and the returned offsets
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import llmkernels
@@ -37,6 +38,10 @@ def test_unused_tokens_are_packed_but_not_counted():
     unused[0, 3:5] = True  # allocated slots after the real tokens
     rows, _, cu, max_seqlen, seqused = unpad_input(x, mask, unused)
     assert cu.tolist() == [0, 5, 10] and seqused.tolist() == [3, 5] and max_seqlen == 5 and rows.shape == (10, 3)
+    with pytest.raises(ValueError, match="unused_mask must have"):
+        unpad_input(x, mask, unused[:, :5])
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        unpad_input(x, mask[:1])
 
 
 def test_varlen_attention_over_unpadded_rows_equals_each_sequence_alone():

@@ -147,6 +147,21 @@ def test_definition_by_hand(given):
 
 
 @needs_ext
+def test_autocast_with_fp32_weights():
+    """mamba_ssm's Mamba layer keeps fp32 parameters and runs under autocast: xz comes out of in_proj in bf16 and
+    the projections run in bf16 too."""
+    m = _mixer()
+    h = torch.randn(2, 9, 32)
+    args = _inner_args(m, h)
+    kw = dict(D=m.D.float(), delta_bias=m.dt_proj.bias.float())
+    ref = llmkernels.mamba_inner_fn(*args, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = llmkernels.mamba_inner_fn(args[0].bfloat16(), *args[1:], **kw)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+@needs_ext
 def test_compiles_fullgraph():
     m = _mixer()
     h = torch.randn(2, 9, 32)
@@ -170,3 +185,7 @@ def test_bad_arguments_name_them():
         call(*args[:5], args[5].double(), *args[6:])
     with pytest.raises(NotImplementedError, match="dt_rms_weight"):
         call(*args, dt_rms_weight=torch.ones(64))
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        call(*args, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="checkpoint_lvl"):
+        call(*args, checkpoint_lvl=2)
