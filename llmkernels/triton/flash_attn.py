@@ -191,13 +191,20 @@ def _fwd_config(block_d: int, dtype: torch.dtype, banded: bool = False, seqlen: 
     """(BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) of the forward; banded: a causal or window mask;
     seqlen: seqlen_k, which picks a short-sequence winner where the tuned file has one; windowed: the band has a
     left bound (a sliding window), which picks the "window" winner for longer sequences."""
-    if "fwd" in _override:
-        return _override["fwd"]
+    return _kernel_config("fwd", _FWD_CONFIGS, _FWD_CONFIGS_FP32, block_d, dtype, banded, seqlen, windowed)
+
+
+def _kernel_config(kernel: str, table: dict, fp32_table: dict, block_d: int, dtype: torch.dtype, banded: bool = False,
+                   seqlen: int | None = None, windowed: bool = False) -> tuple[int, ...]:  # fmt: skip
+    """An override, else the interpreter's tiles, else fp32's static table (tunes are measured in bf16), else the
+    tuned winner or the static table."""
+    if kernel in _override:
+        return _override[kernel]
     if _INTERPRET:
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
-        return _pick(_FWD_CONFIGS_FP32, block_d)
-    return _tuned_or("fwd", _FWD_CONFIGS, block_d, banded, seqlen, windowed)
+        return _pick(fp32_table, block_d)
+    return _tuned_or(kernel, table, block_d, banded, seqlen, windowed)
 
 
 def _bwd_configs(
@@ -230,13 +237,7 @@ def _tma_reduce_ok(q: torch.Tensor, headdim: int, block_d: int) -> bool:
 def _decode_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(most packed rows per program, BLOCK_N, num_warps, num_stages) of the decode split kernel; a tuned winner
     ("decode", mask "full": measured at batch 64 x 4k keys, GQA 4) replaces the table for fp16 / bf16."""
-    if "decode" in _override:
-        return _override["decode"]
-    if _INTERPRET:
-        return _INTERPRET_CONFIG
-    if dtype == torch.float32:
-        return _pick(_DECODE_CONFIGS, block_d)
-    return _tuned_or("decode", _DECODE_CONFIGS, block_d, False)
+    return _kernel_config("decode", _DECODE_CONFIGS, _DECODE_CONFIGS, block_d, dtype)
 
 
 def _dq_atomic(dkdv_cfg: tuple[int, ...], deterministic: bool) -> int:
