@@ -240,9 +240,13 @@ def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_sc
                     softmax_lse=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
-    fn = _triton_function("flash_attn_with_kvcache_triton")
-    return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-              block_table, cache_batch_idx, softmax_lse)  # fmt: skip
+    args = (q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
+            block_table, cache_batch_idx)  # fmt: skip
+    if softmax_lse is None:
+        return _triton_function("flash_attn_with_kvcache_triton")(*args)
+    out, lse = _triton_function("flash_attn_with_kvcache_lse_triton")(*args)
+    softmax_lse.copy_(lse)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -443,9 +443,20 @@ def _lower_delta(fn: str, delta: torch.Tensor, dsoftmax_lse: torch.Tensor | None
         delta.sub_(dsoftmax_lse)
 
 
-@torch.library.triton_op(
-    "llmkernels::flash_attn_with_kvcache_triton", mutates_args=("k_cache", "v_cache", "softmax_lse")
-)
+def _kvcache(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
+             block_table, cache_batch_idx, softmax_lse) -> torch.Tensor:  # fmt: skip
+    check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM, block_table,
+                       cache_batch_idx)  # fmt: skip
+    # Every row sees at most capacity keys (max_pages * page_size when paged): it bounds the band like seqlen_k.
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], capacity)
+    meta = _common_meta(q, window_left, window_right, softcap)
+    return decode_launch(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
+                         softcap, meta, block_table, cache_batch_idx, softmax_lse,
+                         _decode_config(meta["BLOCK_D"], q.dtype))  # fmt: skip
+
+
+@torch.library.triton_op("llmkernels::flash_attn_with_kvcache_triton", mutates_args=("k_cache", "v_cache"))
 def flash_attn_with_kvcache_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -459,29 +470,41 @@ def flash_attn_with_kvcache_triton(
     softcap: float,
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
-    softmax_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention against a KV cache (split-KV); see flash_attn_decode.py. Writes k_new, v_new into the caches.
 
     q: (b, sq, h, d); k_cache, v_cache: (b, max_seqlen, hk, d); k_new, v_new: (b, s_new, hk, d) or None;
     cache_seqlens: (b,) int32. Returns out (b, sq, h, d) in q's dtype. At most one of block_table ((b, max_pages)
     int32; the caches are then (num_pages, page_size, hk, d)) and cache_batch_idx ((b,) int32; the caches have any
-    number of rows), as flash_attn's. softmax_lse ((b, h, sq) fp32 contiguous), when given, receives each row's
-    log-sum-exp (-inf where a row sees no key).
+    number of rows), as flash_attn's.
     """
-    fn = "flash_attn_with_kvcache_triton"
-    check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM, block_table,
-                       cache_batch_idx)  # fmt: skip
-    if softmax_lse is not None:
-        check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
-        check_shape(fn, "softmax_lse", softmax_lse, (q.shape[0], q.shape[2], q.shape[1]))
-    # Every row sees at most capacity keys (max_pages * page_size when paged): it bounds the band like seqlen_k.
-    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], capacity)
-    meta = _common_meta(q, window_left, window_right, softcap)
-    return decode_launch(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
-                         softcap, meta, block_table, cache_batch_idx, softmax_lse,
-                         _decode_config(meta["BLOCK_D"], q.dtype))  # fmt: skip
+    return _kvcache("flash_attn_with_kvcache_triton", q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
+                    window_left, window_right, softcap, block_table, cache_batch_idx, None)  # fmt: skip
+
+
+# A second op rather than an optional mutable lse argument: torch 2.11's ADInplaceOrView wrapper of Python custom
+# ops indexes every mutable argument positionally and fails when a defaulted one is left out.
+@torch.library.triton_op("llmkernels::flash_attn_with_kvcache_lse_triton", mutates_args=("k_cache", "v_cache"))
+def flash_attn_with_kvcache_lse_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_attn_with_kvcache_triton that also returns each row's log-sum-exp, (b, h, sq) fp32 (-inf where a row
+    sees no key)."""
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    out = _kvcache("flash_attn_with_kvcache_lse_triton", q, k_cache, v_cache, k_new, v_new, cache_seqlens,
+                   softmax_scale, window_left, window_right, softcap, block_table, cache_batch_idx, lse)  # fmt: skip
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------------
@@ -646,7 +669,7 @@ if _INTERPRET:
         return mode.__torch_dispatch__(op, types, args, kwargs)
 
     for _op in (flash_attn_fwd_triton, flash_attn_bwd_triton, flash_attn_with_kvcache_triton,
-                flash_attn_varlen_fwd_triton, flash_attn_varlen_bwd_triton):
+                flash_attn_with_kvcache_lse_triton, flash_attn_varlen_fwd_triton, flash_attn_varlen_bwd_triton):
         _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
 
 

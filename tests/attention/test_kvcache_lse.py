@@ -141,3 +141,18 @@ def test_gpu_auto_dispatch_returns_lse_through_triton():
                                                    return_softmax_lse=True)  # fmt: skip
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(out.double(), ref_out, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.triton_interp
+def test_triton_lse_op_opcheck():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter case (a GPU runs the compiled op in the cases above)")
+    from llmkernels.triton import flash_attn  # noqa: F401  (registers the ops)
+
+    q, k_new, v_new = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
+    k_cache, v_cache = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    lens = torch.tensor([3, 11], dtype=torch.int32)
+    args = (q, k_cache, v_cache, k_new, v_new, lens, 0.25, -1, 0, 0.0)
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_with_kvcache_lse_triton.default, args)
