@@ -8,7 +8,9 @@ nheads * headdim = 2048, bf16. Limit: the tensor-core peak. Peers: SDPA with eac
 efficient, cuDNN; a backend that errors is skipped) and compiled FlexAttention.
 GPU decode (flash_attn_decode): one query token per row against a cache of `context` tokens, 32 query heads on
 8 KV heads of 128; GB/s = bytes of K, V, q and out moved. Limit: measured copy bandwidth. llmkernels-cuda-gqa is
-the CUDA path with LLMKERNELS_DECODE_KERNEL=gqa (the GQA-sharing decode kernel instead of the forward kernel).
+the CUDA path with LLMKERNELS_DECODE_KERNEL=gqa (the GQA-sharing decode kernel instead of the forward kernel);
+llmkernels-triton-atomicdq (forward + backward) the Triton backward adding dq in its dK/dV kernel through a TMA
+reduce. Both run only with LLMKERNELS_BENCH_SWITCHED=1 (never run on a GPU yet).
 CPU (flash_attn_fwd_cpu, flash_attn_fwd_bwd_cpu): forward, and forward + backward through autograd, against
 SDPA's CPU kernel, 2 threads, fp32 at head dim 64 and bf16 at 128; GFLOP/s counted as on the GPU (backward = 2.5
 forwards). CPU decode (flash_attn_decode_cpu): as the GPU decode, fp32 and bf16, against SDPA with enable_gqa.
@@ -112,6 +114,16 @@ def _prefill_impls(causal: bool, seqlen: int) -> dict[str, Callable]:
     }
 
 
+def _time_atomic_dq(impl: str, fn: Callable, args: tuple, headdim: int) -> float | None:
+    """Forward + backward with the Triton backward adding dq in its dK/dV kernel (TMA reduce), which only a tuned
+    config selects: the override has to cover the backward call, so it wraps the whole timing."""
+    from llmkernels.triton import flash_attn as triton_fa
+
+    cfg = (32, 64, 8, 2, 2) if headdim > 128 else (64, 64, 8, 2, 2)
+    with triton_fa.config_override(bwd_dkdv=cfg):
+        return _time(impl, fn, args, backward=True)
+
+
 def _row(op: str, case: str, impl: str, ms: float, metric: str, value: float, limit: float | None) -> dict:
     return {"op": op, "case": case, "impl": impl, "time_ms": ms, "metric": metric, "value": value, "limit": limit}
 
@@ -138,6 +150,11 @@ def bench_gpu_prefill(quick: bool) -> list[dict]:
                     flops = attention_flops(batch, seqlen, seqlen, nheads, headdim, causal, backward)
                     for impl, fn in _prefill_impls(causal, seqlen).items():
                         ms = _time(impl, fn, (q, k, v), backward)
+                        if ms is not None:
+                            rows.append(_row(op, case, impl, ms, "TFLOP/s", flops / (ms * 1e-3) / 1e12, peak_tflops()))
+                    if backward and switched_kernels_enabled():  # never run on a GPU yet: last, as the other switches
+                        impl = "llmkernels-triton-atomicdq"
+                        ms = _time_atomic_dq(impl, _ours("triton", causal), (q, k, v), headdim)
                         if ms is not None:
                             rows.append(_row(op, case, impl, ms, "TFLOP/s", flops / (ms * 1e-3) / 1e12, peak_tflops()))
                     del q, k, v
