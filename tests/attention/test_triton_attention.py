@@ -481,10 +481,23 @@ def test_deterministic_keeps_the_dq_kernel(deterministic, monkeypatch):
 @pytest.mark.parametrize("case,dtype", GPU_CASES[::7])  # every seqlen pair, head dim, mask and dtype once
 def test_gpu_atomic_dq(case, dtype, variant, monkeypatch):
     """Head dims 40 / 96 (padded tiles) take variant 1 when 2 is asked: the same answers."""
-    launched = _kernels_launched(monkeypatch)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    dq_args = []
+    real = fa.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        name = getattr(kernel, "fn", kernel).__name__
+        if name == DKDV:
+            dq_args.append(args[8])  # (q, k, v, dout, lse, delta, dk, dv, DQ, ...)
+        assert name != DQ_KERNEL, "the dK/dV kernel adds dq: the dQ kernel must not run"
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "launch", spy)
     with fa.config_override(bwd_dkdv=_atomic_config(False, case[4], variant)):
         _check_against_reference(case, dtype, "cuda")
-    assert DQ_KERNEL not in launched
+    tma = variant == 2 and case[4] in (32, 64, 128, 256)  # head dims that fill BLOCK_D take the TMA reduce
+    assert dq_args and all(isinstance(a, TensorDescriptor) == tma for a in dq_args), [type(a) for a in dq_args]
 
 
 @pytest.mark.cuda
