@@ -101,11 +101,7 @@ std::vector<AttnParams> sequence_params(const char* op, const at::Tensor& q, con
     p.nheads = q.size(1);
     p.nheads_k = k.size(1);
     p.headdim = q.size(2);
-    p.seqlens_k = nullptr;
-    p.softmax_scale = static_cast<float>(softmax_scale);
-    p.softcap = static_cast<float>(softcap);
-    p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
-    p.window_right = ::llmkernels::attention::normalize_window_right(window_right, p.seqlen_q);
+    set_scalars(p, softmax_scale, window_left, window_right, softcap);
     p.heads_per_block = 1;
     p.bwd_splits = 1;
   }

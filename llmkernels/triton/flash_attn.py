@@ -396,8 +396,8 @@ def flash_attn_bwd_triton(
     dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta), seqlen_k)
     atomic = _dq_atomic(dkdv_cfg, deterministic)
     # The atomic paths sum into fp32 (zeroed) and cast once at the end.
-    dq = torch.zeros if atomic else torch.empty
-    dq = dq((batch, seqlen_q, nheads, headdim), dtype=torch.float32 if atomic else q.dtype, device=q.device)
+    shape = (batch, seqlen_q, nheads, headdim)
+    dq = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic else q.new_empty(shape)
     dq_arg = dq if atomic else None
     if atomic == 2:
         if _tma_reduce_ok(q, headdim, meta["BLOCK_D"]):
@@ -453,7 +453,7 @@ def _kvcache(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale
     meta = _common_meta(q, window_left, window_right, softcap)
     return decode_launch(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                          softcap, meta, block_table, cache_batch_idx, softmax_lse,
-                         _decode_config(meta["BLOCK_D"], q.dtype))  # fmt: skip
+                         config=_decode_config(meta["BLOCK_D"], q.dtype))  # fmt: skip
 
 
 @torch.library.triton_op("llmkernels::flash_attn_with_kvcache_triton", mutates_args=("k_cache", "v_cache"))

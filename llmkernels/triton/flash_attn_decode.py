@@ -169,7 +169,7 @@ def flash_attn_decode_combine_kernel(
                                          float("-inf")))
 
 
-def _split_plan(capacity: int, programs: int, interpret: bool, block_n: int = 64) -> tuple[int, int]:
+def _split_plan(capacity: int, programs: int, interpret: bool, block_n: int) -> tuple[int, int]:
     """(split_len, num_splits): keys per split (a multiple of 64 and of the key tile, so only a split's last tile
     can be ragged) and how many splits cover the cache."""
     if interpret:  # small splits so the tests cross several of them and the combine does real work
@@ -255,12 +255,10 @@ def _append_indirect(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
 def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                   cache_seqlens, softmax_scale, window_left, window_right, softcap, meta,
                   block_table: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
-                  softmax_lse: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                  softmax_lse: torch.Tensor | None = None, *, config: tuple[int, int, int, int]) -> torch.Tensor:
     """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d) and
     writes each row's log-sum-exp into softmax_lse ((b, h, sq) fp32 contiguous) when given. config: (most packed
-    rows per program, BLOCK_N, num_warps, num_stages) of the split kernel (flash_attn.py's _decode_config); None:
-    the interpreter's small tiles or the H100 defaults."""
+    rows per program, BLOCK_N, num_warps, num_stages) of the split kernel, from flash_attn.py's _decode_config."""
     interpret = INTERPRET
     batch, seqlen_q, nheads, headdim = q.shape
     capacity, nheads_k = cache_capacity(k_cache, block_table), k_cache.shape[2]
@@ -285,9 +283,6 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         return out.zero_()
     group = nheads // nheads_k
     packed_rows = group * seqlen_q
-    if config is None:  # tiles for H100 that ptxas compiles without spills (8 warps; 16 rows from head dim 128 up)
-        wide = meta["BLOCK_D"] <= 64
-        config = (16, 16, 1, 1) if interpret else (32 if wide else 16, 64 if meta["BLOCK_D"] <= 128 else 32, 8, 3)
     max_m, block_n, num_warps, num_stages = config
     block_m = max(min(max_m, triton.next_power_of_2(packed_rows)), 16)  # tl.dot's smallest tile is 16
     row_blocks = triton.cdiv(packed_rows, block_m)

@@ -127,8 +127,18 @@ inline void run_tasks(TaskFn fn, const AttnParams& p, int64_t n, double macs) {
                    [&](int64_t begin, int64_t end) { run_flushing(fn, p, begin, end); });
 }
 
-// AttnParams of q, k, v (checked by the caller) for the flash-attention forward / backward kernels: window bounds
-// normalised (-1 for a reach past the sequence); seqlens_k, pages, ring and outputs unset.
+// The scalars of p once its shape (seqlen_q, seqlen_k) is set (checked by the caller): scale, softcap, and the
+// window bounds normalised (-1 for a reach past the sequence).
+inline void set_scalars(AttnParams& p, double softmax_scale, int64_t window_left, int64_t window_right,
+                        double softcap) {
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
+  p.window_right = ::llmkernels::attention::normalize_window_right(window_right, p.seqlen_q);
+}
+
+// AttnParams of q, k, v (checked by the caller) for the flash-attention forward / backward kernels; seqlens_k,
+// pages, ring and outputs unset.
 inline AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        double softmax_scale, int64_t window_left, int64_t window_right, double softcap) {
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
@@ -143,11 +153,7 @@ inline AttnParams make_params(const char* op, const at::Tensor& q, const at::Ten
   p.headdim = q.size(3);
   p.seqlen_k = k.size(1);
   p.nheads_k = k.size(2);
-  p.seqlens_k = nullptr;
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.softcap = static_cast<float>(softcap);
-  p.window_left = ::llmkernels::attention::normalize_window_left(window_left, p.seqlen_k);
-  p.window_right = ::llmkernels::attention::normalize_window_right(window_right, p.seqlen_q);
+  set_scalars(p, softmax_scale, window_left, window_right, softcap);
   return p;
 }
 
