@@ -42,16 +42,18 @@ TORCH_LIBRARY(llmkernels, m) {
   // i + sk - sq - window_left <= j <= i + sk - sq + window_right (causal: window_right = 0).
   // Returns out (b, sq, h, d) in q's dtype and softmax_lse (b, h, sq) fp32, the natural-log
   // log-sum-exp of each row's scaled (and soft-capped) scores; -inf for rows that see no key.
+  // alibi_slopes, fp32 (h,) or (b, h), on every attention op: s_ij -= slope * |i + sk - sq - j| after the soft-cap
+  // (llmkernels.reference.attention.alibi_bias); the CUDA C++ kernels refuse it (Triton takes it on a GPU).
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left, int window_right, "
-      "float softcap) -> (Tensor out, Tensor softmax_lse)");
+      "float softcap, Tensor? alibi_slopes=None) -> (Tensor out, Tensor softmax_lse)");
   // Gradients of flash_attn_fwd from dout (b, sq, h, d) and the saved out and softmax_lse, plus, when given,
   // dsoftmax_lse (b, h, sq) fp32, the gradient reaching softmax_lse itself (it enters as D_i - dlse_i).
   // dk, dv are (b, sk, hk, d): GQA gradients summed over the query heads of each KV head.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
-      "float softmax_scale, int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softmax_scale, int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None, "
+      "Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Attention against a KV cache (decode). k_cache, v_cache: (b, max_seqlen, hk, d); cache_seqlens (b,) int32.
   // k_new, v_new (b, s_new, hk, d), when given, are first written into the caches at cache_seqlens[i];
   // then q (b, sq, h, d) attends to the first cache_seqlens[i] + s_new keys, windows aligned bottom-right.
@@ -66,7 +68,7 @@ TORCH_LIBRARY(llmkernels, m) {
       "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor cache_seqlens, float softmax_scale, int window_left, int window_right, float softcap, "
       "Tensor? block_table=None, Tensor? cache_batch_idx=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
-      "bool rotary_interleaved=True, Tensor(c!)? softmax_lse=None) -> Tensor");
+      "bool rotary_interleaved=True, Tensor(c!)? softmax_lse=None, Tensor? alibi_slopes=None) -> Tensor");
   // Variable-length (packed) batches, as flash_attn_varlen_func: q (total_q, h, d), k, v (total_k, hk, d);
   // sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. of k, v
   // ((batch + 1,) int32), each with flash_attn_fwd's semantics. max_seqlen_q / _k bound the sequences' lengths
@@ -74,12 +76,12 @@ TORCH_LIBRARY(llmkernels, m) {
   // get 0 and -inf (and zero gradients).
   m.def(
       "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap) "
-      "-> (Tensor out, Tensor softmax_lse)");
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
+      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor softmax_lse)");
   m.def(
       "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
-      "int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None) "
+      "int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None, Tensor? alibi_slopes=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---------------------------------------------------------------------------------------------

@@ -45,17 +45,18 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       double softmax_scale, int64_t window_left, int64_t window_right,
-                                                      double softcap) {
+                                                      double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_fwd";
   check_qkv(op, q, k, v);
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
+  const at::Tensor alibi = set_alibi(op, p, alibi_slopes, q, q.size(0));
   return run_forward(p, q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_lse, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& dsoftmax_lse) {
+    const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_bwd";
   check_qkv(op, q, k, v);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
@@ -71,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   const at::Tensor dlse = checked_dlse(op, dsoftmax_lse, softmax_lse);
 
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
+  const at::Tensor alibi = set_alibi(op, p, alibi_slopes, q, q.size(0));
   if (p.nheads == 0) {  // no query reads any key: the kernels would leave dk, dv unwritten
     return {at::zeros_like(q), at::zeros_like(k, at::MemoryFormat::Contiguous),
             at::zeros_like(v, at::MemoryFormat::Contiguous)};
@@ -266,9 +268,12 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                                        const std::optional<at::Tensor>& cache_batch_idx,
                                        const std::optional<at::Tensor>& rotary_cos,
                                        const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-                                       const std::optional<at::Tensor>& softmax_lse) {
+                                       const std::optional<at::Tensor>& softmax_lse,
+                                       const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_with_kvcache";
   check_qkv(op, q, k_cache, v_cache, /*same_batch=*/false);
+  AttnParams alibi_check{};  // (checked before the caches are written)
+  set_alibi(op, alibi_check, alibi_slopes, q, q.size(0));
   const bool want_lse = softmax_lse.has_value() && softmax_lse->defined();
   if (want_lse) {  // checked before the caches are written
     LLMK_CHECK_SAME_DEVICE(op, *softmax_lse, q);
@@ -338,6 +343,7 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
     }
   }
   AttnParams p = make_params(op, q_in, k_cache, v_cache, softmax_scale, window_left, window_right, softcap);
+  const at::Tensor alibi = set_alibi(op, p, alibi_slopes, q, q.size(0));
   p.seqlens_k = total.data_ptr<int32_t>();
   p.kv_batch = layout.rows;
   p.block_table = layout.pages;

@@ -108,6 +108,19 @@ std::vector<AttnParams> sequence_params(const char* op, const at::Tensor& q, con
   return seqs;
 }
 
+// Points each sequence's params at its row of alibi_slopes ((nheads,): the same row for all; (batch, nheads)),
+// after checking them; returns the contiguous slopes the pointers read (held by the caller), undefined if none.
+at::Tensor set_sequence_alibi(const char* op, std::vector<AttnParams>& seqs,
+                              const std::optional<at::Tensor>& alibi_slopes, const at::Tensor& q) {
+  AttnParams all{};
+  at::Tensor held = set_alibi(op, all, alibi_slopes, q, static_cast<int64_t>(seqs.size()));
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    seqs[b].alibi = all.alibi != nullptr ? all.alibi + b * all.alibi_batch_stride : nullptr;
+    seqs[b].alibi_batch_stride = 0;  // batch-of-one params
+  }
+  return held;
+}
+
 // Runs every sequence's tasks in one parallel loop: plan(p) gives sequence p's kernel and number of tasks.
 template <typename Plan>
 void run_sequences(const std::vector<AttnParams>& seqs, Plan plan, double macs_factor) {
@@ -170,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                              int64_t max_seqlen_k, double softmax_scale,
                                                              int64_t window_left, int64_t window_right,
-                                                             double softcap) {
+                                                             double softcap,
+                                                             const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_varlen_fwd";
   // max_seqlen_q / _k size GPU launches; here every sequence's own length is known, so they are not needed.
   (void)max_seqlen_q;
@@ -178,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
   auto [cu_q, cu_k] = check_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k);
   std::vector<AttnParams> seqs =
       sequence_params(op, q, k, v, cu_q, cu_k, softmax_scale, window_left, window_right, softcap);
+  const at::Tensor alibi = set_sequence_alibi(op, seqs, alibi_slopes, q);
   const int64_t total_q = q.size(0), nheads = q.size(1), d = q.size(2);
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({total_q, nheads, d}, f32);
@@ -209,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& dsoftmax_lse) {
+    double softcap, const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_varlen_bwd";
   (void)max_seqlen_q;
   (void)max_seqlen_k;
@@ -229,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
 
   std::vector<AttnParams> seqs =
       sequence_params(op, q, k, v, cu_q, cu_k, softmax_scale, window_left, window_right, softcap);
+  const at::Tensor alibi = set_sequence_alibi(op, seqs, alibi_slopes, q);
   auto f32 = q.options().dtype(at::kFloat);
   // The kernels read each sequence's lse (and dlse) as a (nheads, seqlen) block (the forward's layout before its
   // reshuffle).

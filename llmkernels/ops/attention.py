@@ -44,6 +44,8 @@ def _cpu_supports(q, *args, **kwargs) -> str | None:
 
 
 def _cuda_supports(q, *args, **kwargs) -> str | None:
+    if kwargs.get("alibi_slopes") is not None:
+        return "the CUDA C++ kernels take no alibi_slopes (the Triton kernels do)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
     d = q.shape[-1]
@@ -62,8 +64,8 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or _rows_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
-def _cuda_kvcache_supports(q, k_cache, v_cache, *args) -> str | None:
-    reason = _cuda_supports(q) or _plain_cache(*args)
+def _cuda_kvcache_supports(q, k_cache, v_cache, *args, **kwargs) -> str | None:
+    reason = _cuda_supports(q, **kwargs) or _plain_cache(*args)
     if reason is None and len(args) > 12 and args[12] is not None:
         reason = "the CUDA kernels do not return softmax_lse (the Triton decode kernel does)"
     if reason is None and not (_rows_aligned(k_cache) and _rows_aligned(v_cache)):
@@ -109,48 +111,47 @@ def _triton_supports_for(function: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap, deterministic=) -> (out, softmax_lse)
-# deterministic matters to the Triton backward only (the others always are).
+# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap, deterministic=, alibi_slopes=)
+#   -> (out, softmax_lse)
+# deterministic matters to the Triton backward only (the others always are). alibi_slopes: None, or fp32 (nheads,)
+# or (batch, nheads) contiguous (the public functions check and make it so).
 # --------------------------------------------------------------------------------------------------
 flash_attn = Dispatcher("flash_attn_func")
 
 
 @flash_attn.register("reference")
-def _fwd_reference(
-    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
-):
-    return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap)
+def _fwd_reference(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                   deterministic: bool = False, alibi_slopes=None):  # fmt: skip
+    return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes=alibi_slopes)
 
 
 @flash_attn.register("cpu", kernel="flash_attn_fwd", supports=_cpu_supports)
-def _fwd_cpu(
-    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
-):
-    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
+def _fwd_cpu(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+             deterministic: bool = False, alibi_slopes=None):  # fmt: skip
+    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes)
 
 
 @flash_attn.register("cuda", kernel="flash_attn_fwd", supports=_cuda_supports)
-def _fwd_cuda(
-    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
-):
+def _fwd_cuda(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+              deterministic: bool = False, alibi_slopes=None):  # fmt: skip
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("triton", supports=_triton_supports_for("flash_attn_triton"))
-def _fwd_triton(
-    q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool = False
-):
+def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                deterministic: bool = False, alibi_slopes=None):  # fmt: skip
     _triton_function("flash_attn_triton")  # imports the module, which registers the op
     return torch.ops.llmkernels.flash_attn_fwd_triton(
-        q, k, v, softmax_scale, window_left, window_right, softcap, deterministic
+        q, k, v, softmax_scale, window_left, window_right, softcap, deterministic, alibi_slopes
     )
 
 
 # --------------------------------------------------------------------------------------------------
 # flash_attn_with_kvcache: (q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, left, right, softcap,
-#                           block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved[, softmax_lse])
-# softmax_lse: a (b, h, sq) fp32 tensor that receives each row's log-sum-exp, or None.
+#                           block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved[, softmax_lse],
+#                           alibi_slopes=)
+# softmax_lse: a (b, h, sq) fp32 tensor that receives each row's log-sum-exp, or None; alibi_slopes as above.
 # The C++ CPU op applies the rotary embedding itself (a few us); the others get q and k_new rotated in Python.
 # --------------------------------------------------------------------------------------------------
 flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
@@ -166,7 +167,7 @@ def _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, cos, sin, i
 @flash_attn_kvcache.register("reference")
 def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                        softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                       softmax_lse=None):  # fmt: skip
+                       softmax_lse=None, alibi_slopes=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
     # The kernels check or clamp these; here out-of-range indices would be an indexing error (a device assertion
@@ -193,6 +194,7 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
         block_table=block_table,
         cache_batch_idx=cache_batch_idx,
         return_softmax_lse=True,
+        alibi_slopes=alibi_slopes,
     )
     if softmax_lse is not None:
         softmax_lse.copy_(lse)
@@ -202,17 +204,17 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
 @flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)
 def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
                  block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                 softmax_lse=None):  # fmt: skip
+                 softmax_lse=None, alibi_slopes=None):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-        block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, softmax_lse,
+        block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, softmax_lse, alibi_slopes,
     )  # fmt: skip
 
 
 @flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_kvcache_supports)
 def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
                   block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                  softmax_lse=None):  # fmt: skip
+                  softmax_lse=None, alibi_slopes=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
@@ -237,14 +239,14 @@ _triton_kvcache_supports = _triton_supports_for("flash_attn_with_kvcache_triton"
 @flash_attn_kvcache.register("triton", supports=_triton_kvcache_supports)
 def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                     softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                    softmax_lse=None):  # fmt: skip
+                    softmax_lse=None, alibi_slopes=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
     args = (q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
             block_table, cache_batch_idx)  # fmt: skip
     if softmax_lse is None:
-        return _triton_function("flash_attn_with_kvcache_triton")(*args)
-    out, lse = _triton_function("flash_attn_with_kvcache_lse_triton")(*args)
+        return _triton_function("flash_attn_with_kvcache_triton")(*args, alibi_slopes)
+    out, lse = _triton_function("flash_attn_with_kvcache_lse_triton")(*args, alibi_slopes)
     softmax_lse.copy_(lse)
     return out
 
@@ -340,13 +342,26 @@ def _kv_ok(q, k, v, nheads_k: int | None = None) -> bool:
     )
 
 
-def _check_unsupported(fn: str, dropout_p, alibi_slopes) -> None:
+def _check_unsupported(fn: str, dropout_p) -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(
             f"llmkernels.{fn}: dropout_p={dropout_p!r} is not supported (inference kernels: only 0.0)"
         )
-    if alibi_slopes is not None:
-        raise NotImplementedError(f"llmkernels.{fn}: alibi_slopes is not supported (only None)")
+
+
+def checked_alibi(fn: str, alibi_slopes, q: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """alibi_slopes as the backends take it (None, or fp32 (nheads,) / (batch, nheads) contiguous on q's device),
+    checked. batch: q's, or for varlen the number of sequences."""
+    if alibi_slopes is None:
+        return None
+    check_tensor(fn, "alibi_slopes", alibi_slopes, dtypes=(torch.float32,), device=q.device)
+    nheads = q.shape[-2]
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(
+            f"llmkernels.{fn}: alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}) (nheads or "
+            f"(batch, nheads)), got {tuple(alibi_slopes.shape)}"
+        )
+    return alibi_slopes.contiguous()
 
 
 def _func_args_ok(q, k, v, softmax_scale, window_size, softcap) -> bool:
@@ -423,18 +438,24 @@ def flash_attn_func(
     softcap > 0 caps scores at softcap * tanh(s / softcap). Returns (batch, seqlen_q, nheads, headdim) in q's dtype.
     return_attn_probs=True returns (out, softmax_lse, None) as flash_attn does without dropout: softmax_lse
     (batch, nheads, seqlen_q) fp32 is the natural-log log-sum-exp of each row's scores (-inf where no key is
-    seen), and differentiable (flash_attn drops its gradient; here it flows into q and k). Not supported (raise
-    NotImplementedError): dropout_p > 0, alibi_slopes. deterministic=True keeps the backward's sums in a fixed
-    order; only the Triton backward may otherwise add dq atomically (when its tuned tiles say that is faster), as
-    flash_attn's does; the CPU, CUDA C++ and reference backwards are deterministic either way.
+    seen), and differentiable (flash_attn drops its gradient; here it flows into q and k). alibi_slopes (fp32
+    (nheads,) or (batch, nheads)) adds -slope * |i + seqlen_k - seqlen_q - j| to the scores after the soft-cap, as
+    flash_attn's ALiBi (no gradient for the slopes; see reference/attention.py for how its lse compares under
+    causal). Not supported (raises NotImplementedError): dropout_p > 0. deterministic=True keeps the backward's
+    sums in a fixed order; only the Triton backward may otherwise add dq atomically (when its tuned tiles say that
+    is faster), as flash_attn's does; the CPU, CUDA C++ and reference backwards are deterministic either way.
     """
     fn = "flash_attn_func"
-    _check_unsupported(fn, dropout_p, alibi_slopes)
+    _check_unsupported(fn, dropout_p)
     if not _func_args_ok(q, k, v, softmax_scale, window_size, softcap):
         _check_func_args(fn, q, k, v, softmax_scale, window_size, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic))
+    if alibi_slopes is None:  # (the common case: no extra keyword for the dispatch to pass around)
+        out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic))
+    else:
+        out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic),
+                              alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]))  # fmt: skip
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -483,14 +504,14 @@ def flash_attn_with_kvcache(
     number of rows. block_table ((batch, max_pages) int32, paged KV as in flash_attn / vLLM): k_cache and v_cache
     are (num_pages, page_size, nheads_k, headdim) and position p of row i is slot p % page_size of page
     block_table[i, p // page_size]; page_size a multiple of 64. Either runs on the CPU and Triton kernels and the
-    reference (the CUDA C++ kernels refuse them: a GPU runs Triton). Not supported (raise NotImplementedError):
-    cache_leftpad, alibi_slopes.
+    reference (the CUDA C++ kernels refuse them: a GPU runs Triton). alibi_slopes as flash_attn_func's, each row's
+    distances from its own last key (cache_seqlens[i] + seqlen_new - 1 for the last query); on a GPU such calls
+    run the Triton kernel too. Not supported (raises NotImplementedError): cache_leftpad.
     """
     # (A decode step calls this once a layer: the common case costs a few None tests on top of _kvcache_args_ok.)
     fn = "flash_attn_with_kvcache"
-    if cache_leftpad is not None or alibi_slopes is not None:
-        name = "cache_leftpad" if cache_leftpad is not None else "alibi_slopes"
-        raise NotImplementedError(f"llmkernels.{fn}: {name} is not supported (only None)")
+    if cache_leftpad is not None:
+        raise NotImplementedError(f"llmkernels.{fn}: cache_leftpad is not supported (only None)")
     capacity = None  # tokens a row can hold, when the caches are read through a table
     if block_table is not None or cache_batch_idx is not None:
         capacity = _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size,
@@ -505,6 +526,16 @@ def flash_attn_with_kvcache(
     left, right = normalize_window(causal, window_size)
     if rotary_cos is not None or rotary_sin is not None:
         _check_rotary(fn, q, rotary_cos, rotary_sin)
+    if alibi_slopes is not None:
+        extra = {"alibi_slopes": checked_alibi(fn, alibi_slopes, q, q.shape[0])}
+        lse = None
+        if return_softmax_lse:
+            lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        out = flash_attn_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table,
+            cache_batch_idx, rotary_cos, rotary_sin, bool(rotary_interleaved), lse, **extra,
+        )  # fmt: skip
+        return (out, lse) if return_softmax_lse else out
     if not return_softmax_lse:
         return flash_attn_kvcache(
             q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table,
@@ -608,19 +639,21 @@ def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor
 
 def register_attention_autograd(fwd_op: str, bwd_op, n_tensors: int) -> None:
     """Autograd of an attention forward op returning (out, softmax_lse) whose inputs are n_tensors tensors (q, k, v
-    and, for varlen, cu_seqlens_q / _k) then scalars. The backward op takes (dout, q, k, v, out, lse, the other
-    tensors, the scalars, dsoftmax_lse): dsoftmax_lse is None unless softmax_lse (return_attn_probs) reached the
-    loss, and dout zeros when only it did."""
+    and, for varlen, cu_seqlens_q / _k), then scalars, then alibi_slopes (a tensor or None). The backward op takes
+    (dout, q, k, v, out, lse, the other tensors, the scalars, dsoftmax_lse, alibi_slopes): dsoftmax_lse is None
+    unless softmax_lse (return_attn_probs) reached the loss, and dout zeros when only it did. The slopes get no
+    gradient (as flash_attn's)."""
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors], *output)
+        *inputs, alibi_slopes = inputs
+        ctx.save_for_backward(*inputs[:n_tensors], alibi_slopes, *output)
         ctx.params = tuple(inputs[n_tensors:])
         ctx.set_materialize_grads(False)
 
     def backward(ctx, dout, dlse):
-        q, k, v, *tensors, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_of_output(dout, out), q, k, v, out, lse, *tensors, *ctx.params, dlse)
-        return (dq, dk, dv) + (None,) * (n_tensors - 3 + len(ctx.params))
+        q, k, v, *tensors, alibi_slopes, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_of_output(dout, out), q, k, v, out, lse, *tensors, *ctx.params, dlse, alibi_slopes)
+        return (dq, dk, dv) + (None,) * (n_tensors - 3 + len(ctx.params) + 1)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
@@ -631,19 +664,19 @@ def register_attention_autograd(fwd_op: str, bwd_op, n_tensors: int) -> None:
 if _ext.loaded:
 
     @register_fake("llmkernels::flash_attn_fwd")
-    def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap):
+    def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes=None):
         batch, seqlen_q, nheads, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
     @register_fake("llmkernels::flash_attn_bwd")
     def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, window_left, window_right, softcap,
-                  dsoftmax_lse=None):  # fmt: skip
+                  dsoftmax_lse=None, alibi_slopes=None):  # fmt: skip
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @register_fake("llmkernels::flash_attn_with_kvcache")
     def _kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                       softcap, block_table=None, cache_batch_idx=None, rotary_cos=None, rotary_sin=None,
-                      rotary_interleaved=True, softmax_lse=None):  # fmt: skip
+                      rotary_interleaved=True, softmax_lse=None, alibi_slopes=None):  # fmt: skip
         return q.new_empty(q.shape)
 
     register_attention_autograd("llmkernels::flash_attn_fwd", torch.ops.llmkernels.flash_attn_bwd, 3)

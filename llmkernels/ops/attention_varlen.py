@@ -33,6 +33,7 @@ from .attention import (
     _cpu_supports,
     _triton_function,
     _triton_supports_for,
+    checked_alibi,
     flash_attn_func,
     register_attention_autograd,
 )
@@ -45,29 +46,28 @@ flash_attn_varlen = Dispatcher("flash_attn_varlen_func")
 
 
 @flash_attn_varlen.register("reference")
-def _varlen_reference(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, deterministic=False
-):
-    return flash_attn_varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap)
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap,
+                      deterministic=False, alibi_slopes=None):  # fmt: skip
+    return flash_attn_varlen_fwd_ref(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, alibi_slopes=alibi_slopes
+    )
 
 
 @flash_attn_varlen.register("cpu", kernel="flash_attn_varlen_fwd", supports=_cpu_supports)
-def _varlen_cpu(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, deterministic=False
-):
+def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap,
+                deterministic=False, alibi_slopes=None):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes
     )
 
 
 @flash_attn_varlen.register("triton", supports=_triton_supports_for("flash_attn_varlen_triton"))
-def _varlen_triton(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, deterministic=False
-):
+def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap,
+                   deterministic=False, alibi_slopes=None):  # fmt: skip
     _triton_function("flash_attn_varlen_triton")  # imports the module, which registers the op
     return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
         q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, scale, left, right,
-        softcap, deterministic,
+        softcap, deterministic, alibi_slopes,
     )  # fmt: skip
 
 
@@ -130,7 +130,8 @@ def flash_attn_varlen_func(
     to its own keys, the causal / window band aligned bottom-right per sequence. Rows of q outside every
     sequence get 0. Returns (total_q, nheads, headdim) in q's dtype, or with return_attn_probs=True
     (out, softmax_lse (nheads, total_q) fp32, None), lse differentiable. The other arguments (deterministic too)
-    are flash_attn_func's.
+    are flash_attn_func's; alibi_slopes ((nheads,) or (batch, nheads), row b for sequence b) counts distances
+    within each sequence, as flash_attn's.
 
     block_table ((batch, max_pages) int32, paged KV as in flash_attn): k and v are then (num_pages, page_size,
     nheads_k, headdim) pages and key p of sequence b (p < cu_seqlens_k[b + 1] - cu_seqlens_k[b]) is slot
@@ -141,7 +142,7 @@ def flash_attn_varlen_func(
     flash_attn_with_kvcache(block_table=...).
     """
     fn = "flash_attn_varlen_func"
-    _check_unsupported(fn, dropout_p, alibi_slopes)
+    _check_unsupported(fn, dropout_p)
     if block_table is not None:
         check_tensor(fn, "q", q, ndim=3, dtypes=_DTYPES, last_dim_contiguous=True)
         k, v = _gather_pages(fn, q, k, v, cu_seqlens_k, block_table, max_seqlen_k)
@@ -150,9 +151,12 @@ def flash_attn_varlen_func(
     )
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
+    extra = {}
+    if alibi_slopes is not None:
+        extra["alibi_slopes"] = checked_alibi(fn, alibi_slopes, q, cu_seqlens_q.shape[0] - 1)
     out, lse = flash_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap),
-        deterministic=bool(deterministic),
+        deterministic=bool(deterministic), **extra,
     )  # fmt: skip
     return (out, lse, None) if return_attn_probs else out
 
@@ -298,11 +302,13 @@ def flash_attn_varlen_kvpacked_func(
 if _ext.loaded:
 
     @register_fake("llmkernels::flash_attn_varlen_fwd")
-    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, cap):
+    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, cap,
+                         alibi_slopes=None):  # fmt: skip
         return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     @register_fake("llmkernels::flash_attn_varlen_bwd")
-    def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, cap, dlse=None):
+    def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, cap, dlse=None,
+                         alibi_slopes=None):  # fmt: skip
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     register_attention_autograd("llmkernels::flash_attn_varlen_fwd", torch.ops.llmkernels.flash_attn_varlen_bwd, 5)

@@ -8,6 +8,11 @@ Semantics are flash_attn 2.x's:
 - key j is visible to query i when i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right
   (window_size = (left, right), -1 meaning unbounded; causal=True means right = 0). The band is aligned to
   the bottom-right corner, so the last query always sits at the last key.
+- ALiBi (alibi_slopes, fp32 (nheads,) or (batch, nheads)): s_ij <- s_ij - slope[b, h] * |i + seqlen_k - seqlen_q - j|,
+  after the soft-cap, the distance measured from the query's bottom-right-aligned position (flash_attn's bias).
+  flash_attn's causal kernel adds slope * j instead, which differs by a constant per row: the same output, but
+  its softmax_lse differs from this one's by slope * (i + seqlen_k - seqlen_q); here lse is that of the scores
+  defined above in every case.
 - out_i = sum_j softmax(s_i)_j v_j over visible keys; a row that sees no key returns 0 (and its
   log-sum-exp is -inf).
 """
@@ -42,15 +47,40 @@ def visible_mask(
     return mask
 
 
-def attention_scores(
-    q: torch.Tensor, k: torch.Tensor, softmax_scale: float, window_left: int, window_right: int, softcap: float
+def alibi_bias(
+    alibi_slopes: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Masked, scaled (and soft-capped) scores (batch, nheads, seqlen_q, seqlen_k); -inf where hidden."""
+    """-slope[b, h] * |i + seqlen_k - seqlen_q - j| as (batch or 1, nheads, seqlen_q, seqlen_k) in `dtype`."""
+    device = alibi_slopes.device
+    i = torch.arange(seqlen_q, device=device).unsqueeze(1)
+    j = torch.arange(seqlen_k, device=device).unsqueeze(0)
+    distance = (i + seqlen_k - seqlen_q - j).abs().to(torch.float64)
+    slopes = alibi_slopes.to(torch.float64).reshape(-1, nheads)[:, :, None, None]
+    return (-slopes * distance).to(dtype)
+
+
+def slopes_of_row(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """The (nheads,) slopes of batch row b from (nheads,) or (batch, nheads) alibi_slopes (None stays None)."""
+    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked, scaled (soft-capped, ALiBi-biased) scores (batch, nheads, seqlen_q, seqlen_k); -inf where hidden."""
     nheads, nheads_k = q.shape[2], k.shape[2]
     k = k.repeat_interleave(nheads // nheads_k, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, q.shape[0], nheads, q.shape[1], k.shape[1], scores.dtype)
     mask = visible_mask(q.shape[1], k.shape[1], window_left, window_right, q.device)
     return scores.masked_fill(~mask, float("-inf"))
 
@@ -64,6 +94,7 @@ def flash_attn_fwd_ref(
     window_right: int = -1,
     softcap: float = 0.0,
     upcast: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32).
 
@@ -73,7 +104,7 @@ def flash_attn_fwd_ref(
     dtype = q.dtype
     if upcast and dtype != torch.float64:
         q, k, v = q.float(), k.float(), v.float()
-    scores = attention_scores(q, k, softmax_scale, window_left, window_right, softcap)
+    scores = attention_scores(q, k, softmax_scale, window_left, window_right, softcap, alibi_slopes)
     lse = torch.logsumexp(scores.float(), dim=-1)  # -inf for rows that see nothing
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: all-NaN -> 0
     nheads, nheads_k = q.shape[2], v.shape[2]
@@ -91,11 +122,12 @@ def flash_attn_ref(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     upcast: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with flash_attn_func's arguments; differentiable through autograd. See the module doc."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    return flash_attn_fwd_ref(q, k, v, scale, left, right, softcap, upcast)[0]
+    return flash_attn_fwd_ref(q, k, v, scale, left, right, softcap, upcast, alibi_slopes)[0]
 
 
 def flash_attn_with_kvcache_ref(
@@ -113,6 +145,7 @@ def flash_attn_with_kvcache_ref(
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
     return_softmax_lse: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_with_kvcache semantics, one batch row at a time (rows may hold different lengths).
 
@@ -125,7 +158,8 @@ def flash_attn_with_kvcache_ref(
     ((batch, max_pages) int32, paged KV): the caches are (num_pages, page_size, nheads_k, headdim) and position p
     of row i lives at slot p % page_size of page block_table[i, p // page_size].
     return_softmax_lse: also the log-sum-exp of each row's scores, (batch, nheads, seqlen_q) (-inf where a row
-    sees no key), as flash_attn_fwd_ref's.
+    sees no key), as flash_attn_fwd_ref's. alibi_slopes ((nheads,) or (batch, nheads)): the distance counts from
+    each row's own key count cache_seqlens[i] + seqlen_new.
     """
     batch = q.shape[0]
     if block_table is not None:
@@ -158,9 +192,11 @@ def flash_attn_with_kvcache_ref(
     outs, lses = [], []
     for i, n in enumerate(lens):
         at = where(i, torch.arange(n + s_new, device=k_cache.device))
+        slopes = slopes_of_row(alibi_slopes, i)
         out, lse = flash_attn_fwd_ref(
-            q[i : i + 1], k_cache[at].unsqueeze(0), v_cache[at].unsqueeze(0), scale, left, right, softcap, upcast
-        )
+            q[i : i + 1], k_cache[at].unsqueeze(0), v_cache[at].unsqueeze(0), scale, left, right, softcap, upcast,
+            slopes,
+        )  # fmt: skip
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=0)
@@ -189,7 +225,9 @@ def rotary_embedding(
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half :]), dim=-1)
 
 
-def attention_naive(q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0) -> torch.Tensor:
+def attention_naive(
+    q, k, v, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None
+) -> torch.Tensor:
     """Explicit loops in float64: an independent formulation to test the reference itself (tiny shapes)."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -206,6 +244,9 @@ def attention_naive(q, k, v, softmax_scale, window_left=-1, window_right=-1, sof
                         s = softmax_scale * float((q[bi, i, hi].double() * k[bi, j, kh].double()).sum())
                         if softcap > 0:
                             s = softcap * math.tanh(s / softcap)
+                        if alibi_slopes is not None:
+                            slope = float(slopes_of_row(alibi_slopes, bi)[hi])
+                            s -= slope * abs(i + sk - sq - j)
                         scores.append(s)
                         values.append(v[bi, j, kh].double())
                 if scores:
@@ -227,6 +268,7 @@ def flash_attn_varlen_fwd_ref(
     window_right: int = -1,
     softcap: float = 0.0,
     upcast: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_varlen_func semantics: (out (total_q, h, d) in q's dtype, softmax_lse (h, total_q) fp32).
 
@@ -234,7 +276,8 @@ def flash_attn_varlen_fwd_ref(
     end; sequence i is rows cu_seqlens_q[i] .. cu_seqlens_q[i + 1] - 1 of q and cu_seqlens_k[i] .. of k and v
     (cu_seqlens: (batch + 1,) int32, starting at 0, non-decreasing). Each sequence attends only to its own keys,
     with flash_attn_fwd_ref's semantics (the band aligned bottom-right per sequence). Rows before
-    cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to no sequence: out 0, lse -inf.
+    cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to no sequence: out 0, lse -inf. alibi_slopes: (nheads,)
+    or (batch, nheads), row i for sequence i, distances within the sequence.
     """
     starts_q, starts_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
     # Zeros in q's graph (masked_fill: NaN rows outside the sequences stay out), so the result stays differentiable
@@ -247,9 +290,10 @@ def flash_attn_varlen_fwd_ref(
         q0, q1, k0, k1 = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
         if q1 == q0:
             continue
+        slopes = slopes_of_row(alibi_slopes, i)
         o, s = flash_attn_fwd_ref(
             q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
-            softmax_scale, window_left, window_right, softcap, upcast,
+            softmax_scale, window_left, window_right, softcap, upcast, slopes,
         )  # fmt: skip
         out[q0:q1] = o[0]
         lse[:, q0:q1] = s[0].to(lse.dtype)
@@ -267,8 +311,11 @@ def flash_attn_varlen_ref(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     upcast: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """flash_attn_varlen_func's arguments -> its output (flash_attn_varlen_fwd_ref's); differentiable."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    return flash_attn_varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, upcast)[0]
+    return flash_attn_varlen_fwd_ref(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, upcast, alibi_slopes
+    )[0]

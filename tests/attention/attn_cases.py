@@ -51,11 +51,12 @@ def forward_backward(fn, inputs, dout):
     return out.detach(), [t.grad for t in leaves]
 
 
-def check_flash_attn(backend, inputs, *, causal=False, window_size=(-1, -1), softcap=0.0, backward=True):
+def check_flash_attn(backend, inputs, *, causal=False, window_size=(-1, -1), softcap=0.0, backward=True,
+                     alibi_slopes=None):  # fmt: skip
     """flash_attn_func on `backend` against the reference: fp32 inputs against fp64 with tight tolerances,
     lower precisions within 2x (output) / 3x (gradients) the error of the same-precision reference."""
     q = inputs[0]
-    kw = {"causal": causal, "window_size": window_size, "softcap": softcap}
+    kw = {"causal": causal, "window_size": window_size, "softcap": softcap, "alibi_slopes": alibi_slopes}
     dout = torch.randn_like(q, dtype=torch.float32)
 
     def ours(*t):

@@ -108,7 +108,8 @@ def _bad_calls():
     f = llmkernels.flash_attn_func
     return [
         ("dropout_p", NotImplementedError, lambda: f(q, k, v, dropout_p=0.1)),
-        ("alibi_slopes", NotImplementedError, lambda: f(q, k, v, alibi_slopes=torch.ones(4))),
+        ("alibi_slopes must have shape", ValueError, lambda: f(q, k, v, alibi_slopes=torch.ones(3))),
+        ("alibi_slopes must have dtype", TypeError, lambda: f(q, k, v, alibi_slopes=torch.ones(4).double())),
         ("q must have 4 dimensions", ValueError, lambda: f(q[0], k, v)),
         ("k must have shape", ValueError, lambda: f(q, k[:, :, :, :8], v)),
         ("v must have shape", ValueError, lambda: f(q, k, v[:, :5])),

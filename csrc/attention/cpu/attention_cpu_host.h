@@ -42,12 +42,13 @@ inline Kernels kernels_for(ElemType dtype) {
 // multiple of 32 (K is packed 16 pairs of bf16 at a time). In the forward, a few rows (decode) stay on the per-key
 // dot products, which read the cache once, as do caches read through indirection (cache_batch_idx, pages) and a
 // rolling cache's ring (its bf16 chunks have their own AMX entry: sliding_window/cpu/chunk_attn_amx.cpp).
+// (ALiBi runs on the vector kernels only.)
 inline bool use_amx_forward(const AttnParams& p) {
   return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
-         p.block_table == nullptr && p.ring_seen == nullptr && ::llmkernels::use_amx_tiles();
+         p.block_table == nullptr && p.ring_seen == nullptr && p.alibi == nullptr && ::llmkernels::use_amx_tiles();
 }
 inline bool use_amx_backward(const AttnParams& p) {
-  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && ::llmkernels::use_amx_tiles();
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.alibi == nullptr && ::llmkernels::use_amx_tiles();
 }
 
 // The forward kernel for p and its number of tasks (choose_heads_per_block first: it sets the latter).
@@ -113,6 +114,26 @@ inline at::Tensor checked_dlse(const char* op, const std::optional<at::Tensor>& 
   LLMK_CHECK_ARG(dlse.sizes() == softmax_lse.sizes(), op, "dsoftmax_lse", "must have softmax_lse's shape ",
                  softmax_lse.sizes(), ", got ", dlse.sizes());
   return dlse.contiguous();
+}
+
+// alibi_slopes, when given: fp32 (nheads,) or (batch, nheads) on q's device; sets p.alibi to a contiguous copy's
+// data (returned: the caller holds it while the kernels run). batch: q's batch, or varlen's number of sequences.
+inline at::Tensor set_alibi(const char* op, AttnParams& p, const std::optional<at::Tensor>& alibi_slopes,
+                            const at::Tensor& q, int64_t batch) {
+  p.alibi = nullptr;
+  p.alibi_batch_stride = 0;
+  if (!alibi_slopes.has_value() || !alibi_slopes->defined()) return {};
+  const at::Tensor& s = *alibi_slopes;
+  LLMK_CHECK_ARG(s.device() == q.device(), op, "alibi_slopes", "must be on ", q.device(), ", got ", s.device());
+  LLMK_CHECK_ARG(s.scalar_type() == at::kFloat, op, "alibi_slopes", "must have dtype float32, got ", s.scalar_type());
+  const int64_t nheads = q.size(-2);
+  LLMK_CHECK_ARG((s.dim() == 1 && s.size(0) == nheads) || (s.dim() == 2 && s.size(0) == batch && s.size(1) == nheads),
+                 op, "alibi_slopes", "must be (nheads = ", nheads, ",) or (batch = ", batch, ", nheads), got ",
+                 s.sizes());
+  at::Tensor held = s.contiguous();
+  p.alibi = held.data_ptr<float>();
+  p.alibi_batch_stride = s.dim() == 2 ? nheads : 0;
+  return held;
 }
 
 inline void run_flushing(TaskFn fn, const AttnParams& p, int64_t begin, int64_t end) {

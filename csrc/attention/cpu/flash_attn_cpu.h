@@ -39,6 +39,10 @@ struct AttnParams {
   int64_t ring_window;
   float softmax_scale, softcap;  // softcap 0: off
   int64_t window_left, window_right;  // -1: unbounded
+  // ALiBi, or null: the slope of (batch b, query head h) is alibi[b * alibi_batch_stride + h] (stride 0: one row
+  // of slopes for every batch), and s_ij -= slope * |i + shift - j| after the soft-cap. The AMX kernels take none.
+  const float* alibi;
+  int64_t alibi_batch_stride;
 
   // Forward: query heads of one KV head packed into each query block (1, or nheads / nheads_k so that a block
   // of K and V, once loaded, serves the whole GQA group: rows are (position, head) with the head fastest).

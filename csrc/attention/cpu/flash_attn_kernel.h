@@ -283,10 +283,21 @@ struct Band {
   }
 };
 
-// Scores s (rows x ld, columns [0, ncols) used) of queries i0.. against keys j0 .. j0 + cols - 1: soft-cap, then
-// -inf outside the band and in the padding columns [cols, ncols).
+// The ALiBi slope of (batch b, query head h), 0 without ALiBi.
+inline float alibi_slope(const AttnParams& p, int64_t b, int64_t h) {
+  return p.alibi != nullptr ? p.alibi[b * p.alibi_batch_stride + h] : 0.f;
+}
+
+// row[c] -= slope * |pos - c| for c in [0, cols): the ALiBi bias of a query at distance pos from key j0 (pos = i +
+// shift - j0), in the row's units (slope pre-multiplied by log2 e for log2-unit scores); strided by `step`.
+inline void add_alibi(float* row, int64_t step, int64_t cols, float slope, int64_t pos) {
+  for (int64_t c = 0; c < cols; ++c) row[c * step] -= slope * static_cast<float>(pos >= c ? pos - c : c - pos);
+}
+
+// Scores s (rows x ld, columns [0, ncols) used) of queries i0.. against keys j0 .. j0 + cols - 1: soft-cap, the
+// ALiBi bias of `slope` (0: none), then -inf outside the band and in the padding columns [cols, ncols).
 inline void finish_scores(const AttnParams& p, const Band& band, float* s, int64_t ld, int64_t rows, int64_t i0,
-                          int64_t j0, int64_t cols, int64_t ncols) {
+                          int64_t j0, int64_t cols, int64_t ncols, float slope) {
   const float cap = p.softcap;
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
@@ -295,6 +306,7 @@ inline void finish_scores(const AttnParams& p, const Band& band, float* s, int64
       for (int64_t c = 0; c < cols; ++c) row[c] = cap * std::tanh(row[c] * inv_cap);
     }
     const int64_t i = i0 + r;
+    if (slope != 0.f) add_alibi(row, 1, cols, slope, i + band.shift - j0);
     int64_t lo = 0, hi = cols;
     if (band.left >= 0) lo = imax(lo, i + band.shift - band.left - j0);
     if (band.right >= 0) hi = imin(hi, i + band.shift + band.right - j0 + 1);
@@ -317,9 +329,10 @@ inline void probs_from_lse(const float* s, float* pb, int64_t rows, int64_t ncol
   }
 }
 
-// dS = P * (dP - D) (* the soft-cap derivative 1 - (s / c)^2), in place of dP.
-inline void grad_scores(const AttnParams& p, const float* s, const float* pb, float* dpb, int64_t rows,
-                        int64_t ncols, const float* delta) {
+// dS = P * (dP - D) (* the soft-cap derivative 1 - (s / c)^2), in place of dP. s holds finish_scores' result for
+// queries i0.. against keys j0..: with ALiBi (slope != 0) the bias is taken off again for the soft-cap's derivative.
+inline void grad_scores(const AttnParams& p, const Band& band, const float* s, const float* pb, float* dpb,
+                        int64_t rows, int64_t ncols, const float* delta, int64_t i0, int64_t j0, float slope) {
   const float cap = p.softcap;
   for (int64_t r = 0; r < rows; ++r) {
     const float* srow = s + r * kBlockK;
@@ -327,8 +340,11 @@ inline void grad_scores(const AttnParams& p, const float* s, const float* pb, fl
     float* drow = dpb + r * kBlockK;
     if (cap > 0.f) {
       const float inv_cap = 1.f / cap;
+      const int64_t pos = i0 + r + band.shift - j0;  // ALiBi distance of column 0
       for (int64_t c = 0; c < ncols; ++c) {
-        const float t = srow[c] * inv_cap;  // tanh of the raw score; P = 0 where masked (s = -inf)
+        // tanh of the raw score; P = 0 where masked (s = -inf)
+        const float capped = srow[c] + slope * static_cast<float>(pos >= c ? pos - c : c - pos);
+        const float t = capped * inv_cap;
         drow[c] = prow[c] == 0.f ? 0.f : prow[c] * (drow[c] - delta[r]) * (1.f - t * t);
       }
     } else {
@@ -798,6 +814,12 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         }
         max_stale = true;
       }
+      if (p.alibi != nullptr) {  // (scores in log2 units here)
+        for (int64_t r = 0; r < rows; ++r) {
+          add_alibi(st + r, kBlockQ, cols, kLog2e * alibi_slope(p, b, row_head[r]), row_pos[r] + band.shift - j0);
+        }
+        max_stale = true;
+      }
       for (int64_t r = 0; r < rows; ++r) {  // -inf outside the band (only the blocks it cuts do any work)
         const int64_t i = row_pos[r];
         int64_t lo = 0, hi = cols;
@@ -982,11 +1004,11 @@ void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
           const int64_t rows = imin(kBlockQ, qhi - i0);
           const float *qr = qh + i0 * dp, *dor = doh + i0 * dp;
           gemm(rows, ncols, d, qr, dp, 1, kt, kBlockK, sb, kBlockK, false);  // S = Q (scale K)^T
-          finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
+          finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols, alibi_slope(p, b, h));
           probs_from_lse(sb, pb, rows, ncols, lse2 + i0);
           gemm(cols, dp, rows, pb, 1, kBlockK, dor, dp, dv_acc, dp, true);     // dV += P^T dO
           gemm(rows, ncols, d, dor, dp, 1, vt, kBlockK, dsb, kBlockK, false);  // dP = dO V^T
-          grad_scores(p, sb, pb, dsb, rows, ncols, delta + i0);
+          grad_scores(p, band, sb, pb, dsb, rows, ncols, delta + i0, i0, j0, alibi_slope(p, b, h));
           gemm(cols, dp, rows, dsb, 1, kBlockK, qr, dp, dk_acc, dp, true);          // dK += dS^T Q
           gemm(rows, dp, cols, dsb, kBlockK, 1, ks, dp, dqh + i0 * dp, dp, true);  // dQ += dS (scale K)
         }
@@ -1185,12 +1207,12 @@ void bwd_tasks_bf16(const AttnParams& p, int64_t begin, int64_t end) {
           const int64_t rows = imin(kBlockQ, qhi - i0), rows2 = (rows + 1) / 2;
           gemm_bf16(rows, ncols, d2, qw + i0 * d2, d2, 1, kt, kBlockK, sb, kBlockK, false);  // S = Q K^T
           for (int64_t r = 0; r < rows; ++r) scale_row(sb + r * kBlockK, ncols, scale);
-          finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols);
+          finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols, alibi_slope(p, b, h));
           probs_from_lse(sb, pb, rows, ncols, lse2 + i0);
           round_tile_bf16(pb, rows, ncols, pw, nullptr);
           gemm_bf16(d, ncols, rows2, dopr + i0 / 2 * dp, 1, dp, pw, kBlockK, dvt, kBlockK, true);  // dV^T += dO^T P
           gemm_bf16(rows, ncols, d2, dow + i0 * d2, d2, 1, vt, kBlockK, dsb, kBlockK, false);     // dP = dO V^T
-          grad_scores(p, sb, pb, dsb, rows, ncols, delta + i0);
+          grad_scores(p, band, sb, pb, dsb, rows, ncols, delta + i0, i0, j0, alibi_slope(p, b, h));
           round_tile_bf16(dsb, rows, ncols, dsw, dsr);
           gemm_bf16(d, ncols, rows2, qpr + i0 / 2 * dp, 1, dp, dsw, kBlockK, dkt, kBlockK, true);  // dK^T += Q^T dS
           gemm_bf16(rows, dp, cols2, dsr, kPairsK, 1, kpr, dp, dqh + i0 * dp, dp, true);           // dQ += dS K

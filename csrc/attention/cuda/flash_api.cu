@@ -148,12 +148,20 @@ FwdParams make_fwd_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   return p;
 }
 
+// ALiBi runs on the Triton kernels on a GPU (the Python dispatch sends such calls there first).
+void refuse_alibi(const char* op, const std::optional<Tensor>& alibi_slopes) {
+  LLMK_CHECK_ARG(!(alibi_slopes.has_value() && alibi_slopes->defined()), op, "alibi_slopes",
+                 "is not supported by the CUDA C++ kernels (the Triton kernels take it)");
+}
+
 std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_arg, const Tensor& q, const Tensor& k,
                                                        const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                                                        double softmax_scale, int64_t window_left,
                                                        int64_t window_right, double softcap,
-                                                       const std::optional<Tensor>& dsoftmax_lse) {
+                                                       const std::optional<Tensor>& dsoftmax_lse,
+                                                       const std::optional<Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_bwd";
+  refuse_alibi(op, alibi_slopes);
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   // dout comes from autograd, not from the caller, and can be a view that is not 16-byte aligned (e.g. a
   // slice of torch.cat's gradient, storage offset 4): copy it rather than refuse it.
@@ -259,8 +267,9 @@ void set_num_splits(FwdParams& p, const Tensor& q, int head_dim_padded, Tensor& 
 
 std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 double softmax_scale, int64_t window_left, int64_t window_right,
-                                                double softcap) {
+                                                double softcap, const std::optional<Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_fwd";
+  refuse_alibi(op, alibi_slopes);
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   check_qkv(op, q, k, v, "k", "v");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -334,8 +343,10 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                                     int64_t window_right, double softcap, const std::optional<Tensor>& block_table,
                                     const std::optional<Tensor>& cache_batch_idx,
                                     const std::optional<Tensor>& rotary_cos, const std::optional<Tensor>& rotary_sin,
-                                    bool rotary_interleaved, const std::optional<Tensor>& softmax_lse) {
+                                    bool rotary_interleaved, const std::optional<Tensor>& softmax_lse,
+                                    const std::optional<Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_with_kvcache";
+  refuse_alibi(op, alibi_slopes);
   (void)rotary_interleaved;
   LLMK_CHECK_ARG(!(softmax_lse.has_value() && softmax_lse->defined()), op, "softmax_lse",
                  "is not returned by the CUDA kernels (the Triton decode kernel returns it)");
