@@ -60,11 +60,24 @@ class KVCache:
         self.seqlens.zero_()
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al., 2022), fp32 (num_heads,): the geometric sequence 2^(-8 i / n),
+    i = 1..n, for the largest power of two n <= num_heads, then, for the heads past n, every other slope of the
+    sequence for 2n heads (its odd terms), so that a head count that is not a power of two still gets distinct
+    slopes spread over the same range (the convention of BLOOM / MPT checkpoints)."""
+    n = 1 << (num_heads.bit_length() - 1)
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-8.0 * i / (2 * n)) for i in range(1, 2 * (num_heads - n), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 class MultiheadFlashAttention(nn.Module):
     """Self-attention with q/k/v/o projections, grouped-query heads and optional rotary embeddings.
 
     embed_dim = num_heads * head_dim; num_kv_heads divides num_heads (default: num_heads). causal and
-    window_size / softcap as in flash_attn_func. forward(x: (batch, seqlen, embed_dim)) -> same shape.
+    window_size / softcap as in flash_attn_func; alibi=True adds ALiBi's linear distance bias with the standard
+    per-head slopes (alibi_slopes(num_heads), the buffer `alibi_slopes`; no positional embedding is then needed).
+    forward(x: (batch, seqlen, embed_dim)) -> same shape.
     With `cache` (from new_cache), x holds the next tokens of each row: they are appended to the
     cache, attend to everything cached (flash_attn_with_kvcache), and cache.seqlens advances.
     With `cu_seqlens` ((batch + 1,) int32 offsets), x is a packed batch (total, embed_dim) of sequences end to
@@ -83,6 +96,7 @@ class MultiheadFlashAttention(nn.Module):
         softcap: float = 0.0,
         rotary: bool = False,
         rotary_base: float = 10000.0,
+        alibi: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -100,6 +114,8 @@ class MultiheadFlashAttention(nn.Module):
             raise ValueError(f"MultiheadFlashAttention: rotary embeddings need an even head_dim, got {self.head_dim}")
         self.causal, self.window_size, self.softcap = causal, tuple(window_size), softcap
         self.rotary, self.rotary_base = rotary, rotary_base
+        # (not in state_dict: derived from num_heads; kept exact fp32 by _apply when the module is cast)
+        self.register_buffer("alibi_slopes", alibi_slopes(num_heads).to(device) if alibi else None, persistent=False)
         kw = {"bias": bias, "device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
@@ -111,6 +127,15 @@ class MultiheadFlashAttention(nn.Module):
         dtype, device = cache_dtype_device(self.k_proj, dtype, device)
         k = torch.zeros((batch_size, max_seqlen, self.num_kv_heads, self.head_dim), dtype=dtype, device=device)
         return KVCache(k, torch.zeros_like(k), torch.zeros(batch_size, dtype=torch.int32, device=k.device))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.alibi_slopes is not None and self.alibi_slopes.dtype != torch.float32:  # module.to(bf16) etc.
+            self.alibi_slopes = alibi_slopes(self.num_heads).to(self.alibi_slopes.device)
+        return self
+
+    def _slopes(self) -> torch.Tensor | None:
+        return self.alibi_slopes
 
     def forward(
         self,
@@ -132,13 +157,15 @@ class MultiheadFlashAttention(nn.Module):
         if cache is None:
             if self.rotary:
                 q, k = apply_rotary(q, steps, self.rotary_base), apply_rotary(k, steps, self.rotary_base)
-            out = flash_attn_func(q, k, v, causal=self.causal, window_size=self.window_size, softcap=self.softcap)
+            out = flash_attn_func(q, k, v, causal=self.causal, window_size=self.window_size, softcap=self.softcap,
+                                  alibi_slopes=self._slopes())
         else:
             if self.rotary:
                 positions = cache.seqlens.unsqueeze(1) + steps  # (batch, seqlen): each row continues its own
                 q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
             out = flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache.seqlens, causal=self.causal,
-                                          window_size=self.window_size, softcap=self.softcap)
+                                          window_size=self.window_size, softcap=self.softcap,
+                                          alibi_slopes=self._slopes())
             cache.seqlens.add_(seqlen)
         return self.o_proj(out.reshape(batch, seqlen, self.num_heads * self.head_dim))
 
@@ -160,9 +187,10 @@ class MultiheadFlashAttention(nn.Module):
             q = apply_rotary(q.unsqueeze(0), positions, self.rotary_base)[0]
             k = apply_rotary(k.unsqueeze(0), positions, self.rotary_base)[0]
         out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
-                                     window_size=self.window_size, softcap=self.softcap)
+                                     window_size=self.window_size, softcap=self.softcap, alibi_slopes=self._slopes())
         return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}, window_size={self.window_size}, rotary={self.rotary}")
+                f"causal={self.causal}, window_size={self.window_size}, rotary={self.rotary}"
+                + (", alibi=True" if self.alibi_slopes is not None else ""))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmkernels.nn import MultiheadFlashAttention
-from llmkernels.nn.attention import apply_rotary
+from llmkernels.nn.attention import alibi_slopes, apply_rotary
 
 
 def plain_rotary(x, positions, base=10000.0):
@@ -46,6 +46,8 @@ def plain_layer(layer, x, positions=None, past=None):
         mask &= j >= i - left
     if right >= 0:
         mask &= j <= i + right
+    if layer.alibi_slopes is not None:  # -slope_h * (query position - key position), from the first key
+        scores = scores - layer.alibi_slopes.view(h, 1, 1) * (i - j).abs()
     out = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~mask, -math.inf).softmax(-1), v)
     return layer.o_proj(out.reshape(b, s, h * d))
 
@@ -56,13 +58,16 @@ def test_apply_rotary_matches_complex_rotation():
     torch.testing.assert_close(apply_rotary(x, pos), plain_rotary(x, pos), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,rotary,causal,window", [
-    (4, 4, False, True, (-1, -1)),
-    (8, 2, True, True, (-1, -1)),
-    (4, 1, True, False, (5, 2)),
+@pytest.mark.parametrize("heads,kv_heads,rotary,causal,window,alibi", [
+    (4, 4, False, True, (-1, -1), False),
+    (8, 2, True, True, (-1, -1), False),
+    (4, 1, True, False, (5, 2), False),
+    (8, 2, False, True, (-1, -1), True),
+    (4, 4, False, False, (-1, -1), True),
 ])
-def test_forward_matches_plain_layer(heads, kv_heads, rotary, causal, window):
-    layer = MultiheadFlashAttention(128, heads, kv_heads, rotary=rotary, causal=causal, window_size=window, bias=True)
+def test_forward_matches_plain_layer(heads, kv_heads, rotary, causal, window, alibi):
+    layer = MultiheadFlashAttention(128, heads, kv_heads, rotary=rotary, causal=causal, window_size=window, bias=True,
+                                    alibi=alibi)  # fmt: skip
     x = torch.randn(2, 37, 128, requires_grad=True)
     y = layer(x)
     y.square().sum().backward()
@@ -76,9 +81,10 @@ def test_forward_matches_plain_layer(heads, kv_heads, rotary, causal, window):
     torch.testing.assert_close(grad_q, layer.q_proj.weight.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_incremental_decoding_matches_full_forward():
+@pytest.mark.parametrize("alibi", [False, True])
+def test_incremental_decoding_matches_full_forward(alibi):
     torch.manual_seed(0)
-    layer = MultiheadFlashAttention(64, 4, 2, rotary=True)
+    layer = MultiheadFlashAttention(64, 4, 2, rotary=not alibi, alibi=alibi)
     x = torch.randn(3, 20, 64)
     with torch.no_grad():
         full = layer(x)
@@ -95,12 +101,12 @@ def test_bad_configuration_names_the_argument():
         MultiheadFlashAttention(65, 4)
 
 
-@pytest.mark.parametrize("rotary", [False, True])
-def test_packed_batch_equals_each_sequence_alone(rotary):
+@pytest.mark.parametrize("rotary,alibi", [(False, False), (True, False), (False, True)])
+def test_packed_batch_equals_each_sequence_alone(rotary, alibi):
     """x packed with cu_seqlens: each sequence's rows equal the layer on that sequence alone (rotary positions
     restart per sequence; attention does not cross sequences); gradients reach the projections."""
     torch.manual_seed(0)
-    layer = MultiheadFlashAttention(64, 4, 2, rotary=rotary, window_size=(5, 0))
+    layer = MultiheadFlashAttention(64, 4, 2, rotary=rotary, window_size=(5, 0), alibi=alibi)
     lengths = [7, 1, 12, 3]
     xs = [torch.randn(n, 64) for n in lengths]
     cu = torch.tensor([0, 7, 8, 20, 23], dtype=torch.int32)
@@ -112,3 +118,23 @@ def test_packed_batch_equals_each_sequence_alone(rotary):
     assert layer.q_proj.weight.grad is not None and layer.q_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="x must be"):
         layer(torch.randn(1, 23, 64), cu_seqlens=cu)
+
+
+def test_alibi_slopes_follow_the_paper():
+    """Powers of two: 2^(-8 i / n); other counts: the power of two below, then odd terms of the 2n sequence."""
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    twelve = alibi_slopes(12)
+    torch.testing.assert_close(twelve[:8], alibi_slopes(8))
+    torch.testing.assert_close(twelve[8:], torch.tensor([2.0 ** (-0.5 * i) for i in (1, 3, 5, 7)]))
+    assert len(set(twelve.tolist())) == 12
+
+
+def test_alibi_layer_survives_a_dtype_cast():
+    """module.to(bf16) must leave the slopes exact fp32 (the kernels take fp32 slopes; 2^-0.5 is not a bf16)."""
+    layer = MultiheadFlashAttention(96, 12, alibi=True).to(torch.bfloat16)
+    assert layer.alibi_slopes.dtype == torch.float32 and torch.equal(layer.alibi_slopes, alibi_slopes(12))
+    assert "alibi_slopes" not in layer.state_dict()
+    x = torch.randn(2, 9, 96, dtype=torch.bfloat16)
+    out = layer(x)
+    ref = plain_layer(layer.float(), x.float())
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
