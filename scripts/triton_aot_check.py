@@ -96,6 +96,8 @@ class Launch:
         dtypes = sorted({TYPES[v.dtype] for v in self.values.values() if isinstance(v, torch.Tensor)})
         const = " ".join(f"{k}={v}" for k, v in constexprs.items() if not isinstance(v, bool) or v)
         opts = " ".join(f"{k}={v}" for k, v in self.options.items())
+        if isinstance(self.values.get("ALIBI"), torch.Tensor):  # a pointer, not a constexpr: name it
+            const += " ALIBI"
         return f"{self.kernel.__name__} [{','.join(dtypes)}] {const} {opts}"
 
 
@@ -178,6 +180,7 @@ def drive_launches(full: bool) -> list[Launch]:
                     with fa.config_override(bwd_dkdv=cfg):
                         flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left, right,
                                                          cap)  # fmt: skip
+        _drive_alibi(flash_attn, fa, r, tune_candidates, full)
         for dtype in [torch.float16, torch.bfloat16, torch.float32] if full else [torch.bfloat16]:
             for d in [64, 128, 256] if full else [128]:
                 # packed sequences (flash_attn_varlen_func): the same kernels with VARLEN=True
@@ -234,6 +237,35 @@ def drive_launches(full: bool) -> list[Launch]:
                 True,
             )
     return recorded
+
+
+def _drive_alibi(flash_attn, fa, r, tune_candidates, full: bool) -> None:
+    """ALiBi variants (HAS_ALIBI: one more FMA and abs per score) of the flash attention kernels: the dense forward
+    and backward (both dq ways), varlen and decode, bf16 at the head dims of the plain cover, causal (and full
+    attention with --all), (b, h) slopes; their registers / spills set beside the plain launches'."""
+    dtype = torch.bfloat16
+    for d in [64, 128, 256] if full else [128]:
+        q, k, v = r(2, 512, 4, d, dtype=dtype), r(2, 512, 2, d, dtype=dtype), r(2, 512, 2, d, dtype=dtype)
+        for left, right, cap in [(-1, -1, 0.0), (-1, 0, 0.0)] if full else [(-1, 0, 0.0)]:
+            for slopes in (None, r(2, 4)):  # each ALiBi launch beside its plain twin
+                out, lse = flash_attn.flash_attn_fwd_triton(q, k, v, d**-0.5, left, right, cap, False, slopes)
+                flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left, right, cap,
+                                                 False, None, slopes)  # fmt: skip
+                for cfg in (c for c in tune_candidates["bwd_dkdv"][d] if len(c) == 5):
+                    with fa.config_override(bwd_dkdv=cfg):
+                        flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left,
+                                                         right, cap, False, None, slopes)  # fmt: skip
+        qp, kp, vp = r(700, 4, d, dtype=dtype), r(900, 2, d, dtype=dtype), r(900, 2, d, dtype=dtype)
+        cu = r(4, dtype=torch.int32)
+        qd, kc, vc = r(4, 1, 8, d, dtype=dtype), r(4, 4096, 2, d, dtype=dtype), r(4, 4096, 2, d, dtype=dtype)
+        for slopes in (None, r(3, 4)):
+            out, lse = flash_attn.flash_attn_varlen_fwd_triton(qp, kp, vp, cu, cu, 512, 512, d**-0.5, -1, 0, 0.0,
+                                                               False, slopes)  # fmt: skip
+            flash_attn.flash_attn_varlen_bwd_triton(torch.empty_like(qp), qp, kp, vp, out, lse, cu, cu, 512, 512,
+                                                    d**-0.5, -1, 0, 0.0, False, None, slopes)  # fmt: skip
+        for slopes in (None, r(8)):
+            flash_attn.flash_attn_with_kvcache_triton(qd, kc, vc, None, None, r(4, dtype=torch.int32), d**-0.5, -1, 0,
+                                                      0.0, None, None, slopes)  # fmt: skip
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:

@@ -1,15 +1,20 @@
 """Flash attention on Triton: the `llmkernels::flash_attn{,_varlen}_{fwd,bwd}_triton` ops and their autograd.
 
-    flash_attn_triton(q, k, v, softmax_scale, window_left, window_right, softcap) -> out   (differentiable)
+    flash_attn_triton(q, k, v, softmax_scale, window_left, window_right, softcap, deterministic, alibi_slopes)
+        -> out   (differentiable)
     flash_attn_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
-                                   window_left, window_right, softcap, block_table=None, cache_batch_idx=None)
+                                   window_left, window_right, softcap, block_table=None, cache_batch_idx=None,
+                                   alibi_slopes=None)
         -> out   (decode; writes the caches; paged or row-mapped caches: flash_attn_decode.py)
     flash_attn_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                             window_left, window_right, softcap) -> out   (packed sequences; differentiable)
+                             window_left, window_right, softcap, deterministic, alibi_slopes)
+        -> out   (packed sequences; differentiable)
 
 q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0;
 fp16 / bf16 / fp32, headdim <= 256, last dimension contiguous (other strides are passed to the kernels).
 Varlen: q (total_q, nheads, headdim), k, v (total_k, nheads_k, headdim), cu_seqlens (batch + 1,) int32.
+Every op takes a trailing alibi_slopes: None, or fp32 contiguous (nheads,) or (batch, nheads) (varlen: batch =
+sequences) slopes of flash_attn's ALiBi bias; no gradient flows to them (as flash_attn's).
 Semantics are `llmkernels.reference.attention.flash_attn_fwd_ref`'s (flash_attn_varlen_fwd_ref's); the kernels
 are in flash_attn_kernels.py.
 Imported lazily by llmkernels.ops.attention: importing this module imports triton.
@@ -29,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._checks import check_same_dtype, check_shape, check_tensor
 from ..ops.attention import register_attention_autograd
-from .flash_attn_decode import check_kvcache_args, decode_launch
+from .flash_attn_decode import NO_ALIBI, check_kvcache_args, decode_launch
 from .flash_attn_kernels import (
     flash_attn_bwd_dkdv_kernel,
     flash_attn_bwd_dq_kernel,
@@ -265,6 +270,19 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise ValueError(f"llmkernels.{fn}: k's nheads_k ({k.shape[2]}) must divide q's nheads ({nheads})")
 
 
+def _alibi_args(fn: str, alibi_slopes: torch.Tensor | None, batch: int, nheads: int, device: torch.device) -> dict:
+    """The kernels' ALIBI / stride_alibi_b for alibi_slopes, checked: fp32, contiguous, (nheads,) (one row for the
+    whole batch: batch stride 0) or (batch, nheads). None gives Nones: the kernels compile without ALiBi."""
+    if alibi_slopes is None:
+        return NO_ALIBI
+    check_tensor(fn, "alibi_slopes", alibi_slopes, dtypes=(torch.float32,), device=device, contiguous=True)
+    if alibi_slopes.dim() == 2:
+        check_shape(fn, "alibi_slopes", alibi_slopes, (batch, nheads))
+        return {"ALIBI": alibi_slopes, "stride_alibi_b": alibi_slopes.stride(0)}
+    check_shape(fn, "alibi_slopes", alibi_slopes, (nheads,))
+    return {"ALIBI": alibi_slopes, "stride_alibi_b": 0}
+
+
 def _tma_view(t: torch.Tensor, block_n: int, block_d: int) -> TensorDescriptor | None:
     """A TMA descriptor of (batch, seqlen, nheads, headdim) K or V as its 2-D (batch * seqlen, nheads * headdim)
     view, tiles (block_n, headdim); None where the strides do not allow that view or TMA's 16-byte alignment."""
@@ -318,11 +336,14 @@ def flash_attn_fwd_triton(
     window_right: int,
     softcap: float,
     deterministic: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32 natural log; -inf where no key is seen).
-    deterministic: for the backward (autograd hands it on), which may otherwise sum dq with atomics."""
+    deterministic: for the backward (autograd hands it on), which may otherwise sum dq with atomics.
+    alibi_slopes: (h,) or (b, h) fp32, or None; lse is that of the biased scores."""
     _check_qkv("flash_attn_fwd_triton", q, k, v)
     batch, seqlen_q, nheads, headdim = q.shape
+    alibi = _alibi_args("flash_attn_fwd_triton", alibi_slopes, batch, nheads, q.device)
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     out = torch.empty((batch, seqlen_q, nheads, headdim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
@@ -336,10 +357,12 @@ def flash_attn_fwd_triton(
     block_m, block_n, num_warps, num_stages = cfg[:4]
     grid = (triton.cdiv(seqlen_q, block_m), nheads, batch)  # not batch * nheads: grid y stops at 65535
     kernel, descs = flash_attn_fwd_kernel, ()
-    # The TMA variant folds the scale into the max (needs scale > 0; soft-capping applies its own scale).
+    # The TMA variant folds the scale into the max (needs scale > 0; soft-capping applies its own scale), which a
+    # per-key bias breaks: ALiBi takes the pointer kernel.
     # The pointer kernel's varlen arguments: none (None is a constexpr: no kernel parameter, no code).
-    variant, tail, extra = (cfg[4] if len(cfg) > 4 else 0), (None, None), {"VARLEN": False}
-    if variant in (1, 2) and q.dtype != torch.float32 and (softmax_scale > 0 or softcap > 0):
+    variant, tail, extra = (cfg[4] if len(cfg) > 4 else 0), (None, None), {"VARLEN": False, **alibi}
+    tma_ok = q.dtype != torch.float32 and (softmax_scale > 0 or softcap > 0) and alibi_slopes is None
+    if variant in (1, 2) and tma_ok:
         k_desc, v_desc = _tma_view(k, block_n, meta["BLOCK_D"]), _tma_view(v, block_n, meta["BLOCK_D"])
         if k_desc is not None and v_desc is not None:
             kernel, descs, tail = flash_attn_fwd_tma_kernel, (k_desc, v_desc), ()
@@ -368,9 +391,11 @@ def flash_attn_bwd_triton(
     softcap: float,
     deterministic: bool = False,
     dsoftmax_lse: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of flash_attn_fwd_triton from dout (b, sq, h, d), the saved out and softmax_lse (b, h, sq), and
-    the gradient reaching softmax_lse when there is one (it lowers delta: d lse_i / d s_ij = p_ij).
+    the gradient reaching softmax_lse when there is one (it lowers delta: d lse_i / d s_ij = p_ij). alibi_slopes:
+    the forward's (the bias is a constant in the scores: it changes P, not the formulas).
 
     dk, dv (b, sk, hk, d) are summed over each KV head's query heads inside the kernel (no extra pass). dq comes
     from the dQ kernel, or, when the dK/dV config asks for it and not deterministic, from atomic fp32 adds in the
@@ -386,6 +411,7 @@ def flash_attn_bwd_triton(
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
     check_shape(fn, "softmax_lse", softmax_lse, (batch, nheads, seqlen_q))
+    alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
 
     dk = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
@@ -423,14 +449,14 @@ def flash_attn_bwd_triton(
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, DQ_ATOMIC=atomic,
-        **meta,
+        **meta, **alibi,
     )  # fmt: skip
     if atomic:
         return dq.to(q.dtype), dk, dv
     block_m, block_n, num_warps, num_stages = dq_cfg
     launch(flash_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), nheads, batch),
         q, k, v, dout, softmax_lse, delta, dq, None, None, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, **meta, **alibi,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -444,16 +470,17 @@ def _lower_delta(fn: str, delta: torch.Tensor, dsoftmax_lse: torch.Tensor | None
 
 
 def _kvcache(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-             block_table, cache_batch_idx, softmax_lse) -> torch.Tensor:  # fmt: skip
+             block_table, cache_batch_idx, softmax_lse, alibi_slopes) -> torch.Tensor:  # fmt: skip
     check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM, block_table,
                        cache_batch_idx)  # fmt: skip
+    alibi = _alibi_args(fn, alibi_slopes, q.shape[0], q.shape[2], q.device)
     # Every row sees at most capacity keys (max_pages * page_size when paged): it bounds the band like seqlen_k.
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     window_left, window_right = _bounded_windows(window_left, window_right, q.shape[1], capacity)
     meta = _common_meta(q, window_left, window_right, softcap)
     return decode_launch(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                          softcap, meta, block_table, cache_batch_idx, softmax_lse,
-                         config=_decode_config(meta["BLOCK_D"], q.dtype))  # fmt: skip
+                         config=_decode_config(meta["BLOCK_D"], q.dtype), alibi=alibi)  # fmt: skip
 
 
 @torch.library.triton_op("llmkernels::flash_attn_with_kvcache_triton", mutates_args=("k_cache", "v_cache"))
@@ -470,16 +497,18 @@ def flash_attn_with_kvcache_triton(
     softcap: float,
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention against a KV cache (split-KV); see flash_attn_decode.py. Writes k_new, v_new into the caches.
 
     q: (b, sq, h, d); k_cache, v_cache: (b, max_seqlen, hk, d); k_new, v_new: (b, s_new, hk, d) or None;
     cache_seqlens: (b,) int32. Returns out (b, sq, h, d) in q's dtype. At most one of block_table ((b, max_pages)
     int32; the caches are then (num_pages, page_size, hk, d)) and cache_batch_idx ((b,) int32; the caches have any
-    number of rows), as flash_attn's.
+    number of rows), as flash_attn's. alibi_slopes: (h,) or (b, h) fp32, or None; row i's distances count from its
+    own key count cache_seqlens[i] + s_new.
     """
     return _kvcache("flash_attn_with_kvcache_triton", q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
-                    window_left, window_right, softcap, block_table, cache_batch_idx, None)  # fmt: skip
+                    window_left, window_right, softcap, block_table, cache_batch_idx, None, alibi_slopes)  # fmt: skip
 
 
 # A second op rather than an optional mutable lse argument: torch 2.11's ADInplaceOrView wrapper of Python custom
@@ -498,12 +527,14 @@ def flash_attn_with_kvcache_lse_triton(
     softcap: float,
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_with_kvcache_triton that also returns each row's log-sum-exp, (b, h, sq) fp32 (-inf where a row
     sees no key)."""
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     out = _kvcache("flash_attn_with_kvcache_lse_triton", q, k_cache, v_cache, k_new, v_new, cache_seqlens,
-                   softmax_scale, window_left, window_right, softcap, block_table, cache_batch_idx, lse)  # fmt: skip
+                   softmax_scale, window_left, window_right, softcap, block_table, cache_batch_idx, lse,
+                   alibi_slopes)  # fmt: skip
     return out, lse
 
 
@@ -556,14 +587,17 @@ def flash_attn_varlen_fwd_triton(
     window_right: int,
     softcap: float,
     deterministic: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (total_q, h, d) in q's dtype, softmax_lse (h, total_q) fp32) of the packed sequences; see
     flash_attn_varlen_fwd_ref. q: (total_q, h, d); k, v: (total_k, hk, d); cu_seqlens_*: (batch + 1,) int32.
-    deterministic: for the backward, as flash_attn_fwd_triton's."""
+    deterministic: for the backward, as flash_attn_fwd_triton's. alibi_slopes: (h,) or (batch, h) fp32, row i for
+    sequence i, or None."""
     _check_varlen("flash_attn_varlen_fwd_triton", q, k, v, cu_seqlens_q, cu_seqlens_k)
     total_q, nheads, headdim = q.shape
     total_k, nheads_k = k.shape[0], k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
+    alibi = _alibi_args("flash_attn_varlen_fwd_triton", alibi_slopes, batch, nheads, q.device)
     # Rows past cu_seqlens_q[-1] belong to no sequence and no program writes them: they start as out 0, lse -inf.
     out = torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device)
     lse = torch.full((nheads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
@@ -581,7 +615,7 @@ def flash_attn_varlen_fwd_triton(
         0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
         0, out.stride(0), out.stride(1),
         nheads, nheads // nheads_k, total_q, total_k, softmax_scale, softcap, window_left, window_right,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta, **alibi,
     )  # fmt: skip
     return out, lse
 
@@ -604,9 +638,10 @@ def flash_attn_varlen_bwd_triton(
     softcap: float,
     deterministic: bool = False,
     dsoftmax_lse: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of flash_attn_varlen_fwd_triton from dout (total_q, h, d), the saved out and softmax_lse
-    (h, total_q). Rows outside every sequence get zero gradients. dq as in flash_attn_bwd_triton."""
+    (h, total_q). Rows outside every sequence get zero gradients. dq and alibi_slopes as in flash_attn_bwd_triton."""
     fn = "flash_attn_varlen_bwd_triton"
     _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k)
     check_tensor(fn, "dout", dout, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
@@ -618,6 +653,7 @@ def flash_attn_varlen_bwd_triton(
     check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
     check_shape(fn, "softmax_lse", softmax_lse, (nheads, total_q))
     batch = cu_seqlens_q.shape[0] - 1
+    alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
 
     # No program writes rows outside the sequences (nor keys of sequences without queries, in dk / dv): zeros.
     dk = torch.zeros((total_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
@@ -649,7 +685,7 @@ def flash_attn_varlen_bwd_triton(
         q, k, v, dout, softmax_lse, delta, dk, dv, dq if atomic else None, cu_seqlens_q, cu_seqlens_k, *strides,
         0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1), 0, dq.stride(0), dq.stride(1), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, DQ_ATOMIC=atomic,
-        **meta,
+        **meta, **alibi,
     )  # fmt: skip
     if atomic:
         return dq.to(q.dtype), dk, dv
@@ -657,7 +693,7 @@ def flash_attn_varlen_bwd_triton(
     launch(flash_attn_bwd_dq_kernel, (_varlen_blocks(max_seqlen_q, total_q, block_m), nheads, batch),
         q, k, v, dout, softmax_lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *strides, 0, dq.stride(0), dq.stride(1),
         *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta, **alibi,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -685,10 +721,12 @@ def flash_attn_triton(
     window_right: int = -1,
     softcap: float = 0.0,
     deterministic: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention output (batch, seqlen_q, nheads, headdim); differentiable in q, k, v."""
+    """Attention output (batch, seqlen_q, nheads, headdim); differentiable in q, k, v (not in alibi_slopes)."""
     return torch.ops.llmkernels.flash_attn_fwd_triton(
-        q, k, v, float(softmax_scale), int(window_left), int(window_right), float(softcap), bool(deterministic)
+        q, k, v, float(softmax_scale), int(window_left), int(window_right), float(softcap), bool(deterministic),
+        alibi_slopes,
     )[0]
 
 
@@ -710,9 +748,11 @@ def flash_attn_varlen_triton(
     window_right: int = -1,
     softcap: float = 0.0,
     deterministic: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention output (total_q, nheads, headdim) of packed sequences; differentiable in q, k, v."""
+    """Attention output (total_q, nheads, headdim) of packed sequences; differentiable in q, k, v (not in
+    alibi_slopes)."""
     return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
-        int(window_left), int(window_right), float(softcap), bool(deterministic),
+        int(window_left), int(window_right), float(softcap), bool(deterministic), alibi_slopes,
     )[0]

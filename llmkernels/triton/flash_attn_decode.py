@@ -1,7 +1,7 @@
 """Attention against a KV cache (decode) on Triton: split-KV ("flash-decoding") plus a combine kernel.
 
     flash_attn_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
-                                   window_left, window_right, softcap) -> out
+                                   window_left, window_right, softcap, ..., alibi_slopes=None) -> out
 
 q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, max_seqlen, nheads_k, headdim), updated in
 place; k_new, v_new: (batch, seqlen_new, nheads_k, headdim) or None; cache_seqlens: (batch,) int32. The new
@@ -13,7 +13,8 @@ page_size, nheads_k, headdim) pages, position p of row i at slot p % page_size o
 page_size] (constexpr PAGED), a row holding max_pages * page_size tokens. Indices are never read back on the host:
 the kernels and the append clamp them into range, so bad ones give garbage, not a memory fault.
 
-Math: as flash_attn_kernels.py. Each split s of the keys gives a partial (o_s normalised, lse_s); the
+Math: as flash_attn_kernels.py; ALiBi's distance i + shift - j counts from row b's own key count (shift =
+cache_seqlens[b] + seqlen_new - seqlen_q). Each split s of the keys gives a partial (o_s normalised, lse_s); the
 combine kernel merges them: lse = log sum_s exp(lse_s), o = sum_s exp(lse_s - lse) o_s.
 Tiling: one program per (key split, block of rows, KV head, batch), where the rows are the query heads of
 one KV head times the queries (GQA packing: each K/V tile is loaded once for the whole group). With one or a
@@ -30,10 +31,12 @@ import triton
 import triton.language as tl
 
 from .._checks import check_same_dtype, check_shape, check_tensor
-from .flash_attn_kernels import LN2, _softcap_scores
+from .flash_attn_kernels import LN2, LOG2E, _alibi_bias, _softcap_scores
 from .launch import INTERPRET, launch
 
 _TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs)
+# Every launch names the ALiBi arguments, None included: torch.compile's wrap_triton does not fill in defaults.
+NO_ALIBI = {"ALIBI": None, "stride_alibi_b": None}
 
 
 @triton.jit
@@ -53,6 +56,7 @@ def flash_attn_decode_split_kernel(
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PAGED: tl.constexpr, INDEXED: tl.constexpr,
+    ALIBI=None, stride_alibi_b=None,  # fp32 slopes (b, h) (stride_alibi_b 0: (h,)); None: no ALiBi (no code)
 ):
     # grid (row blocks * splits, nheads_k, batch): the row blocks of a long prefill and batch * nheads_k can each
     # pass grid y / z's 65535, so the one unbounded count goes on axis 0.
@@ -82,6 +86,9 @@ def flash_attn_decode_split_kernel(
         lo = tl.maximum(lo, shift - window_left)
     if HAS_WR:
         hi = tl.minimum(hi, seqlen_q - 1 + shift + window_right + 1)
+    HAS_ALIBI: tl.constexpr = ALIBI is not None
+    if HAS_ALIBI:  # each packed row's head has its slope, in the scores' log2 units
+        slopes = tl.load(ALIBI + off_b64 * stride_alibi_b + head, mask=row_ok, other=0.0) * LOG2E
 
     if PAGED:  # each key's page is looked up in the loop; here only the head
         k_base = K + off_hk.to(tl.int64) * stride_kh
@@ -110,6 +117,8 @@ def flash_attn_decode_split_kernel(
             k_tile = k_base + tl.cast(n0, tl.int64) * stride_kn  # int64 scalar step, int32 in-tile offsets
             k = tl.load(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
         s, _ = _softcap_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, SOFTCAP)
+        if HAS_ALIBI:  # the distance counts from this row's own key count (shift)
+            s = _alibi_bias(s, slopes[:, None], qi[:, None], cols[None, :], shift)
         visible = cols[None, :] < hi
         if HAS_WL:
             visible &= cols[None, :] >= qi[:, None] + shift - window_left
@@ -255,10 +264,12 @@ def _append_indirect(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
 def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                   cache_seqlens, softmax_scale, window_left, window_right, softcap, meta,
                   block_table: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
-                  softmax_lse: torch.Tensor | None = None, *, config: tuple[int, int, int, int]) -> torch.Tensor:
+                  softmax_lse: torch.Tensor | None = None, *, config: tuple[int, int, int, int],
+                  alibi: dict | None = None) -> torch.Tensor:
     """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d) and
     writes each row's log-sum-exp into softmax_lse ((b, h, sq) fp32 contiguous) when given. config: (most packed
-    rows per program, BLOCK_N, num_warps, num_stages) of the split kernel, from flash_attn.py's _decode_config."""
+    rows per program, BLOCK_N, num_warps, num_stages) of the split kernel, from flash_attn.py's _decode_config.
+    alibi: the split kernel's ALIBI / stride_alibi_b (checked slopes), or None."""
     interpret = INTERPRET
     batch, seqlen_q, nheads, headdim = q.shape
     capacity, nheads_k = cache_capacity(k_cache, block_table), k_cache.shape[2]
@@ -296,7 +307,7 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         nheads, group, seqlen_q, seqlen_new, capacity, split_len, num_splits, softmax_scale, softcap, window_left,
         window_right, *_indirect_args(k_cache, block_table, cache_batch_idx),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
-        PAGED=block_table is not None, INDEXED=cache_batch_idx is not None,
+        PAGED=block_table is not None, INDEXED=cache_batch_idx is not None, **(alibi or NO_ALIBI),
     )  # fmt: skip
     launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),
         o_part, lse_part, out, softmax_lse, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, num_splits,

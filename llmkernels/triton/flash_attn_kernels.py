@@ -2,6 +2,7 @@
 
 Math (per batch b, query head h, KV head h // group):
     s_ij = scale * q_i . k_j, optionally s_ij <- softcap * tanh(s_ij / softcap)
+    ALiBi (ALIBI not None): s_ij <- s_ij - slope[b, h] * |i + shift - j|, after the soft-cap (a constant in s)
     key j visible to query i iff  i + shift - window_left <= j <= i + shift + window_right,  shift = sk - sq
     lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),  o_i = sum_j p_ij v_j
 Backward (D_i = do_i . o_i):
@@ -97,10 +98,38 @@ def _softcap_scores(qk, scale, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _alibi_bias(s, slope, rows, cols, shift):
+    """s - slope * |row + shift - col|: ALiBi's distance from the bottom-right-aligned diagonal. slope must be in
+    the units of s (times LOG2E in the log2 domain); rows / cols broadcast to s's shape. Finite for finite s, so
+    the -inf of a mask applied afterwards stays -inf (never -inf - inf or inf * 0)."""
+    return s - slope * tl.abs(rows + shift - cols).to(tl.float32)
+
+
+@triton.jit
+def _alibi_slope(ALIBI_ROW, off_h, HAS_ALIBI: tl.constexpr):
+    """Head off_h's slope in log2 units (the scores' domain), 0.0 without ALiBi (never read then)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI_ROW + off_h) * LOG2E
+    return slope
+
+
+@triton.jit
+def _alibi_row(ALIBI, stride_alibi_b):
+    """This program's row of the slopes (grid axis 2: batch row or packed sequence; stride 0 for (nheads,)
+    slopes); None (a constexpr: no code) without ALiBi."""
+    row = ALIBI
+    if ALIBI is not None:
+        row = ALIBI + tl.program_id(2).to(tl.int64) * stride_alibi_b
+    return row
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
-               seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
+               seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
-               HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+               HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+               HAS_ALIBI: tl.constexpr):
     d_mask = offs_d[None, :] < HEADDIM
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
@@ -112,6 +141,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         k = _load_tile(k_tile + (offs_n[:, None] * stride_kn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _softcap_scores(qk, scale, softcap, SOFTCAP)
+        if HAS_ALIBI:
+            s = _alibi_bias(s, slope, offs_m[:, None], cols[None, :], shift)
         if MASKED:
             visible = cols[None, :] < seqlen_k
             if HAS_WL:
@@ -157,12 +188,13 @@ def _fwd_block(
     Q, K, V, Out, LSE, start_m, off_b, off_h, off_hk,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
-    nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, ALIBI_ROW,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """Query block start_m of (batch off_b, head off_h); LSE row r of that head at (off_b * nheads + off_h) *
-    lse_len + r."""
+    lse_len + r. ALIBI_ROW: the slopes of this batch row / sequence (HAS_ALIBI)."""
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -176,20 +208,24 @@ def _fwd_block(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope = _alibi_slope(ALIBI_ROW, off_h, HAS_ALIBI)
 
     shift = seqlen_k - seqlen_q
     row_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q)
     lo, a, b, end = _band_tile_ranges(start_m * BLOCK_M, row_hi, seqlen_k, shift, window_left, window_right,
                                       HAS_WL, HAS_WR, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               lo, a, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
-                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
+                               lo, a, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
+                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
+                               HAS_ALIBI)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               a, b, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
-                               BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
+                               a, b, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
+                               BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
+                               HAS_ALIBI)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                               b, end, seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM,
-                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
+                               b, end, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
+                               BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
+                               HAS_ALIBI)
 
     # Rows that saw no key: l = 0 -> output 0 and lse = -inf.
     seen = l_i > 0.0
@@ -212,7 +248,10 @@ def flash_attn_fwd_kernel(
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
+    ALIBI=None, stride_alibi_b=None,  # fp32 slopes (b, h) (stride_alibi_b 0: (h,)); None: no ALiBi (no code)
 ):
+    HAS_ALIBI: tl.constexpr = ALIBI is not None
+    alibi_row = _alibi_row(ALIBI, stride_alibi_b)
     if VARLEN:
         off_h = tl.program_id(1)
         off_hk = (off_h // group).to(tl.int64)
@@ -225,8 +264,8 @@ def flash_attn_fwd_kernel(
             _fwd_block(Q + q0 * stride_qm, K + k0 * stride_kn, V + k0 * stride_vn, Out + q0 * stride_om, LSE + q0,
                        n_blocks - 1 - it, 0, off_h, off_hk, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn,
                        stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, nheads, seqlen_q,
-                       len_q, len_k, scale, softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D,
-                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                       len_q, len_k, scale, softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N,
+                       BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI)
     else:
         # Longest rows (the last query blocks under a causal mask) are scheduled first.
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -237,8 +276,8 @@ def flash_attn_fwd_kernel(
         off_h = off_h.to(tl.int64)
         _fwd_block(Q, K, V, Out, LSE, start_m, off_b, off_h, off_hk, stride_qb, stride_qm, stride_qh, stride_kb,
                    stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, nheads,
-                   seqlen_q, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N,
-                   BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION)
+                   seqlen_q, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, alibi_row, HEADDIM,
+                   BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI)
 
 
 @triton.jit
@@ -264,9 +303,10 @@ def flash_attn_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h, stride_qm, stride_dom,
                     stride_dqm, offs_m, offs_n, offs_d, start, stop, seqlen_q, seqlen_k, shift, window_left,
-                    window_right, scale, softcap, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                    window_right, scale, softcap, slope, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr):
     """Adds one query head's contribution from query rows [start, stop) to dk, dv (BLOCK_N, BLOCK_D) fp32, and
     with DQ_ATOMIC this key block's share of dq to fp32 rows that other key blocks add to as well: DQ_ATOMIC 1
     through pointers (dq_base: this head's row 0), 2 through a TMA reduce (dq_base: a (b, sq, h, d) descriptor,
@@ -291,6 +331,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, 
         delta = tl.load(delta_ptr + rows, mask=rows < seqlen_q, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         s_t, tanh_t = _softcap_scores(qk_t, scale, softcap, SOFTCAP)
+        if HAS_ALIBI:
+            s_t = _alibi_bias(s_t, slope, rows[None, :], offs_n[:, None], shift)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             visible = rows[None, :] < seqlen_q
@@ -326,10 +368,10 @@ def _bwd_dkdv_block(
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_dqb, stride_dqm, stride_dqh,
-    nheads, group, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    nheads, group, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, ALIBI_ROW,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Key block start_n of (batch off_b, KV head off_hk); LSE / delta row r of head h at (off_b * nheads + h) *
     lse_len + r. DQ (DQ_ATOMIC only): fp32, laid out like q, gets this block's share of dq added."""
@@ -361,18 +403,19 @@ def _bwd_dkdv_block(
             dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
         if DQ_ATOMIC == 2:
             dq_b, dq_h = off_b.to(tl.int32), off_h.to(tl.int32)
+        slope = _alibi_slope(ALIBI_ROW, off_h, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
                                  stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, lo, a, seqlen_q, seqlen_k,
-                                 shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL,
-                                 HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+                                 shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_M, True,
+                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
                                  stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, a, b, seqlen_q, seqlen_k,
-                                 shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, False, HAS_WL,
-                                 HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+                                 shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_M, False,
+                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
                                  stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, b, end, seqlen_q, seqlen_k,
-                                 shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_M, True, HAS_WL,
-                                 HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC)
+                                 shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_M, True,
+                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI)
 
     dk = dk * scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dkn + offs_d[None, :],
@@ -393,11 +436,14 @@ def flash_attn_bwd_dkdv_kernel(
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    ALIBI=None, stride_alibi_b=None,  # as flash_attn_fwd_kernel's
 ):
     """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32. DQ_ATOMIC: dq
     too, from the same dS tile (five products per tile instead of the seven of this kernel plus the dQ kernel),
     added in fp32 with atomics: the order of the sums, and so dq's last bits, vary from run to run."""
     tl.static_assert(not (VARLEN and DQ_ATOMIC == 2), "packed sequences add dq through pointers (DQ_ATOMIC 1)")
+    HAS_ALIBI: tl.constexpr = ALIBI is not None
+    alibi_row = _alibi_row(ALIBI, stride_alibi_b)
     if VARLEN:
         off_hk = tl.program_id(1).to(tl.int64)
         q0, len_q, k0, len_k = _varlen_spans(CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k)
@@ -412,8 +458,9 @@ def flash_attn_bwd_dkdv_kernel(
                             off_hk, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb,
                             stride_vn, stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn,
                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_dqb, stride_dqm, stride_dqh, nheads,
-                            group, seqlen_q, len_q, len_k, scale, softcap, window_left, window_right, HEADDIM, BLOCK_M,
-                            BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, DQ_ATOMIC)
+                            group, seqlen_q, len_q, len_k, scale, softcap, window_left, window_right, alibi_row,
+                            HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, DQ_ATOMIC,
+                            HAS_ALIBI)
     else:
         start_n = tl.program_id(0)
         off_hk = tl.program_id(1).to(tl.int64)  # grid (key blocks, nheads_k, batch)
@@ -422,15 +469,15 @@ def flash_attn_bwd_dkdv_kernel(
                         stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob,
                         stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                         stride_dqb, stride_dqm, stride_dqh, nheads, group, seqlen_q, seqlen_q, seqlen_k, scale,
-                        softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR,
-                        SOFTCAP, DOT_PRECISION, DQ_ATOMIC)
+                        softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL,
+                        HAS_WR, SOFTCAP, DOT_PRECISION, DQ_ATOMIC, HAS_ALIBI)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
-                  seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM: tl.constexpr,
+                  seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr):
     d_mask = offs_d[None, :] < HEADDIM
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
@@ -444,6 +491,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
         v = _load_tile(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, tanh_s = _softcap_scores(qk, scale, softcap, SOFTCAP)
+        if HAS_ALIBI:
+            s = _alibi_bias(s, slope, offs_m[:, None], cols[None, :], shift)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             visible = cols[None, :] < seqlen_k
@@ -465,9 +514,10 @@ def _bwd_dq_block(
     Q, K, V, DO, LSE, DELTA, DQ, start_m, off_b, off_h, off_hk,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-    nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right,
+    nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, ALIBI_ROW,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """Query block start_m of (batch off_b, head off_h); LSE / delta row r at (off_b * nheads + off_h) * lse_len + r."""
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -487,20 +537,21 @@ def _bwd_dq_block(
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope = _alibi_slope(ALIBI_ROW, off_h, HAS_ALIBI)
 
     shift = seqlen_k - seqlen_q
     row_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q)
     lo, a, b, end = _band_tile_ranges(start_m * BLOCK_M, row_hi, seqlen_k, shift, window_left, window_right,
                                       HAS_WL, HAS_WR, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, a,
-                       seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
-                       HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
+                       seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_N, True,
+                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, a, b,
-                       seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, False, HAS_WL,
-                       HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
+                       seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_N, False,
+                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, b, end,
-                       seqlen_k, shift, window_left, window_right, scale, softcap, HEADDIM, BLOCK_N, True, HAS_WL,
-                       HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D)
+                       seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_N, True,
+                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI)
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qo_mask)
@@ -516,8 +567,11 @@ def flash_attn_bwd_dq_kernel(
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
+    ALIBI=None, stride_alibi_b=None,  # as flash_attn_fwd_kernel's
 ):
     """One program per (BLOCK_M queries, head, batch): the forward's loop with dS in place of P."""
+    HAS_ALIBI: tl.constexpr = ALIBI is not None
+    alibi_row = _alibi_row(ALIBI, stride_alibi_b)
     if VARLEN:
         off_h = tl.program_id(1)
         off_hk = (off_h // group).to(tl.int64)
@@ -531,8 +585,8 @@ def flash_attn_bwd_dq_kernel(
                           DELTA + q0, DQ + q0 * stride_dqm, n_blocks - 1 - it, 0, off_h, off_hk, stride_qb, stride_qm,
                           stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob,
                           stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, nheads, seqlen_q, len_q, len_k,
-                          scale, softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL,
-                          HAS_WR, SOFTCAP, DOT_PRECISION)
+                          scale, softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                          HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI)
     else:
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
         # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
@@ -543,8 +597,8 @@ def flash_attn_bwd_dq_kernel(
         _bwd_dq_block(Q, K, V, DO, LSE, DELTA, DQ, start_m, off_b, off_h, off_hk, stride_qb, stride_qm, stride_qh,
                       stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob, stride_dom,
                       stride_doh, stride_dqb, stride_dqm, stride_dqh, nheads, seqlen_q, seqlen_q, seqlen_k, scale,
-                      softcap, window_left, window_right, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP,
-                      DOT_PRECISION)
+                      softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR,
+                      SOFTCAP, DOT_PRECISION, HAS_ALIBI)
 
 
 # --- Forward variant for Hopper (opt-in: the 5th config field, see flash_attn.py) ------------------------------
