@@ -73,7 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
 
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
   const at::Tensor alibi = set_alibi(op, p, alibi_slopes, q, q.size(0));
-  if (p.nheads == 0) {  // no query reads any key: the kernels would leave dk, dv unwritten
+  if (p.nheads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {  // no scores at all: every gradient is zero (the
+                                                               // kernels would leave dk, dv unwritten or index
+                                                               // key blocks that do not exist)
     return {at::zeros_like(q), at::zeros_like(k, at::MemoryFormat::Contiguous),
             at::zeros_like(v, at::MemoryFormat::Contiguous)};
   }

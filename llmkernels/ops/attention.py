@@ -174,9 +174,15 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
     # on a GPU), so they are read back and checked first: this path is slow anyway. Only the pages a row uses
     # count (tables padded with -1 are fine, as in flash_attn).
     index = cache_batch_idx
+    s_new = 0 if k_new is None else k_new.shape[1]
+    capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    lens = cache_seqlens.long()
+    if lens.numel() and not (int(lens.min()) >= 0 and int(lens.max()) + s_new <= capacity):
+        raise ValueError(f"llmkernels.flash_attn_with_kvcache: cache_seqlens must lie in [0, {capacity - s_new}] "
+                         f"(the cache holds {capacity}, {s_new} new tokens), got {lens.tolist()}")  # fmt: skip
     if block_table is not None:
-        page_size, s_new = k_cache.shape[1], 0 if k_new is None else k_new.shape[1]
-        used = (cache_seqlens.long() + s_new + page_size - 1) // page_size
+        page_size = k_cache.shape[1]
+        used = (lens + s_new + page_size - 1) // page_size
         index = block_table[torch.arange(block_table.shape[1], device=block_table.device) < used[:, None]]
     if index is not None and index.numel() and not (0 <= int(index.min()) and int(index.max()) < k_cache.shape[0]):
         name = "block_table" if block_table is not None else "cache_batch_idx"
@@ -288,7 +294,7 @@ def _check_kv(
     expected = (batch, k.shape[1] if seqlen is None else seqlen, k.shape[2] if nheads_k is None else nheads_k, d)
     check_shape(fn, names[0], k, expected)
     check_shape(fn, names[1], v, expected)
-    if nheads % k.shape[2] != 0:
+    if k.shape[2] == 0 or nheads % k.shape[2] != 0:
         raise ValueError(
             f"llmkernels.{fn}: q's nheads ({nheads}) must be a multiple of {names[0]}'s nheads_k ({k.shape[2]})"
         )
@@ -632,8 +638,8 @@ def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, position
 def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """The backward's dout: zeros when only softmax_lse reached the loss (grads not materialised), and
     contiguous in its last dimension, as every kernel reads it."""
-    if dout is None:
-        return torch.zeros_like(out)
+    if dout is None or dout.numel() == 0:  # (an empty expanded dout keeps its 0 strides through .contiguous())
+        return torch.zeros_like(out, memory_format=torch.contiguous_format)
     return dout if dout.stride(-1) == 1 else dout.contiguous()
 
 

@@ -48,6 +48,13 @@ flash_attn_varlen = Dispatcher("flash_attn_varlen_func")
 @flash_attn_varlen.register("reference")
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap,
                       deterministic=False, alibi_slopes=None):  # fmt: skip
+    # The kernels check (CPU) or clamp (GPU) the offsets; here nonsense ones would slice silently, and this path
+    # reads them back anyway.
+    for name, cu, rows in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        offsets = cu.tolist()
+        if offsets[0] < 0 or offsets[-1] > rows or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"llmkernels.flash_attn_varlen_func: {name} must be non-decreasing offsets in "
+                             f"[0, {rows}] (its tensor's rows), got {offsets}")  # fmt: skip
     return flash_attn_varlen_fwd_ref(
         q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, alibi_slopes=alibi_slopes
     )

@@ -280,8 +280,10 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         _append_indirect(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache_batch_idx)
     elif k_new is not None and k_new.shape[1] > 0:
         seqlen_new = k_new.shape[1]
-        # Positions cache_seqlens[i] + t (callers keep them inside the cache: the index_put checks it).
-        pos = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)
+        # Positions cache_seqlens[i] + t, clamped on the device as _append_indirect's: no host sync, and a row that
+        # claims more (or fewer than 0) tokens than its cache holds overwrites its own last (first) slot instead of
+        # failing a device assertion (index_put on a GPU) or wrapping around (negative indices).
+        pos = (cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)).clamp(0, capacity - 1)
         rows = torch.arange(batch, device=q.device)[:, None].expand(-1, seqlen_new)
         k_cache.index_put_((rows, pos), k_new)
         v_cache.index_put_((rows, pos), v_new)

@@ -127,6 +127,7 @@ def _bad_calls():
             lambda: f(q, k[:, :, :1].expand(2, 12, 3, 16).contiguous(), v[:, :, :1].expand(2, 12, 3, 16).contiguous()),
         ),
         ("head dim in", ValueError, lambda: f(*_qkv(d=264))),
+        ("multiple of k's nheads_k \\(0\\)", ValueError, lambda: f(q, k[:, :, :0], v[:, :, :0])),
         ("window_size", ValueError, lambda: f(q, k, v, window_size=(-2, 0))),
         ("softcap", ValueError, lambda: f(q, k, v, softcap=-1.0)),
         ("softmax_scale", ValueError, lambda: f(q, k, v, softmax_scale=0.0)),
@@ -172,6 +173,32 @@ def test_cpu_kernel_rejects_overflowing_cache_seqlens():
     kn, vn = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
     with pytest.raises(RuntimeError, match="cache_seqlens must leave room"):
         llmkernels.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=torch.tensor([3, 19], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernel), "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sq,sk", [(3, 0), (0, 5)])
+def test_backward_without_keys_or_queries(backend, dtype, sq, sk):
+    """No scores at all: zero gradients (the CPU bf16 backward once crashed the process on seqlen_k = 0, head dim
+    128: the AMX kernel indexed key blocks that do not exist; an empty dout arrives from autograd with 0 strides)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(sq=sq, sk=sk, h=2, hk=1, d=128, dtype=dtype))
+    with llmkernels.use_backend(backend):
+        out = llmkernels.flash_attn_func(q, k, v, causal=True)
+    assert out.shape == q.shape and (out == 0).all()
+    out.float().sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+def test_reference_kvcache_refuses_lengths_past_the_cache():
+    """The reference reads cache_seqlens back (the kernels check or clamp it): it names it rather than wrapping a
+    negative index or failing inside torch's indexing."""
+    q, kc, vc = torch.randn(2, 1, 4, 16), torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    kn, vn = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    for lens in ([-1, 2], [18, 2]):
+        lens = torch.tensor(lens, dtype=torch.int32)
+        with llmkernels.use_backend("reference"), pytest.raises(ValueError, match=r"cache_seqlens must lie in"):
+            llmkernels.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens)
 
 
 @needs_cpu_kernel

@@ -170,13 +170,14 @@ def _guarded(t: torch.Tensor, guard: int) -> tuple[torch.Tensor, torch.Tensor]:
     return buf, buf[guard : guard + t.shape[0]]
 
 
-@pytest.mark.parametrize("kind", ["paged", "indexed"])
+@pytest.mark.parametrize("kind", ["paged", "indexed", "plain"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_indices_stay_inside_the_caches(kind, device):
     """Out-of-range table entries, rows and lengths are clamped on the device: no read of the NaN guard rows
-    around the caches (the output stays finite) and no write to them."""
+    around the caches (the output stays finite) and no write to them. (plain: only the lengths are bad; the new
+    tokens' positions past the end once failed index_put's bounds check, a device assertion on a GPU.)"""
     batch, h, hk, d, guard = 2, 2, 1, 16, 3
-    rows, cap = (4, PAGE) if kind == "paged" else (3, 48)
+    rows, cap = {"paged": (4, PAGE), "indexed": (3, 48), "plain": (2, 48)}[kind]
     k_buf, k_cache = _guarded(torch.randn(rows, cap, hk, d, device=device), guard)
     v_buf, v_cache = _guarded(torch.randn(rows, cap, hk, d, device=device), guard)
     q, k_new, v_new = (torch.randn(batch, 2, n, d, device=device) for n in (h, hk, hk))
@@ -185,7 +186,7 @@ def test_bad_indices_stay_inside_the_caches(kind, device):
     if kind == "paged":
         # Unclamped, -1 and rows + 2 would land in the guard rows (NaN), not past the buffer.
         extra["block_table"] = torch.tensor([[-1, rows + 2], [rows, -3]], dtype=torch.int32, device=device)
-    else:
+    elif kind == "indexed":
         extra["cache_batch_idx"] = torch.tensor([-2, rows + 1], dtype=torch.int32, device=device)
     out = _op()(q, k_cache, v_cache, k_new, v_new, lens, d**-0.5, -1, -1, 0.0, extra.get("block_table"),
                 extra.get("cache_batch_idx"))  # fmt: skip

@@ -197,6 +197,14 @@ def test_bad_offsets_are_refused_on_the_cpu(cu, match):
         llmkernels.flash_attn_varlen_func(**args)
 
 
+@pytest.mark.parametrize("cu", [[0, 5, 3], [0, 3, 9], [-1, 3, 8]])
+def test_bad_offsets_are_refused_by_the_reference(cu):
+    """The reference reads the offsets back anyway: it names them rather than slicing nonsense silently."""
+    args = {**_good(), "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32)}
+    with llmkernels.use_backend("reference"), pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        llmkernels.flash_attn_varlen_func(**args)
+
+
 def test_unsupported_arguments_raise_not_implemented():
     with pytest.raises(NotImplementedError, match="dropout_p"):
         llmkernels.flash_attn_varlen_func(**_good(), dropout_p=0.1)
