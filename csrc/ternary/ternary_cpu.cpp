@@ -207,7 +207,9 @@ at::Tensor linear_w2_cpu(const at::Tensor& x_in, const at::Tensor& w_packed, con
       const int count = x_in.scalar_type() == at::kFloat ? 3 : 2;
       for (int i = 0; i < count; ++i) {
         planes.push_back(rest.to(at::kBFloat16).contiguous());
-        if (i + 1 < count) rest = rest - planes.back().to(at::kFloat);  // exact in fp32
+        // Exact in fp32; an infinite x leaves inf - inf = NaN there, which the first plane's inf already stands for
+        // (a NaN in a lower plane would turn the row's every output NaN, where the reference gives +-inf).
+        if (i + 1 < count) rest = (rest - planes.back().to(at::kFloat)).nan_to_num_(0.0);
       }
     }
     std::vector<const void*> plane_ptrs;

@@ -62,7 +62,7 @@ __device__ __forceinline__ float thread_absmax(const scalar_t* __restrict__ xr, 
     for (int u = 0; u < kQuantBatch; ++u) v[u] = static_cast<float>(xr[min(k0 + u * step, K - 1)]);
 #pragma unroll
     for (int u = 0; u < kQuantBatch; ++u) {
-      if (k0 + u * step < K) amax = fmaxf(amax, fabsf(v[u]));
+      if (k0 + u * step < K) amax = max_keep_nan(amax, fabsf(v[u]));
     }
   }
   return amax;
@@ -84,7 +84,7 @@ __device__ __forceinline__ int thread_quantize(const scalar_t* __restrict__ xr, 
       const int k = k0 + u * step;
       if (k < k_pad) {
         float q = 0.f;
-        if (k < K) q = fminf(127.f, fmaxf(-128.f, rintf(__fdiv_rn(__fmul_rn(v[u], 127.f), s))));
+        if (k < K) q = quantize_elem(v[u], s);
         const int qi = static_cast<int>(q);
         sq[decode_smem_pos(k)] = static_cast<int8_t>(qi);
         qsum += qi;
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarp)
   // Every warp takes part (the block reductions have barriers), idle ones too.
   for (int t = 0; t < m; ++t) {
     const scalar_t* xr = x + static_cast<int64_t>(t) * K;
-    const float st = fmaxf(block_max(thread_absmax(xr, K)), 1e-5f);
+    const float st = act_scale(block_max(thread_absmax(xr, K)));
     int qsum = thread_quantize(xr, K, k_pad, st, sxq + t * k_pad);
     // block_sum's barrier also orders this token's block_max scratch reads before the next token's writes,
     // and its own scratch reads before the next token's block_max barrier

@@ -47,15 +47,28 @@ __device__ __forceinline__ int ternary_bytes(uint32_t packed, int s) {
 // weight index of the s = 0 weight in byte `o` of a packed row
 __device__ __forceinline__ int first_weight_of_byte(int o) { return (o / 64) * 256 + (o % 64); }
 
+// max that keeps a NaN operand (fmaxf drops it): a row holding a NaN must get s = NaN, as the reference's amax.
+__device__ __forceinline__ float max_keep_nan(float a, float b) { return a != a ? a : (b != b ? b : fmaxf(a, b)); }
+
+// A row's activation scale from its absmax: the 1e-5 floor, NaN and inf kept (the reference's clamp_min).
+__device__ __forceinline__ float act_scale(float amax) { return amax < 1e-5f ? 1e-5f : amax; }
+
+// One x_q element: clamp(rint((x * 127) / s)), in that order and rounding; 0 throughout a row whose s is not
+// finite (a NaN or inf in the row: round(x * 127 / s) is 0 or NaN there and NaN casts to 0), so that the row's
+// outputs are NaN, as the reference's.
+__device__ __forceinline__ float quantize_elem(float x, float s) {
+  return isfinite(s) ? fminf(127.f, fmaxf(-128.f, rintf(__fdiv_rn(__fmul_rn(x, 127.f), s)))) : 0.f;
+}
+
 __device__ __forceinline__ float block_max(float v) {
   __shared__ float warp_max[32];
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = max_keep_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (lane == 0) warp_max[warp] = v;
   __syncthreads();
   // every warp reduces the per-warp maxima itself, so no second barrier is needed
   v = lane < static_cast<int>(blockDim.x / kWarp) ? warp_max[lane] : 0.f;
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = max_keep_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -67,12 +80,12 @@ __global__ void quantize_rows_kernel(const scalar_t* __restrict__ x, int64_t ldx
   const int64_t row = blockIdx.x;
   const scalar_t* xr = x + row * ldx;
   float amax = 0.f;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));
-  const float s = fmaxf(block_max(amax), 1e-5f);
+  for (int k = threadIdx.x; k < K; k += blockDim.x) amax = max_keep_nan(amax, fabsf(static_cast<float>(xr[k])));
+  const float s = act_scale(block_max(amax));
   int8_t* qr = x_q + row * ldq;
   for (int k = threadIdx.x; k < k_out; k += blockDim.x) {
     float q = 0.f;
-    if (k < K) q = fminf(127.f, fmaxf(-128.f, rintf(__fdiv_rn(__fmul_rn(static_cast<float>(xr[k]), 127.f), s))));
+    if (k < K) q = quantize_elem(static_cast<float>(xr[k]), s);
     qr[k] = static_cast<int8_t>(static_cast<int>(q));
   }
   if (threadIdx.x == 0) scale[row] = s;

@@ -15,7 +15,8 @@ from .selective_scan import selective_scan_fn
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(fn, xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C) -> None:
+def _check(fn, xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C, out_proj_bias=None,
+           B_proj_bias=None, C_proj_bias=None) -> None:
     check_tensor(fn, "xz", xz, ndim=3, dtypes=_DTYPES)
     if xz.shape[1] % 2 != 0:
         raise ValueError(f"llmkernels.{fn}: xz must be (batch, 2 * d_inner, seqlen): x and z stacked, got "
@@ -36,6 +37,11 @@ def _check(fn, xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_wei
     for name, w in (("x_proj_weight", x_proj_weight), ("delta_proj_weight", delta_proj_weight),
                     ("out_proj_weight", out_proj_weight)):  # fmt: skip
         check_same_dtype(fn, name, w, "xz", xz)
+    for name, bias, size in (("out_proj_bias", out_proj_bias, out_proj_weight.shape[0]),
+                             ("B_proj_bias", B_proj_bias, dstate), ("C_proj_bias", C_proj_bias, dstate)):  # fmt: skip
+        if bias is not None:
+            check_tensor(fn, name, bias, device=xz.device)
+            check_shape(fn, name, bias, (size,))
 
 
 def mamba_inner_fn(
@@ -90,7 +96,8 @@ def mamba_inner_fn(
         )
         out_proj_bias = None if out_proj_bias is None else out_proj_bias.to(dtype)
         xz = xz.to(dtype)
-    _check(fn, xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C)
+    _check(fn, xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C, out_proj_bias,
+           B_proj_bias, C_proj_bias)  # fmt: skip
     return mamba_inner_ref(
         xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C, D,
         delta_bias, B_proj_bias, C_proj_bias, delta_softplus, conv_fn=causal_conv1d_fn, scan_fn=selective_scan_fn,

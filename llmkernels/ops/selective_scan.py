@@ -314,6 +314,8 @@ def selective_state_update(
     """
     if not _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias):
         check_update_args(state, x, dt, A, B, C, D, z, dt_bias)  # raises, naming the argument
+    if B.dim() != C.dim():  # one (batch, dstate) is ngroups = 1: both in the grouped layout, as every backend takes
+        B, C = (t.unsqueeze(1) if t.dim() == 2 else t for t in (B, C))
     return update_dispatcher(
         state,
         x.contiguous(),

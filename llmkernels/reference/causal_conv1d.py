@@ -28,6 +28,8 @@ def causal_conv1d_ref(
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     dim, width = weight.shape
     seqlen = x.shape[-1]
+    if seqlen == 0:  # (F.conv1d refuses empty inputs; x * 0 keeps the result in x's graph)
+        return x * 0
     out = F.conv1d(
         x.to(cd), weight.to(cd).unsqueeze(1), None if bias is None else bias.to(cd), padding=width - 1, groups=dim
     )[..., :seqlen]

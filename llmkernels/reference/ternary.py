@@ -70,7 +70,9 @@ def quantize_activation_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """x: (..., in_features) float -> (x_q int8 (..., in_features), s fp32 (...))."""
     xf = x.float()
     s = xf.abs().amax(dim=-1).clamp_min(ACT_EPS)
-    x_q = torch.round(xf * 127.0 / s.unsqueeze(-1)).clamp_(-128, 127).to(torch.int8)
+    # A row holding a NaN or inf gets s = NaN / inf, so its x * 127 / s is 0 or NaN: NaN -> 0 explicitly (a NaN's
+    # cast to int8 is undefined), and the row's outputs (0 * s) come out NaN on every backend.
+    x_q = torch.round(xf * 127.0 / s.unsqueeze(-1)).nan_to_num_(nan=0.0).clamp_(-128, 127).to(torch.int8)
     return x_q, s
 
 

@@ -191,3 +191,12 @@ def test_bad_conv1d_update_state_is_named():
         llmkernels.causal_conv1d_update(x[..., 0], torch.zeros(2, 3, 3), w, b)
     with pytest.raises(ValueError, match="causal_conv1d_update: conv_state must be contiguous"):
         llmkernels.causal_conv1d_update(x[..., 0], torch.zeros(2, 4, 3).transpose(1, 2), w, b)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])
+def test_conv1d_empty_sequence(backend):
+    """seqlen 0: an empty result (F.conv1d, which the reference calls, refuses empty inputs)."""
+    x = torch.randn(2, 4, 0, requires_grad=True)
+    with llmkernels.use_backend(backend):
+        out = llmkernels.causal_conv1d_fn(x, torch.randn(4, 3))
+    assert out.shape == (2, 4, 0)

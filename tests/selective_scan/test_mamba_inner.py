@@ -189,3 +189,7 @@ def test_bad_arguments_name_them():
         call(*args, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="checkpoint_lvl"):
         call(*args, checkpoint_lvl=2)
+    with pytest.raises(ValueError, match="out_proj_bias must have shape"):
+        call(*args[:6], torch.zeros(args[5].shape[0] + 2), *args[7:])
+    with pytest.raises(ValueError, match="B_proj_bias must have shape"):
+        call(*args, B_proj_bias=torch.zeros(3))

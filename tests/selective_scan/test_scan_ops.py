@@ -390,3 +390,47 @@ def test_bf16_channel_parameters_are_accepted():
     ref_out = selective_scan_ref(**{**skw, "D": skw["D"].bfloat16().float(),
                                     "delta_bias": skw["delta_bias"].bfloat16().float()})
     assert_close_dtype(out, ref_out)
+
+
+@needs_ext
+@pytest.mark.parametrize("where", ["delta", "delta_bias"])
+def test_nan_delta_through_softplus_stays_nan(where):
+    """softplus(NaN) is NaN (the vector softplus used to clamp it into a finite value): the scan's outputs from the
+    NaN step on and its last state are NaN, as the reference's, and the steps before it are untouched."""
+    kw = scan_inputs(ScanCase(40, bc="token", batch=1, dim=3))
+    if where == "delta":
+        kw["delta"][0, 1, 17] = float("nan")
+    else:
+        kw["delta_bias"][1] = float("nan")
+    out, last = _run("cpu", **kw)
+    ref_out, ref_last = selective_scan_ref(**kw, return_last_state=True)
+    torch.testing.assert_close(out, ref_out, equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, ref_last, equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert last[0, 1].isnan().all() and not out[0, 0].isnan().any()
+
+
+@needs_ext
+def test_state_update_nan_dt_stays_nan():
+    kw = update_inputs(2, 4, 16, None)
+    kw["dt"][1, 2] = float("nan")
+    ref_state = kw["state"].clone()
+    y = llmkernels.selective_state_update(**kw)
+    ref = selective_state_update_ref(**{**kw, "state": ref_state})
+    torch.testing.assert_close(y, ref, equal_nan=True)
+    torch.testing.assert_close(kw["state"], ref_state, equal_nan=True)
+    assert y[1, 2].isnan() and kw["state"][1, 2].isnan().all() and not kw["state"][0].isnan().any()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])
+def test_state_update_mixed_bc_layouts(backend):
+    """B (batch, dstate) beside C (batch, ngroups, dstate): (batch, dstate) is one group, so the call equals the
+    one with B given as (batch, 1, dstate) (the reference once failed to broadcast it, Triton named the wrong
+    argument)."""
+    kw = update_inputs(2, 4, 3, 2)
+    kw["B"] = kw["B"][:, 0]
+    grouped = {**kw, "state": kw["state"].clone(), "B": kw["B"][:, None]}
+    with llmkernels.use_backend(backend):
+        y = llmkernels.selective_state_update(**kw)
+        y_grouped = llmkernels.selective_state_update(**grouped)
+    torch.testing.assert_close(y, y_grouped, rtol=0, atol=0)
+    torch.testing.assert_close(kw["state"], grouped["state"], rtol=0, atol=0)

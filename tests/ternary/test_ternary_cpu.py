@@ -292,3 +292,54 @@ def test_cpu_quantize_rounds_ties_to_even(dtype):
     x_q_ref, s_ref = llmkernels.reference.ternary.quantize_activation_ref(x)
     assert torch.equal(s, s_ref) and torch.equal(x_q, x_q_ref)
     assert x_q[0, :9].tolist() == [127, 0, 2, 2, 0, -2, -2, 4, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [16, 19])  # whole AVX2 vectors, and a scalar tail
+def test_cpu_nonfinite_activations_give_nan_rows(dtype, k):
+    """A row holding NaN or inf: s is NaN / inf as the reference's amax (the max instructions used to drop NaN, so
+    the row came out finite), x_q all 0, and the row's outputs NaN on the 8-bit path; other rows untouched."""
+    torch.manual_seed(5)
+    w_packed, w_scale, _ = random_layer(6, k, "cpu")
+    x = torch.randn(4, k).to(dtype)
+    x[0, 3], x[1, k - 1], x[2, 5] = float("nan"), float("inf"), float("-inf")
+    x_q, s = llmkernels.ternary.quantize_activation(x)
+    ref_q, ref_s = llmkernels.reference.ternary.quantize_activation_ref(x)
+    assert torch.equal(x_q, ref_q) and (x_q[:3] == 0).all()
+    torch.testing.assert_close(s, ref_s, equal_nan=True)
+    assert s[0].isnan() and s[1] == float("inf") and s[2] == float("inf")
+    for m in (4, 9):  # the per-token dots and the GEMM
+        xm = x.repeat(3, 1)[:m]
+        y = llmkernels.ternary_linear(xm, w_packed, w_scale, None, act_bits=8)
+        y_ref = llmkernels.reference.ternary.ternary_linear_a8_ref(xm, w_packed, w_scale, None, k)
+        bad = torch.tensor([i % 4 < 3 for i in range(m)])
+        assert y[bad].isnan().all()
+        torch.testing.assert_close(y[~bad].float(), y_ref[~bad].float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_weight_only_infinite_activation(dtype):
+    """fp32 / fp16 x split into bf16 planes: an inf once left inf - inf = NaN in the next plane, so the token's
+    every output was NaN from 5 tokens on (the GEMM path) where the reference gives inf * w summed: +-inf or NaN."""
+    w = torch.tensor([[1] * 4, [0, 1, 1, 1], [-1] * 4], dtype=torch.int8)
+    w_packed, w_scale = llmkernels.ternary.pack_ternary(w), torch.tensor(1.0)
+    for m in (1, 8):
+        x = torch.ones(m, 4, dtype=dtype)
+        x[0, 0] = float("inf")
+        y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=None)
+        y_ref = llmkernels.reference.ternary.ternary_linear_w2_ref(x, w_packed, w_scale, None, 4)
+        torch.testing.assert_close(y, y_ref, equal_nan=True)
+        assert y[0, 0] == float("inf") and y[0, 1].isnan() and y[0, 2] == float("-inf")
+
+
+def test_cpu_nonfinite_activations_on_the_portable_path():
+    """The scalar quantiser (LLMKERNELS_CPU_ISA=scalar) likewise: NaN / inf rows give s NaN / inf, x_q 0."""
+    code = (
+        "import torch, llmkernels, llmkernels.ternary as lt; from llmkernels import _ext;"
+        "from llmkernels.reference.ternary import quantize_activation_ref as ref;"
+        "assert _ext.cpu_isa == 'scalar', _ext.cpu_isa; x = torch.randn(3, 21);"
+        "x[0, 3], x[1, 20] = float('nan'), float('inf'); q, s = lt.quantize_activation(x); rq, rs = ref(x);"
+        "assert torch.equal(q, rq) and (q[:2] == 0).all(), q;"
+        "assert s[0].isnan() and s[1].isinf() and torch.equal(s[2], rs[2]), s"
+    )
+    run_with_cpu_isa("scalar", code)

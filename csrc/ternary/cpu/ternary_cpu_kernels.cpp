@@ -20,6 +20,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -299,6 +301,18 @@ constexpr DotW2Fn kDotW2Scalar[kMaxTokensPerTile] = {dot_w2_scalar<1>, dot_w2_sc
                                                      dot_w2_scalar<4>};
 
 
+// A row holding a NaN or an infinity: s is NaN (any NaN) or inf, as the reference's amax (the max instructions
+// below drop NaN operands), and every x_q is 0 (round(x * 127 / s) is 0 or NaN there; NaN casts to 0), so the
+// row's outputs come out NaN as the reference's do, never finite.
+template <typename scalar_t>
+float quantize_nonfinite_row(const scalar_t* x, int64_t K, int64_t k_pad, int8_t* x_q, int32_t* sum) {
+  bool nan = false;
+  for (int64_t k = 0; k < K; ++k) nan |= std::isnan(static_cast<float>(x[k]));
+  std::memset(x_q, 0, k_pad);
+  if (sum != nullptr) *sum = 0;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+}
+
 // ---- activation quantisation, AVX2 (fp32 and bf16 rows): the same IEEE mul, div and round-half-even ----
 __attribute__((target("avx2,fma"))) inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2,fma"))) inline __m256 load8_f32(const c10::BFloat16* p) {
@@ -310,14 +324,25 @@ template <typename scalar_t>
 __attribute__((target("avx2,fma"))) float quantize_row_avx2(const scalar_t* x, int64_t K, int64_t k_pad,
                                                             int8_t* x_q, int32_t* sum) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs_mask, load8_f32(x + k)));
+  for (; k + 8 <= K; k += 8) {
+    const __m256 a = _mm256_and_ps(abs_mask, load8_f32(x + k));
+    vmax = _mm256_max_ps(vmax, a);
+    vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // |x| = inf, or NaN (unordered)
+  }
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
   float amax = _mm_cvtss_f32(m4);
-  for (; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
+  bool bad = _mm256_movemask_ps(vbad) != 0;
+  for (; k < K; ++k) {
+    const float a = std::abs(static_cast<float>(x[k]));
+    bad |= !std::isfinite(a);
+    amax = std::max(amax, a);
+  }
+  if (bad) return quantize_nonfinite_row(x, K, k_pad, x_q, sum);
   const float s = std::max(amax, 1e-5f);
 
   const __m256 vs = _mm256_set1_ps(s), v127 = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-128.f);
@@ -368,7 +393,13 @@ float quantize_row(const scalar_t* x, int64_t K, int64_t k_pad, int8_t* x_q, int
     if (use_avx2()) return quantize_row_avx2(x, K, k_pad, x_q, sum);
   }
   float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(x[k])));
+  bool bad = false;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::abs(static_cast<float>(x[k]));
+    bad |= !std::isfinite(a);
+    amax = std::max(amax, a);
+  }
+  if (bad) return quantize_nonfinite_row(x, K, k_pad, x_q, sum);
   const float s = std::max(amax, 1e-5f);
   int32_t total = 0;
   for (int64_t k = 0; k < K; ++k) {
