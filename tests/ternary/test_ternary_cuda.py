@@ -115,3 +115,22 @@ def test_cuda_decode_accumulators_exact(m, n, k):
 @pytest.mark.parametrize("m,n,k", [(1, 9001, 700), (7, 4231, 1000)])
 def test_cuda_decode_with_bias_matches_reference(m, n, k, dtype):
     check_backend_matches_reference("cuda", "cuda", m, n, k, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])  # the fused decode quantiser, and quantize_rows_kernel before the GEMM
+def test_cuda_nonfinite_activations_give_nan_rows(m):
+    """A NaN or inf in a token: s NaN / inf and x_q 0 as the reference's (fmaxf drops NaN operands), so the token's
+    outputs are NaN rather than finite."""
+    torch.manual_seed(6)
+    k = 300
+    w_packed, w_scale, _ = random_layer(40, k, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x[0, 7] = float("nan")
+    if m > 1:
+        x[1, k - 1] = float("inf")
+    x_q, s = llmkernels.ternary.quantize_activation(x)
+    ref_q, ref_s = ref.quantize_activation_ref(x)
+    assert torch.equal(x_q, ref_q)
+    torch.testing.assert_close(s, ref_s, equal_nan=True)
+    y = llmkernels.ternary_linear(x, w_packed, w_scale, None, act_bits=8)
+    assert y[: min(m, 2)].isnan().all() and not y[2:].isnan().any()
