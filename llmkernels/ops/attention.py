@@ -17,6 +17,7 @@ window_right = 0 before any backend sees the call, so every implementation takes
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 
@@ -264,8 +265,10 @@ def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap)
     check_tensor(fn, "q", q, ndim=4, dtypes=_DTYPES, last_dim_contiguous=True)
     if not 1 <= q.shape[-1] <= MAX_HEADDIM:
         raise ValueError(f"llmkernels.{fn}: q must have a head dim in [1, {MAX_HEADDIM}], got {q.shape[-1]}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise ValueError(f"llmkernels.{fn}: softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
+        raise ValueError(
+            f"llmkernels.{fn}: softmax_scale must be a positive finite number or None, got {softmax_scale!r}"
+        )
     if not (
         isinstance(window_size, (tuple, list))
         and len(window_size) == 2
@@ -274,8 +277,8 @@ def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap)
         raise ValueError(
             f"llmkernels.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}"
         )
-    if not (isinstance(softcap, (int, float)) and softcap >= 0):
-        raise ValueError(f"llmkernels.{fn}: softcap must be a number >= 0 (0 disables it), got {softcap!r}")
+    if not (isinstance(softcap, (int, float)) and 0 <= softcap < math.inf):
+        raise ValueError(f"llmkernels.{fn}: softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
 
 
 def _check_kv(
@@ -303,7 +306,7 @@ def _check_kv(
 def _scalars_ok(softmax_scale, window_size, softcap) -> bool:
     """Whether _check_common's checks of the numbers would pass (no messages)."""
     return (
-        (softmax_scale is None or (isinstance(softmax_scale, (int, float)) and softmax_scale > 0))
+        (softmax_scale is None or (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf))
         and isinstance(window_size, (tuple, list))
         and len(window_size) == 2
         and isinstance(window_size[0], int)
@@ -311,7 +314,7 @@ def _scalars_ok(softmax_scale, window_size, softcap) -> bool:
         and isinstance(window_size[1], int)
         and window_size[1] >= -1
         and isinstance(softcap, (int, float))
-        and softcap >= 0
+        and 0 <= softcap < math.inf
     )
 
 

@@ -12,10 +12,10 @@ training, serving engines' prefill) pass this function. Backends: the C++ CPU op
 `llmkernels::flash_attn_varlen_{fwd,bwd}`, Triton on GPUs (llmkernels/triton/flash_attn.py) and the reference;
 the CUDA C++ kernels have no varlen mode, so on a GPU the Triton kernels run it.
 
-cu_seqlens values are checked on the CPU (they are there already). On a GPU they are not read (that would
-synchronise every call, as flash_attn does not): the kernels clamp every sequence into its tensor, so nonsense
-offsets cannot read or write out of bounds, and max_seqlen_q / max_seqlen_k only size the launch; results are
-correct even when they are too small.
+cu_seqlens values are checked by the CPU backend (they are on the host already) and the reference. The Triton
+kernels do not read them on the host (on a GPU that would synchronise every call, as flash_attn does not): they
+clamp every sequence into its tensor, so nonsense offsets cannot read or write out of bounds, and max_seqlen_q /
+max_seqlen_k only size the launch; results are correct even when they are too small.
 """
 
 from __future__ import annotations

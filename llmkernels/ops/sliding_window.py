@@ -17,6 +17,8 @@ Inference only: no autograd is registered.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _ext
@@ -178,8 +180,8 @@ def _args_ok(q, k, v, cache, softmax_scale, softcap) -> bool:
         and ring_head_dim == head_dim
         and cache.k.device == dev
         and cache.k.dtype == dtype
-        and (softmax_scale is None or softmax_scale > 0)  # the numbers last, in _check_args' order
-        and not softcap < 0
+        and (softmax_scale is None or 0 < softmax_scale < math.inf)  # the numbers last, in _check_args' order
+        and 0 <= softcap < math.inf
     )
 
 
@@ -205,10 +207,10 @@ def _check_args(q, k, v, cache, softmax_scale, softcap) -> None:
         raise ValueError(f"llmkernels.{_FN}: cache has head_dim {cache_head_dim}, q has head_dim {head_dim}")
     check_tensor(_FN, "cache.k", cache.k, device=q.device)
     check_same_dtype(_FN, "cache.k", cache.k, "q", q)
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"llmkernels.{_FN}: softmax_scale must be positive, got {softmax_scale}")
-    if softcap < 0:
-        raise ValueError(f"llmkernels.{_FN}: softcap must be >= 0 (0 disables it), got {softcap}")
+    if softmax_scale is not None and not 0 < softmax_scale < math.inf:
+        raise ValueError(f"llmkernels.{_FN}: softmax_scale must be positive and finite, got {softmax_scale}")
+    if not 0 <= softcap < math.inf:
+        raise ValueError(f"llmkernels.{_FN}: softcap must be finite and >= 0 (0 disables it), got {softcap}")
 
 
 def sliding_window_attn_with_cache(

@@ -1,5 +1,7 @@
 """The C++ attention ops as torch.library ops (opcheck, torch.compile), backend choice, and argument errors."""
 
+import math
+
 import pytest
 import torch
 from attn_cases import needs_cpu_kernel
@@ -312,3 +314,14 @@ def test_cpu_backward_split_key_blocks_and_determinism():
     ref.backward(dout.double())
     for g, leaf in zip(grads[0], leaves):
         torch.testing.assert_close(g.double(), leaf.grad, rtol=2e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("name", ["softmax_scale", "softcap"])
+def test_infinite_scale_or_softcap_is_refused(name):
+    """Every backend must refuse it alike (the CPU op did, Triton returned NaN, the reference finite values)."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=f"{name} must be a"):
+        llmkernels.flash_attn_func(q, k, v, **{name: math.inf})
+    kc, vc = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
+    with pytest.raises(ValueError, match=f"{name} must be a"):
+        llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, **{name: math.inf})
