@@ -116,7 +116,9 @@ def call(q=None, k=None, v=None, cache=None, **kw):
         (dict(cache=RollingKVCache(2, 4, 2, 8, dtype=torch.float32)), "cache has head_dim 8"),
         (dict(cache=RollingKVCache(2, 4, 2, 16, dtype=torch.float16)), "cache.k must have the dtype of q"),
         (dict(cache="not a cache"), "cache must be a llmkernels.RollingKVCache"),
-        (dict(softcap=-1.0), "softcap must be >= 0"),
+        (dict(softcap=-1.0), "softcap must be finite and >= 0"),
+        (dict(softcap=float("inf")), "softcap must be finite and >= 0"),
+        (dict(softmax_scale=float("inf")), "softmax_scale must be positive and finite"),
         (dict(softmax_scale=0.0), "softmax_scale must be positive"),
     ],
 )
