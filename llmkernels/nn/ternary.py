@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.ternary import ternary_linear
-from ..reference.ternary import ACT_EPS, WEIGHT_EPS, packed_shape
+from ..reference.ternary import ACT_EPS, WEIGHT_EPS, packed_shape, unpack_ternary_ref
 from ..ternary import quantize_weight
 
 
@@ -101,6 +101,22 @@ class TernaryLinear(torch.nn.Module):
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        # in_features is not in the checkpoint and rows are padded (to 256 weights), so a layer of other
+        # in_features can share w_packed's shape: its weights past in_features must then be the padding's zeros,
+        # or they would be silently dropped (the kernels multiply them by zero-padded x).
+        packed = state_dict.get(prefix + "w_packed")
+        if isinstance(packed, torch.Tensor) and packed.shape == self.w_packed.shape and packed.dtype == torch.uint8:
+            k_pad = packed.shape[1] * 4
+            if k_pad > self.in_features and unpack_ternary_ref(packed, k_pad)[:, self.in_features :].any():
+                error_msgs.append(
+                    f"{prefix}w_packed holds nonzero weights past in_features={self.in_features}: the checkpoint was "
+                    "saved from a layer with more inputs"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

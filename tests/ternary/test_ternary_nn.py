@@ -119,3 +119,20 @@ def test_state_dict_round_trip_and_size():
     x = torch.randn(5, 512)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_state_dict_of_a_wider_layer_is_refused():
+    """in_features is not saved and rows are padded to 256 weights, so an 11-input checkpoint has a 10-input
+    layer's w_packed shape: its 11th column would be silently dropped. Refused when that column holds weights;
+    the same layer width loads, and so does a narrower checkpoint's (its padding is zero weights)."""
+    torch.manual_seed(0)
+    src = TernaryLinear.from_linear(torch.nn.Linear(11, 4, bias=False))
+    assert llmkernels.reference.ternary.unpack_ternary_ref(src.w_packed, 11)[:, 10].any()
+    with pytest.raises(RuntimeError, match="nonzero weights past in_features=10"):
+        TernaryLinear(10, 4).load_state_dict(src.state_dict())
+    TernaryLinear(11, 4).load_state_dict(src.state_dict())
+    wider = TernaryLinear(12, 4)
+    wider.load_state_dict(src.state_dict())
+    x = torch.randn(2, 12)
+    x[:, 11] = 0.0
+    torch.testing.assert_close(wider(x), src(x[:, :11]), rtol=0, atol=0)
