@@ -114,7 +114,7 @@ class MultiheadFlashAttention(nn.Module):
             raise ValueError(f"MultiheadFlashAttention: rotary embeddings need an even head_dim, got {self.head_dim}")
         self.causal, self.window_size, self.softcap = causal, tuple(window_size), softcap
         self.rotary, self.rotary_base = rotary, rotary_base
-        # (not in state_dict: derived from num_heads; kept exact fp32 by _apply when the module is cast)
+        # (not in state_dict: derived from num_heads; rebuilt exact fp32 by _apply whenever the module moves)
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads).to(device) if alibi else None, persistent=False)
         kw = {"bias": bias, "device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
@@ -129,8 +129,10 @@ class MultiheadFlashAttention(nn.Module):
         return KVCache(k, torch.zeros_like(k), torch.zeros(batch_size, dtype=torch.int32, device=k.device))
 
     def _apply(self, fn, recurse=True):
+        # After .to(bf16) the slopes would be rounded, after .to_empty() (meta init, then load_state_dict, which
+        # does not hold them) uninitialised: rebuild them from num_heads wherever the module went.
         super()._apply(fn, recurse)
-        if self.alibi_slopes is not None and self.alibi_slopes.dtype != torch.float32:  # module.to(bf16) etc.
+        if self.alibi_slopes is not None:
             self.alibi_slopes = alibi_slopes(self.num_heads).to(self.alibi_slopes.device)
         return self
 

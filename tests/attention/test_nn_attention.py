@@ -138,3 +138,16 @@ def test_alibi_layer_survives_a_dtype_cast():
     out = layer(x)
     ref = plain_layer(layer.float(), x.float())
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_alibi_layer_built_on_meta_then_materialised():
+    """Meta init, to_empty, load_state_dict (the slopes are not in it): the slopes must still be the paper's."""
+    torch.manual_seed(0)
+    ref = MultiheadFlashAttention(64, 4, alibi=True)
+    with torch.device("meta"):
+        layer = MultiheadFlashAttention(64, 4, alibi=True)
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(ref.state_dict())
+    assert torch.equal(layer.alibi_slopes, alibi_slopes(4))
+    x = torch.randn(2, 9, 64)
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
