@@ -123,6 +123,7 @@ flash_attn = Dispatcher("flash_attn_func")
 @flash_attn.register("reference")
 def _fwd_reference(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
                    deterministic: bool = False, alibi_slopes=None):  # fmt: skip
+    alibi_slopes = reference_slopes(alibi_slopes)
     return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes=alibi_slopes)
 
 
@@ -171,6 +172,7 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
                        softmax_lse=None, alibi_slopes=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
+    alibi_slopes = reference_slopes(alibi_slopes)
     # The kernels check or clamp these; here out-of-range indices would be an indexing error (a device assertion
     # on a GPU), so they are read back and checked first: this path is slow anyway. Only the pages a row uses
     # count (tables padded with -1 are fine, as in flash_attn).
@@ -358,6 +360,17 @@ def _check_unsupported(fn: str, dropout_p) -> None:
         )
 
 
+def reference_slopes(alibi_slopes: torch.Tensor | None) -> torch.Tensor | None:
+    """The reference backend's slopes: detached (the kernels give them no gradient, as flash_attn's), and checked
+    finite as the C++ CPU op checks them (this path reads values back anyway; a GPU kernel cannot without a
+    sync, so there a non-finite slope is the caller's to avoid)."""
+    if alibi_slopes is None:
+        return None
+    if not bool(torch.isfinite(alibi_slopes).all()):
+        raise ValueError(f"llmkernels: alibi_slopes must be finite, got {alibi_slopes.tolist()}")
+    return alibi_slopes.detach()
+
+
 def checked_alibi(fn: str, alibi_slopes, q: torch.Tensor, batch: int) -> torch.Tensor | None:
     """alibi_slopes as the backends take it (None, or fp32 (nheads,) / (batch, nheads) contiguous on q's device),
     checked. batch: q's, or for varlen the number of sequences."""
@@ -449,10 +462,11 @@ def flash_attn_func(
     (batch, nheads, seqlen_q) fp32 is the natural-log log-sum-exp of each row's scores (-inf where no key is
     seen), and differentiable (flash_attn drops its gradient; here it flows into q and k). alibi_slopes (fp32
     (nheads,) or (batch, nheads)) adds -slope * |i + seqlen_k - seqlen_q - j| to the scores after the soft-cap, as
-    flash_attn's ALiBi (no gradient for the slopes; see reference/attention.py for how its lse compares under
-    causal). Not supported (raises NotImplementedError): dropout_p > 0. deterministic=True keeps the backward's
-    sums in a fixed order; only the Triton backward may otherwise add dq atomically (when its tuned tiles say that
-    is faster), as flash_attn's does; the CPU, CUDA C++ and reference backwards are deterministic either way.
+    flash_attn's ALiBi (finite slopes, checked by the CPU and reference backends; no gradient for them; see
+    reference/attention.py for how its lse compares under causal). Not supported (raises NotImplementedError):
+    dropout_p > 0. deterministic=True keeps the backward's sums in a fixed order; only the Triton backward may
+    otherwise add dq atomically (when its tuned tiles say that is faster), as flash_attn's does; the CPU, CUDA C++
+    and reference backwards are deterministic either way.
     """
     fn = "flash_attn_func"
     _check_unsupported(fn, dropout_p)

@@ -35,6 +35,7 @@ from .attention import (
     _triton_supports_for,
     checked_alibi,
     flash_attn_func,
+    reference_slopes,
     register_attention_autograd,
 )
 
@@ -56,7 +57,7 @@ def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             raise ValueError(f"llmkernels.flash_attn_varlen_func: {name} must be non-decreasing offsets in "
                              f"[0, {rows}] (its tensor's rows), got {offsets}")  # fmt: skip
     return flash_attn_varlen_fwd_ref(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, alibi_slopes=alibi_slopes
+        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, alibi_slopes=reference_slopes(alibi_slopes)
     )
 
 

@@ -294,3 +294,23 @@ def test_compile_fullgraph():
     eager.sum().backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(q.grad, q2.grad)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernel), "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_slopes_are_refused(backend, bad):
+    """The backends disagreed on them (whole rows NaN, or -inf - -inf); the host-side ones name the argument."""
+    q, k, v = random_qkv(1, 3, 3, 2, 1, 16, torch.float32, "cpu")
+    slopes = torch.tensor([0.5, bad])
+    with llmkernels.use_backend(backend), pytest.raises((ValueError, RuntimeError), match="slopes must be finite"):
+        llmkernels.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernel), "reference"])
+def test_slopes_get_no_gradient_on_any_backend(backend):
+    q = torch.randn(1, 5, 2, 16, requires_grad=True)
+    k, v = torch.randn(1, 7, 1, 16), torch.randn(1, 7, 1, 16)
+    slopes = torch.rand(2, requires_grad=True)
+    with llmkernels.use_backend(backend):
+        llmkernels.flash_attn_func(q, k, v, alibi_slopes=slopes).square().sum().backward()
+    assert slopes.grad is None and q.grad is not None

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -131,7 +132,11 @@ inline at::Tensor set_alibi(const char* op, AttnParams& p, const std::optional<a
                  op, "alibi_slopes", "must be (nheads = ", nheads, ",) or (batch = ", batch, ", nheads), got ",
                  s.sizes());
   at::Tensor held = s.contiguous();
-  p.alibi = held.data_ptr<float>();
+  const float* slopes = held.data_ptr<float>();
+  for (int64_t i = 0; i < held.numel(); ++i) {  // (a NaN or inf slope would make whole rows NaN, or -inf - -inf)
+    LLMK_CHECK_ARG(std::isfinite(slopes[i]), op, "alibi_slopes", "must be finite, got ", slopes[i], " at ", i);
+  }
+  p.alibi = slopes;
   p.alibi_batch_stride = s.dim() == 2 ? nheads : 0;
   return held;
 }
