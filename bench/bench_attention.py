@@ -17,6 +17,9 @@ forwards). CPU decode (flash_attn_decode_cpu): as the GPU decode, fp32 and bf16,
 Packed batches (flash_attn_varlen_fwd[_bwd][_cpu]): 10 causal sequences of mixed lengths in one
 flash_attn_varlen_func call, against SDPA on the batch padded to the longest with a mask, SDPA once per sequence
 and (GPU) FlexAttention with a document mask; FLOPs counted per sequence (padding not counted).
+ALiBi (flash_attn_alibi_fwd[_bwd][_cpu]): causal attention with BLOOM's slopes, against the same call without
+slopes (the bias's cost), SDPA given the bias and the causal mask as one float mask, and (GPU) FlexAttention with
+the bias as a score_mod and a causal block mask.
 """
 
 from __future__ import annotations
@@ -353,17 +356,65 @@ def bench_varlen(quick: bool, device: str, dtype: torch.dtype, nheads: int, head
     return rows
 
 
+def bench_alibi(quick: bool, device: str) -> list[dict]:
+    """Causal prefill with ALiBi slopes: the bias inside the kernel against a float mask (SDPA) or a score_mod
+    (FlexAttention), and against the same kernel without slopes."""
+    from llmkernels.nn.attention import alibi_slopes
+
+    cpu = device == "cpu"
+    batch, seqlen, nheads, headdim = (1, 1024, 8, 64) if cpu else (4, 2048, 16, 128)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    q, k, v = (torch.randn(batch, seqlen, nheads, headdim, device=device, dtype=dtype) for _ in range(3))
+    slopes = alibi_slopes(nheads).to(device)
+    pos = torch.arange(seqlen, device=device)
+    distance = (pos[:, None] - pos[None, :]).to(torch.float32)
+    bias = (-slopes[:, None, None] * distance).masked_fill(distance < 0, float("-inf")).to(dtype)  # (h, s, s)
+    case = f"b={batch} seqlen={seqlen} h={nheads} d={headdim} causal {str(dtype)[6:]}"
+    impls = {
+        "llmkernels": lambda q, k, v: llmkernels.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes),
+        "llmkernels-no-alibi": lambda q, k, v: llmkernels.flash_attn_func(q, k, v, causal=True),
+        "sdpa-float-mask": lambda q, k, v: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias
+        ).transpose(1, 2),
+    }
+    if not cpu:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention)
+        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, seqlen, seqlen, device=device)
+
+        def score_mod(score, b, h, i, j):
+            return score - slopes[h] * (i - j)
+
+        impls["flex-score-mod"] = lambda q, k, v: compiled(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod, block_mask=mask
+        ).transpose(1, 2)
+    rows, measure = [], dict(warmup=2, rep=5, min_time_s=0.1) if cpu else {}
+    for backward in (False, True) if not (quick and cpu) else (False,):
+        op = "flash_attn_alibi_fwd_bwd" if backward else "flash_attn_alibi_fwd"
+        op += "_cpu" if cpu else ""
+        flops = attention_flops(batch, seqlen, seqlen, nheads, headdim, True, backward)
+        for impl, fn in impls.items():
+            ms = _time(impl, fn, (q, k, v), backward, **measure)
+            if ms is not None:
+                value = flops / (ms * 1e-3) / (1e9 if cpu else 1e12)
+                rows.append(_row(op, case, impl, ms, "GFLOP/s" if cpu else "TFLOP/s", value,
+                                 None if cpu else peak_tflops()))  # fmt: skip
+    return rows
+
+
 def run(quick: bool = False) -> list[dict]:
     if on_gpu():
         varlen = bench_varlen(quick, "cuda", torch.bfloat16, 16, 128, scale=4)
-        return bench_gpu_prefill(quick) + bench_gpu_decode(quick) + varlen
+        return bench_gpu_prefill(quick) + bench_gpu_decode(quick) + varlen + bench_alibi(quick, "cuda")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         varlen = bench_varlen(quick, "cpu", torch.float32, 8, 64)
+        alibi = bench_alibi(quick, "cpu")
     finally:
         torch.set_num_threads(threads)
-    return bench_cpu(quick) + varlen
+    return bench_cpu(quick) + varlen + alibi
 
 
 if __name__ == "__main__":
