@@ -40,6 +40,7 @@ struct AmxHead {
   int64_t klo, khi, sk, shift, left, right;
   float scale;  // softmax scale
   float softcap;
+  float alibi_slope;  // ALiBi: s_ij -= slope * |i + shift - j| after the soft-cap; 0: none
   // Output row i: bf16 at out_bf16 + i * out_ld when out_bf16 is set, else fp32 at out_f32 + i * out_ld; lse_i at
   // lse + i * lse_ld (natural log) when lse is set.
   uint16_t* out_bf16;
@@ -119,7 +120,11 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
         // The scores in log2 units are s * mul: the block's max is max(s) * mul as long as mul > 0, and the
         // scale folds into the exponent's fma. Soft-capping (or a scale <= 0) rewrites them in place first.
         float mul = q_scale;
-        if (h.softcap > 0.f || q_scale <= 0.f) {
+        if (h.softcap > 0.f || q_scale <= 0.f || h.alibi_slope != 0.f) {
+          // ALiBi in log2 units: -slope log2 e |i + shift - j0 - c - lane|, the lanes' distances from an iota
+          const reg neg_slope = Vec::set1(-h.alibi_slope * kLog2e);
+          const reg lane = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f,
+                                          14.f, 15.f);
           for (int64_t c = 0; c < width; c += Vec::W) {
             reg x = Vec::mul(Vec::load(s + c), Vec::set1(q_scale));
             if (h.softcap > 0.f) {
@@ -127,6 +132,10 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
               Vec::store(t, x);
               for (float& e : t) e = h.softcap * kLog2e * std::tanh(e / h.softcap);
               x = Vec::load(t);
+            }
+            if (h.alibi_slope != 0.f) {
+              const reg dist = Vec::sub(Vec::set1(static_cast<float>(i + h.shift - j0 - c)), lane);
+              x = Vec::fmadd(neg_slope, _mm512_abs_ps(dist), x);
             }
             Vec::store(s + c, x);
           }

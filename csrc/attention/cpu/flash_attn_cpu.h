@@ -40,7 +40,7 @@ struct AttnParams {
   float softmax_scale, softcap;  // softcap 0: off
   int64_t window_left, window_right;  // -1: unbounded
   // ALiBi, or null: the slope of (batch b, query head h) is alibi[b * alibi_batch_stride + h] (stride 0: one row
-  // of slopes for every batch), and s_ij -= slope * |i + shift - j| after the soft-cap. The AMX kernels take none.
+  // of slopes for every batch), and s_ij -= slope * |i + shift - j| after the soft-cap.
   const float* alibi;
   int64_t alibi_batch_stride;
 

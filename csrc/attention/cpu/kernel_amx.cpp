@@ -86,6 +86,7 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
                       .right = right,
                       .scale = p.softmax_scale,
                       .softcap = p.softcap,
+                      .alibi_slope = p.alibi != nullptr ? p.alibi[b * p.alibi_batch_stride + h] : 0.f,
                       .out_bf16 = p.out_bf16 != nullptr ? p.out_bf16 + out_row0 : nullptr,
                       .out_f32 = p.out_bf16 != nullptr ? nullptr : p.out + out_row0,
                       .out_ld = p.nheads * d,

@@ -46,17 +46,18 @@ constexpr int64_t kRows = 128;          // query rows per block (from multiples 
 constexpr int64_t kKeys = kAmxBwdKeys;  // keys per block
 constexpr float kLog2e = 1.4426950408889634f;
 
-// One row's P and dS for 16 keys from c: from the raw scores s and dP, its base-2 lse and its D.
+// One row's P and dS for 16 keys from c: from the raw scores s and dP, its base-2 lse and its D. alibi: the 16
+// lanes' ALiBi bias in log2 units (-slope log2 e |i + shift - j|), or zero.
 struct Grad {
   reg p, ds;
 };
 inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c,
-                                                   Visible vis, float lse2, float delta) {
+                                                   Visible vis, float lse2, float delta, reg alibi) {
   const __mmask16 seen = vis.lo <= c && c + 16 <= vis.hi ? __mmask16(0xffff) : visible_lanes(c, vis);
   // (masked lanes: 0, whatever the score; rows that see no key here are never asked. P is rounded to bf16 for
   // dV and only scales dS, so the forward's degree-3 exp2 serves: amx_common.h)
-  if (p.softcap <= 0.f) {  // 2^(s scale log2 e - lse2): one fma
-    const reg arg = Vec::fmadd(Vec::load(s + c), Vec::set1(p.softmax_scale * kLog2e), Vec::set1(-lse2));
+  if (p.softcap <= 0.f) {  // 2^(s scale log2 e + alibi - lse2): one fma, one add
+    const reg arg = Vec::fmadd(Vec::load(s + c), Vec::set1(p.softmax_scale * kLog2e), Vec::sub(alibi, Vec::set1(lse2)));
     const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(arg));
     return {prob, Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta)))};
   }
@@ -67,7 +68,7 @@ inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const f
     t[e] = p.softcap * th;
     dt[e] = 1.f - th * th;  // d (soft-capped score) / d (scaled score)
   }
-  const reg arg = Vec::fmadd(Vec::load(t), Vec::set1(kLog2e), Vec::set1(-lse2));
+  const reg arg = Vec::fmadd(Vec::load(t), Vec::set1(kLog2e), Vec::sub(alibi, Vec::set1(lse2)));
   const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(arg));
   return {prob, Vec::mul(Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta))), Vec::load(dt))};
 }
@@ -77,7 +78,13 @@ inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const f
 // and dS also as plain rows (kRows x kKeys: the A of dQ += dS K).
 void probs_and_grads(const AttnParams& p, int64_t shift, int64_t sk, int64_t i0, int64_t j0, int64_t rows,
                      int64_t rows32, const float* s, const float* dp, const float* lse2, const float* delta, uint16_t* p_pairs,
-                     uint16_t* ds_pairs, uint16_t* ds_rows) {
+                     uint16_t* ds_pairs, uint16_t* ds_rows, float alibi_slope) {
+  // ALiBi of row i, lanes c..c + 15: -slope log2 e |i + shift - j0 - c - lane| (zero without slopes)
+  const reg neg_slope = Vec::set1(-alibi_slope * kLog2e);
+  const reg lane = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+  auto alibi = [&](int64_t i, int64_t c) {
+    return Vec::mul(neg_slope, _mm512_abs_ps(Vec::sub(Vec::set1(static_cast<float>(i + shift - j0 - c)), lane)));
+  };
   // bf16 words 0..15 of row a, 16..31 of row b -> (a0, b0, a1, b1, ...)
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -89,9 +96,12 @@ void probs_and_grads(const AttnParams& p, int64_t shift, int64_t sk, int64_t i0,
     uint32_t* dsw = reinterpret_cast<uint32_t*>(ds_pairs) + (r / 2) * kKeys;
     for (int64_t c = 0; c < kKeys; c += 16) {
       Grad a{Vec::zero(), Vec::zero()}, b{Vec::zero(), Vec::zero()};
-      if (va.lo < va.hi) a = row_grad(p, s + r * kKeys, dp + r * kKeys, c, va, lse2[i0 + r], delta[i0 + r]);
+      if (va.lo < va.hi) {
+        a = row_grad(p, s + r * kKeys, dp + r * kKeys, c, va, lse2[i0 + r], delta[i0 + r], alibi(i0 + r, c));
+      }
       if (vb.lo < vb.hi) {
-        b = row_grad(p, s + (r + 1) * kKeys, dp + (r + 1) * kKeys, c, vb, lse2[i0 + r + 1], delta[i0 + r + 1]);
+        b = row_grad(p, s + (r + 1) * kKeys, dp + (r + 1) * kKeys, c, vb, lse2[i0 + r + 1], delta[i0 + r + 1],
+                     alibi(i0 + r + 1, c));
       }
       const __m512i probs = (__m512i)_mm512_cvtne2ps_pbh(b.p, a.p);
       const __m512i grads = (__m512i)_mm512_cvtne2ps_pbh(b.ds, a.ds);
@@ -208,6 +218,7 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
 
     for (int64_t g = 0; g < group; ++g) {  // dK and dV sum over the group in this order
       const int64_t h = hk * group + g;
+      const float slope = p.alibi != nullptr ? p.alibi[b * p.alibi_batch_stride + h] : 0.f;
       const Rows q = rows_of(p.q, b, h), dout = rows_of(p.dout, b, h), out = rows_of(p.out_in, b, h);
       // Contiguous copies of the head's rows (zero past sq): rows of the input lie a power of two apart, so a
       // block of them read in place would fall into a few L1 sets.
@@ -245,7 +256,7 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
           amx_gemm_bf16(rows32, kKeys, d, q_rows.data + i0 * d, d, kt, kKeys, s.data, kKeys, false);  // S = Q K^T
           amx_gemm_bf16(rows32, kKeys, d, do_rows.data + i0 * d, d, vt, kKeys, dp.data, kKeys, false);  // dP = dO V^T
           probs_and_grads(p, shift, sk, i0, j0, rows, rows32, s.data, dp.data, lse2.data, delta.data, p_pairs.data,
-                          ds_pairs.data, ds_rows.data);
+                          ds_pairs.data, ds_rows.data, slope);
           amx_gemm_bf16(d, kKeys, rows32, do_t.data + i0, sq_pad, p_pairs.data, kKeys, dv_t.data, kKeys,  // dV^T += dO^T P
                         true);
           amx_gemm_bf16(d, kKeys, rows32, q_t.data + i0, sq_pad, ds_pairs.data, kKeys, dk_t.data, kKeys,  // dK^T += Q^T dS
