@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.attention import flash_attn_func
+from ..ops.attention import flash_attn_func, flash_attn_with_kvcache
 from ..ops.attention_varlen import flash_attn_varlen_func
 
 NAME = "llmkernels"
@@ -50,7 +50,27 @@ def llmkernels_attention_forward(
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, heads, d)
     args = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
     if attention_mask is not None:
-        return _padded_attention(q, k, v, attention_mask[:, -k.shape[1] :].bool(), args), None
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"llmkernels attention takes transformers' 2D padding mask (batch, kv_len), got a "
+                f"{attention_mask.dim()}-D attention_mask: a custom 4D mask needs attn_implementation 'sdpa' or 'eager'"
+            )
+        mask = attention_mask.bool()
+        if mask.shape[1] < k.shape[1]:  # a static cache: slots past the mask hold no token yet (transformers' rule)
+            k, v = k[:, : mask.shape[1]], v[:, : mask.shape[1]]
+        return _padded_attention(q, k, v, mask[:, -k.shape[1] :], args), None
+    position_ids = kwargs.get("position_ids")
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    full_cache = not sliding_window  # (a sliding-window layer's cache keeps the last tokens only: slots != positions)
+    if causal and full_cache and k.shape[1] > q.shape[1] and not differentiable and _positions_of(position_ids, q):
+        # Keys from a cache, the queries at position_ids: a static cache hands over all its max_cache_len slots
+        # (with no mask when nothing is padding), of which [0, last query position] hold tokens. The kvcache op
+        # takes those counts on the device (no sync) and aligns the band at each row's last query. (Inference
+        # only, as that op: a differentiable call, e.g. a prefix's keys in training, keeps flash_attn_func.)
+        lens = (position_ids[:, -1] + 1).to(torch.int32)
+        out = flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, softmax_scale=scaling, causal=True,
+                                      window_size=window, softcap=softcap or 0.0)  # fmt: skip
+        return out, None
     packed = _packed_offsets(q, k, kwargs)
     if packed is not None:
         cu_q, cu_k = packed
@@ -59,6 +79,16 @@ def llmkernels_attention_forward(
         )  # fmt: skip
         return out.unsqueeze(0), None
     return flash_attn_func(q, k, v, **args), None
+
+
+def _positions_of(position_ids, q: torch.Tensor) -> bool:
+    """Whether position_ids are plain per-row token positions of q's rows: (batch, q_len) integers."""
+    return (
+        isinstance(position_ids, torch.Tensor)
+        and position_ids.dim() == 2
+        and tuple(position_ids.shape) == tuple(q.shape[:2])
+        and not position_ids.is_floating_point()
+    )
 
 
 def _longest(cu_seqlens: torch.Tensor) -> int:

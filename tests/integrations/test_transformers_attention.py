@@ -88,3 +88,33 @@ def test_packed_sequences_match_separate_runs(how):
         got = ours(ids, **kw).logits
         want = torch.cat([eager(a).logits, eager(b).logits], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_generation_matches_eager(model_type, extra, padded):
+    """generate(cache_implementation="static"): the cache hands attention all max_cache_len slots, with no mask
+    when nothing is padding (then the queries' position_ids say which slots hold tokens) or with a 2D mask
+    shorter than the keys (transformers' rule: slice the keys to it). Both once attended to empty slots."""
+    eager, ours = _tiny(model_type, **extra)
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+              attention_mask=mask)  # fmt: skip
+    with torch.no_grad():
+        want = eager.generate(ids, cache_implementation="dynamic", **kw).logits
+        got = ours.generate(ids, cache_implementation="static", **kw).logits
+    for step_got, step_want in zip(got, want):
+        torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+def test_a_4d_mask_is_refused_by_name():
+    _, ours = _tiny("llama")
+    q = torch.randn(1, 4, 5, 16)
+    k = v = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="2D padding mask"):
+        lk_hf.llmkernels_attention_forward(ours.model.layers[0].self_attn, q, k, v, torch.ones(1, 1, 5, 5))
