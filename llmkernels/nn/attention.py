@@ -102,6 +102,9 @@ class MultiheadFlashAttention(nn.Module):
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1:
+            raise ValueError(f"MultiheadFlashAttention: num_heads ({num_heads}) and num_kv_heads ({num_kv_heads}) "
+                             "must be >= 1")
         if embed_dim % num_heads != 0:
             raise ValueError(f"MultiheadFlashAttention: embed_dim ({embed_dim}) must be a multiple of num_heads "
                              f"({num_heads})")
@@ -151,7 +154,12 @@ class MultiheadFlashAttention(nn.Module):
             if cache is not None:
                 raise ValueError("MultiheadFlashAttention: cu_seqlens (a packed batch) cannot be used with a cache")
             return self._forward_packed(x, cu_seqlens, max_seqlen)
+        if x.dim() != 3:
+            raise ValueError(f"MultiheadFlashAttention: x must be (batch, seqlen, embed_dim) (or (total, embed_dim) "
+                             f"with cu_seqlens), got {tuple(x.shape)}")
         batch, seqlen, _ = x.shape
+        if cache is not None and cache.seqlens.shape[0] != batch:
+            raise ValueError(f"MultiheadFlashAttention: cache holds {cache.seqlens.shape[0]} rows, x has batch {batch}")
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)

@@ -99,6 +99,12 @@ class MambaMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """hidden_states: (batch, seqlen, hidden_size). With `cache`, continues from and updates its states."""
         dtype = hidden_states.dtype
+        if cache is not None:
+            if cache.ssm_state.shape[0] != hidden_states.shape[0]:
+                raise ValueError(f"MambaMixer: cache holds {cache.ssm_state.shape[0]} rows, hidden_states has batch "
+                                 f"{hidden_states.shape[0]}")  # fmt: skip
+            if hidden_states.shape[1] == 0:  # nothing to add: the states stay (x[..., -0:] would take them all)
+                return self.out_proj(hidden_states.new_zeros(*hidden_states.shape[:2], self.out_proj.in_features))
         x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, intermediate, seqlen) each
         A = -torch.exp(self.A_log.float())
         conv_w = self.conv1d.weight.squeeze(1)  # (intermediate, conv_kernel)

@@ -34,13 +34,15 @@ class SlidingWindowAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"SlidingWindowAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"SlidingWindowAttention: num_heads ({num_heads}) must be a positive multiple of "
+                             f"num_kv_heads ({num_kv_heads} >= 1)")
         if window < 1:
             raise ValueError(f"SlidingWindowAttention: window must be >= 1, got {window}")
         self.num_heads, self.num_kv_heads, self.window = num_heads, num_kv_heads, window
         self.head_dim = head_dim or hidden_size // num_heads
+        if self.head_dim < 2 or self.head_dim % 2 != 0:  # rotary embeddings rotate channel pairs
+            raise ValueError(f"SlidingWindowAttention: head_dim must be even (rotary embeddings), got {self.head_dim}")
         self.rope_theta = rope_theta
         kw = dict(device=device, dtype=dtype)
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias, **kw)
@@ -61,6 +63,8 @@ class SlidingWindowAttention(nn.Module):
         from position cache.seqlens[i]; the cache is appended to and advanced.
         """
         batch, seqlen, _ = x.shape
+        if cache is not None and cache.seqlens.shape[0] != batch:
+            raise ValueError(f"SlidingWindowAttention: cache holds {cache.seqlens.shape[0]} rows, x has batch {batch}")
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)

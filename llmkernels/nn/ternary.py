@@ -118,7 +118,21 @@ class TernaryLinear(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
 
+    def _apply(self, fn, recurse=True):
+        # module.to(bf16) / .half() would round gamma (the kernels take it fp32 and refuse anything else): keep
+        # the value, move it only.
+        scale = self.w_scale
+        super()._apply(fn, recurse)
+        if self.w_scale.dtype != torch.float32:
+            self.w_scale = scale.to(device=self.w_scale.device, dtype=torch.float32)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # (rows are padded: the op itself cannot tell the width apart)
+            raise ValueError(
+                f"llmkernels.nn.TernaryLinear: x must have in_features = {self.in_features} in its last dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return ternary_linear(x, self.w_packed, self.w_scale, bias, act_bits=self.act_bits)
 

@@ -504,7 +504,8 @@ def flash_attn_with_kvcache(
     num_splits: int = 0,
     return_softmax_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention against a KV cache (decoding), like flash_attn.flash_attn_with_kvcache; not differentiable.
+    """Attention against a KV cache (decoding), like flash_attn.flash_attn_with_kvcache; not differentiable (a
+    backward through it raises, on every backend).
 
     q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, max_seqlen, nheads_k, headdim), updated in
     place; k, v: (batch, seqlen_new, nheads_k, headdim) new tokens or None; cache_seqlens: int or (batch,) int32
@@ -558,18 +559,20 @@ def flash_attn_with_kvcache(
             q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table,
             cache_batch_idx, rotary_cos, rotary_sin, bool(rotary_interleaved), lse, **extra,
         )  # fmt: skip
+        out = inference_only(fn, out, q, k, v, k_cache, v_cache)
         return (out, lse) if return_softmax_lse else out
     if not return_softmax_lse:
-        return flash_attn_kvcache(
+        out = flash_attn_kvcache(
             q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table,
             cache_batch_idx, rotary_cos, rotary_sin, bool(rotary_interleaved),
         )  # fmt: skip
+        return inference_only(fn, out, q, k, v, k_cache, v_cache)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     out = flash_attn_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table, cache_batch_idx,
         rotary_cos, rotary_sin, bool(rotary_interleaved), lse,
     )  # fmt: skip
-    return out, lse
+    return inference_only(fn, out, q, k, v, k_cache, v_cache), lse
 
 
 def _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap,
@@ -650,6 +653,32 @@ def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, position
         k = rotary_embedding(k, cos, sin, (start + torch.arange(k.shape[1], device=q.device)).clamp(max=last),
                              interleaved)  # fmt: skip
     return q, k
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """Identity on an inference op's output that ties it to the inputs that require grad, so that a backward
+    through it fails by name instead of silently leaving those inputs without gradient (torch's fallback for an
+    op without autograd only warns)."""
+
+    @staticmethod
+    def forward(ctx, fn, out, *inputs):
+        ctx.fn = fn
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"llmkernels.{ctx.fn} is not differentiable (an inference op, as flash_attn's): use flash_attn_func / "
+            "flash_attn_varlen_func for training, or run this call under torch.no_grad()"
+        )
+
+
+def inference_only(fn: str, out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """out, made to fail loudly in a backward when any of `inputs` requires grad (else returned as is)."""
+    if not torch.is_grad_enabled():
+        return out
+    tracked = [t for t in inputs if t is not None and t.requires_grad]
+    return _NotDifferentiable.apply(fn, out, *tracked) if tracked else out
 
 
 def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

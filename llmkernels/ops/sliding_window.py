@@ -25,6 +25,7 @@ from .. import _ext
 from .._backend import Dispatcher, requested_backend, triton_unavailable_reason
 from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
 from ..reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
+from .attention import inference_only
 
 _FN = "sliding_window_attn_with_cache"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -226,7 +227,7 @@ def sliding_window_attn_with_cache(
     q: (batch, S, nheads, head_dim), k, v: (batch, S, num_kv_heads, head_dim): S >= 1 new tokens at absolute
     positions cache.seqlens[i] .. + S - 1 (S may exceed the window: chunked prefill). Each query at p sees
     positions p - W + 1 .. p: older ones from the ring, newer ones from the chunk.
-    Returns (batch, S, nheads, head_dim) in q's dtype.
+    Returns (batch, S, nheads, head_dim) in q's dtype. Not differentiable (decoding): a backward through it raises.
     """
     if not _args_ok(q, k, v, cache, softmax_scale, softcap):
         _check_args(q, k, v, cache, softmax_scale, softcap)  # raises, naming the argument
@@ -236,7 +237,7 @@ def sliding_window_attn_with_cache(
     out = rolling_window_attn.impls[backend](*args)
     _append(backend, cache.k, cache.v, k, v, cache.seqlens)
     cache.seqlens.add_(q.shape[1])
-    return out
+    return inference_only(_FN, out, q, k, v)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,3 +151,30 @@ def test_alibi_layer_built_on_meta_then_materialised():
     assert torch.equal(layer.alibi_slopes, alibi_slopes(4))
     x = torch.randn(2, 9, 64)
     torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+
+
+def test_bad_shapes_and_caches_are_named():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MultiheadFlashAttention(32, 4, num_kv_heads=0)
+    layer = MultiheadFlashAttention(32, 4, rotary=True)
+    with pytest.raises(ValueError, match="cache holds 3 rows"):
+        layer(torch.randn(2, 3, 32), layer.new_cache(3, 8))
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(3, 32))
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+def test_backward_through_the_cache_raises_on_every_backend(backend):
+    """The cached path (flash_attn_with_kvcache) is inference-only: the default backend once dropped the grads
+    silently (a warning only) while the reference computed them."""
+    import contextlib
+
+    import llmkernels
+
+    layer = MultiheadFlashAttention(32, 4)
+    with llmkernels.use_backend("reference") if backend == "reference" else contextlib.nullcontext():
+        y = layer(torch.randn(2, 3, 32, requires_grad=True), layer.new_cache(2, 8))
+    with pytest.raises(RuntimeError, match="flash_attn_with_kvcache is not differentiable"):
+        y.sum().backward()
+    with torch.no_grad():  # and decoding under no_grad is untouched
+        layer(torch.randn(2, 1, 32), layer.new_cache(2, 8))

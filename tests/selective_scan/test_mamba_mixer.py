@@ -140,3 +140,19 @@ def test_torch_compile_mixer_fullgraph():
     with torch.no_grad():
         compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(h), mixer(h), rtol=1e-5, atol=1e-6)
+
+
+def test_cache_batch_and_empty_input():
+    """A cache of another batch is named (it was a raw size mismatch); an empty chunk leaves the states alone
+    (x[..., -0:] once took the whole conv history)."""
+    m = _mixer()
+    cache = m.new_cache(3)
+    with pytest.raises(ValueError, match="cache holds 3 rows"):
+        m(_hidden(2, 5), cache)
+    cache = m.new_cache(2)
+    with torch.no_grad():
+        m(_hidden(2, 5), cache)
+        conv, ssm = cache.conv_state.clone(), cache.ssm_state.clone()
+        out = m(_hidden(2, 0), cache)
+    assert out.shape == (2, 0, 32)
+    assert torch.equal(cache.conv_state, conv) and torch.equal(cache.ssm_state, ssm)

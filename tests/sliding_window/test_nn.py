@@ -59,3 +59,21 @@ def test_matches_hugging_face_mistral():
         logits = [model(ids[:, :11], use_cache=False).logits]
         logits += [model(ids[:, t : t + 1], use_cache=False).logits for t in range(11, seqlen)]
     torch.testing.assert_close(torch.cat(logits, dim=1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_configurations_and_caches_are_named():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        SlidingWindowAttention(32, 4, 0, 4)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        SlidingWindowAttention(12, 4, 2, 4)  # head_dim 3: rotary rotates channel pairs
+    layer = SlidingWindowAttention(32, 4, 2, 4)
+    with pytest.raises(ValueError, match="cache holds 3 rows"):
+        layer(torch.randn(2, 3, 32), layer.new_cache(3))
+
+
+def test_backward_through_the_cache_raises():
+    """The cached path is inference-only: a backward once left x and the projections silently without grad."""
+    layer = SlidingWindowAttention(32, 4, 2, 4)
+    y = layer(torch.randn(2, 3, 32, requires_grad=True), layer.new_cache(2))
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        y.sum().backward()

@@ -136,3 +136,28 @@ def test_state_dict_of_a_wider_layer_is_refused():
     x = torch.randn(2, 12)
     x[:, 11] = 0.0
     torch.testing.assert_close(wider(x), src(x[:, :11]), rtol=0, atol=0)
+
+
+def test_module_casts_keep_the_weight_scale_fp32():
+    """model.to(bf16) / .half() (a BitNet model in bf16, or anything after quantize_) once cast gamma too, and
+    every forward then refused it; gamma must keep its value, and the layer run in the new dtype."""
+    torch.manual_seed(1)
+    layer = TernaryLinear.from_linear(torch.nn.Linear(40, 6, bias=True))
+    gamma = layer.w_scale.clone()
+    x = torch.randn(3, 40)
+    want = layer(x)
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = TernaryLinear.from_linear(torch.nn.Linear(40, 6, bias=True))
+        cast.load_state_dict(layer.state_dict())
+        cast = cast.to(dtype)
+        assert cast.w_scale.dtype == torch.float32 and torch.equal(cast.w_scale, gamma)
+        y = cast(x.to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), want, rtol=3e-2, atol=3e-2)
+
+
+def test_input_width_is_checked():
+    """Rows are padded to 256 weights, so the op cannot see a wrong width: an 8-input layer once took 16 inputs."""
+    layer = TernaryLinear.from_linear(torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="x must have in_features = 8"):
+        layer(torch.randn(2, 16))
