@@ -274,16 +274,22 @@ def quantize_(
 
     filter_fn defaults to `default_filter`: all nn.Linear except ones named `lm_head` or `output` (embeddings
     are not nn.Linear, so they stay too). Only nn.Linear modules are ever replaced, whatever filter_fn says.
+    A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
+    nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them).
     Returns the model (as torchao's quantize_ does).
     """
-    from ..nn.ternary import TernaryLinear
+    from ..nn.ternary import BitLinear, TernaryLinear
 
     accept = filter_fn if filter_fn is not None else default_filter
     if isinstance(model, torch.nn.Linear) and accept(model, ""):
         raise ValueError("llmkernels.quantize_: model is itself an nn.Linear; wrap it or use TernaryLinear.from_linear")
-    for fqn, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    swapped: dict[int, TernaryLinear] = {}  # id(nn.Linear) -> its replacement: tied modules stay tied
+    for fqn, module in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module._modules.items()):  # (named_children skips a repeated module)
             child_fqn = f"{fqn}.{child_name}" if fqn else child_name
             if isinstance(child, torch.nn.Linear) and accept(child, child_fqn):
-                setattr(module, child_name, TernaryLinear.from_linear(child, act_bits=act_bits))
+                if id(child) not in swapped:
+                    bits = child.act_bits if isinstance(child, BitLinear) else act_bits
+                    swapped[id(child)] = TernaryLinear.from_linear(child, act_bits=bits)
+                setattr(module, child_name, swapped[id(child)])
     return model

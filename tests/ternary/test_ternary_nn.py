@@ -161,3 +161,22 @@ def test_input_width_is_checked():
     layer = TernaryLinear.from_linear(torch.nn.Linear(8, 4))
     with pytest.raises(ValueError, match="x must have in_features = 8"):
         layer(torch.randn(2, 16))
+
+
+def test_quantize_keeps_bitlinear_act_bits_and_tied_modules():
+    """A BitLinear trained weight-only stays weight-only (it became act_bits=8, changing the model); a Linear two
+    parents share stays one module."""
+    from llmkernels.nn import BitLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BitLinear(16, 8, act_bits=None))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+        llmkernels.quantize_(model)
+        assert model[0].act_bits is None
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    lin = torch.nn.Linear(16, 16)
+    shared = torch.nn.Sequential(lin, torch.nn.ReLU(), lin)
+    llmkernels.quantize_(shared)
+    assert isinstance(shared[0], TernaryLinear) and shared[0] is shared[2]
