@@ -67,7 +67,12 @@ def llmkernels_attention_forward(
         # (with no mask when nothing is padding), of which [0, last query position] hold tokens. The kvcache op
         # takes those counts on the device (no sync) and aligns the band at each row's last query. (Inference
         # only, as that op: a differentiable call, e.g. a prefix's keys in training, keeps flash_attn_func.)
-        lens = (position_ids[:, -1] + 1).to(torch.int32)
+        # (cache_position, where a transformers version passes it, is the slot index itself; position_ids equal it
+        # unless a caller offsets them, which only a padding mask, handled above, normally does. Clamped: an
+        # offset past the cache must not read beyond it.)
+        cache_position = kwargs.get("cache_position")
+        last = cache_position[-1] if isinstance(cache_position, torch.Tensor) else position_ids[:, -1]
+        lens = (last + 1).clamp(1, k.shape[1]).to(torch.int32).expand(q.shape[0]).contiguous()
         out = flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, softmax_scale=scaling, causal=True,
                                       window_size=window, softcap=softcap or 0.0)  # fmt: skip
         return out, None

@@ -663,7 +663,7 @@ class _NotDifferentiable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, out, *inputs):
         ctx.fn = fn
-        return out.view_as(out)
+        return out.clone()  # (a view of an input could not be modified in place, as out + residual often is)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -674,8 +674,10 @@ class _NotDifferentiable(torch.autograd.Function):
 
 
 def inference_only(fn: str, out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
-    """out, made to fail loudly in a backward when any of `inputs` requires grad (else returned as is)."""
-    if not torch.is_grad_enabled():
+    """out, made to fail loudly in a backward when any of `inputs` requires grad (else returned as is). Not while
+    torch.compile traces: Dynamo traces the Function's backward too, which would fail every compiled decode step
+    in grad mode (eval() without no_grad); there torch's own warning is what remains."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return out
     tracked = [t for t in inputs if t is not None and t.requires_grad]
     return _NotDifferentiable.apply(fn, out, *tracked) if tracked else out

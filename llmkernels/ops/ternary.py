@@ -275,7 +275,8 @@ def quantize_(
     filter_fn defaults to `default_filter`: all nn.Linear except ones named `lm_head` or `output` (embeddings
     are not nn.Linear, so they stay too). Only nn.Linear modules are ever replaced, whatever filter_fn says.
     A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
-    nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them).
+    nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them), unless
+    filter_fn rejects one of its names.
     Returns the model (as torchao's quantize_ does).
     """
     from ..nn.ternary import BitLinear, TernaryLinear
@@ -284,7 +285,7 @@ def quantize_(
     if isinstance(model, torch.nn.Linear) and accept(model, ""):
         raise ValueError("llmkernels.quantize_: model is itself an nn.Linear; wrap it or use TernaryLinear.from_linear")
     swapped: dict[int, TernaryLinear] = {}  # id(nn.Linear) -> its replacement: tied modules stay tied
-    for fqn, module in list(model.named_modules(remove_duplicate=False)):
+    for fqn, module in list(model.named_modules()):  # each parent once (a cyclic graph must not recurse)
         for child_name, child in list(module._modules.items()):  # (named_children skips a repeated module)
             child_fqn = f"{fqn}.{child_name}" if fqn else child_name
             if isinstance(child, torch.nn.Linear) and accept(child, child_fqn):

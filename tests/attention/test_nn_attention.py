@@ -178,3 +178,20 @@ def test_backward_through_the_cache_raises_on_every_backend(backend):
         y.sum().backward()
     with torch.no_grad():  # and decoding under no_grad is untouched
         layer(torch.randn(2, 1, 32), layer.new_cache(2, 8))
+
+
+def test_cached_decode_in_grad_mode_compiles_and_takes_in_place_updates():
+    """eval() without no_grad: the projections' weights require grad, so the kvcache output carries the
+    raise-on-backward node; it must still compile with fullgraph and allow `out += residual`."""
+    torch.manual_seed(0)
+    layer = MultiheadFlashAttention(32, 4).eval()
+    x = torch.randn(2, 1, 32)
+    compiled = torch.compile(lambda x, cache: layer(x, cache), fullgraph=True, backend="aot_eager")
+    got = compiled(x, layer.new_cache(2, 8))
+    want = layer(x, layer.new_cache(2, 8))
+    torch.testing.assert_close(got, want)
+    import llmkernels
+
+    q, kc, vc = torch.randn(2, 1, 4, 8, requires_grad=True), torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8)
+    out = llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3)
+    out += 1.0  # in place on the output: allowed
