@@ -60,13 +60,12 @@ def llmkernels_attention_forward(
             k, v = k[:, : mask.shape[1]], v[:, : mask.shape[1]]
         return _padded_attention(q, k, v, mask[:, -k.shape[1] :], args), None
     position_ids = kwargs.get("position_ids")
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    full_cache = not sliding_window  # (a sliding-window layer's cache keeps the last tokens only: slots != positions)
-    if causal and full_cache and k.shape[1] > q.shape[1] and not differentiable and _positions_of(position_ids, q):
+    if causal and k.shape[1] > q.shape[1] and not module.training and _positions_of(position_ids, q):
         # Keys from a cache, the queries at position_ids: a static cache hands over all its max_cache_len slots
         # (with no mask when nothing is padding), of which [0, last query position] hold tokens. The kvcache op
-        # takes those counts on the device (no sync) and aligns the band at each row's last query. (Inference
-        # only, as that op: a differentiable call, e.g. a prefix's keys in training, keeps flash_attn_func.)
+        # takes those counts on the device (no sync) and aligns the band at each row's last query; a sliding
+        # layer's cache (the last tokens, in order) is full once positions pass it: the clamp below. Inference only,
+        # as that op (module.training keeps flash_attn_func, differentiable: e.g. a prefix's keys in training).
         # (cache_position, where a transformers version passes it, is the slot index itself; position_ids equal it
         # unless a caller offsets them, which only a padding mask, handled above, normally does. Clamped: an
         # offset past the cache must not read beyond it.)
@@ -87,11 +86,12 @@ def llmkernels_attention_forward(
 
 
 def _positions_of(position_ids, q: torch.Tensor) -> bool:
-    """Whether position_ids are plain per-row token positions of q's rows: (batch, q_len) integers."""
+    """Whether position_ids are plain token positions of q's rows: (batch or 1, q_len) integers."""
     return (
         isinstance(position_ids, torch.Tensor)
         and position_ids.dim() == 2
-        and tuple(position_ids.shape) == tuple(q.shape[:2])
+        and position_ids.shape[0] in (1, q.shape[0])
+        and position_ids.shape[1] == q.shape[1]
         and not position_ids.is_floating_point()
     )
 

@@ -118,3 +118,25 @@ def test_a_4d_mask_is_refused_by_name():
     k = v = torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="2D padding mask"):
         lk_hf.llmkernels_attention_forward(ours.model.layers[0].self_attn, q, k, v, torch.ones(1, 1, 5, 5))
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("give_positions,grad", [(True, True), (False, False)])
+def test_static_cache_chunked_forward_matches_eager(give_positions, grad):
+    """A StaticCache filled chunk by chunk by hand, no mask: eval() with grad mode on (weights require grad) and
+    calls without position_ids (transformers then passes (1, q_len) ones) must take the filled slots only too."""
+    eager, ours = _tiny("llama")
+    ids = torch.randint(1, 97, (2, 9))
+
+    def run(model):
+        cache = transformers.StaticCache(config=model.config, max_batch_size=2, max_cache_len=13)
+        outs, start = [], 0
+        with torch.set_grad_enabled(grad):
+            for end in (5, 9):
+                kw = {"position_ids": torch.arange(start, end).expand(2, -1)} if give_positions else {}
+                outs.append(model(ids[:, start:end], past_key_values=cache, use_cache=True,
+                                  cache_position=torch.arange(start, end), **kw).logits.detach())  # fmt: skip
+                start = end
+        return torch.cat(outs, 1)
+
+    torch.testing.assert_close(run(ours), run(eager), rtol=1e-4, atol=1e-4)
