@@ -274,8 +274,8 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                                        const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "flash_attn_with_kvcache";
   check_qkv(op, q, k_cache, v_cache, /*same_batch=*/false);
-  AttnParams alibi_check{};  // (checked before the caches are written)
-  set_alibi(op, alibi_check, alibi_slopes, q, q.size(0));
+  AttnParams with_alibi{};  // (the slopes checked before the caches are written; p takes them below)
+  const at::Tensor alibi = set_alibi(op, with_alibi, alibi_slopes, q, q.size(0));
   const bool want_lse = softmax_lse.has_value() && softmax_lse->defined();
   if (want_lse) {  // checked before the caches are written
     LLMK_CHECK_SAME_DEVICE(op, *softmax_lse, q);
@@ -345,7 +345,8 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
     }
   }
   AttnParams p = make_params(op, q_in, k_cache, v_cache, softmax_scale, window_left, window_right, softcap);
-  const at::Tensor alibi = set_alibi(op, p, alibi_slopes, q, q.size(0));
+  p.alibi = with_alibi.alibi;
+  p.alibi_batch_stride = with_alibi.alibi_batch_stride;
   p.seqlens_k = total.data_ptr<int32_t>();
   p.kv_batch = layout.rows;
   p.block_table = layout.pages;

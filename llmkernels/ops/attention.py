@@ -474,11 +474,8 @@ def flash_attn_func(
         _check_func_args(fn, q, k, v, softmax_scale, window_size, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    if alibi_slopes is None:  # (the common case: no extra keyword for the dispatch to pass around)
-        out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic))
-    else:
-        out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic),
-                              alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]))  # fmt: skip
+    out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic),
+                          alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]))  # fmt: skip
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -550,29 +547,16 @@ def flash_attn_with_kvcache(
     left, right = normalize_window(causal, window_size)
     if rotary_cos is not None or rotary_sin is not None:
         _check_rotary(fn, q, rotary_cos, rotary_sin)
-    if alibi_slopes is not None:
-        extra = {"alibi_slopes": checked_alibi(fn, alibi_slopes, q, q.shape[0])}
-        lse = None
-        if return_softmax_lse:
-            lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-        out = flash_attn_kvcache(
-            q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table,
-            cache_batch_idx, rotary_cos, rotary_sin, bool(rotary_interleaved), lse, **extra,
-        )  # fmt: skip
-        out = inference_only(fn, out, q, k, v, k_cache, v_cache)
-        return (out, lse) if return_softmax_lse else out
-    if not return_softmax_lse:
-        out = flash_attn_kvcache(
-            q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table,
-            cache_batch_idx, rotary_cos, rotary_sin, bool(rotary_interleaved),
-        )  # fmt: skip
-        return inference_only(fn, out, q, k, v, k_cache, v_cache)
-    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    lse = None
+    if return_softmax_lse:
+        lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     out = flash_attn_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table, cache_batch_idx,
         rotary_cos, rotary_sin, bool(rotary_interleaved), lse,
+        alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]),
     )  # fmt: skip
-    return inference_only(fn, out, q, k, v, k_cache, v_cache), lse
+    out = inference_only(fn, out, q, k, v, k_cache, v_cache)
+    return (out, lse) if return_softmax_lse else out
 
 
 def _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap,

@@ -59,6 +59,13 @@ inline __mmask16 visible_lanes(int64_t c, Visible vis) {
          _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(vis.hi)));
 }
 
+// |pos - lane| for lanes 0..15: the ALiBi distances of the 16 keys from column c of a row (pos = i + shift - j0 - c).
+inline Vec::reg lane_distances(int64_t pos) {
+  const Vec::reg lane =
+      _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+  return _mm512_abs_ps(Vec::sub(Vec::set1(static_cast<float>(pos)), lane));
+}
+
 // 2^x to 7.5e-5 relative (a degree-3 fit of 2^f, f in [-1/2, 1/2]), for probabilities rounded to bf16 (2^-9) next;
 // x finite (a very negative x scales to exactly 0; no clamp needed).
 inline Vec::reg exp2_coarse(Vec::reg x) {

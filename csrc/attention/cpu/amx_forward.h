@@ -121,10 +121,7 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
         // scale folds into the exponent's fma. Soft-capping (or a scale <= 0) rewrites them in place first.
         float mul = q_scale;
         if (h.softcap > 0.f || q_scale <= 0.f || h.alibi_slope != 0.f) {
-          // ALiBi in log2 units: -slope log2 e |i + shift - j0 - c - lane|, the lanes' distances from an iota
-          const reg neg_slope = Vec::set1(-h.alibi_slope * kLog2e);
-          const reg lane = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f,
-                                          14.f, 15.f);
+          const reg neg_slope = Vec::set1(-h.alibi_slope * kLog2e);  // ALiBi, in log2 units as the scores here
           for (int64_t c = 0; c < width; c += Vec::W) {
             reg x = Vec::mul(Vec::load(s + c), Vec::set1(q_scale));
             if (h.softcap > 0.f) {
@@ -134,8 +131,7 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
               x = Vec::load(t);
             }
             if (h.alibi_slope != 0.f) {
-              const reg dist = Vec::sub(Vec::set1(static_cast<float>(i + h.shift - j0 - c)), lane);
-              x = Vec::fmadd(neg_slope, _mm512_abs_ps(dist), x);
+              x = Vec::fmadd(neg_slope, lane_distances(i + h.shift - j0 - c), x);
             }
             Vec::store(s + c, x);
           }

@@ -290,8 +290,9 @@ inline float alibi_slope(const AttnParams& p, int64_t b, int64_t h) {
 
 // row[c] -= slope * |pos - c| for c in [0, cols): the ALiBi bias of a query at distance pos from key j0 (pos = i +
 // shift - j0), in the row's units.
+inline float key_distance(int64_t pos, int64_t c) { return static_cast<float>(pos >= c ? pos - c : c - pos); }
 inline void add_alibi(float* row, int64_t cols, float slope, int64_t pos) {
-  for (int64_t c = 0; c < cols; ++c) row[c] -= slope * static_cast<float>(pos >= c ? pos - c : c - pos);
+  for (int64_t c = 0; c < cols; ++c) row[c] -= slope * key_distance(pos, c);
 }
 
 // Scores s (rows x ld, columns [0, ncols) used) of queries i0.. against keys j0 .. j0 + cols - 1: soft-cap, the
@@ -343,7 +344,7 @@ inline void grad_scores(const AttnParams& p, const Band& band, const float* s, c
       const int64_t pos = i0 + r + band.shift - j0;  // ALiBi distance of column 0
       for (int64_t c = 0; c < ncols; ++c) {
         // tanh of the raw score; P = 0 where masked (s = -inf)
-        const float capped = srow[c] + slope * static_cast<float>(pos >= c ? pos - c : c - pos);
+        const float capped = srow[c] + slope * key_distance(pos, c);
         const float t = capped * inv_cap;
         drow[c] = prow[c] == 0.f ? 0.f : prow[c] * (drow[c] - delta[r]) * (1.f - t * t);
       }

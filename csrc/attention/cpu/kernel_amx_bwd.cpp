@@ -81,10 +81,7 @@ void probs_and_grads(const AttnParams& p, int64_t shift, int64_t sk, int64_t i0,
                      uint16_t* ds_pairs, uint16_t* ds_rows, float alibi_slope) {
   // ALiBi of row i, lanes c..c + 15: -slope log2 e |i + shift - j0 - c - lane| (zero without slopes)
   const reg neg_slope = Vec::set1(-alibi_slope * kLog2e);
-  const reg lane = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
-  auto alibi = [&](int64_t i, int64_t c) {
-    return Vec::mul(neg_slope, _mm512_abs_ps(Vec::sub(Vec::set1(static_cast<float>(i + shift - j0 - c)), lane)));
-  };
+  auto alibi = [&](int64_t i, int64_t c) { return Vec::mul(neg_slope, lane_distances(i + shift - j0 - c)); };
   // bf16 words 0..15 of row a, 16..31 of row b -> (a0, b0, a1, b1, ...)
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
