@@ -63,12 +63,15 @@ TORCH_LIBRARY(llmkernels, m) {
   // flash_attn's rotary embedding of q and k_new at their positions (llmkernels.reference.attention.
   // rotary_embedding; q at cache_seqlens[i] + t when a window bound is set, else all at cache_seqlens[i]).
   // softmax_lse (b, h, sq) fp32, when given, receives each row's log-sum-exp (-inf where no key is seen); the
-  // CUDA C++ kernels refuse it (the Triton decode kernel returns it on a GPU).
+  // CUDA C++ kernels refuse it (the Triton decode kernel returns it on a GPU). cache_leftpad (b,) int32: row i's
+  // keys start at slot cache_leftpad[i] <= cache_seqlens[i] (a left-padded batch; rotary positions count from it);
+  // the CUDA C++ kernels refuse it too.
   m.def(
       "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor cache_seqlens, float softmax_scale, int window_left, int window_right, float softcap, "
       "Tensor? block_table=None, Tensor? cache_batch_idx=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
-      "bool rotary_interleaved=True, Tensor(c!)? softmax_lse=None, Tensor? alibi_slopes=None) -> Tensor");
+      "bool rotary_interleaved=True, Tensor(c!)? softmax_lse=None, Tensor? alibi_slopes=None, "
+      "Tensor? cache_leftpad=None) -> Tensor");
   // Variable-length (packed) batches, as flash_attn_varlen_func: q (total_q, h, d), k, v (total_k, hk, d);
   // sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. of k, v
   // ((batch + 1,) int32), each with flash_attn_fwd's semantics. max_seqlen_q / _k bound the sequences' lengths

@@ -69,6 +69,8 @@ def _cuda_kvcache_supports(q, k_cache, v_cache, *args, **kwargs) -> str | None:
     reason = _cuda_supports(q, **kwargs) or _plain_cache(*args)
     if reason is None and len(args) > 12 and args[12] is not None:
         reason = "the CUDA kernels do not return softmax_lse (the Triton decode kernel does)"
+    if reason is None and kwargs.get("cache_leftpad") is not None:
+        reason = "the CUDA kernels take no cache_leftpad (the Triton decode kernel does)"
     if reason is None and not (_rows_aligned(k_cache) and _rows_aligned(v_cache)):
         return "the CUDA kernel needs k_cache and v_cache rows 16-byte aligned (updated in place, so never copied)"
     return reason
@@ -152,26 +154,33 @@ def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: i
 # --------------------------------------------------------------------------------------------------
 # flash_attn_with_kvcache: (q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, left, right, softcap,
 #                           block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved[, softmax_lse],
-#                           alibi_slopes=)
-# softmax_lse: a (b, h, sq) fp32 tensor that receives each row's log-sum-exp, or None; alibi_slopes as above.
+#                           alibi_slopes=, cache_leftpad=)
+# softmax_lse: a (b, h, sq) fp32 tensor that receives each row's log-sum-exp, or None; alibi_slopes as above;
+# cache_leftpad: None or (b,) int32, each row's first key slot (rotary positions count from it).
 # The C++ CPU op applies the rotary embedding itself (a few us); the others get q and k_new rotated in Python.
 # --------------------------------------------------------------------------------------------------
 flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
 
 
-def _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, cos, sin, interleaved):
+def _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, cos, sin, interleaved, cache_leftpad=None):
     if cos is None:
         return q, k_new
     positional_q = window_left >= 0 or window_right >= 0
-    return _rotate_for_kvcache("flash_attn_with_kvcache", q, k_new, cache_seqlens, cos, sin, interleaved, positional_q)
+    start = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad  # positions past the padding
+    return _rotate_for_kvcache("flash_attn_with_kvcache", q, k_new, start, cos, sin, interleaved, positional_q)
 
 
 @flash_attn_kvcache.register("reference")
 def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                        softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                       softmax_lse=None, alibi_slopes=None):  # fmt: skip
+                       softmax_lse=None, alibi_slopes=None, cache_leftpad=None):  # fmt: skip
+    if cache_leftpad is not None:  # (read back, as the lengths below: a negative start would be a silent slice)
+        pad, held = cache_leftpad.long(), cache_seqlens.long()
+        if pad.numel() and not bool(((pad >= 0) & (pad <= held)).all()):
+            raise ValueError(f"llmkernels.flash_attn_with_kvcache: cache_leftpad must lie in [0, cache_seqlens] per "
+                             f"row, got {pad.tolist()} with cache_seqlens {held.tolist()}")  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
-                            rotary_interleaved)  # fmt: skip
+                            rotary_interleaved, cache_leftpad)  # fmt: skip
     alibi_slopes = reference_slopes(alibi_slopes)
     # The kernels check or clamp these; here out-of-range indices would be an indexing error (a device assertion
     # on a GPU), so they are read back and checked first: this path is slow anyway. Only the pages a row uses
@@ -204,6 +213,7 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
         cache_batch_idx=cache_batch_idx,
         return_softmax_lse=True,
         alibi_slopes=alibi_slopes,
+        cache_leftpad=cache_leftpad,
     )
     if softmax_lse is not None:
         softmax_lse.copy_(lse)
@@ -213,17 +223,18 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
 @flash_attn_kvcache.register("cpu", kernel="flash_attn_with_kvcache", supports=_cpu_supports)
 def _kvcache_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
                  block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                 softmax_lse=None, alibi_slopes=None):  # fmt: skip
+                 softmax_lse=None, alibi_slopes=None, cache_leftpad=None):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
         block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved, softmax_lse, alibi_slopes,
+        cache_leftpad,
     )  # fmt: skip
 
 
 @flash_attn_kvcache.register("cuda", kernel="flash_attn_with_kvcache", supports=_cuda_kvcache_supports)
 def _kvcache_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
                   block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                  softmax_lse=None, alibi_slopes=None):  # fmt: skip
+                  softmax_lse=None, alibi_slopes=None, cache_leftpad=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
                             rotary_interleaved)  # fmt: skip
     return torch.ops.llmkernels.flash_attn_with_kvcache(
@@ -248,14 +259,14 @@ _triton_kvcache_supports = _triton_supports_for("flash_attn_with_kvcache_triton"
 @flash_attn_kvcache.register("triton", supports=_triton_kvcache_supports)
 def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                     softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
-                    softmax_lse=None, alibi_slopes=None):  # fmt: skip
+                    softmax_lse=None, alibi_slopes=None, cache_leftpad=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
-                            rotary_interleaved)  # fmt: skip
+                            rotary_interleaved, cache_leftpad)  # fmt: skip
     args = (q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-            block_table, cache_batch_idx)  # fmt: skip
+            block_table, cache_batch_idx, alibi_slopes, cache_leftpad)  # fmt: skip
     if softmax_lse is None:
-        return _triton_function("flash_attn_with_kvcache_triton")(*args, alibi_slopes)
-    out, lse = _triton_function("flash_attn_with_kvcache_lse_triton")(*args, alibi_slopes)
+        return _triton_function("flash_attn_with_kvcache_triton")(*args)
+    out, lse = _triton_function("flash_attn_with_kvcache_lse_triton")(*args)
     softmax_lse.copy_(lse)
     return out
 
@@ -527,12 +538,17 @@ def flash_attn_with_kvcache(
     block_table[i, p // page_size]; page_size a multiple of 64. Either runs on the CPU and Triton kernels and the
     reference (the CUDA C++ kernels refuse them: a GPU runs Triton). alibi_slopes as flash_attn_func's, each row's
     distances from its own last key (cache_seqlens[i] + seqlen_new - 1 for the last query); on a GPU such calls
-    run the Triton kernel too. Not supported (raises NotImplementedError): cache_leftpad.
+    run the Triton kernel too.
+
+    cache_leftpad ((batch,) int32, flash_attn's; a batch left-padded to one length): row i's tokens start at slot
+    cache_leftpad[i] <= cache_seqlens[i]. The slots before it are no keys, and the first slot after is position 0:
+    q attends to slots cache_leftpad[i] .. cache_seqlens[i] + seqlen_new - 1, rotary positions are cache_seqlens[i]
+    - cache_leftpad[i] + t, and the new tokens still go to slot cache_seqlens[i] + t. Not with block_table (as
+    flash_attn). The CPU op refuses values out of range; the Triton kernel (what a GPU runs) clamps them into [0,
+    cache_seqlens[i] + seqlen_new].
     """
     # (A decode step calls this once a layer: the common case costs a few None tests on top of _kvcache_args_ok.)
     fn = "flash_attn_with_kvcache"
-    if cache_leftpad is not None:
-        raise NotImplementedError(f"llmkernels.{fn}: cache_leftpad is not supported (only None)")
     capacity = None  # tokens a row can hold, when the caches are read through a table
     if block_table is not None or cache_batch_idx is not None:
         capacity = _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size,
@@ -547,13 +563,19 @@ def flash_attn_with_kvcache(
     left, right = normalize_window(causal, window_size)
     if rotary_cos is not None or rotary_sin is not None:
         _check_rotary(fn, q, rotary_cos, rotary_sin)
+    if cache_leftpad is not None:
+        check_tensor(fn, "cache_leftpad", cache_leftpad, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "cache_leftpad", cache_leftpad, (q.shape[0],))
+        if block_table is not None:
+            raise ValueError(f"llmkernels.{fn}: cache_leftpad and block_table cannot be given together (as in "
+                             "flash_attn: a paged cache has no padding to skip)")  # fmt: skip
     lse = None
     if return_softmax_lse:
         lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     out = flash_attn_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, scale, left, right, float(softcap), block_table, cache_batch_idx,
         rotary_cos, rotary_sin, bool(rotary_interleaved), lse,
-        alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]),
+        alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]), cache_leftpad=cache_leftpad,
     )  # fmt: skip
     out = inference_only(fn, out, q, k, v, k_cache, v_cache)
     return (out, lse) if return_softmax_lse else out
@@ -714,7 +736,7 @@ if _ext.loaded:
     @register_fake("llmkernels::flash_attn_with_kvcache")
     def _kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                       softcap, block_table=None, cache_batch_idx=None, rotary_cos=None, rotary_sin=None,
-                      rotary_interleaved=True, softmax_lse=None, alibi_slopes=None):  # fmt: skip
+                      rotary_interleaved=True, softmax_lse=None, alibi_slopes=None, cache_leftpad=None):  # fmt: skip
         return q.new_empty(q.shape)
 
     register_attention_autograd("llmkernels::flash_attn_fwd", torch.ops.llmkernels.flash_attn_bwd, 3)

@@ -146,6 +146,7 @@ def flash_attn_with_kvcache_ref(
     cache_batch_idx: torch.Tensor | None = None,
     return_softmax_lse: bool = False,
     alibi_slopes: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_with_kvcache semantics, one batch row at a time (rows may hold different lengths).
 
@@ -160,6 +161,10 @@ def flash_attn_with_kvcache_ref(
     return_softmax_lse: also the log-sum-exp of each row's scores, (batch, nheads, seqlen_q) (-inf where a row
     sees no key), as flash_attn_fwd_ref's. alibi_slopes ((nheads,) or (batch, nheads)): the distance counts from
     each row's own key count cache_seqlens[i] + seqlen_new.
+    cache_leftpad ((batch,) int, flash_attn's): row i's cache starts at slot cache_leftpad[i] (a left-padded batch):
+    slots before it are not keys, so q attends to slots cache_leftpad[i] .. cache_seqlens[i] + seqlen_new - 1, the
+    first of them at position 0 (what a rotary embedding of q and k must use; the band and the ALiBi distances are
+    relative, so they do not move). The new tokens still go to slot cache_seqlens[i].
     """
     batch = q.shape[0]
     if block_table is not None:
@@ -189,9 +194,10 @@ def flash_attn_with_kvcache_ref(
             v_cache[at] = v[i]
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
+    starts = [0] * batch if cache_leftpad is None else [int(n) for n in cache_leftpad.tolist()]
     outs, lses = [], []
     for i, n in enumerate(lens):
-        at = where(i, torch.arange(n + s_new, device=k_cache.device))
+        at = where(i, torch.arange(starts[i], n + s_new, device=k_cache.device))
         slopes = slopes_of_row(alibi_slopes, i)
         out, lse = flash_attn_fwd_ref(
             q[i : i + 1], k_cache[at].unsqueeze(0), v_cache[at].unsqueeze(0), scale, left, right, softcap, upcast,

@@ -470,9 +470,9 @@ def _lower_delta(fn: str, delta: torch.Tensor, dsoftmax_lse: torch.Tensor | None
 
 
 def _kvcache(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
-             block_table, cache_batch_idx, softmax_lse, alibi_slopes) -> torch.Tensor:  # fmt: skip
+             block_table, cache_batch_idx, softmax_lse, alibi_slopes, cache_leftpad) -> torch.Tensor:  # fmt: skip
     check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM, block_table,
-                       cache_batch_idx)  # fmt: skip
+                       cache_batch_idx, cache_leftpad)  # fmt: skip
     alibi = _alibi_args(fn, alibi_slopes, q.shape[0], q.shape[2], q.device)
     # Every row sees at most capacity keys (max_pages * page_size when paged): it bounds the band like seqlen_k.
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
@@ -480,7 +480,8 @@ def _kvcache(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale
     meta = _common_meta(q, window_left, window_right, softcap)
     return decode_launch(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right,
                          softcap, meta, block_table, cache_batch_idx, softmax_lse,
-                         config=_decode_config(meta["BLOCK_D"], q.dtype), alibi=alibi)  # fmt: skip
+                         config=_decode_config(meta["BLOCK_D"], q.dtype), alibi=alibi,
+                         cache_leftpad=cache_leftpad)  # fmt: skip
 
 
 @torch.library.triton_op("llmkernels::flash_attn_with_kvcache_triton", mutates_args=("k_cache", "v_cache"))
@@ -498,6 +499,7 @@ def flash_attn_with_kvcache_triton(
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention against a KV cache (split-KV); see flash_attn_decode.py. Writes k_new, v_new into the caches.
 
@@ -505,10 +507,12 @@ def flash_attn_with_kvcache_triton(
     cache_seqlens: (b,) int32. Returns out (b, sq, h, d) in q's dtype. At most one of block_table ((b, max_pages)
     int32; the caches are then (num_pages, page_size, hk, d)) and cache_batch_idx ((b,) int32; the caches have any
     number of rows), as flash_attn's. alibi_slopes: (h,) or (b, h) fp32, or None; row i's distances count from its
-    own key count cache_seqlens[i] + s_new.
+    own key count cache_seqlens[i] + s_new. cache_leftpad: (b,) int32 or None, row i's first key slot (clamped
+    into [0, cache_seqlens[i] + s_new] on the device).
     """
     return _kvcache("flash_attn_with_kvcache_triton", q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale,
-                    window_left, window_right, softcap, block_table, cache_batch_idx, None, alibi_slopes)  # fmt: skip
+                    window_left, window_right, softcap, block_table, cache_batch_idx, None, alibi_slopes,
+                    cache_leftpad)  # fmt: skip
 
 
 # A second op rather than an optional mutable lse argument: torch 2.11's ADInplaceOrView wrapper of Python custom
@@ -528,13 +532,14 @@ def flash_attn_with_kvcache_lse_triton(
     block_table: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_with_kvcache_triton that also returns each row's log-sum-exp, (b, h, sq) fp32 (-inf where a row
     sees no key)."""
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     out = _kvcache("flash_attn_with_kvcache_lse_triton", q, k_cache, v_cache, k_new, v_new, cache_seqlens,
                    softmax_scale, window_left, window_right, softcap, block_table, cache_batch_idx, lse,
-                   alibi_slopes)  # fmt: skip
+                   alibi_slopes, cache_leftpad)  # fmt: skip
     return out, lse
 
 

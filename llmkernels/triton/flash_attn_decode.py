@@ -57,6 +57,7 @@ def flash_attn_decode_split_kernel(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PAGED: tl.constexpr, INDEXED: tl.constexpr,
     ALIBI=None, stride_alibi_b=None,  # fp32 slopes (b, h) (stride_alibi_b 0: (h,)); None: no ALiBi (no code)
+    LEFTPAD=None,  # cache_leftpad (b,) int32: row b's keys start at that slot; None: at 0 (no code)
 ):
     # grid (row blocks * splits, nheads_k, batch): the row blocks of a long prefill and batch * nheads_k can each
     # pass grid y / z's 65535, so the one unbounded count goes on axis 0.
@@ -86,6 +87,8 @@ def flash_attn_decode_split_kernel(
         lo = tl.maximum(lo, shift - window_left)
     if HAS_WR:
         hi = tl.minimum(hi, seqlen_q - 1 + shift + window_right + 1)
+    if LEFTPAD is not None:  # slots before it hold no key; the band and ALiBi are relative, so only this moves
+        lo = tl.maximum(lo, tl.minimum(tl.maximum(tl.load(LEFTPAD + off_b), 0), seqlen_k))
     HAS_ALIBI: tl.constexpr = ALIBI is not None
     if HAS_ALIBI:  # each packed row's head has its slope, in the scores' log2 units
         slopes = tl.load(ALIBI + off_b64 * stride_alibi_b + head, mask=row_ok, other=0.0) * LOG2E
@@ -198,7 +201,7 @@ def cache_capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> i
 
 
 def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dtypes, max_headdim, block_table=None,
-                       cache_batch_idx=None) -> None:  # fmt: skip
+                       cache_batch_idx=None, cache_leftpad=None) -> None:  # fmt: skip
     check_tensor(fn, "q", q, ndim=4, dtypes=dtypes, last_dim_contiguous=True)
     batch, _, nheads, headdim = q.shape
     if headdim > max_headdim:
@@ -224,6 +227,11 @@ def check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, dty
             raise ValueError(f"llmkernels.{fn}: k_new has {k_new.shape[1]} tokens, more than the cache holds")
     check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     check_shape(fn, "cache_seqlens", cache_seqlens, (batch,))
+    if cache_leftpad is not None:
+        check_tensor(fn, "cache_leftpad", cache_leftpad, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape(fn, "cache_leftpad", cache_leftpad, (batch,))
+        if block_table is not None:
+            raise ValueError(f"llmkernels.{fn}: cache_leftpad and block_table cannot be given together")
 
 
 def _check_indirect(fn, q, k_cache, block_table, cache_batch_idx) -> None:
@@ -265,11 +273,12 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
                   cache_seqlens, softmax_scale, window_left, window_right, softcap, meta,
                   block_table: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
                   softmax_lse: torch.Tensor | None = None, *, config: tuple[int, int, int, int],
-                  alibi: dict | None = None) -> torch.Tensor:
+                  alibi: dict | None = None, cache_leftpad: torch.Tensor | None = None) -> torch.Tensor:
     """Appends k_new / v_new to the caches, then runs the split and combine kernels; returns out (b, sq, h, d) and
     writes each row's log-sum-exp into softmax_lse ((b, h, sq) fp32 contiguous) when given. config: (most packed
     rows per program, BLOCK_N, num_warps, num_stages) of the split kernel, from flash_attn.py's _decode_config.
-    alibi: the split kernel's ALIBI / stride_alibi_b (checked slopes), or None."""
+    alibi: the split kernel's ALIBI / stride_alibi_b (checked slopes), or None. cache_leftpad: (b,) int32 (checked),
+    each row's first key slot, or None."""
     interpret = INTERPRET
     batch, seqlen_q, nheads, headdim = q.shape
     capacity, nheads_k = cache_capacity(k_cache, block_table), k_cache.shape[2]
@@ -310,6 +319,7 @@ def decode_launch(q, k_cache, v_cache, k_new: torch.Tensor | None, v_new: torch.
         window_right, *_indirect_args(k_cache, block_table, cache_batch_idx),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta,
         PAGED=block_table is not None, INDEXED=cache_batch_idx is not None, **(alibi or NO_ALIBI),
+        LEFTPAD=cache_leftpad,
     )  # fmt: skip
     launch(flash_attn_decode_combine_kernel, (batch * nheads * seqlen_q,),
         o_part, lse_part, out, softmax_lse, out.stride(0), out.stride(1), out.stride(2), nheads, seqlen_q, num_splits,

@@ -99,8 +99,6 @@ def test_rotary_and_unsupported_arguments_are_refused():
         call(q, k_cache, v_cache, cache_seqlens=3, rotary_cos=torch.ones(8, 9), rotary_sin=torch.ones(8, 9))
     with pytest.raises((ValueError, RuntimeError), match="rotary_cos has 8 positions"):  # (the C++ op's check)
         call(q, k_cache, v_cache, cache_seqlens=9, rotary_cos=cos, rotary_sin=sin)
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        call(q, k_cache, v_cache, cache_seqlens=3, cache_leftpad=torch.zeros(1, dtype=torch.int32))
 
 
 def test_compile_with_rotary():

@@ -45,7 +45,8 @@ inline Kernels kernels_for(ElemType dtype) {
 // rolling cache's ring (its bf16 chunks have their own AMX entry: sliding_window/cpu/chunk_attn_amx.cpp).
 inline bool use_amx_forward(const AttnParams& p) {
   return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
-         p.block_table == nullptr && p.ring_seen == nullptr && ::llmkernels::use_amx_tiles();
+         p.block_table == nullptr && p.ring_seen == nullptr && p.keys_start == nullptr &&
+         ::llmkernels::use_amx_tiles();
 }
 inline bool use_amx_backward(const AttnParams& p) {
   return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && ::llmkernels::use_amx_tiles();

@@ -22,6 +22,9 @@ struct AttnParams {
   int64_t batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim;
   // Per-batch number of keys (the KV-cache op: cache_seqlens + new tokens); null means seqlen_k for all.
   const int32_t* seqlens_k;
+  // KV-cache op only (the forward): batch b's keys start at key keys_start[b] (cache_leftpad, in [0, seqlens_k[b]]):
+  // those before it are not keys. Null: all start at 0.
+  const int32_t* keys_start;
   // KV-cache op only (the forward), both null otherwise. kv_batch (cache_batch_idx): batch b reads K / V batch
   // kv_batch[b]. block_table (paged KV): key s of batch b is row s % page_size of page
   // block_table[b * table_stride + s / page_size], k and v being (num_pages, page_size, hk, d) (batch_stride

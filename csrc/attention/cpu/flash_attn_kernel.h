@@ -263,17 +263,19 @@ inline void scale_row(float* x, int64_t n, float a) {
 // ---------------------------------------------------------------------------------------------------
 struct Band {
   int64_t seqlen_q, seqlen_k, shift, left, right;
+  int64_t first_key;  // keys before it are none (the KV-cache op's cache_leftpad; forward only)
 
   Band(const AttnParams& p, int64_t b)
       : seqlen_q(p.seqlen_q),
         seqlen_k(p.seqlens_k != nullptr ? p.seqlens_k[b] : p.seqlen_k),
         shift(seqlen_k - p.seqlen_q),
         left(p.window_left),
-        right(p.window_right) {}
+        right(p.window_right),
+        first_key(p.keys_start != nullptr ? p.keys_start[b] : 0) {}
 
   // Keys [lo, hi) that some query of [i0, i1) sees.
   void keys_for(int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) const {
-    lo = left >= 0 ? imax(0, i0 + shift - left) : 0;
+    lo = imax(first_key, left >= 0 ? i0 + shift - left : 0);
     hi = right >= 0 ? imin(seqlen_k, i1 - 1 + shift + right + 1) : seqlen_k;
   }
   // Queries [lo, hi) that see some key of [j0, j1).
@@ -836,7 +838,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
       }
       for (int64_t r = 0; r < rows; ++r) {  // -inf outside the band (only the blocks it cuts do any work)
         const int64_t i = row_pos[r];
-        int64_t lo = 0, hi = cols;
+        int64_t lo = 0, hi = cols;  // (keys before band.first_key: keys_for starts the blocks after them)
         if (band.left >= 0) lo = imin(cols, imax(lo, i + band.shift - band.left - j0));
         if (band.right >= 0) hi = imax(lo, imin(hi, i + band.shift + band.right - j0 + 1));
         for (int64_t c = 0; c < lo; ++c) st[c * kBlockQ + r] = kNegInf;

@@ -344,9 +344,12 @@ Tensor flash_attn_with_kvcache_cuda(const Tensor& q, const Tensor& k_cache, cons
                                     const std::optional<Tensor>& cache_batch_idx,
                                     const std::optional<Tensor>& rotary_cos, const std::optional<Tensor>& rotary_sin,
                                     bool rotary_interleaved, const std::optional<Tensor>& softmax_lse,
-                                    const std::optional<Tensor>& alibi_slopes) {
+                                    const std::optional<Tensor>& alibi_slopes,
+                                    const std::optional<Tensor>& cache_leftpad) {
   constexpr const char* op = "flash_attn_with_kvcache";
   refuse_alibi(op, alibi_slopes);
+  LLMK_CHECK_ARG(!(cache_leftpad.has_value() && cache_leftpad->defined()), op, "cache_leftpad",
+                 "is not supported by the CUDA kernels (the Triton and CPU kernels take it)");
   (void)rotary_interleaved;
   LLMK_CHECK_ARG(!(softmax_lse.has_value() && softmax_lse->defined()), op, "softmax_lse",
                  "is not returned by the CUDA kernels (the Triton decode kernel returns it)");
