@@ -58,7 +58,12 @@ def llmkernels_attention_forward(
         mask = attention_mask.bool()
         if mask.shape[1] < k.shape[1]:  # a static cache: slots past the mask hold no token yet (transformers' rule)
             k, v = k[:, : mask.shape[1]], v[:, : mask.shape[1]]
-        return _padded_attention(q, k, v, mask[:, -k.shape[1] :], args), None
+        key_mask = mask[:, -k.shape[1] :]
+        if causal and k.shape[1] > q.shape[1] and not module.training:  # decoding a padded batch from its cache
+            out = _left_padded_decode(q, k, v, key_mask, args)
+            if out is not None:
+                return out, None
+        return _padded_attention(q, k, v, key_mask, args), None
     position_ids = kwargs.get("position_ids")
     if causal and k.shape[1] > q.shape[1] and not module.training and _positions_of(position_ids, q):
         # Keys from a cache, the queries at position_ids: a static cache hands over all its max_cache_len slots
@@ -116,6 +121,18 @@ def _packed_offsets(q, k, kwargs) -> Optional[tuple[torch.Tensor, torch.Tensor]]
         return None
     cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
     return cu, cu
+
+
+def _left_padded_decode(q, k, v, key_mask, args) -> Optional[torch.Tensor]:
+    """The kvcache op on the cache in place, each row's tokens starting after its padding (cache_leftpad), when the
+    padding of every row is one leading block, as generate() makes it; else None. (The varlen path would gather
+    every valid key of the cache, at each layer and step.)"""
+    if not bool((key_mask[:, 1:] >= key_mask[:, :-1]).all()):  # (one sync, as the varlen path has)
+        return None
+    batch, kv_len = k.shape[:2]
+    lens = torch.full((batch,), kv_len, dtype=torch.int32, device=q.device)
+    pads = (kv_len - key_mask.sum(1)).to(torch.int32)  # a row of padding only: no key, zeros as the varlen path's
+    return flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, cache_leftpad=pads, **args)
 
 
 def _padded_attention(q, k, v, key_mask, args) -> torch.Tensor:

@@ -140,3 +140,56 @@ def test_static_cache_chunked_forward_matches_eager(give_positions, grad):
         return torch.cat(outs, 1)
 
     torch.testing.assert_close(run(ours), run(eager), rtol=1e-4, atol=1e-4)
+
+
+def _masked_sdpa(q, k, v, mask):
+    """What a decode step with a 2D padding mask means: query i (the last q_len positions) sees key j when mask[b, j]
+    and j <= its position; GQA by repeating the KV heads. q: (b, h, q_len, d); k, v: (b, hk, kv_len, d)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    causal = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
+    visible = causal[None, None] & mask[:, None, None, :].bool()
+    out = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("mask_rows,route", [
+    ([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9, [0] * 7 + [1, 1]], "kvcache"),  # left padding, as generate() makes it
+    ([[1, 1, 0, 0, 1, 1, 1, 1, 1], [1] * 9, [0, 1, 1, 1, 0, 1, 1, 1, 1]], "varlen"),  # holes: not leading blocks
+])  # fmt: skip
+def test_padded_decode_step_routes(monkeypatch, mask_rows, route):
+    """A decode step (2 queries against 9 cached keys) with a padding mask: left padding goes to the kvcache op
+    with cache_leftpad (the cache read in place), any other padding to the varlen path; both give what the mask
+    means."""
+    _, ours = _tiny("llama")
+    calls = []
+    for name in ("flash_attn_with_kvcache", "flash_attn_varlen_func"):
+        real = getattr(lk_hf, name)
+        counted = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(lk_hf, name, counted)
+    mask = torch.tensor(mask_rows)
+    q, k, v = torch.randn(3, 4, 2, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    out, _ = lk_hf.llmkernels_attention_forward(ours.model.layers[0].self_attn, q, k, v, mask, scaling=0.25)
+    want = _masked_sdpa(q * 0.25 / 16**-0.5, k, v, mask)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert calls == [{"kvcache": "flash_attn_with_kvcache", "varlen": "flash_attn_varlen_func"}[route]]
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
+def test_left_padded_batch_generation_matches_eager(model_type, extra):
+    """generate() on a left-padded batch of three prompts (dynamic cache): every step's logits equal eager's."""
+    eager, ours = _tiny(model_type, **extra)
+    ids = torch.randint(1, 97, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+              attention_mask=mask)  # fmt: skip
+    with torch.no_grad():
+        want = eager.generate(ids, **kw).logits
+        got = ours.generate(ids, **kw).logits
+    for step_got, step_want in zip(got, want):
+        torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-4)
