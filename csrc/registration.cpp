@@ -133,15 +133,20 @@ TORCH_LIBRARY(llmkernels, m) {
       "(Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
       "Tensor dinitial_state)");
   // One decode step: state (b, dim, n) fp32 updated in place; x, dt, z: (b, dim); B, C: (b, n) or (b, g, n).
-  // Returns y (b, dim) in x's dtype.
+  // Returns y (b, dim) in x's dtype. state_batch_indices (b,) int32: row i of x steps state row
+  // state_batch_indices[i] of a state with any number of rows (continuous batching; distinct indices).
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-      "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices=None) -> Tensor");
   // Depthwise causal conv: x (b, dim, L), weight (dim, width), bias (dim,); optional SiLU.
   m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   m.def(
       "causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, bool silu) -> "
       "(Tensor dx, Tensor dweight, Tensor dbias)");
   // One decode step: x (b, dim), conv_state (b, dim, width) shifted left and appended in place.
-  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  // conv_state_indices (b,) int32: row i of x steps conv_state row conv_state_indices[i] of a state with any number
+  // of rows (continuous batching; distinct indices).
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu, "
+      "Tensor? conv_state_indices=None) -> Tensor");
 }

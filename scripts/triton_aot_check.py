@@ -197,6 +197,8 @@ def drive_launches(full: bool) -> list[Launch]:
                 kc, vc = r(4, 4096, 2, d, dtype=dtype), r(4, 4096, 2, d, dtype=dtype)
                 lens = r(4, dtype=torch.int32)
                 flash_attn.flash_attn_with_kvcache_triton(q, kc, vc, None, None, lens, d**-0.5, -1, 0, 0.0)
+                flash_attn.flash_attn_with_kvcache_triton(q, kc, vc, None, None, lens, d**-0.5, -1, 0, 0.0, None,
+                                                          None, None, r(4, dtype=torch.int32))  # cache_leftpad
                 for cfg in tune_candidates["decode"].get(d, ()) if full and dtype == torch.bfloat16 else ():
                     with fa.config_override(decode=cfg):  # the decode tiles bench/tune_triton.py times
                         flash_attn.flash_attn_with_kvcache_triton(q, kc, vc, None, None, lens, d**-0.5, -1, 0, 0.0)
@@ -236,6 +238,10 @@ def drive_launches(full: bool) -> list[Launch]:
                 delta_bias,
                 True,
             )
+            selective_scan.selective_state_update_triton(  # a pool of state rows (state_batch_indices)
+                r(3 * batch, dim, dstate), x, dt, a, r(batch, dstate, dtype=dtype), r(batch, dstate, dtype=dtype),
+                d_skip, zz, delta_bias, True, r(batch, dtype=torch.int32),
+            )  # fmt: skip
     return recorded
 
 

@@ -496,7 +496,8 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
 at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                       const std::optional<at::Tensor>& D_opt, const std::optional<at::Tensor>& z_opt,
-                                      const std::optional<at::Tensor>& dt_bias_opt, bool dt_softplus) {
+                                      const std::optional<at::Tensor>& dt_bias_opt, bool dt_softplus,
+                                      const std::optional<at::Tensor>& state_batch_indices) {
   const char* op = "selective_state_update";
   LLMK_CHECK_DIM(op, x, 2);
   const int64_t batch = x.size(0), dim = x.size(1);
@@ -510,7 +511,28 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   const int64_t dstate = A.size(1), npad = padded_state(dstate);
   LLMK_CHECK_ARG(A.size(0) == dim && dstate >= 1 && dstate <= kMaxState, op, "A",
                  "must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxState, ", got ", A.sizes());
-  LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
+  // state_batch_indices: row b of x steps state row rows[b] of a state with any number of rows.
+  const bool indexed = state_batch_indices.has_value() && state_batch_indices->defined();
+  at::Tensor rows_t;
+  if (indexed) {
+    rows_t = state_batch_indices->contiguous();
+    LLMK_CHECK_DIM(op, state, 3);
+    LLMK_CHECK_SHAPE(op, state, state.size(0), dim, dstate);
+    LLMK_CHECK_SAME_DEVICE(op, rows_t, x);
+    LLMK_CHECK_DTYPE(op, rows_t, at::kInt);
+    LLMK_CHECK_SHAPE(op, rows_t, batch);
+    std::vector<bool> used(state.size(0), false);
+    const int32_t* r = rows_t.data_ptr<int32_t>();
+    for (int64_t i = 0; i < batch; ++i) {
+      LLMK_CHECK_ARG(r[i] >= 0 && r[i] < state.size(0), op, "state_batch_indices", "must lie in [0, ",
+                     state.size(0), ") (the state's rows), got ", r[i], " at ", i);
+      LLMK_CHECK_ARG(!used[r[i]], op, "state_batch_indices", "must be distinct: ", r[i], " repeats");
+      used[r[i]] = true;
+    }
+  } else {
+    LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
+  }
+  const int32_t* state_rows = indexed ? rows_t.data_ptr<int32_t>() : nullptr;
   LLMK_CHECK_CONTIGUOUS(op, state);
   for (const auto& [name, M] : {std::pair<const char*, const at::Tensor*>{"B", &B}, {"C", &C}}) {
     LLMK_CHECK_ARG(is_scan_dtype(M->scalar_type()), op, name, "must be float32, float16 or bfloat16, got ", M->scalar_type());
@@ -574,8 +596,9 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
         return static_cast<const float*>(dst);
       };
       const int64_t r0 = b * dim + d0;  // first row
-      float* st = in_place ? static_cast<float*>(st_p) + r0 * npad : sb;
-      if (!in_place) load_rows(st_in, r0 * dstate, n, dstate, npad, sb);
+      const int64_t s0 = (state_rows != nullptr ? state_rows[b] : b) * dim + d0;  // its state's first row
+      float* st = in_place ? static_cast<float*>(st_p) + s0 * npad : sb;
+      if (!in_place) load_rows(st_in, s0 * dstate, n, dstate, npad, sb);
       float* o = out_f32 ? static_cast<float*>(out_p) + r0 : ob;
       k.update_rows(UpdateRows{n,
                                npad,
@@ -590,7 +613,7 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
                                bc_row(C_in, gC, gsC, Cb),
                                st,
                                o});
-      if (!in_place) store_rows(sb, n, dstate, npad, state.scalar_type(), st_p, r0 * dstate);
+      if (!in_place) store_rows(sb, n, dstate, npad, state.scalar_type(), st_p, s0 * dstate);
       if (!out_f32) store_row(ob, n, out.scalar_type(), out_p, r0);
       d0 = d1;
     }

@@ -83,15 +83,24 @@ def causal_conv1d_fn(
 update_dispatcher = Dispatcher("causal_conv1d_update")
 
 
+# (x, conv_state, weight, bias, silu, conv_state_indices): the indices None or (batch,) int32.
 @update_dispatcher.register("reference")
-def _update_reference(x, conv_state, weight, bias, silu):
-    return causal_conv1d_update_ref(x, conv_state, weight, bias, "silu" if silu else None)
+def _update_reference(x, conv_state, weight, bias, silu, conv_state_indices=None):
+    if conv_state_indices is not None:  # (read back: an index out of range or repeated is an error here)
+        rows = conv_state_indices.long()
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < conv_state.shape[0]):
+            raise ValueError(f"llmkernels.causal_conv1d_update: conv_state_indices must lie in [0, "
+                             f"{conv_state.shape[0]}) (the state's rows), got {rows.tolist()}")  # fmt: skip
+        if rows.unique().numel() != rows.numel():
+            raise ValueError(f"llmkernels.causal_conv1d_update: conv_state_indices must be distinct, got "
+                             f"{rows.tolist()}")  # fmt: skip
+    return causal_conv1d_update_ref(x, conv_state, weight, bias, "silu" if silu else None, conv_state_indices)
 
 
 @update_dispatcher.register("cpu", kernel="causal_conv1d_update")
 @update_dispatcher.register("cuda", kernel="causal_conv1d_update")
-def _update_cpp(x, conv_state, weight, bias, silu):
-    return torch.ops.llmkernels.causal_conv1d_update(x, conv_state, weight, bias, silu)
+def _update_cpp(x, conv_state, weight, bias, silu, conv_state_indices=None):
+    return torch.ops.llmkernels.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_state_indices)
 
 
 def causal_conv1d_update(
@@ -100,22 +109,44 @@ def causal_conv1d_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step; conv_state (batch, dim, width), the last `width` inputs oldest first, updated in place.
 
     x: (batch, dim); weight: (dim, width); bias: (dim,). Returns (batch, dim) in x's dtype (Hugging Face
     MambaMixer's cache convention: the new input is appended and the window includes it).
+    conv_state_indices ((batch,) int32 or int64, causal_conv1d's; continuous batching): row b of x steps row
+    conv_state_indices[b] of a state of any number of rows, (state_batch, dim, width); rows no index names are
+    untouched. Distinct and in range: the CPU kernel and the reference check, the CUDA kernel clamps (no sync).
+    Not supported: cache_seqlens (causal_conv1d's circular state), NotImplementedError.
     """
     fn = "causal_conv1d_update"
+    if cache_seqlens is not None:
+        raise NotImplementedError(f"llmkernels.{fn}: cache_seqlens (a circular conv_state) is not supported")
     silu = _silu(fn, activation)
-    if not _update_args_ok(x, conv_state, weight, bias):
-        _check_update_args(fn, x, conv_state, weight, bias)  # raises, naming the argument
+    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1  # the state's rows
+    if conv_state_indices is not None:
+        conv_state_indices = _checked_state_indices(fn, conv_state_indices, x)
+        rows = conv_state.shape[0] if isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 else -1
+    if not _update_args_ok(x, conv_state, weight, bias, rows):
+        _check_update_args(fn, x, conv_state, weight, bias, conv_state_indices)  # raises, naming the argument
     return update_dispatcher(
-        x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu
-    )
+        x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu,
+        conv_state_indices=conv_state_indices,
+    )  # fmt: skip
 
 
-def _update_args_ok(x, conv_state, weight, bias) -> bool:
+def _checked_state_indices(fn, indices, x) -> torch.Tensor:
+    """conv_state_indices as the ops take them: (batch,) int32 contiguous (int64 converted)."""
+    _checks.check_tensor(fn, "conv_state_indices", indices, ndim=1, dtypes=(torch.int32, torch.int64))
+    if isinstance(x, torch.Tensor):
+        _checks.check_tensor(fn, "conv_state_indices", indices, device=x.device)
+        _checks.check_shape(fn, "conv_state_indices", indices, x.shape[:1])
+    return indices.to(torch.int32).contiguous()
+
+
+def _update_args_ok(x, conv_state, weight, bias, state_rows: int) -> bool:
     """Whether _check_update_args would pass, tested the cheap way (no messages): it runs only when this says no.
     Written out rather than through _x_weight_bias_ok: each call and tensor attribute read costs ~0.1 us, and
     this runs every decode step."""
@@ -132,17 +163,20 @@ def _update_args_ok(x, conv_state, weight, bias) -> bool:
         and conv_state.dtype in ACT_DTYPES
         and weight.device == dev
         and conv_state.device == dev
-        and conv_state.shape == (*shape, w_shape[1])
+        and conv_state.shape == (state_rows, shape[1], w_shape[1])
         and conv_state.is_contiguous()
         and (bias is None or (_checks.fits(bias, ACT_DTYPES, dev) and bias.shape == (shape[1],)))
     )
 
 
-def _check_update_args(fn: str, x, conv_state, weight, bias) -> None:
+def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=None) -> None:
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
     _check_weight_bias(fn, x, weight, bias)
     _checks.check_tensor(fn, "conv_state", conv_state, dtypes=ACT_DTYPES, device=x.device, contiguous=True)
-    _checks.check_shape(fn, "conv_state", conv_state, (x.shape[0], x.shape[1], weight.shape[1]))
+    if conv_state_indices is not None:  # any number of state rows: the indices pick them
+        _checks.check_tensor(fn, "conv_state", conv_state, ndim=3)
+    rows = conv_state.shape[0] if conv_state_indices is not None else x.shape[0]
+    _checks.check_shape(fn, "conv_state", conv_state, (rows, x.shape[1], weight.shape[1]))
 
 
 if _ext.loaded:
@@ -161,7 +195,7 @@ if _ext.loaded:
         )
 
     @register_fake("llmkernels::causal_conv1d_update")
-    def _conv_update_fake(x, conv_state, weight, bias, silu):
+    def _conv_update_fake(x, conv_state, weight, bias, silu, conv_state_indices=None):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def _conv_setup_context(ctx, inputs, output):

@@ -220,25 +220,35 @@ def selective_scan_fn(
 update_dispatcher = Dispatcher("selective_state_update")
 
 
+# (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices): the indices None or (batch,) int32.
 @update_dispatcher.register("reference")
-def _update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+def _update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
+    if state_batch_indices is not None:  # (read back: an index out of range or repeated is an error here)
+        rows = state_batch_indices.long()
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < state.shape[0]):
+            raise ValueError(f"llmkernels.selective_state_update: state_batch_indices must lie in [0, "
+                             f"{state.shape[0]}) (the state's rows), got {rows.tolist()}")  # fmt: skip
+        if rows.unique().numel() != rows.numel():
+            raise ValueError(f"llmkernels.selective_state_update: state_batch_indices must be distinct, got "
+                             f"{rows.tolist()}")  # fmt: skip
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
 @update_dispatcher.register("cpu", kernel="selective_state_update")
 @update_dispatcher.register("cuda", kernel="selective_state_update")
-def _update_cpp(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    return torch.ops.llmkernels.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+def _update_cpp(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
+    return torch.ops.llmkernels.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                                       state_batch_indices)  # fmt: skip
 
 
 @update_dispatcher.register("triton", supports=lambda *a, **k: _triton_module_reason("selective_state_update_triton"))
-def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
     from ..triton.selective_scan import selective_state_update_triton
 
-    return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
-def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias) -> bool:
+def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, state_rows: int) -> bool:
     """Whether check_update_args would pass, tested the cheap way (no messages): it runs only when this says no.
     The tensors every call has are tested inline, not through fits: each call costs ~0.1 us, every step."""
     T = torch.Tensor
@@ -264,7 +274,7 @@ def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias) -> bool:
         and B.device == dev
         and C.device == dev
         and dt.shape == shape
-        and state.shape == (batch, dim, dstate)
+        and state.shape == (state_rows, dim, dstate)
         and state.is_contiguous()
         and _bc_shape_ok(B.shape, batch, dim, dstate, None)
         and _bc_shape_ok(C.shape, batch, dim, dstate, None)
@@ -274,7 +284,7 @@ def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias) -> bool:
     )
 
 
-def check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+def check_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices=None) -> None:
     fn = "selective_state_update"
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
     dev = x.device
@@ -283,7 +293,11 @@ def check_update_args(state, x, dt, A, B, C, D, z, dt_bias) -> None:
     _checks.check_shape(fn, "dt", dt, x.shape)
     dstate = _check_A(fn, A, dim, dev)
     _checks.check_tensor(fn, "state", state, dtypes=ACT_DTYPES, device=dev)
-    _checks.check_shape(fn, "state", state, (batch, dim, dstate))
+    if state_batch_indices is not None:  # any number of state rows: the indices pick them
+        _checks.check_tensor(fn, "state", state, ndim=3)
+        _checks.check_shape(fn, "state", state, (state.shape[0], dim, dstate))
+    else:
+        _checks.check_shape(fn, "state", state, (batch, dim, dstate))
     _checks.check_tensor(fn, "state", state, contiguous=True)  # updated in place: no copy can stand in
     _check_bc(fn, "B", B, batch, dim, dstate, None, dev)
     _check_bc(fn, "C", C, batch, dim, dstate, None, dev)
@@ -305,15 +319,25 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of the scan (mamba_ssm's selective_state_update); updates `state` in place.
 
     state: (batch, dim, dstate) contiguous, fp32/fp16/bf16 (arithmetic fp32); x, dt, z: (batch, dim);
     A: (dim, dstate) fp32; B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,) fp32.
     Returns y (batch, dim) in x's dtype. Stepping it L times equals selective_scan_fn over L tokens.
+
+    state_batch_indices ((batch,) int32 or int64, mamba_ssm's; continuous batching): row b of x steps row
+    state_batch_indices[b] of a state of any number of rows, (state_batch, dim, dstate); rows no index names are
+    untouched. The indices must be distinct and in range: the CPU kernel and the reference check; the GPU
+    kernels clamp them into range (no sync), and repeated ones race.
     """
-    if not _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias):
-        check_update_args(state, x, dt, A, B, C, D, z, dt_bias)  # raises, naming the argument
+    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1  # the state's rows
+    if state_batch_indices is not None:
+        state_batch_indices = _checked_state_indices(state_batch_indices, x)
+        rows = state.shape[0] if isinstance(state, torch.Tensor) and state.dim() == 3 else -1
+    if not _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, rows):
+        check_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)  # raises, naming the argument
     if B.dim() != C.dim():  # one (batch, dstate) is ngroups = 1: both in the grouped layout, as every backend takes
         B, C = (t.unsqueeze(1) if t.dim() == 2 else t for t in (B, C))
     return update_dispatcher(
@@ -327,7 +351,19 @@ def selective_state_update(
         _contig(z),
         _f32(dt_bias),
         bool(dt_softplus),
+        state_batch_indices=state_batch_indices,
     )
+
+
+def _checked_state_indices(indices, x) -> torch.Tensor:
+    """state_batch_indices as the ops take them: (batch,) int32 contiguous (int64, as index tensors often are,
+    converted)."""
+    fn = "selective_state_update"
+    _checks.check_tensor(fn, "state_batch_indices", indices, ndim=1, dtypes=(torch.int32, torch.int64))
+    if isinstance(x, torch.Tensor):
+        _checks.check_tensor(fn, "state_batch_indices", indices, device=x.device)
+        _checks.check_shape(fn, "state_batch_indices", indices, x.shape[:1])
+    return indices.to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,7 +386,7 @@ if _ext.loaded:
         return tuple(like(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
 
     @register_fake("llmkernels::selective_state_update")
-    def _update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    def _update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def _scan_setup_context(ctx, inputs, output):

@@ -42,8 +42,17 @@ def causal_conv1d_update_ref(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode step: conv_state (batch, dim, width) updated in place; returns (batch, dim) in x's dtype."""
+    """One decode step: conv_state (batch, dim, width) updated in place; returns (batch, dim) in x's dtype.
+    conv_state_indices ((batch,) ints, causal_conv1d's; continuous batching): row b of x steps row
+    conv_state_indices[b] of a state of any number of rows (distinct indices); the other rows are untouched."""
+    if conv_state_indices is not None:
+        rows = conv_state_indices.long()
+        picked = conv_state[rows]  # (a copy: stepped, then written back)
+        out = causal_conv1d_update_ref(x, picked, weight, bias, activation)
+        conv_state[rows] = picked
+        return out
     silu = _check_activation(activation)
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     window = torch.cat([conv_state[:, :, 1:].to(cd), x.to(cd).unsqueeze(-1)], dim=-1)  # (batch, dim, width)

@@ -90,12 +90,21 @@ def selective_state_update_ref(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One step of the scan: updates `state` in place and returns y (batch, dim) in x's dtype.
 
     state: (batch, dim, dstate) any float dtype (arithmetic fp32); x, dt, z: (batch, dim); A: (dim, dstate);
     B, C: (batch, dstate) or grouped (batch, ngroups, dstate); D, dt_bias: (dim,).
+    state_batch_indices ((batch,) ints, mamba_ssm's; continuous batching): row b of x steps state row
+    state_batch_indices[b] of a state with any number of rows (distinct indices); the other rows are untouched.
     """
+    if state_batch_indices is not None:
+        rows = state_batch_indices.long()
+        picked = state[rows]  # (a copy: stepped, then written back)
+        y = selective_state_update_ref(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        state[rows] = picked
+        return y
     cd = _compute_dtype(x)
     dim = x.shape[1]
     dt = dt.to(cd)

@@ -59,16 +59,21 @@ def selective_state_update_kernel(
     stride_D, stride_z_b, stride_z_d, stride_bias, stride_out_b, stride_out_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    STATE_IDX=None, state_rows=None,  # state_batch_indices (batch,) int32 and the state's rows; None: row b
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # b * stride_state_b passes int32 for a (2048, 8192, 128) state
+    s_row = b
+    if STATE_IDX is not None:  # clamped: an index the host never read back must not address outside the state
+        s_row = tl.minimum(tl.maximum(tl.load(STATE_IDX + b), 0), state_rows - 1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
     mask = mask_d[:, None] & (offs_n < dstate)[None, :]
     group = offs_d // channels_per_group  # a block of channels may straddle groups
 
-    state_ptrs = state_ptr + b * stride_state_b + offs_d[:, None] * stride_state_d + offs_n[None, :] * stride_state_n
+    state_ptrs = (state_ptr + s_row * stride_state_b + offs_d[:, None] * stride_state_d
+                  + offs_n[None, :] * stride_state_n)  # fmt: skip
     state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + b * stride_x_b + offs_d * stride_x_d, mask=mask_d, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + b * stride_dt_b + offs_d * stride_dt_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -195,11 +200,14 @@ def selective_state_update_triton(
     z: Optional[torch.Tensor],
     dt_bias: Optional[torch.Tensor],
     dt_softplus: bool,
+    state_batch_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One decode step; updates state in place and returns y (batch, dim) in x's dtype.
 
     state: (batch, dim, dstate) fp32/fp16/bf16, any strides; x, dt, z: (batch, dim); A: (dim, dstate);
-    B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,).
+    B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,). state_batch_indices: (batch,) int32 or
+    None; given, the state has any number of rows and row b of x steps row state_batch_indices[b] (clamped into
+    range on the device).
     """
     fn = "selective_state_update"
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=_FLOAT_TYPES)
@@ -208,7 +216,13 @@ def selective_state_update_triton(
     dstate = A.shape[1]
     _checks.check_shape(fn, "A", A, (dim, dstate))
     _checks.check_tensor(fn, "state", state, ndim=3, dtypes=_FLOAT_TYPES, device=x.device)
-    _checks.check_shape(fn, "state", state, (batch, dim, dstate))
+    _checks.check_shape(fn, "state", state, (batch if state_batch_indices is None else state.shape[0], dim, dstate))
+    if state_batch_indices is not None:
+        _checks.check_tensor(fn, "state_batch_indices", state_batch_indices, ndim=1, dtypes=(torch.int32,),
+                             device=x.device)  # fmt: skip
+        _checks.check_shape(fn, "state_batch_indices", state_batch_indices, (batch,))
+        if state.shape[0] == 0 and batch > 0:
+            raise ValueError(f"llmkernels.{fn}: state has no rows for state_batch_indices to pick")
     _checks.check_tensor(fn, "dt", dt, device=x.device)
     _checks.check_shape(fn, "dt", dt, (batch, dim))
     _checks.check_tensor(fn, "B", B, device=x.device)
@@ -240,6 +254,7 @@ def selective_state_update_triton(
         *_strides_or_zeros(D, 1), *_strides_or_zeros(z, 2), *_strides_or_zeros(dt_bias, 1), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         BLOCK_D=block_d, BLOCK_N=block_n,
+        STATE_IDX=state_batch_indices, state_rows=None if state_batch_indices is None else state.shape[0],
     )  # fmt: skip
     return out
 
@@ -318,7 +333,7 @@ def selective_scan_triton(
 # Explicit fakes: triton_op would otherwise trace the Python above with FakeTensors, which the CPU interpreter
 # cannot launch (it copies tensor storages).
 @selective_state_update_triton.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
     return x.new_empty(x.shape)
 
 

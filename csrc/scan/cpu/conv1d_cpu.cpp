@@ -176,11 +176,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(const at::T
 // with Tensor accessors and a scalar std::exp per channel: about 45 ns of one core per channel, 4x the reference.
 // Now the kernel (scan_rows.inc) updates an fp32 state in place, and other dtypes go through per-chunk copies.
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, bool silu) {
+                                    const std::optional<at::Tensor>& bias, bool silu,
+                                    const std::optional<at::Tensor>& conv_state_indices) {
   const char* op = "causal_conv1d_update";
   check_conv(op, x, weight, bias, 2);
   const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
-  LLMK_CHECK_SHAPE(op, conv_state, batch, dim, W);
+  // conv_state_indices: row b of x steps state row rows[b] of a state with any number of rows.
+  at::Tensor rows_t;
+  if (conv_state_indices.has_value() && conv_state_indices->defined()) {
+    rows_t = conv_state_indices->contiguous();
+    LLMK_CHECK_DIM(op, conv_state, 3);
+    LLMK_CHECK_SHAPE(op, conv_state, conv_state.size(0), dim, W);
+    LLMK_CHECK_SAME_DEVICE(op, rows_t, x);
+    LLMK_CHECK_DTYPE(op, rows_t, at::kInt);
+    LLMK_CHECK_SHAPE(op, rows_t, batch);
+    std::vector<bool> used(conv_state.size(0), false);
+    const int32_t* r = rows_t.data_ptr<int32_t>();
+    for (int64_t i = 0; i < batch; ++i) {
+      LLMK_CHECK_ARG(r[i] >= 0 && r[i] < conv_state.size(0), op, "conv_state_indices", "must lie in [0, ",
+                     conv_state.size(0), ") (the state's rows), got ", r[i], " at ", i);
+      LLMK_CHECK_ARG(!used[r[i]], op, "conv_state_indices", "must be distinct: ", r[i], " repeats");
+      used[r[i]] = true;
+    }
+  } else {
+    LLMK_CHECK_SHAPE(op, conv_state, batch, dim, W);
+  }
+  const int32_t* state_rows = rows_t.defined() ? rows_t.data_ptr<int32_t>() : nullptr;
   CONV_CHECK_FLOAT(op, conv_state);
   LLMK_CHECK_NO_OVERLAP(op, conv_state);
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
@@ -198,12 +219,12 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   auto run_item = [&](int64_t item) {
     float xb[kChannels], ob[kChannels], sb[kChannels * kMaxWidth];
     const int64_t b = item / chunks, d0 = item % chunks * kChannels, n = std::min(dim, d0 + kChannels) - d0;
-    const int64_t r0 = b * dim + d0;
-    float* s = in_place ? st_p + r0 * W : sb;
-    if (!in_place) read_f32(st, r0 * W, n * W, sb);
+    const int64_t r0 = b * dim + d0, s0 = (state_rows != nullptr ? state_rows[b] : b) * dim + d0;
+    float* s = in_place ? st_p + s0 * W : sb;
+    if (!in_place) read_f32(st, s0 * W, n * W, sb);
     k.conv_update(ConvUpdate{n, W, read_f32(x, r0, n, xb), w_p + d0 * W, b_p ? b_p + d0 : nullptr, silu, s,
                              out_f32 ? out_p + r0 : ob});
-    if (!in_place) write_f32(sb, st, r0 * W, n * W);
+    if (!in_place) write_f32(sb, st, s0 * W, n * W);
     if (!out_f32) write_f32(ob, out, r0, n);
   };
   // As selective_state_update: a small step stays on the calling thread; larger ones share out items.

@@ -106,7 +106,9 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(cons
   const int channel = blockIdx.x * kConvThreads + threadIdx.x;
   if (channel >= p.batch * p.dim) return;
   const int b = channel / p.dim, d = channel % p.dim;
-  S* state = static_cast<S*>(p.conv_state) + b * p.state_stride_b + d * p.state_stride_d;
+  // (an index the host never read back is clamped: out of range must not address outside the state)
+  const int64_t sb = p.state_rows ? min(max(p.state_rows[b], 0), p.state_batch - 1) : b;
+  S* state = static_cast<S*>(p.conv_state) + sb * p.state_stride_b + d * p.state_stride_d;
   const float x = to_float(static_cast<const T*>(p.x)[channel]);
   const int first_tap = p.state_len - p.width;  // the window is the state's last `width` entries
   float acc = p.bias ? p.bias[d] : 0.f;

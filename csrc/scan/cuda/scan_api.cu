@@ -294,7 +294,8 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
 at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                       const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
+                                       const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                                       const std::optional<at::Tensor>& state_batch_indices) {
   const char* op = "selective_state_update";
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
@@ -308,7 +309,20 @@ at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, c
   const int64_t dstate = A.size(1);
   LLMK_CHECK_ARG(dstate >= 1 && dstate <= 256, op, "A", "dstate = ", dstate, " is not supported (1..256)");
   LLMK_CHECK_SAME_DEVICE(op, state, x);
-  LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
+  const bool indexed = state_batch_indices.has_value() && state_batch_indices->defined();
+  at::Tensor rows_c;
+  if (indexed) {  // (the values stay on the device: the kernel clamps them)
+    rows_c = state_batch_indices->contiguous();
+    LLMK_CHECK_SAME_DEVICE(op, rows_c, x);
+    LLMK_CHECK_DTYPE(op, rows_c, at::kInt);
+    LLMK_CHECK_SHAPE(op, rows_c, batch);
+    LLMK_CHECK_DIM(op, state, 3);
+    LLMK_CHECK_SHAPE(op, state, state.size(0), dim, dstate);
+    LLMK_CHECK_ARG(state.size(0) >= 1 || batch == 0, op, "state", "has no rows for state_batch_indices to pick");
+    LLMK_CHECK_ARG(state.size(0) <= INT32_MAX, op, "state", "has too many rows: ", state.size(0));
+  } else {
+    LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
+  }
   LLMK_CHECK_ARG(is_float_type(state), op, "state", "must be float32, float16 or bfloat16, got ", state.scalar_type());
   LLMK_CHECK_ARG(batch * dim * 32 <= INT32_MAX, op, "x", "is too large: shape ", x.sizes());
   LLMK_CHECK_SAME_DEVICE(op, B, x);
@@ -349,6 +363,8 @@ at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, c
   p.state_stride_b = state.stride(0);
   p.state_stride_d = state.stride(1);
   p.state_stride_n = state.stride(2);
+  p.state_rows = indexed ? rows_c.data_ptr<int32_t>() : nullptr;
+  p.state_batch = int(state.size(0));
   p.x = x_c.data_ptr();
   p.dt = dt_c.data_ptr();
   p.z = z_c.defined() ? z_c.data_ptr() : nullptr;
@@ -456,7 +472,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(const at::
 }
 
 at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias, bool silu) {
+                                     const std::optional<at::Tensor>& bias, bool silu,
+                                     const std::optional<at::Tensor>& conv_state_indices) {
   const char* op = "causal_conv1d_update";
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
@@ -469,10 +486,20 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   LLMK_CHECK_ARG(is_float_type(conv_state), op, "conv_state", "must be float32, float16 or bfloat16, got ",
                  conv_state.scalar_type());
   LLMK_CHECK_DIM(op, conv_state, 3);
-  LLMK_CHECK_ARG(conv_state.size(0) == x.size(0) && conv_state.size(1) == x.size(1) &&
+  const bool indexed = conv_state_indices.has_value() && conv_state_indices->defined();
+  at::Tensor rows_c;
+  if (indexed) {  // (the values stay on the device: the kernel clamps them)
+    rows_c = conv_state_indices->contiguous();
+    LLMK_CHECK_SAME_DEVICE(op, rows_c, x);
+    LLMK_CHECK_DTYPE(op, rows_c, at::kInt);
+    LLMK_CHECK_SHAPE(op, rows_c, x.size(0));
+    LLMK_CHECK_ARG((conv_state.size(0) >= 1 || x.size(0) == 0) && conv_state.size(0) <= INT32_MAX, op, "conv_state",
+                   "must have 1 to 2^31 - 1 rows for conv_state_indices to pick, got ", conv_state.size(0));
+  }
+  LLMK_CHECK_ARG((indexed || conv_state.size(0) == x.size(0)) && conv_state.size(1) == x.size(1) &&
                      conv_state.size(2) >= weight.size(1),
-                 op, "conv_state", "must have shape (", x.size(0), ", ", x.size(1), ", >= width = ", weight.size(1),
-                 "), got ", conv_state.sizes());
+                 op, "conv_state", "must have shape (", indexed ? "rows" : std::to_string(x.size(0)), ", ", x.size(1),
+                 ", >= width = ", weight.size(1), "), got ", conv_state.sizes());
   at::Tensor x_c = x.contiguous();
   at::Tensor out = at::empty_like(x_c);
   ConvUpdateParams p{};
@@ -486,6 +513,8 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   p.state_stride_b = conv_state.stride(0);
   p.state_stride_d = conv_state.stride(1);
   p.state_stride_w = conv_state.stride(2);
+  p.state_rows = indexed ? rows_c.data_ptr<int32_t>() : nullptr;
+  p.state_batch = int(conv_state.size(0));
   p.weight = weight_f.data_ptr<float>();
   p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   p.out = out.data_ptr();

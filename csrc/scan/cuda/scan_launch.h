@@ -43,6 +43,8 @@ struct StateUpdateParams {
   bool dt_softplus;
   void* state;
   int64_t state_stride_b, state_stride_d, state_stride_n;
+  const int32_t* state_rows;  // state_batch_indices (batch,): row b steps state row state_rows[b]; null: row b
+  int state_batch;            // the state's rows (state_rows are clamped into them)
   const void* x;
   const void* dt;
   const void* z;         // or null
@@ -83,6 +85,8 @@ struct ConvUpdateParams {
   const void* x;
   void* conv_state;
   int64_t state_stride_b, state_stride_d, state_stride_w;
+  const int32_t* state_rows;  // conv_state_indices (batch,): row b steps state row state_rows[b]; null: row b
+  int state_batch;            // the state's rows (state_rows are clamped into them)
   const float* weight;
   const float* bias;
   void* out;

@@ -63,7 +63,9 @@ __global__ void __launch_bounds__(kUpdateThreads)
     x = to_float(static_cast<const T*>(p.x)[channel]);
     float dt = to_float(static_cast<const T*>(p.dt)[channel]) + (p.dt_bias ? p.dt_bias[d] : 0.f);
     if (p.dt_softplus) dt = softplus(dt);
-    S* state = static_cast<S*>(p.state) + b * p.state_stride_b + d * p.state_stride_d;
+    // (an index the host never read back is clamped: out of range must not address outside the state)
+    const int64_t sb = p.state_rows ? min(max(p.state_rows[b], 0), p.state_batch - 1) : b;
+    S* state = static_cast<S*>(p.state) + sb * p.state_stride_b + d * p.state_stride_d;
     const T* B = static_cast<const T*>(p.B) + (size_t(b) * p.ngroups + g) * p.dstate;
     const T* C = static_cast<const T*>(p.C) + (size_t(b) * p.ngroups + g) * p.dstate;
     const float* A = p.A + size_t(d) * p.dstate;
