@@ -331,7 +331,14 @@ def selective_state_update(
     state_batch_indices[b] of a state of any number of rows, (state_batch, dim, dstate); rows no index names are
     untouched. The indices must be distinct and in range: the CPU kernel and the reference check; the GPU
     kernels clamp them into range (no sync), and repeated ones race.
+
+    Multi-head states (Mamba-2's decode, as mamba_ssm takes them): state (batch, nheads, headdim, dstate), x, dt, z
+    (batch, nheads, headdim), A (nheads, headdim, dstate), B, C (batch, ngroups, dstate) with heads h * nheads /
+    ngroups .. of group h, D, dt_bias (nheads, headdim); per-head scalars broadcast with expand() (stride 0) are
+    fine. Returns y (batch, nheads, headdim). It is the 3-D step over nheads * headdim channels.
     """
+    if isinstance(state, torch.Tensor) and state.dim() == 4:
+        return _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1  # the state's rows
     if state_batch_indices is not None:
         state_batch_indices = _checked_state_indices(state_batch_indices, x)
@@ -353,6 +360,38 @@ def selective_state_update(
         bool(dt_softplus),
         state_batch_indices=state_batch_indices,
     )
+
+
+def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    """selective_state_update on (batch, nheads, headdim, dstate) states: the channels (head, p) flattened, head h's
+    B / C group h // (nheads / ngroups) being the grouped layout's group of those channels."""
+    fn = "selective_state_update"
+    _checks.check_tensor(fn, "state", state, contiguous=True)  # (viewed flat and updated in place)
+    _, nheads, headdim, dstate = state.shape
+    _checks.check_tensor(fn, "x", x, ndim=3, dtypes=ACT_DTYPES)
+    batch = x.shape[0]
+    _checks.check_shape(fn, "x", x, (batch, nheads, headdim))
+    flat = {}
+    for name, t, shape in (("dt", dt, (batch, nheads, headdim)), ("A", A, (nheads, headdim, dstate)),
+                           ("z", z, (batch, nheads, headdim)), ("D", D, (nheads, headdim)),
+                           ("dt_bias", dt_bias, (nheads, headdim))):  # fmt: skip
+        if t is not None or name in ("dt", "A"):
+            _checks.check_tensor(fn, name, t, ndim=len(shape))
+            _checks.check_shape(fn, name, t, shape)
+            flat[name] = t.reshape(*shape[:-2], shape[-2] * shape[-1]) if name != "A" else t.reshape(-1, dstate)
+    for name, t in (("B", B), ("C", C)):
+        _checks.check_tensor(fn, name, t)
+        groups = t.shape[1] if t.dim() == 3 else 1
+        if t.dim() not in (2, 3) or groups < 1 or nheads % groups != 0:
+            raise ValueError(
+                f"llmkernels.{fn}: {name} must be (batch, dstate) or (batch, ngroups, dstate) with ngroups dividing "
+                f"nheads = {nheads} for a multi-head state, got {tuple(t.shape)}"
+            )
+    y = selective_state_update(
+        state.view(state.shape[0], nheads * headdim, dstate), x.reshape(batch, nheads * headdim), flat["dt"],
+        flat["A"], B, C, flat.get("D"), flat.get("z"), flat.get("dt_bias"), dt_softplus, state_batch_indices,
+    )  # fmt: skip
+    return y.view(batch, nheads, headdim)
 
 
 def _checked_state_indices(indices, x) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""selective_state_update on multi-head states (Mamba-2's decode step, mamba_ssm's 4-D layout).
+
+state (batch, nheads, headdim, dstate); x, dt, z (batch, nheads, headdim); A (nheads, headdim, dstate); B, C
+(batch, ngroups, dstate), head h reading group h // (nheads / ngroups); D, dt_bias (nheads, headdim). Expected
+values come from the 3-D reference run head by head (an independent formulation of the grouping), on every
+backend: the reference, the C++ CPU kernel, the CUDA C++ kernel and Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from utils import assert_close_dtype
+
+import llmkernels
+from llmkernels import _ext
+from llmkernels.reference.selective_scan import selective_state_update_ref
+
+needs_ext = pytest.mark.skipif(not _ext.has_kernel("selective_state_update", "CPU"), reason="no C++ CPU kernel")
+triton_interp = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+)
+BACKEND_DEVICES = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("cpu", "cpu", id="cpu", marks=needs_ext),
+    pytest.param("triton", "cpu", id="triton-interp", marks=[triton_interp, pytest.mark.triton_interp]),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+
+def _inputs(batch, nheads, headdim, dstate, ngroups, dtype, device, tied):
+    """Mamba-2's step inputs; tied: A, dt and dt_bias one scalar per head, broadcast with expand() as mamba_ssm's
+    Mamba2.step passes them (stride 0), D per head too."""
+    act = lambda *s: torch.randn(*s, device=device).to(dtype)  # noqa: E731
+    if tied:
+        A = (-0.5 - torch.rand(nheads, device=device))[:, None, None].expand(nheads, headdim, dstate)
+        dt = (0.5 * torch.rand(batch, nheads, device=device)).to(dtype)[..., None].expand(batch, nheads, headdim)
+        dt_bias = (0.5 * torch.rand(nheads, device=device) - 0.25)[:, None].expand(nheads, headdim)
+        D = torch.randn(nheads, device=device)[:, None].expand(nheads, headdim)
+    else:
+        A = -0.5 - torch.rand(nheads, headdim, dstate, device=device)
+        dt = (0.5 * torch.rand(batch, nheads, headdim, device=device)).to(dtype)
+        dt_bias = 0.5 * torch.rand(nheads, headdim, device=device) - 0.25
+        D = torch.randn(nheads, headdim, device=device)
+    return dict(
+        state=torch.randn(batch, nheads, headdim, dstate, device=device),
+        x=act(batch, nheads, headdim), dt=dt, A=A, B=act(batch, ngroups, dstate), C=act(batch, ngroups, dstate),
+        D=D, z=act(batch, nheads, headdim), dt_bias=dt_bias, dt_softplus=True,
+    )  # fmt: skip
+
+
+def _per_head(kw):
+    """The 3-D reference head by head: returns (y (batch, nheads, headdim), the state afterwards)."""
+    state = kw["state"].clone()
+    nheads, ngroups = state.shape[1], kw["B"].shape[1]
+    ys = []
+    for h in range(nheads):
+        g = h // (nheads // ngroups)
+        s = state[:, h].clone()
+        ys.append(selective_state_update_ref(
+            s, kw["x"][:, h], kw["dt"][:, h], kw["A"][h], kw["B"][:, g], kw["C"][:, g], kw["D"][h], kw["z"][:, h],
+            kw["dt_bias"][h], kw["dt_softplus"],
+        ))  # fmt: skip
+        state[:, h] = s
+    return torch.stack(ys, dim=1), state
+
+
+@pytest.mark.parametrize("batch,nheads,headdim,dstate,ngroups,tied", [
+    (2, 4, 8, 16, 1, True),
+    (3, 6, 5, 17, 2, False),
+    (1, 8, 64, 16, 8, True),
+])  # fmt: skip
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_matches_the_reference_head_by_head(backend, device, batch, nheads, headdim, dstate, ngroups, tied):
+    for dtype in (torch.float32, torch.bfloat16):
+        kw = _inputs(batch, nheads, headdim, dstate, ngroups, dtype, device, tied)
+        want_y, want_state = _per_head(kw)
+        with llmkernels.use_backend(backend):
+            y = llmkernels.selective_state_update(**kw)
+        assert y.shape == (batch, nheads, headdim) and y.dtype == dtype
+        assert_close_dtype(y, want_y)
+        assert_close_dtype(kw["state"], want_state)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_with_a_pool_of_states(backend, device):
+    kw = _inputs(2, 4, 8, 16, 2, torch.float32, device, True)
+    pool = torch.randn(5, 4, 8, 16, device=device)
+    slots = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    want_y, want_rows = _per_head({**kw, "state": pool[slots.long()]})
+    want_pool = pool.clone()
+    want_pool[slots.long()] = want_rows
+    with llmkernels.use_backend(backend):
+        y = llmkernels.selective_state_update(**{**kw, "state": pool}, state_batch_indices=slots)
+    assert_close_dtype(y, want_y)
+    assert_close_dtype(pool, want_pool)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda kw: {"x": kw["x"][:, :3]}, ValueError, "x must have shape"),
+    (lambda kw: {"A": kw["A"][0]}, ValueError, "A must have 3 dimensions"),
+    (lambda kw: {"B": kw["B"][:, :, :5].repeat(1, 3, 1)}, ValueError, "B must be"),
+    (lambda kw: {"D": torch.randn(4)}, ValueError, "D must have 2 dimensions"),
+    (lambda kw: {"state": kw["state"].transpose(2, 3).contiguous().transpose(2, 3)}, ValueError, "contiguous"),
+    (lambda kw: {"dt": None}, TypeError, "dt must be a torch.Tensor"),
+])  # fmt: skip
+def test_bad_input_is_named(change, error, match):
+    kw = _inputs(2, 4, 8, 16, 2, torch.float32, "cpu", False)
+    with pytest.raises(error, match=match):
+        llmkernels.selective_state_update(**{**kw, **change(kw)})
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    kw = _inputs(2, 4, 8, 16, 2, torch.float32, "cpu", True)
+    want_y, want_state = _per_head(kw)
+    y = torch.compile(llmkernels.selective_state_update, fullgraph=True, backend="aot_eager")(**kw)
+    assert_close_dtype(y, want_y)
+    assert_close_dtype(kw["state"], want_state)
