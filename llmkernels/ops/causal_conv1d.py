@@ -119,11 +119,22 @@ def causal_conv1d_update(
     conv_state_indices ((batch,) int32 or int64, causal_conv1d's; continuous batching): row b of x steps row
     conv_state_indices[b] of a state of any number of rows, (state_batch, dim, width); rows no index names are
     untouched. Distinct and in range: the CPU kernel and the reference check, the CUDA kernel clamps (no sync).
-    Not supported: cache_seqlens (causal_conv1d's circular state), NotImplementedError.
+    x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps,
+    returning (batch, dim, seqlen). Not supported: cache_seqlens (causal_conv1d's circular state),
+    NotImplementedError.
     """
     fn = "causal_conv1d_update"
     if cache_seqlens is not None:
         raise NotImplementedError(f"llmkernels.{fn}: cache_seqlens (a circular conv_state) is not supported")
+    if isinstance(x, torch.Tensor) and x.dim() == 3:  # token by token: each step's state is the next one's input
+        steps = [causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation,
+                                      conv_state_indices=conv_state_indices) for t in range(x.shape[2])]  # fmt: skip
+        if not steps:  # (still checked)
+            scratch = conv_state.clone() if isinstance(conv_state, torch.Tensor) else conv_state
+            causal_conv1d_update(x.new_zeros(x.shape[:2]), scratch, weight, bias, activation,
+                                 conv_state_indices=conv_state_indices)  # fmt: skip
+            return x.new_empty(x.shape)
+        return torch.stack(steps, dim=-1)
     silu = _silu(fn, activation)
     rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1  # the state's rows
     if conv_state_indices is not None:

@@ -93,6 +93,26 @@ def test_conv1d_update_steps_equal_full_conv(backend, width, dtype, state_dtype)
     assert_close_dtype(torch.stack(steps, -1), causal_conv1d_ref(x, w, bias, "silu"), tol_dtype)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference",
+                                     pytest.param("cuda", marks=pytest.mark.cuda)])  # fmt: skip
+def test_conv1d_update_several_tokens_at_once(backend):
+    """x (batch, dim, seqlen): one call equals seqlen single steps (speculative decoding's draft tokens); seqlen 0
+    leaves the state alone, and bad arguments are still refused."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    x, w, bias = _inputs((2, 6, 5), 4, torch.float32, device)
+    state = torch.randn(2, 6, 4, device=device)
+    ref_state = state.clone()
+    with llmkernels.use_backend(backend):
+        out = llmkernels.causal_conv1d_update(x, state, w, bias, "silu")
+        assert llmkernels.causal_conv1d_update(x[..., :0], state, w, bias, "silu").shape == (2, 6, 0)
+    steps = [causal_conv1d_update_ref(x[..., t], ref_state, w, bias, "silu") for t in range(5)]
+    assert out.shape == x.shape
+    assert_close_dtype(out, torch.stack(steps, -1))
+    assert_close_dtype(state, ref_state)
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        llmkernels.causal_conv1d_update(x[..., :0], state[:, :3], w, bias, "silu")
+
+
 # The CPU decode kernel's paths: channels in vectors with a tail, the multi-threaded split into 512-channel
 # items (3000 and 1700 channels, batch * dim above the serial limit), a 16-bit state converted per item, no bias,
 # no SiLU.
