@@ -64,8 +64,8 @@ TORCH_LIBRARY(llmkernels, m) {
   // rotary_embedding; q at cache_seqlens[i] + t when a window bound is set, else all at cache_seqlens[i]).
   // softmax_lse (b, h, sq) fp32, when given, receives each row's log-sum-exp (-inf where no key is seen); the
   // CUDA C++ kernels refuse it (the Triton decode kernel returns it on a GPU). cache_leftpad (b,) int32: row i's
-  // keys start at slot cache_leftpad[i] <= cache_seqlens[i] (a left-padded batch; rotary positions count from it);
-  // the CUDA C++ kernels refuse it too.
+  // keys start at slot cache_leftpad[i] <= cache_seqlens[i] (a left-padded batch; rotary positions stay the slots,
+  // as flash_attn's); the CUDA C++ kernels refuse it too.
   m.def(
       "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor cache_seqlens, float softmax_scale, int window_left, int window_right, float softcap, "

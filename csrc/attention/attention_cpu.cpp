@@ -184,7 +184,7 @@ struct Rotary {
 };
 
 Rotary checked_rotary(const char* op, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                      const at::Tensor& q, const int64_t* len, int64_t s_new, int64_t window_left,
+                      const at::Tensor& q, const int32_t* len, int64_t s_new, int64_t window_left,
                       int64_t window_right) {
   LLMK_CHECK_ARG(cos.has_value() && cos->defined() && sin.has_value() && sin->defined(), op, "rotary_cos",
                  "and rotary_sin must be given together");
@@ -209,9 +209,9 @@ Rotary checked_rotary(const char* op, const std::optional<at::Tensor>& cos, cons
 }
 
 // x (b, s, h, d) with its first rotary_dim channels of row (i, t) rotated by the angles of position
-// len[i] + (per_token ? t : 0) (len: cache_seqlens - cache_leftpad): pairs (2c, 2c + 1) when interleaved, else
-// (c, c + rotary_dim / 2); fp32 arithmetic, rounded once to x's dtype (as reference.attention.rotary_embedding).
-at::Tensor rotated(const at::Tensor& x, const Rotary& rot, const int64_t* len, bool per_token, bool interleaved) {
+// cache_seqlens[i] + (per_token ? t : 0): pairs (2c, 2c + 1) when interleaved, else (c, c + rotary_dim / 2); fp32
+// arithmetic, rounded once to x's dtype (as reference.attention.rotary_embedding).
+at::Tensor rotated(const at::Tensor& x, const Rotary& rot, const int32_t* len, bool per_token, bool interleaved) {
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   y.copy_(x);
   const int64_t b = y.size(0), s = y.size(1), h = y.size(2), d = y.size(3), half = rot.cos.size(1);
@@ -321,9 +321,8 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
                    " new > capacity ", layout.capacity);
     total.data_ptr<int32_t>()[i] = static_cast<int32_t>(len[i] + s_new);
   }
-  // cache_leftpad: each row's first key slot; positions (rotary) count from it.
+  // cache_leftpad: each row's first key slot (rotary positions stay the slots, as flash_attn's).
   at::Tensor pads;
-  std::vector<int64_t> first_position(len, len + batch);
   if (cache_leftpad.has_value() && cache_leftpad->defined()) {
     pads = cache_leftpad->contiguous();
     LLMK_CHECK_ARG(layout.pages == nullptr, op, "cache_leftpad", "and block_table cannot be given together");
@@ -334,15 +333,13 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
     for (int64_t i = 0; i < batch; ++i) {
       LLMK_CHECK_ARG(pad[i] >= 0 && pad[i] <= len[i], op, "cache_leftpad", "must lie in [0, cache_seqlens]: row ", i,
                      " has ", pad[i], " with cache_seqlens ", len[i]);
-      first_position[i] -= pad[i];
     }
   }
   at::Tensor q_in = q, k_in = s_new > 0 ? *k_new : at::Tensor();
   if ((rotary_cos.has_value() && rotary_cos->defined()) || (rotary_sin.has_value() && rotary_sin->defined())) {
-    const int64_t* pos = first_position.data();
-    const Rotary rot = checked_rotary(op, rotary_cos, rotary_sin, q, pos, s_new, window_left, window_right);
-    q_in = rotated(q, rot, pos, rot.per_token_q, rotary_interleaved);
-    if (s_new > 0) k_in = rotated(k_in, rot, pos, true, rotary_interleaved);
+    const Rotary rot = checked_rotary(op, rotary_cos, rotary_sin, q, len, s_new, window_left, window_right);
+    q_in = rotated(q, rot, len, rot.per_token_q, rotary_interleaved);
+    if (s_new > 0) k_in = rotated(k_in, rot, len, true, rotary_interleaved);
   }
   if (s_new > 0) {  // row by row: each (token, head) row is headdim contiguous elements
     const int64_t bytes = d * q.element_size();

@@ -511,8 +511,10 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   const int64_t dstate = A.size(1), npad = padded_state(dstate);
   LLMK_CHECK_ARG(A.size(0) == dim && dstate >= 1 && dstate <= kMaxState, op, "A",
                  "must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxState, ", got ", A.sizes());
-  // state_batch_indices: row b of x steps state row rows[b] of a state with any number of rows.
+  // state_batch_indices: row b of x steps state row rows[b] of a state with any number of rows; a negative index
+  // (a pad slot) leaves row b out: no state changes, its output is 0.
   const bool indexed = state_batch_indices.has_value() && state_batch_indices->defined();
+  bool any_skipped = false;
   at::Tensor rows_t;
   if (indexed) {
     rows_t = state_batch_indices->contiguous();
@@ -524,8 +526,12 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
     std::vector<bool> used(state.size(0), false);
     const int32_t* r = rows_t.data_ptr<int32_t>();
     for (int64_t i = 0; i < batch; ++i) {
-      LLMK_CHECK_ARG(r[i] >= 0 && r[i] < state.size(0), op, "state_batch_indices", "must lie in [0, ",
-                     state.size(0), ") (the state's rows), got ", r[i], " at ", i);
+      LLMK_CHECK_ARG(r[i] < state.size(0), op, "state_batch_indices", "must be below ", state.size(0),
+                     " (the state's rows; negative: a pad slot), got ", r[i], " at ", i);
+      if (r[i] < 0) {
+        any_skipped = true;
+        continue;
+      }
       LLMK_CHECK_ARG(!used[r[i]], op, "state_batch_indices", "must be distinct: ", r[i], " repeats");
       used[r[i]] = true;
     }
@@ -568,7 +574,7 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   // fp32 states with dstate a multiple of 16 are the kernel's layout: updated in place. Others are converted a
   // chunk of channels at a time into scratch and written back.
   const bool in_place = state.scalar_type() == at::kFloat && dstate == npad;
-  at::Tensor out = at::empty({batch, dim}, x.options());
+  at::Tensor out = any_skipped ? at::zeros({batch, dim}, x.options()) : at::empty({batch, dim}, x.options());
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const Kernels& k = kernels();
   const RowReader x_in(xc), dt_in(dtc), z_in = z_opt ? RowReader(zc) : RowReader(), st_in(state);
@@ -582,6 +588,7 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   const int64_t chunks = (dim + kChannels - 1) / kChannels, items = batch * chunks;
   auto run_item = [&](int64_t item, float* buf) {
     const int64_t b = item / chunks, d_end = std::min(dim, (item % chunks + 1) * kChannels);
+    if (state_rows != nullptr && state_rows[b] < 0) return;  // a pad slot: its output stays 0
     // x, dt, z, out of the chunk when not fp32; B and C rows; the state when not updated in place
     float *xb = buf, *db = xb + kChannels, *zb = db + kChannels, *ob = zb + kChannels, *Bb = ob + kChannels;
     float *Cb = Bb + npad, *sb = Cb + npad;

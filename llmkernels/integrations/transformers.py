@@ -59,7 +59,8 @@ def llmkernels_attention_forward(
         if mask.shape[1] < k.shape[1]:  # a static cache: slots past the mask hold no token yet (transformers' rule)
             k, v = k[:, : mask.shape[1]], v[:, : mask.shape[1]]
         key_mask = mask[:, -k.shape[1] :]
-        if causal and k.shape[1] > q.shape[1] and not module.training:  # decoding a padded batch from its cache
+        # Decoding a padded batch from its cache (inference only, as that op; else the varlen path, differentiable)
+        if causal and k.shape[1] > q.shape[1] and not module.training and not _wants_grad(q, k, v):
             out = _left_padded_decode(q, k, v, key_mask, args)
             if out is not None:
                 return out, None
@@ -121,6 +122,10 @@ def _packed_offsets(q, k, kwargs) -> Optional[tuple[torch.Tensor, torch.Tensor]]
         return None
     cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
     return cu, cu
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _left_padded_decode(q, k, v, key_mask, args) -> Optional[torch.Tensor]:

@@ -156,18 +156,17 @@ def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: i
 #                           block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved[, softmax_lse],
 #                           alibi_slopes=, cache_leftpad=)
 # softmax_lse: a (b, h, sq) fp32 tensor that receives each row's log-sum-exp, or None; alibi_slopes as above;
-# cache_leftpad: None or (b,) int32, each row's first key slot (rotary positions count from it).
+# cache_leftpad: None or (b,) int32 contiguous, each row's first key slot.
 # The C++ CPU op applies the rotary embedding itself (a few us); the others get q and k_new rotated in Python.
 # --------------------------------------------------------------------------------------------------
 flash_attn_kvcache = Dispatcher("flash_attn_with_kvcache")
 
 
-def _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, cos, sin, interleaved, cache_leftpad=None):
+def _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, cos, sin, interleaved):
     if cos is None:
         return q, k_new
     positional_q = window_left >= 0 or window_right >= 0
-    start = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad  # positions past the padding
-    return _rotate_for_kvcache("flash_attn_with_kvcache", q, k_new, start, cos, sin, interleaved, positional_q)
+    return _rotate_for_kvcache("flash_attn_with_kvcache", q, k_new, cache_seqlens, cos, sin, interleaved, positional_q)
 
 
 @flash_attn_kvcache.register("reference")
@@ -180,7 +179,7 @@ def _kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax
             raise ValueError(f"llmkernels.flash_attn_with_kvcache: cache_leftpad must lie in [0, cache_seqlens] per "
                              f"row, got {pad.tolist()} with cache_seqlens {held.tolist()}")  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
-                            rotary_interleaved, cache_leftpad)  # fmt: skip
+                            rotary_interleaved)  # fmt: skip
     alibi_slopes = reference_slopes(alibi_slopes)
     # The kernels check or clamp these; here out-of-range indices would be an indexing error (a device assertion
     # on a GPU), so they are read back and checked first: this path is slow anyway. Only the pages a row uses
@@ -261,7 +260,7 @@ def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_sc
                     softcap, block_table, cache_batch_idx, rotary_cos, rotary_sin, rotary_interleaved,
                     softmax_lse=None, alibi_slopes=None, cache_leftpad=None):  # fmt: skip
     q, k_new = _pre_rotated(q, k_new, cache_seqlens, window_left, window_right, rotary_cos, rotary_sin,
-                            rotary_interleaved, cache_leftpad)  # fmt: skip
+                            rotary_interleaved)  # fmt: skip
     args = (q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, window_left, window_right, softcap,
             block_table, cache_batch_idx, alibi_slopes, cache_leftpad)  # fmt: skip
     if softmax_lse is None:
@@ -541,11 +540,11 @@ def flash_attn_with_kvcache(
     run the Triton kernel too.
 
     cache_leftpad ((batch,) int32, flash_attn's; a batch left-padded to one length): row i's tokens start at slot
-    cache_leftpad[i] <= cache_seqlens[i]. The slots before it are no keys, and the first slot after is position 0:
-    q attends to slots cache_leftpad[i] .. cache_seqlens[i] + seqlen_new - 1, rotary positions are cache_seqlens[i]
-    - cache_leftpad[i] + t, and the new tokens still go to slot cache_seqlens[i] + t. Not with block_table (as
-    flash_attn). The CPU op refuses values out of range; the Triton kernel (what a GPU runs) clamps them into [0,
-    cache_seqlens[i] + seqlen_new].
+    cache_leftpad[i] <= cache_seqlens[i]; the slots before it are no keys: q attends to slots cache_leftpad[i] ..
+    cache_seqlens[i] + seqlen_new - 1. Everything else keeps the slots as flash_attn does: the new tokens go to
+    slot cache_seqlens[i] + t and rotary positions are those slots (RoPE scores depend only on distances). Not
+    with block_table (as flash_attn). The CPU op refuses values out of range; the Triton kernel (what a GPU runs)
+    clamps them into [0, cache_seqlens[i] + seqlen_new].
     """
     # (A decode step calls this once a layer: the common case costs a few None tests on top of _kvcache_args_ok.)
     fn = "flash_attn_with_kvcache"

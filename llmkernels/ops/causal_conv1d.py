@@ -88,9 +88,13 @@ update_dispatcher = Dispatcher("causal_conv1d_update")
 def _update_reference(x, conv_state, weight, bias, silu, conv_state_indices=None):
     if conv_state_indices is not None:  # (read back: an index out of range or repeated is an error here)
         rows = conv_state_indices.long()
-        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < conv_state.shape[0]):
-            raise ValueError(f"llmkernels.causal_conv1d_update: conv_state_indices must lie in [0, "
-                             f"{conv_state.shape[0]}) (the state's rows), got {rows.tolist()}")  # fmt: skip
+        if rows.numel() and int(rows.max()) >= conv_state.shape[0]:
+            raise ValueError(
+                f"llmkernels.causal_conv1d_update: conv_state_indices must be below "
+                f"{conv_state.shape[0]} (the state's rows; "
+                f"negative: a pad slot), got {rows.tolist()}"
+            )
+        rows = rows[rows >= 0]
         if rows.unique().numel() != rows.numel():
             raise ValueError(f"llmkernels.causal_conv1d_update: conv_state_indices must be distinct, got "
                              f"{rows.tolist()}")  # fmt: skip
@@ -118,7 +122,9 @@ def causal_conv1d_update(
     MambaMixer's cache convention: the new input is appended and the window includes it).
     conv_state_indices ((batch,) int32 or int64, causal_conv1d's; continuous batching): row b of x steps row
     conv_state_indices[b] of a state of any number of rows, (state_batch, dim, width); rows no index names are
-    untouched. Distinct and in range: the CPU kernel and the reference check, the CUDA kernel clamps (no sync).
+    untouched. A negative index (a pad slot) leaves its batch row out: no state changes, output 0. The others must
+    be distinct and below state_batch: the CPU kernel and the reference check; the CUDA kernel leaves a row whose
+    index is past the pool out too (no sync to check).
     x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps,
     returning (batch, dim, seqlen). Not supported: cache_seqlens (causal_conv1d's circular state),
     NotImplementedError.
@@ -149,11 +155,14 @@ def causal_conv1d_update(
 
 
 def _checked_state_indices(fn, indices, x) -> torch.Tensor:
-    """conv_state_indices as the ops take them: (batch,) int32 contiguous (int64 converted)."""
+    """conv_state_indices as the ops take them: (batch,) int32 contiguous (int64 converted; values past int32
+    saturate rather than wrap, so they stay out of range)."""
     _checks.check_tensor(fn, "conv_state_indices", indices, ndim=1, dtypes=(torch.int32, torch.int64))
     if isinstance(x, torch.Tensor):
         _checks.check_tensor(fn, "conv_state_indices", indices, device=x.device)
         _checks.check_shape(fn, "conv_state_indices", indices, x.shape[:1])
+    if indices.dtype == torch.int64:
+        indices = indices.clamp(-1, 2**31 - 1)
     return indices.to(torch.int32).contiguous()
 
 

@@ -225,9 +225,13 @@ update_dispatcher = Dispatcher("selective_state_update")
 def _update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
     if state_batch_indices is not None:  # (read back: an index out of range or repeated is an error here)
         rows = state_batch_indices.long()
-        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < state.shape[0]):
-            raise ValueError(f"llmkernels.selective_state_update: state_batch_indices must lie in [0, "
-                             f"{state.shape[0]}) (the state's rows), got {rows.tolist()}")  # fmt: skip
+        if rows.numel() and int(rows.max()) >= state.shape[0]:
+            raise ValueError(
+                f"llmkernels.selective_state_update: state_batch_indices must be below "
+                f"{state.shape[0]} (the state's rows; "
+                f"negative: a pad slot), got {rows.tolist()}"
+            )
+        rows = rows[rows >= 0]
         if rows.unique().numel() != rows.numel():
             raise ValueError(f"llmkernels.selective_state_update: state_batch_indices must be distinct, got "
                              f"{rows.tolist()}")  # fmt: skip
@@ -329,8 +333,9 @@ def selective_state_update(
 
     state_batch_indices ((batch,) int32 or int64, mamba_ssm's; continuous batching): row b of x steps row
     state_batch_indices[b] of a state of any number of rows, (state_batch, dim, dstate); rows no index names are
-    untouched. The indices must be distinct and in range: the CPU kernel and the reference check; the GPU
-    kernels clamp them into range (no sync), and repeated ones race.
+    untouched. A negative index (a pad slot, as vLLM's -1) leaves its batch row out: no state changes, output 0.
+    The others must be distinct and below state_batch: the CPU kernel and the reference check; the GPU kernels
+    leave a row whose index is past the pool out too (no sync to check), and repeated ones race.
 
     Multi-head states (Mamba-2's decode, as mamba_ssm takes them): state (batch, nheads, headdim, dstate), x, dt, z
     (batch, nheads, headdim), A (nheads, headdim, dstate), B, C (batch, ngroups, dstate) with heads h * nheads /
@@ -396,12 +401,14 @@ def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, s
 
 def _checked_state_indices(indices, x) -> torch.Tensor:
     """state_batch_indices as the ops take them: (batch,) int32 contiguous (int64, as index tensors often are,
-    converted)."""
+    converted; values past int32 saturate rather than wrap, so they stay out of range)."""
     fn = "selective_state_update"
     _checks.check_tensor(fn, "state_batch_indices", indices, ndim=1, dtypes=(torch.int32, torch.int64))
     if isinstance(x, torch.Tensor):
         _checks.check_tensor(fn, "state_batch_indices", indices, device=x.device)
         _checks.check_shape(fn, "state_batch_indices", indices, x.shape[:1])
+    if indices.dtype == torch.int64:
+        indices = indices.clamp(-1, 2**31 - 1)
     return indices.to(torch.int32).contiguous()
 
 

@@ -162,9 +162,8 @@ def flash_attn_with_kvcache_ref(
     sees no key), as flash_attn_fwd_ref's. alibi_slopes ((nheads,) or (batch, nheads)): the distance counts from
     each row's own key count cache_seqlens[i] + seqlen_new.
     cache_leftpad ((batch,) int, flash_attn's): row i's cache starts at slot cache_leftpad[i] (a left-padded batch):
-    slots before it are not keys, so q attends to slots cache_leftpad[i] .. cache_seqlens[i] + seqlen_new - 1, the
-    first of them at position 0 (what a rotary embedding of q and k must use; the band and the ALiBi distances are
-    relative, so they do not move). The new tokens still go to slot cache_seqlens[i].
+    slots before it are not keys, so q attends to slots cache_leftpad[i] .. cache_seqlens[i] + seqlen_new - 1. The
+    new tokens still go to slot cache_seqlens[i]; the band and the ALiBi distances are relative, so they do not move.
     """
     batch = q.shape[0]
     if block_table is not None:

@@ -46,12 +46,15 @@ def causal_conv1d_update_ref(
 ) -> torch.Tensor:
     """One decode step: conv_state (batch, dim, width) updated in place; returns (batch, dim) in x's dtype.
     conv_state_indices ((batch,) ints, causal_conv1d's; continuous batching): row b of x steps row
-    conv_state_indices[b] of a state of any number of rows (distinct indices); the other rows are untouched."""
+    conv_state_indices[b] of a state of any number of rows (distinct indices); the other rows are untouched. A
+    negative index (a pad slot) leaves row b out: no state changes and its output is 0."""
     if conv_state_indices is not None:
         rows = conv_state_indices.long()
-        picked = conv_state[rows]  # (a copy: stepped, then written back)
-        out = causal_conv1d_update_ref(x, picked, weight, bias, activation)
-        conv_state[rows] = picked
+        live = rows >= 0
+        picked = conv_state[rows[live]]  # (a copy: stepped, then written back)
+        out = x.new_zeros(x.shape)
+        out[live] = causal_conv1d_update_ref(x[live], picked, weight, bias, activation)
+        conv_state[rows[live]] = picked
         return out
     silu = _check_activation(activation)
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32

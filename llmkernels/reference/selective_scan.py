@@ -97,13 +97,19 @@ def selective_state_update_ref(
     state: (batch, dim, dstate) any float dtype (arithmetic fp32); x, dt, z: (batch, dim); A: (dim, dstate);
     B, C: (batch, dstate) or grouped (batch, ngroups, dstate); D, dt_bias: (dim,).
     state_batch_indices ((batch,) ints, mamba_ssm's; continuous batching): row b of x steps state row
-    state_batch_indices[b] of a state with any number of rows (distinct indices); the other rows are untouched.
+    state_batch_indices[b] of a state with any number of rows (distinct indices); the other rows are untouched. A
+    negative index (a pad slot, as vLLM's -1) leaves row b out: no state changes and its output is 0.
     """
     if state_batch_indices is not None:
         rows = state_batch_indices.long()
-        picked = state[rows]  # (a copy: stepped, then written back)
-        y = selective_state_update_ref(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-        state[rows] = picked
+        live = rows >= 0
+        picked = state[rows[live]]  # (a copy: stepped, then written back)
+        part = lambda t: None if t is None else t[live]  # noqa: E731
+        y_live = selective_state_update_ref(picked, x[live], dt[live], A, B[live], C[live], D, part(z), dt_bias,
+                                            dt_softplus)  # fmt: skip
+        state[rows[live]] = picked
+        y = x.new_zeros(x.shape)
+        y[live] = y_live
         return y
     cd = _compute_dtype(x)
     dim = x.shape[1]

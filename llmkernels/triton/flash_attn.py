@@ -473,6 +473,9 @@ def _kvcache(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale
              block_table, cache_batch_idx, softmax_lse, alibi_slopes, cache_leftpad) -> torch.Tensor:  # fmt: skip
     check_kvcache_args(fn, q, k_cache, v_cache, k_new, v_new, cache_seqlens, DTYPES, MAX_HEADDIM, block_table,
                        cache_batch_idx, cache_leftpad)  # fmt: skip
+    # The kernels read row b's length and padding at [b] (a strided column of a table would be misread).
+    cache_seqlens = cache_seqlens.contiguous()
+    cache_leftpad = None if cache_leftpad is None else cache_leftpad.contiguous()
     alibi = _alibi_args(fn, alibi_slopes, q.shape[0], q.shape[2], q.device)
     # Every row sees at most capacity keys (max_pages * page_size when paged): it bounds the band like seqlen_k.
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)

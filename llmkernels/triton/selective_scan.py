@@ -64,8 +64,13 @@ def selective_state_update_kernel(
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # b * stride_state_b passes int32 for a (2048, 8192, 128) state
     s_row = b
-    if STATE_IDX is not None:  # clamped: an index the host never read back must not address outside the state
-        s_row = tl.minimum(tl.maximum(tl.load(STATE_IDX + b), 0), state_rows - 1).to(tl.int64)
+    live = True
+    if STATE_IDX is not None:
+        # An index outside the state's rows (negative: a pad slot) leaves row b out: no state access, output 0.
+        # (Never clamped into range: that row would belong to another request.)
+        s_row = tl.load(STATE_IDX + b).to(tl.int64)
+        live = (s_row >= 0) & (s_row < state_rows)
+        s_row = tl.where(live, s_row, 0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < dim
@@ -74,7 +79,7 @@ def selective_state_update_kernel(
 
     state_ptrs = (state_ptr + s_row * stride_state_b + offs_d[:, None] * stride_state_d
                   + offs_n[None, :] * stride_state_n)  # fmt: skip
-    state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    state = tl.load(state_ptrs, mask=mask & live, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + b * stride_x_b + offs_d * stride_x_d, mask=mask_d, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + b * stride_dt_b + offs_d * stride_dt_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -87,12 +92,13 @@ def selective_state_update_kernel(
     C = tl.load(C_ptr + b * stride_C_b + bc_rows * stride_C_g + offs_n[None, :] * stride_C_n, mask=mask, other=0.0)
 
     state = state * tl.exp2(dt[:, None] * A.to(tl.float32) * LOG2E) + (dt * x)[:, None] * B.to(tl.float32)
-    tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+    tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask & live)
     y = tl.sum(state * C.to(tl.float32), axis=1)  # the fp32 state, before rounding to the state's dtype
     if HAS_D:
         y += x * tl.load(D_ptr + offs_d * stride_D, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_Z:
         y *= _silu(tl.load(z_ptr + b * stride_z_b + offs_d * stride_z_d, mask=mask_d, other=0.0).to(tl.float32))
+    y = tl.where(live, y, 0.0)
     tl.store(out_ptr + b * stride_out_b + offs_d * stride_out_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -206,8 +212,8 @@ def selective_state_update_triton(
 
     state: (batch, dim, dstate) fp32/fp16/bf16, any strides; x, dt, z: (batch, dim); A: (dim, dstate);
     B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,). state_batch_indices: (batch,) int32 or
-    None; given, the state has any number of rows and row b of x steps row state_batch_indices[b] (clamped into
-    range on the device).
+    None; given, the state has any number of rows and row b of x steps row state_batch_indices[b], or, for an
+    index outside the rows (negative: a pad slot), nothing (its output is 0).
     """
     fn = "selective_state_update"
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=_FLOAT_TYPES)
@@ -221,8 +227,6 @@ def selective_state_update_triton(
         _checks.check_tensor(fn, "state_batch_indices", state_batch_indices, ndim=1, dtypes=(torch.int32,),
                              device=x.device)  # fmt: skip
         _checks.check_shape(fn, "state_batch_indices", state_batch_indices, (batch,))
-        if state.shape[0] == 0 and batch > 0:
-            raise ValueError(f"llmkernels.{fn}: state has no rows for state_batch_indices to pick")
     _checks.check_tensor(fn, "dt", dt, device=x.device)
     _checks.check_shape(fn, "dt", dt, (batch, dim))
     _checks.check_tensor(fn, "B", B, device=x.device)

@@ -1,9 +1,10 @@
 """flash_attn_with_kvcache(cache_leftpad=...): a left-padded batch, each row's tokens starting at its own slot.
 
 What it must equal, independently of how the kernels do it: the same call on a cache whose rows were moved left by
-their padding (slots pad .. cache_seqlens - 1 become 0 .. cache_seqlens - pad - 1), with the rotary positions of
-that compact cache, the new tokens landing at slot cache_seqlens (not cache_seqlens - pad) of the padded one. The
-padding slots hold NaN, so a kernel that reads one (a score or a value row) fails. Every backend that runs the op:
+their padding (slots pad .. cache_seqlens - 1 become 0 .. cache_seqlens - pad - 1), q and the new keys rotated at
+the padded cache's slots as flash_attn does (cache_seqlens + t), the new tokens landing at slot cache_seqlens (not
+cache_seqlens - pad) of the padded one. The padding slots hold NaN, so a kernel that reads one (a score or a value
+row) fails. Every backend that runs the op:
 the reference, the C++ CPU kernels, Triton (interpreter here, compiled on a GPU machine) and what a GPU dispatches
 to by default (the CUDA C++ kernels refuse the argument, so that is Triton).
 """
@@ -72,8 +73,9 @@ def _inputs(case, dtype, device):
 
 
 def _expected(q, k_cache, v_cache, k_new, v_new, lens, pads, kw, upcast):
-    """The compact-cache formulation: rows moved left by their padding, rotary applied here at the compact positions,
-    then flash_attn_with_kvcache_ref without cache_leftpad. Returns (out, lse, the padded caches afterwards)."""
+    """The compact-cache formulation: rows moved left by their padding, rotary applied here at the padded slots
+    (flash_attn's positions), then flash_attn_with_kvcache_ref without cache_leftpad. Returns (out, lse, the padded
+    caches afterwards)."""
     kw = dict(kw)
     rows = kw.pop("cache_batch_idx", None)
     cos, sin = kw.pop("rotary_cos", None), kw.pop("rotary_sin", None)
@@ -81,7 +83,7 @@ def _expected(q, k_cache, v_cache, k_new, v_new, lens, pads, kw, upcast):
     to = (lambda t: t.double()) if upcast else (lambda t: t)
     rows = list(range(q.shape[0])) if rows is None else rows.tolist()
     k_rows, v_rows = k_cache[rows], v_cache[rows]
-    start = (lens - pads).long()
+    start = lens.long()  # the slots, padding included
     if cos is not None:
         positional_q = kw["window_size"] != (-1, -1) or kw["causal"]
         steps = torch.arange(q.shape[1], device=q.device) if positional_q else torch.zeros(q.shape[1], dtype=torch.long)
@@ -134,6 +136,18 @@ def test_matches_the_compact_cache(backend, device, case):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES_GPU_DEFAULT)
+def test_strided_lengths_and_padding(backend, device):
+    """cache_seqlens and cache_leftpad as columns of one (batch, 2) table: strided, read by row all the same."""
+    dtype = DEVICE_DTYPES.get((backend, device), [torch.bfloat16])[0]
+    q, k_cache, v_cache, k_new, v_new, lens, pads, kw = _inputs("decode", dtype, device)
+    table = torch.stack([lens, pads], dim=1)
+    want = _run(backend, q, k_cache.clone(), v_cache.clone(), k_new, v_new, cache_seqlens=lens, cache_leftpad=pads,
+                **kw)  # fmt: skip
+    got = _run(backend, q, k_cache, v_cache, k_new, v_new, cache_seqlens=table[:, 0], cache_leftpad=table[:, 1], **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES_GPU_DEFAULT)
 def test_zero_padding_is_no_padding(backend, device):
     dtype = DEVICE_DTYPES.get((backend, device), [torch.bfloat16])[0]
     q, k_cache, v_cache, _, _, lens, _, kw = _inputs("no-new-softcap-alibi", dtype, device)
@@ -147,8 +161,8 @@ def test_zero_padding_is_no_padding(backend, device):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_left_padded_generation_equals_each_sequence_alone(backend, device):
     """The use case: prompts of different lengths left-padded to one length, prefilled together, then decoded one
-    token per step; each row's outputs equal causal attention over its own unpadded tokens with rotary positions
-    counted from its first token."""
+    token per step, rotary applied by the op at the slots; each row's outputs equal causal attention over its own
+    unpadded tokens rotated at those slots (RoPE is relative: any common offset gives the same scores)."""
     dtype, b, h, hk, d, padded_len, steps = torch.float32, 3, 4, 2, 32, 7, 3
     prompt_lens = [7, 3, 5]
     total = padded_len + steps
@@ -160,23 +174,20 @@ def test_left_padded_generation_equals_each_sequence_alone(backend, device):
     v_cache = torch.full_like(k_cache, float("nan"))
     outs = [_run(backend, q[:, :padded_len], k_cache, v_cache, k[:, :padded_len], v[:, :padded_len],
                  cache_seqlens=torch.zeros(b, dtype=torch.int32, device=device), cache_leftpad=torch.zeros_like(pads),
-                 causal=True)]  # fmt: skip
-    # (the prefill above is padded too, and its padding rows' outputs are not compared; a real prefill would use
+                 causal=True, **rope)]  # fmt: skip
+    # (the prefill above attends over the padding too, and its outputs are not compared; a real prefill would use
     # flash_attn_varlen_func. What matters is what the padding slots hold afterwards: numbers, never read.)
     for t in range(steps):
         lens = torch.full((b,), padded_len + t, dtype=torch.int32, device=device)
         step = slice(padded_len + t, padded_len + t + 1)
         outs.append(_run(backend, q[:, step], k_cache, v_cache, k[:, step], v[:, step], cache_seqlens=lens,
                          cache_leftpad=pads, causal=True, **rope))  # fmt: skip
+    cos, sin = rope["rotary_cos"], rope["rotary_sin"]
     for i, n in enumerate(prompt_lens):
-        own = torch.cat([k[i : i + 1, padded_len - n : padded_len], k[i : i + 1, padded_len:]], dim=1)
-        own_v = torch.cat([v[i : i + 1, padded_len - n : padded_len], v[i : i + 1, padded_len:]], dim=1)
-        own_q = q[i : i + 1, padded_len:]
-        positions = torch.arange(n + steps, device=device)
-        cos, sin = rope["rotary_cos"], rope["rotary_sin"]
-        # The prompt's keys were cached unrotated by the prefill above (no rotary there), the generated ones rotated.
-        own_k = torch.cat([own[:, :n], rotary_embedding(own[:, n:], cos, sin, positions[None, n:], False)], dim=1)
-        own_q = rotary_embedding(own_q, cos, sin, positions[None, n:], False)
+        slots = torch.arange(padded_len - n, total, device=device)[None]  # the row's tokens, where they are cached
+        own_k = rotary_embedding(k[i : i + 1, padded_len - n :], cos, sin, slots, False)
+        own_v = v[i : i + 1, padded_len - n :]
+        own_q = rotary_embedding(q[i : i + 1, padded_len:], cos, sin, slots[:, n:], False)
         expect = flash_attn_ref(own_q.double(), own_k.double(), own_v.double(), causal=True)
         got = torch.cat([o[i : i + 1] for o in outs[1:]], dim=1)
         torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-5)

@@ -178,6 +178,21 @@ def test_padded_decode_step_routes(monkeypatch, mask_rows, route):
 
 
 @pytest.mark.hf
+def test_padded_decode_step_stays_differentiable_with_grad():
+    """eval() with gradients wanted (q requires grad): the left-padded step keeps the varlen path, whose backward
+    works, instead of the inference-only kvcache op."""
+    _, ours = _tiny("llama")
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    q = torch.randn(2, 4, 2, 16, requires_grad=True)
+    k, v = torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    out, _ = lk_hf.llmkernels_attention_forward(ours.model.layers[0].self_attn, q, k, v, mask, scaling=0.25)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach().double(), _masked_sdpa(q.detach() * 0.25 / 16**-0.5, k, v, mask),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.hf
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
 def test_left_padded_batch_generation_matches_eager(model_type, extra):
     """generate() on a left-padded batch of three prompts (dynamic cache): every step's logits equal eager's."""

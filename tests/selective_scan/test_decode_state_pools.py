@@ -126,16 +126,39 @@ def test_requests_in_pool_slots_decode_as_their_own_scans(backend, device):
 # Bad input
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])
-@pytest.mark.parametrize("indices,match", [([5, 0, 7], "state_batch_indices must lie in"),
-                                           ([5, 0, -1], "state_batch_indices must lie in"),
+@pytest.mark.parametrize("indices,match", [([5, 0, 7], "state_batch_indices must be below 7"),
+                                           ([5, 0, 2**32 + 1], "state_batch_indices must be below 7"),
                                            ([2, 0, 2], "state_batch_indices must be distinct")],
-                         ids=["past-the-pool", "negative", "repeated"])  # fmt: skip
+                         ids=["past-the-pool", "past-int32", "repeated"])  # fmt: skip
 def test_bad_index_values_are_refused_before_the_state_changes(backend, indices, match):
     kw, _ = _pool_inputs(CASES[0], "cpu")
     before = kw["state"].clone()
     with llmkernels.use_backend(backend), pytest.raises((ValueError, RuntimeError), match=match):
-        llmkernels.selective_state_update(**kw, state_batch_indices=torch.tensor(indices, dtype=torch.int32))
+        llmkernels.selective_state_update(**kw, state_batch_indices=torch.tensor(indices))  # (int64: narrowed)
     assert torch.equal(kw["state"], before)
+
+
+def _pad_slot_indices(rows, device, past_the_pool):
+    """Batch rows 0 and 2 live in pool rows 4 and 1; row 1 is a pad slot (-1, or past the pool on a GPU, which
+    cannot check without a sync and leaves such a row out too)."""
+    return torch.tensor([4, rows + 3 if past_the_pool else -1, 1], dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("past_the_pool", [False, pytest.param(True, marks=pytest.mark.cuda)], ids=["-1", "past"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_pad_slots_are_left_out(backend, device, past_the_pool):
+    if past_the_pool and device != "cuda":
+        pytest.skip("the CPU kernel and the reference refuse an index past the pool")
+    kw, _ = _pool_inputs((6, 3, 8, 16, 2, torch.float32, torch.float32), device)
+    indices = _pad_slot_indices(6, device, past_the_pool)
+    live = torch.tensor([0, 2], device=device)
+    want_y, want_pool = _expected({**kw, **{k: kw[k][live] for k in ("x", "dt", "B", "C", "z")}}, indices[live])
+    with llmkernels.use_backend(backend):
+        y = llmkernels.selective_state_update(**kw, state_batch_indices=indices)
+    assert_close_dtype(y[live], want_y)
+    assert (y[1] == 0).all()
+    assert torch.equal(kw["state"][[0, 2, 3, 5]], want_pool[[0, 2, 3, 5]]), "a pad slot changed a pool row"
+    assert_close_dtype(kw["state"], want_pool)
 
 
 @pytest.mark.parametrize("indices,error,match", [
@@ -255,7 +278,7 @@ def test_conv_requests_in_pool_slots_equal_their_own_convolutions(backend, devic
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])
-@pytest.mark.parametrize("indices,match", [([1, 6, 0], "conv_state_indices must lie in"),
+@pytest.mark.parametrize("indices,match", [([1, 6, 0], "conv_state_indices must be below 6"),
                                            ([1, 1, 0], "conv_state_indices must be distinct")],
                          ids=["past-the-pool", "repeated"])  # fmt: skip
 def test_conv_bad_index_values_are_refused_before_the_state_changes(backend, indices, match):
@@ -264,6 +287,26 @@ def test_conv_bad_index_values_are_refused_before_the_state_changes(backend, ind
     with llmkernels.use_backend(backend), pytest.raises((ValueError, RuntimeError), match=match):
         llmkernels.causal_conv1d_update(**kw, conv_state_indices=torch.tensor(indices, dtype=torch.int32))
     assert torch.equal(kw["conv_state"], before)
+
+
+@pytest.mark.parametrize("past_the_pool", [False, pytest.param(True, marks=pytest.mark.cuda)], ids=["-1", "past"])
+@pytest.mark.parametrize("backend,device", CONV_BACKEND_DEVICES)
+def test_conv_pad_slots_are_left_out(backend, device, past_the_pool):
+    if past_the_pool and device != "cuda":
+        pytest.skip("the CPU kernel and the reference refuse an index past the pool")
+    kw, _ = _conv_pool((6, 3, 8, 4, torch.float32, torch.float32), device)
+    indices = _pad_slot_indices(6, device, past_the_pool)
+    live = torch.tensor([0, 2], device=device)
+    want_pool = kw["conv_state"].clone()
+    picked = want_pool[indices[live]]
+    want_y = causal_conv1d_update_ref(**{**kw, "x": kw["x"][live], "conv_state": picked})
+    want_pool[indices[live]] = picked
+    with llmkernels.use_backend(backend):
+        y = llmkernels.causal_conv1d_update(**kw, conv_state_indices=indices)
+    assert_close_dtype(y[live], want_y)
+    assert (y[1] == 0).all()
+    assert torch.equal(kw["conv_state"], want_pool) or torch.allclose(kw["conv_state"], want_pool)
+    assert torch.equal(kw["conv_state"][[0, 2, 3, 5]], want_pool[[0, 2, 3, 5]]), "a pad slot changed a pool row"
 
 
 def test_conv_bad_index_argument_is_named():

@@ -181,8 +181,10 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   const char* op = "causal_conv1d_update";
   check_conv(op, x, weight, bias, 2);
   const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
-  // conv_state_indices: row b of x steps state row rows[b] of a state with any number of rows.
+  // conv_state_indices: row b of x steps state row rows[b] of a state with any number of rows; a negative index (a
+  // pad slot) leaves row b out: no state changes, its output is 0.
   at::Tensor rows_t;
+  bool any_skipped = false;
   if (conv_state_indices.has_value() && conv_state_indices->defined()) {
     rows_t = conv_state_indices->contiguous();
     LLMK_CHECK_DIM(op, conv_state, 3);
@@ -193,8 +195,12 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
     std::vector<bool> used(conv_state.size(0), false);
     const int32_t* r = rows_t.data_ptr<int32_t>();
     for (int64_t i = 0; i < batch; ++i) {
-      LLMK_CHECK_ARG(r[i] >= 0 && r[i] < conv_state.size(0), op, "conv_state_indices", "must lie in [0, ",
-                     conv_state.size(0), ") (the state's rows), got ", r[i], " at ", i);
+      LLMK_CHECK_ARG(r[i] < conv_state.size(0), op, "conv_state_indices", "must be below ", conv_state.size(0),
+                     " (the state's rows; negative: a pad slot), got ", r[i], " at ", i);
+      if (r[i] < 0) {
+        any_skipped = true;
+        continue;
+      }
       LLMK_CHECK_ARG(!used[r[i]], op, "conv_state_indices", "must be distinct: ", r[i], " repeats");
       used[r[i]] = true;
     }
@@ -207,7 +213,7 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
   at::Tensor st = conv_state.contiguous();  // conv_state itself unless strided (then copied back at the end)
   const bool in_place = st.scalar_type() == at::kFloat;
-  at::Tensor out = at::empty({batch, dim}, x.options());
+  at::Tensor out = any_skipped ? at::zeros({batch, dim}, x.options()) : at::empty({batch, dim}, x.options());
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const Kernels& k = kernels();
   const float *w_p = wf.const_data_ptr<float>(), *b_p = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
@@ -219,6 +225,7 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   auto run_item = [&](int64_t item) {
     float xb[kChannels], ob[kChannels], sb[kChannels * kMaxWidth];
     const int64_t b = item / chunks, d0 = item % chunks * kChannels, n = std::min(dim, d0 + kChannels) - d0;
+    if (state_rows != nullptr && state_rows[b] < 0) return;  // a pad slot: its output stays 0
     const int64_t r0 = b * dim + d0, s0 = (state_rows != nullptr ? state_rows[b] : b) * dim + d0;
     float* s = in_place ? st_p + s0 * W : sb;
     if (!in_place) read_f32(st, s0 * W, n * W, sb);

@@ -106,8 +106,13 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(cons
   const int channel = blockIdx.x * kConvThreads + threadIdx.x;
   if (channel >= p.batch * p.dim) return;
   const int b = channel / p.dim, d = channel % p.dim;
-  // (an index the host never read back is clamped: out of range must not address outside the state)
-  const int64_t sb = p.state_rows ? min(max(p.state_rows[b], 0), p.state_batch - 1) : b;
+  // A conv_state_indices entry outside the state's rows (negative: a pad slot) leaves the row out: no state
+  // access, output 0. (Never clamped into range: that row would belong to another request.)
+  const int64_t sb = p.state_rows ? p.state_rows[b] : b;
+  if (sb < 0 || sb >= p.state_batch) {
+    static_cast<T*>(p.out)[channel] = from_float<T>(0.f);
+    return;
+  }
   S* state = static_cast<S*>(p.conv_state) + sb * p.state_stride_b + d * p.state_stride_d;
   const float x = to_float(static_cast<const T*>(p.x)[channel]);
   const int first_tap = p.state_len - p.width;  // the window is the state's last `width` entries

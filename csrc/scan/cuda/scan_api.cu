@@ -311,14 +311,13 @@ at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, c
   LLMK_CHECK_SAME_DEVICE(op, state, x);
   const bool indexed = state_batch_indices.has_value() && state_batch_indices->defined();
   at::Tensor rows_c;
-  if (indexed) {  // (the values stay on the device: the kernel clamps them)
+  if (indexed) {  // (the values stay on the device: the kernel leaves rows with one out of range out)
     rows_c = state_batch_indices->contiguous();
     LLMK_CHECK_SAME_DEVICE(op, rows_c, x);
     LLMK_CHECK_DTYPE(op, rows_c, at::kInt);
     LLMK_CHECK_SHAPE(op, rows_c, batch);
     LLMK_CHECK_DIM(op, state, 3);
     LLMK_CHECK_SHAPE(op, state, state.size(0), dim, dstate);
-    LLMK_CHECK_ARG(state.size(0) >= 1 || batch == 0, op, "state", "has no rows for state_batch_indices to pick");
     LLMK_CHECK_ARG(state.size(0) <= INT32_MAX, op, "state", "has too many rows: ", state.size(0));
   } else {
     LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
@@ -488,13 +487,12 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   LLMK_CHECK_DIM(op, conv_state, 3);
   const bool indexed = conv_state_indices.has_value() && conv_state_indices->defined();
   at::Tensor rows_c;
-  if (indexed) {  // (the values stay on the device: the kernel clamps them)
+  if (indexed) {  // (the values stay on the device: the kernel leaves rows with one out of range out)
     rows_c = conv_state_indices->contiguous();
     LLMK_CHECK_SAME_DEVICE(op, rows_c, x);
     LLMK_CHECK_DTYPE(op, rows_c, at::kInt);
     LLMK_CHECK_SHAPE(op, rows_c, x.size(0));
-    LLMK_CHECK_ARG((conv_state.size(0) >= 1 || x.size(0) == 0) && conv_state.size(0) <= INT32_MAX, op, "conv_state",
-                   "must have 1 to 2^31 - 1 rows for conv_state_indices to pick, got ", conv_state.size(0));
+    LLMK_CHECK_ARG(conv_state.size(0) <= INT32_MAX, op, "conv_state", "has too many rows: ", conv_state.size(0));
   }
   LLMK_CHECK_ARG((indexed || conv_state.size(0) == x.size(0)) && conv_state.size(1) == x.size(1) &&
                      conv_state.size(2) >= weight.size(1),

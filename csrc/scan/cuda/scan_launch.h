@@ -44,7 +44,7 @@ struct StateUpdateParams {
   void* state;
   int64_t state_stride_b, state_stride_d, state_stride_n;
   const int32_t* state_rows;  // state_batch_indices (batch,): row b steps state row state_rows[b]; null: row b
-  int state_batch;            // the state's rows (state_rows are clamped into them)
+  int state_batch;            // the state's rows (an index outside them leaves its batch row out)
   const void* x;
   const void* dt;
   const void* z;         // or null
@@ -86,7 +86,7 @@ struct ConvUpdateParams {
   void* conv_state;
   int64_t state_stride_b, state_stride_d, state_stride_w;
   const int32_t* state_rows;  // conv_state_indices (batch,): row b steps state row state_rows[b]; null: row b
-  int state_batch;            // the state's rows (state_rows are clamped into them)
+  int state_batch;            // the state's rows (an index outside them leaves its batch row out)
   const float* weight;
   const float* bias;
   void* out;

@@ -57,14 +57,20 @@ __global__ void __launch_bounds__(kUpdateThreads)
   const bool active = channel < p.batch * p.dim;
   const int b = active ? channel / p.dim : 0, d = active ? channel % p.dim : 0;
   const int g = d / p.channels_per_group;
+  // A state_batch_indices entry outside the state's rows (negative: a pad slot) leaves the row out: no state
+  // access, output 0. (Never clamped into range: that row would belong to another request.)
+  int64_t sb = b;
+  bool live = active;
+  if (active && p.state_rows) {
+    sb = p.state_rows[b];
+    live = sb >= 0 && sb < p.state_batch;
+  }
 
   float acc = 0.f, x = 0.f;
-  if (active) {
+  if (live) {
     x = to_float(static_cast<const T*>(p.x)[channel]);
     float dt = to_float(static_cast<const T*>(p.dt)[channel]) + (p.dt_bias ? p.dt_bias[d] : 0.f);
     if (p.dt_softplus) dt = softplus(dt);
-    // (an index the host never read back is clamped: out of range must not address outside the state)
-    const int64_t sb = p.state_rows ? min(max(p.state_rows[b], 0), p.state_batch - 1) : b;
     S* state = static_cast<S*>(p.state) + sb * p.state_stride_b + d * p.state_stride_d;
     const T* B = static_cast<const T*>(p.B) + (size_t(b) * p.ngroups + g) * p.dstate;
     const T* C = static_cast<const T*>(p.C) + (size_t(b) * p.ngroups + g) * p.dstate;
@@ -93,8 +99,11 @@ __global__ void __launch_bounds__(kUpdateThreads)
   }
   for (int offset = lanes / 2; offset > 0; offset >>= 1) acc += __shfl_xor_sync(kFullMask, acc, offset);
   if (active && lane == 0) {
-    float y = acc + (p.D ? p.D[d] * x : 0.f);
-    if (p.z) y *= silu(to_float(static_cast<const T*>(p.z)[channel]));
+    float y = 0.f;
+    if (live) {
+      y = acc + (p.D ? p.D[d] * x : 0.f);
+      if (p.z) y *= silu(to_float(static_cast<const T*>(p.z)[channel]));
+    }
     static_cast<T*>(p.out)[channel] = from_float<T>(y);
   }
 }
