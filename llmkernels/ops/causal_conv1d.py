@@ -142,7 +142,7 @@ def causal_conv1d_update(
             return x.new_empty(x.shape)
         return torch.stack(steps, dim=-1)
     silu = _silu(fn, activation)
-    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1  # the state's rows
+    rows = None  # the state's rows: x's batch
     if conv_state_indices is not None:
         conv_state_indices = _checked_state_indices(fn, conv_state_indices, x)
         rows = conv_state.shape[0] if isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 else -1
@@ -166,7 +166,7 @@ def _checked_state_indices(fn, indices, x) -> torch.Tensor:
     return indices.to(torch.int32).contiguous()
 
 
-def _update_args_ok(x, conv_state, weight, bias, state_rows: int) -> bool:
+def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) -> bool:
     """Whether _check_update_args would pass, tested the cheap way (no messages): it runs only when this says no.
     Written out rather than through _x_weight_bias_ok: each call and tensor attribute read costs ~0.1 us, and
     this runs every decode step."""
@@ -183,7 +183,7 @@ def _update_args_ok(x, conv_state, weight, bias, state_rows: int) -> bool:
         and conv_state.dtype in ACT_DTYPES
         and weight.device == dev
         and conv_state.device == dev
-        and conv_state.shape == (state_rows, shape[1], w_shape[1])
+        and conv_state.shape == (shape[0] if state_rows is None else state_rows, shape[1], w_shape[1])
         and conv_state.is_contiguous()
         and (bias is None or (_checks.fits(bias, ACT_DTYPES, dev) and bias.shape == (shape[1],)))
     )

@@ -252,7 +252,7 @@ def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batc
     return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
-def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, state_rows: int) -> bool:
+def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, state_rows: int | None = None) -> bool:
     """Whether check_update_args would pass, tested the cheap way (no messages): it runs only when this says no.
     The tensors every call has are tested inline, not through fits: each call costs ~0.1 us, every step."""
     T = torch.Tensor
@@ -278,7 +278,7 @@ def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, state_rows: int) -> bo
         and B.device == dev
         and C.device == dev
         and dt.shape == shape
-        and state.shape == (state_rows, dim, dstate)
+        and state.shape == (batch if state_rows is None else state_rows, dim, dstate)
         and state.is_contiguous()
         and _bc_shape_ok(B.shape, batch, dim, dstate, None)
         and _bc_shape_ok(C.shape, batch, dim, dstate, None)
@@ -344,7 +344,7 @@ def selective_state_update(
     """
     if isinstance(state, torch.Tensor) and state.dim() == 4:
         return _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
-    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1  # the state's rows
+    rows = None  # the state's rows: x's batch
     if state_batch_indices is not None:
         state_batch_indices = _checked_state_indices(state_batch_indices, x)
         rows = state.shape[0] if isinstance(state, torch.Tensor) and state.dim() == 3 else -1
