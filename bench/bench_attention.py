@@ -20,6 +20,10 @@ and (GPU) FlexAttention with a document mask; FLOPs counted per sequence (paddin
 ALiBi (flash_attn_alibi_fwd[_bwd][_cpu]): causal attention with BLOOM's slopes, against the same call without
 slopes (the bias's cost), SDPA given the bias and the causal mask as one float mask, and (GPU) FlexAttention with
 the bias as a score_mod and a causal block mask.
+Left-padded decode (flash_attn_decode_leftpad[_cpu]): a decode step of a batch of 8 left-padded to one length, as
+generate() makes it: flash_attn_with_kvcache with cache_leftpad (the cache read in place; what the transformers
+integration runs), the varlen call on the gathered valid keys (its fallback, and its route before), and SDPA with
+the padding as a boolean mask (transformers' sdpa attention). GB/s counts the valid keys' K and V.
 """
 
 from __future__ import annotations
@@ -403,18 +407,61 @@ def bench_alibi(quick: bool, device: str) -> list[dict]:
     return rows
 
 
+def bench_leftpad_decode(quick: bool, device: str) -> list[dict]:
+    cpu = device == "cpu"
+    contexts = (2048,) if cpu else ((4096,) if quick else (4096, 16384))
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16) if cpu else (torch.bfloat16,):
+        for context in contexts:
+            rows += _leftpad_decode_case(device, dtype, context)
+    return rows
+
+
+def _leftpad_decode_case(device: str, dtype: torch.dtype, context: int) -> list[dict]:
+    from llmkernels.integrations.transformers import _padded_attention
+
+    cpu = device == "cpu"
+    batch, nheads, nheads_k, headdim = 8, 32, 8, 128
+    q = torch.randn(batch, 1, nheads, headdim, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(batch, context, nheads_k, headdim, device=device, dtype=dtype) for _ in range(2))
+    pads = torch.arange(batch, device=device, dtype=torch.int32) * (context // (2 * batch))
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    key_mask = torch.arange(context, device=device)[None, :] >= pads[:, None]
+    moved = 2 * int(key_mask.sum()) * nheads_k * headdim * dtype.itemsize  # the valid keys' K and V
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+    varlen_args = dict(softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0)
+    impls = {
+        "llmkernels-leftpad": lambda: llmkernels.flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=lens, cache_leftpad=pads, causal=True),
+        "llmkernels-varlen-gather": lambda: _padded_attention(q, k_cache, v_cache, key_mask, varlen_args),
+        "sdpa-bool-mask": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=key_mask[:, None, None, :],
+                                                                 enable_gqa=True),
+    }  # fmt: skip
+    case = f"b={batch} seqlen={context} pads 0..{int(pads[-1])} h={nheads}/{nheads_k} d={headdim} {str(dtype)[6:]}"
+    case += " 2 threads" if cpu else ""
+    op = "flash_attn_decode_leftpad" + ("_cpu" if cpu else "")
+    rows, limit = [], copy_bandwidth_gbps()
+    for impl, fn in impls.items():
+        ms = _time(impl, fn, (), False, **(dict(warmup=2, rep=10, min_time_s=0.1) if cpu else {}))
+        if ms is not None:
+            rows.append(_row(op, case, impl, ms, "GB/s", moved / (ms * 1e-3) / 1e9, limit))
+    return rows
+
+
 def run(quick: bool = False) -> list[dict]:
     if on_gpu():
         varlen = bench_varlen(quick, "cuda", torch.bfloat16, 16, 128, scale=4)
-        return bench_gpu_prefill(quick) + bench_gpu_decode(quick) + varlen + bench_alibi(quick, "cuda")
+        return (bench_gpu_prefill(quick) + bench_gpu_decode(quick) + varlen + bench_alibi(quick, "cuda")
+                + bench_leftpad_decode(quick, "cuda"))  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         varlen = bench_varlen(quick, "cpu", torch.float32, 8, 64)
         alibi = bench_alibi(quick, "cpu")
+        leftpad = bench_leftpad_decode(quick, "cpu")
     finally:
         torch.set_num_threads(threads)
-    return bench_cpu(quick) + varlen + alibi
+    return bench_cpu(quick) + varlen + alibi + leftpad
 
 
 if __name__ == "__main__":

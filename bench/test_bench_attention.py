@@ -49,6 +49,19 @@ def test_llmkernels_decode(benchmark, synced):
     benchmark(synced(lambda: llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)))
 
 
+@pytest.mark.skipif(not _ext.has_kernel("flash_attn_with_kvcache", "CPU"), reason="no CPU kernel built")
+def test_llmkernels_decode_leftpad(benchmark, synced):
+    """A left-padded batch's decode step (cache_leftpad: on a GPU the Triton decode kernel)."""
+    batch, context = (16, 8192) if GPU else (4, 2048)
+    q = torch.randn(batch, 1, 32, 128, device=DEVICE, dtype=DTYPE)
+    k_cache = torch.randn(batch, context, 8, 128, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    pads = torch.arange(batch, dtype=torch.int32, device=DEVICE) * (context // (2 * batch))
+    benchmark(synced(lambda: llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
+                                                                 cache_leftpad=pads)))  # fmt: skip
+
+
 @pytest.mark.skipif(not GPU and not _ext.has_kernel("flash_attn_varlen_fwd", "CPU"), reason="no CPU varlen kernel")
 def test_llmkernels_varlen_fwd(benchmark, synced):
     lengths = (1024, 37, 512, 300, 1, 700, 129, 64, 913, 250)
