@@ -643,7 +643,7 @@ def _check_rotary(fn, q, cos, sin) -> None:
 def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, positional_q):
     """(q, k) rotated as flash_attn_with_kvcache's rotary_cos / rotary_sin say (see its docstring)."""
     start = cache_seqlens.to(torch.long).unsqueeze(1)
-    span = max(q.shape[1], 0 if k is None else k.shape[1])
+    span = max(q.shape[1] if positional_q else 1, 0 if k is None else k.shape[1])  # (the CPU op's count too)
     checkable = q.device.type == "cpu" and not torch.compiler.is_compiling()  # reading values: no sync, no trace
     if checkable and start.numel() and int(start.max()) + span > cos.shape[0]:
         raise ValueError(

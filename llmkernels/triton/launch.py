@@ -15,6 +15,7 @@ import os
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it when a kernel is defined: read once too
 
@@ -27,7 +28,14 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
         raise ValueError(f"llmkernels: {name} grid {tuple(grid)} passes CUDA's limit of {MAX_GRID_YZ} on grid y and z")
     if INTERPRET:
-        if not any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta) for a in args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(isinstance(a, FunctionalTensor) for a in tensors):
+            # AOTDispatcher inlined the op's body (a mutating triton_op): the launch would be missing from the
+            # graph and the compiled call would return what torch.empty left. Say so instead.
+            name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
+            raise RuntimeError(f"llmkernels: {name} cannot run under TRITON_INTERPRET=1 inside torch.compile's AOT "
+                               "tracing (aot_eager / inductor): use backend='eager', or a GPU")  # fmt: skip
+        if not any(is_fake(a) or a.is_meta for a in tensors):
             kernel[grid](*args, **kwargs)
         return
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)

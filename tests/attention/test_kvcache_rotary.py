@@ -113,3 +113,17 @@ def test_compile_with_rotary():
     ref = llmkernels.flash_attn_with_kvcache(q, k2, v2, k_new, v_new, **kw)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(k_cache, k2)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_table_long_enough_for_the_positions_used_is_enough(backend):
+    """Without a window or causal mask every query sits at cache_seqlens: a table reaching cache_seqlens + the new
+    tokens is enough whatever seqlen_q (the Python backends had asked for seqlen_q more rows than the CPU op)."""
+    q, k_new, v_new = torch.randn(1, 8, 2, 32), torch.randn(1, 1, 2, 32), torch.randn(1, 1, 2, 32)
+    k_cache, v_cache = torch.randn(1, 40, 2, 32), torch.randn(1, 40, 2, 32)
+    cos, sin = _tables(21, 32)  # positions 0..20: q and the new key at 20
+    lens = torch.tensor([20], dtype=torch.int32)
+    with llmkernels.use_backend(backend):
+        out = llmkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, lens, rotary_cos=cos,
+                                                 rotary_sin=sin)  # fmt: skip
+    assert out.shape == q.shape and not out.isnan().any()

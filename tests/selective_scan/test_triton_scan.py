@@ -409,3 +409,16 @@ def test_cuda_kernels_registered():
         "causal_conv1d_update",
     ):
         assert _ext.has_kernel(op, "CUDA"), f"no CUDA kernel for llmkernels::{op}"
+
+
+@interp
+@pytest.mark.triton_interp
+def test_interpreter_under_aot_tracing_refuses_instead_of_returning_garbage():
+    """AOTDispatcher inlines a mutating triton_op's body: under the interpreter its launch would be missing from the
+    compiled graph (the output whatever torch.empty held, the state not stepped). A clear error instead."""
+    from llmkernels.triton.selective_scan import selective_state_update_triton
+
+    uargs = _update_inputs(2, 4, 4, False, torch.float32, torch.float32, "cpu", OPTIONS[0])
+    compiled = torch.compile(selective_state_update_triton, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="cannot run under TRITON_INTERPRET=1 inside torch.compile"):
+        compiled(**uargs)
