@@ -78,3 +78,30 @@ def register_fake(qualname: str):
         return torch.library.register_fake(qualname)(checked)
 
     return wrap
+
+
+# --------------------------------------------------------------------------------------------------
+# Pools of decode states (selective_state_update's state_batch_indices, causal_conv1d_update's conv_state_indices)
+# --------------------------------------------------------------------------------------------------
+def pool_indices(fn: str, name: str, indices, x) -> torch.Tensor:
+    """Pool indices as the ops take them: (batch,) int32 contiguous on x's device. int64 (as index tensors often are)
+    is narrowed with values past int32 saturating rather than wrapping, so they stay out of range."""
+    check_tensor(fn, name, indices, ndim=1, dtypes=(torch.int32, torch.int64))
+    if isinstance(x, torch.Tensor):
+        check_tensor(fn, name, indices, device=x.device)
+        check_shape(fn, name, indices, x.shape[:1])
+    if indices.dtype == torch.int64:
+        indices = indices.clamp(-1, 2**31 - 1)
+    return indices.to(torch.int32).contiguous()
+
+
+def check_pool_index_values(fn: str, name: str, indices: torch.Tensor, pool_rows: int) -> None:
+    """What the CPU kernels check, read back (the reference backends): below pool_rows, distinct unless negative
+    (a pad slot)."""
+    rows = indices.long()
+    if rows.numel() and int(rows.max()) >= pool_rows:
+        raise ValueError(f"llmkernels.{fn}: {name} must be below {pool_rows} (the state's rows; negative: a pad "
+                         f"slot), got {rows.tolist()}")  # fmt: skip
+    live = rows[rows >= 0]
+    if live.unique().numel() != live.numel():
+        raise ValueError(f"llmkernels.{fn}: {name} must be distinct, got {rows.tolist()}")

@@ -324,11 +324,15 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
   // cache_leftpad: each row's first key slot (rotary positions stay the slots, as flash_attn's).
   at::Tensor pads;
   if (cache_leftpad.has_value() && cache_leftpad->defined()) {
-    pads = cache_leftpad->contiguous();
+    const at::Tensor& given = *cache_leftpad;
     LLMK_CHECK_ARG(layout.pages == nullptr, op, "cache_leftpad", "and block_table cannot be given together");
-    LLMK_CHECK_SAME_DEVICE(op, pads, q);
-    LLMK_CHECK_DTYPE(op, pads, at::kInt);
-    LLMK_CHECK_SHAPE(op, pads, batch);
+    LLMK_CHECK_ARG(given.device() == q.device(), op, "cache_leftpad", "must be on q's device (", q.device(),
+                   "), got ", given.device());
+    LLMK_CHECK_ARG(given.scalar_type() == at::kInt, op, "cache_leftpad", "must have dtype int32, got ",
+                   given.scalar_type());
+    LLMK_CHECK_ARG(given.dim() == 1 && given.size(0) == batch, op, "cache_leftpad", "must have shape (", batch,
+                   "), got ", given.sizes());
+    pads = given.contiguous();
     const int32_t* pad = pads.data_ptr<int32_t>();
     for (int64_t i = 0; i < batch; ++i) {
       LLMK_CHECK_ARG(pad[i] >= 0 && pad[i] <= len[i], op, "cache_leftpad", "must lie in [0, cache_seqlens]: row ", i,

@@ -30,6 +30,7 @@
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "scan/cpu/scan_kernels.h"
+#include "scan/cpu/state_pool.h"
 
 namespace llmkernels::scan_cpu {
 namespace {
@@ -511,34 +512,13 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   const int64_t dstate = A.size(1), npad = padded_state(dstate);
   LLMK_CHECK_ARG(A.size(0) == dim && dstate >= 1 && dstate <= kMaxState, op, "A",
                  "must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxState, ", got ", A.sizes());
-  // state_batch_indices: row b of x steps state row rows[b] of a state with any number of rows; a negative index
-  // (a pad slot) leaves row b out: no state changes, its output is 0.
-  const bool indexed = state_batch_indices.has_value() && state_batch_indices->defined();
-  bool any_skipped = false;
-  at::Tensor rows_t;
-  if (indexed) {
-    rows_t = state_batch_indices->contiguous();
-    LLMK_CHECK_DIM(op, state, 3);
-    LLMK_CHECK_SHAPE(op, state, state.size(0), dim, dstate);
-    LLMK_CHECK_SAME_DEVICE(op, rows_t, x);
-    LLMK_CHECK_DTYPE(op, rows_t, at::kInt);
-    LLMK_CHECK_SHAPE(op, rows_t, batch);
-    std::vector<bool> used(state.size(0), false);
-    const int32_t* r = rows_t.data_ptr<int32_t>();
-    for (int64_t i = 0; i < batch; ++i) {
-      LLMK_CHECK_ARG(r[i] < state.size(0), op, "state_batch_indices", "must be below ", state.size(0),
-                     " (the state's rows; negative: a pad slot), got ", r[i], " at ", i);
-      if (r[i] < 0) {
-        any_skipped = true;
-        continue;
-      }
-      LLMK_CHECK_ARG(!used[r[i]], op, "state_batch_indices", "must be distinct: ", r[i], " repeats");
-      used[r[i]] = true;
-    }
-  } else {
-    LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
-  }
-  const int32_t* state_rows = indexed ? rows_t.data_ptr<int32_t>() : nullptr;
+  // state_batch_indices: a pool of states (state_pool.h); without, state has x's batch.
+  const bool pooled = state_batch_indices.has_value() && state_batch_indices->defined();
+  LLMK_CHECK_DIM(op, state, 3);
+  LLMK_CHECK_SHAPE(op, state, pooled ? state.size(0) : batch, dim, dstate);
+  const PoolRows pool = checked_pool_rows(op, "state_batch_indices", state_batch_indices, x, state.size(0));
+  const int32_t* state_rows = pool.rows();
+  const bool any_skipped = pool.any_skipped;
   LLMK_CHECK_CONTIGUOUS(op, state);
   for (const auto& [name, M] : {std::pair<const char*, const at::Tensor*>{"B", &B}, {"C", &C}}) {
     LLMK_CHECK_ARG(is_scan_dtype(M->scalar_type()), op, name, "must be float32, float16 or bfloat16, got ", M->scalar_type());

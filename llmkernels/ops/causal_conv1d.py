@@ -87,17 +87,8 @@ update_dispatcher = Dispatcher("causal_conv1d_update")
 @update_dispatcher.register("reference")
 def _update_reference(x, conv_state, weight, bias, silu, conv_state_indices=None):
     if conv_state_indices is not None:  # (read back: an index out of range or repeated is an error here)
-        rows = conv_state_indices.long()
-        if rows.numel() and int(rows.max()) >= conv_state.shape[0]:
-            raise ValueError(
-                f"llmkernels.causal_conv1d_update: conv_state_indices must be below "
-                f"{conv_state.shape[0]} (the state's rows; "
-                f"negative: a pad slot), got {rows.tolist()}"
-            )
-        rows = rows[rows >= 0]
-        if rows.unique().numel() != rows.numel():
-            raise ValueError(f"llmkernels.causal_conv1d_update: conv_state_indices must be distinct, got "
-                             f"{rows.tolist()}")  # fmt: skip
+        _checks.check_pool_index_values("causal_conv1d_update", "conv_state_indices", conv_state_indices,
+                                        conv_state.shape[0])  # fmt: skip
     return causal_conv1d_update_ref(x, conv_state, weight, bias, "silu" if silu else None, conv_state_indices)
 
 
@@ -144,7 +135,7 @@ def causal_conv1d_update(
     silu = _silu(fn, activation)
     rows = None  # the state's rows: x's batch
     if conv_state_indices is not None:
-        conv_state_indices = _checked_state_indices(fn, conv_state_indices, x)
+        conv_state_indices = _checks.pool_indices(fn, "conv_state_indices", conv_state_indices, x)
         rows = conv_state.shape[0] if isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 else -1
     if not _update_args_ok(x, conv_state, weight, bias, rows):
         _check_update_args(fn, x, conv_state, weight, bias, conv_state_indices)  # raises, naming the argument
@@ -152,18 +143,6 @@ def causal_conv1d_update(
         x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu,
         conv_state_indices=conv_state_indices,
     )  # fmt: skip
-
-
-def _checked_state_indices(fn, indices, x) -> torch.Tensor:
-    """conv_state_indices as the ops take them: (batch,) int32 contiguous (int64 converted; values past int32
-    saturate rather than wrap, so they stay out of range)."""
-    _checks.check_tensor(fn, "conv_state_indices", indices, ndim=1, dtypes=(torch.int32, torch.int64))
-    if isinstance(x, torch.Tensor):
-        _checks.check_tensor(fn, "conv_state_indices", indices, device=x.device)
-        _checks.check_shape(fn, "conv_state_indices", indices, x.shape[:1])
-    if indices.dtype == torch.int64:
-        indices = indices.clamp(-1, 2**31 - 1)
-    return indices.to(torch.int32).contiguous()
 
 
 def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) -> bool:

@@ -224,17 +224,8 @@ update_dispatcher = Dispatcher("selective_state_update")
 @update_dispatcher.register("reference")
 def _update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
     if state_batch_indices is not None:  # (read back: an index out of range or repeated is an error here)
-        rows = state_batch_indices.long()
-        if rows.numel() and int(rows.max()) >= state.shape[0]:
-            raise ValueError(
-                f"llmkernels.selective_state_update: state_batch_indices must be below "
-                f"{state.shape[0]} (the state's rows; "
-                f"negative: a pad slot), got {rows.tolist()}"
-            )
-        rows = rows[rows >= 0]
-        if rows.unique().numel() != rows.numel():
-            raise ValueError(f"llmkernels.selective_state_update: state_batch_indices must be distinct, got "
-                             f"{rows.tolist()}")  # fmt: skip
+        _checks.check_pool_index_values("selective_state_update", "state_batch_indices", state_batch_indices,
+                                        state.shape[0])  # fmt: skip
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
@@ -346,7 +337,8 @@ def selective_state_update(
         return _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     rows = None  # the state's rows: x's batch
     if state_batch_indices is not None:
-        state_batch_indices = _checked_state_indices(state_batch_indices, x)
+        state_batch_indices = _checks.pool_indices("selective_state_update", "state_batch_indices",
+                                                   state_batch_indices, x)  # fmt: skip
         rows = state.shape[0] if isinstance(state, torch.Tensor) and state.dim() == 3 else -1
     if not _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, rows):
         check_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)  # raises, naming the argument
@@ -397,19 +389,6 @@ def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, s
         flat["A"], B, C, flat.get("D"), flat.get("z"), flat.get("dt_bias"), dt_softplus, state_batch_indices,
     )  # fmt: skip
     return y.view(batch, nheads, headdim)
-
-
-def _checked_state_indices(indices, x) -> torch.Tensor:
-    """state_batch_indices as the ops take them: (batch,) int32 contiguous (int64, as index tensors often are,
-    converted; values past int32 saturate rather than wrap, so they stay out of range)."""
-    fn = "selective_state_update"
-    _checks.check_tensor(fn, "state_batch_indices", indices, ndim=1, dtypes=(torch.int32, torch.int64))
-    if isinstance(x, torch.Tensor):
-        _checks.check_tensor(fn, "state_batch_indices", indices, device=x.device)
-        _checks.check_shape(fn, "state_batch_indices", indices, x.shape[:1])
-    if indices.dtype == torch.int64:
-        indices = indices.clamp(-1, 2**31 - 1)
-    return indices.to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -267,3 +267,13 @@ def test_cuda_cpp_op_refuses_it():
     with pytest.raises(RuntimeError, match="cache_leftpad"):
         torch.ops.llmkernels.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), None, None, lens, 0.125, -1, 0, 0.0,
                                                      cache_leftpad=torch.zeros_like(lens))  # fmt: skip
+
+
+@needs_cpu_kernel
+def test_the_cpu_op_names_cache_leftpad():
+    q, k_cache, v_cache, k_new, v_new, lens = _small()
+    args = (q, k_cache, v_cache, k_new, v_new, lens, 0.25, -1, 0, 0.0, None, None, None, None, True, None, None)
+    with pytest.raises(RuntimeError, match="cache_leftpad must have dtype int32"):
+        torch.ops.llmkernels.flash_attn_with_kvcache(*args, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="cache_leftpad must have shape"):
+        torch.ops.llmkernels.flash_attn_with_kvcache(*args, torch.zeros(3, dtype=torch.int32))

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+from llmkernels import _ext
+
+# selective_state_update's backends, each with the device its tensors live on: the reference, the C++ CPU kernel,
+# Triton (under the interpreter here, compiled on a GPU machine) and the CUDA C++ kernel.
+needs_update_kernel = pytest.mark.skipif(
+    not _ext.has_kernel("selective_state_update", "CPU"), reason="no C++ CPU kernel"
+)
+triton_interp = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+)
+UPDATE_BACKEND_DEVICES = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("cpu", "cpu", id="cpu", marks=needs_update_kernel),
+    pytest.param("triton", "cpu", id="triton-interp", marks=[triton_interp, pytest.mark.triton_interp]),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+]
 
 
 @dataclass(frozen=True)

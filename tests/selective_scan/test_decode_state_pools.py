@@ -9,29 +9,17 @@ CUDA C++ kernels and (the scan step) Triton (interpreter here, compiled on a GPU
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from scan_cases import update_inputs
+from scan_cases import UPDATE_BACKEND_DEVICES, needs_update_kernel, triton_interp, update_inputs
 from utils import assert_close_dtype
 
 import llmkernels
-from llmkernels import _ext
 from llmkernels.reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from llmkernels.reference.selective_scan import selective_scan_ref, selective_state_update_ref
 
-needs_ext = pytest.mark.skipif(not _ext.has_kernel("selective_state_update", "CPU"), reason="no C++ CPU kernel")
-triton_interp = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
-)
-BACKEND_DEVICES = [
-    pytest.param("reference", "cpu", id="reference"),
-    pytest.param("cpu", "cpu", id="cpu", marks=needs_ext),
-    pytest.param("triton", "cpu", id="triton-interp", marks=[triton_interp, pytest.mark.triton_interp]),
-    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
-]
+needs_ext = needs_update_kernel
+BACKEND_DEVICES = UPDATE_BACKEND_DEVICES
 
 # (pool rows, batch, dim, dstate, ngroups, x dtype, state dtype): the CPU kernel's in-place fp32 path and its
 # converted one (bf16 state, dstate 33), a dim that its 256-channel items split across threads, one row.
@@ -330,3 +318,18 @@ def test_conv_opcheck_and_compile():
     want = causal_conv1d_update_ref(**{**kw, "conv_state": state_ref}, conv_state_indices=indices)
     assert_close_dtype(y, want)
     assert_close_dtype(kw["conv_state"], state_ref)
+
+
+@needs_ext
+def test_the_cpu_ops_name_the_indices():
+    """The C++ ops, called directly (no Python checks first), name the argument in their errors."""
+    kw, indices = _pool_inputs(CASES[0], "cpu")
+    args = [kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus")]
+    with pytest.raises(RuntimeError, match="state_batch_indices must have dtype int32"):
+        torch.ops.llmkernels.selective_state_update(*args, indices.long())
+    with pytest.raises(RuntimeError, match="state_batch_indices must have shape"):
+        torch.ops.llmkernels.selective_state_update(*args, indices[:2])
+    ckw, cindices = _conv_pool(CONV_CASES[0], "cpu")
+    cargs = [ckw["x"], ckw["conv_state"], ckw["weight"], ckw["bias"], True]
+    with pytest.raises(RuntimeError, match="conv_state_indices must have dtype int32"):
+        torch.ops.llmkernels.causal_conv1d_update(*cargs, cindices.long())

@@ -8,27 +8,16 @@ backend: the reference, the C++ CPU kernel, the CUDA C++ kernel and Triton.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from scan_cases import UPDATE_BACKEND_DEVICES, needs_update_kernel
 from utils import assert_close_dtype
 
 import llmkernels
-from llmkernels import _ext
 from llmkernels.reference.selective_scan import selective_state_update_ref
 
-needs_ext = pytest.mark.skipif(not _ext.has_kernel("selective_state_update", "CPU"), reason="no C++ CPU kernel")
-triton_interp = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
-)
-BACKEND_DEVICES = [
-    pytest.param("reference", "cpu", id="reference"),
-    pytest.param("cpu", "cpu", id="cpu", marks=needs_ext),
-    pytest.param("triton", "cpu", id="triton-interp", marks=[triton_interp, pytest.mark.triton_interp]),
-    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
-]
+needs_ext = needs_update_kernel
+BACKEND_DEVICES = UPDATE_BACKEND_DEVICES
 
 
 def _inputs(batch, nheads, headdim, dstate, ngroups, dtype, device, tied):

@@ -20,6 +20,7 @@
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "scan/cpu/scan_kernels.h"
+#include "scan/cpu/state_pool.h"
 
 namespace llmkernels::scan_cpu {
 namespace {
@@ -181,33 +182,13 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   const char* op = "causal_conv1d_update";
   check_conv(op, x, weight, bias, 2);
   const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
-  // conv_state_indices: row b of x steps state row rows[b] of a state with any number of rows; a negative index (a
-  // pad slot) leaves row b out: no state changes, its output is 0.
-  at::Tensor rows_t;
-  bool any_skipped = false;
-  if (conv_state_indices.has_value() && conv_state_indices->defined()) {
-    rows_t = conv_state_indices->contiguous();
-    LLMK_CHECK_DIM(op, conv_state, 3);
-    LLMK_CHECK_SHAPE(op, conv_state, conv_state.size(0), dim, W);
-    LLMK_CHECK_SAME_DEVICE(op, rows_t, x);
-    LLMK_CHECK_DTYPE(op, rows_t, at::kInt);
-    LLMK_CHECK_SHAPE(op, rows_t, batch);
-    std::vector<bool> used(conv_state.size(0), false);
-    const int32_t* r = rows_t.data_ptr<int32_t>();
-    for (int64_t i = 0; i < batch; ++i) {
-      LLMK_CHECK_ARG(r[i] < conv_state.size(0), op, "conv_state_indices", "must be below ", conv_state.size(0),
-                     " (the state's rows; negative: a pad slot), got ", r[i], " at ", i);
-      if (r[i] < 0) {
-        any_skipped = true;
-        continue;
-      }
-      LLMK_CHECK_ARG(!used[r[i]], op, "conv_state_indices", "must be distinct: ", r[i], " repeats");
-      used[r[i]] = true;
-    }
-  } else {
-    LLMK_CHECK_SHAPE(op, conv_state, batch, dim, W);
-  }
-  const int32_t* state_rows = rows_t.defined() ? rows_t.data_ptr<int32_t>() : nullptr;
+  // conv_state_indices: a pool of states (state_pool.h); without, conv_state has x's batch.
+  const bool pooled = conv_state_indices.has_value() && conv_state_indices->defined();
+  LLMK_CHECK_DIM(op, conv_state, 3);
+  LLMK_CHECK_SHAPE(op, conv_state, pooled ? conv_state.size(0) : batch, dim, W);
+  const PoolRows pool = checked_pool_rows(op, "conv_state_indices", conv_state_indices, x, conv_state.size(0));
+  const int32_t* state_rows = pool.rows();
+  const bool any_skipped = pool.any_skipped;
   CONV_CHECK_FLOAT(op, conv_state);
   LLMK_CHECK_NO_OVERLAP(op, conv_state);
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();

@@ -291,6 +291,21 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
           opt_grad(dinit, initial_state)};
 }
 
+// A pool of decode states' indices (state_batch_indices / conv_state_indices), (batch,) int32 on x's device, made
+// contiguous; their values stay on the device: the kernels leave a row whose index is outside the pool out (a
+// negative one is a pad slot). Undefined when not given.
+at::Tensor pool_indices(const char* op, const char* name, const std::optional<at::Tensor>& indices,
+                        const at::Tensor& x, const at::Tensor& pool) {
+  if (!indices.has_value() || !indices->defined()) return at::Tensor();
+  const at::Tensor& t = *indices;
+  LLMK_CHECK_ARG(t.device() == x.device(), op, name, "must be on x's device (", x.device(), "), got ", t.device());
+  LLMK_CHECK_ARG(t.scalar_type() == at::kInt, op, name, "must have dtype int32, got ", t.scalar_type());
+  LLMK_CHECK_ARG(t.dim() == 1 && t.size(0) == x.size(0), op, name, "must have shape (", x.size(0), "), got ",
+                 t.sizes());
+  LLMK_CHECK_ARG(pool.size(0) <= INT32_MAX, op, name, "picks from a pool of too many rows: ", pool.size(0));
+  return t.contiguous();
+}
+
 at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -309,19 +324,10 @@ at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, c
   const int64_t dstate = A.size(1);
   LLMK_CHECK_ARG(dstate >= 1 && dstate <= 256, op, "A", "dstate = ", dstate, " is not supported (1..256)");
   LLMK_CHECK_SAME_DEVICE(op, state, x);
-  const bool indexed = state_batch_indices.has_value() && state_batch_indices->defined();
-  at::Tensor rows_c;
-  if (indexed) {  // (the values stay on the device: the kernel leaves rows with one out of range out)
-    rows_c = state_batch_indices->contiguous();
-    LLMK_CHECK_SAME_DEVICE(op, rows_c, x);
-    LLMK_CHECK_DTYPE(op, rows_c, at::kInt);
-    LLMK_CHECK_SHAPE(op, rows_c, batch);
-    LLMK_CHECK_DIM(op, state, 3);
-    LLMK_CHECK_SHAPE(op, state, state.size(0), dim, dstate);
-    LLMK_CHECK_ARG(state.size(0) <= INT32_MAX, op, "state", "has too many rows: ", state.size(0));
-  } else {
-    LLMK_CHECK_SHAPE(op, state, batch, dim, dstate);
-  }
+  LLMK_CHECK_DIM(op, state, 3);
+  const at::Tensor rows_c = pool_indices(op, "state_batch_indices", state_batch_indices, x, state);
+  const bool indexed = rows_c.defined();
+  LLMK_CHECK_SHAPE(op, state, indexed ? state.size(0) : batch, dim, dstate);
   LLMK_CHECK_ARG(is_float_type(state), op, "state", "must be float32, float16 or bfloat16, got ", state.scalar_type());
   LLMK_CHECK_ARG(batch * dim * 32 <= INT32_MAX, op, "x", "is too large: shape ", x.sizes());
   LLMK_CHECK_SAME_DEVICE(op, B, x);
@@ -485,15 +491,8 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   LLMK_CHECK_ARG(is_float_type(conv_state), op, "conv_state", "must be float32, float16 or bfloat16, got ",
                  conv_state.scalar_type());
   LLMK_CHECK_DIM(op, conv_state, 3);
-  const bool indexed = conv_state_indices.has_value() && conv_state_indices->defined();
-  at::Tensor rows_c;
-  if (indexed) {  // (the values stay on the device: the kernel leaves rows with one out of range out)
-    rows_c = conv_state_indices->contiguous();
-    LLMK_CHECK_SAME_DEVICE(op, rows_c, x);
-    LLMK_CHECK_DTYPE(op, rows_c, at::kInt);
-    LLMK_CHECK_SHAPE(op, rows_c, x.size(0));
-    LLMK_CHECK_ARG(conv_state.size(0) <= INT32_MAX, op, "conv_state", "has too many rows: ", conv_state.size(0));
-  }
+  const at::Tensor rows_c = pool_indices(op, "conv_state_indices", conv_state_indices, x, conv_state);
+  const bool indexed = rows_c.defined();
   LLMK_CHECK_ARG((indexed || conv_state.size(0) == x.size(0)) && conv_state.size(1) == x.size(1) &&
                      conv_state.size(2) >= weight.size(1),
                  op, "conv_state", "must have shape (", indexed ? "rows" : std::to_string(x.size(0)), ", ", x.size(1),
