@@ -83,6 +83,13 @@ def register_fake(qualname: str):
 # --------------------------------------------------------------------------------------------------
 # Pools of decode states (selective_state_update's state_batch_indices, causal_conv1d_update's conv_state_indices)
 # --------------------------------------------------------------------------------------------------
+def check_updated_in_place(fn: str, name: str, t: torch.Tensor) -> None:
+    """A state the op updates in place must be contiguous: a contiguous copy would take the update, not t."""
+    if not t.is_contiguous():
+        raise ValueError(f"llmkernels.{fn}: {name} must be contiguous (it is updated in place, so a .contiguous() "
+                         f"copy would not see the update); got strides {t.stride()}")  # fmt: skip
+
+
 def pool_indices(fn: str, name: str, indices, x) -> torch.Tensor:
     """Pool indices as the ops take them: (batch,) int32 contiguous on x's device. int64 (as index tensors often are)
     is narrowed with values past int32 saturating rather than wrapping, so they stay out of range."""

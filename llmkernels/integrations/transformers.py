@@ -64,9 +64,24 @@ def llmkernels_attention_forward(
             out = _left_padded_decode(q, k, v, key_mask, args)
             if out is not None:
                 return out, None
+        if window != (-1, -1) and not _one_block_per_row(key_mask):
+            # A hole in a row (right padding continued from a cache): the varlen path would pack the valid tokens
+            # and count the window in tokens, transformers counts it in positions. Rare: the explicit mask.
+            slots = torch.arange(k.shape[1] - q.shape[1], k.shape[1], device=q.device).expand(q.shape[0], -1)
+            return _explicit_mask_attention(q, k, v, key_mask, slots, args), None
         return _padded_attention(q, k, v, key_mask, args), None
     position_ids = kwargs.get("position_ids")
-    if causal and k.shape[1] > q.shape[1] and not module.training and _positions_of(position_ids, q):
+    from_cache = causal and k.shape[1] > q.shape[1] and _positions_of(position_ids, q)
+    if from_cache and (module.training or _wants_grad(q, k, v)):
+        # Keys from a cache with gradients wanted: the filled slots as below, differentiably (a static cache's
+        # empty slots must not be attended; flash_attn_func when every key is filled, as in a dynamic cache).
+        lens = _filled_slots(kwargs.get("cache_position"), position_ids, q, k)
+        if int(lens.min()) == k.shape[1]:
+            return flash_attn_func(q, k, v, **args), None
+        slots = lens[:, None] - q.shape[1] + torch.arange(q.shape[1], device=q.device)
+        valid = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]
+        return _explicit_mask_attention(q, k, v, valid, slots, args), None
+    if from_cache:
         # Keys from a cache, the queries at position_ids: a static cache hands over all its max_cache_len slots
         # (with no mask when nothing is padding), of which [0, last query position] hold tokens. The kvcache op
         # takes those counts on the device (no sync) and aligns the band at each row's last query; a sliding
@@ -75,9 +90,7 @@ def llmkernels_attention_forward(
         # (cache_position, where a transformers version passes it, is the slot index itself; position_ids equal it
         # unless a caller offsets them, which only a padding mask, handled above, normally does. Clamped: an
         # offset past the cache must not read beyond it.)
-        cache_position = kwargs.get("cache_position")
-        last = cache_position[-1] if isinstance(cache_position, torch.Tensor) else position_ids[:, -1]
-        lens = (last + 1).clamp(1, k.shape[1]).to(torch.int32).expand(q.shape[0]).contiguous()
+        lens = _filled_slots(kwargs.get("cache_position"), position_ids, q, k)
         out = flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, softmax_scale=scaling, causal=True,
                                       window_size=window, softcap=softcap or 0.0)  # fmt: skip
         return out, None
@@ -89,6 +102,45 @@ def llmkernels_attention_forward(
         )  # fmt: skip
         return out.unsqueeze(0), None
     return flash_attn_func(q, k, v, **args), None
+
+
+def _filled_slots(cache_position, position_ids, q, k) -> torch.Tensor:
+    """(batch,) int32: how many cache slots hold tokens, the queries being the last of them: cache_position's last
+    slot + 1 where transformers passes it, else the queries' last position + 1 (positions taken for slots),
+    clamped to the keys given."""
+    last = cache_position[-1] if isinstance(cache_position, torch.Tensor) else position_ids[:, -1]
+    return (last + 1).clamp(1, k.shape[1]).to(torch.int32).expand(q.shape[0]).contiguous()
+
+
+def _one_block_per_row(key_mask: torch.Tensor) -> bool:
+    """Whether each row's valid keys are one contiguous run (left or right padding, or none)."""
+    counts = key_mask.sum(1)
+    first = key_mask.int().argmax(1)
+    last = key_mask.shape[1] - 1 - key_mask.flip(1).int().argmax(1)
+    return bool(((counts == 0) | (last - first + 1 == counts)).all())
+
+
+def _explicit_mask_attention(q, k, v, key_valid, q_slots, args) -> torch.Tensor:
+    """Attention with the mask spelled out, in fp32, differentiable: query t of row b at slot q_slots[b, t] sees key
+    slot j when key_valid[b, j] and j lies in its causal / window band counted in slots, as transformers' masks
+    count it. For the rare calls the kernels' layouts cannot express (holes with a window, a static cache's empty
+    slots with gradients wanted); a row that sees no key gives 0. q (b, sq, h, d); k, v (b, sk, hk, d)."""
+    group = q.shape[2] // k.shape[2]
+    qf, kf, vf = q.float(), k.float().repeat_interleave(group, 2), v.float().repeat_interleave(group, 2)
+    scale = args["softmax_scale"] if args["softmax_scale"] is not None else q.shape[-1] ** -0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    if args["softcap"]:
+        scores = args["softcap"] * torch.tanh(scores / args["softcap"])
+    left, right = args["window_size"]
+    right = 0 if args["causal"] else right
+    j = torch.arange(k.shape[1], device=q.device)[None, None, :]
+    i = q_slots[:, :, None]
+    visible = key_valid[:, None, :] & (j <= i + right if right >= 0 else True)
+    if left >= 0:
+        visible = visible & (j >= i - left)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (a row that sees nothing: 0, not NaN)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype)
 
 
 def _positions_of(position_ids, q: torch.Tensor) -> bool:

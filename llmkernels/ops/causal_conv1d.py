@@ -171,7 +171,8 @@ def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) 
 def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=None) -> None:
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
     _check_weight_bias(fn, x, weight, bias)
-    _checks.check_tensor(fn, "conv_state", conv_state, dtypes=ACT_DTYPES, device=x.device, contiguous=True)
+    _checks.check_tensor(fn, "conv_state", conv_state, dtypes=ACT_DTYPES, device=x.device)
+    _checks.check_updated_in_place(fn, "conv_state", conv_state)
     if conv_state_indices is not None:  # any number of state rows: the indices pick them
         _checks.check_tensor(fn, "conv_state", conv_state, ndim=3)
     rows = conv_state.shape[0] if conv_state_indices is not None else x.shape[0]

@@ -293,7 +293,7 @@ def check_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices=
         _checks.check_shape(fn, "state", state, (state.shape[0], dim, dstate))
     else:
         _checks.check_shape(fn, "state", state, (batch, dim, dstate))
-    _checks.check_tensor(fn, "state", state, contiguous=True)  # updated in place: no copy can stand in
+    _checks.check_updated_in_place(fn, "state", state)
     _check_bc(fn, "B", B, batch, dim, dstate, None, dev)
     _check_bc(fn, "C", C, batch, dim, dstate, None, dev)
     _check_channel_vector(fn, "D", D, dim, dev)
@@ -363,7 +363,7 @@ def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, s
     """selective_state_update on (batch, nheads, headdim, dstate) states: the channels (head, p) flattened, head h's
     B / C group h // (nheads / ngroups) being the grouped layout's group of those channels."""
     fn = "selective_state_update"
-    _checks.check_tensor(fn, "state", state, contiguous=True)  # (viewed flat and updated in place)
+    _checks.check_updated_in_place(fn, "state", state)  # (viewed flat)
     _, nheads, headdim, dstate = state.shape
     _checks.check_tensor(fn, "x", x, ndim=3, dtypes=ACT_DTYPES)
     batch = x.shape[0]

@@ -208,3 +208,46 @@ def test_left_padded_batch_generation_matches_eager(model_type, extra):
         got = ours.generate(ids, **kw).logits
     for step_got, step_want in zip(got, want):
         torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+def test_a_hole_in_the_mask_with_a_sliding_window_matches_eager():
+    """Right padding continued from a cache leaves a hole: the window counts positions (transformers), not packed
+    tokens, so such masks take the explicit-mask path."""
+    eager, ours = _tiny("mistral", sliding_window=3)
+    ids = torch.randint(1, 97, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        got, want = ours(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+        valid = mask.bool()
+        torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)
+        outs = {}
+        for name, m in (("eager", eager), ("ours", ours)):
+            cache = transformers.DynamicCache(config=m.config)
+            m(ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True)
+            outs[name] = m(ids[:, 4:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(outs["ours"], outs["eager"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("mode", ["train", "eval-with-grad"])
+def test_cached_forward_with_gradients_matches_eager(mode):
+    """Keys from a cache with gradients wanted (train(), or eval() with grad on): a static cache's empty slots are
+    not attended, and a dynamic cache's step is differentiable; logits and gradients equal eager's."""
+    eager, ours = _tiny("llama")
+    ids = torch.randint(1, 97, (2, 9))
+    results = {}
+    for name, m in (("eager", eager), ("ours", ours)):
+        m.train() if mode == "train" else m.eval()
+        m.zero_grad()
+        static = transformers.StaticCache(config=m.config, max_batch_size=2, max_cache_len=14)
+        first = m(ids[:, :6], past_key_values=static, use_cache=True).logits
+        dynamic = transformers.DynamicCache(config=m.config)
+        with torch.no_grad():
+            m(ids[:, :6], past_key_values=dynamic, use_cache=True)
+        second = m(ids[:, 6:], past_key_values=dynamic, use_cache=True).logits
+        (first.square().sum() + second.sum()).backward()
+        grad = m.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        results[name] = (first.detach(), second.detach(), grad)
+    for got, want in zip(results["ours"], results["eager"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
