@@ -85,11 +85,10 @@ def llmkernels_attention_forward(
         # Keys from a cache, the queries at position_ids: a static cache hands over all its max_cache_len slots
         # (with no mask when nothing is padding), of which [0, last query position] hold tokens. The kvcache op
         # takes those counts on the device (no sync) and aligns the band at each row's last query; a sliding
-        # layer's cache (the last tokens, in order) is full once positions pass it: the clamp below. Inference only,
-        # as that op (module.training keeps flash_attn_func, differentiable: e.g. a prefix's keys in training).
-        # (cache_position, where a transformers version passes it, is the slot index itself; position_ids equal it
-        # unless a caller offsets them, which only a padding mask, handled above, normally does. Clamped: an
-        # offset past the cache must not read beyond it.)
+        # layer's cache (the last tokens, in order) is full once positions pass it: the clamp in _filled_slots.
+        # Inference only, as that op (with gradients wanted, the branch above). cache_position, where a
+        # transformers version passes it, is the slot index itself; position_ids equal it unless a caller offsets
+        # them, which only a padding mask, handled above, normally does.
         lens = _filled_slots(kwargs.get("cache_position"), position_ids, q, k)
         out = flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, softmax_scale=scaling, causal=True,
                                       window_size=window, softcap=softcap or 0.0)  # fmt: skip
