@@ -94,7 +94,7 @@ def pool_indices(fn: str, name: str, indices, x) -> torch.Tensor:
     """Pool indices as the ops take them: (batch,) int32 contiguous on x's device. int64 (as index tensors often are)
     is narrowed with values past int32 saturating rather than wrapping, so they stay out of range."""
     check_tensor(fn, name, indices, ndim=1, dtypes=(torch.int32, torch.int64))
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:  # (else the op's own checks name x)
         check_tensor(fn, name, indices, device=x.device)
         check_shape(fn, name, indices, x.shape[:1])
     if indices.dtype == torch.int64:

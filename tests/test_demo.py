@@ -1,5 +1,6 @@
 """The demo's three decoders: llmkernels and the pure-PyTorch path generate the same tokens."""
 
+import pytest
 import torch
 
 from llmkernels import use_backend
@@ -42,3 +43,11 @@ def test_greedy_generate_shapes():
     model = MistralLM(MistralConfig(window=4)).eval()
     out, margins = greedy_generate(model, torch.randint(0, 256, (1, 5)), 6)
     assert out.shape == (1, 6) and margins.shape == (1, 6) and (margins >= 0).all()
+
+
+def test_greedy_generate_zero_and_negative_tokens():
+    model = MistralLM(MistralConfig(window=4)).eval()
+    out, margins = greedy_generate(model, torch.randint(0, 256, (2, 5)), 0)
+    assert out.shape == (2, 0) and margins.shape == (2, 0)
+    with pytest.raises(ValueError, match="new_tokens must be >= 0"):
+        greedy_generate(model, torch.randint(0, 256, (2, 5)), -1)

@@ -44,6 +44,11 @@ def greedy_generate(
     sequence the cache has seen. Returns (tokens (batch, new_tokens), top-2 logit margins (batch, new_tokens)),
     the margins letting a caller tell a real disagreement from a near-tie between two backends.
     """
+    if new_tokens < 0:
+        raise ValueError(f"greedy_generate: new_tokens must be >= 0, got {new_tokens}")
+    if new_tokens == 0:
+        empty = prompt.new_empty((prompt.shape[0], 0))
+        return empty, empty.float()
     cache = model.new_cache(prompt.shape[0])
     logits = model(prompt, cache)[:, -1]
     out, margins = [], []

@@ -59,6 +59,10 @@ class MambaMixer(nn.Module):
         super().__init__()
         if hidden_act not in ("silu", "swish"):
             raise ValueError(f"MambaMixer: hidden_act must be 'silu' (as in Mamba), got {hidden_act!r}")
+        if not 2 <= conv_kernel <= 4:
+            raise ValueError(f"MambaMixer: conv_kernel must be 2, 3 or 4 (the causal conv kernels'), got {conv_kernel}")
+        if not 1 <= state_size <= 256:
+            raise ValueError(f"MambaMixer: state_size must be in 1..256 (the scan kernels'), got {state_size}")
         factory = dict(device=device, dtype=dtype)
         self.hidden_size = hidden_size
         self.ssm_state_size = state_size
@@ -98,6 +102,9 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """hidden_states: (batch, seqlen, hidden_size). With `cache`, continues from and updates its states."""
+        if hidden_states.dim() != 3:
+            raise ValueError(f"MambaMixer: hidden_states must be (batch, seqlen, hidden_size), got "
+                             f"{tuple(hidden_states.shape)}")  # fmt: skip
         dtype = hidden_states.dtype
         if cache is not None:
             if cache.ssm_state.shape[0] != hidden_states.shape[0]:

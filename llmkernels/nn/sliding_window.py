@@ -62,9 +62,14 @@ class SlidingWindowAttention(nn.Module):
         Without a cache x is a whole sequence from position 0. With one, x continues each row of the cache
         from position cache.seqlens[i]; the cache is appended to and advanced.
         """
+        if x.dim() != 3:
+            raise ValueError(f"SlidingWindowAttention: x must be (batch, seqlen, hidden_size), got {tuple(x.shape)}")
         batch, seqlen, _ = x.shape
         if cache is not None and cache.seqlens.shape[0] != batch:
             raise ValueError(f"SlidingWindowAttention: cache holds {cache.seqlens.shape[0]} rows, x has batch {batch}")
+        if cache is not None and cache.window != self.window:
+            raise ValueError(f"SlidingWindowAttention: cache has window {cache.window}, this layer {self.window} "
+                             "(new_cache() makes a matching one)")  # fmt: skip
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)

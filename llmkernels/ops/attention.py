@@ -666,26 +666,27 @@ class _NotDifferentiable(torch.autograd.Function):
     op without autograd only warns)."""
 
     @staticmethod
-    def forward(ctx, fn, out, *inputs):
-        ctx.fn = fn
+    def forward(ctx, fn, train_with, out, *inputs):
+        ctx.fn, ctx.train_with = fn, train_with
         return out.clone()  # (a view of an input could not be modified in place, as out + residual often is)
 
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"llmkernels.{ctx.fn} is not differentiable (an inference op, as flash_attn's): use flash_attn_func / "
-            "flash_attn_varlen_func for training, or run this call under torch.no_grad()"
+            f"llmkernels.{ctx.fn} is not differentiable (an inference op, as its peer's): use {ctx.train_with} "
+            "for training, or run this call under torch.no_grad()"
         )
 
 
-def inference_only(fn: str, out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+def inference_only(fn: str, out: torch.Tensor, *inputs: torch.Tensor | None,
+                   train_with: str = "flash_attn_func / flash_attn_varlen_func") -> torch.Tensor:  # fmt: skip
     """out, made to fail loudly in a backward when any of `inputs` requires grad (else returned as is). Not while
     torch.compile traces: Dynamo traces the Function's backward too, which would fail every compiled decode step
     in grad mode (eval() without no_grad); there torch's own warning is what remains."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return out
     tracked = [t for t in inputs if t is not None and t.requires_grad]
-    return _NotDifferentiable.apply(fn, out, *tracked) if tracked else out
+    return _NotDifferentiable.apply(fn, train_with, out, *tracked) if tracked else out
 
 
 def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

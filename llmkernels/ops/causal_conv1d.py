@@ -12,6 +12,7 @@ from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import register_fake
 from ..reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from .attention import inference_only
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTHS = (2, 3, 4)
@@ -139,10 +140,12 @@ def causal_conv1d_update(
         rows = conv_state.shape[0] if isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 else -1
     if not _update_args_ok(x, conv_state, weight, bias, rows):
         _check_update_args(fn, x, conv_state, weight, bias, conv_state_indices)  # raises, naming the argument
-    return update_dispatcher(
+    out = update_dispatcher(
         x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu,
         conv_state_indices=conv_state_indices,
     )  # fmt: skip
+    # No gradient flows through a decode step (as causal_conv1d's): a backward says so instead of dropping them.
+    return inference_only("causal_conv1d_update", out, x, weight, bias, train_with="causal_conv1d_fn")
 
 
 def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) -> bool:

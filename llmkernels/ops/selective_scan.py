@@ -14,6 +14,7 @@ from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import register_fake
 from ..reference.selective_scan import selective_scan_ref, selective_state_update_ref
+from .attention import inference_only
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _F32 = (torch.float32,)
@@ -344,7 +345,7 @@ def selective_state_update(
         check_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)  # raises, naming the argument
     if B.dim() != C.dim():  # one (batch, dstate) is ngroups = 1: both in the grouped layout, as every backend takes
         B, C = (t.unsqueeze(1) if t.dim() == 2 else t for t in (B, C))
-    return update_dispatcher(
+    y = update_dispatcher(
         state,
         x.contiguous(),
         dt.contiguous(),
@@ -357,6 +358,9 @@ def selective_state_update(
         bool(dt_softplus),
         state_batch_indices=state_batch_indices,
     )
+    # No gradient flows through a decode step (as mamba_ssm's): a backward says so instead of dropping them.
+    return inference_only("selective_state_update", y, x, dt, A, B, C, D, z, dt_bias,
+                          train_with="selective_scan_fn")  # fmt: skip
 
 
 def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):

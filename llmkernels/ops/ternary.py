@@ -265,6 +265,11 @@ def default_filter(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and name not in ("lm_head", "output")
 
 
+# Linear layers whose parents read their weight directly (nn.MultiheadAttention's out_proj): swapping them breaks the
+# parent, as torch's own quantisation flows know.
+_KEEP = (torch.nn.modules.linear.NonDynamicallyQuantizableLinear,)
+
+
 def quantize_(
     model: torch.nn.Module,
     filter_fn: Callable[[torch.nn.Module, str], bool] | None = None,
@@ -273,7 +278,8 @@ def quantize_(
     """Replace, in place, every nn.Linear of `model` that filter_fn(module, fqn) accepts with an nn.TernaryLinear.
 
     filter_fn defaults to `default_filter`: all nn.Linear except ones named `lm_head` or `output` (embeddings
-    are not nn.Linear, so they stay too). Only nn.Linear modules are ever replaced, whatever filter_fn says.
+    are not nn.Linear, so they stay too). Only nn.Linear modules are ever replaced, whatever filter_fn says, and
+    never a NonDynamicallyQuantizableLinear (nn.MultiheadAttention's out_proj, whose weight its parent reads).
     A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
     nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them), unless
     filter_fn rejects one of its names.
@@ -288,6 +294,8 @@ def quantize_(
     for fqn, module in list(model.named_modules()):  # each parent once (a cyclic graph must not recurse)
         for child_name, child in list(module._modules.items()):  # (named_children skips a repeated module)
             child_fqn = f"{fqn}.{child_name}" if fqn else child_name
+            if isinstance(child, _KEEP):
+                continue
             if isinstance(child, torch.nn.Linear) and accept(child, child_fqn):
                 if id(child) not in swapped:
                     bits = child.act_bits if isinstance(child, BitLinear) else act_bits

@@ -333,3 +333,21 @@ def test_the_cpu_ops_name_the_indices():
     cargs = [ckw["x"], ckw["conv_state"], ckw["weight"], ckw["bias"], True]
     with pytest.raises(RuntimeError, match="conv_state_indices must have dtype int32"):
         torch.ops.llmkernels.causal_conv1d_update(*cargs, cindices.long())
+
+
+def test_a_flat_x_is_named_before_the_indices():
+    kw, indices = _pool_inputs(CASES[0], "cpu")
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        llmkernels.selective_state_update(**{**kw, "x": kw["x"][0]}, state_batch_indices=indices)
+    ckw, cindices = _conv_pool(CONV_CASES[0], "cpu")
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        llmkernels.causal_conv1d_update(**{**ckw, "x": ckw["x"][0]}, conv_state_indices=cindices)
+
+
+@needs_ext
+def test_a_backward_through_a_pool_step_is_refused():
+    kw, indices = _pool_inputs(CASES[0], "cpu")
+    x = kw["x"].requires_grad_()
+    y = llmkernels.selective_state_update(**{**kw, "x": x}, state_batch_indices=indices)
+    with pytest.raises(RuntimeError, match="selective_state_update is not differentiable.*selective_scan_fn"):
+        y.sum().backward()

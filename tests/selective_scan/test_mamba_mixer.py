@@ -156,3 +156,26 @@ def test_cache_batch_and_empty_input():
         out = m(_hidden(2, 0), cache)
     assert out.shape == (2, 0, 32)
     assert torch.equal(cache.conv_state, conv) and torch.equal(cache.ssm_state, ssm)
+
+
+@needs_ext
+def test_decode_steps_refuse_a_backward_instead_of_dropping_gradients():
+    """The decode ops (selective_state_update, causal_conv1d_update) have no backward, as mamba_ssm's: a backward
+    through a cached step says so rather than leaving every weight but out_proj without gradient."""
+    m = _mixer()
+    cache = m.new_cache(2)
+    with torch.no_grad():
+        m(_hidden(2, 5), cache)
+    x = _hidden(2, 1).requires_grad_()
+    y = m(x, cache)
+    with pytest.raises(RuntimeError, match="selective_state_update is not differentiable|causal_conv1d_update is not"):
+        y.sum().backward()
+
+
+def test_bad_configurations_are_named():
+    with pytest.raises(ValueError, match="conv_kernel must be 2, 3 or 4"):
+        MambaMixer(hidden_size=32, conv_kernel=5)
+    with pytest.raises(ValueError, match="state_size must be in 1..256"):
+        MambaMixer(hidden_size=32, state_size=300)
+    with pytest.raises(ValueError, match="hidden_states must be \\(batch, seqlen, hidden_size\\)"):
+        _mixer()(torch.randn(3, 32))

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import llmkernels
 from llmkernels.nn import SlidingWindowAttention
 
 
@@ -77,3 +78,12 @@ def test_backward_through_the_cache_raises():
     y = layer(torch.randn(2, 3, 32, requires_grad=True), layer.new_cache(2))
     with pytest.raises(RuntimeError, match="not differentiable"):
         y.sum().backward()
+
+
+def test_a_cache_of_another_window_or_a_flat_input_is_refused():
+    layer = SlidingWindowAttention(hidden_size=32, num_heads=4, num_kv_heads=2, window=4)
+    cache = llmkernels.RollingKVCache(1, 5, 2, 8)
+    with pytest.raises(ValueError, match="cache has window 5, this layer 4"):
+        layer(torch.randn(1, 1, 32), cache=cache)
+    with pytest.raises(ValueError, match="x must be \\(batch, seqlen, hidden_size\\)"):
+        layer(torch.randn(3, 32))
