@@ -172,7 +172,8 @@ def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table,
     sequence b. On the CPU (and not under torch.compile) the offsets are read and the rows are exactly
     cu_seqlens_k[-1]; elsewhere the table's capacity, batch * max_pages * page_size, a bound known from shapes
     (nothing read back from the device; rows past cu_seqlens_k[-1] belong to no sequence and are never read).
-    Table entries are clamped into range: bad ones give wrong keys, never an indexing fault."""
+    On the CPU the entries the sequences use are checked; elsewhere they are clamped into range (bad ones give wrong
+    keys, never an indexing fault)."""
     check_tensor(fn, "k", k_pages, ndim=4, device=q.device, last_dim_contiguous=True)
     check_tensor(fn, "v", v_pages, ndim=4, device=q.device, last_dim_contiguous=True)
     check_same_dtype(fn, "k", k_pages, "q", q)
@@ -202,6 +203,13 @@ def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table,
             raise ValueError(f"llmkernels.{fn}: a sequence of cu_seqlens_k has {longest} keys, more than a "
                              f"block_table row holds ({block_table.shape[1]} pages of {page_size})")  # fmt: skip
         total = max(int(cu[-1]), 0)
+        # The entries the sequences use must be pages, as flash_attn_with_kvcache's CPU op checks (the rest may
+        # hold anything, e.g. -1 padding); on a device they stay unread and are clamped below.
+        used = ((cu[1:] - cu[:-1]).clamp(min=0) + page_size - 1) // page_size
+        entries = block_table[torch.arange(block_table.shape[1]) < used[:, None]]
+        if entries.numel() and not (int(entries.min()) >= 0 and int(entries.max()) < num_pages):
+            raise ValueError(f"llmkernels.{fn}: block_table entries a sequence uses must be page indices in [0, "
+                             f"{num_pages}), got {entries.tolist()}")  # fmt: skip
     if batch <= 0 or capacity == 0 or total == 0:  # no sequence, or no key
         return k_pages.new_zeros((0, *k_pages.shape[2:])), v_pages.new_zeros((0, *v_pages.shape[2:]))
     rows = torch.arange(total, device=q.device)

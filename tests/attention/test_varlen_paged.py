@@ -107,3 +107,17 @@ def test_paged_varlen_bad_arguments_name_them():
         call(q, pages, pages, cu, long_k, 7, 7, block_table=table)
     with pytest.raises(ValueError, match="cu_seqlens_k must hold"):
         call(q, pages, pages, cu, torch.zeros(0, dtype=torch.int32), 7, 7, block_table=table)
+
+
+def test_pages_a_sequence_uses_must_exist_on_cpu():
+    """As flash_attn_with_kvcache's CPU op: entries the sequences use are checked (padding past them may hold -1)."""
+    pages = torch.randn(4, 64, 2, 16)
+    q = torch.randn(10, 4, 16)
+    cu_q = torch.tensor([0, 5, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 70, 140], dtype=torch.int32)  # two pages a sequence
+    with pytest.raises(ValueError, match="block_table entries a sequence uses must be page indices in \\[0, 4\\)"):
+        llmkernels.flash_attn_varlen_func(q, pages, pages.clone(), cu_q, cu_k, 5, 70,
+                                          block_table=torch.tensor([[0, 9], [2, 1]], dtype=torch.int32))  # fmt: skip
+    padded = torch.tensor([[0, 3, -1], [2, 1, -1]], dtype=torch.int32)  # unused -1 entries are fine
+    out = llmkernels.flash_attn_varlen_func(q, pages, pages.clone(), cu_q, cu_k, 5, 70, block_table=padded)
+    assert out.isfinite().all()
