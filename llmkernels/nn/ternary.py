@@ -127,14 +127,6 @@ class TernaryLinear(torch.nn.Module):
             self.w_scale = scale.to(device=self.w_scale.device, dtype=torch.float32)
         return self
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantised weight w_scale * W_t, (out_features, in_features) fp32 (bias's dtype if it has one), made
-        on each read and not a parameter: for parents that read a linear layer's weight themselves (e.g.
-        nn.TransformerEncoderLayer's fast path), which then compute with it in floating point."""
-        w = unpack_ternary_ref(self.w_packed, self.in_features).float() * self.w_scale
-        return w if self.bias is None else w.to(self.bias.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:  # (rows are padded: the op itself cannot tell the width apart)
             raise ValueError(

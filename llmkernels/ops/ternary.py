@@ -265,9 +265,9 @@ def default_filter(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and name not in ("lm_head", "output")
 
 
-# Linear layers whose parents read their weight directly (nn.MultiheadAttention's out_proj): swapping them breaks the
-# parent, as torch's own quantisation flows know.
+# Linear layers whose parents read their weight directly: swapping them breaks or bypasses the parent.
 _KEEP = (torch.nn.modules.linear.NonDynamicallyQuantizableLinear,)
+_READS_WEIGHTS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
 
 
 def quantize_(
@@ -279,7 +279,9 @@ def quantize_(
 
     filter_fn defaults to `default_filter`: all nn.Linear except ones named `lm_head` or `output` (embeddings
     are not nn.Linear, so they stay too). Only nn.Linear modules are ever replaced, whatever filter_fn says, and
-    never a NonDynamicallyQuantizableLinear (nn.MultiheadAttention's out_proj, whose weight its parent reads).
+    never one whose parent reads its weight itself instead of calling it (nn.MultiheadAttention's out_proj, a
+    NonDynamicallyQuantizableLinear; nn.TransformerEncoderLayer / DecoderLayer's linear1 and linear2, which their
+    fast paths hand to a fused kernel): swapped, those would fail or bypass the ternary layer.
     A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
     nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them), unless
     filter_fn rejects one of its names.
@@ -294,7 +296,7 @@ def quantize_(
     for fqn, module in list(model.named_modules()):  # each parent once (a cyclic graph must not recurse)
         for child_name, child in list(module._modules.items()):  # (named_children skips a repeated module)
             child_fqn = f"{fqn}.{child_name}" if fqn else child_name
-            if isinstance(child, _KEEP):
+            if isinstance(child, _KEEP) or isinstance(module, _READS_WEIGHTS):
                 continue
             if isinstance(child, torch.nn.Linear) and accept(child, child_fqn):
                 if id(child) not in swapped:
