@@ -134,7 +134,9 @@ def _explicit_mask_attention(q, k, v, key_valid, q_slots, args) -> torch.Tensor:
     right = 0 if args["causal"] else right
     j = torch.arange(k.shape[1], device=q.device)[None, None, :]
     i = q_slots[:, :, None]
-    visible = key_valid[:, None, :] & (j <= i + right if right >= 0 else True)
+    visible = key_valid[:, None, :].expand(-1, q.shape[1], -1)
+    if right >= 0:
+        visible = visible & (j <= i + right)
     if left >= 0:
         visible = visible & (j >= i - left)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))

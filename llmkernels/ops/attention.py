@@ -30,6 +30,7 @@ from ..reference.attention import (
     normalize_window,
     rotary_embedding,
 )
+from .inference_only import inference_only
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
@@ -576,7 +577,7 @@ def flash_attn_with_kvcache(
         rotary_cos, rotary_sin, bool(rotary_interleaved), lse,
         alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]), cache_leftpad=cache_leftpad,
     )  # fmt: skip
-    out = inference_only(fn, out, q, k, v, k_cache, v_cache)
+    out = inference_only(fn, out, q, k, v, k_cache, v_cache, train_with="flash_attn_func / flash_attn_varlen_func")
     return (out, lse) if return_softmax_lse else out
 
 
@@ -658,35 +659,6 @@ def _rotate_for_kvcache(fn, q, k, cache_seqlens, cos, sin, interleaved, position
         k = rotary_embedding(k, cos, sin, (start + torch.arange(k.shape[1], device=q.device)).clamp(max=last),
                              interleaved)  # fmt: skip
     return q, k
-
-
-class _NotDifferentiable(torch.autograd.Function):
-    """Identity on an inference op's output that ties it to the inputs that require grad, so that a backward
-    through it fails by name instead of silently leaving those inputs without gradient (torch's fallback for an
-    op without autograd only warns)."""
-
-    @staticmethod
-    def forward(ctx, fn, train_with, out, *inputs):
-        ctx.fn, ctx.train_with = fn, train_with
-        return out.clone()  # (a view of an input could not be modified in place, as out + residual often is)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"llmkernels.{ctx.fn} is not differentiable (an inference op, as its peer's): use {ctx.train_with} "
-            "for training, or run this call under torch.no_grad()"
-        )
-
-
-def inference_only(fn: str, out: torch.Tensor, *inputs: torch.Tensor | None,
-                   train_with: str = "flash_attn_func / flash_attn_varlen_func") -> torch.Tensor:  # fmt: skip
-    """out, made to fail loudly in a backward when any of `inputs` requires grad (else returned as is). Not while
-    torch.compile traces: Dynamo traces the Function's backward too, which would fail every compiled decode step
-    in grad mode (eval() without no_grad); there torch's own warning is what remains."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return out
-    tracked = [t for t in inputs if t is not None and t.requires_grad]
-    return _NotDifferentiable.apply(fn, train_with, out, *tracked) if tracked else out
 
 
 def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

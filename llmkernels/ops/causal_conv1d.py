@@ -12,7 +12,7 @@ from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import register_fake
 from ..reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
-from .attention import inference_only
+from .inference_only import inference_only
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTHS = (2, 3, 4)
@@ -124,19 +124,19 @@ def causal_conv1d_update(
     fn = "causal_conv1d_update"
     if cache_seqlens is not None:
         raise NotImplementedError(f"llmkernels.{fn}: cache_seqlens (a circular conv_state) is not supported")
-    if isinstance(x, torch.Tensor) and x.dim() == 3:  # token by token: each step's state is the next one's input
-        steps = [causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation,
-                                      conv_state_indices=conv_state_indices) for t in range(x.shape[2])]  # fmt: skip
-        if not steps:  # (still checked)
-            scratch = conv_state.clone() if isinstance(conv_state, torch.Tensor) else conv_state
-            causal_conv1d_update(x.new_zeros(x.shape[:2]), scratch, weight, bias, activation,
-                                 conv_state_indices=conv_state_indices)  # fmt: skip
-            return x.new_empty(x.shape)
-        return torch.stack(steps, dim=-1)
     silu = _silu(fn, activation)
-    rows = None  # the state's rows: x's batch
     if conv_state_indices is not None:
         conv_state_indices = _checks.pool_indices(fn, "conv_state_indices", conv_state_indices, x)
+    if isinstance(x, torch.Tensor) and x.dim() == 3:  # token by token: each step's state is the next one's input
+        if x.shape[2] == 0:  # (still checked, as a step would be)
+            _check_update_args(fn, x.new_empty(x.shape[:2]), conv_state, weight, bias,
+                               conv_state_indices)  # fmt: skip
+            return x.new_empty(x.shape)
+        steps = [causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation,
+                                      conv_state_indices=conv_state_indices) for t in range(x.shape[2])]  # fmt: skip
+        return torch.stack(steps, dim=-1)
+    rows = None  # the state's rows: x's batch
+    if conv_state_indices is not None:
         rows = conv_state.shape[0] if isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 else -1
     if not _update_args_ok(x, conv_state, weight, bias, rows):
         _check_update_args(fn, x, conv_state, weight, bias, conv_state_indices)  # raises, naming the argument

@@ -14,7 +14,7 @@ from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import register_fake
 from ..reference.selective_scan import selective_scan_ref, selective_state_update_ref
-from .attention import inference_only
+from .inference_only import inference_only
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _F32 = (torch.float32,)

@@ -25,7 +25,7 @@ from .. import _ext
 from .._backend import Dispatcher, requested_backend, triton_unavailable_reason
 from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
 from ..reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
-from .attention import inference_only
+from .inference_only import inference_only
 
 _FN = "sliding_window_attn_with_cache"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -237,7 +237,7 @@ def sliding_window_attn_with_cache(
     out = rolling_window_attn.impls[backend](*args)
     _append(backend, cache.k, cache.v, k, v, cache.seqlens)
     cache.seqlens.add_(q.shape[1])
-    return inference_only(_FN, out, q, k, v)
+    return inference_only(_FN, out, q, k, v, train_with="flash_attn_func with window_size")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -227,6 +227,7 @@ def selective_state_update_triton(
         _checks.check_tensor(fn, "state_batch_indices", state_batch_indices, ndim=1, dtypes=(torch.int32,),
                              device=x.device)  # fmt: skip
         _checks.check_shape(fn, "state_batch_indices", state_batch_indices, (batch,))
+        state_batch_indices = state_batch_indices.contiguous()  # (the kernel reads row b's index at [b])
     _checks.check_tensor(fn, "dt", dt, device=x.device)
     _checks.check_shape(fn, "dt", dt, (batch, dim))
     _checks.check_tensor(fn, "B", B, device=x.device)

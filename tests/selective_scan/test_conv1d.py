@@ -110,7 +110,7 @@ def test_conv1d_update_several_tokens_at_once(backend):
     assert_close_dtype(out, torch.stack(steps, -1))
     assert_close_dtype(state, ref_state)
     with pytest.raises(ValueError, match="conv_state must have shape"):
-        llmkernels.causal_conv1d_update(x[..., :0], state[:, :3], w, bias, "silu")
+        llmkernels.causal_conv1d_update(x[..., :0], state[:, :3].contiguous(), w, bias, "silu")
 
 
 # The CPU decode kernel's paths: channels in vectors with a tail, the multi-threaded split into 512-channel

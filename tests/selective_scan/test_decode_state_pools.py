@@ -351,3 +351,19 @@ def test_a_backward_through_a_pool_step_is_refused():
     y = llmkernels.selective_state_update(**{**kw, "x": x}, state_batch_indices=indices)
     with pytest.raises(RuntimeError, match="selective_state_update is not differentiable.*selective_scan_fn"):
         y.sum().backward()
+
+
+@triton_interp
+@pytest.mark.triton_interp
+def test_triton_op_reads_strided_indices_by_row():
+    """The Triton op called directly with indices that are a strided column (the public function hands it a
+    contiguous copy; the op makes its own)."""
+    from llmkernels.triton.selective_scan import selective_state_update_triton
+
+    kw, indices = _pool_inputs(CASES[0], "cpu")
+    want_y, want_pool = _expected(kw, indices)
+    column = torch.stack([indices, indices.flip(0)], dim=1)[:, 0]
+    y = selective_state_update_triton(*[kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias",
+                                                        "dt_softplus")], column)  # fmt: skip
+    assert_close_dtype(y, want_y)
+    assert_close_dtype(kw["state"], want_pool)
