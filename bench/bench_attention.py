@@ -20,6 +20,9 @@ and (GPU) FlexAttention with a document mask; FLOPs counted per sequence (paddin
 ALiBi (flash_attn_alibi_fwd[_bwd][_cpu]): causal attention with BLOOM's slopes, against the same call without
 slopes (the bias's cost), SDPA given the bias and the causal mask as one float mask, and (GPU) FlexAttention with
 the bias as a score_mod and a causal block mask.
+Dropout (flash_attn_dropout_fwd[_bwd][_cpu]): causal attention with dropout_p 0.1 (the mask drawn in the kernels
+from a seed and redrawn by the backward), against the same call without dropout (the mask's cost) and SDPA with
+dropout_p (on a GPU its flash backend, which draws its mask in the kernel too).
 Left-padded decode (flash_attn_decode_leftpad[_cpu]): a decode step of a batch of 8 left-padded to one length, as
 generate() makes it: flash_attn_with_kvcache with cache_leftpad (the cache read in place; what the transformers
 integration runs), the varlen call on the gathered valid keys (its fallback, and its route before), and SDPA with
@@ -407,6 +410,33 @@ def bench_alibi(quick: bool, device: str) -> list[dict]:
     return rows
 
 
+def bench_dropout(quick: bool, device: str) -> list[dict]:
+    """Causal prefill with attention dropout, forward and forward + backward."""
+    cpu = device == "cpu"
+    batch, seqlen, nheads, headdim = (1, 1024, 8, 64) if cpu else (4, 2048, 16, 128)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    q, k, v = (torch.randn(batch, seqlen, nheads, headdim, device=device, dtype=dtype) for _ in range(3))
+    case = f"b={batch} seqlen={seqlen} h={nheads} d={headdim} causal p=0.1 {str(dtype)[6:]}"
+    impls = {
+        "llmkernels": lambda q, k, v: llmkernels.flash_attn_func(q, k, v, 0.1, causal=True),
+        "llmkernels-no-dropout": lambda q, k, v: llmkernels.flash_attn_func(q, k, v, causal=True),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.1, is_causal=True
+        ).transpose(1, 2),
+    }
+    rows, measure = [], dict(warmup=2, rep=5, min_time_s=0.1) if cpu else {}
+    for backward in (False, True) if not (quick and cpu) else (False,):
+        op = ("flash_attn_dropout_fwd_bwd" if backward else "flash_attn_dropout_fwd") + ("_cpu" if cpu else "")
+        flops = attention_flops(batch, seqlen, seqlen, nheads, headdim, True, backward)
+        for impl, fn in impls.items():
+            ms = _time(impl, fn, (q, k, v), backward, **measure)
+            if ms is not None:
+                value = flops / (ms * 1e-3) / (1e9 if cpu else 1e12)
+                rows.append(_row(op, case, impl, ms, "GFLOP/s" if cpu else "TFLOP/s", value,
+                                 None if cpu else peak_tflops()))  # fmt: skip
+    return rows
+
+
 def bench_leftpad_decode(quick: bool, device: str) -> list[dict]:
     cpu = device == "cpu"
     contexts = (2048,) if cpu else ((4096,) if quick else (4096, 16384))
@@ -452,16 +482,17 @@ def run(quick: bool = False) -> list[dict]:
     if on_gpu():
         varlen = bench_varlen(quick, "cuda", torch.bfloat16, 16, 128, scale=4)
         return (bench_gpu_prefill(quick) + bench_gpu_decode(quick) + varlen + bench_alibi(quick, "cuda")
-                + bench_leftpad_decode(quick, "cuda"))  # fmt: skip
+                + bench_dropout(quick, "cuda") + bench_leftpad_decode(quick, "cuda"))  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         varlen = bench_varlen(quick, "cpu", torch.float32, 8, 64)
         alibi = bench_alibi(quick, "cpu")
+        dropout = bench_dropout(quick, "cpu")
         leftpad = bench_leftpad_decode(quick, "cpu")
     finally:
         torch.set_num_threads(threads)
-    return bench_cpu(quick) + varlen + alibi + leftpad
+    return bench_cpu(quick) + varlen + alibi + dropout + leftpad
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def test_sdpa_fwd(benchmark, synced, causal):
     benchmark(synced(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
 
 
+@pytest.mark.skipif(not GPU and not _ext.has_kernel("flash_attn_fwd", "CPU"), reason="no CPU attention kernel built")
+def test_llmkernels_flash_attn_dropout_fwd_bwd(benchmark, synced):
+    """Causal forward + backward with dropout_p 0.1 (on a GPU the Triton kernels: the CUDA C++ ones refuse it)."""
+    q, k, v = (t.requires_grad_() for t in _inputs())
+
+    def fn():
+        llmkernels.flash_attn_func(q, k, v, 0.1, causal=True).sum().backward()
+
+    benchmark(synced(fn))
+
+
 @pytest.mark.skipif(not _ext.has_kernel("flash_attn_with_kvcache", OURS.upper()), reason=f"no {OURS} kernel built")
 def test_llmkernels_decode(benchmark, synced):
     batch, context = (16, 8192) if GPU else (4, 2048)

@@ -44,16 +44,24 @@ TORCH_LIBRARY(llmkernels, m) {
   // log-sum-exp of each row's scaled (and soft-capped) scores; -inf for rows that see no key.
   // alibi_slopes, fp32 (h,) or (b, h), on every attention op: s_ij -= slope * |i + sk - sq - j| after the soft-cap
   // (llmkernels.reference.attention.alibi_bias); the CUDA C++ kernels refuse it (Triton takes it on a GPU).
+  // dropout_p in [0, 1), on flash_attn_fwd / _bwd and the varlen ops: each probability is dropped with chance
+  // dropout_p, kept ones scaled by 1 / (1 - dropout_p), after the row sum (softmax_lse is unchanged) and before the
+  // product with V. The mask is a pure function of dropout_seed, an int64 (2,) tensor of two 32-bit words, always on
+  // the CPU (also for CUDA q), required when dropout_p > 0, and of (batch or packed sequence, head, query, key):
+  // llmkernels.reference.dropout (Philox4x32-10), so the backward, given the same seed, recomputes it. The CUDA C++
+  // kernels refuse dropout_p > 0 (Triton takes it on a GPU).
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, int window_left, int window_right, "
-      "float softcap, Tensor? alibi_slopes=None) -> (Tensor out, Tensor softmax_lse)");
+      "float softcap, Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? dropout_seed=None) -> "
+      "(Tensor out, Tensor softmax_lse)");
   // Gradients of flash_attn_fwd from dout (b, sq, h, d) and the saved out and softmax_lse, plus, when given,
   // dsoftmax_lse (b, h, sq) fp32, the gradient reaching softmax_lse itself (it enters as D_i - dlse_i).
   // dk, dv are (b, sk, hk, d): GQA gradients summed over the query heads of each KV head.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "float softmax_scale, int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None, "
-      "Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? dropout_seed=None) -> "
+      "(Tensor dq, Tensor dk, Tensor dv)");
   // Attention against a KV cache (decode). k_cache, v_cache: (b, max_seqlen, hk, d); cache_seqlens (b,) int32.
   // k_new, v_new (b, s_new, hk, d), when given, are first written into the caches at cache_seqlens[i];
   // then q (b, sq, h, d) attends to the first cache_seqlens[i] + s_new keys, windows aligned bottom-right.
@@ -80,12 +88,13 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
-      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor softmax_lse)");
+      "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? dropout_seed=None) -> "
+      "(Tensor out, Tensor softmax_lse)");
   m.def(
       "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
-      "int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None, Tensor? alibi_slopes=None) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None, Tensor? alibi_slopes=None, "
+      "float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // ---------------------------------------------------------------------------------------------
   // Sliding-window attention over a rolling KV buffer

@@ -181,6 +181,7 @@ def drive_launches(full: bool) -> list[Launch]:
                         flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, left, right,
                                                          cap)  # fmt: skip
         _drive_alibi(flash_attn, fa, r, tune_candidates, full)
+        _drive_dropout(flash_attn, fa, r, tune_candidates, full)
         for dtype in [torch.float16, torch.bfloat16, torch.float32] if full else [torch.bfloat16]:
             for d in [64, 128, 256] if full else [128]:
                 # packed sequences (flash_attn_varlen_func): the same kernels with VARLEN=True
@@ -243,6 +244,28 @@ def drive_launches(full: bool) -> list[Launch]:
                 d_skip, zz, delta_bias, True, r(batch, dtype=torch.int32),
             )  # fmt: skip
     return recorded
+
+
+def _drive_dropout(flash_attn, fa, r, tune_candidates, full: bool) -> None:
+    """Dropout variants (DROPOUT: a Philox call per score) of the dense and varlen forward and backward (both dq
+    ways), bf16 (and fp16 / fp32 with --all), causal, beside their plain twins' registers / spills."""
+    seed = torch.tensor([0x9E3779B9, 12345], dtype=torch.int64)  # a key word past 2^31: the int32 bit pattern
+    for dtype in [torch.bfloat16, torch.float16, torch.float32] if full else [torch.bfloat16]:
+        for d in [64, 128, 256] if full else [128]:
+            q, k, v = r(2, 512, 4, d, dtype=dtype), r(2, 512, 2, d, dtype=dtype), r(2, 512, 2, d, dtype=dtype)
+            out, lse = flash_attn.flash_attn_fwd_triton(q, k, v, d**-0.5, -1, 0, 0.0, False, None, 0.1, seed)
+            flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, -1, 0, 0.0, False, None,
+                                             None, 0.1, seed)  # fmt: skip
+            for cfg in (c for c in tune_candidates["bwd_dkdv"][d] if len(c) == 5 and dtype != torch.float32):
+                with fa.config_override(bwd_dkdv=cfg):
+                    flash_attn.flash_attn_bwd_triton(torch.empty_like(q), q, k, v, out, lse, d**-0.5, -1, 0, 0.0,
+                                                     False, None, None, 0.1, seed)  # fmt: skip
+            qp, kp, vp = r(700, 4, d, dtype=dtype), r(900, 2, d, dtype=dtype), r(900, 2, d, dtype=dtype)
+            cu = r(4, dtype=torch.int32)
+            out, lse = flash_attn.flash_attn_varlen_fwd_triton(qp, kp, vp, cu, cu, 512, 512, d**-0.5, -1, 0, 0.0,
+                                                               False, None, 0.1, seed)  # fmt: skip
+            flash_attn.flash_attn_varlen_bwd_triton(torch.empty_like(qp), qp, kp, vp, out, lse, cu, cu, 512, 512,
+                                                    d**-0.5, -1, 0, 0.0, False, None, None, 0.1, seed)  # fmt: skip
 
 
 def _drive_alibi(flash_attn, fa, r, tune_candidates, full: bool) -> None:

@@ -45,18 +45,21 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       double softmax_scale, int64_t window_left, int64_t window_right,
-                                                      double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+                                                      double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                                      double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   constexpr const char* op = "flash_attn_fwd";
   check_qkv(op, q, k, v);
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
   const at::Tensor alibi = set_alibi(op, p, alibi_slopes, q, q.size(0));
+  set_dropout(op, p, dropout_p, dropout_seed);
   return run_forward(p, q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_lse, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   constexpr const char* op = "flash_attn_bwd";
   check_qkv(op, q, k, v);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
@@ -73,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
 
   AttnParams p = make_params(op, q, k, v, softmax_scale, window_left, window_right, softcap);
   const at::Tensor alibi = set_alibi(op, p, alibi_slopes, q, q.size(0));
+  set_dropout(op, p, dropout_p, dropout_seed);
   if (p.nheads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {  // no scores at all: every gradient is zero (the
                                                                // kernels would leave dk, dv unwritten or index
                                                                // key blocks that do not exist)

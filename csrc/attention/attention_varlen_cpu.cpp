@@ -121,6 +121,23 @@ at::Tensor set_sequence_alibi(const char* op, std::vector<AttnParams>& seqs,
   return held;
 }
 
+// Dropout for every sequence: sequence b draws its mask as batch row b (reference: first_b = b), i and j counted
+// within the sequence (its params start at its first rows).
+void set_sequence_dropout(const char* op, std::vector<AttnParams>& seqs, double dropout_p,
+                          const std::optional<at::Tensor>& dropout_seed) {
+  AttnParams checked{};  // (checked once, even without sequences)
+  set_dropout(op, checked, dropout_p, dropout_seed);
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    AttnParams& p = seqs[b];
+    p.dropout = checked.dropout;
+    p.drop_key0 = checked.drop_key0;
+    p.drop_key1 = checked.drop_key1;
+    p.drop_threshold = checked.drop_threshold;
+    p.drop_scale = checked.drop_scale;
+    p.drop_batch0 = static_cast<int64_t>(b);
+  }
+}
+
 // Runs every sequence's tasks in one parallel loop: plan(p) gives sequence p's kernel and number of tasks.
 template <typename Plan>
 void run_sequences(const std::vector<AttnParams>& seqs, Plan plan, double macs_factor) {
@@ -184,7 +201,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
                                                              int64_t max_seqlen_k, double softmax_scale,
                                                              int64_t window_left, int64_t window_right,
                                                              double softcap,
-                                                             const std::optional<at::Tensor>& alibi_slopes) {
+                                                             const std::optional<at::Tensor>& alibi_slopes,
+                                                             double dropout_p,
+                                                             const std::optional<at::Tensor>& dropout_seed) {
   constexpr const char* op = "flash_attn_varlen_fwd";
   // max_seqlen_q / _k size GPU launches; here every sequence's own length is known, so they are not needed.
   (void)max_seqlen_q;
@@ -193,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_fwd_cpu(const at::Tensor& q
   std::vector<AttnParams> seqs =
       sequence_params(op, q, k, v, cu_q, cu_k, softmax_scale, window_left, window_right, softcap);
   const at::Tensor alibi = set_sequence_alibi(op, seqs, alibi_slopes, q);
+  set_sequence_dropout(op, seqs, dropout_p, dropout_seed);
   const int64_t total_q = q.size(0), nheads = q.size(1), d = q.size(2);
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({total_q, nheads, d}, f32);
@@ -224,7 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& alibi_slopes) {
+    double softcap, const std::optional<at::Tensor>& dsoftmax_lse, const std::optional<at::Tensor>& alibi_slopes,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   constexpr const char* op = "flash_attn_varlen_bwd";
   (void)max_seqlen_q;
   (void)max_seqlen_k;
@@ -245,6 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd_cpu(
   std::vector<AttnParams> seqs =
       sequence_params(op, q, k, v, cu_q, cu_k, softmax_scale, window_left, window_right, softcap);
   const at::Tensor alibi = set_sequence_alibi(op, seqs, alibi_slopes, q);
+  set_sequence_dropout(op, seqs, dropout_p, dropout_seed);
   auto f32 = q.options().dtype(at::kFloat);
   // The kernels read each sequence's lse (and dlse) as a (nheads, seqlen) block (the forward's layout before its
   // reshuffle).

@@ -43,12 +43,12 @@ def llmkernels_attention_forward(
     Packed (padding-free) batches, as transformers' FlashAttention path takes them: batch 1 with the sequences
     end to end, given by `cu_seq_lens_q` / `cu_seq_lens_k` (+ `max_length_q` / `max_length_k`) or by
     `position_ids` that restart at each sequence's start; each sequence then sees only its own keys."""
-    if dropout > 0.0 and module.training:
-        raise NotImplementedError("llmkernels attention: dropout > 0 in training is not supported")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, 0 if causal else sliding_window - 1) if sliding_window else (-1, -1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, heads, d)
     args = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+    if dropout > 0.0 and module.training:  # (transformers passes 0 in eval; the paths below that take no
+        args["dropout_p"] = float(dropout)  # dropout, the inference-only kvcache ones, run only in eval)
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(
@@ -141,6 +141,8 @@ def _explicit_mask_attention(q, k, v, key_valid, q_slots, args) -> torch.Tensor:
         visible = visible & (j >= i - left)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (a row that sees nothing: 0, not NaN)
+    if args.get("dropout_p", 0.0) > 0:  # (torch's own mask here, not the kernels': the same distribution)
+        probs = torch.nn.functional.dropout(probs, args["dropout_p"])
     return torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype)
 
 

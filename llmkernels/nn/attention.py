@@ -77,6 +77,7 @@ class MultiheadFlashAttention(nn.Module):
     embed_dim = num_heads * head_dim; num_kv_heads divides num_heads (default: num_heads). causal and
     window_size / softcap as in flash_attn_func; alibi=True adds ALiBi's linear distance bias with the standard
     per-head slopes (alibi_slopes(num_heads), the buffer `alibi_slopes`; no positional embedding is then needed).
+    dropout: attention dropout (flash_attn_func's dropout_p) applied in training mode only.
     forward(x: (batch, seqlen, embed_dim)) -> same shape.
     With `cache` (from new_cache), x holds the next tokens of each row: they are appended to the
     cache, attend to everything cached (flash_attn_with_kvcache), and cache.seqlens advances.
@@ -97,10 +98,14 @@ class MultiheadFlashAttention(nn.Module):
         rotary: bool = False,
         rotary_base: float = 10000.0,
         alibi: bool = False,
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiheadFlashAttention: dropout must be in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or num_kv_heads < 1:
             raise ValueError(f"MultiheadFlashAttention: num_heads ({num_heads}) and num_kv_heads ({num_kv_heads}) "
@@ -142,6 +147,10 @@ class MultiheadFlashAttention(nn.Module):
     def _slopes(self) -> torch.Tensor | None:
         return self.alibi_slopes
 
+    def _dropout_p(self) -> float:
+        """Attention dropout while training (the cached decode path never drops: it is inference only)."""
+        return self.dropout if self.training else 0.0
+
     def forward(
         self,
         x: torch.Tensor,
@@ -167,8 +176,8 @@ class MultiheadFlashAttention(nn.Module):
         if cache is None:
             if self.rotary:
                 q, k = apply_rotary(q, steps, self.rotary_base), apply_rotary(k, steps, self.rotary_base)
-            out = flash_attn_func(q, k, v, causal=self.causal, window_size=self.window_size, softcap=self.softcap,
-                                  alibi_slopes=self._slopes())
+            out = flash_attn_func(q, k, v, self._dropout_p(), causal=self.causal, window_size=self.window_size,
+                                  softcap=self.softcap, alibi_slopes=self._slopes())  # fmt: skip
         else:
             if self.rotary:
                 positions = cache.seqlens.unsqueeze(1) + steps  # (batch, seqlen): each row continues its own
@@ -196,7 +205,8 @@ class MultiheadFlashAttention(nn.Module):
             positions = rows - starts[sequence] if len(starts) > 1 else rows
             q = apply_rotary(q.unsqueeze(0), positions, self.rotary_base)[0]
             k = apply_rotary(k.unsqueeze(0), positions, self.rotary_base)[0]
-        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, self._dropout_p(),
+                                     causal=self.causal,
                                      window_size=self.window_size, softcap=self.softcap, alibi_slopes=self._slopes())
         return self.o_proj(out.reshape(total, self.num_heads * self.head_dim))
 

@@ -30,6 +30,7 @@ from ..reference.attention import (
     normalize_window,
     rotary_embedding,
 )
+from ..reference.dropout import check_dropout_p, new_dropout_seed
 from .inference_only import inference_only
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,6 +49,8 @@ def _cpu_supports(q, *args, **kwargs) -> str | None:
 def _cuda_supports(q, *args, **kwargs) -> str | None:
     if kwargs.get("alibi_slopes") is not None:
         return "the CUDA C++ kernels take no alibi_slopes (the Triton kernels do)"
+    if kwargs.get("dropout_p", 0.0) > 0:
+        return "the CUDA C++ kernels take no dropout (the Triton kernels do)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
     d = q.shape[-1]
@@ -115,8 +118,8 @@ def _triton_supports_for(function: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap, deterministic=, alibi_slopes=)
-#   -> (out, softmax_lse)
+# flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap, deterministic=, alibi_slopes=,
+#                   dropout_p=, dropout_seed=) -> (out, softmax_lse)
 # deterministic matters to the Triton backward only (the others always are). alibi_slopes: None, or fp32 (nheads,)
 # or (batch, nheads) contiguous (the public functions check and make it so).
 # --------------------------------------------------------------------------------------------------
@@ -125,31 +128,34 @@ flash_attn = Dispatcher("flash_attn_func")
 
 @flash_attn.register("reference")
 def _fwd_reference(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                   deterministic: bool = False, alibi_slopes=None):  # fmt: skip
+                   deterministic: bool = False, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     alibi_slopes = reference_slopes(alibi_slopes)
-    return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes=alibi_slopes)
+    return flash_attn_fwd_ref(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes=alibi_slopes,
+                              dropout_p=dropout_p, dropout_seed=dropout_seed)  # fmt: skip
 
 
 @flash_attn.register("cpu", kernel="flash_attn_fwd", supports=_cpu_supports)
 def _fwd_cpu(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-             deterministic: bool = False, alibi_slopes=None):  # fmt: skip
-    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes)
+             deterministic: bool = False, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
+    return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+                                               dropout_p, dropout_seed)  # fmt: skip
 
 
 @flash_attn.register("cuda", kernel="flash_attn_fwd", supports=_cuda_supports)
 def _fwd_cuda(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-              deterministic: bool = False, alibi_slopes=None):  # fmt: skip
+              deterministic: bool = False, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     return torch.ops.llmkernels.flash_attn_fwd(q, k, v, softmax_scale, window_left, window_right, softcap)
 
 
 @flash_attn.register("triton", supports=_triton_supports_for("flash_attn_triton"))
 def _fwd_triton(q, k, v, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                deterministic: bool = False, alibi_slopes=None):  # fmt: skip
+                deterministic: bool = False, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     _triton_function("flash_attn_triton")  # imports the module, which registers the op
     return torch.ops.llmkernels.flash_attn_fwd_triton(
-        q, k, v, softmax_scale, window_left, window_right, softcap, deterministic, alibi_slopes
-    )
+        q, k, v, softmax_scale, window_left, window_right, softcap, deterministic, alibi_slopes, dropout_p,
+        dropout_seed,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,11 +370,13 @@ def _kv_ok(q, k, v, nheads_k: int | None = None) -> bool:
     )
 
 
-def _check_unsupported(fn: str, dropout_p) -> None:
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"llmkernels.{fn}: dropout_p={dropout_p!r} is not supported (inference kernels: only 0.0)"
-        )
+def dropout_args(fn: str, dropout_p) -> dict:
+    """The backends' dropout keyword arguments for flash_attn's dropout_p: {} for 0, else dropout_p and a fresh
+    dropout_seed drawn from torch's default CPU generator (torch.manual_seed repeats it; the backward reuses it)."""
+    check_dropout_p(fn, dropout_p)
+    if dropout_p == 0:
+        return {}
+    return {"dropout_p": float(dropout_p), "dropout_seed": new_dropout_seed()}
 
 
 def reference_slopes(alibi_slopes: torch.Tensor | None) -> torch.Tensor | None:
@@ -474,19 +482,23 @@ def flash_attn_func(
     seen), and differentiable (flash_attn drops its gradient; here it flows into q and k). alibi_slopes (fp32
     (nheads,) or (batch, nheads)) adds -slope * |i + seqlen_k - seqlen_q - j| to the scores after the soft-cap, as
     flash_attn's ALiBi (finite slopes, checked by the CPU and reference backends; no gradient for them; see
-    reference/attention.py for how its lse compares under causal). Not supported (raises NotImplementedError):
-    dropout_p > 0. deterministic=True keeps the backward's sums in a fixed order; only the Triton backward may
-    otherwise add dq atomically (when its tuned tiles say that is faster), as flash_attn's does; the CPU, CUDA C++
-    and reference backwards are deterministic either way.
+    reference/attention.py for how its lse compares under causal). dropout_p in [0, 1) drops each probability
+    with that chance and scales the kept ones by 1 / (1 - dropout_p), as flash_attn's (pass 0 in evaluation); the
+    mask comes from a seed drawn from torch's default CPU generator (torch.manual_seed repeats it) and is redrawn by
+    the backward, never stored (reference/dropout.py; the CPU and Triton kernels; on a GPU dropout runs on Triton).
+    With dropout, return_attn_probs still gives (out, softmax_lse, None): flash_attn's third item, a debugging
+    copy of the mask, is not built. deterministic=True keeps the backward's sums in a fixed order; only the Triton
+    backward may otherwise add dq atomically (when its tuned tiles say that is faster), as flash_attn's does; the
+    CPU, CUDA C++ and reference backwards are deterministic either way.
     """
     fn = "flash_attn_func"
-    _check_unsupported(fn, dropout_p)
     if not _func_args_ok(q, k, v, softmax_scale, window_size, softcap):
         _check_func_args(fn, q, k, v, softmax_scale, window_size, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
+    drop = {} if dropout_p == 0.0 else dropout_args(fn, dropout_p)
     out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic),
-                          alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]))  # fmt: skip
+                          alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]), **drop)  # fmt: skip
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -671,21 +683,24 @@ def grad_of_output(dout: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor
 
 def register_attention_autograd(fwd_op: str, bwd_op, n_tensors: int) -> None:
     """Autograd of an attention forward op returning (out, softmax_lse) whose inputs are n_tensors tensors (q, k, v
-    and, for varlen, cu_seqlens_q / _k), then scalars, then alibi_slopes (a tensor or None). The backward op takes
-    (dout, q, k, v, out, lse, the other tensors, the scalars, dsoftmax_lse, alibi_slopes): dsoftmax_lse is None
-    unless softmax_lse (return_attn_probs) reached the loss, and dout zeros when only it did. The slopes get no
-    gradient (as flash_attn's)."""
+    and, for varlen, cu_seqlens_q / _k), then scalars, then alibi_slopes (a tensor or None), dropout_p and
+    dropout_seed. The backward op takes (dout, q, k, v, out, lse, the other tensors, the scalars, dsoftmax_lse,
+    alibi_slopes, dropout_p, dropout_seed): dsoftmax_lse is None unless softmax_lse (return_attn_probs) reached the
+    loss, and dout zeros when only it did. The slopes get no gradient (as flash_attn's); the backward redraws the
+    dropout mask from the same seed."""
 
     def setup_context(ctx, inputs, output):
-        *inputs, alibi_slopes = inputs
-        ctx.save_for_backward(*inputs[:n_tensors], alibi_slopes, *output)
+        *inputs, alibi_slopes, dropout_p, dropout_seed = inputs  # (torch fills in the defaults)
+        ctx.save_for_backward(*inputs[:n_tensors], alibi_slopes, dropout_seed, *output)
         ctx.params = tuple(inputs[n_tensors:])
+        ctx.dropout_p = dropout_p
         ctx.set_materialize_grads(False)
 
     def backward(ctx, dout, dlse):
-        q, k, v, *tensors, alibi_slopes, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_of_output(dout, out), q, k, v, out, lse, *tensors, *ctx.params, dlse, alibi_slopes)
-        return (dq, dk, dv) + (None,) * (n_tensors - 3 + len(ctx.params) + 1)
+        q, k, v, *tensors, alibi_slopes, dropout_seed, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_of_output(dout, out), q, k, v, out, lse, *tensors, *ctx.params, dlse, alibi_slopes,
+                            ctx.dropout_p, dropout_seed)  # fmt: skip
+        return (dq, dk, dv) + (None,) * (n_tensors - 3 + len(ctx.params) + 3)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
@@ -696,13 +711,14 @@ def register_attention_autograd(fwd_op: str, bwd_op, n_tensors: int) -> None:
 if _ext.loaded:
 
     @register_fake("llmkernels::flash_attn_fwd")
-    def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes=None):
+    def _fwd_fake(q, k, v, softmax_scale, window_left, window_right, softcap, alibi_slopes=None, dropout_p=0.0,
+                  dropout_seed=None):  # fmt: skip
         batch, seqlen_q, nheads, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
     @register_fake("llmkernels::flash_attn_bwd")
     def _bwd_fake(dout, q, k, v, out, softmax_lse, softmax_scale, window_left, window_right, softcap,
-                  dsoftmax_lse=None, alibi_slopes=None):  # fmt: skip
+                  dsoftmax_lse=None, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @register_fake("llmkernels::flash_attn_with_kvcache")

@@ -29,11 +29,11 @@ from ..reference.attention import flash_attn_varlen_fwd_ref, normalize_window
 from .attention import (
     _DTYPES,
     _check_common,
-    _check_unsupported,
     _cpu_supports,
     _triton_function,
     _triton_supports_for,
     checked_alibi,
+    dropout_args,
     flash_attn_func,
     reference_slopes,
     register_attention_autograd,
@@ -48,7 +48,7 @@ flash_attn_varlen = Dispatcher("flash_attn_varlen_func")
 
 @flash_attn_varlen.register("reference")
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap,
-                      deterministic=False, alibi_slopes=None):  # fmt: skip
+                      deterministic=False, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     # The kernels check (CPU) or clamp (GPU) the offsets; here nonsense ones would slice silently, and this path
     # reads them back anyway.
     for name, cu, rows in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
@@ -57,25 +57,27 @@ def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             raise ValueError(f"llmkernels.flash_attn_varlen_func: {name} must be non-decreasing offsets in "
                              f"[0, {rows}] (its tensor's rows), got {offsets}")  # fmt: skip
     return flash_attn_varlen_fwd_ref(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, alibi_slopes=reference_slopes(alibi_slopes)
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, alibi_slopes=reference_slopes(alibi_slopes),
+        dropout_p=dropout_p, dropout_seed=dropout_seed,
+    )  # fmt: skip
 
 
 @flash_attn_varlen.register("cpu", kernel="flash_attn_varlen_fwd", supports=_cpu_supports)
 def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap,
-                deterministic=False, alibi_slopes=None):  # fmt: skip
+                deterministic=False, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     return torch.ops.llmkernels.flash_attn_varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes,
+        dropout_p, dropout_seed,
+    )  # fmt: skip
 
 
 @flash_attn_varlen.register("triton", supports=_triton_supports_for("flash_attn_varlen_triton"))
 def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap,
-                   deterministic=False, alibi_slopes=None):  # fmt: skip
+                   deterministic=False, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     _triton_function("flash_attn_varlen_triton")  # imports the module, which registers the op
     return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
         q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, scale, left, right,
-        softcap, deterministic, alibi_slopes,
+        softcap, deterministic, alibi_slopes, dropout_p, dropout_seed,
     )  # fmt: skip
 
 
@@ -150,7 +152,6 @@ def flash_attn_varlen_func(
     flash_attn_with_kvcache(block_table=...).
     """
     fn = "flash_attn_varlen_func"
-    _check_unsupported(fn, dropout_p)
     if block_table is not None:
         check_tensor(fn, "q", q, ndim=3, dtypes=_DTYPES, last_dim_contiguous=True)
         k, v = _gather_pages(fn, q, k, v, cu_seqlens_k, block_table, max_seqlen_k)
@@ -159,9 +160,11 @@ def flash_attn_varlen_func(
     )
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
+    drop = {} if dropout_p == 0.0 else dropout_args(fn, dropout_p)
     out, lse = flash_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap),
         deterministic=bool(deterministic), alibi_slopes=checked_alibi(fn, alibi_slopes, q, cu_seqlens_q.shape[0] - 1),
+        **drop,
     )  # fmt: skip
     return (out, lse, None) if return_attn_probs else out
 
@@ -316,12 +319,12 @@ if _ext.loaded:
 
     @register_fake("llmkernels::flash_attn_varlen_fwd")
     def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, cap,
-                         alibi_slopes=None):  # fmt: skip
+                         alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
         return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     @register_fake("llmkernels::flash_attn_varlen_bwd")
     def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, cap, dlse=None,
-                         alibi_slopes=None):  # fmt: skip
+                         alibi_slopes=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     register_attention_autograd("llmkernels::flash_attn_varlen_fwd", torch.ops.llmkernels.flash_attn_varlen_bwd, 5)

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .dropout import dropout_scale
+
 
 def normalize_window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
     """(left, right) with causal folded in as right = 0; -1 stays unbounded."""
@@ -95,11 +97,16 @@ def flash_attn_fwd_ref(
     softcap: float = 0.0,
     upcast: bool = True,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
+    first_b: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32).
 
     upcast=True computes in fp32 (fp64 inputs stay fp64): the ground truth. upcast=False computes in the
     inputs' own precision, which is what "the same-precision PyTorch reference" of the tests means.
+    dropout_p > 0 drops probabilities as reference/dropout.py draws them from dropout_seed (int64 (2,)), batch
+    row b counted as first_b + b; softmax_lse is unchanged by it.
     """
     dtype = q.dtype
     if upcast and dtype != torch.float64:
@@ -107,6 +114,10 @@ def flash_attn_fwd_ref(
     scores = attention_scores(q, k, softmax_scale, window_left, window_right, softcap, alibi_slopes)
     lse = torch.logsumexp(scores.float(), dim=-1)  # -inf for rows that see nothing
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: all-NaN -> 0
+    if dropout_p > 0:
+        batch, seqlen_q, nheads, _ = q.shape
+        keep = dropout_scale(dropout_seed, dropout_p, batch, nheads, seqlen_q, k.shape[1], q.device, first_b)
+        probs = probs * keep.to(probs.dtype)
     nheads, nheads_k = q.shape[2], v.shape[2]
     v = v.repeat_interleave(nheads // nheads_k, dim=2)
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
@@ -123,11 +134,13 @@ def flash_attn_ref(
     softcap: float = 0.0,
     upcast: bool = True,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with flash_attn_func's arguments; differentiable through autograd. See the module doc."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    return flash_attn_fwd_ref(q, k, v, scale, left, right, softcap, upcast, alibi_slopes)[0]
+    return flash_attn_fwd_ref(q, k, v, scale, left, right, softcap, upcast, alibi_slopes, dropout_p, dropout_seed)[0]
 
 
 def flash_attn_with_kvcache_ref(
@@ -274,6 +287,8 @@ def flash_attn_varlen_fwd_ref(
     softcap: float = 0.0,
     upcast: bool = True,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_varlen_func semantics: (out (total_q, h, d) in q's dtype, softmax_lse (h, total_q) fp32).
 
@@ -282,7 +297,8 @@ def flash_attn_varlen_fwd_ref(
     (cu_seqlens: (batch + 1,) int32, starting at 0, non-decreasing). Each sequence attends only to its own keys,
     with flash_attn_fwd_ref's semantics (the band aligned bottom-right per sequence). Rows before
     cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to no sequence: out 0, lse -inf. alibi_slopes: (nheads,)
-    or (batch, nheads), row i for sequence i, distances within the sequence.
+    or (batch, nheads), row i for sequence i, distances within the sequence. Dropout draws sequence i's mask as
+    batch row i's (rows and keys counted within the sequence).
     """
     starts_q, starts_k = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
     # Zeros in q's graph (masked_fill: NaN rows outside the sequences stay out), so the result stays differentiable
@@ -298,7 +314,7 @@ def flash_attn_varlen_fwd_ref(
         slopes = slopes_of_row(alibi_slopes, i)
         o, s = flash_attn_fwd_ref(
             q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
-            softmax_scale, window_left, window_right, softcap, upcast, slopes,
+            softmax_scale, window_left, window_right, softcap, upcast, slopes, dropout_p, dropout_seed, i,
         )  # fmt: skip
         out[q0:q1] = o[0]
         lse[:, q0:q1] = s[0].to(lse.dtype)
@@ -317,10 +333,12 @@ def flash_attn_varlen_ref(
     softcap: float = 0.0,
     upcast: bool = True,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """flash_attn_varlen_func's arguments -> its output (flash_attn_varlen_fwd_ref's); differentiable."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
     return flash_attn_varlen_fwd_ref(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, upcast, alibi_slopes
+        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right, softcap, upcast, alibi_slopes, dropout_p, dropout_seed
     )[0]

@@ -34,6 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._checks import check_same_dtype, check_shape, check_tensor
 from ..ops.attention import register_attention_autograd
+from ..reference.dropout import dropout_kernel_args
 from .flash_attn_decode import NO_ALIBI, check_kvcache_args, decode_launch
 from .flash_attn_kernels import (
     flash_attn_bwd_dkdv_kernel,
@@ -337,11 +338,15 @@ def flash_attn_fwd_triton(
     softcap: float,
     deterministic: bool = False,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (b, sq, h, d) in q's dtype, softmax_lse (b, h, sq) fp32 natural log; -inf where no key is seen).
     deterministic: for the backward (autograd hands it on), which may otherwise sum dq with atomics.
-    alibi_slopes: (h,) or (b, h) fp32, or None; lse is that of the biased scores."""
+    alibi_slopes: (h,) or (b, h) fp32, or None; lse is that of the biased scores. dropout_p > 0 with dropout_seed
+    (int64 (2,) on the CPU): reference/dropout.py's mask."""
     _check_qkv("flash_attn_fwd_triton", q, k, v)
+    drop = dropout_kernel_args("flash_attn_fwd_triton", dropout_p, dropout_seed)
     batch, seqlen_q, nheads, headdim = q.shape
     alibi = _alibi_args("flash_attn_fwd_triton", alibi_slopes, batch, nheads, q.device)
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -360,8 +365,8 @@ def flash_attn_fwd_triton(
     # The TMA variant folds the scale into the max (needs scale > 0; soft-capping applies its own scale), which a
     # per-key bias breaks: ALiBi takes the pointer kernel.
     # The pointer kernel's varlen arguments: none (None is a constexpr: no kernel parameter, no code).
-    variant, tail, extra = (cfg[4] if len(cfg) > 4 else 0), (None, None), {"VARLEN": False, **alibi}
-    tma_ok = q.dtype != torch.float32 and (softmax_scale > 0 or softcap > 0) and alibi_slopes is None
+    variant, tail, extra = (cfg[4] if len(cfg) > 4 else 0), (None, None), {"VARLEN": False, **alibi, **drop}
+    tma_ok = q.dtype != torch.float32 and (softmax_scale > 0 or softcap > 0) and alibi_slopes is None and not drop
     if variant in (1, 2) and tma_ok:
         k_desc, v_desc = _tma_view(k, block_n, meta["BLOCK_D"]), _tma_view(v, block_n, meta["BLOCK_D"])
         if k_desc is not None and v_desc is not None:
@@ -392,10 +397,13 @@ def flash_attn_bwd_triton(
     deterministic: bool = False,
     dsoftmax_lse: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of flash_attn_fwd_triton from dout (b, sq, h, d), the saved out and softmax_lse (b, h, sq), and
-    the gradient reaching softmax_lse when there is one (it lowers delta: d lse_i / d s_ij = p_ij). alibi_slopes:
-    the forward's (the bias is a constant in the scores: it changes P, not the formulas).
+    the gradient reaching softmax_lse when there is one (it lowers delta: d lse_i / d s_ij = p_ij). alibi_slopes,
+    dropout_p, dropout_seed: the forward's (the bias is a constant in the scores: it changes P, not the formulas;
+    the dropout mask is redrawn from the seed).
 
     dk, dv (b, sk, hk, d) are summed over each KV head's query heads inside the kernel (no extra pass). dq comes
     from the dQ kernel, or, when the dK/dV config asks for it and not deterministic, from atomic fp32 adds in the
@@ -412,6 +420,7 @@ def flash_attn_bwd_triton(
     check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
     check_shape(fn, "softmax_lse", softmax_lse, (batch, nheads, seqlen_q))
     alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
+    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed)}  # the kernels' optional args
 
     dk = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
@@ -420,7 +429,8 @@ def flash_attn_bwd_triton(
     window_left, window_right = _bounded_windows(window_left, window_right, seqlen_q, seqlen_k)
     meta = _common_meta(q, window_left, window_right, softcap)
     dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta), seqlen_k)
-    atomic = _dq_atomic(dkdv_cfg, deterministic)
+    # With dropout the atomic-dq tiles spill (948-1448 bytes at d 128, sm_90a, triton_aot_check.py): two kernels.
+    atomic = _dq_atomic(dkdv_cfg, deterministic or "DROPOUT" in options)
     # The atomic paths sum into fp32 (zeroed) and cast once at the end.
     shape = (batch, seqlen_q, nheads, headdim)
     dq = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic else q.new_empty(shape)
@@ -449,14 +459,14 @@ def flash_attn_bwd_triton(
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, DQ_ATOMIC=atomic,
-        **meta, **alibi,
+        **meta, **options,
     )  # fmt: skip
     if atomic:
         return dq.to(q.dtype), dk, dv
     block_m, block_n, num_warps, num_stages = dq_cfg
     launch(flash_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), nheads, batch),
         q, k, v, dout, softmax_lse, delta, dq, None, None, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, **meta, **alibi,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=False, **meta, **options,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -596,16 +606,19 @@ def flash_attn_varlen_fwd_triton(
     softcap: float,
     deterministic: bool = False,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (total_q, h, d) in q's dtype, softmax_lse (h, total_q) fp32) of the packed sequences; see
     flash_attn_varlen_fwd_ref. q: (total_q, h, d); k, v: (total_k, hk, d); cu_seqlens_*: (batch + 1,) int32.
     deterministic: for the backward, as flash_attn_fwd_triton's. alibi_slopes: (h,) or (batch, h) fp32, row i for
-    sequence i, or None."""
+    sequence i, or None. dropout_p, dropout_seed: as flash_attn_fwd_triton's, sequence i's mask that of batch row i."""
     _check_varlen("flash_attn_varlen_fwd_triton", q, k, v, cu_seqlens_q, cu_seqlens_k)
     total_q, nheads, headdim = q.shape
     total_k, nheads_k = k.shape[0], k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
-    alibi = _alibi_args("flash_attn_varlen_fwd_triton", alibi_slopes, batch, nheads, q.device)
+    options = {**_alibi_args("flash_attn_varlen_fwd_triton", alibi_slopes, batch, nheads, q.device),
+               **dropout_kernel_args("flash_attn_varlen_fwd_triton", dropout_p, dropout_seed)}  # fmt: skip
     # Rows past cu_seqlens_q[-1] belong to no sequence and no program writes them: they start as out 0, lse -inf.
     out = torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device)
     lse = torch.full((nheads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
@@ -623,7 +636,7 @@ def flash_attn_varlen_fwd_triton(
         0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
         0, out.stride(0), out.stride(1),
         nheads, nheads // nheads_k, total_q, total_k, softmax_scale, softcap, window_left, window_right,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta, **alibi,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta, **options,
     )  # fmt: skip
     return out, lse
 
@@ -647,9 +660,12 @@ def flash_attn_varlen_bwd_triton(
     deterministic: bool = False,
     dsoftmax_lse: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of flash_attn_varlen_fwd_triton from dout (total_q, h, d), the saved out and softmax_lse
-    (h, total_q). Rows outside every sequence get zero gradients. dq and alibi_slopes as in flash_attn_bwd_triton."""
+    (h, total_q). Rows outside every sequence get zero gradients. dq, alibi_slopes and dropout as in
+    flash_attn_bwd_triton."""
     fn = "flash_attn_varlen_bwd_triton"
     _check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k)
     check_tensor(fn, "dout", dout, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
@@ -662,6 +678,7 @@ def flash_attn_varlen_bwd_triton(
     check_shape(fn, "softmax_lse", softmax_lse, (nheads, total_q))
     batch = cu_seqlens_q.shape[0] - 1
     alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
+    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed)}  # the kernels' optional args
 
     # No program writes rows outside the sequences (nor keys of sequences without queries, in dk / dv): zeros.
     dk = torch.zeros((total_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
@@ -672,7 +689,7 @@ def flash_attn_varlen_bwd_triton(
     window_left, window_right = _bounded_windows(window_left, window_right, total_q, total_k)
     meta = _common_meta(q, window_left, window_right, softcap)
     dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta), max_seqlen_k)
-    atomic = min(_dq_atomic(dkdv_cfg, deterministic), 1)  # no TMA reduce for packed sequences (yet)
+    atomic = min(_dq_atomic(dkdv_cfg, deterministic or "DROPOUT" in options), 1)  # no TMA reduce here (yet)
     dq = torch.zeros((total_q, nheads, headdim), dtype=torch.float32 if atomic else q.dtype, device=q.device)
 
     # delta = rowsum(dout * out) is per row, sequences or not: the dense kernel over the packed rows as one batch
@@ -693,7 +710,7 @@ def flash_attn_varlen_bwd_triton(
         q, k, v, dout, softmax_lse, delta, dk, dv, dq if atomic else None, cu_seqlens_q, cu_seqlens_k, *strides,
         0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1), 0, dq.stride(0), dq.stride(1), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, DQ_ATOMIC=atomic,
-        **meta, **alibi,
+        **meta, **options,
     )  # fmt: skip
     if atomic:
         return dq.to(q.dtype), dk, dv
@@ -701,7 +718,7 @@ def flash_attn_varlen_bwd_triton(
     launch(flash_attn_bwd_dq_kernel, (_varlen_blocks(max_seqlen_q, total_q, block_m), nheads, batch),
         q, k, v, dout, softmax_lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *strides, 0, dq.stride(0), dq.stride(1),
         *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta, **alibi,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, VARLEN=True, **meta, **options,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -730,11 +747,13 @@ def flash_attn_triton(
     softcap: float = 0.0,
     deterministic: bool = False,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output (batch, seqlen_q, nheads, headdim); differentiable in q, k, v (not in alibi_slopes)."""
     return torch.ops.llmkernels.flash_attn_fwd_triton(
         q, k, v, float(softmax_scale), int(window_left), int(window_right), float(softcap), bool(deterministic),
-        alibi_slopes,
+        alibi_slopes, float(dropout_p), dropout_seed,
     )[0]
 
 
@@ -757,10 +776,13 @@ def flash_attn_varlen_triton(
     softcap: float = 0.0,
     deterministic: bool = False,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output (total_q, nheads, headdim) of packed sequences; differentiable in q, k, v (not in
     alibi_slopes)."""
     return torch.ops.llmkernels.flash_attn_varlen_fwd_triton(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
-        int(window_left), int(window_right), float(softcap), bool(deterministic), alibi_slopes,
+        int(window_left), int(window_right), float(softcap), bool(deterministic), alibi_slopes, float(dropout_p),
+        dropout_seed,
     )[0]

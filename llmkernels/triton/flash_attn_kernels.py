@@ -20,6 +20,11 @@ BLOCK_M queries accumulates dQ over its key tiles. That recomputes S and dP a se
 products where five would do); the opt-in DQ_ATOMIC variant of the dK/dV kernel instead adds each tile's
 dS^T K into an fp32 dq with atomics (or a TMA reduce) and the dQ kernel does not run: not deterministic.
 
+Dropout (DROPOUT=True): p_ij is multiplied by 1 / (1 - dropout_p) where kept and 0 where dropped, after it joins
+the row sum (lse is that of the scores) and before P @ V; the backward multiplies dP by the same factor (dS =
+P * (dP * Z - D)) and uses P * Z for dV. The mask is a function of (seed, b * nheads + h, i, j) (Philox4x32-10,
+llmkernels/reference/dropout.py), so the backward redraws it instead of storing it.
+
 Varlen (VARLEN=True, flash_attn_varlen_func): q, o (total_q, h, d) and k, v (total_k, hk, d) hold the sequences
 packed end to end, sequence b at rows CU_SEQLENS_*[b] .. [b + 1] - 1; lse / delta are (h, total_q). The grid's
 batch axis is the sequence and its block axis is sized from max_seqlen, a mere hint: each program loops over the
@@ -39,6 +44,11 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
+PHILOX_M0 = tl.constexpr(0xD2511F53)  # Philox4x32 round multipliers and key increments (reference/dropout.py)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+DROPOUT_ARGS = ("drop_seed0", "drop_seed1", "drop_thresh")  # do_not_specialize: values, not kernel variants
 
 
 @triton.jit
@@ -125,11 +135,50 @@ def _alibi_row(ALIBI, stride_alibi_b):
 
 
 @triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10's four uint32 output words for counter (c0, c1, c2, c3) and key (k0, k1), all uint32 (the
+    counters one shape). The multipliers go first so that Triton types the products as uint32."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(PHILOX_M0, c0)
+        lo0 = PHILOX_M0 * c0
+        hi1 = tl.umulhi(PHILOX_M1, c2)
+        lo1 = PHILOX_M1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_tile(rows, col0, BLOCK_N: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh):
+    """(rows, BLOCK_N) fp32: 1 / (1 - dropout_p) where probability (drop_bh = b * nheads + h, query rows[r], key
+    col0 + c) is kept, else 0 (rows and keys counted within the sequence; col0 a multiple of 8, as tiles start).
+    The mask is llmkernels/reference/dropout.py's: one Philox call per (row, 8 keys), counter (j >> 3, i, bh, 0),
+    key (seed0, seed1) (int32 bit patterns of the uint32 words), key 8g + t reading the 16-bit half t % 2 of word
+    t // 2, kept iff that draw >= the threshold. The eight halves of a call are interleaved into the tile's key
+    order with three joins (join stacks along a new last axis: the last join's halves are t's lowest bit)."""
+    tl.static_assert(BLOCK_N % 8 == 0, "dropout draws keys in groups of 8")
+    groups = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    zero = rows[:, None] * 0 + groups[None, :] * 0
+    c0 = (groups[None, :] + zero).to(tl.uint32)
+    c1 = (rows[:, None] + zero).to(tl.uint32)
+    c2 = (zero + drop_bh).to(tl.uint32)
+    k0 = drop_seed0.to(tl.uint32, bitcast=True)
+    k1 = drop_seed1.to(tl.uint32, bitcast=True)
+    w0, w1, w2, w3 = _philox4x32_10(c0, c1, c2, zero.to(tl.uint32), k0, k1)
+    low = tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), tl.join(w1 & 0xFFFF, w3 & 0xFFFF))  # [.., t >> 2, (t >> 1) & 1]
+    high = tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16))
+    draws = tl.reshape(tl.join(low, high), (rows.shape[0], BLOCK_N))
+    return tl.where(draws >= drop_thresh.to(tl.uint32), drop_scale, 0.0)
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
                seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
                HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
-               HAS_ALIBI: tl.constexpr):
+               HAS_ALIBI: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh,
+               DROPOUT: tl.constexpr):
     d_mask = offs_d[None, :] < HEADDIM
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
@@ -156,6 +205,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # after the row sum: lse and the normalisation are those of the undropped probabilities
+            p = p * _dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh)
         v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn  # int64 scalar step, int32 in-tile offsets
         v = _load_tile(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -191,10 +242,11 @@ def _fwd_block(
     nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, ALIBI_ROW,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT: tl.constexpr,
 ):
     """Query block start_m of (batch off_b, head off_h); LSE row r of that head at (off_b * nheads + off_h) *
-    lse_len + r. ALIBI_ROW: the slopes of this batch row / sequence (HAS_ALIBI)."""
+    lse_len + r. ALIBI_ROW: the slopes of this batch row / sequence (HAS_ALIBI). drop_bh: the dropout mask's
+    (batch row or sequence) * nheads + head."""
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -217,15 +269,15 @@ def _fwd_block(
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                lo, a, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
                                BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
-                               HAS_ALIBI)
+                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                a, b, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
                                BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
-                               HAS_ALIBI)
+                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                b, end, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
                                BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
-                               HAS_ALIBI)
+                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT)
 
     # Rows that saw no key: l = 0 -> output 0 and lse = -inf.
     seen = l_i > 0.0
@@ -238,7 +290,7 @@ def _fwd_block(
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def flash_attn_fwd_kernel(
     Q, K, V, Out, LSE,  # q: (b, sq, h, d); k, v: (b, sk, hk, d); o like q; lse: (b, h, sq) fp32
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: (b + 1,) int32; q, o (total_q, h, d); k, v (total_k, hk, d); lse (h, total_q)
@@ -249,6 +301,7 @@ def flash_attn_fwd_kernel(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
     ALIBI=None, stride_alibi_b=None,  # fp32 slopes (b, h) (stride_alibi_b 0: (h,)); None: no ALiBi (no code)
+    drop_seed0=0, drop_seed1=0, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # see the module doc
 ):
     HAS_ALIBI: tl.constexpr = ALIBI is not None
     alibi_row = _alibi_row(ALIBI, stride_alibi_b)
@@ -265,7 +318,8 @@ def flash_attn_fwd_kernel(
                        n_blocks - 1 - it, 0, off_h, off_hk, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn,
                        stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, nheads, seqlen_q,
                        len_q, len_k, scale, softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N,
-                       BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI)
+                       BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh,
+                       drop_scale, tl.program_id(2).to(tl.int64) * nheads + off_h, DROPOUT)
     else:
         # Longest rows (the last query blocks under a causal mask) are scheduled first.
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -277,7 +331,8 @@ def flash_attn_fwd_kernel(
         _fwd_block(Q, K, V, Out, LSE, start_m, off_b, off_h, off_hk, stride_qb, stride_qm, stride_qh, stride_kb,
                    stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, nheads,
                    seqlen_q, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, alibi_row, HEADDIM,
-                   BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI)
+                   BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI, drop_seed0,
+                   drop_seed1, drop_thresh, drop_scale, off_b * nheads + off_h, DROPOUT)
 
 
 @triton.jit
@@ -306,7 +361,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, 
                     window_right, scale, softcap, slope, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr):
+                    HAS_ALIBI: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh,
+                    DROPOUT: tl.constexpr, key0, BLOCK_N: tl.constexpr):
     """Adds one query head's contribution from query rows [start, stop) to dk, dv (BLOCK_N, BLOCK_D) fp32, and
     with DQ_ATOMIC this key block's share of dq to fp32 rows that other key blocks add to as well: DQ_ATOMIC 1
     through pointers (dq_base: this head's row 0), 2 through a TMA reduce (dq_base: a (b, sq, h, d) descriptor,
@@ -341,8 +397,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, 
             if HAS_WR:
                 visible &= offs_n[:, None] <= rows[None, :] + shift + window_right
             p_t = tl.where(visible, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:  # dV from the dropped P; dS = P * (dP * Z - D)
+            z_t = tl.trans(_dropout_tile(rows, key0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale,
+                                         drop_bh))
+            dv += tl.dot((p_t * z_t).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * z_t
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
@@ -371,10 +433,12 @@ def _bwd_dkdv_block(
     nheads, group, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, ALIBI_ROW,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, HAS_ALIBI: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_b,
+    DROPOUT: tl.constexpr,
 ):
     """Key block start_n of (batch off_b, KV head off_hk); LSE / delta row r of head h at (off_b * nheads + h) *
-    lse_len + r. DQ (DQ_ATOMIC only): fp32, laid out like q, gets this block's share of dq added."""
+    lse_len + r. DQ (DQ_ATOMIC only): fp32, laid out like q, gets this block's share of dq added. drop_b: the
+    dropout mask's batch row or sequence."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -407,15 +471,21 @@ def _bwd_dkdv_block(
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
                                  stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, lo, a, seqlen_q, seqlen_k,
                                  shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_M, True,
-                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI)
+                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI,
+                                 drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_b * nheads + off_h, DROPOUT,
+                                 start_n * BLOCK_N, BLOCK_N)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
                                  stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, a, b, seqlen_q, seqlen_k,
                                  shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_M, False,
-                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI)
+                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI,
+                                 drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_b * nheads + off_h, DROPOUT,
+                                 start_n * BLOCK_N, BLOCK_N)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, dq_b, dq_h,
                                  stride_qm, stride_dom, stride_dqm, offs_m, offs_n, offs_d, b, end, seqlen_q, seqlen_k,
                                  shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_M, True,
-                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI)
+                                 HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, DQ_ATOMIC, HAS_ALIBI,
+                                 drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_b * nheads + off_h, DROPOUT,
+                                 start_n * BLOCK_N, BLOCK_N)
 
     dk = dk * scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dkn + offs_d[None, :],
@@ -424,7 +494,7 @@ def _bwd_dkdv_block(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def flash_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do: (b, sq, h, d); k, v, dk, dv: (b, sk, hk, d); lse, delta: (b, h, sq)
     DQ,  # DQ_ATOMIC 1: fp32 like q, zeroed, gets dq added; 2: a TMA descriptor of it (dense only); 0: None
@@ -437,6 +507,7 @@ def flash_attn_bwd_dkdv_kernel(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     ALIBI=None, stride_alibi_b=None,  # as flash_attn_fwd_kernel's
+    drop_seed0=0, drop_seed1=0, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # as the forward's
 ):
     """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32. DQ_ATOMIC: dq
     too, from the same dS tile (five products per tile instead of the seven of this kernel plus the dQ kernel),
@@ -460,7 +531,8 @@ def flash_attn_bwd_dkdv_kernel(
                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_dqb, stride_dqm, stride_dqh, nheads,
                             group, seqlen_q, len_q, len_k, scale, softcap, window_left, window_right, alibi_row,
                             HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, DQ_ATOMIC,
-                            HAS_ALIBI)
+                            HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale, tl.program_id(2).to(tl.int64),
+                            DROPOUT)
     else:
         start_n = tl.program_id(0)
         off_hk = tl.program_id(1).to(tl.int64)  # grid (key blocks, nheads_k, batch)
@@ -470,14 +542,16 @@ def flash_attn_bwd_dkdv_kernel(
                         stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                         stride_dqb, stride_dqm, stride_dqh, nheads, group, seqlen_q, seqlen_q, seqlen_k, scale,
                         softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL,
-                        HAS_WR, SOFTCAP, DOT_PRECISION, DQ_ATOMIC, HAS_ALIBI)
+                        HAS_WR, SOFTCAP, DOT_PRECISION, DQ_ATOMIC, HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh,
+                        drop_scale, off_b, DROPOUT)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, start, stop,
                   seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT: tl.constexpr):
     d_mask = offs_d[None, :] < HEADDIM
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
@@ -502,6 +576,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
                 visible &= cols[None, :] <= offs_m[:, None] + shift + window_right
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = dp * _dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - tanh_s * tanh_s)
@@ -517,9 +593,10 @@ def _bwd_dq_block(
     nheads, lse_len, seqlen_q, seqlen_k, scale, softcap, window_left, window_right, ALIBI_ROW,
     HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT: tl.constexpr,
 ):
-    """Query block start_m of (batch off_b, head off_h); LSE / delta row r at (off_b * nheads + off_h) * lse_len + r."""
+    """Query block start_m of (batch off_b, head off_h); LSE / delta row r at (off_b * nheads + off_h) * lse_len + r.
+    drop_bh as _fwd_block's."""
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -545,19 +622,22 @@ def _bwd_dq_block(
                                       HAS_WL, HAS_WR, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, lo, a,
                        seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_N, True,
-                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI)
+                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI, drop_seed0, drop_seed1,
+                       drop_thresh, drop_scale, drop_bh, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, a, b,
                        seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_N, False,
-                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI)
+                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI, drop_seed0, drop_seed1,
+                       drop_thresh, drop_scale, drop_bh, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d, b, end,
                        seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM, BLOCK_N, True,
-                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI)
+                       HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D, HAS_ALIBI, drop_seed0, drop_seed1,
+                       drop_thresh, drop_scale, drop_bh, DROPOUT)
     dq = dq * scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qo_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def flash_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,  # q, do, dq: (b, sq, h, d); k, v: (b, sk, hk, d); lse, delta: (b, h, sq)
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: as flash_attn_fwd_kernel's; lse, delta: (h, total_q)
@@ -568,6 +648,7 @@ def flash_attn_bwd_dq_kernel(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
     ALIBI=None, stride_alibi_b=None,  # as flash_attn_fwd_kernel's
+    drop_seed0=0, drop_seed1=0, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # as the forward's
 ):
     """One program per (BLOCK_M queries, head, batch): the forward's loop with dS in place of P."""
     HAS_ALIBI: tl.constexpr = ALIBI is not None
@@ -586,7 +667,8 @@ def flash_attn_bwd_dq_kernel(
                           stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob,
                           stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, nheads, seqlen_q, len_q, len_k,
                           scale, softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D,
-                          HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI)
+                          HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh,
+                          drop_scale, tl.program_id(2).to(tl.int64) * nheads + off_h, DROPOUT)
     else:
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
         # grid (query blocks, nheads, batch): batch * nheads on one axis would overflow grid y's 65535
@@ -598,7 +680,8 @@ def flash_attn_bwd_dq_kernel(
                       stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_dob, stride_dom,
                       stride_doh, stride_dqb, stride_dqm, stride_dqh, nheads, seqlen_q, seqlen_q, seqlen_k, scale,
                       softcap, window_left, window_right, alibi_row, HEADDIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_WL, HAS_WR,
-                      SOFTCAP, DOT_PRECISION, HAS_ALIBI)
+                      SOFTCAP, DOT_PRECISION, HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale,
+                      off_b * nheads + off_h, DROPOUT)
 
 
 # --- Forward variant for Hopper (opt-in: the 5th config field, see flash_attn.py) ------------------------------

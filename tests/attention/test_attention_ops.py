@@ -109,7 +109,7 @@ def _bad_calls():
     q, k, v = _qkv()
     f = llmkernels.flash_attn_func
     return [
-        ("dropout_p", NotImplementedError, lambda: f(q, k, v, dropout_p=0.1)),
+        ("dropout_p must be a number in", ValueError, lambda: f(q, k, v, dropout_p=1.0)),
         ("alibi_slopes must have shape", ValueError, lambda: f(q, k, v, alibi_slopes=torch.ones(3))),
         ("alibi_slopes must have dtype", TypeError, lambda: f(q, k, v, alibi_slopes=torch.ones(4).double())),
         ("q must have 4 dimensions", ValueError, lambda: f(q[0], k, v)),

@@ -205,9 +205,9 @@ def test_bad_offsets_are_refused_by_the_reference(cu):
         llmkernels.flash_attn_varlen_func(**args)
 
 
-def test_unsupported_arguments_raise_not_implemented():
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        llmkernels.flash_attn_varlen_func(**_good(), dropout_p=0.1)
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        llmkernels.flash_attn_varlen_func(**_good(), dropout_p=1.0)
     with pytest.raises(ValueError, match="qkv must have 3 at dimension 2"):
         llmkernels.flash_attn_qkvpacked_func(torch.randn(2, 5, 2, 4, 16))
 

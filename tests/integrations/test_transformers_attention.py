@@ -251,3 +251,39 @@ def test_cached_forward_with_gradients_matches_eager(mode):
         results[name] = (first.detach(), second.detach(), grad)
     for got, want in zip(results["ours"], results["eager"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_attention_dropout_in_training(padded):
+    """config.attention_dropout reaches the kernels in train() (dense and packed-padding paths): a seed repeats the
+    logits and gradients, the C++ kernels' equal the reference backend's under the same seed, other seeds differ,
+    and eval() drops nothing (eager's logits)."""
+    import llmkernels
+
+    eager, ours = _tiny("llama", attention_dropout=0.3)
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    if padded:
+        mask[1, :4] = 0  # left padding: the varlen path
+    ours.train()
+
+    def run(seed, backend="auto"):
+        ours.zero_grad()
+        torch.manual_seed(seed)
+        with llmkernels.use_backend(backend):
+            logits = ours(ids, attention_mask=mask).logits
+        logits[mask.bool()].square().sum().backward()
+        return logits.detach(), ours.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    first, again, reference, other = run(1), run(1), run(1, "reference"), run(2)
+    for got, want in zip(first, again):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(first, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (first[0] - other[0])[mask.bool()].abs().max() > 1e-3
+    ours.eval()
+    with torch.no_grad():
+        valid = mask.bool()
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[valid],
+                                   eager(ids, attention_mask=mask).logits[valid], rtol=1e-4, atol=1e-4)  # fmt: skip

@@ -16,6 +16,7 @@
 #include "attention/attention_window.h"
 #include "attention/cpu/flash_attn_cpu.h"
 #include "common/checks.h"
+#include "common/philox.h"
 #include "common/cpu_amx.h"
 #include "common/cpu_features.h"
 #include "common/cpu_parallel.h"
@@ -43,13 +44,15 @@ inline Kernels kernels_for(ElemType dtype) {
 // multiple of 32 (K is packed 16 pairs of bf16 at a time). In the forward, a few rows (decode) stay on the per-key
 // dot products, which read the cache once, as do caches read through indirection (cache_batch_idx, pages) and a
 // rolling cache's ring (its bf16 chunks have their own AMX entry: sliding_window/cpu/chunk_attn_amx.cpp).
+// Neither tile kernel draws the dropout mask: calls with dropout stay on the kernels above.
 inline bool use_amx_forward(const AttnParams& p) {
-  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && !p.dropout &&
+         p.kv_batch == nullptr &&
          p.block_table == nullptr && p.ring_seen == nullptr && p.keys_start == nullptr &&
          ::llmkernels::use_amx_tiles();
 }
 inline bool use_amx_backward(const AttnParams& p) {
-  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && ::llmkernels::use_amx_tiles();
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && !p.dropout && ::llmkernels::use_amx_tiles();
 }
 
 // The forward kernel for p and its number of tasks (choose_heads_per_block first: it sets the latter).
@@ -139,6 +142,28 @@ inline at::Tensor set_alibi(const char* op, AttnParams& p, const std::optional<a
   p.alibi = slopes;
   p.alibi_batch_stride = s.dim() == 2 ? nheads : 0;
   return held;
+}
+
+// dropout_p in [0, 1); with dropout_p > 0, dropout_seed an int64 (2,) CPU tensor of two 32-bit words (each taken
+// modulo 2^32, as reference.dropout.seed_words). Sets p's dropout fields (off for dropout_p = 0). batch0: the number
+// of p's first batch row (a packed sequence's).
+inline void set_dropout(const char* op, AttnParams& p, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                        int64_t batch0 = 0) {
+  LLMK_CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, op, "dropout_p", "must be in [0, 1), got ", dropout_p);
+  p.dropout = dropout_p > 0.0;
+  p.drop_batch0 = batch0;
+  if (!p.dropout) return;
+  const bool given = dropout_seed.has_value() && dropout_seed->defined();
+  LLMK_CHECK_ARG(given, op, "dropout_seed", "must be given when dropout_p > 0 (an int64 (2,) CPU tensor)");
+  const at::Tensor& seed = *dropout_seed;
+  LLMK_CHECK_ARG(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.size(0) == 2,
+                 op, "dropout_seed", "must be an int64 (2,) CPU tensor, got ", seed.scalar_type(), " ", seed.sizes(),
+                 " on ", seed.device());
+  const at::Tensor words = seed.contiguous();
+  p.drop_key0 = static_cast<uint32_t>(static_cast<uint64_t>(words.data_ptr<int64_t>()[0]));
+  p.drop_key1 = static_cast<uint32_t>(static_cast<uint64_t>(words.data_ptr<int64_t>()[1]));
+  p.drop_threshold = ::llmkernels::philox::keep_threshold(dropout_p);
+  p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
 }
 
 inline void run_flushing(TaskFn fn, const AttnParams& p, int64_t begin, int64_t end) {

@@ -46,6 +46,15 @@ struct AttnParams {
   // of slopes for every batch), and s_ij -= slope * |i + shift - j| after the soft-cap.
   const float* alibi;
   int64_t alibi_batch_stride;
+  // Attention dropout (llmkernels/reference/dropout.py; flash_attn_fwd / _bwd and the varlen ops only): when set,
+  // probability (batch b, query head h, query i, key j) is kept iff its 16-bit draw (common/philox.h key_draw) from
+  // Philox4x32-10 on counter (j >> 3, i, (drop_batch0 + b) * nheads + h, 0), key (drop_key0, drop_key1), is
+  // >= drop_threshold; kept ones are scaled by drop_scale = 1 / (1 - p). drop_batch0: a packed sequence's number
+  // (its params are batch-of-one).
+  bool dropout;
+  uint32_t drop_key0, drop_key1, drop_threshold;
+  float drop_scale;
+  int64_t drop_batch0;
 
   // Forward: query heads of one KV head packed into each query block (1, or nheads / nheads_k so that a block
   // of K and V, once loaded, serves the whole GQA group: rows are (position, head) with the head fastest).

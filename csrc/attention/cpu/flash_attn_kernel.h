@@ -12,6 +12,9 @@
 //   Backward (D_i = do_i . o_i): p_ij = exp(s_ij - lse_i), dv_j = sum_i p_ij do_i, dp_ij = do_i . v_j,
 //   ds_ij = p_ij (dp_ij - D_i) (* (1 - (s_ij / c)^2) when soft-capped), dq_i = scale sum_j ds_ij k_j,
 //   dk_j = scale sum_i ds_ij q_i.
+//   Dropout (AttnParams::dropout), keep factors z_ij in {0, 1 / (1 - p)} drawn per tile from the seed: o_i uses
+//   p_ij z_ij (lse, the row sums, untouched); backward dv_j = sum_i p_ij z_ij do_i, dp_ij = z_ij do_i . v_j, the rest
+//   as above. The AMX tile kernels draw no masks (attention_cpu_host.h sends such calls here).
 //
 // Tiling: the forward runs one task per (batch, block of 64 rows), a row being a (query, head) pair of one GQA
 // group (so a K/V block, once loaded, serves the whole group), and streams 64-key blocks through an online
@@ -45,6 +48,7 @@
 #include <new>
 
 #include "attention/cpu/flash_attn_cpu.h"
+#include "common/philox.h"
 
 #ifndef LLMK_ISA
 #error "define LLMK_ISA (the entry-point suffix) and struct Vec before including flash_attn_kernel.h"
@@ -360,6 +364,105 @@ inline void grad_scores(const AttnParams& p, const Band& band, const float* s, c
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Dropout (AttnParams::dropout): keep factors drawn from Philox4x32-10 (common/philox.h)
+// ---------------------------------------------------------------------------------------------------
+// One Philox call gives the 16-bit draws of eight consecutive keys of one (query, head) row; kDropLanes rows' calls
+// run side by side, one row per 32-bit lane: explicit AVX-512 code where the including file defines
+// LLMK_ATTN_PHILOX_AVX512 (GCC leaves the plain loops scalar there), else plain loops over lanes (vectorised by the
+// compiler for AVX2). A 64 x 64 tile costs 32 such calls.
+constexpr int kDropLanes = 16;
+
+#ifdef LLMK_ATTN_PHILOX_AVX512
+// (hi, lo) 32-bit halves of the products x * m, lane by lane: vpmuludq multiplies the even lanes, the odd ones after
+// a shift into the even positions.
+inline void mulhilo_lanes(__m512i x, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(x, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// z[c * kBlockQ + r0 + l] for keys c in [c_lo, c_hi) of the call on counter (g, qi[l], bh[l], 0) (keys 8g.., key j0
+// at column 0), 16 lanes l.
+inline void dropout_call(const AttnParams& p, int64_t g, const uint32_t* qi, const uint32_t* bh, int64_t j0,
+                         int64_t c_lo, int64_t c_hi, float* z) {
+  namespace ph = llmkernels::philox;
+  __m512i x0 = _mm512_set1_epi32(static_cast<int>(g)), x1 = _mm512_loadu_si512(qi), x2 = _mm512_loadu_si512(bh);
+  __m512i x3 = _mm512_setzero_si512();
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(ph::kM0)), m1 = _mm512_set1_epi32(static_cast<int>(ph::kM1));
+  uint32_t k0 = p.drop_key0, k1 = p.drop_key1;
+  for (int round = 0; round < ph::kRounds; ++round) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo_lanes(x0, m0, hi0, lo0);
+    mulhilo_lanes(x2, m1, hi1, lo1);
+    x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(static_cast<int>(k0)));
+    x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
+    x1 = lo1;
+    x3 = lo0;
+    k0 += ph::kW0;
+    k1 += ph::kW1;
+  }
+  const __m512i words[4] = {x0, x1, x2, x3}, low16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i threshold = _mm512_set1_epi32(static_cast<int>(p.drop_threshold));
+  const __m512 keep = _mm512_set1_ps(p.drop_scale);
+  for (int64_t c = c_lo; c < c_hi; ++c) {
+    const int64_t j = j0 + c;
+    const __m512i word = words[(j & 7) >> 1];
+    const __m512i draw = (j & 1) != 0 ? _mm512_srli_epi32(word, 16) : _mm512_and_si512(word, low16);
+    _mm512_storeu_ps(z + c * kBlockQ, _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(draw, threshold), keep));
+  }
+}
+#else
+inline void dropout_call(const AttnParams& p, int64_t g, const uint32_t* qi, const uint32_t* bh, int64_t j0,
+                         int64_t c_lo, int64_t c_hi, float* z) {
+  namespace ph = llmkernels::philox;
+  uint32_t x0[kDropLanes], x1[kDropLanes], x2[kDropLanes], x3[kDropLanes];
+  for (int l = 0; l < kDropLanes; ++l) {
+    x0[l] = static_cast<uint32_t>(g);
+    x1[l] = qi[l];
+    x2[l] = bh[l];
+    x3[l] = 0;
+  }
+  uint32_t k0 = p.drop_key0, k1 = p.drop_key1;
+  for (int round = 0; round < ph::kRounds; ++round) {
+    for (int l = 0; l < kDropLanes; ++l) ph::mix_round(x0[l], x1[l], x2[l], x3[l], k0, k1);
+    k0 += ph::kW0;
+    k1 += ph::kW1;
+  }
+  const uint32_t* words[4] = {x0, x1, x2, x3};
+  const uint32_t threshold = p.drop_threshold;
+  const float keep = p.drop_scale;
+  for (int64_t c = c_lo; c < c_hi; ++c) {
+    const int64_t j = j0 + c;
+    const uint32_t* word = words[(j & 7) >> 1];
+    const int shift = 16 * static_cast<int>(j & 1);
+    for (int l = 0; l < kDropLanes; ++l) z[c * kBlockQ + l] = ((word[l] >> shift) & 0xFFFFu) >= threshold ? keep : 0.f;
+  }
+}
+#endif
+
+// Keep factors, transposed like the forward's score tile: z[c * kBlockQ + r] = drop_scale if (row r, key j0 + c) is
+// kept, else 0, for rows [0, n) (n rounded up to kDropLanes) and keys [j0, j0 + cols). Row r is query qi[r] of head
+// row bh[r] = b * nheads + h. Any j0 (a window's first key need not be a multiple of 8): a call's keys outside
+// [j0, j0 + cols) are skipped.
+inline void dropout_factors(const AttnParams& p, int64_t n, const uint32_t* qi, const uint32_t* bh, int64_t j0,
+                            int64_t cols, float* z) {
+  constexpr int64_t kKeys = llmkernels::philox::kKeysPerCall;
+  for (int64_t g = j0 / kKeys; kKeys * g < j0 + cols; ++g) {
+    const int64_t c_lo = imax(0, kKeys * g - j0), c_hi = imin(cols, kKeys * (g + 1) - j0);
+    for (int64_t r0 = 0; r0 < n; r0 += kDropLanes) dropout_call(p, g, qi + r0, bh + r0, j0, c_lo, c_hi, z + r0);
+  }
+}
+
+// dst = a * z elementwise over `outer` rows of `inner` (a multiple of Vec::W) elements, rows ld apart.
+inline void mul_tile(float* dst, const float* a, const float* z, int64_t outer, int64_t inner, int64_t ld) {
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t i = 0; i < inner; i += Vec::W) {
+      Vec::store(dst + o * ld + i, Vec::mul(Vec::load(a + o * ld + i), Vec::load(z + o * ld + i)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Forward: task = (batch, pack of query heads, block of 64 (position, head) rows)
 // ---------------------------------------------------------------------------------------------------
 // Everything runs in "query-lane" layout: the block's queries lie across SIMD lanes, so the online softmax's
@@ -594,15 +697,20 @@ inline void interleave_value_pairs(const uint16_t* v, int64_t v_ld, int64_t cols
 }
 
 // P^T = 2^(S^T - shift) for one register of query lanes r: rounded to bf16 into (key pair, query) words of pw,
-// the fp32 values summed into the returned register.
-inline VReg exp_pairs(const float* st, int64_t cols, int64_t r, VReg sh, uint32_t* pw) {
+// the fp32 values summed into the returned register; then (dropout) times the keep factors zt (layout of st), or not
+// when zt is null.
+inline VReg exp_pairs(const float* st, int64_t cols, int64_t r, VReg sh, uint32_t* pw, const float* zt) {
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   VReg sum = Vec::zero();
   for (int64_t c = 0; c < cols; c += 2) {
-    const VReg e0 = Vec::exp2(Vec::sub(Vec::load(st + c * kBlockQ + r), sh));
-    const VReg e1 = c + 1 < cols ? Vec::exp2(Vec::sub(Vec::load(st + (c + 1) * kBlockQ + r), sh)) : Vec::zero();
+    VReg e0 = Vec::exp2(Vec::sub(Vec::load(st + c * kBlockQ + r), sh));
+    VReg e1 = c + 1 < cols ? Vec::exp2(Vec::sub(Vec::load(st + (c + 1) * kBlockQ + r), sh)) : Vec::zero();
     sum = Vec::add(sum, Vec::add(e0, e1));
+    if (zt != nullptr) {  // (zt's row c + 1 exists only below cols)
+      e0 = Vec::mul(e0, Vec::load(zt + c * kBlockQ + r));
+      if (c + 1 < cols) e1 = Vec::mul(e1, Vec::load(zt + (c + 1) * kBlockQ + r));
+    }
     // words 0..15 from e0, 16..31 from e1, then interleaved so that each 32-bit lane holds its query's pair
     const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
     _mm512_storeu_si512(pw + (c / 2) * kBlockQ + r, _mm512_permutexvar_epi16(order, packed));
@@ -622,7 +730,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   constexpr float kLazyMax = 8.f;  // see the running max below
   const float q_scale = p.softmax_scale * (p.softcap > 0.f ? 1.f : kLog2e);
   Scratch scratch(dp * kBlockQ + 2 * kBlockQ * dp + 2 * kBlockK * dp + kBlockK * kBlockQ + 6 * kBlockQ +
-                  kBlockK / 2 * kBlockQ);
+                  kBlockK / 2 * kBlockQ + (p.dropout ? kBlockK * kBlockQ : 0));
   float* qt = scratch.data;             // (d, kBlockQ) scaled queries, transposed (bf16 words: (d / 2, kBlockQ))
   float* qr = qt + dp * kBlockQ;        // (kBlockQ, dp) row-major staging: the queries, then the output rows;
                                         // the padding [d, dp) of its rows is kept zero (see the output)
@@ -637,6 +745,10 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   float* shift = l_blk + kBlockQ;
   float* alpha = shift + kBlockQ;
   int64_t row_pos[kBlockQ], row_head[kBlockQ];  // query position and head of each row of the block
+  // Dropout: keep factors (kBlockK, kBlockQ), transposed like st, and each row's Philox counter words (query,
+  // b * nheads + h; padding rows 0)
+  float* zt = alpha + kBlockQ + kBlockK / 2 * kBlockQ;
+  alignas(64) uint32_t drop_qi[kBlockQ], drop_bh[kBlockQ];
 #ifdef LLMK_ATTN_BF16_DOT
   // bf16 pairs (even head dims: K rows are read as whole words): Q^T words in qt, V words in vb, P^T words here
   uint32_t* pw = reinterpret_cast<uint32_t*>(alpha + kBlockQ);
@@ -671,6 +783,12 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
     for (int64_t r = 0; r < rows; ++r) {
       row_pos[r] = (r0 + r) / pack;
       row_head[r] = head_pack * pack + (r0 + r) % pack;
+    }
+    if (p.dropout) {
+      for (int64_t r = 0; r < kBlockQ; ++r) {
+        drop_qi[r] = r < rows ? static_cast<uint32_t>(row_pos[r]) : 0u;
+        drop_bh[r] = r < rows ? static_cast<uint32_t>((p.drop_batch0 + b) * p.nheads + row_head[r]) : 0u;
+      }
     }
 
     if (few) {
@@ -856,6 +974,8 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
       // probabilities then stay <= 2^kLazyMax, and most blocks keep alpha = 1, which spares the rescale of O.
       // shift = that max, or the lowest finite float while a query has seen nothing (so that 2^(-inf - shift)
       // = 0, never NaN); alpha = 2^(old max - shift) rescales what was accumulated.
+      // Dropout: P^T is multiplied by the keep factors after its sums went into l and before the product with V.
+      if (p.dropout) dropout_factors(p, nrows, drop_qi, drop_bh, j0, cols, zt);
       bool rescale = false;
       for (int64_t r = 0; r < nrows; r += Vec::W) {
         const VReg m_old = Vec::load(m_run + r);
@@ -870,7 +990,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         const VReg sh = Vec::load(shift + r);
         VReg sum = Vec::zero();
 #ifdef LLMK_ATTN_BF16_DOT
-        if (dot) sum = exp_pairs(st, cols, r, sh, pw);
+        if (dot) sum = exp_pairs(st, cols, r, sh, pw, p.dropout ? zt : nullptr);
 #endif
         for (int64_t c = 0; c < cols && !dot; ++c) {
           const VReg e = Vec::exp2(Vec::sub(Vec::load(st + c * kBlockQ + r), sh));
@@ -880,6 +1000,7 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
         Vec::store(l_blk + r, Vec::fmadd(Vec::load(l_run + r), Vec::load(alpha + r), sum));
       }
       std::memcpy(l_run, l_blk, sizeof(float) * nrows);
+      if (p.dropout && !dot) mul_tile(st, st, zt, cols, nrows, kBlockQ);  // (dot: exp_pairs applied them)
       if (few) {
         for (int64_t r = 0; r < rows; ++r) {
           if (alpha[r] != 1.f) scale_row(ob + r * dp, dp, alpha[r]);
@@ -942,6 +1063,33 @@ void fwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
 // scale K are packed once per block and serve all of its query blocks. bf16 inputs in kernel_avx512bf16.cpp
 // take bwd_tasks_bf16 (below) instead.
 
+// The backward's keep factors: Z (rows x kBlockK, row-major like P) of queries i0.. of head h against keys j0..
+// (dP *= Z, dV takes P * Z; dS = P (dP - D) as without dropout), drawn transposed (dropout_factors) and transposed
+// back by W x W blocks.
+struct DropRows {
+  alignas(64) uint32_t qi[kBlockQ], bh[kBlockQ];
+  float* zt;  // (kBlockK, kBlockQ) scratch
+
+  void draw(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t ncols,
+            float* zb) {
+    const uint32_t head_row = static_cast<uint32_t>((p.drop_batch0 + b) * p.nheads + h);
+    for (int64_t r = 0; r < kBlockQ; ++r) {
+      qi[r] = static_cast<uint32_t>(i0 + r);
+      bh[r] = head_row;
+    }
+    // All ncols columns: those past the block's keys meet P = 0, but must be finite.
+    const int64_t nrows = (rows + kDropLanes - 1) / kDropLanes * kDropLanes;
+    dropout_factors(p, nrows, qi, bh, j0, ncols, zt);
+    for (int64_t r = 0; r < nrows; r += Vec::W) {
+      for (int64_t c = 0; c < ncols; c += Vec::W) {
+        VReg col[Vec::W];
+        Vec::transpose(zt + c * kBlockQ + r, kBlockQ, col);
+        for (int i = 0; i < Vec::W; ++i) Vec::store(zb + (r + i) * kBlockK + c, col[i]);
+      }
+    }
+  }
+};
+
 // Query row i of head h: D_i = dO_i . O_i (dorow given in fp32, zero padded to dp; O loaded into orow), less the
 // gradient reaching lse_i when there is one (d lse_i / d s_ij = P_ij, so it adds P_ij dlse_i to dS_ij), and
 // lse_i in base 2 (+inf for a row that sees no key, so that its P is 0).
@@ -970,7 +1118,8 @@ void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   const int64_t nkb = llmkernels::attention_cpu::num_key_blocks(p), group = p.nheads / p.nheads_k;
   const int64_t splits = p.bwd_splits;
   const float scale = p.softmax_scale;
-  Scratch scratch(2 * dp * kBlockK + 3 * kBlockK * dp + 3 * kBlockQ * kBlockK + 3 * sq * dp + 2 * sq + dp);
+  Scratch scratch(2 * dp * kBlockK + 3 * kBlockK * dp + 3 * kBlockQ * kBlockK + 3 * sq * dp + 2 * sq + dp +
+                  (p.dropout ? 3 * kBlockQ * kBlockK : 0));
   float* kt = scratch.data;               // (dp, kBlockK) scale K^T
   float* vt = kt + dp * kBlockK;          // (dp, kBlockK) V^T
   float* ks = vt + dp * kBlockK;          // (kBlockK, dp) scale K, row-major
@@ -985,6 +1134,10 @@ void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
   float* lse2 = dqh + sq * dp;            // (sq) lse in base 2 (+inf: the row sees no key)
   float* delta = lse2 + sq;               // (sq) D = rowsum(dO * O)
   float* orow = delta + sq;               // (dp) one output row, zero padded
+  float* zb = orow + dp;                  // dropout: (kBlockQ, kBlockK) keep factors Z
+  float* pzb = zb + kBlockQ * kBlockK;    // dropout: P * Z
+  DropRows drop_rows;
+  drop_rows.zt = pzb + kBlockQ * kBlockK;
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t split = task % splits, hk = (task / splits) % p.nheads_k, b = task / (splits * p.nheads_k);
@@ -1022,8 +1175,15 @@ void bwd_tasks_impl(const AttnParams& p, int64_t begin, int64_t end) {
           gemm(rows, ncols, d, qr, dp, 1, kt, kBlockK, sb, kBlockK, false);  // S = Q (scale K)^T
           finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols, alibi_slope(p, b, h));
           probs_from_lse(sb, pb, rows, ncols, lse2 + i0);
-          gemm(cols, dp, rows, pb, 1, kBlockK, dor, dp, dv_acc, dp, true);     // dV += P^T dO
+          const float* pv = pb;  // P, or P * Z with dropout
+          if (p.dropout) {
+            drop_rows.draw(p, b, h, i0, rows, j0, ncols, zb);
+            mul_tile(pzb, pb, zb, rows, ncols, kBlockK);
+            pv = pzb;
+          }
+          gemm(cols, dp, rows, pv, 1, kBlockK, dor, dp, dv_acc, dp, true);     // dV += (P * Z)^T dO
           gemm(rows, ncols, d, dor, dp, 1, vt, kBlockK, dsb, kBlockK, false);  // dP = dO V^T
+          if (p.dropout) mul_tile(dsb, dsb, zb, rows, ncols, kBlockK);         // dP *= Z
           grad_scores(p, band, sb, pb, dsb, rows, ncols, delta + i0, i0, j0, alibi_slope(p, b, h));
           gemm(cols, dp, rows, dsb, 1, kBlockK, qr, dp, dk_acc, dp, true);          // dK += dS^T Q
           gemm(rows, dp, cols, dsb, kBlockK, 1, ks, dp, dqh + i0 * dp, dp, true);  // dQ += dS (scale K)
@@ -1155,7 +1315,8 @@ void bwd_tasks_bf16(const AttnParams& p, int64_t begin, int64_t end) {
   const float scale = p.softmax_scale;
   constexpr int64_t kPairsQ = kBlockQ / 2, kPairsK = kBlockK / 2;
   Scratch scratch(2 * d2 * kBlockK + kBlockK * d2 + kPairsK * dp + 2 * dp * kBlockK + 3 * kBlockQ * kBlockK +
-                  2 * kPairsQ * kBlockK + kBlockQ * kPairsK + 2 * sq * d2 + 2 * sq2 * dp + sq * dp + 2 * sq + 2 * dp);
+                  2 * kPairsQ * kBlockK + kBlockQ * kPairsK + 2 * sq * d2 + 2 * sq2 * dp + sq * dp + 2 * sq + 2 * dp +
+                  (p.dropout ? 3 * kBlockQ * kBlockK : 0));
   auto words = [](float* f) { return reinterpret_cast<uint32_t*>(f); };
   uint32_t* kt = words(scratch.data);     // (d2, kBlockK) K^T: head-dim pairs x keys
   uint32_t* vt = kt + d2 * kBlockK;       // (d2, kBlockK) V^T likewise
@@ -1178,6 +1339,10 @@ void bwd_tasks_bf16(const AttnParams& p, int64_t begin, int64_t end) {
   float* delta = lse2 + sq;                        // (sq) D = rowsum(dO * O)
   float* orow = delta + sq;                        // (dp) one output row, zero padded
   float* dorow = orow + dp;                        // (dp) one dO row in fp32, zero padded
+  float* zb = dorow + dp;                          // dropout: (kBlockQ, kBlockK) keep factors Z
+  float* pzb = zb + kBlockQ * kBlockK;             // dropout: P * Z
+  DropRows drop_rows;
+  drop_rows.zt = pzb + kBlockQ * kBlockK;
   auto rows_of = [&](const Tensor4& t, int64_t b, int64_t s, int64_t h) {
     return static_cast<const uint16_t*>(t.data) + b * t.batch_stride + s * t.seq_stride + h * t.head_stride;
   };
@@ -1225,9 +1390,16 @@ void bwd_tasks_bf16(const AttnParams& p, int64_t begin, int64_t end) {
           for (int64_t r = 0; r < rows; ++r) scale_row(sb + r * kBlockK, ncols, scale);
           finish_scores(p, band, sb, kBlockK, rows, i0, j0, cols, ncols, alibi_slope(p, b, h));
           probs_from_lse(sb, pb, rows, ncols, lse2 + i0);
-          round_tile_bf16(pb, rows, ncols, pw, nullptr);
+          const float* pv = pb;  // P, or P * Z with dropout
+          if (p.dropout) {
+            drop_rows.draw(p, b, h, i0, rows, j0, ncols, zb);
+            mul_tile(pzb, pb, zb, rows, ncols, kBlockK);
+            pv = pzb;
+          }
+          round_tile_bf16(pv, rows, ncols, pw, nullptr);
           gemm_bf16(d, ncols, rows2, dopr + i0 / 2 * dp, 1, dp, pw, kBlockK, dvt, kBlockK, true);  // dV^T += dO^T P
           gemm_bf16(rows, ncols, d2, dow + i0 * d2, d2, 1, vt, kBlockK, dsb, kBlockK, false);     // dP = dO V^T
+          if (p.dropout) mul_tile(dsb, dsb, zb, rows, ncols, kBlockK);                             // dP *= Z
           grad_scores(p, band, sb, pb, dsb, rows, ncols, delta + i0, i0, j0, alibi_slope(p, b, h));
           round_tile_bf16(dsb, rows, ncols, dsw, dsr);
           gemm_bf16(d, ncols, rows2, qpr + i0 / 2 * dp, 1, dp, dsw, kBlockK, dkt, kBlockK, true);  // dK^T += Q^T dS

@@ -26,6 +26,7 @@ namespace {
 }  // namespace
 
 #define LLMK_ISA avx512
+#define LLMK_ATTN_PHILOX_AVX512 1  // the dropout masks' Philox on AVX-512 (GCC leaves its lane loops scalar)
 #include "attention/cpu/flash_attn_kernel.h"
 
 #ifdef __clang__

@@ -31,6 +31,7 @@ namespace {
 
 #define LLMK_ISA avx512bf16
 #define LLMK_ATTN_BF16_DOT 1
+#define LLMK_ATTN_PHILOX_AVX512 1  // the dropout masks' Philox on AVX-512 (GCC leaves its lane loops scalar)
 #include "attention/cpu/flash_attn_kernel.h"
 
 #ifdef __clang__

@@ -154,14 +154,24 @@ void refuse_alibi(const char* op, const std::optional<Tensor>& alibi_slopes) {
                  "is not supported by the CUDA C++ kernels (the Triton kernels take it)");
 }
 
+// Dropout likewise: the Python dispatch sends calls with dropout_p > 0 on a GPU to the Triton kernels.
+void refuse_dropout(const char* op, double dropout_p) {
+  LLMK_CHECK_ARG(dropout_p == 0.0, op, "dropout_p",
+                 "> 0 is not supported by the CUDA C++ kernels (the Triton kernels take it), got ", dropout_p);
+}
+
 std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_arg, const Tensor& q, const Tensor& k,
                                                        const Tensor& v, const Tensor& out, const Tensor& softmax_lse,
                                                        double softmax_scale, int64_t window_left,
                                                        int64_t window_right, double softcap,
                                                        const std::optional<Tensor>& dsoftmax_lse,
-                                                       const std::optional<Tensor>& alibi_slopes) {
+                                                       const std::optional<Tensor>& alibi_slopes,
+                                                       double dropout_p,
+                                                       const std::optional<Tensor>& dropout_seed) {
   constexpr const char* op = "flash_attn_bwd";
   refuse_alibi(op, alibi_slopes);
+  refuse_dropout(op, dropout_p);
+  (void)dropout_seed;
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   // dout comes from autograd, not from the caller, and can be a view that is not 16-byte aligned (e.g. a
   // slice of torch.cat's gradient, storage offset 4): copy it rather than refuse it.
@@ -267,9 +277,12 @@ void set_num_splits(FwdParams& p, const Tensor& q, int head_dim_padded, Tensor& 
 
 std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                 double softmax_scale, int64_t window_left, int64_t window_right,
-                                                double softcap, const std::optional<Tensor>& alibi_slopes) {
+                                                double softcap, const std::optional<Tensor>& alibi_slopes,
+                                                double dropout_p, const std::optional<Tensor>& dropout_seed) {
   constexpr const char* op = "flash_attn_fwd";
   refuse_alibi(op, alibi_slopes);
+  refuse_dropout(op, dropout_p);
+  (void)dropout_seed;
   ::llmkernels::check_attention_scalars(op, softmax_scale, softcap);
   check_qkv(op, q, k, v, "k", "v");
   const c10::cuda::CUDAGuard guard(q.device());
