@@ -8,7 +8,11 @@ GPU (bf16, dstate 16, per-token B/C, with z, D, delta_bias, softplus, as in Mamb
 read again and du, ddelta, dz, dB, dC out. The limit is copy_bandwidth_gbps(). Backends: cuda, triton,
 cuda with LLMKERNELS_SCAN_BWD=fast ("llmkernels-cuda-fastbwd", forward + backward only), and the reference
 where it finishes in reasonable time (seqlen <= 2048). Decode: one state-update step, batch 1..256, dim 5120;
-bytes = the fp32 state read and written plus x, dt, z, B, C, y.
+bytes = the fp32 state read and written plus x, dt, z, B, C, y. Mamba-2 decode (selective_state_update_mamba2):
+the multi-head step of Mamba-2 2.7B's layer (80 heads of 64, dstate 128, per-head A / dt / D / dt_bias expanded as
+mamba_ssm's Mamba2.step passes them) through the 4-D entry, against the same step with every tied argument
+copied out per channel first (llmkernels-copied: the route before the kernels took one A per channel) and the
+reference; bytes = the fp32 state read and written.
 CPU: small cases, the C++ kernels against the reference, including seqlen 2048 (the speedup is the point).
 Colleagues' kernels are called inside try/except, so the benchmark runs whatever state they are in.
 """
@@ -156,6 +160,45 @@ def _decode_case(rows, batch, dim, dtype, device, backends, limit, measure_kw):
          nbytes, limit, **measure_kw)
 
 
+def _mamba2_decode_case(rows, batch, device, backends, limit, measure_kw, nheads=80, headdim=64, dstate=128):
+    dim = nheads * headdim
+    state = torch.randn(batch, nheads, headdim, dstate, device=device)
+    args = dict(
+        x=torch.randn(batch, nheads, headdim, device=device),
+        dt=(0.5 * torch.rand(batch, nheads, device=device))[..., None].expand(batch, nheads, headdim),
+        A=(-0.5 - torch.rand(nheads, device=device))[:, None, None].expand(nheads, headdim, dstate),
+        B=torch.randn(batch, 1, dstate, device=device),
+        C=torch.randn(batch, 1, dstate, device=device),
+        D=torch.randn(nheads, device=device)[:, None].expand(nheads, headdim),
+        z=torch.randn(batch, nheads, headdim, device=device),
+        dt_bias=(0.5 * torch.rand(nheads, device=device))[:, None].expand(nheads, headdim),
+        dt_softplus=True,
+    )
+    flat = state.view(batch, dim, dstate)
+
+    def flat_step(fn):  # the 3-D step with every tied argument copied out per channel, A to (dim, dstate)
+        a = args
+        return fn(
+            flat, a["x"].reshape(batch, dim), a["dt"].reshape(batch, dim), a["A"].reshape(dim, dstate), a["B"], a["C"],
+            a["D"].reshape(dim), a["z"].reshape(batch, dim), a["dt_bias"].reshape(dim), True,
+        )  # fmt: skip
+
+    nbytes = 2 * state.numel() * 4
+    case = f"mamba2 decode b={batch} h={nheads} p={headdim} n={dstate} fp32"
+    op = "selective_state_update_mamba2"
+    for backend in backends:
+
+        def step(backend=backend):
+            with llmkernels.use_backend(backend):
+                return llmkernels.selective_state_update(state, **args)
+
+        _try(rows, op, case, f"llmkernels-{backend}", step, nbytes, limit, peer="llmkernels-copied", **measure_kw)
+    with llmkernels.use_backend(backends[0]):
+        _try(rows, op, case, "llmkernels-copied", lambda: flat_step(llmkernels.selective_state_update), nbytes, limit,
+             **measure_kw)
+    _try(rows, op, case, "reference", lambda: flat_step(selective_state_update_ref), nbytes, limit, **measure_kw)
+
+
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     limit = copy_bandwidth_gbps()
@@ -168,6 +211,8 @@ def run(quick: bool = False) -> list[dict]:
                 torch.cuda.empty_cache()
         for batch in (1, 16, 256) if quick else (1, 4, 16, 64, 256):
             _decode_case(rows, batch, 5120, torch.bfloat16, "cuda", backends, limit, {})
+        for batch in (1, 16) if quick else (1, 4, 16, 64):
+            _mamba2_decode_case(rows, batch, "cuda", backends, limit, {})
     else:
         small = dict(warmup=1, rep=5, min_time_s=0)
         cases = [(1, 64, 2048, torch.float32), (2, 128, 2048, torch.bfloat16)]
@@ -177,6 +222,8 @@ def run(quick: bool = False) -> list[dict]:
             _scan_cases(rows, batch, dim, seqlen, dtype, "cpu", ("cpu",), True, limit, small)
         for batch in (1, 16) if quick else (1, 16, 64):
             _decode_case(rows, batch, 1024, torch.float32, "cpu", ("cpu",), limit, small)
+        for batch in (1,) if quick else (1, 8):
+            _mamba2_decode_case(rows, batch, "cpu", ("cpu",), limit, dict(warmup=2, rep=10, min_time_s=0.1))
         for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
             _conv1d_case(rows, 4, 1536, 2048, 4, dtype, limit, small)
     return rows

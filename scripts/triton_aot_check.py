@@ -239,6 +239,10 @@ def drive_launches(full: bool) -> list[Launch]:
                 delta_bias,
                 True,
             )
+            selective_scan.selective_state_update_triton(  # one A per channel (Mamba-2's, flattened): stride 0
+                r(batch, dim, dstate), x, dt, r(dim), r(batch, dstate, dtype=dtype), r(batch, dstate, dtype=dtype),
+                d_skip, zz, delta_bias, True,
+            )  # fmt: skip
             selective_scan.selective_state_update_triton(  # a pool of state rows (state_batch_indices)
                 r(3 * batch, dim, dstate), x, dt, a, r(batch, dstate, dtype=dtype), r(batch, dstate, dtype=dtype),
                 d_skip, zz, delta_bias, True, r(batch, dtype=torch.int32),

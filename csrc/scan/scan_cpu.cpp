@@ -507,14 +507,18 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   SCAN_CHECK_FLOAT(op, state);
   LLMK_CHECK_DEVICE(op, x, at::kCPU);
   LLMK_CHECK_SHAPE(op, dt, batch, dim);
-  LLMK_CHECK_DIM(op, A, 2);
+  // A (dim,): one value per channel for all its state entries (Mamba-2's per-head A, flattened); dstate is then
+  // the state's.
+  LLMK_CHECK_ARG(A.dim() == 2 || A.dim() == 1, op, "A", "must be (dim, dstate) or (dim,), got ", A.sizes());
   LLMK_CHECK_DTYPE(op, A, at::kFloat);
-  const int64_t dstate = A.size(1), npad = padded_state(dstate);
+  LLMK_CHECK_DIM(op, state, 3);
+  const bool a_per_channel = A.dim() == 1;
+  const int64_t dstate = a_per_channel ? state.size(2) : A.size(1), npad = padded_state(dstate);
   LLMK_CHECK_ARG(A.size(0) == dim && dstate >= 1 && dstate <= kMaxState, op, "A",
-                 "must have shape (dim, dstate) with dim = ", dim, " and 1 <= dstate <= ", kMaxState, ", got ", A.sizes());
+                 "must have shape (dim, dstate) or (dim,) with dim = ", dim, " and 1 <= dstate <= ", kMaxState,
+                 ", got ", A.sizes(), " (state ", state.sizes(), ")");
   // state_batch_indices: a pool of states (state_pool.h); without, state has x's batch.
   const bool pooled = state_batch_indices.has_value() && state_batch_indices->defined();
-  LLMK_CHECK_DIM(op, state, 3);
   LLMK_CHECK_SHAPE(op, state, pooled ? state.size(0) : batch, dim, dstate);
   const PoolRows pool = checked_pool_rows(op, "state_batch_indices", state_batch_indices, x, state.size(0));
   const int32_t* state_rows = pool.rows();
@@ -548,7 +552,7 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
   // one core per channel as seqlen-1 scans (fwd_row) plus ATen passes for dt and the epilogue.
   const at::Tensor xc = x.contiguous(), dtc = dt.contiguous(), zc = z_opt ? z_opt->contiguous() : at::Tensor();
   const at::Tensor Bc = B.contiguous(), Cc = C.contiguous();
-  const at::Tensor Af = pad_state(A, npad, /*may_alias=*/true);
+  const at::Tensor Af = a_per_channel ? A.contiguous() : pad_state(A, npad, /*may_alias=*/true);
   const at::Tensor Df = D_opt ? f32(*D_opt) : at::Tensor(), biasf = dt_bias_opt ? f32(*dt_bias_opt) : at::Tensor();
   const int64_t gB = B.dim() == 2 ? 1 : B.size(1), gC = C.dim() == 2 ? 1 : C.size(1);
   // fp32 states with dstate a multiple of 16 are the kernel's layout: updated in place. Others are converted a
@@ -595,7 +599,8 @@ at::Tensor selective_state_update_cpu(at::Tensor& state, const at::Tensor& x, co
                                dt_softplus,
                                z_opt ? z_in.row(r0, n, zb) : nullptr,
                                D_p ? D_p + d0 : nullptr,
-                               A_p + d0 * npad,
+                               A_p + d0 * (a_per_channel ? 1 : npad),
+                               a_per_channel,
                                bc_row(B_in, gB, gsB, Bb),
                                bc_row(C_in, gC, gsC, Cb),
                                st,

@@ -252,11 +252,13 @@ def _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, state_rows: int | None
         return False
     if not (isinstance(B, T) and isinstance(C, T)):
         return False
-    dev, shape, a_shape = x.device, x.shape, A.shape
-    if not (len(shape) == 2 and len(a_shape) == 2 and a_shape[0] == shape[1] and 1 <= a_shape[1] <= MAX_DSTATE):
+    dev, shape, a_shape, s_shape = x.device, x.shape, A.shape, state.shape
+    if not (len(shape) == 2 and len(a_shape) in (1, 2) and a_shape[0] == shape[1] and len(s_shape) == 3):
         return False
     batch, dim = shape
-    dstate = a_shape[1]
+    dstate = a_shape[1] if len(a_shape) == 2 else s_shape[2]
+    if not 1 <= dstate <= MAX_DSTATE:
+        return False
     return (
         x.dtype in ACT_DTYPES
         and dt.dtype in ACT_DTYPES
@@ -287,7 +289,15 @@ def check_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices=
     batch, dim = x.shape
     _checks.check_tensor(fn, "dt", dt, dtypes=ACT_DTYPES, device=dev)
     _checks.check_shape(fn, "dt", dt, x.shape)
-    dstate = _check_A(fn, A, dim, dev)
+    if isinstance(A, torch.Tensor) and A.dim() == 1:  # one A per channel: dstate is the state's
+        _checks.check_tensor(fn, "A", A, dtypes=(torch.float32,), device=dev)
+        _checks.check_shape(fn, "A", A, (dim,))
+        _checks.check_tensor(fn, "state", state, ndim=3)
+        dstate = state.shape[2]
+        if not 1 <= dstate <= MAX_DSTATE:
+            raise ValueError(f"llmkernels.{fn}: state must have 1 <= dstate <= {MAX_DSTATE}, got {tuple(state.shape)}")
+    else:
+        dstate = _check_A(fn, A, dim, dev)
     _checks.check_tensor(fn, "state", state, dtypes=ACT_DTYPES, device=dev)
     if state_batch_indices is not None:  # any number of state rows: the indices pick them
         _checks.check_tensor(fn, "state", state, ndim=3)
@@ -320,8 +330,10 @@ def selective_state_update(
     """One decode step of the scan (mamba_ssm's selective_state_update); updates `state` in place.
 
     state: (batch, dim, dstate) contiguous, fp32/fp16/bf16 (arithmetic fp32); x, dt, z: (batch, dim);
-    A: (dim, dstate) fp32; B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,) fp32.
-    Returns y (batch, dim) in x's dtype. Stepping it L times equals selective_scan_fn over L tokens.
+    A: (dim, dstate) fp32, or (dim,) for one value per channel over all its state entries (beyond mamba_ssm's 3-D
+    form: Mamba-2's per-head A; the kernels then take one exp per channel); B, C: (batch, dstate) or (batch,
+    ngroups, dstate); D, dt_bias: (dim,) fp32. Returns y (batch, dim) in x's dtype. Stepping it L times equals
+    selective_scan_fn over L tokens.
 
     state_batch_indices ((batch,) int32 or int64, mamba_ssm's; continuous batching): row b of x steps row
     state_batch_indices[b] of a state of any number of rows, (state_batch, dim, dstate); rows no index names are
@@ -332,7 +344,9 @@ def selective_state_update(
     Multi-head states (Mamba-2's decode, as mamba_ssm takes them): state (batch, nheads, headdim, dstate), x, dt, z
     (batch, nheads, headdim), A (nheads, headdim, dstate), B, C (batch, ngroups, dstate) with heads h * nheads /
     ngroups .. of group h, D, dt_bias (nheads, headdim); per-head scalars broadcast with expand() (stride 0) are
-    fine. Returns y (batch, nheads, headdim). It is the 3-D step over nheads * headdim channels.
+    fine. Returns y (batch, nheads, headdim). It is the 3-D step over nheads * headdim channels; an A that is
+    constant along dstate (stride 0 there, as Mamba-2's expanded per-head A) goes in as one value per channel, so it
+    is neither copied out to (nheads * headdim, dstate) each step nor read per state entry.
     """
     if isinstance(state, torch.Tensor) and state.dim() == 4:
         return _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
@@ -379,7 +393,10 @@ def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, s
         if t is not None or name in ("dt", "A"):
             _checks.check_tensor(fn, name, t, ndim=len(shape))
             _checks.check_shape(fn, name, t, shape)
-            flat[name] = t.reshape(*shape[:-2], shape[-2] * shape[-1]) if name != "A" else t.reshape(-1, dstate)
+            if name == "A":  # (constant along dstate: one value per channel, see selective_state_update)
+                flat[name] = t[..., 0].reshape(-1) if t.stride(-1) == 0 else t.reshape(-1, dstate)
+            else:
+                flat[name] = t.reshape(*shape[:-2], shape[-2] * shape[-1])
     for name, t in (("B", B), ("C", C)):
         _checks.check_tensor(fn, name, t)
         groups = t.shape[1] if t.dim() == 3 else 1

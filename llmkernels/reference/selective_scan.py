@@ -94,8 +94,9 @@ def selective_state_update_ref(
 ) -> torch.Tensor:
     """One step of the scan: updates `state` in place and returns y (batch, dim) in x's dtype.
 
-    state: (batch, dim, dstate) any float dtype (arithmetic fp32); x, dt, z: (batch, dim); A: (dim, dstate);
-    B, C: (batch, dstate) or grouped (batch, ngroups, dstate); D, dt_bias: (dim,).
+    state: (batch, dim, dstate) any float dtype (arithmetic fp32); x, dt, z: (batch, dim); A: (dim, dstate), or
+    (dim,): one value per channel for all its state entries (Mamba-2's per-head A); B, C: (batch, dstate) or grouped
+    (batch, ngroups, dstate); D, dt_bias: (dim,).
     state_batch_indices ((batch,) ints, mamba_ssm's; continuous batching): row b of x steps state row
     state_batch_indices[b] of a state with any number of rows (distinct indices); the other rows are untouched. A
     negative index (a pad slot, as vLLM's -1) leaves row b out: no state changes and its output is 0.
@@ -124,6 +125,7 @@ def selective_state_update_ref(
     else:
         B, C = B.unsqueeze(1), C.unsqueeze(1)
     xf = x.to(cd)
+    A = A if A.dim() == 2 else A[:, None]
     new_state = torch.exp(dt[..., None] * A.to(cd)) * state.to(cd) + dt[..., None] * B.to(cd) * xf[..., None]
     state.copy_(new_state)
     y = (new_state * C.to(cd)).sum(-1)

@@ -210,18 +210,20 @@ def selective_state_update_triton(
 ) -> torch.Tensor:
     """One decode step; updates state in place and returns y (batch, dim) in x's dtype.
 
-    state: (batch, dim, dstate) fp32/fp16/bf16, any strides; x, dt, z: (batch, dim); A: (dim, dstate);
-    B, C: (batch, dstate) or (batch, ngroups, dstate); D, dt_bias: (dim,). state_batch_indices: (batch,) int32 or
+    state: (batch, dim, dstate) fp32/fp16/bf16, any strides; x, dt, z: (batch, dim); A: (dim, dstate), or (dim,) one
+    value per channel (read with a dstate stride of 0); B, C: (batch, dstate) or (batch, ngroups, dstate); D,
+    dt_bias: (dim,). state_batch_indices: (batch,) int32 or
     None; given, the state has any number of rows and row b of x steps row state_batch_indices[b], or, for an
     index outside the rows (negative: a pad slot), nothing (its output is 0).
     """
     fn = "selective_state_update"
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=_FLOAT_TYPES)
     batch, dim = x.shape
-    _checks.check_tensor(fn, "A", A, ndim=2, device=x.device)
-    dstate = A.shape[1]
-    _checks.check_shape(fn, "A", A, (dim, dstate))
+    _checks.check_tensor(fn, "A", A, device=x.device)
     _checks.check_tensor(fn, "state", state, ndim=3, dtypes=_FLOAT_TYPES, device=x.device)
+    dstate = A.shape[1] if A.dim() == 2 else state.shape[2]
+    _checks.check_shape(fn, "A", A, (dim, dstate) if A.dim() == 2 else (dim,))
+    a_strides = A.stride() if A.dim() == 2 else (A.stride(0), 0)
     _checks.check_shape(fn, "state", state, (batch if state_batch_indices is None else state.shape[0], dim, dstate))
     if state_batch_indices is not None:
         _checks.check_tensor(fn, "state_batch_indices", state_batch_indices, ndim=1, dtypes=(torch.int32,),
@@ -255,7 +257,7 @@ def selective_state_update_triton(
     launch(selective_state_update_kernel, grid,
         state, x, dt, A, B, C, D, z, dt_bias, out,
         dim, dstate, dim // ngroups,
-        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *state.stride(), *x.stride(), *dt.stride(), *a_strides, *B.stride(), *C.stride(),
         *_strides_or_zeros(D, 1), *_strides_or_zeros(z, 2), *_strides_or_zeros(dt_bias, 1), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         BLOCK_D=block_d, BLOCK_N=block_n,

@@ -24,7 +24,12 @@ def _inputs(batch, nheads, headdim, dstate, ngroups, dtype, device, tied):
     """Mamba-2's step inputs; tied: A, dt and dt_bias one scalar per head, broadcast with expand() as mamba_ssm's
     Mamba2.step passes them (stride 0), D per head too."""
     act = lambda *s: torch.randn(*s, device=device).to(dtype)  # noqa: E731
-    if tied:
+    if tied == "A-only":
+        A = (-0.5 - torch.rand(nheads, headdim, device=device))[..., None].expand(nheads, headdim, dstate)
+        dt = (0.5 * torch.rand(batch, nheads, headdim, device=device)).to(dtype)
+        dt_bias = 0.5 * torch.rand(nheads, headdim, device=device) - 0.25
+        D = torch.randn(nheads, headdim, device=device)
+    elif tied:
         A = (-0.5 - torch.rand(nheads, device=device))[:, None, None].expand(nheads, headdim, dstate)
         dt = (0.5 * torch.rand(batch, nheads, device=device)).to(dtype)[..., None].expand(batch, nheads, headdim)
         dt_bias = (0.5 * torch.rand(nheads, device=device) - 0.25)[:, None].expand(nheads, headdim)
@@ -61,6 +66,8 @@ def _per_head(kw):
     (2, 4, 8, 16, 1, True),
     (3, 6, 5, 17, 2, False),
     (1, 8, 64, 16, 8, True),
+    (2, 3, 40, 128, 1, True),  # Mamba-2's dstate, headdim not a SIMD multiple: the per-channel A path
+    (2, 4, 8, 33, 2, "A-only"),  # A constant along dstate but per (head, p); dt / D / dt_bias per channel
 ])  # fmt: skip
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_matches_the_reference_head_by_head(backend, device, batch, nheads, headdim, dstate, ngroups, tied):
@@ -72,6 +79,42 @@ def test_matches_the_reference_head_by_head(backend, device, batch, nheads, head
         assert y.shape == (batch, nheads, headdim) and y.dtype == dtype
         assert_close_dtype(y, want_y)
         assert_close_dtype(kw["state"], want_state)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dstate", [16, 17, 128])
+def test_3d_step_takes_one_A_per_channel(backend, device, dstate):
+    """The 3-D op with A (dim,) equals the reference given that A spelled out as (dim, dstate), state included."""
+    batch, dim = 3, 70
+    for dtype in (torch.float32, torch.bfloat16):
+        kw = dict(x=torch.randn(batch, dim, device=device).to(dtype),
+                  dt=(0.5 * torch.rand(batch, dim, device=device)).to(dtype), A=-0.5 - torch.rand(dim, device=device),
+                  B=torch.randn(batch, 2, dstate, device=device).to(dtype),
+                  C=torch.randn(batch, 2, dstate, device=device).to(dtype), D=torch.randn(dim, device=device),
+                  z=torch.randn(batch, dim, device=device).to(dtype), dt_bias=torch.rand(dim, device=device) - 0.5,
+                  dt_softplus=True)  # fmt: skip
+        state = torch.randn(batch, dim, dstate, device=device)
+        want_state = state.clone()
+        want_y = selective_state_update_ref(want_state, **{**kw, "A": kw["A"][:, None].expand(dim, dstate)})
+        with llmkernels.use_backend(backend):
+            y = llmkernels.selective_state_update(state, **kw)
+        assert_close_dtype(y, want_y)
+        assert_close_dtype(state, want_state)
+
+
+def test_tied_A_reaches_the_kernels_as_one_value_per_channel(monkeypatch):
+    """Mamba-2's expanded A (stride 0 along dstate) must not be copied out to (nheads * headdim, dstate)."""
+    from llmkernels.ops import selective_scan as ops
+
+    seen = []
+    real = ops.update_dispatcher
+    monkeypatch.setattr(ops, "update_dispatcher", lambda *a, **kw: (seen.append(a[3].shape), real(*a, **kw))[1])
+    kw = _inputs(2, 4, 8, 16, 2, torch.float32, "cpu", True)
+    want_y, _ = _per_head(kw)
+    with llmkernels.use_backend("reference"):
+        y = llmkernels.selective_state_update(**kw)
+    assert seen == [(32,)]
+    assert_close_dtype(y, want_y)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

@@ -62,7 +62,8 @@ struct UpdateRows {
   bool softplus;
   const float* z;  // or nullptr
   const float* D;  // or nullptr
-  const float* A;
+  const float* A;  // (n, npad), or (n,) when a_per_channel
+  bool a_per_channel;  // one A per channel for all its state entries (Mamba-2's per-head decay): one exp per channel
   const float* B;  // (npad,)
   const float* C;  // (npad,)
   float* state;

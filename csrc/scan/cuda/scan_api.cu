@@ -319,12 +319,13 @@ at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, c
   const int64_t batch = x.size(0), dim = x.size(1);
   LLMK_CHECK_SAME_DEVICE(op, A, x);
   LLMK_CHECK_DTYPE(op, A, at::kFloat);
-  LLMK_CHECK_DIM(op, A, 2);
-  LLMK_CHECK_ARG(A.size(0) == dim, op, "A", "must have shape (dim = ", dim, ", dstate), got ", A.sizes());
-  const int64_t dstate = A.size(1);
-  LLMK_CHECK_ARG(dstate >= 1 && dstate <= 256, op, "A", "dstate = ", dstate, " is not supported (1..256)");
+  // A (dim,): one value per channel for every state entry (Mamba-2's per-head A, flattened); dstate is the state's.
+  LLMK_CHECK_ARG(A.dim() == 2 || A.dim() == 1, op, "A", "must be (dim, dstate) or (dim,), got ", A.sizes());
+  LLMK_CHECK_ARG(A.size(0) == dim, op, "A", "must have shape (dim = ", dim, ", dstate) or (dim,), got ", A.sizes());
   LLMK_CHECK_SAME_DEVICE(op, state, x);
   LLMK_CHECK_DIM(op, state, 3);
+  const int64_t dstate = A.dim() == 2 ? A.size(1) : state.size(2);
+  LLMK_CHECK_ARG(dstate >= 1 && dstate <= 256, op, "A", "dstate = ", dstate, " is not supported (1..256)");
   const at::Tensor rows_c = pool_indices(op, "state_batch_indices", state_batch_indices, x, state);
   const bool indexed = rows_c.defined();
   LLMK_CHECK_SHAPE(op, state, indexed ? state.size(0) : batch, dim, dstate);
@@ -374,6 +375,8 @@ at::Tensor selective_state_update_cuda(at::Tensor& state, const at::Tensor& x, c
   p.dt = dt_c.data_ptr();
   p.z = z_c.defined() ? z_c.data_ptr() : nullptr;
   p.A = A_c.data_ptr<float>();
+  p.a_stride_d = A.dim() == 2 ? int(dstate) : 1;
+  p.a_stride_n = A.dim() == 2 ? 1 : 0;
   p.B = B_c.data_ptr();
   p.C = C_c.data_ptr();
   p.D = D_c.defined() ? D_c.data_ptr<float>() : nullptr;

@@ -48,7 +48,8 @@ struct StateUpdateParams {
   const void* x;
   const void* dt;
   const void* z;         // or null
-  const float* A;        // (dim, dstate)
+  const float* A;        // A[d * a_stride_d + n * a_stride_n]: (dim, dstate), or (dim,) with a_stride_n 0
+  int a_stride_d, a_stride_n;
   const void* B;
   const void* C;
   const float* D;        // (dim,) or null

@@ -1,5 +1,5 @@
 // One decode step of the selective scan, updating the state in place:
-//   dt = softplus(dt + dt_bias) when asked;  state[n] = exp(dt A[d, n]) state[n] + dt B[n] x;
+//   dt = softplus(dt + dt_bias) when asked;  state[n] = exp(dt A[d, n]) state[n] + dt B[n] x  (A (dim,): A[d]);
 //   y = sum_n C[n] state[n] + D x;  y *= silu(z) when z is given.
 // Tiling: `lanes` consecutive threads (a power of two <= 32) own one (batch, channel); each thread takes runs of
 // kRun consecutive state entries, strided by lanes * kRun, so a warp's accesses are contiguous. When the state is
@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(kUpdateThreads)
     S* state = static_cast<S*>(p.state) + sb * p.state_stride_b + d * p.state_stride_d;
     const T* B = static_cast<const T*>(p.B) + (size_t(b) * p.ngroups + g) * p.dstate;
     const T* C = static_cast<const T*>(p.C) + (size_t(b) * p.ngroups + g) * p.dstate;
-    const float* A = p.A + size_t(d) * p.dstate;
+    const float* A = p.A + size_t(d) * p.a_stride_d;
+    const int a_n = p.a_stride_n;  // 0: one A per channel (Mamba-2's per-head decay)
     if (vec) {  // stride_n == 1 and dstate % kRun == 0: whole aligned runs
       for (int n0 = lane * kRun; n0 < p.dstate; n0 += lanes * kRun) {
         float s[kRun], Bv[kRun], Cv[kRun];
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
         load_4(C + n0, true, Cv);
 #pragma unroll
         for (int i = 0; i < kRun; ++i) {
-          s[i] = s[i] * exp2f(dt * A[n0 + i] * kLog2e) + dt * Bv[i] * x;
+          s[i] = s[i] * exp2f(dt * A[(n0 + i) * a_n] * kLog2e) + dt * Bv[i] * x;
           acc += s[i] * Cv[i];  // the fp32 state, before rounding to the state's dtype
         }
         store_4(state + n0, true, s);
@@ -91,7 +92,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
     } else {
       for (int n = lane; n < p.dstate; n += lanes) {
         S* s = state + n * p.state_stride_n;
-        const float next = to_float(*s) * exp2f(dt * A[n] * kLog2e) + dt * to_float(B[n]) * x;
+        const float next = to_float(*s) * exp2f(dt * A[n * a_n] * kLog2e) + dt * to_float(B[n]) * x;
         *s = from_float<S>(next);
         acc += next * to_float(C[n]);
       }
