@@ -12,7 +12,9 @@ bytes = the fp32 state read and written plus x, dt, z, B, C, y. Mamba-2 decode (
 the multi-head step of Mamba-2 2.7B's layer (80 heads of 64, dstate 128, per-head A / dt / D / dt_bias expanded as
 mamba_ssm's Mamba2.step passes them) through the 4-D entry, against the same step with every tied argument
 copied out per channel first (llmkernels-copied: the route before the kernels took one A per channel) and the
-reference; bytes = the fp32 state read and written.
+reference; bytes = the fp32 state read and written. Mamba-2 prefill (mamba_chunk_scan_combined): the
+scan over flattened heads, forward and forward + backward; bytes = x, z, y (batch, seqlen, nheads, headdim) and B, C
+(batch, seqlen, ngroups, dstate) moved once; against the reference recurrence where it finishes (CPU, short).
 CPU: small cases, the C++ kernels against the reference, including seqlen 2048 (the speedup is the point).
 Colleagues' kernels are called inside try/except, so the benchmark runs whatever state they are in.
 """
@@ -199,6 +201,42 @@ def _mamba2_decode_case(rows, batch, device, backends, limit, measure_kw, nheads
     _try(rows, op, case, "reference", lambda: flat_step(selective_state_update_ref), nbytes, limit, **measure_kw)
 
 
+def _mamba2_prefill_case(rows, batch, seqlen, nheads, headdim, dstate, dtype, device, backends, limit, measure_kw,
+                         reference=False):  # fmt: skip
+    from llmkernels.reference.mamba_chunk_scan import mamba_chunk_scan_ref
+
+    act = lambda *s: torch.randn(*s, device=device).to(dtype)  # noqa: E731
+    kw = dict(x=act(batch, seqlen, nheads, headdim), dt=act(batch, seqlen, nheads),
+              A=-0.5 - torch.rand(nheads, device=device), B=act(batch, seqlen, 1, dstate),
+              C=act(batch, seqlen, 1, dstate), D=torch.randn(nheads, device=device),
+              z=act(batch, seqlen, nheads, headdim), dt_bias=torch.rand(nheads, device=device))  # fmt: skip
+    elem = torch.tensor([], dtype=dtype).element_size()
+    nbytes = (3 * batch * seqlen * nheads * headdim + 2 * batch * seqlen * dstate) * elem
+    case = f"mamba2 prefill b={batch} L={seqlen} h={nheads} p={headdim} n={dstate} {str(dtype)[6:]}"
+    for backward in (False, True):
+        op = "mamba_chunk_scan_combined" + ("_fwd_bwd" if backward else "_fwd")
+        leaves = {k: v.detach().clone().requires_grad_(backward) for k, v in kw.items()}
+
+        def call(fn, leaves=leaves, backward=backward):
+            y = fn(**leaves)
+            if backward:
+                y.float().sum().backward()
+            return y
+
+        for backend in backends:
+
+            def ours(backend=backend, call=call):
+                with llmkernels.use_backend(backend):
+                    return call(lambda **a: llmkernels.mamba_chunk_scan_combined(**a, chunk_size=256,
+                                                                                 dt_softplus=True))  # fmt: skip
+
+            _try(rows, op, case, f"llmkernels-{backend}", ours, nbytes * (3 if backward else 1), limit,
+                 peer="reference" if reference else None, **measure_kw)  # fmt: skip
+        if reference:
+            _try(rows, op, case, "reference", lambda call=call: call(lambda **a: mamba_chunk_scan_ref(
+                **a, dt_softplus=True)), nbytes * (3 if backward else 1), limit, **measure_kw)  # fmt: skip
+
+
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     limit = copy_bandwidth_gbps()
@@ -213,6 +251,8 @@ def run(quick: bool = False) -> list[dict]:
             _decode_case(rows, batch, 5120, torch.bfloat16, "cuda", backends, limit, {})
         for batch in (1, 16) if quick else (1, 4, 16, 64):
             _mamba2_decode_case(rows, batch, "cuda", backends, limit, {})
+        for seqlen in (2048,) if quick else (512, 2048, 8192):  # Mamba-2 2.7B's layer
+            _mamba2_prefill_case(rows, 1, seqlen, 80, 64, 128, torch.bfloat16, "cuda", backends, limit, {})
     else:
         small = dict(warmup=1, rep=5, min_time_s=0)
         cases = [(1, 64, 2048, torch.float32), (2, 128, 2048, torch.bfloat16)]
@@ -224,6 +264,7 @@ def run(quick: bool = False) -> list[dict]:
             _decode_case(rows, batch, 1024, torch.float32, "cpu", ("cpu",), limit, small)
         for batch in (1,) if quick else (1, 8):
             _mamba2_decode_case(rows, batch, "cpu", ("cpu",), limit, dict(warmup=2, rep=10, min_time_s=0.1))
+        _mamba2_prefill_case(rows, 1, 256, 8, 64, 64, torch.float32, "cpu", ("cpu",), limit, small, reference=True)
         for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
             _conv1d_case(rows, 4, 1536, 2048, 4, dtype, limit, small)
     return rows

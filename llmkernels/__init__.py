@@ -25,6 +25,7 @@ from .ops.attention_varlen import (
     flash_attn_varlen_qkvpacked_func,
 )
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .ops.mamba_chunk_scan import mamba_chunk_scan_combined
 from .ops.mamba_inner import mamba_inner_fn
 from .ops.selective_scan import selective_scan_fn, selective_state_update
 from .ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
@@ -46,6 +47,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "mamba_chunk_scan_combined",
     "mamba_inner_fn",
     "nn",
     "quantize_",

@@ -1,0 +1,177 @@
+"""mamba_chunk_scan_combined (Mamba-2's scan, mamba_ssm's signature).
+
+The reference (a step-by-step recurrence) is checked against SSD's quadratic form, the "attention" side of the
+duality in the Mamba-2 paper: y_i = sum_{j <= i} C_i . B_j exp(sum_{k = j+1..i} dt_k A) dt_j x_j, an independent
+formulation. Then every selective-scan backend (the op is the scan over flattened heads) against the reference,
+forward and gradients; splitting a sequence through initial_states / final states; stepping Mamba-2's decode
+(selective_state_update on 4-D states) token by token equals the scan; argument errors; torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scan_cases import UPDATE_BACKEND_DEVICES, needs_update_kernel
+from utils import assert_close_dtype
+
+import llmkernels
+from llmkernels.reference.mamba_chunk_scan import mamba_chunk_scan_ref
+
+BACKEND_DEVICES = UPDATE_BACKEND_DEVICES
+
+
+def _inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype=torch.float32, device="cpu", d_per_channel=False):
+    act = lambda *s: torch.randn(*s, device=device).to(dtype)  # noqa: E731
+    return dict(
+        x=act(batch, seqlen, nheads, headdim), dt=act(batch, seqlen, nheads),
+        A=-0.5 - torch.rand(nheads, device=device),
+        B=act(batch, seqlen, ngroups, dstate), C=act(batch, seqlen, ngroups, dstate),
+        D=torch.randn(nheads, headdim, device=device) if d_per_channel else torch.randn(nheads, device=device),
+        z=act(batch, seqlen, nheads, headdim), dt_bias=torch.rand(nheads, device=device) - 0.5,
+        initial_states=torch.randn(batch, nheads, headdim, dstate, device=device),
+    )  # fmt: skip
+
+
+def _quadratic_form(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit=(0.0, float("inf"))):
+    """SSD's matrix form in fp64 (no recurrence): a (seqlen x seqlen) decay-weighted C B^T per head."""
+    x, B, C = x.double(), B.double(), C.double()
+    dt = dt.double() + (0 if dt_bias is None else dt_bias.double())
+    dt = F.softplus(dt) if dt_softplus else dt
+    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    nheads, ngroups = x.shape[2], B.shape[2]
+    B, C = (t.repeat_interleave(nheads // ngroups, dim=2) for t in (B, C))
+    log_decay = dt * A.double()  # (b, L, h)
+    cum = log_decay.cumsum(1)  # sum_{k <= i}
+    seqlen = x.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
+    # segment sums sum_{k = j+1..i} = cum_i - cum_j, masked above the diagonal
+    seg = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
+    weights = torch.einsum("bihn,bjhn->bijh", C, B) * seg.exp() * dt[:, None, :, :]  # (b, i, j, h)
+    y = torch.einsum("bijh,bjhp->bihp", weights, x)
+    final = torch.einsum("bjh,bjhp,bjhn->bhpn", (cum[:, -1:, :] - cum).exp() * dt, x, B)
+    if initial_states is not None:
+        init = initial_states.double()
+        y = y + torch.einsum("bihn,bhpn->bihp", C * cum.exp()[..., None], init)
+        final = final + cum[:, -1, :, None, None].exp() * init
+    y = y + x * (D.double() if D.dim() == 2 else D.double()[:, None])
+    y = y * F.silu(z.double())
+    return y, final
+
+
+@pytest.mark.parametrize("ngroups,d_per_channel,dt_softplus,dt_limit", [
+    (1, False, True, (0.0, float("inf"))),
+    (2, True, True, (0.05, 0.6)),
+    (4, False, False, (0.0, float("inf"))),  # raw dt, some negative: clamped to 0 as mamba_ssm does
+])  # fmt: skip
+def test_reference_matches_the_quadratic_form(ngroups, d_per_channel, dt_softplus, dt_limit):
+    kw = _inputs(2, 23, 4, 5, ngroups, 7, torch.float64, d_per_channel=d_per_channel)
+    y, final = mamba_chunk_scan_ref(**kw, dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=True)
+    want_y, want_final = _quadratic_form(**kw, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, want_final, rtol=1e-10, atol=1e-10)
+
+
+CASES = [  # (batch, seqlen, nheads, headdim, ngroups, dstate)
+    (2, 17, 4, 8, 2, 16),
+    (1, 1, 3, 5, 1, 7),  # one token, odd sizes
+    (2, 130, 8, 16, 1, 64),  # past the kernels' chunk, Mamba-2-like dstate
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-L{}-h{}-p{}-g{}-n{}".format(*c))
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_forward_matches_the_reference(backend, device, case):
+    for dtype in (torch.float32, torch.bfloat16):
+        kw = _inputs(*case, dtype=dtype, device=device, d_per_channel=case[1] == 17)
+        with llmkernels.use_backend(backend):
+            y, final = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True,
+                                                            return_final_states=True)  # fmt: skip
+        want_y, want_final = mamba_chunk_scan_ref(**{k: v.float() for k, v in kw.items()}, dt_softplus=True,
+                                                  return_final_states=True)  # fmt: skip
+        assert y.shape == kw["x"].shape and y.dtype == dtype and final.dtype == torch.float32
+        assert_close_dtype(y, want_y, dtype)
+        assert_close_dtype(final, want_final, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_gradients_match_the_reference(backend, device):
+    kw = _inputs(2, 19, 4, 6, 2, 16, device=device, d_per_channel=True)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in kw.items()}
+    exact = {k: v.detach().double().cpu().requires_grad_() for k, v in kw.items()}
+    dy, dfinal = torch.randn_like(kw["x"]), torch.randn_like(kw["initial_states"])
+    with llmkernels.use_backend(backend):
+        y, final = llmkernels.mamba_chunk_scan_combined(**leaves, chunk_size=32, dt_softplus=True,
+                                                        return_final_states=True)  # fmt: skip
+    ((y * dy).sum() + (final * dfinal).sum()).backward()
+    ry, rfinal = mamba_chunk_scan_ref(**exact, dt_softplus=True, return_final_states=True)
+    ((ry * dy.double().cpu()).sum() + (rfinal * dfinal.double().cpu()).sum()).backward()
+    for name in kw:  # fp32 against fp64: sums over the sequence and the state reorder
+        torch.testing.assert_close(leaves[name].grad.double().cpu(), exact[name].grad, rtol=1e-3, atol=1e-3,
+                                   msg=lambda m, name=name: f"d{name}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_a_sequence_split_in_two_continues_from_its_final_states(backend, device):
+    kw = _inputs(2, 40, 4, 8, 2, 16, device=device)
+    kw["initial_states"] = None
+    with llmkernels.use_backend(backend):
+        whole = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=16, dt_softplus=True)
+        first = {k: (v[:, :25] if k in ("x", "dt", "B", "C", "z") else v) for k, v in kw.items()}
+        second = {k: (v[:, 25:] if k in ("x", "dt", "B", "C", "z") else v) for k, v in kw.items()}
+        y1, state = llmkernels.mamba_chunk_scan_combined(**first, chunk_size=16, dt_softplus=True,
+                                                         return_final_states=True)  # fmt: skip
+        y2 = llmkernels.mamba_chunk_scan_combined(**{**second, "initial_states": state}, chunk_size=16,
+                                                  dt_softplus=True)  # fmt: skip
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), whole, rtol=1e-4, atol=1e-4)
+
+
+@needs_update_kernel
+def test_decode_steps_equal_the_scan():
+    """Prefill with the scan, or step Mamba-2's decode (selective_state_update on the 4-D state, per-head A / dt /
+    D / dt_bias expanded as mamba_ssm's Mamba2.step passes them) token by token: the same outputs and state."""
+    batch, seqlen, nheads, headdim, ngroups, dstate = 2, 9, 4, 8, 2, 16
+    kw = _inputs(batch, seqlen, nheads, headdim, ngroups, dstate)
+    y, final = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=8, dt_softplus=True, return_final_states=True)
+    state = kw["initial_states"].clone()
+    steps = []
+    for t in range(seqlen):
+        steps.append(llmkernels.selective_state_update(
+            state, kw["x"][:, t], kw["dt"][:, t, :, None].expand(batch, nheads, headdim),
+            kw["A"][:, None, None].expand(nheads, headdim, dstate), kw["B"][:, t], kw["C"][:, t],
+            kw["D"][:, None].expand(nheads, headdim), kw["z"][:, t], kw["dt_bias"][:, None].expand(nheads, headdim),
+            dt_softplus=True,
+        ))  # fmt: skip
+    torch.testing.assert_close(torch.stack(steps, dim=1), y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state, final, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda kw: {"seq_idx": torch.zeros(2, 5, dtype=torch.int32)}, NotImplementedError, "seq_idx"),
+    (lambda kw: {"cu_seqlens": torch.tensor([0, 5])}, NotImplementedError, "cu_seqlens"),
+    (lambda kw: {"return_varlen_states": True}, NotImplementedError, "return_varlen_states"),
+    (lambda kw: {"x": kw["x"][..., :3, :]}, ValueError, "dt must have shape"),
+    (lambda kw: {"A": kw["A"][:, None]}, ValueError, "A must have 1 dimensions"),
+    (lambda kw: {"B": kw["B"][:, :, :1].expand(2, 5, 3, 16)}, ValueError, "B must be"),
+    (lambda kw: {"C": kw["C"][..., :8]}, ValueError, "C must have shape"),
+    (lambda kw: {"D": torch.randn(3)}, ValueError, "D must be"),
+    (lambda kw: {"chunk_size": 0}, ValueError, "chunk_size"),
+    (lambda kw: {"dt_limit": (1.0, 0.5)}, ValueError, "dt_limit"),
+    (lambda kw: {"x": kw["x"].double()}, TypeError, "x must have dtype"),
+])  # fmt: skip
+def test_bad_input_is_named(change, error, match):
+    kw = {**_inputs(2, 5, 4, 8, 2, 16), "chunk_size": 4}
+    with pytest.raises(error, match=match):
+        llmkernels.mamba_chunk_scan_combined(**{**kw, **change(kw)})
+
+
+@needs_update_kernel
+def test_torch_compile_fullgraph():
+    kw = _inputs(2, 17, 4, 8, 2, 16)
+    want = mamba_chunk_scan_ref(**kw, dt_softplus=True)
+
+    def fn(kw):
+        return llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True)
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
