@@ -276,23 +276,72 @@ _HF_MAMBA_FUNCTIONS = {
 def patch_mamba(model: torch.nn.Module) -> int:
     """Route every transformers MambaMixer in `model` through llmkernels' scan, state update and conv1d,
     in the forward pass and in generate(). Returns the number of mixers patched."""
-    import types
-
     from transformers.models.mamba import modeling_mamba
 
+    return _patch_mixers(model, modeling_mamba, modeling_mamba.MambaMixer, _HF_MAMBA_FUNCTIONS)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Mamba-2
+# ------------------------------------------------------------------------------------------------------
+# transformers' Mamba2Mixer (modeling_mamba2) calls module-level functions with mamba_ssm's / causal_conv1d's
+# signatures too: causal_conv1d_fn / _update, mamba2_chunk_scan (mamba_chunk_scan_combined) for prefill,
+# mamba2_selective_state_update (the 4-D decode step). Its fused training entry (mamba2_split_conv1d_scan_combined)
+# returns None without a hub kernel, and the mixer then runs those pieces: so they are all patch_mamba2 replaces.
+
+
+def _hf_mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+                          dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, z=None,
+                          seq_idx=None, cu_seqlens=None, **kwargs):  # fmt: skip
+    from ..ops.mamba_chunk_scan import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined(
+        hidden_states, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+        seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=tuple(dt_limit),
+        return_final_states=return_final_states,
+    )  # fmt: skip
+
+
+def _hf_mamba2_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None,
+                            **kwargs):  # fmt: skip
+    from ..ops.selective_scan import selective_state_update
+
+    return selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+_HF_MAMBA2_FUNCTIONS = {
+    "causal_conv1d_fn": _hf_conv1d_fn,
+    "causal_conv1d_update": _hf_conv1d_update,
+    "mamba2_chunk_scan": _hf_mamba2_chunk_scan,
+    "mamba2_selective_state_update": _hf_mamba2_state_update,
+}
+
+
+def patch_mamba2(model: torch.nn.Module) -> int:
+    """Route every transformers Mamba2Mixer in `model` through llmkernels' Mamba-2 scan, 4-D state update and
+    conv1d, in the forward pass (training too: the unfused path) and in generate(). Returns the number patched."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    return _patch_mixers(model, modeling_mamba2, modeling_mamba2.Mamba2Mixer, _HF_MAMBA2_FUNCTIONS)
+
+
+def _patch_mixers(model: torch.nn.Module, module, mixer_class, functions: dict) -> int:
+    """Give each `mixer_class` instance in model a forward that swaps `functions` into `module` for its call."""
+    import types
+
     def patched_forward(self, *args, **kwargs):
-        saved = {name: getattr(modeling_mamba, name) for name in _HF_MAMBA_FUNCTIONS}
-        for name, fn in _HF_MAMBA_FUNCTIONS.items():
-            setattr(modeling_mamba, name, fn)
+        saved = {name: getattr(module, name) for name in functions}
+        for name, fn in functions.items():
+            setattr(module, name, fn)
         try:
             return type(self).forward(self, *args, **kwargs)
         finally:
             for name, fn in saved.items():
-                setattr(modeling_mamba, name, fn)
+                setattr(module, name, fn)
 
     count = 0
-    for module in model.modules():
-        if isinstance(module, modeling_mamba.MambaMixer):
-            module.forward = types.MethodType(patched_forward, module)
+    for mixer in model.modules():
+        if isinstance(mixer, mixer_class):
+            mixer.forward = types.MethodType(patched_forward, mixer)
             count += 1
     return count
