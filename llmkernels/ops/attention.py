@@ -373,6 +373,8 @@ def _kv_ok(q, k, v, nheads_k: int | None = None) -> bool:
 def dropout_args(fn: str, dropout_p) -> dict:
     """The backends' dropout keyword arguments for flash_attn's dropout_p: {} for 0, else dropout_p and a fresh
     dropout_seed drawn from torch's default CPU generator (torch.manual_seed repeats it; the backward reuses it)."""
+    if isinstance(dropout_p, torch.Tensor) and dropout_p.numel() == 1:  # (flash_attn takes a 0-d tensor too)
+        dropout_p = float(dropout_p)
     check_dropout_p(fn, dropout_p)
     if dropout_p == 0:
         return {}

@@ -15,7 +15,8 @@ the sequence:
     draw    = (words[(j % 8) // 2] >> (16 * (j % 2))) & 0xFFFF
     kept    = draw >= threshold,  threshold = min(floor(dropout_p * 2**16), 2**16 - 1)
 
-and a kept probability is scaled by 1 / (1 - dropout_p): out_i = sum_j p_ij kept_ij / (1 - dropout_p) v_j.
+and a kept probability is scaled by 1 / P(kept) = 2**16 / (2**16 - threshold) (~ 1 / (1 - dropout_p), exactly
+unbiased for the 16-bit draws): out_i = sum_j p_ij kept_ij keep_scale v_j.
 softmax_lse is that of the scores, before dropout (as flash_attn's). Eight keys share one Philox call: a call costs
 ~100 integer operations, more than a score's share of the tensor-core work, so the kernels amortise it (flash_attn
 splits its words into 8-bit draws, 16 per call, and rounds dropout_p to 1/256; 16-bit draws keep P(kept) within
@@ -25,6 +26,7 @@ splits its words into 8-bit draws, 16 per call, and rounds dropout_p to 1/256; 1
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -47,8 +49,10 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32_10(counter: tuple, key: tuple) -> tuple[torch.Tensor, ...]:
     """The four output words of Philox4x32-10 as int64 tensors in [0, 2**32). counter: four int64 tensors (or ints)
     broadcast together, key: two ints or int64 tensors, all in [0, 2**32)."""
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
-    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) for k in key)
+    # (tensors kept where they are: as_tensor would move them to a torch.device(...) context's device)
+    as_int64 = lambda c: c.long() if isinstance(c, torch.Tensor) else torch.tensor(c, dtype=torch.int64)  # noqa: E731
+    c0, c1, c2, c3 = (as_int64(c) for c in counter)
+    k0, k1 = (as_int64(k) for k in key)
     for _ in range(PHILOX_ROUNDS):
         hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
         hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
@@ -62,6 +66,11 @@ def keep_threshold(dropout_p: float) -> int:
     return min(math.floor(float(dropout_p) * 2.0**16), 0xFFFF)
 
 
+def keep_scale(dropout_p: float) -> float:
+    """The factor of a kept probability: 1 / P(kept), so that the expected output is the undropped one."""
+    return 65536.0 / (65536.0 - keep_threshold(dropout_p))
+
+
 def seed_words(dropout_seed: torch.Tensor) -> tuple[int, int]:
     """The Philox key from an int64 (2,) dropout_seed (each taken modulo 2**32)."""
     s0, s1 = (int(x) for x in dropout_seed.reshape(-1)[:2].tolist())
@@ -70,7 +79,7 @@ def seed_words(dropout_seed: torch.Tensor) -> tuple[int, int]:
 
 def new_dropout_seed() -> torch.Tensor:
     """A fresh int64 (2,) CPU seed from torch's default generator (so torch.manual_seed makes runs repeatable)."""
-    return torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    return torch.randint(0, 2**32, (2,), dtype=torch.int64, device="cpu")  # (not the default device's generator)
 
 
 def dropout_keep(dropout_seed: torch.Tensor, dropout_p: float, bh: torch.Tensor, i: torch.Tensor,
@@ -89,18 +98,18 @@ def dropout_keep(dropout_seed: torch.Tensor, dropout_p: float, bh: torch.Tensor,
 
 def dropout_scale(dropout_seed: torch.Tensor, dropout_p: float, batch: int, nheads: int, seqlen_q: int,
                   seqlen_k: int, device: torch.device | str = "cpu", first_b: int = 0) -> torch.Tensor:  # fmt: skip
-    """(batch, nheads, seqlen_q, seqlen_k) fp32: 1 / (1 - dropout_p) where kept, 0 where dropped. first_b: the
+    """(batch, nheads, seqlen_q, seqlen_k) fp32: keep_scale(dropout_p) where kept, 0 where dropped. first_b: the
     index of the first batch row (a packed sequence's number)."""
     b = torch.arange(first_b, first_b + batch, device=device)[:, None, None, None]
     h = torch.arange(nheads, device=device)[None, :, None, None]
     i = torch.arange(seqlen_q, device=device)[None, None, :, None]
     j = torch.arange(seqlen_k, device=device)[None, None, None, :]
     kept = dropout_keep(dropout_seed, dropout_p, b * nheads + h, i, j)
-    return kept.to(torch.float32) * (1.0 / (1.0 - float(dropout_p)))
+    return kept.to(torch.float32) * keep_scale(dropout_p)
 
 
 def check_dropout_p(fn: str, dropout_p) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"llmkernels.{fn}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
@@ -118,23 +127,17 @@ def check_dropout(fn: str, dropout_p, dropout_seed) -> None:
         raise ValueError(f"llmkernels.{fn}: dropout_p > 0 needs dropout_seed, an int64 (2,) CPU tensor, got {got}")
 
 
-def _as_int32(word: int) -> int:
-    """A uint32 value as the int32 with its bits (Triton types a Python int past 2**31 as int64: another variant)."""
-    return word - 2**32 if word >= 2**31 else word
-
-
-def dropout_kernel_args(fn: str, dropout_p: float, dropout_seed: torch.Tensor | None) -> dict:
+def dropout_kernel_args(fn: str, dropout_p: float, dropout_seed: torch.Tensor | None, device: torch.device) -> dict:
     """The Triton attention kernels' dropout arguments (llmkernels/triton/flash_attn_kernels.py): {} without
-    dropout (the kernels compile without it), else the key words as int32 bit patterns, the 16-bit threshold and
-    the kept probabilities' factor."""
+    dropout (the kernels compile without it), else the seed as a tensor on the kernels' device (read there: its
+    values are never taken on the host, so a traced graph keeps drawing fresh masks), the 16-bit threshold and
+    the kept probabilities' factor (both functions of dropout_p, a constant of the call)."""
     check_dropout(fn, dropout_p, dropout_seed)
     if dropout_p == 0:
         return {}
-    s0, s1 = seed_words(dropout_seed)
     return {
-        "drop_seed0": _as_int32(s0),
-        "drop_seed1": _as_int32(s1),
+        "DROP_SEED": dropout_seed.to(device),
         "drop_thresh": keep_threshold(dropout_p),
-        "drop_scale": 1.0 / (1.0 - float(dropout_p)),
+        "drop_scale": keep_scale(dropout_p),
         "DROPOUT": True,
     }

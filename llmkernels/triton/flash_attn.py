@@ -346,7 +346,7 @@ def flash_attn_fwd_triton(
     alibi_slopes: (h,) or (b, h) fp32, or None; lse is that of the biased scores. dropout_p > 0 with dropout_seed
     (int64 (2,) on the CPU): reference/dropout.py's mask."""
     _check_qkv("flash_attn_fwd_triton", q, k, v)
-    drop = dropout_kernel_args("flash_attn_fwd_triton", dropout_p, dropout_seed)
+    drop = dropout_kernel_args("flash_attn_fwd_triton", dropout_p, dropout_seed, q.device)
     batch, seqlen_q, nheads, headdim = q.shape
     alibi = _alibi_args("flash_attn_fwd_triton", alibi_slopes, batch, nheads, q.device)
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -420,7 +420,7 @@ def flash_attn_bwd_triton(
     check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
     check_shape(fn, "softmax_lse", softmax_lse, (batch, nheads, seqlen_q))
     alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
-    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed)}  # the kernels' optional args
+    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed, q.device)}  # the kernels' optional args
 
     dk = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
@@ -618,7 +618,7 @@ def flash_attn_varlen_fwd_triton(
     total_k, nheads_k = k.shape[0], k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
     options = {**_alibi_args("flash_attn_varlen_fwd_triton", alibi_slopes, batch, nheads, q.device),
-               **dropout_kernel_args("flash_attn_varlen_fwd_triton", dropout_p, dropout_seed)}  # fmt: skip
+               **dropout_kernel_args("flash_attn_varlen_fwd_triton", dropout_p, dropout_seed, q.device)}  # fmt: skip
     # Rows past cu_seqlens_q[-1] belong to no sequence and no program writes them: they start as out 0, lse -inf.
     out = torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device)
     lse = torch.full((nheads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
@@ -678,7 +678,7 @@ def flash_attn_varlen_bwd_triton(
     check_shape(fn, "softmax_lse", softmax_lse, (nheads, total_q))
     batch = cu_seqlens_q.shape[0] - 1
     alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
-    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed)}  # the kernels' optional args
+    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed, q.device)}  # the kernels' optional args
 
     # No program writes rows outside the sequences (nor keys of sequences without queries, in dk / dv): zeros.
     dk = torch.zeros((total_k, nheads_k, headdim), dtype=k.dtype, device=k.device)

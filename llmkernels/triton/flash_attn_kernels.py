@@ -20,10 +20,12 @@ BLOCK_M queries accumulates dQ over its key tiles. That recomputes S and dP a se
 products where five would do); the opt-in DQ_ATOMIC variant of the dK/dV kernel instead adds each tile's
 dS^T K into an fp32 dq with atomics (or a TMA reduce) and the dQ kernel does not run: not deterministic.
 
-Dropout (DROPOUT=True): p_ij is multiplied by 1 / (1 - dropout_p) where kept and 0 where dropped, after it joins
-the row sum (lse is that of the scores) and before P @ V; the backward multiplies dP by the same factor (dS =
-P * (dP * Z - D)) and uses P * Z for dV. The mask is a function of (seed, b * nheads + h, i, j) (Philox4x32-10,
-llmkernels/reference/dropout.py), so the backward redraws it instead of storing it.
+Dropout (DROPOUT=True): p_ij is zeroed where dropped, after it joins the row sum (lse is that of the scores) and
+before P @ V, and the output takes the factor Z = 1 / P(kept) once at the end (a factor of up to 65536 inside
+fp16 P would overflow); the backward uses the dropped P for dV (scaled at the end) and multiplies dP by kept * Z
+(dS = P * (dP * Z - D)). The mask is a function of (seed, b * nheads + h, i, j) (Philox4x32-10,
+llmkernels/reference/dropout.py), so the backward redraws it instead of storing it. The seed is read from an int64
+(2,) tensor (DROP_SEED), not passed as numbers: a graph compiled with the op must not freeze one mask.
 
 Varlen (VARLEN=True, flash_attn_varlen_func): q, o (total_q, h, d) and k, v (total_k, hk, d) hold the sequences
 packed end to end, sequence b at rows CU_SEQLENS_*[b] .. [b + 1] - 1; lse / delta are (h, total_q). The grid's
@@ -48,7 +50,7 @@ PHILOX_M0 = tl.constexpr(0xD2511F53)  # Philox4x32 round multipliers and key inc
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
 PHILOX_W1 = tl.constexpr(0xBB67AE85)
-DROPOUT_ARGS = ("drop_seed0", "drop_seed1", "drop_thresh")  # do_not_specialize: values, not kernel variants
+DROPOUT_ARGS = ("drop_thresh",)  # do_not_specialize: a value, not a kernel variant
 
 
 @triton.jit
@@ -150,12 +152,21 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def _dropout_key(DROP_SEED, DROPOUT: tl.constexpr):
+    """The Philox key: the two words of the int64 (2,) seed tensor modulo 2**32 (0, 0 without dropout: unused)."""
+    if DROPOUT:
+        return tl.load(DROP_SEED).to(tl.uint32), tl.load(DROP_SEED + 1).to(tl.uint32)
+    else:
+        return 0, 0
+
+
+@triton.jit
 def _dropout_tile(rows, col0, BLOCK_N: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh):
-    """(rows, BLOCK_N) fp32: 1 / (1 - dropout_p) where probability (drop_bh = b * nheads + h, query rows[r], key
-    col0 + c) is kept, else 0 (rows and keys counted within the sequence; col0 a multiple of 8, as tiles start).
-    The mask is llmkernels/reference/dropout.py's: one Philox call per (row, 8 keys), counter (j >> 3, i, bh, 0),
-    key (seed0, seed1) (int32 bit patterns of the uint32 words), key 8g + t reading the 16-bit half t % 2 of word
-    t // 2, kept iff that draw >= the threshold. The eight halves of a call are interleaved into the tile's key
+    """(rows, BLOCK_N) bool: whether probability (drop_bh = b * nheads + h, query rows[r], key col0 + c) is kept
+    (rows and keys counted within the sequence; col0 a multiple of 8, as tiles start). The mask is
+    llmkernels/reference/dropout.py's: one Philox call per (row, 8 keys), counter (j >> 3, i, bh, 0), key (seed0,
+    seed1) (uint32, from _dropout_key), key 8g + t reading the 16-bit half t % 2 of word t // 2, kept iff that draw
+    >= the threshold. (drop_scale is the caller's.) The eight halves of a call are interleaved into the tile's key
     order with three joins (join stacks along a new last axis: the last join's halves are t's lowest bit)."""
     tl.static_assert(BLOCK_N % 8 == 0, "dropout draws keys in groups of 8")
     groups = col0 // 8 + tl.arange(0, BLOCK_N // 8)
@@ -163,13 +174,11 @@ def _dropout_tile(rows, col0, BLOCK_N: tl.constexpr, drop_seed0, drop_seed1, dro
     c0 = (groups[None, :] + zero).to(tl.uint32)
     c1 = (rows[:, None] + zero).to(tl.uint32)
     c2 = (zero + drop_bh).to(tl.uint32)
-    k0 = drop_seed0.to(tl.uint32, bitcast=True)
-    k1 = drop_seed1.to(tl.uint32, bitcast=True)
-    w0, w1, w2, w3 = _philox4x32_10(c0, c1, c2, zero.to(tl.uint32), k0, k1)
+    w0, w1, w2, w3 = _philox4x32_10(c0, c1, c2, zero.to(tl.uint32), drop_seed0, drop_seed1)
     low = tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), tl.join(w1 & 0xFFFF, w3 & 0xFFFF))  # [.., t >> 2, (t >> 1) & 1]
     high = tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16))
     draws = tl.reshape(tl.join(low, high), (rows.shape[0], BLOCK_N))
-    return tl.where(draws >= drop_thresh.to(tl.uint32), drop_scale, 0.0)
+    return draws >= drop_thresh.to(tl.uint32)
 
 
 @triton.jit
@@ -206,7 +215,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # after the row sum: lse and the normalisation are those of the undropped probabilities
-            p = p * _dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh)
+            p = tl.where(_dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh),
+                         p, 0.0)
         v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn  # int64 scalar step, int32 in-tile offsets
         v = _load_tile(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -282,6 +292,8 @@ def _fwd_block(
     # Rows that saw no key: l = 0 -> output 0 and lse = -inf.
     seen = l_i > 0.0
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    if DROPOUT:
+        inv_l = inv_l * drop_scale
     out = acc * inv_l[:, None]
     lse = tl.where(seen, m_i * LN2 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
@@ -301,9 +313,10 @@ def flash_attn_fwd_kernel(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
     ALIBI=None, stride_alibi_b=None,  # fp32 slopes (b, h) (stride_alibi_b 0: (h,)); None: no ALiBi (no code)
-    drop_seed0=0, drop_seed1=0, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # see the module doc
+    DROP_SEED=None, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # see the module doc
 ):
     HAS_ALIBI: tl.constexpr = ALIBI is not None
+    drop_seed0, drop_seed1 = _dropout_key(DROP_SEED, DROPOUT)
     alibi_row = _alibi_row(ALIBI, stride_alibi_b)
     if VARLEN:
         off_h = tl.program_id(1)
@@ -397,11 +410,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, 
             if HAS_WR:
                 visible &= offs_n[:, None] <= rows[None, :] + shift + window_right
             p_t = tl.where(visible, p_t, 0.0)
-        if DROPOUT:  # dV from the dropped P; dS = P * (dP * Z - D)
-            z_t = tl.trans(_dropout_tile(rows, key0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale,
-                                         drop_bh))
-            dv += tl.dot((p_t * z_t).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * z_t
+        if DROPOUT:  # dV from the dropped P (its factor at the end); dS = P * (dP * kept * Z - D)
+            kept_t = tl.trans(_dropout_tile(rows, key0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale,
+                                            drop_bh))
+            dv += tl.dot(tl.where(kept_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * tl.where(kept_t, drop_scale, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -488,6 +501,8 @@ def _bwd_dkdv_block(
                                  start_n * BLOCK_N, BLOCK_N)
 
     dk = dk * scale
+    if DROPOUT:
+        dv = dv * drop_scale  # (P's dropout factor, kept out of the fp16 / bf16 tiles)
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + cols * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + cols * stride_dvn + offs_d[None, :],
@@ -507,13 +522,14 @@ def flash_attn_bwd_dkdv_kernel(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     ALIBI=None, stride_alibi_b=None,  # as flash_attn_fwd_kernel's
-    drop_seed0=0, drop_seed1=0, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # as the forward's
+    DROP_SEED=None, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # as the forward's
 ):
     """One program per (BLOCK_N keys, KV head, batch); sums over the group's query heads in fp32. DQ_ATOMIC: dq
     too, from the same dS tile (five products per tile instead of the seven of this kernel plus the dQ kernel),
     added in fp32 with atomics: the order of the sums, and so dq's last bits, vary from run to run."""
     tl.static_assert(not (VARLEN and DQ_ATOMIC == 2), "packed sequences add dq through pointers (DQ_ATOMIC 1)")
     HAS_ALIBI: tl.constexpr = ALIBI is not None
+    drop_seed0, drop_seed1 = _dropout_key(DROP_SEED, DROPOUT)
     alibi_row = _alibi_row(ALIBI, stride_alibi_b)
     if VARLEN:
         off_hk = tl.program_id(1).to(tl.int64)
@@ -577,7 +593,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            dp = dp * _dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh)
+            kept = _dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh)
+            dp = dp * tl.where(kept, drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - tanh_s * tanh_s)
@@ -648,10 +665,11 @@ def flash_attn_bwd_dq_kernel(
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
     ALIBI=None, stride_alibi_b=None,  # as flash_attn_fwd_kernel's
-    drop_seed0=0, drop_seed1=0, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # as the forward's
+    DROP_SEED=None, drop_thresh=0, drop_scale=1.0, DROPOUT: tl.constexpr = False,  # as the forward's
 ):
     """One program per (BLOCK_M queries, head, batch): the forward's loop with dS in place of P."""
     HAS_ALIBI: tl.constexpr = ALIBI is not None
+    drop_seed0, drop_seed1 = _dropout_key(DROP_SEED, DROPOUT)
     alibi_row = _alibi_row(ALIBI, stride_alibi_b)
     if VARLEN:
         off_h = tl.program_id(1)

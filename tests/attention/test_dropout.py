@@ -22,6 +22,7 @@ from llmkernels.reference.attention import flash_attn_fwd_ref, flash_attn_varlen
 from llmkernels.reference.dropout import (
     dropout_keep,
     dropout_scale,
+    keep_scale,
     keep_threshold,
     new_dropout_seed,
     philox4x32_10,
@@ -75,7 +76,7 @@ def test_keep_rate_and_dependence_on_every_index():
     scale = dropout_scale(seed, 0.3, 2, 3, 64, 256)
     kept = scale > 0
     assert abs(kept.float().mean().item() - 0.7) < 0.01  # 98k draws: sd 0.0015
-    torch.testing.assert_close(scale[kept], torch.full_like(scale[kept], 1 / 0.7))
+    torch.testing.assert_close(scale[kept], torch.full_like(scale[kept], keep_scale(0.3)))
     # Each index moves the mask: batch rows, heads, query rows and keys all get their own draws.
     assert (kept[0] != kept[1]).float().mean() > 0.3
     assert (kept[:, 0] != kept[:, 1]).float().mean() > 0.3
@@ -86,8 +87,15 @@ def test_keep_rate_and_dependence_on_every_index():
     assert (kept != other).float().mean() > 0.3
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99999, 1 - 2**-17])
+def test_the_scale_is_exactly_unbiased_for_16_bit_draws(p):
+    """P(kept) * scale = 1 for the 16-bit draws' P(kept) = 1 - threshold / 2^16 (1 / (1 - p) is not, near p = 1)."""
+    assert (65536 - keep_threshold(p)) / 65536 * keep_scale(p) == pytest.approx(1.0, rel=1e-15)
+    assert abs(keep_scale(p) * (1 - p) - 1) < 2**-16 / (1 - p) + 1e-12
+
+
 def test_reference_attention_applies_the_mask_after_the_softmax():
-    """An independent formulation: softmax over the visible scores, times the mask / (1 - p), times V; lse unchanged."""
+    """An independent formulation: softmax over the visible scores, times the mask / P(kept), times V; lse unchanged."""
     q, k, v = random_qkv(2, 9, 14, 4, 2, 8, torch.float64, "cpu")
     seed, p = new_dropout_seed(), 0.4
     out, lse = flash_attn_fwd_ref(q, k, v, 0.3, -1, 0, 0.0, dropout_p=p, dropout_seed=seed)
@@ -101,7 +109,7 @@ def test_reference_attention_applies_the_mask_after_the_softmax():
 
 
 def test_reference_is_unbiased():
-    """E[out] over seeds is the attention without dropout: the 1 / (1 - p) scaling."""
+    """E[out] over seeds is the attention without dropout: the 1 / P(kept) scaling."""
     q, k, v = random_qkv(1, 3, 6, 1, 1, 4, torch.float64, "cpu")
     plain = flash_attn_fwd_ref(q, k, v, 0.5)[0]
     torch.manual_seed(0)
@@ -192,9 +200,10 @@ def check_dropout_case(backend, device, dtype, case):
         for name, g, e, s in zip(("dq", "dk", "dv"), grads, exact_grads, same_grads):
             assert_error_within_ratio(g, e, s, ratio=3.0, name=name)
     # The same call with another seed must differ (a mask ignored, or drawn from the wrong indices, fails above;
-    # this fails if dropout is not applied at all).
-    other, _ = _ours(backend, inputs, dout, kw, state + 1)
-    assert (other.float() - out.float()).abs().max() > 1e-2
+    # this fails if dropout is not applied at all). Near p = 1 both usually keep nothing.
+    if p < 0.99:
+        other, _ = _ours(backend, inputs, dout, kw, state + 1)
+        assert (other.float() - out.float()).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -373,3 +382,48 @@ def test_compile_fullgraph():
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.triton_interp
+@needs_interpreter
+def test_triton_fp16_near_p_one_stays_finite():
+    """A factor of up to 65536 (p near 1) must not meet fp16 P: the kernels scale the fp32 accumulators instead."""
+    check_dropout_case("triton", "cpu", torch.float16, (1, 17, 40, 2, 2, 16, False, (-1, -1), 0.0, 0.99999))
+
+
+@pytest.mark.triton_interp
+@needs_interpreter
+def test_triton_opcheck_with_dropout():
+    """The Triton ops trace with fake tensors (the seed's values are read by the kernels, never on the host)."""
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 17, 17, 2, 1, 16, torch.float32, "cpu"))
+    seed = new_dropout_seed()
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_fwd_triton.default,
+                          (q, k, v, 0.25, -1, 0, 0.0, False, None, 0.3, seed))  # fmt: skip
+    out, lse = torch.ops.llmkernels.flash_attn_fwd_triton(q, k, v, 0.25, -1, 0, 0.0, False, None, 0.3, seed)
+    q, k, v = q.detach(), k.detach(), v.detach()  # (the backward op has no backward of its own)
+    torch.library.opcheck(torch.ops.llmkernels.flash_attn_bwd_triton.default,
+                          (torch.randn_like(out), q, k, v, out.detach(), lse.detach(), 0.25, -1, 0, 0.0, False, None,
+                           None, 0.3, seed))  # fmt: skip
+
+
+def test_seed_ignores_the_default_device():
+    """The seed is drawn on the CPU even under torch.device(...): the kernels take it from there."""
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 16, torch.float32, "cpu")
+    with torch.device("meta"):
+        seed = new_dropout_seed()
+    assert seed.device.type == "cpu"
+    with torch.device("meta"), llmkernels.use_backend("reference"):
+        out = llmkernels.flash_attn_func(q, k, v, 0.5)
+    assert out.device.type == "cpu" and torch.isfinite(out).all()
+
+
+def test_dropout_p_as_numpy_or_0d_tensor():
+    np = pytest.importorskip("numpy")
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 16, torch.float32, "cpu")
+    with llmkernels.use_backend("reference"):
+        outs = []
+        for p in (0.25, np.float32(0.25), torch.tensor(0.25)):
+            torch.manual_seed(9)
+            outs.append(llmkernels.flash_attn_func(q, k, v, p))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)

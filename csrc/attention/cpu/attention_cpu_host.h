@@ -163,7 +163,7 @@ inline void set_dropout(const char* op, AttnParams& p, double dropout_p, const s
   p.drop_key0 = static_cast<uint32_t>(static_cast<uint64_t>(words.data_ptr<int64_t>()[0]));
   p.drop_key1 = static_cast<uint32_t>(static_cast<uint64_t>(words.data_ptr<int64_t>()[1]));
   p.drop_threshold = ::llmkernels::philox::keep_threshold(dropout_p);
-  p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.drop_scale = static_cast<float>(65536.0 / (65536.0 - p.drop_threshold));  // 1 / P(kept): exactly unbiased
 }
 
 inline void run_flushing(TaskFn fn, const AttnParams& p, int64_t begin, int64_t end) {
