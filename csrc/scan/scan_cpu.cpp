@@ -227,6 +227,7 @@ void store_rows(const float* src, int64_t rows, int64_t dstate, int64_t npad, at
 struct Operands {
   int64_t batch, dim, L, dstate, npad;
   at::Tensor A, D, init;
+  at::Tensor a_const;  // (dim,) bool: the row of A is one value (row_constant_A)
   PackedBC B, C;
 
   ScanRow row(int64_t r, const float* u, const float* delta, const float* z) const {
@@ -241,15 +242,21 @@ struct Operands {
                    C.data.const_data_ptr<float>() + C.offset(b, d, dim, L, npad),
                    B.stride,
                    C.stride,
-                   D.defined() ? D.const_data_ptr<float>()[d] : 0.0f};
+                   D.defined() ? D.const_data_ptr<float>()[d] : 0.0f,
+                   a_const.const_data_ptr<bool>()[d]};
   }
 };
+
+// (dim,) bool: whether row d of A (dim, dstate) holds one value (Mamba-2's per-head A flattened to channels), so
+// that the kernels take one exp per step instead of one per state entry (ScanRow::a_const).
+at::Tensor row_constant_A(const at::Tensor& A) { return (A == A.narrow(1, 0, 1)).all(1).contiguous(); }
 
 Operands prepare_operands(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                           const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& initial_state) {
   Operands o;
   o.batch = u.size(0), o.dim = u.size(1), o.L = u.size(2), o.dstate = A.size(1), o.npad = padded_state(o.dstate);
   o.A = pad_state(A, o.npad, /*may_alias=*/true);
+  o.a_const = row_constant_A(A);
   if (D) o.D = f32(*D);
   // a copy even when the layout matches: the forward updates it in place into the last state
   o.init = initial_state ? pad_state(*initial_state, o.npad)
@@ -337,7 +344,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
   const char* op = "selective_scan_fwd";
   check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), dstate = A.size(1), npad = padded_state(dstate);
-  const at::Tensor Ap = pad_state(A, npad, /*may_alias=*/true);
+  const at::Tensor Ap = pad_state(A, npad, /*may_alias=*/true), a_const = row_constant_A(A);
+  const bool* a_const_p = a_const.const_data_ptr<bool>();
   const at::Tensor Df = D ? f32(*D) : at::Tensor(), bias = delta_bias ? f32(*delta_bias) : at::Tensor();
   const at::Tensor init = initial_state ? initial_state->contiguous() : at::Tensor();
   // Constant B / C (dim, dstate) are small: packed once here. Per-token ones per (batch, group) in the loop.
@@ -398,7 +406,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
                           gC ? slice(C, gC, b, d, packed_C, Cb) : Cc_p + d * npad,
                           gB ? npad : 0,
                           gC ? npad : 0,
-                          D_p ? D_p[d] : 0.0f};
+                          D_p ? D_p[d] : 0.0f,
+                          a_const_p[d]};
         if (init_p) std::copy_n(init_p + r * dstate, dstate, sb);
         std::fill(sb + (init_p ? dstate : 0), sb + npad, 0.0f);
         float* orow = out_f32 ? static_cast<float*>(out_p) + r * L : ob;

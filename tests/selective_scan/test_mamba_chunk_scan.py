@@ -175,3 +175,33 @@ def test_torch_compile_fullgraph():
 
     got = torch.compile(fn, fullgraph=True, backend="aot_eager")(kw)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_scan_with_some_rows_of_A_constant(backend, device):
+    """selective_scan_fn with A whose rows are partly one value (the C++ CPU kernels take one exp per step for
+    those, ScanRow::a_const) and partly not, forward and gradients against the fp64 reference; seqlens past and
+    below the kernels' W-step blocks."""
+    from llmkernels.reference.selective_scan import selective_scan_ref
+
+    for seqlen in (1, 21, 70):
+        batch, dim, dstate = 2, 12, 24
+        A = -0.5 - torch.rand(dim, dstate, device=device)
+        A[::2] = A[::2, :1]  # even rows constant
+        u, delta = torch.randn(batch, dim, seqlen, device=device), 0.5 * torch.rand(batch, dim, seqlen, device=device)
+        B, C = (
+            torch.randn(batch, 2, dstate, seqlen, device=device),
+            torch.randn(batch, 2, dstate, seqlen, device=device),
+        )
+        leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+        exact = [t.double().cpu().requires_grad_() for t in (u, delta, A, B, C)]
+        with llmkernels.use_backend(backend):
+            out, last = llmkernels.selective_scan_fn(*leaves, return_last_state=True)
+        ref, ref_last = selective_scan_ref(*exact, return_last_state=True)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(last.double().cpu(), ref_last, rtol=1e-4, atol=1e-4)
+        dout = torch.randn(out.shape, device=device)
+        (out * dout).sum().backward()
+        (ref * dout.double().cpu()).sum().backward()
+        for name, g, e in zip(("du", "ddelta", "dA", "dB", "dC"), (t.grad for t in leaves), (t.grad for t in exact)):
+            torch.testing.assert_close(g.double().cpu(), e, rtol=1e-3, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")

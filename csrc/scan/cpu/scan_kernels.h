@@ -35,6 +35,9 @@ struct ScanRow {
   int64_t b_stride;  // 0 for constant B, npad for per-token B
   int64_t c_stride;
   float D;  // 0 when absent
+  // A[0] == A[n] for every n < dstate (Mamba-2's per-head A, flattened): exp(delta_t A) is one number per step,
+  // taken W steps at a time, instead of one per state entry; the padding lanes meet a zero state either way.
+  bool a_const = false;
 };
 
 struct ScanRowGrad {
