@@ -2,7 +2,15 @@
 
 from .attention import MultiheadFlashAttention
 from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer
 from .sliding_window import SlidingWindowAttention
 from .ternary import BitLinear, TernaryLinear
 
-__all__ = ["BitLinear", "MambaMixer", "MultiheadFlashAttention", "SlidingWindowAttention", "TernaryLinear"]
+__all__ = [
+    "BitLinear",
+    "Mamba2Mixer",
+    "MambaMixer",
+    "MultiheadFlashAttention",
+    "SlidingWindowAttention",
+    "TernaryLinear",
+]
