@@ -396,10 +396,17 @@ def bench_alibi(quick: bool, device: str) -> list[dict]:
         impls["flex-score-mod"] = lambda q, k, v: compiled(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod, block_mask=mask
         ).transpose(1, 2)
+    return _causal_prefill_rows("flash_attn_alibi", case, impls, q, k, v, quick)
+
+
+def _causal_prefill_rows(op_stem: str, case: str, impls: dict, q, k, v, quick: bool) -> list[dict]:
+    """Rows op_stem_fwd[_bwd][_cpu] of causal self-attention over q, k, v (batch, seqlen, nheads, headdim): each impl
+    timed forward and forward + backward (forward only for --quick on a CPU)."""
+    cpu = q.device.type == "cpu"
+    batch, seqlen, nheads, headdim = q.shape
     rows, measure = [], dict(warmup=2, rep=5, min_time_s=0.1) if cpu else {}
     for backward in (False, True) if not (quick and cpu) else (False,):
-        op = "flash_attn_alibi_fwd_bwd" if backward else "flash_attn_alibi_fwd"
-        op += "_cpu" if cpu else ""
+        op = op_stem + ("_fwd_bwd" if backward else "_fwd") + ("_cpu" if cpu else "")
         flops = attention_flops(batch, seqlen, seqlen, nheads, headdim, True, backward)
         for impl, fn in impls.items():
             ms = _time(impl, fn, (q, k, v), backward, **measure)
@@ -424,17 +431,7 @@ def bench_dropout(quick: bool, device: str) -> list[dict]:
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.1, is_causal=True
         ).transpose(1, 2),
     }
-    rows, measure = [], dict(warmup=2, rep=5, min_time_s=0.1) if cpu else {}
-    for backward in (False, True) if not (quick and cpu) else (False,):
-        op = ("flash_attn_dropout_fwd_bwd" if backward else "flash_attn_dropout_fwd") + ("_cpu" if cpu else "")
-        flops = attention_flops(batch, seqlen, seqlen, nheads, headdim, True, backward)
-        for impl, fn in impls.items():
-            ms = _time(impl, fn, (q, k, v), backward, **measure)
-            if ms is not None:
-                value = flops / (ms * 1e-3) / (1e9 if cpu else 1e12)
-                rows.append(_row(op, case, impl, ms, "GFLOP/s" if cpu else "TFLOP/s", value,
-                                 None if cpu else peak_tflops()))  # fmt: skip
-    return rows
+    return _causal_prefill_rows("flash_attn_dropout", case, impls, q, k, v, quick)
 
 
 def bench_leftpad_decode(quick: bool, device: str) -> list[dict]:

@@ -10,6 +10,7 @@ Elementwise-style ops use per-dtype (rtol, atol) tables.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,24 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(torch.iinfo(t.dtype).min)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """torch.empty / empty_like / Tensor.new_empty give NaN-filled float tensors inside the block: what an op
+    allocates for its outputs (and scratch) must be written by a kernel to pass."""
+    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
+
+    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
+    torch.Tensor.new_empty = lambda self, *a, **kw: poison(real_new(self, *a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:

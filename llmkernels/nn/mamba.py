@@ -28,6 +28,16 @@ from ..ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..ops.selective_scan import selective_scan_fn, selective_state_update
 
 
+def check_mixer_config(layer: str, hidden_act: str, conv_kernel: int, state_size: int) -> None:
+    """What the kernels under a Mamba / Mamba-2 mixer take: SiLU, conv widths 2..4, dstate 1..256."""
+    if hidden_act not in ("silu", "swish"):
+        raise ValueError(f"{layer}: hidden_act must be 'silu' (as in Mamba), got {hidden_act!r}")
+    if not 2 <= conv_kernel <= 4:
+        raise ValueError(f"{layer}: conv_kernel must be 2, 3 or 4 (the causal conv kernels'), got {conv_kernel}")
+    if not 1 <= state_size <= 256:
+        raise ValueError(f"{layer}: state_size must be in 1..256 (the scan kernels'), got {state_size}")
+
+
 @dataclass
 class MambaCache:
     """One mixer's inference state.
@@ -57,12 +67,7 @@ class MambaMixer(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if hidden_act not in ("silu", "swish"):
-            raise ValueError(f"MambaMixer: hidden_act must be 'silu' (as in Mamba), got {hidden_act!r}")
-        if not 2 <= conv_kernel <= 4:
-            raise ValueError(f"MambaMixer: conv_kernel must be 2, 3 or 4 (the causal conv kernels'), got {conv_kernel}")
-        if not 1 <= state_size <= 256:
-            raise ValueError(f"MambaMixer: state_size must be in 1..256 (the scan kernels'), got {state_size}")
+        check_mixer_config("MambaMixer", hidden_act, conv_kernel, state_size)
         factory = dict(device=device, dtype=dtype)
         self.hidden_size = hidden_size
         self.ssm_state_size = state_size

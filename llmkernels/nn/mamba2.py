@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..ops.mamba_chunk_scan import mamba_chunk_scan_combined
 from ..ops.selective_scan import selective_state_update
+from .mamba import check_mixer_config
 
 
 @dataclass
@@ -79,12 +80,7 @@ class Mamba2Mixer(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if hidden_act not in ("silu", "swish"):
-            raise ValueError(f"Mamba2Mixer: hidden_act must be 'silu' (as in Mamba-2), got {hidden_act!r}")
-        if not 2 <= conv_kernel <= 4:
-            raise ValueError(f"Mamba2Mixer: conv_kernel must be 2, 3 or 4 (the conv kernels'), got {conv_kernel}")
-        if not 1 <= state_size <= 256:
-            raise ValueError(f"Mamba2Mixer: state_size must be in 1..256 (the scan kernels'), got {state_size}")
+        check_mixer_config("Mamba2Mixer", hidden_act, conv_kernel, state_size)
         if n_groups < 1 or num_heads % n_groups != 0:
             raise ValueError(f"Mamba2Mixer: n_groups ({n_groups}) must divide num_heads ({num_heads})")
         factory = dict(device=device, dtype=dtype)

@@ -11,12 +11,12 @@ fp32 against the fp64 reference with test_triton_attention.py's bounds. The ops'
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
 import pytest
 import torch
+from utils import poisoned_allocations
 
 from llmkernels.reference.attention import (
     flash_attn_fwd_ref,
@@ -41,24 +41,6 @@ else:
 OUT_TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 kernels against the fp64 reference (test_triton_attention's bounds)
 GRAD_TOL = dict(rtol=2e-4, atol=5e-5)
 LSE_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty / empty_like / Tensor.new_empty give NaN-filled float tensors: what the ops allocate for their
-    outputs (and the decode split's partials) must be written by a kernel to pass."""
-    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
-
-    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
-    torch.Tensor.new_empty = lambda self, *a, **kw: poison(real_new(self, *a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
 
 
 def _slopes(kind: str, batch: int, nheads: int, scale: float = 1.0) -> torch.Tensor:

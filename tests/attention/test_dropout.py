@@ -8,14 +8,13 @@ bf16), their float allocations NaN-poisoned; cuda-marked cases run them on a GPU
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
 import pytest
 import torch
 from attn_cases import FP32_TOL, needs_cpu_kernel, random_qkv
-from utils import assert_error_within_ratio
+from utils import assert_error_within_ratio, poisoned_allocations
 
 import llmkernels
 from llmkernels.reference.attention import flash_attn_fwd_ref, flash_attn_varlen_fwd_ref
@@ -139,24 +138,6 @@ def _id(case):
     return (f"b{b}-q{sq}-k{sk}-h{h}/{hk}-d{d}" + ("-causal" if causal else "")
             + (f"-w{window[0]},{window[1]}" if window != (-1, -1) else "") + (f"-cap{softcap:g}" if softcap else "")
             + f"-p{p:g}")  # fmt: skip
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty / empty_like / new_empty give NaN-filled float tensors, so an output element no kernel writes
-    fails the comparison."""
-    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
-
-    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
-    torch.Tensor.new_empty = lambda self, *a, **kw: poison(real_new(self, *a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
 
 
 def _ours(backend, inputs, dout, kw, seed_state):
