@@ -287,7 +287,7 @@ def patch_mamba(model: torch.nn.Module) -> int:
 # transformers' Mamba2Mixer (modeling_mamba2) calls module-level functions with mamba_ssm's / causal_conv1d's
 # signatures too: causal_conv1d_fn / _update, mamba2_chunk_scan (mamba_chunk_scan_combined) for prefill,
 # mamba2_selective_state_update (the 4-D decode step). Its fused training entry (mamba2_split_conv1d_scan_combined)
-# returns None without a hub kernel, and the mixer then runs those pieces: so they are all patch_mamba2 replaces.
+# returns None without a hub kernel, and the mixer then runs those pieces: patch_mamba2 makes it return None always.
 
 
 def _hf_mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
@@ -309,11 +309,18 @@ def _hf_mamba2_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=N
     return selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
+def _hf_no_fused_mamba2(*args, **kwargs):
+    """transformers' stub for the fused training kernel (conv, scan, norm and out_proj in one): None makes the mixer
+    run the pieces above. Patched too, so that an installed mamba_ssm / hub kernel does not take training."""
+    return None
+
+
 _HF_MAMBA2_FUNCTIONS = {
     "causal_conv1d_fn": _hf_conv1d_fn,
     "causal_conv1d_update": _hf_conv1d_update,
     "mamba2_chunk_scan": _hf_mamba2_chunk_scan,
     "mamba2_selective_state_update": _hf_mamba2_state_update,
+    "mamba2_split_conv1d_scan_combined": _hf_no_fused_mamba2,
 }
 
 
@@ -326,22 +333,47 @@ def patch_mamba2(model: torch.nn.Module) -> int:
 
 
 def _patch_mixers(model: torch.nn.Module, module, mixer_class, functions: dict) -> int:
-    """Give each `mixer_class` instance in model a forward that swaps `functions` into `module` for its call."""
+    """Give each `mixer_class` instance in model a forward whose code looks `functions` up instead of `module`'s
+    globals of those names. A copy of the forward with its own globals (not a swap of the module's during the call):
+    torch.compile traces the names the code really uses, and other mixers, threads and models are untouched."""
     import types
 
-    def patched_forward(self, *args, **kwargs):
-        saved = {name: getattr(module, name) for name in functions}
-        for name, fn in functions.items():
-            setattr(module, name, fn)
-        try:
-            return type(self).forward(self, *args, **kwargs)
-        finally:
-            for name, fn in saved.items():
-                setattr(module, name, fn)
-
+    forward = _with_globals(mixer_class.forward, functions)
     count = 0
     for mixer in model.modules():
         if isinstance(mixer, mixer_class):
-            mixer.forward = types.MethodType(patched_forward, mixer)
+            mixer.forward = types.MethodType(forward, mixer)
             count += 1
     return count
+
+
+def _with_globals(fn, functions: dict):
+    """A copy of fn whose innermost function (under functools.wraps decorators, such as transformers'
+    force_accelerate_hooks) resolves the names in `functions` to them; each decorator layer is rebuilt around the
+    copy through its closure cell that held the original."""
+    import functools
+    import types
+
+    wrapped = getattr(fn, "__wrapped__", None)
+    if wrapped is None:
+        copy = types.FunctionType(fn.__code__, {**fn.__globals__, **functions}, fn.__name__, fn.__defaults__,
+                                  fn.__closure__)  # fmt: skip
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        return functools.update_wrapper(copy, fn, updated=())
+    inner = _with_globals(wrapped, functions)
+    cells, found = [], False
+    for cell in fn.__closure__ or ():
+        try:
+            held = cell.cell_contents
+        except ValueError:  # an empty cell
+            held = None
+        if held is wrapped:
+            cell, found = types.CellType(inner), True
+        cells.append(cell)
+    if not found:
+        raise RuntimeError(f"llmkernels: cannot patch {fn.__qualname__}: its decorator does not hold the function it "
+                           "wraps in a closure cell")  # fmt: skip
+    layer = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
+    layer.__kwdefaults__ = fn.__kwdefaults__
+    functools.update_wrapper(layer, inner, updated=())
+    return layer

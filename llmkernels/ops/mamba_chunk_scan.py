@@ -11,14 +11,17 @@ h // (nheads / ngroups), which is exactly the grouped B / C layout the scan kern
 of selective_scan_fn (C++ CPU, CUDA C++, Triton, reference) runs it, differentiably (gradients reach x, dt, A, B,
 C, D, z, dt_bias and initial_states through the layout changes), with the kernels' own chunking along the sequence:
 chunk_size is accepted and checked but does not change the result. The cost, against mamba_ssm's SSD kernels: the
-layout changes copy x, z and the output once each, and the scan takes an exp per state entry where one per head
-would do (an SSD kernel also turns the intra-chunk work into matrix products); see docs/GPU_SESSION.md.
+layout changes copy x, z and the output once each and spread dt over the channels (an x-sized tensor, where
+mamba_ssm keeps (batch, seqlen, nheads)), and the GPU scan takes an exp per state entry where one per head would do
+(the CPU kernels detect the per-head A and take one per step; an SSD kernel also turns the intra-chunk work into
+matrix products); see docs/GPU_SESSION.md.
 Not supported (NotImplementedError naming them): seq_idx, cu_seqlens and return_varlen_states (packed sequences).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -44,7 +47,7 @@ def _check(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_lim
         raise ValueError(f"llmkernels.{fn}: B must be (batch, seqlen, ngroups, dstate) = ({batch}, {seqlen}, ngroups "
                          f"dividing nheads = {nheads}, 1..{MAX_DSTATE}), got {tuple(B.shape)}")  # fmt: skip
     check_shape(fn, "C", C, B.shape)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"llmkernels.{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None:
         check_tensor(fn, "D", D, dtypes=_DTYPES, device=dev)
@@ -61,7 +64,7 @@ def _check(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_lim
         check_tensor(fn, "initial_states", initial_states, ndim=4, dtypes=_DTYPES, device=dev)
         check_shape(fn, "initial_states", initial_states, (batch, nheads, headdim, dstate))
     if not (isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2
-            and all(isinstance(v, (int, float)) and not math.isnan(v) for v in dt_limit)
+            and all(isinstance(v, numbers.Real) and not math.isnan(v) for v in dt_limit)
             and dt_limit[0] <= dt_limit[1]):  # fmt: skip
         raise ValueError(f"llmkernels.{fn}: dt_limit must be a pair (min, max) of numbers, got {dt_limit!r}")
 
@@ -104,7 +107,11 @@ def mamba_chunk_scan_combined(
         return t.permute(0, 2, 3, 1).reshape(batch, dim, seqlen)
 
     # dt is per (token, head): its bias, softplus and clamp run here on that small tensor, in fp32 (as mamba_ssm's).
+    # Spread over the channels it becomes x-sized: on a GPU in x's 16-bit dtype, since the CUDA scan would otherwise
+    # promote u, B, C and z to fp32 copies to match it (the CPU kernels read each input in its own dtype).
     delta = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
+    if x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        delta = delta.to(x.dtype)
     delta = delta.permute(0, 2, 1)[:, :, None, :].expand(batch, nheads, headdim, seqlen).reshape(batch, dim, seqlen)
     A_channels = A.float()[:, None, None].expand(nheads, headdim, dstate).reshape(dim, dstate)
     D_channels = None

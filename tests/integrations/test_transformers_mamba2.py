@@ -81,6 +81,64 @@ def test_patched_model_really_calls_llmkernels():
             ours(ids)
     cache = transformers.DynamicCache(config=ours.config)
     with torch.no_grad():
-        ours(ids, past_key_values=cache, use_cache=True)
+        ours(ids, cache_params=cache, use_cache=True)
         with llmkernels.use_backend("cuda"), pytest.raises(llmkernels.BackendError):
-            ours(ids[:, -1:], past_key_values=cache, use_cache=True)
+            ours(ids[:, -1:], cache_params=cache, use_cache=True)
+
+
+@pytest.mark.hf
+def test_patched_scan_and_decode_step_are_llmkernels(monkeypatch):
+    """The scan (prefill) and the 4-D state update (decode) of every patched layer are llmkernels' (the forced-backend
+    test above stops at the conv, which runs first)."""
+    import llmkernels.ops.mamba_chunk_scan as chunk_ops
+    import llmkernels.ops.selective_scan as scan_ops
+
+    calls = []
+    for mod, name in ((chunk_ops, "mamba_chunk_scan_combined"), (scan_ops, "selective_state_update")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **kw: (calls.append(name), real(*a, **kw))[1])
+    ref, ours = _tiny()
+    ids = torch.randint(0, 97, (1, 5))
+    cache = transformers.DynamicCache(config=ours.config)
+    with torch.no_grad():
+        ours(ids, cache_params=cache, use_cache=True)
+        ours(ids[:, -1:], cache_params=cache, use_cache=True)
+    # prefill: one scan per layer; decode: the 4-D update per layer (which calls the 3-D one through the same name)
+    assert calls[:2] == ["mamba_chunk_scan_combined"] * 2
+    assert len(calls) >= 4 and set(calls[2:]) == {"selective_state_update"}
+
+
+@pytest.mark.hf
+def test_compiled_patched_model_still_calls_llmkernels():
+    """torch.compile traces the patched forward's own names (a swap of transformers' module globals during the call
+    was invisible to it: the compiled graph ran transformers' fallback)."""
+    import llmkernels
+
+    ref, ours = _tiny()
+    ids = torch.randint(0, 97, (2, 11))
+    compiled = torch.compile(ours, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, ours(ids, use_cache=False).logits,
+                                   rtol=1e-6, atol=1e-6)  # fmt: skip
+        torch._dynamo.reset()
+        with llmkernels.use_backend("cuda"), pytest.raises(Exception, match="backend 'cuda' cannot run"):
+            torch.compile(ours, backend="eager", fullgraph=True)(ids, use_cache=False)
+
+
+@pytest.mark.hf
+def test_an_installed_fused_kernel_does_not_take_training(monkeypatch):
+    """With mamba_ssm (or a hub kernel) installed, transformers' fused training entry is a real kernel: a patched
+    model must still train through llmkernels' pieces."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(modeling_mamba2, "mamba2_split_conv1d_scan_combined", fused)
+    ref, ours = _tiny()
+    ids = torch.randint(0, 97, (2, 9))
+    ours.train()
+    ours(ids, labels=ids).loss.backward()
+    ref.train()
+    with pytest.raises(AssertionError, match="fused kernel ran"):
+        ref(ids, labels=ids)

@@ -205,3 +205,14 @@ def test_scan_with_some_rows_of_A_constant(backend, device):
         (ref * dout.double().cpu()).sum().backward()
         for name, g, e in zip(("du", "ddelta", "dA", "dB", "dC"), (t.grad for t in leaves), (t.grad for t in exact)):
             torch.testing.assert_close(g.double().cpu(), e, rtol=1e-3, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_numpy_chunk_size_and_dt_limit_are_numbers():
+    np = pytest.importorskip("numpy")
+    kw = _inputs(1, 6, 2, 4, 1, 8)
+    with llmkernels.use_backend("reference"):
+        got = llmkernels.mamba_chunk_scan_combined(
+            **kw, chunk_size=np.int64(4), dt_limit=(np.float32(0), np.float32(2))
+        )
+        want = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=4, dt_limit=(0.0, 2.0))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
