@@ -8,6 +8,8 @@ whose backward recomputes the states (selective_scan_bwd) rather than storing th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _checks, _ext
@@ -357,8 +359,8 @@ def selective_state_update(
         rows = state.shape[0] if isinstance(state, torch.Tensor) and state.dim() == 3 else -1
     if not _update_args_ok(state, x, dt, A, B, C, D, z, dt_bias, rows):
         check_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)  # raises, naming the argument
-    if B.dim() != C.dim():  # one (batch, dstate) is ngroups = 1: both in the grouped layout, as every backend takes
-        B, C = (t.unsqueeze(1) if t.dim() == 2 else t for t in (B, C))
+    if B.shape != C.shape:  # other groupings ((batch, dstate) is one group): both spread to the lcm of the two,
+        B, C = _same_grouping(B, C)  # the one grouping every backend takes for both
     y = update_dispatcher(
         state,
         x.contiguous(),
@@ -375,6 +377,14 @@ def selective_state_update(
     # No gradient flows through a decode step (as mamba_ssm's): a backward says so instead of dropping them.
     return inference_only("selective_state_update", y, x, dt, A, B, C, D, z, dt_bias,
                           train_with="selective_scan_fn")  # fmt: skip
+
+
+def _same_grouping(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C (batch, dstate) or (batch, g, dstate), g dividing dim, as (batch, lcm(gB, gC), dstate) each: channel
+    d reads group d // (dim / g) either way (small copies, one row per group)."""
+    groups = [t.shape[1] if t.dim() == 3 else 1 for t in (B, C)]
+    common = math.lcm(*groups)
+    return tuple(t.reshape(t.shape[0], g, -1).repeat_interleave(common // g, dim=1) for t, g in zip((B, C), groups))
 
 
 def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):

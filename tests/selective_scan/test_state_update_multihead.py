@@ -102,6 +102,26 @@ def test_3d_step_takes_one_A_per_channel(backend, device, dstate):
         assert_close_dtype(state, want_state)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("groups", [(1, 2), (2, 1), (2, 4)], ids=["B1-C2", "B2-C1", "B2-C4"])
+def test_B_and_C_with_other_group_counts(backend, device, groups):
+    """B and C grouped differently (each head reads its own group of each): every backend as the reference (the
+    Triton kernel, which takes one grouping, had refused it)."""
+    kw = _inputs(2, 4, 8, 16, 1, torch.float32, device, True)
+    kw["B"], kw["C"] = (torch.randn(2, g, 16, device=device) for g in groups)
+    state = kw["state"].clone()
+    heads = []
+    for h in range(4):  # head h reads group h // (4 / g) of each
+        s = state[:, h]
+        b, c = (kw[n][:, h // (4 // g)] for n, g in (("B", groups[0]), ("C", groups[1])))
+        heads.append(selective_state_update_ref(s, kw["x"][:, h], kw["dt"][:, h], kw["A"][h], b, c, kw["D"][h],
+                                                kw["z"][:, h], kw["dt_bias"][h], True))  # fmt: skip
+    with llmkernels.use_backend(backend):
+        y = llmkernels.selective_state_update(**kw)
+    assert_close_dtype(y, torch.stack(heads, dim=1))
+    assert_close_dtype(kw["state"], state)
+
+
 def test_tied_A_reaches_the_kernels_as_one_value_per_channel(monkeypatch):
     """Mamba-2's expanded A (stride 0 along dstate) must not be copied out to (nheads * headdim, dstate)."""
     from llmkernels.ops import selective_scan as ops
