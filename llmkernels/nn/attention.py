@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -103,8 +104,8 @@ class MultiheadFlashAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MultiheadFlashAttention: dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiheadFlashAttention: dropout must be a number in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or num_kv_heads < 1:

@@ -326,8 +326,9 @@ def test_layer_drops_in_training_only():
         c, d = layer(x), layer(x)
     assert (a - b).abs().max() > 1e-3
     torch.testing.assert_close(c, d, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="dropout"):
-        llmkernels.nn.MultiheadFlashAttention(32, 4, dropout=1.0)
+    for bad in (1.0, -0.1, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="dropout"):
+            llmkernels.nn.MultiheadFlashAttention(32, 4, dropout=bad)
 
 
 @needs_cpu_kernel
