@@ -6,7 +6,8 @@
 // Query blocks of kAmxRows rows, each copied to a contiguous buffer (rows of a (b, s, h, d) tensor lie a power of
 // two apart: read in place, a block's rows fall into a few L1 sets), stream the packed key blocks of kAmxKeys:
 // S = Q K^T (fp32), the scale / soft-cap / band mask and the running max and sum per row, P rounded to bf16 (as
-// the GPU kernels and the vdpbf16ps kernel do), O += P V.
+// the GPU kernels and the vdpbf16ps kernel do), O += P V. Dropout (flash attention only): P times the keep factors
+// after the row sums took it, before the rounding (dropout_avx512.h DropoutRows draws them a row of a block at once).
 
 // Measured 128 / 256 / 512 rows by 128 / 256 keys, 2k tokens d 128, 1 thread pinned to each core in turn: 128 x
 // 256 at or near the fastest in every round; 512-row blocks (a working set past L2) won one early round and lost
@@ -66,30 +67,42 @@ struct AmxForwardScratch {  // per thread, kept between calls (fresh pages cost 
 
 constexpr float kLazyMax = 8.f;  // log2 units: how far a score may pass the running max before the max moves
 
+struct NoDropout {  // amx_forward_head's mask without dropout (the rolling cache's chunks; p = 0)
+  static constexpr bool kOn = false;
+};
+
 // One row of kAmxKeys scores s (log2 units once times mul) against the max m: pr = 2^(s mul - m) in bf16, 0 in
 // the lanes outside [vis.lo, vis.hi) unless `full`; returns the fp32 values' sum (per lane), and in *over the
-// largest s mul - m of the visible lanes.
-inline Vec::reg exp_row(const float* s, uint16_t* pr, float mul, float m, bool full, Visible vis, float* over) {
+// largest s mul - m of the visible lanes. kDrop: pr is then times keep_scale where the keep bits are set, else 0
+// (the sum is of the values before).
+template <bool kDrop>
+inline Vec::reg exp_row(const float* s, uint16_t* pr, float mul, float m, bool full, Visible vis, float* over,
+                        const __mmask16* keep, float keep_scale) {
   Vec::reg sum = Vec::zero(), top = Vec::set1(-__builtin_inff());
-  const Vec::reg vmul = Vec::set1(mul), vneg = Vec::set1(-m);
+  const Vec::reg vmul = Vec::set1(mul), vneg = Vec::set1(-m), vkeep = Vec::set1(keep_scale);
   for (int64_t c = 0; c < kAmxKeys; c += Vec::W) {
     const __mmask16 seen = full ? __mmask16(0xffff) : visible_lanes(c, vis);
     const Vec::reg x = Vec::fmadd(Vec::load(s + c), vmul, vneg);
     top = _mm512_mask_max_ps(top, seen, top, x);
     const Vec::reg e = _mm512_maskz_mov_ps(seen, exp2_coarse(x));
     sum = Vec::add(sum, e);
-    store_bf16(pr + c, e);
+    store_bf16(pr + c, kDrop ? _mm512_maskz_mul_ps(keep[c / Vec::W], e, vkeep) : e);
   }
   *over = Vec::hmax(top);
   return sum;
 }
 
-void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
+// drop: the head's mask (DropoutRows), or NoDropout.
+template <typename Dropout = NoDropout>
+void amx_forward_head(const AmxHead& h, AmxForwardScratch& w, const Dropout& drop = {}) {
   using reg = Vec::reg;
   constexpr float kNegInf = -__builtin_inff(), kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   const int64_t d = h.d, block_elems = kAmxKeys * d;
   const float q_scale = h.scale * (h.softcap > 0.f ? 1.f : kLog2e);  // scores in log2 units unless soft-capped
   float m_run[kAmxRows], l_run[kAmxRows];
+  __mmask16 keep[kAmxKeys / Vec::W];  // dropout: one row's keep bits in the current key block
+  float keep_scale = 0.f;
+  if constexpr (Dropout::kOn) keep_scale = drop.scale;
   for (int64_t i0 = 0; i0 < h.sq; i0 += kAmxRows) {
     const int64_t rows = imin(kAmxRows, h.sq - i0), rows32 = (rows + 31) / 32 * 32;
     for (int64_t r = 0; r < rows; ++r) std::memcpy(w.q_rows.data + r * d, h.q + (i0 + r) * h.q_ld, 2 * d);
@@ -151,12 +164,13 @@ void amx_forward_head(const AmxHead& h, AmxForwardScratch& w) {
           }
           m = Vec::hmax(mx) * mul;
         }
+        if constexpr (Dropout::kOn) drop.keep_bits(i, j0, vis.lo, vis.hi, keep);
         float over;  // how far the block's largest score passes m
-        reg sum = exp_row(s, pr, mul, m, full, vis, &over);
+        reg sum = exp_row<Dropout::kOn>(s, pr, mul, m, full, vis, &over, keep, keep_scale);
         if (over > kLazyMax) {  // the max moved: P again from the new one
           const float m_new = m + over, alpha = std::exp2(m - m_new);
           m = m_new;
-          sum = exp_row(s, pr, mul, m, full, vis, &over);
+          sum = exp_row<Dropout::kOn>(s, pr, mul, m, full, vis, &over, keep, keep_scale);
           l_run[r] *= alpha;
           float* o = w.out.data + r * d;
           for (int64_t e = 0; e < d; e += Vec::W) Vec::store(o + e, Vec::mul(Vec::load(o + e), Vec::set1(alpha)));

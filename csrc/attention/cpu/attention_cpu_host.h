@@ -44,15 +44,14 @@ inline Kernels kernels_for(ElemType dtype) {
 // multiple of 32 (K is packed 16 pairs of bf16 at a time). In the forward, a few rows (decode) stay on the per-key
 // dot products, which read the cache once, as do caches read through indirection (cache_batch_idx, pages) and a
 // rolling cache's ring (its bf16 chunks have their own AMX entry: sliding_window/cpu/chunk_attn_amx.cpp).
-// Neither tile kernel draws the dropout mask: calls with dropout stay on the kernels above.
+// Both draw the dropout mask as the other kernels do (dropout_avx512.h).
 inline bool use_amx_forward(const AttnParams& p) {
-  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && !p.dropout &&
-         p.kv_batch == nullptr &&
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && p.seqlen_q >= 16 && p.kv_batch == nullptr &&
          p.block_table == nullptr && p.ring_seen == nullptr && p.keys_start == nullptr &&
          ::llmkernels::use_amx_tiles();
 }
 inline bool use_amx_backward(const AttnParams& p) {
-  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && !p.dropout && ::llmkernels::use_amx_tiles();
+  return p.dtype == ElemType::kBFloat16 && p.headdim % 32 == 0 && ::llmkernels::use_amx_tiles();
 }
 
 // The forward kernel for p and its number of tasks (choose_heads_per_block first: it sets the latter).

@@ -14,7 +14,7 @@
 //   dk_j = scale sum_i ds_ij q_i.
 //   Dropout (AttnParams::dropout), keep factors z_ij in {0, 1 / (1 - p)} drawn per tile from the seed: o_i uses
 //   p_ij z_ij (lse, the row sums, untouched); backward dv_j = sum_i p_ij z_ij do_i, dp_ij = z_ij do_i . v_j, the rest
-//   as above. The AMX tile kernels draw no masks (attention_cpu_host.h sends such calls here).
+//   as above. The AMX tile kernels draw the same masks (amx_common.h dropout_keep_row).
 //
 // Tiling: the forward runs one task per (batch, block of 64 rows), a row being a (query, head) pair of one GQA
 // group (so a K/V block, once loaded, serves the whole group), and streams 64-key blocks through an online
@@ -373,35 +373,16 @@ inline void grad_scores(const AttnParams& p, const Band& band, const float* s, c
 constexpr int kDropLanes = 16;
 
 #ifdef LLMK_ATTN_PHILOX_AVX512
-// (hi, lo) 32-bit halves of the products x * m, lane by lane: vpmuludq multiplies the even lanes, the odd ones after
-// a shift into the even positions.
-inline void mulhilo_lanes(__m512i x, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(x, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
+#include "attention/cpu/dropout_avx512.h"  // (philox_lanes: shared with the AMX kernels)
 
 // z[c * kBlockQ + r0 + l] for keys c in [c_lo, c_hi) of the call on counter (g, qi[l], bh[l], 0) (keys 8g.., key j0
 // at column 0), 16 lanes l.
 inline void dropout_call(const AttnParams& p, int64_t g, const uint32_t* qi, const uint32_t* bh, int64_t j0,
                          int64_t c_lo, int64_t c_hi, float* z) {
-  namespace ph = llmkernels::philox;
-  __m512i x0 = _mm512_set1_epi32(static_cast<int>(g)), x1 = _mm512_loadu_si512(qi), x2 = _mm512_loadu_si512(bh);
-  __m512i x3 = _mm512_setzero_si512();
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(ph::kM0)), m1 = _mm512_set1_epi32(static_cast<int>(ph::kM1));
-  uint32_t k0 = p.drop_key0, k1 = p.drop_key1;
-  for (int round = 0; round < ph::kRounds; ++round) {
-    __m512i hi0, lo0, hi1, lo1;
-    mulhilo_lanes(x0, m0, hi0, lo0);
-    mulhilo_lanes(x2, m1, hi1, lo1);
-    x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(static_cast<int>(k0)));
-    x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
-    x1 = lo1;
-    x3 = lo0;
-    k0 += ph::kW0;
-    k1 += ph::kW1;
-  }
-  const __m512i words[4] = {x0, x1, x2, x3}, low16 = _mm512_set1_epi32(0xFFFF);
+  __m512i words[4] = {_mm512_set1_epi32(static_cast<int>(g)), _mm512_loadu_si512(qi), _mm512_loadu_si512(bh),
+                      _mm512_setzero_si512()};
+  philox_lanes(words, p.drop_key0, p.drop_key1);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF);
   const __m512i threshold = _mm512_set1_epi32(static_cast<int>(p.drop_threshold));
   const __m512 keep = _mm512_set1_ps(p.drop_scale);
   for (int64_t c = c_lo; c < c_hi; ++c) {

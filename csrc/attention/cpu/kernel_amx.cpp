@@ -7,8 +7,9 @@
 // of the same GQA group, did), 256 keys a block, into the tiles' B layout (pairs of rows interleaved as 32-bit
 // words), then streams its query blocks through amx_forward_head (amx_forward.h, shared with the rolling KV cache's
 // chunks). Chosen by attention_cpu_host.h (use_amx_forward) for bf16 prefill calls only; it runs with
-// flush-to-zero.
+// flush-to-zero. Dropout: each head's P is masked a row of a block at a time (dropout_avx512.h DropoutRows).
 #include "attention/cpu/flash_attn_cpu.h"
+#include "common/philox.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -37,6 +38,8 @@ namespace {
 #include "common/cpu_amx_tiles.h"
 
 using llmkernels::attention_cpu::AttnParams;
+
+#include "attention/cpu/dropout_avx512.h"
 
 #include "attention/cpu/amx_forward.h"
 
@@ -72,27 +75,31 @@ void fwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
       packed_for = b * p.nheads_k + hk;
     }
     const int64_t out_row0 = (b * sq * p.nheads + h) * d;  // out: (batch, sq, nheads, d) contiguous
-    amx_forward_head({.q = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride + h * p.q.head_stride,
-                      .q_ld = p.q.seq_stride,
-                      .sq = sq,
-                      .d = d,
-                      .packed_k = packed_k.data,
-                      .packed_v = packed_v.data,
-                      .klo = klo,
-                      .khi = khi,
-                      .sk = sk,
-                      .shift = shift,
-                      .left = left,
-                      .right = right,
-                      .scale = p.softmax_scale,
-                      .softcap = p.softcap,
-                      .alibi_slope = p.alibi != nullptr ? p.alibi[b * p.alibi_batch_stride + h] : 0.f,
-                      .out_bf16 = p.out_bf16 != nullptr ? p.out_bf16 + out_row0 : nullptr,
-                      .out_f32 = p.out_bf16 != nullptr ? nullptr : p.out + out_row0,
-                      .out_ld = p.nheads * d,
-                      .lse = p.lse + (b * p.nheads + h) * sq,
-                      .lse_ld = 1},
-                     scratch);
+    const AmxHead head{.q = static_cast<const uint16_t*>(p.q.data) + b * p.q.batch_stride + h * p.q.head_stride,
+                       .q_ld = p.q.seq_stride,
+                       .sq = sq,
+                       .d = d,
+                       .packed_k = packed_k.data,
+                       .packed_v = packed_v.data,
+                       .klo = klo,
+                       .khi = khi,
+                       .sk = sk,
+                       .shift = shift,
+                       .left = left,
+                       .right = right,
+                       .scale = p.softmax_scale,
+                       .softcap = p.softcap,
+                       .alibi_slope = p.alibi != nullptr ? p.alibi[b * p.alibi_batch_stride + h] : 0.f,
+                       .out_bf16 = p.out_bf16 != nullptr ? p.out_bf16 + out_row0 : nullptr,
+                       .out_f32 = p.out_bf16 != nullptr ? nullptr : p.out + out_row0,
+                       .out_ld = p.nheads * d,
+                       .lse = p.lse + (b * p.nheads + h) * sq,
+                       .lse_ld = 1};
+    if (p.dropout) {
+      amx_forward_head(head, scratch, dropout_rows(p, b, h));
+    } else {
+      amx_forward_head(head, scratch);
+    }
   }
   packed_k.release_above(1 << 20);
   packed_v.release_above(1 << 20);

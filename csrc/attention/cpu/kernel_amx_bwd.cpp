@@ -8,8 +8,11 @@
 // P and dS, computed a row at a time, only need their row pairs interleaved, never a transpose). Per (query block,
 // key block): S and dP recomputed on tiles, P = 2^(S log2 e - lse log2 e), dS = P (dP - D), both rounded to bf16
 // as product operands (as on the GPU), then the three products that accumulate dV^T, dK^T (fp32, per key block)
-// and dQ (fp32, per head). Runs with flush-to-zero (attention_cpu_host.h FlushDenormals).
+// and dQ (fp32, per head). Runs with flush-to-zero (attention_cpu_host.h FlushDenormals). Dropout: each row's keep
+// factors Z of a block are redrawn (dropout_avx512.h DropoutRows) where P is computed; dV^T takes P * Z, and
+// dS = P (dP * Z - D).
 #include "attention/cpu/flash_attn_cpu.h"
+#include "common/philox.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -37,6 +40,8 @@ namespace {
 
 #include "common/cpu_amx_tiles.h"
 
+#include "attention/cpu/dropout_avx512.h"
+
 using llmkernels::attention_cpu::AttnParams;
 using llmkernels::attention_cpu::kAmxBwdKeys;
 using llmkernels::attention_cpu::Tensor4;
@@ -46,20 +51,25 @@ constexpr int64_t kRows = 128;          // query rows per block (from multiples 
 constexpr int64_t kKeys = kAmxBwdKeys;  // keys per block
 constexpr float kLog2e = 1.4426950408889634f;
 
-// One row's P and dS for 16 keys from c: from the raw scores s and dP, its base-2 lse and its D. alibi: the 16
-// lanes' ALiBi bias in log2 units (-slope log2 e |i + shift - j|), or zero.
+// One row's P (times Z with dropout: dV's operand) and dS for 16 keys from c: from the raw scores s and dP, its
+// base-2 lse and its D. alibi: the 16 lanes' ALiBi bias in log2 units (-slope log2 e |i + shift - j|), or zero.
+// kDrop: Z = keep_scale where the 16 keep bits are set, else 0; dP is taken times Z.
 struct Grad {
   reg p, ds;
 };
+template <bool kDrop>
 inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const float* s, const float* dp, int64_t c,
-                                                   Visible vis, float lse2, float delta, reg alibi) {
+                                                   Visible vis, float lse2, float delta, reg alibi, __mmask16 keep,
+                                                   reg keep_scale) {
   const __mmask16 seen = vis.lo <= c && c + 16 <= vis.hi ? __mmask16(0xffff) : visible_lanes(c, vis);
+  const reg dpz = kDrop ? _mm512_maskz_mul_ps(keep, Vec::load(dp + c), keep_scale) : Vec::load(dp + c);
+  auto dropped = [&](reg prob) { return kDrop ? _mm512_maskz_mul_ps(keep, prob, keep_scale) : prob; };
   // (masked lanes: 0, whatever the score; rows that see no key here are never asked. P is rounded to bf16 for
   // dV and only scales dS, so the forward's degree-3 exp2 serves: amx_common.h)
   if (p.softcap <= 0.f) {  // 2^(s scale log2 e + alibi - lse2): one fma, one add
     const reg arg = Vec::fmadd(Vec::load(s + c), Vec::set1(p.softmax_scale * kLog2e), Vec::sub(alibi, Vec::set1(lse2)));
     const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(arg));
-    return {prob, Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta)))};
+    return {dropped(prob), Vec::mul(prob, Vec::sub(dpz, Vec::set1(delta)))};
   }
   alignas(64) float t[16], dt[16];
   Vec::store(t, Vec::mul(Vec::load(s + c), Vec::set1(p.softmax_scale)));
@@ -70,35 +80,44 @@ inline __attribute__((always_inline)) Grad row_grad(const AttnParams& p, const f
   }
   const reg arg = Vec::fmadd(Vec::load(t), Vec::set1(kLog2e), Vec::sub(alibi, Vec::set1(lse2)));
   const reg prob = _mm512_maskz_mov_ps(seen, exp2_coarse(arg));
-  return {prob, Vec::mul(Vec::mul(prob, Vec::sub(Vec::load(dp + c), Vec::set1(delta))), Vec::load(dt))};
+  return {dropped(prob), Vec::mul(Vec::mul(prob, Vec::sub(dpz, Vec::set1(delta))), Vec::load(dt))};
 }
 
-// Rows [0, rows) of the block at query i0 (zeros to rows32): P and dS rounded to bf16, as row pairs interleaved into words
-// ((kRows / 2, kKeys) words each: the B of dV^T += dO^T P and dK^T += Q^T dS; a missing last row of a pair is 0),
-// and dS also as plain rows (kRows x kKeys: the A of dQ += dS K).
+// Rows [0, rows) of the block at query i0 (zeros to rows32): P (P * Z with dropout) and dS rounded to bf16, as row
+// pairs interleaved into words ((kRows / 2, kKeys) words each: the B of dV^T += dO^T P and dK^T += Q^T dS; a missing
+// last row of a pair is 0), and dS also as plain rows (kRows x kKeys: the A of dQ += dS K). drop: the head's mask
+// (read only when kDrop).
+template <bool kDrop>
 void probs_and_grads(const AttnParams& p, int64_t shift, int64_t sk, int64_t i0, int64_t j0, int64_t rows,
                      int64_t rows32, const float* s, const float* dp, const float* lse2, const float* delta, uint16_t* p_pairs,
-                     uint16_t* ds_pairs, uint16_t* ds_rows, float alibi_slope) {
+                     uint16_t* ds_pairs, uint16_t* ds_rows, float alibi_slope, const DropoutRows& drop) {
   // ALiBi of row i, lanes c..c + 15: -slope log2 e |i + shift - j0 - c - lane| (zero without slopes)
   const reg neg_slope = Vec::set1(-alibi_slope * kLog2e);
   auto alibi = [&](int64_t i, int64_t c) { return Vec::mul(neg_slope, lane_distances(i + shift - j0 - c)); };
   // bf16 words 0..15 of row a, 16..31 of row b -> (a0, b0, a1, b1, ...)
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const reg keep_scale = Vec::set1(kDrop ? drop.scale : 0.f);
+  __mmask16 keep_a[kKeys / 16] = {}, keep_b[kKeys / 16] = {};  // dropout: the rows' keep bits
   for (int64_t r = 0; r < rows; r += 2) {
     const bool has_b = r + 1 < rows;
     const Visible va = visible(p, shift, sk, i0 + r, j0, kKeys);
     const Visible vb = has_b ? visible(p, shift, sk, i0 + r + 1, j0, kKeys) : Visible{0, 0};
+    if constexpr (kDrop) {
+      if (va.lo < va.hi) drop.keep_bits(i0 + r, j0, va.lo, va.hi, keep_a);
+      if (vb.lo < vb.hi) drop.keep_bits(i0 + r + 1, j0, vb.lo, vb.hi, keep_b);
+    }
     uint32_t* pw = reinterpret_cast<uint32_t*>(p_pairs) + (r / 2) * kKeys;
     uint32_t* dsw = reinterpret_cast<uint32_t*>(ds_pairs) + (r / 2) * kKeys;
     for (int64_t c = 0; c < kKeys; c += 16) {
       Grad a{Vec::zero(), Vec::zero()}, b{Vec::zero(), Vec::zero()};
       if (va.lo < va.hi) {
-        a = row_grad(p, s + r * kKeys, dp + r * kKeys, c, va, lse2[i0 + r], delta[i0 + r], alibi(i0 + r, c));
+        a = row_grad<kDrop>(p, s + r * kKeys, dp + r * kKeys, c, va, lse2[i0 + r], delta[i0 + r], alibi(i0 + r, c),
+                            keep_a[c / 16], keep_scale);
       }
       if (vb.lo < vb.hi) {
-        b = row_grad(p, s + (r + 1) * kKeys, dp + (r + 1) * kKeys, c, vb, lse2[i0 + r + 1], delta[i0 + r + 1],
-                     alibi(i0 + r + 1, c));
+        b = row_grad<kDrop>(p, s + (r + 1) * kKeys, dp + (r + 1) * kKeys, c, vb, lse2[i0 + r + 1],
+                            delta[i0 + r + 1], alibi(i0 + r + 1, c), keep_b[c / 16], keep_scale);
       }
       const __m512i probs = (__m512i)_mm512_cvtne2ps_pbh(b.p, a.p);
       const __m512i grads = (__m512i)_mm512_cvtne2ps_pbh(b.ds, a.ds);
@@ -191,6 +210,7 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
     dk_sum.reserve(nkb * block_elems);
     dv_sum.reserve(nkb * block_elems);
   }
+  const auto block_grads = p.dropout ? &probs_and_grads<true> : &probs_and_grads<false>;
   const AmxTiles tiles;
   auto rows_of = [&](const Tensor4& t, int64_t b, int64_t h) {
     return Rows{static_cast<const uint16_t*>(t.data) + b * t.batch_stride + h * t.head_stride, t.seq_stride};
@@ -217,6 +237,7 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
       const int64_t h = hk * group + g;
       const float slope = p.alibi != nullptr ? p.alibi[b * p.alibi_batch_stride + h] : 0.f;
       const Rows q = rows_of(p.q, b, h), dout = rows_of(p.dout, b, h), out = rows_of(p.out_in, b, h);
+      const DropoutRows drop = p.dropout ? dropout_rows(p, b, h) : DropoutRows{};
       // Contiguous copies of the head's rows (zero past sq): rows of the input lie a power of two apart, so a
       // block of them read in place would fall into a few L1 sets.
       copy_rows(q, sq, sq_pad, d, q_rows.data);
@@ -252,8 +273,8 @@ void bwd_tasks_amx(const AttnParams& p, int64_t begin, int64_t end) {
           const int64_t rows = imin(kRows, qhi - i0), rows32 = (rows + 31) / 32 * 32;
           amx_gemm_bf16(rows32, kKeys, d, q_rows.data + i0 * d, d, kt, kKeys, s.data, kKeys, false);  // S = Q K^T
           amx_gemm_bf16(rows32, kKeys, d, do_rows.data + i0 * d, d, vt, kKeys, dp.data, kKeys, false);  // dP = dO V^T
-          probs_and_grads(p, shift, sk, i0, j0, rows, rows32, s.data, dp.data, lse2.data, delta.data, p_pairs.data,
-                          ds_pairs.data, ds_rows.data, slope);
+          block_grads(p, shift, sk, i0, j0, rows, rows32, s.data, dp.data, lse2.data, delta.data, p_pairs.data,
+                      ds_pairs.data, ds_rows.data, slope, drop);
           amx_gemm_bf16(d, kKeys, rows32, do_t.data + i0, sq_pad, p_pairs.data, kKeys, dv_t.data, kKeys,  // dV^T += dO^T P
                         true);
           amx_gemm_bf16(d, kKeys, rows32, q_t.data + i0, sq_pad, ds_pairs.data, kKeys, dk_t.data, kKeys,  // dK^T += Q^T dS
