@@ -373,6 +373,8 @@ def _kv_ok(q, k, v, nheads_k: int | None = None) -> bool:
 def dropout_args(fn: str, dropout_p) -> dict:
     """The backends' dropout keyword arguments for flash_attn's dropout_p: {} for 0, else dropout_p and a fresh
     dropout_seed drawn from torch's default CPU generator (torch.manual_seed repeats it; the backward reuses it)."""
+    if type(dropout_p) in (float, int) and dropout_p == 0:  # every inference call: no checks worth their cost
+        return {}
     if isinstance(dropout_p, torch.Tensor) and dropout_p.numel() == 1:  # (flash_attn takes a 0-d tensor too)
         dropout_p = float(dropout_p)
     check_dropout_p(fn, dropout_p)
@@ -485,9 +487,10 @@ def flash_attn_func(
     (nheads,) or (batch, nheads)) adds -slope * |i + seqlen_k - seqlen_q - j| to the scores after the soft-cap, as
     flash_attn's ALiBi (finite slopes, checked by the CPU and reference backends; no gradient for them; see
     reference/attention.py for how its lse compares under causal). dropout_p in [0, 1) drops each probability
-    with that chance and scales the kept ones by 1 / (1 - dropout_p), as flash_attn's (pass 0 in evaluation); the
-    mask comes from a seed drawn from torch's default CPU generator (torch.manual_seed repeats it) and is redrawn by
-    the backward, never stored (reference/dropout.py; the CPU and Triton kernels; on a GPU dropout runs on Triton).
+    with that chance and scales the kept ones by 1 / P(kept) (~ 1 / (1 - dropout_p)), as flash_attn's (pass 0 in
+    evaluation); the mask comes from a seed drawn from torch's default CPU generator (torch.manual_seed repeats it)
+    and is redrawn by the backward, never stored (reference/dropout.py; the CPU and Triton kernels; on a GPU dropout
+    runs on Triton).
     With dropout, return_attn_probs still gives (out, softmax_lse, None): flash_attn's third item, a debugging
     copy of the mask, is not built. deterministic=True keeps the backward's sums in a fixed order; only the Triton
     backward may otherwise add dq atomically (when its tuned tiles say that is faster), as flash_attn's does; the
@@ -498,7 +501,7 @@ def flash_attn_func(
         _check_func_args(fn, q, k, v, softmax_scale, window_size, softcap)  # raises, naming the argument
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    drop = {} if dropout_p == 0.0 else dropout_args(fn, dropout_p)
+    drop = dropout_args(fn, dropout_p)
     out, lse = flash_attn(q, k, v, scale, left, right, float(softcap), deterministic=bool(deterministic),
                           alibi_slopes=checked_alibi(fn, alibi_slopes, q, q.shape[0]), **drop)  # fmt: skip
     return (out, lse, None) if return_attn_probs else out

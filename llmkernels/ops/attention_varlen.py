@@ -160,7 +160,7 @@ def flash_attn_varlen_func(
     )
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     left, right = normalize_window(causal, window_size)
-    drop = {} if dropout_p == 0.0 else dropout_args(fn, dropout_p)
+    drop = dropout_args(fn, dropout_p)
     out, lse = flash_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap),
         deterministic=bool(deterministic), alibi_slopes=checked_alibi(fn, alibi_slopes, q, cu_seqlens_q.shape[0] - 1),

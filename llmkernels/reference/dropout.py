@@ -111,33 +111,3 @@ def dropout_scale(dropout_seed: torch.Tensor, dropout_p: float, batch: int, nhea
 def check_dropout_p(fn: str, dropout_p) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"llmkernels.{fn}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-
-
-def check_dropout(fn: str, dropout_p, dropout_seed) -> None:
-    """dropout_p a number in [0, 1); with dropout_p > 0, dropout_seed an int64 (2,) CPU tensor."""
-    check_dropout_p(fn, dropout_p)
-    if dropout_p > 0 and not (
-        isinstance(dropout_seed, torch.Tensor)
-        and dropout_seed.dtype == torch.int64
-        and dropout_seed.device.type == "cpu"
-        and tuple(dropout_seed.shape) == (2,)
-    ):
-        got = (f"{tuple(dropout_seed.shape)} {dropout_seed.dtype} on {dropout_seed.device}"
-               if isinstance(dropout_seed, torch.Tensor) else repr(dropout_seed))  # fmt: skip
-        raise ValueError(f"llmkernels.{fn}: dropout_p > 0 needs dropout_seed, an int64 (2,) CPU tensor, got {got}")
-
-
-def dropout_kernel_args(fn: str, dropout_p: float, dropout_seed: torch.Tensor | None, device: torch.device) -> dict:
-    """The Triton attention kernels' dropout arguments (llmkernels/triton/flash_attn_kernels.py): {} without
-    dropout (the kernels compile without it), else the seed as a tensor on the kernels' device (read there: its
-    values are never taken on the host, so a traced graph keeps drawing fresh masks), the 16-bit threshold and
-    the kept probabilities' factor (both functions of dropout_p, a constant of the call)."""
-    check_dropout(fn, dropout_p, dropout_seed)
-    if dropout_p == 0:
-        return {}
-    return {
-        "DROP_SEED": dropout_seed.to(device),
-        "drop_thresh": keep_threshold(dropout_p),
-        "drop_scale": keep_scale(dropout_p),
-        "DROPOUT": True,
-    }

@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._checks import check_same_dtype, check_shape, check_tensor
 from ..ops.attention import register_attention_autograd
-from ..reference.dropout import dropout_kernel_args
+from ..reference.dropout import check_dropout_p, keep_scale, keep_threshold
 from .flash_attn_decode import NO_ALIBI, check_kvcache_args, decode_launch
 from .flash_attn_kernels import (
     flash_attn_bwd_dkdv_kernel,
@@ -284,6 +284,38 @@ def _alibi_args(fn: str, alibi_slopes: torch.Tensor | None, batch: int, nheads: 
     return {"ALIBI": alibi_slopes, "stride_alibi_b": 0}
 
 
+def _check_dropout(fn: str, dropout_p, dropout_seed) -> None:
+    """dropout_p a number in [0, 1); with dropout_p > 0, dropout_seed an int64 (2,) CPU tensor."""
+    check_dropout_p(fn, dropout_p)
+    if dropout_p > 0 and not (
+        isinstance(dropout_seed, torch.Tensor)
+        and dropout_seed.dtype == torch.int64
+        and dropout_seed.device.type == "cpu"
+        and tuple(dropout_seed.shape) == (2,)
+    ):
+        got = (f"{tuple(dropout_seed.shape)} {dropout_seed.dtype} on {dropout_seed.device}"
+               if isinstance(dropout_seed, torch.Tensor) else repr(dropout_seed))  # fmt: skip
+        raise ValueError(f"llmkernels.{fn}: dropout_p > 0 needs dropout_seed, an int64 (2,) CPU tensor, got {got}")
+
+
+def _dropout_args(fn: str, dropout_p: float, dropout_seed: torch.Tensor | None, device: torch.device) -> dict:
+    """The kernels' dropout arguments (flash_attn_kernels.py): {} without
+    dropout (the kernels compile without it), else the seed as a tensor on the kernels' device (read there: its
+    values are never taken on the host, so a traced graph keeps drawing fresh masks), the 16-bit threshold and
+    the kept probabilities' factor (both functions of dropout_p, a constant of the call)."""
+    _check_dropout(fn, dropout_p, dropout_seed)
+    if dropout_p == 0:
+        return {}
+    return {
+        # non_blocking: a plain .to() of a CPU tensor waits for the stream's queued kernels; the seed is never written
+        # afterwards, so the copy may stay in flight
+        "DROP_SEED": dropout_seed.to(device, non_blocking=True),
+        "drop_thresh": keep_threshold(dropout_p),
+        "drop_scale": keep_scale(dropout_p),
+        "DROPOUT": True,
+    }
+
+
 def _tma_view(t: torch.Tensor, block_n: int, block_d: int) -> TensorDescriptor | None:
     """A TMA descriptor of (batch, seqlen, nheads, headdim) K or V as its 2-D (batch * seqlen, nheads * headdim)
     view, tiles (block_n, headdim); None where the strides do not allow that view or TMA's 16-byte alignment."""
@@ -346,7 +378,7 @@ def flash_attn_fwd_triton(
     alibi_slopes: (h,) or (b, h) fp32, or None; lse is that of the biased scores. dropout_p > 0 with dropout_seed
     (int64 (2,) on the CPU): reference/dropout.py's mask."""
     _check_qkv("flash_attn_fwd_triton", q, k, v)
-    drop = dropout_kernel_args("flash_attn_fwd_triton", dropout_p, dropout_seed, q.device)
+    drop = _dropout_args("flash_attn_fwd_triton", dropout_p, dropout_seed, q.device)
     batch, seqlen_q, nheads, headdim = q.shape
     alibi = _alibi_args("flash_attn_fwd_triton", alibi_slopes, batch, nheads, q.device)
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -420,7 +452,7 @@ def flash_attn_bwd_triton(
     check_tensor(fn, "softmax_lse", softmax_lse, dtypes=(torch.float32,), device=q.device, contiguous=True)
     check_shape(fn, "softmax_lse", softmax_lse, (batch, nheads, seqlen_q))
     alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
-    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed, q.device)}  # the kernels' optional args
+    options = {**alibi, **_dropout_args(fn, dropout_p, dropout_seed, q.device)}  # the kernels' optional args
 
     dk = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, seqlen_k, nheads_k, headdim), dtype=v.dtype, device=v.device)
@@ -430,7 +462,7 @@ def flash_attn_bwd_triton(
     meta = _common_meta(q, window_left, window_right, softcap)
     dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta), seqlen_k)
     # With dropout the atomic-dq tiles spill (948-1448 bytes at d 128, sm_90a, triton_aot_check.py): two kernels.
-    atomic = _dq_atomic(dkdv_cfg, deterministic or "DROPOUT" in options)
+    atomic = _dq_atomic(dkdv_cfg, deterministic or dropout_p > 0)
     # The atomic paths sum into fp32 (zeroed) and cast once at the end.
     shape = (batch, seqlen_q, nheads, headdim)
     dq = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic else q.new_empty(shape)
@@ -618,7 +650,7 @@ def flash_attn_varlen_fwd_triton(
     total_k, nheads_k = k.shape[0], k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
     options = {**_alibi_args("flash_attn_varlen_fwd_triton", alibi_slopes, batch, nheads, q.device),
-               **dropout_kernel_args("flash_attn_varlen_fwd_triton", dropout_p, dropout_seed, q.device)}  # fmt: skip
+               **_dropout_args("flash_attn_varlen_fwd_triton", dropout_p, dropout_seed, q.device)}  # fmt: skip
     # Rows past cu_seqlens_q[-1] belong to no sequence and no program writes them: they start as out 0, lse -inf.
     out = torch.zeros((total_q, nheads, headdim), dtype=q.dtype, device=q.device)
     lse = torch.full((nheads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
@@ -678,7 +710,7 @@ def flash_attn_varlen_bwd_triton(
     check_shape(fn, "softmax_lse", softmax_lse, (nheads, total_q))
     batch = cu_seqlens_q.shape[0] - 1
     alibi = _alibi_args(fn, alibi_slopes, batch, nheads, q.device)
-    options = {**alibi, **dropout_kernel_args(fn, dropout_p, dropout_seed, q.device)}  # the kernels' optional args
+    options = {**alibi, **_dropout_args(fn, dropout_p, dropout_seed, q.device)}  # the kernels' optional args
 
     # No program writes rows outside the sequences (nor keys of sequences without queries, in dk / dv): zeros.
     dk = torch.zeros((total_k, nheads_k, headdim), dtype=k.dtype, device=k.device)
@@ -689,7 +721,7 @@ def flash_attn_varlen_bwd_triton(
     window_left, window_right = _bounded_windows(window_left, window_right, total_q, total_k)
     meta = _common_meta(q, window_left, window_right, softcap)
     dkdv_cfg, dq_cfg = _bwd_configs(meta["BLOCK_D"], q.dtype, _banded(meta), max_seqlen_k)
-    atomic = min(_dq_atomic(dkdv_cfg, deterministic or "DROPOUT" in options), 1)  # no TMA reduce here (yet)
+    atomic = min(_dq_atomic(dkdv_cfg, deterministic or dropout_p > 0), 1)  # no TMA reduce here (yet)
     dq = torch.zeros((total_q, nheads, headdim), dtype=torch.float32 if atomic else q.dtype, device=q.device)
 
     # delta = rowsum(dout * out) is per row, sequences or not: the dense kernel over the packed rows as one batch

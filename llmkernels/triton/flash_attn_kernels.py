@@ -161,12 +161,12 @@ def _dropout_key(DROP_SEED, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _dropout_tile(rows, col0, BLOCK_N: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh):
+def _dropout_tile(rows, col0, BLOCK_N: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_bh):
     """(rows, BLOCK_N) bool: whether probability (drop_bh = b * nheads + h, query rows[r], key col0 + c) is kept
     (rows and keys counted within the sequence; col0 a multiple of 8, as tiles start). The mask is
     llmkernels/reference/dropout.py's: one Philox call per (row, 8 keys), counter (j >> 3, i, bh, 0), key (seed0,
     seed1) (uint32, from _dropout_key), key 8g + t reading the 16-bit half t % 2 of word t // 2, kept iff that draw
-    >= the threshold. (drop_scale is the caller's.) The eight halves of a call are interleaved into the tile's key
+    >= the threshold. The eight halves of a call are interleaved into the tile's key
     order with three joins (join stacks along a new last axis: the last join's halves are t's lowest bit)."""
     tl.static_assert(BLOCK_N % 8 == 0, "dropout draws keys in groups of 8")
     groups = col0 // 8 + tl.arange(0, BLOCK_N // 8)
@@ -186,8 +186,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_WL: tl.constexpr,
                HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh,
-               DROPOUT: tl.constexpr):
+               HAS_ALIBI: tl.constexpr, drop_seed0, drop_seed1, drop_thresh, drop_bh, DROPOUT: tl.constexpr):
     d_mask = offs_d[None, :] < HEADDIM
     for n0 in range(start, stop, BLOCK_N):
         cols = n0 + offs_n
@@ -215,8 +214,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # after the row sum: lse and the normalisation are those of the undropped probabilities
-            p = tl.where(_dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh),
-                         p, 0.0)
+            p = tl.where(_dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_bh), p, 0.0)
         v_tile = v_base + tl.cast(n0, tl.int64) * stride_vn  # int64 scalar step, int32 in-tile offsets
         v = _load_tile(v_tile + (offs_n[:, None] * stride_vn + offs_d[None, :]), kv_mask, MASKED, EVEN_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -279,15 +277,15 @@ def _fwd_block(
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                lo, a, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
                                BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
-                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT)
+                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_bh, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                a, b, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
                                BLOCK_N, BLOCK_D, False, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
-                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT)
+                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_bh, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                                b, end, seqlen_k, shift, window_left, window_right, scale, softcap, slope, HEADDIM,
                                BLOCK_N, BLOCK_D, True, HAS_WL, HAS_WR, SOFTCAP, DOT_PRECISION, HEADDIM == BLOCK_D,
-                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh, DROPOUT)
+                               HAS_ALIBI, drop_seed0, drop_seed1, drop_thresh, drop_bh, DROPOUT)
 
     # Rows that saw no key: l = 0 -> output 0 and lse = -inf.
     seen = l_i > 0.0
@@ -411,8 +409,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_base, 
                 visible &= offs_n[:, None] <= rows[None, :] + shift + window_right
             p_t = tl.where(visible, p_t, 0.0)
         if DROPOUT:  # dV from the dropped P (its factor at the end); dS = P * (dP * kept * Z - D)
-            kept_t = tl.trans(_dropout_tile(rows, key0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale,
-                                            drop_bh))
+            kept_t = tl.trans(_dropout_tile(rows, key0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_bh))
             dv += tl.dot(tl.where(kept_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * tl.where(kept_t, drop_scale, 0.0)
         else:
@@ -593,7 +590,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            kept = _dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_scale, drop_bh)
+            kept = _dropout_tile(offs_m, n0, BLOCK_N, drop_seed0, drop_seed1, drop_thresh, drop_bh)
             dp = dp * tl.where(kept, drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
