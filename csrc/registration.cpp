@@ -130,16 +130,18 @@ TORCH_LIBRARY(llmkernels, m) {
   // ---------------------------------------------------------------------------------------------
   // u, delta: (b, dim, L); A: (dim, n) fp32; B, C: (dim, n) or (b, n, L) or (b, g, n, L); D, delta_bias: (dim,)
   // fp32; z: (b, dim, L); initial_state: (b, dim, n) fp32. Returns out (b, dim, L) in u's dtype and
-  // last_state (b, dim, n) fp32.
+  // last_state (b, dim, n) fp32. seq_idx (b, L) int32, packed sequences: where seq_idx[t] != seq_idx[t - 1] the
+  // state restarts from zero at t (initial_state is the state before t = 0).
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state) -> (Tensor out, Tensor last_state)");
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx=None) -> "
+      "(Tensor out, Tensor last_state)");
   // Gradients of selective_scan_fwd, from dout and the gradient of last_state (may be absent). Recomputes
   // the states instead of storing them. Gradients of absent optional inputs come back as empty tensors.
   m.def(
       "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
-      "Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state) -> "
-      "(Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
+      "Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx=None) "
+      "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
       "Tensor dinitial_state)");
   // One decode step: state (b, dim, n) fp32 updated in place; x, dt, z: (b, dim); B, C: (b, n) or (b, g, n).
   // Returns y (b, dim) in x's dtype. state_batch_indices (b,) int32: row i of x steps state row

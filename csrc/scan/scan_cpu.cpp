@@ -165,6 +165,52 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
     LLMK_CHECK_ARG(t->device() == u.device(), op, name, "must be on the CPU like u, got ", t->device());
 }
 
+// Packed sequences: for each batch element, the time steps where a sequence starts (seq_idx[t] != seq_idx[t - 1],
+// and t = 0), then L. Without seq_idx every row is one sequence. The kernels run each sequence as a row of its own
+// (rows treat the state before their first step as the one they are handed: zero for all but the first).
+struct Segments {
+  std::vector<int64_t> starts;  // per batch element b: starts[offsets[b] .. offsets[b + 1]), the last being L
+  std::vector<int64_t> offsets;
+
+  const int64_t* begin(int64_t b) const { return starts.data() + offsets[b]; }
+  int64_t count(int64_t b) const { return offsets[b + 1] - offsets[b] - 1; }
+};
+
+Segments find_segments(const char* op, const std::optional<at::Tensor>& seq_idx, int64_t batch, int64_t L) {
+  Segments s;
+  s.offsets.reserve(batch + 1);
+  if (seq_idx) {
+    const at::Tensor& idx = *seq_idx;
+    LLMK_CHECK_ARG(idx.scalar_type() == at::kInt, op, "seq_idx", "must be int32, got ", idx.scalar_type());
+    LLMK_CHECK_ARG(idx.device().is_cpu(), op, "seq_idx", "must be on the CPU like u, got ", idx.device());
+    LLMK_CHECK_ARG(idx.dim() == 2 && idx.size(0) == batch && idx.size(1) == L, op, "seq_idx",
+                   "must have shape (batch, seqlen) = (", batch, ", ", L, "), got ", idx.sizes());
+    LLMK_CHECK_ARG(idx.is_contiguous(), op, "seq_idx", "must be contiguous");
+  }
+  const int32_t* idx = seq_idx ? seq_idx->const_data_ptr<int32_t>() : nullptr;
+  for (int64_t b = 0; b < batch; ++b) {
+    s.offsets.push_back(static_cast<int64_t>(s.starts.size()));
+    s.starts.push_back(0);
+    if (idx)
+      for (int64_t t = 1; t < L; ++t)
+        if (idx[b * L + t] != idx[b * L + t - 1]) s.starts.push_back(t);
+    s.starts.push_back(L);
+  }
+  s.offsets.push_back(static_cast<int64_t>(s.starts.size()));
+  return s;
+}
+
+// ScanRow r restricted to time steps [t0, t1).
+ScanRow segment(ScanRow r, int64_t t0, int64_t t1) {
+  r.L = t1 - t0;
+  r.u += t0;
+  r.delta += t0;
+  if (r.z) r.z += t0;
+  r.B += t0 * r.b_stride;
+  r.C += t0 * r.c_stride;
+  return r;
+}
+
 // A contiguous fp32 / fp16 / bf16 tensor's data read a row at a time, as fp32. Raw pointer and dtype taken once:
 // with short rows (seqlen 1..16) per-row Tensor accessors showed in the forward's time.
 struct RowReader {
@@ -340,10 +386,12 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
                                                           const std::optional<at::Tensor>& z,
                                                           const std::optional<at::Tensor>& delta_bias,
                                                           bool delta_softplus,
-                                                          const std::optional<at::Tensor>& initial_state) {
+                                                          const std::optional<at::Tensor>& initial_state,
+                                                          const std::optional<at::Tensor>& seq_idx) {
   const char* op = "selective_scan_fwd";
   check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), dstate = A.size(1), npad = padded_state(dstate);
+  const Segments segs = find_segments(op, seq_idx, batch, L);
   const at::Tensor Ap = pad_state(A, npad, /*may_alias=*/true), a_const = row_constant_A(A);
   const bool* a_const_p = a_const.const_data_ptr<bool>();
   const at::Tensor Df = D ? f32(*D) : at::Tensor(), bias = delta_bias ? f32(*delta_bias) : at::Tensor();
@@ -411,7 +459,11 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
         if (init_p) std::copy_n(init_p + r * dstate, dstate, sb);
         std::fill(sb + (init_p ? dstate : 0), sb + npad, 0.0f);
         float* orow = out_f32 ? static_cast<float*>(out_p) + r * L : ob;
-        k.fwd_row(row, sb, orow);
+        const int64_t* starts = segs.begin(b);
+        for (int64_t s = 0; s < segs.count(b); ++s) {
+          if (s > 0) std::fill(sb, sb + npad, 0.0f);  // a new sequence starts from zero
+          k.fwd_row(segment(row, starts[s], starts[s + 1]), sb, orow + starts[s]);
+        }
         std::copy_n(sb, dstate, last_p + r * dstate);
         if (!out_f32) store_row(ob, L, out_type, out_p, r * L);
       }
@@ -425,9 +477,10 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                        const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                       const std::optional<at::Tensor>& initial_state) {
+                       const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& seq_idx) {
   const char* op = "selective_scan_bwd";
   check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
+  const Segments segs = find_segments(op, seq_idx, u.size(0), u.size(2));
   LLMK_CHECK_SHAPE(op, dout, u.size(0), u.size(1), u.size(2));
   SCAN_CHECK_FLOAT(op, dout);
   if (dlast_state) {
@@ -462,10 +515,13 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   const auto bwd_row = kernels().bwd_row;
   at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(bwd_scratch_floats(L, npad));
+    // Sequences after a row's first start from zero, and the gradient of their zero start goes nowhere.
+    std::vector<float> zero_init(npad, 0.0f), unused_dinit(npad);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / parts, part = item % parts;
       for (int64_t d = part * per_part; d < std::min(dim, (part + 1) * per_part); ++d) {
         const int64_t r = b * dim + d;
+        const ScanRow row = p.row(r);
         const ScanRowGrad g{dout_f.const_data_ptr<float>() + r * L,
                             dlast.defined() ? dlast.const_data_ptr<float>() + r * npad : nullptr,
                             du.data_ptr<float>() + r * L,
@@ -477,7 +533,18 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                             dD_rows.data_ptr<float>() + r,
                             dinit.data_ptr<float>() + r * npad,
                             scratch.data()};
-        bwd_row(p.row(r), p.init.const_data_ptr<float>() + r * npad, g);
+        const int64_t* starts = segs.begin(b);
+        const int64_t count = segs.count(b);
+        for (int64_t s = 0; s < count; ++s) {
+          const int64_t t0 = starts[s], t1 = starts[s + 1];
+          ScanRowGrad gs = g;  // this sequence's slice; only the last one's final state is the returned one
+          gs.dout += t0, gs.du += t0, gs.ddelta += t0;
+          if (gs.dz) gs.dz += t0;
+          gs.dB += t0 * row.b_stride, gs.dC += t0 * row.c_stride;
+          if (s + 1 < count) gs.dlast = nullptr;
+          if (s > 0) gs.dinit = unused_dinit.data();
+          bwd_row(segment(row, t0, t1), s == 0 ? p.init.const_data_ptr<float>() + r * npad : zero_init.data(), gs);
+        }
       }
     }
   });

@@ -15,7 +15,9 @@ layout changes copy x, z and the output once each and spread dt over the channel
 mamba_ssm keeps (batch, seqlen, nheads)), and the GPU scan takes an exp per state entry where one per head would do
 (the CPU kernels detect the per-head A and take one per step; an SSD kernel also turns the intra-chunk work into
 matrix products); see docs/GPU_SESSION.md.
-Not supported (NotImplementedError naming them): seq_idx, cu_seqlens and return_varlen_states (packed sequences).
+Packed sequences (seq_idx) reach the scan kernels, which restart the state where seq_idx changes; the per-sequence
+final states (return_varlen_states with cu_seqlens) are computed in closed form, one small matrix product per
+sequence (sum over its tokens of exp(A * dt after t) dt_t x_t B_t^T).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from .._checks import check_shape, check_tensor
 from ..reference.mamba_chunk_scan import processed_dt
-from .selective_scan import MAX_DSTATE, selective_scan_fn
+from .selective_scan import MAX_DSTATE, checked_seq_idx, selective_scan_fn
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -91,14 +93,18 @@ def mamba_chunk_scan_combined(
     reference/mamba_chunk_scan.py). x, z: (batch, seqlen, nheads, headdim) fp32/fp16/bf16; dt: (batch, seqlen,
     nheads); A, dt_bias: (nheads,); B, C: (batch, seqlen, ngroups, dstate), dstate <= 256; D: (nheads,) or (nheads,
     headdim); initial_states: (batch, nheads, headdim, dstate). Returns y like x (in x's dtype), and with
-    return_final_states also the last states (batch, nheads, headdim, dstate) fp32. Differentiable."""
+    return_final_states also the last states (batch, nheads, headdim, dstate) fp32. Differentiable.
+
+    Packed sequences (mamba_ssm's): seq_idx (batch, seqlen) int32 / int64, a sequence starting wherever it changes,
+    from a zero state (initial_states is the state of each row's first sequence); with return_varlen_states and
+    cu_seqlens (nseqs + 1,) (batch 1) also the final state of each sequence, (nseqs, nheads, headdim, dstate) fp32,
+    returned last: (y, varlen_states) or (y, final_states, varlen_states). cu_seqlens is used only for those."""
     fn = "mamba_chunk_scan_combined"
-    for name, value in (("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens)):
-        if value is not None:
-            raise NotImplementedError(f"llmkernels.{fn}: {name} (packed sequences) is not supported")
-    if return_varlen_states:
-        raise NotImplementedError(f"llmkernels.{fn}: return_varlen_states (packed sequences) is not supported")
     _check(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit)
+    if seq_idx is not None:
+        seq_idx = checked_seq_idx(fn, seq_idx, x.shape[0], x.shape[1], x.device)
+    if return_varlen_states:
+        _check_varlen(fn, x, cu_seqlens)
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[3]
     dim = nheads * headdim
@@ -120,9 +126,50 @@ def mamba_chunk_scan_combined(
     init = None if initial_states is None else initial_states.float().reshape(batch, dim, dstate)
     out, last = selective_scan_fn(
         channels(x), delta, A_channels, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), D_channels,
-        None if z is None else channels(z), None, False, True, init,
+        None if z is None else channels(z), None, False, True, init, seq_idx=seq_idx,
     )  # fmt: skip
     y = out.reshape(batch, nheads, headdim, seqlen).permute(0, 3, 1, 2)
+    result = (y,)
     if return_final_states:
-        return y, last.reshape(batch, nheads, headdim, dstate)
-    return y
+        result += (last.reshape(batch, nheads, headdim, dstate),)
+    if return_varlen_states:
+        dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
+        result += (_varlen_states(x, dt_heads, A, B, cu_seqlens, initial_states),)
+    return result if len(result) > 1 else y
+
+
+def _check_varlen(fn: str, x: torch.Tensor, cu_seqlens) -> None:
+    if cu_seqlens is None:
+        raise ValueError(f"llmkernels.{fn}: return_varlen_states needs cu_seqlens")
+    check_tensor(fn, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=x.device)
+    if x.shape[0] != 1:
+        raise ValueError(f"llmkernels.{fn}: return_varlen_states takes packed sequences in a batch of 1 (as "
+                         f"mamba_ssm), got batch {x.shape[0]}")  # fmt: skip
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != x.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"llmkernels.{fn}: cu_seqlens must rise from 0 to seqlen = {x.shape[1]}, got {bounds}")
+
+
+def _varlen_states(x, dt, A, B, cu_seqlens, initial_states) -> torch.Tensor:
+    """Each sequence's final state (nseqs, nheads, headdim, dstate) fp32, batch 1: sum over its tokens t of
+    exp(A * (dt summed over the tokens after t)) dt_t x_t B_t^T, plus for the one at token 0 the initial state decayed
+    by exp(A * its dt sum). The decay exponents are sums within one sequence (a cumulative sum over the whole packed
+    row would lose their precision to cancellation). Differentiable."""
+    nheads, dstate = x.shape[2], B.shape[3]
+    heads_per_group = nheads // B.shape[2]
+    A = A.float()
+    bounds = cu_seqlens.tolist()
+    states = []
+    for k in range(len(bounds) - 1):
+        s, e = bounds[k], bounds[k + 1]
+        dts = dt[0, s:e]  # (l, nheads) fp32
+        after = dts.flip(0).cumsum(0).flip(0) - dts
+        weight = torch.exp(after * A) * dts
+        Bh = B[0, s:e].float().repeat_interleave(heads_per_group, dim=1)  # (l, nheads, dstate)
+        state = torch.einsum("lhp,lhn->hpn", x[0, s:e].float() * weight[..., None], Bh)
+        if s == 0 and e > 0 and initial_states is not None:  # the sequence that holds token 0 (see the reference)
+            state = state + torch.exp(dts.sum(0) * A)[:, None, None] * initial_states[0].float()
+        states.append(state)
+    if not states:
+        return x.new_zeros(0, nheads, x.shape[3], dstate, dtype=torch.float32)
+    return torch.stack(states)

@@ -134,22 +134,33 @@ def check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
         _checks.check_shape(fn, "initial_state", initial_state, (batch, dim, dstate))
 
 
+def checked_seq_idx(fn: str, seq_idx, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """seq_idx as the kernels take it, (batch, seqlen) int32 contiguous on `device`, or an error naming it."""
+    _checks.check_tensor(fn, "seq_idx", seq_idx, ndim=2, dtypes=(torch.int32, torch.int64), device=device)
+    _checks.check_shape(fn, "seq_idx", seq_idx, (batch, seqlen))
+    if seq_idx.dtype == torch.int64 and seq_idx.shape[1] > 1:  # renumbered, so no two int64 values alias in int32
+        starts = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
+        return torch.cat([torch.zeros_like(starts[:, :1]), starts.cumsum(1, dtype=torch.int32)], dim=1)
+    return seq_idx.to(torch.int32).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------------
-# selective_scan_fn: backends take (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state) with
-# contiguous tensors and return (out, last_state).
+# selective_scan_fn: backends take (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+# with contiguous tensors (seq_idx None or (batch, seqlen) int32) and return (out, last_state).
 # ---------------------------------------------------------------------------------------------------------
 scan_dispatcher = Dispatcher("selective_scan_fn")
 
 
 @scan_dispatcher.register("reference")
-def _scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state)
+def _scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx=None):
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state, seq_idx)
 
 
 @scan_dispatcher.register("cpu", kernel="selective_scan_fwd")
 @scan_dispatcher.register("cuda", kernel="selective_scan_fwd")
-def _scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-    return torch.ops.llmkernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+def _scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx=None):
+    return torch.ops.llmkernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                                   seq_idx)  # fmt: skip
 
 
 def _triton_module_reason(attr: str) -> str | None:
@@ -163,10 +174,10 @@ def _triton_module_reason(attr: str) -> str | None:
 
 
 @scan_dispatcher.register("triton", supports=lambda *a, **k: _triton_module_reason("selective_scan_triton"))
-def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx=None):
     from ..triton.selective_scan import selective_scan_triton
 
-    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -190,6 +201,7 @@ def selective_scan_fn(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Mamba's selective scan, a drop-in for mamba_ssm.ops.selective_scan_interface.selective_scan_fn.
 
@@ -198,9 +210,14 @@ def selective_scan_fn(
     (batch, dim, dstate) fp32. Returns out (batch, dim, seqlen) in u's dtype, and with return_last_state also
     the last state (batch, dim, dstate) fp32. Differentiable in every tensor, including initial_state and
     through the returned last state. Non-contiguous inputs are copied (as mamba_ssm does).
+    seq_idx (batch, seqlen) int32 / int64 (beyond mamba_ssm; packed sequences, as mamba_chunk_scan_combined's): a
+    new sequence starts wherever seq_idx[b, t] != seq_idx[b, t - 1], from a zero state; initial_state is the state
+    before t = 0 (of each row's first sequence) and the last state that of the last.
     """
     if not _scan_args_ok(u, delta, A, B, C, D, z, delta_bias, initial_state):
         check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)  # raises, naming the argument
+    if seq_idx is not None:
+        seq_idx = checked_seq_idx("selective_scan_fn", seq_idx, u.shape[0], u.shape[2], u.device)
     args = (
         u.contiguous(),
         delta.contiguous(),
@@ -212,6 +229,7 @@ def selective_scan_fn(
         _f32(delta_bias),
         bool(delta_softplus),
         _contig(initial_state),
+        seq_idx,
     )
     out, last_state = scan_dispatcher(*args)
     return (out, last_state) if return_last_state else out
@@ -428,12 +446,13 @@ def _multihead_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, s
 if _ext.loaded:
 
     @register_fake("llmkernels::selective_scan_fwd")
-    def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx=None):
         last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
         return torch.empty_like(u, memory_format=torch.contiguous_format), last
 
     @register_fake("llmkernels::selective_scan_bwd")
-    def _scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    def _scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                       seq_idx=None):  # fmt: skip
         def like(t):
             if t is None:
                 return u.new_empty(0, dtype=torch.float32)
@@ -446,12 +465,12 @@ if _ext.loaded:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def _scan_setup_context(ctx, inputs, output):
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state = inputs
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         ctx.delta_softplus = delta_softplus
 
     def _scan_backward(ctx, dout, dlast_state):
-        u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
         grads = torch.ops.llmkernels.selective_scan_bwd(
@@ -467,6 +486,7 @@ if _ext.loaded:
             delta_bias,
             ctx.delta_softplus,
             initial_state,
+            seq_idx,
         )
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
         return (
@@ -480,6 +500,7 @@ if _ext.loaded:
             ddelta_bias if delta_bias is not None else None,
             None,
             dinit if initial_state is not None else None,
+            None,
         )
 
     torch.library.register_autograd("llmkernels::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context)

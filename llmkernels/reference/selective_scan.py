@@ -8,6 +8,9 @@ Semantics are mamba_ssm's `selective_scan_fn` / `selective_state_update`, plus a
   x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t, x_{-1} = initial_state (zeros when None);
   y_t = C_t . x_t + D * u_t; out = y * silu(z) when z is given; out in u's dtype.
 - All arithmetic in fp32 (fp64 when u is fp64, so tests can take fp64 gradients); the state is fp32.
+- seq_idx (batch, seqlen) ints (packed sequences, beyond mamba_ssm's selective_scan_fn): where
+  seq_idx[b, t] != seq_idx[b, t - 1] a new sequence starts at t and its state starts from zero, not from x_{t-1};
+  initial_state is the state before t = 0, so it belongs to the first sequence of each row.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """out (batch, dim, seqlen) in u's dtype, and with return_last_state also x_{L-1} (batch, dim, dstate) fp32.
 
@@ -63,9 +67,16 @@ def selective_scan_ref(
     deltas, us = delta.unbind(-1), u.unbind(-1)
     Bs = [Bx] * seqlen if Bx.dim() == 2 else Bx.unbind(-1)  # each (dim, n) or (batch, dim, n)
     Cs = [Cx] * seqlen if Cx.dim() == 2 else Cx.unbind(-1)
+    # (batch, 1, 1) bool per step t >= 1: whether step t continues the sequence of step t - 1 (a where, not a
+    # product: a new sequence must not inherit an inf or NaN state)
+    carries = [None] * seqlen
+    if seq_idx is not None and seqlen > 1:
+        carries[1:] = (seq_idx[:, 1:] == seq_idx[:, :-1])[:, None, None, :].unbind(-1)
     ys = []
     for t in range(seqlen):
         dt = deltas[t][..., None]  # (batch, dim, 1)
+        if carries[t] is not None:
+            x = torch.where(carries[t], x, 0.0)
         x = torch.exp(dt * A) * x + dt * Bs[t] * us[t][..., None]
         ys.append((x * Cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1) if seqlen else u.new_zeros(batch, dim, 0)

@@ -104,16 +104,16 @@ def selective_state_update_kernel(
 
 @triton.jit
 def selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, out_ptr, last_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, seq_idx_ptr, out_ptr, last_ptr,
     dim, dstate, seqlen, B_channels_per_group, C_channels_per_group,
     stride_u_b, stride_u_d, stride_u_t, stride_delta_b, stride_delta_d, stride_delta_t,
     stride_A_d, stride_A_n,
     stride_B_b, stride_B_g, stride_B_n, stride_B_t, stride_C_b, stride_C_g, stride_C_n, stride_C_t,
     stride_D, stride_z_b, stride_z_d, stride_z_t, stride_bias,
     stride_init_b, stride_init_d, stride_init_n, stride_out_b, stride_out_d, stride_out_t,
-    stride_last_b, stride_last_d, stride_last_n,
+    stride_last_b, stride_last_d, stride_last_n, stride_seq_b, stride_seq_t,
     B_CONST: tl.constexpr, C_CONST: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -155,8 +155,15 @@ def selective_scan_fwd_kernel(
     u_ptrs = u_ptr + b * stride_u_b + offs_d64 * stride_u_d
     delta_ptrs = delta_ptr + b * stride_delta_b + offs_d64 * stride_delta_d
     out_ptrs = out_ptr + b * stride_out_b + offs_d64 * stride_out_d
+    if HAS_SEQ_IDX:
+        # step 0's own: step 0 continues the initial state (masked: seqlen may be 0)
+        seq_prev = tl.load(seq_idx_ptr + b * stride_seq_b, mask=seqlen > 0, other=0)
     for t_ in range(seqlen):
         t = tl.cast(t_, tl.int64)
+        if HAS_SEQ_IDX:  # packed sequences: a new one starts from a zero state
+            seq = tl.load(seq_idx_ptr + b * stride_seq_b + t * stride_seq_t)
+            state = tl.where(seq == seq_prev, state, 0.0)
+            seq_prev = seq
         u = tl.load(u_ptrs + t * stride_u_t, mask=mask_d, other=0.0).to(tl.float32)
         dt = tl.load(delta_ptrs + t * stride_delta_t, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -278,11 +285,13 @@ def selective_scan_triton(
     delta_bias: Optional[torch.Tensor],
     delta_softplus: bool,
     initial_state: Optional[torch.Tensor],
+    seq_idx: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward selective scan: (out (batch, dim, seqlen) in u's dtype, last_state (batch, dim, dstate) fp32).
 
     u, delta, z: (batch, dim, seqlen); A: (dim, dstate); B, C: (dim, dstate), (batch, dstate, seqlen) or
-    (batch, ngroups, dstate, seqlen); D, delta_bias: (dim,); initial_state: (batch, dim, dstate). Any strides.
+    (batch, ngroups, dstate, seqlen); D, delta_bias: (dim,); initial_state: (batch, dim, dstate); seq_idx
+    (batch, seqlen) int32 (a state restarts from zero where it changes). Any strides.
     """
     fn = "selective_scan_fn"
     _checks.check_tensor(fn, "u", u, ndim=3, dtypes=_FLOAT_TYPES)
@@ -316,6 +325,9 @@ def selective_scan_triton(
         _checks.check_shape(fn, "z", z, (batch, dim, seqlen))
     if initial_state is not None:
         _checks.check_shape(fn, "initial_state", initial_state, (batch, dim, dstate))
+    if seq_idx is not None:
+        _checks.check_tensor(fn, "seq_idx", seq_idx, ndim=2, dtypes=(torch.int32,), device=u.device)
+        _checks.check_shape(fn, "seq_idx", seq_idx, (batch, seqlen))
 
     out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
     last_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
@@ -325,14 +337,14 @@ def selective_scan_triton(
     block_d, block_n = _blocks(dim, dstate)
     grid = (triton.cdiv(dim, block_d), batch)
     launch(selective_scan_fwd_kernel, grid,
-        u, delta, A, Bt, Ct, D, z, delta_bias, initial_state, out, last_state,
+        u, delta, A, Bt, Ct, D, z, delta_bias, initial_state, seq_idx, out, last_state,
         dim, dstate, seqlen, B_cpg, C_cpg,
         *u.stride(), *delta.stride(), *A.stride(), *Bt.stride(), *Ct.stride(),
         *_strides_or_zeros(D, 1), *_strides_or_zeros(z, 3), *_strides_or_zeros(delta_bias, 1),
-        *_strides_or_zeros(initial_state, 3), *out.stride(), *last_state.stride(),
+        *_strides_or_zeros(initial_state, 3), *out.stride(), *last_state.stride(), *_strides_or_zeros(seq_idx, 2),
         B_CONST=B_const, C_CONST=C_const, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, HAS_INIT=initial_state is not None, SOFTPLUS=delta_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n,
+        HAS_SEQ_IDX=seq_idx is not None, BLOCK_D=block_d, BLOCK_N=block_n,
     )  # fmt: skip
     return out, last_state
 
@@ -345,7 +357,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=Non
 
 
 @selective_scan_triton.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx=None):
     return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)
 
 
@@ -354,27 +366,28 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     ctx.delta_softplus = delta_softplus
 
 
 def _scan_backward(ctx, dout, dlast_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = ctx.saved_tensors
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if dout is None:
         dout = torch.zeros_like(u)
     if _ext.has_kernel("selective_scan_bwd", u.device.type.upper()):
         grads = torch.ops.llmkernels.selective_scan_bwd(
             dout.contiguous(), _contiguous(dlast_state), *(_contiguous(t) for t in inputs[:8]), ctx.delta_softplus,
-            _contiguous(initial_state),
+            _contiguous(initial_state), _contiguous(seq_idx),
         )  # fmt: skip
         grads = [g if t is not None else None for g, t in zip(grads, inputs)]
     else:
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
             lu, ldelta, lA, lB, lC, lD, lz, lbias, linit = leaves
-            out, last = selective_scan_ref(lu, ldelta, lA, lB, lC, lD, lz, lbias, ctx.delta_softplus, True, linit)
+            out, last = selective_scan_ref(lu, ldelta, lA, lB, lC, lD, lz, lbias, ctx.delta_softplus, True, linit,
+                                           seq_idx)  # fmt: skip
             present = [t for t in leaves if t is not None]
             outs, grad_outs = [out], [dout]
             if dlast_state is not None:
@@ -383,7 +396,7 @@ def _scan_backward(ctx, dout, dlast_state):
             found = iter(torch.autograd.grad(outs, present, grad_outs, allow_unused=True))
             grads = [next(found) if t is not None else None for t in leaves]
     du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = grads
-    return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dinit
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dinit, None
 
 
 selective_scan_triton.register_autograd(_scan_backward, setup_context=_scan_setup_context)

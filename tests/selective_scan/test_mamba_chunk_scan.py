@@ -147,9 +147,8 @@ def test_decode_steps_equal_the_scan():
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (lambda kw: {"seq_idx": torch.zeros(2, 5, dtype=torch.int32)}, NotImplementedError, "seq_idx"),
-    (lambda kw: {"cu_seqlens": torch.tensor([0, 5])}, NotImplementedError, "cu_seqlens"),
-    (lambda kw: {"return_varlen_states": True}, NotImplementedError, "return_varlen_states"),
+    (lambda kw: {"seq_idx": torch.zeros(2, 4, dtype=torch.int32)}, ValueError, "seq_idx must have shape"),
+    (lambda kw: {"return_varlen_states": True}, ValueError, "return_varlen_states needs cu_seqlens"),
     (lambda kw: {"x": kw["x"][..., :3, :]}, ValueError, "dt must have shape"),
     (lambda kw: {"A": kw["A"][:, None]}, ValueError, "A must have 1 dimensions"),
     (lambda kw: {"B": kw["B"][:, :, :1].expand(2, 5, 3, 16)}, ValueError, "B must be"),

@@ -71,7 +71,7 @@ bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_
 
 // The forward's inputs in kernel layout, kept alive for the launches, and the parameters pointing into them.
 struct ScanInputs {
-  at::Tensor u, delta, A, B, C, D, z, delta_bias, initial_state;
+  at::Tensor u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx;
   ScanFwdParams params{};
 };
 
@@ -109,7 +109,8 @@ at::Tensor prepare_bc(const char* op, const char* arg, const at::Tensor& M, cons
 ScanInputs prepare_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                         const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                         const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                        bool delta_softplus, const std::optional<at::Tensor>& initial_state) {
+                        bool delta_softplus, const std::optional<at::Tensor>& initial_state,
+                        const std::optional<at::Tensor>& seq_idx) {
   LLMK_CHECK_DEVICE(op, u, at::kCUDA);
   LLMK_CHECK_DIM(op, u, 3);
   LLMK_CHECK_ARG(is_float_type(u), op, "u", "must be float32, float16 or bfloat16, got ", u.scalar_type());
@@ -137,6 +138,14 @@ ScanInputs prepare_scan(const char* op, const at::Tensor& u, const at::Tensor& d
   in.delta_bias = optional_fp32(op, "delta_bias", delta_bias, u, {dim});
   in.initial_state = optional_fp32(op, "initial_state", initial_state, u, {batch, dim, dstate});
   if (z.has_value() && z->defined()) in.z = activation_like(op, "z", *z, in.u);
+  if (seq_idx.has_value() && seq_idx->defined()) {
+    const at::Tensor& s = *seq_idx;
+    LLMK_CHECK_ARG(s.device() == u.device(), op, "seq_idx", "must be on ", u.device(), ", got ", s.device());
+    LLMK_CHECK_ARG(s.scalar_type() == at::kInt, op, "seq_idx", "must be int32, got ", s.scalar_type());
+    LLMK_CHECK_ARG(s.sizes() == at::IntArrayRef({batch, seqlen}), op, "seq_idx", "must have shape (batch, seqlen) = (",
+                   batch, ", ", seqlen, "), got ", s.sizes());
+    in.seq_idx = s.contiguous();
+  }
 
   p.batch = int(batch);
   p.dim = int(dim);
@@ -153,6 +162,7 @@ ScanInputs prepare_scan(const char* op, const at::Tensor& u, const at::Tensor& d
   p.D = in.D.defined() ? in.D.data_ptr<float>() : nullptr;
   p.delta_bias = in.delta_bias.defined() ? in.delta_bias.data_ptr<float>() : nullptr;
   p.initial_state = in.initial_state.defined() ? in.initial_state.data_ptr<float>() : nullptr;
+  p.seq_idx = in.seq_idx.defined() ? in.seq_idx.data_ptr<int32_t>() : nullptr;
   // Vector loads need every row to start on 16 bytes: the base pointers, and a row length of whole vectors.
   p.vec = seqlen * int64_t(in.u.element_size()) % 16 == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.z) &&
           (!p.B_per_token || aligned16(p.B)) && (!p.C_per_token || aligned16(p.C));
@@ -162,11 +172,11 @@ ScanInputs prepare_scan(const char* op, const at::Tensor& u, const at::Tensor& d
 std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cuda(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-    bool delta_softplus, const std::optional<at::Tensor>& initial_state) {
+    bool delta_softplus, const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& seq_idx) {
   const char* op = "selective_scan_fwd";
   LLMK_CHECK_DEVICE(op, u, at::kCUDA);
   c10::cuda::CUDAGuard guard(u.device());
-  ScanInputs in = prepare_scan(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
+  ScanInputs in = prepare_scan(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx);
   ScanFwdParams& p = in.params;
   at::Tensor out = at::empty_like(in.u);
   at::Tensor last_state = at::empty({p.batch, p.dim, p.dstate}, u.options().dtype(at::kFloat));
@@ -199,11 +209,11 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
                         const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                         const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                         const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                        const std::optional<at::Tensor>& initial_state) {
+                        const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& seq_idx) {
   const char* op = "selective_scan_bwd";
   LLMK_CHECK_DEVICE(op, u, at::kCUDA);
   c10::cuda::CUDAGuard guard(u.device());
-  ScanInputs in = prepare_scan(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
+  ScanInputs in = prepare_scan(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx);
   const int64_t batch = u.size(0), dim = u.size(1), dstate = A.size(1);
   at::Tensor dout_c = activation_like(op, "dout", dout, in.u);
   at::Tensor dlast = optional_fp32(op, "dlast_state", dlast_state, u, {batch, dim, dstate});

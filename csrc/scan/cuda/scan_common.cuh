@@ -39,6 +39,7 @@ struct ScanFwdParams {
   const float* D;                  // (dim,) or null
   const float* delta_bias;         // (dim,) or null
   const float* initial_state;      // (batch, dim, dstate) or null
+  const int32_t* seq_idx;          // (batch, seqlen) or null: packed sequences, the state restarts where it changes
   void* out;                       // (batch, dim, seqlen) input dtype; null: states only (backward's recompute)
   float* last_state;               // (batch, dim, dstate)
   float* chunk_states;             // (batch, dim, nchunks, dstate): state entering each chunk, or null
@@ -126,6 +127,17 @@ __device__ __forceinline__ void store_run(T* row, int t0, int seqlen, bool vec, 
 #pragma unroll
     for (int i = 0; i < kItems; ++i)
       if (t0 + i < seqlen) row[t0 + i] = from_float<T>(v[i]);
+  }
+}
+
+// Packed sequences: whether each timestep of the run t0 .. t0 + kItems carries the state of the one before
+// (false where seq_idx changes). Timestep 0 carries the initial state; past the end the step is the identity
+// either way. seq_row: this batch element's seq_idx row, or null (one sequence).
+__device__ __forceinline__ void load_carry(const int32_t* seq_row, int t0, int seqlen, bool (&carry)[kItems]) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int t = t0 + i;
+    carry[i] = seq_row == nullptr || t == 0 || t >= seqlen || seq_row[t] == seq_row[t - 1];
   }
 }
 

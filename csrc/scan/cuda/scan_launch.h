@@ -32,7 +32,8 @@ template <typename T>
 void launch_selective_scan_bwd_fast(const ScanBwdFastParams& p, cudaStream_t stream);
 // Whether the fast backward applies (dstate 16, per-token B/C, aligned rows, 64-channel CTAs within a group).
 inline bool fast_scan_bwd_supported(const ScanBwdParams& p) {
-  return p.dstate == kFastN && p.vec && p.B_per_token && p.C_per_token && p.dim % kFastCh == 0 &&
+  return p.dstate == kFastN && p.vec && p.B_per_token && p.C_per_token && p.seq_idx == nullptr &&
+         p.dim % kFastCh == 0 &&
          (p.dim / p.B_ngroups) % kFastCh == 0 && (p.dim / p.C_ngroups) % kFastCh == 0;
 }
 

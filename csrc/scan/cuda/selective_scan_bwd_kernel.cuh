@@ -1,6 +1,6 @@
 // Selective scan backward, one CTA per (batch, channel) row, chunks walked from the last to the first.
 //
-// Math (per channel, state index n; a_t = exp(dt_t A), b_t = dt_t B_t u_t, dy_t = dout_t * silu(z_t) or dout_t):
+// Math (per channel, state index n; a_t = exp(dt_t A), or 0 where seq_idx starts a sequence; b_t = dt_t B_t u_t, dy_t = dout_t * silu(z_t) or dout_t):
 //   g_t = dL/dx_t = C_t dy_t + a_{t+1} g_{t+1}, seeded by dlast_state. With q_t = a_t g_t (what step t hands
 //   to t - 1) this is a reverse affine scan q_t = a_t q_{t+1} + a_t C_t dy_t, q_L = dlast_state, g_t = q_{t+1} +
 //   C_t dy_t, and dinitial_state = q_0. Then
@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
   const float* C_const = p.C_per_token ? nullptr : static_cast<const float*>(p.C) + size_t(d) * N;
   const float D = p.D ? p.D[d] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+  const int32_t* seq_row = p.seq_idx ? p.seq_idx + size_t(b) * L : nullptr;
 
   for (int n = tid; n < N; n += kThreads) {
     q_carry[n] = p.dlast_state ? p.dlast_state[size_t(row) * N + n] : 0.f;
@@ -76,6 +77,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
     float* q_out_chunk = q_carry + ((pass + 1) & 1) * N;
 
     float uv[kItems], pre[kItems], dt[kItems], dy[kItems], zv[kItems];
+    bool carry[kItems];
+    load_carry(seq_row, t0, L, carry);
     load_run(u, t0, L, p.vec, uv);
     load_run(delta, t0, L, p.vec, pre);
     load_run(dout, t0, L, p.vec, dy);  // zero past the end, which zeroes every gradient term there
@@ -110,7 +113,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
       float fa = 1.f, fb = 0.f, ra = 1.f, rb = 0.f;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        a[i] = exp2f(dt[i] * A2);
+        // a = 0 where a sequence starts: no gradient flows to the previous sequence's states, nor into dA / ddt
+        a[i] = carry[i] ? exp2f(dt[i] * A2) : 0.f;
         bx[i] = dt[i] * Bv[i] * uv[i];
         fb = a[i] * fb + bx[i];
         fa *= a[i];

@@ -53,6 +53,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
   const float* C_const = p.C_per_token ? nullptr : static_cast<const float*>(p.C) + size_t(d) * N;
   const float D = p.D ? p.D[d] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+  const int32_t* seq_row = p.seq_idx ? p.seq_idx + size_t(b) * L : nullptr;
 
   for (int n = tid; n < N; n += kThreads) running[n] = p.initial_state ? p.initial_state[size_t(row) * N + n] : 0.f;
   __syncthreads();
@@ -64,8 +65,10 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
     float* state_out = running + ((chunk + 1) & 1) * N;
 
     float uv[kItems], dt[kItems], dtu[kItems], y[kItems];
+    bool carry[kItems];
     load_run(u, t0, L, p.vec, uv);
     load_run(delta, t0, L, p.vec, dt);
+    load_carry(seq_row, t0, L, carry);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const float v = dt[i] + bias;
@@ -95,7 +98,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
       float agg_a = 1.f, agg_b = 0.f;  // this thread's kItems steps composed
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        a[i] = exp2f(dt[i] * A2);
+        // a = 0 where a sequence starts: the composed maps then drop everything before it
+        a[i] = carry[i] ? exp2f(dt[i] * A2) : 0.f;
         bx[i] = dtu[i] * Bv[i];
         agg_b = a[i] * agg_b + bx[i];
         agg_a *= a[i];
@@ -392,7 +396,7 @@ __global__ void __launch_bounds__(kWideThreads, 5) selective_scan_fwd_wide_kerne
 // Whether the channel-parallel kernel applies: see its comment for the conditions' reasons.
 inline bool use_wide_scan(const ScanFwdParams& p) {
   return p.dstate == kWideN && p.vec && p.B_per_token && p.C_per_token && p.out != nullptr &&
-         p.chunk_states == nullptr && p.dim % kWideCh == 0 && (p.dim / p.B_ngroups) % kWideCh == 0 &&
+         p.seq_idx == nullptr && p.chunk_states == nullptr && p.dim % kWideCh == 0 && (p.dim / p.B_ngroups) % kWideCh == 0 &&
          (p.dim / p.C_ngroups) % kWideCh == 0 && int64_t(p.batch) * p.dim >= kWideMinRows;
 }
 
