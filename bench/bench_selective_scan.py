@@ -15,6 +15,10 @@ copied out per channel first (llmkernels-copied: the route before the kernels to
 reference; bytes = the fp32 state read and written. Mamba-2 prefill (mamba_chunk_scan_combined): the
 scan over flattened heads, forward and forward + backward; bytes = x, z, y (batch, seqlen, nheads, headdim) and B, C
 (batch, seqlen, ngroups, dstate) moved once; against the reference recurrence where it finishes (CPU, short).
+Packed Mamba-2 prefill (mamba_chunk_scan_combined_packed): sequences of uneven lengths end to end in one row with
+seq_idx (padding-free training), forward + backward, against the same sequences as a zero-padded batch
+(padded-batch: the usual layout, longest length times count) and one call per sequence (per-sequence-loop), both
+through llmkernels too.
 CPU: small cases, the C++ kernels against the reference, including seqlen 2048 (the speedup is the point).
 Colleagues' kernels are called inside try/except, so the benchmark runs whatever state they are in.
 """
@@ -237,6 +241,37 @@ def _mamba2_prefill_case(rows, batch, seqlen, nheads, headdim, dstate, dtype, de
                 **a, dt_softplus=True)), nbytes * (3 if backward else 1), limit, **measure_kw)  # fmt: skip
 
 
+def _mamba2_packed_case(rows, lengths, nheads, headdim, dstate, dtype, device, limit, measure_kw):
+    """Padding-free training's layout against padding and a loop; bytes as _mamba2_prefill_case's, real tokens only."""
+    total, longest, count = sum(lengths), max(lengths), len(lengths)
+    act = lambda *s: torch.randn(*s, device=device).to(dtype).requires_grad_()  # noqa: E731
+    params = dict(A=-0.5 - torch.rand(nheads, device=device), D=torch.randn(nheads, device=device),
+                  dt_bias=torch.rand(nheads, device=device))  # fmt: skip
+
+    def tokens(batch, seqlen):
+        return dict(x=act(batch, seqlen, nheads, headdim), dt=act(batch, seqlen, nheads),
+                    B=act(batch, seqlen, 1, dstate), C=act(batch, seqlen, 1, dstate),
+                    z=act(batch, seqlen, nheads, headdim))  # fmt: skip
+
+    packed, padded = tokens(1, total), tokens(count, longest)
+    seq_idx = torch.repeat_interleave(torch.arange(count, device=device), torch.tensor(lengths, device=device))
+    seq_idx = seq_idx[None].int()
+    singles = [tokens(1, n) for n in lengths]
+
+    def fwd_bwd(kw, **extra):
+        y = llmkernels.mamba_chunk_scan_combined(**kw, **params, chunk_size=256, dt_softplus=True, **extra)
+        y.float().sum().backward()
+
+    elem = torch.tensor([], dtype=dtype).element_size()
+    nbytes = 3 * (3 * total * nheads * headdim + 2 * total * dstate) * elem
+    case = f"mamba2 packed {count} seqs {total} tokens (longest {longest}) h={nheads} p={headdim} n={dstate}"
+    op = "mamba_chunk_scan_combined_packed_fwd_bwd"
+    _try(rows, op, case, "llmkernels-packed", lambda: fwd_bwd(packed, seq_idx=seq_idx), nbytes, limit,
+         peer="padded-batch", **measure_kw)  # fmt: skip
+    _try(rows, op, case, "padded-batch", lambda: fwd_bwd(padded), nbytes, limit, **measure_kw)
+    _try(rows, op, case, "per-sequence-loop", lambda: [fwd_bwd(kw) for kw in singles], nbytes, limit, **measure_kw)
+
+
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     limit = copy_bandwidth_gbps()
@@ -253,6 +288,8 @@ def run(quick: bool = False) -> list[dict]:
             _mamba2_decode_case(rows, batch, "cuda", backends, limit, {})
         for seqlen in (2048,) if quick else (512, 2048, 8192):  # Mamba-2 2.7B's layer
             _mamba2_prefill_case(rows, 1, seqlen, 80, 64, 128, torch.bfloat16, "cuda", backends, limit, {})
+        _mamba2_packed_case(rows, [1800, 900, 700, 400, 200, 60, 30, 6], 80, 64, 128, torch.bfloat16, "cuda", limit,
+                            {})  # fmt: skip
     else:
         small = dict(warmup=1, rep=5, min_time_s=0)
         cases = [(1, 64, 2048, torch.float32), (2, 128, 2048, torch.bfloat16)]
@@ -265,6 +302,7 @@ def run(quick: bool = False) -> list[dict]:
         for batch in (1,) if quick else (1, 8):
             _mamba2_decode_case(rows, batch, "cpu", ("cpu",), limit, dict(warmup=2, rep=10, min_time_s=0.1))
         _mamba2_prefill_case(rows, 1, 256, 8, 64, 64, torch.float32, "cpu", ("cpu",), limit, small, reference=True)
+        _mamba2_packed_case(rows, [450, 220, 180, 100, 50, 12, 6, 2], 8, 64, 64, torch.float32, "cpu", limit, small)
         for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
             _conv1d_case(rows, 4, 1536, 2048, 4, dtype, limit, small)
     return rows
