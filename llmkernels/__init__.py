@@ -8,6 +8,8 @@
     selective_scan_fn, selective_state_update,      Mamba's selective scan (mamba_ssm signatures)
     causal_conv1d_fn, causal_conv1d_update          and its depthwise causal convolution
     mamba_inner_fn                                  Mamba's inner block (conv1d, projections, scan)
+    mamba_chunk_scan_combined,                      Mamba-2's scan (SSD) and its mixer after in_proj
+    mamba_split_conv1d_scan_combined                (mamba_ssm signatures)
     nn.*                                            drop-in nn.Module layers
 
 Importing never initialises CUDA and never fails for want of the compiled extension: the reference
@@ -27,6 +29,7 @@ from .ops.attention_varlen import (
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.mamba_chunk_scan import mamba_chunk_scan_combined
 from .ops.mamba_inner import mamba_inner_fn
+from .ops.mamba_split_scan import mamba_split_conv1d_scan_combined
 from .ops.selective_scan import selective_scan_fn, selective_state_update
 from .ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
 from .ops.ternary import quantize_, ternary_linear
@@ -49,6 +52,7 @@ __all__ = [
     "flash_attn_with_kvcache",
     "mamba_chunk_scan_combined",
     "mamba_inner_fn",
+    "mamba_split_conv1d_scan_combined",
     "nn",
     "quantize_",
     "requested_backend",
