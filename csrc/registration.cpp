@@ -149,11 +149,15 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices=None) -> Tensor");
-  // Depthwise causal conv: x (b, dim, L), weight (dim, width), bias (dim,); optional SiLU.
-  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  // Depthwise causal conv: x (b, dim, L), weight (dim, width), bias (dim,); optional SiLU. seq_idx (b, L) int32:
+  // taps across a change of seq_idx read 0 (packed sequences); initial_states (b, dim, width - 1): the inputs
+  // before t = 0 (not with seq_idx). dinitial_states is empty without initial_states.
   m.def(
-      "causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, bool silu) -> "
-      "(Tensor dx, Tensor dweight, Tensor dbias)");
+      "causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor? seq_idx=None, "
+      "Tensor? initial_states=None) -> Tensor");
+  m.def(
+      "causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor? seq_idx=None, "
+      "Tensor? initial_states=None) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
   // One decode step: x (b, dim), conv_state (b, dim, width) shifted left and appended in place.
   // conv_state_indices (b,) int32: row i of x steps conv_state row conv_state_indices[i] of a state with any number
   // of rows (continuous batching; distinct indices).

@@ -11,7 +11,7 @@ import torch
 from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import register_fake
-from ..reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from ..reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref, conv1d_final_states_ref
 from .inference_only import inference_only
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,31 +54,72 @@ def _x_weight_bias_ok(x, ndim: int, weight, bias) -> bool:
 conv_dispatcher = Dispatcher("causal_conv1d_fn")
 
 
+# (x, weight, bias, silu, seq_idx, initial_states): seq_idx None or (batch, seqlen) int32, initial_states None or
+# (batch, dim, width - 1) in x's dtype, contiguous.
 @conv_dispatcher.register("reference")
-def _conv_reference(x, weight, bias, silu):
-    return causal_conv1d_ref(x, weight, bias, "silu" if silu else None)
+def _conv_reference(x, weight, bias, silu, seq_idx=None, initial_states=None):
+    return causal_conv1d_ref(x, weight, bias, "silu" if silu else None, seq_idx, initial_states)
 
 
 @conv_dispatcher.register("cpu", kernel="causal_conv1d_fwd")
 @conv_dispatcher.register("cuda", kernel="causal_conv1d_fwd")
-def _conv_cpp(x, weight, bias, silu):
-    return torch.ops.llmkernels.causal_conv1d_fwd(x, weight, bias, silu)
+def _conv_cpp(x, weight, bias, silu, seq_idx=None, initial_states=None):
+    return torch.ops.llmkernels.causal_conv1d_fwd(x, weight, bias, silu, seq_idx, initial_states)
 
 
 def causal_conv1d_fn(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
-) -> torch.Tensor:
-    """Depthwise causal conv1d, a drop-in for causal_conv1d.causal_conv1d_fn (without seq_idx / initial states).
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    final_states_out: torch.Tensor | None = None,
+    activation: str | None = None,
+):
+    """Depthwise causal conv1d, a drop-in for causal_conv1d.causal_conv1d_fn (same arguments, same order).
 
     x: (batch, dim, seqlen) fp32/fp16/bf16; weight: (dim, width), width 2..4; bias: (dim,); activation None,
-    "silu" or "swish". Returns (batch, dim, seqlen) in x's dtype; differentiable in x, weight and bias.
+    "silu" or "swish" (keyword: the fourth positional argument is seq_idx, as in causal_conv1d). Returns (batch,
+    dim, seqlen) in x's dtype; differentiable in x, weight, bias and initial_states.
+    seq_idx (batch, seqlen) int32 / int64, packed sequences: each sequence is convolved alone (a tap that reaches
+    into the previous sequence reads 0). initial_states (batch, dim, width - 1): the inputs before x[..., 0] (a
+    chunked prefill continuing a sequence); not with seq_idx. return_final_states: also returns the last width - 1
+    inputs (batch, dim, width - 1) in x's dtype, the next chunk's initial_states, written into final_states_out when
+    given (a differentiable slice otherwise).
     """
     fn = "causal_conv1d_fn"
+    if isinstance(seq_idx, str):
+        raise TypeError(f"llmkernels.{fn}: the fourth positional argument is seq_idx (causal_conv1d's order); pass "
+                        f"activation={seq_idx!r} by keyword")  # fmt: skip
     silu = _silu(fn, activation)
     if not _x_weight_bias_ok(x, 3, weight, bias):
         _checks.check_tensor(fn, "x", x, ndim=3, dtypes=ACT_DTYPES)  # raises, naming the argument
         _check_weight_bias(fn, x, weight, bias)
-    return conv_dispatcher(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), silu)
+    if seq_idx is not None:
+        if initial_states is not None:
+            raise NotImplementedError(f"llmkernels.{fn}: initial_states together with seq_idx is not supported (as "
+                                      "in causal_conv1d)")  # fmt: skip
+        from .selective_scan import checked_seq_idx
+
+        seq_idx = checked_seq_idx(fn, seq_idx, x.shape[0], x.shape[2], x.device)
+    width = weight.shape[1]
+    if initial_states is not None:
+        _checks.check_tensor(fn, "initial_states", initial_states, ndim=3, dtypes=ACT_DTYPES, device=x.device)
+        _checks.check_shape(fn, "initial_states", initial_states, (x.shape[0], x.shape[1], width - 1))
+        initial_states = initial_states.to(x.dtype).contiguous()
+    out = conv_dispatcher(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), silu,
+                          seq_idx, initial_states)  # fmt: skip
+    if not return_final_states:
+        if final_states_out is not None:
+            raise ValueError(f"llmkernels.{fn}: final_states_out is written only with return_final_states=True")
+        return out
+    final = conv1d_final_states_ref(x, width, initial_states)
+    if final_states_out is not None:
+        _checks.check_tensor(fn, "final_states_out", final_states_out, ndim=3, device=x.device)
+        _checks.check_shape(fn, "final_states_out", final_states_out, final.shape)
+        final = final_states_out.copy_(final.detach())
+    return out, final
 
 
 update_dispatcher = Dispatcher("causal_conv1d_update")
@@ -185,16 +226,18 @@ def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=
 if _ext.loaded:
 
     @register_fake("llmkernels::causal_conv1d_fwd")
-    def _conv_fwd_fake(x, weight, bias, silu):
+    def _conv_fwd_fake(x, weight, bias, silu, seq_idx=None, initial_states=None):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @register_fake("llmkernels::causal_conv1d_bwd")
-    def _conv_bwd_fake(dout, x, weight, bias, silu):
+    def _conv_bwd_fake(dout, x, weight, bias, silu, seq_idx=None, initial_states=None):
         dbias = x.new_empty(0, dtype=torch.float32) if bias is None else torch.empty_like(bias)
+        dinit = x.new_empty(0, dtype=torch.float32) if initial_states is None else torch.empty_like(initial_states)
         return (
             torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             dbias,
+            dinit,
         )
 
     @register_fake("llmkernels::causal_conv1d_update")
@@ -202,13 +245,15 @@ if _ext.loaded:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def _conv_setup_context(ctx, inputs, output):
-        x, weight, bias, silu = inputs
-        ctx.save_for_backward(x, weight, bias)
+        x, weight, bias, silu, seq_idx, initial_states = inputs
+        ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
         ctx.silu = silu
 
     def _conv_backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        dx, dweight, dbias = torch.ops.llmkernels.causal_conv1d_bwd(dout.contiguous(), x, weight, bias, ctx.silu)
-        return dx, dweight, dbias if bias is not None else None, None
+        x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+        bwd = torch.ops.llmkernels.causal_conv1d_bwd
+        dx, dweight, dbias, dinit = bwd(dout.contiguous(), x, weight, bias, ctx.silu, seq_idx, initial_states)
+        return (dx, dweight, dbias if bias is not None else None, None, None,
+                dinit if initial_states is not None else None)  # fmt: skip
 
     torch.library.register_autograd("llmkernels::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)

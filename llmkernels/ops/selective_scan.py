@@ -135,13 +135,17 @@ def check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
 
 
 def checked_seq_idx(fn: str, seq_idx, batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
-    """seq_idx as the kernels take it, (batch, seqlen) int32 contiguous on `device`, or an error naming it."""
+    """seq_idx as the kernels take it, (batch, seqlen) int32 contiguous on `device`, or an error naming it.
+
+    A sequence is a run of equal values: the runs are renumbered 0, 1, ... so that the kernels' comparisons of two
+    positions (the conv's taps reach back width - 1 steps) agree with "no change in between", and no two int64 values
+    alias in int32."""
     _checks.check_tensor(fn, "seq_idx", seq_idx, ndim=2, dtypes=(torch.int32, torch.int64), device=device)
     _checks.check_shape(fn, "seq_idx", seq_idx, (batch, seqlen))
-    if seq_idx.dtype == torch.int64 and seq_idx.shape[1] > 1:  # renumbered, so no two int64 values alias in int32
-        starts = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
-        return torch.cat([torch.zeros_like(starts[:, :1]), starts.cumsum(1, dtype=torch.int32)], dim=1)
-    return seq_idx.to(torch.int32).contiguous()
+    if seqlen <= 1:
+        return torch.zeros((batch, seqlen), dtype=torch.int32, device=device)
+    starts = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
+    return torch.cat([torch.zeros_like(starts[:, :1]), starts.cumsum(1, dtype=torch.int32)], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------

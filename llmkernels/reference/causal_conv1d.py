@@ -3,6 +3,11 @@
 - x: (batch, dim, seqlen); weight: (dim, width), width 2..4; bias: (dim,).
 - out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k], x = 0 before t = 0;
   then SiLU when activation is "silu" / "swish". Arithmetic in fp32 (fp64 for fp64 x); out in x's dtype.
+- initial_states (batch, dim, width - 1): the inputs before t = 0, oldest first (instead of zeros), as a chunked
+  prefill continues a sequence; the final states are the last width - 1 inputs (from initial_states / zeros when
+  seqlen < width - 1).
+- seq_idx (batch, seqlen) ints, packed sequences: tap x[s] counts for out[t] only when seq_idx[s] == seq_idx[t]
+  (each sequence is convolved as if it stood alone). Not together with initial_states (as causal_conv1d).
 - Decode (`causal_conv1d_update_ref`): conv_state (batch, dim, width) holds the last `width` inputs, oldest
   first (Hugging Face MambaMixer's cache convention). A step shifts it left by one, appends x (batch, dim)
   and returns the convolution over the window, i.e. sum(conv_state * weight) + bias.
@@ -21,7 +26,12 @@ def _check_activation(activation: str | None) -> bool:
 
 
 def causal_conv1d_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (batch, dim, seqlen) in x's dtype; differentiable through autograd. See the module doc."""
     silu = _check_activation(activation)
@@ -30,10 +40,28 @@ def causal_conv1d_ref(
     seqlen = x.shape[-1]
     if seqlen == 0:  # (F.conv1d refuses empty inputs; x * 0 keeps the result in x's graph)
         return x * 0
-    out = F.conv1d(
-        x.to(cd), weight.to(cd).unsqueeze(1), None if bias is None else bias.to(cd), padding=width - 1, groups=dim
-    )[..., :seqlen]
+    if seq_idx is not None:  # one shifted, masked product per tap: the taps that cross a sequence start read 0
+        xc, w = x.to(cd), weight.to(cd)
+        out = xc * w[:, -1:] + (0 if bias is None else bias.to(cd)[:, None])
+        for shift in range(1, min(width, seqlen + 1)):
+            same = (seq_idx[:, shift:] == seq_idx[:, :-shift])[:, None, :]  # (batch, 1, seqlen - shift)
+            tap = torch.where(same, xc[..., :-shift], 0.0) * w[:, width - 1 - shift, None]
+            out = out + F.pad(tap, (shift, 0))
+        return (F.silu(out) if silu else out).to(x.dtype)
+    xc = x.to(cd)
+    if initial_states is not None:  # the inputs before t = 0 take the zero padding's place
+        xc = torch.cat([initial_states.to(cd), xc], dim=-1)
+    pad = width - 1 if initial_states is None else 0
+    out = F.conv1d(xc, weight.to(cd).unsqueeze(1), None if bias is None else bias.to(cd), padding=pad, groups=dim)
+    out = out[..., :seqlen] if initial_states is None else out
     return (F.silu(out) if silu else out).to(x.dtype)
+
+
+def conv1d_final_states_ref(x: torch.Tensor, width: int, initial_states: torch.Tensor | None = None) -> torch.Tensor:
+    """The last width - 1 inputs (batch, dim, width - 1) in x's dtype, continuing initial_states (or zeros)."""
+    history = x if initial_states is None else torch.cat([initial_states.to(x.dtype), x], dim=-1)
+    history = F.pad(history, (max(0, width - 1 - history.shape[-1]), 0))
+    return history[..., history.shape[-1] - (width - 1) :]
 
 
 def causal_conv1d_update_ref(

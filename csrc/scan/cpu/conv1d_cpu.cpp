@@ -7,6 +7,9 @@
 // a scalar exp per element (2-core VM, 2 threads, b=4 dim=1536 L=2048 width 4 SiLU: fp32 28.6 -> 15.9 ms, most of
 // it now the page faults of the fresh output; bf16 32.1 -> 3.4 ms, where torch's bf16 conv1d + SiLU took 6-25 ms).
 // The backward still converts whole tensors and runs the plain loops.
+// Packed sequences (seq_idx): each sequence of a row is convolved as a row of its own (segments.h). initial_states
+// (the width - 1 inputs before t = 0): the row is extended by them at the front and convolved whole, the extra
+// outputs dropped (forward) or given zero gradient (backward, whose extended dx holds dinitial_states).
 // The decode step (causal_conv1d_update) is a kernel of the scan's table (cpu/scan_rows.inc) that updates an fp32
 // state in place (b=16, dim=2048, width 4, fp32: about 35 us of one core, the reference about 320 us).
 #include <ATen/ATen.h>
@@ -20,6 +23,7 @@
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "scan/cpu/scan_kernels.h"
+#include "scan/cpu/segments.h"
 #include "scan/cpu/state_pool.h"
 
 namespace llmkernels::scan_cpu {
@@ -101,75 +105,134 @@ inline void conv_row(const float* x, const float* w, float b, int64_t W, int64_t
   }
 }
 
+// initial_states (batch, dim, width - 1) as fp32, checked against x and weight; undefined when absent.
+at::Tensor checked_initial_states(const char* op, const std::optional<at::Tensor>& initial_states,
+                                  const std::optional<at::Tensor>& seq_idx, const at::Tensor& x, int64_t W) {
+  if (!initial_states) return at::Tensor();
+  LLMK_CHECK_ARG(!seq_idx, op, "initial_states", "cannot be combined with seq_idx");
+  const at::Tensor& s = *initial_states;
+  CONV_CHECK_FLOAT(op, s);
+  LLMK_CHECK_ARG(s.device() == x.device(), op, "initial_states", "must be on ", x.device(), ", got ", s.device());
+  LLMK_CHECK_ARG(s.dim() == 3 && s.size(0) == x.size(0) && s.size(1) == x.size(1) && s.size(2) == W - 1, op,
+                 "initial_states", "must have shape (batch, dim, width - 1) = (", x.size(0), ", ", x.size(1), ", ",
+                 W - 1, "), got ", s.sizes());
+  return f32(s);
+}
+
 at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 bool silu) {
-  check_conv("causal_conv1d_fwd", x, weight, bias, 3);
+                                 bool silu, const std::optional<at::Tensor>& seq_idx,
+                                 const std::optional<at::Tensor>& initial_states) {
+  const char* op = "causal_conv1d_fwd";
+  check_conv(op, x, weight, bias, 3);
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
+  const Segments segs = find_segments(op, seq_idx, batch, L);
+  const at::Tensor init = checked_initial_states(op, initial_states, seq_idx, x, W);
+  const int64_t pre = init.defined() ? W - 1 : 0;  // the inputs before t = 0 that the row is extended by
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
   at::Tensor out = at::empty({batch, dim, L}, x.options());
   const bool out_f32 = out.scalar_type() == at::kFloat;
+  const bool direct = out_f32 && pre == 0;  // read x and write out in place
   const Kernels& k = kernels();
   // Rows of at least ~16K elements a task; 16-bit rows convert through per-thread buffers of one row each.
   at::parallel_for(0, batch * dim, std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(L, 1)), [&](int64_t begin,
                                                                                                        int64_t end) {
-    std::vector<float> xbuf(out_f32 ? 0 : L), obuf(out_f32 ? 0 : L);
+    std::vector<float> xbuf(direct ? 0 : pre + L), obuf(direct ? 0 : pre + L);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t d = r % dim;
-      float* o = out_f32 ? out.data_ptr<float>() + r * L : obuf.data();
-      k.conv_row(ConvRow{L, W, read_f32(x, r * L, L, xbuf.data()), wf.const_data_ptr<float>() + d * W,
-                         bf.defined() ? bf.const_data_ptr<float>()[d] : 0.0f, silu, o});
-      if (!out_f32) write_f32(o, out, r * L, L);
+      const int64_t b = r / dim, d = r % dim;
+      const float* w = wf.const_data_ptr<float>() + d * W;
+      const float bias_d = bf.defined() ? bf.const_data_ptr<float>()[d] : 0.0f;
+      const float* xr;
+      if (pre > 0) {
+        std::copy_n(init.const_data_ptr<float>() + r * pre, pre, xbuf.data());
+        const float* src = read_f32(x, r * L, L, xbuf.data() + pre);
+        if (src != xbuf.data() + pre) std::copy_n(src, L, xbuf.data() + pre);
+        xr = xbuf.data();
+      } else {
+        xr = read_f32(x, r * L, L, xbuf.data());
+      }
+      float* o = direct ? out.data_ptr<float>() + r * L : obuf.data();
+      const int64_t* starts = segs.begin(b);
+      for (int64_t s = 0; s < segs.count(b); ++s) {
+        const int64_t t0 = starts[s] == 0 ? 0 : pre + starts[s], t1 = pre + starts[s + 1];  // in the extended row
+        k.conv_row(ConvRow{t1 - t0, W, xr + t0, w, bias_d, silu, o + t0});
+      }
+      if (!direct) write_f32(o + pre, out, r * L, L);
     }
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(const at::Tensor& dout, const at::Tensor& x,
-                                                                     const at::Tensor& weight,
-                                                                     const std::optional<at::Tensor>& bias, bool silu) {
+// Backward of one row (or one sequence of it) of L steps: dxr written, dw (W,) and db accumulated; g scratch (L,).
+void conv_bwd_row(const float* xr, const float* go, const float* w, float bias, int64_t W, int64_t L, bool silu,
+                  float* g, float* dxr, float* dw, float& db) {
+  if (silu) {  // g = dout * silu'(o), silu'(o) = s (1 + o (1 - s))
+    conv_row(xr, w, bias, W, L, g);
+    for (int64_t t = 0; t < L; ++t) {
+      const float s = sigmoid(g[t]);
+      g[t] = go[t] * s * (1.0f + g[t] * (1.0f - s));
+    }
+  } else {
+    std::copy(go, go + L, g);
+  }
+  for (int64_t s = 0; s < L; ++s) dxr[s] = 0.0f;  // dx[s] = sum_k w[k] g[s + shift_k]
+  for (int64_t t = 0; t < L; ++t) db += g[t];
+  for (int64_t k = 0; k < W; ++k) {
+    const int64_t shift = W - 1 - k;
+    float acc = 0.0f;
+    for (int64_t t = shift; t < L; ++t) {
+      dxr[t - shift] += w[k] * g[t];
+      acc += g[t] * xr[t - shift];
+    }
+    dw[k] += acc;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    bool silu, const std::optional<at::Tensor>& seq_idx, const std::optional<at::Tensor>& initial_states) {
   const char* op = "causal_conv1d_bwd";
   check_conv(op, x, weight, bias, 3);
   LLMK_CHECK_SHAPE(op, dout, x.size(0), x.size(1), x.size(2));
   CONV_CHECK_FLOAT(op, dout);
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
+  const Segments segs = find_segments(op, seq_idx, batch, L);
+  const at::Tensor init = checked_initial_states(op, initial_states, seq_idx, x, W);
+  const int64_t pre = init.defined() ? W - 1 : 0, Le = pre + L;  // rows extended by the initial states
   const at::Tensor xf = f32(x), wf = f32(weight), gf = f32(dout);
   const at::Tensor bf = bias ? f32(*bias) : at::zeros({dim}, xf.options());
   at::Tensor dx = at::empty({batch, dim, L}, xf.options());
-  at::Tensor dw_rows = at::empty({batch, dim, W}, xf.options()), db_rows = at::empty({batch, dim}, xf.options());
+  at::Tensor dinit = pre > 0 ? at::empty({batch, dim, pre}, xf.options()) : at::empty({0}, xf.options());
+  at::Tensor dw_rows = at::zeros({batch, dim, W}, xf.options()), db_rows = at::zeros({batch, dim}, xf.options());
   at::parallel_for(0, batch * dim, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<float> g(L);
+    std::vector<float> g(Le), xe(pre > 0 ? Le : 0), ge(pre > 0 ? Le : 0, 0.0f), dxe(pre > 0 ? Le : 0);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t d = r % dim;
-      const float* xr = xf.const_data_ptr<float>() + r * L;
+      const int64_t b = r / dim, d = r % dim;
       const float* w = wf.const_data_ptr<float>() + d * W;
+      const float bias_d = bf.const_data_ptr<float>()[d];
+      float* dw = dw_rows.data_ptr<float>() + r * W;
+      float& db = db_rows.data_ptr<float>()[r];
+      const float* xr = xf.const_data_ptr<float>() + r * L;
       const float* go = gf.const_data_ptr<float>() + r * L;
-      if (silu) {  // g = dout * silu'(o), silu'(o) = s (1 + o (1 - s))
-        conv_row(xr, w, bf.const_data_ptr<float>()[d], W, L, g.data());
-        for (int64_t t = 0; t < L; ++t) {
-          const float s = sigmoid(g[t]);
-          g[t] = go[t] * s * (1.0f + g[t] * (1.0f - s));
-        }
-      } else {
-        std::copy(go, go + L, g.begin());
+      float* dxr = dx.data_ptr<float>() + r * L;
+      if (pre > 0) {  // the extended row: its first pre outputs do not exist, so their gradient is 0
+        std::copy_n(init.const_data_ptr<float>() + r * pre, pre, xe.data());
+        std::copy_n(xr, L, xe.data() + pre);
+        std::copy_n(go, L, ge.data() + pre);
+        conv_bwd_row(xe.data(), ge.data(), w, bias_d, W, Le, silu, g.data(), dxe.data(), dw, db);
+        std::copy_n(dxe.data(), pre, dinit.data_ptr<float>() + r * pre);
+        std::copy_n(dxe.data() + pre, L, dxr);
+        continue;
       }
-      float* dxr = dx.data_ptr<float>() + r * L;  // dx[s] = sum_k w[k] g[s + shift_k]
-      for (int64_t s = 0; s < L; ++s) dxr[s] = 0.0f;
-      float db = 0.0f;
-      for (int64_t t = 0; t < L; ++t) db += g[t];
-      for (int64_t k = 0; k < W; ++k) {
-        const int64_t shift = W - 1 - k;
-        float dw = 0.0f;
-        for (int64_t t = shift; t < L; ++t) {
-          dxr[t - shift] += w[k] * g[t];
-          dw += g[t] * xr[t - shift];
-        }
-        dw_rows.data_ptr<float>()[r * W + k] = dw;
+      const int64_t* starts = segs.begin(b);
+      for (int64_t s = 0; s < segs.count(b); ++s) {
+        const int64_t t0 = starts[s], n = starts[s + 1] - t0;
+        conv_bwd_row(xr + t0, go + t0, w, bias_d, W, n, silu, g.data(), dxr + t0, dw, db);
       }
-      db_rows.data_ptr<float>()[r] = db;
     }
   });
   return {dx.to(x.scalar_type()), dw_rows.sum(0).to(weight.scalar_type()),
-          bias ? db_rows.sum(0).to(bias->scalar_type()) : at::empty({0}, xf.options())};
+          bias ? db_rows.sum(0).to(bias->scalar_type()) : at::empty({0}, xf.options()),
+          pre > 0 ? dinit.to(initial_states->scalar_type()) : dinit};
 }
 
 // The decode step reads and writes each window once: memory bound but for the SiLU. It was whole-tensor passes

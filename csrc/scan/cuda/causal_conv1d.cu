@@ -6,6 +6,8 @@
 // and stores are coalesced along seqlen and the width - 1 overlapping reads hit L1. Backward, one CTA per row
 // walking 256-timestep tiles: dpre of the tile plus its width - 1 halo goes through shared memory, weight and
 // bias gradients are CTA reductions with one fp32 atomic per CTA. Decode: one thread per (batch, channel).
+// Packed sequences (seq_idx): a tap s counts for output t only when seq_idx[s] == seq_idx[t]; initial_states: the
+// inputs at s < 0 (the backward's first tile also writes their gradient, from the dpre it holds).
 // Speed: memory-bound (one read of x, one write of out; backward reads x and dout, writes dx).
 #include "scan/cuda/scan_launch.h"
 
@@ -14,17 +16,26 @@ namespace llmkernels::scan {
 constexpr int kConvThreads = 256;
 constexpr int kMaxWidth = 4;
 
+// Input s (-(width - 1) <= s < seqlen) of row `row` as seen from output t: x[s], the initial state for s < 0 (0
+// without one), and 0 where seq_idx says s belongs to another sequence than t.
+template <typename T>
+__device__ __forceinline__ float conv_input(const ConvParams& p, const T* x, const int32_t* seq, int row, int s, int t) {
+  if (s >= 0) return seq != nullptr && seq[s] != seq[t] ? 0.f : to_float(x[s]);
+  return p.initial_states ? p.initial_states[size_t(row) * (p.width - 1) + (p.width - 1) + s] : 0.f;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kConvThreads) causal_conv1d_fwd_kernel(const ConvParams p) {
   const int row = blockIdx.x, d = row % p.dim;  // rows on x: batch * dim may exceed gridDim.y's 65535
   const int t = blockIdx.y * kConvThreads + threadIdx.x;
   if (t >= p.seqlen) return;
   const T* x = static_cast<const T*>(p.x) + size_t(row) * p.seqlen;
+  const int32_t* seq = p.seq_idx ? p.seq_idx + size_t(row / p.dim) * p.seqlen : nullptr;
   float acc = p.bias ? p.bias[d] : 0.f;
 #pragma unroll
   for (int k = 0; k < kMaxWidth; ++k) {
     const int s = t - (p.width - 1) + k;
-    if (k < p.width && s >= 0) acc += p.weight[d * p.width + k] * to_float(x[s]);
+    if (k < p.width) acc += p.weight[d * p.width + k] * conv_input(p, x, seq, row, s, t);
   }
   if (p.silu) acc = silu(acc);
   static_cast<T*>(p.out)[size_t(row) * p.seqlen + t] = from_float<T>(acc);
@@ -39,6 +50,7 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_bwd_kernel(const C
   const T* x = static_cast<const T*>(p.x) + size_t(row) * L;
   const T* dout = static_cast<const T*>(p.dout) + size_t(row) * L;
   T* dx = static_cast<T*>(p.dx) + size_t(row) * L;
+  const int32_t* seq = p.seq_idx ? p.seq_idx + size_t(row / p.dim) * L : nullptr;
   float w[kMaxWidth];
 #pragma unroll
   for (int k = 0; k < kMaxWidth; ++k) w[k] = k < W ? p.weight[d * W + k] : 0.f;
@@ -53,7 +65,7 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_bwd_kernel(const C
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k) {
       const int s = t - (W - 1) + k;
-      if (k < W && s >= 0) pre += w[k] * to_float(x[s]);
+      if (k < W) pre += w[k] * conv_input(p, x, seq, row, s, t);
     }
     return g * silu_grad(pre);
   };
@@ -69,16 +81,24 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_bwd_kernel(const C
 #pragma unroll
       for (int k = 0; k < kMaxWidth; ++k) {
         const int s = t - (W - 1) + k;
-        if (k < W && s >= 0) dw[k] += g * to_float(x[s]);
+        if (k < W) dw[k] += g * conv_input(p, x, seq, row, s, t);
       }
     }
     __syncthreads();
-    if (t < L) {
+    if (t < L) {  // dx_t = sum_k w[k] dpre[t + shift_k], over the outputs of t's own sequence
       float acc = 0.f;
 #pragma unroll
-      for (int k = 0; k < kMaxWidth; ++k)
-        if (k < W) acc += w[k] * dpre_tile[tid + (W - 1) - k];
+      for (int k = 0; k < kMaxWidth; ++k) {
+        const int u = t + (W - 1) - k;
+        if (k < W && (seq == nullptr || u >= L || seq[u] == seq[t])) acc += w[k] * dpre_tile[tid + (W - 1) - k];
+      }
       dx[t] = from_float<T>(acc);
+    }
+    // The initial states' gradient: input s = j - (W - 1) < 0 feeds outputs t = j - k (k <= j), all in tile 0.
+    if (tile == 0 && p.dinitial_states && tid < W - 1) {
+      float acc = 0.f;
+      for (int k = 0; k <= tid; ++k) acc += w[k] * dpre_tile[tid - k];
+      p.dinitial_states[size_t(row) * (W - 1) + tid] = acc;
     }
     __syncthreads();  // the next tile overwrites dpre_tile
   }

@@ -431,8 +431,31 @@ static ConvParams conv_params(const at::Tensor& x_c, const at::Tensor& weight_f,
   return p;
 }
 
+// seq_idx and initial_states of the conv1d forward / backward, checked, into p (kept alive in seq_c / init_f).
+static void conv_packing(const char* op, const at::Tensor& x_c, int width, const std::optional<at::Tensor>& seq_idx,
+                         const std::optional<at::Tensor>& initial_states, at::Tensor& seq_c, at::Tensor& init_f,
+                         ConvParams& p) {
+  const bool has_seq = seq_idx.has_value() && seq_idx->defined();
+  const bool has_init = initial_states.has_value() && initial_states->defined();
+  LLMK_CHECK_ARG(!(has_seq && has_init), op, "initial_states", "cannot be combined with seq_idx");
+  if (has_seq) {
+    const at::Tensor& s = *seq_idx;
+    LLMK_CHECK_ARG(s.device() == x_c.device(), op, "seq_idx", "must be on ", x_c.device(), ", got ", s.device());
+    LLMK_CHECK_ARG(s.scalar_type() == at::kInt, op, "seq_idx", "must be int32, got ", s.scalar_type());
+    LLMK_CHECK_ARG(s.sizes() == at::IntArrayRef({x_c.size(0), x_c.size(2)}), op, "seq_idx",
+                   "must have shape (batch, seqlen) = (", x_c.size(0), ", ", x_c.size(2), "), got ", s.sizes());
+    seq_c = s.contiguous();
+    p.seq_idx = seq_c.data_ptr<int32_t>();
+  }
+  if (has_init) {
+    init_f = optional_fp32(op, "initial_states", initial_states, x_c, {x_c.size(0), x_c.size(1), width - 1});
+    p.initial_states = init_f.data_ptr<float>();
+  }
+}
+
 at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                  bool silu) {
+                                  bool silu, const std::optional<at::Tensor>& seq_idx,
+                                  const std::optional<at::Tensor>& initial_states) {
   const char* op = "causal_conv1d_fwd";
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
@@ -446,6 +469,8 @@ at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor x_c = x.contiguous();
   at::Tensor out = at::empty_like(x_c);
   ConvParams p = conv_params(x_c, weight_f, bias_f, silu);
+  at::Tensor seq_c, init_f;
+  conv_packing(op, x_c, p.width, seq_idx, initial_states, seq_c, init_f, p);
   p.out = out.data_ptr();
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -456,9 +481,9 @@ at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(const at::Tensor& dout, const at::Tensor& x,
-                                                                      const at::Tensor& weight,
-                                                                      const std::optional<at::Tensor>& bias, bool silu) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    bool silu, const std::optional<at::Tensor>& seq_idx, const std::optional<at::Tensor>& initial_states) {
   const char* op = "causal_conv1d_bwd";
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
@@ -474,6 +499,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(const at::
   at::Tensor dweight = at::zeros(weight.sizes(), weight_f.options());
   at::Tensor dbias = bias_f.defined() ? at::zeros(bias_f.sizes(), bias_f.options()) : at::Tensor();
   ConvParams p = conv_params(x_c, weight_f, bias_f, silu);
+  at::Tensor seq_c, init_f;
+  conv_packing(op, x_c, p.width, seq_idx, initial_states, seq_c, init_f, p);
+  // seqlen 0: no output reads the initial states, so their gradient is 0 (no kernel runs)
+  at::Tensor dinit = init_f.defined() ? at::zeros(init_f.sizes(), init_f.options()) : at::Tensor();
+  p.dinitial_states = dinit.defined() ? dinit.data_ptr<float>() : nullptr;
   p.dout = dout_c.data_ptr();
   p.dx = dx.data_ptr();
   p.dweight = dweight.data_ptr<float>();
@@ -486,7 +516,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(const at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {dx, dweight.to(weight.scalar_type()),
-          dbias.defined() ? dbias.to(bias->scalar_type()) : at::empty({0}, weight_f.options())};
+          dbias.defined() ? dbias.to(bias->scalar_type()) : at::empty({0}, weight_f.options()),
+          dinit.defined() ? dinit.to(initial_states->scalar_type()) : at::empty({0}, weight_f.options())};
 }
 
 at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,

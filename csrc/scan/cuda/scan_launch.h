@@ -73,6 +73,9 @@ struct ConvParams {
   void* dx;
   float* dweight;
   float* dbias;       // or null
+  const int32_t* seq_idx;       // (batch, seqlen) or null: a tap across a change of seq_idx reads 0
+  const float* initial_states;  // (batch, dim, width - 1) fp32 or null: the inputs before t = 0
+  float* dinitial_states;       // like initial_states, written by the backward
 };
 template <typename T>
 void launch_causal_conv1d_fwd(const ConvParams& p, cudaStream_t stream);
