@@ -105,11 +105,16 @@ class MambaMixer(nn.Module):
             ssm_state=torch.zeros(batch_size, d_in, self.ssm_state_size, device=device, dtype=torch.float32),
         )
 
-    def forward(self, hidden_states: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
-        """hidden_states: (batch, seqlen, hidden_size). With `cache`, continues from and updates its states."""
+    def forward(self, hidden_states: torch.Tensor, cache: MambaCache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """hidden_states: (batch, seqlen, hidden_size). With `cache`, continues from and updates its states.
+        seq_idx (batch, seqlen) ints, without a cache: packed sequences (padding-free training), each sequence mixed
+        as if it stood alone."""
         if hidden_states.dim() != 3:
             raise ValueError(f"MambaMixer: hidden_states must be (batch, seqlen, hidden_size), got "
                              f"{tuple(hidden_states.shape)}")  # fmt: skip
+        if seq_idx is not None and cache is not None:
+            raise ValueError("MambaMixer: seq_idx (packed sequences) cannot continue a cache")
         dtype = hidden_states.dtype
         if cache is not None:
             if cache.ssm_state.shape[0] != hidden_states.shape[0]:
@@ -123,7 +128,7 @@ class MambaMixer(nn.Module):
         if cache is not None and hidden_states.shape[1] == 1:
             y = self._step(x[..., 0], gate[..., 0], A, conv_w, cache).unsqueeze(1)
         else:
-            y = self._sequence(x, gate, A, conv_w, cache).transpose(1, 2)
+            y = self._sequence(x, gate, A, conv_w, cache, seq_idx).transpose(1, 2)
         return self.out_proj(y.to(dtype))
 
     def _delta_B_C(self, x: torch.Tensor):
@@ -131,10 +136,10 @@ class MambaMixer(nn.Module):
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
         return nn.functional.linear(dt, self.dt_proj.weight), B, C
 
-    def _sequence(self, x, gate, A, conv_w, cache: MambaCache | None) -> torch.Tensor:
+    def _sequence(self, x, gate, A, conv_w, cache: MambaCache | None, seq_idx=None) -> torch.Tensor:
         seqlen, width = x.shape[-1], self.conv_kernel_size
         if cache is None:
-            x = causal_conv1d_fn(x, conv_w, self.conv1d.bias, activation=self.activation)
+            x = causal_conv1d_fn(x, conv_w, self.conv1d.bias, seq_idx=seq_idx, activation=self.activation)
         else:
             # Continue the conv from the cached inputs: prepend the last width - 1 (zeros for a new sequence).
             history = torch.cat([cache.conv_state.to(x.dtype), x], dim=-1)
@@ -145,7 +150,7 @@ class MambaMixer(nn.Module):
         result = selective_scan_fn(
             x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=gate,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None,
-            initial_state=None if cache is None else cache.ssm_state,
+            initial_state=None if cache is None else cache.ssm_state, seq_idx=seq_idx,
         )
         if cache is None:
             return result

@@ -124,11 +124,16 @@ class Mamba2Mixer(nn.Module):
                                   dtype=torch.float32),  # fmt: skip
         )
 
-    def forward(self, hidden_states: torch.Tensor, cache: Mamba2Cache | None = None) -> torch.Tensor:
-        """hidden_states: (batch, seqlen, hidden_size). With `cache`, continues from and updates its states."""
+    def forward(self, hidden_states: torch.Tensor, cache: Mamba2Cache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """hidden_states: (batch, seqlen, hidden_size). With `cache`, continues from and updates its states.
+        seq_idx (batch, seqlen) ints, without a cache: packed sequences (padding-free training), each sequence mixed
+        as if it stood alone."""
         if hidden_states.dim() != 3:
             raise ValueError(f"Mamba2Mixer: hidden_states must be (batch, seqlen, hidden_size), got "
                              f"{tuple(hidden_states.shape)}")  # fmt: skip
+        if seq_idx is not None and cache is not None:
+            raise ValueError("Mamba2Mixer: seq_idx (packed sequences) cannot continue a cache")
         batch, seqlen, _ = hidden_states.shape
         if cache is not None:
             if cache.ssm_state.shape[0] != batch:
@@ -142,7 +147,7 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and seqlen == 1:
             y = self._step(xBC[:, 0], dt[:, 0], A, conv_w, cache).unsqueeze(1)
         else:
-            y = self._sequence(xBC, dt, A, conv_w, cache)
+            y = self._sequence(xBC, dt, A, conv_w, cache, seq_idx)
         y = self.norm(y.reshape(batch, seqlen, self.intermediate_size), gate)
         return self.out_proj(y.to(hidden_states.dtype))
 
@@ -150,11 +155,12 @@ class Mamba2Mixer(nn.Module):
         n = self.n_groups * self.ssm_state_size
         return xBC.split([self.intermediate_size, n, n], dim=-1)
 
-    def _sequence(self, xBC, dt, A, conv_w, cache: Mamba2Cache | None) -> torch.Tensor:
+    def _sequence(self, xBC, dt, A, conv_w, cache: Mamba2Cache | None, seq_idx=None) -> torch.Tensor:
         batch, seqlen = xBC.shape[:2]
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen)
         if cache is None:
-            xBC = causal_conv1d_fn(xBC.contiguous(), conv_w, self.conv1d.bias, activation=self.activation)
+            xBC = causal_conv1d_fn(xBC.contiguous(), conv_w, self.conv1d.bias, seq_idx=seq_idx,
+                                   activation=self.activation)  # fmt: skip
         else:
             # Continue the conv from the cached inputs: prepend them (zeros for a new sequence).
             history = torch.cat([cache.conv_state.to(xBC.dtype), xBC], dim=-1)
@@ -167,7 +173,7 @@ class Mamba2Mixer(nn.Module):
             x.reshape(batch, seqlen, self.num_heads, self.head_dim), dt, A, B.reshape(batch, seqlen, g, n),
             C.reshape(batch, seqlen, g, n), self.chunk_size, D=self.D, dt_bias=self.dt_bias,
             initial_states=None if cache is None else cache.ssm_state, dt_softplus=True,
-            dt_limit=self.time_step_limit, return_final_states=cache is not None,
+            dt_limit=self.time_step_limit, return_final_states=cache is not None, seq_idx=seq_idx,
         )  # fmt: skip
         if cache is None:
             return result

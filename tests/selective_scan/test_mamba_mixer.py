@@ -179,3 +179,18 @@ def test_bad_configurations_are_named():
         MambaMixer(hidden_size=32, state_size=300)
     with pytest.raises(ValueError, match="hidden_states must be \\(batch, seqlen, hidden_size\\)"):
         _mixer()(torch.randn(3, 32))
+
+
+@needs_ext
+def test_packed_sequences_equal_each_sequence_alone():
+    m = _mixer()
+    lengths = [5, 1, 14]
+    h = torch.randn(1, sum(lengths), 32, requires_grad=True)
+    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None].int()
+    packed = m(h, seq_idx=seq_idx)
+    alone = torch.cat([m(part) for part in h.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(packed)
+    (gp,) = torch.autograd.grad(packed, [h], g)
+    (ga,) = torch.autograd.grad(alone, [h], g)
+    torch.testing.assert_close(gp, ga, rtol=1e-5, atol=1e-5)
