@@ -233,10 +233,12 @@ def register() -> None:
 # llmkernels, so the model's own cache handling and generate() stay untouched.
 
 
-def _hf_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+def _hf_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=None, **kwargs):
+    """seq_idx (packed, padding-free batches: transformers' hybrid Mamba-2 models pass it) convolves each sequence
+    alone; the other keyword arguments transformers forwards (attention's) do not concern the conv."""
     from ..ops.causal_conv1d import causal_conv1d_fn
 
-    return causal_conv1d_fn(hidden_states.contiguous(), weight, bias, activation=activation)
+    return causal_conv1d_fn(hidden_states.contiguous(), weight, bias, seq_idx=seq_idx, activation=activation)
 
 
 def _hf_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
