@@ -151,6 +151,11 @@ __device__ __forceinline__ float silu_grad(float x) {
   return s * (1.f + x * (1.f - s));
 }
 
+// x -> a * x + b, where a = 0 (a packed sequence's start, or a decay that underflowed) gives b itself: the state
+// before it is dropped, not multiplied by 0, so an inf or NaN there cannot reach the next sequence (0 * inf is NaN).
+// For finite x the two agree exactly.
+__device__ __forceinline__ float apply_map(float a, float b, float x) { return a == 0.f ? b : fmaf(a, x, b); }
+
 // Inclusive scan of affine maps across a warp, in lane order: lane l ends with lanes 0..l composed
 // (lane 0's map applied first).
 __device__ __forceinline__ void warp_scan_forward(float& a, float& b) {
@@ -160,7 +165,7 @@ __device__ __forceinline__ void warp_scan_forward(float& a, float& b) {
     const float pa = __shfl_up_sync(kFullMask, a, offset);
     const float pb = __shfl_up_sync(kFullMask, b, offset);
     if (lane >= offset) {  // (pa, pb) covers earlier lanes and is applied first
-      b = a * pb + b;
+      b = apply_map(a, b, pb);
       a = a * pa;
     }
   }
@@ -174,7 +179,7 @@ __device__ __forceinline__ void warp_scan_reverse(float& a, float& b) {
     const float pa = __shfl_down_sync(kFullMask, a, offset);
     const float pb = __shfl_down_sync(kFullMask, b, offset);
     if (lane + offset < 32) {  // (pa, pb) covers later lanes and is applied first
-      b = a * pb + b;
+      b = apply_map(a, b, pb);
       a = a * pa;
     }
   }

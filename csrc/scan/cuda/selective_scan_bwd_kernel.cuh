@@ -116,12 +116,12 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
         // a = 0 where a sequence starts: no gradient flows to the previous sequence's states, nor into dA / ddt
         a[i] = carry[i] ? exp2f(dt[i] * A2) : 0.f;
         bx[i] = dt[i] * Bv[i] * uv[i];
-        fb = a[i] * fb + bx[i];
+        fb = apply_map(a[i], bx[i], fb);
         fa *= a[i];
       }
 #pragma unroll
       for (int i = kItems - 1; i >= 0; --i) {
-        rb = a[i] * (rb + Cv[i] * dy[i]);
+        rb = a[i] == 0.f ? 0.f : a[i] * (rb + Cv[i] * dy[i]);  // (no 0 * inf: see apply_map)
         ra *= a[i];
       }
       warp_scan_forward(fa, fb);
@@ -141,19 +141,19 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         const float2 t = ftot[w];
-        if (w < warp) x = t.x * x + t.y;
+        if (w < warp) x = apply_map(t.x, t.y, x);
       }
-      x = fex_a * x + fex_b;
+      x = apply_map(fex_a, fex_b, x);
       // q entering this thread's last timestep from the right, and q leaving the chunk's first timestep.
       const float q_chunk = q_in_chunk[n];
       float q = q_chunk, q_start = q_chunk;
 #pragma unroll
       for (int w = kWarps - 1; w >= 0; --w) {
         const float2 t = rtot[w];
-        if (w > warp) q = t.x * q + t.y;
-        q_start = t.x * q_start + t.y;
+        if (w > warp) q = apply_map(t.x, t.y, q);
+        q_start = apply_map(t.x, t.y, q_start);
       }
-      q = rex_a * q + rex_b;
+      q = apply_map(rex_a, rex_b, q);
       if (tid == 0) {
         q_out_chunk[n] = q_start;
         if (chunk == 0 && p.dinitial_state) p.dinitial_state[size_t(row) * N + n] = q_start;
@@ -163,20 +163,21 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Scan
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         x_prev[i] = x;
-        x = a[i] * x + bx[i];
+        x = apply_map(a[i], bx[i], x);
       }
       float dA_part = 0.f, dB_part = 0.f, dC_part = 0.f;
 #pragma unroll
       for (int i = kItems - 1; i >= 0; --i) {
-        const float x_t = a[i] * x_prev[i] + bx[i];
+        const float x_t = apply_map(a[i], bx[i], x_prev[i]);
         y[i] += Cv[i] * x_t;
         const float g_t = q + Cv[i] * dy[i];
-        q = a[i] * g_t;
+        q = a[i] == 0.f ? 0.f : a[i] * g_t;
         const float dB_t = g_t * dt[i] * uv[i];
         const float dC_t = dy[i] * x_t;
         du[i] += g_t * dt[i] * Bv[i];
-        ddt[i] += g_t * (An * a[i] * x_prev[i] + Bv[i] * uv[i]);
-        dA_part += g_t * dt[i] * a[i] * x_prev[i];
+        const float ax = a[i] == 0.f ? 0.f : a[i] * x_prev[i];  // the decay's term: none where the state restarts
+        ddt[i] += g_t * (An * ax + Bv[i] * uv[i]);
+        dA_part += g_t * dt[i] * ax;
         if (t0 + i < L) {
           if (dB_tok) atomicAdd(dB_tok + size_t(n) * L + t0 + i, dB_t);
           if (dC_tok) atomicAdd(dC_tok + size_t(n) * L + t0 + i, dC_t);

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
         // a = 0 where a sequence starts: the composed maps then drop everything before it
         a[i] = carry[i] ? exp2f(dt[i] * A2) : 0.f;
         bx[i] = dtu[i] * Bv[i];
-        agg_b = a[i] * agg_b + bx[i];
+        agg_b = apply_map(a[i], bx[i], agg_b);
         agg_a *= a[i];
       }
       warp_scan_forward(agg_a, agg_b);
@@ -118,17 +118,17 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Scan
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         const float2 t = totals[w];
-        if (w < warp) x = t.x * x + t.y;
-        x_end = t.x * x_end + t.y;
+        if (w < warp) x = apply_map(t.x, t.y, x);
+        x_end = apply_map(t.x, t.y, x_end);
       }
       if (tid == 0) {
         state_out[n] = x_end;
         if (p.chunk_states) p.chunk_states[(size_t(row) * p.nchunks + chunk) * N + n] = x_chunk;
       }
-      x = ex_a * x + ex_b;  // the state just before this thread's first timestep
+      x = apply_map(ex_a, ex_b, x);  // the state just before this thread's first timestep
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        x = a[i] * x + bx[i];
+        x = apply_map(a[i], bx[i], x);
         y[i] += Cv[i] * x;
       }
     }
