@@ -84,9 +84,11 @@ def causal_conv1d_fn(
     dim, seqlen) in x's dtype; differentiable in x, weight, bias and initial_states.
     seq_idx (batch, seqlen) int32 / int64, packed sequences: each sequence is convolved alone (a tap that reaches
     into the previous sequence reads 0). initial_states (batch, dim, width - 1): the inputs before x[..., 0] (a
-    chunked prefill continuing a sequence); not with seq_idx. return_final_states: also returns the last width - 1
-    inputs (batch, dim, width - 1) in x's dtype, the next chunk's initial_states, written into final_states_out when
-    given (a differentiable slice otherwise).
+    chunked prefill continuing a sequence); not with seq_idx (NotImplementedError, as causal_conv1d).
+    return_final_states: also returns the last width - 1 inputs (batch, dim, width - 1) in x's dtype (from
+    initial_states / zeros when seqlen < width - 1), the next chunk's initial_states: written into final_states_out
+    when given (no gradient flows through that copy), else a differentiable slice of initial_states and x. With
+    seq_idx (which causal_conv1d refuses here) they are the last sequence's inputs, earlier sequences' read as 0.
     """
     fn = "causal_conv1d_fn"
     if isinstance(seq_idx, str):
@@ -114,7 +116,7 @@ def causal_conv1d_fn(
         if final_states_out is not None:
             raise ValueError(f"llmkernels.{fn}: final_states_out is written only with return_final_states=True")
         return out
-    final = conv1d_final_states_ref(x, width, initial_states)
+    final = conv1d_final_states_ref(x, width, initial_states, seq_idx)
     if final_states_out is not None:
         _checks.check_tensor(fn, "final_states_out", final_states_out, ndim=3, device=x.device)
         _checks.check_shape(fn, "final_states_out", final_states_out, final.shape)

@@ -7,7 +7,8 @@
   prefill continues a sequence; the final states are the last width - 1 inputs (from initial_states / zeros when
   seqlen < width - 1).
 - seq_idx (batch, seqlen) ints, packed sequences: tap x[s] counts for out[t] only when seq_idx[s] == seq_idx[t]
-  (each sequence is convolved as if it stood alone). Not together with initial_states (as causal_conv1d).
+  (each sequence is convolved as if it stood alone; sequences are runs of equal values). Not together with
+  initial_states (as causal_conv1d). The final states then hold the last sequence's inputs only (zeros before it).
 - Decode (`causal_conv1d_update_ref`): conv_state (batch, dim, width) holds the last `width` inputs, oldest
   first (Hugging Face MambaMixer's cache convention). A step shifts it left by one, appends x (batch, dim)
   and returns the convolution over the window, i.e. sum(conv_state * weight) + bias.
@@ -57,11 +58,22 @@ def causal_conv1d_ref(
     return (F.silu(out) if silu else out).to(x.dtype)
 
 
-def conv1d_final_states_ref(x: torch.Tensor, width: int, initial_states: torch.Tensor | None = None) -> torch.Tensor:
-    """The last width - 1 inputs (batch, dim, width - 1) in x's dtype, continuing initial_states (or zeros)."""
+def conv1d_final_states_ref(
+    x: torch.Tensor, width: int, initial_states: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The last width - 1 inputs (batch, dim, width - 1) in x's dtype, continuing initial_states (or zeros).
+
+    With seq_idx, those of the last sequence only (inputs of earlier sequences read 0), so that the result is the
+    initial_states that continues the last sequence (causal_conv1d refuses seq_idx with return_final_states)."""
     history = x if initial_states is None else torch.cat([initial_states.to(x.dtype), x], dim=-1)
     history = F.pad(history, (max(0, width - 1 - history.shape[-1]), 0))
-    return history[..., history.shape[-1] - (width - 1) :]
+    final = history[..., history.shape[-1] - (width - 1) :]
+    seqlen = x.shape[-1]
+    if seq_idx is None or seqlen == 0:
+        return final
+    pos = torch.arange(seqlen - (width - 1), seqlen, device=x.device)  # the final states' positions in x
+    same = (pos >= 0) & (seq_idx[:, pos.clamp(min=0)] == seq_idx[:, -1:])  # (batch, width - 1)
+    return torch.where(same[:, None, :], final, 0)
 
 
 def causal_conv1d_update_ref(

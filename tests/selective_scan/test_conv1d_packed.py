@@ -63,7 +63,7 @@ def test_reference_equals_each_sequence_alone(layout, width):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_packed_forward_and_gradients(backend, device, layout, width, dtype):
@@ -134,6 +134,42 @@ def test_final_states_out_in_place_and_short_inputs(backend, device):
     torch.testing.assert_close(no_init, torch.cat([torch.zeros_like(x[..., :1]), x], dim=-1))
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_final_states_flow_gradients(backend, device):
+    """final_states is a slice of initial_states ++ x: its gradient lands on exactly those elements."""
+    x, w, bias = _inputs(2, 3, 2, 4, torch.float32, device)  # seqlen 2 < width - 1: one state from initial_states
+    init = torch.randn(2, 3, 3, device=device)
+    x.requires_grad_(), init.requires_grad_()
+    with llmkernels.use_backend(backend):
+        _, final = llmkernels.causal_conv1d_fn(x, w, bias, initial_states=init, return_final_states=True)
+    dfinal = torch.randn_like(final)
+    dx, dinit = torch.autograd.grad(final, [x, init], dfinal)
+    torch.testing.assert_close(dx, dfinal[..., 1:])
+    torch.testing.assert_close(dinit, F.pad(dfinal[..., :1], (2, 0)))
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_packed_final_states_continue_the_last_sequence(backend, device, width):
+    """With seq_idx, final_states hold the last sequence's inputs only (an earlier sequence's read 0): continuing
+    from them equals convolving the last sequence and the next chunk as one (the last sequence has 1 or 2 tokens,
+    shorter than width - 1 for the wider convolutions)."""
+    lengths = [[6, 1], [5, 2]]
+    x, w, bias = _inputs(2, 4, 7, width, torch.float32, device)
+    nxt = torch.randn(2, 4, 5, device=device)
+    with llmkernels.use_backend(backend):
+        _, final = llmkernels.causal_conv1d_fn(x, w, bias, seq_idx=_seq_idx(lengths, device),
+                                               return_final_states=True, activation="silu")  # fmt: skip
+        cont = llmkernels.causal_conv1d_fn(nxt, w, bias, initial_states=final, activation="silu")
+    for b, last in enumerate((1, 2)):
+        alone = torch.cat([x[b : b + 1, :, 7 - last :], nxt[b : b + 1]], dim=-1)
+        expected = causal_conv1d_ref(alone, w, bias, "silu")[..., last:]
+        torch.testing.assert_close(cont[b : b + 1], expected)
+        kept = min(last, width - 1)
+        torch.testing.assert_close(final[b, :, width - 1 - kept :], x[b, :, 7 - kept :])
+        assert (final[b, :, : width - 1 - kept] == 0).all()
+
+
 @needs_ext
 def test_a_run_of_equal_values_is_one_sequence():
     """seq_idx values are compared as runs: [0, 1, 0] is three sequences (the last token does not see the first)."""
@@ -151,8 +187,11 @@ def test_a_run_of_equal_values_is_one_sequence():
         (dict(seq_idx="silu"), TypeError, "activation='silu' by keyword"),
         (dict(seq_idx=torch.zeros(2, 6, dtype=torch.int32)), ValueError, "seq_idx must have shape"),
         (dict(seq_idx=torch.zeros(2, 7)), TypeError, "seq_idx must have dtype"),
-        (dict(seq_idx=torch.zeros(2, 7, dtype=torch.int32), initial_states=torch.zeros(2, 3, 2)),
-         NotImplementedError, "initial_states together with seq_idx"),  # fmt: skip
+        (
+            dict(seq_idx=torch.zeros(2, 7, dtype=torch.int32), initial_states=torch.zeros(2, 3, 2)),
+            NotImplementedError,
+            "initial_states together with seq_idx",
+        ),  # fmt: skip
         (dict(initial_states=torch.zeros(2, 3, 3)), ValueError, "initial_states must have shape"),
         (dict(final_states_out=torch.zeros(2, 3, 2)), ValueError, "return_final_states=True"),
         (dict(return_final_states=True, final_states_out=torch.zeros(2, 3, 5)), ValueError, "final_states_out"),
@@ -190,3 +229,5 @@ def test_compiles_with_seq_idx_and_initial_states():
     out, final = fn(x, w, bias, initial_states=init, return_final_states=True)
     torch.testing.assert_close(out, causal_conv1d_ref(x, w, bias, initial_states=init))
     torch.testing.assert_close(final, x[..., -3:])
+    _, packed_final = fn(x, w, bias, seq_idx=_seq_idx([[10, 2], [12]]), return_final_states=True)
+    torch.testing.assert_close(packed_final, torch.cat([F.pad(x[:1, :, -2:], (1, 0)), x[1:, :, -3:]]))
