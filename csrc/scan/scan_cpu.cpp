@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -107,7 +108,6 @@ at::Tensor pad_state(const at::Tensor& s, int64_t npad, bool may_alias = false) 
 void check_bc(const char* op, const char* name, const at::Tensor& M, int64_t batch, int64_t dim, int64_t dstate,
               int64_t L) {
   SCAN_CHECK_FLOAT(op, M);
-  LLMK_CHECK_ARG(M.is_contiguous(), op, name, "must be contiguous");
   if (M.dim() == 2) {
     LLMK_CHECK_ARG(M.sizes() == at::IntArrayRef({dim, dstate}), op, name, "must have shape (dim, dstate) = (", dim,
                    ", ", dstate, "), got ", M.sizes());
@@ -130,9 +130,7 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   SCAN_CHECK_FLOAT(op, u);
   SCAN_CHECK_FLOAT(op, delta);
-  LLMK_CHECK_DEVICE(op, u, at::kCPU);
-  LLMK_CHECK_CONTIGUOUS(op, u);
-  LLMK_CHECK_CONTIGUOUS(op, delta);
+  LLMK_CHECK_DEVICE(op, u, at::kCPU);  // any strides: the forward reads rows in place, the backward copies
   LLMK_CHECK_SHAPE(op, delta, batch, dim, L);
   LLMK_CHECK_DIM(op, A, 2);
   LLMK_CHECK_DTYPE(op, A, at::kFloat);
@@ -155,7 +153,6 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
     const at::Tensor& z = *z_opt;
     SCAN_CHECK_FLOAT(op, z);
     LLMK_CHECK_SHAPE(op, z, batch, dim, L);
-    LLMK_CHECK_CONTIGUOUS(op, z);
   }
   if (initial_state_opt) {
     const at::Tensor& initial_state = *initial_state_opt;
@@ -212,6 +209,111 @@ void store_row(const float* src, int64_t n, at::ScalarType type, void* data, int
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
   }
 }
+
+// bf16 bits <-> fp32 one element at a time (the strided rows below; whole rows use the vectorised converters).
+inline float bf16_bits_to_f32(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// A (batch, dim, L) tensor with any strides, read and written as fp32 rows: a (batch, channel) row at a time, or a
+// tile of consecutive channels at once. Rows with a unit time stride go through RowReader / store_row. For the
+// others (Mamba-2's (batch, L, heads, headdim) layout seen as channels: time stride = dim) one row would touch a
+// cache line and a page per step, thousands of pages per row (measured: 8x slower than transposing the whole
+// tensor first); a tile walks time outermost, reading the tile's channels side by side (one line, one page per
+// step) into per-row buffers, and writes its outputs back the same way.
+struct StridedRows {
+  RowReader flat;
+  int64_t sb = 0, sd = 0, st = 1;
+
+  StridedRows() = default;
+  explicit StridedRows(const at::Tensor& t) : flat(t), sb(t.stride(0)), sd(t.stride(1)), st(t.stride(2)) {}
+
+  const float* row(int64_t b, int64_t d, int64_t L, float* buf) const {
+    const int64_t off = b * sb + d * sd;
+    if (st == 1) return flat.row(off, L, buf);
+    switch (flat.type) {
+      case at::kFloat: {
+        const float* p = static_cast<const float*>(flat.data) + off;
+        for (int64_t t = 0; t < L; ++t) buf[t] = p[t * st];
+        break;
+      }
+      case at::kBFloat16: {
+        const uint16_t* p = static_cast<const uint16_t*>(flat.data) + off;
+        for (int64_t t = 0; t < L; ++t) buf[t] = bf16_bits_to_f32(p[t * st]);
+        break;
+      }
+      default: {
+        const c10::Half* p = static_cast<const c10::Half*>(flat.data) + off;
+        for (int64_t t = 0; t < L; ++t) buf[t] = static_cast<float>(p[t * st]);
+      }
+    }
+    return buf;
+  }
+
+  // Rows (b, d0 .. d0 + n) into tile, row j at tile + j * ld (ld = L plus a pad: a row stride that is a multiple
+  // of 4 KB would put the tile's n writes of one step in one L1 set).
+  void gather_tile(int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld, float* tile) const {
+    with_element(flat.type, [&](auto* tag) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      const T* p = static_cast<const T*>(flat.data) + b * sb + d0 * sd;
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t j = 0; j < n; ++j) tile[j * ld + t] = to_f32(p[t * st + j * sd]);
+    });
+  }
+
+  // The inverse, into `data` (this tensor's strides and dtype).
+  void scatter_tile(const float* tile, int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld, void* data) const {
+    with_element(flat.type, [&](auto* tag) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      T* p = static_cast<T*>(data) + b * sb + d0 * sd;
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t j = 0; j < n; ++j) p[t * st + j * sd] = static_cast<T>(tile[j * ld + t]);
+    });
+  }
+
+  template <typename F>
+  static void with_element(at::ScalarType s, F&& f) {
+    if (s == at::kFloat) return f(static_cast<float*>(nullptr));
+    if (s == at::kBFloat16) return f(static_cast<c10::BFloat16*>(nullptr));
+    f(static_cast<c10::Half*>(nullptr));
+  }
+  static float to_f32(float v) { return v; }
+  static float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+  static float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+  // src (L,) fp32 into row (b, d) of `data` (this tensor's strides and dtype).
+  void store(const float* src, int64_t b, int64_t d, int64_t L, void* data) const {
+    const int64_t off = b * sb + d * sd;
+    if (st == 1) {
+      if (flat.type == at::kFloat) {
+        float* dst = static_cast<float*>(data) + off;
+        if (dst != src) std::copy_n(src, L, dst);
+      } else {
+        store_row(src, L, flat.type, data, off);
+      }
+      return;
+    }
+    switch (flat.type) {
+      case at::kFloat: {
+        float* p = static_cast<float*>(data) + off;
+        for (int64_t t = 0; t < L; ++t) p[t * st] = src[t];
+        break;
+      }
+      case at::kBFloat16: {
+        c10::BFloat16* p = static_cast<c10::BFloat16*>(data) + off;
+        for (int64_t t = 0; t < L; ++t) p[t * st] = static_cast<c10::BFloat16>(src[t]);
+        break;
+      }
+      default: {
+        c10::Half* p = static_cast<c10::Half*>(data) + off;
+        for (int64_t t = 0; t < L; ++t) p[t * st] = static_cast<c10::Half>(src[t]);
+      }
+    }
+  }
+};
 
 // rows x dstate elements of in from offset into dst as fp32 rows of npad, zero padded.
 void load_rows(const RowReader& in, int64_t offset, int64_t rows, int64_t dstate, int64_t npad, float* dst) {
@@ -328,14 +430,21 @@ void with_scan_type(at::ScalarType s, F&& f) {
 // One (batch, group) slice of a per-token B or C, (dstate, L) in its own dtype, into dst as fp32 (L, npad) with
 // zero padding: what the forward's rows read as B_t, C_t. Blocks of time steps keep the transpose's reads and
 // writes both in L1.
+// src's element (n, t) is at n * sn + t * st: (dstate, L) contiguous, or Mamba-2's (L, groups, dstate) seen as
+// (groups, dstate, L) (sn = 1: each B_t already contiguous).
 template <typename T>
-void pack_slice(const T* src, int64_t dstate, int64_t L, int64_t npad, float* dst) {
+void pack_slice(const T* src, int64_t sn, int64_t st, int64_t dstate, int64_t L, int64_t npad, float* dst) {
   constexpr int64_t kBlock = 64;
   for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
     const int64_t t1 = std::min(L, t0 + kBlock);
     for (int64_t t = t0; t < t1; ++t) std::fill(dst + t * npad + dstate, dst + (t + 1) * npad, 0.0f);
-    for (int64_t n = 0; n < dstate; ++n)
-      for (int64_t t = t0; t < t1; ++t) dst[t * npad + n] = static_cast<float>(src[n * L + t]);
+    if (sn == 1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t n = 0; n < dstate; ++n) dst[t * npad + n] = static_cast<float>(src[t * st + n]);
+    } else {
+      for (int64_t n = 0; n < dstate; ++n)
+        for (int64_t t = t0; t < t1; ++t) dst[t * npad + n] = static_cast<float>(src[n * sn + t * st]);
+    }
   }
 }
 
@@ -367,54 +476,71 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
   const PackedBC Cc = C.dim() == 2 ? pack_bc(C, batch, L, dstate, npad) : PackedBC{};
   const int64_t gB = B.dim() == 2 ? 0 : B.dim() == 3 ? 1 : B.size(1);
   const int64_t gC = C.dim() == 2 ? 0 : C.dim() == 3 ? 1 : C.size(1);
-  at::Tensor out = at::empty({batch, dim, L}, u.options());
+  // The output takes u's layout (empty_like keeps a dense permuted layout's strides): a caller that viewed its
+  // (batch, L, channels) tensor as (batch, channels, L) gets its output in that layout too, with no transposes.
+  at::Tensor out = at::empty_like(u);
   at::Tensor last = at::empty({batch, dim, dstate}, u.options().dtype(at::kFloat));
-  const bool out_f32 = u.scalar_type() == at::kFloat;
+  const bool out_direct = u.scalar_type() == at::kFloat && out.stride(2) == 1;  // fwd_row writes it in place
   const Kernels& k = kernels();
-  // Raw pointers hoisted out of the loop (see RowReader).
-  const RowReader u_in(u), delta_in(delta), z_in = z ? RowReader(*z) : RowReader();
+  // Raw pointers and strides hoisted out of the loop (see RowReader).
+  const StridedRows u_in(u), delta_in(delta), z_in = z ? StridedRows(*z) : StridedRows(), out_rows(out);
+  // Strided rows go in tiles of kTile channels of one batch element (StridedRows), one tile per work item.
+  constexpr int64_t kTile = 16;
+  const bool strided = u.stride(2) != 1 || delta.stride(2) != 1 || (z && z->stride(2) != 1) || out.stride(2) != 1;
+  const bool tiled = strided && dim % kTile == 0;
   const float *A_p = Ap.const_data_ptr<float>(), *D_p = Df.defined() ? Df.const_data_ptr<float>() : nullptr;
   const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const float* init_p = init.defined() ? init.const_data_ptr<float>() : nullptr;
   const float* Bc_p = gB ? nullptr : Bc.data.const_data_ptr<float>();
   const float* Cc_p = gC ? nullptr : Cc.data.const_data_ptr<float>();
   void* out_p = out.data_ptr();
-  const at::ScalarType out_type = out.scalar_type();
   float* last_p = last.data_ptr<float>();
 
   // Rows are handed out a block at a time from a shared counter rather than split evenly up front: on a
   // shared machine one thread is often slowed by other processes, and a static split then waits for it.
   const int64_t rows = batch * dim;
-  const int64_t block = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * npad));  // >= ~10 us of scan
+  const int64_t block = tiled ? kTile : std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * npad));  // >= ~10 us
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), (rows + block - 1) / block);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     // u, delta, z rows; the output row when out is not fp32; the state; the packed B and C slices.
-    float* const buf = thread_scratch(4 * L + npad + (gB ? L * npad : 0) + (gC ? L * npad : 0));
-    float *ub = buf, *db = ub + L, *zb = db + L, *ob = zb + L, *sb = ob + L, *Bb = sb + npad;
+    // (Tiled: kTile rows of each.)
+    const int64_t rows_per_buf = tiled ? kTile : 1, ld = tiled ? L + 16 : L;  // (ld: see gather_tile)
+    float* const buf = thread_scratch(4 * rows_per_buf * ld + npad + (gB ? L * npad : 0) + (gC ? L * npad : 0));
+    float *ut = buf, *dt = ut + rows_per_buf * ld, *zt = dt + rows_per_buf * ld, *ot = zt + rows_per_buf * ld;
+    float *sb = ot + rows_per_buf * ld, *Bb = sb + npad;
     float* Cb = Bb + (gB ? L * npad : 0);
     int64_t packed_B = -1, packed_C = -1;  // the (batch, group) slice now in Bb / Cb
     auto slice = [&](const at::Tensor& M, int64_t groups, int64_t b, int64_t d, int64_t& packed, float* dst) {
       const int64_t bg = b * groups + d / (dim / groups);
       if (bg != packed) {
+        const int64_t g = bg % groups, sb_ = M.stride(0), sg = M.dim() == 4 ? M.stride(1) : 0;
+        const int64_t sn = M.stride(M.dim() - 2), st = M.stride(M.dim() - 1);
         with_scan_type(M.scalar_type(), [&](auto* tag) {
           using T = std::remove_pointer_t<decltype(tag)>;
-          pack_slice(M.const_data_ptr<T>() + bg * dstate * L, dstate, L, npad, dst);
+          pack_slice(M.const_data_ptr<T>() + b * sb_ + g * sg, sn, st, dstate, L, npad, dst);
         });
         packed = bg;
       }
       return static_cast<const float*>(dst);
     };
     for (int64_t r0; (r0 = next.fetch_add(block)) < rows;) {
-      for (int64_t r = r0; r < std::min(rows, r0 + block); ++r) {
-        const int64_t b = r / dim, d = r % dim;
+      const int64_t r1 = std::min(rows, r0 + block);
+      if (tiled) {  // the tile's rows, all of batch element r0 / dim (dim is a multiple of kTile)
+        u_in.gather_tile(r0 / dim, r0 % dim, r1 - r0, L, ld, ut);
+        delta_in.gather_tile(r0 / dim, r0 % dim, r1 - r0, L, ld, dt);
+        if (z) z_in.gather_tile(r0 / dim, r0 % dim, r1 - r0, L, ld, zt);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / dim, d = r % dim, j = tiled ? r - r0 : 0;
+        float *ub = ut + j * ld, *db = dt + j * ld, *zb = zt + j * ld, *ob = ot + j * ld;
         // delta + bias through softplus, in one pass from the input row (fp32) or its converted copy in db
-        k.delta_row(delta_in.row(r * L, L, db), bias_p ? bias_p[d] : 0.0f, delta_softplus, db, L);
+        k.delta_row(tiled ? db : delta_in.row(b, d, L, db), bias_p ? bias_p[d] : 0.0f, delta_softplus, db, L);
         const ScanRow row{L,
                           npad,
-                          u_in.row(r * L, L, ub),
+                          tiled ? ub : u_in.row(b, d, L, ub),
                           db,
-                          z ? z_in.row(r * L, L, zb) : nullptr,
+                          z ? (tiled ? zb : z_in.row(b, d, L, zb)) : nullptr,
                           A_p + d * npad,
                           gB ? slice(B, gB, b, d, packed_B, Bb) : Bc_p + d * npad,
                           gC ? slice(C, gC, b, d, packed_C, Cb) : Cc_p + d * npad,
@@ -424,15 +550,16 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
                           a_const_p[d]};
         if (init_p) std::copy_n(init_p + r * dstate, dstate, sb);
         std::fill(sb + (init_p ? dstate : 0), sb + npad, 0.0f);
-        float* orow = out_f32 ? static_cast<float*>(out_p) + r * L : ob;
+        float* orow = out_direct ? static_cast<float*>(out_p) + b * out_rows.sb + d * out_rows.sd : ob;
         const int64_t* starts = segs.begin(b);
         for (int64_t s = 0; s < segs.count(b); ++s) {
           if (s > 0) std::fill(sb, sb + npad, 0.0f);  // a new sequence starts from zero
           k.fwd_row(segment(row, starts[s], starts[s + 1]), sb, orow + starts[s]);
         }
         std::copy_n(sb, dstate, last_p + r * dstate);
-        if (!out_f32) store_row(ob, L, out_type, out_p, r * L);
+        if (!out_direct && !tiled) out_rows.store(ob, b, d, L, out_p);
       }
+      if (tiled && !out_direct) out_rows.scatter_tile(ot, r0 / dim, r0 % dim, r1 - r0, L, ld, out_p);
     }
   });
   return {out, last};

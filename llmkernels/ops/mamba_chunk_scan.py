@@ -98,7 +98,10 @@ def mamba_chunk_scan_combined(
     Packed sequences (mamba_ssm's): seq_idx (batch, seqlen) int32 / int64, a sequence starting wherever it changes,
     from a zero state (initial_states is the state of each row's first sequence); with return_varlen_states and
     cu_seqlens (nseqs + 1,) (batch 1) also the final state of each sequence, (nseqs, nheads, headdim, dstate) fp32,
-    returned last: (y, varlen_states) or (y, final_states, varlen_states). cu_seqlens is used only for those."""
+    returned last: (y, varlen_states) or (y, final_states, varlen_states). cu_seqlens is used only for those.
+    A sequence is a run of equal seq_idx values, whatever they are (mamba_ssm gives initial_states to the tokens whose
+    seq_idx is 0; here they belong to the row's first run). return_varlen_states reads cu_seqlens on the host, so
+    under torch.compile it breaks the graph (fullgraph=True refuses it); seq_idx alone compiles."""
     fn = "mamba_chunk_scan_combined"
     _check(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit)
     if seq_idx is not None:
@@ -115,6 +118,9 @@ def mamba_chunk_scan_combined(
     # dt is per (token, head): its bias, softplus and clamp run here on that small tensor, in fp32 (as mamba_ssm's).
     # Spread over the channels it becomes x-sized: on a GPU in x's 16-bit dtype, since the CUDA scan would otherwise
     # promote u, B, C and z to fp32 copies to match it (the CPU kernels read each input in its own dtype).
+    # channels(x), channels(z) are views: the CPU kernel reads their rows in place (in 16-channel tiles) and writes
+    # y in x's layout, so neither is transposed. delta is written channels-major (its rows contiguous, its backward a
+    # sum over headdim along contiguous memory; in x's layout that sum ran strided and cost more than it saved).
     delta = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
     if x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
         delta = delta.to(x.dtype)

@@ -341,16 +341,43 @@ def test_bad_state_update_arguments_are_named(name, bad, match):
 
 
 @needs_ext
-@pytest.mark.parametrize("name", ["u", "delta", "z", "B"])
-def test_cpp_op_rejects_non_contiguous_input(name):
-    """The public function copies non-contiguous inputs (as mamba_ssm does); the op itself names them."""
-    kw = _scan_kw()
-    kw[name] = kw[name].transpose(-1, -2).contiguous().transpose(-1, -2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["u", "delta", "z", "B", "all"])
+@pytest.mark.parametrize("dim", [32, 6], ids=["tiles", "rows"])  # whole 16-channel tiles, or row by row
+def test_cpp_op_reads_strided_inputs(dim, name, dtype):
+    """Inference: the CPU op reads u, delta, z, B, C with any strides (Mamba-2's (batch, L, channels) layout seen as
+    (batch, channels, L) included: in 16-channel tiles) and its output takes u's layout. With gradients the public
+    function hands it contiguous copies; the backward op itself takes strided inputs too. Every element compared."""
+    kw = scan_inputs(ScanCase(37, bc="group", has_init=True, dim=dim, ngroups=2), dtype)
+    names = ("u", "delta", "z", "B", "C") if name == "all" else (name,)
+    for n in names:  # same values, time-fastest storage: (batch, ..., L) seen from a (batch, L, ...) tensor
+        kw[n] = kw[n].movedim(-1, 1).contiguous().movedim(1, -1)
+        assert not kw[n].is_contiguous()
+    ref_kw = {k: (v.float().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref_out, ref_last = selective_scan_ref(**ref_kw, return_last_state=True)
+    with torch.no_grad():
+        out, last = llmkernels.selective_scan_fn(**kw, return_last_state=True)
+    if name in ("u", "all"):
+        assert out.stride() == kw["u"].stride()  # u's layout, no transposes
+    assert_close_dtype(out, ref_out.detach())
+    assert_close_dtype(last, ref_last.detach(), dtype)
+    # The backward op on the strided tensors against the same op on contiguous copies.
     args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    with pytest.raises(RuntimeError, match=f"selective_scan_fwd: {name} must be contiguous"):
-        torch.ops.llmkernels.selective_scan_fwd(*args, kw["delta_softplus"], kw["initial_state"])
-    out = llmkernels.selective_scan_fn(**kw)  # the public function accepts it
-    assert_close_dtype(out, selective_scan_ref(**kw))
+    dout, dlast = torch.randn_like(out), torch.randn_like(last)
+    tail = (kw["delta_softplus"], kw["initial_state"])
+    strided = torch.ops.llmkernels.selective_scan_bwd(dout, dlast, *args, *tail)
+    packed = torch.ops.llmkernels.selective_scan_bwd(dout, dlast, *(a.contiguous() for a in args), *tail)
+    for g, want in zip(strided, packed):
+        torch.testing.assert_close(g, want)
+    # And gradients through the public function against the reference.
+    leaves = {k: v.requires_grad_() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    out, last = llmkernels.selective_scan_fn(**kw, return_last_state=True)
+    grads = torch.autograd.grad([out, last], list(leaves.values()), [dout, dlast])
+    ref_grads = torch.autograd.grad([ref_out, ref_last], [ref_kw[k] for k in leaves], [dout.float(), dlast])
+    rtol, atol = TOLERANCES[dtype]
+    for k, g, rg in zip(leaves, grads, ref_grads):
+        torch.testing.assert_close(g.float(), rg, rtol=4 * rtol, atol=4 * atol * max(1.0, rg.abs().max().item()),
+                                   msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
 
 
 def test_every_tensor_argument_is_covered():
