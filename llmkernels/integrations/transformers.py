@@ -10,6 +10,9 @@ hands the attention a 2D padding mask only when some token is padding (else None
 is one `flash_attn_func` call with the causal / sliding-window band; padded batches are unpadded into one
 `flash_attn_varlen_func` call, as are packed (padding-free) batches. Works in prefill and in `generate()`
 with the model's own KV cache (keys arrive already concatenated).
+
+`patch_model(model)` routes the Mamba-family mixers (Mamba, Mamba-2 and the hybrids built on them: MAMBA_MIXERS)
+through llmkernels' conv1d, scans and decode steps; a hybrid's attention layers take the attention above.
 """
 
 from __future__ import annotations
@@ -225,20 +228,45 @@ def register() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Mamba
+# Mamba mixers (Mamba, Mamba-2 and the hybrid models built on them)
 # ------------------------------------------------------------------------------------------------------
-# transformers' MambaMixer calls module-level functions of modeling_mamba (causal_conv1d_fn,
-# causal_conv1d_update, mamba_selective_scan, mamba_selective_state_update) that mirror the mamba_ssm /
-# causal_conv1d signatures. patch_mamba() routes the calls of the patched mixers, and only theirs, to
-# llmkernels, so the model's own cache handling and generate() stay untouched.
+# transformers' Mamba-family mixers call module-level functions of their modeling file (causal_conv1d_fn /
+# _update, mamba_selective_scan / _state_update for Mamba-1, mamba2_chunk_scan / mamba2_selective_state_update for
+# Mamba-2) with mamba_ssm's / causal_conv1d's signatures. patch_model() gives each known mixer a copy of its forward
+# whose names resolve to the wrappers below: the model's own padding, cache handling and generate() stay untouched,
+# and other models, threads and torch.compile's tracing see the same code they would have.
+# Their fused training entries (mamba_inner_fn, mamba2_split_conv1d_scan_combined) return None without a hub kernel,
+# after which the mixer runs the pieces; patched mixers get None always, so an installed mamba_ssm / hub kernel does
+# not take training.
 
 
-def _hf_conv1d_fn(hidden_states, weight, bias=None, activation=None, seq_idx=None, **kwargs):
-    """seq_idx (packed, padding-free batches: transformers' hybrid Mamba-2 models pass it) convolves each sequence
-    alone; the other keyword arguments transformers forwards (attention's) do not concern the conv."""
+def _contiguous(t):
+    return t.contiguous() if t is not None else None
+
+
+def _packed(kwargs: dict) -> dict:
+    """seq_idx (packed sequences: transformers hands the collator's seq_idx to the mixers, which pass their kwargs
+    on) as a keyword for our ops, only when given: an op without packed support then fails loudly rather than
+    mixing the sequences' states."""
+    seq_idx = kwargs.get("seq_idx")
+    return {} if seq_idx is None else {"seq_idx": seq_idx}
+
+
+def _hf_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
     from ..ops.causal_conv1d import causal_conv1d_fn
 
-    return causal_conv1d_fn(hidden_states.contiguous(), weight, bias, seq_idx=seq_idx, activation=activation)
+    return causal_conv1d_fn(hidden_states.contiguous(), weight, bias, activation=activation, **_packed(kwargs))
+
+
+def _hf_mamba1_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+    """transformers' Mamba-1 mixers hand seq_idx (Zamba's by name, Mamba's within its kwargs) to the conv only, not to
+    the scan, whose state would run from one packed sequence into the next: refused rather than mixed silently."""
+    if kwargs.get("seq_idx") is not None:
+        raise NotImplementedError(
+            "llmkernels: transformers' Mamba-1 mixers do not pass seq_idx to their scan, so packed (padding-free) "
+            "batches would mix sequences; pad the batch instead"
+        )
+    return _hf_conv1d_fn(hidden_states, weight, bias, activation=activation)
 
 
 def _hf_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
@@ -252,44 +280,26 @@ def _hf_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=N
 
 
 def _hf_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, **kwargs):
+                       return_last_state=False, **kwargs):  # fmt: skip
+    """Mamba-1's scan (transformers' use_mambapy / use_associative_scan choose among its own fallbacks: ignored)."""
     from ..ops.selective_scan import selective_scan_fn
 
-    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    c = _contiguous
     return selective_scan_fn(c(hidden_states), c(dt), A, c(B), c(C), D, c(z), delta_bias, delta_softplus,
-                             return_last_state)
+                             return_last_state, **_packed(kwargs))  # fmt: skip
 
 
 def _hf_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None, **kwargs):
+    """One decode step, `state` updated in place. Zamba steps each of its Mamba heads on a strided view of the
+    layer's state (state[:, head]), which our op cannot write through: it steps a contiguous copy, copied back."""
     from ..ops.selective_scan import selective_state_update
 
-    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    return selective_state_update(state, c(hidden_states), c(dt), A, c(B), c(C), D, c(z), dt_bias, dt_softplus)
-
-
-_HF_MAMBA_FUNCTIONS = {
-    "causal_conv1d_fn": _hf_conv1d_fn,
-    "causal_conv1d_update": _hf_conv1d_update,
-    "mamba_selective_scan": _hf_selective_scan,
-    "mamba_selective_state_update": _hf_state_update,
-}
-
-
-def patch_mamba(model: torch.nn.Module) -> int:
-    """Route every transformers MambaMixer in `model` through llmkernels' scan, state update and conv1d,
-    in the forward pass and in generate(). Returns the number of mixers patched."""
-    from transformers.models.mamba import modeling_mamba
-
-    return _patch_mixers(model, modeling_mamba, modeling_mamba.MambaMixer, _HF_MAMBA_FUNCTIONS)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Mamba-2
-# ------------------------------------------------------------------------------------------------------
-# transformers' Mamba2Mixer (modeling_mamba2) calls module-level functions with mamba_ssm's / causal_conv1d's
-# signatures too: causal_conv1d_fn / _update, mamba2_chunk_scan (mamba_chunk_scan_combined) for prefill,
-# mamba2_selective_state_update (the 4-D decode step). Its fused training entry (mamba2_split_conv1d_scan_combined)
-# returns None without a hub kernel, and the mixer then runs those pieces: patch_mamba2 makes it return None always.
+    c = _contiguous
+    work = state if state.is_contiguous() else state.contiguous()
+    out = selective_state_update(work, c(hidden_states), c(dt), A, c(B), c(C), D, c(z), dt_bias, dt_softplus)
+    if work is not state:
+        state.copy_(work)
+    return out
 
 
 def _hf_mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
@@ -297,56 +307,124 @@ def _hf_mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bia
                           seq_idx=None, cu_seqlens=None, **kwargs):  # fmt: skip
     from ..ops.mamba_chunk_scan import mamba_chunk_scan_combined
 
+    packed = {} if seq_idx is None else {"seq_idx": seq_idx}
+    if cu_seqlens is not None:  # (only what return_varlen_states needs, which transformers does not ask for)
+        packed["cu_seqlens"] = cu_seqlens
     return mamba_chunk_scan_combined(
         hidden_states, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-        seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=tuple(dt_limit),
-        return_final_states=return_final_states,
+        dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states, **packed,
     )  # fmt: skip
 
 
 def _hf_mamba2_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None,
                             **kwargs):  # fmt: skip
+    """The 4-D (multi-head) decode step; FalconH1 without its RMS norm passes the gate as z."""
     from ..ops.selective_scan import selective_state_update
 
     return selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-def _hf_no_fused_mamba2(*args, **kwargs):
-    """transformers' stub for the fused training kernel (conv, scan, norm and out_proj in one): None makes the mixer
-    run the pieces above. Patched too, so that an installed mamba_ssm / hub kernel does not take training."""
+def _hf_no_fused_kernel(*args, **kwargs):
+    """transformers' stub for a fused training kernel (conv, scan, norm and out_proj in one): None makes the mixer
+    run the pieces above."""
     return None
 
+
+_HF_MAMBA_FUNCTIONS = {
+    "causal_conv1d_fn": _hf_mamba1_conv1d_fn,
+    "causal_conv1d_update": _hf_conv1d_update,
+    "mamba_selective_scan": _hf_selective_scan,
+    "mamba_selective_state_update": _hf_state_update,
+    "mamba_inner_fn": _hf_no_fused_kernel,
+}
 
 _HF_MAMBA2_FUNCTIONS = {
     "causal_conv1d_fn": _hf_conv1d_fn,
     "causal_conv1d_update": _hf_conv1d_update,
     "mamba2_chunk_scan": _hf_mamba2_chunk_scan,
     "mamba2_selective_state_update": _hf_mamba2_state_update,
-    "mamba2_split_conv1d_scan_combined": _hf_no_fused_mamba2,
+    "mamba2_split_conv1d_scan_combined": _hf_no_fused_kernel,
 }
+
+# (transformers.models.<module>.modeling_<module>, mixer class) -> the names its forward calls. Read off transformers
+# 5.23's modeling files: the Mamba-2 mixers of the hybrids are copies of Mamba2Mixer's forward (FalconH1's adds
+# multipliers and can pass the gate as z to the decode step); Jamba and FalconMamba RMS-normalise dt, B and C in
+# the forward before the scan (the norms are not the kernels' business); Zamba scans each of its Mamba heads apart.
+MAMBA_MIXERS = {
+    ("mamba", "MambaMixer"): _HF_MAMBA_FUNCTIONS,
+    ("falcon_mamba", "FalconMambaMixer"): _HF_MAMBA_FUNCTIONS,
+    ("jamba", "JambaMambaMixer"): _HF_MAMBA_FUNCTIONS,
+    ("zamba", "ZambaMambaMixer"): _HF_MAMBA_FUNCTIONS,
+    ("mamba2", "Mamba2Mixer"): _HF_MAMBA2_FUNCTIONS,
+    ("bamba", "BambaMixer"): _HF_MAMBA2_FUNCTIONS,
+    ("granitemoehybrid", "GraniteMoeHybridMambaLayer"): _HF_MAMBA2_FUNCTIONS,
+    ("nemotron_h", "NemotronHMamba2Mixer"): _HF_MAMBA2_FUNCTIONS,
+    ("zamba2", "Zamba2MambaMixer"): _HF_MAMBA2_FUNCTIONS,
+    ("falcon_h1", "FalconH1Mixer"): _HF_MAMBA2_FUNCTIONS,
+}
+
+# The names without which a forward would silently run transformers' own kernels: checked on each class patched.
+_ESSENTIAL = {"causal_conv1d_fn", "causal_conv1d_update"}
+
+
+def patch_model(model: torch.nn.Module) -> dict[str, int]:
+    """Route every transformers Mamba-family mixer in `model` (Mamba, Mamba-2, FalconMamba, Jamba, Zamba, Zamba2,
+    Bamba, GraniteMoeHybrid, NemotronH, FalconH1: MAMBA_MIXERS) through llmkernels' conv1d, scan and decode step, in
+    the forward pass, training (the unfused path) and generate(). Returns {mixer class name: count patched}, empty
+    when the model has none. Attention layers are not touched: for them, register() + attn_implementation="llmkernels".
+    Packed (padding-free) batches: the mixers' seq_idx reaches our ops."""
+    return _patch_known_mixers(model, MAMBA_MIXERS)
+
+
+def patch_mamba(model: torch.nn.Module) -> int:
+    """patch_model for MambaMixer only; returns the number of mixers patched."""
+    return _patch_known_mixers(model, {("mamba", "MambaMixer"): _HF_MAMBA_FUNCTIONS}).get("MambaMixer", 0)
 
 
 def patch_mamba2(model: torch.nn.Module) -> int:
-    """Route every transformers Mamba2Mixer in `model` through llmkernels' Mamba-2 scan, 4-D state update and
-    conv1d, in the forward pass (training too: the unfused path) and in generate(). Returns the number patched."""
-    from transformers.models.mamba2 import modeling_mamba2
-
-    return _patch_mixers(model, modeling_mamba2, modeling_mamba2.Mamba2Mixer, _HF_MAMBA2_FUNCTIONS)
+    """patch_model for Mamba2Mixer only; returns the number of mixers patched."""
+    return _patch_known_mixers(model, {("mamba2", "Mamba2Mixer"): _HF_MAMBA2_FUNCTIONS}).get("Mamba2Mixer", 0)
 
 
-def _patch_mixers(model: torch.nn.Module, module, mixer_class, functions: dict) -> int:
-    """Give each `mixer_class` instance in model a forward whose code looks `functions` up instead of `module`'s
-    globals of those names. A copy of the forward with its own globals (not a swap of the module's during the call):
-    torch.compile traces the names the code really uses, and other mixers, threads and models are untouched."""
+def _known_forward_owner(module: torch.nn.Module, table: dict):
+    """The class whose forward `module` runs, with its table key, when that class is one of table's; else None (a
+    subclass that overrides forward runs code we have not read)."""
+    owner = next(cls for cls in type(module).__mro__ if "forward" in cls.__dict__)
+    prefix = "transformers.models."
+    if not owner.__module__.startswith(prefix):
+        return None
+    key = (owner.__module__[len(prefix) :].split(".")[0], owner.__name__)
+    return (owner, key) if key in table else None
+
+
+def _patch_known_mixers(model: torch.nn.Module, table: dict) -> dict[str, int]:
     import types
 
-    forward = _with_globals(mixer_class.forward, functions)
-    count = 0
-    for mixer in model.modules():
-        if isinstance(mixer, mixer_class):
-            mixer.forward = types.MethodType(forward, mixer)
-            count += 1
-    return count
+    forwards, counts = {}, {}
+    for module in model.modules():
+        found = _known_forward_owner(module, table)
+        if found is None:
+            continue
+        owner, key = found
+        if owner not in forwards:
+            forwards[owner] = _patched_forward(owner, table[key])
+        module.forward = types.MethodType(forwards[owner], module)
+        counts[owner.__name__] = counts.get(owner.__name__, 0) + 1
+    return counts
+
+
+def _patched_forward(mixer_class, functions: dict):
+    """mixer_class.forward resolving the names of `functions` it uses to them; fails if it uses none of the essential
+    ones (a transformers release that renamed them would otherwise leave the model on its own kernels unnoticed)."""
+    inner = mixer_class.forward
+    while hasattr(inner, "__wrapped__"):
+        inner = inner.__wrapped__
+    missing = _ESSENTIAL - set(inner.__code__.co_names)
+    if missing:
+        raise RuntimeError(f"llmkernels: {mixer_class.__qualname__}.forward does not call {sorted(missing)}: this "
+                           "transformers version is not one patch_model knows")  # fmt: skip
+    used = {name: fn for name, fn in functions.items() if name in inner.__code__.co_names}
+    return _with_globals(mixer_class.forward, used)
 
 
 def _with_globals(fn, functions: dict):
