@@ -272,6 +272,34 @@ def _mamba2_packed_case(rows, lengths, nheads, headdim, dstate, dtype, device, l
     _try(rows, op, case, "per-sequence-loop", lambda: [fwd_bwd(kw) for kw in singles], nbytes, limit, **measure_kw)
 
 
+def _hf_hybrid_case(rows, seqlen, measure_kw):
+    """A randomly initialised transformers Bamba model (Mamba-2 layers around one attention layer; hidden 1024, 32
+    Mamba heads of 64, dstate 64) on CPU, fp32, one prefill forward: the model as transformers runs it (its PyTorch
+    SSD and conv, SDPA attention) against the same weights through llmkernels (patch_model + the attention)."""
+    try:
+        import transformers
+
+        import llmkernels.integrations.transformers as lk_hf
+    except ImportError as exc:
+        print(f"  [hf hybrid] skipped ({exc})")
+        return
+    cfg = dict(vocab_size=1000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, attn_layer_indices=[2],
+               num_attention_heads=16, num_key_value_heads=4, mamba_n_heads=32, mamba_d_head=64, mamba_n_groups=1,
+               mamba_d_state=64, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256)  # fmt: skip
+    lk_hf.register()
+    torch.manual_seed(0)
+    ref = transformers.BambaForCausalLM(transformers.BambaConfig(**cfg, attn_implementation="sdpa")).eval()
+    ours = transformers.BambaForCausalLM(transformers.BambaConfig(**cfg, attn_implementation=lk_hf.NAME)).eval()
+    ours.load_state_dict(ref.state_dict())
+    lk_hf.patch_model(ours)
+    ids = torch.randint(3, 1000, (1, seqlen))
+    case = f"Bamba 4 layers hidden 1024, 32 x 64 Mamba heads n=64, prefill {seqlen} tokens fp32"
+    with torch.no_grad():
+        _try(rows, "hf_bamba_prefill_cpu", case, "llmkernels-patched", lambda: ours(ids).logits,
+             peer="transformers-torch", **measure_kw)  # fmt: skip
+        _try(rows, "hf_bamba_prefill_cpu", case, "transformers-torch", lambda: ref(ids).logits, **measure_kw)
+
+
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     limit = copy_bandwidth_gbps()
@@ -303,6 +331,7 @@ def run(quick: bool = False) -> list[dict]:
             _mamba2_decode_case(rows, batch, "cpu", ("cpu",), limit, dict(warmup=2, rep=10, min_time_s=0.1))
         _mamba2_prefill_case(rows, 1, 256, 8, 64, 64, torch.float32, "cpu", ("cpu",), limit, small, reference=True)
         _mamba2_packed_case(rows, [450, 220, 180, 100, 50, 12, 6, 2], 8, 64, 64, torch.float32, "cpu", limit, small)
+        _hf_hybrid_case(rows, 512 if quick else 2048, small)
         for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
             _conv1d_case(rows, 4, 1536, 2048, 4, dtype, limit, small)
     return rows
