@@ -505,7 +505,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     // u, delta, z rows; the output row when out is not fp32; the state; the packed B and C slices.
     // (Tiled: kTile rows of each.)
-    const int64_t rows_per_buf = tiled ? kTile : 1, ld = tiled ? L + 16 : L;  // (ld: see gather_tile)
+    // (ld: see gather_tile; L + 16 floats, 16 more where that is a multiple of 1024 = 4 KB)
+    const int64_t rows_per_buf = tiled ? kTile : 1, ld = !tiled ? L : L + ((L + 16) % 1024 == 0 ? 32 : 16);
     float* const buf = thread_scratch(4 * rows_per_buf * ld + npad + (gB ? L * npad : 0) + (gC ? L * npad : 0));
     float *ut = buf, *dt = ut + rows_per_buf * ld, *zt = dt + rows_per_buf * ld, *ot = zt + rows_per_buf * ld;
     float *sb = ot + rows_per_buf * ld, *Bb = sb + npad;

@@ -107,7 +107,7 @@ def mamba_chunk_scan_combined(
     if seq_idx is not None:
         seq_idx = checked_seq_idx(fn, seq_idx, x.shape[0], x.shape[1], x.device)
     if return_varlen_states:
-        _check_varlen(fn, x, cu_seqlens)
+        _check_varlen(fn, x, cu_seqlens, seq_idx)
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[3]
     dim = nheads * headdim
@@ -144,9 +144,11 @@ def mamba_chunk_scan_combined(
     return result if len(result) > 1 else y
 
 
-def _check_varlen(fn: str, x: torch.Tensor, cu_seqlens) -> None:
+def _check_varlen(fn: str, x: torch.Tensor, cu_seqlens, seq_idx) -> None:
     if cu_seqlens is None:
         raise ValueError(f"llmkernels.{fn}: return_varlen_states needs cu_seqlens")
+    if seq_idx is None:  # (without it the scan would carry states across the sequences the states are cut at)
+        raise ValueError(f"llmkernels.{fn}: return_varlen_states needs seq_idx (the packed sequences)")
     check_tensor(fn, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=x.device)
     if x.shape[0] != 1:
         raise ValueError(f"llmkernels.{fn}: return_varlen_states takes packed sequences in a batch of 1 (as "

@@ -213,7 +213,8 @@ def selective_scan_fn(
     (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); D, delta_bias: (dim,) fp32; initial_state:
     (batch, dim, dstate) fp32. Returns out (batch, dim, seqlen) in u's dtype, and with return_last_state also
     the last state (batch, dim, dstate) fp32. Differentiable in every tensor, including initial_state and
-    through the returned last state. Non-contiguous inputs are copied (as mamba_ssm does).
+    through the returned last state. Any strides: in inference the CPU kernel reads strided inputs in place (its
+    output then takes u's layout); with gradients, and on CUDA, non-contiguous inputs are copied (as mamba_ssm does).
     seq_idx (batch, seqlen) int32 / int64 (beyond mamba_ssm; packed sequences, as mamba_chunk_scan_combined's): a
     new sequence starts wherever seq_idx[b, t] != seq_idx[b, t - 1], from a zero state; initial_state is the state
     before t = 0 (of each row's first sequence) and the last state that of the last.

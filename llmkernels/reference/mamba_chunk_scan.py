@@ -76,6 +76,8 @@ def mamba_chunk_scan_ref(
         state = torch.zeros(batch, nheads, headdim, dstate, dtype=cd, device=x.device)
     ends = {}  # token index -> the sequences that end there (varlen states)
     if return_varlen_states:
+        if seq_idx is None:
+            raise ValueError("return_varlen_states needs seq_idx (the packed sequences)")
         bounds = [int(v) for v in cu_seqlens]
         varlen = [None] * (len(bounds) - 1)
         for k in range(len(bounds) - 1):

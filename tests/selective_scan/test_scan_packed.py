@@ -305,8 +305,9 @@ def test_ssd_packed_batch_equals_the_padded_batch():
         (dict(cu_seqlens=torch.tensor([0.0, 10.0])), "cu_seqlens.*dtype"),
         (dict(batch=2), "batch of 1"),
         (dict(seq_idx=torch.zeros(1, 9, dtype=torch.int32)), "seq_idx.*shape"),
+        (dict(seq_idx=None), "needs seq_idx"),
     ],
-    ids=["no-cu", "falling", "short", "float", "batch2", "seq-shape"],
+    ids=["no-cu", "falling", "short", "float", "batch2", "seq-shape", "no-seq-idx"],
 )
 def test_ssd_packed_errors(change, match):
     inp = _ssd_inputs(10, batch=change.pop("batch", 1))
