@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -210,12 +209,12 @@ void store_row(const float* src, int64_t n, at::ScalarType type, void* data, int
   }
 }
 
-// bf16 bits <-> fp32 one element at a time (the strided rows below; whole rows use the vectorised converters).
-inline float bf16_bits_to_f32(uint16_t v) {
-  const uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+// Calls f with a null pointer of element type s (float, c10::Half or c10::BFloat16).
+template <typename F>
+void with_scan_type(at::ScalarType s, F&& f) {
+  if (s == at::kFloat) return f(static_cast<float*>(nullptr));
+  if (s == at::kBFloat16) return f(static_cast<c10::BFloat16*>(nullptr));
+  f(static_cast<c10::Half*>(nullptr));
 }
 
 // A (batch, dim, L) tensor with any strides, read and written as fp32 rows: a (batch, channel) row at a time, or a
@@ -234,55 +233,34 @@ struct StridedRows {
   const float* row(int64_t b, int64_t d, int64_t L, float* buf) const {
     const int64_t off = b * sb + d * sd;
     if (st == 1) return flat.row(off, L, buf);
-    switch (flat.type) {
-      case at::kFloat: {
-        const float* p = static_cast<const float*>(flat.data) + off;
-        for (int64_t t = 0; t < L; ++t) buf[t] = p[t * st];
-        break;
-      }
-      case at::kBFloat16: {
-        const uint16_t* p = static_cast<const uint16_t*>(flat.data) + off;
-        for (int64_t t = 0; t < L; ++t) buf[t] = bf16_bits_to_f32(p[t * st]);
-        break;
-      }
-      default: {
-        const c10::Half* p = static_cast<const c10::Half*>(flat.data) + off;
-        for (int64_t t = 0; t < L; ++t) buf[t] = static_cast<float>(p[t * st]);
-      }
-    }
+    with_scan_type(flat.type, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* p = static_cast<const T*>(flat.data) + off;
+      for (int64_t t = 0; t < L; ++t) buf[t] = static_cast<float>(p[t * st]);
+    });
     return buf;
   }
 
   // Rows (b, d0 .. d0 + n) into tile, row j at tile + j * ld (ld = L plus a pad: a row stride that is a multiple
   // of 4 KB would put the tile's n writes of one step in one L1 set).
   void gather_tile(int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld, float* tile) const {
-    with_element(flat.type, [&](auto* tag) {
-      using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    with_scan_type(flat.type, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
       const T* p = static_cast<const T*>(flat.data) + b * sb + d0 * sd;
       for (int64_t t = 0; t < L; ++t)
-        for (int64_t j = 0; j < n; ++j) tile[j * ld + t] = to_f32(p[t * st + j * sd]);
+        for (int64_t j = 0; j < n; ++j) tile[j * ld + t] = static_cast<float>(p[t * st + j * sd]);
     });
   }
 
   // The inverse, into `data` (this tensor's strides and dtype).
   void scatter_tile(const float* tile, int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld, void* data) const {
-    with_element(flat.type, [&](auto* tag) {
-      using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    with_scan_type(flat.type, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
       T* p = static_cast<T*>(data) + b * sb + d0 * sd;
       for (int64_t t = 0; t < L; ++t)
         for (int64_t j = 0; j < n; ++j) p[t * st + j * sd] = static_cast<T>(tile[j * ld + t]);
     });
   }
-
-  template <typename F>
-  static void with_element(at::ScalarType s, F&& f) {
-    if (s == at::kFloat) return f(static_cast<float*>(nullptr));
-    if (s == at::kBFloat16) return f(static_cast<c10::BFloat16*>(nullptr));
-    f(static_cast<c10::Half*>(nullptr));
-  }
-  static float to_f32(float v) { return v; }
-  static float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-  static float to_f32(c10::Half v) { return static_cast<float>(v); }
 
   // src (L,) fp32 into row (b, d) of `data` (this tensor's strides and dtype).
   void store(const float* src, int64_t b, int64_t d, int64_t L, void* data) const {
@@ -296,22 +274,11 @@ struct StridedRows {
       }
       return;
     }
-    switch (flat.type) {
-      case at::kFloat: {
-        float* p = static_cast<float*>(data) + off;
-        for (int64_t t = 0; t < L; ++t) p[t * st] = src[t];
-        break;
-      }
-      case at::kBFloat16: {
-        c10::BFloat16* p = static_cast<c10::BFloat16*>(data) + off;
-        for (int64_t t = 0; t < L; ++t) p[t * st] = static_cast<c10::BFloat16>(src[t]);
-        break;
-      }
-      default: {
-        c10::Half* p = static_cast<c10::Half*>(data) + off;
-        for (int64_t t = 0; t < L; ++t) p[t * st] = static_cast<c10::Half>(src[t]);
-      }
-    }
+    with_scan_type(flat.type, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      T* p = static_cast<T*>(data) + off;
+      for (int64_t t = 0; t < L; ++t) p[t * st] = static_cast<T>(src[t]);
+    });
   }
 };
 
@@ -417,14 +384,6 @@ float* thread_scratch(int64_t n) {
     size = n;
   }
   return buf.get();
-}
-
-// Calls f with a null pointer of element type s (float, c10::Half or c10::BFloat16).
-template <typename F>
-void with_scan_type(at::ScalarType s, F&& f) {
-  if (s == at::kFloat) return f(static_cast<float*>(nullptr));
-  if (s == at::kBFloat16) return f(static_cast<c10::BFloat16*>(nullptr));
-  f(static_cast<c10::Half*>(nullptr));
 }
 
 // One (batch, group) slice of a per-token B or C, (dstate, L) in its own dtype, into dst as fp32 (L, npad) with

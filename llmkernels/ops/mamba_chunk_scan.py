@@ -107,7 +107,7 @@ def mamba_chunk_scan_combined(
     if seq_idx is not None:
         seq_idx = checked_seq_idx(fn, seq_idx, x.shape[0], x.shape[1], x.device)
     if return_varlen_states:
-        _check_varlen(fn, x, cu_seqlens, seq_idx)
+        bounds = _checked_bounds(fn, x, cu_seqlens, seq_idx)  # (one host read of cu_seqlens, used twice)
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[3]
     dim = nheads * headdim
@@ -140,11 +140,12 @@ def mamba_chunk_scan_combined(
         result += (last.reshape(batch, nheads, headdim, dstate),)
     if return_varlen_states:
         dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
-        result += (_varlen_states(x, dt_heads, A, B, cu_seqlens, initial_states),)
+        result += (_varlen_states(x, dt_heads, A, B, bounds, initial_states),)
     return result if len(result) > 1 else y
 
 
-def _check_varlen(fn: str, x: torch.Tensor, cu_seqlens, seq_idx) -> None:
+def _checked_bounds(fn: str, x: torch.Tensor, cu_seqlens, seq_idx) -> list[int]:
+    """cu_seqlens as a checked list of ints (the sequences' bounds)."""
     if cu_seqlens is None:
         raise ValueError(f"llmkernels.{fn}: return_varlen_states needs cu_seqlens")
     if seq_idx is None:  # (without it the scan would carry states across the sequences the states are cut at)
@@ -156,9 +157,10 @@ def _check_varlen(fn: str, x: torch.Tensor, cu_seqlens, seq_idx) -> None:
     bounds = cu_seqlens.tolist()
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != x.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"llmkernels.{fn}: cu_seqlens must rise from 0 to seqlen = {x.shape[1]}, got {bounds}")
+    return bounds
 
 
-def _varlen_states(x, dt, A, B, cu_seqlens, initial_states) -> torch.Tensor:
+def _varlen_states(x, dt, A, B, bounds: list[int], initial_states) -> torch.Tensor:
     """Each sequence's final state (nseqs, nheads, headdim, dstate) fp32, batch 1: sum over its tokens t of
     exp(A * (dt summed over the tokens after t)) dt_t x_t B_t^T, plus for the one at token 0 the initial state decayed
     by exp(A * its dt sum). The decay exponents are sums within one sequence (a cumulative sum over the whole packed
@@ -166,7 +168,6 @@ def _varlen_states(x, dt, A, B, cu_seqlens, initial_states) -> torch.Tensor:
     nheads, dstate = x.shape[2], B.shape[3]
     heads_per_group = nheads // B.shape[2]
     A = A.float()
-    bounds = cu_seqlens.tolist()
     states = []
     for k in range(len(bounds) - 1):
         s, e = bounds[k], bounds[k + 1]
