@@ -22,7 +22,6 @@ sequence (sum over its tokens of exp(A * dt after t) dt_t x_t B_t^T).
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -65,8 +64,9 @@ def _check(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_lim
     if initial_states is not None:
         check_tensor(fn, "initial_states", initial_states, ndim=4, dtypes=_DTYPES, device=dev)
         check_shape(fn, "initial_states", initial_states, (batch, nheads, headdim, dstate))
+    # v == v rejects NaN: dynamo cannot trace math.isnan under torch.compile(dynamic=True)
     if not (isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2
-            and all(isinstance(v, numbers.Real) and not math.isnan(v) for v in dt_limit)
+            and all(isinstance(v, numbers.Real) and v == v for v in dt_limit)
             and dt_limit[0] <= dt_limit[1]):  # fmt: skip
         raise ValueError(f"llmkernels.{fn}: dt_limit must be a pair (min, max) of numbers, got {dt_limit!r}")
 

@@ -156,6 +156,7 @@ def test_decode_steps_equal_the_scan():
     (lambda kw: {"D": torch.randn(3)}, ValueError, "D must be"),
     (lambda kw: {"chunk_size": 0}, ValueError, "chunk_size"),
     (lambda kw: {"dt_limit": (1.0, 0.5)}, ValueError, "dt_limit"),
+    (lambda kw: {"dt_limit": (0.0, float("nan"))}, ValueError, "dt_limit"),
     (lambda kw: {"x": kw["x"].double()}, TypeError, "x must have dtype"),
 ])  # fmt: skip
 def test_bad_input_is_named(change, error, match):
@@ -174,6 +175,22 @@ def test_torch_compile_fullgraph():
 
     got = torch.compile(fn, fullgraph=True, backend="aot_eager")(kw)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_update_kernel
+@pytest.mark.parametrize("dt_limit", [None, (0.0, 4.0)])
+def test_torch_compile_dynamic_shapes(dt_limit):
+    """dynamic=True: one graph over several seqlens. dt_limit from the defaults or from a variable (a module's
+    attribute, as in Mamba2) reaches the checks as a symbolic float there, which must trace."""
+    extra = {} if dt_limit is None else {"dt_limit": dt_limit}
+    compiled = torch.compile(
+        lambda kw: llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True, **extra),
+        fullgraph=True, dynamic=True, backend="aot_eager",
+    )  # fmt: skip
+    for seqlen in (17, 40):
+        kw = _inputs(2, seqlen, 4, 8, 2, 16)
+        want = mamba_chunk_scan_ref(**kw, dt_softplus=True, **extra)
+        torch.testing.assert_close(compiled(kw), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
