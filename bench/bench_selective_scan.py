@@ -25,6 +25,7 @@ Colleagues' kernels are called inside try/except, so the benchmark runs whatever
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -205,6 +206,18 @@ def _mamba2_decode_case(rows, batch, device, backends, limit, measure_kw, nheads
     _try(rows, op, case, "reference", lambda: flat_step(selective_state_update_ref), nbytes, limit, **measure_kw)
 
 
+@contextlib.contextmanager
+def _mamba2_route(route: str):
+    """mamba_chunk_scan_combined's route (ops/mamba_chunk_scan.py ROUTE) inside the block."""
+    import llmkernels.ops.mamba_chunk_scan as chunk_scan_op
+
+    old, chunk_scan_op.ROUTE = chunk_scan_op.ROUTE, route
+    try:
+        yield
+    finally:
+        chunk_scan_op.ROUTE = old
+
+
 def _mamba2_prefill_case(rows, batch, seqlen, nheads, headdim, dstate, dtype, device, backends, limit, measure_kw,
                          reference=False):  # fmt: skip
     from llmkernels.reference.mamba_chunk_scan import mamba_chunk_scan_ref
@@ -236,6 +249,13 @@ def _mamba2_prefill_case(rows, batch, seqlen, nheads, headdim, dstate, dtype, de
 
             _try(rows, op, case, f"llmkernels-{backend}", ours, nbytes * (3 if backward else 1), limit,
                  peer="reference" if reference else None, **measure_kw)  # fmt: skip
+
+        def chunked(call=call):  # the chunked matrix-product route (a GPU's default), beside the scan kernels
+            with _mamba2_route("chunked"):
+                return call(lambda **a: llmkernels.mamba_chunk_scan_combined(**a, chunk_size=256, dt_softplus=True))
+
+        _try(rows, op, case, "llmkernels-chunked", chunked, nbytes * (3 if backward else 1), limit,
+             peer=f"llmkernels-{backends[0]}", **measure_kw)  # fmt: skip
         if reference:
             _try(rows, op, case, "reference", lambda call=call: call(lambda **a: mamba_chunk_scan_ref(
                 **a, dt_softplus=True)), nbytes * (3 if backward else 1), limit, **measure_kw)  # fmt: skip

@@ -10,11 +10,12 @@ is selective_scan_fn's channel with delta = dt[:, :, h], A[h] along every state 
 h // (nheads / ngroups), which is exactly the grouped B / C layout the scan kernels already take. So every backend
 of selective_scan_fn (C++ CPU, CUDA C++, Triton, reference) runs it, differentiably (gradients reach x, dt, A, B,
 C, D, z, dt_bias and initial_states through the layout changes), with the kernels' own chunking along the sequence:
-chunk_size is accepted and checked but does not change the result. The cost, against mamba_ssm's SSD kernels: the
-layout changes copy x, z and the output once each and spread dt over the channels (an x-sized tensor, where
-mamba_ssm keeps (batch, seqlen, nheads)), and the GPU scan takes an exp per state entry where one per head would do
-(the CPU kernels detect the per-head A and take one per step; an SSD kernel also turns the intra-chunk work into
-matrix products); see docs/GPU_SESSION.md.
+chunk_size is accepted and checked but does not change the result. That "scan" route is the CPU's. On a GPU the op
+takes the "chunked" route instead (ops/mamba_ssd_chunked.py: SSD's chunked matrix products in PyTorch ops, one exp
+per head and token pair; see ROUTE), because the GPU scan kernels take an exp per state entry where one per head
+would do (the CPU kernels detect the per-head A and take one per step). The scan route also changes layouts: x, z
+and the output are copied once each on a GPU, and dt is spread over the channels (an x-sized tensor, where
+mamba_ssm keeps (batch, seqlen, nheads)). See docs/GPU_SESSION.md.
 Packed sequences (seq_idx) reach the scan kernels, which restart the state where seq_idx changes; the per-sequence
 final states (return_varlen_states with cu_seqlens) are computed in closed form, one small matrix product per
 sequence (sum over its tokens of exp(A * dt after t) dt_t x_t B_t^T).
@@ -23,12 +24,23 @@ sequence (sum over its tokens of exp(A * dt after t) dt_t x_t B_t^T).
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 
+from .._backend import requested_backend
 from .._checks import check_shape, check_tensor
 from ..reference.mamba_chunk_scan import processed_dt
+from .mamba_ssd_chunked import ssd_chunked
 from .selective_scan import MAX_DSTATE, checked_seq_idx, selective_scan_fn
+
+# How the scan runs: "scan" (selective_scan_fn's kernels over the flattened channels), "chunked" (matrix products
+# over chunks: ops/mamba_ssd_chunked.py) or "auto": chunked on a GPU, where the scan kernels take an exp per state
+# entry on the SFU (estimated ~4x slower at Mamba-2's dstate 128, not yet measured: docs/GPU_SESSION.md), and the
+# scan elsewhere (on the CPU the C++ scan measured 2-3x faster than the chunked products); a backend forced with
+# use_backend / LLMKERNELS_BACKEND runs its own scan kernels.
+ROUTE = os.environ.get("LLMKERNELS_MAMBA2_ROUTE", "auto")
+_ROUTES = ("auto", "scan", "chunked")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,6 +123,13 @@ def mamba_chunk_scan_combined(
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[3]
     dim = nheads * headdim
+    if _route(fn, x) == "chunked":
+        dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
+        y, last = ssd_chunked(x, dt_heads, A, B, C, D, z, initial_states, seq_idx)
+        result = (y, last) if return_final_states else (y,)
+        if return_varlen_states:
+            result += (_varlen_states(x, dt_heads, A, B, bounds, initial_states),)
+        return result if len(result) > 1 else y
 
     def channels(t: torch.Tensor) -> torch.Tensor:  # (batch, seqlen, nheads, headdim) -> (batch, dim, seqlen)
         return t.permute(0, 2, 3, 1).reshape(batch, dim, seqlen)
@@ -134,7 +153,8 @@ def mamba_chunk_scan_combined(
         channels(x), delta, A_channels, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), D_channels,
         None if z is None else channels(z), None, False, True, init, seq_idx=seq_idx,
     )  # fmt: skip
-    y = out.reshape(batch, nheads, headdim, seqlen).permute(0, 3, 1, 2)
+    # contiguous as mamba_ssm's (callers .view it; transformers does): free where out took x's layout (the CPU kernel)
+    y = out.reshape(batch, nheads, headdim, seqlen).permute(0, 3, 1, 2).contiguous()
     result = (y,)
     if return_final_states:
         result += (last.reshape(batch, nheads, headdim, dstate),)
@@ -142,6 +162,16 @@ def mamba_chunk_scan_combined(
         dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
         result += (_varlen_states(x, dt_heads, A, B, bounds, initial_states),)
     return result if len(result) > 1 else y
+
+
+def _route(fn: str, x: torch.Tensor) -> str:
+    if ROUTE not in _ROUTES:
+        raise ValueError(f"llmkernels.{fn}: LLMKERNELS_MAMBA2_ROUTE must be one of {', '.join(_ROUTES)}, got {ROUTE!r}")
+    if ROUTE != "auto":
+        return ROUTE
+    if requested_backend() is not None:
+        return "scan"
+    return "chunked" if x.device.type == "cuda" else "scan"
 
 
 def _checked_bounds(fn: str, x: torch.Tensor, cu_seqlens, seq_idx) -> list[int]:

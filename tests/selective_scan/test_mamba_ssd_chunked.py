@@ -1,0 +1,186 @@
+"""mamba_chunk_scan_combined's chunked route (ops/mamba_ssd_chunked.py: SSD's chunked matrix products, the GPU's
+route): against the step-by-step reference in fp64 and fp32, forward, final states and every gradient, across chunk
+and chunk-group boundaries (both shrunk so that small sequences cross many), packed sequences, the route's choice
+and its errors, torch.compile. The cuda cases run the route as a GPU picks it by itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scan_cases import needs_update_kernel
+from test_mamba_chunk_scan import _inputs
+from utils import assert_close_dtype
+
+import llmkernels
+import llmkernels.ops.mamba_chunk_scan as chunk_scan_op
+import llmkernels.ops.mamba_ssd_chunked as chunked
+from llmkernels.ops.selective_scan import checked_seq_idx
+from llmkernels.reference.mamba_chunk_scan import mamba_chunk_scan_ref, processed_dt
+
+CPU = torch.device("cpu")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Chunks of 4 tokens in groups of 3 chunks: a few dozen tokens cross every kind of boundary."""
+    monkeypatch.setattr(chunked, "CHUNK", 4)
+    monkeypatch.setattr(chunked, "GROUP", 3)
+
+
+@pytest.fixture
+def chunked_route(monkeypatch):
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", "chunked")
+
+
+def _packed(batch, seqlen, cuts_per_row, device="cpu", generator=None):
+    """seq_idx with random sequence starts (several per row, some of length 1), renumbered from 0."""
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+    for b in range(batch):
+        for start in torch.randint(1, max(seqlen, 2), (cuts_per_row,), generator=generator).tolist():
+            seq[b, start:] += 1
+    return seq.to(device)
+
+
+@pytest.mark.parametrize("seqlen", [1, 4, 17, 40])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("d_per_channel", [False, True], ids=["D-head", "D-channel"])
+def test_fp64_forward_and_final_states_match_the_reference(small_tiles, seqlen, packed, d_per_channel):
+    """fp64 in and out: the chunked sums equal the recurrence to rounding (1e-10), for every boundary."""
+    kw = _inputs(2, seqlen, 6, 4, 3, 8, dtype=torch.float64, d_per_channel=d_per_channel)
+    kw["A"] = kw["A"].double()
+    seq_idx = _packed(2, seqlen, 3) if packed else None
+    want_y, want_state = mamba_chunk_scan_ref(**kw, dt_softplus=True, return_final_states=True, seq_idx=seq_idx)
+    dt = processed_dt(kw["dt"], kw["dt_bias"], True, (0.0, math.inf), torch.float64)
+    renumbered = None if seq_idx is None else checked_seq_idx("t", seq_idx, 2, seqlen, CPU)
+    y, state = chunked.ssd_chunked(kw["x"], dt, kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["initial_states"],
+                                   renumbered, chunk=chunked.CHUNK)  # fmt: skip
+    torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_gradients_match_the_reference(chunked_route, small_tiles, device, packed):
+    """Every input's gradient through the public op (checkpointed forward, autograd backward) against autograd of
+    the fp64 reference, with gradients into y and the final states. fp32: the sums run in a different order than the
+    recurrence, so 1e-4 (the inputs are O(1), the states O(10))."""
+    torch.manual_seed(1)
+    seqlen = 23
+    kw = _inputs(2, seqlen, 4, 8, 2, 16, device=device)
+    seq_idx = _packed(2, seqlen, 2, device) if packed else None
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    leaves = {k: kw[k].clone().requires_grad_() for k in names}
+    exact = {k: kw[k].double().cpu().requires_grad_() for k in names}
+    y, state = llmkernels.mamba_chunk_scan_combined(**leaves, chunk_size=64, dt_softplus=True, seq_idx=seq_idx,
+                                                    return_final_states=True)  # fmt: skip
+    want_y, want_state = mamba_chunk_scan_ref(**exact, dt_softplus=True, seq_idx=None if seq_idx is None else
+                                              seq_idx.cpu(), return_final_states=True)  # fmt: skip
+    torch.testing.assert_close(y.double().cpu(), want_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double().cpu(), want_state, rtol=1e-4, atol=1e-4)
+    dy, dstate = torch.randn_like(y), torch.randn_like(state)
+    torch.autograd.backward((y, state), (dy, dstate))
+    torch.autograd.backward((want_y, want_state), (dy.double().cpu(), dstate.double().cpu()))
+    for k in names:
+        torch.testing.assert_close(leaves[k].grad.double().cpu(), exact[k].grad, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_public_op_at_its_default_tiles(chunked_route, device, dtype):
+    """The default 64-token chunks, a length that is not a multiple of them, 16-bit inputs (y in their dtype)."""
+    kw = _inputs(2, 150, 4, 16, 1, 32, dtype=dtype, device=device)
+    y, state = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=256, dt_softplus=True, dt_limit=(0.0, 1.0),
+                                                    return_final_states=True)  # fmt: skip
+    ref = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    want_y, want_state = mamba_chunk_scan_ref(**ref, dt_softplus=True, dt_limit=(0.0, 1.0), return_final_states=True)
+    assert y.dtype == dtype and state.dtype == torch.float32
+    assert_close_dtype(y, want_y.to(dtype))
+    torch.testing.assert_close(state, want_state, rtol=1e-4, atol=1e-3)
+
+
+def test_varlen_states_on_the_chunked_route(chunked_route):
+    kw = _inputs(1, 30, 4, 8, 2, 16)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 13 + [2] * 10], dtype=torch.int32)
+    cu = torch.tensor([0, 7, 20, 30], dtype=torch.int32)
+    got = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=8, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu,
+                                               return_final_states=True, return_varlen_states=True)  # fmt: skip
+    want = mamba_chunk_scan_ref(**kw, dt_softplus=True, seq_idx=seq_idx, cu_seqlens=cu, return_final_states=True,
+                                return_varlen_states=True)  # fmt: skip
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_an_inf_initial_state_stays_in_the_first_sequence(chunked_route, small_tiles):
+    kw = _inputs(1, 20, 2, 4, 1, 8)
+    kw["initial_states"][0, 0, 0, 0] = float("inf")
+    seq_idx = torch.tensor([[0] * 6 + [1] * 14], dtype=torch.int32)
+    y = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=4, dt_softplus=True, seq_idx=seq_idx)
+    assert torch.isfinite(y[0, 6:]).all() and not torch.isfinite(y[0, :6, 0]).all()
+
+
+def test_the_route(monkeypatch):
+    """auto: the scan kernels on the CPU and under a forced backend (the chunked route is a GPU's); a bad value of
+    LLMKERNELS_MAMBA2_ROUTE is an error naming it."""
+    x = torch.randn(1, 4, 2, 4)
+    assert chunk_scan_op._route("f", x) == "scan"
+    assert chunk_scan_op._route("f", torch.empty(1, device="meta").expand(1)) == "scan"
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", "chunked")
+    assert chunk_scan_op._route("f", x) == "chunked"
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", "fast")
+    with pytest.raises(ValueError, match="LLMKERNELS_MAMBA2_ROUTE"):
+        llmkernels.mamba_chunk_scan_combined(**_inputs(1, 4, 2, 4, 1, 8), chunk_size=4)
+
+
+@pytest.mark.cuda
+def test_a_gpu_takes_the_chunked_route_by_itself(monkeypatch):
+    calls = []
+    real = chunked.ssd_chunked
+    monkeypatch.setattr(chunk_scan_op, "ssd_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = _inputs(1, 70, 4, 16, 1, 64, dtype=torch.bfloat16, device="cuda")
+    y = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=256, dt_softplus=True)
+    assert calls == [1]
+    ref = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    assert_close_dtype(y, mamba_chunk_scan_ref(**ref, dt_softplus=True).to(torch.bfloat16))
+    with llmkernels.use_backend("cuda"):  # a forced backend runs its own scan kernels
+        llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=256, dt_softplus=True)
+    assert calls == [1]
+
+
+@needs_update_kernel
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph(chunked_route, dynamic):
+    fn = torch.compile(
+        lambda kw: llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True),
+        fullgraph=True, dynamic=dynamic, backend="aot_eager",
+    )  # fmt: skip
+    for seqlen in (17, 70):
+        kw = _inputs(2, seqlen, 4, 8, 2, 16)
+        torch.testing.assert_close(fn(kw), mamba_chunk_scan_ref(**kw, dt_softplus=True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("route", ["scan", "chunked"])
+def test_y_is_contiguous_on_both_routes(monkeypatch, route):
+    """Callers .view mamba_ssm's y (transformers' FalconH1 does); without D and z nothing else would copy it."""
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", route)
+    kw = {k: v for k, v in _inputs(2, 70, 4, 8, 1, 16).items() if k not in ("D", "z")}
+    y = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, mamba_chunk_scan_ref(**kw), rtol=1e-4, atol=1e-4)
+
+
+@needs_update_kernel
+def test_torch_compile_fullgraph_through_the_checkpointed_backward(chunked_route):
+    fn = torch.compile(lambda kw: llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True),
+                       fullgraph=True, backend="aot_eager")  # fmt: skip
+    kw = {k: v.requires_grad_() for k, v in _inputs(2, 23, 4, 8, 2, 16).items()}
+    fn(kw).sum().backward()
+    got = {k: v.grad for k, v in kw.items()}
+    exact = {k: v.detach().double().requires_grad_() for k, v in kw.items()}
+    mamba_chunk_scan_ref(**exact, dt_softplus=True).sum().backward()
+    for k in kw:
+        torch.testing.assert_close(got[k].double(), exact[k].grad, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
