@@ -189,10 +189,14 @@ class Mamba2Mixer(nn.Module):
         xBC = causal_conv1d_update(xBC.contiguous(), cache.conv_state, conv_w, self.conv1d.bias,
                                    activation=self.activation)  # fmt: skip
         x, B, C = self._split_xBC(xBC)
-        dt = dt.float() + self.dt_bias.float()  # (the limit applies after the softplus: done here, as the scan does)
-        dt = F.softplus(dt).clamp(min=self.time_step_limit[0], max=self.time_step_limit[1])
+        dt_bias = None
+        if self.time_step_limit == (0.0, math.inf):  # the clamp is a no-op after softplus: the kernel does both
+            dt_bias = self.dt_bias.float()[:, None].expand(h, p)
+        else:  # the limit applies after the softplus, which the kernels do not clamp: done here, as the scan does
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            dt = dt.clamp(min=self.time_step_limit[0], max=self.time_step_limit[1])
         return selective_state_update(
             cache.ssm_state, x.reshape(batch, h, p), dt[:, :, None].expand(batch, h, p),
             A[:, None, None].expand(h, p, n), B.reshape(batch, g, n), C.reshape(batch, g, n),
-            self.D.float()[:, None].expand(h, p),
+            self.D.float()[:, None].expand(h, p), dt_bias=dt_bias, dt_softplus=dt_bias is not None,
         )  # fmt: skip
