@@ -256,6 +256,15 @@ def _mamba2_prefill_case(rows, batch, seqlen, nheads, headdim, dstate, dtype, de
 
         _try(rows, op, case, "llmkernels-chunked", chunked, nbytes * (3 if backward else 1), limit,
              peer=f"llmkernels-{backends[0]}", **measure_kw)  # fmt: skip
+        if device == "cuda":  # its (Q x Q) tiles fused in Triton (opt-in until measured: LLMKERNELS_MAMBA2_ROUTE)
+
+            def chunked_triton(call=call):
+                with _mamba2_route("chunked-triton"):
+                    return call(lambda **a: llmkernels.mamba_chunk_scan_combined(**a, chunk_size=256,
+                                                                                 dt_softplus=True))  # fmt: skip
+
+            _try(rows, op, case, "llmkernels-chunked-triton", chunked_triton, nbytes * (3 if backward else 1), limit,
+                 peer=f"llmkernels-{backends[0]}", **measure_kw)  # fmt: skip
         if reference:
             _try(rows, op, case, "reference", lambda call=call: call(lambda **a: mamba_chunk_scan_ref(
                 **a, dt_softplus=True)), nbytes * (3 if backward else 1), limit, **measure_kw)  # fmt: skip

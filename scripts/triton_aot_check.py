@@ -247,7 +247,23 @@ def drive_launches(full: bool) -> list[Launch]:
                 r(3 * batch, dim, dstate), x, dt, a, r(batch, dstate, dtype=dtype), r(batch, dstate, dtype=dtype),
                 d_skip, zz, delta_bias, True, r(batch, dtype=torch.int32),
             )  # fmt: skip
+        _drive_mamba_ssd(r, full)
     return recorded
+
+
+def _drive_mamba_ssd(r, full: bool) -> None:
+    """Mamba-2's chunked forward (triton/mamba_ssd.py) at Mamba-2 2.7B's head shape, dense and packed."""
+    from llmkernels.triton import mamba_ssd
+
+    ssd = _body(mamba_ssd.ssd_chunked_triton)
+    batch, seqlen, nheads, headdim = 2, 300, 8, 64
+    for dtype in [torch.float32, torch.bfloat16, torch.float16] if full else [torch.float32, torch.bfloat16]:
+        for dstate in [128, 16] if full else [128]:
+            x, z = r(batch, seqlen, nheads, headdim, dtype=dtype), r(batch, seqlen, nheads, headdim, dtype=dtype)
+            B, C = r(batch, seqlen, 1, dstate, dtype=dtype), r(batch, seqlen, 1, dstate, dtype=dtype)
+            init = r(batch, nheads, headdim, dstate)
+            for seq_idx in [None, r(batch, seqlen, dtype=torch.int32)]:
+                ssd(x, r(batch, seqlen, nheads), r(nheads), B, C, r(nheads), z, init, seq_idx)
 
 
 def _drive_dropout(flash_attn, fa, r, tune_candidates, full: bool) -> None:

@@ -28,19 +28,21 @@ import os
 
 import torch
 
-from .._backend import requested_backend
+from .._backend import BackendError, requested_backend, triton_unavailable_reason
 from .._checks import check_shape, check_tensor
 from ..reference.mamba_chunk_scan import processed_dt
 from .mamba_ssd_chunked import ssd_chunked
 from .selective_scan import MAX_DSTATE, checked_seq_idx, selective_scan_fn
 
 # How the scan runs: "scan" (selective_scan_fn's kernels over the flattened channels), "chunked" (matrix products
-# over chunks: ops/mamba_ssd_chunked.py) or "auto": chunked on a GPU, where the scan kernels take an exp per state
-# entry on the SFU (estimated ~4x slower at Mamba-2's dstate 128, not yet measured: docs/GPU_SESSION.md), and the
-# scan elsewhere (on the CPU the C++ scan measured 2-3x faster than the chunked products); a backend forced with
-# use_backend / LLMKERNELS_BACKEND runs its own scan kernels.
+# over chunks in PyTorch ops: ops/mamba_ssd_chunked.py), "chunked-triton" (the same with the (Q x Q) tiles fused in
+# a Triton kernel: triton/mamba_ssd.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or "auto": chunked on a
+# GPU, where the scan kernels take an exp per state entry on the SFU (not yet measured: docs/GPU_SESSION.md; the
+# Triton kernel has never run on a GPU, so it is not the default yet), and the scan elsewhere (on the CPU the C++ scan
+# measured 2.6-6x faster than the chunked products); a backend forced with use_backend / LLMKERNELS_BACKEND runs
+# its own scan kernels.
 ROUTE = os.environ.get("LLMKERNELS_MAMBA2_ROUTE", "auto")
-_ROUTES = ("auto", "scan", "chunked")
+_ROUTES = ("auto", "scan", "chunked", "chunked-triton")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -123,9 +125,18 @@ def mamba_chunk_scan_combined(
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[3]
     dim = nheads * headdim
-    if _route(fn, x) == "chunked":
+    route = _route(fn, x)
+    if route.startswith("chunked"):
         dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
-        y, last = ssd_chunked(x, dt_heads, A, B, C, D, z, initial_states, seq_idx)
+        if route == "chunked-triton":
+            reason = triton_unavailable_reason(x.device.type)
+            if reason is not None:
+                raise BackendError(f"llmkernels.{fn}: LLMKERNELS_MAMBA2_ROUTE=chunked-triton: {reason}")
+            from ..triton.mamba_ssd import ssd_chunked_triton
+
+            y, last = ssd_chunked_triton(x, dt_heads, A, B, C, D, z, initial_states, seq_idx)
+        else:
+            y, last = ssd_chunked(x, dt_heads, A, B, C, D, z, initial_states, seq_idx)
         result = (y, last) if return_final_states else (y,)
         if return_varlen_states:
             result += (_varlen_states(x, dt_heads, A, B, bounds, initial_states),)

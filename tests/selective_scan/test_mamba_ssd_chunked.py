@@ -1,11 +1,13 @@
-"""mamba_chunk_scan_combined's chunked route (ops/mamba_ssd_chunked.py: SSD's chunked matrix products, the GPU's
-route): against the step-by-step reference in fp64 and fp32, forward, final states and every gradient, across chunk
-and chunk-group boundaries (both shrunk so that small sequences cross many), packed sequences, the route's choice
-and its errors, torch.compile. The cuda cases run the route as a GPU picks it by itself."""
+"""mamba_chunk_scan_combined's chunked routes (ops/mamba_ssd_chunked.py: SSD's chunked matrix products in PyTorch
+ops, the GPU's route; triton/mamba_ssd.py: its (Q x Q) tiles fused in a Triton kernel): against the step-by-step
+reference in fp64 and fp32, forward, final states and every gradient, across chunk and chunk-group boundaries (both
+shrunk so that small sequences cross many), packed sequences, the route's choice and its errors, torch.compile,
+opcheck. The cuda cases run the routes on a GPU; the Triton ones run on CPU tensors under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -21,6 +23,11 @@ from llmkernels.reference.mamba_chunk_scan import mamba_chunk_scan_ref, processe
 
 CPU = torch.device("cpu")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=[interp, pytest.mark.triton_interp], id="triton-interp"),
+    pytest.param("cuda", marks=pytest.mark.cuda, id="triton-cuda"),
+]
 
 
 @pytest.fixture
@@ -184,3 +191,114 @@ def test_torch_compile_fullgraph_through_the_checkpointed_backward(chunked_route
     for k in kw:
         torch.testing.assert_close(got[k].double(), exact[k].grad, rtol=1e-4, atol=1e-4,
                                    msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
+
+
+@pytest.fixture
+def triton_route(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", "chunked-triton")
+    monkeypatch.setattr(chunked, "GROUP", 2)  # the entering states chain over groups of 2 chunks (128 tokens)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("shape", [(2, 17, 4, 8, 2, 16), (1, 1, 2, 4, 1, 8), (2, 150, 6, 20, 3, 40),
+                                   (1, 300, 2, 64, 1, 96)], ids=lambda s: "b{}-L{}-h{}-p{}-g{}-n{}".format(*s))
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_triton_forward_matches_the_reference(triton_route, device, shape, packed):
+    """fp32 against the fp64 reference: headdims and dstates that are not powers of two or block multiples, seqlens
+    across the kernel's 64-token chunks and 32-token key blocks, D per head, z, initial and final states. 1e-4: the
+    products run in IEEE fp32 in another order than the recurrence; outputs are O(10)."""
+    torch.manual_seed(2)
+    b, L = shape[:2]
+    kw = _inputs(*shape, device=device)
+    seq_idx = _packed(b, L, 3, device) if packed else None
+    y, state = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=256, dt_softplus=True, seq_idx=seq_idx,
+                                                    return_final_states=True)  # fmt: skip
+    exact = {k: v.double().cpu() for k, v in kw.items()}
+    want_y, want_state = mamba_chunk_scan_ref(**exact, dt_softplus=True, return_final_states=True,
+                                              seq_idx=None if seq_idx is None else seq_idx.cpu())  # fmt: skip
+    torch.testing.assert_close(y.double().cpu(), want_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double().cpu(), want_state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_16bit_inputs(triton_route, device, dtype):
+    """16-bit x, B, C, z; no D; D of (nheads, headdim) in the other call. y in the inputs' dtype, within their
+    tolerance of the fp32 reference on the same (rounded) inputs."""
+    kw = _inputs(2, 130, 4, 32, 2, 64, dtype=dtype, device=device, d_per_channel=True)
+    ref = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    for drop in ((), ("D",)):
+        args = {k: v for k, v in kw.items() if k not in drop}
+        y = llmkernels.mamba_chunk_scan_combined(**args, chunk_size=64, dt_softplus=True)
+        want = mamba_chunk_scan_ref(**{k: v for k, v in ref.items() if k not in drop}, dt_softplus=True)
+        assert y.dtype == dtype and y.is_contiguous()
+        assert_close_dtype(y, want.to(dtype))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_route_gradients(triton_route, device):
+    """The Triton forward's backward recomputes through the PyTorch route: every input's gradient against the fp64
+    reference's, packed sequences included."""
+    torch.manual_seed(3)
+    kw = _inputs(2, 70, 4, 16, 2, 16, device=device)
+    seq_idx = _packed(2, 70, 2, device)
+    leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+    exact = {k: v.double().cpu().requires_grad_() for k, v in kw.items()}
+    y, state = llmkernels.mamba_chunk_scan_combined(**leaves, chunk_size=64, dt_softplus=True, seq_idx=seq_idx,
+                                                    return_final_states=True)  # fmt: skip
+    want_y, want_state = mamba_chunk_scan_ref(**exact, dt_softplus=True, seq_idx=seq_idx.cpu(),
+                                              return_final_states=True)  # fmt: skip
+    dy, dstate = torch.randn_like(y), torch.randn_like(state)
+    torch.autograd.backward((y, state), (dy, dstate))
+    torch.autograd.backward((want_y, want_state), (dy.double().cpu(), dstate.double().cpu()))
+    for k in kw:
+        torch.testing.assert_close(leaves[k].grad.double().cpu(), exact[k].grad, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_inf_initial_state_stays_in_the_first_sequence(triton_route, device):
+    kw = _inputs(1, 150, 2, 16, 1, 16, device=device)
+    kw["initial_states"][0, 0, 0, 0] = float("inf")
+    seq_idx = torch.tensor([[0] * 70 + [1] * 80], dtype=torch.int32, device=device)
+    y = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True, seq_idx=seq_idx)
+    assert torch.isfinite(y[0, 70:]).all() and not torch.isfinite(y[0, :70, 0]).all()
+
+
+def _triton_op_args(device):
+    from llmkernels.triton import mamba_ssd  # noqa: F401  (registers the op)
+
+    kw = _inputs(2, 20, 4, 16, 2, 16, device=device)
+    dt = processed_dt(kw["dt"], kw["dt_bias"], True, (0.0, math.inf), torch.float32)
+    return (kw["x"], dt, kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["initial_states"],
+            torch.tensor([[0] * 9 + [1] * 11] * 2, dtype=torch.int32, device=device))  # fmt: skip
+
+
+@interp
+@pytest.mark.triton_interp
+def test_triton_opcheck_interp():
+    # (the interpreter cannot launch on aot_dispatch's functional tensors: test_triton_opcheck_gpu runs that check)
+    torch.library.opcheck(torch.ops.llmkernels.ssd_chunked_fwd_triton.default, _triton_op_args("cpu"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
+
+
+@pytest.mark.cuda
+def test_triton_opcheck_gpu():
+    torch.library.opcheck(torch.ops.llmkernels.ssd_chunked_fwd_triton.default, _triton_op_args("cuda"))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_route_compiles_fullgraph(triton_route, device):
+    backend = "eager" if device == "cpu" else "inductor"  # (the interpreter cannot run under AOT tracing)
+    fn = torch.compile(lambda kw: llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True),
+                       fullgraph=True, backend=backend)  # fmt: skip
+    kw = _inputs(2, 40, 4, 16, 2, 16, device=device)
+    torch.testing.assert_close(fn(kw), mamba_chunk_scan_ref(**kw, dt_softplus=True), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_route_without_triton_support_is_an_error(monkeypatch):
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", "chunked-triton")
+    monkeypatch.setattr(chunk_scan_op, "triton_unavailable_reason", lambda device_type: "no triton here")
+    with pytest.raises(llmkernels.BackendError, match="chunked-triton: no triton here"):
+        llmkernels.mamba_chunk_scan_combined(**_inputs(1, 4, 2, 4, 1, 8), chunk_size=4)

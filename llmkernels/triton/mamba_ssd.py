@@ -1,0 +1,236 @@
+"""Triton forward of Mamba-2's chunked scan (SSD): the GPU route of mamba_chunk_scan_combined.
+
+The math and the chunk decomposition are those of ops/mamba_ssd_chunked.py (read its doc first). There, each
+chunk's (Q x Q) decay-weighted scores are materialised per head and pass through memory several times. Here one
+program per (chunk, batch * head, block of headdim) keeps them in registers:
+
+    acc  = exp(cum_i) * C_i . H_in                          tl.dot over dstate blocks (H_in: the state entering the
+                                                            chunk, from PyTorch below)
+    acc += sum over key blocks j of  W_ij x_j,  W_ij = (C_i . B_j) exp(cum_i - cum_j) dt_j  for j <= i
+    y    = (acc + D x_i) * silu(z_i)
+
+so y is written once and the (Q x Q) tiles never reach memory. What feeds it stays in PyTorch, all on (batch,
+seqlen, heads)-sized tensors or one product per chunk: the within-chunk cumulative log-decay, the chunk states
+(sum_j exp(cum_end - cum_j) dt_j B_j x_j^T as B^T @ (weighted x) with the group's heads side by side, so x is read
+in its own layout) and the states entering each chunk (ops/mamba_ssd_chunked._pass_states).
+
+Precision: C . B in the inputs' dtype (exact products, fp32 sums); the products with fp32 operands (W x, C . H) in
+IEEE fp32 for fp32 inputs and TF32 for 16-bit ones (their outputs round to 7-10 bits anyway). The backward
+recomputes through the PyTorch route's autograd (ops/mamba_ssd_chunked.py).
+
+Imported lazily (only for CUDA tensors or under TRITON_INTERPRET=1), so `import llmkernels` never imports triton.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import mamba_ssd_chunked as torch_route
+from .launch import INTERPRET, launch
+
+LOG2E = tl.constexpr(1.4426950408889634)
+CHUNK = 64  # tokens per chunk = rows per program (tl.dot needs >= 16)
+
+
+@triton.jit
+def ssd_chunk_output_kernel(
+    x_ptr, dt_ptr, cum_ptr, B_ptr, C_ptr, H_ptr, D_ptr, z_ptr, seq_ptr, seq_end_ptr, y_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group,
+    sx_b, sx_t, sx_h, sx_p,
+    sdt_b, sdt_h, sdt_t,
+    sB_b, sB_t, sB_g, sB_n,
+    sC_b, sC_t, sC_g, sC_n,
+    sH_b, sH_h, sH_c, sH_n, sH_p,
+    sD_h, sD_p,
+    sz_b, sz_t, sz_h, sz_p,
+    sseq_b, sseq_t, sse_b, sse_c,
+    sy_b, sy_t, sy_h, sy_p,
+    CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    g = h // heads_per_group
+    t0 = chunk * CHUNK
+    offs_i = t0 + tl.arange(0, CHUNK)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_i = offs_i < seqlen
+    in_p = offs_p < headdim
+
+    # dt and cum share one (batch, head, padded seqlen) layout; cum is the log-decay from the chunk's start.
+    cum_i = tl.load(cum_ptr + b * sdt_b + h * sdt_h + offs_i * sdt_t, mask=in_i, other=0.0)
+    if HAS_SEQ:
+        seq_i = tl.load(seq_ptr + b * sseq_b + offs_i * sseq_t, mask=in_i, other=-1)
+
+    # From the state entering the chunk: exp(cum_i) C_i . H_in, for the rows of the sequence that state belongs to.
+    acc = tl.zeros((CHUNK, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, dstate, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < dstate
+        Ci = tl.load(C_ptr + b * sC_b + offs_i[:, None] * sC_t + g * sC_g + offs_n[None, :] * sC_n,
+                     mask=in_i[:, None] & in_n[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        Hk = tl.load(H_ptr + b * sH_b + h * sH_h + chunk * sH_c + offs_n[:, None] * sH_n + offs_p[None, :] * sH_p,
+                     mask=in_n[:, None] & in_p[None, :], other=0.0)  # fmt: skip
+        acc += tl.dot(Ci, Hk, input_precision=PRECISION)
+    carry = in_i
+    if HAS_SEQ:
+        carry = carry & (seq_i == tl.load(seq_end_ptr + b * sse_b + chunk * sse_c))
+    # a select, not a product: an inf state must not become NaN in the rows of another sequence
+    acc = tl.where(carry[:, None], acc * tl.exp2(cum_i * LOG2E)[:, None], 0.0)
+
+    # Within the chunk: W_ij x_j over key blocks; W_ij = (C_i . B_j) exp(cum_i - cum_j) dt_j where j <= i.
+    for j0 in range(0, CHUNK, BLOCK_J):
+        offs_j = t0 + j0 + tl.arange(0, BLOCK_J)
+        in_j = offs_j < seqlen
+        scores = tl.zeros((CHUNK, BLOCK_J), dtype=tl.float32)
+        for n0 in range(0, dstate, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_n = offs_n < dstate
+            Ci = tl.load(C_ptr + b * sC_b + offs_i[:, None] * sC_t + g * sC_g + offs_n[None, :] * sC_n,
+                         mask=in_i[:, None] & in_n[None, :], other=0.0)  # fmt: skip
+            Bj = tl.load(B_ptr + b * sB_b + offs_j[None, :] * sB_t + g * sB_g + offs_n[:, None] * sB_n,
+                         mask=in_n[:, None] & in_j[None, :], other=0.0)  # fmt: skip
+            if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong (triton 3.8): that one in fp32
+                scores += tl.dot(Ci.to(tl.float32), Bj.to(tl.float32), input_precision="ieee")
+            else:
+                scores += tl.dot(Ci, Bj, input_precision=PRECISION)  # in the inputs' dtype: exact products
+        cum_j = tl.load(cum_ptr + b * sdt_b + h * sdt_h + offs_j * sdt_t, mask=in_j, other=0.0)
+        dt_j = tl.load(dt_ptr + b * sdt_b + h * sdt_h + offs_j * sdt_t, mask=in_j, other=0.0)
+        keep = (offs_i[:, None] >= offs_j[None, :]) & in_j[None, :]
+        if HAS_SEQ:
+            seq_j = tl.load(seq_ptr + b * sseq_b + offs_j * sseq_t, mask=in_j, other=-2)
+            keep = keep & (seq_i[:, None] == seq_j[None, :])
+        # exponent -inf off the band (above the diagonal it could overflow), and a select: a non-finite score of
+        # another sequence's key must not become NaN here
+        decay = tl.exp2(tl.where(keep, (cum_i[:, None] - cum_j[None, :]) * LOG2E, float("-inf")))
+        w = tl.where(keep, scores * decay * dt_j[None, :], 0.0)
+        xj = tl.load(x_ptr + b * sx_b + offs_j[:, None] * sx_t + h * sx_h + offs_p[None, :] * sx_p,
+                     mask=in_j[:, None] & in_p[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc += tl.dot(w, xj, input_precision=PRECISION)
+
+    mask = in_i[:, None] & in_p[None, :]
+    if HAS_D:
+        xi = tl.load(x_ptr + b * sx_b + offs_i[:, None] * sx_t + h * sx_h + offs_p[None, :] * sx_p,
+                     mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+        acc += tl.load(D_ptr + h * sD_h + offs_p * sD_p, mask=in_p, other=0.0)[None, :] * xi
+    if HAS_Z:
+        zi = tl.load(z_ptr + b * sz_b + offs_i[:, None] * sz_t + h * sz_h + offs_p[None, :] * sz_p,
+                     mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+        acc *= zi / (1.0 + tl.exp2(-zi * LOG2E))
+    tl.store(y_ptr + b * sy_b + offs_i[:, None] * sy_t + h * sy_h + offs_p[None, :] * sy_p,
+             acc.to(y_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+@torch.library.triton_op("llmkernels::ssd_chunked_fwd_triton", mutates_args={})
+def ssd_chunked_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    initial_states: Optional[torch.Tensor],
+    seq_idx: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y like x, final states (batch, nheads, headdim, dstate) fp32): ops/mamba_ssd_chunked.ssd_chunked's contract
+    (dt processed fp32 (batch, seqlen, nheads); seq_idx renumbered int32 or None; inputs checked by the caller)."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    hg = nheads // ngroups
+    Q = CHUNK
+    nchunks = triton.cdiv(seqlen, Q)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if batch * nheads * headdim == 0 or seqlen == 0:
+        final = torch.zeros(batch, nheads, headdim, dstate, dtype=torch.float32, device=x.device)
+        if initial_states is not None and seqlen == 0:
+            final.copy_(initial_states)
+        return y, final
+    if B.dtype != C.dtype:  # (the kernel's C . B takes one dtype: fp32 then, no rounding)
+        B, C = B.float(), C.float()
+    pad = nchunks * Q - seqlen
+    # Per (batch, head, token) fp32, padded to whole chunks with dt = 0 (the identity step).
+    dt_h = torch.nn.functional.pad(dt.float().permute(0, 2, 1), (0, pad))  # (b, h, Lp), contiguous
+    cum = (dt_h.view(batch, nheads, nchunks, Q) * A.float()[:, None, None]).cumsum(-1)
+    to_end = torch.exp(cum[..., -1:] - cum) * dt_h.view(batch, nheads, nchunks, Q)  # (b, h, c, Q)
+    seq = seq_end = None
+    if seq_idx is not None:
+        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(batch, pad)], dim=1) if pad else seq_idx
+        seq = seq.contiguous()
+        ends = seq.view(batch, nchunks, Q)[..., -1]
+        seq_end = torch.cat([seq[:, :1], ends], dim=1).contiguous()  # (b, c + 1): the first run, then chunk ends
+        to_end = torch.where(seq.view(batch, 1, nchunks, Q) == ends[:, None, :, None], to_end, 0.0)
+
+    # Chunk states, transposed: S^T = B^T @ (to_end * x) per (batch, chunk, group), the group's heads side by side.
+    xw = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, Q, nheads, headdim)
+    xw = xw * to_end.permute(0, 2, 3, 1)[..., None]
+    xw = xw.view(batch, nchunks, Q, ngroups, hg * headdim).transpose(2, 3)  # (b, c, g, Q, hg * p)
+    Bp = torch.nn.functional.pad(B.float(), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, Q, ngroups, dstate)
+    states_t = Bp.permute(0, 1, 3, 4, 2) @ xw  # (b, c, g, n, hg * p)
+    states = states_t.view(batch, nchunks, ngroups, dstate, hg, headdim).permute(0, 2, 4, 1, 3, 5)  # (b,g,hg,c,n,p)
+    init = None
+    if initial_states is not None:
+        init = initial_states.float().view(batch, ngroups, hg, headdim, dstate).transpose(-1, -2)
+    totals = cum[..., -1].view(batch, ngroups, hg, nchunks)
+    entering, final = torch_route._pass_states(states, totals, init, seq_end)  # (b, g, hg, c, n, p), (b, g, hg, n, p)
+    entering = entering.reshape(batch, nheads, nchunks, dstate, headdim)
+
+    D_hp = None
+    if D is not None:
+        D_hp = (D.float() if D.dim() == 2 else D.float()[:, None].expand(nheads, headdim)).contiguous()
+    block_p = min(64, max(16, triton.next_power_of_2(headdim)))
+    block_n = min(64, max(16, triton.next_power_of_2(dstate)))
+    grid = (nchunks, batch * nheads, triton.cdiv(headdim, block_p))
+    launch(ssd_chunk_output_kernel, grid,
+        x, dt_h, cum, B, C, entering, D_hp, z, seq, seq_end, y,
+        seqlen, nheads, headdim, dstate, hg,
+        *x.stride(), *dt_h.stride(), *B.stride(), *C.stride(), *entering.stride(), *_strides(D_hp, 2),
+        *_strides(z, 4), *_strides(seq, 2), *_strides(seq_end, 2), *y.stride(),
+        CHUNK=Q, BLOCK_J=32, BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_SEQ=seq_idx is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRET and C.dtype == torch.bfloat16,
+        num_warps=8 if x.dtype == torch.float32 else 4,  # (IEEE fp32 dots at 4 warps spill: 255 registers, sm_90a)
+    )  # fmt: skip
+    final = final.transpose(-1, -2).reshape(batch, nheads, headdim, dstate)
+    return y, final.clone(memory_format=torch.contiguous_format)  # (fresh, as the fake's: carry is a view)
+
+
+@ssd_chunked_triton.register_fake
+def _(x, dt, A, B, C, D, z, initial_states, seq_idx):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((x.shape[0], x.shape[2], x.shape[3], B.shape[3]), dtype=torch.float32))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy, dfinal):
+    """Recompute through the PyTorch route and differentiate it (the (Q x Q) tiles live only during this)."""
+    x, dt, A, B, C, D, z, initial_states, seq_idx = ctx.saved_tensors
+    inputs = (x, dt, A, B, C, D, z, initial_states)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
+        y, final = torch_route._ssd_chunked(*leaves, seq_idx, torch_route.CHUNK)
+        present = [t for t in leaves if t is not None]
+        outs, grads_out = [], []
+        for out, grad in ((y, dy), (final, dfinal)):
+            if grad is not None:
+                outs.append(out)
+                grads_out.append(grad)
+        found = iter(torch.autograd.grad(outs, present, grads_out, allow_unused=True) if outs else [None] * 8)
+        grads = [next(found) if t is not None else None for t in leaves]
+    return (*grads, None)
+
+
+ssd_chunked_triton.register_autograd(_backward, setup_context=_setup_context)
