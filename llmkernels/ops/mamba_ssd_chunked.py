@@ -23,12 +23,16 @@ sequence; a chunk's state keeps the tokens of the sequence it ends in; the initi
 Non-finite values: an inf initial state stays in the first sequence (selects, as the scan's reset); an inf or NaN
 inside a packed sequence can reach the other sequences of the chunks it shares (a product by a 0 weight there).
 
-Arithmetic in fp32 (fp64 inputs in fp64); the exponents are differences inside one chunk and sums of whole chunks'
-totals (never differences of a sequence-long cumulative sum, which would cancel). Speed on the GPU has not been
-measured yet (docs/GPU_SESSION.md); on the CPU the selective-scan kernel is faster, so the CPU does not take this route.
+Arithmetic in fp32 (fp64 inputs in fp64), autocast or not; the exponents are differences of a cumulative sum inside
+one chunk and sums of whole chunks' totals (never differences of a sequence-long cumulative sum, which would cancel).
+Within a chunk an exponent's error is ~|cum| x 6e-8, so only extreme decays lose digits (dt |A| ~ 150 per token:
+1e-4 of y's largest values; mamba_ssm's kernels share this). Speed on the GPU has not been measured yet
+(docs/GPU_SESSION.md); on the CPU the selective-scan kernel is faster, so the CPU does not take this route.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -53,65 +57,104 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, initial_states=None, seq_idx=Non
     return _ssd_chunked(*args, chunk)
 
 
+def without_autocast(device: torch.device):
+    """fp32 products whatever autocast says (bf16 products of the decay weights and states lose the chain's
+    precision). Meta tensors (scripts/triton_aot_check.py) have no autocast to turn off."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def _ssd_chunked(x, dt, A, B, C, D, z, initial_states, seq_idx, Q: int):
+    with without_autocast(x.device):
+        return _ssd_chunked_fp32(x, dt, A, B, C, D, z, initial_states, seq_idx, Q)
+
+
+class Chunked:
+    """The inputs cut into chunks, shared by both chunked routes: fp32 (fp64), padded with dt = 0 to whole chunks (the
+    identity step, so the final state is the last token's)."""
+
+    def __init__(self, x, dt, A, B, initial_states, seq_idx, Q: int):
+        self.batch, self.seqlen, self.nheads, self.headdim = x.shape
+        self.ngroups, self.dstate = B.shape[2], B.shape[3]
+        self.hg = self.nheads // self.ngroups  # heads per group
+        self.cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.Q, pad = Q, (-self.seqlen) % Q
+        self.nchunks = (self.seqlen + pad) // Q
+        b, c = self.batch, self.nchunks
+        self.x = F.pad(x.to(self.cd), (0, 0, 0, 0, 0, pad))  # (b, Lp, h, p)
+        self.B = F.pad(B.to(self.cd), (0, 0, 0, 0, 0, pad))  # (b, Lp, g, n)
+        self.dt = F.pad(dt.to(self.cd).permute(0, 2, 1), (0, pad)).view(b, self.nheads, c, Q)  # (b, h, c, Q)
+        self.cum = (self.dt * A.to(self.cd)[:, None, None]).cumsum(-1)  # log-decay from the chunk's start
+        self.init = initial_states
+        self.seq = self.seq_end = self.rows = self.last = None
+        if seq_idx is not None:
+            seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1) if pad else seq_idx
+            self.seq = seq.contiguous()  # (b, Lp)
+            seq = self.seq.view(b, c, Q)
+            # the sequence each chunk ends in, after the first run's (that of the initial state, before chunk 0)
+            self.seq_end = torch.cat([seq[:, 0, :1], seq[..., -1]], dim=1).contiguous()  # (b, c + 1)
+            self.last = seq == seq[..., -1:]  # (b, c, Q): tokens of the sequence their chunk ends in
+            self.rows = seq == self.seq_end[:, :-1, None]  # tokens of the sequence whose state enters their chunk
+
+    def states(self):
+        """The states entering every chunk, (b, g, hg, c, dstate, headdim), and the final state (b, g, hg, dstate,
+        headdim). A chunk's own contribution, sum_j exp(cum_end - cum_j) dt_j B_j x_j^T, is B^T @ (weighted x) with
+        the group's heads side by side in the product's columns (x read in its own layout, B not repeated per head);
+        then _pass_states."""
+        b, c, Q, g, hg, n, p = self.batch, self.nchunks, self.Q, self.ngroups, self.hg, self.dstate, self.headdim
+        exponent = self.cum[..., -1:] - self.cum  # (b, h, c, Q)
+        if self.last is not None:  # (masked in the exponent: a select after the exp would leak NaN into gradients)
+            exponent = exponent.masked_fill(~self.last[:, None], float("-inf"))
+        to_end = torch.exp(exponent) * self.dt
+        xw = self.x.view(b, c, Q, g * hg, p) * to_end.permute(0, 2, 3, 1)[..., None]
+        states_t = self.B.view(b, c, Q, g, n).permute(0, 1, 3, 4, 2) @ xw.view(b, c, Q, g, hg * p).transpose(2, 3)
+        states = states_t.view(b, c, g, n, hg, p).permute(0, 2, 4, 1, 3, 5)
+        init = None
+        if self.init is not None:
+            init = self.init.to(self.cd).view(b, g, hg, p, n).transpose(-1, -2)
+        return _pass_states(states, self.cum[..., -1].view(b, g, hg, c), init, self.seq_end)
+
+
+def _ssd_chunked_fp32(x, dt, A, B, C, D, z, initial_states, seq_idx, Q: int):
     batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    hg = nheads // ngroups  # heads per group
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pad = (-seqlen) % Q
-    xf, dtf, Bf, Cf = x.to(cd), dt.to(cd), B.to(cd), C.to(cd)
-    if pad:  # dt = 0 past the end: the identity step, so the final state is the last token's
-        xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
-        dtf = F.pad(dtf, (0, 0, 0, pad))
-    nchunks = (seqlen + pad) // Q
+    if seqlen == 0:  # no chunks: y is empty and the state is the initial one (the scan route's answer)
+        final = x.new_zeros(batch, nheads, headdim, B.shape[3], dtype=cd)
+        return x.new_empty(x.shape), final if initial_states is None else initial_states.to(cd) + final
+    k = Chunked(x, dt, A, B, initial_states, seq_idx, Q)
+    b, c, g, hg, n, p = batch, k.nchunks, k.ngroups, k.hg, k.dstate, headdim
+    entering, final = k.states()
+    C_cm = F.pad(C.to(cd), (0, 0, 0, 0, 0, c * Q - seqlen)).view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
 
-    # Layouts: per head (batch, group, head in group, chunk, token, ...); B / C (batch, group, chunk, token, dstate).
-    dt_h = dtf.view(batch, nchunks, Q, ngroups, hg).permute(0, 3, 4, 1, 2)
-    cum = (dt_h * A.to(cd).view(ngroups, hg, 1, 1)).cumsum(-1)  # (b, g, hg, c, Q): log-decay from the chunk start
-    x_h = xf.view(batch, nchunks, Q, ngroups, hg, headdim).permute(0, 3, 4, 1, 2, 5)
-    B_g = Bf.view(batch, nchunks, Q, ngroups, dstate).permute(0, 3, 1, 2, 4)
-    C_g = Cf.view(batch, nchunks, Q, ngroups, dstate).permute(0, 3, 1, 2, 4)
-
-    same_seq = None  # (b, 1, 1, c, Q, Q): token pairs of one sequence
-    seq_last = None  # (b, 1, 1, c, Q): tokens in the sequence their chunk ends in
-    if seq_idx is not None:
-        seq = seq_idx if not pad else torch.cat([seq_idx, seq_idx[:, -1:].expand(batch, pad)], dim=1)
-        seq = seq.view(batch, 1, 1, nchunks, Q)
-        same_seq = seq[..., :, None] == seq[..., None, :]
-        seq_last = seq == seq[..., -1:]
-
-    # Inside each chunk: (C_i . B_j) exp(cum_i - cum_j) dt_j for j <= i, times x.
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    visible = causal if same_seq is None else causal & same_seq
+    # Inside each chunk, per head: (C_i . B_j) exp(cum_i - cum_j) dt_j for j <= i (same sequence), times x.
+    scores = C_cm @ k.B.view(b, c, Q, g, n).permute(0, 1, 3, 4, 2)  # (b, c, g, Q, Q), shared by the group's heads
+    cum = k.cum.view(b, g, hg, c, Q)
+    visible = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    if k.seq is not None:
+        seq = k.seq.view(b, 1, 1, c, Q)
+        visible = visible & (seq[..., :, None] == seq[..., None, :])
     decay = torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~visible, float("-inf")))
-    scores = (C_g @ B_g.transpose(-1, -2))[:, :, None]  # (b, g, 1, c, Q, Q), shared by the group's heads
-    y = (decay * scores * dt_h[..., None, :]) @ x_h  # (b, g, hg, c, Q, p)
+    x_dt = k.x.view(b, c, Q, g, hg, p) * k.dt.view(b, g, hg, c, Q).permute(0, 3, 4, 1, 2)[..., None]
+    y = (decay * scores.permute(0, 2, 1, 3, 4)[:, :, None]) @ x_dt.permute(0, 3, 4, 1, 2, 5)  # (b, g, hg, c, Q, p)
 
-    # What each chunk hands on: sum_j exp(cum_end - cum_j) dt_j x_j B_j^T.
-    to_end = torch.exp(cum[..., -1:] - cum) * dt_h
-    if seq_last is not None:
-        to_end = torch.where(seq_last, to_end, 0.0)
-    chunk_states = (x_h * to_end[..., None]).transpose(-1, -2) @ B_g[:, :, None]  # (b, g, hg, c, p, n)
-
-    init = None if initial_states is None else initial_states.to(cd).view(batch, ngroups, hg, headdim, dstate)
-    seq_end = None
-    if seq_idx is not None:  # the sequence each chunk ends in, with the first run's before chunk 0 (initial state)
-        seq_end = torch.cat([seq[..., :1, 0], seq[..., -1]], dim=-1)[:, 0, 0]  # (b, c + 1)
-    entering, final = _pass_states(chunk_states, cum[..., -1], init, seq_end)
-
-    # From the state entering the chunk: exp(cum_i) C_i . H_in, for tokens of the sequence that state belongs to.
-    from_state = C_g[:, :, None] @ entering.transpose(-1, -2)  # (b, g, hg, c, Q, p)
-    from_state = from_state * torch.exp(cum)[..., None]
-    if seq_idx is not None:
-        from_state = torch.where((seq == seq_end[:, None, None, :-1, None])[..., None], from_state, 0.0)
-    y = y + from_state
-
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
+    # From the state entering the chunk: exp(cum_i) C_i . H_in for the tokens of that state's sequence. The heads side
+    # by side again (C not repeated per head), and C's other rows zeroed as well as the product's: with an inf state,
+    # a 0 row times it would still put NaN into C's gradient.
+    if k.rows is not None:
+        C_cm = torch.where(k.rows[:, :, None, :, None], C_cm, 0.0)
+    entering_cm = entering.permute(0, 3, 1, 4, 2, 5).reshape(b, c, g, n, hg * p)
+    from_state = (C_cm @ entering_cm).view(b, c, g, Q, hg, p)
+    if k.rows is not None:
+        from_state = torch.where(k.rows[:, :, None, :, None, None], from_state, 0.0)
+    from_state = from_state * torch.exp(cum).permute(0, 3, 1, 4, 2)[..., None]
+    # (token-major: x's layout; the add's output follows from_state's, which is that layout when there is one group)
+    y = (from_state.transpose(2, 3) + y.permute(0, 3, 4, 1, 2, 5)).reshape(b, c * Q, nheads, p)[:, :seqlen]
     if D is not None:
-        y = y + xf[:, :seqlen] * (D.to(cd) if D.dim() == 2 else D.to(cd)[:, None])
+        y = torch.addcmul(y, k.x[:, :seqlen], D.to(cd) if D.dim() == 2 else D.to(cd)[:, None])
     if z is not None:
         y = y * F.silu(z.to(cd))
-    return y.to(x.dtype).contiguous(), final.reshape(batch, nheads, headdim, dstate)  # (contiguous: callers .view y)
+    final = final.transpose(-1, -2).reshape(batch, nheads, headdim, n)
+    # contiguous, as mamba_ssm's: callers .view y, and keep the state as a cache that decode steps update in place
+    return y.to(x.dtype).contiguous(), final.contiguous()
 
 
 def _pass_states(chunk_states, chunk_log_decay, init, seq_end):
@@ -121,7 +164,7 @@ def _pass_states(chunk_states, chunk_log_decay, init, seq_end):
     decayed by exp(sum of the chunk totals k .. k'-1): one (GROUP + 1)^2 matrix of segment sums per (batch, head) times
     the stacked states. The segment sums are running sums of the totals themselves (no differences of prefix sums)."""
     b, g, hg, c, p, n = chunk_states.shape
-    carry = init if init is not None else chunk_states.new_zeros(b, g, hg, p, n)
+    carry = init  # None: a zero state, left out of the sums
     entering = []
     for g0 in range(0, c, GROUP):
         g1 = min(c, g0 + GROUP)
@@ -136,10 +179,13 @@ def _pass_states(chunk_states, chunk_log_decay, init, seq_end):
             reach = reach & (ends[:, :, None] == ends[:, None, :])[:, None, None]
         weights = torch.exp(seg.masked_fill(~reach, float("-inf")))  # (b, g, hg, m + 1, m + 1)
         out = (weights[..., 1:] @ chunk_states[:, :, :, g0:g1].flatten(-2)).view(b, g, hg, m + 1, p, n)
-        # The carried state by a select, not inside the product: a non-finite state (an inf initial state) must not
-        # turn the other sequences' states into NaN through a weight of 0.
-        carried = weights[..., 0, None, None] * carry[:, :, :, None]
-        out = out + (carried if seq_end is None else torch.where(reach[..., 0, None, None], carried, 0.0))
+        if carry is not None:
+            # By a select, not inside the product: a non-finite state (an inf initial state) must not turn the other
+            # sequences' states into NaN through a weight of 0.
+            carried = weights[..., 0, None, None] * carry[:, :, :, None]
+            out = out + (carried if seq_end is None else torch.where(reach[..., 0, None, None], carried, 0.0))
         entering.append(out[:, :, :, :m])
         carry = out[:, :, :, m]
-    return torch.cat(entering, dim=3), carry
+    if carry is None:  # (no chunks)
+        carry = chunk_states.new_zeros(b, g, hg, p, n)
+    return (entering[0] if len(entering) == 1 else torch.cat(entering, dim=3)), carry

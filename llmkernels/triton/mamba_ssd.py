@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from ..ops import mamba_ssd_chunked as torch_route
 from .launch import INTERPRET, launch
@@ -145,11 +146,13 @@ def ssd_chunked_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y like x, final states (batch, nheads, headdim, dstate) fp32): ops/mamba_ssd_chunked.ssd_chunked's contract
     (dt processed fp32 (batch, seqlen, nheads); seq_idx renumbered int32 or None; inputs checked by the caller)."""
+    with torch_route.without_autocast(x.device):
+        return _forward(x, dt, A, B, C, D, z, initial_states, seq_idx)
+
+
+def _forward(x, dt, A, B, C, D, z, initial_states, seq_idx):
     batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    hg = nheads // ngroups
-    Q = CHUNK
-    nchunks = triton.cdiv(seqlen, Q)
+    dstate = B.shape[3]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if batch * nheads * headdim == 0 or seqlen == 0:
         final = torch.zeros(batch, nheads, headdim, dstate, dtype=torch.float32, device=x.device)
@@ -158,32 +161,12 @@ def ssd_chunked_triton(
         return y, final
     if B.dtype != C.dtype:  # (the kernel's C . B takes one dtype: fp32 then, no rounding)
         B, C = B.float(), C.float()
-    pad = nchunks * Q - seqlen
-    # Per (batch, head, token) fp32, padded to whole chunks with dt = 0 (the identity step).
-    dt_h = torch.nn.functional.pad(dt.float().permute(0, 2, 1), (0, pad))  # (b, h, Lp), contiguous
-    cum = (dt_h.view(batch, nheads, nchunks, Q) * A.float()[:, None, None]).cumsum(-1)
-    to_end = torch.exp(cum[..., -1:] - cum) * dt_h.view(batch, nheads, nchunks, Q)  # (b, h, c, Q)
-    seq = seq_end = None
-    if seq_idx is not None:
-        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(batch, pad)], dim=1) if pad else seq_idx
-        seq = seq.contiguous()
-        ends = seq.view(batch, nchunks, Q)[..., -1]
-        seq_end = torch.cat([seq[:, :1], ends], dim=1).contiguous()  # (b, c + 1): the first run, then chunk ends
-        to_end = torch.where(seq.view(batch, 1, nchunks, Q) == ends[:, None, :, None], to_end, 0.0)
-
-    # Chunk states, transposed: S^T = B^T @ (to_end * x) per (batch, chunk, group), the group's heads side by side.
-    xw = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, Q, nheads, headdim)
-    xw = xw * to_end.permute(0, 2, 3, 1)[..., None]
-    xw = xw.view(batch, nchunks, Q, ngroups, hg * headdim).transpose(2, 3)  # (b, c, g, Q, hg * p)
-    Bp = torch.nn.functional.pad(B.float(), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, Q, ngroups, dstate)
-    states_t = Bp.permute(0, 1, 3, 4, 2) @ xw  # (b, c, g, n, hg * p)
-    states = states_t.view(batch, nchunks, ngroups, dstate, hg, headdim).permute(0, 2, 4, 1, 3, 5)  # (b,g,hg,c,n,p)
-    init = None
-    if initial_states is not None:
-        init = initial_states.float().view(batch, ngroups, hg, headdim, dstate).transpose(-1, -2)
-    totals = cum[..., -1].view(batch, ngroups, hg, nchunks)
-    entering, final = torch_route._pass_states(states, totals, init, seq_end)  # (b, g, hg, c, n, p), (b, g, hg, n, p)
-    entering = entering.reshape(batch, nheads, nchunks, dstate, headdim)
+    # The per-token decays, the chunk states and the states entering each chunk: PyTorch, shared with that route.
+    k = torch_route.Chunked(x, dt, A, B, initial_states, seq_idx, CHUNK)
+    entering, final = k.states()  # (b, g, hg, c, n, p), (b, g, hg, n, p)
+    entering = entering.reshape(batch, nheads, k.nchunks, dstate, headdim)
+    dt_h, cum = k.dt.view(batch, nheads, -1), k.cum  # (one (batch, head, padded seqlen) layout for both)
+    seq, seq_end, hg, nchunks, Q = k.seq, k.seq_end, k.hg, k.nchunks, CHUNK
 
     D_hp = None
     if D is not None:
@@ -225,7 +208,7 @@ def _backward(ctx, dy, dfinal):
         present = [t for t in leaves if t is not None]
         outs, grads_out = [], []
         for out, grad in ((y, dy), (final, dfinal)):
-            if grad is not None:
+            if grad is not None and out.requires_grad:  # (an empty sequence's y is no function of anything)
                 outs.append(out)
                 grads_out.append(grad)
         found = iter(torch.autograd.grad(outs, present, grads_out, allow_unused=True) if outs else [None] * 8)
@@ -234,3 +217,9 @@ def _backward(ctx, dy, dfinal):
 
 
 ssd_chunked_triton.register_autograd(_backward, setup_context=_setup_context)
+
+if INTERPRET:
+    # triton_op decomposes into its launches when AOTAutograd functionalizes a graph; interpreted kernels cannot be
+    # traced, so under the interpreter the op stays opaque there (as flash_attn.py's do).
+    ssd_chunked_triton.register_torch_dispatch(FunctionalTensorMode, lambda mode, op, types, args, kwargs:
+                                               mode.__torch_dispatch__(op, types, args, kwargs))  # fmt: skip

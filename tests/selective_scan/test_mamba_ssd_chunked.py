@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-from scan_cases import needs_update_kernel
 from test_mamba_chunk_scan import _inputs
 from utils import assert_close_dtype
 
@@ -51,16 +50,28 @@ def _packed(batch, seqlen, cuts_per_row, device="cpu", generator=None):
     return seq.to(device)
 
 
+DT_MODES = {  # (dt_softplus, dt_limit, A sign): the usual; negative dt (no softplus, limit below 0); dt clamped to 0
+    "softplus": (True, (0.0, math.inf), -1),  # and to a ceiling; a positive A (growth)
+    "negative-dt": (False, (-0.3, 0.5), -1),
+    "clamped": (False, (0.0, 0.2), -1),
+    "positive-A": (True, (0.0, math.inf), 1),
+}
+
+
 @pytest.mark.parametrize("seqlen", [1, 4, 17, 40])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("d_per_channel", [False, True], ids=["D-head", "D-channel"])
-def test_fp64_forward_and_final_states_match_the_reference(small_tiles, seqlen, packed, d_per_channel):
+@pytest.mark.parametrize("dt_mode", list(DT_MODES))
+def test_fp64_forward_and_final_states_match_the_reference(small_tiles, seqlen, packed, d_per_channel, dt_mode):
     """fp64 in and out: the chunked sums equal the recurrence to rounding (1e-10), for every boundary."""
+    torch.manual_seed(seqlen)
+    softplus, limit, sign = DT_MODES[dt_mode]
     kw = _inputs(2, seqlen, 6, 4, 3, 8, dtype=torch.float64, d_per_channel=d_per_channel)
-    kw["A"] = kw["A"].double()
+    kw["A"] = sign * kw["A"].double().abs() * (0.1 if sign > 0 else 1.0)
     seq_idx = _packed(2, seqlen, 3) if packed else None
-    want_y, want_state = mamba_chunk_scan_ref(**kw, dt_softplus=True, return_final_states=True, seq_idx=seq_idx)
-    dt = processed_dt(kw["dt"], kw["dt_bias"], True, (0.0, math.inf), torch.float64)
+    want_y, want_state = mamba_chunk_scan_ref(**kw, dt_softplus=softplus, dt_limit=limit, return_final_states=True,
+                                              seq_idx=seq_idx)  # fmt: skip
+    dt = processed_dt(kw["dt"], kw["dt_bias"], softplus, limit, torch.float64)
     renumbered = None if seq_idx is None else checked_seq_idx("t", seq_idx, 2, seqlen, CPU)
     y, state = chunked.ssd_chunked(kw["x"], dt, kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["initial_states"],
                                    renumbered, chunk=chunked.CHUNK)  # fmt: skip
@@ -157,7 +168,6 @@ def test_a_gpu_takes_the_chunked_route_by_itself(monkeypatch):
     assert calls == [1]
 
 
-@needs_update_kernel
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_fullgraph(chunked_route, dynamic):
     fn = torch.compile(
@@ -169,17 +179,20 @@ def test_torch_compile_fullgraph(chunked_route, dynamic):
         torch.testing.assert_close(fn(kw), mamba_chunk_scan_ref(**kw, dt_softplus=True), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("route", ["scan", "chunked"])
-def test_y_is_contiguous_on_both_routes(monkeypatch, route):
-    """Callers .view mamba_ssm's y (transformers' FalconH1 does); without D and z nothing else would copy it."""
+@pytest.mark.parametrize("route", ["scan", "chunked", pytest.param("chunked-triton", marks=[interp,
+                                                                                           pytest.mark.triton_interp])])
+def test_outputs_are_contiguous_on_every_route(monkeypatch, route):
+    """Callers .view mamba_ssm's y (transformers' FalconH1 does; without D and z nothing else would copy it) and keep
+    the final states as the cache that selective_state_update then updates in place (it requires them contiguous)."""
     monkeypatch.setattr(chunk_scan_op, "ROUTE", route)
     kw = {k: v for k, v in _inputs(2, 70, 4, 8, 1, 16).items() if k not in ("D", "z")}
-    y = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64)
-    assert y.is_contiguous()
-    torch.testing.assert_close(y, mamba_chunk_scan_ref(**kw), rtol=1e-4, atol=1e-4)
+    y, state = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, return_final_states=True)
+    assert y.is_contiguous() and state.is_contiguous()
+    want_y, want_state = mamba_chunk_scan_ref(**kw, return_final_states=True)
+    torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state, want_state, rtol=1e-4, atol=1e-4)
 
 
-@needs_update_kernel
 def test_torch_compile_fullgraph_through_the_checkpointed_backward(chunked_route):
     fn = torch.compile(lambda kw: llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True),
                        fullgraph=True, backend="aot_eager")  # fmt: skip
@@ -290,7 +303,7 @@ def test_triton_opcheck_gpu():
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_route_compiles_fullgraph(triton_route, device):
-    backend = "eager" if device == "cpu" else "inductor"  # (the interpreter cannot run under AOT tracing)
+    backend = "aot_eager" if device == "cpu" else "inductor"  # (interpreted, the op stays opaque to AOT tracing)
     fn = torch.compile(lambda kw: llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True),
                        fullgraph=True, backend=backend)  # fmt: skip
     kw = _inputs(2, 40, 4, 16, 2, 16, device=device)
@@ -302,3 +315,54 @@ def test_triton_route_without_triton_support_is_an_error(monkeypatch):
     monkeypatch.setattr(chunk_scan_op, "triton_unavailable_reason", lambda device_type: "no triton here")
     with pytest.raises(llmkernels.BackendError, match="chunked-triton: no triton here"):
         llmkernels.mamba_chunk_scan_combined(**_inputs(1, 4, 2, 4, 1, 8), chunk_size=4)
+
+
+ROUTES = ["chunked", pytest.param("chunked-triton", marks=[interp, pytest.mark.triton_interp])]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("with_init", [False, True], ids=["no-init", "init"])
+def test_an_empty_sequence(monkeypatch, route, with_init):
+    """seqlen 0: y is empty and the final state is the initial one (zeros without), as on the scan route, and its
+    gradient reaches initial_states."""
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", route)
+    kw = _inputs(2, 0, 4, 8, 2, 16)
+    if not with_init:
+        del kw["initial_states"]
+    else:
+        kw["initial_states"].requires_grad_()
+    y, state = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True, return_final_states=True)
+    assert y.shape == (2, 0, 4, 8)
+    torch.testing.assert_close(state, kw["initial_states"] if with_init else torch.zeros(2, 4, 8, 16))
+    if with_init:
+        state.sum().backward()
+        torch.testing.assert_close(kw["initial_states"].grad, torch.ones(2, 4, 8, 16))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_autocast_does_not_lower_the_precision(monkeypatch, route):
+    """Under bf16 autocast (mixed-precision training) the route's products stay fp32: fp32 inputs give the fp32
+    answer (bf16 products of the decay weights and states were off by 0.2 at 1024 tokens)."""
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", route)
+    kw = _inputs(1, 300, 4, 16, 1, 32)
+    want = mamba_chunk_scan_ref(**kw, dt_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_inf_initial_state_leaves_the_next_sequence_s_gradients_finite(monkeypatch, small_tiles, route):
+    """The scan route restarts a sequence by a select, so nothing of an inf state reaches the next sequence's
+    gradients either; the chunked products must not turn it into NaN through a 0 (C's masked rows, the masked
+    exponents)."""
+    monkeypatch.setattr(chunk_scan_op, "ROUTE", route)
+    kw = {k: v.requires_grad_() for k, v in _inputs(1, 150, 2, 16, 1, 16).items()}
+    with torch.no_grad():
+        kw["initial_states"][0, 0, 0, 0] = float("inf")
+    seq_idx = torch.tensor([[0] * 70 + [1] * 80], dtype=torch.int32)
+    y = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=64, dt_softplus=True, seq_idx=seq_idx)
+    y[0, 70:].sum().backward()
+    for name in ("x", "dt", "B", "C", "z"):
+        assert torch.isfinite(kw[name].grad[0, 70:]).all(), name
