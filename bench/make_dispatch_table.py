@@ -4,7 +4,8 @@ auto-dispatch tries the CUDA and Triton backends of each op on that GPU.
     python bench/make_dispatch_table.py bench/results/<gpu>-<date>*.json [--key H100]   (one run's files)
 
 For every benchmark case where both llmkernels-cuda and llmkernels-triton ran, the faster one scores a win
-for its backend; an op whose Triton backend wins most of its cases gets ("triton", "cuda", "reference").
+for its backend; an op whose Triton backend wins most of its cases gets ("triton", "cuda", "reference"). The same
+for Mamba-2's scan routes (mamba2_routes): "mamba2_route_inference" / "mamba2_route_training" list them fastest first.
 """
 
 from __future__ import annotations
@@ -50,6 +51,32 @@ def preferred_orders(rows: list[dict]) -> dict[str, list[str]]:
     }
 
 
+# Mamba-2's scan routes (ops/mamba_chunk_scan.py ROUTE): which bench rows time which, and the table keys that
+# mamba_chunk_scan_combined reads on a GPU (forward alone: inference; forward + backward: training).
+MAMBA2_ROUTE_ROWS = {"llmkernels-cuda": "scan", "llmkernels-triton": "scan", "llmkernels-chunked": "chunked",
+                     "llmkernels-chunked-triton": "chunked-triton"}  # fmt: skip
+MAMBA2_ROUTE_KEYS = {"mamba_chunk_scan_combined_fwd": "mamba2_route_inference",
+                     "mamba_chunk_scan_combined_fwd_bwd": "mamba2_route_training"}  # fmt: skip
+
+
+def mamba2_routes(rows: list[dict]) -> dict[str, list[str]]:
+    """Per table key, the routes ordered by the number of cases each was fastest in (a route's time in a case: its
+    fastest row); only cases where at least two routes ran count."""
+    times: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        route = MAMBA2_ROUTE_ROWS.get(r["impl"])
+        if route and r["op"] in MAMBA2_ROUTE_KEYS:
+            case = times.setdefault((r["op"], r["case"]), {})
+            case[route] = min(case.get(route, float("inf")), r["time_ms"])
+    wins: dict[str, dict[str, int]] = {}
+    for (op, _), case in times.items():
+        if len(case) >= 2:
+            tally = wins.setdefault(MAMBA2_ROUTE_KEYS[op], dict.fromkeys(("chunked", "chunked-triton", "scan"), 0))
+            tally[min(case, key=case.get)] += 1
+    return {key: sorted(tally, key=lambda route: -tally[route]) for key, tally in wins.items()}  # (stable: ties keep
+    # the order above, the PyTorch chunked route first)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+", help="result JSONs of one GPU (e.g. one file per op)")
@@ -62,7 +89,7 @@ def main() -> None:
     if os.path.exists(TABLE):
         with open(TABLE) as f:
             table = json.load(f)
-    orders = preferred_orders(rows)
+    orders = preferred_orders(rows) | mamba2_routes(rows)
     if not orders:  # a CPU run, or a GPU run where no case had both backends: nothing measured, nothing written
         print(f"{TABLE}: no case with both llmkernels-cuda and llmkernels-triton rows; table unchanged")
         return

@@ -83,4 +83,17 @@ def test_measured_cuda_orders_follow_the_benchmarks():
                       "selective_scan_fn": ["cuda", "triton", "reference"]}
     table = {"H100": orders}
     assert _backend.orders_for_device(table, "NVIDIA H100 80GB HBM3")["flash_attn_func"][0] == "triton"
+
+    from bench.make_dispatch_table import mamba2_routes
+
+    def mamba2(op, case, *impl_ms):
+        return [{"op": op, "case": case, "impl": f"llmkernels-{i}", "time_ms": t} for i, t in impl_ms]
+
+    fwd, bwd = "mamba_chunk_scan_combined_fwd", "mamba_chunk_scan_combined_fwd_bwd"
+    rows = (mamba2(fwd, "a", ("cuda", 3.0), ("triton", 2.5), ("chunked", 1.0), ("chunked-triton", 0.4))
+            + mamba2(fwd, "b", ("cuda", 9.0), ("chunked", 2.0), ("chunked-triton", 0.9))
+            + mamba2(bwd, "a", ("cuda", 30.0), ("triton", 2.0), ("chunked", 4.0))
+            + mamba2(bwd, "c", ("chunked", 4.0)))  # (one route alone decides nothing)  # fmt: skip
+    assert mamba2_routes(rows) == {"mamba2_route_inference": ["chunked-triton", "chunked", "scan"],
+                                   "mamba2_route_training": ["scan", "chunked", "chunked-triton"]}  # fmt: skip
     assert _backend.orders_for_device(table, "NVIDIA A10") == {}

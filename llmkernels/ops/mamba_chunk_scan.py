@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .._backend import BackendError, requested_backend, triton_unavailable_reason
+from .._backend import BackendError, measured_cuda_orders, requested_backend, triton_unavailable_reason
 from .._checks import check_shape, check_tensor
 from ..reference.mamba_chunk_scan import processed_dt
 from .mamba_ssd_chunked import ssd_chunked
@@ -36,11 +36,11 @@ from .selective_scan import MAX_DSTATE, checked_seq_idx, selective_scan_fn
 
 # How the scan runs: "scan" (selective_scan_fn's kernels over the flattened channels), "chunked" (matrix products
 # over chunks in PyTorch ops: ops/mamba_ssd_chunked.py), "chunked-triton" (the same with the (Q x Q) tiles fused in
-# a Triton kernel: triton/mamba_ssd.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or "auto": chunked on a
-# GPU, where the scan kernels take an exp per state entry on the SFU (not yet measured: docs/GPU_SESSION.md; the
-# Triton kernel has never run on a GPU, so it is not the default yet), and the scan elsewhere (on the CPU the C++ scan
-# measured 2.6-6x faster than the chunked products); a backend forced with use_backend / LLMKERNELS_BACKEND runs
-# its own scan kernels.
+# a Triton kernel: triton/mamba_ssd.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or "auto": on a GPU the
+# route measured fastest there (see _route), until measured "chunked", since the scan kernels take an exp per state
+# entry on the SFU (docs/GPU_SESSION.md; the Triton kernel has never run on a GPU, so it is not the default yet);
+# elsewhere the scan (on the CPU the C++ scan measured 1.2-2.5x faster than the chunked products); a backend forced
+# with use_backend / LLMKERNELS_BACKEND runs its own scan kernels.
 ROUTE = os.environ.get("LLMKERNELS_MAMBA2_ROUTE", "auto")
 _ROUTES = ("auto", "scan", "chunked", "chunked-triton")
 
@@ -125,7 +125,10 @@ def mamba_chunk_scan_combined(
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[3]
     dim = nheads * headdim
-    route = _route(fn, x)
+    training = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    )
+    route = _route(fn, x, training)
     if route.startswith("chunked"):
         dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
         if route == "chunked-triton":
@@ -175,14 +178,20 @@ def mamba_chunk_scan_combined(
     return result if len(result) > 1 else y
 
 
-def _route(fn: str, x: torch.Tensor) -> str:
+def _route(fn: str, x: torch.Tensor, training: bool = False) -> str:
+    """ROUTE, or for "auto": on a GPU the route the benchmarks measured fastest there (cuda_dispatch_table.json's
+    mamba2_route_training / _inference, from bench/make_dispatch_table.py), else the PyTorch chunked route."""
     if ROUTE not in _ROUTES:
         raise ValueError(f"llmkernels.{fn}: LLMKERNELS_MAMBA2_ROUTE must be one of {', '.join(_ROUTES)}, got {ROUTE!r}")
     if ROUTE != "auto":
         return ROUTE
-    if requested_backend() is not None:
+    if requested_backend() is not None or x.device.type != "cuda":
         return "scan"
-    return "chunked" if x.device.type == "cuda" else "scan"
+    measured = measured_cuda_orders().get("mamba2_route_training" if training else "mamba2_route_inference")
+    for route in measured or ("chunked",):
+        if route != "chunked-triton" or triton_unavailable_reason("cuda") is None:
+            return route
+    return "chunked"
 
 
 def _checked_bounds(fn: str, x: torch.Tensor, cu_seqlens, seq_idx) -> list[int]:

@@ -153,8 +153,29 @@ def test_the_route(monkeypatch):
         llmkernels.mamba_chunk_scan_combined(**_inputs(1, 4, 2, 4, 1, 8), chunk_size=4)
 
 
+def test_a_gpu_takes_the_route_measured_fastest(monkeypatch):
+    """On CUDA tensors "auto" reads the measured order (bench/make_dispatch_table.py), separately for training and
+    inference; without one, the PyTorch chunked route; a Triton route without Triton falls to the next."""
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # (only the device type is read)
+    orders = {}
+    monkeypatch.setattr(chunk_scan_op, "measured_cuda_orders", lambda: orders)
+    monkeypatch.setattr(chunk_scan_op, "triton_unavailable_reason", lambda device_type: None)
+    assert chunk_scan_op._route("f", gpu) == "chunked" and chunk_scan_op._route("f", gpu, training=True) == "chunked"
+    orders.update(mamba2_route_inference=["chunked-triton", "chunked", "scan"], mamba2_route_training=["scan"])
+    assert chunk_scan_op._route("f", gpu) == "chunked-triton"
+    assert chunk_scan_op._route("f", gpu, training=True) == "scan"
+    monkeypatch.setattr(chunk_scan_op, "triton_unavailable_reason", lambda device_type: "no triton")
+    assert chunk_scan_op._route("f", gpu) == "chunked"
+    with llmkernels.use_backend("triton"):
+        assert chunk_scan_op._route("f", gpu) == "scan"
+
+
 @pytest.mark.cuda
 def test_a_gpu_takes_the_chunked_route_by_itself(monkeypatch):
+    """Without a measured order (a table made from GPU benchmarks may pick another route: the test above)."""
+    monkeypatch.setattr(chunk_scan_op, "measured_cuda_orders", lambda: {})
     calls = []
     real = chunked.ssd_chunked
     monkeypatch.setattr(chunk_scan_op, "ssd_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
