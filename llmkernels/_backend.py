@@ -63,6 +63,18 @@ def measured_cuda_orders() -> dict[str, tuple[str, ...]]:
     return _measured_orders
 
 
+def measured_cuda_order(op: str) -> tuple[str, ...]:
+    """measured_cuda_orders()[op], or () when the table has none. A constant to torch.compile: it calls this while
+    tracing instead of tracing it (a first call reads the table file, which Dynamo cannot trace: a fullgraph compile
+    of the first CUDA call would fail)."""
+    return tuple(measured_cuda_orders().get(op, ()))
+
+
+# What torch.compiler.assume_constant_result does (torch 2.11-2.14), without importing torch._dynamo (and with it
+# triton) when llmkernels is imported. tests/test_package.py checks that a fullgraph compile reads the table.
+measured_cuda_order._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _forced_stack: list[str] = []
@@ -212,7 +224,7 @@ class Dispatcher:
         device = _first_device_type(args, kwargs)
         order = self.order.get(device, ("reference",))
         if device == "cuda":
-            order = measured_cuda_orders().get(self.name, order)
+            order = measured_cuda_order(self.name) or order
         for backend in order:
             if self.why_not(backend, *args, **kwargs) is None:
                 return backend
@@ -227,7 +239,7 @@ class Dispatcher:
         else:
             order = self.order.get(kind, ("reference",))
             if kind == "cuda":
-                order = measured_cuda_orders().get(self.name, order)
+                order = measured_cuda_order(self.name) or order
         plan = tuple(
             (b, self.supports.get(b)) for b in order if b in self.impls and self._static_reason(b, kind) is None
         )

@@ -97,3 +97,22 @@ def test_measured_cuda_orders_follow_the_benchmarks():
     assert mamba2_routes(rows) == {"mamba2_route_inference": ["chunked-triton", "chunked", "scan"],
                                    "mamba2_route_training": ["scan", "chunked", "chunked-triton"]}  # fmt: skip
     assert _backend.orders_for_device(table, "NVIDIA A10") == {}
+
+
+def test_measured_orders_are_read_while_compiling(tmp_path, monkeypatch):
+    """The first CUDA call may come inside a fullgraph torch.compile: the table file is read at trace time (a
+    constant to Dynamo), not traced (Dynamo cannot trace open())."""
+    import json
+
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"H100": {"some_op": ["triton", "cuda"]}}))
+    monkeypatch.setattr(_backend, "CUDA_DISPATCH_TABLE", str(table))
+    monkeypatch.setattr(_backend, "_measured_orders", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+
+    def fn(x):
+        return x + 1 if _backend.measured_cuda_order("some_op")[0] == "triton" else x - 1
+
+    torch._dynamo.reset()
+    assert torch.compile(fn, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert _backend.measured_cuda_order("other_op") == ()

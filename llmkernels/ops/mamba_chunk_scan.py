@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .._backend import BackendError, measured_cuda_orders, requested_backend, triton_unavailable_reason
+from .._backend import BackendError, measured_cuda_order, requested_backend, triton_unavailable_reason
 from .._checks import check_shape, check_tensor
 from ..reference.mamba_chunk_scan import processed_dt
 from .mamba_ssd_chunked import ssd_chunked
@@ -187,7 +187,7 @@ def _route(fn: str, x: torch.Tensor, training: bool = False) -> str:
         return ROUTE
     if requested_backend() is not None or x.device.type != "cuda":
         return "scan"
-    measured = measured_cuda_orders().get("mamba2_route_training" if training else "mamba2_route_inference")
+    measured = measured_cuda_order("mamba2_route_training" if training else "mamba2_route_inference")
     for route in measured or ("chunked",):
         if route != "chunked-triton" or triton_unavailable_reason("cuda") is None:
             return route

@@ -160,7 +160,7 @@ def test_a_gpu_takes_the_route_measured_fastest(monkeypatch):
 
     gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # (only the device type is read)
     orders = {}
-    monkeypatch.setattr(chunk_scan_op, "measured_cuda_orders", lambda: orders)
+    monkeypatch.setattr(chunk_scan_op, "measured_cuda_order", lambda key: tuple(orders.get(key, ())))
     monkeypatch.setattr(chunk_scan_op, "triton_unavailable_reason", lambda device_type: None)
     assert chunk_scan_op._route("f", gpu) == "chunked" and chunk_scan_op._route("f", gpu, training=True) == "chunked"
     orders.update(mamba2_route_inference=["chunked-triton", "chunked", "scan"], mamba2_route_training=["scan"])
@@ -175,7 +175,7 @@ def test_a_gpu_takes_the_route_measured_fastest(monkeypatch):
 @pytest.mark.cuda
 def test_a_gpu_takes_the_chunked_route_by_itself(monkeypatch):
     """Without a measured order (a table made from GPU benchmarks may pick another route: the test above)."""
-    monkeypatch.setattr(chunk_scan_op, "measured_cuda_orders", lambda: {})
+    monkeypatch.setattr(chunk_scan_op, "measured_cuda_order", lambda key: ())
     calls = []
     real = chunked.ssd_chunked
     monkeypatch.setattr(chunk_scan_op, "ssd_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
