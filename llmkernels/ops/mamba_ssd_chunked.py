@@ -82,7 +82,8 @@ class Chunked:
         b, c = self.batch, self.nchunks
         self.x = F.pad(x.to(self.cd), (0, 0, 0, 0, 0, pad))  # (b, Lp, h, p)
         self.B = F.pad(B.to(self.cd), (0, 0, 0, 0, 0, pad))  # (b, Lp, g, n)
-        self.dt = F.pad(dt.to(self.cd).permute(0, 2, 1), (0, pad)).view(b, self.nheads, c, Q)  # (b, h, c, Q)
+        # (b, h, c, Q) contiguous: the Triton kernel reads it and cum alike (F.pad by 0 keeps the permuted strides)
+        self.dt = F.pad(dt.to(self.cd).permute(0, 2, 1), (0, pad)).contiguous().view(b, self.nheads, c, Q)
         self.cum = (self.dt * A.to(self.cd)[:, None, None]).cumsum(-1)  # log-decay from the chunk's start
         self.init = initial_states
         self.seq = self.seq_end = self.rows = self.last = None
@@ -158,12 +159,13 @@ def _ssd_chunked_fp32(x, dt, A, B, C, D, z, initial_states, seq_idx, Q: int):
 
 
 def _pass_states(chunk_states, chunk_log_decay, init, seq_end):
-    """The state entering every chunk (b, g, hg, c, p, n) and the final state (b, g, hg, p, n).
+    """The state entering every chunk (b, g, hg, c, d1, d2) and the final state (b, g, hg, d1, d2), for chunk states
+    (b, g, hg, c, d1, d2): the two state dimensions in either order (Chunked.states passes (dstate, headdim)).
 
     Within a group of up to GROUP chunks, entry k of [carry, S_0, S_1, ...] reaches the state before chunk k' (k <= k')
     decayed by exp(sum of the chunk totals k .. k'-1): one (GROUP + 1)^2 matrix of segment sums per (batch, head) times
     the stacked states. The segment sums are running sums of the totals themselves (no differences of prefix sums)."""
-    b, g, hg, c, p, n = chunk_states.shape
+    b, g, hg, c, d1, d2 = chunk_states.shape
     carry = init  # None: a zero state, left out of the sums
     entering = []
     for g0 in range(0, c, GROUP):
@@ -178,7 +180,7 @@ def _pass_states(chunk_states, chunk_log_decay, init, seq_end):
             ends = seq_end[:, g0:g1 + 1]  # (b, m + 1): the sequence of each entry and of each target
             reach = reach & (ends[:, :, None] == ends[:, None, :])[:, None, None]
         weights = torch.exp(seg.masked_fill(~reach, float("-inf")))  # (b, g, hg, m + 1, m + 1)
-        out = (weights[..., 1:] @ chunk_states[:, :, :, g0:g1].flatten(-2)).view(b, g, hg, m + 1, p, n)
+        out = (weights[..., 1:] @ chunk_states[:, :, :, g0:g1].flatten(-2)).view(b, g, hg, m + 1, d1, d2)
         if carry is not None:
             # By a select, not inside the product: a non-finite state (an inf initial state) must not turn the other
             # sequences' states into NaN through a weight of 0.
@@ -187,5 +189,5 @@ def _pass_states(chunk_states, chunk_log_decay, init, seq_end):
         entering.append(out[:, :, :, :m])
         carry = out[:, :, :, m]
     if carry is None:  # (no chunks)
-        carry = chunk_states.new_zeros(b, g, hg, p, n)
+        carry = chunk_states.new_zeros(b, g, hg, d1, d2)
     return (entering[0] if len(entering) == 1 else torch.cat(entering, dim=3)), carry

@@ -43,6 +43,7 @@ def ssd_chunk_output_kernel(
     seqlen, nheads, headdim, dstate, heads_per_group,
     sx_b, sx_t, sx_h, sx_p,
     sdt_b, sdt_h, sdt_t,
+    scum_b, scum_h, scum_t,
     sB_b, sB_t, sB_g, sB_n,
     sC_b, sC_t, sC_g, sC_n,
     sH_b, sH_h, sH_c, sH_n, sH_p,
@@ -53,8 +54,9 @@ def ssd_chunk_output_kernel(
     CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    # int64 indices: offsets such as b * sH_b pass 2^31 at batch 8 x 16k tokens x 80 heads x dstate 256
+    bh = tl.program_id(0).to(tl.int64)  # (batch * nheads on axis 0: CUDA caps axes 1 and 2 at 65535)
+    chunk = tl.program_id(1).to(tl.int64)
     b = bh // nheads
     h = bh % nheads
     g = h // heads_per_group
@@ -64,8 +66,8 @@ def ssd_chunk_output_kernel(
     in_i = offs_i < seqlen
     in_p = offs_p < headdim
 
-    # dt and cum share one (batch, head, padded seqlen) layout; cum is the log-decay from the chunk's start.
-    cum_i = tl.load(cum_ptr + b * sdt_b + h * sdt_h + offs_i * sdt_t, mask=in_i, other=0.0)
+    # dt and cum (the log-decay from the chunk's start) per (batch, head, padded seqlen)
+    cum_i = tl.load(cum_ptr + b * scum_b + h * scum_h + offs_i * scum_t, mask=in_i, other=0.0)
     if HAS_SEQ:
         seq_i = tl.load(seq_ptr + b * sseq_b + offs_i * sseq_t, mask=in_i, other=-1)
 
@@ -101,7 +103,7 @@ def ssd_chunk_output_kernel(
                 scores += tl.dot(Ci.to(tl.float32), Bj.to(tl.float32), input_precision="ieee")
             else:
                 scores += tl.dot(Ci, Bj, input_precision=PRECISION)  # in the inputs' dtype: exact products
-        cum_j = tl.load(cum_ptr + b * sdt_b + h * sdt_h + offs_j * sdt_t, mask=in_j, other=0.0)
+        cum_j = tl.load(cum_ptr + b * scum_b + h * scum_h + offs_j * scum_t, mask=in_j, other=0.0)
         dt_j = tl.load(dt_ptr + b * sdt_b + h * sdt_h + offs_j * sdt_t, mask=in_j, other=0.0)
         keep = (offs_i[:, None] >= offs_j[None, :]) & in_j[None, :]
         if HAS_SEQ:
@@ -165,7 +167,7 @@ def _forward(x, dt, A, B, C, D, z, initial_states, seq_idx):
     k = torch_route.Chunked(x, dt, A, B, initial_states, seq_idx, CHUNK)
     entering, final = k.states()  # (b, g, hg, c, n, p), (b, g, hg, n, p)
     entering = entering.reshape(batch, nheads, k.nchunks, dstate, headdim)
-    dt_h, cum = k.dt.view(batch, nheads, -1), k.cum  # (one (batch, head, padded seqlen) layout for both)
+    dt_h, cum = k.dt.reshape(batch, nheads, -1), k.cum.reshape(batch, nheads, -1)  # (batch, head, padded seqlen)
     seq, seq_end, hg, nchunks, Q = k.seq, k.seq_end, k.hg, k.nchunks, CHUNK
 
     D_hp = None
@@ -173,19 +175,19 @@ def _forward(x, dt, A, B, C, D, z, initial_states, seq_idx):
         D_hp = (D.float() if D.dim() == 2 else D.float()[:, None].expand(nheads, headdim)).contiguous()
     block_p = min(64, max(16, triton.next_power_of_2(headdim)))
     block_n = min(64, max(16, triton.next_power_of_2(dstate)))
-    grid = (nchunks, batch * nheads, triton.cdiv(headdim, block_p))
+    grid = (batch * nheads, nchunks, triton.cdiv(headdim, block_p))
     launch(ssd_chunk_output_kernel, grid,
         x, dt_h, cum, B, C, entering, D_hp, z, seq, seq_end, y,
         seqlen, nheads, headdim, dstate, hg,
-        *x.stride(), *dt_h.stride(), *B.stride(), *C.stride(), *entering.stride(), *_strides(D_hp, 2),
+        *x.stride(), *dt_h.stride(), *cum.stride(), *B.stride(), *C.stride(), *entering.stride(), *_strides(D_hp, 2),
         *_strides(z, 4), *_strides(seq, 2), *_strides(seq_end, 2), *y.stride(),
         CHUNK=Q, BLOCK_J=32, BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_SEQ=seq_idx is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET and C.dtype == torch.bfloat16,
         num_warps=8 if x.dtype == torch.float32 else 4,  # (IEEE fp32 dots at 4 warps spill: 255 registers, sm_90a)
     )  # fmt: skip
-    final = final.transpose(-1, -2).reshape(batch, nheads, headdim, dstate)
-    return y, final.clone(memory_format=torch.contiguous_format)  # (fresh, as the fake's: carry is a view)
+    # (a fresh tensor, as the fake's: final is a view into the last group's product)
+    return y, final.transpose(-1, -2).clone(memory_format=torch.contiguous_format).view(batch, nheads, headdim, dstate)
 
 
 @ssd_chunked_triton.register_fake
@@ -202,17 +204,18 @@ def _backward(ctx, dy, dfinal):
     """Recompute through the PyTorch route and differentiate it (the (Q x Q) tiles live only during this)."""
     x, dt, A, B, C, D, z, initial_states, seq_idx = ctx.saved_tensors
     inputs = (x, dt, A, B, C, D, z, initial_states)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
+    with torch.enable_grad():  # (only the inputs whose gradient is asked for become leaves)
+        leaves = [t.detach().requires_grad_() if t is not None and ctx.needs_input_grad[i] else t
+                  for i, t in enumerate(inputs)]  # fmt: skip
         y, final = torch_route._ssd_chunked(*leaves, seq_idx, torch_route.CHUNK)
-        present = [t for t in leaves if t is not None]
+        present = [t for t in leaves if t is not None and t.requires_grad]
         outs, grads_out = [], []
         for out, grad in ((y, dy), (final, dfinal)):
             if grad is not None and out.requires_grad:  # (an empty sequence's y is no function of anything)
                 outs.append(out)
                 grads_out.append(grad)
-        found = iter(torch.autograd.grad(outs, present, grads_out, allow_unused=True) if outs else [None] * 8)
-        grads = [next(found) if t is not None else None for t in leaves]
+        found = iter(torch.autograd.grad(outs, present, grads_out, allow_unused=True) if outs and present else [])
+        grads = [next(found, None) if t is not None and t.requires_grad else None for t in leaves]
     return (*grads, None)
 
 

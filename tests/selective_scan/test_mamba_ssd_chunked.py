@@ -236,7 +236,8 @@ def triton_route(monkeypatch):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("shape", [(2, 17, 4, 8, 2, 16), (1, 1, 2, 4, 1, 8), (2, 150, 6, 20, 3, 40),
-                                   (1, 300, 2, 64, 1, 96)], ids=lambda s: "b{}-L{}-h{}-p{}-g{}-n{}".format(*s))
+                                   (1, 300, 2, 64, 1, 96), (2, 64, 3, 16, 1, 16), (1, 128, 4, 8, 2, 24)],
+                         ids=lambda s: "b{}-L{}-h{}-p{}-g{}-n{}".format(*s))  # (64, 128: no padding)
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_triton_forward_matches_the_reference(triton_route, device, shape, packed):
     """fp32 against the fp64 reference: headdims and dstates that are not powers of two or block multiples, seqlens
@@ -289,6 +290,22 @@ def test_triton_route_gradients(triton_route, device):
     for k in kw:
         torch.testing.assert_close(leaves[k].grad.double().cpu(), exact[k].grad, rtol=1e-4, atol=1e-4,
                                    msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("wanted", [("x",), ("C", "initial_states"), ("dt", "A")], ids="-".join)
+def test_triton_route_gradients_of_some_inputs(triton_route, device, wanted):
+    """Only the inputs that require grad get one (the recompute differentiates only those), and they are right."""
+    kw = _inputs(1, 40, 2, 8, 1, 16, device=device)
+    leaves = {k: v.clone().requires_grad_(k in wanted) for k, v in kw.items()}
+    exact = {k: v.double().cpu().requires_grad_(k in wanted) for k, v in kw.items()}
+    llmkernels.mamba_chunk_scan_combined(**leaves, chunk_size=64, dt_softplus=True).sum().backward()
+    mamba_chunk_scan_ref(**exact, dt_softplus=True).sum().backward()
+    for k in kw:
+        if k in wanted:
+            torch.testing.assert_close(leaves[k].grad.double().cpu(), exact[k].grad, rtol=1e-4, atol=1e-4)
+        else:
+            assert leaves[k].grad is None
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
