@@ -79,19 +79,14 @@ def test_fp64_forward_and_final_states_match_the_reference(small_tiles, seqlen, 
     torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_gradients_match_the_reference(chunked_route, small_tiles, device, packed):
-    """Every input's gradient through the public op (checkpointed forward, autograd backward) against autograd of
-    the fp64 reference, with gradients into y and the final states. fp32: the sums run in a different order than the
-    recurrence, so 1e-4 (the inputs are O(1), the states O(10))."""
-    torch.manual_seed(1)
-    seqlen = 23
+def _check_gradients(device, seqlen, packed):
+    """Every input's gradient through the public op, with gradients into y and the final states, against autograd of
+    the fp64 reference. fp32: the sums run in a different order than the recurrence, so 1e-4 (inputs O(1), states
+    O(10))."""
     kw = _inputs(2, seqlen, 4, 8, 2, 16, device=device)
     seq_idx = _packed(2, seqlen, 2, device) if packed else None
-    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
-    leaves = {k: kw[k].clone().requires_grad_() for k in names}
-    exact = {k: kw[k].double().cpu().requires_grad_() for k in names}
+    leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+    exact = {k: v.double().cpu().requires_grad_() for k, v in kw.items()}
     y, state = llmkernels.mamba_chunk_scan_combined(**leaves, chunk_size=64, dt_softplus=True, seq_idx=seq_idx,
                                                     return_final_states=True)  # fmt: skip
     want_y, want_state = mamba_chunk_scan_ref(**exact, dt_softplus=True, seq_idx=None if seq_idx is None else
@@ -101,9 +96,17 @@ def test_gradients_match_the_reference(chunked_route, small_tiles, device, packe
     dy, dstate = torch.randn_like(y), torch.randn_like(state)
     torch.autograd.backward((y, state), (dy, dstate))
     torch.autograd.backward((want_y, want_state), (dy.double().cpu(), dstate.double().cpu()))
-    for k in names:
+    for k in kw:
         torch.testing.assert_close(leaves[k].grad.double().cpu(), exact[k].grad, rtol=1e-4, atol=1e-4,
                                    msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_gradients_match_the_reference(chunked_route, small_tiles, device, packed):
+    """The checkpointed forward's autograd backward."""
+    torch.manual_seed(1)
+    _check_gradients(device, 23, packed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -273,23 +276,9 @@ def test_triton_16bit_inputs(triton_route, device, dtype):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_route_gradients(triton_route, device):
-    """The Triton forward's backward recomputes through the PyTorch route: every input's gradient against the fp64
-    reference's, packed sequences included."""
+    """The Triton forward's backward recomputes through the PyTorch route."""
     torch.manual_seed(3)
-    kw = _inputs(2, 70, 4, 16, 2, 16, device=device)
-    seq_idx = _packed(2, 70, 2, device)
-    leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
-    exact = {k: v.double().cpu().requires_grad_() for k, v in kw.items()}
-    y, state = llmkernels.mamba_chunk_scan_combined(**leaves, chunk_size=64, dt_softplus=True, seq_idx=seq_idx,
-                                                    return_final_states=True)  # fmt: skip
-    want_y, want_state = mamba_chunk_scan_ref(**exact, dt_softplus=True, seq_idx=seq_idx.cpu(),
-                                              return_final_states=True)  # fmt: skip
-    dy, dstate = torch.randn_like(y), torch.randn_like(state)
-    torch.autograd.backward((y, state), (dy, dstate))
-    torch.autograd.backward((want_y, want_state), (dy.double().cpu(), dstate.double().cpu()))
-    for k in kw:
-        torch.testing.assert_close(leaves[k].grad.double().cpu(), exact[k].grad, rtol=1e-4, atol=1e-4,
-                                   msg=lambda m, k=k: f"d{k}: {m}")  # fmt: skip
+    _check_gradients(device, 70, packed=True)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
