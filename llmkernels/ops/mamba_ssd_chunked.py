@@ -96,6 +96,12 @@ class Chunked:
             self.last = seq == seq[..., -1:]  # (b, c, Q): tokens of the sequence their chunk ends in
             self.rows = seq == self.seq_end[:, :-1, None]  # tokens of the sequence whose state enters their chunk
 
+    def scores(self, C: torch.Tensor) -> torch.Tensor:
+        """C_i . B_j of every token pair in a chunk, (b, c, g, Q, Q): per group, shared by its heads."""
+        b, c, Q, g, n = self.batch, self.nchunks, self.Q, self.ngroups, self.dstate
+        C_cm = F.pad(C.to(self.cd), (0, 0, 0, 0, 0, c * Q - self.seqlen)).view(b, c, Q, g, n).transpose(2, 3)
+        return C_cm @ self.B.view(b, c, Q, g, n).permute(0, 1, 3, 4, 2)
+
     def states(self):
         """The states entering every chunk, (b, g, hg, c, dstate, headdim), and the final state (b, g, hg, dstate,
         headdim). A chunk's own contribution, sum_j exp(cum_end - cum_j) dt_j B_j x_j^T, is B^T @ (weighted x) with
@@ -127,7 +133,7 @@ def _ssd_chunked_fp32(x, dt, A, B, C, D, z, initial_states, seq_idx, Q: int):
     C_cm = F.pad(C.to(cd), (0, 0, 0, 0, 0, c * Q - seqlen)).view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
 
     # Inside each chunk, per head: (C_i . B_j) exp(cum_i - cum_j) dt_j for j <= i (same sequence), times x.
-    scores = C_cm @ k.B.view(b, c, Q, g, n).permute(0, 1, 3, 4, 2)  # (b, c, g, Q, Q), shared by the group's heads
+    scores = k.scores(C)
     cum = k.cum.view(b, g, hg, c, Q)
     visible = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     if k.seq is not None:

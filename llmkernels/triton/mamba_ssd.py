@@ -9,13 +9,14 @@ program per (chunk, batch * head, block of headdim) keeps them in registers:
     acc += sum over key blocks j of  W_ij x_j,  W_ij = (C_i . B_j) exp(cum_i - cum_j) dt_j  for j <= i
     y    = (acc + D x_i) * silu(z_i)
 
-so y is written once and the (Q x Q) tiles never reach memory. What feeds it stays in PyTorch, all on (batch,
-seqlen, heads)-sized tensors or one product per chunk: the within-chunk cumulative log-decay, the chunk states
+so y is written once and the per-head (Q x Q) tiles never reach memory. What feeds it stays in PyTorch, all on
+(batch, seqlen, heads)-sized tensors or one product per chunk: the within-chunk cumulative log-decay, C_i . B_j per
+(chunk, group) (the heads of a group share it: computed once, not per head and headdim block), the chunk states
 (sum_j exp(cum_end - cum_j) dt_j B_j x_j^T as B^T @ (weighted x) with the group's heads side by side, so x is read
 in its own layout) and the states entering each chunk (ops/mamba_ssd_chunked._pass_states).
 
-Precision: C . B in the inputs' dtype (exact products, fp32 sums); the products with fp32 operands (W x, C . H) in
-IEEE fp32 for fp32 inputs and TF32 for 16-bit ones (their outputs round to 7-10 bits anyway). The backward
+Precision: C . B per (chunk, group) on the host in fp32 (once for the group's heads); the kernel's products (W x,
+C . H) in IEEE fp32 for fp32 inputs and TF32 for 16-bit ones (their outputs round to 7-10 bits anyway). The backward
 recomputes through the PyTorch route's autograd (ops/mamba_ssd_chunked.py).
 
 Imported lazily (only for CUDA tensors or under TRITON_INTERPRET=1), so `import llmkernels` never imports triton.
@@ -39,12 +40,12 @@ CHUNK = 64  # tokens per chunk = rows per program (tl.dot needs >= 16)
 
 @triton.jit
 def ssd_chunk_output_kernel(
-    x_ptr, dt_ptr, cum_ptr, B_ptr, C_ptr, H_ptr, D_ptr, z_ptr, seq_ptr, seq_end_ptr, y_ptr,
+    x_ptr, dt_ptr, cum_ptr, CB_ptr, C_ptr, H_ptr, D_ptr, z_ptr, seq_ptr, seq_end_ptr, y_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group,
     sx_b, sx_t, sx_h, sx_p,
     sdt_b, sdt_h, sdt_t,
     scum_b, scum_h, scum_t,
-    sB_b, sB_t, sB_g, sB_n,
+    sS_b, sS_c, sS_g, sS_i, sS_j,
     sC_b, sC_t, sC_g, sC_n,
     sH_b, sH_h, sH_c, sH_n, sH_p,
     sD_h, sD_p,
@@ -52,7 +53,7 @@ def ssd_chunk_output_kernel(
     sseq_b, sseq_t, sse_b, sse_c,
     sy_b, sy_t, sy_h, sy_p,
     CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # int64 indices: offsets such as b * sH_b pass 2^31 at batch 8 x 16k tokens x 80 heads x dstate 256
     bh = tl.program_id(0).to(tl.int64)  # (batch * nheads on axis 0: CUDA caps axes 1 and 2 at 65535)
@@ -91,18 +92,9 @@ def ssd_chunk_output_kernel(
     for j0 in range(0, CHUNK, BLOCK_J):
         offs_j = t0 + j0 + tl.arange(0, BLOCK_J)
         in_j = offs_j < seqlen
-        scores = tl.zeros((CHUNK, BLOCK_J), dtype=tl.float32)
-        for n0 in range(0, dstate, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            in_n = offs_n < dstate
-            Ci = tl.load(C_ptr + b * sC_b + offs_i[:, None] * sC_t + g * sC_g + offs_n[None, :] * sC_n,
-                         mask=in_i[:, None] & in_n[None, :], other=0.0)  # fmt: skip
-            Bj = tl.load(B_ptr + b * sB_b + offs_j[None, :] * sB_t + g * sB_g + offs_n[:, None] * sB_n,
-                         mask=in_n[:, None] & in_j[None, :], other=0.0)  # fmt: skip
-            if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong (triton 3.8): that one in fp32
-                scores += tl.dot(Ci.to(tl.float32), Bj.to(tl.float32), input_precision="ieee")
-            else:
-                scores += tl.dot(Ci, Bj, input_precision=PRECISION)  # in the inputs' dtype: exact products
+        # C_i . B_j: the group's, computed once per (chunk, group) on the host, not per head and headdim block
+        scores = tl.load(CB_ptr + b * sS_b + chunk * sS_c + g * sS_g + (offs_i - t0)[:, None] * sS_i
+                         + (offs_j - t0)[None, :] * sS_j, mask=in_i[:, None] & in_j[None, :], other=0.0)  # fmt: skip
         cum_j = tl.load(cum_ptr + b * scum_b + h * scum_h + offs_j * scum_t, mask=in_j, other=0.0)
         dt_j = tl.load(dt_ptr + b * sdt_b + h * sdt_h + offs_j * sdt_t, mask=in_j, other=0.0)
         keep = (offs_i[:, None] >= offs_j[None, :]) & in_j[None, :]
@@ -161,13 +153,12 @@ def _forward(x, dt, A, B, C, D, z, initial_states, seq_idx):
         if initial_states is not None and seqlen == 0:
             final.copy_(initial_states)
         return y, final
-    if B.dtype != C.dtype:  # (the kernel's C . B takes one dtype: fp32 then, no rounding)
-        B, C = B.float(), C.float()
     # The per-token decays, the chunk states and the states entering each chunk: PyTorch, shared with that route.
     k = torch_route.Chunked(x, dt, A, B, initial_states, seq_idx, CHUNK)
     entering, final = k.states()  # (b, g, hg, c, n, p), (b, g, hg, n, p)
     entering = entering.reshape(batch, nheads, k.nchunks, dstate, headdim)
     dt_h, cum = k.dt.reshape(batch, nheads, -1), k.cum.reshape(batch, nheads, -1)  # (batch, head, padded seqlen)
+    scores = k.scores(C)  # (b, c, g, Q, Q) fp32
     seq, seq_end, hg, nchunks, Q = k.seq, k.seq_end, k.hg, k.nchunks, CHUNK
 
     D_hp = None
@@ -177,14 +168,13 @@ def _forward(x, dt, A, B, C, D, z, initial_states, seq_idx):
     block_n = min(64, max(16, triton.next_power_of_2(dstate)))
     grid = (batch * nheads, nchunks, triton.cdiv(headdim, block_p))
     launch(ssd_chunk_output_kernel, grid,
-        x, dt_h, cum, B, C, entering, D_hp, z, seq, seq_end, y,
+        x, dt_h, cum, scores, C, entering, D_hp, z, seq, seq_end, y,
         seqlen, nheads, headdim, dstate, hg,
-        *x.stride(), *dt_h.stride(), *cum.stride(), *B.stride(), *C.stride(), *entering.stride(), *_strides(D_hp, 2),
-        *_strides(z, 4), *_strides(seq, 2), *_strides(seq_end, 2), *y.stride(),
+        *x.stride(), *dt_h.stride(), *cum.stride(), *scores.stride(), *C.stride(), *entering.stride(),
+        *_strides(D_hp, 2), *_strides(z, 4), *_strides(seq, 2), *_strides(seq_end, 2), *y.stride(),
         CHUNK=Q, BLOCK_J=32, BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_SEQ=seq_idx is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRET and C.dtype == torch.bfloat16,
-        num_warps=8 if x.dtype == torch.float32 else 4,  # (IEEE fp32 dots at 4 warps spill: 255 registers, sm_90a)
+        num_warps=8 if x.dtype == torch.float32 else 4,  # (IEEE fp32 dots: 113-117 registers at 8 warps, 181 at 4)
     )  # fmt: skip
     # (a fresh tensor, as the fake's: final is a view into the last group's product)
     return y, final.transpose(-1, -2).clone(memory_format=torch.contiguous_format).view(batch, nheads, headdim, dstate)
