@@ -2,7 +2,7 @@
 
 The math and the chunk decomposition are those of ops/mamba_ssd_chunked.py (read its doc first). There, each
 chunk's (Q x Q) decay-weighted scores are materialised per head and pass through memory several times. Here one
-program per (chunk, batch * head, block of headdim) keeps them in registers:
+program per (batch * head, chunk, block of headdim) keeps them in registers:
 
     acc  = exp(cum_i) * C_i . H_in                          tl.dot over dstate blocks (H_in: the state entering the
                                                             chunk, from PyTorch below)
