@@ -6,8 +6,9 @@
 - initial_states (batch, dim, width - 1): the inputs before t = 0, oldest first (instead of zeros), as a chunked
   prefill continues a sequence; the final states are the last width - 1 inputs (from initial_states / zeros when
   seqlen < width - 1).
-- seq_idx (batch, seqlen) ints, packed sequences: tap x[s] counts for out[t] only when seq_idx[s] == seq_idx[t]
-  (each sequence is convolved as if it stood alone; sequences are runs of equal values). Not together with
+- seq_idx (batch, seqlen) ints, packed sequences: tap x[s] counts for out[t] only when s and t are in one run of equal
+  seq_idx values (each sequence is convolved as if it stood alone; a value that returns after another run is a new
+  sequence, as in the ops). Not together with
   initial_states (as causal_conv1d). The final states then hold the last sequence's inputs only (zeros before it).
 - Decode (`causal_conv1d_update_ref`): conv_state (batch, dim, width) holds the last `width` inputs, oldest
   first (Hugging Face MambaMixer's cache convention). A step shifts it left by one, appends x (batch, dim)
@@ -18,6 +19,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def _runs(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx renumbered so that each run of equal values is its own sequence (a value that comes back after another
+    run starts a new one), as the ops number them (ops.selective_scan.checked_seq_idx)."""
+    starts = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    return torch.cat([torch.zeros_like(starts[:, :1]), starts.cumsum(1)], dim=1)
 
 
 def _check_activation(activation: str | None) -> bool:
@@ -42,6 +50,7 @@ def causal_conv1d_ref(
     if seqlen == 0:  # (F.conv1d refuses empty inputs; x * 0 keeps the result in x's graph)
         return x * 0
     if seq_idx is not None:  # one shifted, masked product per tap: the taps that cross a sequence start read 0
+        seq_idx = _runs(seq_idx)
         xc, w = x.to(cd), weight.to(cd)
         out = xc * w[:, -1:] + (0 if bias is None else bias.to(cd)[:, None])
         for shift in range(1, min(width, seqlen + 1)):
@@ -72,6 +81,7 @@ def conv1d_final_states_ref(
     if seq_idx is None or seqlen == 0:
         return final
     pos = torch.arange(seqlen - (width - 1), seqlen, device=x.device)  # the final states' positions in x
+    seq_idx = _runs(seq_idx)
     same = (pos >= 0) & (seq_idx[:, pos.clamp(min=0)] == seq_idx[:, -1:])  # (batch, width - 1)
     return torch.where(same[:, None, :], final, 0)
 

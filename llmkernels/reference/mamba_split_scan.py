@@ -30,15 +30,16 @@ from .mamba_chunk_scan import mamba_chunk_scan_ref
 def gated_rmsnorm_ref(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int,
                       norm_before_gate: bool) -> torch.Tensor:  # fmt: skip
     """RMSNorm over groups of `group_size` channels of the last dim, times weight, gated by silu(z): the gate is
-    applied to x before the norm (norm_before_gate False) or to the normalised result (True). fp32 inside; x's dtype
-    out."""
-    h = x.float()
+    applied to x before the norm (norm_before_gate False) or to the normalised result (True). fp32 inside (fp64 for
+    fp64 x); x's dtype out."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(cd)
     if z is not None and not norm_before_gate:
-        h = h * F.silu(z.float())
+        h = h * F.silu(z.to(cd))
     grouped = h.unflatten(-1, (-1, group_size))
-    h = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
+    h = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(cd)
     if z is not None and norm_before_gate:
-        h = h * F.silu(z.float())
+        h = h * F.silu(z.to(cd))
     return h.to(x.dtype)
 
 

@@ -231,3 +231,12 @@ def test_compiles_with_seq_idx_and_initial_states():
     torch.testing.assert_close(final, x[..., -3:])
     _, packed_final = fn(x, w, bias, seq_idx=_seq_idx([[10, 2], [12]]), return_final_states=True)
     torch.testing.assert_close(packed_final, torch.cat([F.pad(x[:1, :, -2:], (1, 0)), x[1:, :, -3:]]))
+
+
+def test_a_value_that_returns_after_another_run_is_a_new_sequence():
+    """seq_idx [0, 1, 0, 0]: the second run of 0s does not read the first (the ops renumber runs; the reference too)."""
+    x, w = torch.ones(1, 1, 4), torch.ones(1, 4)
+    seq_idx = torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)
+    want = torch.tensor([[[1.0, 1.0, 1.0, 2.0]]])
+    torch.testing.assert_close(causal_conv1d_ref(x, w, seq_idx=seq_idx), want)
+    torch.testing.assert_close(llmkernels.causal_conv1d_fn(x, w, seq_idx=seq_idx), want)
