@@ -250,20 +250,15 @@ def _mamba2_prefill_case(rows, batch, seqlen, nheads, headdim, dstate, dtype, de
             _try(rows, op, case, f"llmkernels-{backend}", ours, nbytes * (3 if backward else 1), limit,
                  peer="reference" if reference else None, **measure_kw)  # fmt: skip
 
-        def chunked(call=call):  # the chunked matrix-product route (a GPU's default), beside the scan kernels
-            with _mamba2_route("chunked"):
-                return call(lambda **a: llmkernels.mamba_chunk_scan_combined(**a, chunk_size=256, dt_softplus=True))
+        # the chunked routes beside the scan kernels; the Triton one runs CUDA tensors (or the interpreter)
+        for route in ("chunked", "chunked-triton") if device == "cuda" else ("chunked",):
 
-        _try(rows, op, case, "llmkernels-chunked", chunked, nbytes * (3 if backward else 1), limit,
-             peer=f"llmkernels-{backends[0]}", **measure_kw)  # fmt: skip
-        if device == "cuda":  # its (Q x Q) tiles fused in Triton (opt-in until measured: LLMKERNELS_MAMBA2_ROUTE)
-
-            def chunked_triton(call=call):
-                with _mamba2_route("chunked-triton"):
+            def chunked(call=call, route=route):
+                with _mamba2_route(route):
                     return call(lambda **a: llmkernels.mamba_chunk_scan_combined(**a, chunk_size=256,
                                                                                  dt_softplus=True))  # fmt: skip
 
-            _try(rows, op, case, "llmkernels-chunked-triton", chunked_triton, nbytes * (3 if backward else 1), limit,
+            _try(rows, op, case, f"llmkernels-{route}", chunked, nbytes * (3 if backward else 1), limit,
                  peer=f"llmkernels-{backends[0]}", **measure_kw)  # fmt: skip
         if reference:
             _try(rows, op, case, "reference", lambda call=call: call(lambda **a: mamba_chunk_scan_ref(

@@ -129,8 +129,9 @@ def mamba_chunk_scan_combined(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)
     )
     route = _route(fn, x, training)
+    # dt is per (token, head): its bias, softplus and clamp run once, on that small tensor, in fp32 (as mamba_ssm's)
+    dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
     if route.startswith("chunked"):
-        dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
         if route == "chunked-triton":
             reason = triton_unavailable_reason(x.device.type)
             if reason is not None:
@@ -148,13 +149,12 @@ def mamba_chunk_scan_combined(
     def channels(t: torch.Tensor) -> torch.Tensor:  # (batch, seqlen, nheads, headdim) -> (batch, dim, seqlen)
         return t.permute(0, 2, 3, 1).reshape(batch, dim, seqlen)
 
-    # dt is per (token, head): its bias, softplus and clamp run here on that small tensor, in fp32 (as mamba_ssm's).
-    # Spread over the channels it becomes x-sized: on a GPU in x's 16-bit dtype, since the CUDA scan would otherwise
+    # dt spread over the channels becomes x-sized: on a GPU in x's 16-bit dtype, since the CUDA scan would otherwise
     # promote u, B, C and z to fp32 copies to match it (the CPU kernels read each input in its own dtype).
     # channels(x), channels(z) are views: the CPU kernel reads their rows in place (in 16-channel tiles) and writes
     # y in x's layout, so neither is transposed. delta is written channels-major (its rows contiguous, its backward a
     # sum over headdim along contiguous memory; in x's layout that sum ran strided and cost more than it saved).
-    delta = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
+    delta = dt_heads
     if x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
         delta = delta.to(x.dtype)
     delta = delta.permute(0, 2, 1)[:, :, None, :].expand(batch, nheads, headdim, seqlen).reshape(batch, dim, seqlen)
@@ -173,7 +173,6 @@ def mamba_chunk_scan_combined(
     if return_final_states:
         result += (last.reshape(batch, nheads, headdim, dstate),)
     if return_varlen_states:
-        dt_heads = processed_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
         result += (_varlen_states(x, dt_heads, A, B, bounds, initial_states),)
     return result if len(result) > 1 else y
 

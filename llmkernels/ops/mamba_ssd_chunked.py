@@ -96,10 +96,15 @@ class Chunked:
             self.last = seq == seq[..., -1:]  # (b, c, Q): tokens of the sequence their chunk ends in
             self.rows = seq == self.seq_end[:, :-1, None]  # tokens of the sequence whose state enters their chunk
 
-    def scores(self, C: torch.Tensor) -> torch.Tensor:
-        """C_i . B_j of every token pair in a chunk, (b, c, g, Q, Q): per group, shared by its heads."""
+    def chunk_major(self, C: torch.Tensor) -> torch.Tensor:
+        """C (or B) padded and as (b, c, g, Q, dstate) fp32 (fp64)."""
         b, c, Q, g, n = self.batch, self.nchunks, self.Q, self.ngroups, self.dstate
-        C_cm = F.pad(C.to(self.cd), (0, 0, 0, 0, 0, c * Q - self.seqlen)).view(b, c, Q, g, n).transpose(2, 3)
+        return F.pad(C.to(self.cd), (0, 0, 0, 0, 0, c * Q - self.seqlen)).view(b, c, Q, g, n).transpose(2, 3)
+
+    def scores(self, C_cm: torch.Tensor) -> torch.Tensor:
+        """C_i . B_j of every token pair in a chunk, (b, c, g, Q, Q): per group, shared by its heads. C_cm: from
+        chunk_major."""
+        b, c, Q, g, n = self.batch, self.nchunks, self.Q, self.ngroups, self.dstate
         return C_cm @ self.B.view(b, c, Q, g, n).permute(0, 1, 3, 4, 2)
 
     def states(self):
@@ -130,10 +135,10 @@ def _ssd_chunked_fp32(x, dt, A, B, C, D, z, initial_states, seq_idx, Q: int):
     k = Chunked(x, dt, A, B, initial_states, seq_idx, Q)
     b, c, g, hg, n, p = batch, k.nchunks, k.ngroups, k.hg, k.dstate, headdim
     entering, final = k.states()
-    C_cm = F.pad(C.to(cd), (0, 0, 0, 0, 0, c * Q - seqlen)).view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    C_cm = k.chunk_major(C)  # (b, c, g, Q, n)
 
     # Inside each chunk, per head: (C_i . B_j) exp(cum_i - cum_j) dt_j for j <= i (same sequence), times x.
-    scores = k.scores(C)
+    scores = k.scores(C_cm)
     cum = k.cum.view(b, g, hg, c, Q)
     visible = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     if k.seq is not None:

@@ -15,7 +15,7 @@ import torch
 from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import register_fake
-from ..reference.selective_scan import selective_scan_ref, selective_state_update_ref
+from ..reference.selective_scan import selective_scan_ref, selective_state_update_ref, sequence_runs
 from .inference_only import inference_only
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -144,8 +144,7 @@ def checked_seq_idx(fn: str, seq_idx, batch: int, seqlen: int, device: torch.dev
     _checks.check_shape(fn, "seq_idx", seq_idx, (batch, seqlen))
     if seqlen <= 1:
         return torch.zeros((batch, seqlen), dtype=torch.int32, device=device)
-    starts = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
-    return torch.cat([torch.zeros_like(starts[:, :1]), starts.cumsum(1, dtype=torch.int32)], dim=1)
+    return sequence_runs(seq_idx)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,12 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _runs(seq_idx: torch.Tensor) -> torch.Tensor:
-    """seq_idx renumbered so that each run of equal values is its own sequence (a value that comes back after another
-    run starts a new one), as the ops number them (ops.selective_scan.checked_seq_idx)."""
-    starts = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
-    return torch.cat([torch.zeros_like(starts[:, :1]), starts.cumsum(1)], dim=1)
+from .selective_scan import sequence_runs
 
 
 def _check_activation(activation: str | None) -> bool:
@@ -50,7 +45,7 @@ def causal_conv1d_ref(
     if seqlen == 0:  # (F.conv1d refuses empty inputs; x * 0 keeps the result in x's graph)
         return x * 0
     if seq_idx is not None:  # one shifted, masked product per tap: the taps that cross a sequence start read 0
-        seq_idx = _runs(seq_idx)
+        seq_idx = sequence_runs(seq_idx)
         xc, w = x.to(cd), weight.to(cd)
         out = xc * w[:, -1:] + (0 if bias is None else bias.to(cd)[:, None])
         for shift in range(1, min(width, seqlen + 1)):
@@ -81,7 +76,7 @@ def conv1d_final_states_ref(
     if seq_idx is None or seqlen == 0:
         return final
     pos = torch.arange(seqlen - (width - 1), seqlen, device=x.device)  # the final states' positions in x
-    seq_idx = _runs(seq_idx)
+    seq_idx = sequence_runs(seq_idx)
     same = (pos >= 0) & (seq_idx[:, pos.clamp(min=0)] == seq_idx[:, -1:])  # (batch, width - 1)
     return torch.where(same[:, None, :], final, 0)
 

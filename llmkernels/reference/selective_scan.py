@@ -23,6 +23,13 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def sequence_runs(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx (batch, seqlen) renumbered 0, 1, ... per row so that each run of equal values is its own sequence (a
+    value that comes back after another run starts a new one): how every op and reference reads packed sequences."""
+    starts = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
+    return torch.cat([torch.zeros_like(starts[:, :1]), starts.cumsum(1, dtype=torch.int32)], dim=1)
+
+
 def expand_bc(M: torch.Tensor, dim: int) -> torch.Tensor:
     """B or C as (batch, dim, dstate, seqlen) per channel, or (dim, dstate) when constant."""
     if M.dim() == 2:

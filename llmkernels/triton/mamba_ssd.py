@@ -158,7 +158,7 @@ def _forward(x, dt, A, B, C, D, z, initial_states, seq_idx):
     entering, final = k.states()  # (b, g, hg, c, n, p), (b, g, hg, n, p)
     entering = entering.reshape(batch, nheads, k.nchunks, dstate, headdim)
     dt_h, cum = k.dt.reshape(batch, nheads, -1), k.cum.reshape(batch, nheads, -1)  # (batch, head, padded seqlen)
-    scores = k.scores(C)  # (b, c, g, Q, Q) fp32
+    scores = k.scores(k.chunk_major(C))  # (b, c, g, Q, Q) fp32
     seq, seq_end, hg, nchunks, Q = k.seq, k.seq_end, k.hg, k.nchunks, CHUNK
 
     D_hp = None
