@@ -565,38 +565,51 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     return ((b * parts + part) * M.groups + d / (dim / M.groups)) * L * npad;
   };
 
-  const auto bwd_row = kernels().bwd_row;
+  const auto bwd_rows = kernels().bwd_rows;
+  const int64_t block_rows =
+      std::clamp<int64_t>(kBwdScratchFloats / std::max<int64_t>(1, bwd_scratch_floats(1, L, npad)), 1, kBwdRows);
   at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(bwd_scratch_floats(L, npad));
+    std::vector<float> scratch(bwd_scratch_floats(block_rows, L, npad));
     // Sequences after a row's first start from zero, and the gradient of their zero start goes nowhere.
-    std::vector<float> zero_init(npad, 0.0f), unused_dinit(npad);
+    std::vector<float> zero_init(npad, 0.0f), unused_dinit(kBwdRows * npad);
+    ScanRow rows[kBwdRows], seg_rows[kBwdRows];
+    ScanRowGrad grads[kBwdRows], seg_grads[kBwdRows];
+    const float* inits[kBwdRows];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / parts, part = item % parts;
-      for (int64_t d = part * per_part; d < std::min(dim, (part + 1) * per_part); ++d) {
-        const int64_t r = b * dim + d;
-        const ScanRow row = p.row(r);
-        const ScanRowGrad g{dout_f.const_data_ptr<float>() + r * L,
-                            dlast.defined() ? dlast.const_data_ptr<float>() + r * npad : nullptr,
-                            du.data_ptr<float>() + r * L,
-                            ddelta.data_ptr<float>() + r * L,
-                            dz.defined() ? dz.data_ptr<float>() + r * L : nullptr,
-                            dA_rows.data_ptr<float>() + r * npad,
-                            dB_acc.data_ptr<float>() + acc_offset(p.B, b, part, d),
-                            dC_acc.data_ptr<float>() + acc_offset(p.C, b, part, d),
-                            dD_rows.data_ptr<float>() + r,
-                            dinit.data_ptr<float>() + r * npad,
-                            scratch.data()};
+      const int64_t d_end = std::min(dim, (part + 1) * per_part);
+      for (int64_t d0 = part * per_part; d0 < d_end; d0 += block_rows) {  // a block of channels, chunk by chunk
+        const int64_t nrows = std::min(block_rows, d_end - d0);
+        for (int64_t j = 0; j < nrows; ++j) {
+          const int64_t d = d0 + j, r = b * dim + d;
+          rows[j] = p.row(r);
+          grads[j] = {dout_f.const_data_ptr<float>() + r * L,
+                      dlast.defined() ? dlast.const_data_ptr<float>() + r * npad : nullptr,
+                      du.data_ptr<float>() + r * L,
+                      ddelta.data_ptr<float>() + r * L,
+                      dz.defined() ? dz.data_ptr<float>() + r * L : nullptr,
+                      dA_rows.data_ptr<float>() + r * npad,
+                      dB_acc.data_ptr<float>() + acc_offset(p.B, b, part, d),
+                      dC_acc.data_ptr<float>() + acc_offset(p.C, b, part, d),
+                      dD_rows.data_ptr<float>() + r,
+                      dinit.data_ptr<float>() + r * npad};
+        }
         const int64_t* starts = segs.begin(b);
         const int64_t count = segs.count(b);
         for (int64_t s = 0; s < count; ++s) {
           const int64_t t0 = starts[s], t1 = starts[s + 1];
-          ScanRowGrad gs = g;  // this sequence's slice; only the last one's final state is the returned one
-          gs.dout += t0, gs.du += t0, gs.ddelta += t0;
-          if (gs.dz) gs.dz += t0;
-          gs.dB += t0 * row.b_stride, gs.dC += t0 * row.c_stride;
-          if (s + 1 < count) gs.dlast = nullptr;
-          if (s > 0) gs.dinit = unused_dinit.data();
-          bwd_row(segment(row, t0, t1), s == 0 ? p.init.const_data_ptr<float>() + r * npad : zero_init.data(), gs);
+          for (int64_t j = 0; j < nrows; ++j) {
+            seg_rows[j] = segment(rows[j], t0, t1);
+            ScanRowGrad& gs = seg_grads[j];  // this sequence's slice; only the last one's final state is returned
+            gs = grads[j];
+            gs.dout += t0, gs.du += t0, gs.ddelta += t0;
+            if (gs.dz) gs.dz += t0;
+            gs.dB += t0 * rows[j].b_stride, gs.dC += t0 * rows[j].c_stride;
+            if (s + 1 < count) gs.dlast = nullptr;
+            if (s > 0) gs.dinit = unused_dinit.data() + j * npad;
+            inits[j] = s == 0 ? p.init.const_data_ptr<float>() + (b * dim + d0 + j) * npad : zero_init.data();
+          }
+          bwd_rows(nrows, seg_rows, inits, seg_grads, scratch.data());
         }
       }
     }

@@ -40,11 +40,12 @@ class ScanCase:
     batch: int = 2
     dim: int = 4
     ngroups: int = 2
+    a_per_row: bool = False  # A one value per channel over dstate (Mamba-2's per-head A, flattened)
 
     def __str__(self) -> str:
         flags = [f for f, on in (("D", self.has_D), ("z", self.has_z), ("bias", self.has_bias),
-                                 ("softplus", self.softplus), ("init", self.has_init)) if on]
-        return f"L{self.seqlen}-n{self.dstate}-{self.bc}-{'+'.join(flags) or 'plain'}"
+                                 ("softplus", self.softplus), ("init", self.has_init), ("Arow", self.a_per_row)) if on]
+        return f"L{self.seqlen}-n{self.dstate}-{self.bc}-d{self.dim}-{'+'.join(flags) or 'plain'}"
 
 
 def scan_inputs(case: ScanCase, dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict:
@@ -66,7 +67,7 @@ def scan_inputs(case: ScanCase, dtype: torch.dtype = torch.float32, device: str 
     return dict(
         u=act(b, d, L),
         delta=delta,
-        A=-0.5 - torch.rand(d, n, device=device),  # decays exp(delta A) in (0, 1)
+        A=-0.5 - torch.rand(d, 1 if case.a_per_row else n, device=device).expand(d, n),  # decays in (0, 1)
         B=B,
         C=C,
         D=torch.randn(d, device=device) if case.has_D else None,

@@ -69,6 +69,11 @@ GRAD_CASES = [
     ScanCase(70, bc="group", has_init=True),
     ScanCase(255, dstate=16, bc="const", has_D=False, has_z=False, has_bias=False, softplus=False),
     ScanCase(255, dstate=20, bc="group", ngroups=4, has_init=True),
+    # The CPU backward walks blocks of 16 channels chunk by chunk: more channels than a block, a group boundary inside
+    # one, Mamba-2's per-head A at dstate 128, seqlen not a multiple of the 16-step chunk; and a state vector count
+    # without its own specialisation (dstate 33).
+    ScanCase(83, dstate=128, bc="group", ngroups=2, has_init=True, batch=1, dim=38, a_per_row=True),
+    ScanCase(50, dstate=33, bc="token", has_init=True, dim=37),
 ]
 
 
@@ -230,6 +235,7 @@ def test_other_cpu_instruction_sets(isa):
         "t._check_forward('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32);"
         "t._check_forward('cpu', ScanCase(17, bc='const'), torch.bfloat16);"
         "t._check_gradients('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32, 4.0);"
+        "t._check_gradients('cpu', t.GRAD_CASES[-2], torch.float32, 4.0);"
         "t._check_softplus();"
         "[t._check_state_update('cpu', *c) for c in t.LARGE_UPDATE_CASES]"
     )

@@ -33,7 +33,7 @@ namespace llmkernels::scan_cpu::isa_avx2 {
 namespace llmkernels::scan_cpu {
 Kernels kernels_avx2() {
   return {isa_avx2::fwd_row,
-          isa_avx2::bwd_row,
+          isa_avx2::bwd_rows,
           isa_avx2::update_rows,
           isa_avx2::conv_update,
           isa_avx2::conv_row,

@@ -33,7 +33,7 @@ namespace llmkernels::scan_cpu::isa_avx512 {
 namespace llmkernels::scan_cpu {
 Kernels kernels_avx512() {
   return {isa_avx512::fwd_row,
-          isa_avx512::bwd_row,
+          isa_avx512::bwd_rows,
           isa_avx512::update_rows,
           isa_avx512::conv_update,
           isa_avx512::conv_row,

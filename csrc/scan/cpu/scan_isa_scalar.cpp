@@ -14,7 +14,7 @@ namespace llmkernels::scan_cpu::isa_scalar {
 namespace llmkernels::scan_cpu {
 Kernels kernels_scalar() {
   return {isa_scalar::fwd_row,
-          isa_scalar::bwd_row,
+          isa_scalar::bwd_rows,
           isa_scalar::update_rows,
           isa_scalar::conv_update,
           isa_scalar::conv_row,
