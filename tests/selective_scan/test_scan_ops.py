@@ -30,6 +30,9 @@ FWD_CASES = [
     ScanCase(130, dstate=256, bc="token", dim=2, batch=1),  # the largest dstate
     ScanCase(2048, bc="token", has_init=True),
     ScanCase(2048, dstate=32, bc="group", has_D=False, has_z=False, has_bias=False, softplus=False, dim=2),
+    # Mamba-2's per-row A with per-token B / C: the CPU forward walks blocks of rows through 32-step chunks together
+    ScanCase(83, dstate=128, bc="group", ngroups=2, has_init=True, batch=1, dim=38, a_per_row=True),
+    ScanCase(100, dstate=64, bc="token", dim=37, a_per_row=True),
 ]
 CUDA_ONLY_CASES = [ScanCase(4096, bc="token", has_init=True), ScanCase(4096, bc="const", dim=8)]
 
@@ -349,12 +352,17 @@ def test_bad_state_update_arguments_are_named(name, bad, match):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["u", "delta", "z", "B", "all"])
-@pytest.mark.parametrize("dim", [32, 6], ids=["tiles", "rows"])  # whole 16-channel tiles, or row by row
-def test_cpp_op_reads_strided_inputs(dim, name, dtype):
+@pytest.mark.parametrize(
+    "dim, ngroups, a_per_row",
+    [(32, 2, False), (6, 2, False), (32, 4, True), (38, 2, True)],
+    # whole 16-channel tiles, or row by row; Mamba-2's A (rows walk chunks together), a group boundary inside a tile
+    ids=["tiles", "rows", "tiles-groups-Arow", "rows-Arow"],
+)
+def test_cpp_op_reads_strided_inputs(dim, ngroups, a_per_row, name, dtype):
     """Inference: the CPU op reads u, delta, z, B, C with any strides (Mamba-2's (batch, L, channels) layout seen as
     (batch, channels, L) included: in 16-channel tiles) and its output takes u's layout. With gradients the public
     function hands it contiguous copies; the backward op itself takes strided inputs too. Every element compared."""
-    kw = scan_inputs(ScanCase(37, bc="group", has_init=True, dim=dim, ngroups=2), dtype)
+    kw = scan_inputs(ScanCase(37, bc="group", has_init=True, dim=dim, ngroups=ngroups, a_per_row=a_per_row), dtype)
     names = ("u", "delta", "z", "B", "C") if name == "all" else (name,)
     for n in names:  # same values, time-fastest storage: (batch, ..., L) seen from a (batch, L, ...) tensor
         kw[n] = kw[n].movedim(-1, 1).contiguous().movedim(1, -1)

@@ -67,6 +67,8 @@ LAYOUTS = [
     (ScanCase(23, dstate=5, bc="token", has_D=False), [[23], [2, 3, 7, 11]]),
     (ScanCase(9, bc="const", has_z=False, softplus=False, has_init=True), [[1] * 9, [4, 5]]),
     (ScanCase(150, dstate=20, bc="group", ngroups=4, has_init=True), [[64, 1, 85], [63, 2, 70, 15]]),
+    # the CPU kernels' blocks of rows walking 16 / 32-step chunks together (Mamba-2's A), sequences across chunks
+    (ScanCase(150, dstate=20, bc="token", has_init=True, dim=37, a_per_row=True), [[64, 1, 85], [40, 33, 77]]),
 ]
 
 
