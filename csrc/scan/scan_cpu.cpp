@@ -1,7 +1,7 @@
 // Host side of the selective scan on the CPU: argument checks, the fp32 preprocessing, the parallel split of
 // rows, and the reductions of per-row gradients. The forward converts each row (u, delta + delta_bias through
 // softplus, z, its B/C slice transposed so each B_t is contiguous) inside its parallel loop, into per-thread
-// buffers; the backward prepares whole fp32 tensors first (ATen ops, softplus with our own vectorised kernel).
+// buffers; the backward likewise, a block of rows at a time (load_tile / store_tile).
 // The per-row recurrences are in cpu/scan_rows.inc, compiled for AVX-512, AVX2 and scalar and chosen at run time.
 // The decode step (selective_state_update) is one kernel call per chunk of channels (update_rows), with no
 // whole-tensor passes: b=16, dim=1024, dstate 16, fp32 about 115 us of one core (FMA bound: the exp2 polynomial
@@ -43,24 +43,6 @@ const Kernels& kernels() {
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-// softplus(pre) for fp32 contiguous pre, vectorised and parallel (ATen's CPU softplus was several times
-// slower than the whole scan here). softplus(x) = x above 20 in both.
-at::Tensor softplus_f32(const at::Tensor& pre) {
-  at::Tensor out = pre.clone();
-  float* p = out.data_ptr<float>();
-  at::parallel_for(0, out.numel(), 1 << 16, [&](int64_t begin, int64_t end) { kernels().softplus(p + begin, end - begin); });
-  return out;
-}
-
-// grad *= sigmoid(pre) in place: the backward of softplus.
-void softplus_backward_(at::Tensor& grad, const at::Tensor& pre) {
-  float* g = grad.data_ptr<float>();
-  const float* x = pre.const_data_ptr<float>();
-  at::parallel_for(0, grad.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-    kernels().softplus_backward(g + begin, x + begin, end - begin);
-  });
-}
 
 bool is_scan_dtype(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
 
@@ -282,6 +264,23 @@ struct StridedRows {
   }
 };
 
+// Rows (b, d0 .. d0 + n) of in as fp32 into tile (row j at tile + j * ld): all at once where time is strided
+// (gather_tile), else row by row.
+void load_tile(const StridedRows& in, int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld, float* tile) {
+  if (in.st != 1) return in.gather_tile(b, d0, n, L, ld, tile);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* src = in.row(b, d0 + j, L, tile + j * ld);
+    if (src != tile + j * ld) std::copy_n(src, L, tile + j * ld);
+  }
+}
+
+// The inverse: the tile's rows into out's rows (b, d0 .. d0 + n) of `data`.
+void store_tile(const StridedRows& out, const float* tile, int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld,
+                void* data) {
+  if (out.st != 1) return out.scatter_tile(tile, b, d0, n, L, ld, data);
+  for (int64_t j = 0; j < n; ++j) out.store(tile + j * ld, b, d0 + j, L, data);
+}
+
 // rows x dstate elements of in from offset into dst as fp32 rows of npad, zero padded.
 void load_rows(const RowReader& in, int64_t offset, int64_t rows, int64_t dstate, int64_t npad, float* dst) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -345,31 +344,6 @@ Operands prepare_operands(const at::Tensor& u, const at::Tensor& A, const at::Te
   o.B = pack_bc(B, o.batch, o.L, o.dstate, o.npad);
   o.C = pack_bc(C, o.batch, o.L, o.dstate, o.npad);
   return o;
-}
-
-// The backward's view: also u, delta (before and after softplus) and z as whole fp32 tensors.
-struct Prepared : Operands {
-  at::Tensor u, delta_pre, delta, z;
-
-  ScanRow row(int64_t r) const {
-    return Operands::row(r, u.const_data_ptr<float>() + r * L, delta.const_data_ptr<float>() + r * L,
-                         z.defined() ? z.const_data_ptr<float>() + r * L : nullptr);
-  }
-};
-
-Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                 const std::optional<at::Tensor>& initial_state) {
-  Prepared p;
-  static_cast<Operands&>(p) = prepare_operands(u, A, B, C, D, initial_state);
-  p.u = f32(u);
-  p.delta_pre = f32(delta);
-  if (delta_bias) p.delta_pre = p.delta_pre + delta_bias->view({1, p.dim, 1});
-  p.delta_pre = p.delta_pre.contiguous();
-  p.delta = delta_softplus ? softplus_f32(p.delta_pre) : p.delta_pre;
-  if (z) p.z = f32(*z);
-  return p;
 }
 
 // A per-thread fp32 buffer of at least n floats, uninitialised, reused from call to call: a fresh one per call
@@ -578,16 +552,21 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     LLMK_CHECK_SHAPE(op, dlast, u.size(0), u.size(1), A.size(1));
     LLMK_CHECK_DTYPE(op, dlast, at::kFloat);
   }
-  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state);
+  const Operands p = prepare_operands(u, A, B, C, D, initial_state);
   const int64_t batch = p.batch, dim = p.dim, L = p.L, npad = p.npad;
-  const auto fopt = p.u.options();
+  const auto fopt = u.options().dtype(at::kFloat);
 
-  const at::Tensor dout_f = f32(dout);
   const at::Tensor dlast = dlast_state ? pad_state(*dlast_state, npad, /*may_alias=*/true) : at::Tensor();
-  at::Tensor du = at::empty({batch, dim, L}, fopt), ddelta = at::empty({batch, dim, L}, fopt);
-  at::Tensor dz = z ? at::empty({batch, dim, L}, fopt) : at::Tensor();
+  // u, delta, z, dout are read and du, ddelta, dz written in the callers' layouts and dtypes (empty_like keeps a
+  // dense permuted layout), a block of rows at a time through per-thread fp32 tiles: Mamba-2's (batch, L, heads,
+  // headdim) seen as channels needs no transposed copies either way (they were ~20% of its forward + backward).
+  const StridedRows u_in(u), delta_in(delta), z_in = z ? StridedRows(*z) : StridedRows(), dout_in(dout);
+  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta), dz = z ? at::empty_like(*z) : at::Tensor();
+  const StridedRows du_out(du), ddelta_out(ddelta), dz_out = z ? StridedRows(dz) : StridedRows();
   at::Tensor dA_rows = at::zeros({batch, dim, npad}, fopt), dD_rows = at::zeros({batch, dim}, fopt);
-  at::Tensor dinit = at::empty({batch, dim, npad}, fopt);
+  at::Tensor dbias_rows = at::empty({batch, dim}, fopt), dinit = at::empty({batch, dim, npad}, fopt);
+  const at::Tensor bias = delta_bias ? f32(*delta_bias) : at::Tensor();
+  const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
 
   // Work items: (batch, part), a part being a range of channels; per-token dB/dC accumulate per item.
   const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1), 1,
@@ -602,11 +581,17 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     return ((b * parts + part) * M.groups + d / (dim / M.groups)) * L * npad;
   };
 
-  const auto bwd_rows = kernels().bwd_rows;
-  const int64_t block_rows =
-      std::clamp<int64_t>(kBwdScratchFloats / std::max<int64_t>(1, bwd_scratch_floats(1, L, npad)), 1, kBwdRows);
+  // Per row of a block: u, delta before and after softplus, z, dout, du, ddelta, dz (kTiles rows of ld floats).
+  constexpr int64_t kTiles = 8;
+  const int64_t ld = L + ((L + 16) % 1024 == 0 ? 32 : 16);  // (see gather_tile)
+  const int64_t block_rows = std::clamp<int64_t>(
+      kBwdScratchFloats / std::max<int64_t>(1, kTiles * ld + bwd_scratch_floats(1, L, npad)), 1, kBwdRows);
+  const auto& k = kernels();
   at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(bwd_scratch_floats(block_rows, L, npad));
+    std::vector<float> scratch(bwd_scratch_floats(block_rows, L, npad) + kTiles * block_rows * ld);
+    float* const tiles = scratch.data() + bwd_scratch_floats(block_rows, L, npad);
+    auto tile = [&](int64_t which, int64_t j) { return tiles + (which * block_rows + j) * ld; };
+    enum { kU, kDeltaPre, kDelta, kZ, kDout, kDu, kDdelta, kDz };
     // Sequences after a row's first start from zero, and the gradient of their zero start goes nowhere.
     std::vector<float> zero_init(npad, 0.0f), unused_dinit(kBwdRows * npad);
     ScanRow rows[kBwdRows], seg_rows[kBwdRows];
@@ -617,14 +602,20 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
       const int64_t d_end = std::min(dim, (part + 1) * per_part);
       for (int64_t d0 = part * per_part; d0 < d_end; d0 += block_rows) {  // a block of channels, chunk by chunk
         const int64_t nrows = std::min(block_rows, d_end - d0);
+        load_tile(u_in, b, d0, nrows, L, ld, tile(kU, 0));
+        load_tile(delta_in, b, d0, nrows, L, ld, tile(kDeltaPre, 0));
+        if (z) load_tile(z_in, b, d0, nrows, L, ld, tile(kZ, 0));
+        load_tile(dout_in, b, d0, nrows, L, ld, tile(kDout, 0));
         for (int64_t j = 0; j < nrows; ++j) {
           const int64_t d = d0 + j, r = b * dim + d;
-          rows[j] = p.row(r);
-          grads[j] = {dout_f.const_data_ptr<float>() + r * L,
+          k.delta_row(tile(kDeltaPre, j), bias_p ? bias_p[d] : 0.0f, false, tile(kDeltaPre, j), L);
+          if (delta_softplus) k.delta_row(tile(kDeltaPre, j), 0.0f, true, tile(kDelta, j), L);
+          rows[j] = p.row(r, tile(kU, j), tile(delta_softplus ? kDelta : kDeltaPre, j), z ? tile(kZ, j) : nullptr);
+          grads[j] = {tile(kDout, j),
                       dlast.defined() ? dlast.const_data_ptr<float>() + r * npad : nullptr,
-                      du.data_ptr<float>() + r * L,
-                      ddelta.data_ptr<float>() + r * L,
-                      dz.defined() ? dz.data_ptr<float>() + r * L : nullptr,
+                      tile(kDu, j),
+                      tile(kDdelta, j),
+                      z ? tile(kDz, j) : nullptr,
                       dA_rows.data_ptr<float>() + r * npad,
                       dB_acc.data_ptr<float>() + acc_offset(p.B, b, part, d),
                       dC_acc.data_ptr<float>() + acc_offset(p.C, b, part, d),
@@ -646,8 +637,18 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
             if (s > 0) gs.dinit = unused_dinit.data() + j * npad;
             inits[j] = s == 0 ? p.init.const_data_ptr<float>() + (b * dim + d0 + j) * npad : zero_init.data();
           }
-          bwd_rows(nrows, seg_rows, inits, seg_grads, scratch.data());
+          k.bwd_rows(nrows, seg_rows, inits, seg_grads, scratch.data());
         }
+        for (int64_t j = 0; j < nrows; ++j) {  // through the softplus; delta_bias's gradient sums the row
+          float* g = tile(kDdelta, j);
+          if (delta_softplus) k.softplus_backward(g, tile(kDeltaPre, j), L);
+          double sum = 0.0;
+          for (int64_t t = 0; t < L; ++t) sum += g[t];
+          dbias_rows.data_ptr<float>()[b * dim + d0 + j] = static_cast<float>(sum);
+        }
+        store_tile(du_out, tile(kDu, 0), b, d0, nrows, L, ld, du.data_ptr());
+        store_tile(ddelta_out, tile(kDdelta, 0), b, d0, nrows, L, ld, ddelta.data_ptr());
+        if (z) store_tile(dz_out, tile(kDz, 0), b, d0, nrows, L, ld, dz.data_ptr());
       }
     }
   });
@@ -660,16 +661,14 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     return g.to(like.scalar_type()).contiguous();
   };
   auto none = [&] { return at::empty({0}, fopt); };  // a fresh one per output: outputs must not alias
-  if (delta_softplus) softplus_backward_(ddelta, p.delta_pre);
-  at::Tensor ddelta_bias = delta_bias ? ddelta.sum(at::IntArrayRef{0, 2}) : none();
-  return {du.to(u.scalar_type()),
-          ddelta.to(delta.scalar_type()),
+  return {du,
+          ddelta,
           dA_rows.sum(0).narrow(1, 0, n).contiguous(),
           finish_bc(dB_acc, p.B, B),
           finish_bc(dC_acc, p.C, C),
           D ? dD_rows.sum(0) : none(),
-          z ? dz.to(z->scalar_type()) : none(),
-          ddelta_bias,
+          z ? dz : none(),
+          delta_bias ? dbias_rows.sum(0) : none(),
           initial_state ? dinit.narrow(2, 0, n).contiguous() : none()};
 }
 

@@ -212,8 +212,9 @@ def selective_scan_fn(
     (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); D, delta_bias: (dim,) fp32; initial_state:
     (batch, dim, dstate) fp32. Returns out (batch, dim, seqlen) in u's dtype, and with return_last_state also
     the last state (batch, dim, dstate) fp32. Differentiable in every tensor, including initial_state and
-    through the returned last state. Any strides: in inference the CPU kernel reads strided inputs in place (its
-    output then takes u's layout); with gradients, and on CUDA, non-contiguous inputs are copied (as mamba_ssm does).
+    through the returned last state. Any strides: the CPU kernels read strided inputs in place (the output and the
+    gradients of u, delta, z then take their layouts); with gradients on CUDA, non-contiguous inputs are copied (as
+    mamba_ssm does).
     seq_idx (batch, seqlen) int32 / int64 (beyond mamba_ssm; packed sequences, as mamba_chunk_scan_combined's): a
     new sequence starts wherever seq_idx[b, t] != seq_idx[b, t - 1], from a zero state; initial_state is the state
     before t = 0 (of each row's first sequence) and the last state that of the last.
@@ -222,13 +223,12 @@ def selective_scan_fn(
         check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)  # raises, naming the argument
     if seq_idx is not None:
         seq_idx = checked_seq_idx("selective_scan_fn", seq_idx, u.shape[0], u.shape[2], u.device)
-    # Inference: u, delta, z, B, C go in with their strides (the C++ CPU forward reads rows in place, in tiles, and
-    # gives the output u's layout; Triton takes strides; the CUDA host copies what it needs): Mamba-2's prefill
-    # skips two x-sized transposes, 1.2x at 80 heads x 2048 tokens on CPU. With gradients they are made
-    # contiguous first, as before: the backward then reads the saved copies (handing it strided tensors measured
-    # ~12% slower forward + backward).
+    # u, delta, z, B, C go in with their strides (the C++ CPU forward and backward read rows in place, in tiles, and
+    # give the output and gradients the inputs' layouts; Triton takes strides; the CUDA host copies what it needs):
+    # Mamba-2's prefill skips two x-sized transposes, 1.2x at 80 heads x 2048 tokens on CPU. With gradients on
+    # CUDA they are made contiguous first: its backward reads the saved copies.
     tensors = (u, delta, B, C, z, A, D, delta_bias, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if u.device.type != "cpu" and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         u, delta, B, C, z = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous(), _contig(z)
     args = (
         u,
@@ -467,12 +467,14 @@ if _ext.loaded:
     @register_fake("llmkernels::selective_scan_bwd")
     def _scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                        seq_idx=None):  # fmt: skip
-        def like(t):
+        def like(t, keep_layout=False):
             if t is None:
                 return u.new_empty(0, dtype=torch.float32)
-            return torch.empty_like(t, memory_format=torch.contiguous_format)
+            return torch.empty_like(t) if keep_layout else torch.empty_like(t, memory_format=torch.contiguous_format)
 
-        return tuple(like(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+        cpu = u.device.type == "cpu"  # the CPU kernel's du, ddelta, dz take their inputs' layouts (at::empty_like)
+        return (like(u, cpu), like(delta, cpu), *(like(t) for t in (A, B, C, D)), like(z, cpu),
+                *(like(t) for t in (delta_bias, initial_state)))  # fmt: skip
 
     @register_fake("llmkernels::selective_state_update")
     def _update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
@@ -488,7 +490,7 @@ if _ext.loaded:
         if dout is None:
             dout = torch.zeros_like(u)
         grads = torch.ops.llmkernels.selective_scan_bwd(
-            dout.contiguous(),
+            dout if dout.device.type == "cpu" else dout.contiguous(),  # (the CPU kernel reads any strides)
             None if dlast_state is None else dlast_state.contiguous(),
             u,
             delta,

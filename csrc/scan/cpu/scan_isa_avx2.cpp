@@ -37,7 +37,6 @@ Kernels kernels_avx2() {
           isa_avx2::update_rows,
           isa_avx2::conv_update,
           isa_avx2::conv_row,
-          isa_avx2::softplus_inplace,
           isa_avx2::softplus_backward_inplace,
           isa_avx2::delta_row,
           isa_avx2::bf16_to_f32,

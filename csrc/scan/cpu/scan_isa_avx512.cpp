@@ -37,7 +37,6 @@ Kernels kernels_avx512() {
           isa_avx512::update_rows,
           isa_avx512::conv_update,
           isa_avx512::conv_row,
-          isa_avx512::softplus_inplace,
           isa_avx512::softplus_backward_inplace,
           isa_avx512::delta_row,
           isa_avx512::bf16_to_f32,

@@ -18,7 +18,6 @@ Kernels kernels_scalar() {
           isa_scalar::update_rows,
           isa_scalar::conv_update,
           isa_scalar::conv_row,
-          isa_scalar::softplus_inplace,
           isa_scalar::softplus_backward_inplace,
           isa_scalar::delta_row,
           isa_scalar::bf16_to_f32,

@@ -113,8 +113,7 @@ using UpdateRowsFn = void (*)(const UpdateRows& u);
 using ConvUpdateFn = void (*)(const ConvUpdate& c);
 using ConvRowFn = void (*)(const ConvRow& c);
 
-// Elementwise, vectorised: x <- softplus(x); grad <- grad * sigmoid(pre).
-using SoftplusFn = void (*)(float* x, int64_t n);
+// Elementwise, vectorised: grad <- grad * sigmoid(pre).
 using SoftplusBwdFn = void (*)(float* grad, const float* pre, int64_t n);
 // dst = softplus(src + bias) (or src + bias), n elements; dst may be src.
 using DeltaRowFn = void (*)(const float* src, float bias, bool softplus, float* dst, int64_t n);
@@ -128,7 +127,6 @@ struct Kernels {
   UpdateRowsFn update_rows;
   ConvUpdateFn conv_update;
   ConvRowFn conv_row;
-  SoftplusFn softplus;
   SoftplusBwdFn softplus_backward;
   DeltaRowFn delta_row;
   Bf16ToF32Fn bf16_to_f32;
