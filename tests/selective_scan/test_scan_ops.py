@@ -270,6 +270,23 @@ def test_opcheck_scan(case):
 
 
 @needs_ext
+def test_opcheck_scan_strided_layouts():
+    """Mamba-2's layout: u, z (and dout) time-strided, as channels of a (batch, L, channels) tensor. The CPU kernels
+    give out, du, dz those layouts (ddelta delta's): the fake kernels must say the same strides."""
+    kw = scan_inputs(ScanCase(19, bc="group", has_init=True, dim=32, a_per_row=True))
+    for name in ("u", "z"):
+        kw[name] = kw[name].movedim(-1, 1).contiguous().movedim(1, -1)
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    args += [kw["delta_softplus"], kw["initial_state"]]
+    torch.library.opcheck(torch.ops.llmkernels.selective_scan_fwd.default, args)
+    dout = torch.randn_like(kw["u"])
+    assert not dout.is_contiguous()
+    grads = torch.ops.llmkernels.selective_scan_bwd(dout, None, *args)
+    assert grads[0].stride() == kw["u"].stride() and grads[6].stride() == kw["z"].stride()
+    torch.library.opcheck(torch.ops.llmkernels.selective_scan_bwd.default, [dout, None, *args])
+
+
+@needs_ext
 @pytest.mark.parametrize("ngroups", [None, 2])
 def test_opcheck_state_update(ngroups):
     kw = update_inputs(2, 4, 5, ngroups)
