@@ -106,13 +106,21 @@ void check_bc(const char* op, const char* name, const at::Tensor& M, int64_t bat
 // Shapes shared by forward and backward; every message names the argument.
 void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                 const at::Tensor& C, const std::optional<at::Tensor>& D_opt, const std::optional<at::Tensor>& z_opt,
-                const std::optional<at::Tensor>& delta_bias_opt, const std::optional<at::Tensor>& initial_state_opt) {
+                const std::optional<at::Tensor>& delta_bias_opt, const std::optional<at::Tensor>& initial_state_opt,
+                bool delta_per_group = false) {
   LLMK_CHECK_DIM(op, u, 3);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   SCAN_CHECK_FLOAT(op, u);
   SCAN_CHECK_FLOAT(op, delta);
-  LLMK_CHECK_DEVICE(op, u, at::kCPU);  // any strides: the forward reads rows in place, the backward copies
-  LLMK_CHECK_SHAPE(op, delta, batch, dim, L);
+  LLMK_CHECK_DEVICE(op, u, at::kCPU);  // any strides: rows are read in place, or a tile of them at a time
+  if (delta_per_group) {  // (the forward) delta (batch, groups, L): channel d reads row d / (dim / groups)
+    LLMK_CHECK_DIM(op, delta, 3);
+    LLMK_CHECK_ARG(delta.size(0) == batch && delta.size(1) >= 1 && dim % delta.size(1) == 0 && delta.size(2) == L,
+                   op, "delta", "must have shape (batch, dim, seqlen) or (batch, groups, seqlen) with groups dividing ",
+                   "dim = ", dim, ", got ", delta.sizes());
+  } else {
+    LLMK_CHECK_SHAPE(op, delta, batch, dim, L);
+  }
   LLMK_CHECK_DIM(op, A, 2);
   LLMK_CHECK_DTYPE(op, A, at::kFloat);
   const int64_t dstate = A.size(1);
@@ -402,8 +410,11 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
                                                           const std::optional<at::Tensor>& initial_state,
                                                           const std::optional<at::Tensor>& seq_idx) {
   const char* op = "selective_scan_fwd";
-  check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
+  check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state, /*delta_per_group=*/true);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), dstate = A.size(1), npad = padded_state(dstate);
+  // Channels per delta row: 1, or a head's channels (Mamba-2's delta is one row per head, spread here rather than
+  // by the caller: an x-sized copy, ~11% of its forward at 80 heads x 2048 tokens).
+  const int64_t delta_div = dim / delta.size(1);
   const Segments segs = find_segments(op, seq_idx, batch, L);
   const at::Tensor Ap = pad_state(A, npad, /*may_alias=*/true), a_const = row_constant_A(A);
   const bool* a_const_p = a_const.const_data_ptr<bool>();
@@ -476,7 +487,9 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
         const int64_t r = r0 + i, d = r % dim, j = j0 + i;
         float *ub = ut + j * ld, *db = dt + j * ld, *zb = zt + j * ld, *state = sb + j * npad;
         // delta + bias through softplus, in one pass from the input row (fp32) or its converted copy in db
-        k.delta_row(tiled ? db : delta_in.row(b, d, L, db), bias_p ? bias_p[d] : 0.0f, delta_softplus, db, L);
+        const bool delta_gathered = tiled && delta_div == 1;
+        k.delta_row(delta_gathered ? db : delta_in.row(b, d / delta_div, L, db), bias_p ? bias_p[d] : 0.0f,
+                    delta_softplus, db, L);
         row[i] = ScanRow{L,
                          npad,
                          tiled ? ub : u_in.row(b, d, L, ub),
@@ -519,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
       const int64_t r1 = std::min(rows, r0 + block);
       if (tiled) {  // the tile's rows, all of batch element r0 / dim (dim is a multiple of kTile)
         u_in.gather_tile(r0 / dim, r0 % dim, r1 - r0, L, ld, ut);
-        delta_in.gather_tile(r0 / dim, r0 % dim, r1 - r0, L, ld, dt);
+        if (delta_div == 1) delta_in.gather_tile(r0 / dim, r0 % dim, r1 - r0, L, ld, dt);
         if (z) z_in.gather_tile(r0 / dim, r0 % dim, r1 - r0, L, ld, zt);
       }
       for (int64_t a = r0, e; a < r1; a = e) {

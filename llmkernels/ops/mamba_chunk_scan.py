@@ -32,7 +32,7 @@ from .._backend import BackendError, measured_cuda_order, requested_backend, tri
 from .._checks import check_shape, check_tensor
 from ..reference.mamba_chunk_scan import processed_dt
 from .mamba_ssd_chunked import ssd_chunked
-from .selective_scan import MAX_DSTATE, checked_seq_idx, selective_scan_fn
+from .selective_scan import MAX_DSTATE, checked_seq_idx, scan_dispatcher, selective_scan_fn
 
 # How the scan runs: "scan" (selective_scan_fn's kernels over the flattened channels), "chunked" (matrix products
 # over chunks in PyTorch ops: ops/mamba_ssd_chunked.py), "chunked-triton" (the same with the (Q x Q) tiles fused in
@@ -149,24 +149,31 @@ def mamba_chunk_scan_combined(
     def channels(t: torch.Tensor) -> torch.Tensor:  # (batch, seqlen, nheads, headdim) -> (batch, dim, seqlen)
         return t.permute(0, 2, 3, 1).reshape(batch, dim, seqlen)
 
-    # dt spread over the channels becomes x-sized: on a GPU in x's 16-bit dtype, since the CUDA scan would otherwise
-    # promote u, B, C and z to fp32 copies to match it (the CPU kernels read each input in its own dtype).
-    # channels(x), channels(z) are views: the CPU kernel reads their rows in place (in 16-channel tiles) and writes
-    # y in x's layout, so neither is transposed. delta is written channels-major (its rows contiguous, its backward a
-    # sum over headdim along contiguous memory; in x's layout that sum ran strided and cost more than it saved).
-    delta = dt_heads
-    if x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        delta = delta.to(x.dtype)
-    delta = delta.permute(0, 2, 1)[:, :, None, :].expand(batch, nheads, headdim, seqlen).reshape(batch, dim, seqlen)
+    # channels(x), channels(z) are views: the CPU kernels read their rows in place (in 16-channel tiles) and write y
+    # (and dx, dz) in x's layout, so neither is transposed.
+    u, Bc, Cc, zc = channels(x), B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), None if z is None else channels(z)
     A_channels = A.float()[:, None, None].expand(nheads, headdim, dstate).reshape(dim, dstate)
     D_channels = None
     if D is not None:
         D_channels = (D.float() if D.dim() == 2 else D.float()[:, None].expand(nheads, headdim)).reshape(dim)
-    init = None if initial_states is None else initial_states.float().reshape(batch, dim, dstate)
-    out, last = selective_scan_fn(
-        channels(x), delta, A_channels, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), D_channels,
-        None if z is None else channels(z), None, False, True, init, seq_idx=seq_idx,
-    )  # fmt: skip
+    init = None if initial_states is None else initial_states.float().reshape(batch, dim, dstate).contiguous()
+    if not training and x.device.type == "cpu" and scan_dispatcher.choose(x) == "cpu":
+        # The C++ CPU forward spreads a (batch, nheads, seqlen) delta over each head's channels itself: no x-sized
+        # copy of it (~11% of the forward at 80 heads x 2048 tokens).
+        delta = dt_heads.permute(0, 2, 1).contiguous()
+        out, last = torch.ops.llmkernels.selective_scan_fwd(u, delta, A_channels, Bc, Cc, D_channels, zc, None, False,
+                                                            init, seq_idx)  # fmt: skip
+    else:
+        # dt spread over the channels becomes x-sized: on a GPU in x's 16-bit dtype, since the CUDA scan would
+        # otherwise promote u, B, C and z to fp32 copies to match it (the CPU kernels read each input in its own
+        # dtype). Written channels-major (its rows contiguous, its backward a sum over headdim along contiguous
+        # memory; in x's layout that sum ran strided and cost more than it saved).
+        delta = dt_heads
+        if x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            delta = delta.to(x.dtype)
+        delta = delta.permute(0, 2, 1)[:, :, None, :].expand(batch, nheads, headdim, seqlen).reshape(batch, dim, seqlen)
+        out, last = selective_scan_fn(u, delta, A_channels, Bc, Cc, D_channels, zc, None, False, True, init,
+                                      seq_idx=seq_idx)  # fmt: skip
     # contiguous as mamba_ssm's (callers .view it; transformers does): free where out took x's layout (the CPU kernel)
     y = out.reshape(batch, nheads, headdim, seqlen).permute(0, 3, 1, 2).contiguous()
     result = (y,)

@@ -232,3 +232,25 @@ def test_numpy_chunk_size_and_dt_limit_are_numbers():
         )
         want = llmkernels.mamba_chunk_scan_combined(**kw, chunk_size=4, dt_limit=(0.0, 2.0))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_update_kernel
+def test_cpu_forward_takes_delta_per_head():
+    """The C++ CPU forward op with delta (batch, groups, seqlen) spreads row d / (dim / groups) over channel d
+    (mamba_chunk_scan_combined's inference path): the same output as the delta spread by hand, strided x-layout u and
+    bf16 delta included; a group count that does not divide dim is refused by name."""
+    batch, seqlen, nheads, headdim, dstate = 2, 37, 3, 16, 8
+    dim = nheads * headdim
+    u = torch.randn(batch, seqlen, dim).transpose(1, 2)  # time-strided, as Mamba-2's channels view
+    A = (-0.5 - torch.rand(nheads, 1, 1)).expand(nheads, headdim, dstate).reshape(dim, dstate)
+    B, C = torch.randn(batch, 1, dstate, seqlen), torch.randn(batch, 1, dstate, seqlen)
+    for dtype in (torch.float32, torch.bfloat16):
+        delta = (0.5 * torch.rand(batch, nheads, seqlen)).to(dtype)
+        spread = delta[:, :, None, :].expand(batch, nheads, headdim, seqlen).reshape(batch, dim, seqlen)
+        args = (A, B, C, None, None, None, True, None)
+        got = torch.ops.llmkernels.selective_scan_fwd(u, delta, *args)
+        want = torch.ops.llmkernels.selective_scan_fwd(u, spread, *args)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises((ValueError, RuntimeError), match="delta"):
+        torch.ops.llmkernels.selective_scan_fwd(u, torch.rand(batch, 5, seqlen), A, B, C, None, None, None, True, None)
