@@ -1,7 +1,8 @@
 // Host side of the selective scan on the CPU: argument checks, the fp32 preprocessing, the parallel split of
 // rows, and the reductions of per-row gradients. The forward converts each row (u, delta + delta_bias through
 // softplus, z, its B/C slice transposed so each B_t is contiguous) inside its parallel loop, into per-thread
-// buffers; the backward likewise, a block of rows at a time (load_tile / store_tile).
+// buffers; the backward likewise reads u, delta, z, dout and writes du, ddelta, dz a block of rows at a time
+// (load_tile / store_tile), after packing A, B, C and the initial state whole (prepare_operands).
 // The per-row recurrences are in cpu/scan_rows.inc, compiled for AVX-512, AVX2 and scalar and chosen at run time.
 // The decode step (selective_state_update) is one kernel call per chunk of channels (update_rows), with no
 // whole-tensor passes: b=16, dim=1024, dstate 16, fp32 about 115 us of one core (FMA bound: the exp2 polynomial
@@ -346,9 +347,8 @@ Operands prepare_operands(const at::Tensor& u, const at::Tensor& A, const at::Te
   o.A = pad_state(A, o.npad, /*may_alias=*/true);
   o.a_const = row_constant_A(A);
   if (D) o.D = f32(*D);
-  // a copy even when the layout matches: the forward updates it in place into the last state
-  o.init = initial_state ? pad_state(*initial_state, o.npad)
-                         : at::zeros({o.batch, o.dim, o.npad}, u.options().dtype(at::kFloat));
+  // (the backward only reads it; undefined when absent: the rows then start from a zero vector)
+  if (initial_state) o.init = pad_state(*initial_state, o.npad, /*may_alias=*/true);
   o.B = pack_bc(B, o.batch, o.L, o.dstate, o.npad);
   o.C = pack_bc(C, o.batch, o.L, o.dstate, o.npad);
   return o;
@@ -390,7 +390,9 @@ void pack_slice(const T* src, int64_t sn, int64_t st, int64_t dstate, int64_t L,
 }
 
 // The forward's rows of a block walk the sequence together kFwdChunk steps at a time (B_t, C_t for 32 steps: 32 KB at
-// dstate 128, read from L2 once for the block); its per-thread buffers hold at most kFwdScratchFloats for long rows.
+// dstate 128, read from L2 once for the block). Untiled blocks hold fewer rows where their row buffers would pass
+// kFwdScratchFloats (a thread's buffers also hold its packed B / C slices, 2 x L x npad floats, and tiled blocks
+// always 16 rows).
 constexpr int64_t kFwdChunk = 32;
 constexpr int64_t kFwdScratchFloats = int64_t{4} << 20;
 
@@ -449,10 +451,14 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
   // shared machine one thread is often slowed by other processes, and a static split then waits for it.
   // Within a block, the rows that share a B / C slice walk the sequence together, kFwdChunk steps at a time, so
   // the chunk's B_t and C_t are read from L2 once for all of them (a row at a time streamed its whole slice per row:
-  // 1.2x at dstate 128, Mamba-2's A). Buffers for up to kTile rows, fewer for very long rows (kFwdScratchFloats).
+  // 1.2x at dstate 128, Mamba-2's A). Buffers for up to kTile rows where some can (else one), fewer for very long
+  // rows (kFwdScratchFloats).
   const int64_t rows = batch * dim, threads = std::max<int64_t>(at::get_num_threads(), 1);
   const int64_t ld = !tiled ? L : L + ((L + 16) % 1024 == 0 ? 32 : 16);  // (see gather_tile)
-  const int64_t rows_per_buf = tiled ? kTile : std::clamp<int64_t>(kFwdScratchFloats / (4 * ld + npad), 1, kTile);
+  const bool any_together = (gB || gC) && std::any_of(a_const_p, a_const_p + dim, [](bool c) { return c; });
+  const int64_t rows_per_buf = tiled ? kTile
+                               : any_together ? std::clamp<int64_t>(kFwdScratchFloats / (4 * ld + npad), 1, kTile)
+                                              : 1;
   const int64_t block = tiled ? kTile
                               : std::max(std::min(rows_per_buf, (rows + threads - 1) / threads),
                                          32768 / std::max<int64_t>(1, L * npad));  // >= ~10 us
@@ -483,11 +489,11 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
     float* orow[kTile];
     auto scan_rows = [&](int64_t r0, int64_t r1, int64_t j0, int64_t chunk) {
       const int64_t b = r0 / dim, n = r1 - r0;
+      const bool delta_gathered = tiled && delta_div == 1;  // (the tile's delta rows are in dt)
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = r0 + i, d = r % dim, j = j0 + i;
         float *ub = ut + j * ld, *db = dt + j * ld, *zb = zt + j * ld, *state = sb + j * npad;
         // delta + bias through softplus, in one pass from the input row (fp32) or its converted copy in db
-        const bool delta_gathered = tiled && delta_div == 1;
         k.delta_row(delta_gathered ? db : delta_in.row(b, d / delta_div, L, db), bias_p ? bias_p[d] : 0.0f,
                     delta_softplus, db, L);
         row[i] = ScanRow{L,
@@ -577,7 +583,8 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta), dz = z ? at::empty_like(*z) : at::Tensor();
   const StridedRows du_out(du), ddelta_out(ddelta), dz_out = z ? StridedRows(dz) : StridedRows();
   at::Tensor dA_rows = at::zeros({batch, dim, npad}, fopt), dD_rows = at::zeros({batch, dim}, fopt);
-  at::Tensor dbias_rows = at::empty({batch, dim}, fopt), dinit = at::empty({batch, dim, npad}, fopt);
+  at::Tensor dbias_rows = delta_bias ? at::empty({batch, dim}, fopt) : at::Tensor();
+  at::Tensor dinit = at::empty({batch, dim, npad}, fopt);
   const at::Tensor bias = delta_bias ? f32(*delta_bias) : at::Tensor();
   const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
 
@@ -594,17 +601,17 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     return ((b * parts + part) * M.groups + d / (dim / M.groups)) * L * npad;
   };
 
-  // Per row of a block: u, delta before and after softplus, z, dout, du, ddelta, dz (kTiles rows of ld floats).
-  constexpr int64_t kTiles = 8;
+  // Per row of a block: u, delta before and after softplus, z, dout, du, ddelta, dz (kNumTiles rows of ld floats).
+  enum Tile : int64_t { kU, kDeltaPre, kDelta, kZ, kDout, kDu, kDdelta, kDz, kNumTiles };
   const int64_t ld = L + ((L + 16) % 1024 == 0 ? 32 : 16);  // (see gather_tile)
   const int64_t block_rows = std::clamp<int64_t>(
-      kBwdScratchFloats / std::max<int64_t>(1, kTiles * ld + bwd_scratch_floats(1, L, npad)), 1, kBwdRows);
+      kBwdScratchFloats / std::max<int64_t>(1, kNumTiles * ld + bwd_scratch_floats(1, L, npad)), 1, kBwdRows);
   const auto& k = kernels();
   at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(bwd_scratch_floats(block_rows, L, npad) + kTiles * block_rows * ld);
-    float* const tiles = scratch.data() + bwd_scratch_floats(block_rows, L, npad);
-    auto tile = [&](int64_t which, int64_t j) { return tiles + (which * block_rows + j) * ld; };
-    enum { kU, kDeltaPre, kDelta, kZ, kDout, kDu, kDdelta, kDz };
+    // (uninitialised, reused between calls: every element is written before it is read)
+    float* const scratch = thread_scratch(bwd_scratch_floats(block_rows, L, npad) + kNumTiles * block_rows * ld);
+    float* const tiles = scratch + bwd_scratch_floats(block_rows, L, npad);
+    auto tile = [&](Tile which, int64_t j) { return tiles + (which * block_rows + j) * ld; };
     // Sequences after a row's first start from zero, and the gradient of their zero start goes nowhere.
     std::vector<float> zero_init(npad, 0.0f), unused_dinit(kBwdRows * npad);
     ScanRow rows[kBwdRows], seg_rows[kBwdRows];
@@ -648,13 +655,15 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
             gs.dB += t0 * rows[j].b_stride, gs.dC += t0 * rows[j].c_stride;
             if (s + 1 < count) gs.dlast = nullptr;
             if (s > 0) gs.dinit = unused_dinit.data() + j * npad;
-            inits[j] = s == 0 ? p.init.const_data_ptr<float>() + (b * dim + d0 + j) * npad : zero_init.data();
+            const bool given = s == 0 && p.init.defined();
+            inits[j] = given ? p.init.const_data_ptr<float>() + (b * dim + d0 + j) * npad : zero_init.data();
           }
-          k.bwd_rows(nrows, seg_rows, inits, seg_grads, scratch.data());
+          k.bwd_rows(nrows, seg_rows, inits, seg_grads, scratch);
         }
         for (int64_t j = 0; j < nrows; ++j) {  // through the softplus; delta_bias's gradient sums the row
           float* g = tile(kDdelta, j);
           if (delta_softplus) k.softplus_backward(g, tile(kDeltaPre, j), L);
+          if (!bias_p) continue;
           double sum = 0.0;
           for (int64_t t = 0; t < L; ++t) sum += g[t];
           dbias_rows.data_ptr<float>()[b * dim + d0 + j] = static_cast<float>(sum);

@@ -15,7 +15,8 @@ takes the "chunked" route instead (ops/mamba_ssd_chunked.py: SSD's chunked matri
 per head and token pair; see ROUTE), because the GPU scan kernels take an exp per state entry where one per head
 would do (the CPU kernels detect the per-head A and take one per step). The scan route also changes layouts: x, z
 and the output are copied once each on a GPU, and dt is spread over the channels (an x-sized tensor, where
-mamba_ssm keeps (batch, seqlen, nheads)). See docs/GPU_SESSION.md.
+mamba_ssm keeps (batch, seqlen, nheads)), except in inference on the C++ CPU kernel, which takes dt per head.
+See docs/GPU_SESSION.md.
 Packed sequences (seq_idx) reach the scan kernels, which restart the state where seq_idx changes; the per-sequence
 final states (return_varlen_states with cu_seqlens) are computed in closed form, one small matrix product per
 sequence (sum over its tokens of exp(A * dt after t) dt_t x_t B_t^T).

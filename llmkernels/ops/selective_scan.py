@@ -149,7 +149,8 @@ def checked_seq_idx(fn: str, seq_idx, batch: int, seqlen: int, device: torch.dev
 
 # ---------------------------------------------------------------------------------------------------------
 # selective_scan_fn: backends take (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
-# with contiguous tensors (seq_idx None or (batch, seqlen) int32) and return (out, last_state).
+# (u, delta, z, B, C with any strides, the rest contiguous; seq_idx None or (batch, seqlen) int32) and return
+# (out, last_state).
 # ---------------------------------------------------------------------------------------------------------
 scan_dispatcher = Dispatcher("selective_scan_fn")
 

@@ -66,6 +66,7 @@ def test_forward_long_cuda(case, dtype):
     _check_forward("cuda", case, dtype)
 
 
+MAMBA2_BLOCKS_CASE = ScanCase(83, dstate=128, bc="group", ngroups=2, has_init=True, batch=1, dim=38, a_per_row=True)
 GRAD_CASES = [
     ScanCase(1, bc="const", has_init=True),
     ScanCase(17, dstate=5, bc="token", has_init=True),
@@ -75,7 +76,7 @@ GRAD_CASES = [
     # The CPU backward walks blocks of 16 channels chunk by chunk: more channels than a block, a group boundary inside
     # one, Mamba-2's per-head A at dstate 128, seqlen not a multiple of the 16-step chunk; and a state vector count
     # without its own specialisation (dstate 33).
-    ScanCase(83, dstate=128, bc="group", ngroups=2, has_init=True, batch=1, dim=38, a_per_row=True),
+    MAMBA2_BLOCKS_CASE,
     ScanCase(50, dstate=33, bc="token", has_init=True, dim=37),
 ]
 
@@ -238,7 +239,7 @@ def test_other_cpu_instruction_sets(isa):
         "t._check_forward('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32);"
         "t._check_forward('cpu', ScanCase(17, bc='const'), torch.bfloat16);"
         "t._check_gradients('cpu', ScanCase(70, dstate=20, bc='group', has_init=True), torch.float32, 4.0);"
-        "t._check_gradients('cpu', t.GRAD_CASES[-2], torch.float32, 4.0);"
+        "t._check_gradients('cpu', t.MAMBA2_BLOCKS_CASE, torch.float32, 4.0);"
         "t._check_softplus();"
         "[t._check_state_update('cpu', *c) for c in t.LARGE_UPDATE_CASES]"
     )
@@ -376,9 +377,9 @@ def test_bad_state_update_arguments_are_named(name, bad, match):
     ids=["tiles", "rows", "tiles-groups-Arow", "rows-Arow"],
 )
 def test_cpp_op_reads_strided_inputs(dim, ngroups, a_per_row, name, dtype):
-    """Inference: the CPU op reads u, delta, z, B, C with any strides (Mamba-2's (batch, L, channels) layout seen as
-    (batch, channels, L) included: in 16-channel tiles) and its output takes u's layout. With gradients the public
-    function hands it contiguous copies; the backward op itself takes strided inputs too. Every element compared."""
+    """The CPU ops read u, delta, z, B, C with any strides (Mamba-2's (batch, L, channels) layout seen as
+    (batch, channels, L) included: in 16-channel tiles); the output takes u's layout, the gradients their inputs'.
+    Every element compared."""
     kw = scan_inputs(ScanCase(37, bc="group", has_init=True, dim=dim, ngroups=ngroups, a_per_row=a_per_row), dtype)
     names = ("u", "delta", "z", "B", "C") if name == "all" else (name,)
     for n in names:  # same values, time-fastest storage: (batch, ..., L) seen from a (batch, L, ...) tensor

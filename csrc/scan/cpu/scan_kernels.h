@@ -15,8 +15,9 @@ namespace llmkernels::scan_cpu {
 constexpr int kStatePad = 16;    // dstate is padded to a multiple of this (the AVX-512 width)
 constexpr int kMaxState = 256;   // largest dstate supported
 // Backward: a state checkpoint every kChunk steps; a chunk's B, C, dB, dC and states (5 x 16 x 512 bytes at dstate
-// 128) stay in L1 while the rows of a block pass over it. Blocks of up to kBwdRows rows, fewer where their
-// checkpoints would pass kBwdScratchFloats (very long rows: a block's checkpoints are rows x L x dstate / 16 floats).
+// 128) stay in L1 while the rows of a block pass over it. Blocks of up to kBwdRows rows, fewer where the host's
+// per-row scratch (checkpoints, L x npad / kChunk floats, plus dy and its row tiles) would pass kBwdScratchFloats;
+// never fewer than one, so one very long row takes what it needs (~(9 + npad / kChunk) x L floats a thread).
 // kChunk 8 / 32 and blocks of 8 / 32 rows measured within 10% of these (dstate 128, 1536 rows of 1024 steps).
 constexpr int64_t kChunk = 16;
 constexpr int64_t kBwdRows = 16;
