@@ -104,7 +104,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outdir", type=Path)
     parser.add_argument("paths", nargs="*", default=["tests"])
-    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    # Most of a job's time is one core compiling Triton kernels: on the 16-core GPU machine 12 jobs at once (the
+    # suite roughly doubled after session 3, when 8 workers took 230 s of the 240 s deadline).
+    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 4)))
     parser.add_argument("--deadline-s", type=float, default=float(os.environ.get("TEST_TIMEOUT", 180)))
     parser.add_argument("--max-tests-per-job", type=int, default=150)
     parser.add_argument("--test-timeout-s", type=float, default=120, help="per test, if pytest-timeout is installed")
@@ -181,6 +183,9 @@ def main() -> int:
     failures = [line for job in jobs for line in job.failures]
     for line in failures + crashed:
         print(line)
+    unfinished = sorted({job.args[0] for job in jobs if job.rc in (None, "timeout")})
+    if unfinished:  # what the next call should run (scripts/gpu_iterate.sh takes it as TEST_PATHS)
+        print(f'RERUN: TEST_PATHS="{" ".join(unfinished)}"')
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(totals.items()))
     print(
         f"== {summary or 'no results'}; {len(crashed)} jobs crashed or not run; "
