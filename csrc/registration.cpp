@@ -131,8 +131,8 @@ TORCH_LIBRARY(llmkernels, m) {
   // u, delta: (b, dim, L); A: (dim, n) fp32; B, C: (dim, n) or (b, n, L) or (b, g, n, L); D, delta_bias: (dim,)
   // fp32; z: (b, dim, L); initial_state: (b, dim, n) fp32. Returns out (b, dim, L) in u's dtype and
   // last_state (b, dim, n) fp32. seq_idx (b, L) int32, packed sequences: where seq_idx[t] != seq_idx[t - 1] the
-  // state restarts from zero at t (initial_state is the state before t = 0). The CPU forward also takes delta
-  // (b, g, L) with g dividing dim, channel d reading row d / (dim / g) (Mamba-2's delta per head).
+  // state restarts from zero at t (initial_state is the state before t = 0). The CPU ops also take delta (b, g, L)
+  // with g dividing dim, channel d reading row d / (dim / g) (Mamba-2's delta per head; ddelta then (b, g, L)).
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx=None) -> "

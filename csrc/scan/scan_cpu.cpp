@@ -107,21 +107,20 @@ void check_bc(const char* op, const char* name, const at::Tensor& M, int64_t bat
 // Shapes shared by forward and backward; every message names the argument.
 void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                 const at::Tensor& C, const std::optional<at::Tensor>& D_opt, const std::optional<at::Tensor>& z_opt,
-                const std::optional<at::Tensor>& delta_bias_opt, const std::optional<at::Tensor>& initial_state_opt,
-                bool delta_per_group = false) {
+                const std::optional<at::Tensor>& delta_bias_opt, const std::optional<at::Tensor>& initial_state_opt) {
   LLMK_CHECK_DIM(op, u, 3);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   SCAN_CHECK_FLOAT(op, u);
   SCAN_CHECK_FLOAT(op, delta);
   LLMK_CHECK_DEVICE(op, u, at::kCPU);  // any strides: rows are read in place, or a tile of them at a time
-  if (delta_per_group) {  // (the forward) delta (batch, groups, L): channel d reads row d / (dim / groups)
-    LLMK_CHECK_DIM(op, delta, 3);
-    LLMK_CHECK_ARG(delta.size(0) == batch && delta.size(1) >= 1 && dim % delta.size(1) == 0 && delta.size(2) == L,
-                   op, "delta", "must have shape (batch, dim, seqlen) or (batch, groups, seqlen) with groups dividing ",
-                   "dim = ", dim, ", got ", delta.sizes());
-  } else {
-    LLMK_CHECK_SHAPE(op, delta, batch, dim, L);
-  }
+  // delta (batch, dim, L), or (batch, groups, L) with channel d reading row d / (dim / groups): Mamba-2's delta per
+  // head (see delta_rows_per_group)
+  LLMK_CHECK_DIM(op, delta, 3);
+  const int64_t groups = delta.size(1);
+  const bool groups_ok = groups == dim || (groups >= 1 && dim % groups == 0);
+  LLMK_CHECK_ARG(delta.size(0) == batch && groups_ok && delta.size(2) == L, op, "delta",
+                 "must have shape (batch, dim, seqlen) or (batch, groups, seqlen) with groups dividing dim = ", dim,
+                 ", got ", delta.sizes());
   LLMK_CHECK_DIM(op, A, 2);
   LLMK_CHECK_DTYPE(op, A, at::kFloat);
   const int64_t dstate = A.size(1);
@@ -151,6 +150,11 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
   }
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C}})
     LLMK_CHECK_ARG(t->device() == u.device(), op, name, "must be on the CPU like u, got ", t->device());
+}
+
+// Channels per row of delta (see check_scan): 1 for a (batch, dim, L) delta, dim 0 included.
+int64_t delta_rows_per_group(int64_t dim, const at::Tensor& delta) {
+  return delta.size(1) == dim ? 1 : dim / delta.size(1);
 }
 
 // ScanRow r restricted to time steps [t0, t1).
@@ -412,11 +416,11 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(const at::Tensor& u, c
                                                           const std::optional<at::Tensor>& initial_state,
                                                           const std::optional<at::Tensor>& seq_idx) {
   const char* op = "selective_scan_fwd";
-  check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state, /*delta_per_group=*/true);
+  check_scan(op, u, delta, A, B, C, D, z, delta_bias, initial_state);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), dstate = A.size(1), npad = padded_state(dstate);
   // Channels per delta row: 1, or a head's channels (Mamba-2's delta is one row per head, spread here rather than
   // by the caller: an x-sized copy, ~11% of its forward at 80 heads x 2048 tokens).
-  const int64_t delta_div = dim / delta.size(1);
+  const int64_t delta_div = delta_rows_per_group(dim, delta);
   const Segments segs = find_segments(op, seq_idx, batch, L);
   const at::Tensor Ap = pad_state(A, npad, /*may_alias=*/true), a_const = row_constant_A(A);
   const bool* a_const_p = a_const.const_data_ptr<bool>();
@@ -580,8 +584,14 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   // dense permuted layout), a block of rows at a time through per-thread fp32 tiles: Mamba-2's (batch, L, heads,
   // headdim) seen as channels needs no transposed copies either way (they were ~20% of its forward + backward).
   const StridedRows u_in(u), delta_in(delta), z_in = z ? StridedRows(*z) : StridedRows(), dout_in(dout);
-  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta), dz = z ? at::empty_like(*z) : at::Tensor();
-  const StridedRows du_out(du), ddelta_out(ddelta), dz_out = z ? StridedRows(dz) : StridedRows();
+  // delta per group of channels (Mamba-2's per head: see the forward): its gradient sums the group's rows, in fp32
+  // (ddelta_groups), each group within one thread's part.
+  const int64_t delta_div = delta_rows_per_group(u.size(1), delta);
+  at::Tensor du = at::empty_like(u), dz = z ? at::empty_like(*z) : at::Tensor();
+  at::Tensor ddelta = delta_div == 1 ? at::empty_like(delta) : at::Tensor();
+  at::Tensor ddelta_groups = delta_div == 1 ? at::Tensor() : at::zeros(delta.sizes(), u.options().dtype(at::kFloat));
+  const StridedRows du_out(du), ddelta_out = delta_div == 1 ? StridedRows(ddelta) : StridedRows();
+  const StridedRows dz_out = z ? StridedRows(dz) : StridedRows();
   at::Tensor dA_rows = at::zeros({batch, dim, npad}, fopt), dD_rows = at::zeros({batch, dim}, fopt);
   at::Tensor dbias_rows = delta_bias ? at::empty({batch, dim}, fopt) : at::Tensor();
   at::Tensor dinit = at::empty({batch, dim, npad}, fopt);
@@ -589,9 +599,11 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   const float* bias_p = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
 
   // Work items: (batch, part), a part being a range of channels; per-token dB/dC accumulate per item.
-  const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1), 1,
-                                            std::max<int64_t>(dim, 1));  // (batch 0: no items, and no division by 0)
-  const int64_t per_part = (dim + parts - 1) / parts;
+  // Parts hold whole delta groups, so that a group's gradient row is summed by one thread.
+  const int64_t want_parts = std::clamp<int64_t>((at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1),
+                                                 1, std::max<int64_t>(dim, 1));  // (batch 0: no items, no division by 0)
+  const int64_t per_part = ((dim + want_parts - 1) / want_parts + delta_div - 1) / delta_div * delta_div;
+  const int64_t parts = std::max<int64_t>(1, (dim + per_part - 1) / std::max<int64_t>(per_part, 1));
   auto grad_acc = [&](const PackedBC& M) {  // constant: per row (batch, dim, npad); else (batch, parts, groups, L, npad)
     return M.groups == 0 ? at::zeros({batch, dim, npad}, fopt) : at::zeros({batch, parts, M.groups, L, npad}, fopt);
   };
@@ -623,7 +635,11 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
       for (int64_t d0 = part * per_part; d0 < d_end; d0 += block_rows) {  // a block of channels, chunk by chunk
         const int64_t nrows = std::min(block_rows, d_end - d0);
         load_tile(u_in, b, d0, nrows, L, ld, tile(kU, 0));
-        load_tile(delta_in, b, d0, nrows, L, ld, tile(kDeltaPre, 0));
+        if (delta_div == 1) {
+          load_tile(delta_in, b, d0, nrows, L, ld, tile(kDeltaPre, 0));
+        } else {
+          for (int64_t j = 0; j < nrows; ++j) load_tile(delta_in, b, (d0 + j) / delta_div, 1, L, ld, tile(kDeltaPre, j));
+        }
         if (z) load_tile(z_in, b, d0, nrows, L, ld, tile(kZ, 0));
         load_tile(dout_in, b, d0, nrows, L, ld, tile(kDout, 0));
         for (int64_t j = 0; j < nrows; ++j) {
@@ -663,13 +679,17 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
         for (int64_t j = 0; j < nrows; ++j) {  // through the softplus; delta_bias's gradient sums the row
           float* g = tile(kDdelta, j);
           if (delta_softplus) k.softplus_backward(g, tile(kDeltaPre, j), L);
+          if (delta_div > 1) {
+            float* group_row = ddelta_groups.data_ptr<float>() + (b * delta.size(1) + (d0 + j) / delta_div) * L;
+            for (int64_t t = 0; t < L; ++t) group_row[t] += g[t];
+          }
           if (!bias_p) continue;
           double sum = 0.0;
           for (int64_t t = 0; t < L; ++t) sum += g[t];
           dbias_rows.data_ptr<float>()[b * dim + d0 + j] = static_cast<float>(sum);
         }
         store_tile(du_out, tile(kDu, 0), b, d0, nrows, L, ld, du.data_ptr());
-        store_tile(ddelta_out, tile(kDdelta, 0), b, d0, nrows, L, ld, ddelta.data_ptr());
+        if (delta_div == 1) store_tile(ddelta_out, tile(kDdelta, 0), b, d0, nrows, L, ld, ddelta.data_ptr());
         if (z) store_tile(dz_out, tile(kDz, 0), b, d0, nrows, L, ld, dz.data_ptr());
       }
     }
@@ -683,6 +703,7 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     return g.to(like.scalar_type()).contiguous();
   };
   auto none = [&] { return at::empty({0}, fopt); };  // a fresh one per output: outputs must not alias
+  if (delta_div > 1) ddelta = ddelta_groups.to(delta.scalar_type());
   return {du,
           ddelta,
           dA_rows.sum(0).narrow(1, 0, n).contiguous(),

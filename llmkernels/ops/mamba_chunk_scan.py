@@ -15,7 +15,7 @@ takes the "chunked" route instead (ops/mamba_ssd_chunked.py: SSD's chunked matri
 per head and token pair; see ROUTE), because the GPU scan kernels take an exp per state entry where one per head
 would do (the CPU kernels detect the per-head A and take one per step). The scan route also changes layouts: x, z
 and the output are copied once each on a GPU, and dt is spread over the channels (an x-sized tensor, where
-mamba_ssm keeps (batch, seqlen, nheads)), except in inference on the C++ CPU kernel, which takes dt per head.
+mamba_ssm keeps (batch, seqlen, nheads)), except on the C++ CPU kernels, which take dt per head.
 See docs/GPU_SESSION.md.
 Packed sequences (seq_idx) reach the scan kernels, which restart the state where seq_idx changes; the per-sequence
 final states (return_varlen_states with cu_seqlens) are computed in closed form, one small matrix product per
@@ -158,9 +158,10 @@ def mamba_chunk_scan_combined(
     if D is not None:
         D_channels = (D.float() if D.dim() == 2 else D.float()[:, None].expand(nheads, headdim)).reshape(dim)
     init = None if initial_states is None else initial_states.float().reshape(batch, dim, dstate).contiguous()
-    if not training and x.device.type == "cpu" and scan_dispatcher.choose(x) == "cpu":
-        # The C++ CPU forward spreads a (batch, nheads, seqlen) delta over each head's channels itself: no x-sized
-        # copy of it (~11% of the forward at 80 heads x 2048 tokens).
+    if x.device.type == "cpu" and scan_dispatcher.choose(x) == "cpu":
+        # The C++ CPU ops spread a (batch, nheads, seqlen) delta over each head's channels themselves (and sum its
+        # gradient per head): no x-sized copy of it (~11% of the forward at 80 heads x 2048 tokens). Differentiable
+        # through the op's registered autograd, as selective_scan_fn.
         delta = dt_heads.permute(0, 2, 1).contiguous()
         out, last = torch.ops.llmkernels.selective_scan_fwd(u, delta, A_channels, Bc, Cc, D_channels, zc, None, False,
                                                             init, seq_idx)  # fmt: skip

@@ -235,22 +235,40 @@ def test_numpy_chunk_size_and_dt_limit_are_numbers():
 
 
 @needs_update_kernel
-def test_cpu_forward_takes_delta_per_head():
-    """The C++ CPU forward op with delta (batch, groups, seqlen) spreads row d / (dim / groups) over channel d
-    (mamba_chunk_scan_combined's inference path): the same output as the delta spread by hand, strided x-layout u and
-    bf16 delta included; a group count that does not divide dim is refused by name."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_ops_take_delta_per_head(dtype):
+    """The C++ CPU ops with delta (batch, groups, seqlen) spread row d / (dim / groups) over channel d
+    (mamba_chunk_scan_combined's CPU path): the same output as the delta spread by hand, and through the registered
+    autograd the same gradients, delta's summed over each group (fp32 inside); strided x-layout u, a per-channel
+    delta_bias with softplus; a group count that does not divide dim is refused by name."""
     batch, seqlen, nheads, headdim, dstate = 2, 37, 3, 16, 8
     dim = nheads * headdim
-    u = torch.randn(batch, seqlen, dim).transpose(1, 2)  # time-strided, as Mamba-2's channels view
+    u = torch.randn(batch, seqlen, dim).to(dtype).transpose(1, 2)  # time-strided, as Mamba-2's channels view
     A = (-0.5 - torch.rand(nheads, 1, 1)).expand(nheads, headdim, dstate).reshape(dim, dstate)
-    B, C = torch.randn(batch, 1, dstate, seqlen), torch.randn(batch, 1, dstate, seqlen)
-    for dtype in (torch.float32, torch.bfloat16):
-        delta = (0.5 * torch.rand(batch, nheads, seqlen)).to(dtype)
-        spread = delta[:, :, None, :].expand(batch, nheads, headdim, seqlen).reshape(batch, dim, seqlen)
-        args = (A, B, C, None, None, None, True, None)
-        got = torch.ops.llmkernels.selective_scan_fwd(u, delta, *args)
-        want = torch.ops.llmkernels.selective_scan_fwd(u, spread, *args)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    B, C = torch.randn(batch, 1, dstate, seqlen).to(dtype), torch.randn(batch, 1, dstate, seqlen).to(dtype)
+    D, bias = torch.randn(dim), 0.5 * torch.rand(dim) - 0.25
+    delta = (0.5 * torch.rand(batch, nheads, seqlen) - 0.2).to(dtype)
+
+    def run(spread):
+        leaves = [t.detach().clone().requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+        d = leaves[1]
+        if spread:
+            d = d[:, :, None, :].expand(batch, nheads, headdim, seqlen).reshape(batch, dim, seqlen)
+        out, last = torch.ops.llmkernels.selective_scan_fwd(leaves[0], d, *leaves[2:6], None, leaves[6], True, None)
+        torch.manual_seed(1)
+        (out.float() * torch.randn(out.shape)).sum().backward()
+        return out, last, [t.grad for t in leaves]
+
+    got_out, got_last, got_grads = run(spread=False)
+    want_out, want_last, want_grads = run(spread=True)
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(got_last, want_last, rtol=0, atol=0)
+    for name, g, w in zip(("du", "ddelta", "dA", "dB", "dC", "dD", "dbias"), got_grads, want_grads):
+        tol = dict(rtol=0, atol=0)  # the same arithmetic
+        if name == "ddelta":  # the group's sum in another order; in bf16 summed in fp32 then rounded once, where
+            # the spread delta's gradient rounds each channel's row to bf16 before autograd sums them
+            scale = 1e-6 if dtype == torch.float32 else 2e-2
+            tol = dict(rtol=scale, atol=scale * w.float().abs().max().item())
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
     with pytest.raises((ValueError, RuntimeError), match="delta"):
         torch.ops.llmkernels.selective_scan_fwd(u, torch.rand(batch, 5, seqlen), A, B, C, None, None, None, True, None)
