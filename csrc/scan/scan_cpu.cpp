@@ -277,14 +277,12 @@ struct StridedRows {
   }
 };
 
-// Rows (b, d0 .. d0 + n) of in as fp32 into tile (row j at tile + j * ld): all at once where time is strided
-// (gather_tile), else row by row.
-void load_tile(const StridedRows& in, int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld, float* tile) {
-  if (in.st != 1) return in.gather_tile(b, d0, n, L, ld, tile);
-  for (int64_t j = 0; j < n; ++j) {
-    const float* src = in.row(b, d0 + j, L, tile + j * ld);
-    if (src != tile + j * ld) std::copy_n(src, L, tile + j * ld);
-  }
+// Rows (b, d0 .. d0 + n) of in as fp32, row j at rows[j]: read in place where they are fp32 with a unit time stride,
+// else converted into tile (row j at tile + j * ld), all at once where time is strided (gather_tile).
+void load_tile(const StridedRows& in, int64_t b, int64_t d0, int64_t n, int64_t L, int64_t ld, float* tile,
+               const float** rows) {
+  if (in.st != 1) in.gather_tile(b, d0, n, L, ld, tile);
+  for (int64_t j = 0; j < n; ++j) rows[j] = in.st != 1 ? tile + j * ld : in.row(b, d0 + j, L, tile + j * ld);
 }
 
 // The inverse: the tile's rows into out's rows (b, d0 .. d0 + n) of `data`.
@@ -587,11 +585,9 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   // delta per group of channels (Mamba-2's per head: see the forward): its gradient sums the group's rows, in fp32
   // (ddelta_groups), each group within one thread's part.
   const int64_t delta_div = delta_rows_per_group(u.size(1), delta);
-  at::Tensor du = at::empty_like(u), dz = z ? at::empty_like(*z) : at::Tensor();
-  at::Tensor ddelta = delta_div == 1 ? at::empty_like(delta) : at::Tensor();
-  at::Tensor ddelta_groups = delta_div == 1 ? at::Tensor() : at::zeros(delta.sizes(), u.options().dtype(at::kFloat));
-  const StridedRows du_out(du), ddelta_out = delta_div == 1 ? StridedRows(ddelta) : StridedRows();
-  const StridedRows dz_out = z ? StridedRows(dz) : StridedRows();
+  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta), dz = z ? at::empty_like(*z) : at::Tensor();
+  const StridedRows du_out(du), ddelta_out(ddelta), dz_out = z ? StridedRows(dz) : StridedRows();
+  at::Tensor ddelta_groups = delta_div == 1 ? at::Tensor() : at::zeros(delta.sizes(), fopt);
   at::Tensor dA_rows = at::zeros({batch, dim, npad}, fopt), dD_rows = at::zeros({batch, dim}, fopt);
   at::Tensor dbias_rows = delta_bias ? at::empty({batch, dim}, fopt) : at::Tensor();
   at::Tensor dinit = at::empty({batch, dim, npad}, fopt);
@@ -634,20 +630,23 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
       const int64_t d_end = std::min(dim, (part + 1) * per_part);
       for (int64_t d0 = part * per_part; d0 < d_end; d0 += block_rows) {  // a block of channels, chunk by chunk
         const int64_t nrows = std::min(block_rows, d_end - d0);
-        load_tile(u_in, b, d0, nrows, L, ld, tile(kU, 0));
+        const float *u_rows[kBwdRows], *delta_rows[kBwdRows], *z_rows[kBwdRows] = {}, *dout_rows[kBwdRows];
+        load_tile(u_in, b, d0, nrows, L, ld, tile(kU, 0), u_rows);
         if (delta_div == 1) {
-          load_tile(delta_in, b, d0, nrows, L, ld, tile(kDeltaPre, 0));
-        } else {
-          for (int64_t j = 0; j < nrows; ++j) load_tile(delta_in, b, (d0 + j) / delta_div, 1, L, ld, tile(kDeltaPre, j));
+          load_tile(delta_in, b, d0, nrows, L, ld, tile(kDeltaPre, 0), delta_rows);
+        } else {  // each row its group's row
+          for (int64_t j = 0; j < nrows; ++j)
+            load_tile(delta_in, b, (d0 + j) / delta_div, 1, L, ld, tile(kDeltaPre, j), delta_rows + j);
         }
-        if (z) load_tile(z_in, b, d0, nrows, L, ld, tile(kZ, 0));
-        load_tile(dout_in, b, d0, nrows, L, ld, tile(kDout, 0));
+        if (z) load_tile(z_in, b, d0, nrows, L, ld, tile(kZ, 0), z_rows);
+        load_tile(dout_in, b, d0, nrows, L, ld, tile(kDout, 0), dout_rows);
         for (int64_t j = 0; j < nrows; ++j) {
           const int64_t d = d0 + j, r = b * dim + d;
-          k.delta_row(tile(kDeltaPre, j), bias_p ? bias_p[d] : 0.0f, false, tile(kDeltaPre, j), L);
+          // delta + bias (kept for the softplus backward), then through the softplus
+          k.delta_row(delta_rows[j], bias_p ? bias_p[d] : 0.0f, false, tile(kDeltaPre, j), L);
           if (delta_softplus) k.delta_row(tile(kDeltaPre, j), 0.0f, true, tile(kDelta, j), L);
-          rows[j] = p.row(r, tile(kU, j), tile(delta_softplus ? kDelta : kDeltaPre, j), z ? tile(kZ, j) : nullptr);
-          grads[j] = {tile(kDout, j),
+          rows[j] = p.row(r, u_rows[j], tile(delta_softplus ? kDelta : kDeltaPre, j), z_rows[j]);
+          grads[j] = {dout_rows[j],
                       dlast.defined() ? dlast.const_data_ptr<float>() + r * npad : nullptr,
                       tile(kDu, j),
                       tile(kDdelta, j),
@@ -703,7 +702,7 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
     return g.to(like.scalar_type()).contiguous();
   };
   auto none = [&] { return at::empty({0}, fopt); };  // a fresh one per output: outputs must not alias
-  if (delta_div > 1) ddelta = ddelta_groups.to(delta.scalar_type());
+  if (delta_div > 1) ddelta.copy_(ddelta_groups);  // (in delta's layout, as the fake kernel says)
   return {du,
           ddelta,
           dA_rows.sum(0).narrow(1, 0, n).contiguous(),

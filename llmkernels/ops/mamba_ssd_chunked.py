@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..reference.selective_scan import compute_dtype
+
 CHUNK = 64  # tokens per chunk: the (Q x Q) tiles and the (chunks x headdim x dstate) states are then both ~x's size
 GROUP = 64  # chunks whose entering states come from one (GROUP + 1)^2 decay matrix; groups chain sequentially
 
@@ -76,7 +78,7 @@ class Chunked:
         self.batch, self.seqlen, self.nheads, self.headdim = x.shape
         self.ngroups, self.dstate = B.shape[2], B.shape[3]
         self.hg = self.nheads // self.ngroups  # heads per group
-        self.cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.cd = compute_dtype(x)
         self.Q, pad = Q, (-self.seqlen) % Q
         self.nchunks = (self.seqlen + pad) // Q
         b, c = self.batch, self.nchunks
@@ -128,7 +130,7 @@ class Chunked:
 
 def _ssd_chunked_fp32(x, dt, A, B, C, D, z, initial_states, seq_idx, Q: int):
     batch, seqlen, nheads, headdim = x.shape
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x)
     if seqlen == 0:  # no chunks: y is empty and the state is the initial one (the scan route's answer)
         final = x.new_zeros(batch, nheads, headdim, B.shape[3], dtype=cd)
         return x.new_empty(x.shape), final if initial_states is None else initial_states.to(cd) + final

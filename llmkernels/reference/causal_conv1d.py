@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .selective_scan import sequence_runs
+from .selective_scan import compute_dtype, sequence_runs
 
 
 def _check_activation(activation: str | None) -> bool:
@@ -39,7 +39,7 @@ def causal_conv1d_ref(
 ) -> torch.Tensor:
     """out (batch, dim, seqlen) in x's dtype; differentiable through autograd. See the module doc."""
     silu = _check_activation(activation)
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x)
     dim, width = weight.shape
     seqlen = x.shape[-1]
     if seqlen == 0:  # (F.conv1d refuses empty inputs; x * 0 keeps the result in x's graph)
@@ -102,7 +102,7 @@ def causal_conv1d_update_ref(
         conv_state[rows[live]] = picked
         return out
     silu = _check_activation(activation)
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x)
     window = torch.cat([conv_state[:, :, 1:].to(cd), x.to(cd).unsqueeze(-1)], dim=-1)  # (batch, dim, width)
     conv_state.copy_(window)
     out = (window * weight.to(cd)).sum(-1)

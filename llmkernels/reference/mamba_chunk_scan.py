@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .selective_scan import compute_dtype
+
 
 def processed_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
                  dt_limit: tuple[float, float], dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
@@ -62,7 +64,7 @@ def mamba_chunk_scan_ref(
 ):
     """The recurrence above, one step at a time (tests: small shapes). Returns y, (y, final_states),
     (y, varlen_states) or (y, final_states, varlen_states), mamba_ssm's order."""
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     heads_per_group = nheads // ngroups

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .causal_conv1d import causal_conv1d_ref
 from .mamba_chunk_scan import mamba_chunk_scan_ref
+from .selective_scan import compute_dtype
 
 
 def gated_rmsnorm_ref(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int,
@@ -32,7 +33,7 @@ def gated_rmsnorm_ref(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Ten
     """RMSNorm over groups of `group_size` channels of the last dim, times weight, gated by silu(z): the gate is
     applied to x before the norm (norm_before_gate False) or to the normalised result (True). fp32 inside (fp64 for
     fp64 x); x's dtype out."""
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x)
     h = x.to(cd)
     if z is not None and not norm_before_gate:
         h = h * F.silu(z.to(cd))

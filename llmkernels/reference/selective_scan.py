@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -60,7 +60,7 @@ def selective_scan_ref(
     O(batch * dim * dstate), never the (batch, dim, seqlen, dstate) tensor of all states).
     """
     dtype_in = u.dtype
-    cd = _compute_dtype(u)
+    cd = compute_dtype(u)
     u, delta, A = u.to(cd), delta.to(cd), A.to(cd)
     if delta_bias is not None:
         delta = delta + delta_bias.to(cd)[:, None]
@@ -130,7 +130,7 @@ def selective_state_update_ref(
         y = x.new_zeros(x.shape)
         y[live] = y_live
         return y
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     dim = x.shape[1]
     dt = dt.to(cd)
     if dt_bias is not None:

@@ -270,5 +270,10 @@ def test_cpu_ops_take_delta_per_head(dtype):
             scale = 1e-6 if dtype == torch.float32 else 2e-2
             tol = dict(rtol=scale, atol=scale * w.float().abs().max().item())
         torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    # the fake kernels agree (shapes, strides, dtypes), a strided per-head delta included
+    args = (u, delta.transpose(1, 2).contiguous().transpose(1, 2), A, B, C, D, None, bias, True, None)
+    torch.library.opcheck(torch.ops.llmkernels.selective_scan_fwd.default, args)
+    dout = torch.randn(batch, dim, seqlen).to(dtype)
+    torch.library.opcheck(torch.ops.llmkernels.selective_scan_bwd.default, (dout, None, *args))
     with pytest.raises((ValueError, RuntimeError), match="delta"):
         torch.ops.llmkernels.selective_scan_fwd(u, torch.rand(batch, 5, seqlen), A, B, C, None, None, None, True, None)
