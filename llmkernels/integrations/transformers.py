@@ -255,7 +255,7 @@ def _packed(kwargs: dict) -> dict:
 def _hf_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
     from ..ops.causal_conv1d import causal_conv1d_fn
 
-    return causal_conv1d_fn(hidden_states.contiguous(), weight, bias, activation=activation, **_packed(kwargs))
+    return causal_conv1d_fn(hidden_states, weight, bias, activation=activation, **_packed(kwargs))
 
 
 def _hf_mamba1_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):

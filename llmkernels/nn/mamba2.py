@@ -159,13 +159,13 @@ class Mamba2Mixer(nn.Module):
         batch, seqlen = xBC.shape[:2]
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen)
         if cache is None:
-            xBC = causal_conv1d_fn(xBC.contiguous(), conv_w, self.conv1d.bias, seq_idx=seq_idx,
+            xBC = causal_conv1d_fn(xBC, conv_w, self.conv1d.bias, seq_idx=seq_idx,
                                    activation=self.activation)  # fmt: skip
         else:
             # Continue the conv from the cached inputs: prepend them (zeros for a new sequence).
             history = torch.cat([cache.conv_state.to(xBC.dtype), xBC], dim=-1)
             cache.conv_state.copy_(history[..., -self.conv_kernel_size:])
-            xBC = causal_conv1d_fn(history[..., 1:].contiguous(), conv_w, self.conv1d.bias,
+            xBC = causal_conv1d_fn(history[..., 1:], conv_w, self.conv1d.bias,
                                    activation=self.activation)[..., -seqlen:]  # fmt: skip
         x, B, C = self._split_xBC(xBC.transpose(1, 2))
         g, n = self.n_groups, self.ssm_state_size

@@ -64,7 +64,21 @@ def _conv_reference(x, weight, bias, silu, seq_idx=None, initial_states=None):
 @conv_dispatcher.register("cpu", kernel="causal_conv1d_fwd")
 @conv_dispatcher.register("cuda", kernel="causal_conv1d_fwd")
 def _conv_cpp(x, weight, bias, silu, seq_idx=None, initial_states=None):
+    if x.device.type != "cpu":  # the CUDA kernels read rows; the CPU ones also read time-major x in place
+        x = x.contiguous()
     return torch.ops.llmkernels.causal_conv1d_fwd(x, weight, bias, silu, seq_idx, initial_states)
+
+
+def time_major(x: torch.Tensor) -> bool:
+    """Whether x (batch, dim, seqlen) is (batch, seqlen, dim) memory with channels adjacent, the layout the CPU ops
+    read in place and give their outputs (csrc/scan/cpu/conv1d_cpu.cpp's rule; anything else: contiguous)."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1 and x.stride(2) != 1
+
+
+def _empty_layout(x: torch.Tensor) -> torch.Tensor:
+    if time_major(x):
+        return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def causal_conv1d_fn(
@@ -82,6 +96,10 @@ def causal_conv1d_fn(
     x: (batch, dim, seqlen) fp32/fp16/bf16; weight: (dim, width), width 2..4; bias: (dim,); activation None,
     "silu" or "swish" (keyword: the fourth positional argument is seq_idx, as in causal_conv1d). Returns (batch,
     dim, seqlen) in x's dtype; differentiable in x, weight, bias and initial_states.
+    x may be time-major, a (batch, dim, seqlen) view of (batch, seqlen, dim) memory (in_proj's output transposed, as
+    causal_conv1d's channel-last kernels take it): the CPU kernels read it in place and return the output (and dx) in
+    that layout too, so `.transpose(1, 2)` gives (batch, seqlen, dim) without a copy; the CUDA kernels read a
+    contiguous copy.
     seq_idx (batch, seqlen) int32 / int64, packed sequences: each sequence is convolved alone (a tap that reaches
     into the previous sequence reads 0). initial_states (batch, dim, width - 1): the inputs before x[..., 0] (a
     chunked prefill continuing a sequence); not with seq_idx (NotImplementedError, as causal_conv1d).
@@ -110,8 +128,8 @@ def causal_conv1d_fn(
         _checks.check_tensor(fn, "initial_states", initial_states, ndim=3, dtypes=ACT_DTYPES, device=x.device)
         _checks.check_shape(fn, "initial_states", initial_states, (x.shape[0], x.shape[1], width - 1))
         initial_states = initial_states.to(x.dtype).contiguous()
-    out = conv_dispatcher(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), silu,
-                          seq_idx, initial_states)  # fmt: skip
+    out = conv_dispatcher(x, weight.contiguous(), None if bias is None else bias.contiguous(), silu, seq_idx,
+                          initial_states)  # fmt: skip
     if not return_final_states:
         if final_states_out is not None:
             raise ValueError(f"llmkernels.{fn}: final_states_out is written only with return_final_states=True")
@@ -229,14 +247,14 @@ if _ext.loaded:
 
     @register_fake("llmkernels::causal_conv1d_fwd")
     def _conv_fwd_fake(x, weight, bias, silu, seq_idx=None, initial_states=None):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return _empty_layout(x)
 
     @register_fake("llmkernels::causal_conv1d_bwd")
     def _conv_bwd_fake(dout, x, weight, bias, silu, seq_idx=None, initial_states=None):
         dbias = x.new_empty(0, dtype=torch.float32) if bias is None else torch.empty_like(bias)
         dinit = x.new_empty(0, dtype=torch.float32) if initial_states is None else torch.empty_like(initial_states)
         return (
-            torch.empty_like(x, memory_format=torch.contiguous_format),
+            _empty_layout(x),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             dbias,
             dinit,
@@ -254,7 +272,9 @@ if _ext.loaded:
     def _conv_backward(ctx, dout):
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
         bwd = torch.ops.llmkernels.causal_conv1d_bwd
-        dx, dweight, dbias, dinit = bwd(dout.contiguous(), x, weight, bias, ctx.silu, seq_idx, initial_states)
+        if dout.device.type != "cpu":  # (the CPU op takes either layout of dout)
+            dout = dout.contiguous()
+        dx, dweight, dbias, dinit = bwd(dout, x, weight, bias, ctx.silu, seq_idx, initial_states)
         return (dx, dweight, dbias if bias is not None else None, None, None,
                 dinit if initial_states is not None else None)  # fmt: skip
 

@@ -81,7 +81,7 @@ def mamba_split_conv1d_scan_ref(
     d_mlp = (zxbcdt.shape[-1] - 2 * dim - 2 * ngroups * dstate - nheads) // 2
     zx0, z, xBC, dt = zxbcdt.split([2 * d_mlp, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
     conv_kw = {} if seq_idx is None else {"seq_idx": seq_idx}
-    xBC = conv_fn(xBC.transpose(1, 2).contiguous(), weight, conv1d_bias, activation=activation, **conv_kw)
+    xBC = conv_fn(xBC.transpose(1, 2), weight, conv1d_bias, activation=activation, **conv_kw)
     x, B, C = xBC.transpose(1, 2).split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
     batch, seqlen = zxbcdt.shape[:2]
     gate = z.unflatten(-1, (nheads, headdim))

@@ -1,17 +1,18 @@
 // Depthwise causal conv1d on the CPU (Mamba's short convolution), forward, backward and decode step.
 //
-// Math: out[t] = bias + sum_k w[k] x[t - (width - 1) + k] (x = 0 before t = 0), optional SiLU. Each
-// (batch, channel) row is independent; rows run in parallel (at::parallel_for), arithmetic in fp32. The forward
-// runs a kernel of the scan's table per row (cpu/scan_rows.inc: vectorised over time, SiLU on whole vectors), 16-bit
-// rows converted through per-thread one-row buffers; it was whole-tensor conversion passes around plain loops with
-// a scalar exp per element (2-core VM, 2 threads, b=4 dim=1536 L=2048 width 4 SiLU: fp32 28.6 -> 15.9 ms, most of
-// it now the page faults of the fresh output; bf16 32.1 -> 3.4 ms, where torch's bf16 conv1d + SiLU took 6-25 ms).
-// The backward still converts whole tensors and runs the plain loops.
+// Math: out[t] = bias + sum_k w[k] x[t - (width - 1) + k] (x = 0 before t = 0), optional SiLU; arithmetic in fp32,
+// the kernels in cpu/conv_rows.inc (one table with the scan's, per instruction set). Two layouts of x:
+// - row-major (contiguous (batch, dim, seqlen)): rows run in parallel, vectorised over time; 16-bit rows convert
+//   through per-thread one-row buffers (2-core VM, b=4 dim=1536 L=2048 width 4 SiLU: fp32 28.6 -> 15.9 ms, most of
+//   it the page faults of the fresh output; bf16 32.1 -> 3.4 ms, where torch's bf16 conv1d + SiLU took 6-25 ms).
+// - time-major ((batch, seqlen, dim) memory, channels adjacent: what Mamba layers hold after in_proj): read and
+//   written in place in that layout (fp32 / bf16; other dtypes through fp32 copies), vectorised over channels.
+//   The layers made contiguous copies first, and the backward was scalar loops over whole converted tensors.
 // Packed sequences (seq_idx): each sequence of a row is convolved as a row of its own (segments.h). initial_states
-// (the width - 1 inputs before t = 0): the row is extended by them at the front and convolved whole, the extra
-// outputs dropped (forward) or given zero gradient (backward, whose extended dx holds dinitial_states).
-// The decode step (causal_conv1d_update) is a kernel of the scan's table (cpu/scan_rows.inc) that updates an fp32
-// state in place (b=16, dim=2048, width 4, fp32: about 35 us of one core, the reference about 320 us).
+// (the width - 1 inputs before t = 0): the inputs before the first sequence instead of zeros; the backward's
+// gradient for them is dinitial_states.
+// The decode step (causal_conv1d_update) updates an fp32 state in place (b=16, dim=2048, width 4, fp32: about
+// 35 us of one core, the reference about 320 us).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,8 +34,6 @@ constexpr int64_t kMinWidth = 2, kMaxWidth = 4;
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
-
 // The scan kernels' table (scan_kernels.h), chosen as scan_cpu.cpp chooses it: the decode step's kernel lives there.
 const Kernels& kernels() {
   static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
@@ -52,11 +51,11 @@ bool is_conv_dtype(at::ScalarType s) {
                  (t).scalar_type())
 
 void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
-                int64_t x_dims) {
+                int64_t x_dims, bool need_contiguous) {
   LLMK_CHECK_DIM(op, x, x_dims);
   CONV_CHECK_FLOAT(op, x);
   LLMK_CHECK_DEVICE(op, x, at::kCPU);
-  LLMK_CHECK_CONTIGUOUS(op, x);
+  if (need_contiguous) LLMK_CHECK_CONTIGUOUS(op, x);
   LLMK_CHECK_DIM(op, weight, 2);
   LLMK_CHECK_ARG(weight.size(0) == x.size(1) && weight.size(1) >= kMinWidth && weight.size(1) <= kMaxWidth, op,
                  "weight", "must have shape (dim, width) with dim = ", x.size(1), " and width in 2..4, got ",
@@ -96,15 +95,6 @@ void write_f32(const float* src, at::Tensor& t, int64_t offset, int64_t n) {
   });
 }
 
-// Pre-activation of one row: o[t] = bias + sum_k w[k] x[t - (W - 1) + k].
-inline void conv_row(const float* x, const float* w, float b, int64_t W, int64_t L, float* o) {
-  for (int64_t t = 0; t < L; ++t) o[t] = b;
-  for (int64_t k = 0; k < W; ++k) {
-    const int64_t shift = W - 1 - k;  // o[t] += w[k] x[t - shift]
-    for (int64_t t = shift; t < L; ++t) o[t] += w[k] * x[t - shift];
-  }
-}
-
 // initial_states (batch, dim, width - 1) as fp32, checked against x and weight; undefined when absent.
 at::Tensor checked_initial_states(const char* op, const std::optional<at::Tensor>& initial_states,
                                   const std::optional<at::Tensor>& seq_idx, const at::Tensor& x, int64_t W) {
@@ -119,20 +109,79 @@ at::Tensor checked_initial_states(const char* op, const std::optional<at::Tensor
   return f32(s);
 }
 
+// Time-major: (batch, seqlen, dim) memory seen as (batch, dim, seqlen), channels adjacent (in_proj's output
+// transposed, as mamba_ssm and transformers pass it). The outputs keep x's layout by this rule, which the fake
+// kernels in ops/causal_conv1d.py repeat; other layouts are made contiguous (row-major) first.
+bool time_major(const at::Tensor& x) { return x.size(1) > 1 && x.size(2) > 1 && x.stride(1) == 1 && x.stride(2) != 1; }
+
+at::Tensor empty_layout(const at::Tensor& x, bool tm, at::ScalarType dtype) {
+  if (!tm) return at::empty(x.sizes(), x.options().dtype(dtype));
+  return at::empty({x.size(0), x.size(2), x.size(1)}, x.options().dtype(dtype)).transpose(1, 2);
+}
+
+// The element type the time-major kernels run on: fp32 and bf16 in place, anything else through fp32 copies.
+at::ScalarType tm_kernel_dtype(at::ScalarType s) { return s == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+
+// t with channels adjacent in dtype: itself when it already is, else a time-major copy.
+at::Tensor time_major_operand(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.stride(1) == 1) return t;
+  at::Tensor out = empty_layout(t, true, dtype);
+  out.copy_(t);
+  return out;
+}
+
+// Pointer to element (b, c, t) of a time-major tensor (channel stride 1).
+const char* tm_ptr(const at::Tensor& t, int64_t b, int64_t c, int64_t s) {
+  return static_cast<const char*>(t.const_data_ptr()) + (b * t.stride(0) + s * t.stride(2) + c) * t.element_size();
+}
+char* tm_ptr(at::Tensor& t, int64_t b, int64_t c, int64_t s) {
+  return static_cast<char*>(t.data_ptr()) + (b * t.stride(0) + s * t.stride(2) + c) * t.element_size();
+}
+
+// Channels per work item of the time-major kernels: 4 AVX-512 vectors (a 256-byte piece of each row).
+constexpr int64_t kTmChannels = 64;
+
 at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  bool silu, const std::optional<at::Tensor>& seq_idx,
                                  const std::optional<at::Tensor>& initial_states) {
   const char* op = "causal_conv1d_fwd";
-  check_conv(op, x, weight, bias, 3);
+  check_conv(op, x, weight, bias, 3, /*need_contiguous=*/false);
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
   const Segments segs = find_segments(op, seq_idx, batch, L);
   const at::Tensor init = checked_initial_states(op, initial_states, seq_idx, x, W);
   const int64_t pre = init.defined() ? W - 1 : 0;  // the inputs before t = 0 that the row is extended by
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
+  const Kernels& k = kernels();
+  if (time_major(x)) {
+    const at::ScalarType kd = tm_kernel_dtype(x.scalar_type());
+    const at::Tensor xk = time_major_operand(x, kd);
+    at::Tensor out = empty_layout(x, true, x.scalar_type());
+    at::Tensor outk = kd == x.scalar_type() ? out : empty_layout(x, true, kd);
+    const at::Tensor wt = wf.t().contiguous();                                         // (W, dim)
+    const at::Tensor hist = pre > 0 ? init.transpose(1, 2).contiguous() : at::Tensor();  // (batch, W - 1, dim)
+    const int64_t blocks = (dim + kTmChannels - 1) / kTmChannels;
+    at::parallel_for(0, batch * blocks, std::max<int64_t>(1, (16 << 10) / (L * kTmChannels)), [&](int64_t begin,
+                                                                                                  int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / blocks, c0 = item % blocks * kTmChannels, n = std::min(kTmChannels, dim - c0);
+        const int64_t* starts = segs.begin(b);
+        for (int64_t s = 0; s < segs.count(b); ++s) {
+          const int64_t t0 = starts[s];
+          const float* h = s == 0 && pre > 0 ? hist.const_data_ptr<float>() + b * pre * dim + c0 : nullptr;
+          k.conv_tm_fwd(ConvTimeMajor{starts[s + 1] - t0, n, W, kd == at::kBFloat16, tm_ptr(xk, b, c0, t0),
+                                      xk.stride(2), h, dim, wt.const_data_ptr<float>() + c0, dim,
+                                      bf.defined() ? bf.const_data_ptr<float>() + c0 : nullptr, silu,
+                                      tm_ptr(outk, b, c0, t0), outk.stride(2)});
+        }
+      }
+    });
+    if (!outk.is_same(out)) out.copy_(outk);
+    return out;
+  }
+  const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({batch, dim, L}, x.options());
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const bool direct = out_f32 && pre == 0;  // read x and write out in place
-  const Kernels& k = kernels();
   // Rows of at least ~16K elements a task; 16-bit rows convert through per-thread buffers of one row each.
   at::parallel_for(0, batch * dim, std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(L, 1)), [&](int64_t begin,
                                                                                                        int64_t end) {
@@ -144,11 +193,11 @@ at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
       const float* xr;
       if (pre > 0) {
         std::copy_n(init.const_data_ptr<float>() + r * pre, pre, xbuf.data());
-        const float* src = read_f32(x, r * L, L, xbuf.data() + pre);
+        const float* src = read_f32(xc, r * L, L, xbuf.data() + pre);
         if (src != xbuf.data() + pre) std::copy_n(src, L, xbuf.data() + pre);
         xr = xbuf.data();
       } else {
-        xr = read_f32(x, r * L, L, xbuf.data());
+        xr = read_f32(xc, r * L, L, xbuf.data());
       }
       float* o = direct ? out.data_ptr<float>() + r * L : obuf.data();
       const int64_t* starts = segs.begin(b);
@@ -162,76 +211,109 @@ at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
   return out;
 }
 
-// Backward of one row (or one sequence of it) of L steps: dxr written, dw (W,) and db accumulated; g scratch (L,).
-void conv_bwd_row(const float* xr, const float* go, const float* w, float bias, int64_t W, int64_t L, bool silu,
-                  float* g, float* dxr, float* dw, float& db) {
-  if (silu) {  // g = dout * silu'(o), silu'(o) = s (1 + o (1 - s))
-    conv_row(xr, w, bias, W, L, g);
-    for (int64_t t = 0; t < L; ++t) {
-      const float s = sigmoid(g[t]);
-      g[t] = go[t] * s * (1.0f + g[t] * (1.0f - s));
+// Backward, time-major: items of (batch, kTmChannels channels) walk each sequence once (conv_rows.inc).
+void conv_bwd_time_major(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& wf, const at::Tensor& bf,
+                         bool silu, const Segments& segs, const at::Tensor& init, at::Tensor& dx, at::Tensor& dw_b,
+                         at::Tensor& db_b, at::Tensor& dinit_t) {
+  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = wf.size(1), pre = init.defined() ? W - 1 : 0;
+  const at::ScalarType kd = tm_kernel_dtype(x.scalar_type());
+  const at::Tensor xk = time_major_operand(x, kd), gk = time_major_operand(dout, kd);
+  at::Tensor dxk = kd == dx.scalar_type() ? dx : empty_layout(x, true, kd);
+  const at::Tensor wt = wf.t().contiguous();                                         // (W, dim)
+  const at::Tensor hist = pre > 0 ? init.transpose(1, 2).contiguous() : at::Tensor();  // (batch, W - 1, dim)
+  const Kernels& k = kernels();
+  const int64_t blocks = (dim + kTmChannels - 1) / kTmChannels;
+  at::parallel_for(0, batch * blocks, std::max<int64_t>(1, (8 << 10) / (L * kTmChannels)), [&](int64_t begin,
+                                                                                               int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, c0 = item % blocks * kTmChannels, n = std::min(kTmChannels, dim - c0);
+      const int64_t* starts = segs.begin(b);
+      for (int64_t s = 0; s < segs.count(b); ++s) {
+        const int64_t t0 = starts[s];
+        const bool first = s == 0 && pre > 0;  // the initial states stand before this sequence
+        const ConvTimeMajor c{starts[s + 1] - t0, n, W, kd == at::kBFloat16, tm_ptr(xk, b, c0, t0), xk.stride(2),
+                              first ? hist.const_data_ptr<float>() + b * pre * dim + c0 : nullptr, dim,
+                              wt.const_data_ptr<float>() + c0, dim,
+                              bf.defined() ? bf.const_data_ptr<float>() + c0 : nullptr, silu, nullptr, 0};
+        k.conv_tm_bwd(c, ConvTimeMajorGrad{tm_ptr(gk, b, c0, t0), gk.stride(2), tm_ptr(dxk, b, c0, t0),
+                                           dxk.stride(2),
+                                           first ? dinit_t.data_ptr<float>() + b * pre * dim + c0 : nullptr, dim,
+                                           dw_b.data_ptr<float>() + b * W * dim + c0, dim,
+                                           db_b.data_ptr<float>() + b * dim + c0});
+      }
     }
-  } else {
-    std::copy(go, go + L, g);
-  }
-  for (int64_t s = 0; s < L; ++s) dxr[s] = 0.0f;  // dx[s] = sum_k w[k] g[s + shift_k]
-  for (int64_t t = 0; t < L; ++t) db += g[t];
-  for (int64_t k = 0; k < W; ++k) {
-    const int64_t shift = W - 1 - k;
-    float acc = 0.0f;
-    for (int64_t t = shift; t < L; ++t) {
-      dxr[t - shift] += w[k] * g[t];
-      acc += g[t] * xr[t - shift];
+  });
+  if (!dxk.is_same(dx)) dx.copy_(dxk);
+}
+
+// Backward, row-major: each row (each sequence of it) extended by the width - 1 inputs before it (initial states
+// or zeros), its gradient computed whole by conv_row_bwd and split back into dx and dinitial_states.
+void conv_bwd_rows(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& wf, const at::Tensor& bf, bool silu,
+                   const Segments& segs, const at::Tensor& init, at::Tensor& dx, at::Tensor& dw_rows,
+                   at::Tensor& db_rows, at::Tensor& dinit) {
+  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = wf.size(1), P = W - 1;
+  const bool pre = init.defined();
+  const at::Tensor xc = x.contiguous(), gc = dout.contiguous();
+  const Kernels& k = kernels();
+  at::parallel_for(0, batch * dim, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin,
+                                                                                             int64_t end) {
+    std::vector<float> xbuf(L), gbuf(L), dxrow(L), xe(L + P), gpad(L + 2 * P), dxe(L + P);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / dim, d = r % dim;
+      const float* xr = read_f32(xc, r * L, L, xbuf.data());
+      const float* go = read_f32(gc, r * L, L, gbuf.data());
+      const int64_t* starts = segs.begin(b);
+      for (int64_t s = 0; s < segs.count(b); ++s) {
+        const int64_t t0 = starts[s], n = starts[s + 1] - t0;
+        if (s == 0 && pre) {
+          std::copy_n(init.const_data_ptr<float>() + r * P, P, xe.data());
+        } else {
+          std::fill_n(xe.data(), P, 0.0f);
+        }
+        std::copy_n(xr + t0, n, xe.data() + P);
+        k.conv_row_bwd(ConvRowGrad{n, W, xe.data(), wf.const_data_ptr<float>() + d * W,
+                                   bf.defined() ? bf.const_data_ptr<float>()[d] : 0.0f, silu, go + t0, gpad.data(),
+                                   dxe.data(), dw_rows.data_ptr<float>() + r * W, db_rows.data_ptr<float>() + r});
+        std::copy_n(dxe.data() + P, n, dxrow.data() + t0);
+        if (s == 0 && pre) std::copy_n(dxe.data(), P, dinit.data_ptr<float>() + r * P);
+      }
+      write_f32(dxrow.data(), dx, r * L, L);
     }
-    dw[k] += acc;
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     bool silu, const std::optional<at::Tensor>& seq_idx, const std::optional<at::Tensor>& initial_states) {
   const char* op = "causal_conv1d_bwd";
-  check_conv(op, x, weight, bias, 3);
+  check_conv(op, x, weight, bias, 3, /*need_contiguous=*/false);
   LLMK_CHECK_SHAPE(op, dout, x.size(0), x.size(1), x.size(2));
   CONV_CHECK_FLOAT(op, dout);
-  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
-  const Segments segs = find_segments(op, seq_idx, batch, L);
+  LLMK_CHECK_DEVICE(op, dout, at::kCPU);
+  const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
+  const Segments segs = find_segments(op, seq_idx, batch, x.size(2));
   const at::Tensor init = checked_initial_states(op, initial_states, seq_idx, x, W);
-  const int64_t pre = init.defined() ? W - 1 : 0, Le = pre + L;  // rows extended by the initial states
-  const at::Tensor xf = f32(x), wf = f32(weight), gf = f32(dout);
-  const at::Tensor bf = bias ? f32(*bias) : at::zeros({dim}, xf.options());
-  at::Tensor dx = at::empty({batch, dim, L}, xf.options());
-  at::Tensor dinit = pre > 0 ? at::empty({batch, dim, pre}, xf.options()) : at::empty({0}, xf.options());
-  at::Tensor dw_rows = at::zeros({batch, dim, W}, xf.options()), db_rows = at::zeros({batch, dim}, xf.options());
-  at::parallel_for(0, batch * dim, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<float> g(Le), xe(pre > 0 ? Le : 0), ge(pre > 0 ? Le : 0, 0.0f), dxe(pre > 0 ? Le : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / dim, d = r % dim;
-      const float* w = wf.const_data_ptr<float>() + d * W;
-      const float bias_d = bf.const_data_ptr<float>()[d];
-      float* dw = dw_rows.data_ptr<float>() + r * W;
-      float& db = db_rows.data_ptr<float>()[r];
-      const float* xr = xf.const_data_ptr<float>() + r * L;
-      const float* go = gf.const_data_ptr<float>() + r * L;
-      float* dxr = dx.data_ptr<float>() + r * L;
-      if (pre > 0) {  // the extended row: its first pre outputs do not exist, so their gradient is 0
-        std::copy_n(init.const_data_ptr<float>() + r * pre, pre, xe.data());
-        std::copy_n(xr, L, xe.data() + pre);
-        std::copy_n(go, L, ge.data() + pre);
-        conv_bwd_row(xe.data(), ge.data(), w, bias_d, W, Le, silu, g.data(), dxe.data(), dw, db);
-        std::copy_n(dxe.data(), pre, dinit.data_ptr<float>() + r * pre);
-        std::copy_n(dxe.data() + pre, L, dxr);
-        continue;
-      }
-      const int64_t* starts = segs.begin(b);
-      for (int64_t s = 0; s < segs.count(b); ++s) {
-        const int64_t t0 = starts[s], n = starts[s + 1] - t0;
-        conv_bwd_row(xr + t0, go + t0, w, bias_d, W, n, silu, g.data(), dxr + t0, dw, db);
-      }
-    }
-  });
-  return {dx.to(x.scalar_type()), dw_rows.sum(0).to(weight.scalar_type()),
-          bias ? db_rows.sum(0).to(bias->scalar_type()) : at::empty({0}, xf.options()),
+  const int64_t pre = init.defined() ? W - 1 : 0;
+  const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
+  const at::TensorOptions f32_opts = x.options().dtype(at::kFloat);
+  const bool tm = time_major(x);
+  at::Tensor dx = empty_layout(x, tm, x.scalar_type()), dw, db;
+  at::Tensor dinit = pre > 0 ? at::empty({batch, dim, pre}, f32_opts) : at::empty({0}, f32_opts);
+  if (tm) {
+    at::Tensor dw_b = at::zeros({batch, W, dim}, f32_opts), db_b = at::zeros({batch, dim}, f32_opts);
+    at::Tensor dinit_t = pre > 0 ? at::empty({batch, pre, dim}, f32_opts) : at::Tensor();
+    conv_bwd_time_major(dout, x, wf, bf, silu, segs, init, dx, dw_b, db_b, dinit_t);
+    dw = dw_b.sum(0).t();
+    db = db_b.sum(0);
+    if (pre > 0) dinit.copy_(dinit_t.transpose(1, 2));
+  } else {
+    at::Tensor dw_rows = at::zeros({batch, dim, W}, f32_opts), db_rows = at::zeros({batch, dim}, f32_opts);
+    conv_bwd_rows(dout, x, wf, bf, silu, segs, init, dx, dw_rows, db_rows, dinit);
+    dw = dw_rows.sum(0);
+    db = db_rows.sum(0);
+  }
+  return {dx, dw.to(weight.scalar_type()).contiguous(),
+          bias ? db.to(bias->scalar_type()) : at::empty({0}, f32_opts),
           pre > 0 ? dinit.to(initial_states->scalar_type()) : dinit};
 }
 
@@ -243,7 +325,7 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
                                     const std::optional<at::Tensor>& bias, bool silu,
                                     const std::optional<at::Tensor>& conv_state_indices) {
   const char* op = "causal_conv1d_update";
-  check_conv(op, x, weight, bias, 2);
+  check_conv(op, x, weight, bias, 2, /*need_contiguous=*/true);
   const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
   // conv_state_indices: a pool of states (state_pool.h); without, conv_state has x's batch.
   const bool pooled = conv_state_indices.has_value() && conv_state_indices->defined();

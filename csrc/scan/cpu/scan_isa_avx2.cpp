@@ -1,4 +1,4 @@
-// The per-row scan kernels (scan_rows.inc) compiled for avx2, chosen at run time by scan_cpu.cpp.
+// The per-row scan and conv1d kernels (scan_rows.inc, conv_rows.inc) compiled for avx2, chosen at run time by scan_cpu.cpp.
 // Only plain C++ and intrinsics live under the target pragma (see scan_kernels.h for why).
 #include <immintrin.h>
 
@@ -22,6 +22,7 @@ namespace llmkernels::scan_cpu::isa_avx2 {
 #include "scan/cpu/vec_avx2.inc"
 #include "scan/cpu/vexp_poly.inc"
 #include "scan/cpu/scan_rows.inc"
+#include "scan/cpu/conv_rows.inc"
 }  // namespace llmkernels::scan_cpu::isa_avx2
 
 #if defined(__clang__)
@@ -37,6 +38,9 @@ Kernels kernels_avx2() {
           isa_avx2::update_rows,
           isa_avx2::conv_update,
           isa_avx2::conv_row,
+          isa_avx2::conv_row_bwd,
+          isa_avx2::conv_tm_fwd,
+          isa_avx2::conv_tm_bwd,
           isa_avx2::softplus_backward_inplace,
           isa_avx2::delta_row,
           isa_avx2::bf16_to_f32,

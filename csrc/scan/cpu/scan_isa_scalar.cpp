@@ -1,4 +1,4 @@
-// The per-row scan kernels (scan_rows.inc) with one fp32 lane and std::exp: the portable fallback.
+// The per-row scan and conv1d kernels (scan_rows.inc, conv_rows.inc) with one fp32 lane and std::exp: the portable fallback.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -9,6 +9,7 @@
 namespace llmkernels::scan_cpu::isa_scalar {
 #include "scan/cpu/vec_scalar.inc"
 #include "scan/cpu/scan_rows.inc"
+#include "scan/cpu/conv_rows.inc"
 }  // namespace llmkernels::scan_cpu::isa_scalar
 
 namespace llmkernels::scan_cpu {
@@ -18,6 +19,9 @@ Kernels kernels_scalar() {
           isa_scalar::update_rows,
           isa_scalar::conv_update,
           isa_scalar::conv_row,
+          isa_scalar::conv_row_bwd,
+          isa_scalar::conv_tm_fwd,
+          isa_scalar::conv_tm_bwd,
           isa_scalar::softplus_backward_inplace,
           isa_scalar::delta_row,
           isa_scalar::bf16_to_f32,

@@ -104,6 +104,54 @@ struct ConvRow {
   bool silu;
   float* out;  // (L,)
 };
+// Backward of one row-major row (conv1d_cpu.cpp). xe (L + width - 1): the row after the width - 1 inputs before it
+// (zeros, initial states or nothing of an earlier sequence), so out[t] = bias + sum_k weight[k] xe[t + k].
+struct ConvRowGrad {
+  int64_t L;
+  int64_t width;  // 2..4
+  const float* xe;
+  const float* weight;  // (width,)
+  float bias;
+  bool silu;
+  const float* dout;  // (L,)
+  float* gpad;        // scratch, L + 2 (width - 1) floats
+  float* dxe;         // (L + width - 1,) written: the gradient of xe
+  float* dw;          // (width,) accumulated
+  float* db;          // (1,) accumulated
+};
+
+// Causal conv1d over time-major data (conv1d_cpu.cpp): n channels of one batch row, element (t, c) at
+// x + t * ld_x + c, fp32 or bf16 (as its bits). hist: the width - 1 inputs before t = 0, oldest first, fp32 at
+// hist + j * ld_hist + c, or nullptr for zeros. weight (width, n) fp32 at weight + k * ld_w + c.
+struct ConvTimeMajor {
+  int64_t L;
+  int64_t n;
+  int64_t width;  // 2..4
+  bool bf16;      // x, out, dout and dx hold bf16; else fp32
+  const void* x;
+  int64_t ld_x;
+  const float* hist;
+  int64_t ld_hist;
+  const float* weight;
+  int64_t ld_w;
+  const float* bias;  // (n,) or nullptr
+  bool silu;
+  void* out;  // forward: written at out + t * ld_out + c
+  int64_t ld_out;
+};
+
+struct ConvTimeMajorGrad {
+  const void* dout;  // x's element type, at dout + t * ld_dout + c
+  int64_t ld_dout;
+  void* dx;  // written, x's element type
+  int64_t ld_dx;
+  float* dhist;  // written: the gradient of hist (width - 1 rows), or nullptr to drop it
+  int64_t ld_dhist;
+  float* dw;  // (width, n) at dw + k * ld_dw + c, accumulated
+  int64_t ld_dw;
+  float* db;  // (n,) accumulated
+};
+
 // Forward: state (npad,) holds the initial state and receives the last; out (L,) fp32.
 using FwdRowFn = void (*)(const ScanRow& r, float* state, float* out);
 // Backward of nrows rows of one length: init[j] (npad,) row j's initial state (zeros when absent); recomputes the
@@ -113,6 +161,9 @@ using BwdRowsFn = void (*)(int64_t nrows, const ScanRow* rows, const float* cons
 using UpdateRowsFn = void (*)(const UpdateRows& u);
 using ConvUpdateFn = void (*)(const ConvUpdate& c);
 using ConvRowFn = void (*)(const ConvRow& c);
+using ConvRowBwdFn = void (*)(const ConvRowGrad& c);
+using ConvTmFwdFn = void (*)(const ConvTimeMajor& c);
+using ConvTmBwdFn = void (*)(const ConvTimeMajor& c, const ConvTimeMajorGrad& g);
 
 // Elementwise, vectorised: grad <- grad * sigmoid(pre).
 using SoftplusBwdFn = void (*)(float* grad, const float* pre, int64_t n);
@@ -128,6 +179,9 @@ struct Kernels {
   UpdateRowsFn update_rows;
   ConvUpdateFn conv_update;
   ConvRowFn conv_row;
+  ConvRowBwdFn conv_row_bwd;
+  ConvTmFwdFn conv_tm_fwd;
+  ConvTmBwdFn conv_tm_bwd;
   SoftplusBwdFn softplus_backward;
   DeltaRowFn delta_row;
   Bf16ToF32Fn bf16_to_f32;
