@@ -165,4 +165,13 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu, "
       "Tensor? conv_state_indices=None) -> Tensor");
+  // Gated RMSNorm (Mamba-2's norm): x, z (rows, H), weight, bias (H,); groups of group_size channels; the gate
+  // silu(z) multiplies the normalised result (norm_before_gate) or x before the norm. dbias / dz are empty without
+  // bias / z.
+  m.def(
+      "rmsnorm_gated_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, int group_size, "
+      "bool norm_before_gate) -> Tensor");
+  m.def(
+      "rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, int group_size, "
+      "bool norm_before_gate) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)");
 }

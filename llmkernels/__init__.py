@@ -10,6 +10,7 @@
     mamba_inner_fn                                  Mamba's inner block (conv1d, projections, scan)
     mamba_chunk_scan_combined,                      Mamba-2's scan (SSD) and its mixer after in_proj
     mamba_split_conv1d_scan_combined                (mamba_ssm signatures)
+    rmsnorm_fn                                      Mamba-2's gated RMSNorm (mamba_ssm's rmsnorm_fn)
     nn.*                                            drop-in nn.Module layers
 
 Importing never initialises CUDA and never fails for want of the compiled extension: the reference
@@ -30,6 +31,7 @@ from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from .ops.mamba_chunk_scan import mamba_chunk_scan_combined
 from .ops.mamba_inner import mamba_inner_fn
 from .ops.mamba_split_scan import mamba_split_conv1d_scan_combined
+from .ops.rmsnorm_gated import rmsnorm_fn
 from .ops.selective_scan import selective_scan_fn, selective_state_update
 from .ops.sliding_window import RollingKVCache, sliding_window_attn_with_cache
 from .ops.ternary import quantize_, ternary_linear
@@ -56,6 +58,7 @@ __all__ = [
     "nn",
     "quantize_",
     "requested_backend",
+    "rmsnorm_fn",
     "selective_scan_fn",
     "selective_state_update",
     "sliding_window_attn_with_cache",

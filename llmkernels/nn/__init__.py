@@ -2,7 +2,7 @@
 
 from .attention import MultiheadFlashAttention
 from .mamba import MambaMixer
-from .mamba2 import Mamba2Mixer
+from .mamba2 import Mamba2Mixer, RMSNormGated
 from .sliding_window import SlidingWindowAttention
 from .ternary import BitLinear, TernaryLinear
 
@@ -11,6 +11,7 @@ __all__ = [
     "Mamba2Mixer",
     "MambaMixer",
     "MultiheadFlashAttention",
+    "RMSNormGated",
     "SlidingWindowAttention",
     "TernaryLinear",
 ]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..ops.mamba_chunk_scan import mamba_chunk_scan_combined
+from ..ops.rmsnorm_gated import rmsnorm_fn
 from ..ops.selective_scan import selective_state_update
 from .mamba import check_mixer_config
 
@@ -43,7 +44,9 @@ class Mamba2Cache:
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm of x * silu(gate) per group of `group_size` channels (Mamba-2's norm_before_gate=False), in fp32."""
+    """RMSNorm of x * silu(gate) per group of `group_size` channels (Mamba-2's norm_before_gate=False), in fp32 through
+    rmsnorm_fn; transformers' MambaRMSNormGated's parameter names. The weight multiplies in fp32 before the result is
+    rounded to x's dtype (as mamba_ssm's kernel; transformers' rounds first: one 16-bit rounding apart)."""
 
     def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
@@ -51,12 +54,24 @@ class GatedRMSNorm(nn.Module):
         self.variance_epsilon = eps
         self.group_size = group_size
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float() * F.silu(gate.float())
-        grouped = h.unflatten(-1, (-1, self.group_size))
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * grouped.flatten(-2).to(dtype)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return rmsnorm_fn(x, self.weight, None, z=gate, eps=self.variance_epsilon, group_size=self.group_size,
+                          norm_before_gate=False)  # fmt: skip
+
+
+class RMSNormGated(nn.Module):
+    """mamba_ssm's gated RMSNorm module (mamba_ssm.ops.triton.layernorm_gated.RMSNorm): forward(x, z=None)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
+                 norm_before_gate: bool = True, device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        return rmsnorm_fn(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
+                          norm_before_gate=self.norm_before_gate)  # fmt: skip
 
 
 class Mamba2Mixer(nn.Module):

@@ -1,7 +1,7 @@
 """mamba_split_conv1d_scan_combined: Mamba-2's mixer after in_proj with mamba_ssm's signature (the fused entry its
 Mamba2 module trains through, and transformers' Mamba-2 models call when a kernel provides it), composed from
 llmkernels' causal_conv1d_fn and mamba_chunk_scan_combined (each on the fastest backend; gradients flow through
-both), the gated RMSNorm and out_proj in PyTorch. Definition: llmkernels/reference/mamba_split_scan.py.
+both), the gated RMSNorm (rmsnorm_fn) and out_proj. Definition: llmkernels/reference/mamba_split_scan.py.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .._checks import check_shape, check_tensor
 from ..reference.mamba_split_scan import mamba_split_conv1d_scan_ref
 from .causal_conv1d import causal_conv1d_fn
 from .mamba_chunk_scan import mamba_chunk_scan_combined
+from .rmsnorm_gated import rmsnorm_fn
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -95,5 +96,5 @@ def mamba_split_conv1d_scan_combined(
     return mamba_split_conv1d_scan_ref(
         zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
         return_final_states, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
-        norm_before_gate, conv_fn=causal_conv1d_fn, scan_fn=mamba_chunk_scan_combined,
+        norm_before_gate, conv_fn=causal_conv1d_fn, scan_fn=mamba_chunk_scan_combined, norm_fn=rmsnorm_fn,
     )  # fmt: skip

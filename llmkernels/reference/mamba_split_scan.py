@@ -25,23 +25,13 @@ import torch.nn.functional as F
 
 from .causal_conv1d import causal_conv1d_ref
 from .mamba_chunk_scan import mamba_chunk_scan_ref
-from .selective_scan import compute_dtype
+from .rmsnorm_gated import rmsnorm_gated_ref
 
 
 def gated_rmsnorm_ref(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int,
                       norm_before_gate: bool) -> torch.Tensor:  # fmt: skip
-    """RMSNorm over groups of `group_size` channels of the last dim, times weight, gated by silu(z): the gate is
-    applied to x before the norm (norm_before_gate False) or to the normalised result (True). fp32 inside (fp64 for
-    fp64 x); x's dtype out."""
-    cd = compute_dtype(x)
-    h = x.to(cd)
-    if z is not None and not norm_before_gate:
-        h = h * F.silu(z.to(cd))
-    grouped = h.unflatten(-1, (-1, group_size))
-    h = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(cd)
-    if z is not None and norm_before_gate:
-        h = h * F.silu(z.to(cd))
-    return h.to(x.dtype)
+    """rmsnorm_gated_ref in this module's argument order (the norm of mamba_split_conv1d_scan_combined)."""
+    return rmsnorm_gated_ref(x, weight, None, z, eps, group_size, norm_before_gate)
 
 
 def _scan_ref(x, dt, A, B, C, chunk_size, **kw):
@@ -70,6 +60,7 @@ def mamba_split_conv1d_scan_ref(
     norm_before_gate: bool = True,
     conv_fn=causal_conv1d_ref,
     scan_fn=_scan_ref,
+    norm_fn=rmsnorm_gated_ref,
 ):
     """See the module doc. D (nheads, headdim) or (nheads,) with headdim given; conv1d_weight (conv_dim, width) or
     nn.Conv1d's (conv_dim, 1, width). Differentiable in every tensor through the ops it composes."""
@@ -95,7 +86,7 @@ def mamba_split_conv1d_scan_ref(
     y, final = result if return_final_states else (result, None)
     y = y.reshape(batch, seqlen, dim)
     if rmsnorm_weight is not None:
-        y = gated_rmsnorm_ref(y, z, rmsnorm_weight, rmsnorm_eps, dim // ngroups, norm_before_gate)
+        y = norm_fn(y, rmsnorm_weight, None, z, rmsnorm_eps, dim // ngroups, norm_before_gate)
     if d_mlp > 0:
         mlp_in, mlp_gate = zx0.chunk(2, dim=-1)
         y = torch.cat([F.silu(mlp_in) * mlp_gate, y.to(zx0.dtype)], dim=-1)

@@ -1,4 +1,5 @@
-// The per-row scan and conv1d kernels (scan_rows.inc, conv_rows.inc) compiled for avx512, chosen at run time by scan_cpu.cpp.
+// The per-row scan, conv1d and norm kernels (scan_rows.inc, conv_rows.inc, norm_rows.inc)
+// compiled for avx512, chosen at run time by scan_cpu.cpp.
 // Only plain C++ and intrinsics live under the target pragma (see scan_kernels.h for why).
 #include <immintrin.h>
 
@@ -23,6 +24,7 @@ namespace llmkernels::scan_cpu::isa_avx512 {
 #include "scan/cpu/vexp_poly.inc"
 #include "scan/cpu/scan_rows.inc"
 #include "scan/cpu/conv_rows.inc"
+#include "scan/cpu/norm_rows.inc"
 }  // namespace llmkernels::scan_cpu::isa_avx512
 
 #if defined(__clang__)
@@ -41,6 +43,8 @@ Kernels kernels_avx512() {
           isa_avx512::conv_row_bwd,
           isa_avx512::conv_tm_fwd,
           isa_avx512::conv_tm_bwd,
+          isa_avx512::norm_fwd_rows,
+          isa_avx512::norm_bwd_rows,
           isa_avx512::softplus_backward_inplace,
           isa_avx512::delta_row,
           isa_avx512::bf16_to_f32,

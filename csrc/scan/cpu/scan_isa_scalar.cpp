@@ -1,4 +1,5 @@
-// The per-row scan and conv1d kernels (scan_rows.inc, conv_rows.inc) with one fp32 lane and std::exp: the portable fallback.
+// The per-row scan, conv1d and norm kernels (scan_rows.inc, conv_rows.inc, norm_rows.inc) with one fp32 lane
+// and std::exp: the portable fallback.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,6 +11,7 @@ namespace llmkernels::scan_cpu::isa_scalar {
 #include "scan/cpu/vec_scalar.inc"
 #include "scan/cpu/scan_rows.inc"
 #include "scan/cpu/conv_rows.inc"
+#include "scan/cpu/norm_rows.inc"
 }  // namespace llmkernels::scan_cpu::isa_scalar
 
 namespace llmkernels::scan_cpu {
@@ -22,6 +24,8 @@ Kernels kernels_scalar() {
           isa_scalar::conv_row_bwd,
           isa_scalar::conv_tm_fwd,
           isa_scalar::conv_tm_bwd,
+          isa_scalar::norm_fwd_rows,
+          isa_scalar::norm_bwd_rows,
           isa_scalar::softplus_backward_inplace,
           isa_scalar::delta_row,
           isa_scalar::bf16_to_f32,

@@ -152,6 +152,37 @@ struct ConvTimeMajorGrad {
   float* db;  // (n,) accumulated
 };
 
+// Gated RMSNorm of `rows` rows of H channels in groups of G (rmsnorm_gated_cpu.cpp, norm_rows.inc): x, z, out
+// fp32 or bf16 (as its bits), row i at x + i * ld_x (channels contiguous); weight, bias (H,) fp32; z or nullptr.
+struct NormRows {
+  int64_t rows;
+  int64_t H;
+  int64_t G;
+  bool bf16;
+  const void* x;
+  int64_t ld_x;
+  const void* z;
+  int64_t ld_z;
+  const float* weight;
+  const float* bias;  // or nullptr
+  float eps;
+  bool norm_before_gate;  // y = norm(x) w * silu(z); else norm(x * silu(z)) w
+  void* out;              // forward only
+  int64_t ld_out;
+  float* scratch;  // 2 H floats
+};
+
+struct NormRowsGrad {
+  const void* dout;  // x's element type
+  int64_t ld_dout;
+  void* dx;  // written
+  int64_t ld_dx;
+  void* dz;  // written when z is given
+  int64_t ld_dz;
+  float* dw;  // (H,) accumulated
+  float* db;  // (H,) accumulated, or nullptr
+};
+
 // Forward: state (npad,) holds the initial state and receives the last; out (L,) fp32.
 using FwdRowFn = void (*)(const ScanRow& r, float* state, float* out);
 // Backward of nrows rows of one length: init[j] (npad,) row j's initial state (zeros when absent); recomputes the
@@ -164,6 +195,8 @@ using ConvRowFn = void (*)(const ConvRow& c);
 using ConvRowBwdFn = void (*)(const ConvRowGrad& c);
 using ConvTmFwdFn = void (*)(const ConvTimeMajor& c);
 using ConvTmBwdFn = void (*)(const ConvTimeMajor& c, const ConvTimeMajorGrad& g);
+using NormFwdFn = void (*)(const NormRows& p);
+using NormBwdFn = void (*)(const NormRows& p, const NormRowsGrad& q);
 
 // Elementwise, vectorised: grad <- grad * sigmoid(pre).
 using SoftplusBwdFn = void (*)(float* grad, const float* pre, int64_t n);
@@ -182,6 +215,8 @@ struct Kernels {
   ConvRowBwdFn conv_row_bwd;
   ConvTmFwdFn conv_tm_fwd;
   ConvTmBwdFn conv_tm_bwd;
+  NormFwdFn norm_fwd_rows;
+  NormBwdFn norm_bwd_rows;
   SoftplusBwdFn softplus_backward;
   DeltaRowFn delta_row;
   Bf16ToF32Fn bf16_to_f32;

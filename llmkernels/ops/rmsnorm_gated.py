@@ -1,0 +1,96 @@
+"""Gated RMSNorm: `rmsnorm_fn` with mamba_ssm's signature (mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn), the norm
+of Mamba-2's layers. Semantics: llmkernels/reference/rmsnorm_gated.py. Backends: reference (PyTorch ops; what a GPU
+runs: no fused GPU kernel yet) and cpu (llmkernels::rmsnorm_gated_fwd / _bwd, differentiable via register_autograd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks, _ext
+from .._backend import Dispatcher
+from .._checks import register_fake
+from ..reference.rmsnorm_gated import rmsnorm_gated_ref
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+norm_dispatcher = Dispatcher("rmsnorm_fn")
+
+
+# (x, weight, bias, z, eps, group_size, norm_before_gate): x and z (rows, H), group_size an int dividing H.
+@norm_dispatcher.register("reference")
+def _norm_reference(x, weight, bias, z, eps, group_size, norm_before_gate):
+    return rmsnorm_gated_ref(x, weight, bias, z, eps, group_size, norm_before_gate)
+
+
+@norm_dispatcher.register("cpu", kernel="rmsnorm_gated_fwd")
+def _norm_cpu(x, weight, bias, z, eps, group_size, norm_before_gate):
+    return torch.ops.llmkernels.rmsnorm_gated_fwd(x, weight, bias, z, eps, group_size, norm_before_gate)
+
+
+def rmsnorm_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+) -> torch.Tensor:
+    """RMSNorm over the last dimension in groups of `group_size` channels (all of them when None), times weight (+
+    bias), gated by silu(z): after the norm (norm_before_gate True) or on x before it (False, Mamba-2's layers).
+
+    x: (..., H) fp32 / fp16 / bf16; weight, bias: (H,); z: x's shape. Returns x's shape and dtype, computed in fp32;
+    differentiable in x, weight, bias and z."""
+    fn = "rmsnorm_fn"
+    _checks.check_tensor(fn, "x", x, dtypes=DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"llmkernels.{fn}: x must have at least 1 dimension (..., hidden), got a scalar")
+    hidden = x.shape[-1]
+    _checks.check_tensor(fn, "weight", weight, ndim=1, dtypes=DTYPES, device=x.device)
+    _checks.check_shape(fn, "weight", weight, (hidden,))
+    if bias is not None:
+        _checks.check_tensor(fn, "bias", bias, ndim=1, dtypes=DTYPES, device=x.device)
+        _checks.check_shape(fn, "bias", bias, (hidden,))
+    if z is not None:
+        _checks.check_tensor(fn, "z", z, dtypes=DTYPES, device=x.device)
+        _checks.check_shape(fn, "z", z, tuple(x.shape))
+    group_size = hidden if group_size is None else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or hidden % group_size:
+        raise ValueError(f"llmkernels.{fn}: group_size must be a positive int dividing the last dimension ({hidden}), "
+                         f"got {group_size!r}")  # fmt: skip
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"llmkernels.{fn}: eps must be a finite number >= 0, got {eps!r}")
+    out = norm_dispatcher(x.reshape(-1, hidden), weight, bias, None if z is None else z.reshape(-1, hidden),
+                          float(eps), group_size, bool(norm_before_gate))  # fmt: skip
+    return out.reshape(x.shape)
+
+
+if _ext.loaded:
+
+    @register_fake("llmkernels::rmsnorm_gated_fwd")
+    def _norm_fwd_fake(x, weight, bias, z, eps, group_size, norm_before_gate):
+        return x.new_empty(x.shape)
+
+    @register_fake("llmkernels::rmsnorm_gated_bwd")
+    def _norm_bwd_fake(dout, x, weight, bias, z, eps, group_size, norm_before_gate):
+        return (
+            x.new_empty(x.shape),
+            weight.new_empty(weight.shape),
+            x.new_empty(0, dtype=torch.float32) if bias is None else bias.new_empty(bias.shape),
+            x.new_empty(0, dtype=torch.float32) if z is None else z.new_empty(z.shape),
+        )
+
+    def _norm_setup_context(ctx, inputs, output):
+        x, weight, bias, z, eps, group_size, norm_before_gate = inputs
+        ctx.save_for_backward(x, weight, bias, z)
+        ctx.args = (eps, group_size, norm_before_gate)
+
+    def _norm_backward(ctx, dout):
+        x, weight, bias, z = ctx.saved_tensors
+        dx, dweight, dbias, dz = torch.ops.llmkernels.rmsnorm_gated_bwd(dout, x, weight, bias, z, *ctx.args)
+        return dx, dweight, dbias if bias is not None else None, dz if z is not None else None, None, None, None
+
+    torch.library.register_autograd("llmkernels::rmsnorm_gated_fwd", _norm_backward, setup_context=_norm_setup_context)
