@@ -358,6 +358,10 @@ def run(quick: bool = False) -> list[dict]:
         _hf_hybrid_case(rows, 512 if quick else 2048, small)
         for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
             _conv1d_case(rows, 4, 1536, 2048, 4, dtype, limit, small)
+        for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16):
+            _conv1d_time_major_case(rows, 1, 2304, 1024, dtype, limit, small)
+            _rmsnorm_case(rows, 1024, 2048, dtype, limit, small)
+            _mamba2_mixer_train_case(rows, 1024, dtype, small)
     return rows
 
 
@@ -375,6 +379,81 @@ def _conv1d_case(rows, batch, dim, seqlen, width, dtype, limit, measure_kw):
     }
     for impl, fn in fns.items():
         _try(rows, "causal_conv1d_fwd_cpu", case, impl, fn, nbytes, limit, peer=None, **measure_kw)
+
+
+
+def _conv1d_time_major_case(rows, batch, dim, seqlen, dtype, limit, measure_kw):
+    """Forward + backward of causal_conv1d_fn (width 4, SiLU) on time-major x, a slice of wider (batch, seqlen, .) rows
+    as Mamba2Mixer's conv reads it after in_proj, against PyTorch's depthwise conv1d + SiLU on the same view."""
+    import torch.nn.functional as F
+
+    wide = torch.randn(batch, seqlen, dim + 2080, dtype=dtype)
+    w, b = torch.randn(dim, 4, dtype=dtype, requires_grad=True), torch.randn(dim, dtype=dtype, requires_grad=True)
+    case = f"time-major b={batch} dim={dim} L={seqlen} width=4 silu {str(dtype).replace('torch.', '')}"
+    nbytes = 5 * batch * dim * seqlen * wide.element_size()  # x, out; x, dout, dx again in the backward
+
+    def step(conv):
+        x = wide[..., 1024 : 1024 + dim].transpose(1, 2).detach().requires_grad_()
+        out = conv(x)
+        out.backward(torch.ones_like(out))
+
+    def torch_conv(x):
+        return F.silu(F.conv1d(x, w.unsqueeze(1), b, padding=3, groups=dim)[..., :seqlen])
+
+    fns = {
+        "llmkernels-cpu": lambda: step(lambda x: llmkernels.causal_conv1d_fn(x, w, b, activation="silu")),
+        "torch-conv1d": lambda: step(torch_conv),
+    }
+    for impl, fn in fns.items():
+        _try(rows, "causal_conv1d_fwd_bwd_cpu", case, impl, fn, nbytes, limit,
+             peer=None if impl == "torch-conv1d" else "torch-conv1d", **measure_kw)  # fmt: skip
+
+
+def _rmsnorm_case(rows, tokens, hidden, dtype, limit, measure_kw):
+    """Forward + backward of rmsnorm_fn as Mamba2Mixer's norm (gate first, one group) against the same math in
+    PyTorch ops (the reference: what transformers' MambaRMSNormGated does)."""
+    x = torch.randn(1, tokens, hidden, dtype=dtype, requires_grad=True)
+    z = torch.randn(1, tokens, hidden, dtype=dtype, requires_grad=True)
+    w = torch.randn(hidden, dtype=dtype, requires_grad=True)
+    case = f"gated rmsnorm {tokens} tokens x {hidden}, gate first {str(dtype).replace('torch.', '')}"
+    nbytes = 7 * x.nbytes  # x, z, out; x, z, dout, dx, dz: 8 passes, one saved by recomputing nothing twice
+
+    def step(backend):
+        with llmkernels.use_backend(backend):
+            out = llmkernels.rmsnorm_fn(x, w, None, z, 1e-5, None, False)
+        out.backward(torch.ones_like(out))
+
+    for impl, backend in (("llmkernels-cpu", "cpu"), ("torch-ops", "reference")):
+        _try(rows, "rmsnorm_gated_fwd_bwd_cpu", case, impl, lambda backend=backend: step(backend), nbytes, limit,
+             peer=None if impl == "torch-ops" else "torch-ops", **measure_kw)  # fmt: skip
+
+
+def _mamba2_mixer_train_case(rows, seqlen, dtype, measure_kw):
+    """One training step (forward + backward) of a Mamba-2 mixer (hidden 1024, 32 heads of 64, dstate 128) on CPU:
+    llmkernels' Mamba2Mixer against transformers' Mamba2Mixer (its PyTorch path) with the same weights."""
+    try:
+        import transformers
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMixer
+    except ImportError as exc:
+        print(f"  [mamba2 mixer] skipped ({exc})")
+        return
+    from llmkernels.nn import Mamba2Mixer
+
+    cfg = transformers.Mamba2Config(hidden_size=1024, num_heads=32, head_dim=64, state_size=128, n_groups=1,
+                                    expand=2, chunk_size=256)  # fmt: skip
+    torch.manual_seed(0)
+    hf = HFMixer(cfg, layer_idx=0).to(dtype)
+    ours = Mamba2Mixer.from_config(cfg).to(dtype)
+    ours.load_state_dict(hf.state_dict())
+    h = torch.randn(1, seqlen, 1024, dtype=dtype, requires_grad=True)
+    case = f"Mamba2Mixer train step, hidden 1024, 32 x 64 heads, n=128, {seqlen} tokens {dtype}".replace("torch.", "")
+
+    def step(mixer):
+        mixer(h).float().sum().backward()
+
+    _try(rows, "mamba2_mixer_train_cpu", case, "llmkernels", lambda: step(ours), peer="transformers-torch",
+         **measure_kw)  # fmt: skip
+    _try(rows, "mamba2_mixer_train_cpu", case, "transformers-torch", lambda: step(hf), **measure_kw)
 
 
 if __name__ == "__main__":
