@@ -248,7 +248,21 @@ def drive_launches(full: bool) -> list[Launch]:
                 d_skip, zz, delta_bias, True, r(batch, dtype=torch.int32),
             )  # fmt: skip
         _drive_mamba_ssd(r, full)
+        _drive_rmsnorm_gated(r, full)
     return recorded
+
+
+def _drive_rmsnorm_gated(r, full: bool) -> None:
+    """The gated RMSNorm's forward and backward (triton/rmsnorm_gated.py) at Mamba-2 2.7B's norm (5120 channels, one
+    group) and with 8 groups of 640, gate first and after, with and without bias."""
+    from llmkernels.triton import rmsnorm_gated as rn
+
+    fwd, bwd = _body(rn.rmsnorm_gated_fwd_triton), _body(rn.rmsnorm_gated_bwd_triton)
+    for dtype in [torch.float32, torch.bfloat16, torch.float16] if full else [torch.bfloat16]:
+        x, z, w = r(300, 5120, dtype=dtype), r(300, 5120, dtype=dtype), r(5120, dtype=dtype)
+        for group, bias, nbg in [(5120, None, False), (640, r(5120, dtype=dtype), True)]:
+            fwd(x, w, bias, z, 1e-5, group, nbg)
+            bwd(r(300, 5120, dtype=dtype), x, w, bias, z, 1e-5, group, nbg)
 
 
 def _drive_mamba_ssd(r, full: bool) -> None:

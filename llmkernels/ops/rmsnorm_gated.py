@@ -1,6 +1,7 @@
 """Gated RMSNorm: `rmsnorm_fn` with mamba_ssm's signature (mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn), the norm
-of Mamba-2's layers. Semantics: llmkernels/reference/rmsnorm_gated.py. Backends: reference (PyTorch ops; what a GPU
-runs: no fused GPU kernel yet) and cpu (llmkernels::rmsnorm_gated_fwd / _bwd, differentiable via register_autograd).
+of Mamba-2's layers. Semantics: llmkernels/reference/rmsnorm_gated.py. Backends: reference (PyTorch ops), triton
+(forward and backward kernels, llmkernels/triton/rmsnorm_gated.py: what a GPU runs; never run on one yet) and cpu
+(llmkernels::rmsnorm_gated_fwd / _bwd). Each is differentiable.
 """
 
 from __future__ import annotations
@@ -23,6 +24,23 @@ norm_dispatcher = Dispatcher("rmsnorm_fn")
 @norm_dispatcher.register("reference")
 def _norm_reference(x, weight, bias, z, eps, group_size, norm_before_gate):
     return rmsnorm_gated_ref(x, weight, bias, z, eps, group_size, norm_before_gate)
+
+
+def _triton_reason(x, weight, bias, z, eps, group_size, norm_before_gate) -> str | None:
+    try:
+        from ..triton.rmsnorm_gated import MAX_GROUP
+    except ImportError as exc:
+        return f"llmkernels.triton.rmsnorm_gated cannot be imported ({exc})"
+    if group_size > MAX_GROUP:
+        return f"group_size {group_size} > {MAX_GROUP}, the channels a Triton program holds"
+    return None
+
+
+@norm_dispatcher.register("triton", supports=_triton_reason)
+def _norm_triton(x, weight, bias, z, eps, group_size, norm_before_gate):
+    from ..triton.rmsnorm_gated import rmsnorm_gated_fwd_triton
+
+    return rmsnorm_gated_fwd_triton(x, weight, bias, z, eps, group_size, norm_before_gate)
 
 
 @norm_dispatcher.register("cpu", kernel="rmsnorm_gated_fwd")

@@ -33,20 +33,21 @@ def nan_filled_empty():
         torch.use_deterministic_algorithms(was)
 
 
-def make_rows(lead, hidden, dtype, strided):
+def make_rows(lead, hidden, dtype, strided, device="cpu"):
     if not strided:
-        return torch.randn(*lead, hidden).to(dtype)
-    wide = torch.randn(*lead, hidden + 11).to(dtype)  # a slice of wider rows, as in_proj's gate
+        return torch.randn(*lead, hidden, device=device).to(dtype)
+    wide = torch.randn(*lead, hidden + 11, device=device).to(dtype)  # a slice of wider rows, as in_proj's gate
     return wide[..., 4 : 4 + hidden]
 
 
-def check_case(lead, hidden, group_size, dtype, gated, with_bias, norm_before_gate, strided=False):
-    x = make_rows(lead, hidden, dtype, strided).requires_grad_()
-    z = make_rows(lead, hidden, dtype, strided).requires_grad_() if gated else None
-    w = (1 + 0.3 * torch.randn(hidden)).to(dtype).requires_grad_()
-    b = (0.2 * torch.randn(hidden)).to(dtype).requires_grad_() if with_bias else None
+def check_case(lead, hidden, group_size, dtype, gated, with_bias, norm_before_gate, strided=False, backend="cpu",
+               device="cpu"):  # fmt: skip
+    x = make_rows(lead, hidden, dtype, strided, device).requires_grad_()
+    z = make_rows(lead, hidden, dtype, strided, device).requires_grad_() if gated else None
+    w = (1 + 0.3 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
+    b = (0.2 * torch.randn(hidden, device=device)).to(dtype).requires_grad_() if with_bias else None
     leaves = [t for t in (x, w, b, z) if t is not None]
-    with nan_filled_empty(), llmkernels.use_backend("cpu"):
+    with nan_filled_empty(), llmkernels.use_backend(backend):
         out = llmkernels.rmsnorm_fn(x, w, b, z, 1e-5, group_size, norm_before_gate)
         dout = torch.randn_like(out)
         grads = torch.autograd.grad(out, leaves, dout)
@@ -87,6 +88,35 @@ def test_rmsnorm_cpu_strided_rows(dtype):
     """x and z as slices of wider rows (in place) and many rows (several chunks of the dweight sums)."""
     for norm_before_gate in (True, False):
         check_case((3, 700), 64, 16, dtype, True, True, norm_before_gate, strided=True)
+
+
+# (lead, hidden, group_size, gated, with_bias, norm_before_gate)
+TRITON_CASES = [
+    ((3,), 16, None, True, False, True),
+    ((2, 5), 40, 8, True, True, False),
+    ((7,), 37, 37, False, True, True),
+    ((33,), 24, 12, True, True, True),
+]
+
+
+@pytest.mark.triton_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_rmsnorm_triton_interpreter(case, dtype):
+    """The Triton kernels on CPU tensors (interpreter); 33 rows: more than one backward program's rows."""
+    pytest.importorskip("triton")
+    lead, hidden, group_size, gated, with_bias, nbg = case
+    check_case(lead, hidden, group_size, dtype, gated, with_bias, nbg, strided=gated, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES + [((2, 1000), 4096, 2048, True, False, False)], ids=str)
+def test_rmsnorm_cuda(case, dtype, backend):
+    """On a GPU: the Triton kernels, and whatever auto-dispatch picks there."""
+    lead, hidden, group_size, gated, with_bias, nbg = case
+    check_case(lead, hidden, group_size, dtype, gated, with_bias, nbg, strided=gated, backend=backend, device="cuda")
 
 
 @needs_ext
