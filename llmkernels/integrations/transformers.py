@@ -284,9 +284,9 @@ def _hf_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=No
     """Mamba-1's scan (transformers' use_mambapy / use_associative_scan choose among its own fallbacks: ignored)."""
     from ..ops.selective_scan import selective_scan_fn
 
-    c = _contiguous
-    return selective_scan_fn(c(hidden_states), c(dt), A, c(B), c(C), D, c(z), delta_bias, delta_softplus,
-                             return_last_state, **_packed(kwargs))  # fmt: skip
+    # (as they lie: selective_scan_fn copies what a backend needs copied; the CPU kernels read any strides)
+    return selective_scan_fn(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                             **_packed(kwargs))  # fmt: skip
 
 
 def _hf_state_update(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None, **kwargs):
