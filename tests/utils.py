@@ -55,6 +55,18 @@ def poisoned_allocations():
         torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
 
 
+@contextlib.contextmanager
+def nan_filled_empty():
+    """at::empty (C++ ops' allocations too) gives NaN-filled float tensors inside the block (torch's deterministic
+    mode fills uninitialised memory): an output element or gradient an op allocates but never writes fails."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -14,15 +14,11 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "scan/cpu/kernel_table.h"
 #include "scan/cpu/scan_kernels.h"
 
 namespace llmkernels::scan_cpu {
 namespace {
-
-const Kernels& kernels() {
-  static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
-  return k;
-}
 
 bool is_norm_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;

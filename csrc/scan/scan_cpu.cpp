@@ -30,18 +30,13 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "scan/cpu/kernel_table.h"
 #include "scan/cpu/scan_kernels.h"
 #include "scan/cpu/segments.h"
 #include "scan/cpu/state_pool.h"
 
 namespace llmkernels::scan_cpu {
 namespace {
-
-// LLMKERNELS_CPU_ISA=avx2 / scalar (cpu_features.h) select the other builds of scan_rows.inc for tests.
-const Kernels& kernels() {
-  static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
-  return k;
-}
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 

@@ -86,6 +86,33 @@ def rmsnorm_fn(
     return out.reshape(x.shape)
 
 
+def grads_like(x, weight, bias, z):
+    """The backward ops' outputs' metadata: (dx, dweight, dbias, dz), dbias / dz empty without bias / z."""
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        x.new_empty(0, dtype=torch.float32) if bias is None else bias.new_empty(bias.shape),
+        x.new_empty(0, dtype=torch.float32) if z is None else z.new_empty(z.shape),
+    )
+
+
+def setup_context(ctx, inputs, output):
+    x, weight, bias, z, eps, group_size, norm_before_gate = inputs
+    ctx.save_for_backward(x, weight, bias, z)
+    ctx.args = (eps, group_size, norm_before_gate)
+
+
+def backward_through(bwd):
+    """The autograd formula of a forward op whose backward op is `bwd` (same arguments after dout)."""
+
+    def backward(ctx, dout):
+        x, weight, bias, z = ctx.saved_tensors
+        dx, dweight, dbias, dz = bwd(dout, x, weight, bias, z, *ctx.args)
+        return dx, dweight, dbias if bias is not None else None, dz if z is not None else None, None, None, None
+
+    return backward
+
+
 if _ext.loaded:
 
     @register_fake("llmkernels::rmsnorm_gated_fwd")
@@ -94,21 +121,8 @@ if _ext.loaded:
 
     @register_fake("llmkernels::rmsnorm_gated_bwd")
     def _norm_bwd_fake(dout, x, weight, bias, z, eps, group_size, norm_before_gate):
-        return (
-            x.new_empty(x.shape),
-            weight.new_empty(weight.shape),
-            x.new_empty(0, dtype=torch.float32) if bias is None else bias.new_empty(bias.shape),
-            x.new_empty(0, dtype=torch.float32) if z is None else z.new_empty(z.shape),
-        )
+        return grads_like(x, weight, bias, z)
 
-    def _norm_setup_context(ctx, inputs, output):
-        x, weight, bias, z, eps, group_size, norm_before_gate = inputs
-        ctx.save_for_backward(x, weight, bias, z)
-        ctx.args = (eps, group_size, norm_before_gate)
-
-    def _norm_backward(ctx, dout):
-        x, weight, bias, z = ctx.saved_tensors
-        dx, dweight, dbias, dz = torch.ops.llmkernels.rmsnorm_gated_bwd(dout, x, weight, bias, z, *ctx.args)
-        return dx, dweight, dbias if bias is not None else None, dz if z is not None else None, None, None, None
-
-    torch.library.register_autograd("llmkernels::rmsnorm_gated_fwd", _norm_backward, setup_context=_norm_setup_context)
+    torch.library.register_autograd("llmkernels::rmsnorm_gated_fwd",
+                                    backward_through(torch.ops.llmkernels.rmsnorm_gated_bwd),
+                                    setup_context=setup_context)  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.rmsnorm_gated import backward_through, grads_like, setup_context
 from .launch import launch
 
 MAX_GROUP = 16384  # channels a program holds in registers; larger groups take the reference
@@ -186,24 +187,7 @@ def _(x, weight, bias, z, eps, group_size, norm_before_gate):
 
 @rmsnorm_gated_bwd_triton.register_fake
 def _(dout, x, weight, bias, z, eps, group_size, norm_before_gate):
-    return (
-        x.new_empty(x.shape),
-        weight.new_empty(weight.shape),
-        x.new_empty(0, dtype=torch.float32) if bias is None else bias.new_empty(bias.shape),
-        x.new_empty(0, dtype=torch.float32) if z is None else z.new_empty(z.shape),
-    )
+    return grads_like(x, weight, bias, z)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, z, eps, group_size, norm_before_gate = inputs
-    ctx.save_for_backward(x, weight, bias, z)
-    ctx.args = (eps, group_size, norm_before_gate)
-
-
-def _backward(ctx, dout):
-    x, weight, bias, z = ctx.saved_tensors
-    dx, dweight, dbias, dz = rmsnorm_gated_bwd_triton(dout, x, weight, bias, z, *ctx.args)
-    return dx, dweight, dbias if bias is not None else None, dz if z is not None else None, None, None, None
-
-
-rmsnorm_gated_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+rmsnorm_gated_fwd_triton.register_autograd(backward_through(rmsnorm_gated_bwd_triton), setup_context=setup_context)

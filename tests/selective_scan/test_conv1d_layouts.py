@@ -4,11 +4,9 @@ mamba_ssm and transformers hand the convolution after in_proj. The CPU ops read 
 reference for both layouts, with packed sequences and initial states, dout in either layout, on every CPU
 instruction set, through opcheck and torch.compile."""
 
-import contextlib
-
 import pytest
 import torch
-from utils import assert_close_dtype, run_with_cpu_isa
+from utils import assert_close_dtype, nan_filled_empty, run_with_cpu_isa
 
 import llmkernels
 from llmkernels import _ext
@@ -20,18 +18,6 @@ needs_ext = pytest.mark.skipif(
     reason=f"no C++ CPU kernel for llmkernels::causal_conv1d_fwd (extension: {_ext.load_error or 'built without it'})",
 )
 LAYOUTS = ["row", "time_major", "time_major_slice"]
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """at::empty gives NaN-filled float tensors (torch's deterministic mode), so an output element or gradient the
-    C++ op allocates but never writes fails the comparison."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
 
 
 def make_x(layout, batch, dim, seqlen, dtype):

@@ -2,12 +2,10 @@
 forward and every gradient, gate before / after the norm, groups, bias, strided rows; other instruction sets,
 opcheck, torch.compile, bad arguments; the reference against a formula written out; the modules."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_close_dtype, run_with_cpu_isa
+from utils import assert_close_dtype, nan_filled_empty, run_with_cpu_isa
 
 import llmkernels
 from llmkernels import _ext
@@ -20,17 +18,6 @@ needs_ext = pytest.mark.skipif(
     reason=f"no C++ CPU kernel for llmkernels::rmsnorm_gated_fwd (extension: {_ext.load_error or 'built without it'})",
 )
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """at::empty gives NaN-filled float tensors (torch's deterministic mode): an unwritten output fails."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
 
 
 def make_rows(lead, hidden, dtype, strided, device="cpu"):

@@ -23,6 +23,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "scan/cpu/kernel_table.h"
 #include "scan/cpu/scan_kernels.h"
 #include "scan/cpu/segments.h"
 #include "scan/cpu/state_pool.h"
@@ -33,12 +34,6 @@ namespace {
 constexpr int64_t kMinWidth = 2, kMaxWidth = 4;
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-// The scan kernels' table (scan_kernels.h), chosen as scan_cpu.cpp chooses it: the decode step's kernel lives there.
-const Kernels& kernels() {
-  static const Kernels k = use_avx512() ? kernels_avx512() : use_avx2() ? kernels_avx2() : kernels_scalar();
-  return k;
-}
 
 // fp32 / fp16 / bf16 (and fp64, computed in fp32). Not is_floating_point(): that also admits the float8 types,
 // which the conversions below have no case for.
@@ -141,6 +136,50 @@ char* tm_ptr(at::Tensor& t, int64_t b, int64_t c, int64_t s) {
 // Channels per work item of the time-major kernels: 4 AVX-512 vectors (a 256-byte piece of each row).
 constexpr int64_t kTmChannels = 64;
 
+// What the time-major forward and backward share: x in the kernels' element type, the weights as (width, dim), the
+// initial states as (batch, width - 1, dim), and the walk over items of (batch row, kTmChannels channels) in
+// parallel, each sequence of the row in turn.
+struct TimeMajorConv {
+  at::ScalarType kd;
+  at::Tensor xk, wt, hist, bias;
+  int64_t dim, W, pre;
+  bool silu;
+
+  TimeMajorConv(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& bf, const at::Tensor& init, bool silu_)
+      : kd(tm_kernel_dtype(x.scalar_type())),
+        xk(time_major_operand(x, kd)),
+        wt(wf.t().contiguous()),
+        hist(init.defined() ? init.transpose(1, 2).contiguous() : at::Tensor()),
+        bias(bf),
+        dim(x.size(1)),
+        W(wf.size(1)),
+        pre(init.defined() ? wf.size(1) - 1 : 0),
+        silu(silu_) {}
+
+  // The kernel's arguments for channels c0 .. c0 + n of batch row b over steps t0 .. t1 (sequence s of the row:
+  // the initial states stand before the first one only).
+  ConvTimeMajor args(int64_t b, int64_t c0, int64_t n, int64_t s, int64_t t0, int64_t t1) const {
+    return ConvTimeMajor{t1 - t0, n, W, kd == at::kBFloat16, tm_ptr(xk, b, c0, t0), xk.stride(2),
+                         s == 0 && pre > 0 ? hist.const_data_ptr<float>() + b * pre * dim + c0 : nullptr, dim,
+                         wt.const_data_ptr<float>() + c0, dim,
+                         bias.defined() ? bias.const_data_ptr<float>() + c0 : nullptr, silu, nullptr, 0};
+  }
+
+  // fn(b, c0, n, s, t0, t1) for every item and sequence; tasks of at least ~grain_elems elements.
+  template <typename Fn>
+  void for_each(const Segments& segs, int64_t batch, int64_t L, int64_t grain_elems, const Fn& fn) const {
+    const int64_t blocks = (dim + kTmChannels - 1) / kTmChannels;
+    at::parallel_for(0, batch * blocks, std::max<int64_t>(1, grain_elems / (L * kTmChannels)), [&](int64_t begin,
+                                                                                                   int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / blocks, c0 = item % blocks * kTmChannels, n = std::min(kTmChannels, dim - c0);
+        const int64_t* starts = segs.begin(b);
+        for (int64_t s = 0; s < segs.count(b); ++s) fn(b, c0, n, s, starts[s], starts[s + 1]);
+      }
+    });
+  }
+};
+
 at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  bool silu, const std::optional<at::Tensor>& seq_idx,
                                  const std::optional<at::Tensor>& initial_states) {
@@ -153,27 +192,14 @@ at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
   const Kernels& k = kernels();
   if (time_major(x)) {
-    const at::ScalarType kd = tm_kernel_dtype(x.scalar_type());
-    const at::Tensor xk = time_major_operand(x, kd);
+    const TimeMajorConv conv(x, wf, bf, init, silu);
     at::Tensor out = empty_layout(x, true, x.scalar_type());
-    at::Tensor outk = kd == x.scalar_type() ? out : empty_layout(x, true, kd);
-    const at::Tensor wt = wf.t().contiguous();                                         // (W, dim)
-    const at::Tensor hist = pre > 0 ? init.transpose(1, 2).contiguous() : at::Tensor();  // (batch, W - 1, dim)
-    const int64_t blocks = (dim + kTmChannels - 1) / kTmChannels;
-    at::parallel_for(0, batch * blocks, std::max<int64_t>(1, (16 << 10) / (L * kTmChannels)), [&](int64_t begin,
-                                                                                                  int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / blocks, c0 = item % blocks * kTmChannels, n = std::min(kTmChannels, dim - c0);
-        const int64_t* starts = segs.begin(b);
-        for (int64_t s = 0; s < segs.count(b); ++s) {
-          const int64_t t0 = starts[s];
-          const float* h = s == 0 && pre > 0 ? hist.const_data_ptr<float>() + b * pre * dim + c0 : nullptr;
-          k.conv_tm_fwd(ConvTimeMajor{starts[s + 1] - t0, n, W, kd == at::kBFloat16, tm_ptr(xk, b, c0, t0),
-                                      xk.stride(2), h, dim, wt.const_data_ptr<float>() + c0, dim,
-                                      bf.defined() ? bf.const_data_ptr<float>() + c0 : nullptr, silu,
-                                      tm_ptr(outk, b, c0, t0), outk.stride(2)});
-        }
-      }
+    at::Tensor outk = conv.kd == x.scalar_type() ? out : empty_layout(x, true, conv.kd);
+    conv.for_each(segs, batch, L, 16 << 10, [&](int64_t b, int64_t c0, int64_t n, int64_t s, int64_t t0, int64_t t1) {
+      ConvTimeMajor c = conv.args(b, c0, n, s, t0, t1);
+      c.out = tm_ptr(outk, b, c0, t0);
+      c.ld_out = outk.stride(2);
+      k.conv_tm_fwd(c);
     });
     if (!outk.is_same(out)) out.copy_(outk);
     return out;
@@ -215,33 +241,19 @@ at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
 void conv_bwd_time_major(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& wf, const at::Tensor& bf,
                          bool silu, const Segments& segs, const at::Tensor& init, at::Tensor& dx, at::Tensor& dw_b,
                          at::Tensor& db_b, at::Tensor& dinit_t) {
-  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = wf.size(1), pre = init.defined() ? W - 1 : 0;
-  const at::ScalarType kd = tm_kernel_dtype(x.scalar_type());
-  const at::Tensor xk = time_major_operand(x, kd), gk = time_major_operand(dout, kd);
-  at::Tensor dxk = kd == dx.scalar_type() ? dx : empty_layout(x, true, kd);
-  const at::Tensor wt = wf.t().contiguous();                                         // (W, dim)
-  const at::Tensor hist = pre > 0 ? init.transpose(1, 2).contiguous() : at::Tensor();  // (batch, W - 1, dim)
+  const TimeMajorConv conv(x, wf, bf, init, silu);
+  const int64_t dim = conv.dim, W = conv.W, pre = conv.pre;
+  const at::Tensor gk = time_major_operand(dout, conv.kd);
+  at::Tensor dxk = conv.kd == dx.scalar_type() ? dx : empty_layout(x, true, conv.kd);
   const Kernels& k = kernels();
-  const int64_t blocks = (dim + kTmChannels - 1) / kTmChannels;
-  at::parallel_for(0, batch * blocks, std::max<int64_t>(1, (8 << 10) / (L * kTmChannels)), [&](int64_t begin,
-                                                                                               int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks, c0 = item % blocks * kTmChannels, n = std::min(kTmChannels, dim - c0);
-      const int64_t* starts = segs.begin(b);
-      for (int64_t s = 0; s < segs.count(b); ++s) {
-        const int64_t t0 = starts[s];
-        const bool first = s == 0 && pre > 0;  // the initial states stand before this sequence
-        const ConvTimeMajor c{starts[s + 1] - t0, n, W, kd == at::kBFloat16, tm_ptr(xk, b, c0, t0), xk.stride(2),
-                              first ? hist.const_data_ptr<float>() + b * pre * dim + c0 : nullptr, dim,
-                              wt.const_data_ptr<float>() + c0, dim,
-                              bf.defined() ? bf.const_data_ptr<float>() + c0 : nullptr, silu, nullptr, 0};
-        k.conv_tm_bwd(c, ConvTimeMajorGrad{tm_ptr(gk, b, c0, t0), gk.stride(2), tm_ptr(dxk, b, c0, t0),
-                                           dxk.stride(2),
-                                           first ? dinit_t.data_ptr<float>() + b * pre * dim + c0 : nullptr, dim,
-                                           dw_b.data_ptr<float>() + b * W * dim + c0, dim,
-                                           db_b.data_ptr<float>() + b * dim + c0});
-      }
-    }
+  conv.for_each(segs, x.size(0), x.size(2), 8 << 10, [&](int64_t b, int64_t c0, int64_t n, int64_t s, int64_t t0,
+                                                         int64_t t1) {
+    const bool first = s == 0 && pre > 0;  // the initial states stand before this sequence: their gradient
+    k.conv_tm_bwd(conv.args(b, c0, n, s, t0, t1),
+                  ConvTimeMajorGrad{tm_ptr(gk, b, c0, t0), gk.stride(2), tm_ptr(dxk, b, c0, t0), dxk.stride(2),
+                                    first ? dinit_t.data_ptr<float>() + b * pre * dim + c0 : nullptr, dim,
+                                    dw_b.data_ptr<float>() + b * W * dim + c0, dim,
+                                    db_b.data_ptr<float>() + b * dim + c0});
   });
   if (!dxk.is_same(dx)) dx.copy_(dxk);
 }
