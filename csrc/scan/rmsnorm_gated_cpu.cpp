@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
@@ -42,20 +43,21 @@ NormArgs check_norm(const char* op, const at::Tensor& x, const at::Tensor& weigh
   LLMK_CHECK_SHAPE(op, weight, H);
   NORM_CHECK_FLOAT(op, weight);
   LLMK_CHECK_SAME_DEVICE(op, weight, x);
-  if (bias) {
-    LLMK_CHECK_SHAPE(op, (*bias), H);
-    NORM_CHECK_FLOAT(op, (*bias));
-    LLMK_CHECK_SAME_DEVICE(op, (*bias), x);
-  }
-  if (z) {
-    LLMK_CHECK_SHAPE(op, (*z), x.size(0), H);
-    NORM_CHECK_FLOAT(op, (*z));
-    LLMK_CHECK_SAME_DEVICE(op, (*z), x);
+  for (const auto& [name, t, rows] : {std::tuple{"bias", bias, int64_t{-1}}, std::tuple{"z", z, x.size(0)}}) {
+    if (!t) continue;
+    const std::vector<int64_t> want = rows < 0 ? std::vector<int64_t>{H} : std::vector<int64_t>{rows, H};
+    LLMK_CHECK_ARG(t->sizes() == at::IntArrayRef(want), op, name, "must have shape ", at::IntArrayRef(want), ", got ",
+                   t->sizes());
+    LLMK_CHECK_ARG(is_norm_dtype(t->scalar_type()), op, name, "must be float32, float16, bfloat16 or float64, got ",
+                   t->scalar_type());
+    LLMK_CHECK_ARG(t->device() == x.device(), op, name, "must be on ", x.device(), ", got ", t->device());
   }
   LLMK_CHECK_ARG(group_size > 0 && H % group_size == 0, op, "group_size", "must be positive and divide ", H,
                  " (the channels), got ", group_size);
   LLMK_CHECK_ARG(std::isfinite(eps) && eps >= 0, op, "eps", "must be finite and >= 0, got ", eps);
-  return {x.size(0), H, group_size, x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat};
+  // bf16 in place only when every row operand is bf16 (an fp32 z must not be rounded to bf16 on the way in)
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && (!z || z->scalar_type() == at::kBFloat16);
+  return {x.size(0), H, group_size, bf16 ? at::kBFloat16 : at::kFloat};
 }
 
 // t as the kernels read it: kd elements, channels contiguous (rows at any stride); else a contiguous copy.
@@ -103,10 +105,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd_cpu
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& z, double eps, int64_t group_size, bool norm_before_gate) {
   const char* op = "rmsnorm_gated_bwd";
-  const NormArgs a = check_norm(op, x, weight, bias, z, eps, group_size);
+  NormArgs a = check_norm(op, x, weight, bias, z, eps, group_size);
   LLMK_CHECK_SHAPE(op, dout, a.rows, a.H);
   NORM_CHECK_FLOAT(op, dout);
   LLMK_CHECK_SAME_DEVICE(op, dout, x);
+  if (dout.scalar_type() != at::kBFloat16) a.kd = at::kFloat;
   const at::Tensor xk = operand(x, a.kd), zk = z ? operand(*z, a.kd) : at::Tensor(), gk = operand(dout, a.kd);
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
   const at::TensorOptions kopts = x.options().dtype(a.kd);

@@ -7,6 +7,7 @@ of Mamba-2's layers. Semantics: llmkernels/reference/rmsnorm_gated.py. Backends:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -76,11 +77,14 @@ def rmsnorm_fn(
         _checks.check_tensor(fn, "z", z, dtypes=DTYPES, device=x.device)
         _checks.check_shape(fn, "z", z, tuple(x.shape))
     group_size = hidden if group_size is None else group_size
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or hidden % group_size:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0 or (
+        hidden % group_size
+    ):
         raise ValueError(f"llmkernels.{fn}: group_size must be a positive int dividing the last dimension ({hidden}), "
                          f"got {group_size!r}")  # fmt: skip
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"llmkernels.{fn}: eps must be a finite number >= 0, got {eps!r}")
+    group_size = int(group_size)
     out = norm_dispatcher(x.reshape(-1, hidden), weight, bias, None if z is None else z.reshape(-1, hidden),
                           float(eps), group_size, bool(norm_before_gate))  # fmt: skip
     return out.reshape(x.shape)

@@ -77,7 +77,8 @@ def rmsnorm_gated_bwd_kernel(DOUT, X, Z, W, B, DX, DZ, DW_PARTS, DB_PARTS, rows,
             s = tl.sigmoid(z)
             if not NORM_BEFORE_GATE:
                 h = x * z * s
-        r = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / G + eps)
+        # a row past the end (zeros) gets r = 0, not 1 / sqrt(eps): with eps = 0 that is inf, and its xhat NaN
+        r = tl.where(row < rows, 1.0 / tl.sqrt(tl.where(row < rows, tl.sum(h * h, axis=0) / G + eps, 1.0)), 0.0)
         xhat = h * r
         if HAS_Z:
             if NORM_BEFORE_GATE:

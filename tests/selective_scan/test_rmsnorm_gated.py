@@ -106,6 +106,38 @@ def test_rmsnorm_cuda(case, dtype, backend):
     check_case(lead, hidden, group_size, dtype, gated, with_bias, nbg, strided=gated, backend=backend, device="cuda")
 
 
+@pytest.mark.triton_interp
+def test_rmsnorm_triton_eps_zero_partial_block():
+    """eps = 0 and 5 rows (a backward program's block of 16 only partly filled): the missing rows add nothing."""
+    pytest.importorskip("triton")
+    x, z, w = torch.randn(5, 32, requires_grad=True), torch.randn(5, 32, requires_grad=True), torch.randn(32)
+    w.requires_grad_()
+    with llmkernels.use_backend("triton"):
+        grads = torch.autograd.grad(llmkernels.rmsnorm_fn(x, w, None, z, 0.0, 16, False).sum(), [x, w, z])
+    ref = rmsnorm_gated_ref(x.double(), w.double(), None, z.double(), 0.0, 16, False)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, w, z])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+def test_rmsnorm_cpu_full_precision_gate_with_bf16_x():
+    """An fp32 z beside a bf16 x is read in fp32 (not rounded to x's dtype first): dz at fp32 precision."""
+    x = torch.randn(16, 64).bfloat16().requires_grad_()
+    z = torch.randn(16, 64, requires_grad=True)
+    w = torch.randn(64)
+    dout = torch.randn(16, 64).bfloat16()
+    with llmkernels.use_backend("cpu"):
+        out = llmkernels.rmsnorm_fn(x, w, None, z, 1e-5, 16, False)
+        (dz,) = torch.autograd.grad(out, [z], dout)
+    zr = z.detach().double().requires_grad_()
+    ref = rmsnorm_gated_ref(x.detach().double(), w.double(), None, zr, 1e-5, 16, False)
+    (ref_dz,) = torch.autograd.grad(ref, [zr], dout.double())
+    assert dz.dtype == torch.float32
+    torch.testing.assert_close(dz.double(), ref_dz, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref.bfloat16().double(), rtol=0.0, atol=0.0, msg="bf16 rounding")
+
+
 @needs_ext
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_rmsnorm_other_cpu_instruction_sets(isa):
@@ -180,6 +212,10 @@ def test_bad_raw_op_arguments_are_named():
     ops = torch.ops.llmkernels
     with pytest.raises(RuntimeError, match="rmsnorm_gated_fwd: group_size must be positive and divide 8"):
         ops.rmsnorm_gated_fwd(torch.randn(2, 8), torch.randn(8), None, None, 1e-6, 3, True)
+    with pytest.raises(RuntimeError, match=r"rmsnorm_gated_fwd: z must have shape \[2, 8\]"):
+        ops.rmsnorm_gated_fwd(torch.randn(2, 8), torch.randn(8), None, torch.randn(2, 7), 1e-6, 8, True)
+    with pytest.raises(RuntimeError, match=r"rmsnorm_gated_fwd: bias must have shape \[8\]"):
+        ops.rmsnorm_gated_fwd(torch.randn(2, 8), torch.randn(8), torch.randn(7), None, 1e-6, 8, True)
     with pytest.raises(RuntimeError, match="rmsnorm_gated_bwd: dout must have shape"):
         ops.rmsnorm_gated_bwd(torch.randn(2, 4), torch.randn(2, 8), torch.randn(8), None, None, 1e-6, 8, True)
 

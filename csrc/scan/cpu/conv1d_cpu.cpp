@@ -145,8 +145,9 @@ struct TimeMajorConv {
   int64_t dim, W, pre;
   bool silu;
 
-  TimeMajorConv(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& bf, const at::Tensor& init, bool silu_)
-      : kd(tm_kernel_dtype(x.scalar_type())),
+  TimeMajorConv(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& bf, const at::Tensor& init, bool silu_,
+                bool force_f32 = false)
+      : kd(force_f32 ? at::kFloat : tm_kernel_dtype(x.scalar_type())),
         xk(time_major_operand(x, kd)),
         wt(wf.t().contiguous()),
         hist(init.defined() ? init.transpose(1, 2).contiguous() : at::Tensor()),
@@ -241,7 +242,8 @@ at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
 void conv_bwd_time_major(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& wf, const at::Tensor& bf,
                          bool silu, const Segments& segs, const at::Tensor& init, at::Tensor& dx, at::Tensor& dw_b,
                          at::Tensor& db_b, at::Tensor& dinit_t) {
-  const TimeMajorConv conv(x, wf, bf, init, silu);
+  // bf16 in place only when dout is bf16 too (an fp32 dout must not be rounded to bf16 on the way in)
+  const TimeMajorConv conv(x, wf, bf, init, silu, dout.scalar_type() != at::kBFloat16);
   const int64_t dim = conv.dim, W = conv.W, pre = conv.pre;
   const at::Tensor gk = time_major_operand(dout, conv.kd);
   at::Tensor dxk = conv.kd == dx.scalar_type() ? dx : empty_layout(x, true, conv.kd);
