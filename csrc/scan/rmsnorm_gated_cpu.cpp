@@ -10,54 +10,46 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "scan/cpu/host_dtypes.h"
 #include "scan/cpu/kernel_table.h"
 #include "scan/cpu/scan_kernels.h"
 
 namespace llmkernels::scan_cpu {
 namespace {
 
-bool is_norm_dtype(at::ScalarType s) {
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
-}
-
-#define NORM_CHECK_FLOAT(op, t) \
-  LLMK_CHECK_ARG(is_norm_dtype((t).scalar_type()), op, #t, "must be float32, float16, bfloat16 or float64, got ", \
-                 (t).scalar_type())
-
 struct NormArgs {
   int64_t rows, H, G;
   at::ScalarType kd;  // the kernels' element type: bf16 or fp32
 };
 
+// The checks of both ops (dout: the backward's, or nullptr); the kernels run bf16 in place only when every row
+// operand is bf16 (an fp32 z or dout beside bf16 x must not be rounded to bf16 on the way in).
 NormArgs check_norm(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& z, double eps, int64_t group_size) {
+                    const std::optional<at::Tensor>& z, double eps, int64_t group_size,
+                    const at::Tensor* dout = nullptr) {
   LLMK_CHECK_DIM(op, x, 2);
-  NORM_CHECK_FLOAT(op, x);
+  LLMK_CHECK_FLOAT_IO(op, "x", x);
   LLMK_CHECK_DEVICE(op, x, at::kCPU);
-  const int64_t H = x.size(1);
-  LLMK_CHECK_SHAPE(op, weight, H);
-  NORM_CHECK_FLOAT(op, weight);
-  LLMK_CHECK_SAME_DEVICE(op, weight, x);
-  for (const auto& [name, t, rows] : {std::tuple{"bias", bias, int64_t{-1}}, std::tuple{"z", z, x.size(0)}}) {
-    if (!t) continue;
-    const std::vector<int64_t> want = rows < 0 ? std::vector<int64_t>{H} : std::vector<int64_t>{rows, H};
-    LLMK_CHECK_ARG(t->sizes() == at::IntArrayRef(want), op, name, "must have shape ", at::IntArrayRef(want), ", got ",
-                   t->sizes());
-    LLMK_CHECK_ARG(is_norm_dtype(t->scalar_type()), op, name, "must be float32, float16, bfloat16 or float64, got ",
-                   t->scalar_type());
-    LLMK_CHECK_ARG(t->device() == x.device(), op, name, "must be on ", x.device(), ", got ", t->device());
-  }
+  const int64_t rows = x.size(0), H = x.size(1);
+  auto check_operand = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+    LLMK_CHECK_ARG(t.sizes() == shape, op, name, "must have shape ", shape, ", got ", t.sizes());
+    LLMK_CHECK_FLOAT_IO(op, name, t);
+    LLMK_CHECK_ARG(t.device() == x.device(), op, name, "must be on ", x.device(), ", got ", t.device());
+  };
+  check_operand("weight", weight, {H});
+  if (bias) check_operand("bias", *bias, {H});
+  if (z) check_operand("z", *z, {rows, H});
+  if (dout != nullptr) check_operand("dout", *dout, {rows, H});
   LLMK_CHECK_ARG(group_size > 0 && H % group_size == 0, op, "group_size", "must be positive and divide ", H,
                  " (the channels), got ", group_size);
   LLMK_CHECK_ARG(std::isfinite(eps) && eps >= 0, op, "eps", "must be finite and >= 0, got ", eps);
-  // bf16 in place only when every row operand is bf16 (an fp32 z must not be rounded to bf16 on the way in)
-  const bool bf16 = x.scalar_type() == at::kBFloat16 && (!z || z->scalar_type() == at::kBFloat16);
-  return {x.size(0), H, group_size, bf16 ? at::kBFloat16 : at::kFloat};
+  auto is_bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; };
+  const bool bf16 = is_bf16(x) && (!z || is_bf16(*z)) && (dout == nullptr || is_bf16(*dout));
+  return {rows, H, group_size, bf16 ? at::kBFloat16 : at::kFloat};
 }
 
 // t as the kernels read it: kd elements, channels contiguous (rows at any stride); else a contiguous copy.
@@ -67,8 +59,6 @@ at::Tensor operand(const at::Tensor& t, at::ScalarType kd) {
 }
 
 int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
-
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // Rows per chunk of parallel work (and of the backward's dweight sums): ~64K elements, at least one row.
 int64_t chunk_rows(int64_t H) { return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(H, 1)); }
@@ -105,11 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd_cpu
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& z, double eps, int64_t group_size, bool norm_before_gate) {
   const char* op = "rmsnorm_gated_bwd";
-  NormArgs a = check_norm(op, x, weight, bias, z, eps, group_size);
-  LLMK_CHECK_SHAPE(op, dout, a.rows, a.H);
-  NORM_CHECK_FLOAT(op, dout);
-  LLMK_CHECK_SAME_DEVICE(op, dout, x);
-  if (dout.scalar_type() != at::kBFloat16) a.kd = at::kFloat;
+  const NormArgs a = check_norm(op, x, weight, bias, z, eps, group_size, &dout);
   const at::Tensor xk = operand(x, a.kd), zk = z ? operand(*z, a.kd) : at::Tensor(), gk = operand(dout, a.kd);
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
   const at::TensorOptions kopts = x.options().dtype(a.kd);

@@ -30,6 +30,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "scan/cpu/host_dtypes.h"
 #include "scan/cpu/kernel_table.h"
 #include "scan/cpu/scan_kernels.h"
 #include "scan/cpu/segments.h"
@@ -37,8 +38,6 @@
 
 namespace llmkernels::scan_cpu {
 namespace {
-
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 bool is_scan_dtype(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
 

@@ -157,7 +157,7 @@ def rmsnorm_gated_bwd_triton(
     norm_before_gate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dz) as llmkernels::rmsnorm_gated_bwd: dbias / dz empty without bias / z."""
-    x, z, dout = _rows(x), None if z is None else _rows(z), _rows(dout.to(x.dtype))
+    x, z, dout = _rows(x), None if z is None else _rows(z), _rows(dout)  # (any float dtype: loaded as fp32)
     rows, hidden = x.shape
     parts = triton.cdiv(rows, ROWS_PER_PROGRAM)
     dx = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)

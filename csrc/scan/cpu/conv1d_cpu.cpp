@@ -23,6 +23,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "scan/cpu/host_dtypes.h"
 #include "scan/cpu/kernel_table.h"
 #include "scan/cpu/scan_kernels.h"
 #include "scan/cpu/segments.h"
@@ -33,17 +34,7 @@ namespace {
 
 constexpr int64_t kMinWidth = 2, kMaxWidth = 4;
 
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-// fp32 / fp16 / bf16 (and fp64, computed in fp32). Not is_floating_point(): that also admits the float8 types,
-// which the conversions below have no case for.
-bool is_conv_dtype(at::ScalarType s) {
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
-}
-
-#define CONV_CHECK_FLOAT(op, t) \
-  LLMK_CHECK_ARG(is_conv_dtype((t).scalar_type()), op, #t, "must be float32, float16, bfloat16 or float64, got ", \
-                 (t).scalar_type())
+#define CONV_CHECK_FLOAT(op, t) LLMK_CHECK_FLOAT_IO(op, #t, t)
 
 void check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
                 int64_t x_dims, bool need_contiguous) {
@@ -334,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu
 // The decode step reads and writes each window once: memory bound but for the SiLU. It was whole-tensor passes
 // (fp32 copies of x and the state, a clone of the state, a copy back, a conversion of the output) around a loop
 // with Tensor accessors and a scalar std::exp per channel: about 45 ns of one core per channel, 4x the reference.
-// Now the kernel (scan_rows.inc) updates an fp32 state in place, and other dtypes go through per-chunk copies.
+// Now the kernel (conv_rows.inc) updates an fp32 state in place, and other dtypes go through per-chunk copies.
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, bool silu,
                                     const std::optional<at::Tensor>& conv_state_indices) {
