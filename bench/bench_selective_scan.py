@@ -324,6 +324,42 @@ def _hf_hybrid_case(rows, seqlen, measure_kw):
         _try(rows, "hf_bamba_prefill_cpu", case, "transformers-torch", lambda: ref(ids).logits, **measure_kw)
 
 
+def _hf_mamba2_train_case(rows, seqlen, dtype, measure_kw, with_hf_norm=False):
+    """A randomly initialised transformers Mamba2ForCausalLM (2 layers, hidden 1024, 32 heads of 64, dstate 128) on
+    CPU, one training step (forward + backward of the LM loss): through llmkernels (patch_model: conv, scan and gated
+    norm) against transformers' own PyTorch path with the same weights; with_hf_norm adds the patched model with
+    transformers' gated norms put back (what patch_model did before it took the norms too)."""
+    try:
+        import transformers
+
+        import llmkernels.integrations.transformers as lk_hf
+    except ImportError as exc:
+        print(f"  [hf mamba2] skipped ({exc})")
+        return
+    cfg = transformers.Mamba2Config(vocab_size=1000, hidden_size=1024, state_size=128, num_hidden_layers=2, expand=2,
+                                    head_dim=64, num_heads=32, n_groups=1, conv_kernel=4, chunk_size=256)  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.Mamba2ForCausalLM(cfg).to(dtype).train()
+    ours = transformers.Mamba2ForCausalLM(cfg).to(dtype).train()
+    ours.load_state_dict(ref.state_dict())
+    lk_hf.patch_model(ours)
+    ids = torch.randint(0, 1000, (1, seqlen))
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    op, dt = "hf_mamba2_train_cpu", str(dtype).replace("torch.", "")
+    case = f"Mamba2ForCausalLM 2 layers hidden 1024, 32 x 64 heads n=128, train step {seqlen} tokens {dt}"
+    _try(rows, op, case, "llmkernels-patched", lambda: step(ours), peer="transformers-torch", **measure_kw)
+    if with_hf_norm:
+        norms = [m for m in ours.modules() if "forward" in vars(m) and type(m).__name__.endswith("RMSNormGated")]
+        for norm in norms:
+            del norm.forward  # (back to transformers' norm)
+        _try(rows, op, case, "llmkernels-patched-hf-norm", lambda: step(ours), **measure_kw)
+    _try(rows, op, case, "transformers-torch", lambda: step(ref), **measure_kw)
+
+
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     limit = copy_bandwidth_gbps()
@@ -362,6 +398,7 @@ def run(quick: bool = False) -> list[dict]:
             _conv1d_time_major_case(rows, 1, 2304, 1024, dtype, limit, small)
             _rmsnorm_case(rows, 1024, 2048, dtype, limit, small)
             _mamba2_mixer_train_case(rows, 1024, dtype, small)
+        _hf_mamba2_train_case(rows, 1024, torch.bfloat16, small, with_hf_norm=not quick)
     return rows
 
 

@@ -363,16 +363,62 @@ MAMBA_MIXERS = {
     ("falcon_h1", "FalconH1Mixer"): _HF_MAMBA2_FUNCTIONS,
 }
 
+# The gated RMS norms the Mamba-2 mixers call as self.norm(scan_output, gate) (~12 PyTorch ops each): patched to
+# llmkernels.rmsnorm_fn with the mixer. FalconH1's is mamba_ssm's norm (weight times the fp32 value, then the
+# cast); the others cast the normalised value to the input's dtype first and multiply by the weight after, one 16-bit
+# rounding more: rmsnorm_fn rounds once, as mamba_ssm and transformers' own fused training path (which hands the
+# norm's weight to mamba_split_conv1d_scan_combined) do. Value: the attribute its group size comes from.
+_GATED_NORMS = {
+    ("mamba2", "MambaRMSNormGated"): "group_size",
+    ("bamba", "BambaRMSNormGated"): "group_size",
+    ("granitemoehybrid", "GraniteMoeHybridRMSNormGated"): "group_size",
+    ("nemotron_h", "NemotronHRMSNormGated"): "group_size",
+    ("zamba2", "Zamba2RMSNormGated"): "group_size",
+    ("falcon_h1", "FalconH1RMSNormGated"): "n_groups",
+}
+
+
+def _hf_gated_norm(self, hidden_states, gate=None):
+    """MambaRMSNormGated.forward and its copies: rms(x * silu(gate)) per group of group_size channels, times weight."""
+    from ..ops.rmsnorm_gated import rmsnorm_fn
+
+    if torch.promote_types(self.weight.dtype, hidden_states.dtype) != hidden_states.dtype:
+        # (an fp32 weight on 16-bit activations, as under autocast: transformers' norm then returns fp32)
+        return type(self).forward(self, hidden_states, gate)
+    return rmsnorm_fn(hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon,
+                      group_size=self.group_size, norm_before_gate=False)  # fmt: skip
+
+
+def _hf_falcon_h1_gated_norm(self, hidden_states, gate=None):
+    """FalconH1RMSNormGated.forward: n_groups groups, the gate before or after the norm."""
+    from ..ops.rmsnorm_gated import rmsnorm_fn
+
+    return rmsnorm_fn(hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon,
+                      group_size=hidden_states.shape[-1] // self.n_groups, norm_before_gate=self.norm_before_gate)
+
+
+def _patch_gated_norm(norm) -> None:
+    """Routes a mixer's gated RMS norm (a _GATED_NORMS class whose forward transformers defines) to rmsnorm_fn."""
+    import types
+
+    found = _known_forward_owner(norm, _GATED_NORMS) if isinstance(norm, torch.nn.Module) else None
+    if found is None:
+        return
+    forward = _hf_falcon_h1_gated_norm if _GATED_NORMS[found[1]] == "n_groups" else _hf_gated_norm
+    norm.forward = types.MethodType(forward, norm)
+
+
 # The names without which a forward would silently run transformers' own kernels: checked on each class patched.
 _ESSENTIAL = {"causal_conv1d_fn", "causal_conv1d_update"}
 
 
 def patch_model(model: torch.nn.Module) -> dict[str, int]:
     """Route every transformers Mamba-family mixer in `model` (Mamba, Mamba-2, FalconMamba, Jamba, Zamba, Zamba2,
-    Bamba, GraniteMoeHybrid, NemotronH, FalconH1: MAMBA_MIXERS) through llmkernels' conv1d, scan and decode step, in
-    the forward pass, training (the unfused path) and generate(). Returns {mixer class name: count patched}, empty
-    when the model has none. Attention layers are not touched: for them, register() + attn_implementation="llmkernels".
-    Packed (padding-free) batches: the mixers' seq_idx reaches our ops."""
+    Bamba, GraniteMoeHybrid, NemotronH, FalconH1: MAMBA_MIXERS) through llmkernels' conv1d, scan and decode step (and
+    a Mamba-2 mixer's gated RMS norm through rmsnorm_fn), in the forward pass, training (the unfused path) and
+    generate(). Returns {mixer class name: count patched}, empty when the model has none. Attention layers are not
+    touched: for them, register() + attn_implementation="llmkernels". Packed (padding-free) batches: the mixers'
+    seq_idx reaches our ops."""
     return _patch_known_mixers(model, MAMBA_MIXERS)
 
 
@@ -409,6 +455,7 @@ def _patch_known_mixers(model: torch.nn.Module, table: dict) -> dict[str, int]:
         if owner not in forwards:
             forwards[owner] = _patched_forward(owner, table[key])
         module.forward = types.MethodType(forwards[owner], module)
+        _patch_gated_norm(getattr(module, "norm", None))
         counts[owner.__name__] = counts.get(owner.__name__, 0) + 1
     return counts
 

@@ -247,3 +247,73 @@ def test_packed_batch_of_a_mamba1_mixer_is_refused():
     batch = _flattened([torch.randint(3, VOCAB, (n,)) for n in (5, 7)])
     with torch.no_grad(), pytest.raises(NotImplementedError, match="do not pass seq_idx to their scan"):
         ours.base_model(**batch, use_cache=False)
+
+
+# The models whose Mamba-2 mixers hold a gated RMS norm (self.norm; FalconH1's only with mamba_rms_norm).
+GATED_NORM_MODELS = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "zamba2", "falcon_h1_rmsnorm"]
+
+
+def _gated_norms(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("RMSNormGated")]
+
+
+def _norm_cases(norm, dtype):
+    """(x, gate) pairs: with and without the gate, as a sequence (batch, seqlen, dim) and a decode step (batch, dim);
+    FalconH1's norm with the gate before and after it."""
+    dim = norm.weight.shape[0]
+    orders = [False, True] if hasattr(norm, "norm_before_gate") else [None]
+    for order in orders:
+        if order is not None:
+            norm.norm_before_gate = order
+        for shape in ((2, 5, dim), (3, dim)):
+            x = torch.randn(shape, dtype=dtype)
+            yield x, torch.randn(shape, dtype=dtype)
+            yield x, None
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", GATED_NORM_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gated_norms_are_patched_and_match_transformers(name, dtype):
+    """patch_model routes every mixer's gated RMS norm to rmsnorm_fn, which gives what transformers' forward gives,
+    and the same gradients (fp32). fp32: summation order only. bf16: transformers (FalconH1 aside) rounds the
+    normalised value to bf16 before the weight multiplies it and rounds again after; rmsnorm_fn rounds once (as
+    mamba_ssm), so the two may differ by a few bf16 half-ulps (2^-9 each): rtol 1e-2 is 2.5 ulps, while a dropped
+    weight, gate or group moves outputs by O(1)."""
+    _, ours = _pair(name)
+    norms = _gated_norms(ours)
+    assert norms and all("forward" in vars(n) for n in norms)  # (an instance attribute: patched)
+    torch.manual_seed(2)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    for norm in norms:
+        norm.to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn_like(norm.weight))  # (the ones it starts with would hide a dropped weight)
+        for x, gate in _norm_cases(norm, dtype):
+            args = [x.clone().requires_grad_(), None if gate is None else gate.clone().requires_grad_()]
+            ref_args = [x.clone().requires_grad_(), None if gate is None else gate.clone().requires_grad_()]
+            got, want = norm(*args), type(norm).forward(norm, *ref_args)
+            assert got.dtype == want.dtype == dtype
+            torch.testing.assert_close(got, want, **tol)
+            if dtype != torch.float32:
+                continue
+            dout = torch.randn_like(got)
+            got_grads = torch.autograd.grad(got, [a for a in args if a is not None] + [norm.weight], dout)
+            want_grads = torch.autograd.grad(want, [a for a in ref_args if a is not None] + [norm.weight], dout)
+            for g, w in zip(got_grads, want_grads):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.hf
+def test_patched_gated_norm_really_calls_llmkernels_and_keeps_transformers_dtype_rule():
+    """The patched norm fails when a backend that cannot run CPU tensors is forced (so it is ours); an fp32 weight on
+    bf16 activations (autocast's case), where transformers' norm returns fp32, runs transformers' forward."""
+    _, ours = _pair("mamba2")
+    norm = _gated_norms(ours)[0]
+    x, gate = torch.randn(2, 3, norm.weight.shape[0]), torch.randn(2, 3, norm.weight.shape[0])
+    with llmkernels.use_backend("cuda"), pytest.raises(llmkernels.BackendError):
+        norm(x, gate)
+    xb, gb = x.bfloat16(), gate.bfloat16()
+    got = norm(xb, gb)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, type(norm).forward(norm, xb, gb), rtol=0, atol=0)
