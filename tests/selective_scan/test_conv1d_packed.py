@@ -23,6 +23,7 @@ LAYOUTS = {  # sequence lengths per row
     "ones": [[1] * 9, [2, 3, 4]],
     "one-token": [[1], [1]],
     "long": [[130, 1, 2, 125], [3, 255]],
+    "tile-edge": [[255, 2, 3], [256, 4]],  # starts at 255, 256, 257: the CUDA kernels' tiles are 256 steps
 }
 
 
@@ -107,10 +108,12 @@ def test_chunks_with_initial_states_equal_one_call(backend, device, width, dtype
         assert_close_dtype(g, rg.float(), dtype, scale=max(1.0, rg.abs().max().item()))
 
 
+@pytest.mark.parametrize("seqlen", [9, 257, 300])  # (past the CUDA kernels' first 256-step tile, the one reading them)
+@pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("backend, device", BACKENDS)
-def test_initial_states_against_the_reference(backend, device):
-    x, w, bias = _inputs(2, 4, 9, 4, torch.float32, device)
-    init = torch.randn(2, 4, 3, device=device, requires_grad=True)
+def test_initial_states_against_the_reference(backend, device, width, seqlen):
+    x, w, bias = _inputs(2, 4, seqlen, width, torch.float32, device)
+    init = torch.randn(2, 4, width - 1, device=device, requires_grad=True)
     with llmkernels.use_backend(backend):
         out = llmkernels.causal_conv1d_fn(x, w, bias, initial_states=init, activation="silu")
     ref = causal_conv1d_ref(x, w, bias, "silu", initial_states=init)
@@ -240,3 +243,23 @@ def test_a_value_that_returns_after_another_run_is_a_new_sequence():
     want = torch.tensor([[[1.0, 1.0, 1.0, 2.0]]])
     torch.testing.assert_close(causal_conv1d_ref(x, w, seq_idx=seq_idx), want)
     torch.testing.assert_close(llmkernels.causal_conv1d_fn(x, w, seq_idx=seq_idx), want)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in BACKENDS if p.id != "reference"])
+def test_raw_ops_take_runs_and_keep_an_fp32_dout(backend, device):
+    """The C++ ops as torch.ops calls them, without the public function's checks: seq_idx values that return after
+    another run ([0, 1, 0, ...]: runs, not values, are sequences), and an fp32 dout beside bf16 x in the backward,
+    which must not be rounded to bf16 first (the weight gradient then keeps fp32 accuracy)."""
+    x, w, bias = _inputs(2, 6, 300, 4, torch.float32, device)
+    seq_idx = torch.tensor([0, 1, 0, 0, 1, 1, 0] * 42 + [5] * 6, dtype=torch.int32, device=device).repeat(2, 1)
+    renumbered = torch.cat([torch.zeros(2, 1, dtype=torch.int64, device=device),
+                            (seq_idx[:, 1:] != seq_idx[:, :-1]).cumsum(1)], dim=1)  # fmt: skip
+    out = torch.ops.llmkernels.causal_conv1d_fwd(x, w, bias, True, seq_idx, None)
+    torch.testing.assert_close(out, causal_conv1d_ref(x, w, bias, "silu", seq_idx=renumbered))
+    xb = x.bfloat16()
+    dout = torch.randn(x.shape, device=device)
+    _, dw, _, _ = torch.ops.llmkernels.causal_conv1d_bwd(dout, xb, w, bias, True, None, None)
+    leaves = [t.double().requires_grad_() for t in (xb, w, bias)]
+    ref = causal_conv1d_ref(*leaves, "silu")
+    (rdw,) = torch.autograd.grad(ref, [leaves[1]], dout.double())
+    torch.testing.assert_close(dw.double(), rdw, rtol=1e-4, atol=1e-4)

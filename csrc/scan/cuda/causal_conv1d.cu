@@ -123,9 +123,10 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_bwd_kernel(const C
 
 template <typename T, typename S>
 __global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(const ConvUpdateParams p) {
-  const int channel = blockIdx.x * kConvThreads + threadIdx.x;
-  if (channel >= p.batch * p.dim) return;
-  const int b = channel / p.dim, d = channel % p.dim;
+  // (int64: the last block's threads pass INT32_MAX when batch * dim is within 256 of it)
+  const int64_t channel = int64_t(blockIdx.x) * kConvThreads + threadIdx.x;
+  if (channel >= int64_t(p.batch) * p.dim) return;
+  const int b = int(channel / p.dim), d = int(channel % p.dim);
   // A conv_state_indices entry outside the state's rows (negative: a pad slot) leaves the row out: no state
   // access, output 0. (Never clamped into range: that row would belong to another request.)
   const int64_t sb = p.state_rows ? p.state_rows[b] : b;

@@ -444,7 +444,12 @@ static void conv_packing(const char* op, const at::Tensor& x_c, int width, const
     LLMK_CHECK_ARG(s.scalar_type() == at::kInt, op, "seq_idx", "must be int32, got ", s.scalar_type());
     LLMK_CHECK_ARG(s.sizes() == at::IntArrayRef({x_c.size(0), x_c.size(2)}), op, "seq_idx",
                    "must have shape (batch, seqlen) = (", x_c.size(0), ", ", x_c.size(2), "), got ", s.sizes());
-    seq_c = s.contiguous();
+    // The kernels compare a tap's seq_idx with the output's by value: runs renumbered 0, 1, 2, ... along each row,
+    // so that equal values in separate runs ([0, 1, 0]) stay apart, as the CPU op and the reference take them.
+    const int64_t L = s.size(1);
+    seq_c = L > 1 ? at::cat({at::zeros_like(s.narrow(1, 0, 1)),
+                             at::ne(s.narrow(1, 1, L - 1), s.narrow(1, 0, L - 1)).cumsum(1, at::kInt)}, 1)
+                  : s.contiguous();
     p.seq_idx = seq_c.data_ptr<int32_t>();
   }
   if (has_init) {
@@ -493,7 +498,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cud
   at::Tensor weight_f, bias_f;
   prepare_conv_weights(op, x, weight, bias, weight_f, bias_f);
   LLMK_CHECK_ARG(is_float_type(x), op, "x", "must be float32, float16 or bfloat16, got ", x.scalar_type());
-  at::Tensor x_c = x.contiguous();
+  // x and dout in one dtype: x's, or fp32 when dout's differs (never rounding dout to a 16-bit x's dtype)
+  at::Tensor x_c = x.to(common_activation_dtype(x, {&dout})).contiguous();
   at::Tensor dout_c = activation_like(op, "dout", dout, x_c);
   at::Tensor dx = at::empty_like(x_c);
   at::Tensor dweight = at::zeros(weight.sizes(), weight_f.options());
@@ -510,12 +516,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cud
   p.dbias = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
   if (p.batch * p.dim > 0 && p.seqlen > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_activation_dtype(x.scalar_type(), op, "x", [&](auto tag) {
+    dispatch_activation_dtype(x_c.scalar_type(), op, "x", [&](auto tag) {
       launch_causal_conv1d_bwd<typename decltype(tag)::type>(p, stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {dx, dweight.to(weight.scalar_type()),
+  return {dx.to(x.scalar_type()), dweight.to(weight.scalar_type()),
           dbias.defined() ? dbias.to(bias->scalar_type()) : at::empty({0}, weight_f.options()),
           dinit.defined() ? dinit.to(initial_states->scalar_type()) : at::empty({0}, weight_f.options())};
 }
