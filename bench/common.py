@@ -175,6 +175,7 @@ def environment() -> dict:
         env["triton"] = None
     if on_gpu():
         env["device"] = torch.cuda.get_device_name()
+        env["capability"] = list(torch.cuda.get_device_capability())
         env["driver"] = _driver_version()
     else:
         env["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"

@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.merge_results import merge  # noqa: E402
+from llmkernels._backend import CAPABILITY_KEY  # noqa: E402
 
 # benchmark op name -> the public op (Dispatcher name) whose order it decides
 BENCH_TO_OP = {
@@ -93,6 +94,9 @@ def main() -> None:
     if not orders:  # a CPU run, or a GPU run where no case had both backends: nothing measured, nothing written
         print(f"{TABLE}: no case with both llmkernels-cuda and llmkernels-triton rows; table unchanged")
         return
+    capability = merged["environment"].get("capability")
+    if capability:  # (GPUs of the same architecture without an entry of their own take this one's orders)
+        orders[CAPABILITY_KEY] = list(capability)
     table[key] = orders
     with open(TABLE, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)

@@ -42,11 +42,18 @@ CUDA_DISPATCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 _measured_orders: dict[str, tuple[str, ...]] | None = None
 
 
-def orders_for_device(table: dict, device_name: str) -> dict[str, tuple[str, ...]]:
-    """The per-op backend orders of the first table entry whose key occurs in device_name ({} if none)."""
-    for key, orders in table.items():
-        if key in device_name:
-            return {op: tuple(order) for op, order in orders.items()}
+# A table entry's compute capability ([major, minor]), beside its per-op orders: a GPU whose name no key matches takes
+# the orders measured on one of the same architecture (an H200 or GH200 those of an H100, rather than none).
+CAPABILITY_KEY = "_capability"
+
+
+def orders_for_device(table: dict, device_name: str, capability=None) -> dict[str, tuple[str, ...]]:
+    """The per-op backend orders of the first table entry whose key occurs in device_name; else of the first entry
+    measured on a GPU of the same compute capability; else {}."""
+    named = [orders for key, orders in table.items() if key in device_name]
+    same_arch = [o for o in table.values() if capability is not None and o.get(CAPABILITY_KEY) == list(capability)]
+    for orders in named[:1] or same_arch[:1]:
+        return {op: tuple(order) for op, order in orders.items() if op != CAPABILITY_KEY}
     return {}
 
 
@@ -59,7 +66,8 @@ def measured_cuda_orders() -> dict[str, tuple[str, ...]]:
                 table = json.load(f)
         except (OSError, ValueError):
             table = {}
-        _measured_orders = orders_for_device(table, torch.cuda.get_device_name()) if table else {}
+        name, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        _measured_orders = orders_for_device(table, name, capability) if table else {}
     return _measured_orders
 
 

@@ -62,7 +62,7 @@ def test_dispatch_table_from_several_result_files(tmp_path, monkeypatch):
     from bench import make_dispatch_table as mdt
 
     def result(rows, device="NVIDIA H100 80GB HBM3"):
-        return {"environment": {"device": device}, "results": rows}
+        return {"environment": {"device": device, "capability": [9, 0]}, "results": rows}
 
     def row(op, case, impl, ms):
         return {"op": op, "case": case, "impl": impl, "time_ms": ms}
@@ -82,6 +82,7 @@ def test_dispatch_table_from_several_result_files(tmp_path, monkeypatch):
     orders = json.loads(table.read_text())["H100"]
     assert orders["flash_attn_func"] == ["triton", "cuda", "reference"]
     assert orders["selective_scan_fn"] == ["cuda", "triton", "reference"]
+    assert orders["_capability"] == [9, 0]  # (an H200, which has no entry, then takes these orders)
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps(result(scan, device="NVIDIA A100")))

@@ -1,5 +1,6 @@
 """The package itself: lean import, backend choice and its error messages."""
 
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,21 @@ def test_measured_cuda_orders_follow_the_benchmarks():
     assert _backend.orders_for_device(table, "NVIDIA A10") == {}
 
 
+def test_a_gpu_without_an_entry_takes_one_of_its_architecture():
+    """An H200 (no entry of its own) takes the orders measured on an H100 (the same sm_90), not CUDA-first defaults;
+    a name match wins over the architecture; other architectures get none; the capability is no op."""
+    table = {"A100": {"_capability": [8, 0], "flash_attn_func": ["cuda", "triton"]},
+             "H100": {"_capability": [9, 0], "flash_attn_func": ["triton", "cuda"]}}  # fmt: skip
+    h200 = _backend.orders_for_device(table, "NVIDIA H200", (9, 0))
+    assert h200 == {"flash_attn_func": ("triton", "cuda")}
+    assert _backend.orders_for_device(table, "NVIDIA A100-SXM4-80GB", (9, 0))["flash_attn_func"][0] == "cuda"
+    assert _backend.orders_for_device(table, "NVIDIA L4", (8, 9)) == {}
+    assert _backend.orders_for_device({"H100": {"flash_attn_func": ["triton"]}}, "NVIDIA H200", (9, 0)) == {}
+    committed = json.load(open(_backend.CUDA_DISPATCH_TABLE))
+    assert _backend.orders_for_device(committed, "NVIDIA H200", (9, 0)) == _backend.orders_for_device(
+        committed, "NVIDIA H100 80GB HBM3", (9, 0))  # fmt: skip
+
+
 def test_measured_orders_are_read_while_compiling(tmp_path, monkeypatch):
     """The first CUDA call may come inside a fullgraph torch.compile: the table file is read at trace time (a
     constant to Dynamo), not traced (Dynamo cannot trace open())."""
@@ -109,6 +125,7 @@ def test_measured_orders_are_read_while_compiling(tmp_path, monkeypatch):
     monkeypatch.setattr(_backend, "CUDA_DISPATCH_TABLE", str(table))
     monkeypatch.setattr(_backend, "_measured_orders", None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
 
     def fn(x):
         return x + 1 if _backend.measured_cuda_order("some_op")[0] == "triton" else x - 1
