@@ -17,7 +17,6 @@ window_right = 0 before any backend sees the call, so every implementation takes
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 
@@ -51,6 +50,8 @@ def _cuda_supports(q, *args, **kwargs) -> str | None:
         return "the CUDA C++ kernels take no alibi_slopes (the Triton kernels do)"
     if kwargs.get("dropout_p", 0.0) > 0:
         return "the CUDA C++ kernels take no dropout (the Triton kernels do)"
+    if kwargs.get("deterministic", False):
+        return "the CUDA C++ backward adds dq (and GQA's dk, dv) atomically; deterministic=True runs Triton's"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16, got {q.dtype}"
     d = q.shape[-1]
@@ -120,7 +121,8 @@ def _triton_supports_for(function: str):
 # --------------------------------------------------------------------------------------------------
 # flash_attn_func: (q, k, v, softmax_scale, window_left, window_right, softcap, deterministic=, alibi_slopes=,
 #                   dropout_p=, dropout_seed=) -> (out, softmax_lse)
-# deterministic matters to the Triton backward only (the others always are). alibi_slopes: None, or fp32 (nheads,)
+# deterministic: the CUDA C++ backward adds atomically (so it declines it), the Triton one may (tuned tiles), the CPU
+# and reference backwards never do. alibi_slopes: None, or fp32 (nheads,)
 # or (batch, nheads) contiguous (the public functions check and make it so).
 # --------------------------------------------------------------------------------------------------
 flash_attn = Dispatcher("flash_attn_func")
@@ -280,13 +282,23 @@ def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_sc
 # --------------------------------------------------------------------------------------------------
 # Argument checks (one place; every message names the function and the argument)
 # --------------------------------------------------------------------------------------------------
+# The kernels take softmax_scale and softcap as fp32: a value that fp32 rounds to 0 or to inf would not be the one
+# asked for (a softcap of 1e-46 would become 0, no cap at all).
+_FP32_TINY, _FP32_MAX = 1.401298464324817e-45, 3.4028234663852886e38
+
+
+def _fp32_positive(x) -> bool:
+    return isinstance(x, (int, float)) and _FP32_TINY <= x <= _FP32_MAX
+
+
 def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap) -> None:
     check_tensor(fn, "q", q, ndim=4, dtypes=_DTYPES, last_dim_contiguous=True)
     if not 1 <= q.shape[-1] <= MAX_HEADDIM:
         raise ValueError(f"llmkernels.{fn}: q must have a head dim in [1, {MAX_HEADDIM}], got {q.shape[-1]}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
+    if softmax_scale is not None and not _fp32_positive(softmax_scale):
         raise ValueError(
-            f"llmkernels.{fn}: softmax_scale must be a positive finite number or None, got {softmax_scale!r}"
+            f"llmkernels.{fn}: softmax_scale must be a positive finite number (one fp32 holds: 1.4e-45 to 3.4e38) "
+            f"or None, got {softmax_scale!r}"
         )
     if not (
         isinstance(window_size, (tuple, list))
@@ -296,8 +308,11 @@ def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap)
         raise ValueError(
             f"llmkernels.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}"
         )
-    if not (isinstance(softcap, (int, float)) and 0 <= softcap < math.inf):
-        raise ValueError(f"llmkernels.{fn}: softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    if not (softcap == 0 or _fp32_positive(softcap)):
+        raise ValueError(
+            f"llmkernels.{fn}: softcap must be a finite number >= 0 (0 disables it) that fp32 holds (1.4e-45 to "
+            f"3.4e38 when not 0), got {softcap!r}"
+        )
 
 
 def _check_kv(
@@ -325,15 +340,14 @@ def _check_kv(
 def _scalars_ok(softmax_scale, window_size, softcap) -> bool:
     """Whether _check_common's checks of the numbers would pass (no messages)."""
     return (
-        (softmax_scale is None or (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf))
+        (softmax_scale is None or _fp32_positive(softmax_scale))
         and isinstance(window_size, (tuple, list))
         and len(window_size) == 2
         and isinstance(window_size[0], int)
         and window_size[0] >= -1
         and isinstance(window_size[1], int)
         and window_size[1] >= -1
-        and isinstance(softcap, (int, float))
-        and 0 <= softcap < math.inf
+        and (softcap == 0 or _fp32_positive(softcap))
     )
 
 
@@ -492,9 +506,10 @@ def flash_attn_func(
     and is redrawn by the backward, never stored (reference/dropout.py; the CPU and Triton kernels; on a GPU dropout
     runs on Triton).
     With dropout, return_attn_probs still gives (out, softmax_lse, None): flash_attn's third item, a debugging
-    copy of the mask, is not built. deterministic=True keeps the backward's sums in a fixed order; only the Triton
-    backward may otherwise add dq atomically (when its tuned tiles say that is faster), as flash_attn's does; the
-    CPU, CUDA C++ and reference backwards are deterministic either way.
+    copy of the mask, is not built. deterministic=True keeps the backward's sums in a fixed order: on a GPU it runs
+    the Triton kernels (the CUDA C++ backward adds dq, and a GQA group's dk / dv, with fp32 atomics, as flash_attn's
+    does; the Triton one may, when its tuned tiles say that is faster); the CPU and reference backwards are
+    deterministic either way.
     """
     fn = "flash_attn_func"
     if not _func_args_ok(q, k, v, softmax_scale, window_size, softcap):

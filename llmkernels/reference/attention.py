@@ -42,6 +42,10 @@ def visible_mask(
     j = torch.arange(seqlen_k, device=device).unsqueeze(0)
     shift = seqlen_k - seqlen_q
     mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    # A bound that excludes no key (left >= seqlen_k, right >= seqlen_q) is none: i + shift +- a bound near 2^63
+    # would wrap in int64 and hide every key (the kernels fold it the same way: attention_window.h).
+    window_left = -1 if window_left >= seqlen_k else window_left
+    window_right = -1 if window_right >= seqlen_q else window_right
     if window_left >= 0:
         mask &= j >= i + shift - window_left
     if window_right >= 0:

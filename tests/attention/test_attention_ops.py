@@ -95,6 +95,28 @@ def test_cuda_backend_refuses_float32_with_reason():
     assert "multiple of 8" in attention_ops._cuda_supports(q, k, v, 0.25, -1, -1, 0.0)
 
 
+def test_cuda_backend_declines_deterministic():
+    """The CUDA C++ backward adds dq (and GQA's dk / dv) with fp32 atomics: deterministic=True must run elsewhere
+    (Triton's fixed-order dQ kernel on a GPU)."""
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    assert attention_ops._cuda_supports(q, k, v, 0.25, -1, -1, 0.0, deterministic=False) is None
+    assert "atomically" in attention_ops._cuda_supports(q, k, v, 0.25, -1, -1, 0.0, deterministic=True)
+
+
+@pytest.mark.cuda
+def test_gpu_deterministic_backward_is_bit_exact():
+    """Auto-dispatch on a GPU with deterministic=True: two backward passes give the same bits (GQA 4, 1k keys: many
+    query tiles add into each dq row and key tiles into each dk / dv row)."""
+    q, k, v = (torch.randn(2, 1024, h, 128, device="cuda", dtype=torch.bfloat16).requires_grad_() for h in (16, 4, 4))
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        out = llmkernels.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
 def test_reference_backend_matches_cpu():
     q, k, v = _qkv()
     with llmkernels.use_backend("reference"):
@@ -133,6 +155,10 @@ def _bad_calls():
         ("window_size", ValueError, lambda: f(q, k, v, window_size=(-2, 0))),
         ("softcap", ValueError, lambda: f(q, k, v, softcap=-1.0)),
         ("softmax_scale", ValueError, lambda: f(q, k, v, softmax_scale=0.0)),
+        ("softcap must be a finite number >= 0 \\(0 disables it\\) that fp32 holds", ValueError,
+         lambda: f(q, k, v, softcap=1e-46)),  # (fp32 would round it to 0: no cap)  # fmt: skip
+        ("softmax_scale must be a positive finite number \\(one fp32", ValueError,
+         lambda: f(q, k, v, softmax_scale=1e39)),  # (inf in fp32)  # fmt: skip
         ("q must be a torch.Tensor", TypeError, lambda: f(q.numpy(), k, v)),
     ]
 
@@ -325,3 +351,15 @@ def test_infinite_scale_or_softcap_is_refused(name):
     kc, vc = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
     with pytest.raises(ValueError, match=f"{name} must be a"):
         llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, **{name: math.inf})
+
+
+@needs_cpu_kernel
+def test_cpp_ops_refuse_scalars_fp32_cannot_hold():
+    """The C++ ops (CPU and CUDA hosts share the check) take softmax_scale and softcap as fp32: a softcap fp32 rounds to
+    0 would silently be no cap, a scale past FLT_MAX inf."""
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="softcap must be 0 or a positive fp32 number"):
+        torch.ops.llmkernels.flash_attn_fwd(q, k, v, 0.25, -1, -1, 1e-46)
+    with pytest.raises(RuntimeError, match="softmax_scale must fit fp32"):
+        torch.ops.llmkernels.flash_attn_fwd(q, k, v, 1e39, -1, -1, 0.0)
+    torch.ops.llmkernels.flash_attn_fwd(q, k, v, 0.25, -1, -1, 1.5e-45)  # (the smallest subnormal is a cap)

@@ -47,3 +47,16 @@ def test_kvcache_reference_appends_and_matches_full_attention():
         assert torch.equal(k_cache[i, n : n + 2], k_new[i])
         expect = attention_naive(q[i : i + 1], k_cache[i : i + 1, : n + 2], v_cache[i : i + 1, : n + 2], 0.4, -1, 0)
         torch.testing.assert_close(out[i : i + 1], expect, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sq, sk", [(5, 9), (9, 5), (7, 7)])
+def test_huge_window_bounds_mean_no_bound(sq, sk):
+    """A window bound that excludes no key, up to 2^63 - 1, equals -1 (no bound): the band's i + shift +- bound must
+    not wrap in int64 and hide every key (the kernels fold such bounds the same way)."""
+    from llmkernels.reference.attention import visible_mask
+
+    huge = 2**63 - 1
+    for left, right in ((huge, -1), (-1, huge), (huge, huge), (huge, 0), (sk, sq), (3, huge)):
+        want = visible_mask(sq, sk, -1 if left >= sk else left, -1 if right >= sq else right)
+        torch.testing.assert_close(visible_mask(sq, sk, left, right), want)
+    assert visible_mask(sq, sk, huge, huge).all()

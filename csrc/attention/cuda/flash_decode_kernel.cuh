@@ -121,8 +121,8 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, kDecodeBlocksPerSm)
     if (g < nh) {
       const int i = (r0 + g) / group;
       lo[g] = p.window_left >= 0 ? max(0, i + shift - p.window_left) : 0;
-      // window_right is capped at sq (i + shift + sq + 1 > sk: unbounded anyway) so that the sum stays in int32:
-      // the host allows window_right up to seqlen_q + seqlen_k, which overflows at a cache of ~2^30 keys.
+      // window_right is capped at sq (i + shift + sq + 1 > sk: unbounded anyway) so that the sum stays in int32
+      // whatever the host passes (it folds bounds >= seqlen_q into -1 now: attention_window.h; a guard, not a need).
       hi[g] = p.window_right >= 0 ? min(sk, i + shift + min(p.window_right, sq) + 1) : sk;
       if (lo[g] < hi[g]) {
         n_lo = min(n_lo, lo[g]);
