@@ -96,9 +96,9 @@ _MASKS = ("causal", "full", "causal_short", "full_short", "window")
 # Measured tiles: bench/tune_triton.py times candidate configs on a GPU and writes tuned_configs.json next to
 # this file (or where LLMKERNELS_TRITON_CONFIGS points). Its winners, per kernel, head-dim bucket and
 # causal/banded vs full attention, replace the fp16/bf16 tables above (fp16 has bf16's tile shapes) when the
-# file was measured on this GPU (same name, or same family word and compute capability: "NVIDIA H100 PCIe"
-# takes an "NVIDIA H100 80GB HBM3" file) with the same triton major.minor (codegen, and so the best tile,
-# moves between releases). Anything else, a missing or corrupt file included, silently keeps the tables.
+# file was measured on a GPU of this one's compute capability (the same SM: "NVIDIA H200" or "NVIDIA H100 PCIe"
+# take an "NVIDIA H100 80GB HBM3" file) with the same triton major.minor (codegen, and so the best tile, moves
+# between releases). Anything else, a missing or corrupt file included, silently keeps the tables.
 TUNED_CONFIGS_ENV = "LLMKERNELS_TRITON_CONFIGS"
 TUNED_FORMAT = 1
 TUNED_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "decode")

@@ -214,7 +214,7 @@ def valid_config(cfg) -> bool:
 
 # Measured tiles: bench/tune_ternary.py writes tuned_ternary.json next to this file (or where
 # LLMKERNELS_TERNARY_CONFIGS points). Its winners, per shape bucket, replace the rule for the int8 modes when the
-# file was measured on this GPU (same name, or same family word and compute capability) with the same triton
+# file was measured on a GPU of this one's compute capability (tuned_file.py) with the same triton
 # major.minor. Anything else, a missing or corrupt file included, keeps the rule. The weight-only mode (float
 # tl.dot) always keeps the rule: the candidates were timed for int8 tensor cores.
 TUNED_ENV = "LLMKERNELS_TERNARY_CONFIGS"

@@ -1,7 +1,9 @@
 """Reading a tuned-configs JSON written on a GPU (bench/tune_triton.py, bench/tune_ternary.py).
 
-A file applies only to the GPU it was measured on (or one of the same family word and compute capability) and to
-the same triton major.minor: tiles that win on one do not carry over. Anything else, a missing file included,
+A file applies only to GPUs of the compute capability it was measured on (the same SM: an H100 file serves an H200,
+a GH200, an H100 PCIe, whose SMs, registers and shared memory are the H100's; measured on the H100, its tiles were
+1.05-3x faster than the built-in rules) and to the same triton major.minor: tiles that win on one architecture or
+triton release do not carry over. Anything else, a missing file included,
 falls back to the caller's built-in rule, and the returned text says which and why (`llmkernels info`).
 """
 
@@ -9,12 +11,6 @@ from __future__ import annotations
 
 import json
 from typing import Callable
-
-
-def gpu_family(device_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'H100': the first word after the vendor."""
-    words = [w for w in device_name.split() if w.upper() not in ("NVIDIA", "AMD", "GEFORCE", "TESLA")]
-    return words[0] if words else ""
 
 
 def read_tuned(
@@ -40,7 +36,7 @@ def read_tuned(
         if data["format"] != expected_format:
             return None, f"{fallback} ({path} has format {data['format']!r}, expected {expected_format})"
         name, cap = data["device"], tuple(data["capability"])
-        if name != device_name and (gpu_family(name) != gpu_family(device_name) or cap != tuple(capability)):
+        if name != device_name and cap != tuple(capability):
             return None, f"{fallback} ({path} was measured on {name}, this GPU is {device_name})"
         if data["triton"].split(".")[:2] != triton_version.split(".")[:2]:
             return None, f"{fallback} ({path} was measured with triton {data['triton']}, this is {triton_version})"

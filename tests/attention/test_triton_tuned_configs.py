@@ -93,16 +93,17 @@ def test_winners_are_used_on_the_gpu_they_were_measured_on(gpu):
     assert fa._bwd_configs(256, FP32) == (fa._DKDV_CONFIGS_FP32[256], fa._DQ_CONFIGS_FP32[256])
 
 
-def test_same_family_and_capability_share_a_file(gpu):
+@pytest.mark.parametrize("name", ["NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA GH200 480GB"])
+def test_gpus_of_the_same_capability_share_a_file(gpu, name):
     path, device = gpu
     _write(path, _doc())
-    device["name"] = "NVIDIA H100 PCIe"
+    device["name"] = name
     assert _chosen() == ((64, 128, 4, 2), (16, 256, 16, 4), (256, 64, 1, 1))
 
 
 @pytest.mark.parametrize(
     "name, capability",
-    [("NVIDIA H200", (9, 0)), ("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA H100 PCIe", (8, 9))],
+    [("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA L40S", (8, 9)), ("NVIDIA B200", (10, 0))],
 )
 def test_other_gpus_keep_the_static_tables(gpu, name, capability):
     path, device = gpu

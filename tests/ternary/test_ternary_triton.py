@@ -128,7 +128,8 @@ def _tuned_doc(**changes):
     "changes,device,loads",
     [
         ({}, "NVIDIA H100 80GB HBM3", True),
-        ({}, "NVIDIA H100 PCIe", True),  # same family and capability
+        ({}, "NVIDIA H100 PCIe", True),  # same compute capability (the same SM)
+        ({}, "NVIDIA H200", True),
         ({}, "NVIDIA A100-SXM4-80GB", False),
         ({"triton": "3.5.1"}, "NVIDIA H100 80GB HBM3", False),
         ({"format": 2}, "NVIDIA H100 80GB HBM3", False),
@@ -140,14 +141,15 @@ def test_load_tuned(tmp_path, changes, device, loads):
     tn = _tn()
     path = tmp_path / "tuned_ternary.json"
     path.write_text(json.dumps(_tuned_doc(**changes)))
-    winners, why = tn.load_tuned(str(path), device, (9, 0), "3.6.2")
+    capability = (8, 0) if "A100" in device else (9, 0)
+    winners, why = tn.load_tuned(str(path), device, capability, "3.6.2")
     if loads:
         assert winners == {"prefill_small": (128, 128, 256, 8, 2, 2, 1), "prefill_large": (256, 128, 256, 8, 3, 2, 0)}
         assert why.startswith("measured")
     else:
         assert winners is None and why.startswith("inline rule")
     path.write_text("{not json")
-    assert tn.load_tuned(str(path), device, (9, 0), "3.6.2")[0] is None
+    assert tn.load_tuned(str(path), device, capability, "3.6.2")[0] is None
     assert tn.load_tuned(str(tmp_path / "absent.json"), device, (9, 0), "3.6.2")[0] is None
 
 
