@@ -51,6 +51,16 @@ def check_same_dtype(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: to
         raise TypeError(f"llmkernels.{fn}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
+# The attention kernels take softmax_scale and softcap as fp32: a value fp32 rounds to 0 or to inf would not be the
+# one asked for (a softcap of 1e-46 would become 0, no cap at all).
+FP32_TINY, FP32_MAX = 1.401298464324817e-45, 3.4028234663852886e38
+
+
+def fp32_positive(x) -> bool:
+    """Whether x is a number that fp32 holds as a positive finite value (1.4e-45 to 3.4e38)."""
+    return isinstance(x, (int, float)) and FP32_TINY <= x <= FP32_MAX
+
+
 def fits(t: object, dtypes: tuple[torch.dtype, ...], device: torch.device) -> bool:
     """Whether t is a tensor with a dtype in dtypes on device: check_tensor's common case as a bool, no message."""
     return isinstance(t, torch.Tensor) and t.dtype in dtypes and t.device == device

@@ -22,7 +22,7 @@ import torch
 
 from .. import _ext
 from .._backend import Dispatcher
-from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
+from .._checks import check_same_dtype, check_shape, check_tensor, fp32_positive, register_fake
 from ..reference.attention import (
     flash_attn_fwd_ref,
     flash_attn_with_kvcache_ref,
@@ -282,20 +282,11 @@ def _kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_sc
 # --------------------------------------------------------------------------------------------------
 # Argument checks (one place; every message names the function and the argument)
 # --------------------------------------------------------------------------------------------------
-# The kernels take softmax_scale and softcap as fp32: a value that fp32 rounds to 0 or to inf would not be the one
-# asked for (a softcap of 1e-46 would become 0, no cap at all).
-_FP32_TINY, _FP32_MAX = 1.401298464324817e-45, 3.4028234663852886e38
-
-
-def _fp32_positive(x) -> bool:
-    return isinstance(x, (int, float)) and _FP32_TINY <= x <= _FP32_MAX
-
-
 def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap) -> None:
     check_tensor(fn, "q", q, ndim=4, dtypes=_DTYPES, last_dim_contiguous=True)
     if not 1 <= q.shape[-1] <= MAX_HEADDIM:
         raise ValueError(f"llmkernels.{fn}: q must have a head dim in [1, {MAX_HEADDIM}], got {q.shape[-1]}")
-    if softmax_scale is not None and not _fp32_positive(softmax_scale):
+    if softmax_scale is not None and not fp32_positive(softmax_scale):
         raise ValueError(
             f"llmkernels.{fn}: softmax_scale must be a positive finite number (one fp32 holds: 1.4e-45 to 3.4e38) "
             f"or None, got {softmax_scale!r}"
@@ -308,7 +299,7 @@ def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap)
         raise ValueError(
             f"llmkernels.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}"
         )
-    if not (softcap == 0 or _fp32_positive(softcap)):
+    if not (softcap == 0 or fp32_positive(softcap)):
         raise ValueError(
             f"llmkernels.{fn}: softcap must be a finite number >= 0 (0 disables it) that fp32 holds (1.4e-45 to "
             f"3.4e38 when not 0), got {softcap!r}"
@@ -340,14 +331,14 @@ def _check_kv(
 def _scalars_ok(softmax_scale, window_size, softcap) -> bool:
     """Whether _check_common's checks of the numbers would pass (no messages)."""
     return (
-        (softmax_scale is None or _fp32_positive(softmax_scale))
+        (softmax_scale is None or fp32_positive(softmax_scale))
         and isinstance(window_size, (tuple, list))
         and len(window_size) == 2
         and isinstance(window_size[0], int)
         and window_size[0] >= -1
         and isinstance(window_size[1], int)
         and window_size[1] >= -1
-        and (softcap == 0 or _fp32_positive(softcap))
+        and (softcap == 0 or fp32_positive(softcap))
     )
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .. import _ext
 from .._backend import Dispatcher, requested_backend, triton_unavailable_reason
-from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
+from .._checks import check_same_dtype, check_shape, check_tensor, fp32_positive, register_fake
 from ..reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
 from .inference_only import inference_only
 
@@ -208,10 +208,15 @@ def _check_args(q, k, v, cache, softmax_scale, softcap) -> None:
         raise ValueError(f"llmkernels.{_FN}: cache has head_dim {cache_head_dim}, q has head_dim {head_dim}")
     check_tensor(_FN, "cache.k", cache.k, device=q.device)
     check_same_dtype(_FN, "cache.k", cache.k, "q", q)
-    if softmax_scale is not None and not 0 < softmax_scale < math.inf:
-        raise ValueError(f"llmkernels.{_FN}: softmax_scale must be positive and finite, got {softmax_scale}")
-    if not 0 <= softcap < math.inf:
-        raise ValueError(f"llmkernels.{_FN}: softcap must be finite and >= 0 (0 disables it), got {softcap}")
+    if softmax_scale is not None and not fp32_positive(softmax_scale):
+        raise ValueError(
+            f"llmkernels.{_FN}: softmax_scale must be positive and finite (one fp32 holds: 1.4e-45 to 3.4e38), got "
+            f"{softmax_scale}"
+        )
+    if not (softcap == 0 or fp32_positive(softcap)):
+        raise ValueError(
+            f"llmkernels.{_FN}: softcap must be finite and >= 0 (0 disables it) and one fp32 holds, got {softcap}"
+        )
 
 
 def sliding_window_attn_with_cache(
