@@ -17,8 +17,6 @@ Inference only: no autograd is registered.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _ext
@@ -181,8 +179,8 @@ def _args_ok(q, k, v, cache, softmax_scale, softcap) -> bool:
         and ring_head_dim == head_dim
         and cache.k.device == dev
         and cache.k.dtype == dtype
-        and (softmax_scale is None or 0 < softmax_scale < math.inf)  # the numbers last, in _check_args' order
-        and 0 <= softcap < math.inf
+        and (softmax_scale is None or fp32_positive(softmax_scale))  # the numbers last, in _check_args' order
+        and (softcap == 0 or fp32_positive(softcap))
     )
 
 
