@@ -177,7 +177,7 @@ def causal_conv1d_update(
     conv_state_indices[b] of a state of any number of rows, (state_batch, dim, width); rows no index names are
     untouched. A negative index (a pad slot) leaves its batch row out: no state changes, output 0. The others must
     be distinct and below state_batch: the CPU kernel and the reference check; the CUDA kernel leaves a row whose
-    index is past the pool out too (no sync to check).
+    index is past the pool out too (no sync to check), and repeated ones race.
     x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps,
     returning (batch, dim, seqlen). Not supported: cache_seqlens (causal_conv1d's circular state),
     NotImplementedError.

@@ -38,6 +38,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 CHUNK = 64  # tokens per chunk = rows per program (tl.dot needs >= 16)
 
 
+# The tiles' dots multiply fp32 values (scores, states): exact for fp32 inputs; for 16-bit ones TF32 where its
+# rounding stays under the output's (bf16: 8 bits), three TF32 products (~fp32) for fp16, whose 11-bit outputs one
+# TF32 product (its operands truncated, not rounded: no cvt.rna) missed by 2x (a review's emulation, no GPU here).
+_DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}
+
 @triton.jit
 def ssd_chunk_output_kernel(
     x_ptr, dt_ptr, cum_ptr, CB_ptr, C_ptr, H_ptr, D_ptr, z_ptr, seq_ptr, seq_end_ptr, y_ptr,
@@ -173,7 +178,7 @@ def _forward(x, dt, A, B, C, D, z, initial_states, seq_idx):
         *x.stride(), *dt_h.stride(), *cum.stride(), *scores.stride(), *C.stride(), *entering.stride(),
         *_strides(D_hp, 2), *_strides(z, 4), *_strides(seq, 2), *_strides(seq_end, 2), *y.stride(),
         CHUNK=Q, BLOCK_J=32, BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_SEQ=seq_idx is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_SEQ=seq_idx is not None, PRECISION=_DOT_PRECISION[x.dtype],
         num_warps=8 if x.dtype == torch.float32 else 4,  # (IEEE fp32 dots: 113-117 registers at 8 warps, 181 at 4)
     )  # fmt: skip
     # (a fresh tensor, as the fake's: final is a view into the last group's product)
