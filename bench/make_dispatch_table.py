@@ -94,8 +94,10 @@ def main() -> None:
     if not orders:  # a CPU run, or a GPU run where no case had both backends: nothing measured, nothing written
         print(f"{TABLE}: no case with both llmkernels-cuda and llmkernels-triton rows; table unchanged")
         return
-    capability = merged["environment"].get("capability")
-    if capability:  # (GPUs of the same architecture without an entry of their own take this one's orders)
+    # (GPUs of the same architecture without an entry of their own take this one's orders; results written before
+    # the environment recorded it keep the entry's)
+    capability = merged["environment"].get("capability") or table.get(key, {}).get(CAPABILITY_KEY)
+    if capability:
         orders[CAPABILITY_KEY] = list(capability)
     table[key] = orders
     with open(TABLE, "w") as f:

@@ -67,6 +67,8 @@ def measured_cuda_orders() -> dict[str, tuple[str, ...]]:
         except (OSError, ValueError):
             table = {}
         name, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        if torch.version.hip is not None:  # (ROCm reports gfx90a as (9, 0): not the H100's architecture)
+            capability = None
         _measured_orders = orders_for_device(table, name, capability) if table else {}
     return _measured_orders
 

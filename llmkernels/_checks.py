@@ -7,6 +7,7 @@ only when that says no. The two must agree on every input: tests/test_fast_check
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -51,14 +52,23 @@ def check_same_dtype(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: to
         raise TypeError(f"llmkernels.{fn}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
-# The attention kernels take softmax_scale and softcap as fp32: a value fp32 rounds to 0 or to inf would not be the
-# one asked for (a softcap of 1e-46 would become 0, no cap at all).
-FP32_TINY, FP32_MAX = 1.401298464324817e-45, 3.4028234663852886e38
+# The attention kernels take softmax_scale and softcap as fp32, and the CPU ones run with subnormals flushed to 0:
+# a value below fp32's smallest normal number would be 0 there (a softcap of 1e-40: no cap at all), one past FLT_MAX
+# inf. A softcap also enters as its reciprocal (s / c as s * (1 / c)), which flushes scores to 0 for caps much past
+# 1e30; by then tanh(s / c) c equals s in fp32 for any score, so larger caps are refused as meaningless.
+FP32_MIN_NORMAL, FP32_MAX, SOFTCAP_MAX = 1.1754943508222875e-38, 3.4028234663852886e38, 1e30
 
 
-def fp32_positive(x) -> bool:
-    """Whether x is a number that fp32 holds as a positive finite value (1.4e-45 to 3.4e38)."""
-    return isinstance(x, (int, float)) and FP32_TINY <= x <= FP32_MAX
+def fp32_positive(x, upper: float = FP32_MAX) -> bool:
+    """Whether x is a real number (Python or NumPy, not bool) in [fp32's smallest normal, upper]."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and FP32_MIN_NORMAL <= x <= upper
+
+
+def softcap_ok(softcap) -> bool:
+    """0 (no cap), or a cap fp32 holds as a normal number up to SOFTCAP_MAX."""
+    return fp32_positive(softcap, SOFTCAP_MAX) or (
+        isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) and softcap == 0
+    )
 
 
 def fits(t: object, dtypes: tuple[torch.dtype, ...], device: torch.device) -> bool:

@@ -83,6 +83,11 @@ def test_dispatch_table_from_several_result_files(tmp_path, monkeypatch):
     assert orders["flash_attn_func"] == ["triton", "cuda", "reference"]
     assert orders["selective_scan_fn"] == ["cuda", "triton", "reference"]
     assert orders["_capability"] == [9, 0]  # (an H200, which has no entry, then takes these orders)
+    older = tmp_path / "older.json"  # results written before the environment recorded the capability
+    older.write_text(json.dumps({"environment": {"device": "NVIDIA H100 80GB HBM3"}, "results": attn}))
+    monkeypatch.setattr(sys, "argv", ["make_dispatch_table.py", str(older)])
+    mdt.main()
+    assert json.loads(table.read_text())["H100"]["_capability"] == [9, 0]  # (kept from the entry)
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps(result(scan, device="NVIDIA A100")))

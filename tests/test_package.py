@@ -110,7 +110,7 @@ def test_a_gpu_without_an_entry_takes_one_of_its_architecture():
     assert _backend.orders_for_device(table, "NVIDIA A100-SXM4-80GB", (9, 0))["flash_attn_func"][0] == "cuda"
     assert _backend.orders_for_device(table, "NVIDIA L4", (8, 9)) == {}
     assert _backend.orders_for_device({"H100": {"flash_attn_func": ["triton"]}}, "NVIDIA H200", (9, 0)) == {}
-    committed = json.load(open(_backend.CUDA_DISPATCH_TABLE))
+    committed = json.load(open(_backend.CUDA_DISPATCH_TABLE))  # (the committed H100 entry serves an H200)
     assert _backend.orders_for_device(committed, "NVIDIA H200", (9, 0)) == _backend.orders_for_device(
         committed, "NVIDIA H100 80GB HBM3", (9, 0))  # fmt: skip
 
@@ -133,3 +133,16 @@ def test_measured_orders_are_read_while_compiling(tmp_path, monkeypatch):
     torch._dynamo.reset()
     assert torch.compile(fn, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [1.0, 1.0]
     assert _backend.measured_cuda_order("other_op") == ()
+
+
+def test_rocm_gpus_take_no_orders_by_capability(tmp_path, monkeypatch):
+    """ROCm reports gfx90a (MI210 / MI250) as capability (9, 0): the H100's measured orders must not reach it."""
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"H100": {"_capability": [9, 0], "some_op": ["triton", "cuda"]}}))
+    monkeypatch.setattr(_backend, "CUDA_DISPATCH_TABLE", str(table))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "AMD Instinct MI250X")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    for hip, expected in ((None, ("triton", "cuda")), ("6.2", ())):
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(_backend, "_measured_orders", None)
+        assert _backend.measured_cuda_order("some_op") == expected

@@ -48,17 +48,17 @@ namespace llmkernels {
 // The scalars of the attention ops (flash attention, rolling-window attention; CPU and CUDA): NaN or infinite
 // ones would turn every score into NaN; softcap 0 disables the cap, and a negative one is refused as the Python
 // API refuses it, not silently taken as off.
-// The kernels take both as fp32, so each must be one there too: a scale past FLT_MAX would be inf, and a softcap
-// under the smallest fp32 subnormal would round to 0, silently no cap.
+// The kernels take both as fp32 and the CPU ones flush subnormals to 0, so each must be a normal fp32 number: a
+// scale past FLT_MAX would be inf; a softcap under FLT_MIN would be 0 there, silently no cap, and one past 1e30
+// (it enters as s * (1 / c)) would flush scores to 0, where tanh(s / c) c is s anyway (as the Python checks).
 inline void check_attention_scalars(const char* op, double softmax_scale, double softcap) {
   LLMK_CHECK_FINITE(op, softmax_scale);
   LLMK_CHECK_FINITE(op, softcap);
   LLMK_CHECK_ARG(softcap >= 0, op, "softcap", "must be >= 0 (0 disables it), got ", softcap);
   LLMK_CHECK_ARG(std::fabs(softmax_scale) <= std::numeric_limits<float>::max(), op, "softmax_scale",
                  "must fit fp32 (the kernels' precision), got ", softmax_scale);
-  LLMK_CHECK_ARG(softcap == 0 || (softcap >= std::numeric_limits<float>::denorm_min() &&
-                                  softcap <= std::numeric_limits<float>::max()),
-                 op, "softcap", "must be 0 or a positive fp32 number (the kernels' precision), got ", softcap);
+  LLMK_CHECK_ARG(softcap == 0 || (softcap >= std::numeric_limits<float>::min() && softcap <= 1e30), op, "softcap",
+                 "must be 0 or a normal fp32 number up to 1e30 (the kernels' precision), got ", softcap);
 }
 
 }  // namespace llmkernels

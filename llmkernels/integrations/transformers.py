@@ -397,6 +397,11 @@ def _hf_falcon_h1_gated_norm(self, hidden_states, gate=None):
                       group_size=hidden_states.shape[-1] // self.n_groups, norm_before_gate=self.norm_before_gate)
 
 
+# Named forward, as the patched mixers' forwards are: a bound method pickles as getattr(instance, its name), so a
+# saved patched model loads (unpatched: its class's forward; patch_model again) instead of failing on the name.
+_hf_gated_norm.__name__ = _hf_falcon_h1_gated_norm.__name__ = "forward"
+
+
 def _patch_gated_norm(norm) -> None:
     """Routes a mixer's gated RMS norm (a _GATED_NORMS class whose forward transformers defines) to rmsnorm_fn."""
     import types
@@ -418,7 +423,7 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     a Mamba-2 mixer's gated RMS norm through rmsnorm_fn), in the forward pass, training (the unfused path) and
     generate(). Returns {mixer class name: count patched}, empty when the model has none. Attention layers are not
     touched: for them, register() + attn_implementation="llmkernels". Packed (padding-free) batches: the mixers'
-    seq_idx reaches our ops."""
+    seq_idx reaches our ops. A patched model saved whole (torch.save) loads unpatched: call patch_model again."""
     return _patch_known_mixers(model, MAMBA_MIXERS)
 
 

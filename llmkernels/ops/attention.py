@@ -22,7 +22,7 @@ import torch
 
 from .. import _ext
 from .._backend import Dispatcher
-from .._checks import check_same_dtype, check_shape, check_tensor, fp32_positive, register_fake
+from .._checks import check_same_dtype, check_shape, check_tensor, fp32_positive, register_fake, softcap_ok
 from ..reference.attention import (
     flash_attn_fwd_ref,
     flash_attn_with_kvcache_ref,
@@ -288,7 +288,7 @@ def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap)
         raise ValueError(f"llmkernels.{fn}: q must have a head dim in [1, {MAX_HEADDIM}], got {q.shape[-1]}")
     if softmax_scale is not None and not fp32_positive(softmax_scale):
         raise ValueError(
-            f"llmkernels.{fn}: softmax_scale must be a positive finite number (one fp32 holds: 1.4e-45 to 3.4e38) "
+            f"llmkernels.{fn}: softmax_scale must be a positive finite number that fp32 holds (1.2e-38 to 3.4e38) "
             f"or None, got {softmax_scale!r}"
         )
     if not (
@@ -299,10 +299,10 @@ def _check_common(fn: str, q: torch.Tensor, softmax_scale, window_size, softcap)
         raise ValueError(
             f"llmkernels.{fn}: window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}"
         )
-    if not (softcap == 0 or fp32_positive(softcap)):
+    if not softcap_ok(softcap):
         raise ValueError(
-            f"llmkernels.{fn}: softcap must be a finite number >= 0 (0 disables it) that fp32 holds (1.4e-45 to "
-            f"3.4e38 when not 0), got {softcap!r}"
+            f"llmkernels.{fn}: softcap must be a finite number >= 0 (0 disables it) that fp32 holds (1.2e-38 to "
+            f"1e30 when not 0), got {softcap!r}"
         )
 
 
@@ -338,7 +338,7 @@ def _scalars_ok(softmax_scale, window_size, softcap) -> bool:
         and window_size[0] >= -1
         and isinstance(window_size[1], int)
         and window_size[1] >= -1
-        and (softcap == 0 or fp32_positive(softcap))
+        and softcap_ok(softcap)
     )
 
 

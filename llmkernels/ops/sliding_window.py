@@ -21,7 +21,7 @@ import torch
 
 from .. import _ext
 from .._backend import Dispatcher, requested_backend, triton_unavailable_reason
-from .._checks import check_same_dtype, check_shape, check_tensor, fp32_positive, register_fake
+from .._checks import check_same_dtype, check_shape, check_tensor, fp32_positive, register_fake, softcap_ok
 from ..reference.sliding_window import rolling_cache_append_ref, rolling_window_attn_ref
 from .inference_only import inference_only
 
@@ -180,7 +180,7 @@ def _args_ok(q, k, v, cache, softmax_scale, softcap) -> bool:
         and cache.k.device == dev
         and cache.k.dtype == dtype
         and (softmax_scale is None or fp32_positive(softmax_scale))  # the numbers last, in _check_args' order
-        and (softcap == 0 or fp32_positive(softcap))
+        and softcap_ok(softcap)
     )
 
 
@@ -208,12 +208,13 @@ def _check_args(q, k, v, cache, softmax_scale, softcap) -> None:
     check_same_dtype(_FN, "cache.k", cache.k, "q", q)
     if softmax_scale is not None and not fp32_positive(softmax_scale):
         raise ValueError(
-            f"llmkernels.{_FN}: softmax_scale must be positive and finite (one fp32 holds: 1.4e-45 to 3.4e38), got "
-            f"{softmax_scale}"
+            f"llmkernels.{_FN}: softmax_scale must be positive and finite (a number fp32 holds: 1.2e-38 to 3.4e38), "
+            f"got {softmax_scale}"
         )
-    if not (softcap == 0 or fp32_positive(softcap)):
+    if not softcap_ok(softcap):
         raise ValueError(
-            f"llmkernels.{_FN}: softcap must be finite and >= 0 (0 disables it) and one fp32 holds, got {softcap}"
+            f"llmkernels.{_FN}: softcap must be finite and >= 0 (0 disables it), a number fp32 holds (1.2e-38 to 1e30 "
+            f"when not 0), got {softcap}"
         )
 
 

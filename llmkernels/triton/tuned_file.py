@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+import torch
+
 
 def read_tuned(
     path: str,
@@ -36,7 +38,9 @@ def read_tuned(
         if data["format"] != expected_format:
             return None, f"{fallback} ({path} has format {data['format']!r}, expected {expected_format})"
         name, cap = data["device"], tuple(data["capability"])
-        if name != device_name and cap != tuple(capability):
+        # (ROCm reports its own architectures as capabilities, gfx90a as (9, 0): there only the name matches)
+        same_arch = cap == tuple(capability) and torch.version.hip is None
+        if name != device_name and not same_arch:
             return None, f"{fallback} ({path} was measured on {name}, this GPU is {device_name})"
         if data["triton"].split(".")[:2] != triton_version.split(".")[:2]:
             return None, f"{fallback} ({path} was measured with triton {data['triton']}, this is {triton_version})"

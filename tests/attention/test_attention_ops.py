@@ -157,7 +157,7 @@ def _bad_calls():
         ("softmax_scale", ValueError, lambda: f(q, k, v, softmax_scale=0.0)),
         ("softcap must be a finite number >= 0 \\(0 disables it\\) that fp32 holds", ValueError,
          lambda: f(q, k, v, softcap=1e-46)),  # (fp32 would round it to 0: no cap)  # fmt: skip
-        ("softmax_scale must be a positive finite number \\(one fp32", ValueError,
+        ("softmax_scale must be a positive finite number that fp32 holds", ValueError,
          lambda: f(q, k, v, softmax_scale=1e39)),  # (inf in fp32)  # fmt: skip
         ("q must be a torch.Tensor", TypeError, lambda: f(q.numpy(), k, v)),
     ]
@@ -355,11 +355,27 @@ def test_infinite_scale_or_softcap_is_refused(name):
 
 @needs_cpu_kernel
 def test_cpp_ops_refuse_scalars_fp32_cannot_hold():
-    """The C++ ops (CPU and CUDA hosts share the check) take softmax_scale and softcap as fp32: a softcap fp32 rounds to
-    0 would silently be no cap, a scale past FLT_MAX inf."""
+    """The C++ ops (CPU and CUDA hosts share the check) take softmax_scale and softcap as fp32, and the CPU kernels
+    flush subnormals: a softcap under FLT_MIN would silently be no cap, one past 1e30 flushes scores (enters as a
+    reciprocal), a scale past FLT_MAX is inf. Caps at both ends of the accepted range give the reference's output."""
     q, k, v = _qkv()
-    with pytest.raises(RuntimeError, match="softcap must be 0 or a positive fp32 number"):
-        torch.ops.llmkernels.flash_attn_fwd(q, k, v, 0.25, -1, -1, 1e-46)
+    for cap in (1e-40, 1e31):
+        with pytest.raises(RuntimeError, match="softcap must be 0 or a normal fp32 number up to 1e30"):
+            torch.ops.llmkernels.flash_attn_fwd(q, k, v, 0.25, -1, -1, cap)
     with pytest.raises(RuntimeError, match="softmax_scale must fit fp32"):
         torch.ops.llmkernels.flash_attn_fwd(q, k, v, 1e39, -1, -1, 0.0)
-    torch.ops.llmkernels.flash_attn_fwd(q, k, v, 0.25, -1, -1, 1.5e-45)  # (the smallest subnormal is a cap)
+    from llmkernels.reference.attention import flash_attn_ref
+
+    for cap in (2e-38, 1e30):
+        out = llmkernels.flash_attn_func(q, k, v, softcap=cap)
+        ref = flash_attn_ref(q.double(), k.double(), v.double(), softcap=cap).float()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_scalars_may_be_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv()
+    out = llmkernels.flash_attn_func(q, k, v, softmax_scale=np.float32(0.25), softcap=np.float64(3.0))
+    torch.testing.assert_close(out, llmkernels.flash_attn_func(q, k, v, softmax_scale=0.25, softcap=3.0))
+    with pytest.raises(ValueError, match="softcap"):
+        llmkernels.flash_attn_func(q, k, v, softcap=True)

@@ -101,6 +101,15 @@ def test_gpus_of_the_same_capability_share_a_file(gpu, name):
     assert _chosen() == ((64, 128, 4, 2), (16, 256, 16, 4), (256, 64, 1, 1))
 
 
+def test_rocm_gpus_match_by_name_only(gpu, monkeypatch):
+    """ROCm reports gfx90a as capability (9, 0): an H100 file must not reach an MI250."""
+    path, device = gpu
+    _write(path, _doc())
+    device["name"] = "AMD Instinct MI250X"
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert _chosen() == _static()
+
+
 @pytest.mark.parametrize(
     "name, capability",
     [("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA L40S", (8, 9)), ("NVIDIA B200", (10, 0))],

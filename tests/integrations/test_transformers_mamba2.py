@@ -142,3 +142,20 @@ def test_an_installed_fused_kernel_does_not_take_training(monkeypatch):
     ref.train()
     with pytest.raises(AssertionError, match="fused kernel ran"):
         ref(ids, labels=ids)
+
+
+@pytest.mark.hf
+def test_saved_patched_model_loads_and_patches_again(tmp_path):
+    """torch.save of a whole patched model (its mixers' and norms' forwards are bound methods) loads, unpatched (the
+    classes' forwards), with the same outputs; patch_mamba2 then patches it again."""
+    ref, ours = _tiny()
+    ids = torch.randint(0, 97, (1, 11))
+    path = tmp_path / "model.pt"
+    torch.save(ours, path)
+    loaded = torch.load(path, weights_only=False)
+    rebound = [m for m in loaded.modules() if "forward" in vars(m)]  # (unpickled as getattr(m, "forward"))
+    assert rebound and all(m.forward.__func__ is type(m).forward for m in rebound)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits)
+        assert patch_mamba2(loaded) == 2
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits)

@@ -258,8 +258,10 @@ def test_raw_ops_take_runs_and_keep_an_fp32_dout(backend, device):
     torch.testing.assert_close(out, causal_conv1d_ref(x, w, bias, "silu", seq_idx=renumbered))
     xb = x.bfloat16()
     dout = torch.randn(x.shape, device=device)
-    _, dw, _, _ = torch.ops.llmkernels.causal_conv1d_bwd(dout, xb, w, bias, True, None, None)
+    dx, dw, _, _ = torch.ops.llmkernels.causal_conv1d_bwd(dout, xb, w, bias, True, None, None)
     leaves = [t.double().requires_grad_() for t in (xb, w, bias)]
     ref = causal_conv1d_ref(*leaves, "silu")
-    (rdw,) = torch.autograd.grad(ref, [leaves[1]], dout.double())
+    rdx, rdw = torch.autograd.grad(ref, leaves[:2], dout.double())
     torch.testing.assert_close(dw.double(), rdw, rtol=1e-4, atol=1e-4)
+    assert dx.dtype == torch.bfloat16  # (x's dtype, computed from the unrounded dout)
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-2, atol=1e-2)
