@@ -49,6 +49,8 @@ def llmkernels_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, 0 if causal else sliding_window - 1) if sliding_window else (-1, -1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, heads, d)
+    if not q.dtype == k.dtype == v.dtype:
+        q, k, v = _common_dtype(q, k, v)
     args = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
     if dropout > 0.0 and module.training:  # (transformers passes 0 in eval; the paths below that take no
         args["dropout_p"] = float(dropout)  # dropout, the inference-only kvcache ones, run only in eval)
@@ -104,6 +106,18 @@ def llmkernels_attention_forward(
         )  # fmt: skip
         return out.unsqueeze(0), None
     return flash_attn_func(q, k, v, **args), None
+
+
+def _common_dtype(q, k, v):
+    """q, k, v in one dtype for the kernels: under autocast its dtype (some models' rotary embedding returns fp32
+    queries and keys beside 16-bit values there, e.g. Bamba and FalconH1; transformers' FlashAttention path casts the
+    same way), else the widest of the three, as eager attention's matmuls would promote."""
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        target = torch.get_autocast_dtype(device_type)
+    else:
+        target = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return (t.to(target) for t in (q, k, v))
 
 
 def _filled_slots(cache_position, position_ids, q, k) -> torch.Tensor:

@@ -317,3 +317,19 @@ def test_patched_gated_norm_really_calls_llmkernels_and_keeps_transformers_dtype
     got = norm(xb, gb)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, type(norm).forward(norm, xb, gb), rtol=0, atol=0)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", ALL)
+def test_logits_under_bf16_autocast(name):
+    """Under CPU autocast some models hand the attention fp32 queries and keys (their rotary embedding) beside bf16
+    values: the patched model runs, and its logits are as close to the fp32 model's as transformers' own under the
+    same autocast (at most 2x its error, plus a bf16 half-ulp of the O(1) logits)."""
+    ref, ours = _pair(name)
+    ids = torch.randint(3, VOCAB, (2, 21))
+    with torch.no_grad():
+        exact = ref(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs, got = ref(ids).logits.float(), ours(ids).logits.float()
+    their_error = (theirs - exact).abs().max().item()
+    assert (got - exact).abs().max().item() <= 2 * their_error + 4e-3
