@@ -460,3 +460,29 @@ def test_fake_kernels_refuse_mixed_devices():
     q = torch.randn(1, 5, 2, 32)
     with pytest.raises(RuntimeError, match="flash_attn_fwd: tensor arguments must be on one device"):
         torch.ops.llmkernels.flash_attn_fwd(q, q.to("meta"), q, 0.2, -1, -1, 0.0)
+
+
+def test_triton_fallbacks_decline_tensors_past_their_int32_offsets():
+    """Where a Triton kernel forms a row offset in int32 (the sliding-window chunk's keys, the scan's per-token B / C
+    groups, the ternary GEMM's weight rows), inputs of 2^31+ elements are declined with a reason (dispatch then takes
+    another backend) instead of addressing wrapped memory; shapes below that are taken. Meta tensors: no memory."""
+    from llmkernels.ops import selective_scan as scan_ops
+    from llmkernels.ops import sliding_window as sw_ops
+    from llmkernels.ops import ternary as ternary_ops
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, device="meta", dtype=dtype)
+
+    q, ring = meta(1, 2_097_152, 32, 128), meta(1, 4096, 8, 128)
+    for keys, declined in ((meta(1, 2_097_152, 8, 128), True), (meta(1, 2_097_151, 8, 128), False)):
+        reason = sw_ops._triton_supports(q, keys, keys, ring, ring, None, 0.1, 0.0)
+        assert (reason is not None and "int32" in reason) == declined
+    u = meta(1, 2048, 3, dtype=torch.float32)
+    for steps, declined in ((2_097_152, True), (2_097_151, False)):
+        bc = meta(1, 8, 128, steps)
+        reason = scan_ops._scan_triton_supports(u, u, meta(2048, 128), bc, bc)
+        assert (reason is not None and "int32" in reason) == declined
+    x = meta(1, 32768, dtype=torch.int8)
+    for rows, declined in ((262144, True), (262143, False)):
+        reason = ternary_ops._triton_supports(x, meta(rows, 8192, dtype=torch.uint8), 32768)
+        assert (reason is not None and "int32" in reason) == declined

@@ -177,7 +177,14 @@ def _triton_module_reason(attr: str) -> str | None:
     return None
 
 
-@scan_dispatcher.register("triton", supports=lambda *a, **k: _triton_module_reason("selective_scan_triton"))
+def _scan_triton_supports(u, delta, A, B, C, *args, **kwargs) -> str | None:
+    per_row = [t.numel() // max(1, t.shape[0]) for t in (B, C) if t.dim() > 2]  # (the batch offset is int64)
+    if max(per_row, default=0) >= 2**31:  # (per-token B / C: e.g. 8 groups, dstate 128, 2.1M steps)
+        return "the Triton kernel addresses per-token B / C with int32 group offsets: fewer than 2^31 elements"
+    return _triton_module_reason("selective_scan_triton")
+
+
+@scan_dispatcher.register("triton", supports=_scan_triton_supports)
 def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx=None):
     from ..triton.selective_scan import selective_scan_triton
 

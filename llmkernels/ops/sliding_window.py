@@ -101,7 +101,8 @@ def _cuda_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) -> 
     d = q.shape[-1]
     if d % 8 != 0 or d > 256:
         return f"the CUDA kernel takes head_dim a multiple of 8 up to 256, got {d}"
-    if q.shape[1] >= LONG_CHUNK and requested_backend() != "cuda" and triton_unavailable_reason("cuda") is None:
+    if (q.shape[1] >= LONG_CHUNK and requested_backend() != "cuda" and triton_unavailable_reason("cuda") is None
+            and _triton_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) is None):  # fmt: skip
         return f"chunks of {LONG_CHUNK}+ queries run on the Triton kernel (tensor cores) unless cuda is forced"
     return None
 
@@ -117,6 +118,8 @@ def _attn_cuda(q, k, v, k_ring, v_ring, seqlens, softmax_scale: float, softcap: 
 def _triton_supports(q, k, v, k_ring, v_ring, seqlens, softmax_scale, softcap) -> str | None:
     if q.shape[-1] > 256:
         return f"the Triton kernel takes head_dim up to 256, got {q.shape[-1]}"
+    if max(k.numel(), v.numel()) >= 2**31:  # (a chunk of ~2M tokens at 8 x 128)
+        return "the Triton kernel addresses the chunk's keys with int32 row offsets: fewer than 2^31 elements"
     return None
 
 

@@ -58,7 +58,13 @@ def _(x_q, w_packed, in_features):
     return torch.ops.llmkernels.ternary_matmul_int8(x_q, w_packed, in_features)
 
 
-@matmul_int8_op.register("triton")
+def _triton_supports(x, w_packed, *args) -> str | None:
+    if w_packed.numel() >= 2**31:  # (e.g. 262144 x 32768 weights)
+        return "the Triton GEMM addresses weight rows with int32 offsets: fewer than 2^31 packed bytes"
+    return None
+
+
+@matmul_int8_op.register("triton", supports=_triton_supports)
 def _(x_q, w_packed, in_features):
     return _triton().ternary_matmul_int8_triton(x_q, w_packed, in_features)
 
@@ -74,7 +80,7 @@ def _(x, w_packed, w_scale, bias, in_features):
     return torch.ops.llmkernels.ternary_linear_a8(x, w_packed, w_scale, bias, in_features)
 
 
-@linear_a8_op.register("triton")
+@linear_a8_op.register("triton", supports=_triton_supports)
 def _(x, w_packed, w_scale, bias, in_features):
     return _triton().ternary_linear_a8_triton(x, w_packed, w_scale, bias, in_features)
 
@@ -90,7 +96,7 @@ def _(x, w_packed, w_scale, bias, in_features):
     return torch.ops.llmkernels.ternary_linear_w2(x, w_packed, w_scale, bias, in_features)
 
 
-@linear_w2_op.register("triton")
+@linear_w2_op.register("triton", supports=_triton_supports)
 def _(x, w_packed, w_scale, bias, in_features):
     return _triton().ternary_linear_w2_triton(x, w_packed, w_scale, bias, in_features)
 
