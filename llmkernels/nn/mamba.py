@@ -97,8 +97,8 @@ class MambaMixer(nn.Module):
 
     def new_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Zero states for a new sequence; conv_state in `dtype` (the weights' by default), ssm_state fp32."""
-        device = device or self.in_proj.weight.device
-        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.conv1d.weight.device  # (the conv: in_proj may be a TernaryLinear, quantize_)
+        dtype = dtype or self.conv1d.weight.dtype
         d_in = self.intermediate_size
         return MambaCache(
             conv_state=torch.zeros(batch_size, d_in, self.conv_kernel_size, device=device, dtype=dtype),

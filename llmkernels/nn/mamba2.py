@@ -131,8 +131,8 @@ class Mamba2Mixer(nn.Module):
 
     def new_cache(self, batch_size: int, device=None, dtype=None) -> Mamba2Cache:
         """Zero states for a new sequence; conv_state in `dtype` (the weights' by default), ssm_state fp32."""
-        device = device or self.in_proj.weight.device
-        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.conv1d.weight.device  # (the conv: in_proj may be a TernaryLinear, quantize_)
+        dtype = dtype or self.conv1d.weight.dtype
         return Mamba2Cache(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.conv_kernel_size, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.num_heads, self.head_dim, self.ssm_state_size, device=device,

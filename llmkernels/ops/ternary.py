@@ -274,6 +274,15 @@ def default_filter(module: torch.nn.Module, fqn: str) -> bool:
 # Linear layers whose parents read their weight directly: swapping them breaks or bypasses the parent.
 _KEEP = (torch.nn.modules.linear.NonDynamicallyQuantizableLinear,)
 _READS_WEIGHTS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+# Mamba-1 mixers (llmkernels.nn.MambaMixer and transformers' Mamba, FalconMamba, Jamba, Zamba ones) take dt_proj's
+# weight into the scan's delta themselves (its bias goes in as the scan's delta_bias): that child stays.
+_MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "ZambaMambaMixer")
+
+
+def _reads_weight_of(parent: torch.nn.Module, child_name: str) -> bool:
+    if isinstance(parent, _READS_WEIGHTS):
+        return True
+    return child_name == "dt_proj" and any(cls.__name__ in _MAMBA1_MIXERS for cls in type(parent).__mro__)
 
 
 def quantize_(
@@ -287,7 +296,8 @@ def quantize_(
     are not nn.Linear, so they stay too). Only nn.Linear modules are ever replaced, whatever filter_fn says, and
     never one whose parent reads its weight itself instead of calling it (nn.MultiheadAttention's out_proj, a
     NonDynamicallyQuantizableLinear; nn.TransformerEncoderLayer / DecoderLayer's linear1 and linear2, which their
-    fast paths hand to a fused kernel): swapped, those would fail or bypass the ternary layer.
+    fast paths hand to a fused kernel; a Mamba-1 mixer's dt_proj, whose weight the mixer folds into the scan's
+    delta): swapped, those would fail or bypass the ternary layer.
     A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
     nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them), unless
     filter_fn rejects one of its names.
@@ -302,7 +312,7 @@ def quantize_(
     for fqn, module in list(model.named_modules()):  # each parent once (a cyclic graph must not recurse)
         for child_name, child in list(module._modules.items()):  # (named_children skips a repeated module)
             child_fqn = f"{fqn}.{child_name}" if fqn else child_name
-            if isinstance(child, _KEEP) or isinstance(module, _READS_WEIGHTS):
+            if isinstance(child, _KEEP) or _reads_weight_of(module, child_name):
                 continue
             if isinstance(child, torch.nn.Linear) and accept(child, child_fqn):
                 if id(child) not in swapped:

@@ -201,3 +201,28 @@ def test_quantize_leaves_layers_whose_parents_read_their_weights():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), before)
     torch.testing.assert_close(layer(x).detach(), before, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_keeps_a_mamba_mixers_dt_proj():
+    """Mamba-1 mixers (ours and transformers') fold dt_proj's weight into the scan themselves: quantize_ leaves it
+    an nn.Linear and swaps in_proj, x_proj and out_proj; the quantised model runs (prefill and a cached step)."""
+    from llmkernels.nn import MambaMixer
+
+    mixer = MambaMixer(hidden_size=32, state_size=8, conv_kernel=4, expand=2)
+    llmkernels.quantize_(mixer)
+    assert type(mixer.dt_proj) is torch.nn.Linear
+    assert all(isinstance(getattr(mixer, n), TernaryLinear) for n in ("in_proj", "x_proj", "out_proj"))
+    h = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.isfinite(mixer(h)).all()
+        cache = mixer.new_cache(batch_size=2)
+        mixer(h, cache)
+        assert torch.isfinite(mixer(h[:, :1], cache)).all()
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MambaConfig(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    llmkernels.quantize_(model)
+    hf_mixer = model.backbone.layers[0].mixer
+    assert type(hf_mixer.dt_proj) is torch.nn.Linear and isinstance(hf_mixer.in_proj, TernaryLinear)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 97, (1, 9))).logits).all()
