@@ -48,7 +48,9 @@ def pack_ternary(t: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """packed: uint8 (out_features, K_pad // 4) -> int8 (out_features, in_features) in {-1, 0, 1}, exactly."""
+    """packed: uint8 (out_features, K_pad // 4) -> int8 (out_features, in_features) in {-1, 0, 1}, exactly.
+
+    in_features: the layer's width before packing padded it to K_pad (a multiple of 256); the padding is dropped."""
     check_tensor("unpack_ternary", "packed", packed, ndim=2, dtypes=(torch.uint8,))
     if in_features <= 0 or packed.shape[1] != padded_in_features(in_features) // 4:
         raise ValueError(

@@ -439,6 +439,23 @@ def _kvcache_args_ok(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, wi
     )
 
 
+# flash_attn 2.x's flash_attn_with_kvcache takes (..., k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+# cache_leftpad, block_table, softmax_scale, causal, ...) positionally; ours (the issue's) (..., k, v, cache_seqlens,
+# softmax_scale, causal, window_size, softcap) and the rest by keyword. A call in flash_attn's order fails (tensors
+# where numbers go): this says why instead of the check's message about the misplaced value.
+_KVCACHE_ORDER_HINT = (
+    "arguments after v go by keyword: the positional order after v is (cache_seqlens, softmax_scale, causal, "
+    "window_size, softcap), flash_attn's puts rotary_cos, rotary_sin first (rotary_*, cache_batch_idx, "
+    "cache_leftpad, block_table here are keyword-only)"
+)
+
+
+def _check_kvcache_order(fn: str, cache_seqlens, softmax_scale, causal) -> None:
+    float_lens = isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.is_floating_point()
+    if float_lens or isinstance(softmax_scale, torch.Tensor) or isinstance(causal, torch.Tensor):
+        raise TypeError(f"llmkernels.{fn}: {_KVCACHE_ORDER_HINT}")
+
+
 def _check_kvcache_args(fn: str, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size, softcap):
     """flash_attn_with_kvcache's checks, raising the first problem found."""
     _check_common(fn, q, softmax_scale, window_size, softcap)
@@ -479,7 +496,7 @@ def flash_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """softmax(q k^T * softmax_scale) v over the visible keys, like flash_attn.flash_attn_func; differentiable.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0
@@ -573,6 +590,9 @@ def flash_attn_with_kvcache(
     # (A decode step calls this once a layer: the common case costs a few None tests on top of _kvcache_args_ok.)
     fn = "flash_attn_with_kvcache"
     capacity = None  # tokens a row can hold, when the caches are read through a table
+    if isinstance(causal, torch.Tensor) or (cache_seqlens is not None and not isinstance(cache_seqlens, int) and (
+            not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.is_floating_point())):  # fmt: skip
+        _check_kvcache_order(fn, cache_seqlens, softmax_scale, causal)
     if block_table is not None or cache_batch_idx is not None:
         capacity = _check_indirect_cache(fn, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, window_size,
                                          softcap, block_table, cache_batch_idx)  # fmt: skip

@@ -131,7 +131,7 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """Attention over a packed batch of sequences, like flash_attn.flash_attn_varlen_func; differentiable.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), nheads % nheads_k == 0; cu_seqlens_q,
@@ -240,7 +240,7 @@ def flash_attn_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_func on qkv (batch, seqlen, 3, nheads, headdim), like flash_attn.flash_attn_qkvpacked_func."""
     q, k, v = _unpack("flash_attn_qkvpacked_func", "qkv", qkv, 3, 2)
     return flash_attn_func(
@@ -259,7 +259,7 @@ def flash_attn_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_func with kv (batch, seqlen_k, 2, nheads_k, headdim), like flash_attn.flash_attn_kvpacked_func."""
     k, v = _unpack("flash_attn_kvpacked_func", "kv", kv, 2, 2)
     return flash_attn_func(
@@ -279,7 +279,7 @@ def flash_attn_varlen_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_varlen_func on qkv (total, 3, nheads, headdim), like flash_attn.flash_attn_varlen_qkvpacked_func."""
     q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 3, 1)
     return flash_attn_varlen_func(
@@ -303,7 +303,7 @@ def flash_attn_varlen_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """flash_attn_varlen_func with kv (total_k, 2, nheads_k, headdim), like flash_attn's varlen_kvpacked_func."""
     k, v = _unpack("flash_attn_varlen_kvpacked_func", "kv", kv, 2, 1)
     return flash_attn_varlen_func(

@@ -147,7 +147,9 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ternary_matmul_int8(x_q: torch.Tensor, w_packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x_q: (m, in_features) int8, w_packed: packed (out_features, K_pad // 4) -> int32 (m, out_features), exact."""
+    """x_q: (m, in_features) int8, w_packed: packed (out_features, K_pad // 4) -> int32 (m, out_features), exact.
+
+    in_features: the weights' width before packing padded it to K_pad (x_q's columns)."""
     check_tensor("ternary_matmul_int8", "x_q", x_q, ndim=2, dtypes=(torch.int8,))
     if x_q.shape[1] != in_features:
         raise ValueError(f"llmkernels.ternary_matmul_int8: x_q must have {in_features} columns, got {tuple(x_q.shape)}")

@@ -28,10 +28,12 @@ ACT_EPS = 1e-5
 
 
 def padded_in_features(in_features: int) -> int:
+    """in_features rounded up to whole 256-weight packing blocks (K_pad)."""
     return (in_features + PACK_BLOCK - 1) // PACK_BLOCK * PACK_BLOCK
 
 
 def packed_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """The packed weights' shape, (out_features, K_pad // 4) uint8: four 2-bit weights a byte."""
     return out_features, padded_in_features(in_features) // 4
 
 

@@ -101,3 +101,18 @@ def test_without_new_tokens_and_default_lengths(backend):
         same = flash_attn_with_kvcache_ref(q, k_cache, v_cache, None, None, torch.tensor(lens, dtype=torch.int32),
                                            upcast=False)
         _assert_close(out, ref, same)
+
+
+def test_flash_attn_positional_order_gets_a_named_error():
+    """flash_attn 2.x takes rotary_cos, rotary_sin before cache_seqlens positionally; this op (the issue's signature)
+    takes cache_seqlens, softmax_scale, causal after v and the rest by keyword. Calls in flash_attn's order say so
+    rather than failing on a misplaced value; the keyword form of the same call runs."""
+    q, kc = torch.randn(2, 1, 4, 16), torch.randn(2, 32, 2, 16)
+    vc, k = torch.randn_like(kc), torch.randn(2, 1, 2, 16)
+    cos, sin, lens = torch.randn(32, 8), torch.randn(32, 8), torch.tensor([3, 5], dtype=torch.int32)
+    for args in ((q, kc, vc, k, k, cos, sin, lens), (q, kc, vc, None, None, None, None, lens)):
+        with pytest.raises(TypeError, match="arguments after v go by keyword"):
+            llmkernels.flash_attn_with_kvcache(*args)
+    out = llmkernels.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, k, rotary_cos=cos, rotary_sin=sin,
+                                             cache_seqlens=lens)  # fmt: skip
+    assert out.shape == q.shape and torch.isfinite(out).all()
