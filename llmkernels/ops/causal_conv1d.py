@@ -180,7 +180,8 @@ def causal_conv1d_update(
     index is past the pool out too (no sync to check), and repeated ones race.
     x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps,
     returning (batch, dim, seqlen). Not supported: cache_seqlens (causal_conv1d's circular state),
-    NotImplementedError.
+    NotImplementedError; a conv_state of other than width entries (causal_conv1d >= 1.4 and vLLM also take
+    state_len >= width - 1; mamba_ssm's Mamba.step and transformers keep width, as here).
     """
     fn = "causal_conv1d_update"
     if cache_seqlens is not None:
