@@ -476,10 +476,12 @@ def _leftpad_decode_case(device: str, dtype: torch.dtype, context: int) -> list[
 
 
 def run(quick: bool = False) -> list[dict]:
-    if on_gpu():
+    if on_gpu():  # the issues' target cases (prefill, decode) first: a time budget cuts the rest
+        prefill = bench_gpu_prefill(quick)
+        decode = bench_gpu_decode(quick)
         varlen = bench_varlen(quick, "cuda", torch.bfloat16, 16, 128, scale=4)
-        return (bench_gpu_prefill(quick) + bench_gpu_decode(quick) + varlen + bench_alibi(quick, "cuda")
-                + bench_dropout(quick, "cuda") + bench_leftpad_decode(quick, "cuda"))  # fmt: skip
+        return (prefill + decode + varlen + bench_alibi(quick, "cuda") + bench_dropout(quick, "cuda")
+                + bench_leftpad_decode(quick, "cuda"))  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

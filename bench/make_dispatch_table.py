@@ -99,7 +99,7 @@ def main() -> None:
     capability = merged["environment"].get("capability") or table.get(key, {}).get(CAPABILITY_KEY)
     if capability:
         orders[CAPABILITY_KEY] = list(capability)
-    table[key] = orders
+    table[key] = {**table.get(key, {}), **orders}  # (an op this run did not measure keeps its stored order)
     with open(TABLE, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print(f"{TABLE}: {key}: {table[key]}")

@@ -30,7 +30,14 @@ def run(ops: list[str], quick: bool, out_dir: str | None, tag: str | None = None
             print(f"[{op}] no benchmark module: {exc}")
             continue
         print(f"[{op}] running{' (quick)' if quick else ''} ...", flush=True)
-        got = module.run(quick=quick)
+        try:
+            got = module.run(quick=quick)
+        except Exception:  # noqa: BLE001  (one op's failure must not cost the other ops' rows)
+            import traceback
+
+            traceback.print_exc()
+            print(f"[{op}] failed outside its per-case guards: its rows are lost, the other ops go on", flush=True)
+            continue
         add_speedups(got)
         print(format_table(got), flush=True)
         rows += got

@@ -63,12 +63,15 @@ log "benchmarks"
 # timeout is the hard stop.
 bench_rc=0
 left=$(( 570 - ($(date +%s) - script_start) ))
-budget=${BENCH_TIMEOUT:-$(( left < 120 ? 120 : left ))}
+# Each op's hard timeout is its share + 30 s (a case in flight, imports, saving): the shares sum to what is left less
+# 4 x 30 s, so that even four overruns end before the device call's 600 s (a killed script returns nothing).
+budget=${BENCH_TIMEOUT:-$(( left - 130 < 80 ? 80 : left - 130 ))}
 mkdir -p "$WORK/bench"
 for op in ternary selective_scan sliding_window attention; do
   case "$op" in attention) share=$(( budget / 2 ));; *) share=$(( budget / 6 ));; esac
   timeout $(( share + 30 )) "$PY" bench/run.py --op "$op" $([ "$MODE" = "--full" ] || echo --quick) --tag "$op" \
     --budget-s "$share" --out "$WORK/bench" >> "$WORK/bench.log" 2>&1 || { rc=$?; log "bench $op rc=$rc"; bench_rc=$rc; }
+  finish  # (after every op: what is measured is in OUTDIR even if the call is cut short later)
 done
 grep -v '^\[' "$WORK/bench.log" > "$WORK/bench_tables.md" || true
 tail -60 "$WORK/bench.log" | tee -a "$WORK/gpu_check.log"

@@ -58,6 +58,37 @@ def test_deadline_stops_new_measurements():
         common.set_deadline(None)
 
 
+def test_a_spent_budget_keeps_the_measured_rows(tmp_path, monkeypatch):
+    """Past the deadline the copy bandwidth (a limit measured rows need, asked for between cases outside the
+    per-row guards) is still measured, and an op that fails outside its guards costs only its own rows: run.py
+    saves the other ops' (once, a BenchDeadline there ended the process with nothing saved)."""
+    from bench import common, run
+
+    try:
+        common.set_deadline(0.0)
+        monkeypatch.setattr(common, "_copy_gbps_cache", {})
+        assert common.copy_bandwidth_gbps() > 0
+    finally:
+        common.set_deadline(None)
+
+    class Failing:
+        @staticmethod
+        def run(quick=False):
+            raise common.BenchDeadline("spent")
+
+    class Fine:
+        @staticmethod
+        def run(quick=False):
+            return [{"op": "x", "case": "c", "impl": "llmkernels-cpu", "time_ms": 1.0}]
+
+    modules = {"bench.bench_attention": Failing, "bench.bench_ternary": Fine}
+    monkeypatch.setattr(run.importlib, "import_module", lambda name: modules[name])
+    monkeypatch.setattr(run, "save_results", lambda rows, out, tag: str(tmp_path / "r.json"))
+    monkeypatch.setitem(sys.modules, "bench.plot", None)  # (no plots: ImportError path)
+    rows = run.run(["attention", "ternary"], quick=True, out_dir=str(tmp_path))
+    assert [r["op"] for r in rows] == ["x"]
+
+
 def test_dispatch_table_from_several_result_files(tmp_path, monkeypatch):
     from bench import make_dispatch_table as mdt
 
