@@ -63,15 +63,21 @@ log "benchmarks"
 # timeout is the hard stop.
 bench_rc=0
 left=$(( 570 - ($(date +%s) - script_start) ))
-# Each op's hard timeout is its share + 30 s (a case in flight, imports, saving): the shares sum to what is left less
-# 4 x 30 s, so that even four overruns end before the device call's 600 s (a killed script returns nothing).
+# Each op's hard timeout is its share + 30 s (a case in flight, imports, saving), cut to what is left of the call
+# (585 s, before the device tool's 600): the shares sum to what is left less 4 x 30 s; an op with under 20 s left
+# is skipped. A killed script returns nothing, so OUTDIR is refreshed after every op.
 budget=${BENCH_TIMEOUT:-$(( left - 130 < 80 ? 80 : left - 130 ))}
 mkdir -p "$WORK/bench"
 for op in ternary selective_scan sliding_window attention; do
   case "$op" in attention) share=$(( budget / 2 ));; *) share=$(( budget / 6 ));; esac
-  timeout $(( share + 30 )) "$PY" bench/run.py --op "$op" $([ "$MODE" = "--full" ] || echo --quick) --tag "$op" \
+  share=$(( share < 1 ? 1 : share ))
+  rem=$(( 585 - ($(date +%s) - script_start) ))
+  if [ "$rem" -lt 20 ]; then log "bench $op skipped: ${rem}s left of the call"; continue; fi
+  hard=$(( share + 30 < rem ? share + 30 : rem ))
+  share=$(( share < hard - 10 ? share : hard - 10 ))
+  timeout "$hard" "$PY" bench/run.py --op "$op" $([ "$MODE" = "--full" ] || echo --quick) --tag "$op" \
     --budget-s "$share" --out "$WORK/bench" >> "$WORK/bench.log" 2>&1 || { rc=$?; log "bench $op rc=$rc"; bench_rc=$rc; }
-  finish  # (after every op: what is measured is in OUTDIR even if the call is cut short later)
+  finish
 done
 grep -v '^\[' "$WORK/bench.log" > "$WORK/bench_tables.md" || true
 tail -60 "$WORK/bench.log" | tee -a "$WORK/gpu_check.log"

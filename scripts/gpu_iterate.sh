@@ -3,7 +3,7 @@
 # build (about 85 s on the H100 machine's 16 cores), the families' CUDA tests in parallel processes, their
 # --quick benchmarks (the issues' target cases). The whole suite is scripts/gpu_check.sh.
 #   bash scripts/gpu_iterate.sh OUTDIR FAMILY [FAMILY...]    FAMILY: attention | sliding_window | ternary | selective_scan
-# Env: SKIP_BUILD=1 (dry runs), TEST_PATHS (test files instead of tests/FAMILY), TEST_TIMEOUT (default 150 s), PYTEST_ARGS (default "-m cuda": the CUDA and compiled-Triton cases), NO_BENCH=1.
+# Env: SKIP_BUILD=1 (dry runs), TEST_PATHS (test files instead of tests/FAMILY), TEST_TIMEOUT (default 150 s), BENCH_TIMEOUT (per family, whole seconds, default 120), PYTEST_ARGS (default "-m cuda": the CUDA and compiled-Triton cases), NO_BENCH=1.
 # OUTDIR gets iterate.log (summary), build.log, tests.log (every failure), bench.log, the benchmark JSON.
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_iterate.sh OUTDIR FAMILY [FAMILY...]}"; shift
@@ -37,10 +37,12 @@ export LLMKERNELS_BENCH_SWITCHED=1
 # --budget-s below the hard timeout (run.py then saves what it measured); results into a work folder and only the
 # JSON into OUTDIR (the device tool returns at most 8 files: no plots).
 BENCH_WORK="$(mktemp -d /tmp/gpu_iterate_bench.XXXXXX)"
+bench_timeout=${BENCH_TIMEOUT:-120}  # (whole seconds)
+bench_budget=$(( bench_timeout > 80 ? bench_timeout - 40 : bench_timeout / 2 ))
 for fam in "$@"; do
   log "bench $fam"
-  timeout "${BENCH_TIMEOUT:-120}" "$PY" bench/run.py --op "$fam" --quick --tag "$fam" --out "$BENCH_WORK" \
-    --budget-s $(( ${BENCH_TIMEOUT:-120} - 40 )) >> "$OUT/bench.log" 2>&1 || log "bench $fam rc=$?"
+  timeout "$bench_timeout" "$PY" bench/run.py --op "$fam" --quick --tag "$fam" --out "$BENCH_WORK" \
+    --budget-s "$bench_budget" >> "$OUT/bench.log" 2>&1 || log "bench $fam rc=$?"
   cp "$BENCH_WORK"/*.json "$OUT/" 2> /dev/null
 done
 grep "^|\|^##" "$OUT/bench.log" | tee -a "$OUT/iterate.log" > /dev/null

@@ -119,6 +119,8 @@ def test_dispatch_table_from_several_result_files(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["make_dispatch_table.py", str(older)])
     mdt.main()
     assert json.loads(table.read_text())["H100"]["_capability"] == [9, 0]  # (kept from the entry)
+    assert json.loads(table.read_text())["H100"]["selective_scan_fn"] == ["cuda", "triton", "reference"]  # (not in
+    # the older run: kept)
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps(result(scan, device="NVIDIA A100")))

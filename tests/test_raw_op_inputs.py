@@ -478,10 +478,14 @@ def test_triton_fallbacks_decline_tensors_past_their_int32_offsets():
         reason = sw_ops._triton_supports(q, keys, keys, ring, ring, None, 0.1, 0.0)
         assert (reason is not None and "int32" in reason) == declined
     u = meta(1, 2048, 3, dtype=torch.float32)
-    for steps, declined in ((2_097_152, True), (2_097_151, False)):
+    # (a batch row's furthest element, 1024 * steps - 1 here, must stay below 2^31; a slice of a longer buffer counts
+    # its span, not its numel)
+    for steps, declined in ((2_097_153, True), (2_097_152, False)):
         bc = meta(1, 8, 128, steps)
         reason = scan_ops._scan_triton_supports(u, u, meta(2048, 128), bc, bc)
         assert (reason is not None and "int32" in reason) == declined
+    sliced = meta(1, 8, 128, 4 * 2_097_152)[..., :1000]  # 1000 steps, strides of the long buffer
+    assert "int32" in scan_ops._scan_triton_supports(u, u, meta(2048, 128), sliced, sliced)
     x = meta(1, 32768, dtype=torch.int8)
     for rows, declined in ((262144, True), (262143, False)):
         reason = ternary_ops._triton_supports(x, meta(rows, 8192, dtype=torch.uint8), 32768)

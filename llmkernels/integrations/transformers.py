@@ -111,12 +111,9 @@ def llmkernels_attention_forward(
 def _common_dtype(q, k, v):
     """q, k, v in one dtype for the kernels: under autocast its dtype (some models' rotary embedding returns fp32
     queries and keys beside 16-bit values there, e.g. Bamba and FalconH1; transformers' FlashAttention path casts the
-    same way), else the widest of the three, as eager attention's matmuls would promote."""
+    same way), else v's (the values skip the rotary step: their dtype is the projections', which o_proj expects)."""
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
-        target = torch.get_autocast_dtype(device_type)
-    else:
-        target = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    target = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else v.dtype
     return (t.to(target) for t in (q, k, v))
 
 

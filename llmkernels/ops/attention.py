@@ -450,9 +450,19 @@ _KVCACHE_ORDER_HINT = (
 )
 
 
+def _looks_shifted(cache_seqlens, softmax_scale, causal) -> bool:
+    """Whether the values look like flash_attn's positional order: rotary_cos / rotary_sin (2-D float tensors) where
+    cache_seqlens / softmax_scale go, or cache_seqlens (a (batch,) tensor, or an int other than 0 / 1) in causal."""
+    def rotary_table(t):
+        return isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point()
+
+    shifted_lens = isinstance(causal, torch.Tensor) and causal.dim() >= 1
+    shifted_int = type(causal) is int and causal not in (0, 1)
+    return rotary_table(cache_seqlens) or rotary_table(softmax_scale) or shifted_lens or shifted_int
+
+
 def _check_kvcache_order(fn: str, cache_seqlens, softmax_scale, causal) -> None:
-    float_lens = isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.is_floating_point()
-    if float_lens or isinstance(softmax_scale, torch.Tensor) or isinstance(causal, torch.Tensor):
+    if _looks_shifted(cache_seqlens, softmax_scale, causal):
         raise TypeError(f"llmkernels.{fn}: {_KVCACHE_ORDER_HINT}")
 
 
@@ -590,7 +600,7 @@ def flash_attn_with_kvcache(
     # (A decode step calls this once a layer: the common case costs a few None tests on top of _kvcache_args_ok.)
     fn = "flash_attn_with_kvcache"
     capacity = None  # tokens a row can hold, when the caches are read through a table
-    if isinstance(causal, torch.Tensor) or (cache_seqlens is not None and not isinstance(cache_seqlens, int) and (
+    if type(causal) is not bool or (cache_seqlens is not None and not isinstance(cache_seqlens, int) and (
             not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.is_floating_point())):  # fmt: skip
         _check_kvcache_order(fn, cache_seqlens, softmax_scale, causal)
     if block_table is not None or cache_batch_idx is not None:

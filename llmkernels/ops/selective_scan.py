@@ -179,7 +179,10 @@ def _triton_module_reason(attr: str) -> str | None:
 
 def _scan_triton_supports(u, delta=None, A=None, B=None, C=None, *args, **kwargs) -> str | None:
     # (B, C absent: a caller asking which backend would take u alone, as mamba_chunk_scan_combined's route does)
-    per_row = [t.numel() // max(1, t.shape[0]) for t in (B, C) if isinstance(t, torch.Tensor) and t.dim() > 2]
+    per_row = [  # the furthest element of one batch row, by its strides (a slice of a longer buffer counts its span)
+        sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:]) if n > 0)
+        for t in (B, C) if isinstance(t, torch.Tensor) and t.dim() > 2
+    ]
     if max(per_row, default=0) >= 2**31:  # (per-token B / C, the batch offset int64: e.g. 8 x 128 x 2.1M steps)
         return "the Triton kernel addresses per-token B / C with int32 group offsets: fewer than 2^31 elements"
     return _triton_module_reason("selective_scan_triton")

@@ -276,9 +276,9 @@ def default_filter(module: torch.nn.Module, fqn: str) -> bool:
 # Linear layers whose parents read their weight directly: swapping them breaks or bypasses the parent.
 _KEEP = (torch.nn.modules.linear.NonDynamicallyQuantizableLinear,)
 _READS_WEIGHTS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
-# Mamba-1 mixers (llmkernels.nn.MambaMixer and transformers' Mamba, FalconMamba, Jamba, Zamba ones) take dt_proj's
-# weight into the scan's delta themselves (its bias goes in as the scan's delta_bias): that child stays.
-_MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "ZambaMambaMixer")
+# Mamba-1 mixers (llmkernels.nn.MambaMixer, transformers' Mamba, FalconMamba, Jamba mixers, mamba_ssm's Mamba) take
+# dt_proj's weight into the scan's delta themselves (its bias goes in as the scan's delta_bias): that child stays.
+_MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "ZambaMambaMixer", "Mamba")
 
 
 def _reads_weight_of(parent: torch.nn.Module, child_name: str) -> bool:
@@ -299,7 +299,9 @@ def quantize_(
     never one whose parent reads its weight itself instead of calling it (nn.MultiheadAttention's out_proj, a
     NonDynamicallyQuantizableLinear; nn.TransformerEncoderLayer / DecoderLayer's linear1 and linear2, which their
     fast paths hand to a fused kernel; a Mamba-1 mixer's dt_proj, whose weight the mixer folds into the scan's
-    delta): swapped, those would fail or bypass the ternary layer.
+    delta): swapped, those would fail or bypass the ternary layer. TernaryLinear is an inference layer: in training
+    mode transformers' Mamba-1 mixers also hand x_proj's and out_proj's weights to their fused kernel and fail
+    (BitLinear is the training layer).
     A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
     nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them), unless
     filter_fn rejects one of its names.

@@ -110,9 +110,14 @@ def test_flash_attn_positional_order_gets_a_named_error():
     q, kc = torch.randn(2, 1, 4, 16), torch.randn(2, 32, 2, 16)
     vc, k = torch.randn_like(kc), torch.randn(2, 1, 2, 16)
     cos, sin, lens = torch.randn(32, 8), torch.randn(32, 8), torch.tensor([3, 5], dtype=torch.int32)
-    for args in ((q, kc, vc, k, k, cos, sin, lens), (q, kc, vc, None, None, None, None, lens)):
+    for args in ((q, kc, vc, k, k, cos, sin, lens), (q, kc, vc, None, None, None, None, lens),
+                 (q, kc, vc, k, k, None, None, 5)):  # (an int length in causal's place: silently wrong otherwise)
         with pytest.raises(TypeError, match="arguments after v go by keyword"):
             llmkernels.flash_attn_with_kvcache(*args)
+    # not misplaced: a 0-d tensor causal, a float lengths tensor passed by keyword (its own dtype error)
+    llmkernels.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), cache_seqlens=lens, causal=torch.tensor(True))
+    with pytest.raises(TypeError, match="cache_seqlens must have dtype"):
+        llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens.float())
     out = llmkernels.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, k, rotary_cos=cos, rotary_sin=sin,
                                              cache_seqlens=lens)  # fmt: skip
     assert out.shape == q.shape and torch.isfinite(out).all()

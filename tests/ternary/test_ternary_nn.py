@@ -218,6 +218,14 @@ def test_quantize_keeps_a_mamba_mixers_dt_proj():
         cache = mixer.new_cache(batch_size=2)
         mixer(h, cache)
         assert torch.isfinite(mixer(h[:, :1], cache)).all()
+    from llmkernels.nn import Mamba2Mixer
+
+    mixer2 = llmkernels.quantize_(Mamba2Mixer(64, 4, 16, 16))
+    assert isinstance(mixer2.in_proj, TernaryLinear)
+    cache2 = mixer2.new_cache(batch_size=2)  # (device / dtype from the conv: in_proj has no weight now)
+    with torch.no_grad():
+        mixer2(torch.randn(2, 5, 64), cache2)
+        assert torch.isfinite(mixer2(torch.randn(2, 1, 64), cache2)).all()
     transformers = pytest.importorskip("transformers")
     cfg = transformers.MambaConfig(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2)
     model = transformers.MambaForCausalLM(cfg).eval()
