@@ -43,22 +43,6 @@ class Mamba2Cache:
     ssm_state: torch.Tensor
 
 
-class GatedRMSNorm(nn.Module):
-    """RMSNorm of x * silu(gate) per group of `group_size` channels (Mamba-2's norm_before_gate=False), in fp32 through
-    rmsnorm_fn; transformers' MambaRMSNormGated's parameter names. The weight multiplies in fp32 before the result is
-    rounded to x's dtype (as mamba_ssm's kernel; transformers' rounds first: one 16-bit rounding apart)."""
-
-    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.variance_epsilon = eps
-        self.group_size = group_size
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return rmsnorm_fn(x, self.weight, None, z=gate, eps=self.variance_epsilon, group_size=self.group_size,
-                          norm_before_gate=False)  # fmt: skip
-
-
 class RMSNormGated(nn.Module):
     """mamba_ssm's gated RMSNorm module (mamba_ssm.ops.triton.layernorm_gated.RMSNorm): forward(x, z=None)."""
 
@@ -72,6 +56,19 @@ class RMSNormGated(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         return rmsnorm_fn(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
                           norm_before_gate=self.norm_before_gate)  # fmt: skip
+
+
+class GatedRMSNorm(RMSNormGated):
+    """Mamba2Mixer's norm: RMSNormGated with the gate first (norm_before_gate=False) under transformers'
+    MambaRMSNormGated's constructor and names (variance_epsilon). The weight multiplies in fp32 before the result is
+    rounded to x's dtype (as mamba_ssm's kernel; transformers' rounds first: one 16-bit rounding apart)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__(hidden_size, eps, group_size, norm_before_gate=False, device=device, dtype=dtype)
+
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
 
 
 class Mamba2Mixer(nn.Module):

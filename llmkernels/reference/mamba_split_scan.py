@@ -28,12 +28,6 @@ from .mamba_chunk_scan import mamba_chunk_scan_ref
 from .rmsnorm_gated import rmsnorm_gated_ref
 
 
-def gated_rmsnorm_ref(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int,
-                      norm_before_gate: bool) -> torch.Tensor:  # fmt: skip
-    """rmsnorm_gated_ref in this module's argument order (the norm of mamba_split_conv1d_scan_combined)."""
-    return rmsnorm_gated_ref(x, weight, None, z, eps, group_size, norm_before_gate)
-
-
 def _scan_ref(x, dt, A, B, C, chunk_size, **kw):
     return mamba_chunk_scan_ref(x, dt, A, B, C, **kw)  # the recurrence has no chunks
 

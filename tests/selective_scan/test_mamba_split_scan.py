@@ -9,7 +9,8 @@ import torch
 
 import llmkernels
 from llmkernels import _ext
-from llmkernels.reference.mamba_split_scan import gated_rmsnorm_ref, mamba_split_conv1d_scan_ref
+from llmkernels.reference.mamba_split_scan import mamba_split_conv1d_scan_ref
+from llmkernels.reference.rmsnorm_gated import rmsnorm_gated_ref
 
 needs_ext = pytest.mark.skipif(not _ext.has_kernel("selective_scan_fwd", "CPU"), reason="no C++ CPU scan kernel")
 conv_takes_seq_idx = "seq_idx" in inspect.signature(llmkernels.causal_conv1d_fn).parameters
@@ -127,9 +128,9 @@ def test_gated_rmsnorm_gate_order():
     x, z, w = torch.randn(3, 8), torch.randn(3, 8), torch.rand(8) + 0.5
     rms = lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
     silu = torch.nn.functional.silu
-    torch.testing.assert_close(gated_rmsnorm_ref(x, z, w, 1e-6, 8, True), rms(x) * w * silu(z))
-    torch.testing.assert_close(gated_rmsnorm_ref(x, z, w, 1e-6, 8, False), rms(x * silu(z)) * w)
-    grouped = gated_rmsnorm_ref(x, None, w, 1e-6, 4, True)
+    torch.testing.assert_close(rmsnorm_gated_ref(x, w, None, z, 1e-6, 8, True), rms(x) * w * silu(z))
+    torch.testing.assert_close(rmsnorm_gated_ref(x, w, None, z, 1e-6, 8, False), rms(x * silu(z)) * w)
+    grouped = rmsnorm_gated_ref(x, w, None, None, 1e-6, 4, True)
     torch.testing.assert_close(grouped, torch.cat([rms(x[:, :4]), rms(x[:, 4:])], -1) * w)
 
 
