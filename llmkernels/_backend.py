@@ -47,11 +47,20 @@ _measured_orders: dict[str, tuple[str, ...]] | None = None
 CAPABILITY_KEY = "_capability"
 
 
+def same_architecture(measured_capability, capability) -> bool:
+    """Whether what was measured on a GPU of compute capability `measured_capability` (backend orders, tuned tiles)
+    carries over to one of `capability`: the same SM on NVIDIA. Not on ROCm, which reports its own architectures as
+    capabilities (gfx90a as (9, 0)): there only a GPU's name matches."""
+    if measured_capability is None or capability is None or torch.version.hip is not None:
+        return False
+    return tuple(measured_capability) == tuple(capability)
+
+
 def orders_for_device(table: dict, device_name: str, capability=None) -> dict[str, tuple[str, ...]]:
     """The per-op backend orders of the first table entry whose key occurs in device_name; else of the first entry
-    measured on a GPU of the same compute capability; else {}."""
+    measured on a GPU of the same architecture (same_architecture); else {}."""
     named = [orders for key, orders in table.items() if key in device_name]
-    same_arch = [o for o in table.values() if capability is not None and o.get(CAPABILITY_KEY) == list(capability)]
+    same_arch = [o for o in table.values() if same_architecture(o.get(CAPABILITY_KEY), capability)]
     for orders in named[:1] or same_arch[:1]:
         return {op: tuple(order) for op, order in orders.items() if op != CAPABILITY_KEY}
     return {}
@@ -67,8 +76,6 @@ def measured_cuda_orders() -> dict[str, tuple[str, ...]]:
         except (OSError, ValueError):
             table = {}
         name, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
-        if torch.version.hip is not None:  # (ROCm reports gfx90a as (9, 0): not the H100's architecture)
-            capability = None
         _measured_orders = orders_for_device(table, name, capability) if table else {}
     return _measured_orders
 

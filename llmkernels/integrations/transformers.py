@@ -374,21 +374,6 @@ MAMBA_MIXERS = {
     ("falcon_h1", "FalconH1Mixer"): _HF_MAMBA2_FUNCTIONS,
 }
 
-# The gated RMS norms the Mamba-2 mixers call as self.norm(scan_output, gate) (~12 PyTorch ops each): patched to
-# llmkernels.rmsnorm_fn with the mixer. FalconH1's is mamba_ssm's norm (weight times the fp32 value, then the
-# cast); the others cast the normalised value to the input's dtype first and multiply by the weight after, one 16-bit
-# rounding more: rmsnorm_fn rounds once, as mamba_ssm and transformers' own fused training path (which hands the
-# norm's weight to mamba_split_conv1d_scan_combined) do. Value: the attribute its group size comes from.
-_GATED_NORMS = {
-    ("mamba2", "MambaRMSNormGated"): "group_size",
-    ("bamba", "BambaRMSNormGated"): "group_size",
-    ("granitemoehybrid", "GraniteMoeHybridRMSNormGated"): "group_size",
-    ("nemotron_h", "NemotronHRMSNormGated"): "group_size",
-    ("zamba2", "Zamba2RMSNormGated"): "group_size",
-    ("falcon_h1", "FalconH1RMSNormGated"): "n_groups",
-}
-
-
 def _hf_gated_norm(self, hidden_states, gate=None):
     """MambaRMSNormGated.forward and its copies: rms(x * silu(gate)) per group of group_size channels, times weight."""
     from ..ops.rmsnorm_gated import rmsnorm_fn
@@ -412,16 +397,28 @@ def _hf_falcon_h1_gated_norm(self, hidden_states, gate=None):
 # saved patched model loads (unpatched: its class's forward; patch_model again) instead of failing on the name.
 _hf_gated_norm.__name__ = _hf_falcon_h1_gated_norm.__name__ = "forward"
 
+# The gated RMS norms the Mamba-2 mixers call as self.norm(scan_output, gate) (~12 PyTorch ops each), patched with
+# the mixer to the forward given here, which calls llmkernels.rmsnorm_fn. FalconH1's is mamba_ssm's norm (weight
+# times the fp32 value, then the cast); the others cast the normalised value to the input's dtype first and multiply
+# by the weight after, one 16-bit rounding more: rmsnorm_fn rounds once, as mamba_ssm and transformers' own fused
+# training path (which hands the norm's weight to mamba_split_conv1d_scan_combined) do.
+_GATED_NORMS = {
+    ("mamba2", "MambaRMSNormGated"): _hf_gated_norm,
+    ("bamba", "BambaRMSNormGated"): _hf_gated_norm,
+    ("granitemoehybrid", "GraniteMoeHybridRMSNormGated"): _hf_gated_norm,
+    ("nemotron_h", "NemotronHRMSNormGated"): _hf_gated_norm,
+    ("zamba2", "Zamba2RMSNormGated"): _hf_gated_norm,
+    ("falcon_h1", "FalconH1RMSNormGated"): _hf_falcon_h1_gated_norm,
+}
+
 
 def _patch_gated_norm(norm) -> None:
     """Routes a mixer's gated RMS norm (a _GATED_NORMS class whose forward transformers defines) to rmsnorm_fn."""
     import types
 
     found = _known_forward_owner(norm, _GATED_NORMS) if isinstance(norm, torch.nn.Module) else None
-    if found is None:
-        return
-    forward = _hf_falcon_h1_gated_norm if _GATED_NORMS[found[1]] == "n_groups" else _hf_gated_norm
-    norm.forward = types.MethodType(forward, norm)
+    if found is not None:
+        norm.forward = types.MethodType(_GATED_NORMS[found[1]], norm)
 
 
 # The names without which a forward would silently run transformers' own kernels: checked on each class patched.

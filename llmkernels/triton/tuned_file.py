@@ -1,10 +1,10 @@
 """Reading a tuned-configs JSON written on a GPU (bench/tune_triton.py, bench/tune_ternary.py).
 
-A file applies only to GPUs of the compute capability it was measured on (the same SM: an H100 file serves an H200,
-a GH200, an H100 PCIe, whose SMs, registers and shared memory are the H100's; measured on the H100, its tiles were
-1.05-3x faster than the built-in rules) and to the same triton major.minor: tiles that win on one architecture or
-triton release do not carry over. Anything else, a missing file included,
-falls back to the caller's built-in rule, and the returned text says which and why (`llmkernels info`).
+A file applies only to GPUs of the architecture it was measured on (_backend.same_architecture: an H100 file serves
+an H200, a GH200, an H100 PCIe, whose SMs, registers and shared memory are the H100's; measured on the H100, its
+tiles were 1.05-3x faster than the built-in rules) and to the same triton major.minor: tiles that win on one
+architecture or triton release do not carry over. Anything else, a missing file included, falls back to the
+caller's built-in rule, and the returned text says which and why (`llmkernels info`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-import torch
+from .._backend import same_architecture
 
 
 def read_tuned(
@@ -38,9 +38,7 @@ def read_tuned(
         if data["format"] != expected_format:
             return None, f"{fallback} ({path} has format {data['format']!r}, expected {expected_format})"
         name, cap = data["device"], tuple(data["capability"])
-        # (ROCm reports its own architectures as capabilities, gfx90a as (9, 0): there only the name matches)
-        same_arch = cap == tuple(capability) and torch.version.hip is None
-        if name != device_name and not same_arch:
+        if name != device_name and not same_architecture(cap, capability):
             return None, f"{fallback} ({path} was measured on {name}, this GPU is {device_name})"
         if data["triton"].split(".")[:2] != triton_version.split(".")[:2]:
             return None, f"{fallback} ({path} was measured with triton {data['triton']}, this is {triton_version})"
