@@ -60,6 +60,11 @@ at::Tensor operand(const at::Tensor& t, at::ScalarType kd) {
 
 int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
+// Row r0 of t (rows at row_stride(t), elements of esize bytes), as the kernels take it.
+const char* row_at(const at::Tensor& t, int64_t r0, int64_t esize) {
+  return static_cast<const char*>(t.const_data_ptr()) + r0 * row_stride(t) * esize;
+}
+
 // Rows per chunk of parallel work (and of the backward's dweight sums): ~64K elements, at least one row.
 int64_t chunk_rows(int64_t H) { return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(H, 1)); }
 
@@ -79,10 +84,8 @@ at::Tensor rmsnorm_gated_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, 
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t r0 = chunk * per, n = std::min(per, a.rows - r0);
       k.norm_fwd_rows(NormRows{
-          n, a.H, a.G, a.kd == at::kBFloat16,
-          static_cast<const char*>(xk.const_data_ptr()) + r0 * row_stride(xk) * esize, row_stride(xk),
-          zk.defined() ? static_cast<const char*>(zk.const_data_ptr()) + r0 * row_stride(zk) * esize : nullptr,
-          zk.defined() ? row_stride(zk) : 0, wf.const_data_ptr<float>(),
+          n, a.H, a.G, a.kd == at::kBFloat16, row_at(xk, r0, esize), row_stride(xk),
+          zk.defined() ? row_at(zk, r0, esize) : nullptr, zk.defined() ? row_stride(zk) : 0, wf.const_data_ptr<float>(),
           bf.defined() ? bf.const_data_ptr<float>() : nullptr, static_cast<float>(eps), norm_before_gate,
           static_cast<char*>(outk.data_ptr()) + r0 * a.H * esize, a.H, scratch.data()});
     }
@@ -107,18 +110,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rmsnorm_gated_bwd_cpu
   at::Tensor dw_parts = at::zeros({chunks, a.H}, x.options().dtype(at::kFloat));
   at::Tensor db_parts = bias ? at::zeros({chunks, a.H}, x.options().dtype(at::kFloat)) : at::Tensor();
   const Kernels& k = kernels();
-  auto at_row = [&](const at::Tensor& t, int64_t r0) {
-    return static_cast<const char*>(t.const_data_ptr()) + r0 * row_stride(t) * esize;
-  };
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * a.H);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t r0 = chunk * per, n = std::min(per, a.rows - r0);
-      const NormRows p{n, a.H, a.G, a.kd == at::kBFloat16, at_row(xk, r0), row_stride(xk),
-                       zk.defined() ? at_row(zk, r0) : nullptr, zk.defined() ? row_stride(zk) : 0,
+      const NormRows p{n, a.H, a.G, a.kd == at::kBFloat16, row_at(xk, r0, esize), row_stride(xk),
+                       zk.defined() ? row_at(zk, r0, esize) : nullptr, zk.defined() ? row_stride(zk) : 0,
                        wf.const_data_ptr<float>(), bf.defined() ? bf.const_data_ptr<float>() : nullptr,
                        static_cast<float>(eps), norm_before_gate, nullptr, 0, scratch.data()};
-      k.norm_bwd_rows(p, NormRowsGrad{at_row(gk, r0), row_stride(gk),
+      k.norm_bwd_rows(p, NormRowsGrad{row_at(gk, r0, esize), row_stride(gk),
                                       static_cast<char*>(dxk.data_ptr()) + r0 * a.H * esize, a.H,
                                       dzk.defined() ? static_cast<char*>(dzk.data_ptr()) + r0 * a.H * esize : nullptr,
                                       a.H, dw_parts.data_ptr<float>() + chunk * a.H,
