@@ -159,12 +159,13 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor? seq_idx=None, "
       "Tensor? initial_states=None) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
-  // One decode step: x (b, dim), conv_state (b, dim, width) shifted left and appended in place.
+  // One decode step: x (b, dim), conv_state (b, dim, state_len >= width - 1) shifted left and appended in place.
   // conv_state_indices (b,) int32: row i of x steps conv_state row conv_state_indices[i] of a state with any number
-  // of rows (continuous batching; distinct indices).
+  // of rows (continuous batching; distinct indices). cache_seqlens (b,) int32 / int64: the state is circular, x
+  // goes to slot cache_seqlens[i] mod state_len and nothing shifts.
   m.def(
       "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu, "
-      "Tensor? conv_state_indices=None) -> Tensor");
+      "Tensor? conv_state_indices=None, Tensor? cache_seqlens=None) -> Tensor");
   // Gated RMSNorm (Mamba-2's norm): x, z (rows, H), weight, bias (H,); groups of group_size channels; the gate
   // silu(z) multiplies the normalised result (norm_before_gate) or x before the norm. dbias / dz are empty without
   // bias / z.

@@ -145,19 +145,22 @@ def causal_conv1d_fn(
 update_dispatcher = Dispatcher("causal_conv1d_update")
 
 
-# (x, conv_state, weight, bias, silu, conv_state_indices): the indices None or (batch,) int32.
+# (x, conv_state, weight, bias, silu, conv_state_indices, cache_seqlens): the indices None or (batch,) int32, the
+# lengths None or (batch,) int32 / int64.
 @update_dispatcher.register("reference")
-def _update_reference(x, conv_state, weight, bias, silu, conv_state_indices=None):
+def _update_reference(x, conv_state, weight, bias, silu, conv_state_indices=None, cache_seqlens=None):
     if conv_state_indices is not None:  # (read back: an index out of range or repeated is an error here)
         _checks.check_pool_index_values("causal_conv1d_update", "conv_state_indices", conv_state_indices,
                                         conv_state.shape[0])  # fmt: skip
-    return causal_conv1d_update_ref(x, conv_state, weight, bias, "silu" if silu else None, conv_state_indices)
+    return causal_conv1d_update_ref(x, conv_state, weight, bias, "silu" if silu else None, conv_state_indices,
+                                    cache_seqlens)  # fmt: skip
 
 
 @update_dispatcher.register("cpu", kernel="causal_conv1d_update")
 @update_dispatcher.register("cuda", kernel="causal_conv1d_update")
-def _update_cpp(x, conv_state, weight, bias, silu, conv_state_indices=None):
-    return torch.ops.llmkernels.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_state_indices)
+def _update_cpp(x, conv_state, weight, bias, silu, conv_state_indices=None, cache_seqlens=None):
+    return torch.ops.llmkernels.causal_conv1d_update(x, conv_state, weight, bias, silu, conv_state_indices,
+                                                     cache_seqlens)  # fmt: skip
 
 
 def causal_conv1d_update(
@@ -169,33 +172,39 @@ def causal_conv1d_update(
     cache_seqlens: torch.Tensor | None = None,
     conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode step; conv_state (batch, dim, width), the last `width` inputs oldest first, updated in place.
+    """One decode step: conv_state (batch, dim, state_len) updated in place; returns (batch, dim) in x's dtype.
 
-    x: (batch, dim); weight: (dim, width); bias: (dim,). Returns (batch, dim) in x's dtype (Hugging Face
-    MambaMixer's cache convention: the new input is appended and the window includes it).
+    x: (batch, dim); weight: (dim, width); bias: (dim,). conv_state holds the last state_len >= width - 1 inputs,
+    oldest first: the step appends x (shifting the state left by one) and convolves the last `width` inputs, x
+    included. state_len = width is Hugging Face's and mamba_ssm's cache (Mamba.step), width - 1 vLLM's; causal_conv1d
+    takes any state_len >= width - 1, as here.
+    cache_seqlens ((batch,) int32 or int64, causal_conv1d's): the state is a circular buffer instead; x is token
+    number cache_seqlens[b] of its sequence, written to slot cache_seqlens[b] % state_len (nothing shifts), and the
+    window's other inputs are read from the slots of the width - 1 positions before it.
     conv_state_indices ((batch,) int32 or int64, causal_conv1d's; continuous batching): row b of x steps row
-    conv_state_indices[b] of a state of any number of rows, (state_batch, dim, width); rows no index names are
+    conv_state_indices[b] of a state of any number of rows, (state_batch, dim, state_len); rows no index names are
     untouched. A negative index (a pad slot) leaves its batch row out: no state changes, output 0. The others must
     be distinct and below state_batch: the CPU kernel and the reference check; the CUDA kernel leaves a row whose
     index is past the pool out too (no sync to check), and repeated ones race.
-    x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps,
-    returning (batch, dim, seqlen). Not supported: cache_seqlens (causal_conv1d's circular state),
-    NotImplementedError; a conv_state of other than width entries (causal_conv1d >= 1.4 and vLLM also take
-    state_len >= width - 1; mamba_ssm's Mamba.step and transformers keep width, as here).
+    x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps
+    (token t at cache_seqlens + t), returning (batch, dim, seqlen).
     """
     fn = "causal_conv1d_update"
-    if cache_seqlens is not None:
-        raise NotImplementedError(f"llmkernels.{fn}: cache_seqlens (a circular conv_state) is not supported")
     silu = _silu(fn, activation)
     if conv_state_indices is not None:
         conv_state_indices = _checks.pool_indices(fn, "conv_state_indices", conv_state_indices, x)
+    if cache_seqlens is not None:
+        _check_cache_seqlens(fn, cache_seqlens, x)
     if isinstance(x, torch.Tensor) and x.dim() == 3:  # token by token: each step's state is the next one's input
         if x.shape[2] == 0:  # (still checked, as a step would be)
             _check_update_args(fn, x.new_empty(x.shape[:2]), conv_state, weight, bias,
                                conv_state_indices)  # fmt: skip
             return x.new_empty(x.shape)
-        steps = [causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation,
-                                      conv_state_indices=conv_state_indices) for t in range(x.shape[2])]  # fmt: skip
+        steps = [
+            causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation,
+                                 None if cache_seqlens is None else cache_seqlens + t, conv_state_indices)
+            for t in range(x.shape[2])
+        ]  # fmt: skip
         return torch.stack(steps, dim=-1)
     rows = None  # the state's rows: x's batch
     if conv_state_indices is not None:
@@ -204,7 +213,7 @@ def causal_conv1d_update(
         _check_update_args(fn, x, conv_state, weight, bias, conv_state_indices)  # raises, naming the argument
     out = update_dispatcher(
         x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu,
-        conv_state_indices=conv_state_indices,
+        conv_state_indices=conv_state_indices, cache_seqlens=cache_seqlens,
     )  # fmt: skip
     # No gradient flows through a decode step (as causal_conv1d's): a backward says so instead of dropping them.
     return inference_only("causal_conv1d_update", out, x, weight, bias, train_with="causal_conv1d_fn")
@@ -227,7 +236,9 @@ def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) 
         and conv_state.dtype in ACT_DTYPES
         and weight.device == dev
         and conv_state.device == dev
-        and conv_state.shape == (shape[0] if state_rows is None else state_rows, shape[1], w_shape[1])
+        and len(conv_state.shape) == 3
+        and conv_state.shape[:2] == (shape[0] if state_rows is None else state_rows, shape[1])
+        and conv_state.shape[2] >= w_shape[1] - 1
         and conv_state.is_contiguous()
         and (bias is None or (_checks.fits(bias, ACT_DTYPES, dev) and bias.shape == (shape[1],)))
     )
@@ -241,7 +252,16 @@ def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=
     if conv_state_indices is not None:  # any number of state rows: the indices pick them
         _checks.check_tensor(fn, "conv_state", conv_state, ndim=3)
     rows = conv_state.shape[0] if conv_state_indices is not None else x.shape[0]
-    _checks.check_shape(fn, "conv_state", conv_state, (rows, x.shape[1], weight.shape[1]))
+    if conv_state.dim() != 3 or conv_state.shape[:2] != (rows, x.shape[1]) or conv_state.shape[2] < weight.shape[1] - 1:
+        raise ValueError(f"llmkernels.{fn}: conv_state must have shape ({rows}, {x.shape[1]}, state_len) with "
+                         f"state_len >= width - 1 = {weight.shape[1] - 1}, got {tuple(conv_state.shape)}")  # fmt: skip
+
+
+def _check_cache_seqlens(fn: str, cache_seqlens, x) -> None:
+    _checks.check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:  # (else the op's own checks name x)
+        _checks.check_tensor(fn, "cache_seqlens", cache_seqlens, device=x.device)
+        _checks.check_shape(fn, "cache_seqlens", cache_seqlens, x.shape[:1])
 
 
 if _ext.loaded:
@@ -262,7 +282,7 @@ if _ext.loaded:
         )
 
     @register_fake("llmkernels::causal_conv1d_update")
-    def _conv_update_fake(x, conv_state, weight, bias, silu, conv_state_indices=None):
+    def _conv_update_fake(x, conv_state, weight, bias, silu, conv_state_indices=None, cache_seqlens=None):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def _conv_setup_context(ctx, inputs, output):

@@ -10,9 +10,13 @@
   seq_idx values (each sequence is convolved as if it stood alone; a value that returns after another run is a new
   sequence, as in the ops). Not together with
   initial_states (as causal_conv1d). The final states then hold the last sequence's inputs only (zeros before it).
-- Decode (`causal_conv1d_update_ref`): conv_state (batch, dim, width) holds the last `width` inputs, oldest
-  first (Hugging Face MambaMixer's cache convention). A step shifts it left by one, appends x (batch, dim)
-  and returns the convolution over the window, i.e. sum(conv_state * weight) + bias.
+- Decode (`causal_conv1d_update_ref`): conv_state (batch, dim, state_len), state_len >= width - 1, holds the
+  last state_len inputs, oldest first (width: Hugging Face MambaMixer's and mamba_ssm's cache; width - 1: vLLM's).
+  A step appends x (batch, dim) to them, shifting the state left by one, and returns the convolution over the
+  last `width` inputs, x included (with state_len = width: sum(conv_state * weight) + bias after the step).
+  With cache_seqlens ((batch,) ints; causal_conv1d's circular state) nothing shifts: x is token number
+  cache_seqlens[b] of its sequence, stored in slot cache_seqlens[b] mod state_len, and the window's earlier
+  inputs are the slots of the width - 1 positions before it (mod state_len, Python's remainder).
 """
 
 from __future__ import annotations
@@ -88,8 +92,10 @@ def causal_conv1d_update_ref(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     conv_state_indices: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode step: conv_state (batch, dim, width) updated in place; returns (batch, dim) in x's dtype.
+    """One decode step: conv_state (batch, dim, state_len >= width - 1) updated in place; returns (batch, dim) in
+    x's dtype. cache_seqlens ((batch,) ints): the state is a circular buffer and x is token cache_seqlens[b].
     conv_state_indices ((batch,) ints, causal_conv1d's; continuous batching): row b of x steps row
     conv_state_indices[b] of a state of any number of rows (distinct indices); the other rows are untouched. A
     negative index (a pad slot) leaves row b out: no state changes and its output is 0."""
@@ -98,13 +104,25 @@ def causal_conv1d_update_ref(
         live = rows >= 0
         picked = conv_state[rows[live]]  # (a copy: stepped, then written back)
         out = x.new_zeros(x.shape)
-        out[live] = causal_conv1d_update_ref(x[live], picked, weight, bias, activation)
+        lens = None if cache_seqlens is None else cache_seqlens[live]
+        out[live] = causal_conv1d_update_ref(x[live], picked, weight, bias, activation, cache_seqlens=lens)
         conv_state[rows[live]] = picked
         return out
     silu = _check_activation(activation)
     cd = compute_dtype(x)
-    window = torch.cat([conv_state[:, :, 1:].to(cd), x.to(cd).unsqueeze(-1)], dim=-1)  # (batch, dim, width)
-    conv_state.copy_(window)
+    state_len, taps = conv_state.shape[-1], weight.shape[1] - 1  # taps: the window's inputs before x
+    if state_len < taps:
+        raise ValueError(f"conv_state holds {state_len} inputs, fewer than width - 1 = {taps}")
+    new = x.to(cd).unsqueeze(-1)  # (batch, dim, 1): enters the sum unrounded, as the kernels
+    # (the window is a new tensor, made before the state changes: .to(cd) may return a view of it)
+    if cache_seqlens is None:
+        window = torch.cat([conv_state[:, :, state_len - taps :].to(cd), new], dim=-1)  # (batch, dim, width)
+        conv_state.copy_(torch.cat([conv_state[:, :, 1:], new.to(conv_state.dtype)], dim=-1))
+    else:
+        pos = cache_seqlens.long().remainder(state_len)  # (batch,): x's slot
+        slots = (pos[:, None] + torch.arange(-taps, 0, device=x.device)).remainder(state_len)  # (batch, taps)
+        window = torch.cat([conv_state.gather(2, slots[:, None, :].expand(-1, x.shape[1], -1)).to(cd), new], dim=-1)
+        conv_state.scatter_(2, pos[:, None, None].expand(-1, x.shape[1], 1), new.to(conv_state.dtype))
     out = (window * weight.to(cd)).sum(-1)
     if bias is not None:
         out = out + bias.to(cd)

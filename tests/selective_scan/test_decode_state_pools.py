@@ -303,8 +303,6 @@ def test_conv_bad_index_argument_is_named():
         llmkernels.causal_conv1d_update(**kw, conv_state_indices=torch.zeros(3))
     with pytest.raises(ValueError, match="conv_state_indices must have shape"):
         llmkernels.causal_conv1d_update(**kw, conv_state_indices=torch.zeros(2, dtype=torch.int32))
-    with pytest.raises(NotImplementedError, match="cache_seqlens"):
-        llmkernels.causal_conv1d_update(**kw, cache_seqlens=torch.zeros(3, dtype=torch.int32))
 
 
 @needs_ext

@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "common/checks.h"
@@ -326,16 +327,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu
 // (fp32 copies of x and the state, a clone of the state, a copy back, a conversion of the output) around a loop
 // with Tensor accessors and a scalar std::exp per channel: about 45 ns of one core per channel, 4x the reference.
 // Now the kernel (conv_rows.inc) updates an fp32 state in place, and other dtypes go through per-chunk copies.
+//
+// cache_seqlens (batch,) int32 / int64: each row's slot in a circular state, as Python's remainder by state_len
+// (-1: no circular state, the state shifts).
+std::vector<int64_t> circular_slots(const char* op, const std::optional<at::Tensor>& cache_seqlens, const at::Tensor& x,
+                                    int64_t state_len) {
+  std::vector<int64_t> slots(x.size(0), -1);
+  if (!cache_seqlens.has_value() || !cache_seqlens->defined()) return slots;
+  const at::Tensor& t = *cache_seqlens;
+  LLMK_CHECK_ARG(t.device() == x.device(), op, "cache_seqlens", "must be on x's device (", x.device(), "), got ",
+                 t.device());
+  LLMK_CHECK_ARG(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, "cache_seqlens",
+                 "must have dtype int32 or int64, got ", t.scalar_type());
+  LLMK_CHECK_ARG(t.dim() == 1 && t.size(0) == x.size(0), op, "cache_seqlens", "must have shape (", x.size(0),
+                 "), got ", t.sizes());
+  const at::Tensor lens = t.to(at::kLong).contiguous();
+  const int64_t* p = lens.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < x.size(0); ++b) slots[b] = (p[b] % state_len + state_len) % state_len;
+  return slots;
+}
+
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, bool silu,
-                                    const std::optional<at::Tensor>& conv_state_indices) {
+                                    const std::optional<at::Tensor>& conv_state_indices,
+                                    const std::optional<at::Tensor>& cache_seqlens) {
   const char* op = "causal_conv1d_update";
   check_conv(op, x, weight, bias, 2, /*need_contiguous=*/true);
   const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
   // conv_state_indices: a pool of states (state_pool.h); without, conv_state has x's batch.
   const bool pooled = conv_state_indices.has_value() && conv_state_indices->defined();
   LLMK_CHECK_DIM(op, conv_state, 3);
-  LLMK_CHECK_SHAPE(op, conv_state, pooled ? conv_state.size(0) : batch, dim, W);
+  const int64_t L = conv_state.size(2);
+  LLMK_CHECK_ARG(conv_state.size(0) == (pooled ? conv_state.size(0) : batch) && conv_state.size(1) == dim && L >= W - 1,
+                 op, "conv_state", "must have shape (", pooled ? "rows" : std::to_string(batch), ", ", dim,
+                 ", state_len >= width - 1 = ", W - 1, "), got ", conv_state.sizes());
+  const std::vector<int64_t> slots = circular_slots(op, cache_seqlens, x, L);
   const PoolRows pool = checked_pool_rows(op, "conv_state_indices", conv_state_indices, x, conv_state.size(0));
   const int32_t* state_rows = pool.rows();
   const bool any_skipped = pool.any_skipped;
@@ -351,18 +377,23 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   float* st_p = in_place ? st.data_ptr<float>() : nullptr;
   float* out_p = out_f32 ? out.data_ptr<float>() : nullptr;
 
-  constexpr int64_t kChannels = 512;  // per work item
-  const int64_t chunks = (dim + kChannels - 1) / kChannels, items = batch * chunks;
+  // Channels per work item: 512, fewer for long states so that a 16-bit state's fp32 copy fits the stack buffer.
+  constexpr int64_t kChannels = 512, kStateFloats = kChannels * kMaxWidth;
+  const int64_t cn = std::max<int64_t>(1, std::min(kChannels, kStateFloats / L));
+  const int64_t chunks = (dim + cn - 1) / cn, items = batch * chunks;
   auto run_item = [&](int64_t item) {
-    float xb[kChannels], ob[kChannels], sb[kChannels * kMaxWidth];
-    const int64_t b = item / chunks, d0 = item % chunks * kChannels, n = std::min(dim, d0 + kChannels) - d0;
+    float xb[kChannels], ob[kChannels], sb[kStateFloats];
+    const int64_t b = item / chunks, d0 = item % chunks * cn, n = std::min(dim, d0 + cn) - d0;
     if (state_rows != nullptr && state_rows[b] < 0) return;  // a pad slot: its output stays 0
     const int64_t r0 = b * dim + d0, s0 = (state_rows != nullptr ? state_rows[b] : b) * dim + d0;
-    float* s = in_place ? st_p + s0 * W : sb;
-    if (!in_place) read_f32(st, s0 * W, n * W, sb);
-    k.conv_update(ConvUpdate{n, W, read_f32(x, r0, n, xb), w_p + d0 * W, b_p ? b_p + d0 : nullptr, silu, s,
-                             out_f32 ? out_p + r0 : ob});
-    if (!in_place) write_f32(sb, st, s0 * W, n * W);
+    // (a state longer than kStateFloats goes one channel at a time through a heap copy)
+    std::vector<float> long_state(!in_place && n * L > kStateFloats ? n * L : 0);
+    float* buf = long_state.empty() ? sb : long_state.data();
+    float* s = in_place ? st_p + s0 * L : buf;
+    if (!in_place) read_f32(st, s0 * L, n * L, buf);
+    k.conv_update(ConvUpdate{n, W, read_f32(x, r0, n, xb), w_p + d0 * W, b_p ? b_p + d0 : nullptr, silu, s, L,
+                             slots[b], out_f32 ? out_p + r0 : ob});
+    if (!in_place) write_f32(buf, st, s0 * L, n * L);
     if (!out_f32) write_f32(ob, out, r0, n);
   };
   // As selective_state_update: a small step stays on the calling thread; larger ones share out items.

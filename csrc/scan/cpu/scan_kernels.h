@@ -89,8 +89,10 @@ struct ConvUpdate {
   const float* weight;  // (n, width)
   const float* bias;    // or nullptr
   bool silu;
-  float* state;  // (n, width), updated in place
-  float* out;    // (n,)
+  float* state;       // (n, state_len), updated in place
+  int64_t state_len;  // >= width - 1: the last state_len inputs, oldest first
+  int64_t slot;       // circular state (cache_seqlens): x's slot in 0..state_len-1; -1: the state shifts left
+  float* out;         // (n,)
 };
 
 // Causal conv1d forward of one (batch, channel) row (conv1d_cpu.cpp): out[t] = bias + sum_k weight[k]

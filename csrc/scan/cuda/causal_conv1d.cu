@@ -136,16 +136,32 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(cons
   }
   S* state = static_cast<S*>(p.conv_state) + sb * p.state_stride_b + d * p.state_stride_d;
   const float x = to_float(static_cast<const T*>(p.x)[channel]);
-  const int first_tap = p.state_len - p.width;  // the window is the state's last `width` entries
+  const float* w = p.weight + int64_t(d) * p.width;
+  const int L = p.state_len, taps = p.width - 1;  // taps: the window's entries before x (L >= taps)
   float acc = p.bias ? p.bias[d] : 0.f;
-  for (int j = 0; j < p.state_len; ++j) {
-    // Read entry j + 1 before this loop's next iteration overwrites it. The new input enters the dot product
-    // unrounded, as the reference computes it, even where the state's dtype is narrower than x's.
-    const bool shifted = j + 1 < p.state_len;
-    const S next = shifted ? state[(j + 1) * p.state_stride_w] : from_float<S>(x);
-    state[j * p.state_stride_w] = next;
-    if (j >= first_tap) acc += p.weight[d * p.width + j - first_tap] * (shifted ? to_float(next) : x);
+  if (p.cache_seqlens) {
+    const int64_t pos = p.cache_seqlens_64 ? static_cast<const int64_t*>(p.cache_seqlens)[b]
+                                           : static_cast<const int32_t*>(p.cache_seqlens)[b];
+    const int slot = int((pos % L + L) % L);  // Python's remainder: a negative length counts back
+    int r = slot - taps;                      // the oldest tap's slot (one wrap at most)
+    if (r < 0) r += L;
+    for (int k = 0; k < taps; ++k) {
+      acc += w[k] * to_float(state[r * p.state_stride_w]);
+      if (++r == L) r = 0;
+    }
+    state[slot * p.state_stride_w] = from_float<S>(x);
+  } else {
+    // Entry j moves to j - 1 after it is read; the window is old entries L - taps .. L - 1, then x.
+    for (int j = 0; j < L; ++j) {
+      const S v = state[j * p.state_stride_w];
+      if (j >= L - taps) acc += w[j - (L - taps)] * to_float(v);
+      if (j > 0) state[(j - 1) * p.state_stride_w] = v;
+    }
+    state[(L - 1) * p.state_stride_w] = from_float<S>(x);
   }
+  // The new input enters the dot product unrounded, as the reference computes it, even where the state's dtype is
+  // narrower than x's.
+  acc += w[taps] * x;
   if (p.silu) acc = silu(acc);
   static_cast<T*>(p.out)[channel] = from_float<T>(acc);
 }

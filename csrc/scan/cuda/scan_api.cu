@@ -528,7 +528,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cud
 
 at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, bool silu,
-                                     const std::optional<at::Tensor>& conv_state_indices) {
+                                     const std::optional<at::Tensor>& conv_state_indices,
+                                     const std::optional<at::Tensor>& cache_seqlens) {
   const char* op = "causal_conv1d_update";
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
@@ -544,9 +545,20 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   const at::Tensor rows_c = pool_indices(op, "conv_state_indices", conv_state_indices, x, conv_state);
   const bool indexed = rows_c.defined();
   LLMK_CHECK_ARG((indexed || conv_state.size(0) == x.size(0)) && conv_state.size(1) == x.size(1) &&
-                     conv_state.size(2) >= weight.size(1),
+                     conv_state.size(2) >= weight.size(1) - 1 && conv_state.size(2) <= INT32_MAX,
                  op, "conv_state", "must have shape (", indexed ? "rows" : std::to_string(x.size(0)), ", ", x.size(1),
-                 ", >= width = ", weight.size(1), "), got ", conv_state.sizes());
+                 ", state_len >= width - 1 = ", weight.size(1) - 1, "), got ", conv_state.sizes());
+  at::Tensor lens;  // cache_seqlens: a circular state
+  if (cache_seqlens.has_value() && cache_seqlens->defined()) {
+    lens = *cache_seqlens;
+    LLMK_CHECK_ARG(lens.device() == x.device(), op, "cache_seqlens", "must be on x's device (", x.device(), "), got ",
+                   lens.device());
+    LLMK_CHECK_ARG(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong, op, "cache_seqlens",
+                   "must have dtype int32 or int64, got ", lens.scalar_type());
+    LLMK_CHECK_ARG(lens.dim() == 1 && lens.size(0) == x.size(0), op, "cache_seqlens", "must have shape (",
+                   x.size(0), "), got ", lens.sizes());
+    lens = lens.contiguous();
+  }
   at::Tensor x_c = x.contiguous();
   at::Tensor out = at::empty_like(x_c);
   ConvUpdateParams p{};
@@ -560,6 +572,8 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   p.state_stride_b = conv_state.stride(0);
   p.state_stride_d = conv_state.stride(1);
   p.state_stride_w = conv_state.stride(2);
+  p.cache_seqlens = lens.defined() ? lens.const_data_ptr() : nullptr;
+  p.cache_seqlens_64 = lens.defined() && lens.scalar_type() == at::kLong;
   p.state_rows = indexed ? rows_c.data_ptr<int32_t>() : nullptr;
   p.state_batch = int(conv_state.size(0));
   p.weight = weight_f.data_ptr<float>();

@@ -82,14 +82,18 @@ void launch_causal_conv1d_fwd(const ConvParams& p, cudaStream_t stream);
 template <typename T>
 void launch_causal_conv1d_bwd(const ConvParams& p, cudaStream_t stream);
 
-// One decode step: conv_state (batch, dim, state_len >= width), any strides, shifted left by one with x appended
-// in place; out = act(bias + sum_k weight[k] * conv_state[state_len - width + k]). x, out: (batch, dim).
+// One decode step: conv_state (batch, dim, state_len >= width - 1), any strides, shifted left by one with x appended
+// in place; out = act(bias + sum_k weight[k] * window[k]), window the last `width` of the old state's entries and x.
+// With cache_seqlens the state is circular: x goes to slot cache_seqlens[b] mod state_len, the window's other
+// entries are the width - 1 slots before it (cyclically), and nothing shifts. x, out: (batch, dim).
 struct ConvUpdateParams {
   int batch, dim, width, state_len;
   bool silu;
   const void* x;
   void* conv_state;
   int64_t state_stride_b, state_stride_d, state_stride_w;
+  const void* cache_seqlens;  // (batch,) int32, or int64 when cache_seqlens_64; null: the state shifts
+  bool cache_seqlens_64;
   const int32_t* state_rows;  // conv_state_indices (batch,): row b steps state row state_rows[b]; null: row b
   int state_batch;            // the state's rows (an index outside them leaves its batch row out)
   const float* weight;
