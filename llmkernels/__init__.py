@@ -6,7 +6,8 @@
     RollingKVCache, sliding_window_attn_with_cache  sliding-window attention over a ring buffer (Mistral)
     ternary_linear, quantize_, ternary.*            BitNet b1.58 ternary linear layers
     selective_scan_fn, selective_state_update,      Mamba's selective scan (mamba_ssm signatures)
-    causal_conv1d_fn, causal_conv1d_update          and its depthwise causal convolution
+    causal_conv1d_fn, causal_conv1d_update,         and its depthwise causal convolution
+    causal_conv1d_varlen_states                     (causal_conv1d signatures)
     mamba_inner_fn                                  Mamba's inner block (conv1d, projections, scan)
     mamba_chunk_scan_combined,                      Mamba-2's scan (SSD) and its mixer after in_proj
     mamba_split_conv1d_scan_combined                (mamba_ssm signatures)
@@ -27,7 +28,7 @@ from .ops.attention_varlen import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
-from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
 from .ops.mamba_chunk_scan import mamba_chunk_scan_combined
 from .ops.mamba_inner import mamba_inner_fn
 from .ops.mamba_split_scan import mamba_split_conv1d_scan_combined
@@ -45,6 +46,7 @@ __all__ = [
     "RollingKVCache",
     "causal_conv1d_fn",
     "causal_conv1d_update",
+    "causal_conv1d_varlen_states",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -6,6 +6,8 @@ llmkernels::causal_conv1d_fwd / _bwd / _update). The C++ forward is differentiab
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import _checks, _ext
@@ -217,6 +219,40 @@ def causal_conv1d_update(
     )  # fmt: skip
     # No gradient flows through a decode step (as causal_conv1d's): a backward says so instead of dropping them.
     return inference_only("causal_conv1d_update", out, x, weight, bias, train_with="causal_conv1d_fn")
+
+
+def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:
+    """The conv states after a packed prefill, causal_conv1d's `causal_conv1d_varlen_states`: x (total_tokens, dim)
+    holds sequence b in rows cu_seqlens[b]:cu_seqlens[b + 1] ((batch + 1,) int32 / int64 offsets, non-decreasing
+    from 0); state b is its last state_len inputs, oldest first, zeros before a shorter sequence. Returns
+    (batch, dim, state_len) in x's dtype, a view of (batch, state_len, dim) memory as causal_conv1d's; it feeds
+    causal_conv1d_update (state_len = width: Mamba.step's; width - 1: vLLM's).
+
+    One gather, no kernel of its own: nothing is read back from a GPU. The offsets are checked on the CPU; on a GPU
+    they are clamped into x's rows (bad ones give wrong states, never a fault). Differentiable in x.
+    """
+    fn = "causal_conv1d_varlen_states"
+    _checks.check_tensor(fn, "x", x, ndim=2)
+    if not x.is_floating_point():
+        raise TypeError(f"llmkernels.{fn}: x must be a floating tensor, got {x.dtype}")
+    _checks.check_tensor(fn, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=x.device)
+    if cu_seqlens.shape[0] == 0:
+        raise ValueError(f"llmkernels.{fn}: cu_seqlens must hold batch + 1 offsets, got none")
+    if isinstance(state_len, bool) or not isinstance(state_len, numbers.Integral) or state_len < 0:
+        raise ValueError(f"llmkernels.{fn}: state_len must be an int >= 0, got {state_len!r}")
+    total = x.shape[0]
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        offsets = cu_seqlens.tolist()
+        if offsets[0] < 0 or offsets[-1] > total or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"llmkernels.{fn}: cu_seqlens must be non-decreasing offsets in [0, {total}] (x's rows), "
+                             f"got {offsets}")  # fmt: skip
+    ends, starts = cu_seqlens[1:].long(), cu_seqlens[:-1].long()
+    rows = ends[:, None] + torch.arange(-state_len, 0, device=x.device)  # (batch, state_len): each entry's row of x
+    inside = rows >= starts[:, None]
+    if total == 0:
+        return x.new_zeros(ends.shape[0], state_len, x.shape[1]).transpose(1, 2)
+    states = x[rows.clamp(0, total - 1)]  # (batch, state_len, dim)
+    return torch.where(inside[:, :, None], states, states.new_zeros(())).transpose(1, 2)
 
 
 def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) -> bool:

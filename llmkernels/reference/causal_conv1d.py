@@ -129,6 +129,21 @@ def causal_conv1d_update_ref(
     return (F.silu(out) if silu else out).to(x.dtype)
 
 
+def causal_conv1d_varlen_states_ref(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:
+    """The conv states after a packed prefill (causal_conv1d's causal_conv1d_varlen_states): x (total_tokens, dim)
+    holds sequence b in rows cu_seqlens[b]:cu_seqlens[b + 1]; state b (dim, state_len) is its last state_len inputs,
+    oldest first, zeros before a sequence shorter than that. Returned as (batch, dim, state_len), a view of
+    (batch, state_len, dim) memory (causal_conv1d's layout)."""
+    batch, dim = cu_seqlens.shape[0] - 1, x.shape[1]
+    states = x.new_zeros(batch, state_len, dim)
+    for b in range(batch):
+        start, end = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        n = min(end - start, state_len)
+        if n > 0:
+            states[b, state_len - n :] = x[end - n : end]
+    return states.transpose(1, 2)
+
+
 def causal_conv1d_naive(x, weight, bias=None, silu=False) -> torch.Tensor:
     """Explicit loops in float64, an independent formulation to test the reference (tiny shapes only)."""
     import math

@@ -1,7 +1,8 @@
 """causal_conv1d_update with causal_conv1d's other states: any state_len >= width - 1 (vLLM keeps width - 1) and
-the circular state of cache_seqlens. Checked against formulations written here in float64, independent of the
-reference: the state and the new tokens concatenated and convolved (a shifting state), and position-by-position
-slot arithmetic (a circular one); and against causal_conv1d_fn on the whole sequence."""
+the circular state of cache_seqlens; causal_conv1d_varlen_states, the states after a packed prefill. Checked against
+formulations written here in float64, independent of the reference: the state and the new tokens concatenated and
+convolved (a shifting state), and position-by-position slot arithmetic (a circular one); and against
+causal_conv1d_fn on the whole sequence."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from utils import assert_close_dtype, run_with_cpu_isa
 
 import llmkernels
 from llmkernels import _ext
-from llmkernels.reference.causal_conv1d import causal_conv1d_ref
+from llmkernels.reference.causal_conv1d import causal_conv1d_ref, causal_conv1d_varlen_states_ref
 
 BACKENDS = [
     pytest.param("reference", id="reference"),
@@ -231,3 +232,66 @@ def test_the_cpu_op_names_bad_arguments():
         op(x, torch.randn(2, 8, 4), w, None, False, None, torch.zeros(2))
     with pytest.raises(RuntimeError, match=r"cache_seqlens must have shape \(2\)"):
         op(x, torch.randn(2, 8, 4), w, None, False, None, torch.zeros(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lens", [[5, 0, 1, 9, 3], [0], [2, 2]], ids=str)
+@pytest.mark.parametrize("state_len", [0, 1, 3, 4, 12])
+def test_varlen_states(state_len, lens, dtype):
+    """causal_conv1d_varlen_states against the reference's loop, and its states continue each packed sequence: a
+    prefill with causal_conv1d_fn (seq_idx) then decode steps give the outputs of the whole sequences."""
+    dim = 6
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    x = torch.randn(int(cu[-1]), dim + 3).to(dtype)[:, 1 : dim + 1]  # a slice of a wider projection, as Mamba's
+    got = llmkernels.causal_conv1d_varlen_states(x, cu, state_len)
+    want = causal_conv1d_varlen_states_ref(x, cu, state_len)
+    assert got.shape == (len(lens), dim, state_len) and got.dtype == dtype
+    assert torch.equal(got, want)
+    assert got.transpose(1, 2).is_contiguous()  # causal_conv1d's layout
+    assert torch.equal(llmkernels.causal_conv1d_varlen_states(x, cu.long(), state_len), want)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), pytest.param("cpu", id="cpu")])
+def test_varlen_states_continue_a_packed_prefill(backend):
+    _device(backend)
+    dim, width, lens, steps = 8, 4, [7, 1, 0, 12], 3
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    seqs = [torch.randn(dim, n + steps) for n in lens]
+    packed = torch.cat([s[:, :n] for s, n in zip(seqs, lens)], dim=1)  # (dim, total)
+    w, bias = _weights(dim, width, torch.float32, "cpu")
+    state = llmkernels.causal_conv1d_varlen_states(packed.t(), cu, width).contiguous()
+    with llmkernels.use_backend(backend):
+        outs = llmkernels.causal_conv1d_update(torch.stack([s[:, n:] for s, n in zip(seqs, lens)]), state, w, bias,
+                                               "silu")  # fmt: skip
+    for b, (s, n) in enumerate(zip(seqs, lens)):
+        want = causal_conv1d_ref(s[None].double(), w.double(), bias.double(), activation="silu")[0, :, n:]
+        assert_close_dtype(outs[b], want, torch.float32)
+
+
+def test_varlen_states_bad_arguments_are_named():
+    x = torch.randn(5, 3)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    fn = llmkernels.causal_conv1d_varlen_states
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing offsets in \\[0, 5\\]"):
+        fn(x, torch.tensor([0, 3, 2], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        fn(x, torch.tensor([0, 6], dtype=torch.int32), 4)
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype in"):
+        fn(x, cu.float(), 4)
+    with pytest.raises(ValueError, match="cu_seqlens must hold batch \\+ 1 offsets"):
+        fn(x, cu[:0], 4)
+    with pytest.raises(ValueError, match="state_len must be an int >= 0"):
+        fn(x, cu, -1)
+    with pytest.raises(ValueError, match="state_len must be an int >= 0"):
+        fn(x, cu, 2.0)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        fn(x[None], cu, 4)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        fn(x.long(), cu, 4)
+
+
+def test_varlen_states_compile():
+    x = torch.randn(9, 4)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    fn = torch.compile(llmkernels.causal_conv1d_varlen_states, fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(x, cu, 3), causal_conv1d_varlen_states_ref(x, cu, 3))
