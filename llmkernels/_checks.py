@@ -113,6 +113,25 @@ def check_updated_in_place(fn: str, name: str, t: torch.Tensor) -> None:
                          f"copy would not see the update); got strides {t.stride()}")  # fmt: skip
 
 
+def has_no_overlap(t: torch.Tensor) -> bool:
+    """Whether no two indices of t address one element (csrc/common/checks.h's rule): each stepping dimension's
+    stride, in increasing order, lies past everything the smaller ones reach. Permutations and slices pass; broadcast
+    (stride 0) views fail."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
+def check_no_overlap(fn: str, name: str, t: torch.Tensor) -> None:
+    """A state the op updates in place through its strides (any layout) must not alias itself."""
+    if not has_no_overlap(t):
+        raise ValueError(f"llmkernels.{fn}: {name} is written in place and must not have overlapping elements (e.g. "
+                         f"a broadcast view), got shape {tuple(t.shape)} and strides {t.stride()}")  # fmt: skip
+
+
 def pool_indices(fn: str, name: str, indices, x) -> torch.Tensor:
     """Pool indices as the ops take them: (batch,) int32 contiguous on x's device. int64 (as index tensors often are)
     is narrowed with values past int32 saturating rather than wrapping, so they stay out of range."""

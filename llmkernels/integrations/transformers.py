@@ -12,7 +12,9 @@ is one `flash_attn_func` call with the causal / sliding-window band; padded batc
 with the model's own KV cache (keys arrive already concatenated).
 
 `patch_model(model)` routes the Mamba-family mixers (Mamba, Mamba-2 and the hybrids built on them: MAMBA_MIXERS)
-through llmkernels' conv1d, scans and decode steps; a hybrid's attention layers take the attention above.
+through llmkernels' conv1d, scans and decode steps; a hybrid's attention layers take the attention above. It also
+swaps the ternary linear layers of a BitNet checkpoint (transformers' BitLinear, and AutoBitLinear with offline
+weights) for llmkernels' TernaryLinear: the same ternary weights and scale, 2-bit packed for the ternary GEMV / GEMM.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Optional
 
 import torch
 
+from ..nn.ternary import TernaryLinear
 from ..ops.attention import flash_attn_func, flash_attn_with_kvcache
 from ..ops.attention_varlen import flash_attn_varlen_func
+from ..ternary import pack_ternary
 
 NAME = "llmkernels"
 
@@ -281,13 +285,11 @@ def _hf_mamba1_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kw
 
 
 def _hf_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
-    """hidden_states (batch, dim, 1) as transformers passes it; our update takes (batch, dim)."""
+    """hidden_states (batch, dim, seqlen) as transformers passes it (seqlen 1), or (batch, dim); kwargs: causal_conv1d's
+    cache_seqlens / conv_state_indices, which the op takes (anything else is an error, not dropped)."""
     from ..ops.causal_conv1d import causal_conv1d_update
 
-    squeeze = hidden_states.dim() == 3
-    x = hidden_states[..., 0] if squeeze else hidden_states
-    out = causal_conv1d_update(x.contiguous(), conv_state, weight, bias, activation=activation)
-    return out.unsqueeze(-1) if squeeze else out
+    return causal_conv1d_update(hidden_states, conv_state, weight, bias, activation=activation, **kwargs)
 
 
 def _hf_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -431,8 +433,16 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     a Mamba-2 mixer's gated RMS norm through rmsnorm_fn), in the forward pass, training (the unfused path) and
     generate(). Returns {mixer class name: count patched}, empty when the model has none. Attention layers are not
     touched: for them, register() + attn_implementation="llmkernels". Packed (padding-free) batches: the mixers'
-    seq_idx reaches our ops. A patched model saved whole (torch.save) loads unpatched: call patch_model again."""
-    return _patch_known_mixers(model, MAMBA_MIXERS)
+    seq_idx reaches our ops. A patched model saved whole (torch.save) loads unpatched: call patch_model again.
+
+    BitNet models (BitNetForCausalLM, or any model transformers' BitNet quantizer converted): each BitLinear (packed
+    offline weights) and AutoBitLinear with offline weights becomes a TernaryLinear with its weights, scale and bias
+    (and its optional RMSNorm before), counted under its class name; AutoBitLinear with online quantisation (latent
+    weights, for training) is left as is. The replacement quantises activations in fp32 and sums exactly in int32,
+    where BitLinear does both in the model's dtype: in bf16 their outputs differ by that rounding."""
+    counts = _patch_known_mixers(model, MAMBA_MIXERS)
+    counts.update(_replace_bitnet_linears(model))
+    return counts
 
 
 def patch_mamba(model: torch.nn.Module) -> int:
@@ -517,3 +527,71 @@ def _with_globals(fn, functions: dict):
     layer.__kwdefaults__ = fn.__kwdefaults__
     functools.update_wrapper(layer, inner, updated=())
     return layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BitNet: transformers' ternary linear layers (transformers/integrations/bitnet.py) -> TernaryLinear
+# ----------------------------------------------------------------------------------------------------------------
+def _bitnet_classes() -> tuple[type, type] | None:
+    try:
+        from transformers.integrations.bitnet import AutoBitLinear, BitLinear
+    except ImportError:  # (a transformers release without BitNet)
+        return None
+    return BitLinear, AutoBitLinear
+
+
+def _replace_bitnet_linears(model: torch.nn.Module) -> dict[str, int]:
+    classes = _bitnet_classes()
+    if classes is None:
+        return {}
+    counts: dict[str, int] = {}
+    for name, module in list(model.named_modules()):
+        # (exact types: a subclass may compute something else)
+        if type(module) not in classes or (type(module) is classes[1] and module.online_quant):
+            continue
+        model.set_submodule(name, _ternary_from_bitnet(name, module, packed=type(module) is classes[0]))
+        counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
+
+
+def _ternary_from_bitnet(name: str, module: torch.nn.Module, packed: bool) -> torch.nn.Module:
+    """BitLinear: weight uint8 (out_features / 4, in_features), weight row r + i * rows holding output row
+    r + i * rows in bits 2i..2i+1 as w + 1; y = (x_q @ W^T) / (act_scale * weight_scale), so gamma = 1 / weight_scale.
+    AutoBitLinear (offline): weight (out_features, in_features) of ternary values, y = (x_q @ W^T) * weight_scale."""
+    w = module.weight.detach()
+    if packed:
+        rows = w.shape[0]
+        codes = torch.stack([(w >> (2 * i)) & 3 for i in range(4)])  # (4, rows, in): output row i * rows + r
+        w_t = (codes.reshape(4 * rows, w.shape[1]).to(torch.int8) - 1)[: module.out_features]
+        if w_t.shape[0] != module.out_features or (w_t > 1).any():
+            raise ValueError(f"llmkernels.patch_model: {name}.weight is not a packed ternary weight of "
+                             f"{module.out_features} rows (shape {tuple(w.shape)})")  # fmt: skip
+    else:
+        w_t = w.round().to(torch.int8)
+        if not torch.equal(w_t.to(w.dtype), w) or (w_t.abs() > 1).any():
+            raise ValueError(f"llmkernels.patch_model: {name}.weight holds values other than -1, 0, 1")
+    scale = module.weight_scale.detach().float().reshape(())
+    gamma = 1.0 / scale if packed else scale
+    bias = getattr(module, "bias", None)
+    norm = getattr(module, "rms_norm", None)
+    args = dict(bias=bias is not None, act_bits=8, device=w.device, dtype=None if bias is None else bias.dtype)
+    if norm is None:
+        layer = TernaryLinear(module.in_features, module.out_features, **args)
+    else:
+        layer = NormedTernaryLinear(norm, module.in_features, module.out_features, **args)
+    layer.w_packed.copy_(pack_ternary(w_t))
+    layer.w_scale.copy_(gamma)
+    if bias is not None:
+        layer.bias.copy_(bias.detach())
+    return layer
+
+
+class NormedTernaryLinear(TernaryLinear):
+    """TernaryLinear after the RMSNorm of a BitLinear built with use_rms_norm=True (kept as `rms_norm`)."""
+
+    def __init__(self, rms_norm: torch.nn.Module, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rms_norm = rms_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.rms_norm(x))

@@ -190,6 +190,8 @@ def causal_conv1d_update(
     index is past the pool out too (no sync to check), and repeated ones race.
     x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps
     (token t at cache_seqlens + t), returning (batch, dim, seqlen).
+    conv_state may have any strides that do not alias (causal_conv1d's and vLLM's channel-last states, slices of a
+    larger cache): it is updated where it lies.
     """
     fn = "causal_conv1d_update"
     silu = _silu(fn, activation)
@@ -204,7 +206,7 @@ def causal_conv1d_update(
             return x.new_empty(x.shape)
         steps = [
             causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation,
-                                 None if cache_seqlens is None else cache_seqlens + t, conv_state_indices)
+                                 None if cache_seqlens is None else cache_seqlens.long() + t, conv_state_indices)
             for t in range(x.shape[2])
         ]  # fmt: skip
         return torch.stack(steps, dim=-1)
@@ -275,7 +277,7 @@ def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) 
         and len(conv_state.shape) == 3
         and conv_state.shape[:2] == (shape[0] if state_rows is None else state_rows, shape[1])
         and conv_state.shape[2] >= w_shape[1] - 1
-        and conv_state.is_contiguous()
+        and (conv_state.is_contiguous() or _checks.has_no_overlap(conv_state))
         and (bias is None or (_checks.fits(bias, ACT_DTYPES, dev) and bias.shape == (shape[1],)))
     )
 
@@ -284,7 +286,7 @@ def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=
     _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
     _check_weight_bias(fn, x, weight, bias)
     _checks.check_tensor(fn, "conv_state", conv_state, dtypes=ACT_DTYPES, device=x.device)
-    _checks.check_updated_in_place(fn, "conv_state", conv_state)
+    _checks.check_no_overlap(fn, "conv_state", conv_state)
     if conv_state_indices is not None:  # any number of state rows: the indices pick them
         _checks.check_tensor(fn, "conv_state", conv_state, ndim=3)
     rows = conv_state.shape[0] if conv_state_indices is not None else x.shape[0]

@@ -209,8 +209,8 @@ def test_bad_conv1d_update_state_is_named():
     x, w, b = _inputs((2, 3, 1), 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="causal_conv1d_update: conv_state must have shape"):
         llmkernels.causal_conv1d_update(x[..., 0], torch.zeros(2, 3, 2), w, b)  # state_len < width - 1
-    with pytest.raises(ValueError, match="causal_conv1d_update: conv_state must be contiguous"):
-        llmkernels.causal_conv1d_update(x[..., 0], torch.zeros(2, 4, 3).transpose(1, 2), w, b)
+    with pytest.raises(ValueError, match="causal_conv1d_update: conv_state is written in place and must not have"):
+        llmkernels.causal_conv1d_update(x[..., 0], torch.zeros(1, 3, 4).expand(2, 3, 4), w, b)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])

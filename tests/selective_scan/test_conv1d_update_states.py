@@ -155,6 +155,46 @@ def test_circular_state_in_a_pool(backend):
     torch.testing.assert_close(pool.cpu().double(), want_pool, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["channel_last", "cache_slice"])
+@pytest.mark.parametrize("circular", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_state_is_updated_where_it_lies(backend, circular, layout):
+    """causal_conv1d's / vLLM's channel-last conv state ((batch, state_len, dim) memory) and a slice of a larger
+    cache: the update lands in the caller's tensor."""
+    device = _device(backend)
+    batch, dim, width, state_len = 3, 10, 4, 5
+    if layout == "channel_last":
+        state = torch.randn(batch, state_len, dim, device=device).transpose(1, 2)
+    else:
+        state = torch.randn(2 * batch, dim + 2, state_len + 1, device=device)[::2, 1 : dim + 1, :state_len]
+    assert not state.is_contiguous()
+    x = torch.randn(batch, dim, 2, device=device)
+    w, bias = _weights(dim, width, torch.float32, device)
+    lens = torch.tensor([0, 7, 3], dtype=torch.int32, device=device) if circular else None
+    if circular:
+        want_out, want_state = _circular_expected(x.cpu(), state.cpu(), w.cpu(), bias.cpu(), True, lens.cpu())
+    else:
+        want_out, want_state = _shifting_expected(x.cpu(), state.cpu(), w.cpu(), bias.cpu(), True)
+    with llmkernels.use_backend(backend):
+        out = llmkernels.causal_conv1d_update(x, state, w, bias, "silu", cache_seqlens=lens)
+    _check(out.cpu(), state.cpu(), want_out, want_state, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_tokens_past_int32_lengths(backend):
+    """Token t of a (batch, dim, seqlen) x is at cache_seqlens + t: counted in int64, so int32 lengths at INT32_MAX
+    go on to 2^31 (the slot of 2^31 mod state_len), not wrap to -2^31."""
+    device = _device(backend)
+    x = torch.randn(1, 4, 3, device=device)
+    state = torch.randn(1, 4, 5, device=device)
+    w, bias = _weights(4, 3, torch.float32, device)
+    lens = torch.tensor([2**31 - 1], dtype=torch.int32, device=device)
+    want_out, want_state = _circular_expected(x.cpu(), state.cpu(), w.cpu(), bias.cpu(), False, lens.cpu().long())
+    with llmkernels.use_backend(backend):
+        out = llmkernels.causal_conv1d_update(x, state, w, bias, cache_seqlens=lens)
+    _check(out.cpu(), state.cpu(), want_out, want_state, torch.float32, torch.float32)
+
+
 @needs_ext
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_long_state(state_dtype):

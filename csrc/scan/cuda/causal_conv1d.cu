@@ -179,7 +179,7 @@ void launch_causal_conv1d_bwd(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T, typename S>
 void launch_causal_conv1d_update(const ConvUpdateParams& p, cudaStream_t stream) {
-  const int blocks = (p.batch * p.dim + kConvThreads - 1) / kConvThreads;
+  const int blocks = int((int64_t(p.batch) * p.dim + kConvThreads - 1) / kConvThreads);  // (int64: see the kernel)
   causal_conv1d_update_kernel<T, S><<<blocks, kConvThreads, 0, stream>>>(p);
 }
 

@@ -542,6 +542,7 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   LLMK_CHECK_ARG(is_float_type(conv_state), op, "conv_state", "must be float32, float16 or bfloat16, got ",
                  conv_state.scalar_type());
   LLMK_CHECK_DIM(op, conv_state, 3);
+  LLMK_CHECK_NO_OVERLAP(op, conv_state);
   const at::Tensor rows_c = pool_indices(op, "conv_state_indices", conv_state_indices, x, conv_state);
   const bool indexed = rows_c.defined();
   LLMK_CHECK_ARG((indexed || conv_state.size(0) == x.size(0)) && conv_state.size(1) == x.size(1) &&
