@@ -16,6 +16,7 @@ Every row carries the bytes of one layer's weights (ours packed vs bf16).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -156,8 +157,65 @@ def run(quick: bool) -> list[dict]:
             for tokens in (128,) if quick else (16, 128, 512):
                 for dtype, label in ((torch.float32, " fp32"), (torch.bfloat16, " bf16")):
                     rows += _case("cpu", tokens, n, k, dtype, dtype, ("cpu",), limit, weight_only=True, label=label)
+        for tokens in (1,) if quick else (1, 128):
+            rows += _hf_bitnet_case(tokens)
     finally:
         torch.set_num_threads(threads)
+    return rows
+
+
+def _hf_bitnet_case(tokens: int) -> list[dict]:
+    """A transformers BitNetForCausalLM with BitNet b1.58 2B4T's layer shapes (hidden 2560, MLP 6912, 20 heads, 5 KV
+    heads; 2 layers, vocab 1000) and random packed ternary weights, bf16, one forward of `tokens` tokens on the CPU:
+    as transformers runs it (BitLinear: the weights unpacked every call, the activation quantiser under
+    torch.compile, a bf16 matmul) and with the weights dequantised into bf16 nn.Linear layers (F.linear), against the
+    same model after llmkernels' patch_model (TernaryLinear)."""
+    try:
+        import transformers
+        from transformers.integrations.bitnet import BitLinear, pack_weights, replace_with_bitnet_linear, unpack_weights
+
+        import llmkernels.integrations.transformers as lk_hf
+    except ImportError as exc:
+        print(f"  [hf bitnet] skipped ({exc})")
+        return []
+    cfg = transformers.BitNetConfig(vocab_size=1000, hidden_size=2560, intermediate_size=6912, num_hidden_layers=2,
+                                    num_attention_heads=20, num_key_value_heads=5, bos_token_id=0, eos_token_id=1,
+                                    pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.BitNetForCausalLM(cfg).eval().to(torch.bfloat16)
+    qc = transformers.BitNetQuantConfig()
+    replace_with_bitnet_linear(ref, modules_to_not_convert=["lm_head"], quantization_config=qc)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, BitLinear):
+                m.weight.copy_(pack_weights(torch.randint(-1, 2, (m.out_features, m.in_features))))
+                m.weight_scale.fill_(20.0)
+    ours = copy.deepcopy(ref)
+    lk_hf.patch_model(ours)
+    dense = copy.deepcopy(ref)  # the same weights dequantised into bf16 nn.Linear layers: F.linear's time
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, BitLinear):
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=False, dtype=torch.bfloat16)
+            with torch.no_grad():
+                linear.weight.copy_(unpack_weights(m.weight, torch.float32)[: m.out_features] / m.weight_scale.float())
+            dense.set_submodule(name, linear)
+    ids = torch.randint(2, 1000, (1, tokens))
+    case = f"BitNetForCausalLM 2B4T layers x2 bf16 forward {tokens} token{'s' if tokens > 1 else ''}"
+    rows: list[dict] = []
+    impls = (("llmkernels-patched", ours, "transformers-bitlinear"), ("transformers-bitlinear", ref, None),
+             ("dense-bf16-linear", dense, None))  # fmt: skip
+    for impl, model, peer in impls:
+        def fn(model=model):
+            with torch.no_grad():
+                return model(ids).logits
+
+        try:
+            ms = measure_ms(fn, warmup=2, rep=5, min_time_s=0)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  [{case}] {impl}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        rows.append({"op": "hf_bitnet_cpu", "case": case, "impl": impl, "time_ms": ms, "metric": None, "value": None,
+                     "limit": None, "peer": peer})  # fmt: skip
     return rows
 
 
