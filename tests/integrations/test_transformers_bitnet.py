@@ -119,3 +119,14 @@ def test_bad_bitnet_weights_are_named():
         model.model.layers[0].self_attn.o_proj.weight[3, 2] = 0.5
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.o_proj\.weight holds values other than"):
         patch_model(model)
+
+
+@pytest.mark.hf
+@pytest.mark.cuda
+def test_patched_bitnet_on_a_gpu():
+    """The same model on a GPU: the TernaryLinear layers run the CUDA / Triton ternary kernels."""
+    ref = _bitnet().cuda()
+    ours = copy.deepcopy(ref)
+    patch_model(ours)
+    ids = torch.randint(0, VOCAB, (2, 11), device="cuda")
+    torch.testing.assert_close(_logits(ours, ids), _logits(ref, ids), rtol=1e-4, atol=1e-5)
