@@ -438,8 +438,10 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     BitNet models (BitNetForCausalLM, or any model transformers' BitNet quantizer converted): each BitLinear (packed
     offline weights) and AutoBitLinear with offline weights becomes a TernaryLinear with its weights, scale and bias
     (and its optional RMSNorm before), counted under its class name; AutoBitLinear with online quantisation (latent
-    weights, for training) is left as is. The replacement quantises activations in fp32 and sums exactly in int32,
-    where BitLinear does both in the model's dtype: in bf16 their outputs differ by that rounding."""
+    weights, for training) is left as is, as is a Mamba-1 mixer's dt_proj (the mixer reads its weight). Layers
+    handled by accelerate's hooks (device_map) lose them: the model must sit on one device. The replacement
+    quantises activations in fp32 and sums exactly in int32, where BitLinear does both in the model's dtype: in bf16
+    their outputs differ by that rounding."""
     counts = _patch_known_mixers(model, MAMBA_MIXERS)
     counts.update(_replace_bitnet_linears(model))
     return counts
@@ -541,24 +543,41 @@ def _bitnet_classes() -> tuple[type, type] | None:
 
 
 def _replace_bitnet_linears(model: torch.nn.Module) -> dict[str, int]:
+    from ..ops.ternary import _reads_weight_of
+
     classes = _bitnet_classes()
     if classes is None:
         return {}
+
+    def convertible(module) -> bool:  # (exact types: a subclass may compute something else)
+        return type(module) is classes[0] or (type(module) is classes[1] and not module.online_quant)
+
+    if convertible(model):
+        raise ValueError("llmkernels.patch_model: model is itself a BitNet linear layer; patch the model holding it")
     counts: dict[str, int] = {}
-    for name, module in list(model.named_modules()):
-        # (exact types: a subclass may compute something else)
-        if type(module) not in classes or (type(module) is classes[1] and module.online_quant):
-            continue
-        model.set_submodule(name, _ternary_from_bitnet(name, module, packed=type(module) is classes[0]))
-        counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    swapped: dict[int, torch.nn.Module] = {}  # id(layer) -> its replacement: a layer under two names stays one
+    for fqn, parent in list(model.named_modules()):
+        for child_name, child in list(parent._modules.items()):
+            # (a Mamba-1 mixer reads dt_proj's weight itself, as quantize_ knows: that layer stays)
+            if child is None or not convertible(child) or _reads_weight_of(parent, child_name):
+                continue
+            if id(child) not in swapped:
+                name = f"{fqn}.{child_name}" if fqn else child_name
+                swapped[id(child)] = _ternary_from_bitnet(name, child, packed=type(child) is classes[0])
+                counts[type(child).__name__] = counts.get(type(child).__name__, 0) + 1
+            setattr(parent, child_name, swapped[id(child)])
     return counts
 
 
 def _ternary_from_bitnet(name: str, module: torch.nn.Module, packed: bool) -> torch.nn.Module:
     """BitLinear: weight uint8 (out_features / 4, in_features), weight row r + i * rows holding output row
     r + i * rows in bits 2i..2i+1 as w + 1; y = (x_q @ W^T) / (act_scale * weight_scale), so gamma = 1 / weight_scale.
-    AutoBitLinear (offline): weight (out_features, in_features) of ternary values, y = (x_q @ W^T) * weight_scale."""
+    AutoBitLinear (offline): weight (out_features, in_features) of ternary values,
+    y = (x_q @ W^T + bias) * weight_scale."""
     w = module.weight.detach()
+    if w.is_meta or module.weight_scale.is_meta:
+        raise ValueError(f"llmkernels.patch_model: {name}'s weights are on the meta device (not loaded, or "
+                         "offloaded by accelerate): load them first")  # fmt: skip
     if packed:
         rows = w.shape[0]
         codes = torch.stack([(w >> (2 * i)) & 3 for i in range(4)])  # (4, rows, in): output row i * rows + r
@@ -581,8 +600,8 @@ def _ternary_from_bitnet(name: str, module: torch.nn.Module, packed: bool) -> to
         layer = NormedTernaryLinear(norm, module.in_features, module.out_features, **args)
     layer.w_packed.copy_(pack_ternary(w_t))
     layer.w_scale.copy_(gamma)
-    if bias is not None:
-        layer.bias.copy_(bias.detach())
+    if bias is not None:  # (AutoBitLinear scales its bias with the products: (x_q W^T + bias) * weight_scale)
+        layer.bias.copy_(bias.detach() if packed else (bias.detach().float() * scale).to(bias.dtype))
     return layer
 
 

@@ -277,7 +277,7 @@ def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) 
         and len(conv_state.shape) == 3
         and conv_state.shape[:2] == (shape[0] if state_rows is None else state_rows, shape[1])
         and conv_state.shape[2] >= w_shape[1] - 1
-        and (conv_state.is_contiguous() or _checks.has_no_overlap(conv_state))
+        and (conv_state.is_contiguous() or torch.compiler.is_compiling() or _checks.has_no_overlap(conv_state))
         and (bias is None or (_checks.fits(bias, ACT_DTYPES, dev) and bias.shape == (shape[1],)))
     )
 

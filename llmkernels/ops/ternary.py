@@ -281,6 +281,12 @@ _READS_WEIGHTS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderL
 _MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "ZambaMambaMixer", "Mamba")
 
 
+def _is_transformers_bitnet(module: torch.nn.Module) -> bool:
+    """transformers' AutoBitLinear (an nn.Linear subclass): already ternary with its own scale, or a training layer
+    with its own RMSNorm; quantize_ must not requantise it (patch_model converts the offline ones exactly)."""
+    return type(module).__module__ == "transformers.integrations.bitnet"
+
+
 def _reads_weight_of(parent: torch.nn.Module, child_name: str) -> bool:
     if isinstance(parent, _READS_WEIGHTS):
         return True
@@ -299,7 +305,9 @@ def quantize_(
     never one whose parent reads its weight itself instead of calling it (nn.MultiheadAttention's out_proj, a
     NonDynamicallyQuantizableLinear; nn.TransformerEncoderLayer / DecoderLayer's linear1 and linear2, which their
     fast paths hand to a fused kernel; a Mamba-1 mixer's dt_proj, whose weight the mixer folds into the scan's
-    delta): swapped, those would fail or bypass the ternary layer. TernaryLinear is an inference layer: in training
+    delta): swapped, those would fail or bypass the ternary layer. Nor transformers' AutoBitLinear (an nn.Linear
+    already ternary with its own scale, or BitNet's training layer): llmkernels.integrations.transformers.patch_model
+    converts the offline ones exactly. TernaryLinear is an inference layer: in training
     mode transformers' Mamba-1 mixers also hand x_proj's and out_proj's weights to their fused kernel and fail
     (BitLinear is the training layer).
     A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
@@ -316,7 +324,7 @@ def quantize_(
     for fqn, module in list(model.named_modules()):  # each parent once (a cyclic graph must not recurse)
         for child_name, child in list(module._modules.items()):  # (named_children skips a repeated module)
             child_fqn = f"{fqn}.{child_name}" if fqn else child_name
-            if isinstance(child, _KEEP) or _reads_weight_of(module, child_name):
+            if isinstance(child, _KEEP) or _is_transformers_bitnet(child) or _reads_weight_of(module, child_name):
                 continue
             if isinstance(child, torch.nn.Linear) and accept(child, child_fqn):
                 if id(child) not in swapped:

@@ -19,11 +19,12 @@ needs_ternary_kernel = pytest.mark.skipif(not _ext.has_kernel("ternary_linear_a8
                                           reason="no C++ CPU ternary kernel")  # fmt: skip
 
 
-def _bitnet(linear_class="bitlinear", mode="offline", use_rms_norm=False, dtype=torch.float32, seed=0):
-    """A 2-layer BitNetForCausalLM with random ternary weights, weight scales and norms, in `dtype`."""
+def _bitnet(linear_class="bitlinear", mode="offline", use_rms_norm=False, dtype=torch.float32, seed=0, bias=False):
+    """A 2-layer BitNetForCausalLM with random ternary weights, weight scales and norms (and attention biases), in
+    `dtype`."""
     cfg = transformers.BitNetConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    bos_token_id=0, eos_token_id=1, pad_token_id=0)  # fmt: skip
+                                    bos_token_id=0, eos_token_id=1, pad_token_id=0, attention_bias=bias)  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.BitNetForCausalLM(cfg).eval().to(dtype)  # (BitLinear takes the dtype it is built in)
     qc = transformers.BitNetQuantConfig(linear_class=linear_class, quantization_mode=mode, use_rms_norm=use_rms_norm)
@@ -40,6 +41,8 @@ def _bitnet(linear_class="bitlinear", mode="offline", use_rms_norm=False, dtype=
                 elif mode == "offline":
                     module.weight.copy_(w_t)
                     module.weight_scale.fill_(float(torch.empty(()).uniform_(0.02, 0.1)))  # gamma
+                if getattr(module, "bias", None) is not None:
+                    module.bias.normal_()
             if "RMSNorm" in type(module).__name__:
                 module.weight.uniform_(0.5, 1.5)
     return model
@@ -54,10 +57,12 @@ def _logits(model, ids):
 
 @pytest.mark.hf
 @needs_ternary_kernel
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("linear_class,use_rms_norm", [("bitlinear", False), ("autobitlinear", False),
                                                        ("bitlinear", True)])  # fmt: skip
-def test_patched_bitnet_matches_transformers(linear_class, use_rms_norm):
-    ref = _bitnet(linear_class, use_rms_norm=use_rms_norm)
+def test_patched_bitnet_matches_transformers(linear_class, use_rms_norm, bias):
+    """(AutoBitLinear scales its bias with the products, BitLinear adds it after: both are reproduced.)"""
+    ref = _bitnet(linear_class, use_rms_norm=use_rms_norm, bias=bias)
     ours = copy.deepcopy(ref)
     counts = patch_model(ours)
     assert counts == {"BitLinear" if linear_class == "bitlinear" else "AutoBitLinear": 14}  # 7 linears a layer
@@ -130,3 +135,56 @@ def test_patched_bitnet_on_a_gpu():
     patch_model(ours)
     ids = torch.randint(0, VOCAB, (2, 11), device="cuda")
     torch.testing.assert_close(_logits(ours, ids), _logits(ref, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.hf
+@needs_ternary_kernel
+def test_mamba_with_bitnet_linears_keeps_dt_proj():
+    """A Mamba model through transformers' BitNet quantizer: the mixer reads dt_proj's weight itself, so that layer
+    stays (as quantize_ leaves it); the others become TernaryLinear and the mixers are patched."""
+    cfg = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                                   conv_kernel=4, time_step_rank=4)  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.MambaForCausalLM(cfg).eval()
+    qc = transformers.BitNetQuantConfig(linear_class="autobitlinear", quantization_mode="offline")
+    bitnet.replace_with_bitnet_linear(ref, modules_to_not_convert=["lm_head"], quantization_config=qc)
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, bitnet.AutoBitLinear):
+                module.weight.copy_(torch.randint(-1, 2, module.weight.shape))
+                module.weight_scale.fill_(0.05)
+    ours = copy.deepcopy(ref)
+    assert patch_model(ours) == {"MambaMixer": 2, "AutoBitLinear": 6}  # in_proj, x_proj, out_proj a layer
+    assert isinstance(ours.backbone.layers[0].mixer.dt_proj, bitnet.AutoBitLinear)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    torch.testing.assert_close(_logits(ours, ids), _logits(ref, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.hf
+def test_quantize_leaves_transformers_bitnet_layers():
+    """llmkernels.quantize_ would requantise an AutoBitLinear (an nn.Linear) and lose its scale or its norm:
+    it skips them; patch_model converts the offline ones exactly."""
+    import llmkernels
+
+    for mode in ("offline", "online"):
+        model = _bitnet("autobitlinear", mode=mode, use_rms_norm=mode == "online")
+        llmkernels.quantize_(model)
+        assert sum(isinstance(m, bitnet.AutoBitLinear) for m in model.modules()) == 14
+        assert not any(isinstance(m, TernaryLinear) for m in model.modules())
+
+
+@pytest.mark.hf
+def test_patch_model_edges():
+    """A layer shared under two names stays one module; a lone layer and meta weights are refused, named."""
+    model = _bitnet()
+    layers = model.model.layers
+    layers[1].mlp.up_proj = layers[0].mlp.up_proj  # tied
+    counts = patch_model(model)
+    assert counts == {"BitLinear": 13}
+    assert layers[1].mlp.up_proj is layers[0].mlp.up_proj and isinstance(layers[0].mlp.up_proj, TernaryLinear)
+    with pytest.raises(ValueError, match="model is itself a BitNet linear layer"):
+        patch_model(bitnet.BitLinear(8, 8, bias=False))
+    meta = bitnet.BitLinear(8, 8, bias=False, device="meta")
+    holder = torch.nn.Sequential(meta)
+    with pytest.raises(ValueError, match="0's weights are on the meta device"):
+        patch_model(holder)

@@ -155,18 +155,20 @@ def test_circular_state_in_a_pool(backend):
     torch.testing.assert_close(pool.cpu().double(), want_pool, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["channel_last", "cache_slice"])
 @pytest.mark.parametrize("circular", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_state_is_updated_where_it_lies(backend, circular, layout):
+def test_strided_state_is_updated_where_it_lies(backend, circular, layout, state_dtype):
     """causal_conv1d's / vLLM's channel-last conv state ((batch, state_len, dim) memory) and a slice of a larger
     cache: the update lands in the caller's tensor."""
     device = _device(backend)
     batch, dim, width, state_len = 3, 10, 4, 5
     if layout == "channel_last":
-        state = torch.randn(batch, state_len, dim, device=device).transpose(1, 2)
+        state = torch.randn(batch, state_len, dim, device=device).to(state_dtype).transpose(1, 2)
     else:
-        state = torch.randn(2 * batch, dim + 2, state_len + 1, device=device)[::2, 1 : dim + 1, :state_len]
+        state = torch.randn(2 * batch, dim + 2, state_len + 1, device=device).to(state_dtype)
+        state = state[::2, 1 : dim + 1, :state_len]
     assert not state.is_contiguous()
     x = torch.randn(batch, dim, 2, device=device)
     w, bias = _weights(dim, width, torch.float32, device)
@@ -177,7 +179,39 @@ def test_strided_state_is_updated_where_it_lies(backend, circular, layout):
         want_out, want_state = _shifting_expected(x.cpu(), state.cpu(), w.cpu(), bias.cpu(), True)
     with llmkernels.use_backend(backend):
         out = llmkernels.causal_conv1d_update(x, state, w, bias, "silu", cache_seqlens=lens)
-    _check(out.cpu(), state.cpu(), want_out, want_state, torch.float32, torch.float32)
+    _check(out.cpu(), state.cpu(), want_out, want_state, torch.float32, state_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_last_pool(backend):
+    """A channel-last pool of states stepped through conv_state_indices: only the indexed rows change."""
+    device = _device(backend)
+    dim, width, state_len = 12, 3, 2
+    pool = torch.randn(6, state_len, dim, device=device).transpose(1, 2)
+    before = pool.clone()
+    indices = torch.tensor([4, -1, 1], dtype=torch.int32, device=device)
+    x = torch.randn(3, dim, device=device)
+    w, bias = _weights(dim, width, torch.float32, device)
+    want_out, want_rows = _shifting_expected(x[[0, 2], :, None].cpu(), before[[4, 1]].cpu(), w.cpu(), bias.cpu(),
+                                             False)  # fmt: skip
+    with llmkernels.use_backend(backend):
+        out = llmkernels.causal_conv1d_update(x, pool, w, bias, conv_state_indices=indices)
+    assert_close_dtype(out[[0, 2]].cpu(), want_out[..., 0], torch.float32)
+    assert (out[1] == 0).all()
+    want_pool = before.cpu().double()
+    want_pool[[4, 1]] = want_rows
+    torch.testing.assert_close(pool.cpu().double(), want_pool, rtol=0, atol=0)
+
+
+@needs_ext
+def test_strided_state_compiles_with_dynamic_shapes():
+    x = torch.randn(2, 8)
+    w, bias = _weights(8, 4, torch.float32, "cpu")
+    state = torch.randn(2, 3, 8).transpose(1, 2)
+    want_out, want_state = _shifting_expected(x[..., None], state, w, bias, True)
+    fn = torch.compile(llmkernels.causal_conv1d_update, fullgraph=True, dynamic=True, backend="aot_eager")
+    out = fn(x, state, w, bias, "silu")
+    _check(out[..., None], state, want_out, want_state, torch.float32, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

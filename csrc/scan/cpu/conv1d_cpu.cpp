@@ -347,6 +347,27 @@ std::vector<int64_t> circular_slots(const char* op, const std::optional<at::Tens
   return slots;
 }
 
+// Channels d0 .. d0 + n of state row r, (n, state_len), between a state of any strides and dtype and fp32 buf: a
+// strided state (causal_conv1d's and vLLM's channel-last layout, a slice of a pool) is read and written where it
+// lies, only the rows a step touches.
+template <bool kToBuf>
+void move_strided_state(const at::Tensor& st, int64_t r, int64_t d0, int64_t n, float* buf) {
+  const int64_t L = st.size(2), sr = st.stride(0), sd = st.stride(1), sl = st.stride(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st.scalar_type(), "conv_state", [&] {
+    scalar_t* base = st.data_ptr<scalar_t>() + r * sr + d0 * sd;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < L; ++j) {
+        scalar_t& e = base[i * sd + j * sl];
+        if constexpr (kToBuf) {
+          buf[i * L + j] = static_cast<float>(e);
+        } else {
+          e = static_cast<scalar_t>(buf[i * L + j]);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, bool silu,
                                     const std::optional<at::Tensor>& conv_state_indices,
@@ -368,8 +389,10 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   CONV_CHECK_FLOAT(op, conv_state);
   LLMK_CHECK_NO_OVERLAP(op, conv_state);
   const at::Tensor wf = f32(weight), bf = bias ? f32(*bias) : at::Tensor();
-  at::Tensor st = conv_state.contiguous();  // conv_state itself unless strided (then copied back at the end)
-  const bool in_place = st.scalar_type() == at::kFloat;
+  // fp32 and contiguous: the kernel updates the state in place; other dtypes go through per-item fp32 copies
+  // (vectorised converters when contiguous, element by element through the strides otherwise).
+  at::Tensor& st = conv_state;
+  const bool contiguous = st.is_contiguous(), in_place = contiguous && st.scalar_type() == at::kFloat;
   at::Tensor out = any_skipped ? at::zeros({batch, dim}, x.options()) : at::empty({batch, dim}, x.options());
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const Kernels& k = kernels();
@@ -385,15 +408,17 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
     float xb[kChannels], ob[kChannels], sb[kStateFloats];
     const int64_t b = item / chunks, d0 = item % chunks * cn, n = std::min(dim, d0 + cn) - d0;
     if (state_rows != nullptr && state_rows[b] < 0) return;  // a pad slot: its output stays 0
-    const int64_t r0 = b * dim + d0, s0 = (state_rows != nullptr ? state_rows[b] : b) * dim + d0;
+    const int64_t srow = state_rows != nullptr ? state_rows[b] : b, r0 = b * dim + d0, s0 = srow * dim + d0;
     // (a state longer than kStateFloats goes one channel at a time through a heap copy)
     std::vector<float> long_state(!in_place && n * L > kStateFloats ? n * L : 0);
     float* buf = long_state.empty() ? sb : long_state.data();
     float* s = in_place ? st_p + s0 * L : buf;
-    if (!in_place) read_f32(st, s0 * L, n * L, buf);
+    if (!in_place && contiguous) read_f32(st, s0 * L, n * L, buf);
+    if (!contiguous) move_strided_state<true>(st, srow, d0, n, buf);
     k.conv_update(ConvUpdate{n, W, read_f32(x, r0, n, xb), w_p + d0 * W, b_p ? b_p + d0 : nullptr, silu, s, L,
                              slots[b], out_f32 ? out_p + r0 : ob});
-    if (!in_place) write_f32(buf, st, s0 * L, n * L);
+    if (!in_place && contiguous) write_f32(buf, st, s0 * L, n * L);
+    if (!contiguous) move_strided_state<false>(st, srow, d0, n, buf);
     if (!out_f32) write_f32(ob, out, r0, n);
   };
   // As selective_state_update: a small step stays on the calling thread; larger ones share out items.
@@ -407,7 +432,6 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
       for (int64_t item; (item = next.fetch_add(1)) < items;) run_item(item);
     });
   }
-  if (!st.is_same(conv_state)) conv_state.copy_(st);
   return out;
 }
 
