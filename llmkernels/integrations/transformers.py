@@ -12,7 +12,8 @@ is one `flash_attn_func` call with the causal / sliding-window band; padded batc
 with the model's own KV cache (keys arrive already concatenated).
 
 `patch_model(model)` routes the Mamba-family mixers (Mamba, Mamba-2 and the hybrids built on them: MAMBA_MIXERS)
-through llmkernels' conv1d, scans and decode steps; a hybrid's attention layers take the attention above. It also
+through llmkernels' conv1d, scans and decode steps, and the LFM2 family's short convolutions (CONV_MIXERS) through
+the conv1d ops; a hybrid's attention layers take the attention above. It also
 swaps the ternary linear layers of a BitNet checkpoint (transformers' BitLinear, and AutoBitLinear with offline
 weights) for llmkernels' TernaryLinear: the same ternary weights and scale, 2-bit packed for the ternary GEMV / GEMM.
 """
@@ -376,6 +377,14 @@ MAMBA_MIXERS = {
     ("falcon_h1", "FalconH1Mixer"): _HF_MAMBA2_FUNCTIONS,
 }
 
+# Liquid's LFM2 family: a gated short convolution (width conv_L_cache) through causal_conv1d_fn / _update, no scan.
+_HF_SHORT_CONV_FUNCTIONS = {"causal_conv1d_fn": _hf_conv1d_fn, "causal_conv1d_update": _hf_conv1d_update}
+CONV_MIXERS = {
+    ("lfm2", "Lfm2ShortConv"): _HF_SHORT_CONV_FUNCTIONS,
+    ("lfm2_moe", "Lfm2MoeShortConv"): _HF_SHORT_CONV_FUNCTIONS,
+    ("lfm3", "Lfm3ShortConv"): _HF_SHORT_CONV_FUNCTIONS,
+}
+
 def _hf_gated_norm(self, hidden_states, gate=None):
     """MambaRMSNormGated.forward and its copies: rms(x * silu(gate)) per group of group_size channels, times weight."""
     from ..ops.rmsnorm_gated import rmsnorm_fn
@@ -435,6 +444,9 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     touched: for them, register() + attn_implementation="llmkernels". Packed (padding-free) batches: the mixers'
     seq_idx reaches our ops. A patched model saved whole (torch.save) loads unpatched: call patch_model again.
 
+    LFM2-family models (Lfm2, Lfm2Moe, Lfm3: CONV_MIXERS): their short convolutions run llmkernels' causal_conv1d_fn
+    and decode step (the conv state of conv_L_cache entries is the op's state_len), counted under the class name.
+
     BitNet models (BitNetForCausalLM, or any model transformers' BitNet quantizer converted): each BitLinear (packed
     offline weights) and AutoBitLinear with offline weights becomes a TernaryLinear with its weights, scale and bias
     (and its optional RMSNorm before), counted under its class name; AutoBitLinear with online quantisation (latent
@@ -442,7 +454,7 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     handled by accelerate's hooks (device_map) lose them: the model must sit on one device. The replacement
     quantises activations in fp32 and sums exactly in int32, where BitLinear does both in the model's dtype: in bf16
     their outputs differ by that rounding."""
-    counts = _patch_known_mixers(model, MAMBA_MIXERS)
+    counts = _patch_known_mixers(model, {**MAMBA_MIXERS, **CONV_MIXERS})
     counts.update(_replace_bitnet_linears(model))
     return counts
 

@@ -1,0 +1,59 @@
+"""patch_model on tiny randomly initialised LFM2-family models (no downloads): their gated short convolutions run
+llmkernels' causal_conv1d_fn and decode step."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from llmkernels import _ext  # noqa: E402
+from llmkernels.integrations.transformers import patch_model  # noqa: E402
+
+VOCAB = 97
+needs_conv_kernel = pytest.mark.skipif(not _ext.has_kernel("causal_conv1d_fwd", "CPU"), reason="no C++ CPU conv")
+
+
+def _tiny(family: str, conv_bias: bool):
+    layer_types = ["conv", "full_attention", "conv", "conv"]
+    common = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  layer_types=layer_types, conv_L_cache=3, conv_bias=conv_bias, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    if family == "lfm2":
+        cfg = transformers.Lfm2Config(intermediate_size=96, **common)
+        model_cls = transformers.Lfm2ForCausalLM
+    else:
+        cfg = transformers.Lfm2MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                         num_experts_per_tok=2, num_dense_layers=1, **common)  # fmt: skip
+        model_cls = transformers.Lfm2MoeForCausalLM
+    torch.manual_seed(0)
+    ref = model_cls(cfg).eval()
+    ours = copy.deepcopy(ref)
+    counts = patch_model(ours)
+    assert counts == {"Lfm2ShortConv" if family == "lfm2" else "Lfm2MoeShortConv": 3}
+    return ref, ours
+
+
+@pytest.mark.hf
+@needs_conv_kernel
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("family", ["lfm2", "lfm2_moe"])
+def test_patched_lfm2_matches_transformers(family, conv_bias):
+    ref, ours = _tiny(family, conv_bias)
+    ids = torch.randint(3, VOCAB, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+@needs_conv_kernel
+def test_patched_lfm2_generates_as_transformers():
+    """Prefill then decode steps: the conv state (conv_L_cache entries) goes through the op's decode step."""
+    ref, ours = _tiny("lfm2", True)
+    ids = torch.randint(3, VOCAB, (1, 7))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        got, want = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=1e-4, atol=1e-4)
