@@ -23,6 +23,9 @@ def _tiny(family: str, conv_bias: bool):
     if family == "lfm2":
         cfg = transformers.Lfm2Config(intermediate_size=96, **common)
         model_cls = transformers.Lfm2ForCausalLM
+    elif family == "lfm3":
+        cfg = transformers.Lfm3Config(intermediate_size=96, **common)
+        model_cls = transformers.Lfm3ForCausalLM
     else:
         cfg = transformers.Lfm2MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
                                          num_experts_per_tok=2, num_dense_layers=1, **common)  # fmt: skip
@@ -31,14 +34,14 @@ def _tiny(family: str, conv_bias: bool):
     ref = model_cls(cfg).eval()
     ours = copy.deepcopy(ref)
     counts = patch_model(ours)
-    assert counts == {"Lfm2ShortConv" if family == "lfm2" else "Lfm2MoeShortConv": 3}
+    assert counts == {{"lfm2": "Lfm2ShortConv", "lfm3": "Lfm3ShortConv", "lfm2_moe": "Lfm2MoeShortConv"}[family]: 3}
     return ref, ours
 
 
 @pytest.mark.hf
 @needs_conv_kernel
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("family", ["lfm2", "lfm2_moe"])
+@pytest.mark.parametrize("family", ["lfm2", "lfm2_moe", "lfm3"])
 def test_patched_lfm2_matches_transformers(family, conv_bias):
     ref, ours = _tiny(family, conv_bias)
     ids = torch.randint(3, VOCAB, (2, 13))
