@@ -20,6 +20,30 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it when a kernel is defined: read once too
 
 
+def _squeeze_interpreter_scalars() -> None:
+    """triton < 3.7's interpreter turns a scalar into a Python int with int() of a shape-(1,) NumPy array, which NumPy
+    2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars": every interpreted kernel with a
+    tensor loop bound failed under torch 2.11's triton 3.6); triton 3.7 squeezes the array first, as done here."""
+    try:
+        import triton.runtime.interpreter as interpreter
+    except ImportError:
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "llmkernels_squeezed", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.llmkernels_squeezed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _squeeze_interpreter_scalars()
+
+
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes (x takes up to 2^31 - 1)
 
 
