@@ -188,8 +188,8 @@ def causal_conv1d_update(
     untouched. A negative index (a pad slot) leaves its batch row out: no state changes, output 0. The others must
     be distinct and below state_batch: the CPU kernel and the reference check; the CUDA kernel leaves a row whose
     index is past the pool out too (no sync to check), and repeated ones race.
-    x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding): the same as that many steps
-    (token t at cache_seqlens + t), returning (batch, dim, seqlen).
+    x may also be (batch, dim, seqlen), a few tokens at once (speculative decoding; transformers passes seqlen 1): the
+    same as that many steps (token t at cache_seqlens + t), in one kernel call, returning (batch, dim, seqlen).
     conv_state may have any strides that do not alias (causal_conv1d's and vLLM's channel-last states, slices of a
     larger cache): it is updated where it lies.
     """
@@ -199,22 +199,13 @@ def causal_conv1d_update(
         conv_state_indices = _checks.pool_indices(fn, "conv_state_indices", conv_state_indices, x)
     if cache_seqlens is not None:
         _check_cache_seqlens(fn, cache_seqlens, x)
-    if isinstance(x, torch.Tensor) and x.dim() == 3:  # token by token: each step's state is the next one's input
-        if x.shape[2] == 0:  # (still checked, as a step would be)
-            _check_update_args(fn, x.new_empty(x.shape[:2]), conv_state, weight, bias,
-                               conv_state_indices)  # fmt: skip
-            return x.new_empty(x.shape)
-        steps = [
-            causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation,
-                                 None if cache_seqlens is None else cache_seqlens.long() + t, conv_state_indices)
-            for t in range(x.shape[2])
-        ]  # fmt: skip
-        return torch.stack(steps, dim=-1)
     rows = None  # the state's rows: x's batch
     if conv_state_indices is not None:
         rows = conv_state.shape[0] if isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 else -1
     if not _update_args_ok(x, conv_state, weight, bias, rows):
         _check_update_args(fn, x, conv_state, weight, bias, conv_state_indices)  # raises, naming the argument
+        if x.dim() == 3 and x.shape[2] == 0:  # no token: nothing to step
+            return x.new_empty(x.shape)
     out = update_dispatcher(
         x.contiguous(), conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), silu,
         conv_state_indices=conv_state_indices, cache_seqlens=cache_seqlens,
@@ -265,7 +256,7 @@ def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) 
         return False
     dev, shape, w_shape = x.device, x.shape, weight.shape
     return (
-        len(shape) == 2
+        (len(shape) == 2 or (len(shape) == 3 and shape[2] > 0))
         and len(w_shape) == 2
         and w_shape[0] == shape[1]
         and w_shape[1] in WIDTHS
@@ -283,7 +274,9 @@ def _update_args_ok(x, conv_state, weight, bias, state_rows: int | None = None) 
 
 
 def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=None) -> None:
-    _checks.check_tensor(fn, "x", x, ndim=2, dtypes=ACT_DTYPES)
+    _checks.check_tensor(fn, "x", x, dtypes=ACT_DTYPES)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"llmkernels.{fn}: x must be (batch, dim) or (batch, dim, seqlen), got {tuple(x.shape)}")
     _check_weight_bias(fn, x, weight, bias)
     _checks.check_tensor(fn, "conv_state", conv_state, dtypes=ACT_DTYPES, device=x.device)
     _checks.check_no_overlap(fn, "conv_state", conv_state)

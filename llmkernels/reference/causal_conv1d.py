@@ -96,9 +96,15 @@ def causal_conv1d_update_ref(
 ) -> torch.Tensor:
     """One decode step: conv_state (batch, dim, state_len >= width - 1) updated in place; returns (batch, dim) in
     x's dtype. cache_seqlens ((batch,) ints): the state is a circular buffer and x is token cache_seqlens[b].
+    x (batch, dim, seqlen): seqlen steps, token t at cache_seqlens + t; returns (batch, dim, seqlen).
     conv_state_indices ((batch,) ints, causal_conv1d's; continuous batching): row b of x steps row
     conv_state_indices[b] of a state of any number of rows (distinct indices); the other rows are untouched. A
     negative index (a pad slot) leaves row b out: no state changes and its output is 0."""
+    if x.dim() == 3:  # token by token: each step's state is the next one's input
+        lens = None if cache_seqlens is None else cache_seqlens.long()
+        steps = [causal_conv1d_update_ref(x[:, :, t], conv_state, weight, bias, activation, conv_state_indices,
+                                          None if lens is None else lens + t) for t in range(x.shape[2])]  # fmt: skip
+        return torch.stack(steps, dim=-1) if steps else x.new_empty(x.shape)
     if conv_state_indices is not None:
         rows = conv_state_indices.long()
         live = rows >= 0

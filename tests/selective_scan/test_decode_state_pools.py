@@ -338,7 +338,7 @@ def test_a_flat_x_is_named_before_the_indices():
     with pytest.raises(ValueError, match="x must have 2 dimensions"):
         llmkernels.selective_state_update(**{**kw, "x": kw["x"][0]}, state_batch_indices=indices)
     ckw, cindices = _conv_pool(CONV_CASES[0], "cpu")
-    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+    with pytest.raises(ValueError, match=r"x must be \(batch, dim\) or \(batch, dim, seqlen\)"):
         llmkernels.causal_conv1d_update(**{**ckw, "x": ckw["x"][0]}, conv_state_indices=cindices)
 
 

@@ -368,13 +368,40 @@ void move_strided_state(const at::Tensor& st, int64_t r, int64_t d0, int64_t n, 
   });
 }
 
+// Element i of n at t's data offset + i * stride, as fp32 (load), or from fp32 with Tensor::copy_'s rounding (store):
+// one token's column of a (batch, dim, seqlen) x or output.
+template <bool kLoad>
+void move_column(const at::Tensor& t, int64_t offset, int64_t stride, int64_t n, float* buf) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "conv_column", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>() + offset;
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (kLoad) {
+        buf[i] = static_cast<float>(p[i * stride]);
+      } else {
+        p[i * stride] = static_cast<scalar_t>(buf[i]);
+      }
+    }
+  });
+}
+
+// What a state of dtype `dtype` stores of v: the next token of the same call reads it back rounded, as a separate
+// step would.
+inline float stored_as(at::ScalarType dtype, float v) {
+  if (dtype == at::kBFloat16) return static_cast<float>(static_cast<at::BFloat16>(v));
+  if (dtype == at::kHalf) return static_cast<float>(static_cast<at::Half>(v));
+  return v;
+}
+
 at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, bool silu,
                                     const std::optional<at::Tensor>& conv_state_indices,
                                     const std::optional<at::Tensor>& cache_seqlens) {
   const char* op = "causal_conv1d_update";
-  check_conv(op, x, weight, bias, 2, /*need_contiguous=*/true);
-  const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1);
+  // x (batch, dim) or (batch, dim, seqlen): seqlen steps in one call, token t at cache_seqlens + t
+  LLMK_CHECK_ARG(x.dim() == 2 || x.dim() == 3, op, "x", "must be (batch, dim) or (batch, dim, seqlen), got ",
+                 x.sizes());
+  check_conv(op, x, weight, bias, x.dim(), /*need_contiguous=*/true);
+  const int64_t batch = x.size(0), dim = x.size(1), W = weight.size(1), T = x.dim() == 3 ? x.size(2) : 1;
   // conv_state_indices: a pool of states (state_pool.h); without, conv_state has x's batch.
   const bool pooled = conv_state_indices.has_value() && conv_state_indices->defined();
   LLMK_CHECK_DIM(op, conv_state, 3);
@@ -393,8 +420,10 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
   // (vectorised converters when contiguous, element by element through the strides otherwise).
   at::Tensor& st = conv_state;
   const bool contiguous = st.is_contiguous(), in_place = contiguous && st.scalar_type() == at::kFloat;
-  at::Tensor out = any_skipped ? at::zeros({batch, dim}, x.options()) : at::empty({batch, dim}, x.options());
-  const bool out_f32 = out.scalar_type() == at::kFloat;
+  at::Tensor out = any_skipped ? at::zeros(x.sizes(), x.options()) : at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  const bool out_f32 = out.scalar_type() == at::kFloat && T == 1;  // (else per token through ob)
+  const at::ScalarType state_dtype = st.scalar_type();
   const Kernels& k = kernels();
   const float *w_p = wf.const_data_ptr<float>(), *b_p = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
   float* st_p = in_place ? st.data_ptr<float>() : nullptr;
@@ -415,11 +444,25 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& conv_state,
     float* s = in_place ? st_p + s0 * L : buf;
     if (!in_place && contiguous) read_f32(st, s0 * L, n * L, buf);
     if (!contiguous) move_strided_state<true>(st, srow, d0, n, buf);
-    k.conv_update(ConvUpdate{n, W, read_f32(x, r0, n, xb), w_p + d0 * W, b_p ? b_p + d0 : nullptr, silu, s, L,
-                             slots[b], out_f32 ? out_p + r0 : ob});
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = xb;
+      if (T == 1) {
+        xt = read_f32(x, r0, n, xb);
+      } else {
+        move_column<true>(x, r0 * T + t, T, n, xb);
+      }
+      const int64_t slot = slots[b] < 0 ? -1 : (slots[b] + t) % L;
+      k.conv_update(ConvUpdate{n, W, xt, w_p + d0 * W, b_p ? b_p + d0 : nullptr, silu, s, L, slot,
+                               out_f32 ? out_p + r0 : ob});
+      if (T == 1 && !out_f32) write_f32(ob, out, r0, n);
+      if (T > 1) move_column<false>(out, r0 * T + t, T, n, ob);
+      if (T > 1 && !in_place && state_dtype != at::kFloat) {  // the token as the state holds it, for the next ones
+        const int64_t written = slot >= 0 ? slot : L - 1;
+        for (int64_t i = 0; i < n; ++i) s[i * L + written] = stored_as(state_dtype, s[i * L + written]);
+      }
+    }
     if (!in_place && contiguous) write_f32(buf, st, s0 * L, n * L);
     if (!contiguous) move_strided_state<false>(st, srow, d0, n, buf);
-    if (!out_f32) write_f32(ob, out, r0, n);
   };
   // As selective_state_update: a small step stays on the calling thread; larger ones share out items.
   constexpr int64_t kSerialChannels = 8192;

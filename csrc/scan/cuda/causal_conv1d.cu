@@ -131,39 +131,48 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(cons
   // access, output 0. (Never clamped into range: that row would belong to another request.)
   const int64_t sb = p.state_rows ? p.state_rows[b] : b;
   if (sb < 0 || sb >= p.state_batch) {
-    static_cast<T*>(p.out)[channel] = from_float<T>(0.f);
+    for (int t = 0; t < p.seqlen; ++t) static_cast<T*>(p.out)[channel * p.seqlen + t] = from_float<T>(0.f);
     return;
   }
   S* state = static_cast<S*>(p.conv_state) + sb * p.state_stride_b + d * p.state_stride_d;
-  const float x = to_float(static_cast<const T*>(p.x)[channel]);
   const float* w = p.weight + int64_t(d) * p.width;
   const int L = p.state_len, taps = p.width - 1;  // taps: the window's entries before x (L >= taps)
-  float acc = p.bias ? p.bias[d] : 0.f;
+  int first_slot = 0;  // circular state: the first token's slot, Python's remainder (a negative length counts back)
   if (p.cache_seqlens) {
     const int64_t pos = p.cache_seqlens_64 ? static_cast<const int64_t*>(p.cache_seqlens)[b]
                                            : static_cast<const int32_t*>(p.cache_seqlens)[b];
-    const int slot = int((pos % L + L) % L);  // Python's remainder: a negative length counts back
-    int r = slot - taps;                      // the oldest tap's slot (one wrap at most)
-    if (r < 0) r += L;
-    for (int k = 0; k < taps; ++k) {
-      acc += w[k] * to_float(state[r * p.state_stride_w]);
-      if (++r == L) r = 0;
-    }
-    state[slot * p.state_stride_w] = from_float<S>(x);
-  } else {
-    // Entry j moves to j - 1 after it is read; the window is old entries L - taps .. L - 1, then x.
-    for (int j = 0; j < L; ++j) {
-      const S v = state[j * p.state_stride_w];
-      if (j >= L - taps) acc += w[j - (L - taps)] * to_float(v);
-      if (j > 0) state[(j - 1) * p.state_stride_w] = v;
-    }
-    state[(L - 1) * p.state_stride_w] = from_float<S>(x);
+    first_slot = int((pos % L + L) % L);
   }
-  // The new input enters the dot product unrounded, as the reference computes it, even where the state's dtype is
-  // narrower than x's.
-  acc += w[taps] * x;
-  if (p.silu) acc = silu(acc);
-  static_cast<T*>(p.out)[channel] = from_float<T>(acc);
+  // Tokens in order, each a step on the state in global memory (this thread's channel alone), so the next token
+  // reads what the state stores, rounded to its dtype, as separate calls would.
+  for (int t = 0; t < p.seqlen; ++t) {
+    const int64_t io = channel * p.seqlen + t;
+    const float x = to_float(static_cast<const T*>(p.x)[io]);
+    float acc = p.bias ? p.bias[d] : 0.f;
+    if (p.cache_seqlens) {
+      const int slot = int((int64_t(first_slot) + t) % L);
+      int r = slot - taps;  // the oldest tap's slot (one wrap at most)
+      if (r < 0) r += L;
+      for (int k = 0; k < taps; ++k) {
+        acc += w[k] * to_float(state[r * p.state_stride_w]);
+        if (++r == L) r = 0;
+      }
+      state[slot * p.state_stride_w] = from_float<S>(x);
+    } else {
+      // Entry j moves to j - 1 after it is read; the window is old entries L - taps .. L - 1, then x.
+      for (int j = 0; j < L; ++j) {
+        const S v = state[j * p.state_stride_w];
+        if (j >= L - taps) acc += w[j - (L - taps)] * to_float(v);
+        if (j > 0) state[(j - 1) * p.state_stride_w] = v;
+      }
+      state[(L - 1) * p.state_stride_w] = from_float<S>(x);
+    }
+    // The new input enters the dot product unrounded, as the reference computes it, even where the state's dtype
+    // is narrower than x's.
+    acc += w[taps] * x;
+    if (p.silu) acc = silu(acc);
+    static_cast<T*>(p.out)[io] = from_float<T>(acc);
+  }
 }
 
 template <typename T>

@@ -533,9 +533,12 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   const char* op = "causal_conv1d_update";
   LLMK_CHECK_DEVICE(op, x, at::kCUDA);
   c10::cuda::CUDAGuard guard(x.device());
-  LLMK_CHECK_DIM(op, x, 2);
+  // x (batch, dim) or (batch, dim, seqlen): seqlen steps in one launch
+  LLMK_CHECK_ARG(x.dim() == 2 || x.dim() == 3, op, "x", "must be (batch, dim) or (batch, dim, seqlen), got ",
+                 x.sizes());
   LLMK_CHECK_ARG(is_float_type(x), op, "x", "must be float32, float16 or bfloat16, got ", x.scalar_type());
-  LLMK_CHECK_ARG(x.size(0) * x.size(1) <= INT32_MAX, op, "x", "is too large: shape ", x.sizes());
+  LLMK_CHECK_ARG(x.size(0) * x.size(1) <= INT32_MAX && (x.dim() == 2 || x.size(2) <= INT32_MAX), op, "x",
+                 "is too large: shape ", x.sizes());
   at::Tensor weight_f, bias_f;
   prepare_conv_weights(op, x, weight, bias, weight_f, bias_f);
   LLMK_CHECK_SAME_DEVICE(op, conv_state, x);
@@ -567,6 +570,7 @@ at::Tensor causal_conv1d_update_cuda(const at::Tensor& x, at::Tensor& conv_state
   p.dim = int(x.size(1));
   p.width = int(weight.size(1));
   p.state_len = int(conv_state.size(2));
+  p.seqlen = x.dim() == 3 ? int(x.size(2)) : 1;
   p.silu = silu;
   p.x = x_c.data_ptr();
   p.conv_state = conv_state.data_ptr();

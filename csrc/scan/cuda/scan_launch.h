@@ -85,9 +85,10 @@ void launch_causal_conv1d_bwd(const ConvParams& p, cudaStream_t stream);
 // One decode step: conv_state (batch, dim, state_len >= width - 1), any strides, shifted left by one with x appended
 // in place; out = act(bias + sum_k weight[k] * window[k]), window the last `width` of the old state's entries and x.
 // With cache_seqlens the state is circular: x goes to slot cache_seqlens[b] mod state_len, the window's other
-// entries are the width - 1 slots before it (cyclically), and nothing shifts. x, out: (batch, dim).
+// entries are the width - 1 slots before it (cyclically), and nothing shifts. x, out: (batch, dim, seqlen)
+// contiguous, seqlen steps in order (token t at cache_seqlens + t); seqlen 1 for a (batch, dim) x.
 struct ConvUpdateParams {
-  int batch, dim, width, state_len;
+  int batch, dim, width, state_len, seqlen;
   bool silu;
   const void* x;
   void* conv_state;
