@@ -101,7 +101,8 @@ def causal_conv1d_update_ref(
     conv_state_indices[b] of a state of any number of rows (distinct indices); the other rows are untouched. A
     negative index (a pad slot) leaves row b out: no state changes and its output is 0."""
     if x.dim() == 3:  # token by token: each step's state is the next one's input
-        lens = None if cache_seqlens is None else cache_seqlens.long()
+        # (positions mod state_len first: lens + t would wrap past int64's range, where Python's integers do not)
+        lens = None if cache_seqlens is None else cache_seqlens.long().remainder(conv_state.shape[-1])
         steps = [causal_conv1d_update_ref(x[:, :, t], conv_state, weight, bias, activation, conv_state_indices,
                                           None if lens is None else lens + t) for t in range(x.shape[2])]  # fmt: skip
         return torch.stack(steps, dim=-1) if steps else x.new_empty(x.shape)

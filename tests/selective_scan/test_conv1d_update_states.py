@@ -203,6 +203,33 @@ def test_channel_last_pool(backend):
     torch.testing.assert_close(pool.cpu().double(), want_pool, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("circular", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_tokens_in_a_pool_with_a_pad_slot(backend, circular):
+    """A (batch, dim, seqlen) x against a pool: the pad slot's row is 0 for every token, the other rows step."""
+    device = _device(backend)
+    dim, width, state_len, n = 9, 4, 5, 4
+    pool = torch.randn(4, dim, state_len, device=device)
+    before = pool.clone()
+    indices = torch.tensor([2, -1, 0], dtype=torch.int32, device=device)
+    lens = torch.tensor([3, 8, 2**63 - 2], dtype=torch.int64, device=device) if circular else None
+    x = torch.randn(3, dim, n, device=device)
+    w, bias = _weights(dim, width, torch.float32, device)
+    live = [0, 2]
+    if circular:
+        want_out, want_rows = _circular_expected(x[live].cpu(), before[[2, 0]].cpu(), w.cpu(), bias.cpu(), True,
+                                                 [3, 2**63 - 2])  # fmt: skip
+    else:
+        want_out, want_rows = _shifting_expected(x[live].cpu(), before[[2, 0]].cpu(), w.cpu(), bias.cpu(), True)
+    with llmkernels.use_backend(backend):
+        out = llmkernels.causal_conv1d_update(x, pool, w, bias, "silu", cache_seqlens=lens, conv_state_indices=indices)
+    assert_close_dtype(out[live].cpu(), want_out, torch.float32)
+    assert (out[1] == 0).all()
+    want_pool = before.cpu().double()
+    want_pool[[2, 0]] = want_rows
+    torch.testing.assert_close(pool.cpu().double(), want_pool, rtol=0, atol=0)
+
+
 @needs_ext
 def test_strided_state_compiles_with_dynamic_shapes():
     x = torch.randn(2, 8)
