@@ -587,7 +587,8 @@ def _ternary_from_bitnet(name: str, module: torch.nn.Module, packed: bool) -> to
     AutoBitLinear (offline): weight (out_features, in_features) of ternary values,
     y = (x_q @ W^T + bias) * weight_scale."""
     w = module.weight.detach()
-    if w.is_meta or module.weight_scale.is_meta:
+    norm_params = list(module.rms_norm.parameters()) if getattr(module, "rms_norm", None) is not None else []
+    if w.is_meta or module.weight_scale.is_meta or any(p.is_meta for p in norm_params):
         raise ValueError(f"llmkernels.patch_model: {name}'s weights are on the meta device (not loaded, or "
                          "offloaded by accelerate): load them first")  # fmt: skip
     if packed:

@@ -216,10 +216,11 @@ def causal_conv1d_update(
 
 def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:
     """The conv states after a packed prefill, causal_conv1d's `causal_conv1d_varlen_states`: x (total_tokens, dim)
-    holds sequence b in rows cu_seqlens[b]:cu_seqlens[b + 1] ((batch + 1,) int32 / int64 offsets, non-decreasing
-    from 0); state b is its last state_len inputs, oldest first, zeros before a shorter sequence. Returns
-    (batch, dim, state_len) in x's dtype, a view of (batch, state_len, dim) memory as causal_conv1d's; it feeds
-    causal_conv1d_update (state_len = width: Mamba.step's; width - 1: vLLM's).
+    holds sequence b in rows cu_seqlens[b]:cu_seqlens[b + 1] ((batch + 1,) int32 / int64 non-decreasing offsets
+    into x's rows, from 0 as a packed batch has them); state b is its last state_len inputs, oldest first, zeros
+    before a shorter sequence. Returns (batch, dim, state_len) in x's dtype, a view of (batch, state_len, dim) memory
+    as causal_conv1d's; it feeds causal_conv1d_update as a shifting state (state_len = width: Mamba.step's; width - 1:
+    vLLM's), not as a circular one (cache_seqlens), whose slots hold position p at p % state_len.
 
     One gather, no kernel of its own: nothing is read back from a GPU. The offsets are checked on the CPU; on a GPU
     they are clamped into x's rows (bad ones give wrong states, never a fault). Differentiable in x.

@@ -188,3 +188,7 @@ def test_patch_model_edges():
     holder = torch.nn.Sequential(meta)
     with pytest.raises(ValueError, match="0's weights are on the meta device"):
         patch_model(holder)
+    normed = bitnet.BitLinear(8, 8, bias=False, use_rms_norm=True)  # (transformers builds the norm on meta)
+    normed.rms_norm.to_empty(device="meta")
+    with pytest.raises(ValueError, match="0's weights are on the meta device"):
+        patch_model(torch.nn.Sequential(normed))
