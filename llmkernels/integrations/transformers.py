@@ -379,10 +379,17 @@ MAMBA_MIXERS = {
 
 # Liquid's LFM2 family: a gated short convolution (width conv_L_cache) through causal_conv1d_fn / _update, no scan.
 _HF_SHORT_CONV_FUNCTIONS = {"causal_conv1d_fn": _hf_conv1d_fn, "causal_conv1d_update": _hf_conv1d_update}
+# The gated DeltaNet layers of Qwen3-Next, Qwen3.5 and their kin convolve q, k, v the same way before the delta rule
+# (which stays transformers'): the conv goes through the same functions.
 CONV_MIXERS = {
     ("lfm2", "Lfm2ShortConv"): _HF_SHORT_CONV_FUNCTIONS,
     ("lfm2_moe", "Lfm2MoeShortConv"): _HF_SHORT_CONV_FUNCTIONS,
     ("lfm3", "Lfm3ShortConv"): _HF_SHORT_CONV_FUNCTIONS,
+    ("qwen3_next", "Qwen3NextGatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
+    ("qwen3_5", "Qwen3_5GatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
+    ("qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
+    ("olmo_hybrid", "OlmoHybridGatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
+    ("lara_mini", "LaraMiniGatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
 }
 
 def _hf_gated_norm(self, hidden_states, gate=None):
@@ -444,8 +451,10 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     touched: for them, register() + attn_implementation="llmkernels". Packed (padding-free) batches: the mixers'
     seq_idx reaches our ops. A patched model saved whole (torch.save) loads unpatched: call patch_model again.
 
-    LFM2-family models (Lfm2, Lfm2Moe, Lfm3: CONV_MIXERS): their short convolutions run llmkernels' causal_conv1d_fn
-    and decode step (the conv state of conv_L_cache entries is the op's state_len), counted under the class name.
+    LFM2-family models (Lfm2, Lfm2Moe, Lfm3) and gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5, Qwen3.5-MoE,
+    OlmoHybrid, LaraMini): CONV_MIXERS. Their short convolutions run llmkernels' causal_conv1d_fn and decode step (the
+    conv state's length is the op's state_len); the rest of those layers (the delta rule) stays transformers'.
+    Counted under the class name.
 
     BitNet models (BitNetForCausalLM, or any model transformers' BitNet quantizer converted): each BitLinear (packed
     offline weights) and AutoBitLinear with offline weights becomes a TernaryLinear with its weights, scale and bias
