@@ -1,4 +1,4 @@
-"""patch_model on tiny randomly initialised gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5, OlmoHybrid, LaraMini; no
+"""patch_model on tiny randomly initialised gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5(-MoE), OlmoHybrid, LaraMini; no
 downloads): the convolution before their delta rule runs llmkernels' causal_conv1d_fn and decode step."""
 
 import copy
@@ -15,6 +15,7 @@ VOCAB = 97
 FAMILIES = {  # model prefix -> the DeltaNet layer class
     "Qwen3Next": "Qwen3NextGatedDeltaNet",
     "Qwen3_5": "Qwen3_5GatedDeltaNet",
+    "Qwen3_5Moe": "Qwen3_5MoeGatedDeltaNet",
     "OlmoHybrid": "OlmoHybridGatedDeltaNet",
     "LaraMini": "LaraMiniGatedDeltaNet",
 }
@@ -32,7 +33,7 @@ def _tiny(prefix: str):
                   linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                   layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
                   max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  **(extra if prefix == "Qwen3Next" else {}))  # fmt: skip
+                  **(extra if prefix in ("Qwen3Next", "Qwen3_5Moe") else {}))  # fmt: skip
     torch.manual_seed(0)
     ref = model_cls(cfg).eval()
     ours = copy.deepcopy(ref)
