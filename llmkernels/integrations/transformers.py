@@ -390,6 +390,7 @@ CONV_MIXERS = {
     ("qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
     ("olmo_hybrid", "OlmoHybridGatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
     ("lara_mini", "LaraMiniGatedDeltaNet"): _HF_SHORT_CONV_FUNCTIONS,
+    ("kimi_linear", "KimiLinearDeltaAttention"): _HF_SHORT_CONV_FUNCTIONS,
 }
 
 def _hf_gated_norm(self, hidden_states, gate=None):
@@ -452,9 +453,9 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     seq_idx reaches our ops. A patched model saved whole (torch.save) loads unpatched: call patch_model again.
 
     LFM2-family models (Lfm2, Lfm2Moe, Lfm3) and gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5, Qwen3.5-MoE,
-    OlmoHybrid, LaraMini): CONV_MIXERS. Their short convolutions run llmkernels' causal_conv1d_fn and decode step (the
-    conv state's length is the op's state_len); the rest of those layers (the delta rule) stays transformers'.
-    Counted under the class name.
+    OlmoHybrid, LaraMini, Kimi Linear): CONV_MIXERS. Their short convolutions run llmkernels' causal_conv1d_fn and
+    decode step (the conv state's length is the op's state_len); the rest of those layers (the delta rule) stays
+    transformers'. Counted under the class name.
 
     BitNet models (BitNetForCausalLM, or any model transformers' BitNet quantizer converted): each BitLinear (packed
     offline weights) and AutoBitLinear with offline weights becomes a TernaryLinear with its weights, scale and bias

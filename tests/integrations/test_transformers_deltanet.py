@@ -1,5 +1,6 @@
-"""patch_model on tiny randomly initialised gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5(-MoE), OlmoHybrid, LaraMini; no
-downloads): the convolution before their delta rule runs llmkernels' causal_conv1d_fn and decode step."""
+"""patch_model on tiny randomly initialised gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5(-MoE), OlmoHybrid, LaraMini,
+Kimi Linear; no downloads): the convolution before their delta rule runs llmkernels' causal_conv1d_fn and decode
+step."""
 
 import copy
 
@@ -18,6 +19,7 @@ FAMILIES = {  # model prefix -> the DeltaNet layer class
     "Qwen3_5Moe": "Qwen3_5MoeGatedDeltaNet",
     "OlmoHybrid": "OlmoHybridGatedDeltaNet",
     "LaraMini": "LaraMiniGatedDeltaNet",
+    "KimiLinear": "KimiLinearDeltaAttention",
 }
 needs_conv_kernel = pytest.mark.skipif(not _ext.has_kernel("causal_conv1d_fwd", "CPU"), reason="no C++ CPU conv")
 
@@ -28,12 +30,25 @@ def _tiny(prefix: str):
     if cfg_cls is None or model_cls is None:
         pytest.skip(f"this transformers has no {prefix}")
     extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    if prefix == "KimiLinear":  # (MLA attention and its own linear-attention names)
+        cfg = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                      kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8,
+                      num_experts_per_tok=2, num_local_experts=4, linear_head_dim=16, linear_num_heads=4,
+                      linear_conv_kernel_dim=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, layer_types=["linear_attention", "full_attention", "linear_attention",
+                                                   "linear_attention"])  # fmt: skip
+        return _patched_pair(prefix, model_cls, cfg)
     cfg = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
                   linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                   layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
                   max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   **(extra if prefix in ("Qwen3Next", "Qwen3_5Moe") else {}))  # fmt: skip
+    return _patched_pair(prefix, model_cls, cfg)
+
+
+def _patched_pair(prefix, model_cls, cfg):
     torch.manual_seed(0)
     ref = model_cls(cfg).eval()
     ours = copy.deepcopy(ref)
