@@ -444,12 +444,14 @@ def _patch_gated_norm(norm) -> None:
 _ESSENTIAL = {"causal_conv1d_fn", "causal_conv1d_update"}
 
 
-def patch_model(model: torch.nn.Module) -> dict[str, int]:
+def patch_model(model: torch.nn.Module, attention: bool = False) -> dict[str, int]:
     """Route every transformers Mamba-family mixer in `model` (Mamba, Mamba-2, FalconMamba, Jamba, Zamba, Zamba2,
     Bamba, GraniteMoeHybrid, NemotronH, FalconH1: MAMBA_MIXERS) through llmkernels' conv1d, scan and decode step (and
     a Mamba-2 mixer's gated RMS norm through rmsnorm_fn), in the forward pass, training (the unfused path) and
     generate(). Returns {mixer class name: count patched}, empty when the model has none. Attention layers are not
-    touched: for them, register() + attn_implementation="llmkernels". Packed (padding-free) batches: the mixers'
+    touched unless attention=True: that registers the attention above and switches the loaded model to it
+    (model.set_attn_implementation("llmkernels"), as attn_implementation="llmkernels" at load time would), counted
+    under "attn_implementation". Packed (padding-free) batches: the mixers'
     seq_idx reaches our ops. A patched model saved whole (torch.save) loads unpatched: call patch_model again.
 
     LFM2-family models (Lfm2, Lfm2Moe, Lfm3) and gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5, Qwen3.5-MoE,
@@ -466,6 +468,13 @@ def patch_model(model: torch.nn.Module) -> dict[str, int]:
     their outputs differ by that rounding."""
     counts = _patch_known_mixers(model, {**MAMBA_MIXERS, **CONV_MIXERS})
     counts.update(_replace_bitnet_linears(model))
+    if attention:
+        if not hasattr(model, "set_attn_implementation"):
+            raise TypeError(f"llmkernels.patch_model: attention=True needs a transformers PreTrainedModel, got "
+                            f"{type(model).__name__}")  # fmt: skip
+        register()
+        model.set_attn_implementation(NAME)
+        counts["attn_implementation"] = 1
     return counts
 
 
