@@ -26,6 +26,7 @@ Colleagues' kernels are called inside try/except, so the benchmark runs whatever
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 
@@ -360,6 +361,51 @@ def _hf_mamba2_train_case(rows, seqlen, dtype, measure_kw, with_hf_norm=False):
     _try(rows, op, case, "transformers-torch", lambda: step(ref), **measure_kw)
 
 
+def _hf_decode_case(rows, family: str, new_tokens: int, measure_kw):
+    """Greedy generate() of `new_tokens` tokens after an 8-token prompt on the CPU, fp32, batch 1: a randomly
+    initialised transformers model as transformers runs it (its PyTorch conv and decode step) against the same
+    weights through patch_model. family: "mamba2" (Mamba2ForCausalLM, 2 layers, hidden 1024, 32 heads of 64, dstate
+    128) or "lfm2" (Lfm2ForCausalLM, 4 layers of which 3 short-conv, hidden 1024). The row's time is per token."""
+    try:
+        import transformers
+
+        import llmkernels.integrations.transformers as lk_hf
+    except ImportError as exc:
+        print(f"  [hf {family} decode] skipped ({exc})")
+        return
+    torch.manual_seed(0)
+    if family == "mamba2":
+        cfg = transformers.Mamba2Config(vocab_size=1000, hidden_size=1024, state_size=128, num_hidden_layers=2,
+                                        expand=2, head_dim=64, num_heads=32, n_groups=1, conv_kernel=4,
+                                        chunk_size=256)  # fmt: skip
+        ref = transformers.Mamba2ForCausalLM(cfg).eval()
+        label = "Mamba2ForCausalLM 2 layers hidden 1024, 32 x 64 heads n=128"
+    else:
+        cfg = transformers.Lfm2Config(vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                      num_attention_heads=16, num_key_value_heads=4, conv_L_cache=3,
+                                      layer_types=["conv", "conv", "full_attention", "conv"], pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2)  # fmt: skip
+        ref = transformers.Lfm2ForCausalLM(cfg).eval()
+        label = "Lfm2ForCausalLM 4 layers (3 short-conv) hidden 1024"
+    ours = copy.deepcopy(ref)
+    lk_hf.patch_model(ours)
+    ids = torch.randint(3, 1000, (1, 8))
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    def generate(model):
+        with torch.no_grad():
+            return model.generate(ids, **kw)
+
+    op, case = f"hf_{family}_decode_cpu", f"{label}, generate {new_tokens} tokens fp32 (time per token)"
+    for impl, model, peer in (("llmkernels-patched", ours, "transformers-torch"), ("transformers-torch", ref, None)):
+        try:
+            ms = measure_ms(lambda model=model: generate(model), **measure_kw) / new_tokens
+        except Exception as exc:  # noqa: BLE001
+            print(f"  [{case}] {impl}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        rows.append(_row(op, case, impl, ms, peer=peer))
+
+
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     limit = copy_bandwidth_gbps()
@@ -399,6 +445,8 @@ def run(quick: bool = False) -> list[dict]:
             _rmsnorm_case(rows, 1024, 2048, dtype, limit, small)
             _mamba2_mixer_train_case(rows, 1024, dtype, small)
         _hf_mamba2_train_case(rows, 1024, torch.bfloat16, small, with_hf_norm=not quick)
+        for family in ("mamba2",) if quick else ("mamba2", "lfm2"):
+            _hf_decode_case(rows, family, 32, dict(warmup=1, rep=3, min_time_s=0))
     return rows
 
 
