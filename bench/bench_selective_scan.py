@@ -364,8 +364,9 @@ def _hf_mamba2_train_case(rows, seqlen, dtype, measure_kw, with_hf_norm=False):
 def _hf_decode_case(rows, family: str, new_tokens: int, measure_kw):
     """Greedy generate() of `new_tokens` tokens after an 8-token prompt on the CPU, fp32, batch 1: a randomly
     initialised transformers model as transformers runs it (its PyTorch conv and decode step) against the same
-    weights through patch_model. family: "mamba2" (Mamba2ForCausalLM, 2 layers, hidden 1024, 32 heads of 64, dstate
-    128) or "lfm2" (Lfm2ForCausalLM, 4 layers of which 3 short-conv, hidden 1024). The row's time is per token."""
+    weights through patch_model. family: "mamba" (MambaForCausalLM, 4 layers, hidden 768), "mamba2"
+    (Mamba2ForCausalLM, 2 layers, hidden 1024, 32 heads of 64, dstate 128) or "lfm2" (Lfm2ForCausalLM, 4 layers of
+    which 3 short-conv, hidden 1024). The row's time is per token."""
     try:
         import transformers
 
@@ -374,7 +375,12 @@ def _hf_decode_case(rows, family: str, new_tokens: int, measure_kw):
         print(f"  [hf {family} decode] skipped ({exc})")
         return
     torch.manual_seed(0)
-    if family == "mamba2":
+    if family == "mamba":
+        cfg = transformers.MambaConfig(vocab_size=1000, hidden_size=768, state_size=16, num_hidden_layers=4, expand=2,
+                                       conv_kernel=4)  # fmt: skip
+        ref = transformers.MambaForCausalLM(cfg).eval()
+        label = "MambaForCausalLM 4 layers hidden 768"
+    elif family == "mamba2":
         cfg = transformers.Mamba2Config(vocab_size=1000, hidden_size=1024, state_size=128, num_hidden_layers=2,
                                         expand=2, head_dim=64, num_heads=32, n_groups=1, conv_kernel=4,
                                         chunk_size=256)  # fmt: skip
@@ -445,7 +451,7 @@ def run(quick: bool = False) -> list[dict]:
             _rmsnorm_case(rows, 1024, 2048, dtype, limit, small)
             _mamba2_mixer_train_case(rows, 1024, dtype, small)
         _hf_mamba2_train_case(rows, 1024, torch.bfloat16, small, with_hf_norm=not quick)
-        for family in ("mamba2",) if quick else ("mamba2", "lfm2"):
+        for family in ("mamba2",) if quick else ("mamba", "mamba2", "lfm2"):
             _hf_decode_case(rows, family, 32, dict(warmup=1, rep=3, min_time_s=0))
     return rows
 
