@@ -46,11 +46,32 @@ def llmkernels_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention: query (batch, nheads, q_len, d), key/value (batch, nheads_k, kv_len, d),
-    attention_mask None or (batch, >= kv_len) bool padding mask. Returns ((batch, q_len, nheads, d), None).
+    attention_mask None or (batch, >= kv_len) bool padding mask. Returns ((batch, q_len, nheads, dv), None).
 
     Packed (padding-free) batches, as transformers' FlashAttention path takes them: batch 1 with the sequences
     end to end, given by `cu_seq_lens_q` / `cu_seq_lens_k` (+ `max_length_q` / `max_length_k`) or by
-    `position_ids` that restart at each sequence's start; each sequence then sees only its own keys."""
+    `position_ids` that restart at each sequence's start; each sequence then sees only its own keys.
+
+    Multi-head latent attention (DeepSeek-V2 / V3, Kimi): value's head dim may differ from query's and key's. The
+    smaller side is zero-padded (zero columns add nothing to a score; zero value columns come out zero and are cut
+    off), with the scale of the query's own head dim, as transformers' FlashAttention path pads value."""
+    dq, dv = query.shape[-1], value.shape[-1]
+    if dq == dv:
+        return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
+                                  is_causal, **kwargs)  # fmt: skip
+    scaling = scaling if scaling is not None else dq**-0.5
+    if dv < dq:
+        value = torch.nn.functional.pad(value, (0, dq - dv))
+    else:
+        query, key = (torch.nn.functional.pad(t, (0, dv - dq)) for t in (query, key))
+    out, weights = _attention_forward(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                                      softcap, is_causal, **kwargs)  # fmt: skip
+    return out[..., :dv], weights
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
+                       is_causal, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """llmkernels_attention_forward for query, key and value of one head dim."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, 0 if causal else sliding_window - 1) if sliding_window else (-1, -1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, heads, d)
