@@ -398,8 +398,44 @@ MAMBA_MIXERS = {
     ("falcon_h1", "FalconH1Mixer"): _HF_MAMBA2_FUNCTIONS,
 }
 
+def _packed_seq_idx(x: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
+    """(1, seqlen) int32 sequence numbers of a packed (padding-free) batch x (1, dim, seqlen) that transformers
+    describes with its flash-attention kwargs, `cu_seq_lens_q` or `position_ids` restarting at each sequence (the
+    collator's, as the attention above reads them), else None."""
+    if x.shape[0] != 1 or x.shape[-1] < 2:
+        return None
+    seqlen = x.shape[-1]
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        if int(cu[-1]) != seqlen:  # (a cache's inputs before the tokens: not this packing)
+            return None
+        tokens = torch.arange(seqlen, device=x.device)
+        return torch.searchsorted(cu[1:].long().contiguous(), tokens, right=True).to(torch.int32)[None]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.numel() != seqlen:
+        return None
+    pos = position_ids.reshape(-1)
+    starts = pos == pos.min()  # every sequence restarts at the first position
+    if int(starts.sum()) <= 1:
+        return None
+    return (starts.cumsum(0) - 1).to(torch.int32)[None]
+
+
+def _hf_short_conv_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+    """The LFM2 / gated-DeltaNet layers' convolution. Their packed batches arrive as the attention's kwargs rather
+    than seq_idx (transformers' own convolution runs across the sequences' boundaries there): made into seq_idx,
+    so each sequence is convolved alone, as its attention and delta rule see it."""
+    from ..ops.causal_conv1d import causal_conv1d_fn
+
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is None:
+        seq_idx = _packed_seq_idx(hidden_states, kwargs)
+    packed = {} if seq_idx is None else {"seq_idx": seq_idx}
+    return causal_conv1d_fn(hidden_states, weight, bias, activation=activation, **packed)
+
+
 # Liquid's LFM2 family: a gated short convolution (width conv_L_cache) through causal_conv1d_fn / _update, no scan.
-_HF_SHORT_CONV_FUNCTIONS = {"causal_conv1d_fn": _hf_conv1d_fn, "causal_conv1d_update": _hf_conv1d_update}
+_HF_SHORT_CONV_FUNCTIONS = {"causal_conv1d_fn": _hf_short_conv_fn, "causal_conv1d_update": _hf_conv1d_update}
 # The gated DeltaNet layers of Qwen3-Next, Qwen3.5 and their kin convolve q, k, v the same way before the delta rule
 # (which stays transformers'): the conv goes through the same functions.
 CONV_MIXERS = {
@@ -478,7 +514,9 @@ def patch_model(model: torch.nn.Module, attention: bool = False) -> dict[str, in
     LFM2-family models (Lfm2, Lfm2Moe, Lfm3) and gated-DeltaNet hybrids (Qwen3-Next, Qwen3.5, Qwen3.5-MoE,
     OlmoHybrid, LaraMini, Kimi Linear): CONV_MIXERS. Their short convolutions run llmkernels' causal_conv1d_fn and
     decode step (the conv state's length is the op's state_len); the rest of those layers (the delta rule) stays
-    transformers'. Counted under the class name.
+    transformers'. Counted under the class name. A packed batch given by cu_seq_lens (transformers' collator with
+    return_flash_attn_kwargs) or seq_idx is convolved per sequence, where transformers' convolution crosses the
+    boundaries; position_ids alone do not reach these layers (then both cross them).
 
     BitNet models (BitNetForCausalLM, or any model transformers' BitNet quantizer converted): each BitLinear (packed
     offline weights) and AutoBitLinear with offline weights becomes a TernaryLinear with its weights, scale and bias

@@ -60,3 +60,29 @@ def test_patched_lfm2_generates_as_transformers():
         got, want = ours.generate(ids, **kw), ref.generate(ids, **kw)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.hf
+@needs_conv_kernel
+@pytest.mark.parametrize("given_as", ["cu_seq_lens", "seq_idx"])
+def test_packed_batch_convolves_each_sequence_alone(given_as):
+    """A packed (padding-free) batch, described as transformers' collator does for flash attention (cu_seq_lens; the
+    layers never see position_ids alone) or by seq_idx: each sequence's outputs equal the sequence run alone
+    (transformers' own convolution runs across the boundary). The attention layer takes llmkernels' attention, which
+    reads the same kwargs."""
+    _, ours = _tiny("lfm2", True)
+    patch_model(ours, attention=True)
+    lens = [5, 8, 3]
+    seqs = [torch.randint(3, VOCAB, (1, n)) for n in lens]
+    packed = torch.cat(seqs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 5, 13, 16], dtype=torch.int32)
+    kw = {"position_ids": position_ids}
+    if given_as == "cu_seq_lens":
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8, max_length_k=8)
+    else:  # (the attention packs by position_ids)
+        kw["seq_idx"] = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor(lens))[None]
+    with torch.no_grad():
+        got = ours(packed, **kw).logits[0]
+        want = torch.cat([ours(s).logits[0] for s in seqs])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
