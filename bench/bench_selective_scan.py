@@ -366,7 +366,8 @@ def _hf_decode_case(rows, family: str, new_tokens: int, measure_kw):
     initialised transformers model as transformers runs it (its PyTorch conv and decode step) against the same
     weights through patch_model. family: "mamba" (MambaForCausalLM, 4 layers, hidden 768), "mamba2"
     (Mamba2ForCausalLM, 2 layers, hidden 1024, 32 heads of 64, dstate 128) or "lfm2" (Lfm2ForCausalLM, 4 layers of
-    which 3 short-conv, hidden 1024). The row's time is per token."""
+    which 3 short-conv, hidden 1024). The row's time is generate()'s wall time over new_tokens (the 8-token prefill
+    included); a warning is printed when the two models' tokens differ."""
     try:
         import transformers
 
@@ -402,6 +403,8 @@ def _hf_decode_case(rows, family: str, new_tokens: int, measure_kw):
         with torch.no_grad():
             return model.generate(ids, **kw)
 
+    if not torch.equal(generate(ours), generate(ref)):
+        print(f"  [hf {family} decode] warning: the patched model generated other tokens than transformers")
     op, case = f"hf_{family}_decode_cpu", f"{label}, generate {new_tokens} tokens fp32 (time per token)"
     for impl, model, peer in (("llmkernels-patched", ours, "transformers-torch"), ("transformers-torch", ref, None)):
         try:
