@@ -228,8 +228,7 @@ def _hf_bitnet_rows(tokens: int, device: str) -> list[dict]:
         except Exception as exc:  # noqa: BLE001
             print(f"  [{case}] {impl}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
             continue
-        rows.append({"op": f"hf_bitnet_{device}", "case": case, "impl": impl, "time_ms": ms, "metric": None,
-                     "value": None, "limit": None, "peer": peer})  # fmt: skip
+        rows.append(_row(case, impl, ms, peer=peer, op=f"hf_bitnet_{device}"))  # (op: extra keys win)
     return rows
 
 

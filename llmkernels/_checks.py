@@ -133,13 +133,18 @@ def check_no_overlap(fn: str, name: str, t: torch.Tensor) -> None:
                          f"a broadcast view), got shape {tuple(t.shape)} and strides {t.stride()}")  # fmt: skip
 
 
+def check_batch_ints(fn: str, name: str, t, x) -> None:
+    """t: (batch,) int32 or int64 on x's device, one per row of x (pool indices, cache lengths)."""
+    check_tensor(fn, name, t, ndim=1, dtypes=(torch.int32, torch.int64))
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:  # (else the op's own checks name x)
+        check_tensor(fn, name, t, device=x.device)
+        check_shape(fn, name, t, x.shape[:1])
+
+
 def pool_indices(fn: str, name: str, indices, x) -> torch.Tensor:
     """Pool indices as the ops take them: (batch,) int32 contiguous on x's device. int64 (as index tensors often are)
     is narrowed with values past int32 saturating rather than wrapping, so they stay out of range."""
-    check_tensor(fn, name, indices, ndim=1, dtypes=(torch.int32, torch.int64))
-    if isinstance(x, torch.Tensor) and x.dim() >= 2:  # (else the op's own checks name x)
-        check_tensor(fn, name, indices, device=x.device)
-        check_shape(fn, name, indices, x.shape[:1])
+    check_batch_ints(fn, name, indices, x)
     if indices.dtype == torch.int64:
         indices = indices.clamp(-1, 2**31 - 1)
     return indices.to(torch.int32).contiguous()

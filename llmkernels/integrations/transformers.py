@@ -400,38 +400,23 @@ MAMBA_MIXERS = {
 
 def _packed_seq_idx(x: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
     """(1, seqlen) int32 sequence numbers of a packed (padding-free) batch x (1, dim, seqlen) that transformers
-    describes with its flash-attention kwargs, `cu_seq_lens_q` or `position_ids` restarting at each sequence (the
-    collator's, as the attention above reads them), else None."""
-    if x.shape[0] != 1 or x.shape[-1] < 2:
+    describes with its flash-attention kwargs (read as the attention above reads them), else None."""
+    tokens = x.transpose(1, 2)  # (batch, seqlen, dim): the attention's layout
+    packed = _packed_offsets(tokens, tokens, kwargs)
+    if packed is None or int(packed[0][-1]) != x.shape[-1]:  # (a cache's inputs before the tokens: not this packing)
         return None
-    seqlen = x.shape[-1]
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        if int(cu[-1]) != seqlen:  # (a cache's inputs before the tokens: not this packing)
-            return None
-        tokens = torch.arange(seqlen, device=x.device)
-        return torch.searchsorted(cu[1:].long().contiguous(), tokens, right=True).to(torch.int32)[None]
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or position_ids.numel() != seqlen:
-        return None
-    pos = position_ids.reshape(-1)
-    starts = pos == pos.min()  # every sequence restarts at the first position
-    if int(starts.sum()) <= 1:
-        return None
-    return (starts.cumsum(0) - 1).to(torch.int32)[None]
+    offsets = packed[0][1:].long().contiguous()
+    return torch.searchsorted(offsets, torch.arange(x.shape[-1], device=x.device), right=True).to(torch.int32)[None]
 
 
 def _hf_short_conv_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
     """The LFM2 / gated-DeltaNet layers' convolution. Their packed batches arrive as the attention's kwargs rather
     than seq_idx (transformers' own convolution runs across the sequences' boundaries there): made into seq_idx,
     so each sequence is convolved alone, as its attention and delta rule see it."""
-    from ..ops.causal_conv1d import causal_conv1d_fn
-
     seq_idx = kwargs.get("seq_idx")
     if seq_idx is None:
         seq_idx = _packed_seq_idx(hidden_states, kwargs)
-    packed = {} if seq_idx is None else {"seq_idx": seq_idx}
-    return causal_conv1d_fn(hidden_states, weight, bias, activation=activation, **packed)
+    return _hf_conv1d_fn(hidden_states, weight, bias, activation=activation, seq_idx=seq_idx)
 
 
 # Liquid's LFM2 family: a gated short convolution (width conv_L_cache) through causal_conv1d_fn / _update, no scan.

@@ -198,7 +198,7 @@ def causal_conv1d_update(
     if conv_state_indices is not None:
         conv_state_indices = _checks.pool_indices(fn, "conv_state_indices", conv_state_indices, x)
     if cache_seqlens is not None:
-        _check_cache_seqlens(fn, cache_seqlens, x)
+        _checks.check_batch_ints(fn, "cache_seqlens", cache_seqlens, x)
     rows = None  # the state's rows: x's batch
     if conv_state_indices is not None:
         rows = conv_state.shape[0] if isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 else -1
@@ -288,12 +288,6 @@ def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=
         raise ValueError(f"llmkernels.{fn}: conv_state must have shape ({rows}, {x.shape[1]}, state_len) with "
                          f"state_len >= width - 1 = {weight.shape[1] - 1}, got {tuple(conv_state.shape)}")  # fmt: skip
 
-
-def _check_cache_seqlens(fn: str, cache_seqlens, x) -> None:
-    _checks.check_tensor(fn, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
-    if isinstance(x, torch.Tensor) and x.dim() >= 2:  # (else the op's own checks name x)
-        _checks.check_tensor(fn, "cache_seqlens", cache_seqlens, device=x.device)
-        _checks.check_shape(fn, "cache_seqlens", cache_seqlens, x.shape[:1])
 
 
 if _ext.loaded:

@@ -307,9 +307,8 @@ def quantize_(
     fast paths hand to a fused kernel; a Mamba-1 mixer's dt_proj, whose weight the mixer folds into the scan's
     delta): swapped, those would fail or bypass the ternary layer. Nor transformers' AutoBitLinear (an nn.Linear
     already ternary with its own scale, or BitNet's training layer): llmkernels.integrations.transformers.patch_model
-    converts the offline ones exactly. TernaryLinear is an inference layer: in training
-    mode transformers' Mamba-1 mixers also hand x_proj's and out_proj's weights to their fused kernel and fail
-    (BitLinear is the training layer).
+    converts the offline ones exactly. TernaryLinear is an inference layer: in training mode transformers' Mamba-1
+    mixers also hand x_proj's and out_proj's weights to their fused kernel and fail (BitLinear is the training layer).
     A BitLinear keeps the act_bits it was trained with (as its to_ternary() does); act_bits applies to plain
     nn.Linear. A Linear that several parents share stays one module (one TernaryLinear for all of them), unless
     filter_fn rejects one of its names.

@@ -349,7 +349,8 @@ std::vector<int64_t> circular_slots(const char* op, const std::optional<at::Tens
 
 // Channels d0 .. d0 + n of state row r, (n, state_len), between a state of any strides and dtype and fp32 buf: a
 // strided state (causal_conv1d's and vLLM's channel-last layout, a slice of a pool) is read and written where it
-// lies, only the rows a step touches.
+// lies, only the rows a step touches. (One dtype dispatch per item: move_column per channel cost 3.6x on a
+// 4096-channel pool.)
 template <bool kToBuf>
 void move_strided_state(const at::Tensor& st, int64_t r, int64_t d0, int64_t n, float* buf) {
   const int64_t L = st.size(2), sr = st.stride(0), sd = st.stride(1), sl = st.stride(2);
