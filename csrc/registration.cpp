@@ -175,4 +175,13 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def(
       "rmsnorm_gated_bwd(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? z, float eps, int group_size, "
       "bool norm_before_gate) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dz)");
+  // Residual add + LayerNorm / RMSNorm (mamba_ssm's layer_norm_fn): x, residual (rows, H), weight, bias (H,).
+  // residual_out (x + residual) is written in residual_out_dtype when given, else it is empty. The backward
+  // recomputes the sum from x and residual; dresidual / dbias are empty without residual / bias.
+  m.def(
+      "add_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool is_rms_norm, "
+      "ScalarType? residual_out_dtype) -> (Tensor y, Tensor residual_out)");
+  m.def(
+      "add_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor x, Tensor? residual, Tensor weight, Tensor? bias, "
+      "float eps, bool is_rms_norm) -> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)");
 }

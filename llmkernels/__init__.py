@@ -12,6 +12,7 @@
     mamba_chunk_scan_combined,                      Mamba-2's scan (SSD) and its mixer after in_proj
     mamba_split_conv1d_scan_combined                (mamba_ssm signatures)
     rmsnorm_fn                                      Mamba-2's gated RMSNorm (mamba_ssm's rmsnorm_fn)
+    layer_norm_fn, rms_norm_fn                      residual add + LayerNorm / RMSNorm (mamba_ssm's fused add-norm)
     nn.*                                            drop-in nn.Module layers
 
 Importing never initialises CUDA and never fails for want of the compiled extension: the reference
@@ -29,6 +30,7 @@ from .ops.attention_varlen import (
     flash_attn_varlen_qkvpacked_func,
 )
 from .ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from .ops.layer_norm import layer_norm_fn, rms_norm_fn
 from .ops.mamba_chunk_scan import mamba_chunk_scan_combined
 from .ops.mamba_inner import mamba_inner_fn
 from .ops.mamba_split_scan import mamba_split_conv1d_scan_combined
@@ -54,12 +56,14 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "layer_norm_fn",
     "mamba_chunk_scan_combined",
     "mamba_inner_fn",
     "mamba_split_conv1d_scan_combined",
     "nn",
     "quantize_",
     "requested_backend",
+    "rms_norm_fn",
     "rmsnorm_fn",
     "selective_scan_fn",
     "selective_state_update",

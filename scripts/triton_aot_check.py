@@ -249,6 +249,7 @@ def drive_launches(full: bool) -> list[Launch]:
             )  # fmt: skip
         _drive_mamba_ssd(r, full)
         _drive_rmsnorm_gated(r, full)
+        _drive_add_norm(r, full)
     return recorded
 
 
@@ -263,6 +264,20 @@ def _drive_rmsnorm_gated(r, full: bool) -> None:
         for group, bias, nbg in [(5120, None, False), (640, r(5120, dtype=dtype), True)]:
             fwd(x, w, bias, z, 1e-5, group, nbg)
             bwd(r(300, 5120, dtype=dtype), x, w, bias, z, 1e-5, group, nbg)
+
+
+def _drive_add_norm(r, full: bool) -> None:
+    """The residual add + LayerNorm / RMSNorm (triton/layer_norm.py) at Mamba 2.8B's width (2560) and 8192, bf16
+    activations beside an fp32 residual stream (MambaLMHeadModel's residual_in_fp32), LayerNorm with bias."""
+    from llmkernels.triton import layer_norm as ln
+
+    fwd, bwd = _body(ln.add_norm_fwd_triton), _body(ln.add_norm_bwd_triton)
+    for dtype in [torch.float32, torch.bfloat16, torch.float16] if full else [torch.bfloat16]:
+        for hidden in [2560, 8192]:
+            x, res, w = r(300, hidden, dtype=dtype), r(300, hidden), r(hidden)
+            for rms, bias in [(True, None), (False, r(hidden))]:
+                fwd(x, res, w, bias, 1e-5, rms, torch.float32)
+                bwd(r(300, hidden, dtype=dtype), r(300, hidden), x, res, w, bias, 1e-5, rms)
 
 
 def _drive_mamba_ssd(r, full: bool) -> None:

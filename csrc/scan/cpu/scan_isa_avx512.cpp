@@ -25,6 +25,7 @@ namespace llmkernels::scan_cpu::isa_avx512 {
 #include "scan/cpu/scan_rows.inc"
 #include "scan/cpu/conv_rows.inc"
 #include "scan/cpu/norm_rows.inc"
+#include "scan/cpu/add_norm_rows.inc"
 }  // namespace llmkernels::scan_cpu::isa_avx512
 
 #if defined(__clang__)
@@ -45,6 +46,8 @@ Kernels kernels_avx512() {
           isa_avx512::conv_tm_bwd,
           isa_avx512::norm_fwd_rows,
           isa_avx512::norm_bwd_rows,
+          isa_avx512::add_norm_fwd_rows,
+          isa_avx512::add_norm_bwd_rows,
           isa_avx512::softplus_backward_inplace,
           isa_avx512::delta_row,
           isa_avx512::bf16_to_f32,

@@ -12,6 +12,7 @@ namespace llmkernels::scan_cpu::isa_scalar {
 #include "scan/cpu/scan_rows.inc"
 #include "scan/cpu/conv_rows.inc"
 #include "scan/cpu/norm_rows.inc"
+#include "scan/cpu/add_norm_rows.inc"
 }  // namespace llmkernels::scan_cpu::isa_scalar
 
 namespace llmkernels::scan_cpu {
@@ -26,6 +27,8 @@ Kernels kernels_scalar() {
           isa_scalar::conv_tm_bwd,
           isa_scalar::norm_fwd_rows,
           isa_scalar::norm_bwd_rows,
+          isa_scalar::add_norm_fwd_rows,
+          isa_scalar::add_norm_bwd_rows,
           isa_scalar::softplus_backward_inplace,
           isa_scalar::delta_row,
           isa_scalar::bf16_to_f32,

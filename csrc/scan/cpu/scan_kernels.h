@@ -185,6 +185,44 @@ struct NormRowsGrad {
   float* db;  // (H,) accumulated, or nullptr
 };
 
+// Residual add + LayerNorm / RMSNorm (add_norm_cpu.cpp, add_norm_rows.inc): rows of H contiguous channels, rows
+// ld_* elements apart. Each row operand is bf16 (its bits) or fp32, said by its *_bf16 flag.
+struct AddNormRows {
+  int64_t rows;
+  int64_t H;
+  const void* x;
+  int64_t ld_x;
+  bool x_bf16;
+  const void* residual;  // or nullptr
+  int64_t ld_res;
+  bool res_bf16;
+  const float* weight;
+  const float* bias;  // or nullptr
+  float eps;
+  bool rms;         // RMSNorm, else LayerNorm
+  void* y;          // forward: x's element type
+  int64_t ld_y;
+  void* res_out;    // forward: x + residual, or nullptr
+  int64_t ld_res_out;
+  bool res_out_bf16;
+  float* scratch;  // 2 H floats
+};
+
+struct AddNormRowsGrad {
+  const void* dy;
+  int64_t ld_dy;
+  bool dy_bf16;
+  const void* dres_out;  // the gradient of res_out, or nullptr
+  int64_t ld_dres_out;
+  bool dres_out_bf16;
+  void* dx;  // written, x's element type
+  int64_t ld_dx;
+  void* dres;  // written, residual's element type, or nullptr
+  int64_t ld_dres;
+  float* dw;  // (H,) accumulated
+  float* db;  // (H,) accumulated, or nullptr
+};
+
 // Forward: state (npad,) holds the initial state and receives the last; out (L,) fp32.
 using FwdRowFn = void (*)(const ScanRow& r, float* state, float* out);
 // Backward of nrows rows of one length: init[j] (npad,) row j's initial state (zeros when absent); recomputes the
@@ -199,6 +237,8 @@ using ConvTmFwdFn = void (*)(const ConvTimeMajor& c);
 using ConvTmBwdFn = void (*)(const ConvTimeMajor& c, const ConvTimeMajorGrad& g);
 using NormFwdFn = void (*)(const NormRows& p);
 using NormBwdFn = void (*)(const NormRows& p, const NormRowsGrad& q);
+using AddNormFwdFn = void (*)(const AddNormRows& p);
+using AddNormBwdFn = void (*)(const AddNormRows& p, const AddNormRowsGrad& q);
 
 // Elementwise, vectorised: grad <- grad * sigmoid(pre).
 using SoftplusBwdFn = void (*)(float* grad, const float* pre, int64_t n);
@@ -219,6 +259,8 @@ struct Kernels {
   ConvTmBwdFn conv_tm_bwd;
   NormFwdFn norm_fwd_rows;
   NormBwdFn norm_bwd_rows;
+  AddNormFwdFn add_norm_fwd_rows;
+  AddNormBwdFn add_norm_bwd_rows;
   SoftplusBwdFn softplus_backward;
   DeltaRowFn delta_row;
   Bf16ToF32Fn bf16_to_f32;
