@@ -452,6 +452,8 @@ def run(quick: bool = False) -> list[dict]:
         for dtype in (torch.bfloat16,) if quick else (torch.float32, torch.bfloat16):
             _conv1d_time_major_case(rows, 1, 2304, 1024, dtype, limit, small)
             _rmsnorm_case(rows, 1024, 2048, dtype, limit, small)
+        for tokens, backward in ((1, False), (1024, False), (1024, True)):
+            _add_norm_case(rows, tokens, 2560, backward, limit, small)
             _mamba2_mixer_train_case(rows, 1024, dtype, small)
         _hf_mamba2_train_case(rows, 1024, torch.bfloat16, small, with_hf_norm=not quick)
         for family in ("mamba2",) if quick else ("mamba", "mamba2", "lfm2"):
@@ -520,6 +522,37 @@ def _rmsnorm_case(rows, tokens, hidden, dtype, limit, measure_kw):
     for impl, backend in (("llmkernels-cpu", "cpu"), ("torch-ops", "reference")):
         _try(rows, "rmsnorm_gated_fwd_bwd_cpu", case, impl, lambda backend=backend: step(backend), nbytes, limit,
              peer=None if impl == "torch-ops" else "torch-ops", **measure_kw)  # fmt: skip
+
+
+def _add_norm_case(rows, tokens, hidden, backward, limit, measure_kw):
+    """A Mamba block's fused add-norm (mamba_ssm's Block with fused_add_norm and residual_in_fp32): bf16 mixer output
+    plus the fp32 residual stream, RMSNorm, prenorm (the new residual returned), at Mamba 2.8B's width. Peers: the
+    reference (PyTorch ops) and torch's own F.rms_norm after the add."""
+    x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=backward)
+    res = torch.randn(1, tokens, hidden, requires_grad=backward)
+    w = torch.randn(hidden, requires_grad=backward)
+    what = "fwd+bwd" if backward else "fwd"
+    case = f"{what} {tokens} tokens x {hidden}, bf16 x + fp32 residual, prenorm"
+    # forward: x, residual in; y, new residual out. backward: dy, dresidual_out, x, residual in; dx, dresidual out
+    nbytes = 2 * x.nbytes + 2 * res.nbytes + (3 * x.nbytes + 3 * res.nbytes if backward else 0)
+
+    def ours(backend):
+        with llmkernels.use_backend(backend):
+            y, new_res = llmkernels.rms_norm_fn(x, w, None, residual=res, eps=1e-5, prenorm=True,
+                                                residual_in_fp32=True)  # fmt: skip
+        if backward:
+            torch.autograd.backward([y, new_res], [torch.ones_like(y), torch.ones_like(new_res)])
+
+    def torch_rms_norm():
+        new_res = x.float() + res
+        y = torch.nn.functional.rms_norm(new_res, (hidden,), w, 1e-5).to(x.dtype)
+        if backward:
+            torch.autograd.backward([y, new_res], [torch.ones_like(y), torch.ones_like(new_res)])
+
+    fns = {"llmkernels-cpu": lambda: ours("cpu"), "torch-ops": lambda: ours("reference"), "F.rms_norm": torch_rms_norm}
+    for impl, fn in fns.items():
+        _try(rows, "add_rmsnorm_cpu", case, impl, fn, nbytes, limit,
+             peer=None if impl == "F.rms_norm" else "F.rms_norm", **measure_kw)  # fmt: skip
 
 
 def _mamba2_mixer_train_case(rows, seqlen, dtype, measure_kw):

@@ -103,6 +103,21 @@ def register_fake(qualname: str):
     return wrap
 
 
+def refuse_double_backward(qualname: str) -> None:
+    """Autograd of a C++ backward op (llmkernels::*_bwd) that raises: a second derivative (create_graph=True, e.g. a
+    gradient penalty) through it is not implemented. Without this, torch's fallback warns and hands back zeros: a
+    silently wrong answer. The reference backend differentiates twice."""
+    name = qualname.split("::")[-1]
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"llmkernels: the C++ {name} op has no derivative of its own, so a second derivative (create_graph=True) "
+            f"through it is not supported; run the first backward under llmkernels.use_backend('reference')"
+        )
+
+    torch.library.register_autograd(qualname, backward)
+
+
 # --------------------------------------------------------------------------------------------------
 # Pools of decode states (selective_state_update's state_batch_indices, causal_conv1d_update's conv_state_indices)
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ PRELUDES = {
     "SlidingWindowAttention": "x = torch.randn(1, 6, 4096); chunks = [torch.randn(1, n, 4096) for n in (3, 1, 1)]",
     "BitLinear": "model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))",
     "MambaMixer": "h = torch.randn(2, 7, 768); h_step = torch.randn(2, 1, 768); x = torch.randn(2, 3, 1536); "
-    "z = torch.randn(2, 3, 1536)",
+    "z = torch.randn(2, 3, 1536); mixer_out = torch.randn(2, 7, 768).bfloat16(); norm_weight = torch.ones(768); "
+    "residual = torch.randn(2, 7, 768)",
 }
 
 

@@ -320,7 +320,8 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_
   at::Tensor total = at::empty({batch}, lens.options());
   const int32_t* len = lens.data_ptr<int32_t>();
   for (int64_t i = 0; i < batch; ++i) {
-    LLMK_CHECK_ARG(len[i] >= 0 && len[i] + s_new <= layout.capacity, op, "cache_seqlens",
+    LLMK_CHECK_ARG(len[i] >= 0, op, "cache_seqlens", "must be >= 0: row ", i, " holds ", len[i]);
+    LLMK_CHECK_ARG(len[i] + s_new <= layout.capacity, op, "cache_seqlens",
                    "must leave room for the new tokens: row ", i, " holds ", len[i], " + ", s_new,
                    " new > capacity ", layout.capacity);
     total.data_ptr<int32_t>()[i] = static_cast<int32_t>(len[i] + s_new);

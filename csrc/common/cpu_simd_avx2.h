@@ -36,7 +36,7 @@ struct SimdAvx2 {
   // As in cpu_simd_avx512.h: 2^round(x log2 e) built in the exponent bits times a degree-7 polynomial of the
   // remainder; x < -87 (including -inf) gives exactly 0.
   static reg exp(reg x) {
-    const reg t = _mm256_max_ps(_mm256_mul_ps(x, set1(1.4426950408889634f)), set1(-126.f));
+    const reg t = _mm256_max_ps(set1(-126.f), _mm256_mul_ps(x, set1(1.4426950408889634f)));  // NaN stays NaN
     const reg n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const reg f = _mm256_sub_ps(t, n);
     reg poly = set1(1.52527338040598e-05f);

@@ -53,7 +53,7 @@ struct SimdAvx512 {
   // exp(x) = 2^n * 2^f, n = round(x log2 e), |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (error < 1e-8
   // relative); x < -87 (including -inf, the masked scores) gives exactly 0.
   static reg exp(reg x) {
-    const reg t = _mm512_max_ps(_mm512_mul_ps(x, set1(1.4426950408889634f)), set1(-127.f));
+    const reg t = _mm512_max_ps(set1(-127.f), _mm512_mul_ps(x, set1(1.4426950408889634f)));  // NaN stays NaN
     const reg n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const reg f = _mm512_sub_ps(t, n);
     reg poly = set1(1.52527338040598e-05f);

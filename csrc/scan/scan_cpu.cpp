@@ -146,9 +146,10 @@ void check_scan(const char* op, const at::Tensor& u, const at::Tensor& delta, co
     LLMK_CHECK_ARG(t->device() == u.device(), op, name, "must be on the CPU like u, got ", t->device());
 }
 
-// Channels per row of delta (see check_scan): 1 for a (batch, dim, L) delta, dim 0 included.
+// Channels per row of delta (see check_scan): 1 for a (batch, dim, L) delta, and for dim 0 (a per-head delta of
+// heads of 0 channels: the backward divides by this).
 int64_t delta_rows_per_group(int64_t dim, const at::Tensor& delta) {
-  return delta.size(1) == dim ? 1 : dim / delta.size(1);
+  return delta.size(1) == dim || dim == 0 ? 1 : dim / delta.size(1);
 }
 
 // ScanRow r restricted to time steps [t0, t1).
@@ -579,7 +580,9 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   // delta per group of channels (Mamba-2's per head: see the forward): its gradient sums the group's rows, in fp32
   // (ddelta_groups), each group within one thread's part.
   const int64_t delta_div = delta_rows_per_group(u.size(1), delta);
-  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta), dz = z ? at::empty_like(*z) : at::Tensor();
+  // (a per-head delta with heads of 0 channels has no rows to write its gradient: zeros)
+  at::Tensor du = at::empty_like(u), dz = z ? at::empty_like(*z) : at::Tensor();
+  at::Tensor ddelta = delta.size(1) == u.size(1) ? at::empty_like(delta) : at::zeros_like(delta);
   const StridedRows du_out(du), ddelta_out(ddelta), dz_out = z ? StridedRows(dz) : StridedRows();
   at::Tensor ddelta_groups = delta_div == 1 ? at::Tensor() : at::zeros(delta.sizes(), fopt);
   at::Tensor dA_rows = at::zeros({batch, dim, npad}, fopt), dD_rows = at::zeros({batch, dim}, fopt);

@@ -109,6 +109,9 @@ class TernaryLinear(torch.nn.Module):
         # or they would be silently dropped (the kernels multiply them by zero-padded x).
         packed = state_dict.get(prefix + "w_packed")
         if isinstance(packed, torch.Tensor) and packed.shape == self.w_packed.shape and packed.dtype == torch.uint8:
+            if any(((packed >> shift) & 3).eq(3).any() for shift in (0, 2, 4, 6)):
+                error_msgs.append(f"{prefix}w_packed holds the 2-bit code 3, which is no ternary weight (codes 0, 1, "
+                                  "2 are -1, 0, 1): not a pack_ternary / quantize_weight output")  # fmt: skip
             k_pad = packed.shape[1] * 4
             if k_pad > self.in_features and unpack_ternary_ref(packed, k_pad)[:, self.in_features :].any():
                 error_msgs.append(
@@ -117,6 +120,24 @@ class TernaryLinear(torch.nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
+        extra_key = prefix + "_extra_state"
+        if extra_key not in state_dict and extra_key in missing_keys:  # a checkpoint from before the extra state
+            missing_keys.remove(extra_key)
+
+    # The checkpoint records in_features and act_bits (w_packed's padded shape cannot tell in_features within a
+    # block of 256, and act_bits changes the function), as a tensor so that safetensors files hold it too.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.in_features, 0 if self.act_bits is None else self.act_bits], dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        in_features, act_bits = (int(v) for v in torch.as_tensor(state).tolist())
+        act_bits = None if act_bits == 0 else act_bits
+        if in_features != self.in_features:
+            raise ValueError(f"llmkernels.nn.TernaryLinear: the checkpoint's layer has in_features={in_features}, "
+                             f"this one {self.in_features}")  # fmt: skip
+        if act_bits != self.act_bits:
+            raise ValueError(f"llmkernels.nn.TernaryLinear: the checkpoint's layer has act_bits={act_bits}, this one "
+                             f"{self.act_bits} (set act_bits when building the layer)")  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         # module.to(bf16) / .half() would round gamma (the kernels take it fp32 and refuse anything else): keep

@@ -20,7 +20,7 @@ import importlib.util
 
 import torch
 
-from .. import _ext
+from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import check_same_dtype, check_shape, check_tensor, fp32_positive, register_fake, softcap_ok
 from ..reference.attention import (
@@ -769,3 +769,4 @@ if _ext.loaded:
         return q.new_empty(q.shape)
 
     register_attention_autograd("llmkernels::flash_attn_fwd", torch.ops.llmkernels.flash_attn_bwd, 3)
+    _checks.refuse_double_backward("llmkernels::flash_attn_bwd")

@@ -20,9 +20,11 @@ max_seqlen_k only size the launch; results are correct even when they are too sm
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
-from .. import _ext
+from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import check_same_dtype, check_shape, check_tensor, register_fake
 from ..reference.attention import flash_attn_varlen_fwd_ref, normalize_window
@@ -107,8 +109,19 @@ def _check_varlen_args(
             f"got {tuple(cu_seqlens_k.shape)}"
         )
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if n < 0:
             raise ValueError(f"llmkernels.{fn}: {name} must be an int >= 0, got {n!r}")
+
+
+def _length(fn: str, name: str, n) -> int:
+    """max_seqlen as an int: a Python or NumPy int, or a 0-d integer tensor (what transformers passes:
+    cu_seqlens.diff().max()), as flash_attn's int arguments take them."""
+    if not isinstance(n, bool):
+        try:
+            return operator.index(n)
+        except TypeError:
+            pass
+    raise ValueError(f"llmkernels.{fn}: {name} must be an int >= 0, got {n!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,6 +165,7 @@ def flash_attn_varlen_func(
     flash_attn_with_kvcache(block_table=...).
     """
     fn = "flash_attn_varlen_func"
+    max_seqlen_q, max_seqlen_k = _length(fn, "max_seqlen_q", max_seqlen_q), _length(fn, "max_seqlen_k", max_seqlen_k)
     if block_table is not None:
         check_tensor(fn, "q", q, ndim=3, dtypes=_DTYPES, last_dim_contiguous=True)
         k, v = _gather_pages(fn, q, k, v, cu_seqlens_k, block_table, max_seqlen_k)
@@ -328,3 +342,4 @@ if _ext.loaded:
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     register_attention_autograd("llmkernels::flash_attn_varlen_fwd", torch.ops.llmkernels.flash_attn_varlen_bwd, 5)
+    _checks.refuse_double_backward("llmkernels::flash_attn_varlen_bwd")

@@ -326,3 +326,4 @@ if _ext.loaded:
                 dinit if initial_states is not None else None)  # fmt: skip
 
     torch.library.register_autograd("llmkernels::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)
+    _checks.refuse_double_backward("llmkernels::causal_conv1d_bwd")

@@ -176,3 +176,4 @@ if _ext.loaded:
 
     torch.library.register_autograd("llmkernels::add_norm_fwd", backward_through(torch.ops.llmkernels.add_norm_bwd),
                                     setup_context=setup_context)  # fmt: skip
+    _checks.refuse_double_backward("llmkernels::add_norm_bwd")

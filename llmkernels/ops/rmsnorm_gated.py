@@ -130,3 +130,4 @@ if _ext.loaded:
     torch.library.register_autograd("llmkernels::rmsnorm_gated_fwd",
                                     backward_through(torch.ops.llmkernels.rmsnorm_gated_bwd),
                                     setup_context=setup_context)  # fmt: skip
+    _checks.refuse_double_backward("llmkernels::rmsnorm_gated_bwd")

@@ -532,3 +532,4 @@ if _ext.loaded:
         )
 
     torch.library.register_autograd("llmkernels::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context)
+    _checks.refuse_double_backward("llmkernels::selective_scan_bwd")

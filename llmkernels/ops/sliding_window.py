@@ -211,8 +211,8 @@ def _check_args(q, k, v, cache, softmax_scale, softcap) -> None:
     check_same_dtype(_FN, "cache.k", cache.k, "q", q)
     if softmax_scale is not None and not fp32_positive(softmax_scale):
         raise ValueError(
-            f"llmkernels.{_FN}: softmax_scale must be positive and finite (a number fp32 holds: 1.2e-38 to 3.4e38), "
-            f"got {softmax_scale}"
+            f"llmkernels.{_FN}: softmax_scale must be a positive, finite Python or NumPy number (one fp32 holds: "
+            f"1.2e-38 to 3.4e38), got {softmax_scale!r}"
         )
     if not softcap_ok(softcap):
         raise ValueError(

@@ -117,7 +117,8 @@ def flash_attn_fwd_ref(
         q, k, v = q.float(), k.float(), v.float()
     scores = attention_scores(q, k, softmax_scale, window_left, window_right, softcap, alibi_slopes)
     lse = torch.logsumexp(scores.float(), dim=-1)  # -inf for rows that see nothing
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: all-NaN -> 0
+    # rows with no visible key (every score -inf) are all-NaN after the softmax: 0. A NaN from the inputs stays NaN.
+    probs = torch.softmax(scores, dim=-1).masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
     if dropout_p > 0:
         batch, seqlen_q, nheads, _ = q.shape
         keep = dropout_scale(dropout_seed, dropout_p, batch, nheads, seqlen_q, k.shape[1], q.device, first_b)
@@ -221,6 +222,10 @@ def flash_attn_with_kvcache_ref(
         )  # fmt: skip
         outs.append(out)
         lses.append(lse)
+    if batch == 0:  # (torch.cat refuses an empty list)
+        out = q.new_empty(q.shape)
+        lse = torch.empty((0, q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_softmax_lse else out
     out = torch.cat(outs, dim=0)
     return (out, torch.cat(lses, dim=0)) if return_softmax_lse else out
 

@@ -46,7 +46,7 @@ def causal_conv1d_ref(
     cd = compute_dtype(x)
     dim, width = weight.shape
     seqlen = x.shape[-1]
-    if seqlen == 0:  # (F.conv1d refuses empty inputs; x * 0 keeps the result in x's graph)
+    if seqlen == 0 or dim == 0:  # (F.conv1d refuses empty inputs; x * 0 keeps the result in x's graph)
         return x * 0
     if seq_idx is not None:  # one shifted, masked product per tap: the taps that cross a sequence start read 0
         seq_idx = sequence_runs(seq_idx)

@@ -298,7 +298,7 @@ def _launch(mode: tl.constexpr, x, w_packed, in_features, out, s=None, w_scale=N
     stages = {} if cfg.stages is None else {"num_stages": cfg.stages}
     launch(_ternary_matmul_kernel, grid,
         x, w_packed, out, s if s is not None else dummy, w_scale if w_scale is not None else dummy,
-        bias if bias is not None else dummy,
+        bias.contiguous() if bias is not None else dummy,  # (the kernel reads bias[n] at unit stride)
         m, n, in_features, x.stride(0), w_packed.stride(0), out.stride(0),
         MODE=mode.value, HAS_BIAS=bias is not None, IEEE_FP32=x.dtype == torch.float32,
         UPCAST=INTERPRET and x.dtype == torch.bfloat16,

@@ -344,6 +344,8 @@ def test_opcheck_cpu():
     seed = new_dropout_seed()
     torch.library.opcheck(torch.ops.llmkernels.flash_attn_fwd.default, (q, k, v, 0.25, -1, 0, 0.0, None, 0.3, seed))
     out, lse = torch.ops.llmkernels.flash_attn_fwd(q, k, v, 0.25, -1, 0, 0.0, None, 0.3, seed)
+    # (the backward op has no derivative: its inputs must not ask for one, or opcheck's autograd test raises)
+    q, k, v = q.detach(), k.detach(), v.detach()
     args = (torch.randn_like(out), q, k, v, out.detach(), lse.detach(), 0.25, -1, 0, 0.0, None, None, 0.3, seed)
     torch.library.opcheck(torch.ops.llmkernels.flash_attn_bwd.default, args)
 
@@ -377,6 +379,8 @@ def test_triton_fp16_near_p_one_stays_finite():
 @needs_interpreter
 def test_triton_opcheck_with_dropout():
     """The Triton ops trace with fake tensors (the seed's values are read by the kernels, never on the host)."""
+    import llmkernels.triton.flash_attn  # noqa: F401  (registers the Triton ops when this test runs alone)
+
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 17, 17, 2, 1, 16, torch.float32, "cpu"))
     seed = new_dropout_seed()
     torch.library.opcheck(torch.ops.llmkernels.flash_attn_fwd_triton.default,

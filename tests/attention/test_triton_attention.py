@@ -128,6 +128,22 @@ def test_fp16_within_ratio_of_fp16_reference(case):
 
 @interp
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
+@pytest.mark.parametrize("softcap", [1e5, 1e29])
+def test_large_softcap_keeps_the_scores(softcap):
+    """A cap far above the scores: tanh(s / cap) cap must stay s. tanh as (1 - t) / (1 + t), t = 2^(-2|x| log2 e),
+    cancels as x -> 0 (every score 0 at 1e29, in the interpreter too); the kernels take the series there."""
+    _check_against_reference((17, 33, 2, 1, 16, -1, 0, softcap), torch.float32, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("softcap", [1e3, 1e5, 1e7])
+def test_gpu_large_softcap_keeps_the_scores(softcap):
+    """On the GPU (exp2 is an approximation there): the cancellation cost ~cap * 6e-8 of each score before."""
+    _check_against_reference((129, 200, 4, 2, 64, -1, 0, softcap), torch.float32, "cuda")
+
+
+@interp
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
 def test_strided_inputs():
     _check_against_reference((17, 17, 2, 2, 16, -1, 0, 0.0), torch.float32, "cpu", layout="packed")
 

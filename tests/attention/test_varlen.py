@@ -182,6 +182,22 @@ def test_bad_arguments_name_the_argument(change, exc, match):
         llmkernels.flash_attn_varlen_func(**args)
 
 
+@pytest.mark.parametrize("kind", ["0-d tensor", "numpy"])
+def test_max_seqlen_takes_integral_scalars(kind):
+    """transformers passes max_seqlen as cu_seqlens.diff().max(), a 0-d int tensor (flash_attn's int arguments take
+    it); NumPy ints too. Same result as Python ints; a 0-d float tensor and bools are still refused."""
+    import numpy as np
+
+    args = _good()
+    expected = llmkernels.flash_attn_varlen_func(**args)
+    convert = (lambda n: torch.tensor(n, dtype=torch.int32)) if kind == "0-d tensor" else np.int64
+    args.update(max_seqlen_q=convert(5), max_seqlen_k=convert(6))
+    torch.testing.assert_close(llmkernels.flash_attn_varlen_func(**args), expected, rtol=0, atol=0)
+    for bad in (torch.tensor(5.0), True):
+        with pytest.raises(ValueError, match="max_seqlen_q must be an int"):
+            llmkernels.flash_attn_varlen_func(**{**args, "max_seqlen_q": bad})
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize(
     "cu,match",

@@ -277,3 +277,20 @@ def test_cpu_ops_take_delta_per_head(dtype):
     torch.library.opcheck(torch.ops.llmkernels.selective_scan_bwd.default, (dout, None, *args))
     with pytest.raises((ValueError, RuntimeError), match="delta"):
         torch.ops.llmkernels.selective_scan_fwd(u, torch.rand(batch, 5, seqlen), A, B, C, None, None, None, True, None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_heads_of_zero_channels_backward(backend):
+    """headdim 0 (a degenerate shape): the CPU backward divided by the channels per head (0) and killed the process
+    with SIGFPE; now every gradient is empty or zero, as the reference's."""
+    if backend == "cpu" and not llmkernels._ext.has_kernel("selective_scan_bwd", "CPU"):
+        pytest.skip("no C++ CPU kernel for llmkernels::selective_scan_bwd")
+    x = torch.randn(1, 4, 2, 0, requires_grad=True)
+    dt, A = torch.randn(1, 4, 2, requires_grad=True), (-torch.rand(2)).requires_grad_()
+    B, C = torch.randn(1, 4, 1, 3, requires_grad=True), torch.randn(1, 4, 1, 3, requires_grad=True)
+    with llmkernels.use_backend(backend):
+        y = llmkernels.mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=4)
+        grads = torch.autograd.grad(y.sum(), [x, dt, A, B, C], allow_unused=True)
+    assert y.shape == x.shape
+    for g in grads:
+        assert g is None or (torch.isfinite(g).all() and not g.any())

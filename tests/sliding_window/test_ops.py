@@ -47,6 +47,18 @@ def test_opcheck_triton_op():
     torch.testing.assert_close(rolling_window_attn_triton(*args), rolling_window_attn_ref(*args), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.triton_interp
+@pytest.mark.parametrize("softcap", [1e5, 1e29])
+def test_triton_large_softcap_keeps_the_scores(softcap):
+    """A cap far above the scores: tanh(s / cap) cap must stay s (2 sigmoid(2x) - 1 cancels as x -> 0: every score
+    was 0 at 1e29, in the interpreter too)."""
+    pytest.importorskip("triton")
+    from llmkernels.triton.sliding_window import rolling_window_attn_triton
+
+    args = (*op_inputs(chunk=5), 0.25, softcap)
+    torch.testing.assert_close(rolling_window_attn_triton(*args), rolling_window_attn_ref(*args), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.cuda
 def test_opcheck_triton_op_gpu():
     from llmkernels.triton import sliding_window  # noqa: F401  (registers the op)
@@ -119,8 +131,9 @@ def call(q=None, k=None, v=None, cache=None, **kw):
         (dict(softcap=-1.0), "softcap must be finite and >= 0"),
         (dict(softcap=float("inf")), "softcap must be finite and >= 0"),
         (dict(softcap=1e-40), "a number fp32 holds"),  # (0 on the CPU kernels, which flush subnormals: no cap)
-        (dict(softmax_scale=float("inf")), "softmax_scale must be positive and finite"),
-        (dict(softmax_scale=0.0), "softmax_scale must be positive"),
+        (dict(softmax_scale=float("inf")), "softmax_scale must be a positive, finite"),
+        (dict(softmax_scale=0.0), "softmax_scale must be a positive"),
+        (dict(softmax_scale=torch.tensor(0.5)), "Python or NumPy number .*, got tensor"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):

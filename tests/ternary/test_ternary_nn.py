@@ -121,18 +121,29 @@ def test_state_dict_round_trip_and_size():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
-def test_state_dict_of_a_wider_layer_is_refused():
-    """in_features is not saved and rows are padded to 256 weights, so an 11-input checkpoint has a 10-input
-    layer's w_packed shape: its 11th column would be silently dropped. Refused when that column holds weights;
-    the same layer width loads, and so does a narrower checkpoint's (its padding is zero weights)."""
+def test_state_dict_of_another_width_is_refused():
+    """Rows are padded to 256 weights, so an 11-input checkpoint has a 10- or 12-input layer's w_packed shape: the
+    checkpoint records in_features and act_bits (as nn.Linear's weight shape would refuse the load). A checkpoint
+    from before that record: refused when a column past in_features holds weights (it would be dropped); a
+    narrower one's padding is zero weights, so it loads."""
     torch.manual_seed(0)
     src = TernaryLinear.from_linear(torch.nn.Linear(11, 4, bias=False))
     assert llmkernels.reference.ternary.unpack_ternary_ref(src.w_packed, 11)[:, 10].any()
-    with pytest.raises(RuntimeError, match="nonzero weights past in_features=10"):
-        TernaryLinear(10, 4).load_state_dict(src.state_dict())
+    for width in (10, 12):
+        with pytest.raises(ValueError, match=f"checkpoint's layer has in_features=11, this one {width}"):
+            TernaryLinear(width, 4).load_state_dict(src.state_dict())
+    with pytest.raises(ValueError, match="checkpoint's layer has act_bits=8, this one None"):
+        TernaryLinear(11, 4, act_bits=None).load_state_dict(src.state_dict())
     TernaryLinear(11, 4).load_state_dict(src.state_dict())
+
+    old_format = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="nonzero weights past in_features=10"):
+        TernaryLinear(10, 4).load_state_dict(old_format)
+    TernaryLinear(11, 4).load_state_dict(old_format)
+    with pytest.raises(RuntimeError, match='Missing key.*"w_scale"'):
+        TernaryLinear(11, 4).load_state_dict({"w_packed": old_format["w_packed"]})
     wider = TernaryLinear(12, 4)
-    wider.load_state_dict(src.state_dict())
+    wider.load_state_dict(old_format)
     x = torch.randn(2, 12)
     x[:, 11] = 0.0
     torch.testing.assert_close(wider(x), src(x[:, :11]), rtol=0, atol=0)

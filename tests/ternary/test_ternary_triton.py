@@ -33,6 +33,20 @@ def test_triton_matches_reference_model_shapes_gpu(m, _, n, k):
     check_backend_matches_reference("triton", "cuda", m, n, k, torch.bfloat16)
 
 
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_triton_strided_bias(act_bits):
+    """A bias that is a strided slice (of a fused QKV bias) or an expanded scalar: the kernel reads bias[n] at unit
+    stride, so the host makes it contiguous (it read garbage past element 0 before)."""
+    w_packed, w_scale, _ = random_layer(6, 20, DEVICE)
+    x = torch.randn(3, 20, device=DEVICE)
+    for bias in (torch.randn(12, device=DEVICE)[::2], torch.tensor([1.5], device=DEVICE).expand(6)):
+        with llmkernels.use_backend("reference"):
+            expected = llmkernels.ternary_linear(x, w_packed, w_scale, bias, act_bits=act_bits)
+        with llmkernels.use_backend("triton"):
+            got = llmkernels.ternary_linear(x, w_packed, w_scale, bias, act_bits=act_bits)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck_triton_ops():
     k, n = 130, 9
     w_packed, w_scale, bias = random_layer(n, k, DEVICE, bias_dtype=torch.float32)

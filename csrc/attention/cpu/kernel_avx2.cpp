@@ -28,7 +28,7 @@ struct Vec : SimdAvx2 {
   // polynomial of the remainder (relative error < 2e-7, exactly 1 at 0). x = -inf (masked scores) clamps to
   // -127, whose biased exponent 0 makes the power exactly +0.
   static reg exp2(reg x) {
-    const reg t = _mm256_max_ps(x, set1(-127.f));
+    const reg t = _mm256_max_ps(set1(-127.f), x);  // (a NaN x is the second operand: it stays NaN)
     const reg n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const reg f = _mm256_sub_ps(t, n);
     reg poly = set1(1.326472614891827e-03f);

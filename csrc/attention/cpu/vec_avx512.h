@@ -10,7 +10,7 @@ struct Vec : SimdAvx512 {
   // the remainder (relative error < 2e-7, exactly 1 at 0). Cheaper than exp() (no log2(e) multiply, no mask):
   // x = -inf (masked scores) clamps to -200, whose 2^-200 underflows to exactly 0.
   static reg exp2(reg x) {
-    const reg t = _mm512_max_ps(x, set1(-200.f));
+    const reg t = _mm512_max_ps(set1(-200.f), x);  // (a NaN x is the second operand: it stays NaN)
     const reg n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const reg f = _mm512_sub_ps(t, n);
     reg poly = set1(1.326472614891827e-03f);

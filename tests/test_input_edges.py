@@ -1,0 +1,76 @@
+"""Edge inputs found by fresh-eyes testing (session 19), each across the backends that take them: NaN inputs stay
+NaN in attention (the reference and the CPU kernels turned them into 0 or dropped the key), empty batches and
+channels in the references, a negative cache length named as such, a checkpoint's impossible 2-bit code."""
+
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import _ext
+from llmkernels.nn import TernaryLinear
+
+CPU_ATTENTION = _ext.has_kernel("flash_attn_fwd", "CPU")
+BACKENDS = ["reference"] + (["cpu"] if CPU_ATTENTION else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_nan_query_gives_nan_rows_only_there(backend, dtype):
+    """A NaN in one query: that row's output and lse are NaN (as SDPA's and the Triton kernels'), the others are
+    untouched; a NaN in a key poisons exactly the rows that see that key."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 16).to(dtype) for _ in range(3))
+    with llmkernels.use_backend("reference"):
+        clean = llmkernels.flash_attn_func(q, k, v, causal=True)
+    q[0, 7, 1, 3] = float("nan")
+    k2 = k.clone()
+    k2[0, 30, 0, 5] = float("nan")
+    with llmkernels.use_backend(backend):
+        out, lse, _ = llmkernels.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        out2 = llmkernels.flash_attn_func(clean.new_tensor(q.nan_to_num()), k2, v, causal=True)
+    assert out[0, 7, 1].isnan().all() and lse[0, 1, 7].isnan()
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[0, 7, 1] = False
+    torch.testing.assert_close(out[keep].float(), clean[keep].float(), rtol=2e-2, atol=2e-2)
+    assert out2[0, 30:, 0].isnan().all() and not out2[0, :30].isnan().any() and not out2[0, :, 1].isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rolling_cache_nan_query_stays_nan(backend):
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    q[0, 1, 0, 0] = float("nan")
+    with llmkernels.use_backend(backend):
+        out = llmkernels.sliding_window_attn_with_cache(q, k, v, llmkernels.RollingKVCache(1, 4, 1, 8))
+    assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_batch_of_zero_rows(backend):
+    q, kc, vc = torch.randn(0, 1, 2, 8), torch.randn(0, 6, 2, 8), torch.randn(0, 6, 2, 8)
+    with llmkernels.use_backend(backend):
+        out, lse = llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, return_softmax_lse=True)
+    assert out.shape == (0, 1, 2, 8) and lse.shape == (0, 2, 1)
+
+
+@pytest.mark.skipif(not CPU_ATTENTION, reason="no C++ CPU attention kernels")
+def test_negative_cache_seqlens_is_named_as_negative():
+    q, kc, vc = torch.randn(1, 1, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)
+    with llmkernels.use_backend("cpu"), pytest.raises(RuntimeError, match="cache_seqlens must be >= 0: row 0 holds -1"):
+        llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([-1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if _ext.has_kernel("causal_conv1d_fwd", "CPU") else []))
+def test_conv1d_of_zero_channels(backend):
+    x, w = torch.randn(2, 0, 5, requires_grad=True), torch.randn(0, 4)
+    with llmkernels.use_backend(backend):
+        out = llmkernels.causal_conv1d_fn(x, w, activation="silu")
+    assert out.shape == (2, 0, 5)
+
+
+def test_checkpoint_with_code_3_is_refused():
+    """Code 3 is no ternary weight (every kernel would read it as +2): refused on load, wherever it sits."""
+    layer = TernaryLinear(20, 6)
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    sd["w_packed"][2, 0] |= 0x03
+    with pytest.raises(RuntimeError, match="w_packed holds the 2-bit code 3"):
+        TernaryLinear(20, 6).load_state_dict(sd)
