@@ -72,6 +72,9 @@ def llmkernels_attention_forward(
 def _attention_forward(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                        is_causal, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
     """llmkernels_attention_forward for query, key and value of one head dim."""
+    if kwargs.get("s_aux") is not None:  # (GPT-OSS's attention sinks: a per-head logit in every softmax's sum)
+        raise NotImplementedError("llmkernels attention does not take attention sinks (s_aux): use "
+                                  "attn_implementation 'eager' for this model")  # fmt: skip
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, 0 if causal else sliding_window - 1) if sliding_window else (-1, -1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, heads, d)
@@ -237,9 +240,19 @@ def _left_padded_decode(q, k, v, key_mask, args) -> Optional[torch.Tensor]:
 
 def _padded_attention(q, k, v, key_mask, args) -> torch.Tensor:
     """One packed (varlen) call over the valid tokens only. Padding must be one contiguous block (left or right),
-    as tokenizers make it, so each row's valid queries and keys stay aligned at the bottom-right corner."""
+    as tokenizers make it, so each row's valid queries and keys stay aligned at the bottom-right corner.
+
+    The mask is the keys'. Causal (a decoder's self-attention) or as many queries as keys (an encoder's): the
+    queries are the last keys, so their mask is the keys' last columns (padded queries come out 0). Otherwise,
+    non-causal with other lengths, the queries are another sequence's (cross-attention: the mask is the
+    encoder's), and every query is valid. Cross-attention whose two lengths happen to be equal reads as an
+    encoder's self-attention (as transformers' FlashAttention path does): its decoder rows at the encoder's padded
+    positions come out 0."""
     batch, seqlen_q = q.shape[:2]
-    query_mask = key_mask[:, -seqlen_q:]
+    if args["causal"] or seqlen_q == k.shape[1]:
+        query_mask = key_mask[:, -seqlen_q:]
+    else:
+        query_mask = torch.ones((batch, seqlen_q), dtype=torch.bool, device=q.device)
     rows_q, rows_k = query_mask.reshape(-1).nonzero().squeeze(1), key_mask.reshape(-1).nonzero().squeeze(1)
     lens_q, lens_k = query_mask.sum(1), key_mask.sum(1)
     zero = lens_q.new_zeros(1)
@@ -509,13 +522,21 @@ def patch_model(model: torch.nn.Module, attention: bool = False) -> dict[str, in
     weights, for training) is left as is, as is a Mamba-1 mixer's dt_proj (the mixer reads its weight). Layers
     handled by accelerate's hooks (device_map) lose them: the model must sit on one device. The replacement
     quantises activations in fp32 and sums exactly in int32, where BitLinear does both in the model's dtype: in bf16
-    their outputs differ by that rounding."""
+    their outputs differ by that rounding. In fp32 too, one activation can land one step apart: x * 127 / s (the
+    BitNet formula, ours) and transformers' x * (127 / s) round an exact .5 tie differently, and one BitLinear's
+    outputs, integer multiples of one scale, make such ties downstream."""
     counts = _patch_known_mixers(model, {**MAMBA_MIXERS, **CONV_MIXERS})
     counts.update(_replace_bitnet_linears(model))
     if attention:
         if not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"llmkernels.patch_model: attention=True needs a transformers PreTrainedModel, got "
                             f"{type(model).__name__}")  # fmt: skip
+        if getattr(model, "_supports_flash_attn", True) is False:
+            # its masks are more than padding (Llama4's chunks, image-token blocks, ...), which the 2-D padding mask
+            # this attention takes would lose: transformers refuses flash_attention_2 for these models too
+            raise ValueError(f"llmkernels.patch_model: {type(model).__name__} does not support FlashAttention-style "
+                             "attention (its masks are more than padding): attention=True would change its "
+                             "outputs")  # fmt: skip
         register()
         model.set_attn_implementation(NAME)
         counts["attn_implementation"] = 1

@@ -287,3 +287,39 @@ def test_attention_dropout_in_training(padded):
         valid = mask.bool()
         torch.testing.assert_close(ours(ids, attention_mask=mask).logits[valid],
                                    eager(ids, attention_mask=mask).logits[valid], rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+class _CrossAttention(torch.nn.Module):
+    is_causal = False
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_cross_attention_with_a_padded_encoder_keeps_every_decoder_query(q_len):
+    """Cross-attention (non-causal, the mask the encoder's): every decoder query is valid. The query mask was sliced
+    from the encoder's, which zeroed decoder rows of a padded encoder batch (a BART generate() with padding)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 4, 12, 16), torch.randn(2, 4, 12, 16)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 8:] = 0  # right padding, as an encoder batch has it
+    out, _ = lk_hf.llmkernels_attention_forward(_CrossAttention(), q, k, v, mask, is_causal=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool()[:, None, None])
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.hf
+def test_attention_sinks_are_refused():
+    _, ours = _tiny("llama")
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        lk_hf.llmkernels_attention_forward(ours.model.layers[0].self_attn, q, k, k, None, s_aux=torch.zeros(4))
+
+
+@pytest.mark.hf
+def test_patch_model_refuses_models_without_flash_attention_support(monkeypatch):
+    """Models whose masks are more than padding (transformers refuses flash_attention_2 for them): attention=True
+    would silently lose those masks (Llama4's chunked attention changed its logits by ~0.5)."""
+    eager, _ = _tiny("llama")
+    monkeypatch.setattr(type(eager), "_supports_flash_attn", False)
+    with pytest.raises(ValueError, match="does not support FlashAttention-style attention"):
+        lk_hf.patch_model(eager, attention=True)

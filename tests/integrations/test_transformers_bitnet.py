@@ -72,8 +72,9 @@ def test_patched_bitnet_matches_transformers(linear_class, use_rms_norm, bias):
     ids = torch.randint(0, VOCAB, (2, 11))
     want, got = _logits(ref, ids), _logits(ours, ids)
     # fp32 throughout: the integer products are exact on both sides; what differs is the activation rounding,
-    # x * (127 / s) there against (x * 127) / s here, which moves an x_q by one at a rare tie (logits here ~0.5;
-    # measured differences ~2e-7).
+    # x * (127 / s) there against (x * 127) / s here, which moves an x_q by one at an exact .5 tie (logits here
+    # ~0.5; measured differences ~2e-7 with these random weights; a BitLinear's outputs, multiples of one scale, can
+    # make ties downstream: one weight_scale of 20 gave 6e-3, see patch_model's docstring).
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
