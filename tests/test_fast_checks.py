@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from llmkernels.ops import attention, causal_conv1d, selective_scan, sliding_window, ternary
+from llmkernels.ops import attention, causal_conv1d, layer_norm, selective_scan, sliding_window, ternary
 from llmkernels.reference.ternary import padded_in_features
 
 
@@ -265,3 +265,13 @@ def test_public_call_still_names_the_argument(bad):
     B = {"dtype": args["B"].double(), "device": args["B"].to("meta"), "shape": torch.randn(3, 4)}[bad]
     with pytest.raises((TypeError, ValueError), match=r"selective_state_update: B must"):
         selective_scan.selective_state_update(**{**args, "B": B})
+
+
+def test_layer_norm_fn():
+    x, residual = torch.randn(2, 3, 8).bfloat16(), torch.randn(2, 3, 8)
+    args = dict(x=x, weight=torch.randn(8), bias=torch.randn(8), residual=residual)
+    eps_values = (1e-5, 0, -1.0, math.nan, math.inf, True, "0.5")
+    cases = _cases(args, optional=("bias", "residual"), scalars={"eps": eps_values})
+    cases = [(label, {"eps": 1e-6, **case}) for label, case in cases]
+    check = lambda **a: layer_norm._check("layer_norm_fn", **a)
+    assert _agree(layer_norm._args_ok, check, cases) > 10

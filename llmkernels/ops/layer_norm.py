@@ -84,12 +84,39 @@ def _check(fn, x, weight, bias, residual, eps) -> None:
         raise ValueError(f"llmkernels.{fn}: eps must be a finite number >= 0, got {eps!r}")
 
 
+def _args_ok(x, weight, bias, residual, eps) -> bool:
+    """Whether _check would pass, tested the cheap way (no messages): _check runs only when this says no. A decode
+    step runs two norms a layer, where the descriptive checks cost about as much as the kernel."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    dev, shape = x.device, x.shape
+    return (
+        len(shape) > 0
+        and x.dtype in DTYPES
+        and weight.dtype in DTYPES
+        and weight.device == dev
+        and weight.shape == shape[-1:]
+        and (bias is None or (_checks.fits(bias, DTYPES, dev) and bias.shape == shape[-1:]))
+        and (residual is None or (_checks.fits(residual, DTYPES, dev) and residual.shape == shape))
+        and (type(eps) is float or (isinstance(eps, numbers.Real) and not isinstance(eps, bool)))
+        and math.isfinite(eps)
+        and eps >= 0
+    )
+
+
 def _add_norm(fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
               residual_in_fp32, is_rms_norm, return_dropout_mask):  # fmt: skip
-    _refuse(fn, x1, weight1, bias1, dropout_p, rowscale, return_dropout_mask)
-    _check(fn, x, weight, bias, residual, eps)
+    if x1 is not None or weight1 is not None or bias1 is not None or rowscale is not None or dropout_p != 0 or (
+        return_dropout_mask
+    ):
+        _refuse(fn, x1, weight1, bias1, dropout_p, rowscale, return_dropout_mask)
+    if not _args_ok(x, weight, bias, residual, eps):
+        _check(fn, x, weight, bias, residual, eps)
     hidden = x.shape[-1]
-    res_dtype = residual_dtype(x, residual, bool(residual_in_fp32))
+    if residual is not None:
+        res_dtype = residual.dtype
+    else:
+        res_dtype = residual_dtype(x, None, bool(residual_in_fp32))
     # without a residual to add or a dtype to change, the residual stream a prenorm call returns is x itself
     store_residual = bool(prenorm) and (residual is not None or res_dtype != x.dtype)
     y, res_out = add_norm_dispatcher(
