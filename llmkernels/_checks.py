@@ -112,7 +112,7 @@ def refuse_double_backward(qualname: str) -> None:
     def backward(ctx, *grads):
         raise NotImplementedError(
             f"llmkernels: the C++ {name} op has no derivative of its own, so a second derivative (create_graph=True) "
-            f"through it is not supported; run the first backward under llmkernels.use_backend('reference')"
+            f"through it is not supported; run the forward and both backwards under llmkernels.use_backend('reference')"
         )
 
     torch.library.register_autograd(qualname, backward)

@@ -531,11 +531,13 @@ def patch_model(model: torch.nn.Module, attention: bool = False) -> dict[str, in
         if not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"llmkernels.patch_model: attention=True needs a transformers PreTrainedModel, got "
                             f"{type(model).__name__}")  # fmt: skip
-        if getattr(model, "_supports_flash_attn", True) is False:
-            # its masks are more than padding (Llama4's chunks, image-token blocks, ...), which the 2-D padding mask
-            # this attention takes would lose: transformers refuses flash_attention_2 for these models too
-            raise ValueError(f"llmkernels.patch_model: {type(model).__name__} does not support FlashAttention-style "
-                             "attention (its masks are more than padding): attention=True would change its "
+        if getattr(model, "_supports_attention_backend", False) and not getattr(model, "_supports_flash_attn", True):
+            # an attention model that does not declare FlashAttention support: its masks may be more than padding
+            # (Llama4's chunks, image-token blocks, ...), which the 2-D padding mask this attention takes would
+            # lose; transformers refuses flash_attention_2 for these models too. (Attention-free models, Mamba's,
+            # declare neither and pass.)
+            raise ValueError(f"llmkernels.patch_model: {type(model).__name__} does not declare FlashAttention "
+                             "support (its masks may be more than padding): attention=True could change its "
                              "outputs")  # fmt: skip
         register()
         model.set_attn_implementation(NAME)

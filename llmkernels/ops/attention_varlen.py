@@ -116,7 +116,10 @@ def _check_varlen_args(
 def _length(fn: str, name: str, n) -> int:
     """max_seqlen as an int: a Python or NumPy int, or a 0-d integer tensor (what transformers passes:
     cu_seqlens.diff().max()), as flash_attn's int arguments take them."""
-    if not isinstance(n, bool):
+    tensor_ok = not isinstance(n, torch.Tensor) or (
+        n.dim() == 0 and not n.is_floating_point() and not n.is_complex() and n.dtype != torch.bool
+    )
+    if not isinstance(n, bool) and tensor_ok:
         try:
             return operator.index(n)
         except TypeError:

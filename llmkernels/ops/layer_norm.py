@@ -119,9 +119,10 @@ def _add_norm(fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p,
         res_dtype = residual_dtype(x, None, bool(residual_in_fp32))
     # without a residual to add or a dtype to change, the residual stream a prenorm call returns is x itself
     store_residual = bool(prenorm) and (residual is not None or res_dtype != x.dtype)
+    rows = x.numel() // hidden if hidden else math.prod(x.shape[:-1])  # (reshape(-1, 0) is ambiguous)
     y, res_out = add_norm_dispatcher(
-        x.reshape(-1, hidden), None if residual is None else residual.reshape(-1, hidden), weight, bias, float(eps),
-        bool(is_rms_norm), res_dtype if store_residual else None,
+        x.reshape(rows, hidden), None if residual is None else residual.reshape(rows, hidden), weight, bias,
+        float(eps), bool(is_rms_norm), res_dtype if store_residual else None,
     )
     y = y.reshape(x.shape)
     if not prenorm:

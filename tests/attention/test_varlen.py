@@ -193,7 +193,7 @@ def test_max_seqlen_takes_integral_scalars(kind):
     convert = (lambda n: torch.tensor(n, dtype=torch.int32)) if kind == "0-d tensor" else np.int64
     args.update(max_seqlen_q=convert(5), max_seqlen_k=convert(6))
     torch.testing.assert_close(llmkernels.flash_attn_varlen_func(**args), expected, rtol=0, atol=0)
-    for bad in (torch.tensor(5.0), True):
+    for bad in (torch.tensor(5.0), True, torch.tensor(True), torch.tensor([5], dtype=torch.int32)):
         with pytest.raises(ValueError, match="max_seqlen_q must be an int"):
             llmkernels.flash_attn_varlen_func(**{**args, "max_seqlen_q": bad})
 

@@ -320,6 +320,14 @@ def test_patch_model_refuses_models_without_flash_attention_support(monkeypatch)
     """Models whose masks are more than padding (transformers refuses flash_attention_2 for them): attention=True
     would silently lose those masks (Llama4's chunked attention changed its logits by ~0.5)."""
     eager, _ = _tiny("llama")
-    monkeypatch.setattr(type(eager), "_supports_flash_attn", False)
-    with pytest.raises(ValueError, match="does not support FlashAttention-style attention"):
+    monkeypatch.setattr(type(eager), "_supports_flash_attn", False)  # (Llama4, Gemma3 multimodal, ...)
+    with pytest.raises(ValueError, match="does not declare FlashAttention support"):
         lk_hf.patch_model(eager, attention=True)
+
+
+@pytest.mark.hf
+def test_patch_model_attention_passes_attention_free_models():
+    """Mamba declares neither an attention backend nor FlashAttention support: nothing to refuse."""
+    cfg = transformers.MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=1)
+    counts = lk_hf.patch_model(transformers.MambaForCausalLM(cfg), attention=True)
+    assert counts.get("attn_implementation") == 1

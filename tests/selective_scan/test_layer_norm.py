@@ -272,3 +272,12 @@ def test_modules(backend):
     assert rms.bias is None and set(rms.state_dict()) == {"weight"} and set(ln.state_dict()) == {"weight", "bias"}
     with pytest.raises(NotImplementedError, match="RMSNorm: dropout_p=0.1"):
         RMSNorm(8, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference"])
+def test_hidden_size_zero_and_rows_zero(backend):
+    for shape in ((3, 0), (0, 8), (2, 0, 5)):
+        x, w = torch.randn(*shape), torch.randn(shape[-1])
+        with llmkernels.use_backend(backend):
+            y, res = llmkernels.rms_norm_fn(x, w, None, residual=torch.randn(*shape), prenorm=True)
+        assert y.shape == x.shape and res.shape == x.shape

@@ -130,9 +130,10 @@ def test_state_dict_of_another_width_is_refused():
     src = TernaryLinear.from_linear(torch.nn.Linear(11, 4, bias=False))
     assert llmkernels.reference.ternary.unpack_ternary_ref(src.w_packed, 11)[:, 10].any()
     for width in (10, 12):
-        with pytest.raises(ValueError, match=f"checkpoint's layer has in_features=11, this one {width}"):
+        match = f"w_packed: the checkpoint's layer has in_features=11, this one {width}"
+        with pytest.raises(RuntimeError, match=match):
             TernaryLinear(width, 4).load_state_dict(src.state_dict())
-    with pytest.raises(ValueError, match="checkpoint's layer has act_bits=8, this one None"):
+    with pytest.raises(RuntimeError, match="act_bits: the checkpoint's layer has act_bits=8, this one None"):
         TernaryLinear(11, 4, act_bits=None).load_state_dict(src.state_dict())
     TernaryLinear(11, 4).load_state_dict(src.state_dict())
 
