@@ -49,9 +49,7 @@ void check_add_norm(const char* op, const at::Tensor& x, const std::optional<at:
   LLMK_CHECK_DEVICE(op, x, at::kCPU);
   const int64_t rows = x.size(0), H = x.size(1);
   auto check_operand = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape) {
-    LLMK_CHECK_ARG(t.sizes() == shape, op, name, "must have shape ", shape, ", got ", t.sizes());
-    LLMK_CHECK_FLOAT_IO(op, name, t);
-    LLMK_CHECK_ARG(t.device() == x.device(), op, name, "must be on ", x.device(), ", got ", t.device());
+    check_norm_operand(op, name, t, shape, x);
   };
   if (residual) check_operand("residual", *residual, {rows, H});
   check_operand("weight", weight, {H});

@@ -19,8 +19,7 @@ from .. import _checks, _ext
 from .._backend import Dispatcher
 from .._checks import register_fake
 from ..reference.layer_norm import layer_norm_ref, residual_dtype
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .rmsnorm_gated import DTYPES, check_eps, check_norm_operands
 
 add_norm_dispatcher = Dispatcher("layer_norm_fn")
 
@@ -68,20 +67,8 @@ def _refuse(fn, x1, weight1, bias1, dropout_p, rowscale, return_dropout_mask) ->
 
 
 def _check(fn, x, weight, bias, residual, eps) -> None:
-    _checks.check_tensor(fn, "x", x, dtypes=DTYPES)
-    if x.dim() == 0:
-        raise ValueError(f"llmkernels.{fn}: x must have at least 1 dimension (..., hidden), got a scalar")
-    hidden = x.shape[-1]
-    _checks.check_tensor(fn, "weight", weight, ndim=1, dtypes=DTYPES, device=x.device)
-    _checks.check_shape(fn, "weight", weight, (hidden,))
-    if bias is not None:
-        _checks.check_tensor(fn, "bias", bias, ndim=1, dtypes=DTYPES, device=x.device)
-        _checks.check_shape(fn, "bias", bias, (hidden,))
-    if residual is not None:
-        _checks.check_tensor(fn, "residual", residual, dtypes=DTYPES, device=x.device)
-        _checks.check_shape(fn, "residual", residual, tuple(x.shape))
-    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"llmkernels.{fn}: eps must be a finite number >= 0, got {eps!r}")
+    check_norm_operands(fn, x, weight, bias, residual=residual)
+    check_eps(fn, eps)
 
 
 def _args_ok(x, weight, bias, residual, eps) -> bool:

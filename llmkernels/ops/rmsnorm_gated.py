@@ -49,6 +49,29 @@ def _norm_cpu(x, weight, bias, z, eps, group_size, norm_before_gate):
     return torch.ops.llmkernels.rmsnorm_gated_fwd(x, weight, bias, z, eps, group_size, norm_before_gate)
 
 
+def check_norm_operands(fn: str, x, weight, bias, **like_x) -> int:
+    """The checks a norm's operands share: x (..., hidden), weight and bias (hidden,) (bias may be None), and each
+    like_x tensor (or None) of x's shape; every one fp32 / fp16 / bf16 on x's device. Returns hidden."""
+    _checks.check_tensor(fn, "x", x, dtypes=DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"llmkernels.{fn}: x must have at least 1 dimension (..., hidden), got a scalar")
+    hidden = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None or name == "weight":
+            _checks.check_tensor(fn, name, t, ndim=1, dtypes=DTYPES, device=x.device)
+            _checks.check_shape(fn, name, t, (hidden,))
+    for name, t in like_x.items():
+        if t is not None:
+            _checks.check_tensor(fn, name, t, dtypes=DTYPES, device=x.device)
+            _checks.check_shape(fn, name, t, tuple(x.shape))
+    return hidden
+
+
+def check_eps(fn: str, eps) -> None:
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"llmkernels.{fn}: eps must be a finite number >= 0, got {eps!r}")
+
+
 def rmsnorm_fn(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -64,26 +87,14 @@ def rmsnorm_fn(
     x: (..., H) fp32 / fp16 / bf16; weight, bias: (H,); z: x's shape. Returns x's shape and dtype, computed in fp32;
     differentiable in x, weight, bias and z."""
     fn = "rmsnorm_fn"
-    _checks.check_tensor(fn, "x", x, dtypes=DTYPES)
-    if x.dim() == 0:
-        raise ValueError(f"llmkernels.{fn}: x must have at least 1 dimension (..., hidden), got a scalar")
-    hidden = x.shape[-1]
-    _checks.check_tensor(fn, "weight", weight, ndim=1, dtypes=DTYPES, device=x.device)
-    _checks.check_shape(fn, "weight", weight, (hidden,))
-    if bias is not None:
-        _checks.check_tensor(fn, "bias", bias, ndim=1, dtypes=DTYPES, device=x.device)
-        _checks.check_shape(fn, "bias", bias, (hidden,))
-    if z is not None:
-        _checks.check_tensor(fn, "z", z, dtypes=DTYPES, device=x.device)
-        _checks.check_shape(fn, "z", z, tuple(x.shape))
+    hidden = check_norm_operands(fn, x, weight, bias, z=z)
     group_size = hidden if group_size is None else group_size
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0 or (
         hidden % group_size
     ):
         raise ValueError(f"llmkernels.{fn}: group_size must be a positive int dividing the last dimension ({hidden}), "
                          f"got {group_size!r}")  # fmt: skip
-    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"llmkernels.{fn}: eps must be a finite number >= 0, got {eps!r}")
+    check_eps(fn, eps)
     group_size = int(group_size)
     out = norm_dispatcher(x.reshape(-1, hidden), weight, bias, None if z is None else z.reshape(-1, hidden),
                           float(eps), group_size, bool(norm_before_gate))  # fmt: skip

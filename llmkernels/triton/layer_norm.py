@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..ops.layer_norm import backward_through, fwd_like, grads_like, setup_context
 from .launch import launch
+from .rmsnorm_gated import _block, _row_stride, _rows, _warps
 
 MAX_HIDDEN = 16384  # channels a program holds in registers; wider rows take the reference
 ROWS_PER_PROGRAM = 16  # backward: rows whose dweight / dbias one program sums before writing a partial
@@ -95,26 +96,6 @@ def add_norm_bwd_kernel(DY, DRES_OUT, X, R, W, DX, DRES, DW_PARTS, DB_PARTS, row
     tl.store(DW_PARTS + part.to(tl.int64) * H + cols, dw, mask=mask)
     if HAS_BIAS:
         tl.store(DB_PARTS + part.to(tl.int64) * H + cols, db, mask=mask)
-
-
-def _block(hidden: int) -> int:
-    return triton.next_power_of_2(max(hidden, 16))
-
-
-def _warps(block: int) -> int:
-    """Warps per program: ~16 channels of each live vector per thread."""
-    return min(16, max(4, block // 512))
-
-
-def _rows(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """x with unit channel stride (rows at any stride), as the kernels read it."""
-    return x if x is None or x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
-
-
-def _row_stride(x: Optional[torch.Tensor]) -> int:
-    if x is None:
-        return 0
-    return x.stride(0) if x.shape[0] > 1 else x.shape[1]
 
 
 @torch.library.triton_op("llmkernels::add_norm_fwd_triton", mutates_args={})

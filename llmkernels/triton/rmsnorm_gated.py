@@ -112,12 +112,14 @@ def _warps(block: int) -> int:
     return min(16, max(4, block // 512))
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x with unit channel stride (rows at any stride), as the kernels read it."""
-    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+def _rows(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """x with unit channel stride (rows at any stride), as the kernels read it (None stays None)."""
+    return x if x is None or x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _row_stride(x: torch.Tensor) -> int:
+def _row_stride(x: Optional[torch.Tensor]) -> int:
+    if x is None:
+        return 0
     return x.stride(0) if x.shape[0] > 1 else x.shape[1]
 
 
@@ -132,14 +134,14 @@ def rmsnorm_gated_fwd_triton(
     norm_before_gate: bool,
 ) -> torch.Tensor:
     """x, z: (rows, H) fp32 / fp16 / bf16, checked by rmsnorm_fn; weight, bias (H,). Returns (rows, H) in x's dtype."""
-    x, z = _rows(x), None if z is None else _rows(z)
+    x, z = _rows(x), _rows(z)
     rows, hidden = x.shape
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     launch(rmsnorm_gated_fwd_kernel, (rows, hidden // group_size),
            x, z, weight.contiguous(), None if bias is None else bias.contiguous(), out,
-           _row_stride(x), 0 if z is None else _row_stride(z), hidden, group_size, eps,
+           _row_stride(x), _row_stride(z), hidden, group_size, eps,
            HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
            BLOCK=_block(group_size), num_warps=_warps(_block(group_size)))  # fmt: skip
     return out
@@ -157,7 +159,7 @@ def rmsnorm_gated_bwd_triton(
     norm_before_gate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dz) as llmkernels::rmsnorm_gated_bwd: dbias / dz empty without bias / z."""
-    x, z, dout = _rows(x), None if z is None else _rows(z), _rows(dout)  # (any float dtype: loaded as fp32)
+    x, z, dout = _rows(x), _rows(z), _rows(dout)  # (any float dtype: loaded as fp32)
     rows, hidden = x.shape
     parts = triton.cdiv(rows, ROWS_PER_PROGRAM)
     dx = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
@@ -171,7 +173,7 @@ def rmsnorm_gated_bwd_triton(
         launch(rmsnorm_gated_bwd_kernel, (parts, hidden // group_size),
                dout, x, z, weight.contiguous(), None if bias is None else bias.contiguous(), dx,
                dz if z is not None else None, dw_parts, db_parts, rows, hidden, _row_stride(dout), _row_stride(x),
-               0 if z is None else _row_stride(z), group_size, eps,
+               _row_stride(z), group_size, eps,
                HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
                ROWS=ROWS_PER_PROGRAM, BLOCK=_block(group_size), num_warps=_warps(_block(group_size)))  # fmt: skip
     dweight = dw_parts.sum(0).to(weight.dtype)

@@ -20,3 +20,15 @@ inline bool is_float_io(at::ScalarType s) {
 #define LLMK_CHECK_FLOAT_IO(op, name, t)                                                                           \
   LLMK_CHECK_ARG(::llmkernels::scan_cpu::is_float_io((t).scalar_type()), op, name,                                \
                  "must be float32, float16, bfloat16 or float64, got ", (t).scalar_type())
+
+namespace llmkernels::scan_cpu {
+
+// A norm's operand beside x: the given shape, a float dtype the kernels take, x's device.
+inline void check_norm_operand(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                               const at::Tensor& x) {
+  LLMK_CHECK_ARG(t.sizes() == shape, op, name, "must have shape ", shape, ", got ", t.sizes());
+  LLMK_CHECK_FLOAT_IO(op, name, t);
+  LLMK_CHECK_ARG(t.device() == x.device(), op, name, "must be on ", x.device(), ", got ", t.device());
+}
+
+}  // namespace llmkernels::scan_cpu
