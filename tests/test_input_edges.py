@@ -4,6 +4,7 @@ channels in the references, a negative cache length named as such, a checkpoint'
 
 import pytest
 import torch
+from utils import run_with_cpu_isa
 
 import llmkernels
 from llmkernels import _ext
@@ -33,6 +34,27 @@ def test_attention_nan_query_gives_nan_rows_only_there(backend, dtype):
     keep[0, 7, 1] = False
     torch.testing.assert_close(out[keep].float(), clean[keep].float(), rtol=2e-2, atol=2e-2)
     assert out2[0, 30:, 0].isnan().all() and not out2[0, :30].isnan().any() and not out2[0, :, 1].isnan().any()
+
+
+@pytest.mark.skipif(not CPU_ATTENTION, reason="no C++ CPU attention kernels")
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_attention_nan_stays_nan_on_other_instruction_sets(isa):
+    """The AVX2 and scalar builds' exp2 / exp keep a NaN score NaN too (the AVX2 clamp dropped it as the AVX-512
+    one did), for flash attention, decode and the rolling cache."""
+    code = (
+        "import torch, test_input_edges as t\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    t.test_attention_nan_query_gives_nan_rows_only_there('cpu', dtype)\n"
+        "t.test_rolling_cache_nan_query_stays_nan('cpu')\n"
+        "q, kc, vc = torch.randn(2, 1, 4, 16), torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)\n"
+        "kc[1, 3, 0, 2] = float('nan')\n"
+        "import llmkernels\n"
+        "with llmkernels.use_backend('cpu'):\n"
+        "    lens = torch.tensor([9, 9], dtype=torch.int32)\n"
+        "    out = llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)\n"
+        "assert out[1, :, :2].isnan().all() and not out[1, :, 2:].isnan().any() and not out[0].isnan().any()\n"
+    )
+    run_with_cpu_isa(isa, code)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
