@@ -83,16 +83,17 @@ TORCH_LIBRARY(llmkernels, m) {
   // Variable-length (packed) batches, as flash_attn_varlen_func: q (total_q, h, d), k, v (total_k, hk, d);
   // sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. of k, v
   // ((batch + 1,) int32), each with flash_attn_fwd's semantics. max_seqlen_q / _k bound the sequences' lengths
-  // (launch sizes on a GPU). Returns out (total_q, h, d) and softmax_lse (h, total_q) fp32; rows in no sequence
+  // (launch sizes on a GPU; SymInt, so that torch.compile does not specialise a graph on each batch's longest
+  // sequence). Returns out (total_q, h, d) and softmax_lse (h, total_q) fp32; rows in no sequence
   // get 0 and -inf (and zero gradients).
   m.def(
       "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, float softcap, "
-      "Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? dropout_seed=None) -> "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+      "float softcap, Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? dropout_seed=None) -> "
       "(Tensor out, Tensor softmax_lse)");
   m.def(
       "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
-      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, "
       "int window_left, int window_right, float softcap, Tensor? dsoftmax_lse=None, Tensor? alibi_slopes=None, "
       "float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor dq, Tensor dk, Tensor dv)");
 

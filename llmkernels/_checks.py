@@ -7,6 +7,7 @@ only when that says no. The two must agree on every input: tests/test_fast_check
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable, Optional, Sequence
 
@@ -62,6 +63,17 @@ FP32_MIN_NORMAL, FP32_MAX, SOFTCAP_MAX = 1.1754943508222875e-38, 3.4028234663852
 def _real(x) -> bool:
     # (float and int first: an ABC isinstance costs a decode step's checks ~0.2 us each)
     return type(x) is float or type(x) is int or (isinstance(x, numbers.Real) and not isinstance(x, bool))
+
+
+def finite(x) -> bool:
+    """x is neither NaN nor infinite, written with comparisons only: under torch.compile(dynamic=True) x can be a
+    SymFloat, which math.isfinite cannot take."""
+    return x == x and -math.inf < x < math.inf
+
+
+def integral(x) -> bool:
+    """An int (Python, NumPy, or a SymInt under torch.compile / torch.export), not a bool."""
+    return not isinstance(x, bool) and isinstance(x, (numbers.Integral, torch.SymInt))
 
 
 def fp32_positive(x, upper: float = FP32_MAX) -> bool:

@@ -96,3 +96,39 @@ def test_checkpoint_with_code_3_is_refused():
     sd["w_packed"][2, 0] |= 0x03
     with pytest.raises(RuntimeError, match="w_packed holds the 2-bit code 3"):
         TernaryLinear(20, 6).load_state_dict(sd)
+
+
+CPU_SCAN = _ext.has_kernel("selective_scan_fwd", "CPU")
+
+
+def _scan_nan_checks():
+    """A NaN in A reaches every output of its channel (a finite value came out of the AVX2 / AVX-512 builds, whose
+    exp clamp turned NaN into ~1e-38); a NaN delta at step 3 poisons du of steps 0-3 only (the backward runs back
+    from the end), in the scan, the decode step and Mamba-2's chunked scan."""
+    g = torch.Generator().manual_seed(0)
+    u, dt = torch.randn(1, 2, 5, generator=g), torch.rand(1, 2, 5, generator=g) * 0.5
+    A = -torch.rand(2, 4, generator=g) - 0.2
+    A[0, 1] = float("nan")
+    B, C = torch.randn(1, 4, 5, generator=g), torch.randn(1, 4, 5, generator=g)
+    with llmkernels.use_backend("cpu"):
+        y = llmkernels.selective_scan_fn(u, dt, A, B, C)
+        assert y[0, 0].isnan().all() and not y[0, 1].isnan().any()
+        out = llmkernels.selective_state_update(torch.randn(1, 2, 4, generator=g), torch.randn(1, 2, generator=g),
+                                                torch.rand(1, 2, generator=g), A[:, 1].contiguous(), B[..., 0],
+                                                C[..., 0])  # fmt: skip
+        assert out[0, 0].isnan() and not out[0, 1].isnan()
+        u2 = torch.randn(1, 1, 6, generator=g, requires_grad=True)
+        d2 = torch.rand(1, 1, 6, generator=g) * 0.5
+        d2[0, 0, 3] = float("nan")
+        B2, C2 = B[..., :1].expand(1, 4, 6), C[..., :1].expand(1, 4, 6)
+        llmkernels.selective_scan_fn(u2, d2, A[1:], B2, C2).sum().backward()
+        assert u2.grad[0, 0, :4].isnan().all() and not u2.grad[0, 0, 4:].isnan().any()
+
+
+@pytest.mark.skipif(not CPU_SCAN, reason="no C++ CPU scan kernels")
+@pytest.mark.parametrize("isa", ["default", "avx2", "scalar"])
+def test_scan_nan_stays_nan_on_every_instruction_set(isa):
+    if isa == "default":
+        _scan_nan_checks()
+    else:
+        run_with_cpu_isa(isa, "import test_input_edges as t\nt._scan_nan_checks()\n")

@@ -21,6 +21,7 @@ max_seqlen_k only size the launch; results are correct even when they are too sm
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 
@@ -113,13 +114,20 @@ def _check_varlen_args(
             raise ValueError(f"llmkernels.{fn}: {name} must be an int >= 0, got {n!r}")
 
 
-def _length(fn: str, name: str, n) -> int:
+def _length(fn: str, name: str, n, bound: Callable[[], int]):
     """max_seqlen as an int: a Python or NumPy int, or a 0-d integer tensor (what transformers passes:
-    cu_seqlens.diff().max()), as flash_attn's int arguments take them."""
+    cu_seqlens.diff().max()), as flash_attn's int arguments take them. Under torch.compile a symbolic int stays
+    symbolic (the ops take a SymInt: no graph per batch's longest sequence), and a tensor, whose value a trace
+    cannot read, becomes bound() (the rows a sequence can have at most: a launch size never too small, which is all
+    it sizes)."""
+    if isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool):  # (as is: operator.index would specialise)
+        return n
     tensor_ok = not isinstance(n, torch.Tensor) or (
         n.dim() == 0 and not n.is_floating_point() and not n.is_complex() and n.dtype != torch.bool
     )
     if not isinstance(n, bool) and tensor_ok:
+        if isinstance(n, torch.Tensor) and torch.compiler.is_compiling():
+            return bound()
         try:
             return operator.index(n)
         except TypeError:
@@ -168,7 +176,10 @@ def flash_attn_varlen_func(
     flash_attn_with_kvcache(block_table=...).
     """
     fn = "flash_attn_varlen_func"
-    max_seqlen_q, max_seqlen_k = _length(fn, "max_seqlen_q", max_seqlen_q), _length(fn, "max_seqlen_k", max_seqlen_k)
+    max_seqlen_q = _length(fn, "max_seqlen_q", max_seqlen_q, lambda: q.shape[0])
+    # (a paged k: a block_table row's capacity)
+    k_rows = lambda: k.shape[0] if block_table is None else block_table.shape[1] * k.shape[1]  # noqa: E731
+    max_seqlen_k = _length(fn, "max_seqlen_k", max_seqlen_k, k_rows)
     if block_table is not None:
         check_tensor(fn, "q", q, ndim=3, dtypes=_DTYPES, last_dim_contiguous=True)
         k, v = _gather_pages(fn, q, k, v, cu_seqlens_k, block_table, max_seqlen_k)
@@ -179,7 +190,7 @@ def flash_attn_varlen_func(
     left, right = normalize_window(causal, window_size)
     drop = dropout_args(fn, dropout_p)
     out, lse = flash_attn_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, left, right, float(softcap),
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, float(softcap),
         deterministic=bool(deterministic), alibi_slopes=checked_alibi(fn, alibi_slopes, q, cu_seqlens_q.shape[0] - 1),
         **drop,
     )  # fmt: skip

@@ -6,8 +6,6 @@ llmkernels::causal_conv1d_fwd / _bwd / _update). The C++ forward is differentiab
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from .. import _checks, _ext
@@ -232,7 +230,7 @@ def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state
     _checks.check_tensor(fn, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=x.device)
     if cu_seqlens.shape[0] == 0:
         raise ValueError(f"llmkernels.{fn}: cu_seqlens must hold batch + 1 offsets, got none")
-    if isinstance(state_len, bool) or not isinstance(state_len, numbers.Integral) or state_len < 0:
+    if not _checks.integral(state_len) or state_len < 0:
         raise ValueError(f"llmkernels.{fn}: state_len must be an int >= 0, got {state_len!r}")
     total = x.shape[0]
     if x.device.type == "cpu" and not torch.compiler.is_compiling():

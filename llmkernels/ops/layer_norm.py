@@ -86,7 +86,7 @@ def _args_ok(x, weight, bias, residual, eps) -> bool:
         and (bias is None or (_checks.fits(bias, DTYPES, dev) and bias.shape == shape[-1:]))
         and (residual is None or (_checks.fits(residual, DTYPES, dev) and residual.shape == shape))
         and (type(eps) is float or (isinstance(eps, numbers.Real) and not isinstance(eps, bool)))
-        and math.isfinite(eps)
+        and _checks.finite(eps)
         and eps >= 0
     )
 

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from .. import _checks
 from .._backend import BackendError, measured_cuda_order, requested_backend, triton_unavailable_reason
 from .._checks import check_shape, check_tensor
 from ..reference.mamba_chunk_scan import processed_dt
@@ -63,7 +64,7 @@ def _check(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_lim
         raise ValueError(f"llmkernels.{fn}: B must be (batch, seqlen, ngroups, dstate) = ({batch}, {seqlen}, ngroups "
                          f"dividing nheads = {nheads}, 1..{MAX_DSTATE}), got {tuple(B.shape)}")  # fmt: skip
     check_shape(fn, "C", C, B.shape)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    if not _checks.integral(chunk_size) or chunk_size < 1:
         raise ValueError(f"llmkernels.{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None:
         check_tensor(fn, "D", D, dtypes=_DTYPES, device=dev)

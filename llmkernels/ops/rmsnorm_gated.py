@@ -6,7 +6,6 @@ of Mamba-2's layers. Semantics: llmkernels/reference/rmsnorm_gated.py. Backends:
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -68,7 +67,7 @@ def check_norm_operands(fn: str, x, weight, bias, **like_x) -> int:
 
 
 def check_eps(fn: str, eps) -> None:
-    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
+    if isinstance(eps, bool) or not (isinstance(eps, numbers.Real) and _checks.finite(eps) and eps >= 0):
         raise ValueError(f"llmkernels.{fn}: eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -89,7 +88,7 @@ def rmsnorm_fn(
     fn = "rmsnorm_fn"
     hidden = check_norm_operands(fn, x, weight, bias, z=z)
     group_size = hidden if group_size is None else group_size
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0 or (
+    if not _checks.integral(group_size) or group_size <= 0 or (
         hidden % group_size
     ):
         raise ValueError(f"llmkernels.{fn}: group_size must be a positive int dividing the last dimension ({hidden}), "

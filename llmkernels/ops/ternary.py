@@ -108,7 +108,8 @@ if _ext.loaded:
 
     @register_fake("llmkernels::ternary_quantize_activation")
     def _(x):
-        return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+        # (contiguous whatever x's layout, as the kernels return it: empty_like would keep a transposed x's strides)
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
     @register_fake("llmkernels::ternary_matmul_int8")
     def _(x_q, w_packed, in_features):

@@ -348,3 +348,25 @@ def test_backward_splits_key_blocks_of_few_sequences(threads):
         torch.testing.assert_close(g.double(), r, rtol=FP32_TOL["grad"][0], atol=FP32_TOL["grad"][1],
                                    msg=lambda m, name=name: f"{name}: {m}")
         assert torch.equal(g, g2)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_compile_does_not_specialise_on_max_seqlen(as_tensor):
+    """Each packed batch has its own longest sequence: with dynamic shapes one graph serves them all (max_seqlen is
+    a SymInt in the ops' schemas; a 0-d tensor, transformers' form, becomes the packed rows' count under
+    tracing). The int schema made a graph per value, until fullgraph hit the recompile limit."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    fn = torch.compile(llmkernels.flash_attn_varlen_func, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n in range(3, 8):
+            q = torch.randn(2 * n + 1, 2, 16, requires_grad=True)
+            cu = torch.tensor([0, n, 2 * n + 1], dtype=torch.int32)
+            longest = cu.diff().max() if as_tensor else n + 1
+            out = fn(q, q, q, cu, cu, longest, longest, causal=True)
+            out.sum().backward()
+            with llmkernels.use_backend("reference"):
+                expected = llmkernels.flash_attn_varlen_func(q.detach(), q.detach(), q.detach(), cu, cu, n + 1, n + 1,
+                                                             causal=True)  # fmt: skip
+            torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)

@@ -281,3 +281,17 @@ def test_hidden_size_zero_and_rows_zero(backend):
         with llmkernels.use_backend(backend):
             y, res = llmkernels.rms_norm_fn(x, w, None, residual=torch.randn(*shape), prenorm=True)
         assert y.shape == x.shape and res.shape == x.shape
+
+
+@needs_ext
+def test_torch_compile_dynamic_norms():
+    """dynamic=True hands eps over as a SymFloat (math.isfinite cannot take one) and group_size as a SymInt."""
+    x, w, z = torch.randn(2, 7, 32, requires_grad=True), torch.randn(32), torch.randn(2, 7, 32)
+    for fn, args in ((llmkernels.rms_norm_fn, (x, w, None)), (llmkernels.rmsnorm_fn, (x, w, None, z))):
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+        for eps in (1e-5, 1e-6):
+            out = compiled(*args, eps=eps)
+            torch.testing.assert_close(out, fn(*args, eps=eps))
+    for module in (RMSNorm(32), LayerNorm(32)):
+        out = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")(x)
+        torch.testing.assert_close(out, module(x))

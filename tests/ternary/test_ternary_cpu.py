@@ -216,6 +216,8 @@ def test_opcheck_cpu_ops():
     x_q, _ = llmkernels.ternary.quantize_activation(x)
     ops = torch.ops.llmkernels
     torch.library.opcheck(ops.ternary_quantize_activation.default, (torch.randn(2, 3, k, dtype=torch.bfloat16),))
+    # a transposed x: the kernel returns x_q contiguous, and so must the fake kernel (it kept x's strides)
+    torch.library.opcheck(ops.ternary_quantize_activation.default, (torch.randn(k, 5).t(),))
     torch.library.opcheck(ops.ternary_matmul_int8.default, (x_q, w_packed, k))
     for op in (ops.ternary_linear_a8.default, ops.ternary_linear_w2.default):
         torch.library.opcheck(op, (x, w_packed, w_scale, bias, k))
