@@ -17,6 +17,13 @@ def _repo_root() -> str | None:
     return here if os.path.isdir(os.path.join(here, "bench")) else None
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="llmkernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -28,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default=None, help="results folder (default bench/results)")
     d = sub.add_parser("demo", help="generation with three small decoders, llmkernels vs pure PyTorch")
-    d.add_argument("--tokens", type=int, default=200)
-    d.add_argument("--device", default=None)
+    d.add_argument("--tokens", type=_positive_int, default=200)
+    d.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when there is a GPU")
     args = ap.parse_args(argv)
+    if args.command == "demo" and args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA GPU here")
 
     if args.command == "info":
         from .info import print_info

@@ -66,15 +66,16 @@ def _run(model, prompt, tokens, label, device):
 
 
 def check_agreement(ours: torch.Tensor, ref: torch.Tensor, ref_margins: torch.Tensor) -> tuple[bool, str]:
-    """True when the token streams agree up to the end, or until a near-tie of the reference."""
+    """True when every row's token streams agree up to the end, or until a near-tie of the reference."""
+    ties = []
     for row in range(ref.shape[0]):
         diff = (ours[row] != ref[row]).nonzero()
         if diff.numel():
             first = int(diff[0])
             if ref_margins[row, first] > NEAR_TIE:
                 return False, f"row {row} differs at token {first} (reference margin {ref_margins[row, first]:.2e})"
-            return True, f"agree up to token {first}, a near-tie ({ref_margins[row, first]:.1e})"
-    return True, "identical"
+            ties.append(f"row {row} up to token {first}, a near-tie ({ref_margins[row, first]:.1e})")
+    return True, ("agree: " + "; ".join(ties)) if ties else "identical"
 
 
 def build_models():

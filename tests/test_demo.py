@@ -51,3 +51,45 @@ def test_greedy_generate_zero_and_negative_tokens():
     assert out.shape == (2, 0) and margins.shape == (2, 0)
     with pytest.raises(ValueError, match="new_tokens must be >= 0"):
         greedy_generate(model, torch.randint(0, 256, (2, 5)), -1)
+
+
+def test_agreement_check_reads_every_row():
+    """A near-tie in row 0 must not end the check: row 1 differs where the reference margin is large."""
+    ours, ref = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[1, 9, 3], [4, 7, 7]])
+    ok, why = check_agreement(ours, ref, torch.tensor([[1.0, 1e-5, 1.0], [1.0, 5.0, 1.0]]))
+    assert not ok and "row 1" in why
+    ok, why = check_agreement(ours, ref, torch.tensor([[1.0, 1e-5, 1.0], [1.0, 1e-5, 1.0]]))
+    assert ok and "row 0" in why and "row 1" in why
+
+
+def test_a_cache_of_fewer_layers_is_refused():
+    torch.manual_seed(0)
+    model = MistralLM(MistralConfig(dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, window=8, n_layers=2)).eval()
+    with pytest.raises(ValueError, match="cache holds 1 layers' state, the model has 2 layers"):
+        model(torch.randint(0, 256, (1, 4)), model.new_cache(1)[:1])
+
+
+def test_quantized_bf16_mistral_generates():
+    """After quantize_ the projections hold no float weight: the cache takes the embedding's dtype (it took the
+    default fp32, and the bf16 decode step refused it)."""
+    import llmkernels
+
+    torch.manual_seed(0)
+    model = MistralLM(MistralConfig(dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, window=8)).eval()
+    llmkernels.quantize_(model)
+    model.to(torch.bfloat16)
+    prompt = torch.randint(0, 256, (1, 4))
+    out, _ = greedy_generate(model, prompt, 4)
+    assert out.shape == (1, 4)
+
+
+def test_demo_command_line_refuses_bad_arguments(capsys):
+    from llmkernels.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--tokens", "0"])
+    assert "must be a positive number of tokens" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["demo", "--device", "cuda"])
+        assert "no CUDA GPU" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .. import quantize_
 from ..nn import MultiheadFlashAttention
 from ..nn.attention import KVCache
-from .common import RMSNorm, SwiGLU
+from .common import RMSNorm, SwiGLU, check_cache_count
 
 
 @dataclass
@@ -59,6 +59,7 @@ class BitNetLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
         x = self.embed(tokens)
+        check_cache_count(self, cache)
         for layer, layer_cache in zip(self.layers, cache):
             x = layer(x, layer_cache)
         return self.lm_head(self.norm(x))

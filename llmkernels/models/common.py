@@ -9,6 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def check_cache_count(model: nn.Module, cache: list) -> None:
+    """One cache per layer: zip would silently run only as many layers as there are caches."""
+    if len(cache) != len(model.layers):
+        raise ValueError(f"{type(model).__name__}: cache holds {len(cache)} layers' state, the model has "
+                         f"{len(model.layers)} layers (build it with new_cache)")  # fmt: skip
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..nn import MambaMixer
 from ..nn.mamba import MambaCache
-from .common import RMSNorm
+from .common import RMSNorm, check_cache_count
 
 
 @dataclass
@@ -51,6 +51,7 @@ class MambaLM(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: list[MambaCache]) -> torch.Tensor:
         """tokens: (batch, seqlen) continuing what `cache` has seen -> logits (batch, seqlen, vocab)."""
         h = self.embed(tokens)
+        check_cache_count(self, cache)
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, layer_cache)
         return self.norm(h) @ self.embed.weight.t()  # tied LM head

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .. import RollingKVCache
 from ..nn import SlidingWindowAttention
-from .common import RMSNorm, SwiGLU
+from .common import RMSNorm, SwiGLU, check_cache_count
 
 
 @dataclass
@@ -51,11 +51,13 @@ class MistralLM(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def new_cache(self, batch: int) -> list[RollingKVCache]:
-        return [layer.attn.new_cache(batch) for layer in self.layers]
+        p = self.embed.weight  # after quantize_ the projections are ternary: the cache takes the activations' dtype
+        return [layer.attn.new_cache(batch, dtype=p.dtype, device=p.device) for layer in self.layers]
 
     def forward(self, tokens: torch.Tensor, cache: list[RollingKVCache]) -> torch.Tensor:
         """tokens: (batch, seqlen) continuing what `cache` has seen -> logits (batch, seqlen, vocab)."""
         x = self.embed(tokens)
+        check_cache_count(self, cache)
         for layer, layer_cache in zip(self.layers, cache):
             x = layer(x, layer_cache)
         return self.lm_head(self.norm(x))

@@ -170,6 +170,10 @@ class MultiheadFlashAttention(nn.Module):
         batch, seqlen, _ = x.shape
         if cache is not None and cache.seqlens.shape[0] != batch:
             raise ValueError(f"MultiheadFlashAttention: cache holds {cache.seqlens.shape[0]} rows, x has batch {batch}")
+        if cache is not None and tuple(cache.k.shape[2:]) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"MultiheadFlashAttention: cache holds {tuple(cache.k.shape[2:])} (kv heads, head "
+                             f"dim), this layer ({self.num_kv_heads}, {self.head_dim}): a cache of another "
+                             "layer")  # fmt: skip
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)

@@ -67,6 +67,10 @@ class SlidingWindowAttention(nn.Module):
         batch, seqlen, _ = x.shape
         if cache is not None and cache.seqlens.shape[0] != batch:
             raise ValueError(f"SlidingWindowAttention: cache holds {cache.seqlens.shape[0]} rows, x has batch {batch}")
+        if cache is not None and tuple(cache.k.shape[2:]) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"SlidingWindowAttention: cache holds {tuple(cache.k.shape[2:])} (kv heads, head "
+                             f"dim), this layer ({self.num_kv_heads}, {self.head_dim}): a cache of another "
+                             "layer")  # fmt: skip
         if cache is not None and cache.window != self.window:
             raise ValueError(f"SlidingWindowAttention: cache has window {cache.window}, this layer {self.window} "
                              "(new_cache() makes a matching one)")  # fmt: skip

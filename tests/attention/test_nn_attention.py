@@ -195,3 +195,14 @@ def test_cached_decode_in_grad_mode_compiles_and_takes_in_place_updates():
     q, kc, vc = torch.randn(2, 1, 4, 8, requires_grad=True), torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8)
     out = llmkernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3)
     out += 1.0  # in place on the output: allowed
+
+
+def test_a_cache_of_another_layer_is_refused_by_name():
+    """A cache built by a layer with other kv heads: the error names the cache (it named the new k)."""
+    from llmkernels.nn import MultiheadFlashAttention, SlidingWindowAttention
+
+    with pytest.raises(ValueError, match="MultiheadFlashAttention: cache holds .* a cache of another layer"):
+        MultiheadFlashAttention(32, 4, 2)(torch.randn(2, 5, 32), MultiheadFlashAttention(32, 4, 4).new_cache(2, 8))
+    with pytest.raises(ValueError, match="SlidingWindowAttention: cache holds .* a cache of another layer"):
+        SlidingWindowAttention(32, 4, 2, window=4)(torch.randn(2, 5, 32),
+                                                   SlidingWindowAttention(32, 4, 4, window=4).new_cache(2))  # fmt: skip
