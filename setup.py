@@ -14,7 +14,7 @@ Knobs (environment):
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scripts.build_config import ROOT, cxx_flags, cxx_runtime_link_args, find_cuda_home, nvcc_flags, sources  # noqa: E402
@@ -62,14 +62,8 @@ setup(
     description=(
         "Fused kernels for LLM inference: flash attention, sliding-window attention, ternary linear, selective scan"
     ),
-    packages=[
-        "llmkernels",
-        "llmkernels.reference",
-        "llmkernels.ops",
-        "llmkernels.triton",
-        "llmkernels.nn",
-        "llmkernels.integrations",
-    ],
+    # every package under llmkernels/ (a hand-kept list left llmkernels.models out of wheels: the demo failed)
+    packages=find_packages(include=["llmkernels", "llmkernels.*"]),
     package_data={"llmkernels": ["data/*", "*.json"], "llmkernels.triton": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
