@@ -76,6 +76,15 @@ def integral(x) -> bool:
     return not isinstance(x, bool) and isinstance(x, (numbers.Integral, torch.SymInt))
 
 
+def known_true(condition) -> bool:
+    """A condition's value, or False where a trace cannot know it (a SymBool of an unbacked size: from .item())."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+    except ImportError:  # (a torch without it: plain bool())
+        return bool(condition)
+    return guard_or_false(condition)
+
+
 def fp32_positive(x, upper: float = FP32_MAX) -> bool:
     """Whether x is a real number (Python or NumPy, not bool) in [fp32's smallest normal, upper]."""
     return _real(x) and FP32_MIN_NORMAL <= x <= upper

@@ -104,7 +104,7 @@ CPU_SCAN = _ext.has_kernel("selective_scan_fwd", "CPU")
 def _scan_nan_checks():
     """A NaN in A reaches every output of its channel (a finite value came out of the AVX2 / AVX-512 builds, whose
     exp clamp turned NaN into ~1e-38); a NaN delta at step 3 poisons du of steps 0-3 only (the backward runs back
-    from the end), in the scan, the decode step and Mamba-2's chunked scan."""
+    from the end), in the scan and the decode step."""
     g = torch.Generator().manual_seed(0)
     u, dt = torch.randn(1, 2, 5, generator=g), torch.rand(1, 2, 5, generator=g) * 0.5
     A = -torch.rand(2, 4, generator=g) - 0.2

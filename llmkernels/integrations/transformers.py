@@ -200,8 +200,13 @@ def _positions_of(position_ids, q: torch.Tensor) -> bool:
     )
 
 
-def _longest(cu_seqlens: torch.Tensor) -> int:
-    return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+def _longest(cu_seqlens: torch.Tensor):
+    """The longest sequence of cu_seqlens: an int, or under torch.compile the 0-d tensor (flash_attn_varlen_func
+    takes it: reading it back would be a data-dependent value the trace cannot guard on)."""
+    if cu_seqlens.numel() <= 1:
+        return 0
+    longest = cu_seqlens.diff().max()
+    return longest if torch.compiler.is_compiling() else int(longest)
 
 
 def _packed_offsets(q, k, kwargs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -531,11 +536,12 @@ def patch_model(model: torch.nn.Module, attention: bool = False) -> dict[str, in
         if not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"llmkernels.patch_model: attention=True needs a transformers PreTrainedModel, got "
                             f"{type(model).__name__}")  # fmt: skip
-        if getattr(model, "_supports_attention_backend", False) and not getattr(model, "_supports_flash_attn", True):
-            # an attention model that does not declare FlashAttention support: its masks may be more than padding
-            # (Llama4's chunks, image-token blocks, ...), which the 2-D padding mask this attention takes would
-            # lose; transformers refuses flash_attention_2 for these models too. (Attention-free models, Mamba's,
-            # declare neither and pass.)
+        has_attention = any(type(m).__name__.endswith("Attention") for m in model.modules())
+        if has_attention and not getattr(model, "_supports_flash_attn", False):
+            # a model with attention that does not declare FlashAttention support: its masks may be more than
+            # padding (Llama4's chunks, T5's position bias, image-token blocks, ...), which the 2-D padding mask
+            # this attention takes would lose; transformers refuses flash_attention_2 for these models too.
+            # (Attention-free models, Mamba's, declare nothing and have no attention module: they pass.)
             raise ValueError(f"llmkernels.patch_model: {type(model).__name__} does not declare FlashAttention "
                              "support (its masks may be more than padding): attention=True could change its "
                              "outputs")  # fmt: skip

@@ -110,7 +110,7 @@ def _check_varlen_args(
             f"got {tuple(cu_seqlens_k.shape)}"
         )
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if n < 0:
+        if _checks.known_true(n < 0):  # (from .item() in a trace it is unknown there: no guard on its value)
             raise ValueError(f"llmkernels.{fn}: {name} must be an int >= 0, got {n!r}")
 
 
@@ -223,7 +223,7 @@ def _gather_pages(fn: str, q, k_pages, v_pages, cu_seqlens_k, block_table,
         raise ValueError(f"llmkernels.{fn}: with a block_table, k must hold pages (num_pages, page_size, nheads_k, "
                          f"headdim), got {tuple(k_pages.shape)}")  # fmt: skip
     capacity = block_table.shape[1] * page_size
-    if isinstance(max_seqlen_k, int) and max_seqlen_k > capacity:
+    if isinstance(max_seqlen_k, int) and _checks.known_true(max_seqlen_k > capacity):
         raise ValueError(f"llmkernels.{fn}: max_seqlen_k ({max_seqlen_k}) passes what a block_table row holds "
                          f"({block_table.shape[1]} pages of {page_size})")  # fmt: skip
     cu = cu_seqlens_k.long()

@@ -370,3 +370,21 @@ def test_compile_does_not_specialise_on_max_seqlen(as_tensor):
                 expected = llmkernels.flash_attn_varlen_func(q.detach(), q.detach(), q.detach(), cu, cu, n + 1, n + 1,
                                                              causal=True)  # fmt: skip
             torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_takes_max_seqlen_read_back_with_item():
+    """max_seqlen from .item() in a trace (transformers' form under torch.compile) is an unbacked SymInt: the checks
+    may not guard on its value."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def fn(q, cu):
+        longest = cu.diff().max().item()
+        return llmkernels.flash_attn_varlen_func(q, q, q, cu, cu, longest, longest, causal=True)
+
+    q, cu = torch.randn(9, 2, 16), torch.tensor([0, 4, 9], dtype=torch.int32)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, cu)
+    expected = llmkernels.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -331,3 +331,12 @@ def test_patch_model_attention_passes_attention_free_models():
     cfg = transformers.MambaConfig(vocab_size=50, hidden_size=16, state_size=4, num_hidden_layers=1)
     counts = lk_hf.patch_model(transformers.MambaForCausalLM(cfg), attention=True)
     assert counts.get("attn_implementation") == 1
+
+
+@pytest.mark.hf
+def test_patch_model_refuses_t5():
+    """T5 declares no FlashAttention support and no attention backend, yet has attention whose mask carries its
+    relative-position bias: refused (the rule on the backend flag alone let it through, logits moved by ~0.3)."""
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match="does not declare FlashAttention support"):
+        lk_hf.patch_model(transformers.T5ForConditionalGeneration(cfg), attention=True)
