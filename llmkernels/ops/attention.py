@@ -100,9 +100,11 @@ def _triton_function(name: str):
     """The function `name` of llmkernels/triton/flash_attn.py, imported on first use, or None if absent."""
     if not _triton_module_found:
         return None
-    import importlib
+    # an import statement, not importlib.import_module: torch.compile traces the first call too (its import runs
+    # at trace time), where importlib is a function dynamo refuses (fullgraph failed on a GPU's first call)
+    from ..triton import flash_attn as triton_flash_attn
 
-    return getattr(importlib.import_module(_TRITON_MODULE), name, None)
+    return getattr(triton_flash_attn, name, None)
 
 
 def _triton_supports_for(function: str):

@@ -176,6 +176,30 @@ def test_opcheck(op):
 
 
 @interp
+def test_public_function_compiles_on_its_first_call():
+    """torch.compile(fullgraph=True) of flash_attn_func when Triton is the backend and the compiled call is the
+    process's first: the dispatcher's Triton check imports llmkernels.triton.flash_attn inside the trace, which
+    dynamo refused when done through importlib (what a GPU, where auto-dispatch picks Triton, hit). A fresh process:
+    this test run has imported the module long before."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, llmkernels\n"
+        "q = torch.randn(1, 17, 2, 16)\n"
+        "with llmkernels.use_backend('triton'):\n"
+        "    out = torch.compile(llmkernels.flash_attn_func, fullgraph=True, backend='eager')(q, q, q, causal=True)\n"
+        "print(tuple(out.shape))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if not HAS_CUDA else dict(os.environ)
+    device_code = code if not HAS_CUDA else code.replace("torch.randn(1, 17, 2, 16)", "torch.randn(1, 17, 2, 16, "
+                                                          "device='cuda', dtype=torch.bfloat16)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", device_code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(1, 17, 2, 16)" in done.stdout
+
+
+@interp
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter cases run only without a GPU")
 def test_torch_compile_fullgraph():
     q, k, v = _inputs((17, 17, 2, 2, 16), torch.float32, "cpu", batch=1)
