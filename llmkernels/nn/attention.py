@@ -37,13 +37,16 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
 
 def cache_dtype_device(proj: nn.Module, dtype: torch.dtype | None, device) -> tuple[torch.dtype, torch.device]:
     """dtype / device for a layer's KV cache: as given, else those of the key projection's weight. A projection
-    without a float weight (a TernaryLinear after quantize_) holds packed buffers: then the default dtype and
-    the buffers' device, unless the caller says otherwise."""
+    without a float weight (a TernaryLinear after quantize_) holds packed buffers: then its activation_dtype (what
+    the model was built in or cast to) or the default dtype, and the buffers' device, unless the caller says
+    otherwise."""
     weight = getattr(proj, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return dtype or weight.dtype, device or weight.device
     tensors = [*proj.parameters(), *proj.buffers()]
-    return dtype or torch.get_default_dtype(), device or (tensors[0].device if tensors else torch.device("cpu"))
+    known = getattr(proj, "activation_dtype", None)  # (a TernaryLinear's: what the model was cast to)
+    dtype = dtype or (known if isinstance(known, torch.dtype) else torch.get_default_dtype())
+    return dtype, device or (tensors[0].device if tensors else torch.device("cpu"))
 
 
 @dataclass

@@ -80,6 +80,10 @@ class TernaryLinear(torch.nn.Module):
         if act_bits not in (8, None):
             raise ValueError(f"llmkernels.nn.TernaryLinear: act_bits must be 8 or None, got {act_bits!r}")
         self.in_features, self.out_features, self.act_bits = in_features, out_features, act_bits
+        # The activations' dtype as far as this layer knows (its weights are packed, not float): the dtype it was
+        # built in or quantised from, then whatever .to() / .half() / ... cast the model to. Caches of the layers
+        # around it (the attention modules' new_cache) take it.
+        self.activation_dtype = dtype or torch.get_default_dtype()
         self.register_buffer(
             "w_packed", torch.ones(packed_shape(out_features, in_features), dtype=torch.uint8, device=device).mul_(0x55)
         )  # code 1 everywhere: W_t = 0
@@ -102,6 +106,7 @@ class TernaryLinear(torch.nn.Module):
             dtype=None if linear.bias is None else linear.bias.dtype,
         )
         w_packed, w_scale = quantize_weight(w if w.dtype != torch.float64 else w.float())
+        layer.activation_dtype = w.dtype
         layer.w_packed.copy_(w_packed)
         layer.w_scale.copy_(w_scale)
         if linear.bias is not None:
@@ -153,6 +158,10 @@ class TernaryLinear(torch.nn.Module):
         super()._apply(fn, recurse)
         if self.w_scale.dtype != torch.float32:
             self.w_scale = scale.to(device=self.w_scale.device, dtype=torch.float32)
+        # what fn does to a float tensor of the activations' dtype (.to(bf16) casts it, .to(device) keeps it)
+        probe = fn(torch.empty(0, dtype=self.activation_dtype))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.activation_dtype = probe.dtype
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -206,3 +206,24 @@ def test_a_cache_of_another_layer_is_refused_by_name():
     with pytest.raises(ValueError, match="SlidingWindowAttention: cache holds .* a cache of another layer"):
         SlidingWindowAttention(32, 4, 2, window=4)(torch.randn(2, 5, 32),
                                                    SlidingWindowAttention(32, 4, 4, window=4).new_cache(2))  # fmt: skip
+
+
+def test_cache_of_a_quantized_layer_follows_the_model_dtype():
+    """After quantize_ the key projection holds packed weights: new_cache() takes the dtype the model was built in
+    or cast to (TernaryLinear.activation_dtype), not the default fp32 the decode step then refused."""
+    import llmkernels
+    from llmkernels.nn import MultiheadFlashAttention, SlidingWindowAttention
+
+    attn = MultiheadFlashAttention(32, 4, 2).to(torch.bfloat16)
+    llmkernels.quantize_(attn)
+    assert attn.new_cache(1, 8).k.dtype == torch.bfloat16
+    attn.float()
+    assert attn.new_cache(1, 8).k.dtype == torch.float32
+    attn.to(torch.float16).to("cpu")  # (a move keeps the dtype)
+    assert attn.new_cache(1, 8).k.dtype == torch.float16
+    swa = SlidingWindowAttention(32, 4, 2, window=4)
+    llmkernels.quantize_(swa)
+    swa.to(torch.bfloat16)
+    cache = swa.new_cache(1)
+    assert cache.k.dtype == torch.bfloat16
+    assert swa(torch.randn(1, 3, 32, dtype=torch.bfloat16), cache).dtype == torch.bfloat16
