@@ -16,11 +16,11 @@ BACKENDS = ["reference"] + (["cpu"] if CPU_ATTENTION else [])
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_attention_nan_query_gives_nan_rows_only_there(backend, dtype):
+def test_attention_nan_query_gives_nan_rows_only_there(backend, dtype, device="cpu"):
     """A NaN in one query: that row's output and lse are NaN (as SDPA's and the Triton kernels'), the others are
     untouched; a NaN in a key poisons exactly the rows that see that key."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 40, 2, 16).to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(1, 40, 2, 16, device=device).to(dtype) for _ in range(3))
     with llmkernels.use_backend("reference"):
         clean = llmkernels.flash_attn_func(q, k, v, causal=True)
     q[0, 7, 1, 3] = float("nan")
@@ -101,7 +101,7 @@ def test_checkpoint_with_code_3_is_refused():
 CPU_SCAN = _ext.has_kernel("selective_scan_fwd", "CPU")
 
 
-def _scan_nan_checks():
+def _scan_nan_checks(backend="cpu", device="cpu"):
     """A NaN in A reaches every output of its channel (a finite value came out of the AVX2 / AVX-512 builds, whose
     exp clamp turned NaN into ~1e-38); a NaN delta at step 3 poisons du of steps 0-3 only (the backward runs back
     from the end), in the scan and the decode step."""
@@ -110,15 +110,16 @@ def _scan_nan_checks():
     A = -torch.rand(2, 4, generator=g) - 0.2
     A[0, 1] = float("nan")
     B, C = torch.randn(1, 4, 5, generator=g), torch.randn(1, 4, 5, generator=g)
-    with llmkernels.use_backend("cpu"):
+    u, dt, A, B, C = (t.to(device) for t in (u, dt, A, B, C))
+    with llmkernels.use_backend(backend):
         y = llmkernels.selective_scan_fn(u, dt, A, B, C)
         assert y[0, 0].isnan().all() and not y[0, 1].isnan().any()
-        out = llmkernels.selective_state_update(torch.randn(1, 2, 4, generator=g), torch.randn(1, 2, generator=g),
-                                                torch.rand(1, 2, generator=g), A[:, 1].contiguous(), B[..., 0],
-                                                C[..., 0])  # fmt: skip
+        state, x, dt1 = torch.randn(1, 2, 4, generator=g), torch.randn(1, 2, generator=g), torch.rand(1, 2, generator=g)
+        out = llmkernels.selective_state_update(state.to(device), x.to(device), dt1.to(device), A[:, 1].contiguous(),
+                                                B[..., 0], C[..., 0])  # fmt: skip
         assert out[0, 0].isnan() and not out[0, 1].isnan()
-        u2 = torch.randn(1, 1, 6, generator=g, requires_grad=True)
-        d2 = torch.rand(1, 1, 6, generator=g) * 0.5
+        u2 = torch.randn(1, 1, 6, generator=g).to(device).requires_grad_()
+        d2 = (torch.rand(1, 1, 6, generator=g) * 0.5).to(device)
         d2[0, 0, 3] = float("nan")
         B2, C2 = B[..., :1].expand(1, 4, 6), C[..., :1].expand(1, 4, 6)
         llmkernels.selective_scan_fn(u2, d2, A[1:], B2, C2).sum().backward()
@@ -132,3 +133,19 @@ def test_scan_nan_stays_nan_on_every_instruction_set(isa):
         _scan_nan_checks()
     else:
         run_with_cpu_isa(isa, "import test_input_edges as t\nt._scan_nan_checks()\n")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_nan_stays_nan_on_the_gpu(backend):
+    """The same NaN rules on a GPU's kernels (never run so far: what a GPU session should learn first). Backends that
+    decline the inputs are skipped, not failed."""
+    for dtype in (torch.float16, torch.bfloat16):
+        try:
+            test_attention_nan_query_gives_nan_rows_only_there(backend, dtype, device="cuda")
+        except llmkernels.BackendError as exc:
+            pytest.skip(f"{backend}: {exc}")
+    try:
+        _scan_nan_checks(backend, device="cuda")
+    except llmkernels.BackendError as exc:
+        pytest.skip(f"{backend}: {exc}")
