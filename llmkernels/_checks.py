@@ -13,6 +13,11 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+try:
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+except ImportError:  # (a torch without it: the plain truth value)
+    guard_or_false = bool
+
 
 def check_tensor(
     fn: str,
@@ -78,10 +83,6 @@ def integral(x) -> bool:
 
 def known_true(condition) -> bool:
     """A condition's value, or False where a trace cannot know it (a SymBool of an unbacked size: from .item())."""
-    try:
-        from torch.fx.experimental.symbolic_shapes import guard_or_false
-    except ImportError:  # (a torch without it: plain bool())
-        return bool(condition)
     return guard_or_false(condition)
 
 

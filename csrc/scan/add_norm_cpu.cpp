@@ -59,14 +59,16 @@ void check_add_norm(const char* op, const at::Tensor& x, const std::optional<at:
   LLMK_CHECK_ARG(std::isfinite(eps) && eps >= 0, op, "eps", "must be finite and >= 0, got ", eps);
 }
 
+// Row r0 of an operand as the kernels read it (rows rows_apart(t) elements apart).
+const char* in_row(const at::Tensor& t, int64_t r0) {
+  return static_cast<const char*>(t.const_data_ptr()) + r0 * rows_apart(t) * t.element_size();
+}
+
 // The kernels' description of the rows [r0, r0 + n) of the (already converted) operands.
 AddNormRows rows_of(const at::Tensor& xk, const at::Tensor& rk, const at::Tensor& wf, const at::Tensor& bf, double eps,
                     bool rms, int64_t r0, int64_t n, float* scratch) {
-  auto at_row = [r0](const at::Tensor& t) {
-    return static_cast<const char*>(t.const_data_ptr()) + r0 * rows_apart(t) * t.element_size();
-  };
-  return AddNormRows{n, xk.size(1), at_row(xk), rows_apart(xk), is_bf16(xk),
-                     rk.defined() ? at_row(rk) : nullptr, rk.defined() ? rows_apart(rk) : 0,
+  return AddNormRows{n, xk.size(1), in_row(xk, r0), rows_apart(xk), is_bf16(xk),
+                     rk.defined() ? in_row(rk, r0) : nullptr, rk.defined() ? rows_apart(rk) : 0,
                      rk.defined() && is_bf16(rk), wf.const_data_ptr<float>(),
                      bf.defined() ? bf.const_data_ptr<float>() : nullptr, static_cast<float>(eps), rms, nullptr, 0,
                      nullptr, 0, false, scratch};
@@ -142,11 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cpu(
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t r0 = chunk * per, n = std::min(per, rows - r0);
       const AddNormRows p = rows_of(xk, rk, wf, bf, eps, is_rms_norm, r0, n, scratch.data());
-      auto in_row = [r0](const at::Tensor& t) {
-        return static_cast<const char*>(t.const_data_ptr()) + r0 * rows_apart(t) * t.element_size();
-      };
-      const AddNormRowsGrad q{in_row(dyk), rows_apart(dyk), is_bf16(dyk),
-                              drok.defined() ? in_row(drok) : nullptr, drok.defined() ? rows_apart(drok) : 0,
+      const AddNormRowsGrad q{in_row(dyk, r0), rows_apart(dyk), is_bf16(dyk),
+                              drok.defined() ? in_row(drok, r0) : nullptr, drok.defined() ? rows_apart(drok) : 0,
                               drok.defined() && is_bf16(drok), out_row(dxk, r0), H,
                               dresk.defined() ? out_row(dresk, r0) : nullptr, H,
                               dw_parts.data_ptr<float>() + chunk * H,

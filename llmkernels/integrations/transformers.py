@@ -201,12 +201,9 @@ def _positions_of(position_ids, q: torch.Tensor) -> bool:
 
 
 def _longest(cu_seqlens: torch.Tensor):
-    """The longest sequence of cu_seqlens: an int, or under torch.compile the 0-d tensor (flash_attn_varlen_func
-    takes it: reading it back would be a data-dependent value the trace cannot guard on)."""
-    if cu_seqlens.numel() <= 1:
-        return 0
-    longest = cu_seqlens.diff().max()
-    return longest if torch.compiler.is_compiling() else int(longest)
+    """The longest sequence of cu_seqlens as a 0-d tensor (0 when there is none): flash_attn_varlen_func reads it
+    back in eager and, under torch.compile, sizes the launch without reading it (a data-dependent value)."""
+    return cu_seqlens.diff().max() if cu_seqlens.numel() > 1 else 0
 
 
 def _packed_offsets(q, k, kwargs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -415,6 +412,7 @@ MAMBA_MIXERS = {
     ("zamba2", "Zamba2MambaMixer"): _HF_MAMBA2_FUNCTIONS,
     ("falcon_h1", "FalconH1Mixer"): _HF_MAMBA2_FUNCTIONS,
 }
+
 
 def _packed_seq_idx(x: torch.Tensor, kwargs: dict) -> Optional[torch.Tensor]:
     """(1, seqlen) int32 sequence numbers of a packed (padding-free) batch x (1, dim, seqlen) that transformers

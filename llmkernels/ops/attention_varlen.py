@@ -120,12 +120,11 @@ def _length(fn: str, name: str, n, bound: Callable[[], int]):
     symbolic (the ops take a SymInt: no graph per batch's longest sequence), and a tensor, whose value a trace
     cannot read, becomes bound() (the rows a sequence can have at most: a launch size never too small, which is all
     it sizes)."""
-    if isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool):  # (as is: operator.index would specialise)
-        return n
-    tensor_ok = not isinstance(n, torch.Tensor) or (
-        n.dim() == 0 and not n.is_floating_point() and not n.is_complex() and n.dtype != torch.bool
-    )
-    if not isinstance(n, bool) and tensor_ok:
+    bad = isinstance(n, bool) or (isinstance(n, torch.Tensor) and (
+        n.dim() != 0 or n.dtype == torch.bool or n.dtype.is_floating_point or n.dtype.is_complex))  # fmt: skip
+    if not bad:
+        if isinstance(n, (int, torch.SymInt)):  # (as is: operator.index would specialise a symbolic one)
+            return n
         if isinstance(n, torch.Tensor) and torch.compiler.is_compiling():
             return bound()
         try:

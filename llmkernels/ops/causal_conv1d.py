@@ -287,7 +287,6 @@ def _check_update_args(fn: str, x, conv_state, weight, bias, conv_state_indices=
                          f"state_len >= width - 1 = {weight.shape[1] - 1}, got {tuple(conv_state.shape)}")  # fmt: skip
 
 
-
 if _ext.loaded:
 
     @register_fake("llmkernels::causal_conv1d_fwd")

@@ -93,10 +93,7 @@ def _args_ok(x, weight, bias, residual, eps) -> bool:
 
 def _add_norm(fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
               residual_in_fp32, is_rms_norm, return_dropout_mask):  # fmt: skip
-    if x1 is not None or weight1 is not None or bias1 is not None or rowscale is not None or dropout_p != 0 or (
-        return_dropout_mask
-    ):
-        _refuse(fn, x1, weight1, bias1, dropout_p, rowscale, return_dropout_mask)
+    _refuse(fn, x1, weight1, bias1, dropout_p, rowscale, return_dropout_mask)
     if not _args_ok(x, weight, bias, residual, eps):
         _check(fn, x, weight, bias, residual, eps)
     hidden = x.shape[-1]
@@ -106,7 +103,7 @@ def _add_norm(fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p,
         res_dtype = residual_dtype(x, None, bool(residual_in_fp32))
     # without a residual to add or a dtype to change, the residual stream a prenorm call returns is x itself
     store_residual = bool(prenorm) and (residual is not None or res_dtype != x.dtype)
-    rows = x.numel() // hidden if hidden else math.prod(x.shape[:-1])  # (reshape(-1, 0) is ambiguous)
+    rows = math.prod(x.shape[:-1])  # (not reshape(-1, hidden): ambiguous for hidden 0)
     y, res_out = add_norm_dispatcher(
         x.reshape(rows, hidden), None if residual is None else residual.reshape(rows, hidden), weight, bias,
         float(eps), bool(is_rms_norm), res_dtype if store_residual else None,
